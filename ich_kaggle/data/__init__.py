@@ -1,0 +1,1 @@
+"""Data layer: DICOM -> Hounsfield units -> windows, metadata, labels, folds, cache, synthetic competition."""

@@ -1,0 +1,41 @@
+"""Atomic file writes: a crash mid-write never leaves a half-written output behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; it replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> Path:
+    """Write a CSV atomically (gzip when the name ends in .gz)."""
+    path = Path(path)
+    kwargs.setdefault("index", False)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, compression="gzip" if path.suffix == ".gz" else None, **kwargs)
+    return path

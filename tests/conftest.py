@@ -1,0 +1,64 @@
+"""Shared fixtures: the real mini set from ../shared (skipped with a reason when absent) and the synthetic competition."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+MINI_TAR = SHARED / "rsna-ich-mini.tar.xz"
+CACHE = ROOT / ".cache"
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests (still run in CI)")
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent: tests on real competition data need the ../shared folder beside the project (CI has it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mini_dir() -> Path:
+    """The real RSNA mini set, extracted once into .cache/ (reused across test runs)."""
+    tar = shared_file("rsna-ich-mini.tar.xz")
+    out = CACHE / "rsna-ich-mini"
+    done = out / ".extracted"
+    if not done.exists():
+        CACHE.mkdir(exist_ok=True)
+        with tarfile.open(tar) as t:
+            t.extractall(CACHE, filter="data")
+        done.touch()
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic competition (the demo's generator at test size)."""
+    from ich_kaggle.data import synth
+
+    out = tmp_path_factory.mktemp("synth") / "comp"
+    synth.write_competition(out, seed=0)
+    return out
+
+
+@pytest.fixture
+def kaggle_home(tmp_path, monkeypatch) -> Path:
+    """`import kaggle` authenticates at import time: give it fake credentials in a temporary HOME."""
+    home = tmp_path / "home"
+    (home / ".kaggle").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("KAGGLE_USERNAME", "testuser")
+    monkeypatch.setenv("KAGGLE_KEY", "0123456789abcdef0123456789abcdef")
+    monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
+    return home

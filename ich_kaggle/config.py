@@ -300,3 +300,15 @@ def dump(cfg: Config, path: str | Path) -> None:
     data["augment"]["crop_scale"] = list(data["augment"]["crop_scale"])
     with atomic_open(path) as f:
         yaml.safe_dump(data, f, sort_keys=False)
+
+
+def from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
+    """Rebuild a Config from `Config.to_dict()` (as stored in checkpoints and kernels)."""
+    data = dict(data)
+    cfg = Config(name=str(data.pop("name", "unnamed")))
+    recipe = data.pop("recipe", None) or {}
+    for key, value in _flatten(data).items():
+        _set(cfg, key, value, source)
+    cfg.recipe.update(recipe)
+    validate(cfg)
+    return cfg

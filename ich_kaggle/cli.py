@@ -165,9 +165,9 @@ def _preprocess(args):
 
 @command("train")
 def _train(args):
+    cfg = _config(args)
     from . import train
 
-    cfg = _config(args)
     folds = range(cfg.cv.k) if args.fold == "all" else [int(args.fold)]
     for fold in folds:
         train.train_fold(cfg, _layout(args), fold, runs=args.runs, force=args.force)

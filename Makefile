@@ -69,7 +69,7 @@ submit: $(PY)
 	$(PY) -m ich_kaggle submit $(EXP) $(if $(KAGGLE_SUBMIT),--kaggle-submit --message "$(MESSAGE)")
 
 report: $(PY)
-	$(PY) -m ich_kaggle report $(EXP)
+	$(PY) -m ich_kaggle report $(EXP) $(if $(THRESHOLD),--threshold $(THRESHOLD))
 
 compare: $(PY)
 	$(PY) -m ich_kaggle compare --runs $(RUNS)

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="plots and index.html for an experiment")
     _add_experiment(p)
+    p.add_argument("--threshold", type=float, default=0.5, help="decision threshold for confusion matrix, F1, series table")
+    p.add_argument("--gradcam", type=int, default=8, help="Grad-CAM examples per gallery (0: none)")
 
     p = sub.add_parser("compare", help="one table of every finished experiment")
     p.add_argument("--runs", default="runs")
@@ -243,7 +245,7 @@ def _kernel(args):
 def _report(args):
     from . import report
 
-    report.make_report(_config(args), _layout(args), runs=args.runs)
+    report.make_report(_config(args), _layout(args), runs=args.runs, threshold=args.threshold, gradcam=args.gradcam)
 
 
 @command("compare")

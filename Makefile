@@ -7,6 +7,8 @@ fold      ?= 0
 FOLD      ?= $(fold)
 KAGGLE_USERNAME ?=
 MESSAGE   ?= ich_kaggle $(CONFIG)
+SLUG      ?= ich-kaggle-$(subst .,-,$(subst _,-,$(CONFIG)))
+MODEL_DS  := ich-kaggle-model-$(subst .,-,$(subst _,-,$(CONFIG)))
 PYTEST_ARGS ?=
 
 # Make variables that override config keys: `make train EPOCHS=3 BATCH=16 LR=1e-4 SIZE=256`.
@@ -79,18 +81,18 @@ kernel-datasets: $(PY)
 	$(PY) -m ich_kaggle kernel-datasets $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME))
 
 kernel: $(PY)
-	$(PY) -m ich_kaggle kernel $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME))
+	$(PY) -m ich_kaggle kernel $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) --slug $(SLUG)
 
 datasets-create: kernel-datasets
 	.venv/bin/kaggle datasets create -p kernels/ich-kaggle-code --dir-mode zip
-	.venv/bin/kaggle datasets create -p kernels/ich-kaggle-$(CONFIG) --dir-mode zip
+	.venv/bin/kaggle datasets create -p kernels/$(MODEL_DS) --dir-mode zip
 
 datasets-version: kernel-datasets
 	.venv/bin/kaggle datasets version -p kernels/ich-kaggle-code --dir-mode zip -m "$(MESSAGE)"
-	.venv/bin/kaggle datasets version -p kernels/ich-kaggle-$(CONFIG) --dir-mode zip -m "$(MESSAGE)"
+	.venv/bin/kaggle datasets version -p kernels/$(MODEL_DS) --dir-mode zip -m "$(MESSAGE)"
 
 kernel-push: kernel
-	.venv/bin/kaggle kernels push -p kernels/ich-kaggle-$(CONFIG)-kernel
+	.venv/bin/kaggle kernels push -p kernels/$(SLUG)
 
 clean-venv:
 	rm -rf .venv

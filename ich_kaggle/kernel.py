@@ -1,0 +1,416 @@
+"""Offline Kaggle kernel: the code and model datasets, the kernel folder, and the inference run inside the kernel.
+
+Kaggle scores this competition only from kernels without internet, so everything the kernel needs travels in two
+datasets built here: `<user>/ich-kaggle-code` (wheels) and `<user>/ich-kaggle-model-<config>` (fold checkpoints,
+stacker files, resolved config). `build_kernel` writes `kernels/<slug>/` with `kernel-metadata.json` and one script
+(from `kernel_template.py`); the script installs the wheels and calls `run_inference`, which reuses the same
+predict -> stack -> submit library calls as `make submit`, so both give the same submission.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import COMPETITION, __version__
+from . import config as config_mod
+from .config import Config
+from .errors import UserError
+from .io import atomic_open, atomic_path
+from .paths import Layout, fold_dir, run_dir
+
+# What Kaggle's Python image lacks (or has too old: it ships pydicom 2.x) and the code needs. Kaggle has torch,
+# torchvision, timm, numpy, pandas, opencv, albumentations, scikit-learn, pyyaml, tqdm, huggingface_hub, safetensors.
+KERNEL_PACKAGES: tuple[str, ...] = (
+    "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+    "pretrainedmodels", "munch", "segmentation-models-pytorch",
+)
+CODE_SLUG = "ich-kaggle-code"
+MODEL_MANIFEST = "ich_kaggle_model.json"
+DATASET_META = "dataset-metadata.json"
+KERNEL_META = "kernel-metadata.json"
+KERNEL_FILE = "kernel.py"
+LICENSE = "CC0-1.0"
+SAMPLE_NAME = "stage_2_sample_submission.csv"
+TEMPLATE = Path(__file__).with_name("kernel_template.py")
+
+_SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+# --- names and metadata checks ---------------------------------------------------------------------------------
+def slugify(text: str) -> str:
+    """Kaggle's URL slug: lower case, runs of other characters become one hyphen."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def check_slug(slug: str, what: str = "kernel slug", lo: int = 5, hi: int = 50) -> str:
+    if not lo <= len(slug) <= hi:
+        raise UserError(f"{what} '{slug}' has {len(slug)} characters; Kaggle needs {lo} to {hi} "
+                        f"(pass --slug / make kernel SLUG=<name>)")
+    if not _SLUG_RE.match(slug):
+        raise UserError(f"{what} '{slug}' may only hold lower-case letters, digits and single hyphens, e.g. "
+                        f"'{slugify(slug) or 'ich-kaggle-kernel'}' (pass --slug / make kernel SLUG=<name>)")
+    return slug
+
+
+def check_username(username: str | None) -> str:
+    if not username or not username.strip():
+        raise UserError("no Kaggle username: set KAGGLE_USERNAME or pass --username (make kernel KAGGLE_USERNAME=<you>)")
+    username = username.strip()
+    if not _USER_RE.match(username):
+        raise UserError(f"Kaggle username '{username}' has invalid characters; use your account name as shown in "
+                        f"your profile URL (KAGGLE_USERNAME=<you>)")
+    return username
+
+
+@dataclass(frozen=True)
+class KernelNames:
+    """Slugs and folders of the two datasets and the kernel for one config and owner."""
+
+    username: str
+    config_name: str
+    kernel_slug: str
+
+    @property
+    def code_slug(self) -> str:
+        return CODE_SLUG
+
+    @property
+    def model_slug(self) -> str:
+        return f"ich-kaggle-model-{slugify(self.config_name)}"
+
+    @property
+    def code_id(self) -> str:
+        return f"{self.username}/{self.code_slug}"
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.username}/{self.model_slug}"
+
+    @property
+    def kernel_id(self) -> str:
+        return f"{self.username}/{self.kernel_slug}"
+
+    def code_dir(self, out: str | Path) -> Path:
+        return Path(out) / self.code_slug
+
+    def model_dir(self, out: str | Path) -> Path:
+        return Path(out) / self.model_slug
+
+    def kernel_dir(self, out: str | Path) -> Path:
+        return Path(out) / self.kernel_slug
+
+
+def default_slug(cfg: Config) -> str:
+    return f"ich-kaggle-{slugify(cfg.name)}"
+
+
+def names_for(cfg: Config, username: str | None, slug: str | None = None) -> KernelNames:
+    """Validated names: one-line UserErrors before anything is written or uploaded."""
+    user = check_username(username)
+    names = KernelNames(user, cfg.name, check_slug(slug or default_slug(cfg)))
+    check_slug(names.model_slug, "model dataset slug", lo=6)  # Kaggle's dataset slugs: 6..50 characters
+    return names
+
+
+def title_for(slug: str) -> str:
+    """A title Kaggle resolves back to the same slug (else it warns and may rename the kernel)."""
+    title = slug.replace("-", " ")
+    title = "ICH" + title[3:] if title.startswith("ich") else title
+    assert slugify(title) == slug
+    return title
+
+
+# --- what the model dataset carries -------------------------------------------------------------------------------
+def trained_folds(cfg: Config, runs: str | Path) -> list[int]:
+    """Folds with a best checkpoint (restricted to cfg.cv.folds when set)."""
+    wanted = cfg.cv.folds or list(range(cfg.cv.k))
+    return [k for k in wanted if (fold_dir(runs, cfg.name, k) / "best.pt").is_file()]
+
+
+def model_files(cfg: Config, runs: str | Path) -> dict[str, str]:
+    """Flat dataset file name -> path inside runs/<cfg>/ (flat, so no --dir-mode zip nesting on Kaggle).
+
+    Ships each trained fold's best.pt, the stacker's files (not its local test predictions, which the kernel
+    recomputes) and the first-stage OOF predictions the stacker was fit on.
+    """
+    root = run_dir(runs, cfg.name)
+    folds = trained_folds(cfg, runs)
+    if not folds:
+        raise UserError(f"no trained fold in {root}/fold*/best.pt; train first (make train-all CONFIG={cfg.name})")
+    files = {f"fold{k}_best.pt": f"fold{k}/best.pt" for k in folds}
+    skip_suffixes = (".png", ".html", ".tmp")
+    stack_dir = root / "stack"
+    if stack_dir.is_dir():
+        for path in sorted(stack_dir.iterdir()):
+            if path.is_file() and path.name != "test.csv" and not path.name.startswith(".") and not path.name.endswith(skip_suffixes):
+                files[f"stack_{path.name}"] = f"stack/{path.name}"
+    pred = root / "predictions"
+    wanted = ["oof.csv"] + (["oof_embeddings.npz"] if cfg.stack.use_embeddings else [])
+    for name in wanted:
+        if (pred / name).is_file():
+            files[f"predictions_{name}"] = f"predictions/{name}"
+    return files
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link when possible (checkpoints are large; training replaces files atomically, so links stay valid)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_open(path) as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _dataset_metadata(title: str, dataset_id: str, description: str) -> dict:
+    return {"title": title, "id": dataset_id, "licenses": [{"name": LICENSE}], "description": description}
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace a dataset folder in one step so a failed build never leaves a half-updated one (stale wheels)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fresh_tmp(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str, ...] = KERNEL_PACKAGES) -> Path:
+    """kernels/ich-kaggle-code/: the ich_kaggle wheel + wheels of what Kaggle's image lacks, flat."""
+    from . import wheels
+
+    final = names.code_dir(out)
+    tmp = _fresh_tmp(final)
+    built = wheels.collect(packages, tmp)
+    lines = "\n".join(f"- {w.path.name} ({w.source})" for w in built)
+    desc = (f"ich_kaggle {__version__} and the packages Kaggle's image lacks, for offline kernels of {COMPETITION}. "
+            f"Install: pip install --no-index --find-links <this folder> --no-deps *.whl\n\n{lines}\n")
+    _write_json(tmp / DATASET_META, _dataset_metadata("ICH Kaggle code", names.code_id, desc))
+    _write_json(tmp / "wheels.json", {"ich_kaggle": __version__, "wheels": [
+        {"file": w.path.name, "name": w.name, "version": w.version, "source": w.source, "pure": w.pure} for w in built]})
+    _swap_in(tmp, final)
+    return final
+
+
+def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: str | Path) -> Path:
+    """kernels/ich-kaggle-model-<config>/: checkpoints, stacker files, resolved config and a manifest."""
+    files = model_files(cfg, runs)
+    root = run_dir(runs, cfg.name)
+    final = names.model_dir(out)
+    tmp = _fresh_tmp(final)
+    for flat, rel in files.items():
+        _link_or_copy(root / rel, tmp / flat)
+    config_mod.dump(cfg, tmp / "config.yaml")
+    folds = trained_folds(cfg, runs)
+    manifest = {
+        "format": 1, "config": cfg.name, "ich_kaggle": __version__, "folds": folds,
+        "stack": any(rel.startswith("stack/") for rel in files.values()), "files": files,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_json(tmp / MODEL_MANIFEST, manifest)
+    title = f"ICH Kaggle model {cfg.name}"[:50]
+    desc = f"Config {cfg.name}: folds {folds}, stacker {'yes' if manifest['stack'] else 'no'}. {cfg.description}"
+    _write_json(tmp / DATASET_META, _dataset_metadata(title, names.model_id, desc))
+    _swap_in(tmp, final)
+    return final
+
+
+def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels",
+                   username: str | None = None) -> dict[str, Path]:
+    """`make kernel-datasets`: both dataset folders, ready for `kaggle datasets create/version -p`."""
+    names = names_for(cfg, username)
+    model_files(cfg, runs)  # fail on "no trained fold" before spending time on wheels
+    model = build_model_dataset(cfg, names, runs, out)
+    code = build_code_dataset(names, out)
+    print(f"wrote {code} ({names.code_id}) and {model} ({names.model_id})")
+    return {"code": code, "model": model}
+
+
+def _read_dataset_id(folder: Path, fix: str) -> str:
+    meta = folder / DATASET_META
+    if not meta.is_file():
+        raise UserError(f"dataset folder {folder} is missing ({meta} not found); {fix}")
+    try:
+        return str(json.loads(meta.read_text())["id"])
+    except (ValueError, KeyError):
+        raise UserError(f"{meta} is not valid dataset metadata (no 'id'); {fix}") from None
+
+
+def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels", username: str | None = None,
+                 slug: str | None = None) -> Path:
+    """`make kernel`: kernels/<slug>/ with kernel-metadata.json and the script, after checking everything it needs."""
+    names = names_for(cfg, username, slug)
+    fix = f"run `make kernel-datasets CONFIG={cfg.name} KAGGLE_USERNAME={names.username}` first"
+    for folder, expected in ((names.code_dir(out), names.code_id), (names.model_dir(out), names.model_id)):
+        found = _read_dataset_id(folder, fix)
+        if found != expected:
+            raise UserError(f"{folder / DATASET_META} has id '{found}', expected '{expected}'; {fix}")
+    if not any(names.code_dir(out).glob("ich_kaggle-*.whl")):
+        raise UserError(f"{names.code_dir(out)} holds no ich_kaggle wheel; {fix}")
+    manifest = read_manifest(names.model_dir(out))
+    if not manifest["folds"]:
+        raise UserError(f"{names.model_dir(out) / MODEL_MANIFEST} lists no trained fold; train first, then {fix}")
+
+    script = TEMPLATE.read_text()
+    for key, value in {"CONFIG_NAME": cfg.name, "CODE_DATASET": names.code_id, "MODEL_DATASET": names.model_id,
+                       "ICH_KAGGLE_VERSION": __version__}.items():
+        script = script.replace(f'"__{key}__"', json.dumps(value))
+    folder = names.kernel_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_open(folder / KERNEL_FILE) as f:
+        f.write(script)
+    _write_json(folder / KERNEL_META, {
+        "id": names.kernel_id,
+        "title": title_for(names.kernel_slug),
+        "code_file": KERNEL_FILE,
+        "language": "python",
+        "kernel_type": "script",
+        "is_private": True,
+        "enable_gpu": True,
+        "enable_tpu": False,
+        "enable_internet": False,
+        "dataset_sources": [names.code_id, names.model_id],
+        "competition_sources": [COMPETITION],
+        "kernel_sources": [],
+        "model_sources": [],
+    })
+    print(f"wrote {folder} ({names.kernel_id}); push with: kaggle kernels push -p {folder}")
+    return folder
+
+
+# --- inside the kernel --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelInputs:
+    competition: Path  # folder holding stage_2_sample_submission.csv and stage_2_test/
+    model: Path  # folder holding ich_kaggle_model.json
+    code: Path | None  # folder holding the ich_kaggle wheel
+
+
+_SKIP = {"stage_2_train", "stage_2_test", "stage_1_train_images", "stage_1_test_images"}
+
+
+def _walk(root: Path, max_depth: int = 5):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP and depth < max_depth)
+        yield Path(dirpath), depth, filenames
+
+
+def find_inputs(root: str | Path, config_name: str | None = None) -> KernelInputs:
+    """Search the input root: mount paths differ between old and new kernels (e.g. <comp>/<comp>/stage_2_test)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"input folder {root} not found; set ICH_KAGGLE_INPUT to the folder in the /kaggle/input layout")
+    comps, models, codes = [], [], []
+    for path, depth, files in _walk(root):
+        if SAMPLE_NAME in files and (path / "stage_2_test").is_dir():
+            comps.append((depth, str(path)))
+        if MODEL_MANIFEST in files:
+            models.append((depth, str(path)))
+        if any(f.startswith("ich_kaggle-") and f.endswith(".whl") for f in files):
+            codes.append((depth, str(path)))
+    if not comps:
+        raise UserError(f"no {SAMPLE_NAME} beside a stage_2_test/ folder under {root}; add the competition "
+                        f"'{COMPETITION}' as a data source of the kernel")
+    if config_name is not None:
+        matching = [m for m in models if json.loads((Path(m[1]) / MODEL_MANIFEST).read_text()).get("config") == config_name]
+        if models and not matching:
+            raise UserError(f"model datasets under {root} hold other configs than '{config_name}'; attach "
+                            f"ich-kaggle-model-{slugify(config_name)}")
+        models = matching
+    if not models:
+        raise UserError(f"no {MODEL_MANIFEST} under {root}; attach the model dataset built by `make kernel-datasets`")
+    return KernelInputs(Path(min(comps)[1]), Path(min(models)[1]), Path(min(codes)[1]) if codes else None)
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MODEL_MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path} not found; rebuild the model dataset with `make kernel-datasets`")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON; rebuild the model dataset with `make kernel-datasets`") from None
+    missing = [flat for flat in manifest.get("files", {}) if not (Path(model_dir) / flat).is_file()]
+    if missing:
+        raise UserError(f"{path.parent} lacks {', '.join(missing)} listed in its manifest; upload the whole folder again")
+    return manifest
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    try:
+        dst.symlink_to(src.resolve())
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def materialize(model_dir: Path, manifest: dict, runs: Path) -> Config:
+    """Recreate runs/<cfg>/ (fold checkpoints, stacker files, OOF) from the flat, read-only dataset by symlinks."""
+    cfg_path = model_dir / "config.yaml"
+    try:
+        cfg = config_mod.from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{cfg_path} unreadable ({e}); rebuild the model dataset with `make kernel-datasets`") from None
+    cfg.cv.folds = list(manifest["folds"])
+    root = run_dir(runs, cfg.name)
+    for flat, rel in manifest["files"].items():
+        _link(model_dir / flat, root / rel)
+    config_mod.dump(cfg, root / "config.yaml")
+    return cfg
+
+
+def data_view(competition: Path, folder: Path) -> Path:
+    """A data folder with only the test images and sample submission, so no stage reads 750k train headers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("stage_2_test", SAMPLE_NAME):
+        _link(competition / name, folder / name)
+    return folder
+
+
+def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path) -> Path:
+    """Predict (TTA, every shipped fold) -> stack -> submission, exactly the library calls of `make submit`."""
+    from . import predict, stack, submission
+
+    model_dir, competition, working = Path(model_dir), Path(competition), Path(working)
+    manifest = read_manifest(model_dir)
+    runs = working / "runs"
+    cfg = materialize(model_dir, manifest, runs)
+    layout = Layout.of(data_view(competition, working / "data"), working / "work")
+    predict.predict(cfg, layout, runs=runs)
+    if manifest.get("stack"):
+        stack.stack(cfg, layout, runs=runs)
+    written = submission.submit(cfg, layout, runs=runs, out_dir=working / "submissions")
+    final = working / "submission.csv"
+    with atomic_path(final) as tmp:
+        shutil.copyfile(written, tmp)
+    problems = submission.validate_file(layout.sample_csv, final)
+    if problems:
+        raise UserError(f"{final} failed validation: {problems[0]} ({len(problems)} problem(s)); see the log above")
+    return final

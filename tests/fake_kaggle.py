@@ -1,0 +1,172 @@
+"""A fake Kaggle API server for tests: the real `kaggle` CLI talks to it instead of kaggle.com.
+
+How the CLI is pointed here: `KAGGLE_API_ENVIRONMENT=LOCALHOST` makes kaggle 2.x call `http://localhost/api/v1/...`
+(plain http), and `HTTP_PROXY` sends those requests to this server, which sees absolute URLs in the request line.
+It answers the few endpoints that `kernels push`, `datasets create` and `datasets version` use, records every request,
+and shuts itself down after `max_seconds` so a hung client can never keep a test alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+API = "/api/v1/"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str  # path part of the URL, e.g. /api/v1/kernels.KernelsApiService/SaveKernel
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def endpoint(self) -> str:
+        """`service/Method` for API calls, e.g. `kernels.KernelsApiService/SaveKernel`."""
+        return self.path[len(API):] if self.path.startswith(API) else self.path
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"{}")
+
+
+@dataclass
+class FakeKaggle:
+    """Context manager: `with FakeKaggle() as fk: subprocess.run([...], env=fk.env(base_env))`."""
+
+    existing_datasets: set[str] = field(default_factory=set)  # "owner/slug" that GetDatasetStatus reports as ready
+    kernel_error: str | None = None  # answer SaveKernel with this error field (the CLI still exits 0)
+    max_seconds: float = 60.0
+    requests: list[Recorded] = field(default_factory=list)
+    uploads: dict[str, bytes] = field(default_factory=dict)  # blob token -> uploaded bytes
+    blob_names: dict[str, str] = field(default_factory=dict)  # blob token -> file name announced by the client
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._deadline = 0.0
+
+    # --- lifecycle ---
+    def __enter__(self) -> "FakeKaggle":
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self._server.timeout = 0.2  # handle_request() returns when idle so the deadline is checked
+        self._deadline = time.monotonic() + self.max_seconds
+        self._thread = threading.Thread(target=self._serve, name="fake-kaggle", daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        assert self._server is not None
+        while time.monotonic() < self._deadline:
+            self._server.handle_request()
+        self._server.server_close()
+
+    def __exit__(self, *exc: object) -> None:
+        self._deadline = 0.0
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for a `kaggle` subprocess: local API, proxied here, no bypass for localhost."""
+        env = dict(os.environ if base is None else base)
+        for key in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "KAGGLE_API_TOKEN"):
+            env.pop(key, None)
+        env.update({"KAGGLE_API_ENVIRONMENT": "LOCALHOST", "HTTP_PROXY": self.url, "http_proxy": self.url})
+        return env
+
+    # --- what the client sent ---
+    def calls(self, endpoint: str) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if r.endpoint == endpoint]
+
+    # --- answers ---
+    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        if method == "PUT" and path.startswith("/upload/"):
+            token = path.rsplit("/", 1)[-1]
+            with self._lock:
+                self.uploads[token] = body
+            return 200, {}
+        if method != "POST" or not path.startswith(API):
+            return 404, {"code": 404, "message": f"fake kaggle: no route for {method} {path}"}
+        endpoint = path[len(API):]
+        data = json.loads(body or b"{}")
+        if endpoint == "kernels.KernelsApiService/SaveKernel":
+            slug = data.get("slug") or ""
+            if self.kernel_error:
+                return 200, {"error": self.kernel_error}
+            return 200, {"ref": f"/code/{slug}", "url": f"http://localhost/code/{slug}", "versionNumber": 1, "kernelId": 7}
+        if endpoint == "datasets.DatasetApiService/GetDatasetStatus":
+            ref = f"{data.get('ownerSlug')}/{data.get('datasetSlug')}"
+            if ref in self.existing_datasets:
+                return 200, {"status": "READY"}
+            return 404, {"code": 404, "message": f"dataset {ref} not found"}
+        if endpoint == "blobs.BlobApiService/StartBlobUpload":
+            with self._lock:
+                token = f"blob{len(self.blob_names) + 1}"
+                self.blob_names[token] = str(data.get("name"))
+            return 200, {"token": token, "createUrl": f"http://localhost/upload/{token}"}
+        if endpoint == "datasets.DatasetApiService/CreateDataset":
+            ref = f"{data.get('ownerSlug')}/{data.get('slug')}"
+            with self._lock:
+                self.existing_datasets.add(ref)
+            return 200, {"ref": ref, "url": f"http://localhost/datasets/{ref}", "status": "ok"}
+        if endpoint == "datasets.DatasetApiService/CreateDatasetVersion":
+            ref = f"{data.get('ownerSlug')}/{data.get('datasetSlug')}"
+            if ref not in self.existing_datasets:
+                return 200, {"status": "error", "error": f"dataset {ref} does not exist"}
+            return 200, {"ref": ref, "url": f"http://localhost/datasets/{ref}", "status": "ok"}
+        return 404, {"code": 404, "message": f"fake kaggle: unknown endpoint {endpoint}"}
+
+
+def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                handler.rfile.readline()
+                break
+            chunks.append(handler.rfile.read(size))
+            handler.rfile.readline()
+        return b"".join(chunks)
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
+
+
+def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _handle(self) -> None:
+            path = urlsplit(self.path).path  # proxied requests carry the absolute URL
+            body = _read_body(self)
+            with fake._lock:
+                fake.requests.append(Recorded(self.command, path, dict(self.headers.items()), body))
+            status, payload = fake.answer(self.command, path, body)
+            out = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        do_POST = do_PUT = do_GET = _handle
+
+        def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
+            pass
+
+    return Handler

@@ -1,0 +1,214 @@
+"""torch Dataset over cached slices: HU -> (2.5D neighbours) -> black-border crop -> (jittered) windows -> augment.
+
+Channel order with `data.neighbors = n`: slice-major, i.e. [slice-n windows..., ..., current windows..., ...,
+slice+n windows...], each block in `data.windows` order. Neighbours follow the meta table's `slice_rank` within the
+series and are clamped at the series ends (the first slice uses itself as its previous neighbour).
+
+Randomness (augmentations, window jitter) is drawn from a generator seeded by (seed, epoch, index), so a sample's
+augmentation does not depend on worker count, rank or resume point: training is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .. import LABELS
+from ..config import WINDOWS, Config
+from ..io import write_csv
+from ..paths import Layout
+
+log = logging.getLogger("ich_kaggle.train")
+
+AIR_HU = -500.0  # pixels above this are head, headrest or tissue; below it air or scanner padding
+CROP_MARGIN = 0.04  # fraction of the bounding box size added on each side
+BRAIN_HU = (0.0, 80.0)
+
+
+def head_bbox(hu: np.ndarray, threshold: float = AIR_HU, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the pixels above `threshold`, widened by `margin`; the whole image if nothing is there."""
+    h, w = hu.shape[:2]
+    mask = hu > threshold
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) < 8 or len(cols) < 8:  # empty or a few stray pixels: cropping would only magnify noise
+        return 0, h, 0, w
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    my, mx = int(round((y1 - y0) * margin)), int(round((x1 - x0) * margin))
+    return max(0, y0 - my), min(h, y1 + my), max(0, x0 - mx), min(w, x1 + mx)
+
+
+def brain_fraction(hu: np.ndarray) -> float:
+    """Fraction of pixels in the brain HU range: near 0 for slices above the skull or below the skull base."""
+    lo, hi = BRAIN_HU
+    return float(((hu >= lo) & (hu <= hi)).mean())
+
+
+def jitter_windows(windows: list[tuple[float, float]], prob: float, max_hu: float,
+                   rng: np.random.Generator) -> list[tuple[float, float]]:
+    """With probability `prob` per window, shift its center and width each by U(-max_hu, max_hu)."""
+    out = []
+    for center, width in windows:
+        if prob > 0 and rng.random() < prob:
+            center = center + rng.uniform(-max_hu, max_hu)
+            width = max(1.0, width + rng.uniform(-max_hu, max_hu))
+        out.append((float(center), float(width)))
+    return out
+
+
+def neighbor_ids(frame: pd.DataFrame, meta: pd.DataFrame, n: int) -> np.ndarray:
+    """(len(frame), 2n+1) image ids of each row's series neighbours at offsets -n..n, clamped at the series ends."""
+    ids = frame["image_id"].to_numpy()
+    if n == 0:
+        return ids.reshape(-1, 1).astype(object)
+    m = meta[["image_id", "series_id", "slice_rank"]].sort_values(["series_id", "slice_rank"]).reset_index(drop=True)
+    pos = pd.Series(np.arange(len(m)), index=m["image_id"].to_numpy())
+    series_codes = pd.factorize(m["series_id"])[0]  # rows of a series are contiguous after the sort
+    first = pd.Series(np.arange(len(m))).groupby(series_codes).transform("min").to_numpy()
+    last = pd.Series(np.arange(len(m))).groupby(series_codes).transform("max").to_numpy()
+    missing = [i for i in ids if i not in pos.index]
+    if missing:
+        raise KeyError(f"{len(missing)} image ids are not in the meta table (e.g. {missing[0]})")
+    p = pos.loc[ids].to_numpy()
+    offsets = np.arange(-n, n + 1)
+    q = np.clip(p[:, None] + offsets[None, :], first[p][:, None], last[p][:, None])
+    return m["image_id"].to_numpy()[q].astype(object)
+
+
+def _load_meta(layout: Layout) -> pd.DataFrame:
+    from . import meta
+
+    return meta.load_meta(layout)
+
+
+def _load_hu(layout: Layout, image_id: str) -> np.ndarray:
+    from . import cache
+
+    return cache.load_hu(layout, image_id)
+
+
+def _apply_windows(hu: np.ndarray, windows: list[tuple[float, float]]) -> np.ndarray:
+    from .windows import apply_windows
+
+    return apply_windows(hu, windows)
+
+
+class SliceDataset(Dataset):
+    """Items: (image float32 C x H x W, labels float32 (6,) (zeros if unlabelled), row index in `frame`)."""
+
+    def __init__(self, frame: pd.DataFrame, layout: Layout, cfg: Config, transform=None, train: bool = False,
+                 meta: pd.DataFrame | None = None) -> None:
+        self.frame = frame.reset_index(drop=True)
+        self.layout, self.cfg, self.transform, self.train = layout, cfg, transform, train
+        self.windows = [WINDOWS[w] for w in cfg.data.windows]
+        self.epoch = 0
+        self.seed = cfg.train.seed
+        if all(c in self.frame.columns for c in LABELS):
+            self.labels = self.frame[list(LABELS)].to_numpy(dtype=np.float32)
+        else:
+            self.labels = np.zeros((len(self.frame), len(LABELS)), dtype=np.float32)
+        self.image_ids = self.frame["image_id"].astype(str).to_numpy()
+        if cfg.data.neighbors > 0:
+            self.neighbors = neighbor_ids(self.frame, _load_meta(layout) if meta is None else meta, cfg.data.neighbors)
+        else:
+            self.neighbors = self.image_ids.reshape(-1, 1).astype(object)
+        self.failed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the augmentation draw of every sample (called once per epoch, before the loader iterates)."""
+        self.epoch = int(epoch)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def load_stack(self, index: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Windowed (H, W, C) float32 in [0, 1] for row `index`, before the albumentations transform."""
+        ids = self.neighbors[index]
+        center = len(ids) // 2
+        current = _load_hu(self.layout, str(ids[center])).astype(np.float32)
+        slices = []
+        for j, nid in enumerate(ids):
+            if j == center or nid == ids[center]:
+                slices.append(current)
+                continue
+            try:
+                hu = _load_hu(self.layout, str(nid)).astype(np.float32)
+                slices.append(hu if hu.shape == current.shape else current)
+            except Exception as e:  # an unreadable neighbour: use the slice itself rather than lose the sample
+                log.warning("neighbour %s of %s unreadable (%s); using the slice itself", nid, ids[center], e)
+                slices.append(current)
+        if self.cfg.data.crop_black_border:
+            y0, y1, x0, x1 = head_bbox(current)
+            slices = [s[y0:y1, x0:x1] for s in slices]
+        windows = self.windows
+        if self.train and rng is not None and self.cfg.augment.window_jitter > 0:
+            windows = jitter_windows(windows, self.cfg.augment.window_jitter, self.cfg.augment.window_jitter_hu, rng)
+        return np.concatenate([_apply_windows(s, windows) for s in slices], axis=2).astype(np.float32)
+
+    def _item(self, index: int) -> torch.Tensor:
+        rng = self._rng(index) if self.train else None
+        img = self.load_stack(index, rng)
+        if self.transform is not None:
+            if rng is not None:
+                self.transform.set_random_state(rng, random.Random(int(rng.integers(2**31))))
+            img = self.transform(image=img)["image"]
+        img = np.clip(img, 0.0, 1.0)
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
+
+    def __getitem__(self, index: int):
+        try:
+            return self._item(index), torch.from_numpy(self.labels[index]), index
+        except Exception as e:  # a corrupt cache file must not end a long run
+            image_id = self.image_ids[index]
+            self.failed.add(image_id)
+            if not self.train:
+                log.warning("image %s unreadable (%s); predicting on a blank image", image_id, e)
+                size = self.cfg.data.image_size
+                blank = torch.zeros(len(self.windows) * self.neighbors.shape[1], size, size)
+                return blank, torch.from_numpy(self.labels[index]), index
+            replacement = (index + 1 + int(self._rng(index).integers(max(1, len(self) - 1)))) % len(self)
+            log.warning("image %s unreadable (%s); replaced by %s in this batch", image_id, e,
+                        self.image_ids[replacement])
+            if replacement == index or len(self.failed) >= len(self):
+                raise
+            return self[replacement]
+
+
+def brain_fractions(layout: Layout, image_ids: list[str] | np.ndarray) -> pd.Series:
+    """Brain-range pixel fraction per image, cached in <work>/brain_fraction.csv (computed once, then reused)."""
+    path = Path(layout.work) / "brain_fraction.csv"
+    known = pd.read_csv(path) if path.exists() else pd.DataFrame({"image_id": [], "brain_fraction": []})
+    known = known.drop_duplicates("image_id").set_index("image_id")["brain_fraction"].astype(float)
+    todo = [i for i in pd.unique(np.asarray(image_ids, dtype=object)) if i not in known.index]
+    if todo:
+        from tqdm import tqdm
+
+        values = {}
+        for image_id in tqdm(todo, desc="brain fraction", unit="img", leave=False):
+            try:
+                values[image_id] = brain_fraction(_load_hu(layout, image_id))
+            except Exception as e:
+                log.warning("image %s unreadable for the brain fraction (%s); kept", image_id, e)
+                values[image_id] = 1.0
+        known = pd.concat([known, pd.Series(values, dtype=float)])
+        write_csv(known.rename_axis("image_id").reset_index(name="brain_fraction"), path)
+    return known.loc[list(image_ids)]
+
+
+def drop_empty_slices(frame: pd.DataFrame, layout: Layout, min_fraction: float) -> pd.DataFrame:
+    """Training rows whose brain fraction is at least `min_fraction` (positives are always kept)."""
+    if min_fraction <= 0 or frame.empty:
+        return frame
+    frac = brain_fractions(layout, frame["image_id"].to_numpy()).to_numpy()
+    keep = frac >= min_fraction
+    if all(c in frame.columns for c in LABELS):
+        keep |= frame["any"].to_numpy() > 0
+    return frame.loc[keep].reset_index(drop=True)

@@ -1,0 +1,80 @@
+"""What a fold run shows and leaves behind: train.log (text), log.csv (one row per epoch), curves.png."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from .. import LABELS
+from ..io import atomic_path, write_csv
+
+LOGGER = "ich_kaggle.train"
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_weighted_log_loss", *[f"val_{c}" for c in LABELS], "seconds",
+               "train_images_per_s"]
+
+
+class _TqdmHandler(logging.Handler):
+    """Console lines that do not break an active progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+def open_log(fold_dir: Path, enabled: bool) -> logging.Logger:
+    """Logger writing to <fold_dir>/train.log and the console (rank 0 only; other ranks stay quiet)."""
+    logger = logging.getLogger(LOGGER)
+    close_log(logger)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not enabled:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(fold_dir / "train.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    ch = _TqdmHandler()
+    ch.setFormatter(logging.Formatter("[train] %(message)s"))
+    logger.addHandler(fh)
+    logger.addHandler(ch)
+    return logger
+
+
+def close_log(logger: logging.Logger) -> None:
+    for h in list(logger.handlers):
+        h.close()
+        logger.removeHandler(h)
+
+
+def write_log_csv(rows: list[dict], path: Path) -> None:
+    frame = pd.DataFrame(rows)
+    cols = [c for c in LOG_COLUMNS if c in frame.columns] + [c for c in frame.columns if c not in LOG_COLUMNS]
+    write_csv(frame[cols] if len(frame) else pd.DataFrame(columns=LOG_COLUMNS), path)
+
+
+def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
+    """Train loss and validation weighted log loss per epoch (matplotlib Agg, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].plot(frame["epoch"], frame["train_loss"], "o-", label="train loss")
+    axes[0].plot(frame["epoch"], frame["val_weighted_log_loss"], "s-", label="val weighted log loss")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    for c in LABELS:
+        axes[1].plot(frame["epoch"], frame[f"val_{c}"], ".-", label=c)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title("validation log loss per label")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

@@ -1,0 +1,335 @@
+"""`train_fold`: one fold from folds.csv + cache to best.pt, log.csv, curves.png, oof.csv, oof_embeddings.npz.
+
+Resumable at epoch boundaries: last.pt holds everything needed (model, optimizer, scheduler, scaler, log, best
+metric, RNG states) and all per-epoch randomness is re-derived from (seed, epoch, rank), so an interrupted run that
+is restarted ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .. import LABELS
+from ..config import Config, dump
+from ..errors import UserError
+from ..io import atomic_open, write_csv
+from ..models.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint, unwrap
+from ..paths import Layout, fold_dir
+from . import dist as D
+from .logs import close_log, open_log, plot_curves, write_log_csv
+from .plan import epoch_indices, eval_loader, image_size, label_matrix, train_loader
+
+STOP_ENV = "ICH_STOP_AFTER_EPOCHS"  # stop (resumably) once this many epochs are done: for tests and time-boxed jobs
+IGNORED_FOR_RESUME = ("description", "data.num_workers", "tta", "stack")  # keys that do not change training
+
+
+@dataclass
+class FoldData:
+    train: pd.DataFrame
+    val: pd.DataFrame
+    meta: pd.DataFrame
+
+
+def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None = None) -> FoldData:
+    """Build what is missing (meta, folds, cache) on rank 0, then split folds.csv into train / validation."""
+    from ..data import cache, folds, meta
+    from ..data.dataset import drop_empty_slices
+
+    info = info or D.DistInfo()
+    if not 0 <= fold < cfg.cv.k:
+        raise UserError(f"fold {fold} does not exist with cv.k={cfg.cv.k}; use --fold 0..{cfg.cv.k - 1} or all")
+    if info.is_main:
+        table = folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
+        cache.ensure(layout)
+    D.barrier(info)
+    if not info.is_main:
+        table = folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
+    table = table.copy()
+    table["image_id"] = table["image_id"].astype(str)
+    val = table[table["fold"] == fold].reset_index(drop=True)
+    train = table[table["fold"] != fold].reset_index(drop=True)
+    if val.empty or train.empty:
+        raise UserError(f"{layout.folds_csv}: fold {fold} leaves an empty {'validation' if val.empty else 'training'} "
+                        f"set; use fewer folds (--set cv.k=...) or more data")
+    if cfg.data.min_brain_fraction > 0:
+        train = drop_empty_slices(train, layout, cfg.data.min_brain_fraction)
+    return FoldData(train=train, val=val, meta=meta.load_meta(layout))
+
+
+def build_network(cfg: Config, info: D.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the module to train, possibly compiled/DDP-wrapped; the plain ICHNet)."""
+    from ..models import build_model, freeze
+
+    net = build_model(cfg.model, in_channels=cfg.data.in_channels, num_classes=len(LABELS))
+    freeze(net, cfg.model.freeze)
+    if info.distributed:
+        # one BatchNorm over the global batch keeps N-process training equivalent to one process
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net.to(info.device)
+    if cfg.train.channels_last:
+        net.to(memory_format=torch.channels_last)
+    model: torch.nn.Module = net
+    if cfg.train.compile:
+        model = torch.compile(model)
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            find_unused_parameters=cfg.model.freeze != "none")
+    return model, net
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16/fp16 autocast on CUDA; bf16 on CPU; nothing for amp=none."""
+    if cfg.train.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if cfg.train.amp == "fp16" and device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
+
+
+def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Config, info: D.DistInfo,
+                desc: str) -> tuple[float, int, float]:
+    """(mean train loss over all ranks, images seen over all ranks, seconds)."""
+    model.train()
+    accum, n = cfg.train.accum_steps, len(loader)
+    total, seen = torch.zeros(2, dtype=torch.float64), 0
+    optimizer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not info.is_main, dynamic_ncols=True)
+    for i, (x, y, _) in enumerate(bar):
+        x, y = to_device(x, cfg, info.device), y.to(info.device, non_blocking=True)
+        group_start = (i // accum) * accum
+        group = min(accum, n - group_start)
+        step_now = (i - group_start) == group - 1
+        sync = model.no_sync() if info.distributed and not step_now else contextlib.nullcontext()
+        with sync:
+            with autocast(cfg, info.device):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            scaler.scale(loss / group).backward()
+        if step_now:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
+        seen += len(x)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{total[0] / total[1]:.4f}", img_s=f"{seen * info.world_size / max(elapsed, 1e-9):.1f}")
+    if info.distributed:
+        torch.distributed.all_reduce(total)
+    return float(total[0] / max(total[1], 1)), int(total[1]), time.perf_counter() - start
+
+
+@torch.inference_mode()
+def predict_frame(net: torch.nn.Module, ds, cfg: Config, info: D.DistInfo, embeddings: bool = False,
+                  desc: str = "predict") -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (len(ds), 6) in dataset order (and pooled embeddings), each rank predicting its share."""
+    net.eval()
+    loader = eval_loader(ds, cfg, info, batch=max(1, cfg.train.batch_size // info.world_size) * 2)
+    idx_parts, prob_parts, emb_parts = [], [], []
+    for x, _, idx in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not info.is_main):
+        x = to_device(x, cfg, info.device)
+        with autocast(cfg, info.device):
+            feats = net.features(x)
+            logits = net.classify(feats)
+        idx_parts.append(idx.numpy())
+        prob_parts.append(torch.sigmoid(logits.float()).cpu().numpy())
+        if embeddings:
+            emb_parts.append(feats.float().cpu().numpy().astype(np.float16))
+    local = (np.concatenate(idx_parts) if idx_parts else np.zeros(0, int),
+             np.concatenate(prob_parts) if prob_parts else np.zeros((0, len(LABELS)), np.float32),
+             np.concatenate(emb_parts) if emb_parts else None)
+    parts = D.gather_objects(info, local)
+    order = np.concatenate([p[0] for p in parts])
+    probs = np.concatenate([p[1] for p in parts])
+    _, first = np.unique(order, return_index=True)  # DistributedSampler pads with repeats
+    out_probs = np.empty((len(ds), len(LABELS)), dtype=np.float32)
+    out_probs[order[first]] = probs[first]
+    out_emb = None
+    if embeddings:
+        emb = np.concatenate([p[2] for p in parts])
+        out_emb = np.empty((len(ds), emb.shape[1]), dtype=np.float16)
+        out_emb[order[first]] = emb[first]
+    if len(first) != len(ds):
+        raise RuntimeError(f"prediction covered {len(first)} of {len(ds)} images")
+    return out_probs, out_emb
+
+
+def validate(net, ds, labels: np.ndarray, cfg: Config, info: D.DistInfo) -> dict[str, float]:
+    from .. import metrics
+
+    probs, _ = predict_frame(net, ds, cfg, info, desc="validate")
+    row = {"val_weighted_log_loss": metrics.weighted_log_loss(labels, probs)}
+    row.update({f"val_{k}": v for k, v in metrics.per_label_log_loss(labels, probs).items()})
+    return row
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    flat = pd.json_normalize(cfg_dict, sep=".").iloc[0].to_dict()
+    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_RESUME)}
+
+
+def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
+    old, new = _comparable(ckpt["config"]), _comparable(cfg.to_dict())
+    diff = sorted(k for k in set(old) | set(new) if str(old.get(k)) != str(new.get(k)))
+    if diff:
+        raise UserError(f"{path} was trained with a different config ({', '.join(diff[:5])}); "
+                        f"rerun with --force to start this fold again, or restore those settings to resume")
+
+
+def _stop_after(stop_after_epochs: int | None) -> int | None:
+    if stop_after_epochs is not None:
+        return stop_after_epochs
+    value = os.environ.get(STOP_ENV)
+    return int(value) if value else None
+
+
+def write_oof(fdir: Path, frame: pd.DataFrame, probs: np.ndarray, emb: np.ndarray) -> None:
+    oof = pd.DataFrame(probs.astype(np.float64), columns=list(LABELS))
+    oof.insert(0, "image_id", frame["image_id"].astype(str).to_numpy())
+    write_csv(oof, fdir / "oof.csv")
+    with atomic_open(fdir / "oof_embeddings.npz", "wb") as f:
+        np.savez(f, image_id=frame["image_id"].astype(str).to_numpy().astype(str), emb=emb.astype(np.float16))
+
+
+def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", force: bool = False,
+               stop_after_epochs: int | None = None) -> Path:
+    """Train (or resume, or skip if finished) one fold; returns runs/<cfg.name>/fold<k>/."""
+    info = D.setup()
+    try:
+        return _train_fold(cfg, layout, int(fold), Path(runs), force, _stop_after(stop_after_epochs), info)
+    finally:
+        close_log(__import__("logging").getLogger("ich_kaggle.train"))
+        D.teardown(info)
+
+
+def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool, stop_after: int | None,
+                info: D.DistInfo) -> Path:
+    from ..data.dataset import SliceDataset
+    from ..data.transforms import build_eval_transforms, build_train_transforms
+    from ..losses import build_loss
+    from .optim import build_optimizer, build_scheduler
+
+    fdir = fold_dir(runs, cfg.name, fold)
+    last_path, best_path = fdir / "last.pt", fdir / "best.pt"
+    if force and info.is_main and fdir.exists():
+        shutil.rmtree(fdir)
+    D.barrier(info)
+    log = open_log(fdir, info.is_main)
+    ckpt = read_checkpoint(last_path) if last_path.exists() else None
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, last_path)
+        if ckpt.get("done") and (fdir / "oof.csv").exists() and (fdir / "oof_embeddings.npz").exists():
+            log.info(f"fold {fold} of {cfg.name} is already trained ({fdir}); pass --force to retrain it")
+            return fdir
+
+    D.seed_everything(cfg.train.seed)
+    D.set_deterministic(True)
+    data = prepare_data(cfg, layout, fold, info)
+    if info.is_main:
+        dump(cfg, fdir / "config.yaml")
+    train_labels, val_labels = label_matrix(data.train), label_matrix(data.val)
+    train_ds = SliceDataset(data.train, layout, cfg, transform=None, train=True, meta=data.meta)
+    val_ds = SliceDataset(data.val, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=data.meta)
+
+    model, net = build_network(cfg, info)
+    loss_fn = build_loss(cfg, train_labels).to(info.device)
+    optimizer = build_optimizer(cfg, net)
+    batch = D.per_rank_batch(cfg.train.batch_size, info)
+    steps_per_epoch = math.ceil(len(train_loader(train_ds, epoch_indices(cfg, train_labels, 0), cfg, info, batch, 0))
+                                / cfg.train.accum_steps)
+    scheduler = build_scheduler(cfg, optimizer, max(1, steps_per_epoch))
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16" and info.device.type == "cuda")
+
+    start_epoch, rows, best, best_epoch = 0, [], math.inf, -1
+    if ckpt is not None and not ckpt.get("done"):
+        net.load_state_dict(clean_state_dict(ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, rows = int(ckpt["epoch"]), list(ckpt["log"])
+        best, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
+        log.info(f"resuming fold {fold} of {cfg.name} from epoch {start_epoch}/{cfg.train.epochs} ({last_path})")
+    elif ckpt is not None:  # finished but its OOF files are missing: only redo those
+        start_epoch, rows = cfg.train.epochs, list(ckpt["log"])
+        best, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
+    else:
+        log.info(f"fold {fold} of {cfg.name}: {len(data.train)} training / {len(data.val)} validation images, "
+                 f"{info.world_size} process(es) on {info.device}, global batch {cfg.train.batch_size} "
+                 f"x {cfg.train.accum_steps} accumulation, {steps_per_epoch} steps/epoch")
+    started = time.time()
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0 = time.perf_counter()
+        D.seed_everything(D.epoch_seed(cfg.train.seed, epoch, info.rank))  # dropout etc.: same on resume
+        size = image_size(cfg, epoch)
+        train_ds.transform = build_train_transforms(cfg, size)
+        train_ds.set_epoch(epoch)
+        val_ds.transform = build_eval_transforms(cfg, size)
+        loader = train_loader(train_ds, epoch_indices(cfg, train_labels, epoch), cfg, info, batch, epoch)
+        desc = f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} ({size}px)"
+        train_loss, seen, train_s = train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg, info, desc)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
+        row.update(validate(net, val_ds, val_labels, cfg, info))
+        row.update({"seconds": time.perf_counter() - t0, "train_images_per_s": seen / max(train_s, 1e-9)})
+        rows.append(row)
+        improved = row["val_weighted_log_loss"] < best
+        if improved:
+            best, best_epoch = row["val_weighted_log_loss"], epoch + 1
+        if info.is_main:
+            state = clean_state_dict(net.state_dict())
+            if improved:
+                save_checkpoint(best_path, {"model": state, "config": cfg.to_dict(), "epoch": epoch + 1,
+                                            "val_weighted_log_loss": best, "num_classes": len(LABELS)})
+            save_checkpoint(last_path, {
+                "model": state, "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                "rng": D.rng_state(), "log": rows, "best_metric": best, "best_epoch": best_epoch,
+                "done": epoch + 1 == cfg.train.epochs, "num_classes": len(LABELS), "world_size": info.world_size})
+            write_log_csv(rows, fdir / "log.csv")
+            plot_curves(rows, fdir / "curves.png", title=f"{cfg.name} fold {fold}")
+            log.info(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {train_loss:.4f}  val weighted log loss "
+                     f"{row['val_weighted_log_loss']:.4f}{' (best)' if improved else ''}  "
+                     + "  ".join(f"{c} {row[f'val_{c}']:.3f}" for c in LABELS)
+                     + f"  {row['train_images_per_s']:.1f} img/s  {row['seconds']:.0f}s")
+        D.barrier(info)
+        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.train.epochs:
+            log.info(f"stopping after epoch {epoch + 1} as requested ({STOP_ENV}); rerun the same command to resume")
+            return fdir
+
+    # out-of-fold predictions of the best checkpoint, at the final image size
+    best_ckpt = read_checkpoint(best_path, map_location=info.device)
+    net.load_state_dict(clean_state_dict(best_ckpt["model"]))
+    val_ds.transform = build_eval_transforms(cfg)
+    probs, emb = predict_frame(net, val_ds, cfg, info, embeddings=True, desc="oof")
+    if info.is_main:
+        write_oof(fdir, data.val, probs, emb)
+        from .. import metrics
+
+        summary = {"fold": fold, "config": cfg.name, "best_epoch": best_epoch, "best_val_weighted_log_loss": best,
+                   "oof_weighted_log_loss": metrics.weighted_log_loss(val_labels, probs), "epochs": cfg.train.epochs,
+                   "n_train": len(data.train), "n_val": len(data.val), "world_size": info.world_size,
+                   "seconds_this_run": round(time.time() - started, 1)}
+        with atomic_open(fdir / "done.json") as f:
+            json.dump(summary, f, indent=2)
+        log.info(f"fold {fold} done: best epoch {best_epoch}, val weighted log loss {best:.4f}; "
+                 f"wrote {fdir / 'oof.csv'} ({len(data.val)} images)")
+    D.barrier(info)
+    return fdir

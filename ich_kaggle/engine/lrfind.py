@@ -1,0 +1,114 @@
+"""LR range test: train briefly while the learning rate grows exponentially; pick where the loss falls fastest."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..config import Config
+from ..io import atomic_path, write_csv
+from ..paths import Layout, fold_dir
+from . import dist as D
+from .plan import epoch_indices, label_matrix, train_loader
+
+
+def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """The LR at the steepest descent of the smoothed loss (before it blows up)."""
+    if len(lrs) < 3:
+        return float(lrs[0]) if len(lrs) else float("nan")
+    grad = np.gradient(losses, np.log10(lrs))
+    stop = int(np.argmin(losses)) + 1  # only look before the minimum
+    return float(lrs[int(np.argmin(grad[: max(stop, 2)]))])
+
+
+def lr_find(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", start_lr: float = 1e-7,
+            end_lr: float = 1.0, steps: int = 200, beta: float = 0.9) -> float:
+    """Writes runs/<cfg>/fold<k>/lr_find.csv + lr_find.png and returns (and prints) the suggested LR.
+
+    Steps: `steps`, capped at four passes over the training fold so tiny data sets finish quickly.
+    The fold's training state (last.pt/best.pt) is not touched.
+    """
+    from ..data.dataset import SliceDataset
+    from ..data.transforms import build_train_transforms
+    from ..losses import build_loss
+    from .loop import autocast, build_network, prepare_data, to_device
+
+    info = D.DistInfo(device=D.pick_device(0))  # single process: a sweep needs no DDP
+    D.seed_everything(cfg.train.seed)
+    data = prepare_data(cfg, layout, fold, info)
+    labels = label_matrix(data.train)
+    ds = SliceDataset(data.train, layout, cfg, transform=build_train_transforms(cfg), train=True, meta=data.meta)
+    model, net = build_network(cfg, info)
+    loss_fn = build_loss(cfg, labels).to(info.device)
+    from .optim import build_optimizer
+
+    optimizer = build_optimizer(cfg, net)
+    batch = cfg.train.batch_size
+    per_epoch = max(1, len(train_loader(ds, epoch_indices(cfg, labels, 0), cfg, info, batch, 0)))
+    steps = max(10, min(steps, 4 * per_epoch))
+    gamma = (end_lr / start_lr) ** (1 / (steps - 1))
+    for g in optimizer.param_groups:
+        g["lr"] = start_lr
+    lrs, raw, smooth = [], [], []
+    avg, best = 0.0, math.inf
+    model.train()
+    bar = tqdm(total=steps, desc="lr find", unit="step")
+    epoch = 0
+    while len(lrs) < steps:
+        ds.set_epoch(epoch)
+        for x, y, _ in train_loader(ds, epoch_indices(cfg, labels, epoch), cfg, info, batch, epoch):
+            lr = optimizer.param_groups[0]["lr"]
+            with autocast(cfg, info.device):
+                logits = model(to_device(x, cfg, info.device))
+            loss = loss_fn(logits.float(), y.to(info.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.item())
+            avg = beta * avg + (1 - beta) * value
+            s = avg / (1 - beta ** (len(lrs) + 1))
+            lrs.append(lr), raw.append(value), smooth.append(s)
+            best = min(best, s)
+            bar.update(1)
+            bar.set_postfix(lr=f"{lr:.1e}", loss=f"{s:.4f}")
+            for g in optimizer.param_groups:
+                g["lr"] = lr * gamma
+            if len(lrs) >= steps or not math.isfinite(s) or s > 4 * best:
+                break
+        if len(lrs) >= steps or not math.isfinite(smooth[-1]) or smooth[-1] > 4 * best:
+            break
+        epoch += 1
+    bar.close()
+    lrs_a, smooth_a = np.array(lrs), np.array(smooth)
+    finite = np.isfinite(smooth_a)
+    suggestion = suggest_lr(lrs_a[finite], smooth_a[finite])
+    fdir = fold_dir(runs, cfg.name, fold)
+    write_csv(pd.DataFrame({"lr": lrs, "loss": raw, "smoothed_loss": smooth}), fdir / "lr_find.csv")
+    _plot(lrs_a, smooth_a, suggestion, fdir / "lr_find.png", f"{cfg.name} fold {fold}")
+    print(f"suggested lr: {suggestion:.2e} (config has train.lr={cfg.train.lr:g}); plot: {fdir / 'lr_find.png'}")
+    return suggestion
+
+
+def _plot(lrs: np.ndarray, losses: np.ndarray, suggestion: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="r", ls="--", label=f"suggested {suggestion:.1e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

@@ -1,0 +1,62 @@
+"""Optimizer and per-step learning-rate schedules (warm-up + cosine, one-cycle, constant)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from ..config import Config
+from ..errors import UserError
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm parameters (decaying BatchNorm scales only hurts)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise UserError(f"config '{cfg.name}': model.freeze={cfg.model.freeze!r} leaves no trainable parameters")
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.lr)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0)
+    raise UserError(f"train.optimizer={t.optimizer!r} is not one of adamw, adam, sgd")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.01) -> float:
+    """LR multiplier: linear warm-up to 1 over `warmup` steps, then cosine down to `floor`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> LRScheduler:
+    """Stepped once per optimizer step; `warmup_epochs` may be fractional."""
+    t = cfg.train
+    total = max(1, steps_per_epoch * t.epochs)
+    warmup = min(total - 1, int(round(t.warmup_epochs * steps_per_epoch)))
+    if t.scheduler == "onecycle":
+        pct = min(0.9, max(0.05, warmup / total if warmup else 0.3))
+        return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+                          pct_start=pct, anneal_strategy="cos", div_factor=25.0, final_div_factor=1e3)
+    if t.scheduler == "cosine":
+        return LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+    if t.scheduler == "constant":
+        return LambdaLR(optimizer, lambda s: (s + 1) / warmup if warmup and s < warmup else 1.0)
+    raise UserError(f"train.scheduler={t.scheduler!r} is not one of cosine, onecycle, constant")

@@ -1,0 +1,86 @@
+"""Checkpoints: one dict per file with at least `model` (state_dict) and `config` (Config.to_dict()).
+
+Loading rebuilds the network from the stored config with pretrained=False, so predicting (and the Kaggle kernel)
+never needs the ImageNet weights file, only the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, from_dict
+from ..errors import UserError
+from ..io import atomic_path
+
+PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP/compile wrapper prefixes (possibly nested, e.g. `_orig_mod.module.`) from every key."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain ICHNet inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """torch.save atomically: an interrupted save never leaves a truncated checkpoint behind."""
+    if "model" not in payload or "config" not in payload:
+        raise ValueError("a checkpoint needs 'model' and 'config'")
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw checkpoint dict; a missing or truncated file is a UserError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found; train that fold first (python -m ich_kaggle train --fold <k>)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"delete it and retrain that fold with --force") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"checkpoint {path} has no 'model'/'config' entries; it was not written by ich_kaggle train")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """(model in eval mode with the stored weights, the Config it was trained with)."""
+    from . import build_model
+
+    ckpt = read_checkpoint(path, map_location)
+    cfg = from_dict(ckpt["config"], source=str(path))
+    build_cfg = dataclasses.replace(cfg.model, pretrained=False, weights=None)
+    model = build_model(build_cfg, in_channels=cfg.data.in_channels, num_classes=int(ckpt.get("num_classes", 6)))
+    try:
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not match model {cfg.model.backbone} "
+                        f"({str(e).splitlines()[0]}); it may come from another version of the code") from None
+    model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
+    model.eval()
+    return model, cfg

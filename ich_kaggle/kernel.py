@@ -51,13 +51,13 @@ def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def check_slug(slug: str, what: str = "kernel slug", lo: int = 5, hi: int = 50) -> str:
+def check_slug(slug: str, what: str = "kernel slug", lo: int = 5, hi: int = 50,
+               fix: str = "pass --slug / make kernel SLUG=<name>") -> str:
     if not lo <= len(slug) <= hi:
-        raise UserError(f"{what} '{slug}' has {len(slug)} characters; Kaggle needs {lo} to {hi} "
-                        f"(pass --slug / make kernel SLUG=<name>)")
+        raise UserError(f"{what} '{slug}' has {len(slug)} characters; Kaggle needs {lo} to {hi} ({fix})")
     if not _SLUG_RE.match(slug):
         raise UserError(f"{what} '{slug}' may only hold lower-case letters, digits and single hyphens, e.g. "
-                        f"'{slugify(slug) or 'ich-kaggle-kernel'}' (pass --slug / make kernel SLUG=<name>)")
+                        f"'{slugify(slug) or 'ich-kaggle-kernel'}' ({fix})")
     return slug
 
 
@@ -117,7 +117,8 @@ def names_for(cfg: Config, username: str | None, slug: str | None = None) -> Ker
     """Validated names: one-line UserErrors before anything is written or uploaded."""
     user = check_username(username)
     names = KernelNames(user, cfg.name, check_slug(slug or default_slug(cfg)))
-    check_slug(names.model_slug, "model dataset slug", lo=6)  # Kaggle's dataset slugs: 6..50 characters
+    check_slug(names.model_slug, "model dataset slug", lo=6,  # Kaggle's dataset slugs: 6..50 characters
+               fix=f"copy config '{cfg.name}' to a YAML file with a shorter name")
     return names
 
 

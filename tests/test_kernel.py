@@ -1,0 +1,293 @@
+"""Offline Kaggle kernel: metadata checks, dataset folders, the real `kaggle` CLI against a fake API server, and
+(slow) the kernel script run in a fresh virtual environment against a fake /kaggle/input tree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ich_kaggle import COMPETITION, config, kernel, wheels
+from ich_kaggle.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_kaggle import FakeKaggle  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KAGGLE = ROOT / ".venv" / "bin" / "kaggle"
+
+
+@pytest.fixture
+def cfg():
+    return config.load("tiny")
+
+
+def fake_run(runs: Path, cfg, folds=(0, 2), stack=True) -> Path:
+    """A finished experiment's files (contents do not matter for packaging)."""
+    root = runs / cfg.name
+    for k in folds:
+        (root / f"fold{k}").mkdir(parents=True)
+        (root / f"fold{k}" / "best.pt").write_bytes(f"checkpoint {k}".encode())
+        (root / f"fold{k}" / "last.pt").write_bytes(b"not shipped")
+    (root / "predictions").mkdir(parents=True)
+    (root / "predictions" / "oof.csv").write_text("image_id,any\n")
+    (root / "predictions" / "test.csv").write_text("stale local test predictions\n")
+    (root / "predictions" / "oof_embeddings.npz").write_bytes(b"big")
+    if stack:
+        (root / "stack").mkdir()
+        (root / "stack" / "metrics.csv").write_text("stage\n")
+        (root / "stack" / "test.csv").write_text("stale\n")
+        (root / "stack" / "curves.png").write_bytes(b"png")
+    return runs
+
+
+# --- names and metadata errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("slug, words", [
+    ("ich", "3 characters"), ("a" * 51, "51 characters"), ("ICH-kernel", "lower-case"), ("ich_kernel", "lower-case"),
+    ("ich--kernel", "single hyphens"), ("-ichkernel", "lower-case"), ("ich kernel", "lower-case"),
+])
+def test_bad_slug_is_one_line_user_error(slug, words):
+    with pytest.raises(UserError) as e:
+        kernel.check_slug(slug)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert "SLUG=" in str(e.value)  # says how to fix it
+
+
+def test_good_slug_and_title_round_trip():
+    for slug in ("ich-kaggle-seresnext50-512", "abcde", "x1-y2-z3"):
+        assert kernel.check_slug(slug) == slug
+        assert kernel.slugify(kernel.title_for(slug)) == slug  # Kaggle renames kernels whose title does not match
+
+
+@pytest.mark.parametrize("username", [None, "", "  ", "bad user", "me/you"])
+def test_missing_or_bad_username(username, cfg):
+    with pytest.raises(UserError, match="KAGGLE_USERNAME"):
+        kernel.names_for(cfg, username)
+
+
+def test_names_and_default_slug(cfg):
+    big = config.load("seresnext50_512")
+    names = kernel.names_for(big, "alice")
+    assert names.kernel_slug == "ich-kaggle-seresnext50-512"
+    assert names.model_id == "alice/ich-kaggle-model-seresnext50-512"
+    assert names.code_id == "alice/ich-kaggle-code"
+    assert kernel.names_for(cfg, "alice", "my-kernel").kernel_id == "alice/my-kernel"
+    cfg.name = "x" * 40  # ich-kaggle-model-xxxx... exceeds Kaggle's 50 characters
+    with pytest.raises(UserError, match="model dataset slug .* shorter name"):
+        kernel.names_for(cfg, "alice", "short-slug")
+
+
+def test_no_trained_fold(tmp_path, cfg):
+    (tmp_path / "runs" / cfg.name / "fold0").mkdir(parents=True)  # a fold folder without best.pt
+    with pytest.raises(UserError, match="no trained fold") as e:
+        kernel.build_datasets(cfg, runs=tmp_path / "runs", out=tmp_path / "kernels", username="alice")
+    assert "make train-all CONFIG=tiny" in str(e.value)
+    assert not (tmp_path / "kernels").exists()  # nothing half-written
+
+
+def test_kernel_needs_the_dataset_folders(tmp_path, cfg, monkeypatch):
+    fake_run(tmp_path / "runs", cfg)
+    out = tmp_path / "kernels"
+    with pytest.raises(UserError, match="ich-kaggle-code is missing") as e:
+        kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="alice")
+    assert "make kernel-datasets CONFIG=tiny KAGGLE_USERNAME=alice" in str(e.value)
+    names = kernel.names_for(cfg, "alice")
+
+    def empty_wheel(dest: Path) -> wheels.Wheel:  # the wheel's contents do not matter here; building it is slow
+        (dest / "ich_kaggle-0.1.0-py3-none-any.whl").write_bytes(b"")
+        return wheels.Wheel(dest / "ich_kaggle-0.1.0-py3-none-any.whl", "ich_kaggle", "0.1.0", "built")
+
+    monkeypatch.setattr(wheels, "build_project_wheel", empty_wheel)
+    kernel.build_code_dataset(names, out, packages=())
+    with pytest.raises(UserError, match="ich-kaggle-model-tiny is missing"):
+        kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="alice")
+    kernel.build_model_dataset(cfg, names, tmp_path / "runs", out)
+    with pytest.raises(UserError, match="has id 'alice/ich-kaggle-code', expected 'bob/ich-kaggle-code'"):
+        kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="bob")  # datasets built for another user
+    (names.model_dir(out) / "fold0_best.pt").unlink()
+    with pytest.raises(UserError, match="lacks fold0_best.pt"):
+        kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="alice")
+    assert not (out / "ich-kaggle-tiny").exists()
+
+
+def test_cli_prints_one_line_error(tmp_path):
+    cmd = [sys.executable, "-m", "ich_kaggle", "kernel", "--config", "tiny", "--runs", str(tmp_path / "runs"),
+           "--out", str(tmp_path / "kernels"), "--slug", "ich"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**_env(), "KAGGLE_USERNAME": "alice"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: kernel slug 'ich' has 3 characters; Kaggle needs 5 to 50 (pass --slug / make kernel SLUG=<name>)"]
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("KAGGLE_USERNAME", "PYTHONPATH")}
+    return env
+
+
+# --- dataset and kernel folders -----------------------------------------------------------------------------------
+def test_model_dataset_contents(tmp_path, cfg):
+    runs = fake_run(tmp_path / "runs", cfg)
+    names = kernel.names_for(cfg, "alice")
+    folder = kernel.build_model_dataset(cfg, names, runs, tmp_path / "kernels")
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["config.yaml", "dataset-metadata.json", "fold0_best.pt", "fold2_best.pt",
+                     "ich_kaggle_model.json", "predictions_oof.csv", "stack_metrics.csv"]  # no stale test.csv/png/last.pt
+    assert (folder / "fold2_best.pt").read_bytes() == b"checkpoint 2"
+    meta = json.loads((folder / "dataset-metadata.json").read_text())
+    assert meta["id"] == "alice/ich-kaggle-model-tiny" and meta["licenses"] == [{"name": "CC0-1.0"}]
+    assert 6 <= len(meta["title"]) <= 50
+    manifest = kernel.read_manifest(folder)
+    assert manifest["folds"] == [0, 2] and manifest["stack"] is True
+    assert manifest["files"]["fold2_best.pt"] == "fold2/best.pt"
+    assert config.load(str(folder / "config.yaml")).to_dict() == cfg.to_dict()
+
+    cfg.stack.use_embeddings = True  # the stacker then also needs the OOF embeddings
+    assert kernel.model_files(cfg, runs)["predictions_oof_embeddings.npz"] == "predictions/oof_embeddings.npz"
+    cfg.cv.folds = [2]
+    assert kernel.trained_folds(cfg, runs) == [2]
+
+
+def test_repacked_wheel_installs_and_imports(tmp_path):
+    wheel = wheels.repack_installed("munch", tmp_path / "w")
+    assert wheel.pure and wheel.path.name == "munch-4.0.0-py2.py3-none-any.whl"
+    with zipfile.ZipFile(wheel.path) as zf:
+        names = zf.namelist()
+        record = zf.read("munch-4.0.0.dist-info/RECORD").decode()
+    assert "munch/__init__.py" in names and not any("__pycache__" in n for n in names)
+    assert "munch/__init__.py,sha256=" in record
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--target", str(target),
+                    str(wheel.path)], check=True)  # pip checks every RECORD hash
+    out = subprocess.run([sys.executable, "-c", "import munch; print(munch.__file__)"], capture_output=True,
+                         text=True, env={"PYTHONPATH": str(target)}, check=True)
+    assert out.stdout.startswith(str(target))
+
+
+def test_code_dataset_and_kernel_folder(tmp_path, cfg):
+    runs = fake_run(tmp_path / "runs", cfg)
+    out = tmp_path / "kernels"
+    names = kernel.names_for(cfg, "alice")
+    (out / "ich-kaggle-code").mkdir(parents=True)
+    (out / "ich-kaggle-code" / "ich_kaggle-0.0.1-py3-none-any.whl").write_bytes(b"stale")  # replaced, not mixed in
+    code = kernel.build_code_dataset(names, out, packages=("munch",))
+    assert sorted(p.name for p in code.glob("*.whl")) == ["ich_kaggle-0.1.0-py3-none-any.whl",
+                                                          "munch-4.0.0-py2.py3-none-any.whl"]
+    with zipfile.ZipFile(code / "ich_kaggle-0.1.0-py3-none-any.whl") as zf:
+        packed = zf.namelist()
+    assert {"ich_kaggle/kernel.py", "ich_kaggle/kernel_template.py", "ich_kaggle/configs/tiny.yaml"} <= set(packed)
+    assert not (ROOT / "build").exists() or not any((ROOT / "build").iterdir())  # built from a copy
+    kernel.build_model_dataset(cfg, names, runs, out)
+
+    folder = kernel.build_kernel(cfg, runs=runs, out=out, username="alice")
+    assert folder == out / "ich-kaggle-tiny"
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    assert meta["id"] == "alice/ich-kaggle-tiny" and meta["code_file"] == "kernel.py"
+    assert meta["language"] == "python" and meta["kernel_type"] == "script"
+    assert meta["enable_internet"] is False and meta["enable_gpu"] is True and meta["is_private"] is True
+    assert meta["competition_sources"] == [COMPETITION]
+    assert meta["dataset_sources"] == ["alice/ich-kaggle-code", "alice/ich-kaggle-model-tiny"]
+    script = (folder / "kernel.py").read_text()
+    compile(script, "kernel.py", "exec")
+    assert 'CONFIG_NAME = "tiny"' in script and 'MODEL_DATASET = "alice/ich-kaggle-model-tiny"' in script
+    assert "__CONFIG_NAME__" not in script and "--no-index" in script
+
+
+def test_find_inputs_in_nested_kaggle_layout(tmp_path):
+    root = tmp_path / "input"
+    comp = root / COMPETITION / COMPETITION  # new kernels mount competitions one level deeper
+    (comp / "stage_2_test").mkdir(parents=True)
+    (comp / "stage_2_train").mkdir()
+    (comp / "stage_2_sample_submission.csv").write_text("ID,Label\n")
+    model = root / "ich-kaggle-model-tiny"
+    model.mkdir()
+    (model / "ich_kaggle_model.json").write_text(json.dumps({"config": "tiny", "folds": [0], "files": {}}))
+    other = root / "datasets" / "bob" / "ich-kaggle-model-big"
+    other.mkdir(parents=True)
+    (other / "ich_kaggle_model.json").write_text(json.dumps({"config": "big", "folds": [0], "files": {}}))
+    code = root / "datasets" / "alice" / "ich-kaggle-code"
+    code.mkdir(parents=True)
+    (code / "ich_kaggle-0.1.0-py3-none-any.whl").write_bytes(b"")
+    found = kernel.find_inputs(root, config_name="tiny")
+    assert found == kernel.KernelInputs(comp, model, code)
+    with pytest.raises(UserError, match="attach ich-kaggle-model-other"):
+        kernel.find_inputs(root, config_name="other")
+    (comp / "stage_2_sample_submission.csv").unlink()
+    with pytest.raises(UserError, match="add the competition"):
+        kernel.find_inputs(root, config_name="tiny")
+
+
+# --- the real kaggle CLI against a fake API server ----------------------------------------------------------------
+def _kaggle(fk: FakeKaggle, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KAGGLE), *args], env=fk.env(), capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Kernel + both datasets of a fake run, owned by the fake credentials' user (built once per module)."""
+    cfg = config.load("tiny")
+    tmp_path = tmp_path_factory.mktemp("built")
+    runs = fake_run(tmp_path / "runs", cfg)
+    out = tmp_path / "kernels"
+    names = kernel.names_for(cfg, "testuser")
+    kernel.build_code_dataset(names, out, packages=("munch",))
+    kernel.build_model_dataset(cfg, names, runs, out)
+    kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
+    return names, out
+
+
+def test_kaggle_kernels_push(built, kaggle_home):
+    names, out = built
+    with FakeKaggle(max_seconds=60) as fk:
+        result = _kaggle(fk, "kernels", "push", "-p", str(names.kernel_dir(out)))
+    assert result.returncode == 0, result.stderr
+    assert "Kernel version 1 successfully pushed" in result.stdout
+    (call,) = fk.calls("kernels.KernelsApiService/SaveKernel")
+    body = call.json()
+    assert body["slug"] == "testuser/ich-kaggle-tiny"
+    assert body["newTitle"] == "ICH kaggle tiny"
+    assert body["text"] == (names.kernel_dir(out) / "kernel.py").read_text()
+    assert body["language"] == "python" and body["kernelType"] == "script"
+    assert body["enableInternet"] is False and body["enableGpu"] is True and body["isPrivate"] is True
+    assert body["competitionDataSources"] == [COMPETITION]
+    assert body["datasetDataSources"] == ["testuser/ich-kaggle-code", "testuser/ich-kaggle-model-tiny"]
+    assert call.headers.get("Authorization", "").startswith("Basic ")  # KAGGLE_USERNAME/KAGGLE_KEY were used
+
+
+def test_kaggle_kernels_push_error_is_printed(built, kaggle_home):
+    names, out = built
+    with FakeKaggle(max_seconds=60, kernel_error="Notebook not found") as fk:
+        result = _kaggle(fk, "kernels", "push", "-p", str(names.kernel_dir(out)))
+    assert result.returncode == 0  # the CLI does not fail on an error field: read its output
+    assert "Kernel push error: Notebook not found" in result.stdout
+    assert len(fk.calls("kernels.KernelsApiService/SaveKernel")) == 1
+
+
+def test_kaggle_datasets_create_and_version(built, kaggle_home):
+    names, out = built
+    code, model = names.code_dir(out), names.model_dir(out)
+    with FakeKaggle(max_seconds=60) as fk:
+        first = _kaggle(fk, "datasets", "create", "-p", str(code), "--dir-mode", "zip")
+        second = _kaggle(fk, "datasets", "create", "-p", str(model), "--dir-mode", "zip")
+        again = _kaggle(fk, "datasets", "version", "-p", str(model), "-m", "new folds", "--dir-mode", "zip")
+    for result in (first, second, again):
+        assert result.returncode == 0, result.stderr
+    assert "Your private Dataset is being created" in first.stdout and "Dataset creation error" not in second.stdout
+    assert "Dataset version is being created" in again.stdout
+    creates = [c.json() for c in fk.calls("datasets.DatasetApiService/CreateDataset")]
+    assert [(c["ownerSlug"], c["slug"]) for c in creates] == [("testuser", "ich-kaggle-code"),
+                                                              ("testuser", "ich-kaggle-model-tiny")]
+    assert all(c["isPrivate"] and c["licenseName"] == "CC0-1.0" for c in creates)
+    # every file went up as a blob whose bytes arrived intact, and the create request lists each blob's token
+    uploaded = {fk.blob_names[c["token"]]: fk.uploads[c["token"]] for c in creates[0]["files"]}
+    assert set(uploaded) == {p.name for p in code.iterdir() if p.name != "dataset-metadata.json"}
+    assert uploaded["munch-4.0.0-py2.py3-none-any.whl"] == (code / "munch-4.0.0-py2.py3-none-any.whl").read_bytes()
+    model_blobs = {fk.blob_names[c["token"]] for c in creates[1]["files"]}
+    assert {"fold0_best.pt", "fold2_best.pt", "config.yaml", "ich_kaggle_model.json"} <= model_blobs
+    (version,) = [c.json() for c in fk.calls("datasets.DatasetApiService/CreateDatasetVersion")]
+    assert version["datasetSlug"] == "ich-kaggle-model-tiny" and version["body"]["versionNotes"] == "new folds"

@@ -49,18 +49,15 @@ def _child_tiny(data: str | None, device: str) -> dict:
 
 
 def _child_seresnext(device: str) -> dict:
-    import torch
-
     from .. import config
-    from ..models import bench_forward_backward
+    from ..models.profile import bench_forward_backward
 
     cfg = config.load("seresnext50_512", ["model.pretrained=false"])
-    dev = torch.device(device)
-    result = bench_forward_backward(cfg.model, batch_size=2, image_size=512, in_channels=cfg.data.in_channels,
-                                    device=dev, steps=2)
+    result = bench_forward_backward(cfg.model.backbone, size=512, batch=2, in_channels=cfg.data.in_channels,
+                                    steps=2, warmup=1, device=device)
     out = {"images_per_s": float(result["images_per_s"]), "peak_rss_mb": _peak_rss_mb()}
-    if dev.type == "cuda":
-        out["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if device == "cuda":
+        out["cuda_max_memory_allocated_mb"] = float(result["cuda_peak_mb"])
     return out
 
 

@@ -70,13 +70,13 @@ def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None
 
 def build_network(cfg: Config, info: D.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the module to train, possibly compiled/DDP-wrapped; the plain ICHNet)."""
-    from ..models import build_model, freeze
+    from ..models import build_model
 
-    net = build_model(cfg.model, in_channels=cfg.data.in_channels, num_classes=len(LABELS))
-    freeze(net, cfg.model.freeze)
+    net = build_model(cfg.model, in_channels=cfg.data.in_channels, num_classes=len(LABELS))  # applies model.freeze
     if info.distributed:
-        # one BatchNorm over the global batch keeps N-process training equivalent to one process
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        if info.device.type == "cuda":  # SyncBatchNorm is CUDA-only; on CPU each rank normalises its own share
+            # one BatchNorm over the global batch keeps N-process training equivalent to one process
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net.to(info.device)
     if cfg.train.channels_last:
         net.to(memory_format=torch.channels_last)

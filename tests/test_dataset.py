@@ -130,3 +130,61 @@ def test_oversample_repeats_rare_subtypes_and_subsample_is_seeded():
 def test_progressive_sizes():
     cfg = config.load("tiny", ["train.progressive_sizes=[32,48]"])
     assert [image_size(cfg, e) for e in range(4)] == [32, 48, 64, 64]
+
+
+def test_slice_dataset_stacks_neighbours_in_series_order(monkeypatch):
+    """Every slice is a constant HU = 10 * its rank: the channel blocks must read prev, current, next."""
+    meta = _meta()
+    rank = dict(zip(meta["image_id"], meta["slice_rank"]))
+
+    def fake_hu(layout, image_id):
+        hu = np.full((40, 40), -1000.0, dtype=np.float32)
+        hu[5:35, 5:35] = 10.0 * rank[image_id]
+        return hu
+
+    monkeypatch.setattr(D, "_load_hu", fake_hu)
+    cfg = config.load("tiny", ["data.neighbors=1", "data.windows=[brain]", "data.image_size=30",
+                               "data.crop_black_border=false"])
+    frame = pd.DataFrame({"image_id": ["a0", "a2", "b1"], "any": [0, 1, 0]})
+    for c in LABELS[1:]:
+        frame[c] = 0
+    ds = D.SliceDataset(frame, layout=None, cfg=cfg, transform=build_eval_transforms(cfg), meta=meta)
+    x, y, i = ds[1]
+    assert x.shape == (3, 30, 30) and x.dtype == torch.float32 and i == 1
+    assert y.tolist() == [1, 0, 0, 0, 0, 0]
+    centre = x[:, 15, 15].numpy()  # brain window (40, 80): HU h -> (h - 0) / 80
+    np.testing.assert_allclose(centre, [10 / 80, 20 / 80, 30 / 80], atol=1e-5)  # a1, a2, a3
+    np.testing.assert_allclose(ds[0][0][:, 15, 15].numpy(), [0, 0, 10 / 80], atol=1e-5)  # a0 clamps: a0, a0, a1
+    np.testing.assert_allclose(ds[2][0][:, 15, 15].numpy(), [0, 10 / 80, 10 / 80], atol=1e-5)  # b0, b1, b1
+    assert float(ds[0][0][0, 0, 0]) == 0.0  # air is black
+
+    # the black-border crop: the 30x30 head fills the output after cropping, so no air row is left at the top
+    cfg_crop = config.load("tiny", ["data.windows=[brain]", "data.image_size=30", "data.crop_black_border=true"])
+    frame2 = pd.DataFrame({"image_id": ["a3"]})
+    xc = D.SliceDataset(frame2, None, cfg_crop, transform=build_eval_transforms(cfg_crop), meta=meta)[0][0]
+    assert float(xc[0, 1, 15]) > 0.3 and xc.shape == (1, 30, 30)
+    assert D.SliceDataset(frame2, None, cfg_crop, meta=meta)[0][1].tolist() == [0.0] * 6  # unlabelled -> zeros
+
+
+def test_training_augmentation_is_seeded_by_epoch_and_index(monkeypatch):
+    monkeypatch.setattr(D, "_load_hu", lambda layout, i: np.random.default_rng(hash(i) % 97).normal(40, 60, (48, 48))
+                        .astype(np.float32))
+    cfg = config.load("tiny", ["data.image_size=32", "augment.window_jitter=1.0", "augment.hflip=0.5"])
+    frame = pd.DataFrame({"image_id": ["a0", "a1"]})
+    ds = D.SliceDataset(frame, None, cfg, transform=build_train_transforms(cfg), train=True, meta=_meta())
+    a = ds[0][0]
+    assert torch.equal(a, ds[0][0])  # same (epoch, index): same draw, whatever worker/rank asks
+    ds.set_epoch(1)
+    assert not torch.equal(a, ds[0][0])
+
+
+def test_unreadable_image_in_eval_gives_blank_and_is_recorded(monkeypatch):
+    def broken(layout, image_id):
+        raise OSError("truncated cache file")
+
+    monkeypatch.setattr(D, "_load_hu", broken)
+    cfg = config.load("tiny", ["data.image_size=16"])
+    ds = D.SliceDataset(pd.DataFrame({"image_id": ["a0"]}), None, cfg, transform=build_eval_transforms(cfg),
+                        meta=_meta())
+    x, _, i = ds[0]
+    assert x.shape == (3, 16, 16) and float(x.abs().sum()) == 0 and ds.failed == {"a0"}

@@ -52,12 +52,12 @@ def brain_fraction(hu: np.ndarray) -> float:
 def jitter_windows(windows: list[tuple[float, float]], prob: float, max_hu: float,
                    rng: np.random.Generator) -> list[tuple[float, float]]:
     """With probability `prob` per window, shift its center and width each by U(-max_hu, max_hu)."""
+    from .windows import jitter
+
     out = []
-    for center, width in windows:
-        if prob > 0 and rng.random() < prob:
-            center = center + rng.uniform(-max_hu, max_hu)
-            width = max(1.0, width + rng.uniform(-max_hu, max_hu))
-        out.append((float(center), float(width)))
+    for window in windows:
+        out.append(jitter([window], rng, max_hu)[0] if prob > 0 and rng.random() < prob
+                   else (float(window[0]), float(window[1])))
     return out
 
 

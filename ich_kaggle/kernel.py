@@ -251,6 +251,18 @@ def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "ke
     return {"code": code, "model": model}
 
 
+def _warn_if_stale(cfg: Config, runs: str | Path, model_dir: Path, manifest: dict) -> None:
+    """The kernel may run on a model dataset older than the local runs: say so (it is not an error)."""
+    root = run_dir(runs, cfg.name)
+    newer = [rel for flat, rel in manifest["files"].items()
+             if (root / rel).is_file() and (root / rel).stat().st_mtime > (model_dir / flat).stat().st_mtime + 1]
+    extra = [k for k in trained_folds(cfg, runs) if k not in manifest["folds"]]
+    if newer or extra:
+        what = ", ".join(newer + [f"fold{k}/best.pt" for k in extra])
+        print(f"warning: {root} has newer files than {model_dir} ({what}); rerun `make kernel-datasets` "
+              f"and `make datasets-version` to ship them")
+
+
 def _read_dataset_id(folder: Path, fix: str) -> str:
     meta = folder / DATASET_META
     if not meta.is_file():
@@ -275,6 +287,7 @@ def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kern
     manifest = read_manifest(names.model_dir(out))
     if not manifest["folds"]:
         raise UserError(f"{names.model_dir(out) / MODEL_MANIFEST} lists no trained fold; train first, then {fix}")
+    _warn_if_stale(cfg, runs, names.model_dir(out), manifest)
 
     script = TEMPLATE.read_text()
     for key, value in {"CONFIG_NAME": cfg.name, "CODE_DATASET": names.code_id, "MODEL_DATASET": names.model_id,
@@ -388,10 +401,12 @@ def materialize(model_dir: Path, manifest: dict, runs: Path) -> Config:
 
 
 def data_view(competition: Path, folder: Path) -> Path:
-    """A data folder with only the test images and sample submission, so no stage reads 750k train headers."""
+    """A data folder with the test images, sample submission and train labels (the prior for unreadable images)
+    but not the 750k train images, so no stage scans their headers inside the kernel."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("stage_2_test", SAMPLE_NAME):
-        _link(competition / name, folder / name)
+    for name in ("stage_2_test", SAMPLE_NAME, "stage_2_train.csv"):
+        if (competition / name).exists():
+            _link(competition / name, folder / name)
     return folder
 
 

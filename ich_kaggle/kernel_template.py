@@ -71,6 +71,7 @@ def main():
     from ich_kaggle import kernel
     from ich_kaggle.errors import UserError
 
+    log(f"using ich_kaggle {ich_kaggle.__version__} from {Path(ich_kaggle.__file__).parent}")
     if ich_kaggle.__version__ != ICH_KAGGLE_VERSION:
         log(f"warning: installed ich_kaggle {ich_kaggle.__version__}, kernel written by {ICH_KAGGLE_VERSION}")
     try:

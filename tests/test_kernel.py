@@ -291,3 +291,97 @@ def test_kaggle_datasets_create_and_version(built, kaggle_home):
     assert {"fold0_best.pt", "fold2_best.pt", "config.yaml", "ich_kaggle_model.json"} <= model_blobs
     (version,) = [c.json() for c in fk.calls("datasets.DatasetApiService/CreateDatasetVersion")]
     assert version["datasetSlug"] == "ich-kaggle-model-tiny" and version["body"]["versionNotes"] == "new folds"
+
+
+def test_stale_model_dataset_warns(built, capsys):
+    names, out = built
+    cfg = config.load("tiny")
+    runs = out.parent / "runs"
+    checkpoint = runs / cfg.name / "fold0" / "best.pt"
+    later = (out / names.model_slug / "fold0_best.pt").stat().st_mtime + 60
+    import os
+
+    fresh = checkpoint.with_name(".best.pt.tmp")  # retrained after the dataset was built (written atomically,
+    fresh.write_bytes(b"retrained")  # as training does: the dataset's hard link keeps the old file)
+    os.utime(fresh, (later, later))
+    os.replace(fresh, checkpoint)
+    kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
+    printed = capsys.readouterr().out
+    assert "newer files than" in printed and "(fold0/best.pt)" in printed and "make kernel-datasets" in printed
+
+
+# --- end to end: train a tiny model, build the kernel, run its script offline in a fresh venv ----------------------
+def _fresh_venv(folder: Path) -> Path:
+    """A venv that sees the heavy packages of .venv (torch, timm, ...) through a .pth file but not the repository."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    import sysconfig
+
+    site = Path(subprocess.run([str(folder / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "_ich_kaggle_test_parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return folder / "bin" / "python"
+
+
+def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
+    """The /kaggle/input layout of a new-style kernel: competition nested one level deeper, datasets under owners."""
+    nested = root / COMPETITION / COMPETITION
+    nested.mkdir(parents=True)
+    for item in comp.iterdir():
+        (nested / item.name).symlink_to(item.resolve())
+    (root / "datasets" / "testuser").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(code, root / "datasets" / "testuser" / code.name)
+    shutil.copytree(model, root / "datasets" / "testuser" / model.name)
+    return root
+
+
+@pytest.mark.slow
+def test_kernel_script_offline_equals_make_submit(tmp_path):
+    import os
+
+    import numpy as np
+    import pandas as pd
+
+    from ich_kaggle import predict, stack, submission, train
+    from ich_kaggle.data import cache, folds, synth
+    from ich_kaggle.paths import Layout
+
+    comp = synth.write_competition(tmp_path / "comp", seed=0, studies=8, slices=6, size=64)
+    cfg = config.load("tiny", ["cv.k=2", "train.epochs=1", "stack.epochs=5", "data.num_workers=0"])
+    layout = Layout.of(comp, tmp_path / "work")
+    runs = tmp_path / "runs"
+    folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
+    cache.ensure(layout)
+    for fold in range(cfg.cv.k):
+        train.train_fold(cfg, layout, fold, runs=runs)
+    predict.predict(cfg, layout, runs=runs)
+    stack.stack(cfg, layout, runs=runs)
+    # what `make submit` runs
+    subprocess.run([sys.executable, "-m", "ich_kaggle", "submit", "--config", "tiny", "--data", str(comp),
+                    "--work", str(layout.work), "--runs", str(runs), "--out-dir", str(tmp_path / "submissions")],
+                   cwd=ROOT, check=True, capture_output=True)
+    expected = tmp_path / "submissions" / "tiny.csv"
+
+    out = tmp_path / "kernels"
+    kernel.build_datasets(cfg, runs=runs, out=out, username="testuser")
+    folder = kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
+    names = kernel.names_for(cfg, "testuser")
+    root = _kaggle_input(tmp_path / "input", comp, names.code_dir(out), names.model_dir(out))
+    python = _fresh_venv(tmp_path / "venv")
+    working = tmp_path / "working"
+    working.mkdir()
+    dead = "http://127.0.0.1:9"  # any network access fails fast
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy")}
+    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), HOME=str(tmp_path / "home"),
+               HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, PIP_NO_INDEX="1")
+    result = subprocess.run([str(python), str(folder / "kernel.py")], cwd=working, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"from {tmp_path / 'venv'}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
+
+    got = working / "submission.csv"
+    assert submission.validate_file(comp / "stage_2_sample_submission.csv", got) == []
+    a, b = pd.read_csv(expected), pd.read_csv(got)
+    assert list(a["ID"]) == list(b["ID"])
+    np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), atol=1e-4)

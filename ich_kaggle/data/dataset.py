@@ -109,7 +109,7 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self.seed = cfg.train.seed
         if all(c in self.frame.columns for c in LABELS):
-            self.labels = self.frame[list(LABELS)].to_numpy(dtype=np.float32)
+            self.labels = self.frame[list(LABELS)].to_numpy(dtype=np.float32, copy=True)  # writable
         else:
             self.labels = np.zeros((len(self.frame), len(LABELS)), dtype=np.float32)
         self.image_ids = self.frame["image_id"].astype(str).to_numpy()

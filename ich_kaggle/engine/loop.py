@@ -132,8 +132,10 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Confi
         seen += len(x)
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{total[0] / total[1]:.4f}", img_s=f"{seen * info.world_size / max(elapsed, 1e-9):.1f}")
-    if info.distributed:
-        torch.distributed.all_reduce(total)
+    if info.distributed:  # NCCL reduces CUDA tensors only
+        reduced = total.to(info.device)
+        torch.distributed.all_reduce(reduced)
+        total = reduced.cpu()
     return float(total[0] / max(total[1], 1)), int(total[1]), time.perf_counter() - start
 
 

@@ -37,7 +37,7 @@ MARKER = ".synth.json"
 
 # header variants: (BitsStored, PixelRepresentation, RescaleIntercept); 'corrupt12' is RSNA's broken intercept
 VARIANTS = {"signed16": (16, 1, -1024.0), "unsigned12": (12, 0, -1024.0), "corrupt12": (12, 0, 0.0)}
-VARIANT_CYCLE = ["signed16"] * 9 + ["unsigned12"] * 8 + ["corrupt12"] * 3
+VARIANT_CYCLE = ["signed16", "unsigned12", "corrupt12", "signed16", "unsigned12", "signed16", "unsigned12"]  # 3+ studies: all three
 WINDOW_HEADERS = [("30", "80"), ("40", "80"), (["36", "36"], ["80", "80"]), (["40", "40"], ["150", "150"])]
 
 
@@ -91,12 +91,12 @@ def _lesion(kind: str, rng: np.random.Generator, an: Anatomy) -> Lesion:
             fr, phi, h = rng.uniform(0.35, 0.62), rng.uniform(0, 2 * np.pi), rng.uniform(-0.05, 0.45)
             ring = np.sqrt(1 - h * h)
             center = (fr * inner[0] * ring * np.cos(phi), fr * inner[1] * ring * np.sin(phi), h * inner[2])
-            radius = rng.uniform(6, 13)
+            radius = rng.uniform(7, 13)
             probe = [np.asarray([center[i] + d[i] * radius * 1.4 for d in _PROBE], np.float32) for i in range(3)]
             if not any(m.any() for m in ventricle_masks(probe, an)):
                 break
         return Lesion(kind, center, radius=radius, hu=rng.uniform(62, 85),
-                      axes=tuple(rng.uniform(0.8, 1.3, 3).tolist()), phase=rng.uniform(0, 6.28))
+                      axes=tuple(rng.uniform(0.85, 1.3, 3).tolist()), phase=rng.uniform(0, 6.28))
     if kind == "intraventricular":
         return Lesion(kind, (0.0, 0.0, 0.0), radius=float(rng.random() < 0.3), side=int(rng.choice([-1, 1])),
                       level=rng.uniform(-10, 22), hu=rng.uniform(55, 75))
@@ -156,6 +156,7 @@ def plan(seed: int = 0, studies: int | None = None, slices: int | None = None, s
     follow_of = rng.choice(n_patients, size=n_follow, replace=False) if n_follow else np.array([], int)
     owners = list(range(n_patients)) + [int(p) for p in follow_of]
     variants = [VARIANT_CYCLE[i] for i in rng.permutation(np.arange(n) % len(VARIANT_CYCLE))]
+    explicit = rng.permutation(np.arange(n) % 2 == 0)
     out: list[Study] = []
     for i, p in enumerate(owners):
         an = anatomies[p]
@@ -166,7 +167,7 @@ def plan(seed: int = 0, studies: int | None = None, slices: int | None = None, s
         out.append(Study(patient_id=patient_ids[p], study_id=study_id, series_id=series_id,
                          split="test" if p in test else "train", image_ids=_hex_ids(rng, slices, 9, taken),
                          geometry=_geometry(rng, an, slices, size), anatomy=an, lesions=les, variant=variants[i],
-                         explicit_vr=bool(rng.random() < 0.5), window=WINDOW_HEADERS[int(rng.integers(len(WINDOW_HEADERS)))],
+                         explicit_vr=bool(explicit[i]), window=WINDOW_HEADERS[int(rng.integers(len(WINDOW_HEADERS)))],
                          noise_seed=int(rng.integers(2**31))))
     return out
 

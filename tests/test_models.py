@@ -17,6 +17,27 @@ from ich_kaggle.models import registry, weights as W
 SE_FILE = "se_resnext50_32x4d-a260b3a4.pth"
 
 
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Every test here fails if smp, timm, torch.hub or pretrainedmodels try to fetch weights."""
+    import segmentation_models_pytorch.encoders as smp_encoders
+    import timm.models._builder as timm_builder
+    import pretrainedmodels.models.senet as pm_senet
+    import pretrainedmodels.models.torchvision_models as pm_tv
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"attempted download: {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(smp_encoders, "hf_hub_download", refuse)
+    monkeypatch.setattr(timm_builder, "load_pretrained", refuse)
+    monkeypatch.setattr(timm_builder, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(timm_builder, "download_cached_file", refuse)
+    for module in (pm_senet, pm_tv):
+        monkeypatch.setattr(module.model_zoo, "load_url", refuse)
+
+
 def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A deterministic, key-dependent change of every float tensor (so 'equal tensors' cannot come from an init)."""
     out = {}

@@ -84,9 +84,12 @@ class SmpBackbone(Backbone):
             if m_prev and len(m_last) == 2 and len(m_prev) == 2 and m_last[0] == m_prev[0] \
                     and m_last[1].isdigit() and m_prev[1].isdigit():
                 # e.g. EfficientNet: features at blocks.4 (stride 16) and blocks.6 -> blocks.5 and blocks.6
-                return [model.get_submodule(f"{m_last[0]}.{i}") for i in range(int(m_prev[1]) + 1, int(m_last[1]) + 1)]
-            return [model.get_submodule(last)]
-        stages = self.encoder.get_stages()
+                return [_submodule(model, f"{m_last[0]}.{i}") for i in range(int(m_prev[1]) + 1, int(m_last[1]) + 1)]
+            return [_submodule(model, last)]
+        try:
+            stages = self.encoder.get_stages()
+        except NotImplementedError:  # smp leaves it out for densenet/vgg/xception
+            return [_deepest_big_child(self.encoder)]
         return list(stages[max(stages)])
 
     def load_weights(self, state, path, name):
@@ -135,7 +138,7 @@ class PretrainedModelsBackbone(Backbone):
             if isinstance(getattr(self.net, attr, None), nn.Module):
                 mod = getattr(self.net, attr)
                 return [mod[-1]] if attr == "features" and isinstance(mod, nn.Sequential) else [mod]
-        return [_last_child_with_params(self.net)]
+        return [_deepest_big_child(self.net)]
 
 
 def _replace_first_conv(net: nn.Module, in_channels: int) -> None:
@@ -150,9 +153,29 @@ def _replace_first_conv(net: nn.Module, in_channels: int) -> None:
     raise UserError(f"found no 3-channel first convolution to adapt to {in_channels} input channels")
 
 
-def _last_child_with_params(net: nn.Module) -> nn.Module:
-    children = [m for m in net.children() if any(True for _ in m.parameters())]
-    return children[-1]
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """timm's FeatureListNet flattens `stages.3` into a child called `stages_3`."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model.get_submodule(name.replace(".", "_"))
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _deepest_big_child(net: nn.Module, share: float = 0.05) -> nn.Module:
+    """Last stage of a network without a stage table: the last child holding >= `share` of all parameters,
+    descending through wrappers that hold nearly everything (DenseNet's `features`)."""
+    total, module = _n_params(net), net
+    while True:
+        big = [c for c in module.children() if _n_params(c) >= share * total]
+        if not big:
+            return module
+        if _n_params(big[-1]) < 0.9 * _n_params(module):
+            return big[-1]
+        module = big[-1]
 
 
 class SmallCNN(Backbone):
@@ -212,9 +235,23 @@ def list_backbones() -> list[str]:
     return sorted(set(BUILDERS) | set(_smp_names()) | set(_pm_names()) | set(FEATURED_TIMM))
 
 
+def _close_matches(name: str, pool: list[str], n: int = 5) -> list[str]:
+    """Names containing the query once `-`/`_` are ignored (seresnext50 -> se_resnext50_32x4d), then difflib's."""
+    def norm(s: str) -> str:
+        return s.lower().replace("-", "").replace("_", "")
+
+    query = norm(name)
+    contains = sorted((p for p in pool if query and query in norm(p)), key=len)
+    by_norm: dict[str, list[str]] = {}
+    for p in pool:
+        by_norm.setdefault(norm(p), []).append(p)
+    similar = [p for key in difflib.get_close_matches(query, list(by_norm), n=n, cutoff=0.5) for p in by_norm[key]]
+    return list(dict.fromkeys(contains + similar))[:n]
+
+
 def _unknown(name: str) -> UserError:
     pool = list_backbones() + (_timm_names() if name.startswith("tu-") else [])
-    close = difflib.get_close_matches(name, pool, n=5, cutoff=0.5)
+    close = _close_matches(name, pool)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return UserError(
         f"unknown backbone '{name}' (model.backbone); {hint}list them all with "
@@ -255,6 +292,10 @@ def load_pretrained(backbone: Backbone, name: str, weights: str | None = None) -
 
 def build_model(cfg: ModelConfig, in_channels: int = 3, num_classes: int = 6) -> ICHNet:
     """Backbone (+ offline ImageNet weights when cfg.pretrained) + pooling/dropout/linear head; cfg.freeze applied."""
+    if "+" in cfg.backbone:  # `a+b`: an ensemble averaging its members' probabilities (recipes/ensemble.py)
+        from ..recipes.ensemble import build_ensemble
+
+        return build_ensemble(cfg, in_channels, num_classes)
     backbone = build_backbone(cfg.backbone, in_channels)
     if cfg.pretrained:
         load_pretrained(backbone, cfg.backbone, cfg.weights)

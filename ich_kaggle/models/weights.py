@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import COMPETITION
 from ..errors import UserError
 
 # lukemelas/EfficientNet-PyTorch release files (the format of smp's `efficientnet-bN` encoders).
@@ -32,6 +33,7 @@ LUKEMELAS_FILES = {
     "efficientnet-b7": "efficientnet-b7-dcc49843.pth",
 }
 KAGGLE_INPUT = Path("/kaggle/input")
+MAX_SEARCH_DEPTH = 3  # folders below a searched folder: <dataset>/<version or subfolder>/<file>
 CLASSIFIER_PREFIXES = ("last_linear.", "fc.", "classifier.", "_fc.", "head.fc.")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -68,6 +70,13 @@ def expected_files(backbone: str) -> list[str]:
     """File names (exact, or glob patterns with `*`) that hold this backbone's ImageNet weights, best first."""
     names: list[str] = []
     base = backbone.removeprefix("pm-").removeprefix("tu-")
+    if backbone.startswith("tu-"):
+        try:
+            import timm
+
+            names.append(_url_name(timm.models.get_pretrained_cfg(base).url))
+        except Exception:  # unknown to timm's pretrained table: only the generic names below
+            pass
     try:
         import pretrainedmodels
 
@@ -78,12 +87,6 @@ def expected_files(backbone: str) -> list[str]:
     if backbone in LUKEMELAS_FILES:
         names.append(LUKEMELAS_FILES[backbone])
     if backbone.startswith("tu-"):
-        try:
-            import timm
-
-            names.append(_url_name(timm.models.get_pretrained_cfg(base).url))
-        except Exception:  # unknown to timm's pretrained table: only the generic names below
-            pass
         lite = re.fullmatch(r"tf_efficientnet_lite(\d)", base)
         if lite:  # the lukemelas-format files published for EfficientNet-Lite
             names.append(f"efficientnet-lite{lite.group(1)}-*.pth")
@@ -126,10 +129,15 @@ def _search(folder: Path, patterns: list[str], recursive: bool) -> Path | None:
         if hits:
             return hits[0]
     if recursive:  # Kaggle datasets unpack into /kaggle/input/<dataset>/[subfolders]
-        found = sorted(
-            Path(root) / f for root, _, files in os.walk(folder) for f in files
-            if any(fnmatch.fnmatch(f, p) for p in patterns)
-        )
+        found = []
+        for root, dirs, files in os.walk(folder):
+            depth = len(Path(root).relative_to(folder).parts)
+            # never list the competition's image folders (hundreds of thousands of DICOMs)
+            dirs[:] = [] if depth >= MAX_SEARCH_DEPTH else [
+                d for d in dirs if not d.startswith(("stage_", COMPETITION)) and not d.startswith(".")
+            ]
+            found += [Path(root) / f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)]
+        found.sort()
         if found:
             return min(found, key=lambda p: next(i for i, pat in enumerate(patterns) if fnmatch.fnmatch(p.name, pat)))
     return None

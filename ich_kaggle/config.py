@@ -84,7 +84,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     loss: str = "bce"  # bce | focal
-    class_weights: str = "metric"  # metric (any=2) | frequency
+    class_weights: str = "metric"  # metric (any=2) | frequency | balanced (per-label 1/#pos, 1/#neg)
     focal_gamma: float = 2.0
     seed: int = 42
     max_images_per_epoch: int = 0  # 0 = all; >0 subsamples each epoch (tiny configs)
@@ -97,6 +97,7 @@ class CVConfig:
     k: int = 5
     seed: int = 42
     folds: list[int] = field(default_factory=list)  # which folds to train/predict; empty = all
+    split: str = "patient"  # patient | random (random puts a patient's slices in several folds: leaks; papers only)
 
 
 @dataclass
@@ -273,7 +274,8 @@ def validate(cfg: Config) -> None:
         "train.scheduler": (cfg.train.scheduler, ("cosine", "onecycle", "constant")),
         "train.amp": (cfg.train.amp, ("bf16", "fp16", "none")),
         "train.loss": (cfg.train.loss, ("bce", "focal")),
-        "train.class_weights": (cfg.train.class_weights, ("metric", "frequency")),
+        "train.class_weights": (cfg.train.class_weights, ("metric", "frequency", "balanced")),
+        "cv.split": (cfg.cv.split, ("patient", "random")),
         "train.balance": (cfg.train.balance, ("none", "oversample")),
         "model.pool": (cfg.model.pool, ("avg", "gem", "avgmax")),
         "model.freeze": (cfg.model.freeze, ("none", "backbone", "partial")),

@@ -380,3 +380,19 @@ def test_bench_forward_backward_reports_speed_and_memory():
     result = bench_forward_backward("small_cnn", size=32, batch=2, in_channels=9, steps=2)
     assert result["device"] == "cpu" and result["images_per_s"] > 0 and result["peak_rss_mb"] > 10
     assert result["backbone"] == "small_cnn" and result["in_channels"] == 9
+
+
+def test_kaggle_input_is_searched_but_competition_images_are_not(monkeypatch, tmp_path):
+    kaggle = tmp_path / "input"
+    (kaggle / "rsna-intracranial-hemorrhage-detection" / "stage_2_train").mkdir(parents=True)
+    (kaggle / "rsna-intracranial-hemorrhage-detection" / "stage_2_train" / SE_FILE).touch()  # must not be listed
+    monkeypatch.setattr(W, "KAGGLE_INPUT", kaggle)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    with pytest.raises(UserError, match=str(kaggle)):
+        models.find_weights("se_resnext50_32x4d")
+    (kaggle / "pretrained-models-pytorch" / "v2").mkdir(parents=True)
+    (kaggle / "pretrained-models-pytorch" / "v2" / SE_FILE).touch()
+    assert models.find_weights("se_resnext50_32x4d") == kaggle / "pretrained-models-pytorch" / "v2" / SE_FILE
+    (tmp_path / "th" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "th" / "checkpoints" / "se_resnext50_32x4d-0000.pth").touch()  # $TORCH_HOME is searched first
+    assert models.find_weights("se_resnext50_32x4d").parent == tmp_path / "th" / "checkpoints"

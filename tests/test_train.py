@@ -1,0 +1,198 @@
+"""Training engine end to end on tiny data (CPU): files, log columns, resume == uninterrupted, OOF, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ich_kaggle import LABELS, config, train
+from ich_kaggle.engine.logs import LOG_COLUMNS
+from ich_kaggle.engine.optim import build_optimizer, build_scheduler, warmup_cosine
+from ich_kaggle.errors import UserError
+from ich_kaggle.models.checkpoint import clean_state_dict, load_checkpoint, read_checkpoint
+from ich_kaggle.paths import Layout
+
+# tiny and fast: random init (no weights file), 32 px, few images per epoch
+FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=8", "train.max_images_per_epoch=32",
+        "cv.k=3", "cv.seed=0", "data.num_workers=0"]
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """2 shared cores: one intra-op thread per process avoids OpenMP oversubscription (5-10x slower otherwise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def comp(tmp_path_factory) -> Layout:
+    from ich_kaggle.data import synth
+
+    root = tmp_path_factory.mktemp("train")
+    data = synth.write_competition(root / "comp", seed=0, studies=12, slices=8, size=64)
+    return Layout.of(data, root / "work")
+
+
+def _cfg(*extra: str) -> config.Config:
+    return config.load("tiny", [*FAST, *extra])
+
+
+def test_one_epoch_writes_every_output(comp, tmp_path):
+    cfg = _cfg("train.epochs=1")
+    fdir = train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")
+    assert fdir == tmp_path / "runs" / "tiny" / "fold0"
+    for name in ("best.pt", "last.pt", "log.csv", "curves.png", "oof.csv", "oof_embeddings.npz", "config.yaml",
+                 "train.log", "done.json"):
+        assert (fdir / name).exists(), name
+    log = pd.read_csv(fdir / "log.csv")
+    assert list(log.columns) == LOG_COLUMNS and len(log) == 1
+    assert log["train_images_per_s"].iloc[0] > 0 and np.isfinite(log["val_weighted_log_loss"].iloc[0])
+    folds = pd.read_csv(comp.folds_csv)
+    val = folds[folds["fold"] == 0]
+    oof = pd.read_csv(fdir / "oof.csv")
+    assert list(oof.columns) == ["image_id", *LABELS]
+    assert sorted(oof["image_id"]) == sorted(val["image_id"].astype(str))
+    assert oof[list(LABELS)].to_numpy().min() > 0 and oof[list(LABELS)].to_numpy().max() < 1
+    emb = np.load(fdir / "oof_embeddings.npz")
+    assert emb["emb"].dtype == np.float16 and emb["emb"].shape[0] == len(val)
+    assert list(emb["image_id"]) == list(oof["image_id"])
+    assert config.load(str(fdir / "config.yaml")).train.epochs == 1
+    # the validation metric logged for the only epoch is the OOF metric of best.pt
+    from ich_kaggle import metrics
+
+    truth = val.set_index("image_id").loc[oof["image_id"], list(LABELS)].to_numpy()
+    score = metrics.weighted_log_loss(truth, oof[list(LABELS)].to_numpy())
+    assert score == pytest.approx(log["val_weighted_log_loss"].iloc[0], rel=1e-4)
+    assert json.loads((fdir / "done.json").read_text())["n_val"] == len(val)
+
+    # load_checkpoint rebuilds the network without any weights file and reproduces the OOF predictions
+    model, cfg2 = load_checkpoint(fdir / "best.pt")
+    assert not model.training and cfg2.to_dict() == cfg.to_dict()
+    from ich_kaggle.data.dataset import SliceDataset
+    from ich_kaggle.data.transforms import build_eval_transforms
+
+    ds = SliceDataset(oof.head(4), comp, cfg2, transform=build_eval_transforms(cfg2))
+    x = torch.stack([ds[i][0] for i in range(4)])
+    with torch.no_grad():
+        p = torch.sigmoid(model(x)).numpy()
+    np.testing.assert_allclose(p, oof[list(LABELS)].to_numpy()[:4], atol=1e-5)
+
+    # a finished fold is not retrained
+    mtime = (fdir / "best.pt").stat().st_mtime_ns
+    train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")
+    assert (fdir / "best.pt").stat().st_mtime_ns == mtime
+    assert "already trained" in (fdir / "train.log").read_text()
+    # --force starts again
+    train.train_fold(cfg, comp, 0, runs=tmp_path / "runs", force=True)
+    assert (fdir / "best.pt").stat().st_mtime_ns != mtime
+
+
+def test_resume_after_interruption_matches_uninterrupted(comp, tmp_path):
+    cfg = _cfg("train.epochs=2", "augment.window_jitter=0.5", "train.scheduler=onecycle")
+    a = train.train_fold(cfg, comp, 1, runs=tmp_path / "a")
+    b = train.train_fold(cfg, comp, 1, runs=tmp_path / "b", stop_after_epochs=1)
+    assert (b / "last.pt").exists() and not (b / "oof.csv").exists()
+    assert read_checkpoint(b / "last.pt")["epoch"] == 1
+    train.train_fold(cfg, comp, 1, runs=tmp_path / "b")
+    assert "resuming fold 1 of tiny from epoch 1/2" in (b / "train.log").read_text()
+    wa = read_checkpoint(a / "last.pt")["model"]
+    wb = read_checkpoint(b / "last.pt")["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    la, lb = pd.read_csv(a / "log.csv"), pd.read_csv(b / "log.csv")
+    np.testing.assert_allclose(la["val_weighted_log_loss"], lb["val_weighted_log_loss"], rtol=1e-6)
+    pd.testing.assert_frame_equal(pd.read_csv(a / "oof.csv"), pd.read_csv(b / "oof.csv"))
+
+
+def test_resume_with_changed_config_is_a_user_error(comp, tmp_path):
+    cfg = _cfg("train.epochs=2")
+    train.train_fold(cfg, comp, 2, runs=tmp_path, stop_after_epochs=1)
+    with pytest.raises(UserError, match="different config.*train.lr.*--force"):
+        train.train_fold(_cfg("train.epochs=2", "train.lr=0.5"), comp, 2, runs=tmp_path)
+    with pytest.raises(UserError, match="fold 7 does not exist"):
+        train.train_fold(cfg, comp, 7, runs=tmp_path)
+
+
+def test_corrupt_cache_file_is_skipped_not_fatal(comp, tmp_path):
+    from ich_kaggle.data import cache
+
+    layout = Layout.of(comp.data, tmp_path / "work")  # a private cache we may damage
+    cache.ensure(layout)
+    folds = pd.read_csv(pd.io.common.stringify_path(comp.folds_csv))
+    victims = folds[folds["fold"] != 0]["image_id"].astype(str).head(3).tolist()
+    for image_id in victims:
+        cache.cache_path(layout, image_id).write_bytes(b"this is not a cached slice")
+    fdir = train.train_fold(_cfg("train.epochs=1", "train.max_images_per_epoch=0"), layout, 0, runs=tmp_path / "runs")
+    assert (fdir / "oof.csv").exists()
+    text = (fdir / "train.log").read_text()
+    assert all(v in text for v in victims) and "replaced by" in text
+
+
+def test_schedules_and_optimizers():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(100, 100, 10) == pytest.approx(0.01)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 6))
+    for opt, sched in (("adamw", "cosine"), ("adam", "onecycle"), ("sgd", "constant")):
+        cfg = config.load("tiny", [f"train.optimizer={opt}", f"train.scheduler={sched}", "train.nesterov=true",
+                                   "train.warmup_epochs=1", "train.epochs=2"])
+        o = build_optimizer(cfg, net)
+        assert [g["weight_decay"] for g in o.param_groups] == [cfg.train.weight_decay, 0.0]  # no decay on norm/bias
+        s = build_scheduler(cfg, o, steps_per_epoch=5)
+        lrs = []
+        for _ in range(10):
+            lrs.append(o.param_groups[0]["lr"])
+            o.step()
+            s.step()
+        assert max(lrs) == pytest.approx(cfg.train.lr, rel=0.05)
+        if sched != "constant":
+            assert lrs[-1] < cfg.train.lr / 5
+        assert lrs[0] < cfg.train.lr  # warm-up
+    assert isinstance(o, torch.optim.SGD) and o.param_groups[0]["nesterov"]
+
+
+def test_lr_find_writes_plot_and_suggestion(comp, tmp_path, capsys):
+    lr = train.lr_find(_cfg(), comp, 0, runs=tmp_path)
+    fdir = tmp_path / "tiny" / "fold0"
+    sweep = pd.read_csv(fdir / "lr_find.csv")
+    assert (fdir / "lr_find.png").exists() and len(sweep) >= 10
+    assert (np.diff(sweep["lr"]) > 0).all()
+    assert sweep["lr"].min() <= lr <= sweep["lr"].max() and math.isfinite(lr)
+    assert "suggested lr" in capsys.readouterr().out
+    assert not (fdir / "last.pt").exists()
+
+
+def test_checkpoint_prefixes_are_stripped():
+    state = {"module._orig_mod.head.fc.weight": torch.ones(1), "_orig_mod.module.x": torch.zeros(1), "y": torch.ones(2)}
+    assert list(clean_state_dict(state)) == ["head.fc.weight", "x", "y"]
+    with pytest.raises(UserError, match="not found"):
+        read_checkpoint("/nonexistent/best.pt")
+
+
+def test_real_mini_fold_oof_covers_the_fold(mini_dir, tmp_path):
+    """Real RSNA slices: patient-grouped folds, one short epoch, OOF for every labelled slice of fold 0."""
+    layout = Layout.of(mini_dir, tmp_path / "work")
+    cfg = _cfg("train.epochs=1", "train.max_images_per_epoch=24", "cv.k=5")
+    fdir = train.train_fold(cfg, layout, 0, runs=tmp_path / "runs")
+    folds = pd.read_csv(layout.folds_csv)
+    assert folds.groupby("patient_id")["fold"].nunique().max() == 1  # no patient in two folds
+    oof = pd.read_csv(fdir / "oof.csv")
+    assert sorted(oof["image_id"]) == sorted(folds.loc[folds["fold"] == 0, "image_id"].astype(str))
+    assert oof[list(LABELS)].notna().all().all()
+
+
+@pytest.mark.slow
+def test_real_mini_all_folds_cover_all_616_slices(mini_dir, tmp_path):
+    layout = Layout.of(mini_dir, tmp_path / "work")
+    cfg = _cfg("train.epochs=1", "train.max_images_per_epoch=16", "cv.k=3", "data.image_size=24")
+    oof = pd.concat([pd.read_csv(train.train_fold(cfg, layout, k, runs=tmp_path / "runs") / "oof.csv")
+                     for k in range(3)])
+    assert len(oof) == oof["image_id"].nunique() == 616

@@ -126,9 +126,23 @@ def score_frames(truth_df: pd.DataFrame, pred_df: pd.DataFrame) -> dict:
     return {"weighted_log_loss": weighted_log_loss(y_true, y_pred), "per_label": per_label_log_loss(y_true, y_pred)}
 
 
+def read_truth(path: str | Path) -> pd.DataFrame:
+    """Labels as a wide frame: the stage_2_train.csv form goes through the data layer's strict 0/1 parser."""
+    path = Path(path)
+    try:
+        columns = pd.read_csv(path, nrows=0).columns.tolist()
+    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        columns = []  # read_long_or_wide names the problem
+    if columns[:2] == ["ID", "Label"]:
+        from .data.labels import read_labels  # pandas/numpy only
+
+        return read_labels(path)
+    return read_long_or_wide(path)
+
+
 def score_files(truth_csv: str | Path, sub_csv: str | Path) -> dict:
     """Score a submission file (`ID,Label` or wide) against a labels file (stage_2_train.csv form or wide)."""
-    return score_frames(read_long_or_wide(truth_csv), read_long_or_wide(sub_csv))
+    return score_frames(read_truth(truth_csv), read_long_or_wide(sub_csv))
 
 
 def prior_log_loss(train_wide: pd.DataFrame, truth_wide: pd.DataFrame) -> float:

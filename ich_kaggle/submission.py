@@ -21,7 +21,7 @@ import pandas as pd
 from . import COMPETITION, LABELS
 from .errors import UserError
 from .io import atomic_path, write_csv
-from .metrics import read_long_or_wide, score_frames, split_ids
+from .metrics import read_long_or_wide, read_truth, score_frames, split_ids
 
 CLIP = 1e-6
 _NA_STRINGS = {"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "none", "<NA>"}
@@ -166,7 +166,7 @@ def _train_labels(layout) -> pd.DataFrame:
     path = Path(layout.train_csv)
     if not path.exists():
         raise UserError(f"{path} not found; the training labels are needed for the prior fallback and the OOF score")
-    return read_long_or_wide(path)
+    return read_truth(path)
 
 
 def _prediction_file(run: Path, name: str) -> Path | None:

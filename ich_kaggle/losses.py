@@ -66,8 +66,59 @@ class FocalLoss(WeightedBCE):
         return (1 - p_t).pow(self.gamma) * bce
 
 
+def balanced_weights(labels: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-label (positive, negative) weights N / (2 #pos), N / (2 #neg) of the training fold's labels.
+
+    Foo's weighted BCE (w1 = 1/#pos, w0 = 1/#neg) scaled so a label with as many positives as negatives gets 1 and 1:
+    each label's positives and negatives then weigh the same in total. A class never seen counts as one sample.
+    """
+    if labels is None or len(labels) == 0:
+        raise UserError("train.class_weights=balanced needs labelled training images; the fold's training set is empty")
+    y = np.asarray(labels, dtype=np.float64) > 0.5
+    n = float(len(y))
+    pos = np.maximum(y.sum(axis=0), 1.0)
+    neg = np.maximum(n - y.sum(axis=0), 1.0)
+    return torch.tensor(n / (2 * pos), dtype=torch.float32), torch.tensor(n / (2 * neg), dtype=torch.float32)
+
+
+class BalancedBCE(WeightedBCE):
+    """-(w1 y log p + w0 (1 - y) log(1 - p)) per label (optionally focal), labels mixed with the metric's weights."""
+
+    def __init__(self, weights: torch.Tensor, pos_weight: torch.Tensor, neg_weight: torch.Tensor,
+                 gamma: float = 0.0) -> None:
+        super().__init__(weights)
+        self.register_buffer("pos_weight", pos_weight.float().clone())
+        self.register_buffer("neg_weight", neg_weight.float().clone())
+        self.gamma = float(gamma)
+
+    def per_label(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, targets = logits.float(), targets.float()
+        loss = -(self.pos_weight * targets * F.logsigmoid(logits)
+                 + self.neg_weight * (1 - targets) * F.logsigmoid(-logits))
+        if self.gamma > 0:
+            p = torch.sigmoid(logits)
+            loss = (1 - (p * targets + (1 - p) * (1 - targets))).pow(self.gamma) * loss
+        return loss
+
+
 def build_loss(cfg: Config, train_labels: np.ndarray | None = None) -> WeightedBCE:
-    """The loss for `cfg.train` (loss: bce|focal, class_weights: metric|frequency)."""
+    """The loss for `cfg.train` (loss: bce|focal, class_weights: metric|frequency|balanced).
+
+    For an ensemble backbone (`a+b`) the sum of the members' losses (recipes/ensemble.py).
+    """
+    if "+" in cfg.model.backbone:
+        import dataclasses
+
+        from .recipes.ensemble import MemberSumLoss, member_names
+
+        names = member_names(cfg.model.backbone)
+        single = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=names[0]))
+        return MemberSumLoss(build_loss(single, train_labels), len(names), len(LABELS))
+    if cfg.train.class_weights == "balanced":
+        if cfg.train.loss not in ("bce", "focal"):
+            raise UserError(f"train.loss={cfg.train.loss!r} is not one of bce, focal")
+        pos, neg = balanced_weights(train_labels)
+        return BalancedBCE(label_weights("metric"), pos, neg, cfg.train.focal_gamma if cfg.train.loss == "focal" else 0.0)
     weights = label_weights(cfg.train.class_weights, train_labels)
     if cfg.train.loss == "bce":
         return WeightedBCE(weights)
@@ -76,4 +127,4 @@ def build_loss(cfg: Config, train_labels: np.ndarray | None = None) -> WeightedB
     raise UserError(f"train.loss={cfg.train.loss!r} is not one of bce, focal")
 
 
-__all__ = ["LABELS", "WeightedBCE", "FocalLoss", "label_weights", "build_loss"]
+__all__ = ["LABELS", "WeightedBCE", "FocalLoss", "BalancedBCE", "label_weights", "balanced_weights", "build_loss"]

@@ -56,6 +56,9 @@ def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None
     D.barrier(info)
     if not info.is_main:
         table = folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
+    from ..recipes.split import apply_split
+
+    table = apply_split(table, cfg)  # cv.split=random re-splits per image (leaks patients; papers only)
     table = table.copy()
     table["image_id"] = table["image_id"].astype(str)
     val = table[table["fold"] == fold].reset_index(drop=True)
@@ -104,7 +107,7 @@ def to_device(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tenso
 
 
 def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Config, info: D.DistInfo,
-                desc: str) -> tuple[float, int, float]:
+                desc: str, batch_loss=None) -> tuple[float, int, float]:
     """(mean train loss over all ranks, images seen over all ranks, seconds)."""
     model.train()
     accum, n = cfg.train.accum_steps, len(loader)
@@ -112,16 +115,19 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Confi
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not info.is_main, dynamic_ncols=True)
-    for i, (x, y, _) in enumerate(bar):
+    for i, (x, y, idx) in enumerate(bar):
         x, y = to_device(x, cfg, info.device), y.to(info.device, non_blocking=True)
         group_start = (i // accum) * accum
         group = min(accum, n - group_start)
         step_now = (i - group_start) == group - 1
         sync = model.no_sync() if info.distributed and not step_now else contextlib.nullcontext()
         with sync:
-            with autocast(cfg, info.device):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            if batch_loss is not None:  # a recipe's own loss (recipes.batch_loss_for), e.g. MIL bags
+                loss = batch_loss(model, x, y, idx)
+            else:
+                with autocast(cfg, info.device):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y)
             scaler.scale(loss / group).backward()
         if step_now:
             scaler.step(optimizer)
@@ -253,6 +259,9 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
 
     model, net = build_network(cfg, info)
     loss_fn = build_loss(cfg, train_labels).to(info.device)
+    from ..recipes import batch_loss_for
+
+    batch_loss = batch_loss_for(cfg, train_ds=train_ds, meta=data.meta, loss_fn=loss_fn, net=net, info=info)
     optimizer = build_optimizer(cfg, net)
     batch = D.per_rank_batch(cfg.train.batch_size, info)
     steps_per_epoch = math.ceil(len(train_loader(train_ds, epoch_indices(cfg, train_labels, 0), cfg, info, batch, 0))
@@ -283,11 +292,14 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
         D.seed_everything(D.epoch_seed(cfg.train.seed, epoch, info.rank))  # dropout etc.: same on resume
         size = image_size(cfg, epoch)
         train_ds.transform = build_train_transforms(cfg, size)
+        if batch_loss is not None:
+            batch_loss.start_epoch(epoch, size)
         train_ds.set_epoch(epoch)
         val_ds.transform = build_eval_transforms(cfg, size)
         loader = train_loader(train_ds, epoch_indices(cfg, train_labels, epoch), cfg, info, batch, epoch)
         desc = f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} ({size}px)"
-        train_loss, seen, train_s = train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg, info, desc)
+        train_loss, seen, train_s = train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg, info, desc,
+                                                batch_loss)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
         row.update(validate(net, val_ds, val_labels, cfg, info))
         row.update({"seconds": time.perf_counter() - t0, "train_images_per_s": seen / max(train_s, 1e-9)})

@@ -106,9 +106,11 @@ def roc_points(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pr_points(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, precision), starting at recall 0 with precision 1 (the usual convention)."""
+    """(recall, precision), starting at recall 0 with precision 1 and stopping where recall first reaches 1
+    (lower thresholds only add false positives; drawing them is a misleading vertical drop)."""
     c = curves(y_true, y_prob)
-    return np.r_[0.0, c.recall], np.r_[1.0, c.precision]
+    stop = int(np.argmax(c.tp >= c.positives)) + 1 if c.positives and c.tp.size else c.tp.size
+    return np.r_[0.0, c.recall[:stop]], np.r_[1.0, c.precision[:stop]]
 
 
 def roc_auc(y_true, y_prob) -> float:

@@ -63,6 +63,9 @@ def test_curves_endpoints():
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     recall, precision = ev.pr_points(Y, P)
     assert recall[-1] == 1 and precision[-1] == pytest.approx(0.5)
+    # stops at the first full recall: the all-positive tail (precision = prevalence) is not drawn
+    recall, precision = ev.pr_points([1, 1, 0, 0], [0.9, 0.8, 0.3, 0.2])
+    assert recall.tolist() == [0, 0.5, 1] and precision.tolist() == [1, 1, 1]
 
 
 def test_matches_sklearn_on_random_ties():

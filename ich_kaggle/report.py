@@ -1,0 +1,515 @@
+"""`make report` and `make compare`: what a person looks at after a run.
+
+`make_report` writes runs/<name>/report/: PNG figures, `index.html` (relative links), `series_table.csv`,
+`thresholds.csv` and `summary.json` (read by `compare`). Each section reads the files the stages wrote
+(fold*/log.csv, predictions/oof.csv or fold*/oof.csv, fold*/best.pt, stack/metrics.csv, meta.csv, folds.csv); a
+section whose inputs are missing or broken becomes a note in the page, never a crash of the whole report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from . import LABEL_WEIGHTS, LABELS
+from . import evaluation as ev
+from .config import Config
+from .errors import UserError
+from .io import atomic_open, write_csv
+from .paths import Layout, run_dir
+from .reporting import plots
+from .reporting.html import Page, Section
+
+log = logging.getLogger("ich_kaggle.report")
+
+REPORT_DIR = "report"
+SUMMARY = "summary.json"
+
+
+# --- reading what the stages wrote -------------------------------------------------------------------------
+
+
+def fold_dirs(run: Path) -> dict[int, Path]:
+    """fold<k>/ folders of a run, by fold number."""
+    out = {}
+    for d in run.glob("fold*"):
+        if d.is_dir() and d.name[4:].isdigit():
+            out[int(d.name[4:])] = d
+    return dict(sorted(out.items()))
+
+
+def read_logs(run: Path) -> dict[int, pd.DataFrame]:
+    """Each fold's log.csv (unreadable or empty ones are reported and skipped)."""
+    logs = {}
+    for fold, d in fold_dirs(run).items():
+        path = d / "log.csv"
+        if not path.exists():
+            continue
+        try:
+            frame = pd.read_csv(path)
+        except Exception as e:
+            log.warning("%s unreadable (%s); skipped", path, e)
+            continue
+        if len(frame) and "epoch" in frame:
+            logs[fold] = frame
+    return logs
+
+
+def _read_pred(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path)
+    missing = [c for c in ("image_id", *LABELS) if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path} lacks columns {missing}; expected image_id + {', '.join(LABELS)} probabilities")
+    return frame
+
+
+def read_oof(run: Path) -> tuple[pd.DataFrame | None, str]:
+    """(OOF predictions, where they came from): predictions/oof.csv (TTA) if present, else every fold's oof.csv."""
+    path = run / "predictions" / "oof.csv"
+    if path.exists():
+        return _read_pred(path), str(path)
+    parts = [(d / "oof.csv") for d in fold_dirs(run).values() if (d / "oof.csv").exists()]
+    if not parts:
+        return None, f"no {path} and no {run}/fold*/oof.csv"
+    frame = pd.concat([_read_pred(p) for p in parts], ignore_index=True).drop_duplicates("image_id", keep="last")
+    return frame, f"{len(parts)} fold oof.csv file(s): " + ", ".join(p.parent.name for p in parts)
+
+
+def read_labels(cfg: Config, layout: Layout) -> tuple[pd.DataFrame | None, str]:
+    """The folds table (labels, series ids, fold of each image) via the data layer; the folds.csv as fallback."""
+    try:
+        from .data.folds import load_folds
+
+        return load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed), str(layout.folds_csv)
+    except Exception as e:
+        if layout.folds_csv.exists():
+            return pd.read_csv(layout.folds_csv), f"{layout.folds_csv} (as written; rebuilding failed: {e})"
+        return None, f"labels unavailable: {e}"
+
+
+def read_meta(layout: Layout) -> tuple[pd.DataFrame | None, str]:
+    if layout.meta_csv.exists():
+        return pd.read_csv(layout.meta_csv), str(layout.meta_csv)
+    try:
+        from .data.meta import load_meta
+
+        return load_meta(layout), str(layout.meta_csv)
+    except Exception as e:
+        return None, f"no {layout.meta_csv} and it could not be built: {e}"
+
+
+def weighted_bce(frame: pd.DataFrame) -> np.ndarray:
+    """Per-image competition loss (any x2), to rank the worst errors."""
+    y = frame[list(LABELS)].to_numpy(float)
+    p = np.clip(frame[[ev.pred_col(label) for label in LABELS]].to_numpy(float), ev.EPS, 1 - ev.EPS)
+    bce = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+    w = np.asarray(LABEL_WEIGHTS)
+    return (bce * w).sum(axis=1) / w.sum()
+
+
+def oof_scores(joined: pd.DataFrame) -> dict:
+    """Competition metric on the joined OOF frame through `metrics` (the one scorer everybody uses)."""
+    from . import metrics
+
+    truth = joined[["image_id", *LABELS]]
+    pred = joined[["image_id", *(ev.pred_col(label) for label in LABELS)]].rename(
+        columns={ev.pred_col(label): label for label in LABELS})
+    return metrics.score_frames(truth, pred)
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    cfg: Config
+    layout: Layout
+    run: Path
+    out: Path
+    threshold: float
+    n_cam: int
+    logs: dict[int, pd.DataFrame] = field(default_factory=dict)
+    labels: pd.DataFrame | None = None
+    joined: pd.DataFrame | None = None  # OOF slices: image_id, series_id, fold, truth LABELS, <label>_pred
+    series: pd.DataFrame | None = None
+    summary: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _summary_section(ctx: Context, sec: Section) -> None:
+    cfg = ctx.cfg
+    sec.text(f"Config '{cfg.name}': {cfg.description or 'no description'}. Backbone {cfg.model.backbone}, "
+             f"image {cfg.data.image_size}px, windows {', '.join(cfg.data.windows)}, neighbours {cfg.data.neighbors}, "
+             f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, {cfg.cv.k} folds.")
+    folds = fold_dirs(ctx.run)
+    rows = []
+    for fold, d in folds.items():
+        lg = ctx.logs.get(fold)
+        row = {"fold": fold, "best.pt": (d / "best.pt").exists(), "epochs logged": 0 if lg is None else len(lg)}
+        if lg is not None:
+            if "val_weighted_log_loss" in lg:
+                best = lg.loc[lg["val_weighted_log_loss"].idxmin()]
+                row["best epoch"] = int(best["epoch"])
+                row["best val weighted log loss"] = float(best["val_weighted_log_loss"])
+            if "seconds" in lg:
+                row["seconds / epoch"] = float(lg["seconds"].mean())
+            if "train_images_per_s" in lg:
+                row["train images / s"] = float(lg["train_images_per_s"].mean())
+        rows.append(row)
+    if rows:
+        sec.table(pd.DataFrame(rows), "Folds", index=False)
+    else:
+        sec.note(f"No fold folders under {ctx.run}; train first (make train CONFIG={cfg.name}).")
+    if ctx.summary.get("weighted_log_loss") is not None:
+        table = pd.DataFrame([{"weighted log loss": ctx.summary["weighted_log_loss"], **ctx.summary["per_label"]}])
+        sec.table(table, f"Out-of-fold competition metric on {len(ctx.joined)} images ({ctx.summary['oof_source']})",
+                  index=False)
+    stack_metrics = ctx.run / "stack" / "metrics.csv"
+    if stack_metrics.exists():
+        sec.table(pd.read_csv(stack_metrics), f"Second stage ({stack_metrics})", index=False)
+    else:
+        sec.note(f"No {stack_metrics}: run make stack CONFIG={cfg.name} for the sequence model's comparison.")
+    for note in ctx.notes:
+        sec.note(note)
+
+
+def _curves_section(ctx: Context, sec: Section) -> None:
+    if not ctx.logs:
+        sec.note(f"No {ctx.run}/fold*/log.csv: nothing trained yet.")
+        return
+    for fold, lg in ctx.logs.items():
+        path = plots.training_curves(lg, fold, ctx.out / f"curves_fold{fold}.png")
+        sec.image(path, ctx.out, f"training curves fold {fold}")
+
+
+def _need_oof(ctx: Context, sec: Section) -> bool:
+    if ctx.joined is None or ctx.joined.empty:
+        sec.note(f"Skipped: no out-of-fold predictions with labels ({ctx.summary.get('oof_source', 'none')}).")
+        return False
+    return True
+
+
+def _ranking_section(ctx: Context, sec: Section) -> None:
+    if not _need_oof(ctx, sec):
+        return
+    sec.text("One panel per label. Solid: each slice scored alone; dashed: each CT series, positive when any "
+             "slice is, scored by its most suspicious slice. Precision-recall is the honest view for rare subtypes "
+             "(epidural is under 1% of slices): ROC can look good while precision stays low.")
+    sec.image(plots.roc_grid(ctx.joined, ctx.series, ctx.out / "roc.png"), ctx.out, "ROC curves")
+    sec.image(plots.pr_grid(ctx.joined, ctx.series, ctx.threshold, ctx.out / "pr.png"), ctx.out, "PR curves")
+
+
+def _threshold_section(ctx: Context, sec: Section) -> None:
+    if not _need_oof(ctx, sec):
+        return
+    t = ctx.threshold
+    panels = [("slice", ev.confusion(ctx.joined["any"], ctx.joined["any_pred"], t))]
+    if ctx.series is not None:
+        panels.append(("series", ev.confusion(ctx.series["any"], ctx.series["any_pred"], t)))
+    sec.image(plots.confusion_matrices(panels, "any", t, ctx.out / "confusion_any.png"), ctx.out, "confusion any")
+    table = ev.threshold_table(ctx.joined, t)
+    write_csv(table.reset_index(), ctx.out / "thresholds.csv")
+    sec.image(plots.f1_bars(table, t, ctx.out / "f1.png"), ctx.out, "F1 per label")
+    sec.table(table, f"Slice level, threshold {t:g} (BEST_THR/BEST_F1: the threshold maximising F1 on these OOF "
+                     f"predictions, optimistic because it is chosen on the same data)")
+
+
+def _series_section(ctx: Context, sec: Section) -> None:
+    if not _need_oof(ctx, sec):
+        return
+    if ctx.series is None:
+        sec.note("Skipped: the labels table has no series_id column.")
+        return
+    table = ev.series_table(ctx.joined, ctx.threshold)
+    write_csv(table.reset_index(), ctx.out / "series_table.csv")
+    sec.text(f"As Danilov, Kotik et al. present their clinical test: per CT series (n={len(ctx.series)}), a series is "
+             f"positive for a subtype when any of its slices is; its probability is the maximum over its slices and "
+             f"it is called positive at p >= {ctx.threshold:g}. POS/NEG: series counts (share).")
+    sec.table(ev.format_series_table(table), "Series-level quality metrics")
+
+
+def _cam_examples(ctx: Context, rows: pd.DataFrame, kind: str) -> tuple[list[plots.CamExample], list[str]]:
+    """Grad-CAM for `rows` (joined OOF rows with a `cam_label` column), each with its own fold's best.pt."""
+    import torch
+
+    from .data.dataset import SliceDataset
+    from .data.transforms import build_eval_transforms
+    from .gradcam import GradCAM, overlay
+    from .models.checkpoint import load_checkpoint
+
+    examples: dict[str, plots.CamExample] = {}
+    problems = []
+    for fold, group in rows.groupby("fold", sort=True):
+        ckpt = ctx.run / f"fold{int(fold)}" / "best.pt"
+        if not ckpt.exists():
+            problems.append(f"{ckpt} missing: {len(group)} {kind} example(s) without Grad-CAM")
+            continue
+        try:
+            model, mcfg = load_checkpoint(ckpt)
+        except UserError as e:  # a truncated or foreign checkpoint costs its examples, not the report
+            problems.append(str(e))
+            continue
+        frame = group.reset_index(drop=True)
+        dataset = SliceDataset(frame[["image_id", *LABELS]], ctx.layout, mcfg, transform=build_eval_transforms(mcfg))
+        x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        unreadable = set(dataset.failed)
+        idx = [LABELS.index(label) for label in frame["cam_label"]]
+        with GradCAM(model) as cam:
+            maps, probs = cam(x, idx)
+        windows = list(mcfg.data.windows)
+        channel = mcfg.data.neighbors * len(windows) + (windows.index("brain") if "brain" in windows else 0)
+        shown = "brain" if "brain" in windows else windows[0]
+        for i, row in frame.iterrows():
+            if row["image_id"] in unreadable:
+                problems.append(f"{row['image_id']}: cached image unreadable, no Grad-CAM")
+                continue
+            image = x[i, channel].numpy()
+            label, j = row["cam_label"], idx[i]
+            title = (f"{row['image_id']} (fold {int(fold)}, {shown} window)\n{label}: truth {int(row[label])}, "
+                     f"p={probs[i, j]:.3f}")
+            examples[row["image_id"]] = plots.CamExample(image=image, overlay=overlay(image, maps[i]), title=title)
+    ordered = [examples[i] for i in rows["image_id"] if i in examples]
+    return ordered, problems
+
+
+def _gradcam_section(ctx: Context, sec: Section) -> None:
+    if ctx.n_cam <= 0:
+        sec.note("Grad-CAM turned off (--gradcam 0).")
+        return
+    if not _need_oof(ctx, sec):
+        return
+    if "fold" not in ctx.joined:
+        sec.note("Skipped: the labels table has no fold column, so the model that never saw each image is unknown.")
+        return
+    joined = ctx.joined
+    subtypes = list(LABELS[1:])
+    pos = joined[joined["any"] > 0.5].nlargest(ctx.n_cam, "any_pred").copy()
+    # explain the true subtype the model is surest of (or `any` when the slice has no labelled subtype)
+    pos["cam_label"] = [
+        max((s for s in subtypes if r[s] > 0.5), key=lambda s: r[ev.pred_col(s)], default="any")
+        for _, r in pos.iterrows()
+    ]
+    worst = joined.assign(loss=weighted_bce(joined)).nlargest(ctx.n_cam, "loss").copy()
+    y = worst[list(LABELS)].to_numpy(float)
+    p = np.clip(worst[[ev.pred_col(label) for label in LABELS]].to_numpy(float), ev.EPS, 1 - ev.EPS)
+    worst["cam_label"] = [LABELS[k] for k in np.argmax(-(y * np.log(p) + (1 - y) * np.log1p(-p)), axis=1)]
+    sec.text("Grad-CAM (Selvaraju et al.) on the backbone's last feature map of the fold model that did not train "
+             "on the slice: red areas raise the explained label's score. Left of each pair the model's input "
+             "(brain window, after the black-border crop), right the overlay.")
+    for rows, kind, title in (
+        (pos, "positive", "Most confident true positives ('any' probability, highest first)"),
+        (worst, "error", "Worst errors (highest per-image weighted log loss; the label explained is the worst one)"),
+    ):
+        if rows.empty:
+            sec.note(f"No {kind} examples in the OOF predictions.")
+            continue
+        examples, problems = _cam_examples(ctx, rows, kind)
+        for problem in problems:
+            sec.note(problem)
+        if examples:
+            name = f"gradcam_{'positives' if kind == 'positive' else 'errors'}.png"
+            sec.image(plots.gradcam_gallery(examples, title, ctx.out / name), ctx.out, title)
+
+
+def _data_section(ctx: Context, sec: Section) -> None:
+    if ctx.labels is not None and len(ctx.labels):
+        sec.image(plots.label_counts(ctx.labels, ctx.out / "label_counts.png"), ctx.out, "label counts")
+        sec.image(plots.cooccurrence(ctx.labels, ctx.out / "cooccurrence.png"), ctx.out, "label co-occurrence")
+    else:
+        sec.note(f"Label overview skipped: {ctx.summary.get('labels_source', 'no labels')}.")
+    meta, source = read_meta(ctx.layout)
+    if meta is None or meta.empty:
+        sec.note(f"DICOM overview skipped: {source}.")
+        return
+    sec.text(f"From {source}: {len(meta)} images, {meta['series_id'].nunique() if 'series_id' in meta else '?'} "
+             f"series. Images with RescaleIntercept other than -1024 or BitsStored 12 are the odd ones the HU "
+             f"conversion has to handle.")
+    sec.image(plots.dicom_values(meta, ctx.out / "dicom_values.png"), ctx.out, "BitsStored and RescaleIntercept")
+    if "series_id" in meta:
+        sec.image(plots.series_lengths(meta, ctx.out / "series_lengths.png"), ctx.out, "series lengths")
+
+
+# key (for `sections=`), title, builder; in page order
+SECTIONS: list[tuple[str, str, Callable[[Context, Section], None]]] = [
+    ("summary", "Summary", _summary_section),
+    ("curves", "Training curves", _curves_section),
+    ("ranking", "ROC and precision-recall", _ranking_section),
+    ("thresholds", "Thresholds, confusion matrix and F1", _threshold_section),
+    ("series", "Series-level evaluation", _series_section),
+    ("gradcam", "Grad-CAM", _gradcam_section),
+    ("data", "Data overview", _data_section),
+]
+
+
+def _prepare(ctx: Context) -> None:
+    """Read every input once and fill the summary (what `compare` shows), whichever sections are drawn."""
+    ctx.logs = read_logs(ctx.run)
+    ctx.summary["folds_done"] = sum(1 for d in fold_dirs(ctx.run).values() if (d / "best.pt").exists())
+    secs = [lg["seconds"].mean() for lg in ctx.logs.values() if "seconds" in lg]
+    ctx.summary["sec_per_epoch"] = float(np.mean(secs)) if secs else None
+    ctx.labels, ctx.summary["labels_source"] = read_labels(ctx.cfg, ctx.layout)
+    try:
+        oof, ctx.summary["oof_source"] = read_oof(ctx.run)
+    except Exception as e:  # a broken prediction file: report it, keep the rest of the report
+        oof, ctx.summary["oof_source"] = None, f"unreadable: {e}"
+    if oof is None or ctx.labels is None:
+        if ctx.labels is None:
+            ctx.notes.append(f"No labels: {ctx.summary['labels_source']}.")
+        return
+    joined = ev.join_truth_pred(ctx.labels, oof, keep=("series_id", "fold"))
+    dropped = len(oof) - len(joined)
+    if dropped:
+        ctx.notes.append(f"{dropped} OOF predictions have no label in the folds table and were left out.")
+    ctx.joined = joined
+    ctx.series = ev.series_frame(joined) if "series_id" in joined else None
+    ctx.summary["images"] = len(joined)
+    if len(joined):
+        score = oof_scores(joined)
+        ctx.summary["weighted_log_loss"] = score["weighted_log_loss"]
+        ctx.summary["per_label"] = score["per_label"]
+        if ctx.series is not None:
+            y, p = ctx.series["any"].to_numpy(), ctx.series[ev.pred_col("any")].to_numpy()
+            ctx.summary["series_auc_any"] = ev.roc_auc(y, p)
+
+
+def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshold: float = 0.5,
+                gradcam: int = 8, sections: list[str] | None = None) -> Path:
+    """Write runs/<name>/report/index.html and its figures; returns the page's path.
+
+    `sections` picks a subset of `SECTIONS` keys (default: all); summary.json is always written.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise UserError(f"--threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
+    keys = [key for key, _, _ in SECTIONS]
+    unknown = [key for key in sections or [] if key not in keys]
+    if unknown:
+        raise UserError(f"unknown report section(s) {unknown}; choose from {', '.join(keys)}")
+    run = run_dir(runs, cfg.name)
+    if not run.is_dir():
+        raise UserError(f"{run} not found; train first (make train CONFIG={cfg.name}) or pass --runs <folder>")
+    ctx = Context(cfg=cfg, layout=layout, run=run, out=run / REPORT_DIR, threshold=threshold, n_cam=gradcam)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    ctx.summary.update(name=cfg.name, threshold=threshold)
+    try:
+        _prepare(ctx)
+    except UserError as e:  # e.g. an OOF file without the label columns: the page says which file
+        ctx.notes.append(str(e))
+    page = Page(f"ich_kaggle report: {cfg.name}")
+    for key, title, build in SECTIONS:
+        if sections is not None and key not in sections:
+            continue
+        sec = page.section(title)
+        start = time.time()
+        try:
+            build(ctx, sec)
+        except Exception as e:  # one broken input must not cost the other sections
+            log.warning("report section %r failed: %s", title, e)
+            print(f"warning: report section '{title}' skipped: {type(e).__name__}: {e}", file=sys.stderr)
+            sec.note(f"Section failed: {type(e).__name__}: {e}")
+        log.info("section %s: %.1f s", title, time.time() - start)
+    ctx.summary["written"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with atomic_open(ctx.out / SUMMARY) as f:
+        json.dump(ctx.summary, f, indent=2, default=float)
+    index = page.write(ctx.out / "index.html")
+    print(f"report: {index}")
+    return index
+
+
+# --- compare -----------------------------------------------------------------------------------------------
+
+
+def find_experiments(runs: Path, depth: int = 3) -> list[Path]:
+    """Folders holding fold*/ or predictions/ (runs/<name>, also nested such as runs/demo/<name>)."""
+    found = []
+    if not runs.is_dir() or depth < 0:
+        return found
+    for d in sorted(p for p in runs.iterdir() if p.is_dir()):
+        if fold_dirs(d) or (d / "predictions").is_dir():
+            found.append(d)
+        elif d.name != REPORT_DIR:
+            found.extend(find_experiments(d, depth - 1))
+    return found
+
+
+def experiment_row(run: Path, name: str) -> dict:
+    """One line of `compare`: from report/summary.json when it exists, else the fold logs' best epochs."""
+    folds = fold_dirs(run)
+    logs = read_logs(run)
+    row: dict = {"experiment": name, "folds_done": sum((d / "best.pt").exists() for d in folds.values()),
+                 "folds_started": len(folds)}
+    secs = [lg["seconds"].mean() for lg in logs.values() if "seconds" in lg]
+    row["sec_per_epoch"] = float(np.mean(secs)) if secs else np.nan
+    summary_path = run / REPORT_DIR / SUMMARY
+    summary = {}
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except ValueError:
+            log.warning("%s unreadable; using the fold logs", summary_path)
+    if summary.get("weighted_log_loss") is not None:
+        row["source"] = "report (OOF)"
+        row["oof_wll"] = summary["weighted_log_loss"]
+        for label in LABELS:
+            row[label] = summary.get("per_label", {}).get(label, np.nan)
+        row["series_auc_any"] = summary.get("series_auc_any", np.nan)
+    else:
+        best = []
+        for lg in logs.values():
+            if "val_weighted_log_loss" in lg and lg["val_weighted_log_loss"].notna().any():
+                best.append(lg.loc[lg["val_weighted_log_loss"].idxmin()])
+        row["source"] = "log.csv (best epoch, fold mean)" if best else "-"
+        row["oof_wll"] = float(np.mean([b["val_weighted_log_loss"] for b in best])) if best else np.nan
+        for label in LABELS:
+            vals = [b[f"val_{label}"] for b in best if f"val_{label}" in b]
+            row[label] = float(np.mean(vals)) if vals else np.nan
+        row["series_auc_any"] = np.nan
+    stack_metrics = run / "stack" / "metrics.csv"
+    row["stacked_wll"] = np.nan
+    if stack_metrics.exists():
+        try:
+            sm = pd.read_csv(stack_metrics)
+            key = sm.columns[0]
+            hit = sm[sm[key].astype(str).str.startswith("stack")]
+            if len(hit) and "weighted_log_loss" in sm:
+                row["stacked_wll"] = float(hit["weighted_log_loss"].iloc[0])
+        except Exception as e:
+            log.warning("%s unreadable (%s)", stack_metrics, e)
+    return row
+
+
+def compare(runs: str | Path = "runs") -> pd.DataFrame:
+    """Print (and write runs/compare.csv) one table of every experiment with at least one finished fold."""
+    runs = Path(runs)
+    if not runs.is_dir():
+        raise UserError(f"runs folder {runs} not found; train something first or pass --runs <folder>")
+    rows, unfinished = [], []
+    for run in find_experiments(runs):
+        name = run.relative_to(runs).as_posix()
+        row = experiment_row(run, name)
+        if row["folds_done"]:
+            rows.append(row)
+        else:
+            unfinished.append(name)
+    columns = ["experiment", "folds_done", "folds_started", "oof_wll", *LABELS, "series_auc_any", "stacked_wll",
+               "sec_per_epoch", "source"]
+    table = pd.DataFrame(rows, columns=columns)
+    if len(table):
+        table = table.sort_values("oof_wll", na_position="last").reset_index(drop=True)
+        write_csv(table, runs / "compare.csv")
+        with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.4f}".format):
+            print(table.to_string(index=False))
+        print(f"(written to {runs / 'compare.csv'}; oof_wll is the out-of-fold weighted log loss, lower is better;"
+              f" make report CONFIG=<name> fills series_auc_any and the pooled OOF metric)")
+    else:
+        print(f"no finished experiment under {runs} (a fold counts once its best.pt exists)")
+    if unfinished:
+        print(f"not finished yet (no best.pt): {', '.join(unfinished)}")
+    return table

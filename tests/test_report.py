@@ -1,0 +1,320 @@
+"""Report, compare and Grad-CAM on a small fake experiment with realistic files (log.csv, oof.csv, folds, meta)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from ich_kaggle import LABELS, config
+from ich_kaggle import evaluation as ev
+from ich_kaggle import report
+from ich_kaggle.errors import UserError
+from ich_kaggle.gradcam import GradCAM, overlay
+from ich_kaggle.paths import Layout
+
+SUBTYPES = LABELS[1:]
+
+
+def fake_data(work: Path, seed: int = 0, series: int = 14, slices: int = 12, k: int = 3) -> pd.DataFrame:
+    """folds.csv + meta.csv in `work`: series with contiguous bleeding slices, a few subtypes, 3 patient folds."""
+    rng = np.random.default_rng(seed)
+    rows, meta = [], []
+    for s in range(series):
+        sid, patient = f"ID_ser{s:03d}", f"ID_pat{s // 2:03d}"
+        n = slices + int(rng.integers(-2, 3))
+        kinds = [] if s % 3 == 0 else list(rng.choice(SUBTYPES, size=int(rng.integers(1, 3)), replace=False))
+        lo = int(rng.integers(2, n - 5))
+        for r in range(n):
+            iid = f"ID_{s:03d}{r:03d}"
+            lab = {label: 0 for label in LABELS}
+            if kinds and lo <= r < lo + 4:
+                for kind in kinds:
+                    lab[kind] = 1
+                lab["any"] = 1
+            rows.append({"image_id": iid, "patient_id": patient, "study_id": f"ID_stu{s:03d}", "series_id": sid,
+                         "fold": (s // 2) % k, **lab})
+            meta.append({"image_id": iid, "patient_id": patient, "study_id": f"ID_stu{s:03d}", "series_id": sid,
+                         "split": "train", "path": f"stage_2_train/{iid}.dcm", "z": 5.0 * r, "slice_rank": r,
+                         "series_len": n, "rows": 512, "cols": 512, "pixel_spacing": 0.45,
+                         "bits_stored": 12 if s % 5 else 16, "pixel_representation": 0 if s % 5 else 1,
+                         "intercept": -1024.0 if s % 4 else -1000.0, "slope": 1.0})
+    for t in range(3):  # unlabelled test series
+        for r in range(10):
+            meta.append({"image_id": f"ID_t{t}{r:02d}", "patient_id": f"ID_tp{t}", "study_id": f"ID_ts{t}",
+                         "series_id": f"ID_tser{t}", "split": "test", "path": f"stage_2_test/ID_t{t}{r:02d}.dcm",
+                         "z": 5.0 * r, "slice_rank": r, "series_len": 10, "rows": 512, "cols": 512,
+                         "pixel_spacing": 0.45, "bits_stored": 12, "pixel_representation": 0, "intercept": -1024.0,
+                         "slope": 1.0})
+    work.mkdir(parents=True, exist_ok=True)
+    folds = pd.DataFrame(rows)
+    folds.to_csv(work / "folds.csv", index=False)
+    pd.DataFrame(meta).to_csv(work / "meta.csv", index=False)
+    return folds
+
+
+def fake_run(run: Path, folds: pd.DataFrame, seed: int = 0, epochs: int = 3, skill: float = 1.6,
+             best_pt: bool = True) -> None:
+    """fold<k>/{log.csv, oof.csv[, best.pt]} with numbers shaped like a real CPU run."""
+    rng = np.random.default_rng(seed)
+    for fold in sorted(folds["fold"].unique()):
+        d = run / f"fold{fold}"
+        d.mkdir(parents=True, exist_ok=True)
+        val = folds[folds["fold"] == fold]
+        y = val[list(LABELS)].to_numpy(float)
+        logit = skill * (2 * y - 1) + rng.normal(0, 1.3, y.shape) - 1.5
+        oof = pd.DataFrame(1 / (1 + np.exp(-logit)), columns=list(LABELS))
+        oof.insert(0, "image_id", val["image_id"].to_numpy())
+        oof.to_csv(d / "oof.csv", index=False)
+        log = {"epoch": np.arange(epochs), "lr": np.geomspace(1e-3, 1e-5, epochs),
+               "train_loss": np.linspace(0.35, 0.12, epochs) + rng.normal(0, 0.01, epochs),
+               "val_weighted_log_loss": np.linspace(0.30, 0.16, epochs) + rng.normal(0, 0.01, epochs)}
+        for i, label in enumerate(LABELS):
+            log[f"val_{label}"] = np.linspace(0.35, 0.1, epochs) * (1 + 0.1 * i)
+        log["seconds"] = 40 + rng.normal(0, 2, epochs)
+        log["train_images_per_s"] = 90 + rng.normal(0, 3, epochs)
+        pd.DataFrame(log).to_csv(d / "log.csv", index=False)
+        if best_pt:
+            (d / "best.pt").write_bytes(b"not a real checkpoint")  # Grad-CAM must report it, not crash
+
+
+def _experiment(tmp_path: Path):
+    data = tmp_path / "data"
+    data.mkdir()
+    layout = Layout.of(data, tmp_path / "work")
+    folds = fake_data(layout.work)
+    cfg = config.load("tiny")
+    runs = tmp_path / "runs"
+    fake_run(runs / cfg.name, folds)
+    return cfg, layout, runs, folds
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    return _experiment(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    """The whole report, drawn once (matplotlib is the slow part on a small CPU)."""
+    cfg, layout, runs, folds = _experiment(tmp_path_factory.mktemp("full"))
+    return report.make_report(cfg, layout, runs=runs, threshold=0.5), (cfg, layout, runs, folds)
+
+
+def check_page(index: Path) -> list[Path]:
+    """Every href/src of the page resolves to a file; every PNG is a real, non-trivial, non-uniform image."""
+    page = index.read_text()
+    links = re.findall(r'(?:src|href)="([^"#][^"]*)"', page)
+    assert links, "the page links no figure"
+    pngs = []
+    for link in links:
+        target = index.parent / link
+        assert target.is_file(), f"broken link {link}"
+        if target.suffix == ".png":
+            pngs.append(target)
+            img = cv2.imread(str(target))
+            assert img is not None, f"{target} is not a readable PNG"
+            assert img.shape[0] > 200 and img.shape[1] > 300, f"{target} is tiny: {img.shape}"
+            packed = (img[..., 0].astype(np.int32) << 16) | (img[..., 1].astype(np.int32) << 8) | img[..., 2]
+            assert img.std() > 10 and len(np.unique(packed)) > 20, f"{target} is blank"
+    return pngs
+
+
+def test_report_on_fake_experiment(full_report):
+    index, (cfg, layout, runs, folds) = full_report
+    assert index == runs / cfg.name / "report" / "index.html"
+    names = {p.name for p in check_page(index)}
+    expected = {"curves_fold0.png", "curves_fold1.png", "curves_fold2.png", "roc.png", "pr.png", "confusion_any.png",
+                "f1.png", "label_counts.png", "cooccurrence.png", "dicom_values.png", "series_lengths.png"}
+    assert expected <= names, expected - names
+    page = index.read_text()
+    assert "Section failed" not in page
+    # the fake best.pt files are reported per fold, the rest of the page still renders
+    assert "best.pt" in page and "unreadable" in page
+
+    # the numbers in the page are the numbers of the files
+    oof = pd.concat([pd.read_csv(runs / cfg.name / f"fold{k}" / "oof.csv") for k in range(3)])
+    joined = ev.join_truth_pred(folds, oof)
+    series = pd.read_csv(index.parent / "series_table.csv").set_index("Hemorrhage subtype")
+    expected_series = ev.series_table(joined, 0.5)
+    pd.testing.assert_frame_equal(series, expected_series, check_dtype=False)
+    assert series.loc["any", "POS"] == folds.groupby("series_id")["any"].max().sum()
+    summary = json.loads((index.parent / "summary.json").read_text())
+    y = joined[list(LABELS)].to_numpy(float)
+    p = np.clip(joined[[ev.pred_col(label) for label in LABELS]].to_numpy(float), 1e-15, 1 - 1e-15)
+    bce = -(y * np.log(p) + (1 - y) * np.log1p(-p)).mean(axis=0)
+    assert summary["weighted_log_loss"] == pytest.approx((2 * bce[0] + bce[1:].sum()) / 7)
+    assert summary["series_auc_any"] == pytest.approx(expected_series.loc["any", "AUC"])
+    assert summary["folds_done"] == 3 and summary["images"] == len(folds)
+    thresholds = pd.read_csv(index.parent / "thresholds.csv").set_index("label")
+    assert thresholds.loc["any", "F1"] == pytest.approx(ev.confusion(joined["any"], joined["any_pred"]).f1)
+    assert "0 (0%)" not in ev.format_series_table(expected_series).loc["any", "POS"]
+
+
+def test_report_threshold_changes_confusion(experiment):
+    cfg, layout, runs, folds = experiment
+    index = report.make_report(cfg, layout, runs=runs, threshold=0.9, gradcam=0, sections=["thresholds", "gradcam"])
+    assert "Grad-CAM turned off" in index.read_text()
+    assert {p.name for p in check_page(index)} == {"confusion_any.png", "f1.png"}
+    table = pd.read_csv(index.parent / "thresholds.csv").set_index("label")
+    oof = pd.concat([pd.read_csv(runs / cfg.name / f"fold{k}" / "oof.csv") for k in range(3)])
+    joined = ev.join_truth_pred(folds, oof)
+    assert table.loc["any", "PREC"] == pytest.approx(ev.confusion(joined["any"], joined["any_pred"], 0.9).precision)
+
+
+def test_report_with_missing_inputs(tmp_path):
+    """Only log.csv of one fold, no predictions, no labels, no meta: notes in the page, no crash."""
+    cfg = config.load("tiny")
+    runs = tmp_path / "runs"
+    folds = fake_data(tmp_path / "unused")
+    fake_run(runs / cfg.name, folds[folds["fold"] == 0], best_pt=False)
+    (runs / cfg.name / "fold0" / "oof.csv").unlink()
+    layout = Layout.of(tmp_path / "nodata", tmp_path / "nowork")
+    index = report.make_report(cfg, layout, runs=runs)
+    page = index.read_text()
+    assert page.count('class="note"') >= 5
+    assert "Skipped: no out-of-fold predictions" in page
+    assert "Section failed" not in page
+    assert {p.name for p in check_page(index)} == {"curves_fold0.png"}
+
+
+def test_report_user_errors(tmp_path, experiment):
+    cfg, layout, runs, _ = experiment
+    with pytest.raises(UserError, match="not found; train first"):
+        report.make_report(cfg, layout, runs=tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="threshold"):
+        report.make_report(cfg, layout, runs=runs, threshold=1.5)
+    bad = runs / cfg.name / "fold0" / "oof.csv"
+    pd.read_csv(bad).drop(columns=["subdural"]).to_csv(bad, index=False)
+    with pytest.raises(UserError, match="unknown report section"):
+        report.make_report(cfg, layout, runs=runs, sections=["roc"])
+    page = report.make_report(cfg, layout, runs=runs, sections=["summary", "series"]).read_text()
+    assert "lacks columns" in page and "Section failed" not in page  # a broken file is named in the page
+
+
+def test_compare_table(experiment, capsys):
+    cfg, layout, runs, folds = experiment
+    # a second experiment, worse, never reported: compare falls back to its fold logs
+    fake_run(runs / "nested" / "worse", folds, seed=1, skill=1.0)
+    # a started but unfinished one
+    fake_run(runs / "started", folds[folds["fold"] == 0], best_pt=False)
+    report.make_report(cfg, layout, runs=runs, sections=["summary"])
+    table = report.compare(runs)
+    out = capsys.readouterr().out
+    assert list(table["experiment"]) == ["tiny", "nested/worse"]  # sorted by OOF loss, best first
+    row = table.set_index("experiment").loc["tiny"]
+    summary = json.loads((runs / cfg.name / "report" / "summary.json").read_text())
+    assert row["oof_wll"] == pytest.approx(summary["weighted_log_loss"])
+    assert row["series_auc_any"] == pytest.approx(summary["series_auc_any"])
+    assert row["folds_done"] == 3 and row["source"] == "report (OOF)"
+    logs = [pd.read_csv(runs / cfg.name / f"fold{k}" / "log.csv") for k in range(3)]
+    assert row["sec_per_epoch"] == pytest.approx(np.mean([lg["seconds"].mean() for lg in logs]))
+    worse = table.set_index("experiment").loc["nested/worse"]
+    assert worse["source"].startswith("log.csv")
+    wlogs = [pd.read_csv(runs / "nested" / "worse" / f"fold{k}" / "log.csv") for k in range(3)]
+    assert worse["oof_wll"] == pytest.approx(np.mean([lg["val_weighted_log_loss"].min() for lg in wlogs]))
+    assert np.isnan(worse["series_auc_any"])
+    assert "started" in out and "not finished" in out
+    assert (runs / "compare.csv").exists() and "tiny" in out
+
+
+def test_compare_errors_and_empty(tmp_path, capsys):
+    with pytest.raises(UserError, match="not found"):
+        report.compare(tmp_path / "none")
+    (tmp_path / "runs").mkdir()
+    assert report.compare(tmp_path / "runs").empty
+    assert "no finished experiment" in capsys.readouterr().out
+
+
+# --- Grad-CAM ----------------------------------------------------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    """backbone: a fixed 'copy the input' conv + ReLU; head: global average pool + linear (class 0 likes bright)."""
+
+    def __init__(self, as_list: bool = False) -> None:
+        super().__init__()
+        conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[0, 0, 1, 1] = 1.0  # channel 0 = the image
+            conv.weight[1, 0, 1, 1] = -1.0  # channel 1 = its negative (ReLU keeps the dark parts)
+        self.backbone = nn.Sequential(conv, nn.ReLU())
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+            self.head.bias.zero_()
+        self.as_list = as_list
+
+    def forward(self, x):
+        f = self.backbone(x)
+        if self.as_list:  # like smp encoders: one map per stage, the deepest last
+            f = [x, f][-1]
+        return self.head(f.mean(dim=(2, 3)))
+
+
+def _square(size: int = 32, at: tuple[int, int] = (4, 20)) -> torch.Tensor:
+    x = torch.full((1, 1, size, size), -0.2)
+    y0, x0 = at
+    x[..., y0:y0 + 8, x0:x0 + 8] = 1.0
+    return x
+
+
+def test_gradcam_points_at_the_evidence():
+    model = TinyNet()
+    for p in model.parameters():
+        p.requires_grad_(False)  # a frozen model still explains
+    with GradCAM(model) as cam:
+        maps, probs = cam(torch.cat([_square(at=(4, 20)), _square(at=(20, 2))]), 0)
+        maps_dark, _ = cam(_square(at=(4, 20)), [1])
+    assert maps.shape == (2, 32, 32) and probs.shape == (2, 2)
+    assert 0.0 <= maps.min() and maps.max() == pytest.approx(1.0)
+    for m, (y0, x0) in zip(maps, [(4, 20), (20, 2)]):
+        mask = np.zeros(m.shape, bool)
+        mask[y0:y0 + 8, x0:x0 + 8] = True
+        assert m[mask].mean() > 0.8 and m[mask].mean() > 3 * m[~mask].mean()
+        yy, xx = np.unravel_index(np.argmax(m), m.shape)
+        assert y0 <= yy < y0 + 8 and x0 <= xx < x0 + 8
+    # class 1 scores the dark background: its map is low on the square
+    assert maps_dark[0, 4:12, 20:28].mean() < 0.1 < maps_dark[0, 24:, :16].mean()
+    # hooks are gone after the with-block
+    assert not model.backbone._forward_hooks
+    model.eval()
+    with GradCAM(model) as cam:
+        cam(_square(), 0)
+    assert not model.training  # the caller's mode is restored
+    model.train()
+    with GradCAM(model) as cam:
+        cam(_square(), 0)
+    assert model.training
+
+
+def test_gradcam_on_list_outputs_and_errors():
+    model = TinyNet(as_list=True)
+
+    class ListBackbone(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return [x, self.inner(x)]
+
+    wrapped = nn.Module()
+    wrapped.backbone = ListBackbone(model.backbone)
+    wrapped.head = model.head
+    wrapped.forward = lambda x: wrapped.head(wrapped.backbone(x)[-1].mean(dim=(2, 3)))
+    with GradCAM(wrapped) as cam:
+        maps, _ = cam(_square(), 0)
+    assert np.unravel_index(np.argmax(maps[0]), maps[0].shape)[0] < 12
+    with pytest.raises(ValueError, match="backbone"):
+        GradCAM(nn.Linear(2, 2))
+    rgb = overlay(np.linspace(0, 1, 64 * 64).reshape(64, 64), maps[0])  # cam resized to the image
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8

@@ -200,43 +200,62 @@ def _ds(values) -> list[str]:
     return [f"{v:.6f}" for v in values]
 
 
-def write_dicom(path: Path, study: Study, index: int, hu: np.ndarray) -> None:
-    """One slice as an RSNA-style CT DICOM (no private tags, RSNA's anonymised ID_ UIDs)."""
-    from pydicom import config
+def _series_dataset(study: Study):
+    """The header every slice of a series shares; `write_slices` fills in the per-slice elements."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    # RSNA's 'ID_...' UIDs are not valid UI values (the real files have them too): skip pydicom's value checks
+    g = study.geometry
+    bits, pixel_rep, intercept = VARIANTS[study.variant]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian if study.explicit_vr else ImplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPInstanceUID = study.image_ids[0]
+    ds.Modality = "CT"
+    ds.PatientID = study.patient_id
+    ds.StudyInstanceUID = study.study_id
+    ds.SeriesInstanceUID = study.series_id
+    ds.StudyID = ""
+    ds.ImagePositionPatient = _ds(g.positions()[0])
+    ds.ImageOrientationPatient = _ds(g.orientation())
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = g.size
+    ds.PixelSpacing = _ds([g.spacing, g.spacing])
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = pixel_rep
+    ds.WindowCenter, ds.WindowWidth = study.window
+    ds.RescaleIntercept = f"{intercept:.0f}"
+    ds.RescaleSlope = "1"
+    ds.add_new(0x7FE00010, "OW", b"")
+    return ds
+
+
+def write_slices(folder: Path, study: Study, hu: np.ndarray, order) -> None:
+    """Slices of one study as RSNA-style CT DICOMs `<SOPInstanceUID>.dcm`, written in the given (random) order.
+
+    No private tags; RSNA's anonymised 'ID_...' UIDs are not valid UI values (the real files have them too),
+    so pydicom's value validation is off while building them.
+    """
+    from pydicom import config
+    from pydicom.uid import generate_uid
+
+    positions = study.geometry.positions()
+    dtype = "<u2" if VARIANTS[study.variant][1] == 0 else "<i2"
+    raw = stored_pixels(hu, study.variant).astype(dtype)
     with config.disable_value_validation():
-        g = study.geometry
-        bits, pixel_rep, intercept = VARIANTS[study.variant]
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[study.image_ids[index]])
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian if study.explicit_vr else ImplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPInstanceUID = study.image_ids[index]
-        ds.Modality = "CT"
-        ds.PatientID = study.patient_id
-        ds.StudyInstanceUID = study.study_id
-        ds.SeriesInstanceUID = study.series_id
-        ds.StudyID = ""
-        ds.ImagePositionPatient = _ds(g.positions()[index])
-        ds.ImageOrientationPatient = _ds(g.orientation())
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = g.size
-        ds.PixelSpacing = _ds([g.spacing, g.spacing])
-        ds.BitsAllocated = 16
-        ds.BitsStored = bits
-        ds.HighBit = bits - 1
-        ds.PixelRepresentation = pixel_rep
-        ds.WindowCenter, ds.WindowWidth = study.window
-        ds.RescaleIntercept = f"{intercept:.0f}"
-        ds.RescaleSlope = "1"
-        ds.add_new(0x7FE00010, "OW", stored_pixels(hu, study.variant).astype("<u2" if pixel_rep == 0 else "<i2").tobytes())
-        ds.save_as(path, enforce_file_format=True)
+        ds = _series_dataset(study)
+        for k in order:
+            image_id = study.image_ids[k]
+            ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[image_id])
+            ds.SOPInstanceUID = image_id
+            ds.ImagePositionPatient = _ds(positions[k])
+            ds.PixelData = raw[k].tobytes()
+            ds.save_as(folder / f"{image_id}.dcm", enforce_file_format=True)
 
 
 def _long(image_ids: list[str], labels: np.ndarray) -> pd.DataFrame:
@@ -271,8 +290,7 @@ def write_competition(out: str | Path, seed: int = 0, studies: int | None = None
     for study in tqdm(studies_plan, desc="synth studies", unit="study", leave=False, disable=None):
         r = render_study(study)
         folder = tmp / ("stage_2_train" if study.split == "train" else "stage_2_test")
-        for k in rng.permutation(len(study.image_ids)):  # files land on disk in random order
-            write_dicom(folder / f"{study.image_ids[k]}.dcm", study, int(k), r.hu[k])
+        write_slices(folder, study, r.hu, rng.permutation(len(study.image_ids)))  # files land on disk in random order
         labels[study.split].append((study.image_ids, r.labels))
     for split in ("train", "test"):
         ids = [i for chunk, _ in labels[split] for i in chunk]

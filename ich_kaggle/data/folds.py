@@ -1,0 +1,139 @@
+"""Patient-grouped K folds balanced on the rare labels.
+
+Greedy multilabel stratified group assignment: patients are taken rarest label first (epidural before
+subdural before `any`, patients without positives last; random order within a rarity class, fixed by the seed),
+and each goes to the fold holding the fewest positives of its rarest label relative to that fold's target,
+ties broken by fold size. So whenever at least k patients carry a subtype, every fold gets one of them
+before any fold gets a second, and no patient is ever split across folds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import LABELS
+from ..errors import UserError
+from ..io import atomic_open, write_csv
+from ..paths import Layout
+from . import labels as labels_mod
+from . import meta as meta_mod
+
+FOLD_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "fold", *LABELS]
+
+
+def assign_folds(frame: pd.DataFrame, k: int = 5, seed: int = 42) -> pd.Series:
+    """Fold (0..k-1) of each row of `frame` (needs patient_id + the six LABELS), constant within a patient."""
+    if k < 2:
+        raise UserError(f"k must be at least 2 folds, got {k}")
+    patients, codes = np.unique(frame["patient_id"].astype(str).to_numpy(), return_inverse=True)
+    if len(patients) < k:
+        raise UserError(f"only {len(patients)} patient(s) with labels: cannot make {k} patient-grouped folds; use a smaller k")
+    y = frame[list(LABELS)].to_numpy(dtype=np.int64)
+    counts = np.zeros((len(patients), len(LABELS)), dtype=np.int64)  # positive images per patient and label
+    np.add.at(counts, codes, y)
+    sizes = np.bincount(codes, minlength=len(patients)).astype(np.int64)
+    has = counts > 0
+    n_with = has.sum(axis=0)  # patients carrying each label
+    # rarity rank of labels: fewest patients first (ties by label order); patients keyed by their rarest label
+    label_rank = np.empty(len(LABELS), dtype=np.int64)
+    label_rank[np.lexsort((np.arange(len(LABELS)), n_with))] = np.arange(len(LABELS))
+    ranks = np.where(has, label_rank[None, :], len(LABELS))
+    rarest_rank = ranks.min(axis=1)
+    rarest = np.where(rarest_rank < len(LABELS), ranks.argmin(axis=1), -1)
+    rng = np.random.default_rng(seed)
+    shuffle = rng.permutation(len(patients))
+    order = shuffle[np.argsort(rarest_rank[shuffle], kind="stable")]
+    target_label = np.maximum(counts.sum(axis=0), 1) / k
+    target_size = sizes.sum() / k
+    fold_label = np.zeros((k, len(LABELS)), dtype=np.float64)
+    fold_size = np.zeros(k, dtype=np.float64)
+    fold_patients = np.zeros(k, dtype=np.int64)
+    assignment = np.empty(len(patients), dtype=np.int64)
+    tie = rng.random(k) * 1e-9  # deterministic, seed-dependent tie-break among equal folds
+    for p in order:
+        size_fill = fold_size / target_size + tie
+        lab = rarest[p]
+        if lab >= 0:
+            fill = fold_label[:, lab] / target_label[lab]
+            f = int(np.lexsort((size_fill, fill))[0])
+        else:
+            f = int(np.lexsort((fold_patients, size_fill))[0])
+        assignment[p] = f
+        fold_label[f] += counts[p]
+        fold_size[f] += sizes[p]
+        fold_patients[f] += 1
+    return pd.Series(assignment[codes].astype(np.int8), index=frame.index, name="fold")
+
+
+def labelled_frame(meta: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """Readable train slices joined with their labels (slices without labels and labels without files drop out)."""
+    train = meta.loc[meta["split"] == "train", ["image_id", "patient_id", "study_id", "series_id"]]
+    return train.merge(labels, on="image_id", how="inner", validate="one_to_one")
+
+
+def summary(folds: pd.DataFrame) -> pd.DataFrame:
+    """Per fold: images, patients and positive images of each label."""
+    g = folds.groupby("fold")
+    table = g[list(LABELS)].sum()
+    table.insert(0, "patients", g["patient_id"].nunique())
+    table.insert(0, "images", g.size())
+    return table
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def build_folds(layout: Layout, out: str | Path | None = None, k: int = 5, seed: int = 42) -> pd.DataFrame:
+    """Write folds.csv: image_id, patient_id, study_id, series_id, fold + LABELS for labelled, readable train slices."""
+    layout.require_data()
+    labels = labels_mod.read_labels(layout.train_csv)
+    meta = meta_mod.load_meta(layout)
+    frame = labelled_frame(meta, labels)
+    if frame.empty:
+        raise UserError(f"{layout.train_csv}: none of its images is among the readable train DICOMs in {layout.train_dir}; "
+                        f"check that they come from the same download (or delete {layout.meta_csv} to rescan)")
+    frame["fold"] = assign_folds(frame, k=k, seed=seed)
+    folds = frame[FOLD_COLUMNS].reset_index(drop=True)
+    out = Path(out) if out else layout.folds_csv
+    write_csv(folds, out)
+    with atomic_open(_sidecar(out)) as f:
+        json.dump({"k": k, "seed": seed, "images": len(folds)}, f)
+    unlabelled = int((meta["split"] == "train").sum()) - len(folds)
+    print(f"folds: {len(folds)} labelled train slices of {folds['patient_id'].nunique()} patients in {k} folds (seed {seed})"
+          + (f"; {unlabelled} train slice(s) without labels left out" if unlabelled else "") + f" -> {out}")
+    print(summary(folds).to_string())
+    return folds
+
+
+def _stale(layout: Layout, k: int, seed: int) -> bool:
+    path = layout.folds_csv
+    if not path.exists() or not _sidecar(path).exists():
+        return True
+    try:
+        info = json.loads(_sidecar(path).read_text())
+    except (OSError, ValueError):
+        return True
+    if info.get("k") != k or info.get("seed") != seed:
+        return True
+    built = path.stat().st_mtime
+    inputs = [layout.meta_csv, layout.train_csv]
+    return any(p.exists() and p.stat().st_mtime > built for p in inputs)
+
+
+def read_folds(path: str | Path) -> pd.DataFrame:
+    dtypes = {c: str for c in ("image_id", "patient_id", "study_id", "series_id")}
+    dtypes.update({label: np.int8 for label in LABELS})
+    dtypes["fold"] = np.int8
+    return pd.read_csv(path, dtype=dtypes)
+
+
+def load_folds(layout: Layout, k: int = 5, seed: int = 42) -> pd.DataFrame:
+    """folds.csv for (k, seed), (re)built with its meta.csv when missing or older than its inputs."""
+    if _stale(layout, k, seed):
+        return build_folds(layout, k=k, seed=seed)
+    return read_folds(layout.folds_csv)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from . import LABEL_WEIGHTS, LABELS
 from . import evaluation as ev
@@ -319,6 +320,44 @@ def _gradcam_section(ctx: Context, sec: Section) -> None:
             sec.image(plots.gradcam_gallery(examples, title, ctx.out / name), ctx.out, title)
 
 
+def _test_section(ctx: Context, sec: Section) -> None:
+    """Held-out test scores when the data folder has test labels (the synthetic competition; never Kaggle's)."""
+    files = {"first stage (TTA, mean of folds)": ctx.run / "predictions" / "test.csv",
+             "second stage (stacked)": ctx.run / "stack" / "test.csv"}
+    if not ctx.layout.test_labels_csv.exists():
+        sec.note(f"No {ctx.layout.test_labels_csv}: the real competition keeps test labels on Kaggle "
+                 f"(make submit scores there); out-of-fold sections above are the local estimate.")
+        return
+    present = {name: path for name, path in files.items() if path.exists()}
+    if not present:
+        sec.note(f"No {' or '.join(map(str, files.values()))}: run make predict (and make stack) first.")
+        return
+    from .data.labels import read_labels as read_label_csv
+
+    truth = read_label_csv(ctx.layout.test_labels_csv)
+    meta, _ = read_meta(ctx.layout)
+    if meta is not None and "series_id" in meta:
+        truth = truth.merge(meta[["image_id", "series_id"]].drop_duplicates("image_id"), on="image_id", how="left")
+    rows, tables = [], {}
+    for name, path in present.items():
+        joined = ev.join_truth_pred(truth, _read_pred(path))
+        if joined.empty:
+            sec.note(f"{path}: no image in common with {ctx.layout.test_labels_csv}.")
+            continue
+        score = oof_scores(joined)
+        row = {"predictions": name, "images": len(joined), "weighted log loss": score["weighted_log_loss"],
+               **score["per_label"]}
+        if "series_id" in joined and joined["series_id"].notna().all():
+            tables[name] = ev.series_table(joined, ctx.threshold)
+            row["series AUC (any)"] = float(tables[name].loc["any", "AUC"])
+        rows.append(row)
+    if rows:
+        ctx.summary["test"] = rows
+        sec.table(pd.DataFrame(rows), f"Test set ({ctx.layout.test_labels_csv})", index=False)
+    for name, table in tables.items():
+        sec.table(ev.format_series_table(table), f"Series level on the test set, {name}, threshold {ctx.threshold:g}")
+
+
 def _data_section(ctx: Context, sec: Section) -> None:
     if ctx.labels is not None and len(ctx.labels):
         sec.image(plots.label_counts(ctx.labels, ctx.out / "label_counts.png"), ctx.out, "label counts")
@@ -344,6 +383,7 @@ SECTIONS: list[tuple[str, str, Callable[[Context, Section], None]]] = [
     ("ranking", "ROC and precision-recall", _ranking_section),
     ("thresholds", "Thresholds, confusion matrix and F1", _threshold_section),
     ("series", "Series-level evaluation", _series_section),
+    ("test", "Held-out test set", _test_section),
     ("gradcam", "Grad-CAM", _gradcam_section),
     ("data", "Data overview", _data_section),
 ]
@@ -403,9 +443,8 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
     except UserError as e:  # e.g. an OOF file without the label columns: the page says which file
         ctx.notes.append(str(e))
     page = Page(f"ich_kaggle report: {cfg.name}")
-    for key, title, build in SECTIONS:
-        if sections is not None and key not in sections:
-            continue
+    chosen = [(key, title, build) for key, title, build in SECTIONS if sections is None or key in sections]
+    for key, title, build in tqdm(chosen, desc="report", unit="section", leave=False):
         sec = page.section(title)
         start = time.time()
         try:

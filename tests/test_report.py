@@ -138,6 +138,7 @@ def test_report_on_fake_experiment(full_report):
     assert "Section failed" not in page
     # the fake best.pt files are reported per fold, the rest of the page still renders
     assert "best.pt" in page and "unreadable" in page
+    assert "stage_2_test_labels.csv: the real competition keeps test labels on Kaggle" in page
 
     # the numbers in the page are the numbers of the files
     oof = pd.concat([pd.read_csv(runs / cfg.name / f"fold{k}" / "oof.csv") for k in range(3)])
@@ -319,3 +320,35 @@ def test_gradcam_on_list_outputs_and_errors():
         GradCAM(nn.Linear(2, 2))
     rgb = overlay(np.linspace(0, 1, 64 * 64).reshape(64, 64), maps[0])  # cam resized to the image
     assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+
+
+def test_report_test_section(experiment):
+    """With stage_2_test_labels.csv (the synthetic competition has it) first and second stage are scored on test."""
+    cfg, layout, runs, _ = experiment
+    meta = pd.read_csv(layout.work / "meta.csv")
+    test = meta[meta["split"] == "test"][["image_id", "series_id"]].reset_index(drop=True)
+    rng = np.random.default_rng(3)
+    y = np.zeros((len(test), len(LABELS)), int)
+    y[2:6, 0] = y[2:6, 5] = 1  # series ID_tser0: subdural on four slices
+    long = [(f"{i}_{label}", int(y[r, k])) for r, i in enumerate(test["image_id"]) for k, label in enumerate(LABELS)]
+    pd.DataFrame(long, columns=["ID", "Label"]).to_csv(layout.test_labels_csv, index=False)
+    preds = {}
+    for name, noise in (("predictions", 0.3), ("stack", 0.1)):
+        p = np.clip(y * 0.7 + rng.random(y.shape) * noise, 0.01, 0.99)
+        frame = pd.DataFrame(p, columns=list(LABELS))
+        frame.insert(0, "image_id", test["image_id"])
+        (runs / cfg.name / name).mkdir(parents=True, exist_ok=True)
+        frame.to_csv(runs / cfg.name / name / "test.csv", index=False)
+        preds[name] = frame
+    index = report.make_report(cfg, layout, runs=runs, sections=["test"])
+    page = index.read_text()
+    assert "Series level on the test set, second stage" in page and "Section failed" not in page
+    summary = json.loads((index.parent / "summary.json").read_text())
+    first, stacked = summary["test"]
+    truth = test.assign(**{label: y[:, k] for k, label in enumerate(LABELS)})
+    for row, name in ((first, "predictions"), (stacked, "stack")):
+        joined = ev.join_truth_pred(truth, preds[name])
+        assert row["images"] == len(test)
+        assert row["any"] == pytest.approx(ev.log_loss(joined["any"], joined["any_pred"]))
+        assert row["series AUC (any)"] == pytest.approx(ev.series_table(joined).loc["any", "AUC"])
+    assert stacked["weighted log loss"] < first["weighted log loss"]  # less noise, lower loss

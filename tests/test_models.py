@@ -217,6 +217,20 @@ def test_output_shapes(backbone, in_channels, pool, dim):
     assert torch.allclose(logits, model.classify(feats))
 
 
+def test_input_is_normalised_with_the_weights_statistics():
+    model = models.build_model(ModelConfig(backbone="resnet18", pretrained=False), in_channels=9)
+    mean = model.backbone.input_mean.flatten().tolist()
+    assert mean == pytest.approx([0.485, 0.456, 0.406] * 3)
+    assert "backbone.input_mean" not in model.state_dict()  # follows from the name; checkpoints stay portable
+    assert models.input_stats("tu-tf_efficientnet_lite0") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert models.input_stats("small_cnn") is None
+    model.eval()
+    x = torch.rand(1, 9, 64, 64)
+    with torch.no_grad():
+        direct = model.backbone.forward_features((x - model.backbone.input_mean) / model.backbone.input_std)
+        assert torch.allclose(model.backbone(x), direct)
+
+
 def test_pools():
     x = torch.rand(2, 4, 5, 5) + 0.1
     assert torch.allclose(models.Pool("avg")(x), x.mean((2, 3)))
@@ -294,13 +308,14 @@ def test_packaged_lite0_weights_reproduce_the_package_model(lite0_state):
     import timm
 
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 96, 96)
+    x = torch.rand(2, 3, 96, 96)  # a windowed image in [0, 1]
+    xn = (x - 0.5) / 0.5  # the TF EfficientNet-Lite input scaling, which the registry's backbone applies itself
     with torch.no_grad():
-        ref_last, ref_logits = package_lite0(lite0_state, x)
+        ref_last, ref_logits = package_lite0(lite0_state, xn)
 
         classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
         classifier.load_state_dict(registry._lukemelas_to_timm(lite0_state, "tf_efficientnet_lite0", "package"))
-        assert torch.allclose(classifier(x), ref_logits, atol=1e-3, rtol=1e-4)
+        assert torch.allclose(classifier(xn), ref_logits, atol=1e-3, rtol=1e-4)
         # ImageNet classifier weights must matter: the prediction is far from uniform
         assert ref_logits.softmax(1).max() > 5 / 1000
 

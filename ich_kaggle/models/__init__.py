@@ -7,6 +7,7 @@ from .registry import (
     build_backbone,
     build_model,
     freeze,
+    input_stats,
     list_backbones,
     load_pretrained,
     register,
@@ -15,5 +16,5 @@ from .weights import expected_files, find_weights, read_state_dict
 
 __all__ = [
     "FREEZE_MODES", "Backbone", "GeM", "Head", "ICHNet", "Pool", "build_backbone", "build_model", "expected_files",
-    "find_weights", "freeze", "list_backbones", "load_pretrained", "read_state_dict", "register",
+    "find_weights", "freeze", "input_stats", "list_backbones", "load_pretrained", "read_state_dict", "register",
 ]

@@ -36,10 +36,32 @@ def register(name: str):
     return deco
 
 
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 class Backbone(nn.Module):
-    """Image -> deepest feature map (B, out_channels, h, w). Subclasses say where ImageNet weights go."""
+    """Image in [0, 1] -> deepest feature map (B, out_channels, h, w). Subclasses say where ImageNet weights go.
+
+    The input is normalised with the mean/std the ImageNet weights were trained with (see `input_stats`), so
+    the pretrained BatchNorm statistics fit from the first step whatever the data pipeline does; channel i of a
+    2.5D input uses the statistics of RGB channel i % 3, like its adapted first-conv kernel. The buffers are
+    not saved in checkpoints: they follow from the backbone name.
+    """
 
     out_channels: int
+
+    def set_input_stats(self, mean: tuple[float, ...], std: tuple[float, ...], in_channels: int) -> None:
+        index = [i % len(mean) for i in range(in_channels)]
+        self.register_buffer("input_mean", torch.tensor([mean[i] for i in index]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor([std[i] for i in index]).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "input_mean", None) is not None:
+            x = (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
+        return self.forward_features(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def weight_target(self) -> nn.Module:
         """The module whose state_dict keys match the published ImageNet weights file."""
@@ -68,7 +90,7 @@ class SmpBackbone(Backbone):
         self.name = name
         self.out_channels = int(self.encoder.out_channels[-1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)[-1]
 
     def weight_target(self) -> nn.Module:
@@ -127,7 +149,7 @@ class PretrainedModelsBackbone(Backbone):
             probe = pretrainedmodels.__dict__[name](num_classes=1000, pretrained=None)
             self.out_channels = int(probe.features(torch.empty(1, 3, *size, device="meta")).shape[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.features(x)
 
     def weight_target(self) -> nn.Module:
@@ -193,7 +215,7 @@ class SmallCNN(Backbone):
         self.layers = nn.Sequential(*layers)
         self.out_channels = prev
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
     def weight_target(self) -> nn.Module:
@@ -260,7 +282,15 @@ def _unknown(name: str) -> UserError:
 
 
 def build_backbone(name: str, in_channels: int = 3) -> Backbone:
-    """The named backbone with random weights and `in_channels` input channels."""
+    """The named backbone with random weights and `in_channels` input channels (input normalised for it)."""
+    backbone = _construct(name, in_channels)
+    stats = input_stats(name)
+    if stats is not None:
+        backbone.set_input_stats(*stats, in_channels)
+    return backbone
+
+
+def _construct(name: str, in_channels: int) -> Backbone:
     if in_channels < 1:
         raise UserError(f"in_channels must be positive, got {in_channels}; check data.windows and data.neighbors")
     if name in BUILDERS:
@@ -280,6 +310,28 @@ def build_backbone(name: str, in_channels: int = 3) -> Backbone:
     if name in _smp_names():
         return SmpBackbone(name, in_channels)
     raise _unknown(name)
+
+
+def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) on a [0, 1] scale that the backbone's ImageNet weights expect; None for from-scratch ones."""
+    if name in BUILDERS:
+        return None
+    base = name.removeprefix("pm-").removeprefix("tu-")
+    if name.startswith("tu-"):
+        import timm
+
+        try:
+            cfg = timm.models.get_pretrained_cfg(base)
+        except Exception:
+            cfg = None
+        return (tuple(cfg.mean), tuple(cfg.std)) if cfg is not None else IMAGENET_STATS
+    import pretrainedmodels
+
+    setting = pretrainedmodels.pretrained_settings.get(base, {}).get("imagenet")
+    if setting is None:
+        return IMAGENET_STATS
+    scale = float(setting.get("input_range", [0, 1])[1])  # caffe models expect 0..255
+    return tuple(m / scale for m in setting["mean"]), tuple(s / scale for s in setting["std"])
 
 
 def load_pretrained(backbone: Backbone, name: str, weights: str | None = None) -> W.LoadReport:

@@ -186,8 +186,8 @@ def render(geom: Geometry, an: Anatomy, lesions: list[Lesion], noise_seed: int, 
     xb, yb, zb, db = x[brain], y[brain], z[brain], depth[brain]
     theta = np.arctan2(yb / b, xb / a)
     pattern = np.abs(np.sin(an.sulci * theta + an.sulcus_phase + an.sulcus_twist * np.sin(zb / 9.0)
-                            + 0.8 * np.sin(3 * theta + zb / 23.0)))
-    sulcus_depth = 12.0 + 5.0 * np.sin(5 * theta + zb / 17.0 + an.sulcus_phase)
+                            + 0.8 * np.sin(3 * theta + zb / 23.0) + 1.6 * np.sin(2 * theta + 2.0 * an.sulcus_phase)))
+    sulcus_depth = 11.0 + 6.0 * np.sin(5 * theta + zb / 17.0 + an.sulcus_phase) * np.sin(7 * theta + 1.0)
     sulci = np.zeros_like(brain)
     sulci[brain] = (pattern < 0.3) & (db > 1.0) & (db < sulcus_depth)
     rim = brain & (depth <= 1.8)  # subarachnoid CSF over the convexity
@@ -201,7 +201,13 @@ def render(geom: Geometry, an: Anatomy, lesions: list[Lesion], noise_seed: int, 
     hu[deep] = HU_DEEP_GREY
     falx = brain & (np.abs(x) < 1.0) & (z > 0.05 * c) & ((np.abs(y) > 30.0) | (z > 0.45 * c))
     hu[falx] = HU_FALX
-    cistern = brain & (np.abs(_ellipsoid(q, (0.0, 10.0, -0.18 * c), (24.0, 20.0, 9.0)) - 0.85) < 0.15)
+    # basal cisterns: a thin five-pointed star-shaped CSF shell around the midbrain (suprasellar/ambient cisterns)
+    rc = _ellipsoid(q, (0.0, 10.0, -0.18 * c), (24.0, 20.0, 9.0))
+    near_c = rc < 1.2
+    star = np.zeros_like(brain)
+    star[near_c] = np.abs(rc[near_c] - 0.8 - 0.15 * np.cos(5 * np.arctan2(x[near_c], -(y[near_c] - 10.0)))) < 0.09
+    cistern = brain & star
+    del rc, near_c, star
     csf_space = sulci | rim | cistern
     hu[csf_space] = HU_CSF
     left, right, third = ventricle_masks(q, an)

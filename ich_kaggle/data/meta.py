@@ -162,8 +162,8 @@ def order_slices(frame: pd.DataFrame) -> pd.DataFrame:
     df["z"] = slice_z(ipp, iop, df["instance_number"].to_numpy(dtype=np.float64, na_value=np.nan))
     df = df.sort_values(["series_id", "z", "instance_number", "image_id"], na_position="last", kind="mergesort")
     groups = df.groupby("series_id", sort=False)
-    df["slice_rank"] = groups.cumcount().astype(np.int32)
-    df["series_len"] = groups["image_id"].transform("size").astype(np.int32)
+    df["slice_rank"] = groups.cumcount().astype(np.int64)
+    df["series_len"] = groups["image_id"].transform("size").astype(np.int64)
     sort_cols = ["study_id", "series_id", "slice_rank"] if "study_id" in df else ["series_id", "slice_rank"]
     df = df.sort_values(sort_cols, kind="mergesort").reset_index(drop=True)
     df = df.drop(columns=_IOP_ROW)

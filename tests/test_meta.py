@@ -1,0 +1,159 @@
+"""Header scan -> meta.csv on the real mini set, skipped files, and slice ordering (also at competition scale)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from conftest import shared_file
+from dicom_factory import write_ct
+from ich_kaggle import LABELS, cli
+from ich_kaggle.data import dicom, labels, meta
+from ich_kaggle.errors import UserError
+from ich_kaggle.paths import Layout
+
+
+@pytest.fixture(scope="module")
+def mini_meta(mini_dir, tmp_path_factory):
+    layout = Layout.of(mini_dir, tmp_path_factory.mktemp("work"))
+    return layout, meta.build_meta(layout, workers=1)
+
+
+def test_mini_meta_counts_and_labels(mini_meta):
+    layout, m = mini_meta
+    assert set(meta.COLUMNS) <= set(m.columns)
+    assert (m["split"] == "train").sum() == 616 and (m["split"] == "test").sum() == 43
+    assert pd.read_csv(layout.skipped_csv).empty
+    assert m["image_id"].is_unique and m["path"].str.match(r"stage_2_(train|test)/ID_[0-9a-f]+\.dcm").all()
+    joined = m.merge(labels.read_labels(layout.train_csv), on="image_id")
+    assert len(joined) == 616
+    assert joined[list(LABELS)].sum().to_dict() == {"any": 51, "epidural": 0, "intraparenchymal": 35,
+                                                     "intraventricular": 3, "subarachnoid": 14, "subdural": 6}
+    assert set(m["bits_stored"]) == {12, 16} and set(m["transfer_syntax"]) == {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+    assert m.loc[m["study_id"] == "ID_1f6d1e8aeb", "series_len"].tolist() == [32] * 32
+    again = meta.load_meta(layout)  # reads the CSV back with the same content
+    pd.testing.assert_frame_equal(again[["image_id", "slice_rank"]], m[["image_id", "slice_rank"]])
+
+
+def test_series_order_is_complete_and_sorted(mini_meta):
+    _, m = mini_meta
+    for _, s in m.groupby("series_id"):
+        assert sorted(s["slice_rank"]) == list(range(len(s))) and (s["series_len"] == len(s)).all()
+        ordered = s.sort_values("slice_rank")
+        assert ordered["z"].is_monotonic_increasing
+    dup = m[m["study_id"] == "ID_4fef99f0df"].sort_values("slice_rank")
+    assert dup["z"].duplicated().any()  # the real duplicate-position study
+    ties = dup[dup["z"].duplicated(keep=False)]
+    for _, group in ties.groupby("z"):  # equal z: ordered by image_id (no InstanceNumber in RSNA files)
+        assert group["image_id"].is_monotonic_increasing
+
+
+def test_every_mini_dicom_reads_like_pydicom(mini_dir, mini_meta):
+    _, m = mini_meta
+    for rel in m["path"]:
+        path = mini_dir / rel
+        hu = dicom.read_hu(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
+        ref = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert hu.shape == (ds.Rows, ds.Columns)
+        np.testing.assert_array_equal(hu, ref.astype(np.float32), err_msg=rel)
+        assert -3100 < hu.min() and hu.max() < 4000
+
+
+def test_cli_meta_lists_skipped_files(mini_dir, tmp_path, capsys):
+    data = tmp_path / "comp"
+    (data / "stage_2_train").mkdir(parents=True)
+    (data / "stage_2_test").mkdir()
+    good = sorted((mini_dir / "stage_2_train").glob("*.dcm"))[:3]
+    for f in good:
+        shutil.copy(f, data / "stage_2_train" / f.name)
+    blob = good[0].read_bytes()
+    (data / "stage_2_train" / "ID_6431af929.dcm").write_bytes(blob[:4000])  # like the competition's broken file
+    (data / "stage_2_test" / "ID_notdicom.dcm").write_text("hello")
+    write_ct(data / "stage_2_test" / "ID_rgb.dcm", np.zeros((4, 4, 3), np.uint8), samples=3, photometric="RGB")
+    write_ct(data / "stage_2_test" / "ID_nopix.dcm", None)
+    write_ct(data / "stage_2_test" / "ID_nopatient.dcm", np.zeros((4, 4), np.int16), patient=None)
+    out = tmp_path / "m.csv"
+    assert cli.main(["meta", "--data", str(data), "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name, words in [("ID_6431af929", "truncated"), ("ID_notdicom", "not a DICOM"), ("ID_rgb", "colour"),
+                        ("ID_nopix", "no PixelData"), ("ID_nopatient", "missing tag PatientID")]:
+        assert any(name in line and words in line for line in printed.splitlines()), (name, printed)
+    m = meta.read_meta(out)
+    assert sorted(m["image_id"]) == sorted(f.stem for f in good)
+    skipped = pd.read_csv(tmp_path / "m_skipped.csv")
+    assert len(skipped) == 5 and list(skipped.columns) == ["path", "reason"]
+
+
+def test_missing_data_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        meta.build_meta(Layout.of(tmp_path / "nope", tmp_path / "w"))
+    assert cli.main(["meta", "--data", str(tmp_path / "nope"), "--work", str(tmp_path / "w")]) == 2
+
+
+def _frame(rows):
+    cols = ["image_id", "series_id", "ipp_x", "ipp_y", "ipp_z", "instance_number"] + [f"iop{i}" for i in range(6)]
+    return pd.DataFrame(rows, columns=cols).assign(study_id="s", patient_id="p")
+
+
+def test_order_slices_fallbacks_and_ties():
+    axial = [1, 0, 0, 0, 1, 0]
+    nan6 = [np.nan] * 6
+    df = _frame([
+        ["ID_c", "A", 0, 0, 5.0, 3] + axial,
+        ["ID_b", "A", 0, 0, 5.0, 1] + axial,   # same z: InstanceNumber decides
+        ["ID_a", "A", 0, 0, 5.0, np.nan] + axial,  # same z, no InstanceNumber: after those that have one
+        ["ID_d", "A", 0, 0, -2.0, 9] + axial,
+        ["ID_e", "B", 0, 0, 10.0, 1] + nan6,   # no orientation: IPP z
+        ["ID_f", "B", 0, 0, 2.0, 2] + nan6,
+        ["ID_g", "C", np.nan, np.nan, np.nan, 2] + nan6,  # no position: InstanceNumber
+        ["ID_h", "C", np.nan, np.nan, np.nan, 1] + nan6,
+        ["ID_j", "D", np.nan, np.nan, np.nan, np.nan] + nan6,  # nothing at all: image_id
+        ["ID_i", "D", np.nan, np.nan, np.nan, np.nan] + nan6,
+    ])
+    out = meta.order_slices(df)
+    order = {s: g.sort_values("slice_rank")["image_id"].tolist() for s, g in out.groupby("series_id")}
+    assert order == {"A": ["ID_d", "ID_b", "ID_c", "ID_a"], "B": ["ID_f", "ID_e"], "C": ["ID_h", "ID_g"], "D": ["ID_i", "ID_j"]}
+    assert out.groupby("series_id")["series_len"].first().to_dict() == {"A": 4, "B": 2, "C": 2, "D": 2}
+    shuffled = meta.order_slices(df.sample(frac=1, random_state=3))
+    pd.testing.assert_frame_equal(shuffled, out)  # independent of input order
+
+
+def test_tilted_gantry_uses_the_normal():
+    t = np.deg2rad(20)
+    iop = [1, 0, 0, 0, np.cos(t), -np.sin(t)]
+    normal = np.cross(iop[:3], iop[3:])
+    # positions along the normal, with a y drift that would mislead a sort on IPP[2] alone
+    rows = [[f"ID_{i}", "S", 0.0, 30.0 - 9 * i, 0.0, np.nan] + iop for i in range(4)]
+    for i, r in enumerate(rows):
+        r[2:5] = list(np.array([0, 30.0 - 9 * i, 0]) + 5.0 * i * normal)
+    out = meta.order_slices(_frame(rows))
+    np.testing.assert_allclose(out.sort_values("slice_rank")["z"], 5.0 * np.arange(4) + np.dot([0, 30.0, 0], normal)
+                               - 9 * np.arange(4) * normal[1], atol=1e-9)
+    assert out.sort_values("slice_rank")["image_id"].tolist() == ["ID_0", "ID_1", "ID_2", "ID_3"]
+
+
+@pytest.mark.slow
+def test_series_order_at_competition_scale():
+    headers = pd.read_csv(shared_file("stage_1_test_dicom_headers.csv.gz"))
+    out = meta.frame_from_headers(headers)
+    assert len(out) == 78545 and out["image_id"].is_unique
+    g = out.groupby("series_id")
+    assert (g["slice_rank"].min() == 0).all() and (g["slice_rank"].max() == g.size() - 1).all()
+    assert (g["slice_rank"].nunique() == g.size()).all() and (out["series_len"] == g["image_id"].transform("size")).all()
+    assert out["z"].notna().all()
+    ranked = out.sort_values(["series_id", "slice_rank"])
+    assert (ranked.groupby("series_id")["z"].diff().dropna() >= 0).all()
+    # spot-check z = IPP . (row x col) against a direct computation from the raw strings
+    for _, h in headers.sample(50, random_state=0).iterrows():
+        ipp = np.array(eval(h["ImagePositionPatient"]), dtype=float)  # noqa: S307 - test data written by pydicom
+        iop = np.array(eval(h["ImageOrientationPatient"]), dtype=float)  # noqa: S307
+        z = out.loc[out["image_id"] == h["SOPInstanceUID"], "z"].item()
+        assert z == pytest.approx(np.dot(ipp, np.cross(iop[:3], iop[3:])))

@@ -114,6 +114,7 @@ class StackConfig:
     layers: int = 2
     dropout: float = 0.1
     use_embeddings: bool = False
+    embedding_dim: int = 16  # first-stage embeddings are reduced to this many principal components per model
     neighbors_k: int = 2
     epochs: int = 20
     lr: float = 2e-3

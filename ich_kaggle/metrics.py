@@ -123,6 +123,10 @@ def score_frames(truth_df: pd.DataFrame, pred_df: pd.DataFrame) -> dict:
                         f"(e.g. {merged['image_id'].iloc[int(np.argmax(missing))]}); predict every image of the truth file")
     y_true = merged[[f"{label}_t" for label in LABELS]].to_numpy(np.float64)
     y_pred = merged[pred_cols].to_numpy(np.float64)
+    bad = ~np.isfinite(y_pred).all(axis=1)
+    if bad.any():
+        raise UserError(f"the submission has infinite predictions for {int(bad.sum())} images "
+                        f"(e.g. {merged['image_id'].iloc[int(np.argmax(bad))]}); probabilities must lie in [0, 1]")
     return {"weighted_log_loss": weighted_log_loss(y_true, y_pred), "per_label": per_label_log_loss(y_true, y_pred)}
 
 

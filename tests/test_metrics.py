@@ -98,6 +98,8 @@ def test_score_frames_joins_on_image_id_and_names_missing_images():
     assert set(result["per_label"]) == set(LABELS)
     with pytest.raises(UserError, match=r"lacks predictions for 2 of 40 .*e\.g\. ID_"):
         metrics.score_frames(truth, pred.iloc[2:])
+    with pytest.raises(UserError, match=r"infinite predictions for 1 images"):
+        metrics.score_frames(truth, pred.assign(any=[np.inf] + [0.5] * (len(pred) - 1)))
 
 
 def test_long_to_wide_handles_duplicates_and_any_row_order():

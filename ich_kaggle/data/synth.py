@@ -84,7 +84,7 @@ def _lesion(kind: str, rng: np.random.Generator, an: Anatomy) -> Lesion:
         return Lesion(kind, _surface_point(rng, inner, 1.0, (-0.1, 0.45)), radius=rng.uniform(18, 28),
                       thickness=rng.uniform(8, 14), hu=rng.uniform(65, 85))
     if kind == "subdural":
-        return Lesion(kind, _surface_point(rng, inner, 1.2, (0.0, 0.55)), radius=rng.uniform(45, 70),
+        return Lesion(kind, _surface_point(rng, inner, 1.2, (0.0, 0.55)), radius=rng.uniform(38, 60),
                       thickness=rng.uniform(4, 9), hu=rng.uniform(55, 80), phase=rng.uniform(0, 6.28))
     if kind == "intraparenchymal":
         for _ in range(50):  # keep the clot (and its edema) out of the ventricles
@@ -151,7 +151,9 @@ def plan(seed: int = 0, studies: int | None = None, slices: int | None = None, s
     hem_list = [int(p) for p in hem]
     clean = [p for p in rng.permutation(n_patients).tolist() if p not in kinds]
     n_test_hem = min(len(hem_list), int(round(n_test * HEMORRHAGE_FRACTION)))
-    test = set(hem_list[:n_test_hem]) | set(clean[: n_test - n_test_hem])
+    # bleeds 1..k of the subtype cycle: with k >= 4 the test set holds every subtype (primaries 1-4, seconds 3 and 0)
+    test_hem = hem_list[1:1 + n_test_hem] if len(hem_list) > n_test_hem else hem_list[:n_test_hem]
+    test = set(test_hem) | set(clean[: n_test - n_test_hem])
 
     follow_of = rng.choice(n_patients, size=n_follow, replace=False) if n_follow else np.array([], int)
     owners = list(range(n_patients)) + [int(p) for p in follow_of]
@@ -362,7 +364,7 @@ def preview_png(data_dir: str | Path, out_png: str | Path, per_row: int = 3) -> 
             ax.imshow(img, cmap="gray", vmin=0, vmax=1)
             positive = [l for l in LABELS[1:] if src[l] == 1]
             title = ", ".join(positive) if positive else "no hemorrhage"
-            ax.set_title(title + (" (subdural w.)" if col == per_row else ""), fontsize=8)
+            ax.set_title(title + (" (subdural w.)" if col == per_row else ""), fontsize=7)
     fig.tight_layout()
     with atomic_path(Path(out_png)) as tmp:
         fig.savefig(tmp, format="png", dpi=80)

@@ -162,11 +162,10 @@ def validate_file(sample: str | Path, sub: str | Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- submit
 
 
-def _train_labels(layout) -> pd.DataFrame:
+def _train_labels(layout) -> pd.DataFrame | None:
+    """Training labels (wide), or None where the data folder has none (e.g. a kernel given only the test set)."""
     path = Path(layout.train_csv)
-    if not path.exists():
-        raise UserError(f"{path} not found; the training labels are needed for the prior fallback and the OOF score")
-    return read_truth(path)
+    return read_truth(path) if path.exists() else None
 
 
 def _prediction_file(run: Path, name: str) -> Path | None:
@@ -224,10 +223,13 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
     pred = read_long_or_wide(pred_path)
     sample = _read_sample(layout.sample_csv)
     train = _train_labels(layout)
-    prior = train[list(LABELS)].to_numpy(np.float64).mean(axis=0)
+    prior = train[list(LABELS)].to_numpy(np.float64).mean(axis=0) if train is not None else None
 
     sample_images = pd.unique(split_ids(sample["ID"])[0])
     lacking = pd.Index(sample_images).difference(pd.Index(pred["image_id"].astype(str)), sort=False)
+    if len(lacking) and prior is None:
+        raise UserError(f"{len(lacking)} test images have no prediction (e.g. {lacking[0]}) and {layout.train_csv} is missing, "
+                        f"so there is no training prior to fill them with; add stage_2_train.csv to the data folder")
     if len(lacking):
         unreadable_csv = run / "predictions" / "unreadable_test.csv"
         note = ""
@@ -247,19 +249,26 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
         raise UserError(f"{out} failed validation: {problems[0]} ({len(problems)} problems); this is a bug, please report it")
     print(f"wrote {out} and {out}.gz from {pred_path} ({len(sample)} rows, valid)")
 
-    oof_path = _prediction_file(run, "oof.csv")
-    if oof_path is not None:
-        oof = read_long_or_wide(oof_path)
-        truth = train[train["image_id"].isin(oof["image_id"])]
-        if len(truth):
-            result = score_frames(truth, oof)
-            print(f"expected score (OOF weighted_log_loss of {oof_path}, {len(truth)} images): {result['weighted_log_loss']:.5f}")
-    else:
-        print(f"no OOF predictions in {run}: no expected score")
-
+    _print_oof_score(run, pred_path, train)
     if kaggle_submit:
         upload(out.with_name(out.name + ".gz"), message or f"ich_kaggle {cfg.name}")
     return out
+
+
+def _print_oof_score(run: Path, pred_path: Path, train: pd.DataFrame | None) -> None:
+    """The expected leaderboard score: OOF predictions of the same stage as the test predictions, against the labels."""
+    oof_path = pred_path.parent / "oof.csv" if (pred_path.parent / "oof.csv").exists() else _prediction_file(run, "oof.csv")
+    if oof_path is None or train is None:
+        print(f"no OOF predictions or training labels for {run}: no expected score")
+        return
+    oof = read_long_or_wide(oof_path)
+    oof = oof[np.isfinite(oof[list(LABELS)].to_numpy(np.float64)).all(axis=1)]
+    truth = train[train["image_id"].isin(oof["image_id"])]
+    if not len(truth):
+        print(f"{oof_path} shares no image with {run}'s training labels: no expected score")
+        return
+    result = score_frames(truth, oof)
+    print(f"expected score (OOF weighted_log_loss of {oof_path}, {len(truth)} images): {result['weighted_log_loss']:.5f}")
 
 
 def bench_submission() -> None:

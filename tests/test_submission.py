@@ -237,3 +237,17 @@ def test_real_sample_submission_is_valid_and_rewritable(mini_dir, tmp_path):
     assert len(wide) == 43
     out = submission.write_submission(wide, sample_csv, tmp_path / "real.csv")
     assert pd.read_csv(out)["ID"].tolist() == pd.read_csv(sample_csv)["ID"].tolist()
+
+
+def test_submit_without_training_labels(tmp_path, capsys):
+    """A kernel may see only the test set: submit still works when nothing needs the prior."""
+    images = make_sample(tmp_path / "probe.csv")
+    layout, _, _ = _experiment(tmp_path, images, unreadable=[], with_stack=False)
+    layout.train_csv.unlink()
+    out = submission.submit(SimpleNamespace(name="tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
+    assert submission.validate_file(layout.sample_csv, out) == []
+    assert "no expected score" in capsys.readouterr().out
+    pd.read_csv(tmp_path / "runs" / "tiny" / "predictions" / "test.csv").iloc[1:].to_csv(
+        tmp_path / "runs" / "tiny" / "predictions" / "test.csv", index=False)
+    with pytest.raises(UserError, match="no training prior"):
+        submission.submit(SimpleNamespace(name="tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import yaml
 from tqdm import tqdm
 
 from . import LABEL_WEIGHTS, LABELS
@@ -84,12 +85,26 @@ def read_oof(run: Path) -> tuple[pd.DataFrame | None, str]:
     return frame, f"{len(parts)} fold oof.csv file(s): " + ", ".join(p.parent.name for p in parts)
 
 
-def read_labels(cfg: Config, layout: Layout) -> tuple[pd.DataFrame | None, str]:
+def trained_cv(run: Path) -> tuple[int, int] | None:
+    """(cv.k, cv.seed) the folds were trained with, from the first fold's resolved config.yaml."""
+    for d in fold_dirs(run).values():
+        path = d / "config.yaml"
+        if path.exists():
+            try:
+                cv = (yaml.safe_load(path.read_text()) or {}).get("cv", {})
+                return int(cv["k"]), int(cv["seed"])
+            except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError):
+                log.warning("%s has no readable cv.k/cv.seed", path)
+    return None
+
+
+def read_labels(cfg: Config, layout: Layout, cv: tuple[int, int] | None = None) -> tuple[pd.DataFrame | None, str]:
     """The folds table (labels, series ids, fold of each image) via the data layer; the folds.csv as fallback."""
+    k, seed = cv or (cfg.cv.k, cfg.cv.seed)
     try:
         from .data.folds import load_folds
 
-        return load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed), str(layout.folds_csv)
+        return load_folds(layout, k=k, seed=seed), f"{layout.folds_csv} (k={k}, seed={seed})"
     except Exception as e:
         if layout.folds_csv.exists():
             return pd.read_csv(layout.folds_csv), f"{layout.folds_csv} (as written; rebuilding failed: {e})"
@@ -274,9 +289,12 @@ def _cam_examples(ctx: Context, rows: pd.DataFrame, kind: str) -> tuple[list[plo
                 continue
             image = x[i, channel].numpy()
             label, j = row["cam_label"], idx[i]
-            title = (f"{row['image_id']} (fold {int(fold)}, {shown} window)\n{label}: truth {int(row[label])}, "
-                     f"p={probs[i, j]:.3f}")
-            examples[row["image_id"]] = plots.CamExample(image=image, overlay=overlay(image, maps[i]), title=title)
+            title = (f"{row['image_id']} (fold {int(fold)}, {shown} window)\nany p={probs[i, 0]:.2f}; {label}: truth "
+                     f"{int(row[label])}, p={probs[i, j]:.2f}")
+            empty = not np.any(maps[i] > 0)  # every location argues against the label: Grad-CAM's ReLU leaves 0
+            examples[row["image_id"]] = plots.CamExample(
+                image=image, overlay=overlay(image, maps[i]), title=title,
+                cam_title="Grad-CAM: no positive evidence" if empty else "Grad-CAM (red = raises the score)")
     ordered = [examples[i] for i in rows["image_id"] if i in examples]
     return ordered, problems
 
@@ -395,7 +413,11 @@ def _prepare(ctx: Context) -> None:
     ctx.summary["folds_done"] = sum(1 for d in fold_dirs(ctx.run).values() if (d / "best.pt").exists())
     secs = [lg["seconds"].mean() for lg in ctx.logs.values() if "seconds" in lg]
     ctx.summary["sec_per_epoch"] = float(np.mean(secs)) if secs else None
-    ctx.labels, ctx.summary["labels_source"] = read_labels(ctx.cfg, ctx.layout)
+    cv = trained_cv(ctx.run)
+    if cv is not None and cv != (ctx.cfg.cv.k, ctx.cfg.cv.seed):
+        ctx.notes.append(f"The folds were trained with cv.k={cv[0]}, cv.seed={cv[1]} (fold config.yaml), not the "
+                         f"config's {ctx.cfg.cv.k}/{ctx.cfg.cv.seed}: labels and folds follow the trained split.")
+    ctx.labels, ctx.summary["labels_source"] = read_labels(ctx.cfg, ctx.layout, cv)
     try:
         oof, ctx.summary["oof_source"] = read_oof(ctx.run)
     except Exception as e:  # a broken prediction file: report it, keep the rest of the report

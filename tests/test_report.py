@@ -352,3 +352,38 @@ def test_report_test_section(experiment):
         assert row["any"] == pytest.approx(ev.log_loss(joined["any"], joined["any_pred"]))
         assert row["series AUC (any)"] == pytest.approx(ev.series_table(joined).loc["any", "AUC"])
     assert stacked["weighted log loss"] < first["weighted log loss"]  # less noise, lower loss
+
+
+@pytest.mark.slow
+def test_gradcam_section_with_real_checkpoint_and_dataset(tmp_path):
+    """The data layer's cache + SliceDataset and a checkpoint written the way training writes it (untrained
+    tiny net, no ImageNet weights needed): both galleries render, from each image's own fold model."""
+    from ich_kaggle.data import cache, folds as folds_mod, meta as meta_mod, synth
+    from ich_kaggle.models import build_model
+    from ich_kaggle.models.checkpoint import save_checkpoint
+
+    data = synth.write_competition(tmp_path / "comp", seed=1, studies=6, slices=6, size=64)
+    layout = Layout.of(data, tmp_path / "work")
+    meta_mod.build_meta(layout, workers=1)
+    folds = folds_mod.build_folds(layout, k=2, seed=0)
+    cache.preprocess(layout, workers=1)
+    cfg = config.load("tiny", ["cv.k=2", "cv.seed=0", "model.pretrained=false", "data.neighbors=1"])
+    runs = tmp_path / "runs"
+    torch.manual_seed(0)
+    for fold in (0, 1):
+        d = runs / cfg.name / f"fold{fold}"
+        model = build_model(cfg.model, in_channels=cfg.data.in_channels)
+        save_checkpoint(d / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict()})
+        config.dump(cfg, d / "config.yaml")
+        val = folds[folds["fold"] == fold]
+        rng = np.random.default_rng(fold)
+        oof = pd.DataFrame(np.clip(val[list(LABELS)].to_numpy(float) * 0.6 + rng.random((len(val), 6)) * 0.4,
+                                   0.01, 0.99), columns=list(LABELS))
+        oof.insert(0, "image_id", val["image_id"].to_numpy())
+        oof.to_csv(d / "oof.csv", index=False)
+    index = report.make_report(cfg, layout, runs=runs, gradcam=3, sections=["gradcam"])
+    page = index.read_text()
+    assert "Section failed" not in page and "missing" not in page, page
+    assert {p.name for p in check_page(index)} == {"gradcam_positives.png", "gradcam_errors.png"}
+    img = cv2.imread(str(index.parent / "gradcam_positives.png"))
+    assert img.shape[1] > 3 * img.shape[0] / 2  # three pairs side by side

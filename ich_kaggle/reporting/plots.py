@@ -258,6 +258,7 @@ class CamExample:
     image: np.ndarray  # (H, W) grey in [0, 1]
     overlay: np.ndarray  # (H, W, 3) uint8
     title: str
+    cam_title: str = "Grad-CAM (red = raises the score)"
 
 
 def gradcam_gallery(examples: list[CamExample], title: str, path: str | Path, per_row: int = 4) -> Path:
@@ -274,6 +275,6 @@ def gradcam_gallery(examples: list[CamExample], title: str, path: str | Path, pe
         a.imshow(ex.image, cmap="gray", vmin=0, vmax=1)
         a.set_title(ex.title, fontsize=7.5)
         b.imshow(ex.overlay)
-        b.set_title("Grad-CAM (red = drives the score)", fontsize=7.5)
+        b.set_title(ex.cam_title, fontsize=7.5)
     fig.suptitle(title, fontsize=12)
     return save(fig, path)

@@ -149,3 +149,20 @@ def test_folds_at_competition_scale():
     share = per_fold / per_fold.sum()
     assert (share.sub(1 / k).abs() < 0.05).all().all(), share  # every label within 5 points of 20% per fold
     assert folds.assign_folds(frame, k=k, seed=42).equals(fold)
+
+
+def test_rare_label_coverage_on_random_cohorts():
+    """Patients carrying several rare labels can trap a greedy pass; the repair step must still cover every fold."""
+    for trial in range(120):
+        rng = np.random.default_rng(trial)
+        n_patients, k = int(rng.integers(5, 40)), int(rng.integers(2, 6))
+        if n_patients < k:
+            continue
+        rows = []
+        for p in range(n_patients):
+            carried = (rng.random(5) < rng.uniform(0.05, 0.4, 5)) & (rng.random() < 0.5)
+            for _ in range(int(rng.integers(1, 30))):
+                lab = (carried & (rng.random(5) < 0.5)).astype(int)
+                rows.append([f"P{p}", lab.max(), *lab])
+        frame = pd.DataFrame(rows, columns=["patient_id", *LABELS])
+        _check_folds(frame, folds.assign_folds(frame, k=k, seed=trial), k)

@@ -2,9 +2,10 @@
 
 Greedy multilabel stratified group assignment: patients are taken rarest label first (epidural before
 subdural before `any`, patients without positives last; random order within a rarity class, fixed by the seed),
-and each goes to the fold holding the fewest positives of its rarest label relative to that fold's target,
-ties broken by fold size. So whenever at least k patients carry a subtype, every fold gets one of them
-before any fold gets a second, and no patient is ever split across folds.
+and each goes to the fold holding the fewest positives of its rarest label relative to that fold's target
+(then of its next rarest label, ...), ties broken by fold size. Patients carrying several rare labels can
+still leave a fold without one label, so a short local search (moves and swaps of single patients) then
+makes every label carried by >= k patients reach every fold. No patient is ever split across folds.
 """
 
 from __future__ import annotations
@@ -50,23 +51,74 @@ def assign_folds(frame: pd.DataFrame, k: int = 5, seed: int = 42) -> pd.Series:
     target_label = np.maximum(counts.sum(axis=0), 1) / k
     target_size = sizes.sum() / k
     fold_label = np.zeros((k, len(LABELS)), dtype=np.float64)
+    fold_carriers = np.zeros((k, len(LABELS)), dtype=np.int64)  # patients per fold carrying each label
     fold_size = np.zeros(k, dtype=np.float64)
-    fold_patients = np.zeros(k, dtype=np.int64)
     assignment = np.empty(len(patients), dtype=np.int64)
     tie = rng.random(k) * 1e-9  # deterministic, seed-dependent tie-break among equal folds
+    by_rarity = np.argsort(label_rank)
     for p in order:
-        size_fill = fold_size / target_size + tie
-        lab = rarest[p]
-        if lab >= 0:
-            fill = fold_label[:, lab] / target_label[lab]
-            f = int(np.lexsort((size_fill, fill))[0])
-        else:
-            f = int(np.lexsort((fold_patients, size_fill))[0])
+        # lexicographic: fill of the patient's rarest label, then of its next rarest, ..., then fold size
+        keys = [fold_size / target_size + tie]
+        keys += [fold_label[:, lab] / target_label[lab] for lab in by_rarity[::-1] if has[p, lab]]
+        f = int(np.lexsort(tuple(keys))[0])
         assignment[p] = f
         fold_label[f] += counts[p]
+        fold_carriers[f] += has[p]
         fold_size[f] += sizes[p]
-        fold_patients[f] += 1
+    _repair(assignment, has, sizes, fold_carriers, n_with, k)
     return pd.Series(assignment[codes].astype(np.int8), index=frame.index, name="fold")
+
+
+def _repair(assignment: np.ndarray, has: np.ndarray, sizes: np.ndarray, fold_carriers: np.ndarray,
+            n_with: np.ndarray, k: int) -> None:
+    """Local search so that every label carried by >= k patients reaches every fold.
+
+    The greedy pass can leave a fold without a label when patients carrying several rare labels were placed
+    for another label. Each step moves one carrier into the empty fold, or swaps it with a patient there
+    (the most similar in size), and is taken only if it lowers the number of empty (fold, label) pairs.
+    """
+    needs = n_with >= k
+    hasi = has.astype(np.int64)
+
+    def empties(rows: np.ndarray) -> np.ndarray:
+        return ((rows == 0) & needs).sum(axis=-1)
+
+    for _ in range(4 * len(assignment)):
+        empty = np.argwhere((fold_carriers == 0) & needs[None, :])
+        if len(empty) == 0:
+            return
+        best = None  # (gain, -size change, p, q or -1, f_to)
+        for f_to, lab in empty:
+            for p in np.flatnonzero(has[:, lab]):
+                f_from = assignment[p]
+                if f_from == f_to:
+                    continue
+                before = empties(fold_carriers[f_from]) + empties(fold_carriers[f_to])
+                after = empties(fold_carriers[f_from] - hasi[p]) + empties(fold_carriers[f_to] + hasi[p])
+                cand = (before - after, -sizes[p], p, -1, f_to)
+                if best is None or cand[:2] > best[:2]:
+                    best = cand
+                qs = np.flatnonzero(assignment == f_to)
+                if len(qs):
+                    new_from = fold_carriers[f_from] - hasi[p] + hasi[qs]
+                    new_to = fold_carriers[f_to] + hasi[p] - hasi[qs]
+                    gain = before - (empties(new_from) + empties(new_to))
+                    change = np.abs(sizes[p] - sizes[qs])
+                    i = int(np.lexsort((change, -gain))[0])
+                    cand = (int(gain[i]), -int(change[i]), p, int(qs[i]), f_to)
+                    if cand[:2] > best[:2]:
+                        best = cand
+        if best is None or best[0] <= 0:
+            return
+        _, _, p, q, f_to = best
+        f_from = assignment[p]
+        assignment[p] = f_to
+        fold_carriers[f_from] -= hasi[p]
+        fold_carriers[f_to] += hasi[p]
+        if q >= 0:
+            assignment[q] = f_from
+            fold_carriers[f_to] -= hasi[q]
+            fold_carriers[f_from] += hasi[q]
 
 
 def labelled_frame(meta: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:

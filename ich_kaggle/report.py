@@ -190,7 +190,9 @@ def _summary_section(ctx: Context, sec: Section) -> None:
                   index=False)
     stack_metrics = ctx.run / "stack" / "metrics.csv"
     if stack_metrics.exists():
-        sec.table(pd.read_csv(stack_metrics), f"Second stage ({stack_metrics})", index=False)
+        metrics_frame = pd.read_csv(stack_metrics)
+        sec.table(metrics_frame, f"Second stage ({stack_metrics})", index=False)
+        sec.image(plots.stage_bars(metrics_frame, ctx.out / "stages.png"), ctx.out, "first vs second stage")
     else:
         sec.note(f"No {stack_metrics}: run make stack CONFIG={cfg.name} for the sequence model's comparison.")
     for note in ctx.notes:
@@ -246,10 +248,18 @@ def _series_section(ctx: Context, sec: Section) -> None:
         return
     table = ev.series_table(ctx.joined, ctx.threshold)
     write_csv(table.reset_index(), ctx.out / "series_table.csv")
+    stacked_path = ctx.run / "stack" / "oof.csv"
     sec.text(f"As Danilov, Kotik et al. present their clinical test: per CT series (n={len(ctx.series)}), a series is "
              f"positive for a subtype when any of its slices is; its probability is the maximum over its slices and "
              f"it is called positive at p >= {ctx.threshold:g}. POS/NEG: series counts (share).")
-    sec.table(ev.format_series_table(table), "Series-level quality metrics")
+    sec.table(ev.format_series_table(table), f"Series-level quality metrics, first stage ({ctx.summary['oof_source']})")
+    if stacked_path.exists():
+        stacked = ev.join_truth_pred(ctx.labels, _read_pred(stacked_path))
+        if len(stacked) and "series_id" in stacked:
+            stacked_table = ev.series_table(stacked, ctx.threshold)
+            write_csv(stacked_table.reset_index(), ctx.out / "series_table_stacked.csv")
+            ctx.summary["series_auc_any_stacked"] = float(stacked_table.loc["any", "AUC"])
+            sec.table(ev.format_series_table(stacked_table), f"Series-level quality metrics, stacked ({stacked_path})")
 
 
 def _cam_examples(ctx: Context, rows: pd.DataFrame, kind: str) -> tuple[list[plots.CamExample], list[str]]:

@@ -101,10 +101,28 @@ def experiment(tmp_path):
     return _experiment(tmp_path)
 
 
+def fake_stack(run: Path, folds: pd.DataFrame) -> pd.DataFrame:
+    """stack/{oof,metrics}.csv as the second stage writes them (stage column first)."""
+    rng = np.random.default_rng(7)
+    y = folds[list(LABELS)].to_numpy(float)
+    oof = pd.DataFrame(np.clip(y * 0.8 + rng.random(y.shape) * 0.2, 0.01, 0.99), columns=list(LABELS))
+    oof.insert(0, "image_id", folds["image_id"].to_numpy())
+    (run / "stack").mkdir(parents=True, exist_ok=True)
+    oof.to_csv(run / "stack" / "oof.csv", index=False)
+    metrics = pd.DataFrame([
+        {"stage": "first_stage", "weighted_log_loss": 0.31, **{label: 0.3 + 0.01 * i for i, label in enumerate(LABELS)}},
+        {"stage": "stacked", "weighted_log_loss": 0.22, **{label: 0.2 + 0.01 * i for i, label in enumerate(LABELS)}},
+        {"stage": "neighbors", "weighted_log_loss": 0.27, **{label: 0.25 + 0.01 * i for i, label in enumerate(LABELS)}},
+    ])
+    metrics.to_csv(run / "stack" / "metrics.csv", index=False)
+    return oof
+
+
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory):
     """The whole report, drawn once (matplotlib is the slow part on a small CPU)."""
     cfg, layout, runs, folds = _experiment(tmp_path_factory.mktemp("full"))
+    fake_stack(runs / cfg.name, folds)
     return report.make_report(cfg, layout, runs=runs, threshold=0.5), (cfg, layout, runs, folds)
 
 
@@ -132,7 +150,8 @@ def test_report_on_fake_experiment(full_report):
     assert index == runs / cfg.name / "report" / "index.html"
     names = {p.name for p in check_page(index)}
     expected = {"curves_fold0.png", "curves_fold1.png", "curves_fold2.png", "roc.png", "pr.png", "confusion_any.png",
-                "f1.png", "label_counts.png", "cooccurrence.png", "dicom_values.png", "series_lengths.png"}
+                "f1.png", "label_counts.png", "cooccurrence.png", "dicom_values.png", "series_lengths.png",
+                "stages.png"}
     assert expected <= names, expected - names
     page = index.read_text()
     assert "Section failed" not in page
@@ -157,6 +176,9 @@ def test_report_on_fake_experiment(full_report):
     thresholds = pd.read_csv(index.parent / "thresholds.csv").set_index("label")
     assert thresholds.loc["any", "F1"] == pytest.approx(ev.confusion(joined["any"], joined["any_pred"]).f1)
     assert "0 (0%)" not in ev.format_series_table(expected_series).loc["any", "POS"]
+    stacked = pd.read_csv(runs / cfg.name / "stack" / "oof.csv")
+    stacked_series = pd.read_csv(index.parent / "series_table_stacked.csv").set_index("Hemorrhage subtype")
+    pd.testing.assert_frame_equal(stacked_series, ev.series_table(ev.join_truth_pred(folds, stacked)), check_dtype=False)
 
 
 def test_report_threshold_changes_confusion(experiment):
@@ -206,6 +228,7 @@ def test_compare_table(experiment, capsys):
     fake_run(runs / "nested" / "worse", folds, seed=1, skill=1.0)
     # a started but unfinished one
     fake_run(runs / "started", folds[folds["fold"] == 0], best_pt=False)
+    fake_stack(runs / cfg.name, folds)
     report.make_report(cfg, layout, runs=runs, sections=["summary"])
     table = report.compare(runs)
     out = capsys.readouterr().out
@@ -216,6 +239,7 @@ def test_compare_table(experiment, capsys):
     assert row["oof_wll"] == pytest.approx(summary["weighted_log_loss"])
     assert row["series_auc_any"] == pytest.approx(summary["series_auc_any"])
     assert row["folds_done"] == 3 and row["source"] == "report (OOF)"
+    assert row["stacked_wll"] == pytest.approx(0.22)
     logs = [pd.read_csv(runs / cfg.name / f"fold{k}" / "log.csv") for k in range(3)]
     assert row["sec_per_epoch"] == pytest.approx(np.mean([lg["seconds"].mean() for lg in logs]))
     worse = table.set_index("experiment").loc["nested/worse"]

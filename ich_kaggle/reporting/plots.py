@@ -278,3 +278,24 @@ def gradcam_gallery(examples: list[CamExample], title: str, path: str | Path, pe
         b.set_title(ex.cam_title, fontsize=7.5)
     fig.suptitle(title, fontsize=12)
     return save(fig, path)
+
+
+def stage_bars(metrics: pd.DataFrame, path: str | Path) -> Path:
+    """Log loss per label for each stage of stack/metrics.csv (first stage, stacked, neighbours baseline)."""
+    stage_col = "stage" if "stage" in metrics else metrics.columns[0]
+    cols = ["weighted_log_loss", *[label for label in LABELS if label in metrics]]
+    fig = new_figure(12, 4.6)
+    ax = fig.subplots()
+    x = np.arange(len(cols))
+    width = 0.8 / max(len(metrics), 1)
+    for k, (_, row) in enumerate(metrics.iterrows()):
+        bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, row[cols].to_numpy(float), width,
+                      label=str(row[stage_col]))
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(x, ["weighted\n(competition)", *cols[1:]])
+    top = float(np.nanmax(metrics[cols].to_numpy(float))) if len(metrics) else 1.0
+    ax.set(ylabel="out-of-fold log loss (lower is better)", ylim=(0, top * 1.25),
+           title="First stage vs second stage (sequence model over each series), out-of-fold")
+    ax.legend(fontsize=8, title="stage")
+    ax.grid(axis="y", alpha=0.3)
+    return save(fig, path)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 # name -> "module:function"; each takes the extracted real mini set (or None) and prints figures.
 BENCHES: dict[str, str] = {
+    "synth": "ich_kaggle.data.synth:bench",
     "meta": "ich_kaggle.data.meta:bench",
     "cache": "ich_kaggle.data.cache:bench",
     "train": "ich_kaggle.train:bench",

@@ -80,7 +80,7 @@ def write_submission(pred_wide: pd.DataFrame, sample_csv: str | Path, out_path: 
         tmp.write_bytes(data)
     gz_path = out_path.with_name(out_path.name + ".gz")
     with atomic_path(gz_path) as tmp:
-        tmp.write_bytes(gzip.compress(data, compresslevel=6, mtime=0))
+        tmp.write_bytes(gzip.compress(data, compresslevel=3, mtime=0))  # level 3: 3x faster than 6, 6 % larger
     return out_path
 
 
@@ -283,11 +283,14 @@ def bench_submission() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sample_csv = Path(tmp) / "sample.csv"
         write_csv(pd.DataFrame({"ID": sample_ids, "Label": 0.5}), sample_csv)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = write_submission(pred, sample_csv, Path(tmp) / "sub.csv")
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         problems = validate_file(sample_csv, out)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
     assert not problems, problems
+    # CPU seconds too: on a shared machine the wall clock mostly measures the neighbours
     print(f"submission_write_seconds_121232_images: {t1 - t0:.2f}")
+    print(f"submission_write_cpu_seconds_121232_images: {c1 - c0:.2f}")
     print(f"submission_validate_seconds_121232_images: {t2 - t1:.2f}")
+    print(f"submission_validate_cpu_seconds_121232_images: {c2 - c1:.2f}")

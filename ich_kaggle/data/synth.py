@@ -370,3 +370,21 @@ def preview_png(data_dir: str | Path, out_png: str | Path, per_row: int = 3) -> 
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return Path(out_png)
+
+
+def bench(mini: Path | None = None) -> None:
+    """Time rendering and writing the default synthetic competition (the real mini set is not used)."""
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0, c0 = time.perf_counter(), time.process_time()
+        studies = plan(0)
+        rendered = [render_study(s) for s in studies]
+        t1, c1 = time.perf_counter(), time.process_time()
+        for study, r in zip(studies, rendered):
+            write_slices(Path(tmp), study, r.hu, range(len(study.image_ids)))
+        t2, c2 = time.perf_counter(), time.process_time()
+    n = sum(len(s.image_ids) for s in studies)
+    print(f"synth_render_seconds_{n}_slices: {t1 - t0:.2f} (cpu {c1 - c0:.2f})")
+    print(f"synth_write_dicom_seconds_{n}_slices: {t2 - t1:.2f} (cpu {c2 - c1:.2f})")

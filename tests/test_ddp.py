@@ -19,37 +19,14 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 from ich_kaggle import config, models, train
 from ich_kaggle.models.checkpoint import read_checkpoint
 from ich_kaggle.paths import Layout
+from train_helpers import NAME as NONORM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class NoNormCNN(models.Backbone):
-    """Two strided convolutions: no BatchNorm, so per-rank batches give exactly the global batch's gradients."""
-
-    def __init__(self, in_channels: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_channels, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                 nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
-        self.out_channels = 16
-
-    def forward(self, x):
-        return self.net(x)
-
-    def last_stage(self):
-        return [self.net[2]]
-
-    def weight_target(self):
-        raise NotImplementedError
-
-
-models.register("test_nonorm_cnn")(NoNormCNN)
-
-OVERRIDES = ["model.backbone=test_nonorm_cnn", "model.pretrained=false", "model.dropout=0", "data.image_size=32",
+OVERRIDES = [f"model.backbone={NONORM}", "model.pretrained=false", "model.dropout=0", "data.image_size=32",
              "data.num_workers=0", "train.batch_size=8", "train.max_images_per_epoch=32", "train.epochs=2",
              "train.lr=0.003", "cv.k=3", "cv.seed=0", "augment.window_jitter=0.5"]
 
@@ -65,7 +42,6 @@ def _worker(rank: int, world: int, port: int, data: str, work: str, runs: str, o
                       MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
     train.train_fold(config.load("tiny", overrides), Layout.of(data, work), 0, runs=runs)
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,7 +71,6 @@ def test_two_gloo_processes_match_one_process(comp, tmp_path):
     assert json.loads((ddp / "done.json").read_text())["world_size"] == 2
     ws, wd = read_checkpoint(single / "last.pt")["model"], read_checkpoint(ddp / "last.pt")["model"]
     assert ws.keys() == wd.keys()
-    init = None
     for k in ws:
         torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-5)
     # it really trained: weights moved away from the shared initialisation

@@ -196,3 +196,55 @@ def test_real_mini_all_folds_cover_all_616_slices(mini_dir, tmp_path):
     oof = pd.concat([pd.read_csv(train.train_fold(cfg, layout, k, runs=tmp_path / "runs") / "oof.csv")
                      for k in range(3)])
     assert len(oof) == oof["image_id"].nunique() == 616
+
+
+def _weights(fdir):
+    return read_checkpoint(fdir / "last.pt")["model"]
+
+
+def test_gradient_accumulation_equals_the_full_batch(comp, tmp_path):
+    """batch 4 x 2 accumulation steps == batch 8 (BatchNorm-free net, so half batches carry the same gradients)."""
+    from train_helpers import NAME
+
+    base = [f"model.backbone={NAME}", "model.dropout=0", "train.epochs=1", "train.lr=0.003"]
+    full = train.train_fold(_cfg(*base), comp, 0, runs=tmp_path / "full")
+    acc = train.train_fold(_cfg(*base, "train.batch_size=4", "train.accum_steps=2"), comp, 0, runs=tmp_path / "acc")
+    wf, wa = _weights(full), _weights(acc)
+    for k in wf:
+        torch.testing.assert_close(wa[k], wf[k], rtol=1e-4, atol=1e-6)
+    assert read_checkpoint(full / "last.pt")["scheduler"]["last_epoch"] == 4  # 32 images / 8 = 4 optimizer steps
+    assert read_checkpoint(acc / "last.pt")["scheduler"]["last_epoch"] == 4
+
+
+def test_amp_channels_last_progressive_sizes_oversampling_freeze(comp, tmp_path):
+    """The optional paths run together: bf16 autocast on CPU, channels_last, 16 -> 32 px, oversampling, frozen body."""
+    from train_helpers import NAME
+
+    cfg = _cfg(f"model.backbone={NAME}", "train.epochs=2", "train.amp=bf16", "train.channels_last=true",
+               "train.progressive_sizes=[16]", "train.balance=oversample", "model.freeze=backbone",
+               "train.optimizer=sgd", "train.nesterov=true", "train.loss=focal", "train.class_weights=frequency",
+               "data.min_brain_fraction=0.05", "data.neighbors=1")
+    fdir = train.train_fold(cfg, comp, 2, runs=tmp_path)
+    log = pd.read_csv(fdir / "log.csv")
+    assert len(log) == 2 and np.isfinite(log["train_loss"]).all()
+    w0 = read_checkpoint(fdir / "last.pt")["model"]
+    torch.manual_seed(cfg.train.seed)
+    from ich_kaggle import models
+
+    init = models.build_model(cfg.model, in_channels=9).state_dict()
+    assert torch.equal(init["backbone.net.0.weight"], w0["backbone.net.0.weight"])  # frozen body did not move
+    assert not torch.equal(init["head.fc.weight"], w0["head.fc.weight"])  # the head trained
+    assert (comp.work / "brain_fraction.csv").exists()
+    assert np.load(fdir / "oof_embeddings.npz")["emb"].shape[1] == 16
+
+
+def test_min_brain_fraction_drops_empty_training_slices(comp):
+    from ich_kaggle.data.dataset import drop_empty_slices
+
+    folds = pd.read_csv(comp.folds_csv, dtype={"image_id": str})
+    kept = drop_empty_slices(folds, comp, 0.05)
+    frac = pd.read_csv(comp.work / "brain_fraction.csv").set_index("image_id")["brain_fraction"]
+    dropped = set(folds["image_id"]) - set(kept["image_id"])
+    assert dropped and all(frac[i] < 0.05 for i in dropped)  # the slices above/below the brain
+    assert set(folds.loc[folds["any"] == 1, "image_id"]) <= set(kept["image_id"])  # positives always stay
+    assert len(drop_empty_slices(folds, comp, 0.0)) == len(folds)

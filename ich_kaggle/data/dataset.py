@@ -191,15 +191,16 @@ def brain_fractions(layout: Layout, image_ids: list[str] | np.ndarray) -> pd.Ser
     if todo:
         from tqdm import tqdm
 
-        values = {}
+        values, unreadable = {}, {}
         for image_id in tqdm(todo, desc="brain fraction", unit="img", leave=False):
             try:
                 values[image_id] = brain_fraction(_load_hu(layout, image_id))
-            except Exception as e:
+            except Exception as e:  # kept (fraction 1) but not remembered: it may be readable next time
                 log.warning("image %s unreadable for the brain fraction (%s); kept", image_id, e)
-                values[image_id] = 1.0
+                unreadable[image_id] = 1.0
         known = pd.concat([known, pd.Series(values, dtype=float)])
         write_csv(known.rename_axis("image_id").reset_index(name="brain_fraction"), path)
+        known = pd.concat([known, pd.Series(unreadable, dtype=float)])
     return known.loc[list(image_ids)]
 
 

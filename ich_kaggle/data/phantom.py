@@ -182,6 +182,23 @@ def render(geom: Geometry, an: Anatomy, lesions: list[Lesion], noise_seed: int, 
     hu[skull] = 1550.0 - 650.0 * np.sin(np.pi * frac[skull]) + 120.0 * np.sin(0.11 * x[skull] + 0.07 * y[skull] + 0.05 * z[skull])
 
     brain = r_in < 1.0
+    # skull base: below the floor of the anterior/middle fossae only the temporal lobes and the posterior fossa
+    # (cerebellum) remain brain; the rest is bone with the air of the sphenoid sinus and denser petrous ridges
+    floor = -0.3 * c
+    low = brain & (z < floor)
+    ai, bi_, ci = inner_axes
+    fossae = ((_ellipsoid(q, (0.0, 0.4 * bi_, -0.5 * ci), (0.85 * ai, 0.58 * bi_, 0.45 * ci)) < 1)
+              | (_ellipsoid(q, (-0.6 * ai, -0.12 * bi_, floor), (0.42 * ai, 0.5 * bi_, 0.3 * ci)) < 1)
+              | (_ellipsoid(q, (0.6 * ai, -0.12 * bi_, floor), (0.42 * ai, 0.5 * bi_, 0.3 * ci)) < 1))
+    base = low & ~fossae
+    hu[base] = 900.0 + 80.0 * np.sin(0.2 * x[base] + 0.13 * y[base])
+    petrous = base & (np.abs(np.abs(x) * 0.6 - (y - 0.12 * bi_)) < 4.0) & (np.abs(x) > 10)
+    hu[petrous] = 1700.0
+    sinus = base & (_ellipsoid(q, (0.0, -0.3 * bi_, floor - 0.08 * ci), (13.0, 11.0, 9.0)) < 1)
+    hu[sinus] = HU_AIR
+    skull = skull | base
+    brain = brain & ~base
+    del low, fossae, base, petrous, sinus
     # sulci: thin radial CSF clefts from the surface inward, wavy over z and of varying depth (brain voxels only)
     xb, yb, zb, db = x[brain], y[brain], z[brain], depth[brain]
     theta = np.arctan2(yb / b, xb / a)

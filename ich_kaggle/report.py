@@ -262,8 +262,9 @@ def _series_section(ctx: Context, sec: Section) -> None:
             sec.table(ev.format_series_table(stacked_table), f"Series-level quality metrics, stacked ({stacked_path})")
 
 
-def _cam_examples(ctx: Context, rows: pd.DataFrame, kind: str) -> tuple[list[plots.CamExample], list[str]]:
-    """Grad-CAM for `rows` (joined OOF rows with a `cam_label` column), each with its own fold's best.pt."""
+def _cam_examples(ctx: Context, rows: pd.DataFrame) -> tuple[dict[str, list[plots.CamExample]], list[str]]:
+    """Grad-CAM for `rows` (joined OOF rows with `gallery` and `cam_label` columns), each image explained by its
+    own fold's best.pt; each fold model is loaded once for all galleries. Returns examples per gallery, in row order."""
     import torch
 
     from .data.dataset import SliceDataset
@@ -271,29 +272,31 @@ def _cam_examples(ctx: Context, rows: pd.DataFrame, kind: str) -> tuple[list[plo
     from .gradcam import GradCAM, overlay
     from .models.checkpoint import load_checkpoint
 
-    examples: dict[str, plots.CamExample] = {}
+    rows = rows.reset_index(drop=True)
+    found: dict[int, plots.CamExample] = {}
     problems = []
     for fold, group in rows.groupby("fold", sort=True):
         ckpt = ctx.run / f"fold{int(fold)}" / "best.pt"
         if not ckpt.exists():
-            problems.append(f"{ckpt} missing: {len(group)} {kind} example(s) without Grad-CAM")
+            problems.append(f"{ckpt} missing: {len(group)} example(s) of fold {int(fold)} without Grad-CAM")
             continue
         try:
             model, mcfg = load_checkpoint(ckpt)
         except UserError as e:  # a truncated or foreign checkpoint costs its examples, not the report
             problems.append(str(e))
             continue
-        frame = group.reset_index(drop=True)
+        frame = group.drop_duplicates("image_id")
         dataset = SliceDataset(frame[["image_id", *LABELS]], ctx.layout, mcfg, transform=build_eval_transforms(mcfg))
-        x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        images = dict(zip(frame["image_id"], (dataset[i][0] for i in range(len(dataset)))))
         unreadable = set(dataset.failed)
-        idx = [LABELS.index(label) for label in frame["cam_label"]]
+        x = torch.stack([images[i] for i in group["image_id"]])
+        idx = [LABELS.index(label) for label in group["cam_label"]]
         with GradCAM(model) as cam:
             maps, probs = cam(x, idx)
         windows = list(mcfg.data.windows)
         channel = mcfg.data.neighbors * len(windows) + (windows.index("brain") if "brain" in windows else 0)
         shown = "brain" if "brain" in windows else windows[0]
-        for i, row in frame.iterrows():
+        for i, (row_id, row) in enumerate(group.iterrows()):
             if row["image_id"] in unreadable:
                 problems.append(f"{row['image_id']}: cached image unreadable, no Grad-CAM")
                 continue
@@ -302,11 +305,20 @@ def _cam_examples(ctx: Context, rows: pd.DataFrame, kind: str) -> tuple[list[plo
             title = (f"{row['image_id']} (fold {int(fold)}, {shown} window)\nany p={probs[i, 0]:.2f}; {label}: truth "
                      f"{int(row[label])}, p={probs[i, j]:.2f}")
             empty = not np.any(maps[i] > 0)  # every location argues against the label: Grad-CAM's ReLU leaves 0
-            examples[row["image_id"]] = plots.CamExample(
+            found[row_id] = plots.CamExample(
                 image=image, overlay=overlay(image, maps[i]), title=title,
                 cam_title="Grad-CAM: no positive evidence" if empty else "Grad-CAM (red = raises the score)")
-    ordered = [examples[i] for i in rows["image_id"] if i in examples]
-    return ordered, problems
+    out: dict[str, list[plots.CamExample]] = {}
+    for row_id, gallery in rows["gallery"].items():
+        if row_id in found:
+            out.setdefault(gallery, []).append(found[row_id])
+    return out, sorted(set(problems), key=problems.index)
+
+
+GALLERIES = {
+    "positives": "Most confident true positives ('any' probability, highest first)",
+    "errors": "Worst errors (highest per-image weighted log loss; the label explained is the worst one)",
+}
 
 
 def _gradcam_section(ctx: Context, sec: Section) -> None:
@@ -333,19 +345,15 @@ def _gradcam_section(ctx: Context, sec: Section) -> None:
     sec.text("Grad-CAM (Selvaraju et al.) on the backbone's last feature map of the fold model that did not train "
              "on the slice: red areas raise the explained label's score. Left of each pair the model's input "
              "(brain window, after the black-border crop), right the overlay.")
-    for rows, kind, title in (
-        (pos, "positive", "Most confident true positives ('any' probability, highest first)"),
-        (worst, "error", "Worst errors (highest per-image weighted log loss; the label explained is the worst one)"),
-    ):
-        if rows.empty:
-            sec.note(f"No {kind} examples in the OOF predictions.")
+    rows = pd.concat([pos.assign(gallery="positives"), worst.assign(gallery="errors")], ignore_index=True)
+    examples, problems = _cam_examples(ctx, rows) if len(rows) else ({}, [])
+    for problem in problems:
+        sec.note(problem)
+    for gallery, title in GALLERIES.items():
+        if gallery not in examples:
+            sec.note(f"No Grad-CAM {gallery} to show.")
             continue
-        examples, problems = _cam_examples(ctx, rows, kind)
-        for problem in problems:
-            sec.note(problem)
-        if examples:
-            name = f"gradcam_{'positives' if kind == 'positive' else 'errors'}.png"
-            sec.image(plots.gradcam_gallery(examples, title, ctx.out / name), ctx.out, title)
+        sec.image(plots.gradcam_gallery(examples[gallery], title, ctx.out / f"gradcam_{gallery}.png"), ctx.out, title)
 
 
 def _test_section(ctx: Context, sec: Section) -> None:

@@ -46,11 +46,11 @@ class Section:
     def table(self, frame: pd.DataFrame, caption: str | None = None, index: bool = True, digits: int = 4) -> "Section":
         if caption:
             self.parts.append(f"<p><b>{html.escape(caption)}</b></p>")
-        shown = frame.copy()
+        shown = frame.reset_index() if index else frame.copy()  # a named index would add a second header row
         for col in shown.columns:
             if pd.api.types.is_float_dtype(shown[col]):
                 shown[col] = [("-" if pd.isna(v) else f"{v:.{digits}f}") for v in shown[col]]
-        self.parts.append(shown.to_html(index=index, escape=True, border=0, na_rep="-"))
+        self.parts.append(shown.to_html(index=False, escape=True, border=0, na_rep="-"))
         return self
 
     def image(self, path: Path, page_dir: Path, alt: str) -> "Section":

@@ -170,7 +170,7 @@ def _train(args):
     cfg = _config(args)
     from . import train
 
-    folds = range(cfg.cv.k) if args.fold == "all" else [int(args.fold)]
+    folds = (cfg.cv.folds or range(cfg.cv.k)) if args.fold == "all" else [int(args.fold)]  # cv.folds: a subset
     for fold in folds:
         train.train_fold(cfg, _layout(args), fold, runs=args.runs, force=args.force)
 

@@ -248,3 +248,13 @@ def test_min_brain_fraction_drops_empty_training_slices(comp):
     assert dropped and all(frac[i] < 0.05 for i in dropped)  # the slices above/below the brain
     assert set(folds.loc[folds["any"] == 1, "image_id"]) <= set(kept["image_id"])  # positives always stay
     assert len(drop_empty_slices(folds, comp, 0.0)) == len(folds)
+
+
+def test_cli_train_reports_user_errors_in_one_line(comp, tmp_path, capsys):
+    from ich_kaggle.cli import main
+
+    rc = main(["train", "--config", "tiny", "--data", str(comp.data), "--work", str(comp.work), "--runs",
+               str(tmp_path), "--fold", "9", "--set", "cv.k=3"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "fold 9 does not exist" in err
+    assert not (tmp_path / "tiny" / "fold9").exists()

@@ -42,14 +42,18 @@ class FoldData:
     meta: pd.DataFrame
 
 
+def check_fold(cfg: Config, fold: int) -> None:
+    if not 0 <= fold < cfg.cv.k:
+        raise UserError(f"fold {fold} does not exist with cv.k={cfg.cv.k}; use --fold 0..{cfg.cv.k - 1} or all")
+
+
 def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None = None) -> FoldData:
     """Build what is missing (meta, folds, cache) on rank 0, then split folds.csv into train / validation."""
     from ..data import cache, folds, meta
     from ..data.dataset import drop_empty_slices
 
     info = info or D.DistInfo()
-    if not 0 <= fold < cfg.cv.k:
-        raise UserError(f"fold {fold} does not exist with cv.k={cfg.cv.k}; use --fold 0..{cfg.cv.k - 1} or all")
+    check_fold(cfg, fold)
     if info.is_main:
         table = folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
         cache.ensure(layout)
@@ -220,6 +224,7 @@ def write_oof(fdir: Path, frame: pd.DataFrame, probs: np.ndarray, emb: np.ndarra
 def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", force: bool = False,
                stop_after_epochs: int | None = None) -> Path:
     """Train (or resume, or skip if finished) one fold; returns runs/<cfg.name>/fold<k>/."""
+    check_fold(cfg, int(fold))
     info = D.setup()
     try:
         return _train_fold(cfg, layout, int(fold), Path(runs), force, _stop_after(stop_after_epochs), info)

@@ -92,3 +92,14 @@ def test_cli_preprocess_parallel(mini_dir, tmp_path, monkeypatch):
     assert cli.main(["preprocess", "--data", str(data), "--work", str(work), "--workers", "2"]) == 0
     layout = Layout.of(data, work)
     assert cache.cached_ids(layout) == set(meta.load_meta(layout)["image_id"])
+
+
+def test_cli_preprocess_small_format(mini_dir, tmp_path):
+    data = _small_comp(mini_dir, tmp_path, n=4)
+    work = tmp_path / "work"
+    assert cli.main(["preprocess", "--data", str(data), "--work", str(work), "--workers", "1", "--small"]) == 0
+    layout = Layout.of(data, work)
+    for row in meta.load_meta(layout).itertuples():
+        blob = cache.cache_path(layout, row.image_id).read_bytes()
+        assert blob[4] & cache.FLAG_LOW_DEFLATED and len(blob) < 0.35 * 512 * 512 * 2
+        np.testing.assert_array_equal(cache.load_hu(layout, row.image_id), dicom.read_hu(data / row.path, dtype=np.int16))

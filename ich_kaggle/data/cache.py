@@ -1,22 +1,26 @@
 """`make preprocess`: every readable slice -> a lossless int16 HU file, so windows and window jitter apply at load time.
 
-Format (`<cache>/<last 2 chars of id>/<image_id>.hu`): an 18-byte header then the image as horizontal deltas,
-zigzag-mapped to uint16 and split into a low-byte plane and a high-byte plane. CT rows are smooth, so almost
-every high byte is 0 and that plane deflates ~20x in a fraction of a millisecond (zlib level 1, RLE strategy);
-the low plane is noisy and only deflates ~1.7x at ~10x the cost, so by default it is stored as is
-(`FAST`; `SMALL` deflates it too). Decoding is two memcpys, an inflate of a few kB and a cumsum.
+Format (`<cache>/<last 2 chars of id>/<image_id>.hu`): an 18-byte header, then the residuals of the planar
+predictor (left + up - upleft), zigzag-mapped to uint16. Their low bytes are stored as one 512x512 byte plane;
+the high bytes are 0 for ~99.8% of CT pixels, so only the (index, byte) pairs of the others are kept (a dense,
+deflated plane when more than 1/64 are nonzero). Decoding is a copy, a scatter of a few hundred bytes, one
+numpy pass and one `cv2.integral` (the predictor's exact inverse). `SMALL` also deflates the low-byte plane:
+half the disk at a quarter of the speed. Images with |HU| >= 8192 fall back to row deltas.
 
-Measured on the real mini set (659 slices, 512 px), one process, this 2-core shared box (`make bench`;
-a plain 512 kB file read runs ~3,500/s here against ~7,000/s on a typical machine):
+Measured on the real mini set (every third of its 659 slices, 512 px) in one process, as CPU time of that
+process (the 2-core box was shared, load ~10; `python -m ich_kaggle bench --what cache` prints the same figures):
 
-    format                      DICOM->cache/s  decode/s  bytes/image  full 874k cache
-    FAST (default)                    ~330        ~1,400      ~270 kB       ~235 GB
-    SMALL (low plane deflated)         ~95         ~330       ~155 kB       ~135 GB
-    16-bit PNG, cv2 level 1            ~70         ~170       ~190 kB       ~165 GB
-    raw .npy int16                    ~900       ~5,000       524 kB        ~458 GB
+    format                         DICOM->cache/s  decode/s  bytes/image  full 874k cache
+    FAST (default)                      ~1,070        ~630      265 kB        ~232 GB
+    SMALL (low plane deflated)            ~140        ~430      136 kB        ~119 GB
+    16-bit PNG, cv2 level 1                ~63        ~150      190 kB        ~166 GB
+    compressed npz                         ~24        ~280      219 kB        ~191 GB
+    raw .npy int16                      ~2,270      ~4,900      524 kB        ~458 GB
 
-FAST is the only candidate that meets both >= 300 DICOM->cache/s per core and decode far above the
-65/s per worker a 1,000 img/s GPU needs from 16 workers, at about half the size of the raw DICOMs.
+(DICOM->cache here is read + HU + encode without the file write; with the atomic write the bench measured
+~600/s for FAST. For scale: reading a 512 kB file ran ~10,000/s and the DICOM->HU step ~3,000/s.)
+FAST is the only candidate that beats both 300 DICOM->cache/s per core and, by ~10x, the 65 decodes/s per
+worker that 16 workers need to feed a GPU at 1,000 images/s, at about half the size of the raw DICOMs.
 HU are exact whenever RescaleSlope/Intercept are integers (every RSNA file); otherwise rounded to 1 HU.
 """
 
@@ -40,10 +44,12 @@ from ..paths import Layout
 from . import dicom
 from . import meta as meta_mod
 
-MAGIC = b"IHU1"
+MAGIC = b"IHU2"
 _HEAD = struct.Struct("<4sBBHHII")  # magic, flags, reserved, rows, cols, len(low), len(high)
 FLAG_LOW_DEFLATED = 1
 FLAG_ROW_DELTA = 2
+FLAG_HIGH_SPARSE = 4
+SPARSE_FRACTION = 64  # high bytes stored as (index, byte) pairs while at most 1/64 of them are nonzero
 PLANAR_LIMIT = 8192  # |HU| below this keeps planar residuals inside int16
 FAST, SMALL = 0, 1
 SUFFIX = ".hu"
@@ -71,11 +77,15 @@ def encode(hu: np.ndarray, level: int = FAST) -> bytes:
     if hu.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {hu.shape}")
     d, flags = _residuals(hu)
-    u = ((d << 1) ^ (d >> 15)).view(np.uint16)  # zigzag: small |residual| -> small unsigned
-    planes = u.view(np.uint8).reshape(hu.shape[0], hu.shape[1], 2)
-    low = planes[..., 0].tobytes()
-    comp = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    high = comp.compress(planes[..., 1].tobytes()) + comp.flush()
+    u = ((d << 1) ^ (d >> 15)).view(np.uint16).ravel()  # zigzag: small |residual| -> small unsigned
+    low = u.astype(np.uint8).tobytes()  # the low byte of every residual
+    idx = np.flatnonzero(u > 255)
+    if len(idx) <= u.size // SPARSE_FRACTION:  # the usual case: a few hundred large residuals
+        high = struct.pack("<I", len(idx)) + idx.astype("<u4").tobytes() + (u[idx] >> 8).astype(np.uint8).tobytes()
+        flags |= FLAG_HIGH_SPARSE
+    else:
+        comp = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+        high = comp.compress((u >> 8).astype(np.uint8).tobytes()) + comp.flush()
     if level == SMALL:
         comp = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY)
         low = comp.compress(low) + comp.flush()
@@ -93,11 +103,16 @@ def decode(data: bytes) -> np.ndarray:
     low = memoryview(data)[_HEAD.size:_HEAD.size + n_low]
     if flags & FLAG_LOW_DEFLATED:
         low = zlib.decompress(low)
-    high = zlib.decompress(memoryview(data)[_HEAD.size + n_low:])
-    planes = np.empty((rows, cols, 2), dtype=np.uint8)
-    planes[..., 0] = np.frombuffer(low, dtype=np.uint8).reshape(rows, cols)
-    planes[..., 1] = np.frombuffer(high, dtype=np.uint8).reshape(rows, cols)
-    u = planes.view(np.uint16).reshape(rows, cols)
+    u = np.frombuffer(low, dtype=np.uint8).astype(np.uint16)
+    start = _HEAD.size + n_low
+    if flags & FLAG_HIGH_SPARSE:
+        (count,) = struct.unpack_from("<I", data, start)
+        idx = np.frombuffer(data, dtype="<u4", count=count, offset=start + 4)
+        high = np.frombuffer(data, dtype=np.uint8, count=count, offset=start + 4 + 4 * count)
+        u[idx] |= high.astype(np.uint16) << 8
+    else:
+        u |= np.frombuffer(zlib.decompress(memoryview(data)[start:]), dtype=np.uint8).astype(np.uint16) << 8
+    u = u.reshape(rows, cols)
     d = ((u >> 1) ^ (np.uint16(0) - (u & 1))).view(np.int16)
     if flags & FLAG_ROW_DELTA:
         return np.cumsum(d, axis=1, dtype=np.int16)

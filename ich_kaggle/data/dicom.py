@@ -352,6 +352,10 @@ def to_hu(px: np.ndarray, h: dict[str, Any], dtype: type = np.float32) -> np.nda
         px = px.astype(np.int32) + 1000
         px[px >= 4096] -= 4096
         intercept = -1000.0
+    if dtype is np.int16 and slope == 1 and intercept.is_integer() and px.dtype in (np.int16, np.uint16):
+        lo, hi = int(px.min(initial=0)), int(px.max(initial=0))
+        if hi <= 32767 and -32768 <= lo + intercept and hi + intercept <= 32767:  # no overflow: stay in int16
+            return px.view(np.int16) + np.int16(intercept) if px.dtype == np.uint16 else px + np.int16(intercept)
     if dtype is np.int16 and slope.is_integer() and intercept.is_integer():
         hu = px.astype(np.int32)
         if slope != 1:

@@ -2,7 +2,8 @@
 
 Resumable at epoch boundaries: last.pt holds everything needed (model, optimizer, scheduler, scaler, log, best
 metric, RNG states) and all per-epoch randomness is re-derived from (seed, epoch, rank), so an interrupted run that
-is restarted ends with the same weights as one that never stopped.
+is restarted ends with the same weights as one that never stopped (bitwise on CPU; on CUDA with
+ICH_DETERMINISTIC=1, which turns cuDNN autotuning off).
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
             return fdir
 
     D.seed_everything(cfg.train.seed)
-    D.set_deterministic(True)
+    D.set_deterministic()
     data = prepare_data(cfg, layout, fold, info)
     if info.is_main:
         dump(cfg, fdir / "config.yaml")

@@ -48,6 +48,19 @@ def fold_dirs(run: Path) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
+def fold_done(d: Path) -> bool:
+    """A fold is finished once training wrote done.json (or, from older runs, best.pt and its oof.csv)."""
+    return (d / "done.json").exists() or ((d / "best.pt").exists() and (d / "oof.csv").exists())
+
+
+def read_done(d: Path) -> dict:
+    try:
+        return json.loads((d / "done.json").read_text()) if (d / "done.json").exists() else {}
+    except ValueError:
+        log.warning("%s unreadable; ignored", d / "done.json")
+        return {}
+
+
 def read_logs(run: Path) -> dict[int, pd.DataFrame]:
     """Each fold's log.csv (unreadable or empty ones are reported and skipped)."""
     logs = {}
@@ -169,7 +182,8 @@ def _summary_section(ctx: Context, sec: Section) -> None:
     rows = []
     for fold, d in folds.items():
         lg = ctx.logs.get(fold)
-        row = {"fold": fold, "best.pt": (d / "best.pt").exists(), "epochs logged": 0 if lg is None else len(lg)}
+        row = {"fold": fold, "finished": fold_done(d), "best.pt": (d / "best.pt").exists(),
+               "epochs logged": 0 if lg is None else len(lg)}
         if lg is not None:
             if "val_weighted_log_loss" in lg:
                 best = lg.loc[lg["val_weighted_log_loss"].idxmin()]
@@ -302,8 +316,10 @@ def _cam_examples(ctx: Context, rows: pd.DataFrame) -> tuple[dict[str, list[plot
                 continue
             image = x[i, channel].numpy()
             label, j = row["cam_label"], idx[i]
-            title = (f"{row['image_id']} (fold {int(fold)}, {shown} window)\nany p={probs[i, 0]:.2f}; {label}: truth "
-                     f"{int(row[label])}, p={probs[i, j]:.2f}")
+            explained = f"{label}: truth {int(row[label])}, p={probs[i, j]:.2f}"
+            if label != "any":
+                explained = f"any p={probs[i, 0]:.2f}; {explained}"
+            title = f"{row['image_id']} (fold {int(fold)}, {shown} window)\n{explained}"
             empty = not np.any(maps[i] > 0)  # every location argues against the label: Grad-CAM's ReLU leaves 0
             found[row_id] = plots.CamExample(
                 image=image, overlay=overlay(image, maps[i]), title=title,
@@ -428,7 +444,7 @@ SECTIONS: list[tuple[str, str, Callable[[Context, Section], None]]] = [
 def _prepare(ctx: Context) -> None:
     """Read every input once and fill the summary (what `compare` shows), whichever sections are drawn."""
     ctx.logs = read_logs(ctx.run)
-    ctx.summary["folds_done"] = sum(1 for d in fold_dirs(ctx.run).values() if (d / "best.pt").exists())
+    ctx.summary["folds_done"] = sum(1 for d in fold_dirs(ctx.run).values() if fold_done(d))
     secs = [lg["seconds"].mean() for lg in ctx.logs.values() if "seconds" in lg]
     ctx.summary["sec_per_epoch"] = float(np.mean(secs)) if secs else None
     cv = trained_cv(ctx.run)
@@ -519,11 +535,12 @@ def find_experiments(runs: Path, depth: int = 3) -> list[Path]:
 
 
 def experiment_row(run: Path, name: str) -> dict:
-    """One line of `compare`: from report/summary.json when it exists, else the fold logs' best epochs."""
+    """One line of `compare`: from report/summary.json when it exists, else the finished folds' own files
+    (done.json's OOF loss and log.csv's best epoch per label), pooled over folds by validation size."""
     folds = fold_dirs(run)
     logs = read_logs(run)
-    row: dict = {"experiment": name, "folds_done": sum((d / "best.pt").exists() for d in folds.values()),
-                 "folds_started": len(folds)}
+    done = {fold: d for fold, d in folds.items() if fold_done(d)}
+    row: dict = {"experiment": name, "folds_done": len(done), "folds_started": len(folds)}
     secs = [lg["seconds"].mean() for lg in logs.values() if "seconds" in lg]
     row["sec_per_epoch"] = float(np.mean(secs)) if secs else np.nan
     summary_path = run / REPORT_DIR / SUMMARY
@@ -540,15 +557,23 @@ def experiment_row(run: Path, name: str) -> dict:
             row[label] = summary.get("per_label", {}).get(label, np.nan)
         row["series_auc_any"] = summary.get("series_auc_any", np.nan)
     else:
-        best = []
-        for lg in logs.values():
-            if "val_weighted_log_loss" in lg and lg["val_weighted_log_loss"].notna().any():
-                best.append(lg.loc[lg["val_weighted_log_loss"].idxmin()])
-        row["source"] = "log.csv (best epoch, fold mean)" if best else "-"
-        row["oof_wll"] = float(np.mean([b["val_weighted_log_loss"] for b in best])) if best else np.nan
-        for label in LABELS:
-            vals = [b[f"val_{label}"] for b in best if f"val_{label}" in b]
-            row[label] = float(np.mean(vals)) if vals else np.nan
+        # the metric is a mean over images, so weighting each fold by its validation size pools it exactly
+        values: dict[str, list[tuple[float, float]]] = {key: [] for key in ("oof_wll", *LABELS)}
+        for fold, d in done.items():
+            info, lg = read_done(d), logs.get(fold)
+            weight = float(info.get("n_val", 1))
+            best = None
+            if lg is not None and "val_weighted_log_loss" in lg and lg["val_weighted_log_loss"].notna().any():
+                best = lg.loc[lg["val_weighted_log_loss"].idxmin()]
+            total = info.get("oof_weighted_log_loss", None if best is None else best["val_weighted_log_loss"])
+            if total is not None:
+                values["oof_wll"].append((float(total), weight))
+            for label in LABELS:
+                if best is not None and f"val_{label}" in best:
+                    values[label].append((float(best[f"val_{label}"]), weight))
+        for key, pairs in values.items():
+            row[key] = float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs])) if pairs else np.nan
+        row["source"] = "fold files (done.json, log.csv)" if values["oof_wll"] else "-"
         row["series_auc_any"] = np.nan
     stack_metrics = run / "stack" / "metrics.csv"
     row["stacked_wll"] = np.nan

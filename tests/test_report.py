@@ -83,6 +83,10 @@ def fake_run(run: Path, folds: pd.DataFrame, seed: int = 0, epochs: int = 3, ski
         pd.DataFrame(log).to_csv(d / "log.csv", index=False)
         if best_pt:
             (d / "best.pt").write_bytes(b"not a real checkpoint")  # Grad-CAM must report it, not crash
+            bce = -(y * np.log(oof[list(LABELS)].to_numpy()) + (1 - y) * np.log1p(-oof[list(LABELS)].to_numpy()))
+            done = {"fold": int(fold), "best_epoch": epochs - 1, "n_val": len(val),
+                    "oof_weighted_log_loss": float((bce * [2, 1, 1, 1, 1, 1]).sum(axis=1).mean() / 7)}
+            (d / "done.json").write_text(json.dumps(done))
 
 
 def _experiment(tmp_path: Path):
@@ -243,9 +247,17 @@ def test_compare_table(experiment, capsys):
     logs = [pd.read_csv(runs / cfg.name / f"fold{k}" / "log.csv") for k in range(3)]
     assert row["sec_per_epoch"] == pytest.approx(np.mean([lg["seconds"].mean() for lg in logs]))
     worse = table.set_index("experiment").loc["nested/worse"]
-    assert worse["source"].startswith("log.csv")
+    assert worse["source"].startswith("fold files")
+    # pooled from the folds' done.json: equal to the weighted log loss of all OOF rows together
+    woof = pd.concat([pd.read_csv(runs / "nested" / "worse" / f"fold{k}" / "oof.csv") for k in range(3)])
+    wjoined = ev.join_truth_pred(folds, woof)
+    y = wjoined[list(LABELS)].to_numpy(float)
+    p = wjoined[[ev.pred_col(label) for label in LABELS]].to_numpy(float)
+    pooled = (-(y * np.log(p) + (1 - y) * np.log1p(-p)) * [2, 1, 1, 1, 1, 1]).sum(axis=1).mean() / 7
+    assert worse["oof_wll"] == pytest.approx(pooled)
     wlogs = [pd.read_csv(runs / "nested" / "worse" / f"fold{k}" / "log.csv") for k in range(3)]
-    assert worse["oof_wll"] == pytest.approx(np.mean([lg["val_weighted_log_loss"].min() for lg in wlogs]))
+    sizes = folds.groupby("fold").size().to_numpy()
+    assert worse["any"] == pytest.approx(np.average([lg["val_any"].min() for lg in wlogs], weights=sizes))
     assert np.isnan(worse["series_auc_any"])
     assert "started" in out and "not finished" in out
     assert (runs / "compare.csv").exists() and "tiny" in out

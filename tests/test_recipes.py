@@ -28,6 +28,15 @@ FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=6", "t
         "train.warmup_epochs=0"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 cores shared with other jobs, 2 threads spin against each other (~10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory) -> Layout:
     from ich_kaggle.data import folds, synth
@@ -225,6 +234,17 @@ def test_tricks_freeze_backbone_progressive_sizes_and_brain_filter(comp, tmp_pat
     assert done["n_train"] == kept and done["n_val"] == int((folds["fold"] == 1).sum())
 
 
+@pytest.mark.slow
+def test_tricks_lr_finder_plots_loss_against_lr(comp, tmp_path):
+    cfg = _cfg("tricks_resnet18", "train.progressive_sizes=[]", "train.max_images_per_epoch=6")
+    lr = train.lr_find(cfg, comp, 0, runs=tmp_path)
+    fdir = tmp_path / "tricks_resnet18" / "fold0"
+    sweep = pd.read_csv(fdir / "lr_find.csv")
+    assert (fdir / "lr_find.png").stat().st_size > 0 and len(sweep) >= 10
+    assert (np.diff(sweep["lr"]) > 0).all() and sweep["lr"].min() <= lr <= sweep["lr"].max()
+    assert not (fdir / "last.pt").exists()  # the sweep leaves the fold's training state alone
+
+
 # --- small CNN vs ResNet-50 (Foo) -------------------------------------------------------------------------------
 
 def test_small_cnn_trains_with_inverse_frequency_weights_from_the_fold(comp, tmp_path, monkeypatch):
@@ -366,6 +386,14 @@ def test_resnext50_seresnet50_recipe_trains_and_predicts_mean_probabilities(comp
     np.testing.assert_allclose(mean, oof[list(LABELS)].to_numpy()[:3], atol=1e-5)
     emb = np.load(fdir / "oof_embeddings.npz")
     assert emb["emb"].shape == (len(oof), 2048 + 2048)
+    # the paper's evaluation: thresholded F1 per subtype and Grad-CAM maps, through the ensemble
+    from ich_kaggle import report
+
+    page = report.make_report(cfg, comp, runs=tmp_path, threshold=0.5, gradcam=2,
+                              sections=["thresholds", "series", "gradcam"])
+    assert (page.parent / "f1.png").exists() and (page.parent / "gradcam_positives.png").exists()
+    f1 = pd.read_csv(page.parent / "thresholds.csv").set_index("label")
+    assert list(f1.index) == list(LABELS) and f1["F1"].between(0, 1).all()
 
 
 @pytest.mark.slow

@@ -157,3 +157,10 @@ def test_series_order_at_competition_scale():
         iop = np.array(eval(h["ImageOrientationPatient"]), dtype=float)  # noqa: S307
         z = out.loc[out["image_id"] == h["SOPInstanceUID"], "z"].item()
         assert z == pytest.approx(np.dot(ipp, np.cross(iop[:3], iop[3:])))
+
+
+def test_parallel_scan_equals_sequential(mini_dir, mini_meta, tmp_path, monkeypatch):
+    monkeypatch.setattr(meta, "IN_PROCESS_BELOW", 0)  # force the process pool on the small set
+    monkeypatch.setattr(meta, "CHUNK", 64)
+    parallel = meta.build_meta(Layout.of(mini_dir, tmp_path / "w"), workers=2)
+    pd.testing.assert_frame_equal(parallel, mini_meta[1])

@@ -103,3 +103,19 @@ def test_cli_preprocess_small_format(mini_dir, tmp_path):
         blob = cache.cache_path(layout, row.image_id).read_bytes()
         assert blob[4] & cache.FLAG_LOW_DEFLATED and len(blob) < 0.35 * 512 * 512 * 2
         np.testing.assert_array_equal(cache.load_hu(layout, row.image_id), dicom.read_hu(data / row.path, dtype=np.int16))
+
+
+def test_ensure_test_split_only(mini_dir, tmp_path):
+    data = _small_comp(mini_dir, tmp_path, n=6)
+    layout = Layout.of(data, tmp_path / "work")
+    m = meta.build_meta(layout, workers=1)
+    bad = data / m.loc[m["split"] == "train", "path"].iloc[0]
+    bad.write_bytes(bad.read_bytes()[:2000])
+    result = cache.ensure(layout, splits=("test",))  # what a Kaggle inference kernel needs
+    assert (result["cached"], result["skipped"]) == (3, 0)
+    assert cache.cached_ids(layout) == set(m.loc[m["split"] == "test", "image_id"])
+    assert cache.ensure(layout, splits=("test",)) is None
+    assert cache.ensure(layout)["cached"] == 2  # then the train slices; the truncated one is listed
+    assert cache.ensure(layout, splits=("test",)) is None and cache.ensure(layout) is None
+    cache.preprocess(layout, splits=("test",))  # a later partial run keeps the train entry in skipped.csv
+    assert pd.read_csv(layout.cache_dir / "skipped.csv")["path"].tolist() == [bad.relative_to(data).as_posix()]

@@ -191,7 +191,9 @@ def _skipped_csv(layout: Layout) -> Path:
     return layout.cache_dir / "skipped.csv"
 
 
-def _todo(layout: Layout, meta: pd.DataFrame, include_skipped: bool) -> pd.DataFrame:
+def _todo(layout: Layout, meta: pd.DataFrame, include_skipped: bool, splits: tuple[str, ...] | None) -> pd.DataFrame:
+    if splits is not None:
+        meta = meta.loc[meta["split"].isin(splits)]
     done = cached_ids(layout)
     todo = meta.loc[~meta["image_id"].isin(done), ["image_id", "path"]]
     if not include_skipped and _skipped_csv(layout).exists():
@@ -200,11 +202,17 @@ def _todo(layout: Layout, meta: pd.DataFrame, include_skipped: bool) -> pd.DataF
     return todo
 
 
-def preprocess(layout: Layout, workers: int | None = None, level: int = FAST) -> dict:
-    """Cache every readable slice of meta.csv (train and test); resumable. Returns counts and speed."""
+def preprocess(layout: Layout, workers: int | None = None, level: int = FAST,
+               splits: tuple[str, ...] | None = None) -> dict:
+    """Cache every readable slice of meta.csv (train and test, or only `splits`); resumable.
+
+    Returns {"cached", "existing", "skipped", "bytes_written", "seconds", "images_per_s"}.
+    """
     layout.require_data()
     meta = meta_mod.load_meta(layout)
-    todo = _todo(layout, meta, include_skipped=True)
+    if splits is not None:
+        meta = meta.loc[meta["split"].isin(splits)]
+    todo = _todo(layout, meta, include_skipped=True, splits=None)
     existing = len(meta) - len(todo)
     items = list(todo.itertuples(index=False, name=None))
     workers = max(1, workers or os.cpu_count() or 1)
@@ -230,7 +238,11 @@ def preprocess(layout: Layout, workers: int | None = None, level: int = FAST) ->
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
     seconds = time.perf_counter() - t0
-    write_csv(pd.DataFrame(skipped, columns=["path", "reason"]), _skipped_csv(layout))
+    listed = pd.DataFrame(skipped, columns=["path", "reason"])
+    if _skipped_csv(layout).exists():  # keep what earlier runs found in files this run did not try
+        earlier = pd.read_csv(_skipped_csv(layout), dtype=str)
+        listed = pd.concat([earlier.loc[~earlier["path"].isin(todo["path"])], listed], ignore_index=True)
+    write_csv(listed, _skipped_csv(layout))
     result = {"cached": done, "existing": existing, "skipped": len(skipped), "bytes_written": written,
               "seconds": round(seconds, 2), "images_per_s": round(done / seconds, 1) if seconds > 0 else 0.0}
     print(f"cache: {done} new, {existing} already cached, {len(skipped)} skipped, "
@@ -240,12 +252,15 @@ def preprocess(layout: Layout, workers: int | None = None, level: int = FAST) ->
     return result
 
 
-def ensure(layout: Layout, workers: int | None = None) -> dict | None:
-    """Run `preprocess` only if some readable slice is not cached yet (known-unreadable ones do not count)."""
+def ensure(layout: Layout, workers: int | None = None, splits: tuple[str, ...] | None = None) -> dict | None:
+    """Run `preprocess` only if some readable slice is not cached yet (known-unreadable ones do not count).
+
+    `splits=("test",)` caches only the test slices (inference in a Kaggle kernel).
+    """
     meta = meta_mod.load_meta(layout)
-    if _todo(layout, meta, include_skipped=False).empty:
+    if _todo(layout, meta, include_skipped=False, splits=splits).empty:
         return None
-    return preprocess(layout, workers=workers)
+    return preprocess(layout, workers=workers, splits=splits)
 
 
 def bench(mini: Path | None) -> None:

@@ -86,16 +86,27 @@ def _read_pred(path: Path) -> pd.DataFrame:
     return frame
 
 
-def read_oof(run: Path) -> tuple[pd.DataFrame | None, str]:
-    """(OOF predictions, where they came from): predictions/oof.csv (TTA) if present, else every fold's oof.csv."""
+def read_oof(run: Path, problems: list[str] | None = None) -> tuple[pd.DataFrame | None, str]:
+    """(OOF predictions, where they came from): predictions/oof.csv (TTA) if present, else every fold's oof.csv.
+
+    A broken fold file is skipped (and described in `problems`), so one bad fold leaves the others usable."""
     path = run / "predictions" / "oof.csv"
     if path.exists():
         return _read_pred(path), str(path)
     parts = [(d / "oof.csv") for d in fold_dirs(run).values() if (d / "oof.csv").exists()]
     if not parts:
         return None, f"no {path} and no {run}/fold*/oof.csv"
-    frame = pd.concat([_read_pred(p) for p in parts], ignore_index=True).drop_duplicates("image_id", keep="last")
-    return frame, f"{len(parts)} fold oof.csv file(s): " + ", ".join(p.parent.name for p in parts)
+    frames, used = [], []
+    for part in parts:
+        try:
+            frames.append(_read_pred(part))
+            used.append(part.parent.name)
+        except (UserError, ValueError, OSError, pd.errors.ParserError) as e:
+            (problems if problems is not None else []).append(f"{part} skipped: {e}")
+    if not frames:
+        return None, f"no readable {run}/fold*/oof.csv"
+    frame = pd.concat(frames, ignore_index=True).drop_duplicates("image_id", keep="last")
+    return frame, f"{len(used)} fold oof.csv file(s): " + ", ".join(used)
 
 
 def trained_cv(run: Path) -> tuple[int, int] | None:
@@ -453,7 +464,7 @@ def _prepare(ctx: Context) -> None:
                          f"config's {ctx.cfg.cv.k}/{ctx.cfg.cv.seed}: labels and folds follow the trained split.")
     ctx.labels, ctx.summary["labels_source"] = read_labels(ctx.cfg, ctx.layout, cv)
     try:
-        oof, ctx.summary["oof_source"] = read_oof(ctx.run)
+        oof, ctx.summary["oof_source"] = read_oof(ctx.run, ctx.notes)
     except Exception as e:  # a broken prediction file: report it, keep the rest of the report
         oof, ctx.summary["oof_source"] = None, f"unreadable: {e}"
     if oof is None or ctx.labels is None:

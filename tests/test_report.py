@@ -213,7 +213,7 @@ def test_report_with_missing_inputs(tmp_path):
 
 
 def test_report_user_errors(tmp_path, experiment):
-    cfg, layout, runs, _ = experiment
+    cfg, layout, runs, folds = experiment
     with pytest.raises(UserError, match="not found; train first"):
         report.make_report(cfg, layout, runs=tmp_path / "elsewhere")
     with pytest.raises(UserError, match="threshold"):
@@ -224,6 +224,10 @@ def test_report_user_errors(tmp_path, experiment):
         report.make_report(cfg, layout, runs=runs, sections=["roc"])
     page = report.make_report(cfg, layout, runs=runs, sections=["summary", "series"]).read_text()
     assert "lacks columns" in page and "Section failed" not in page  # a broken file is named in the page
+    # ... and the other folds still count
+    summary = json.loads((runs / cfg.name / "report" / "summary.json").read_text())
+    assert summary["images"] == int((folds["fold"] != 0).sum())
+    assert "2 fold oof.csv file(s): fold1, fold2" in summary["oof_source"]
 
 
 def test_compare_table(experiment, capsys):

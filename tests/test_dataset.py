@@ -188,3 +188,26 @@ def test_unreadable_image_in_eval_gives_blank_and_is_recorded(monkeypatch):
                         meta=_meta())
     x, _, i = ds[0]
     assert x.shape == (3, 16, 16) and float(x.abs().sum()) == 0 and ds.failed == {"a0"}
+
+
+def test_a_broken_cache_is_one_clear_error_not_an_endless_loop(monkeypatch):
+    from ich_kaggle.errors import UserError
+
+    def broken(layout, image_id):
+        raise OSError("not a cache file")
+
+    monkeypatch.setattr(D, "_load_hu", broken)
+    cfg = config.load("tiny", ["data.image_size=16"])
+    frame = pd.DataFrame({"image_id": ["a0", "a1", "a2"]})
+    ds = D.SliceDataset(frame, None, cfg, transform=build_train_transforms(cfg), train=True, meta=_meta())
+    with pytest.raises(UserError, match="unreadable images in a row.*preprocess"):
+        ds[0]
+    assert ds.failed == {"a0", "a1", "a2"}
+
+
+def test_blank_eval_image_follows_the_transform_size(monkeypatch):
+    monkeypatch.setattr(D, "_load_hu", lambda layout, i: (_ for _ in ()).throw(OSError("gone")))
+    cfg = config.load("tiny", ["data.image_size=64", "data.neighbors=1"])
+    ds = D.SliceDataset(pd.DataFrame({"image_id": ["a1"]}), None, cfg, transform=build_eval_transforms(cfg, 24),
+                        meta=_meta())
+    assert ds[0][0].shape == (9, 24, 24)

@@ -122,17 +122,24 @@ def test_resume_with_changed_config_is_a_user_error(comp, tmp_path):
 
 def test_corrupt_cache_file_is_skipped_not_fatal(comp, tmp_path):
     from ich_kaggle.data import cache
+    from ich_kaggle.data.folds import load_folds
 
     layout = Layout.of(comp.data, tmp_path / "work")  # a private cache we may damage
     cache.ensure(layout)
-    folds = pd.read_csv(pd.io.common.stringify_path(comp.folds_csv))
+    folds = load_folds(layout, k=3, seed=0)
     victims = folds[folds["fold"] != 0]["image_id"].astype(str).head(3).tolist()
     for image_id in victims:
         cache.cache_path(layout, image_id).write_bytes(b"this is not a cached slice")
     fdir = train.train_fold(_cfg("train.epochs=1", "train.max_images_per_epoch=0"), layout, 0, runs=tmp_path / "runs")
     assert (fdir / "oof.csv").exists()
     text = (fdir / "train.log").read_text()
-    assert all(v in text for v in victims) and "replaced by" in text
+    assert all(v in text for v in victims) and "replaced by another training image" in text
+    # a cache that is broken throughout ends the run with one line saying what to do, even from a worker process
+    for image_id in folds["image_id"].astype(str):
+        cache.cache_path(layout, image_id).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="unreadable images in a row") as err:
+        train.train_fold(_cfg("train.epochs=1", "data.num_workers=1"), layout, 0, runs=tmp_path / "runs2")
+    assert "\n" not in str(err.value)
 
 
 def test_schedules_and_optimizers():

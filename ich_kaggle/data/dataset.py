@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from .. import LABELS
 from ..config import WINDOWS, Config
+from ..errors import UserError
 from ..io import write_csv
 from ..paths import Layout
 
@@ -29,6 +30,7 @@ log = logging.getLogger("ich_kaggle.train")
 AIR_HU = -500.0  # pixels above this are head, headrest or tissue; below it air or scanner padding
 CROP_MARGIN = 0.04  # fraction of the bounding box size added on each side
 BRAIN_HU = (0.0, 80.0)
+MAX_REPLACEMENTS = 50  # consecutive unreadable draws before giving up: the cache itself is broken
 
 
 def head_bbox(hu: np.ndarray, threshold: float = AIR_HU, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
@@ -163,23 +165,33 @@ class SliceDataset(Dataset):
         img = np.clip(img, 0.0, 1.0)
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
 
+    def _blank(self) -> torch.Tensor:
+        """An all-air image of the size the transform produces (which changes with progressive resizing)."""
+        size = self.cfg.data.image_size
+        img = np.zeros((size, size, len(self.windows) * self.neighbors.shape[1]), dtype=np.float32)
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
+
     def __getitem__(self, index: int):
-        try:
-            return self._item(index), torch.from_numpy(self.labels[index]), index
-        except Exception as e:  # a corrupt cache file must not end a long run
-            image_id = self.image_ids[index]
-            self.failed.add(image_id)
-            if not self.train:
-                log.warning("image %s unreadable (%s); predicting on a blank image", image_id, e)
-                size = self.cfg.data.image_size
-                blank = torch.zeros(len(self.windows) * self.neighbors.shape[1], size, size)
-                return blank, torch.from_numpy(self.labels[index]), index
-            replacement = (index + 1 + int(self._rng(index).integers(max(1, len(self) - 1)))) % len(self)
-            log.warning("image %s unreadable (%s); replaced by %s in this batch", image_id, e,
-                        self.image_ids[replacement])
-            if replacement == index or len(self.failed) >= len(self):
-                raise
-            return self[replacement]
+        current, rng = index, None
+        for _ in range(MAX_REPLACEMENTS):
+            try:
+                return self._item(current), torch.from_numpy(self.labels[current]), current
+            except Exception as e:  # a corrupt cache file must not end a long run
+                image_id = self.image_ids[current]
+                if image_id not in self.failed:  # warn once per image (per worker)
+                    self.failed.add(image_id)
+                    log.warning("image %s unreadable (%s); %s", image_id, e,
+                                "replaced by another training image" if self.train else "predicting on a blank image")
+                if not self.train:
+                    return self._blank(), torch.from_numpy(self.labels[index]), index
+                rng = rng or self._rng(index)
+                current = int(rng.integers(len(self)))
+        cache_dir = getattr(self.layout, "cache_dir", "the cache")
+        raise UserError(f"{MAX_REPLACEMENTS} unreadable images in a row under {cache_dir} (last: "
+                        f"{self.image_ids[current]}); the cache is damaged: delete it and rerun "
+                        f"`python -m ich_kaggle preprocess`")
 
 
 def brain_fractions(layout: Layout, image_ids: list[str] | np.ndarray) -> pd.Series:

@@ -111,6 +111,15 @@ def to_device(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tenso
     return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
 
 
+def batches(loader):
+    """Iterate a DataLoader; a UserError raised inside a worker (its traceback attached) becomes one line again."""
+    try:
+        yield from loader
+    except UserError as e:
+        last = str(e).strip().splitlines()[-1]
+        raise UserError(last.split("UserError: ", 1)[-1]) from None
+
+
 def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Config, info: D.DistInfo,
                 desc: str, batch_loss=None) -> tuple[float, int, float]:
     """(mean train loss over all ranks, images seen over all ranks, seconds)."""
@@ -119,7 +128,8 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Confi
     total, seen = torch.zeros(2, dtype=torch.float64), 0
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not info.is_main, dynamic_ncols=True)
+    bar = tqdm(batches(loader), desc=desc, unit="batch", total=n, leave=False, disable=not info.is_main,
+               dynamic_ncols=True)
     for i, (x, y, idx) in enumerate(bar):
         x, y = to_device(x, cfg, info.device), y.to(info.device, non_blocking=True)
         group_start = (i // accum) * accum

@@ -232,7 +232,7 @@ def _validate(args):
 def _kernel_datasets(args):
     from . import kernel
 
-    kernel.build_datasets(_config(args), runs=args.runs, out=args.out, username=args.username)
+    kernel.build_datasets(_config(args), runs=args.runs, out=args.out, username=args.username, layout=_layout(args))
 
 
 @command("kernel")

@@ -9,6 +9,7 @@ predict -> stack -> submit library calls as `make submit`, so both give the same
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -17,13 +18,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from . import COMPETITION, __version__
 from . import config as config_mod
 from .config import Config
 from .errors import UserError
-from .io import atomic_open, atomic_path
+from .io import atomic_open, atomic_path, write_csv
 from .paths import Layout, fold_dir, run_dir
 
 # What Kaggle's Python image lacks (or has too old: it ships pydicom 2.x) and the code needs. Kaggle has torch,
@@ -34,6 +36,9 @@ KERNEL_PACKAGES: tuple[str, ...] = (
 )
 CODE_SLUG = "ich-kaggle-code"
 MODEL_MANIFEST = "ich_kaggle_model.json"
+TRAIN_META = "train_meta.csv.gz"
+FOLDS = "folds.csv.gz"
+FOLDS_INFO = "folds.csv.json"
 DATASET_META = "dataset-metadata.json"
 KERNEL_META = "kernel-metadata.json"
 KERNEL_FILE = "kernel.py"
@@ -217,20 +222,48 @@ def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str,
     return final
 
 
-def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: str | Path) -> Path:
-    """kernels/ich-kaggle-model-<config>/: checkpoints, stacker files, resolved config and a manifest."""
+def _check_stack_inputs(cfg: Config, layout: Layout | None) -> Layout:
+    if layout is None or not layout.meta_csv.is_file() or not layout.folds_csv.is_file():
+        where = f" ({layout.meta_csv} / {layout.folds_csv} not found)" if layout is not None else ""
+        raise UserError(f"the stacker is refit inside the kernel on the training meta.csv and folds.csv{where}; "
+                        f"pass the data folder you trained on: make kernel-datasets CONFIG={cfg.name} DATA_DIR=<folder>")
+    return layout
+
+
+def _write_stack_inputs(layout: Layout, folder: Path) -> None:
+    """Train rows of meta.csv (series order of the OOF images) and folds.csv (+ its sidecar), gzipped."""
+    from .data.meta import read_meta
+
+    meta = read_meta(layout.meta_csv)
+    write_csv(meta[meta["split"] == "train"], folder / TRAIN_META)
+    with atomic_path(folder / FOLDS) as tmp:
+        with open(layout.folds_csv, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+    sidecar = layout.folds_csv.with_name(layout.folds_csv.name + ".json")
+    info = json.loads(sidecar.read_text()) if sidecar.is_file() else {"k": None, "seed": None}
+    _write_json(folder / FOLDS_INFO, info)
+
+
+def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: str | Path,
+                        layout: Layout | None = None) -> Path:
+    """kernels/ich-kaggle-model-<config>/: checkpoints, stacker inputs, resolved config and a manifest."""
     files = model_files(cfg, runs)
+    stacked = any(rel.startswith("stack/") for rel in files.values())
+    if stacked:
+        layout = _check_stack_inputs(cfg, layout)
     root = run_dir(runs, cfg.name)
     final = names.model_dir(out)
     tmp = _fresh_tmp(final)
     for flat, rel in files.items():
         _link_or_copy(root / rel, tmp / flat)
+    if stacked:
+        assert layout is not None
+        _write_stack_inputs(layout, tmp)
     config_mod.dump(cfg, tmp / "config.yaml")
     folds = trained_folds(cfg, runs)
     manifest = {
         "format": 1, "config": cfg.name, "ich_kaggle": __version__, "folds": folds,
-        "stack": any(rel.startswith("stack/") for rel in files.values()), "files": files,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "stack": stacked, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     _write_json(tmp / MODEL_MANIFEST, manifest)
     title = f"ICH Kaggle model {cfg.name}"[:50]
@@ -241,11 +274,13 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
 
 
 def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels",
-                   username: str | None = None) -> dict[str, Path]:
-    """`make kernel-datasets`: both dataset folders, ready for `kaggle datasets create/version -p`."""
+                   username: str | None = None, layout: Layout | None = None) -> dict[str, Path]:
+    """`make kernel-datasets`: both dataset folders, ready for `kaggle datasets create/version -p`.
+
+    `layout` is the data the runs were trained on: the stacker, refit inside the kernel, needs its meta and folds.
+    """
     names = names_for(cfg, username)
-    model_files(cfg, runs)  # fail on "no trained fold" before spending time on wheels
-    model = build_model_dataset(cfg, names, runs, out)
+    model = build_model_dataset(cfg, names, runs, out, layout)  # fails on "no trained fold" before the wheels
     code = build_code_dataset(names, out)
     print(f"wrote {code} ({names.code_id}) and {model} ({names.model_id})")
     return {"code": code, "model": model}
@@ -410,6 +445,29 @@ def data_view(competition: Path, folder: Path) -> Path:
     return folder
 
 
+def prepare_work(layout: Layout, model_dir: Path, manifest: dict) -> None:
+    """meta.csv = shipped train rows + a fresh scan of the test DICOMs; folds.csv as shipped (for the stacker).
+
+    Without a stacker the stages build meta.csv from the test-only data view themselves.
+    """
+    if not manifest.get("stack"):
+        return
+    from .data import meta as meta_mod
+
+    test_meta_csv = layout.work / "test_meta.csv"
+    test_meta = meta_mod.build_meta(layout, out=test_meta_csv)
+    train_meta = meta_mod.read_meta(model_dir / TRAIN_META)
+    test_skipped = test_meta_csv.with_name(f"{test_meta_csv.stem}_skipped.csv")
+    if test_skipped.is_file():
+        with atomic_path(layout.skipped_csv) as tmp:
+            shutil.copyfile(test_skipped, tmp)
+    write_csv(pd.concat([train_meta, test_meta], ignore_index=True), layout.meta_csv)
+    with gzip.open(model_dir / FOLDS, "rb") as src, atomic_open(layout.folds_csv, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with atomic_path(layout.folds_csv.with_name(layout.folds_csv.name + ".json")) as tmp:
+        shutil.copyfile(model_dir / FOLDS_INFO, tmp)  # written last: folds.csv must not look older than meta.csv
+
+
 def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path) -> Path:
     """Predict (TTA, every shipped fold) -> stack -> submission, exactly the library calls of `make submit`."""
     from . import predict, stack, submission
@@ -419,6 +477,7 @@ def run_inference(model_dir: str | Path, competition: str | Path, working: str |
     runs = working / "runs"
     cfg = materialize(model_dir, manifest, runs)
     layout = Layout.of(data_view(competition, working / "data"), working / "work")
+    prepare_work(layout, model_dir, manifest)
     predict.predict(cfg, layout, runs=runs)
     if manifest.get("stack"):
         stack.stack(cfg, layout, runs=runs)

@@ -13,6 +13,7 @@ import pytest
 
 from ich_kaggle import COMPETITION, config, kernel, wheels
 from ich_kaggle.errors import UserError
+from ich_kaggle.paths import Layout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_kaggle import FakeKaggle  # noqa: E402
@@ -43,6 +44,18 @@ def fake_run(runs: Path, cfg, folds=(0, 2), stack=True) -> Path:
         (root / "stack" / "test.csv").write_text("stale\n")
         (root / "stack" / "curves.png").write_bytes(b"png")
     return runs
+
+
+def fake_layout(base: Path) -> Layout:
+    """meta.csv / folds.csv of the data the fake run was trained on (the stacker's inputs)."""
+    layout = Layout.of(base / "comp", base / "work")
+    layout.work.mkdir(parents=True)
+    layout.meta_csv.write_text("image_id,patient_id,study_id,series_id,split,path,z,slice_rank,series_len\n"
+                               "ID_a,P1,S1,R1,train,stage_2_train/ID_a.dcm,1.0,0,1\n"
+                               "ID_t,P2,S2,R2,test,stage_2_test/ID_t.dcm,1.0,0,1\n")
+    layout.folds_csv.write_text("image_id,patient_id,study_id,series_id,fold,any\nID_a,P1,S1,R1,0,1\n")
+    layout.folds_csv.with_name("folds.csv.json").write_text('{"k": 5, "seed": 42, "images": 1}')
+    return layout
 
 
 # --- names and metadata errors ------------------------------------------------------------------------------------
@@ -105,7 +118,9 @@ def test_kernel_needs_the_dataset_folders(tmp_path, cfg, monkeypatch):
     kernel.build_code_dataset(names, out, packages=())
     with pytest.raises(UserError, match="ich-kaggle-model-tiny is missing"):
         kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="alice")
-    kernel.build_model_dataset(cfg, names, tmp_path / "runs", out)
+    with pytest.raises(UserError, match="stacker is refit inside the kernel .* DATA_DIR=<folder>"):
+        kernel.build_model_dataset(cfg, names, tmp_path / "runs", out)  # no layout: no meta/folds to ship
+    kernel.build_model_dataset(cfg, names, tmp_path / "runs", out, fake_layout(tmp_path))
     with pytest.raises(UserError, match="has id 'alice/ich-kaggle-code', expected 'bob/ich-kaggle-code'"):
         kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="bob")  # datasets built for another user
     (names.model_dir(out) / "fold0_best.pt").unlink()
@@ -134,10 +149,15 @@ def _env() -> dict[str, str]:
 def test_model_dataset_contents(tmp_path, cfg):
     runs = fake_run(tmp_path / "runs", cfg)
     names = kernel.names_for(cfg, "alice")
-    folder = kernel.build_model_dataset(cfg, names, runs, tmp_path / "kernels")
+    folder = kernel.build_model_dataset(cfg, names, runs, tmp_path / "kernels", fake_layout(tmp_path))
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["config.yaml", "dataset-metadata.json", "fold0_best.pt", "fold2_best.pt",
-                     "ich_kaggle_model.json", "predictions_oof.csv", "stack_metrics.csv"]  # no stale test.csv/png/last.pt
+    assert files == ["config.yaml", "dataset-metadata.json", "fold0_best.pt", "fold2_best.pt", "folds.csv.gz",
+                     "folds.csv.json", "ich_kaggle_model.json", "predictions_oof.csv", "stack_metrics.csv",
+                     "train_meta.csv.gz"]  # no stale test.csv/png/last.pt
+    import pandas as pd
+
+    assert list(pd.read_csv(folder / "train_meta.csv.gz")["image_id"]) == ["ID_a"]  # train rows only
+    assert pd.read_csv(folder / "folds.csv.gz").shape == (1, 6)
     assert (folder / "fold2_best.pt").read_bytes() == b"checkpoint 2"
     meta = json.loads((folder / "dataset-metadata.json").read_text())
     assert meta["id"] == "alice/ich-kaggle-model-tiny" and meta["licenses"] == [{"name": "CC0-1.0"}]
@@ -182,7 +202,7 @@ def test_code_dataset_and_kernel_folder(tmp_path, cfg):
         packed = zf.namelist()
     assert {"ich_kaggle/kernel.py", "ich_kaggle/kernel_template.py", "ich_kaggle/configs/tiny.yaml"} <= set(packed)
     assert not (ROOT / "build").exists() or not any((ROOT / "build").iterdir())  # built from a copy
-    kernel.build_model_dataset(cfg, names, runs, out)
+    kernel.build_model_dataset(cfg, names, runs, out, fake_layout(tmp_path))
 
     folder = kernel.build_kernel(cfg, runs=runs, out=out, username="alice")
     assert folder == out / "ich-kaggle-tiny"
@@ -236,7 +256,7 @@ def built(tmp_path_factory):
     out = tmp_path / "kernels"
     names = kernel.names_for(cfg, "testuser")
     kernel.build_code_dataset(names, out, packages=("munch",))
-    kernel.build_model_dataset(cfg, names, runs, out)
+    kernel.build_model_dataset(cfg, names, runs, out, fake_layout(tmp_path))
     kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
     return names, out
 
@@ -364,7 +384,7 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     expected = tmp_path / "submissions" / "tiny.csv"
 
     out = tmp_path / "kernels"
-    kernel.build_datasets(cfg, runs=runs, out=out, username="testuser")
+    kernel.build_datasets(cfg, runs=runs, out=out, username="testuser", layout=layout)
     folder = kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
     names = kernel.names_for(cfg, "testuser")
     root = _kaggle_input(tmp_path / "input", comp, names.code_dir(out), names.model_dir(out))

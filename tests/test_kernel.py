@@ -242,6 +242,41 @@ def test_find_inputs_in_nested_kaggle_layout(tmp_path):
         kernel.find_inputs(root, config_name="tiny")
 
 
+def test_kernel_side_work_folder(tmp_path):
+    """Inside the kernel: runs/ from the flat dataset, a test-only data view, meta = shipped train rows + test scan,
+    folds as shipped and not considered stale (a rebuild would need the train DICOMs the kernel does not read)."""
+    import pandas as pd
+
+    from ich_kaggle.data import folds as folds_mod
+    from ich_kaggle.data import meta as meta_mod
+    from ich_kaggle.data import synth
+
+    comp = synth.write_competition(tmp_path / "comp", seed=1, studies=4, slices=3, size=32)
+    cfg = config.load("tiny", ["cv.k=2"])
+    layout = Layout.of(comp, tmp_path / "work")
+    local_folds = folds_mod.load_folds(layout, k=2, seed=cfg.cv.seed)
+    local_meta = meta_mod.load_meta(layout)
+    runs = fake_run(tmp_path / "runs", cfg, folds=(0, 1))
+    names = kernel.names_for(cfg, "alice")
+    model = kernel.build_model_dataset(cfg, names, runs, tmp_path / "kernels", layout)
+
+    working = tmp_path / "working"
+    manifest = kernel.read_manifest(model)
+    got = kernel.materialize(model, manifest, working / "runs")
+    assert got.cv.folds == [0, 1] and got.cv.k == 2
+    assert (working / "runs" / "tiny" / "fold1" / "best.pt").read_bytes() == b"checkpoint 1"
+    view = kernel.data_view(comp, working / "data")
+    assert sorted(p.name for p in view.iterdir()) == ["stage_2_sample_submission.csv", "stage_2_test", "stage_2_train.csv"]
+    kernel_layout = Layout.of(view, working / "work")
+    kernel.prepare_work(kernel_layout, model, manifest)
+    merged = meta_mod.load_meta(kernel_layout)
+    key = ["image_id", "series_id", "split", "slice_rank", "series_len"]
+    pd.testing.assert_frame_equal(merged[key].sort_values("image_id").reset_index(drop=True),
+                                  local_meta[key].sort_values("image_id").reset_index(drop=True))
+    assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
+    pd.testing.assert_frame_equal(folds_mod.load_folds(kernel_layout, k=2, seed=cfg.cv.seed), local_folds)
+
+
 # --- the real kaggle CLI against a fake API server ----------------------------------------------------------------
 def _kaggle(fk: FakeKaggle, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(KAGGLE), *args], env=fk.env(), capture_output=True, text=True, timeout=60)

@@ -179,6 +179,12 @@ def _walk(buf: bytes, file_size: int) -> Parsed:
 
 
 def _pydicom_parse(source: str | Path | bytes, with_pixels: bool):
+    with warnings.catch_warnings():  # RSNA ids are not valid UIDs: pydicom warns on every access
+        warnings.simplefilter("ignore")
+        return _pydicom_parse_quiet(source, with_pixels)
+
+
+def _pydicom_parse_quiet(source: str | Path | bytes, with_pixels: bool):
     import pydicom
 
     with warnings.catch_warnings():

@@ -188,7 +188,8 @@ def _summary_section(ctx: Context, sec: Section) -> None:
     cfg = ctx.cfg
     sec.text(f"Config '{cfg.name}': {cfg.description or 'no description'}. Backbone {cfg.model.backbone}, "
              f"image {cfg.data.image_size}px, windows {', '.join(cfg.data.windows)}, neighbours {cfg.data.neighbors}, "
-             f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, {cfg.cv.k} folds.")
+             f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
+             f"{(trained_cv(ctx.run) or (cfg.cv.k,))[0]} folds.")
     folds = fold_dirs(ctx.run)
     rows = []
     for fold, d in folds.items():

@@ -68,6 +68,8 @@ def test_broken_files_give_reasons(tmp_path, mini_dir):
     real = sorted((mini_dir / "stage_2_train").glob("*.dcm"))[0].read_bytes()
     truncated = tmp_path / "ID_trunc.dcm"
     truncated.write_bytes(real[: len(real) // 2])
+    cut_header = tmp_path / "ID_cuthead.dcm"
+    cut_header.write_bytes(real[:700])
     text = tmp_path / "ID_text.dcm"
     text.write_text("ID,Label\nID_0_any,0\n")
     empty = tmp_path / "ID_empty.dcm"
@@ -75,7 +77,7 @@ def test_broken_files_give_reasons(tmp_path, mini_dir):
     colour = write_ct(tmp_path / "ID_rgb.dcm", np.zeros((4, 4, 3), np.uint8), samples=3, photometric="RGB")
     no_pixels = write_ct(tmp_path / "ID_nopix.dcm", None)
     mr = write_ct(tmp_path / "ID_mr.dcm", np.zeros((4, 4), np.int16), modality="MR")
-    expect = {truncated: "truncated", text: "not a DICOM", empty: "not a DICOM", colour: "colour",
+    expect = {truncated: "truncated", cut_header: "truncated", text: "not a DICOM", empty: "not a DICOM", colour: "colour",
               no_pixels: "no PixelData", mr: "not a CT"}
     for path, words in expect.items():
         with pytest.raises(dicom.DicomError) as err:

@@ -144,11 +144,15 @@ def _walk(buf: bytes, file_size: int) -> Parsed:
     values: dict[str, Any] = {}
     while True:
         if pos + 8 > n:
-            if n >= file_size:
-                break  # end of file without PixelData
-            raise _Fallback  # header longer than what was read
+            if n < file_size:
+                raise _Fallback  # header longer than what was read
+            if pos != n:  # the last element runs past the end of the file
+                raise DicomError(f"truncated file: cut inside the header ({file_size} bytes)")
+            break  # end of file without PixelData
         if explicit:
             group, elem, vr, length = _TAG_VR_LEN.unpack_from(buf, pos)
+            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                raise _Fallback  # not an explicit VR after all (mislabelled file): pydicom copes
             if vr in LONG_VRS:
                 if pos + 12 > n:
                     raise _Fallback

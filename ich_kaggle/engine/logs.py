@@ -73,6 +73,10 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     axes[1].set_xlabel("epoch")
     axes[1].set_title("validation log loss per label")
     axes[1].legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:

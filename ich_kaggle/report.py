@@ -4,6 +4,7 @@
 `thresholds.csv` and `summary.json` (read by `compare`). Each section reads the files the stages wrote
 (fold*/log.csv, predictions/oof.csv or fold*/oof.csv, fold*/best.pt, stack/metrics.csv, meta.csv, folds.csv); a
 section whose inputs are missing or broken becomes a note in the page, never a crash of the whole report.
+The readers live in `reporting.runs`, the figures in `reporting.plots`, `compare` in `reporting.compare`.
 """
 
 from __future__ import annotations
@@ -18,151 +19,23 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 from tqdm import tqdm
 
-from . import LABEL_WEIGHTS, LABELS
+from . import LABELS
 from . import evaluation as ev
 from .config import Config
 from .errors import UserError
 from .io import atomic_open, write_csv
 from .paths import Layout, run_dir
 from .reporting import plots
+from .reporting.compare import compare, experiment_row, find_experiments
 from .reporting.html import Page, Section
+from .reporting.runs import (REPORT_DIR, SUMMARY, _read_pred, fold_dirs, fold_done, oof_scores, read_labels, read_logs,
+                             read_meta, read_oof, trained_cv, weighted_bce)
 
 log = logging.getLogger("ich_kaggle.report")
 
-REPORT_DIR = "report"
-SUMMARY = "summary.json"
-
-
-# --- reading what the stages wrote -------------------------------------------------------------------------
-
-
-def fold_dirs(run: Path) -> dict[int, Path]:
-    """fold<k>/ folders of a run, by fold number."""
-    out = {}
-    for d in run.glob("fold*"):
-        if d.is_dir() and d.name[4:].isdigit():
-            out[int(d.name[4:])] = d
-    return dict(sorted(out.items()))
-
-
-def fold_done(d: Path) -> bool:
-    """A fold is finished once training wrote done.json (or, from older runs, best.pt and its oof.csv)."""
-    return (d / "done.json").exists() or ((d / "best.pt").exists() and (d / "oof.csv").exists())
-
-
-def read_done(d: Path) -> dict:
-    try:
-        return json.loads((d / "done.json").read_text()) if (d / "done.json").exists() else {}
-    except ValueError:
-        log.warning("%s unreadable; ignored", d / "done.json")
-        return {}
-
-
-def read_logs(run: Path) -> dict[int, pd.DataFrame]:
-    """Each fold's log.csv (unreadable or empty ones are reported and skipped)."""
-    logs = {}
-    for fold, d in fold_dirs(run).items():
-        path = d / "log.csv"
-        if not path.exists():
-            continue
-        try:
-            frame = pd.read_csv(path)
-        except Exception as e:
-            log.warning("%s unreadable (%s); skipped", path, e)
-            continue
-        if len(frame) and "epoch" in frame:
-            logs[fold] = frame
-    return logs
-
-
-def _read_pred(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(path)
-    missing = [c for c in ("image_id", *LABELS) if c not in frame.columns]
-    if missing:
-        raise UserError(f"{path} lacks columns {missing}; expected image_id + {', '.join(LABELS)} probabilities")
-    return frame
-
-
-def read_oof(run: Path, problems: list[str] | None = None) -> tuple[pd.DataFrame | None, str]:
-    """(OOF predictions, where they came from): predictions/oof.csv (TTA) if present, else every fold's oof.csv.
-
-    A broken fold file is skipped (and described in `problems`), so one bad fold leaves the others usable."""
-    path = run / "predictions" / "oof.csv"
-    if path.exists():
-        return _read_pred(path), str(path)
-    parts = [(d / "oof.csv") for d in fold_dirs(run).values() if (d / "oof.csv").exists()]
-    if not parts:
-        return None, f"no {path} and no {run}/fold*/oof.csv"
-    frames, used = [], []
-    for part in parts:
-        try:
-            frames.append(_read_pred(part))
-            used.append(part.parent.name)
-        except (UserError, ValueError, OSError, pd.errors.ParserError) as e:
-            (problems if problems is not None else []).append(f"{part} skipped: {e}")
-    if not frames:
-        return None, f"no readable {run}/fold*/oof.csv"
-    frame = pd.concat(frames, ignore_index=True).drop_duplicates("image_id", keep="last")
-    return frame, f"{len(used)} fold oof.csv file(s): " + ", ".join(used)
-
-
-def trained_cv(run: Path) -> tuple[int, int] | None:
-    """(cv.k, cv.seed) the folds were trained with, from the first fold's resolved config.yaml."""
-    for d in fold_dirs(run).values():
-        path = d / "config.yaml"
-        if path.exists():
-            try:
-                cv = (yaml.safe_load(path.read_text()) or {}).get("cv", {})
-                return int(cv["k"]), int(cv["seed"])
-            except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError):
-                log.warning("%s has no readable cv.k/cv.seed", path)
-    return None
-
-
-def read_labels(cfg: Config, layout: Layout, cv: tuple[int, int] | None = None) -> tuple[pd.DataFrame | None, str]:
-    """The folds table (labels, series ids, fold of each image) via the data layer; the folds.csv as fallback."""
-    k, seed = cv or (cfg.cv.k, cfg.cv.seed)
-    try:
-        from .data.folds import load_folds
-
-        return load_folds(layout, k=k, seed=seed), f"{layout.folds_csv} (k={k}, seed={seed})"
-    except Exception as e:
-        if layout.folds_csv.exists():
-            return pd.read_csv(layout.folds_csv), f"{layout.folds_csv} (as written; rebuilding failed: {e})"
-        return None, f"labels unavailable: {e}"
-
-
-def read_meta(layout: Layout) -> tuple[pd.DataFrame | None, str]:
-    if layout.meta_csv.exists():
-        return pd.read_csv(layout.meta_csv), str(layout.meta_csv)
-    try:
-        from .data.meta import load_meta
-
-        return load_meta(layout), str(layout.meta_csv)
-    except Exception as e:
-        return None, f"no {layout.meta_csv} and it could not be built: {e}"
-
-
-def weighted_bce(frame: pd.DataFrame) -> np.ndarray:
-    """Per-image competition loss (any x2), to rank the worst errors."""
-    y = frame[list(LABELS)].to_numpy(float)
-    p = np.clip(frame[[ev.pred_col(label) for label in LABELS]].to_numpy(float), ev.EPS, 1 - ev.EPS)
-    bce = -(y * np.log(p) + (1 - y) * np.log1p(-p))
-    w = np.asarray(LABEL_WEIGHTS)
-    return (bce * w).sum(axis=1) / w.sum()
-
-
-def oof_scores(joined: pd.DataFrame) -> dict:
-    """Competition metric on the joined OOF frame through `metrics` (the one scorer everybody uses)."""
-    from . import metrics
-
-    truth = joined[["image_id", *LABELS]]
-    pred = joined[["image_id", *(ev.pred_col(label) for label in LABELS)]].rename(
-        columns={ev.pred_col(label): label for label in LABELS})
-    return metrics.score_frames(truth, pred)
+__all__ = ["make_report", "compare", "experiment_row", "find_experiments", "SECTIONS"]
 
 
 # --- the report --------------------------------------------------------------------------------------------
@@ -197,7 +70,7 @@ def _summary_section(ctx: Context, sec: Section) -> None:
         row = {"fold": fold, "finished": fold_done(d), "best.pt": (d / "best.pt").exists(),
                "epochs logged": 0 if lg is None else len(lg)}
         if lg is not None:
-            if "val_weighted_log_loss" in lg:
+            if "val_weighted_log_loss" in lg and lg["val_weighted_log_loss"].notna().any():
                 best = lg.loc[lg["val_weighted_log_loss"].idxmin()]
                 row["best epoch"] = int(best["epoch"])
                 row["best val weighted log loss"] = float(best["val_weighted_log_loss"])
@@ -528,104 +401,3 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
     index = page.write(ctx.out / "index.html")
     print(f"report: {index}")
     return index
-
-
-# --- compare -----------------------------------------------------------------------------------------------
-
-
-def find_experiments(runs: Path, depth: int = 3) -> list[Path]:
-    """Folders holding fold*/ or predictions/ (runs/<name>, also nested such as runs/demo/<name>)."""
-    found = []
-    if not runs.is_dir() or depth < 0:
-        return found
-    for d in sorted(p for p in runs.iterdir() if p.is_dir()):
-        if fold_dirs(d) or (d / "predictions").is_dir():
-            found.append(d)
-        elif d.name != REPORT_DIR:
-            found.extend(find_experiments(d, depth - 1))
-    return found
-
-
-def experiment_row(run: Path, name: str) -> dict:
-    """One line of `compare`: from report/summary.json when it exists, else the finished folds' own files
-    (done.json's OOF loss and log.csv's best epoch per label), pooled over folds by validation size."""
-    folds = fold_dirs(run)
-    logs = read_logs(run)
-    done = {fold: d for fold, d in folds.items() if fold_done(d)}
-    row: dict = {"experiment": name, "folds_done": len(done), "folds_started": len(folds)}
-    secs = [lg["seconds"].mean() for lg in logs.values() if "seconds" in lg]
-    row["sec_per_epoch"] = float(np.mean(secs)) if secs else np.nan
-    summary_path = run / REPORT_DIR / SUMMARY
-    summary = {}
-    if summary_path.exists():
-        try:
-            summary = json.loads(summary_path.read_text())
-        except ValueError:
-            log.warning("%s unreadable; using the fold logs", summary_path)
-    if summary.get("weighted_log_loss") is not None:
-        row["source"] = "report (OOF)"
-        row["oof_wll"] = summary["weighted_log_loss"]
-        for label in LABELS:
-            row[label] = summary.get("per_label", {}).get(label, np.nan)
-        row["series_auc_any"] = summary.get("series_auc_any", np.nan)
-    else:
-        # the metric is a mean over images, so weighting each fold by its validation size pools it exactly
-        values: dict[str, list[tuple[float, float]]] = {key: [] for key in ("oof_wll", *LABELS)}
-        for fold, d in done.items():
-            info, lg = read_done(d), logs.get(fold)
-            weight = float(info.get("n_val", 1))
-            best = None
-            if lg is not None and "val_weighted_log_loss" in lg and lg["val_weighted_log_loss"].notna().any():
-                best = lg.loc[lg["val_weighted_log_loss"].idxmin()]
-            total = info.get("oof_weighted_log_loss", None if best is None else best["val_weighted_log_loss"])
-            if total is not None:
-                values["oof_wll"].append((float(total), weight))
-            for label in LABELS:
-                if best is not None and f"val_{label}" in best:
-                    values[label].append((float(best[f"val_{label}"]), weight))
-        for key, pairs in values.items():
-            row[key] = float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs])) if pairs else np.nan
-        row["source"] = "fold files (done.json, log.csv)" if values["oof_wll"] else "-"
-        row["series_auc_any"] = np.nan
-    stack_metrics = run / "stack" / "metrics.csv"
-    row["stacked_wll"] = np.nan
-    if stack_metrics.exists():
-        try:
-            sm = pd.read_csv(stack_metrics)
-            key = sm.columns[0]
-            hit = sm[sm[key].astype(str).str.startswith("stack")]
-            if len(hit) and "weighted_log_loss" in sm:
-                row["stacked_wll"] = float(hit["weighted_log_loss"].iloc[0])
-        except Exception as e:
-            log.warning("%s unreadable (%s)", stack_metrics, e)
-    return row
-
-
-def compare(runs: str | Path = "runs") -> pd.DataFrame:
-    """Print (and write runs/compare.csv) one table of every experiment with at least one finished fold."""
-    runs = Path(runs)
-    if not runs.is_dir():
-        raise UserError(f"runs folder {runs} not found; train something first or pass --runs <folder>")
-    rows, unfinished = [], []
-    for run in find_experiments(runs):
-        name = run.relative_to(runs).as_posix()
-        row = experiment_row(run, name)
-        if row["folds_done"]:
-            rows.append(row)
-        else:
-            unfinished.append(name)
-    columns = ["experiment", "folds_done", "folds_started", "oof_wll", *LABELS, "series_auc_any", "stacked_wll",
-               "sec_per_epoch", "source"]
-    table = pd.DataFrame(rows, columns=columns)
-    if len(table):
-        table = table.sort_values("oof_wll", na_position="last").reset_index(drop=True)
-        write_csv(table, runs / "compare.csv")
-        with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.4f}".format):
-            print(table.to_string(index=False))
-        print(f"(written to {runs / 'compare.csv'}; oof_wll is the out-of-fold weighted log loss, lower is better;"
-              f" make report CONFIG=<name> fills series_auc_any and the pooled OOF metric)")
-    else:
-        print(f"no finished experiment under {runs} (a fold counts once its best.pt exists)")
-    if unfinished:
-        print(f"not finished yet (no best.pt): {', '.join(unfinished)}")
-    return table

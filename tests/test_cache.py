@@ -119,3 +119,16 @@ def test_ensure_test_split_only(mini_dir, tmp_path):
     assert cache.ensure(layout, splits=("test",)) is None and cache.ensure(layout) is None
     cache.preprocess(layout, splits=("test",))  # a later partial run keeps the train entry in skipped.csv
     assert pd.read_csv(layout.cache_dir / "skipped.csv")["path"].tolist() == [bad.relative_to(data).as_posix()]
+
+
+def test_old_cache_format_is_rewritten(mini_dir, tmp_path):
+    data = _small_comp(mini_dir, tmp_path, n=2)
+    layout = Layout.of(data, tmp_path / "work")
+    cache.preprocess(layout, workers=1)
+    image_id = meta.load_meta(layout)["image_id"].iloc[0]
+    path = cache.cache_path(layout, image_id)
+    path.write_bytes(b"IHU0" + path.read_bytes()[4:])  # as if written by an older version
+    (layout.cache_dir / "FORMAT").write_text("IHU0\n")
+    assert not cache.format_ok(layout) and cache.cached_ids(layout) == set()
+    assert cache.ensure(layout)["cached"] == 2
+    np.testing.assert_array_equal(cache.load_hu(layout, image_id), dicom.read_hu(data / meta.load_meta(layout)["path"].iloc[0], dtype=np.int16))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import struct
 import time
 import zlib
@@ -39,7 +40,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..io import write_csv
+from ..io import atomic_open, write_csv
 from ..paths import Layout
 from . import dicom
 from . import meta as meta_mod
@@ -169,10 +170,20 @@ def _cache_chunk(args: tuple[str, str, list[tuple[str, str]], int]) -> tuple[int
     return done, written, skipped
 
 
+def _format_file(layout: Layout) -> Path:
+    return layout.cache_dir / "FORMAT"
+
+
+def format_ok(layout: Layout) -> bool:
+    """Whether the cache folder was written in this module's format (an older one is re-cached, not misread)."""
+    marker = _format_file(layout)
+    return marker.exists() and marker.read_text().strip() == MAGIC.decode()
+
+
 def cached_ids(layout: Layout) -> set[str]:
-    """Image ids already in the cache; removes temp files a killed run left behind."""
+    """Image ids already in the cache (none if it holds another format); removes temp files of killed runs."""
     ids: set[str] = set()
-    if not layout.cache_dir.is_dir():
+    if not layout.cache_dir.is_dir() or not format_ok(layout):
         return ids
     with os.scandir(layout.cache_dir) as shards:
         for shard in shards:
@@ -191,10 +202,11 @@ def _skipped_csv(layout: Layout) -> Path:
     return layout.cache_dir / "skipped.csv"
 
 
-def _todo(layout: Layout, meta: pd.DataFrame, include_skipped: bool, splits: tuple[str, ...] | None) -> pd.DataFrame:
+def _todo(layout: Layout, meta: pd.DataFrame, include_skipped: bool, splits: tuple[str, ...] | None,
+          done: set[str] | None = None) -> pd.DataFrame:
     if splits is not None:
         meta = meta.loc[meta["split"].isin(splits)]
-    done = cached_ids(layout)
+    done = cached_ids(layout) if done is None else done
     todo = meta.loc[~meta["image_id"].isin(done), ["image_id", "path"]]
     if not include_skipped and _skipped_csv(layout).exists():
         bad = pd.read_csv(_skipped_csv(layout), dtype=str)["path"]
@@ -212,7 +224,16 @@ def preprocess(layout: Layout, workers: int | None = None, level: int = FAST,
     meta = meta_mod.load_meta(layout)
     if splits is not None:
         meta = meta.loc[meta["split"].isin(splits)]
-    todo = _todo(layout, meta, include_skipped=True, splits=None)
+    done_ids = cached_ids(layout)  # empty when the folder holds another format
+    if not format_ok(layout):
+        old = [p for p in layout.cache_dir.iterdir() if p.is_dir()] if layout.cache_dir.is_dir() else []
+        if old:  # unreadable by this version: remove, so a killed re-run never mixes formats
+            print(f"cache: {layout.cache_dir} holds another cache format; removing it and writing every slice again")
+            for shard in old:
+                shutil.rmtree(shard)
+        with atomic_open(_format_file(layout)) as f:
+            f.write(MAGIC.decode() + "\n")
+    todo = _todo(layout, meta, include_skipped=True, splits=None, done=done_ids)
     existing = len(meta) - len(todo)
     items = list(todo.itertuples(index=False, name=None))
     workers = max(1, workers or os.cpu_count() or 1)

@@ -427,3 +427,24 @@ def test_gradcam_section_with_real_checkpoint_and_dataset(tmp_path):
     assert {p.name for p in check_page(index)} == {"gradcam_positives.png", "gradcam_errors.png"}
     img = cv2.imread(str(index.parent / "gradcam_positives.png"))
     assert img.shape[1] > 3 * img.shape[0] / 2  # three pairs side by side
+
+
+def test_cli_report_and_compare(tmp_path, capsys):
+    """`python -m ich_kaggle report/compare`: flags reach the report, errors are one line with exit code 2."""
+    from ich_kaggle import cli
+
+    cfg = config.load("tiny")
+    runs = tmp_path / "runs"
+    folds = fake_data(tmp_path / "unused")
+    fake_run(runs / cfg.name, folds[folds["fold"] == 0])
+    common = ["--config", "tiny", "--data", str(tmp_path / "nodata"), "--work", str(tmp_path / "nowork"),
+              "--runs", str(runs)]
+    assert cli.main(["report", *common, "--threshold", "0.3", "--gradcam", "0"]) == 0
+    summary = json.loads((runs / cfg.name / "report" / "summary.json").read_text())
+    assert summary["threshold"] == 0.3 and summary["folds_done"] == 1
+    assert cli.main(["compare", "--runs", str(runs)]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert cli.main(["report", *common[:-1], str(tmp_path / "elsewhere")]) == 2
+    assert cli.main(["report", *common, "--threshold", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)

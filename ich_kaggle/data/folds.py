@@ -39,12 +39,11 @@ def assign_folds(frame: pd.DataFrame, k: int = 5, seed: int = 42) -> pd.Series:
     sizes = np.bincount(codes, minlength=len(patients)).astype(np.int64)
     has = counts > 0
     n_with = has.sum(axis=0)  # patients carrying each label
-    # rarity rank of labels: fewest patients first (ties by label order); patients keyed by their rarest label
+    # rarity rank of labels: fewest patients first (ties by label order); patients ordered by their rarest label
     label_rank = np.empty(len(LABELS), dtype=np.int64)
     label_rank[np.lexsort((np.arange(len(LABELS)), n_with))] = np.arange(len(LABELS))
     ranks = np.where(has, label_rank[None, :], len(LABELS))
     rarest_rank = ranks.min(axis=1)
-    rarest = np.where(rarest_rank < len(LABELS), ranks.argmin(axis=1), -1)
     rng = np.random.default_rng(seed)
     shuffle = rng.permutation(len(patients))
     order = shuffle[np.argsort(rarest_rank[shuffle], kind="stable")]

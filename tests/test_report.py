@@ -448,3 +448,21 @@ def test_cli_report_and_compare(tmp_path, capsys):
     assert cli.main(["report", *common, "--threshold", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_curves_with_a_label_without_positives(tmp_path):
+    """A fold set with no epidural slice at all (common on small data): the panels say so instead of failing."""
+    from ich_kaggle.reporting import plots
+
+    folds = fake_data(tmp_path / "work", series=6)
+    folds["epidural"] = 0
+    rng = np.random.default_rng(0)
+    pred = folds[["image_id"]].assign(**{label: rng.random(len(folds)) for label in LABELS})
+    joined = ev.join_truth_pred(folds, pred)
+    series = ev.series_frame(joined)
+    for path in (plots.roc_grid(joined, series, tmp_path / "roc.png"),
+                 plots.pr_grid(joined, series, 0.5, tmp_path / "pr.png"),
+                 plots.f1_bars(ev.threshold_table(joined), 0.5, tmp_path / "f1.png")):
+        img = cv2.imread(str(path))
+        assert img is not None and img.std() > 10
+    assert np.isnan(ev.threshold_table(joined).loc["epidural", "BEST_THR"])

@@ -43,7 +43,7 @@ def test_duplicates_and_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("text,words", [
-    ("Image,Label\nID_abc_any,1\n", "expected columns ID,Label"),
+    ("Image,Label\nID_abc_any,1\n", "expected columns ID,Label (the competition's long format), found ['Image', 'Label']"),
     ("ID,Label\n", "no label rows"),
     ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0", "ID_abc_epidural,2"), "Label must be 0 or 1"),
     ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0", "ID_abc_epidural,"), "Label must be 0 or 1"),
@@ -57,6 +57,13 @@ def test_bad_label_files(tmp_path, text, words):
         labels.read_labels(path)
     message = str(err.value)
     assert words in message and str(path) in message and "\n" not in message
+
+
+def test_binary_label_file(tmp_path):
+    path = tmp_path / "stage_2_train.csv"
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(UserError, match="stage_2_train.csv"):
+        labels.read_labels(path)
 
 
 def test_missing_label_file(tmp_path):

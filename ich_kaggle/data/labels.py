@@ -22,11 +22,12 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise UserError(f"label file {path} not found; it is stage_2_train.csv of the competition download")
     try:
-        raw = pd.read_csv(path, dtype={"ID": str}, usecols=lambda c: c in ("ID", "Label"))
+        raw = pd.read_csv(path, dtype={"ID": str})
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as e:
         raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]}); re-download stage_2_train.csv") from None
-    if list(raw.columns) != ["ID", "Label"] and set(raw.columns) != {"ID", "Label"}:
-        raise UserError(f"{path}: expected columns ID,Label (the competition's long format), found {list(raw.columns)}")
+    if not {"ID", "Label"} <= set(raw.columns):
+        raise UserError(f"{path}: expected columns ID,Label (the competition's long format), found {list(raw.columns)[:8]}")
+    raw = raw[["ID", "Label"]]
     if raw.empty:
         raise UserError(f"{path}: has no label rows")
     if raw["ID"].isna().any():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -61,10 +63,14 @@ def test_preprocess_resumes_and_matches_dicom(mini_dir, tmp_path, capsys):
     assert cache.ensure(layout) is None  # complete: nothing to do
     victim = cache.cache_path(layout, m["image_id"].iloc[3])
     victim.unlink()
-    (victim.parent / f".{victim.name}.123.tmp").write_bytes(b"half a file")  # what a kill mid-write could leave
+    stale = victim.parent / f".{victim.name}.123.tmp"
+    stale.write_bytes(b"half a file")  # what a kill mid-write could leave
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    live = victim.parent / ".other.hu.456.tmp"
+    live.write_bytes(b"being written by a concurrent run")
     again = cache.ensure(layout)
     assert (again["cached"], again["existing"]) == (1, 11)
-    assert victim.exists() and not list(layout.cache_dir.rglob("*.tmp"))
+    assert victim.exists() and list(layout.cache_dir.rglob("*.tmp")) == [live]
     assert "1 new, 11 already cached" in capsys.readouterr().out
 
 

@@ -56,6 +56,7 @@ FAST, SMALL = 0, 1
 SUFFIX = ".hu"
 CHUNK = 64
 IN_PROCESS_BELOW = 1024  # a process pool costs seconds to start
+STALE_TMP_S = 600  # temp files older than this were left by a killed run (a concurrent run may own newer ones)
 
 
 class CacheError(Exception):
@@ -181,10 +182,11 @@ def format_ok(layout: Layout) -> bool:
 
 
 def cached_ids(layout: Layout) -> set[str]:
-    """Image ids already in the cache (none if it holds another format); removes temp files of killed runs."""
+    """Image ids already in the cache (none if it holds another format); removes stale temp files of killed runs."""
     ids: set[str] = set()
     if not layout.cache_dir.is_dir() or not format_ok(layout):
         return ids
+    stale_before = time.time() - STALE_TMP_S
     with os.scandir(layout.cache_dir) as shards:
         for shard in shards:
             if not shard.is_dir():
@@ -193,8 +195,8 @@ def cached_ids(layout: Layout) -> set[str]:
                 for f in files:
                     if f.name.endswith(SUFFIX):
                         ids.add(f.name[:-len(SUFFIX)])
-                    elif f.name.endswith(".tmp"):
-                        os.unlink(f.path)
+                    elif f.name.endswith(".tmp") and f.stat().st_mtime < stale_before:
+                        os.unlink(f.path)  # left by a killed run (a live writer keeps one for milliseconds)
     return ids
 
 

@@ -1,0 +1,178 @@
+"""`make stack`: a second-stage sequence model over each series' slices, trained on the first stage's OOF predictions.
+
+Reads `runs/<cfg>/predictions/{oof,test}.csv` (and `*_embeddings.npz` with stack.use_embeddings) of one or several
+first-stage models, the meta table and the folds; writes `runs/<cfg>/stack/{oof,test,metrics}.csv` plus the
+neighbours baseline's `neighbors_{oof,test}.csv`. Extra first-stage models: `--set recipe.stack_sources=[dir,...]`
+(prediction folders or run folders). The array code lives in `ich_kaggle.stacking`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import LABELS
+from .config import Config, StackConfig
+from .errors import UserError
+from .io import write_csv
+from .paths import Layout, run_dir
+
+LABEL_COLS = list(LABELS)
+
+
+def prediction_dirs(cfg: Config, runs: str | Path = "runs", sources: list[str | Path] | None = None) -> list[Path]:
+    """The first-stage prediction folders to stack: given, `recipe.stack_sources`, or the config's own."""
+    sources = sources or cfg.recipe.get("stack_sources") or [run_dir(runs, cfg.name) / "predictions"]
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    out = []
+    for src in sources:
+        src = Path(src)
+        out.append(src / "predictions" if (src / "predictions").is_dir() and not (src / "oof.csv").exists() else src)
+    return out
+
+
+def read_predictions(path: Path, config_name: str) -> pd.DataFrame:
+    if not path.exists():
+        raise UserError(f"{path} not found; run `make predict CONFIG={config_name}` first")
+    frame = pd.read_csv(path)
+    missing = [c for c in ["image_id", *LABEL_COLS] if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing columns {missing}; expected image_id + {', '.join(LABEL_COLS)} (rerun predict)")
+    values = frame[LABEL_COLS].to_numpy(np.float64)
+    if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+        raise UserError(f"{path}: probabilities must be finite and in [0, 1]; rerun predict")
+    return frame
+
+
+def read_embeddings(path: Path, config_name: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise UserError(f"{path} not found; run `make predict CONFIG={config_name}` or set stack.use_embeddings=false")
+    with np.load(path, allow_pickle=False) as z:
+        if "image_id" not in z or "emb" not in z:
+            raise UserError(f"{path}: expected arrays image_id and emb; rerun predict")
+        return z["image_id"].astype(str), z["emb"].astype(np.float32)
+
+
+def reduce_embeddings(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], dim: int,
+                      prefix: str, seed: int = 0, fit_rows: int = 50_000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Project embeddings on their first `dim` principal components (fitted without labels), scaled to unit variance.
+
+    Full 1-2k-dimensional embeddings of 750k slices would not fit in memory as padded series; a few components carry
+    what the sequence model can use.
+    """
+    both = np.concatenate([train[1], test[1]]) if len(test[1]) else train[1]
+    rng = np.random.default_rng(seed)
+    sample = both[rng.choice(len(both), size=min(fit_rows, len(both)), replace=False)].astype(np.float64)
+    mean = sample.mean(0)
+    _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
+    comps = vt[: min(dim, vt.shape[0])]
+    scale = ((sample - mean) @ comps.T).std(0) + 1e-6
+
+    def frame(ids: np.ndarray, emb: np.ndarray) -> pd.DataFrame:
+        proj = ((emb.astype(np.float64) - mean) @ comps.T / scale).astype(np.float32)
+        out = pd.DataFrame(proj, columns=[f"{prefix}e{i}" for i in range(proj.shape[1])])
+        out.insert(0, "image_id", ids)
+        return out
+
+    return frame(*train), frame(*test)
+
+
+def _extras(dirs: list[Path], scfg: StackConfig, name: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    if not scfg.use_embeddings:
+        return None, None
+    oof_parts, test_parts = [], []
+    for m, d in enumerate(dirs):
+        oof_e = read_embeddings(d / "oof_embeddings.npz", name)
+        test_e = read_embeddings(d / "test_embeddings.npz", name)
+        o, t = reduce_embeddings(oof_e, test_e, scfg.embedding_dim, prefix=f"m{m}", seed=scfg.seed)
+        oof_parts.append(o.set_index("image_id"))
+        test_parts.append(t.set_index("image_id"))
+    return (pd.concat(oof_parts, axis=1, join="outer").reset_index(),
+            pd.concat(test_parts, axis=1, join="outer").reset_index())
+
+
+def format_table(table: pd.DataFrame, model: str) -> str:
+    head = f"{'stage':<28}{'weighted':>10}" + "".join(f"{c[:10]:>11}" for c in LABEL_COLS)
+    lines = [f"OOF weighted log loss (second stage: {model})", head]
+    for _, r in table.iterrows():
+        lines.append(f"{r['stage']:<28}{r['weighted_log_loss']:>10.5f}" + "".join(f"{r[c]:>11.5f}" for c in LABEL_COLS))
+    return "\n".join(lines)
+
+
+def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
+          progress: bool = True) -> Path:
+    """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`."""
+    from .data.folds import load_folds
+    from .data.meta import load_meta
+    from .stacking.pipeline import run_stacking
+
+    dirs = prediction_dirs(cfg, runs, sources)
+    oof = [read_predictions(d / "oof.csv", cfg.name) for d in dirs]
+    test = [read_predictions(d / "test.csv", cfg.name) for d in dirs]
+    oof_x, test_x = _extras(dirs, cfg.stack, cfg.name)
+    meta = load_meta(layout)
+    folds = load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
+    known = set(folds["image_id"])
+    if not any(f["image_id"].isin(known).any() for f in oof):
+        raise UserError(f"{dirs[0] / 'oof.csv'}: no image is in {layout.folds_csv}; predictions and folds come from "
+                        f"different data folders (pass the same --data to predict and stack)")
+    try:
+        result = run_stacking(meta, folds, oof, test, cfg.stack, oof_x, test_x,
+                              source_names=[d.parent.name if d.name == "predictions" else d.name for d in dirs],
+                              progress=progress)
+    except ValueError as e:  # only data problems reach here: folds not grouped by series, fewer than 2 folds
+        raise UserError(f"{layout.folds_csv}: {e}; rebuild with `make folds` and train/predict at least 2 folds") from None
+    out = run_dir(runs, cfg.name) / "stack"
+    write_csv(result.oof, out / "oof.csv")
+    write_csv(result.test, out / "test.csv")
+    write_csv(result.neighbors_oof, out / "neighbors_oof.csv")
+    write_csv(result.neighbors_test, out / "neighbors_test.csv")
+    write_csv(result.metrics, out / "metrics.csv")
+    print(format_table(result.metrics, cfg.stack.model))
+    print(f"wrote {out}/oof.csv ({len(result.oof)} rows), test.csv ({len(result.test)} rows), metrics.csv")
+    return out
+
+
+# --- benchmark -------------------------------------------------------------------------------------------------------
+
+HEADERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stage_1_test_dicom_headers.csv.gz"
+COMPETITION_TRAIN_SLICES = 752_803  # stage 2 train
+COMPETITION_TEST_SLICES = 121_232  # stage 2 test
+
+
+def bench(mini: Path | None = None, train_slices: int = COMPETITION_TRAIN_SLICES,
+          test_slices: int = COMPETITION_TEST_SLICES) -> dict[str, float]:
+    """Competition-scale stacking on 2 CPU threads: series structure from the real stage-1 test headers."""
+    import torch
+
+    from .stacking.pipeline import run_stacking
+    from .stacking.simulate import real_series_z, simulate, synthetic_series_z
+
+    torch.set_num_threads(2)
+    structure = real_series_z(HEADERS) if HEADERS.exists() else synthetic_series_z(2000, np.random.default_rng(0))
+    mean_len = float(np.mean([len(s) for s in structure]))
+    sim = simulate(int(round(train_slices / mean_len)), int(round(test_slices / mean_len)), k=5, seed=0,
+                   structure=structure)
+    scfg = Config().stack
+    start = time.perf_counter()
+    result = run_stacking(sim.meta, sim.folds, [sim.oof], [sim.test], scfg, progress=True)
+    seconds = time.perf_counter() - start
+    table = result.metrics.set_index("stage")
+    print(f"stack_train_slices: {len(sim.oof)}")
+    print(f"stack_series: {sim.meta['series_id'].nunique()}")
+    print(f"stack_competition_scale_seconds: {seconds:.1f}")
+    for part, s in result.seconds.items():
+        print(f"stack_{part}_seconds: {s:.1f}")
+    for stage in table.index:
+        print(f"stack_oof_{stage.replace(':', '_')}_log_loss: {table.loc[stage, 'weighted_log_loss']:.5f}")
+    try:
+        from .submission import bench_submission
+    except ImportError as e:
+        print(f"note: submission benchmark unavailable ({e})")
+    else:
+        bench_submission()
+    return {"seconds": seconds, **{f"{s}_log_loss": float(v) for s, v in table["weighted_log_loss"].items()}}

@@ -26,7 +26,7 @@ from .. import LABELS
 from ..config import Config, dump
 from ..errors import UserError
 from ..io import atomic_open, write_csv
-from ..models.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint, unwrap
+from ..models.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
 from ..paths import Layout, fold_dir
 from . import dist as D
 from .logs import close_log, open_log, plot_curves, write_log_csv
@@ -301,6 +301,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
         log.info(f"fold {fold} of {cfg.name}: {len(data.train)} training / {len(data.val)} validation images, "
                  f"{info.world_size} process(es) on {info.device}, global batch {cfg.train.batch_size} "
                  f"x {cfg.train.accum_steps} accumulation, {steps_per_epoch} steps/epoch")
+    del ckpt  # optimizer state of a big model: do not keep a second copy for the whole run
     started = time.time()
 
     for epoch in range(start_epoch, cfg.train.epochs):

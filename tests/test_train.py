@@ -265,3 +265,17 @@ def test_cli_train_reports_user_errors_in_one_line(comp, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "fold 9 does not exist" in err
     assert not (tmp_path / "tiny" / "fold9").exists()
+
+
+def test_stop_env_var_and_lr_suggestion(monkeypatch):
+    from ich_kaggle.engine.loop import _stop_after
+    from ich_kaggle.engine.lrfind import suggest_lr
+
+    monkeypatch.delenv(train.STOP_ENV, raising=False)
+    assert _stop_after(None) is None and _stop_after(2) == 2
+    monkeypatch.setenv(train.STOP_ENV, "1")
+    assert _stop_after(None) == 1
+    lrs = np.logspace(-6, 0, 61)
+    loss = 1.0 / (1 + np.exp(4 * (np.log10(lrs) + 3)))  # falls fastest at 1e-3
+    loss[-10:] = np.linspace(0.1, 5, 10)  # diverges at the end
+    assert 3e-4 < suggest_lr(lrs, loss) < 3e-3

@@ -143,6 +143,29 @@ class BagDataset(SliceDataset):
         return np.random.default_rng([self.seed, self.epoch, int(self.series_codes[index]), 13])
 
 
+class EpochBags(torch.utils.data.Dataset):
+    """One epoch's bags in plan order: item i = (slices of bag plan[i] as (N, C, H, W), scan label (K,)).
+
+    The evenly spaced subsample of a long series depends on (seed, epoch, i) only: the same on resume.
+    """
+
+    def __init__(self, ds: BagDataset, bags: list[np.ndarray], plan: np.ndarray, bag_size: int, seed: int,
+                 epoch: int) -> None:
+        self.ds, self.bags, self.plan, self.bag_size, self.seed, self.epoch = ds, bags, plan, bag_size, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def rows(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(position), 19])
+        rows = subsample_bag(self.bags[int(self.plan[position])], self.bag_size, rng)
+        return rows, self.ds.labels[rows].max(axis=0)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, label = self.rows(position)
+        return torch.stack([self.ds[int(r)][0] for r in rows]), torch.from_numpy(np.ascontiguousarray(label))
+
+
 class MILBatchLoss:
     """Per-batch loss of the MIL recipe: slice loss on the batch + MIL and smoothness on one bag, one forward pass.
 
@@ -171,25 +194,44 @@ class MILBatchLoss:
         self.ds = BagDataset(train_ds.frame, train_ds.layout, cfg, transform=None, train=True, meta=meta,
                              series_codes=codes)
         self.plan = np.arange(len(self.bags))
-        self.step, self.epoch = 0, 0
+        self.epoch = 0
+        self.loader: torch.utils.data.DataLoader | None = None
+        self._iter = None
         self.last: dict[str, float] = {}
 
     def start_epoch(self, epoch: int, size: int) -> None:
         from ..data.transforms import build_train_transforms
+        from ..engine.dist import worker_init_fn
 
-        self.epoch, self.step = int(epoch), 0
+        self.epoch = int(epoch)
         self.ds.transform = build_train_transforms(self.cfg, size)
         self.ds.set_epoch(epoch)
         rng = np.random.default_rng([self.cfg.train.seed, self.epoch, int(getattr(self.info, "rank", 0)), 11])
         self.plan = rng.permutation(np.repeat(np.arange(len(self.bags)), self.repeats))
+        bags = EpochBags(self.ds, self.bags, self.plan, self.settings.bag_size, self.cfg.train.seed, self.epoch)
+        workers = self.cfg.data.num_workers
+        # bags are read and augmented in worker processes, like the slice batches (batch_size=None: one bag an item)
+        self.loader = torch.utils.data.DataLoader(bags, batch_size=None, shuffle=False, num_workers=workers,
+                                                  worker_init_fn=worker_init_fn,
+                                                  pin_memory=getattr(self.info, "device", torch.device("cpu")).type == "cuda",
+                                                  prefetch_factor=2 if workers > 0 else None)
+        self._iter = None
 
-    def next_bag(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rows of the next bag in z order, its scan label (K,))."""
-        b = int(self.plan[self.step % len(self.plan)])
-        rng = np.random.default_rng([self.cfg.train.seed, self.epoch, self.step, 19])
-        self.step += 1
-        rows = subsample_bag(self.bags[b], self.settings.bag_size, rng)
-        return rows, self.ds.labels[rows].max(axis=0)
+    def bag_rows(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of the epoch's `position`-th bag in z order, its scan label (K,))."""
+        return EpochBags(self.ds, self.bags, self.plan, self.settings.bag_size, self.cfg.train.seed,
+                         self.epoch).rows(position)
+
+    def next_bag(self) -> tuple[torch.Tensor, np.ndarray]:
+        """(the next bag's images (N, C, H, W), its scan label); the epoch's plan repeats if the epoch is longer."""
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        try:
+            x, label = next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.loader)
+            x, label = next(self._iter)
+        return x, np.asarray(label)
 
     def slice_loss(self, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         hidden = torch.as_tensor(self.scan_only_rows[idx.cpu().numpy()], device=logits.device)
@@ -203,8 +245,7 @@ class MILBatchLoss:
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         from ..engine.loop import autocast, to_device
 
-        rows, scan_label = self.next_bag()
-        xb = torch.stack([self.ds[int(r)][0] for r in rows])
+        xb, scan_label = self.next_bag()
         xb = to_device(xb, self.cfg, x.device)
         captured: list[torch.Tensor] = []
         handle = self.net.head.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
@@ -221,8 +262,8 @@ class MILBatchLoss:
         loss_mil = mil_loss(logits[n:], target, self.loss_fn.weights, self.loss_fn.per_label)
         loss_smooth = smoothness(captured[-1][n:], s.margin, reduction="mean")
         self.last = {"slice": float(loss_slices.detach()), "mil": float(loss_mil.detach()),
-                     "smooth": float(loss_smooth.detach()), "bag": len(rows)}
+                     "smooth": float(loss_smooth.detach()), "bag": len(xb)}
         return loss_slices + s.mil_weight * loss_mil + s.smooth_weight * loss_smooth
 
 
-__all__ = ["mil_loss", "smoothness", "MILSettings", "MILBatchLoss", "BagDataset", "series_bags", "subsample_bag"]
+__all__ = ["mil_loss", "smoothness", "MILSettings", "MILBatchLoss", "BagDataset", "EpochBags", "series_bags", "subsample_bag"]

@@ -222,43 +222,45 @@ def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str,
     return final
 
 
-def _check_stack_inputs(cfg: Config, layout: Layout | None) -> Layout:
+def _check_data_inputs(cfg: Config, layout: Layout | None) -> Layout:
     if layout is None or not layout.meta_csv.is_file() or not layout.folds_csv.is_file():
         where = f" ({layout.meta_csv} / {layout.folds_csv} not found)" if layout is not None else ""
-        raise UserError(f"the stacker is refit inside the kernel on the training meta.csv and folds.csv{where}; "
+        raise UserError(f"the kernel needs the folds.csv (and the stacker the meta.csv) of the training data{where}; "
                         f"pass the data folder you trained on: make kernel-datasets CONFIG={cfg.name} DATA_DIR=<folder>")
     return layout
 
 
-def _write_stack_inputs(layout: Layout, folder: Path) -> None:
-    """Train rows of meta.csv (series order of the OOF images) and folds.csv (+ its sidecar), gzipped."""
-    from .data.meta import read_meta
-
-    meta = read_meta(layout.meta_csv)
-    write_csv(meta[meta["split"] == "train"], folder / TRAIN_META)
+def _write_data_inputs(layout: Layout, folder: Path, stacked: bool) -> None:
+    """folds.csv (+ its sidecar: predict loads the folds) and, for the stacker, which is refit on the OOF predictions
+    inside the kernel, the train rows of meta.csv (series order of the OOF images); gzipped."""
     with atomic_path(folder / FOLDS) as tmp:
         with open(layout.folds_csv, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
             shutil.copyfileobj(src, dst)
     sidecar = layout.folds_csv.with_name(layout.folds_csv.name + ".json")
     info = json.loads(sidecar.read_text()) if sidecar.is_file() else {"k": None, "seed": None}
     _write_json(folder / FOLDS_INFO, info)
+    if stacked:
+        from .data.meta import read_meta
+
+        meta = read_meta(layout.meta_csv)
+        write_csv(meta[meta["split"] == "train"], folder / TRAIN_META)
 
 
 def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: str | Path,
                         layout: Layout | None = None) -> Path:
-    """kernels/ich-kaggle-model-<config>/: checkpoints, stacker inputs, resolved config and a manifest."""
+    """kernels/ich-kaggle-model-<config>/: checkpoints, stacker inputs, folds, resolved config and a manifest.
+
+    `layout` is the data the runs were trained on (its folds.csv and meta.csv travel with the model).
+    """
     files = model_files(cfg, runs)
     stacked = any(rel.startswith("stack/") for rel in files.values())
-    if stacked:
-        layout = _check_stack_inputs(cfg, layout)
+    layout = _check_data_inputs(cfg, layout)
     root = run_dir(runs, cfg.name)
     final = names.model_dir(out)
     tmp = _fresh_tmp(final)
     for flat, rel in files.items():
         _link_or_copy(root / rel, tmp / flat)
-    if stacked:
-        assert layout is not None
-        _write_stack_inputs(layout, tmp)
+    _write_data_inputs(layout, tmp, stacked)
     config_mod.dump(cfg, tmp / "config.yaml")
     folds = trained_folds(cfg, runs)
     manifest = {
@@ -445,27 +447,32 @@ def data_view(competition: Path, folder: Path) -> Path:
     return folder
 
 
-def prepare_work(layout: Layout, model_dir: Path, manifest: dict) -> None:
-    """meta.csv = shipped train rows + a fresh scan of the test DICOMs; folds.csv as shipped (for the stacker).
-
-    Without a stacker the stages build meta.csv from the test-only data view themselves.
-    """
-    if not manifest.get("stack"):
-        return
+def prepare_work(layout: Layout, model_dir: Path) -> None:
+    """folds.csv as shipped and meta.csv from a scan of the test DICOMs only (the data view has no train images)."""
     from .data import meta as meta_mod
 
-    test_meta_csv = layout.work / "test_meta.csv"
-    test_meta = meta_mod.build_meta(layout, out=test_meta_csv)
-    train_meta = meta_mod.read_meta(model_dir / TRAIN_META)
-    test_skipped = test_meta_csv.with_name(f"{test_meta_csv.stem}_skipped.csv")
-    if test_skipped.is_file():
-        with atomic_path(layout.skipped_csv) as tmp:
-            shutil.copyfile(test_skipped, tmp)
-    write_csv(pd.concat([train_meta, test_meta], ignore_index=True), layout.meta_csv)
     with gzip.open(model_dir / FOLDS, "rb") as src, atomic_open(layout.folds_csv, "wb") as dst:
         shutil.copyfileobj(src, dst)
     with atomic_path(layout.folds_csv.with_name(layout.folds_csv.name + ".json")) as tmp:
-        shutil.copyfile(model_dir / FOLDS_INFO, tmp)  # written last: folds.csv must not look older than meta.csv
+        shutil.copyfile(model_dir / FOLDS_INFO, tmp)
+    meta_mod.load_meta(layout)
+    _touch(layout.folds_csv)
+
+
+def _touch(path: Path) -> None:
+    """folds.csv must not look older than meta.csv, or load_folds rebuilds it (from train DICOMs not read here)."""
+    now = time.time() + 1
+    os.utime(path, (now, now))
+
+
+def add_train_meta(layout: Layout, model_dir: Path) -> None:
+    """Before stacking: the shipped train rows join meta.csv so the OOF images can be placed in their series."""
+    from .data import meta as meta_mod
+
+    meta = meta_mod.read_meta(layout.meta_csv)
+    train = meta_mod.read_meta(model_dir / TRAIN_META)
+    write_csv(pd.concat([meta[meta["split"] != "train"], train], ignore_index=True), layout.meta_csv)
+    _touch(layout.folds_csv)
 
 
 def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path) -> Path:
@@ -477,9 +484,10 @@ def run_inference(model_dir: str | Path, competition: str | Path, working: str |
     runs = working / "runs"
     cfg = materialize(model_dir, manifest, runs)
     layout = Layout.of(data_view(competition, working / "data"), working / "work")
-    prepare_work(layout, model_dir, manifest)
+    prepare_work(layout, model_dir)
     predict.predict(cfg, layout, runs=runs)
     if manifest.get("stack"):
+        add_train_meta(layout, model_dir)
         stack.stack(cfg, layout, runs=runs)
     written = submission.submit(cfg, layout, runs=runs, out_dir=working / "submissions")
     final = working / "submission.csv"

@@ -118,7 +118,7 @@ def test_kernel_needs_the_dataset_folders(tmp_path, cfg, monkeypatch):
     kernel.build_code_dataset(names, out, packages=())
     with pytest.raises(UserError, match="ich-kaggle-model-tiny is missing"):
         kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="alice")
-    with pytest.raises(UserError, match="stacker is refit inside the kernel .* DATA_DIR=<folder>"):
+    with pytest.raises(UserError, match="needs the folds.csv .* DATA_DIR=<folder>"):
         kernel.build_model_dataset(cfg, names, tmp_path / "runs", out)  # no layout: no meta/folds to ship
     kernel.build_model_dataset(cfg, names, tmp_path / "runs", out, fake_layout(tmp_path))
     with pytest.raises(UserError, match="has id 'alice/ich-kaggle-code', expected 'bob/ich-kaggle-code'"):
@@ -268,13 +268,19 @@ def test_kernel_side_work_folder(tmp_path):
     view = kernel.data_view(comp, working / "data")
     assert sorted(p.name for p in view.iterdir()) == ["stage_2_sample_submission.csv", "stage_2_test", "stage_2_train.csv"]
     kernel_layout = Layout.of(view, working / "work")
-    kernel.prepare_work(kernel_layout, model, manifest)
-    merged = meta_mod.load_meta(kernel_layout)
+    kernel.prepare_work(kernel_layout, model)  # before predict: test rows only, so only test images get cached
     key = ["image_id", "series_id", "split", "slice_rank", "series_len"]
-    pd.testing.assert_frame_equal(merged[key].sort_values("image_id").reset_index(drop=True),
-                                  local_meta[key].sort_values("image_id").reset_index(drop=True))
+
+    def rows(frame):
+        return frame[key].sort_values("image_id").reset_index(drop=True)
+
+    assert set(meta_mod.load_meta(kernel_layout)["split"]) == {"test"}
+    pd.testing.assert_frame_equal(rows(meta_mod.load_meta(kernel_layout)), rows(local_meta[local_meta["split"] == "test"]))
     assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
     pd.testing.assert_frame_equal(folds_mod.load_folds(kernel_layout, k=2, seed=cfg.cv.seed), local_folds)
+    kernel.add_train_meta(kernel_layout, model)  # before stacking: the OOF images' series too
+    pd.testing.assert_frame_equal(rows(meta_mod.load_meta(kernel_layout)), rows(local_meta))
+    assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
 
 
 # --- the real kaggle CLI against a fake API server ----------------------------------------------------------------

@@ -377,6 +377,13 @@ def test_ensemble_averages_member_sigmoids_and_trains_members_separately():
         build_model(ModelConfig(backbone="small_cnn+", pretrained=False))
 
 
+def test_ensemble_weights_must_be_a_folder_for_different_members(tmp_path):
+    one = tmp_path / "resnet18.pth"
+    one.write_bytes(b"x")
+    with pytest.raises(UserError, match="folder holding each member"):
+        build_model(ModelConfig(backbone="resnet18+resnet34", pretrained=True, weights=str(one)))
+
+
 def test_ensemble_freeze_and_gradcam_apply_to_every_member():
     from ich_kaggle.gradcam import GradCAM
 

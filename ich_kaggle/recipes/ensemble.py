@@ -11,6 +11,7 @@ separately, but in one pass over the data and one checkpoint per fold.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,9 @@ def build_ensemble(cfg: ModelConfig, in_channels: int = 3, num_classes: int = 6)
     names = member_names(cfg.backbone)
     if len(names) < 2:
         raise UserError(f"model.backbone={cfg.backbone!r}: an ensemble needs at least two members")
+    if cfg.pretrained and cfg.weights and Path(cfg.weights).expanduser().is_file() and len(set(names)) > 1:
+        raise UserError(f"model.weights={cfg.weights} is one file but the ensemble {cfg.backbone} has different "
+                        f"backbones; give the folder holding each member's ImageNet weights instead")
     members = [build_model(dataclasses.replace(cfg, backbone=name, freeze="none"), in_channels, num_classes)
                for name in names]
     model = EnsembleNet([m.backbone for m in members], [m.head for m in members], cfg.backbone, in_channels)

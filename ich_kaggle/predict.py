@@ -1,0 +1,241 @@
+"""`make predict`: every trained fold with test-time augmentation on the test images and on its own validation images.
+
+Writes `runs/<cfg>/predictions/`: `test_fold<k>.csv` (one per fold), `test.csv` (fold average), `oof.csv` (each fold
+predicts its own validation images, with the same TTA, so the stacker trains on what it will see at test time),
+`test_embeddings.npz` / `oof_embeddings.npz` (TTA-averaged pooled features; test fold-averaged) and
+`unreadable_test.csv` (test images that cannot be read: the submission gives them the training prior).
+
+Each batch of images is loaded once and run through every fold model (decoding dominates on CPU and at scale).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from . import LABELS
+from .config import Config
+from .errors import UserError
+from .io import atomic_open, write_csv
+from .paths import Layout, fold_dir, run_dir
+
+LABEL_COLS = list(LABELS)
+SHIFT_FRACTION = 0.05  # `shift` TTA: right and down by 5 % of the image size
+SCALE_FACTOR = 1.1  # `scale` TTA: zoom in by 10 %, centre crop
+
+
+# --- test-time augmentation on (B, C, H, W) batches, on the device ---
+
+def shift(x: torch.Tensor, fraction: float = SHIFT_FRACTION) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    dy, dx = max(1, round(h * fraction)), max(1, round(w * fraction))
+    out = torch.zeros_like(x)
+    out[..., dy:, dx:] = x[..., : h - dy, : w - dx]
+    return out
+
+
+def scale(x: torch.Tensor, factor: float = SCALE_FACTOR) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    big = F.interpolate(x, size=(round(h * factor), round(w * factor)), mode="bilinear", align_corners=False)
+    top, left = (big.shape[-2] - h) // 2, (big.shape[-1] - w) // 2
+    crop = big[..., top: top + h, left: left + w]
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return crop.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+TTA_OPS = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x.flip(-1),
+    "shift": shift,
+    "scale": scale,
+}
+
+
+def tta_forward(net: torch.nn.Module, x: torch.Tensor, transforms: list[str], average: str = "prob",
+                want_features: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(probabilities (B, 6) averaged over the transforms in probability or logit space, mean pooled features)."""
+    probs, logits, feats = [], [], []
+    for name in transforms or ["identity"]:
+        f = net.features(TTA_OPS[name](x))
+        z = net.classify(f).float()
+        logits.append(z)
+        probs.append(torch.sigmoid(z))
+        if want_features:
+            feats.append(f.float())
+    p = torch.sigmoid(torch.stack(logits).mean(0)) if average == "logit" else torch.stack(probs).mean(0)
+    return p, (torch.stack(feats).mean(0) if want_features else None)
+
+
+# --- folds, frames, files ---
+
+@dataclass
+class FoldModel:
+    fold: int
+    net: torch.nn.Module
+    cfg: Config  # the config it was trained with (data settings come from here)
+
+
+def wide(ids, probs: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=LABEL_COLS)
+    frame.insert(0, "image_id", np.asarray(ids, dtype=str))
+    return frame
+
+
+def average_folds(frames: list[pd.DataFrame], average: str = "prob") -> pd.DataFrame:
+    """Per-image mean of several wide prediction frames (same images; order of the first)."""
+    ids = frames[0]["image_id"].astype(str)
+    stack = []
+    for frame in frames:
+        aligned = frame.assign(image_id=frame["image_id"].astype(str)).set_index("image_id").reindex(ids)
+        if aligned[LABEL_COLS].isna().any().any():
+            raise ValueError("fold predictions cover different images")
+        stack.append(aligned[LABEL_COLS].to_numpy(np.float64))
+    arr = np.stack(stack)
+    if average == "logit":
+        p = np.clip(arr, 1e-7, 1 - 1e-7)
+        mean = 1 / (1 + np.exp(-np.log(p / (1 - p)).mean(0)))
+    else:
+        mean = arr.mean(0)
+    return wide(ids.to_numpy(), mean)
+
+
+def save_embeddings(path: Path, ids, emb: np.ndarray) -> None:
+    with atomic_open(path, "wb") as f:
+        np.savez(f, image_id=np.asarray(ids, dtype=str), emb=np.asarray(emb, dtype=np.float16))
+
+
+def trained_folds(cfg: Config, runs: str | Path) -> tuple[list[int], list[int]]:
+    """(folds with best.pt, wanted folds without one)."""
+    wanted = cfg.cv.folds or list(range(cfg.cv.k))
+    have = [k for k in wanted if (fold_dir(runs, cfg.name, k) / "best.pt").exists()]
+    return have, [k for k in wanted if k not in have]
+
+
+def unreadable_test(meta: pd.DataFrame, cached: set[str], sample_csv: Path) -> pd.DataFrame:
+    """Test images in the sample submission (or meta) that were skipped by the meta scan or are not in the cache."""
+    test_ids = set(meta.loc[meta["split"] == "test", "image_id"].astype(str))
+    rows = [(i, "not cached (unreadable DICOM?)") for i in sorted(test_ids - cached)]
+    if sample_csv.exists():
+        sample_ids = pd.read_csv(sample_csv, usecols=[0]).iloc[:, 0].astype(str).str.rsplit("_", n=1).str[0]
+        rows += [(i, "skipped by the meta scan (unreadable DICOM)") for i in sorted(set(sample_ids) - test_ids)]
+    return pd.DataFrame(rows, columns=["image_id", "reason"])
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _loader(frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame, batch: int, device: torch.device):
+    from .data.dataset import SliceDataset
+    from .data.transforms import build_eval_transforms
+
+    ds = SliceDataset(frame, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=meta)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=cfg.data.num_workers,
+                                       pin_memory=device.type == "cuda")
+
+
+@torch.inference_mode()
+def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame,
+                  device: torch.device, desc: str = "predict") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every model on every image of `frame` (loaded once): [(probs (N, 6), embeddings (N, D) float32)] per model."""
+    data_cfg = models[0].cfg
+    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, device)
+    amp = cfg.train.amp if device.type == "cuda" else "none"
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    out: list[tuple[list, list]] = [([], []) for _ in models]
+    for x, _, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        for (probs, embs), m in zip(out, models):
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none"):
+                p, f = tta_forward(m.net, x, cfg.tta.transforms, cfg.tta.average)
+            probs.append(p.cpu().numpy())
+            embs.append(f.cpu().numpy())
+    result = []
+    for probs, embs in out:
+        d = models[0].net.num_features if hasattr(models[0].net, "num_features") else 0
+        result.append((np.concatenate(probs) if probs else np.zeros((0, len(LABELS)), np.float32),
+                       np.concatenate(embs) if embs else np.zeros((0, d), np.float32)))
+    return result
+
+
+def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
+    """Folds that read images the same way (windows, size, 2.5D neighbours) share one pass over the images."""
+    groups: dict[str, list[FoldModel]] = {}
+    for m in models:
+        groups.setdefault(repr(m.cfg.data), []).append(m)
+    return list(groups.values())
+
+
+def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
+    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`."""
+    from .data import cache
+    from .data.folds import load_folds
+    from .data.meta import load_meta
+    from .models.checkpoint import load_checkpoint
+
+    start = time.perf_counter()
+    have, missing = trained_folds(cfg, runs)
+    if not have:
+        raise UserError(f"no trained fold under {run_dir(runs, cfg.name)} (no fold<k>/best.pt); "
+                        f"run `make train-all CONFIG={cfg.name}` (or `make train FOLD=k`) first")
+    if missing:
+        print(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
+    meta = load_meta(layout)
+    from .recipes.split import apply_split
+
+    folds = apply_split(load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed), cfg)  # the folds training used (cv.split)
+    cache.ensure(layout)
+    cached = cache.cached_ids(layout)
+    meta = meta.assign(image_id=meta["image_id"].astype(str))
+    folds = folds.assign(image_id=folds["image_id"].astype(str))
+    bad = unreadable_test(meta, cached, layout.sample_csv)
+    test = meta[(meta["split"] == "test") & meta["image_id"].isin(cached)].reset_index(drop=True)
+    device = _device()
+    models = []
+    for k in have:
+        net, fcfg = load_checkpoint(fold_dir(runs, cfg.name, k) / "best.pt", map_location=device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        models.append(FoldModel(k, net, fcfg))
+
+    out = run_dir(runs, cfg.name) / "predictions"
+    test_frames, test_embs, oof_frames, oof_embs, oof_ids = [], [], [], [], []
+    for group in _groups(models):
+        if len(test):
+            for m, (p, e) in zip(group, predict_frame(group, test, layout, cfg, meta, device, desc="test")):
+                frame = wide(test["image_id"], p)
+                write_csv(frame, out / f"test_fold{m.fold}.csv")
+                test_frames.append(frame)
+                test_embs.append(e)
+        for m in group:
+            val = folds[(folds["fold"] == m.fold) & folds["image_id"].isin(cached)].reset_index(drop=True)
+            if val.empty:
+                continue
+            (p, e), = predict_frame([m], val, layout, cfg, meta, device, desc=f"oof fold {m.fold}")
+            oof_frames.append(wide(val["image_id"], p))
+            oof_embs.append(e)
+            oof_ids.append(val["image_id"].to_numpy(str))
+
+    if test_frames:
+        write_csv(average_folds(test_frames, cfg.tta.average), out / "test.csv")
+        save_embeddings(out / "test_embeddings.npz", test["image_id"], np.mean(test_embs, axis=0))
+    else:
+        write_csv(wide([], np.zeros((0, len(LABELS)))), out / "test.csv")
+        save_embeddings(out / "test_embeddings.npz", [], np.zeros((0, 0)))
+    if oof_frames:
+        write_csv(pd.concat(oof_frames, ignore_index=True), out / "oof.csv")
+        save_embeddings(out / "oof_embeddings.npz", np.concatenate(oof_ids), np.concatenate(oof_embs))
+    write_csv(bad, out / "unreadable_test.csv")
+    n_oof = sum(len(f) for f in oof_frames)
+    print(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
+          f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out}")
+    return out

@@ -1,0 +1,174 @@
+"""TTA inference over folds: TTA maths, fold averaging, and the predict stage's files on a tiny trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import train_helpers
+from ich_kaggle import LABELS, config, metrics
+from ich_kaggle.errors import UserError
+from ich_kaggle.paths import Layout
+from ich_kaggle.predict import TTA_OPS, average_folds, predict, tta_forward, wide
+
+L = list(LABELS)
+# tiny and fast (as engineer TRAIN's tests): random init, 32 px, few images per epoch, 3 folds
+FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=8", "train.max_images_per_epoch=32",
+        "cv.k=3", "cv.seed=0", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class FlipInvariant(nn.Module):
+    """features(x) = conv(x + hflip(x)): exactly invariant to horizontal flips."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 6)
+        self.num_features = 8
+
+    def features(self, x):
+        return self.conv(x + x.flip(-1)).mean((2, 3))
+
+    def classify(self, f):
+        return self.head(f)
+
+
+def test_tta_of_a_flip_invariant_model_equals_no_tta():
+    net = FlipInvariant().eval()
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        p0, f0 = tta_forward(net, x, ["identity"])
+        p1, f1 = tta_forward(net, x, ["identity", "hflip"])
+        p2, _ = tta_forward(net, x, ["identity", "hflip"], average="logit")
+        p3, _ = tta_forward(net, x, ["identity", "shift"])
+    torch.testing.assert_close(p0, p1)
+    torch.testing.assert_close(f0, f1)
+    torch.testing.assert_close(p0, p2)
+    assert not torch.allclose(p0, p3)  # a shift is not a symmetry of this model: TTA does change something
+
+
+def test_tta_averages_in_probability_or_logit_space():
+    net = FlipInvariant().eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        z = torch.stack([net.classify(net.features(TTA_OPS[t](x))) for t in ("identity", "scale")])
+        prob, _ = tta_forward(net, x, ["identity", "scale"], average="prob")
+        logit, _ = tta_forward(net, x, ["identity", "scale"], average="logit")
+    torch.testing.assert_close(prob, torch.sigmoid(z).mean(0))
+    torch.testing.assert_close(logit, torch.sigmoid(z.mean(0)))
+
+
+def test_tta_ops_keep_shape_and_move_content():
+    x = torch.zeros(1, 1, 20, 20)
+    x[0, 0, 5, 5] = 1
+    for name, op in TTA_OPS.items():
+        assert op(x).shape == x.shape, name
+    assert TTA_OPS["shift"](x)[0, 0, 6, 6] == 1  # 5 % of 20 px = 1 px right and down
+    assert TTA_OPS["hflip"](x)[0, 0, 5, 14] == 1
+
+
+def test_fold_averaging_beats_single_folds():
+    """Fold models = the same signal + their own errors: the average is better than every single fold."""
+    rng = np.random.default_rng(0)
+    y = (rng.random((2000, 6)) < 0.2).astype(np.float64)
+    signal = np.where(y == 1, 1.0, -2.0)
+    folds = [wide([f"ID_{i}" for i in range(2000)], 1 / (1 + np.exp(-(signal + rng.normal(0, 1.5, y.shape)))))
+             for _ in range(5)]
+    single = [metrics.weighted_log_loss(y, f[L].to_numpy()) for f in folds]
+    for average in ("prob", "logit"):
+        mean = average_folds([folds[0]] + [f.sample(frac=1, random_state=1) for f in folds[1:]], average)
+        assert list(mean["image_id"]) == list(folds[0]["image_id"])  # aligned by id, not by row order
+        assert metrics.weighted_log_loss(y, mean[L].to_numpy()) < min(single) - 0.02
+    with pytest.raises(ValueError):
+        average_folds([folds[0], folds[1].iloc[:10]])
+
+
+# --- the stage on a tiny trained model ---
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from ich_kaggle import train
+    from ich_kaggle.data import synth
+
+    root = tmp_path_factory.mktemp("predict")
+    data = synth.write_competition(root / "comp", seed=0, studies=12, slices=8, size=64)
+    layout = Layout.of(data, root / "work")
+    cfg = config.load("tiny", [*FAST, f"model.backbone={train_helpers.NAME}", "train.epochs=1",
+                               "tta.transforms=identity,hflip,shift,scale", "stack.model=conv", "stack.epochs=2",
+                               "stack.hidden=8", "stack.batch_series=4"])
+    runs = root / "runs"
+    for fold in (0, 1):  # fold 2 stays untrained: reported, not fatal
+        train.train_fold(cfg, layout, fold, runs=runs)
+    return cfg, layout, runs
+
+
+def test_predict_writes_every_file(trained, capsys):
+    cfg, layout, runs = trained
+    out = predict(cfg, layout, runs=runs)
+    assert out == runs / cfg.name / "predictions"
+    printed = capsys.readouterr().out
+    assert "fold(s) [2] not trained" in printed
+    meta = pd.read_csv(layout.meta_csv)
+    folds = pd.read_csv(layout.folds_csv)
+    test_ids = sorted(meta.loc[meta["split"] == "test", "image_id"])
+    test = pd.read_csv(out / "test.csv")
+    assert list(test.columns) == ["image_id", *L] and sorted(test["image_id"]) == test_ids
+    f0, f1 = pd.read_csv(out / "test_fold0.csv"), pd.read_csv(out / "test_fold1.csv")
+    np.testing.assert_allclose(test[L].to_numpy(), (f0[L].to_numpy() + f1[L].to_numpy()) / 2, atol=1e-9)
+    assert not (out / "test_fold2.csv").exists()
+    oof = pd.read_csv(out / "oof.csv")
+    assert sorted(oof["image_id"]) == sorted(folds.loc[folds["fold"].isin([0, 1]), "image_id"])
+    for name, n in (("test_embeddings.npz", len(test)), ("oof_embeddings.npz", len(oof))):
+        with np.load(out / name) as z:
+            assert z["emb"].shape[0] == n and z["emb"].dtype == np.float16 and len(z["image_id"]) == n
+    values = np.concatenate([test[L].to_numpy(), oof[L].to_numpy()])
+    assert np.isfinite(values).all() and values.min() > 0 and values.max() < 1
+    assert list(pd.read_csv(out / "unreadable_test.csv").columns) == ["image_id", "reason"]
+    # TTA matches the fold's own validation inference up to the augmentations: same images, close probabilities
+    fold0_oof = pd.read_csv(runs / cfg.name / "fold0" / "oof.csv").set_index("image_id")
+    ours = oof.set_index("image_id").loc[fold0_oof.index]
+    assert np.abs(ours[L].to_numpy() - fold0_oof[L].to_numpy()).max() < 0.2
+
+
+def test_predict_then_stack(trained):
+    from ich_kaggle.stack import stack
+
+    cfg, layout, runs = trained
+    if not (runs / cfg.name / "predictions" / "oof.csv").exists():
+        predict(cfg, layout, runs=runs)
+    out = stack(cfg, layout, runs=runs, progress=False)
+    test = pd.read_csv(runs / cfg.name / "predictions" / "test.csv")
+    assert sorted(pd.read_csv(out / "test.csv")["image_id"]) == sorted(test["image_id"])
+    assert list(pd.read_csv(out / "metrics.csv")["stage"]) == ["first_stage", "stacked", "neighbors"]
+
+
+def test_unreadable_test_images_are_listed(trained, tmp_path):
+    from ich_kaggle.predict import unreadable_test
+
+    cfg, layout, runs = trained
+    meta = pd.read_csv(layout.meta_csv)
+    test_ids = meta.loc[meta["split"] == "test", "image_id"].astype(str).tolist()
+    sample = tmp_path / "sample.csv"
+    pd.DataFrame({"ID": [f"{i}_{lab}" for i in [*test_ids, "ID_gone"] for lab in L], "Label": 0.5}).to_csv(
+        sample, index=False)
+    bad = unreadable_test(meta, set(test_ids[1:]), sample)
+    assert set(bad["image_id"]) == {test_ids[0], "ID_gone"}
+
+
+def test_no_trained_fold_is_a_user_error(tmp_path):
+    cfg = config.load("tiny")
+    with pytest.raises(UserError, match="make train") as err:
+        predict(cfg, Layout.of(tmp_path / "data", tmp_path / "work"), runs=tmp_path / "runs")
+    assert "\n" not in str(err.value)

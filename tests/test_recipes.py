@@ -453,3 +453,24 @@ def test_random_split_puts_a_patient_in_two_folds_patient_split_never(comp, tmp_
     assert sorted(oof["image_id"]) == sorted(rand.loc[rand["fold"] == 0, "image_id"].astype(str))
     val_patients = set(rand.loc[rand["fold"] == 0, "patient_id"])
     assert val_patients & set(rand.loc[rand["fold"] != 0, "patient_id"])
+
+
+@pytest.mark.slow
+def test_ensemble_with_random_split_goes_through_predict(comp, tmp_path):
+    """predict/stack need no change for an ensemble; predict's OOF follows the random folds training used."""
+    from ich_kaggle import predict
+
+    cfg = _cfg("resnext50_seresnet50", "model.backbone=small_cnn+small_cnn", "cv.split=random",
+               "train.max_images_per_epoch=6")
+    for fold in range(cfg.cv.k):
+        train.train_fold(cfg, comp, fold, runs=tmp_path)
+    out = predict.predict(cfg, comp, runs=tmp_path)
+    rand = split.fold_table(cfg, comp)
+    oof = pd.read_csv(out / "oof.csv", dtype={"image_id": str})
+    assert sorted(oof["image_id"]) == sorted(rand["image_id"].astype(str))
+    for fold in range(cfg.cv.k):  # each image predicted by the fold model that validated on it
+        fold_oof = pd.read_csv(tmp_path / cfg.name / f"fold{fold}" / "oof.csv", dtype={"image_id": str})
+        assert set(fold_oof["image_id"]) == set(rand.loc[rand["fold"] == fold, "image_id"].astype(str))
+    test = pd.read_csv(out / "test.csv")
+    assert list(test.columns) == ["image_id", *LABELS] and len(test) > 0
+    assert np.load(out / "test_embeddings.npz")["emb"].shape[1] == 2 * 64

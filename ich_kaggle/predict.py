@@ -6,6 +6,8 @@ predicts its own validation images, with the same TTA, so the stacker trains on 
 `unreadable_test.csv` (test images that cannot be read: the submission gives them the training prior).
 
 Each batch of images is loaded once and run through every fold model (decoding dominates on CPU and at scale).
+Resumable: each fold's results are kept as `{test,oof}_fold<k>.csv` + `{test,oof}_fold<k>_embeddings.npz`; a rerun
+reuses a fold whose files are newer than its best.pt and cover the same test images.
 """
 
 from __future__ import annotations
@@ -111,6 +113,24 @@ def save_embeddings(path: Path, ids, emb: np.ndarray) -> None:
         np.savez(f, image_id=np.asarray(ids, dtype=str), emb=np.asarray(emb, dtype=np.float16))
 
 
+def load_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return z["image_id"].astype(str), z["emb"]
+
+
+def fold_done(out: Path, fold: int, checkpoint: Path, test_ids: pd.Series) -> bool:
+    """Whether an earlier run already predicted this fold from this checkpoint on these test images (resume)."""
+    files = [out / f"test_fold{fold}.csv", out / f"test_fold{fold}_embeddings.npz", out / f"oof_fold{fold}.csv",
+             out / f"oof_fold{fold}_embeddings.npz"]
+    if not all(f.exists() for f in files) or min(f.stat().st_mtime for f in files) < checkpoint.stat().st_mtime:
+        return False
+    try:
+        done_ids = pd.read_csv(files[0], usecols=["image_id"], dtype=str)["image_id"]
+    except (ValueError, OSError, pd.errors.ParserError):
+        return False
+    return len(done_ids) == len(test_ids) and set(done_ids) == set(test_ids.astype(str))
+
+
 def trained_folds(cfg: Config, runs: str | Path) -> tuple[list[int], list[int]]:
     """(folds with best.pt, wanted folds without one)."""
     wanted = cfg.cv.folds or list(range(cfg.cv.k))
@@ -199,41 +219,48 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     folds = folds.assign(image_id=folds["image_id"].astype(str))
     bad = unreadable_test(meta, cached, layout.sample_csv)
     test = meta[(meta["split"] == "test") & meta["image_id"].isin(cached)].reset_index(drop=True)
+    out = run_dir(runs, cfg.name) / "predictions"
+    todo = [k for k in have if not fold_done(out, k, fold_dir(runs, cfg.name, k) / "best.pt", test["image_id"])]
+    if len(todo) < len(have):
+        print(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (newer than best.pt); reusing")
     device = _device()
     models = []
-    for k in have:
+    for k in todo:
         net, fcfg = load_checkpoint(fold_dir(runs, cfg.name, k) / "best.pt", map_location=device)
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         models.append(FoldModel(k, net, fcfg))
 
-    out = run_dir(runs, cfg.name) / "predictions"
-    test_frames, test_embs, oof_frames, oof_embs, oof_ids = [], [], [], [], []
     for group in _groups(models):
-        if len(test):
-            for m, (p, e) in zip(group, predict_frame(group, test, layout, cfg, meta, device, desc="test")):
-                frame = wide(test["image_id"], p)
-                write_csv(frame, out / f"test_fold{m.fold}.csv")
-                test_frames.append(frame)
-                test_embs.append(e)
+        results = predict_frame(group, test, layout, cfg, meta, device, desc="test") if len(test) else [
+            (np.zeros((0, len(LABELS))), np.zeros((0, 0)))] * len(group)
+        for m, (p, e) in zip(group, results):
+            save_embeddings(out / f"test_fold{m.fold}_embeddings.npz", test["image_id"], e)
+            write_csv(wide(test["image_id"], p), out / f"test_fold{m.fold}.csv")
         for m in group:
             val = folds[(folds["fold"] == m.fold) & folds["image_id"].isin(cached)].reset_index(drop=True)
-            if val.empty:
-                continue
-            (p, e), = predict_frame([m], val, layout, cfg, meta, device, desc=f"oof fold {m.fold}")
-            oof_frames.append(wide(val["image_id"], p))
-            oof_embs.append(e)
-            oof_ids.append(val["image_id"].to_numpy(str))
+            (p, e), = predict_frame([m], val, layout, cfg, meta, device, desc=f"oof fold {m.fold}") if len(val) else [
+                (np.zeros((0, len(LABELS))), np.zeros((0, 0)))]
+            save_embeddings(out / f"oof_fold{m.fold}_embeddings.npz", val["image_id"], e)
+            write_csv(wide(val["image_id"], p), out / f"oof_fold{m.fold}.csv")  # last: marks the fold done
 
-    if test_frames:
+    # fold average / concatenation over every trained fold, from the per-fold files
+    test_frames = [pd.read_csv(out / f"test_fold{k}.csv", dtype={"image_id": str}) for k in have]
+    oof_frames = [pd.read_csv(out / f"oof_fold{k}.csv", dtype={"image_id": str}) for k in have]
+    if len(test):
         write_csv(average_folds(test_frames, cfg.tta.average), out / "test.csv")
-        save_embeddings(out / "test_embeddings.npz", test["image_id"], np.mean(test_embs, axis=0))
+        embs = [load_embeddings(out / f"test_fold{k}_embeddings.npz")[1].astype(np.float32) for k in have]
+        save_embeddings(out / "test_embeddings.npz", test["image_id"], np.mean(embs, axis=0))
     else:
         write_csv(wide([], np.zeros((0, len(LABELS)))), out / "test.csv")
         save_embeddings(out / "test_embeddings.npz", [], np.zeros((0, 0)))
-    if oof_frames:
-        write_csv(pd.concat(oof_frames, ignore_index=True), out / "oof.csv")
-        save_embeddings(out / "oof_embeddings.npz", np.concatenate(oof_ids), np.concatenate(oof_embs))
+    write_csv(pd.concat(oof_frames, ignore_index=True), out / "oof.csv")
+    parts = [load_embeddings(out / f"oof_fold{k}_embeddings.npz") for k in have]
+    parts = [p for p in parts if len(p[0])]
+    if parts:
+        save_embeddings(out / "oof_embeddings.npz", np.concatenate([p[0] for p in parts]),
+                        np.concatenate([p[1] for p in parts]))
+    n_oof = sum(len(f) for f in oof_frames)
     write_csv(bad, out / "unreadable_test.csv")
     n_oof = sum(len(f) for f in oof_frames)
     print(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "

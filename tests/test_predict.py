@@ -142,6 +142,23 @@ def test_predict_writes_every_file(trained, capsys):
     assert np.abs(ours[L].to_numpy() - fold0_oof[L].to_numpy()).max() < 0.2
 
 
+def test_predict_resumes_finished_folds(trained, capsys):
+    import os
+
+    cfg, layout, runs = trained
+    out = predict(cfg, layout, runs=runs)
+    first = pd.read_csv(out / "test.csv")
+    capsys.readouterr()
+    out = predict(cfg, layout, runs=runs)
+    assert "fold(s) [0, 1] already predicted" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(out / "test.csv"), first)
+    best = runs / cfg.name / "fold1" / "best.pt"
+    later = (out / "oof_fold1.csv").stat().st_mtime + 10
+    os.utime(best, (later, later))  # a retrained fold is predicted again
+    predict(cfg, layout, runs=runs)
+    assert "fold(s) [0] already predicted" in capsys.readouterr().out
+
+
 def test_predict_then_stack(trained):
     from ich_kaggle.stack import stack
 

@@ -294,6 +294,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"{src}: cv.k must be at least 2")
     if cfg.train.accum_steps < 1 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError(f"{src}: train.batch_size, train.epochs and train.accum_steps must be positive")
+    from .recipes import validate as validate_recipe  # recipe.kind and its knobs (torch-free)
+
+    validate_recipe(cfg)
 
 
 def dump(cfg: Config, path: str | Path) -> None:

@@ -30,6 +30,14 @@ def kind(cfg: Config) -> str:
     return value
 
 
+def validate(cfg: Config) -> None:
+    """recipe.kind and that kind's knobs (called by `config.validate`, so mistakes fail at load time)."""
+    if kind(cfg) == "mil":
+        from .settings import MILSettings
+
+        MILSettings.from_config(cfg)
+
+
 def batch_loss_for(cfg: Config, **context: Any):
     """The recipe's per-batch loss (see `mil.MILBatchLoss`) or None for the engine's standard one.
 
@@ -42,4 +50,4 @@ def batch_loss_for(cfg: Config, **context: Any):
     return None
 
 
-__all__ = ["KINDS", "kind", "batch_loss_for"]
+__all__ = ["KINDS", "kind", "validate", "batch_loss_for"]

@@ -16,7 +16,6 @@ are hidden: they teach only through their scan label, as in data sets labelled p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch import nn
 from ..config import Config
 from ..data.dataset import SliceDataset
 from ..errors import UserError
+from .settings import MILSettings
 
 EPS = 1e-12
 
@@ -75,36 +75,6 @@ def smoothness(emb: torch.Tensor, margin: float = 0.0, reduction: str = "sum") -
     if reduction == "mean":
         return terms.mean()
     raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
-
-
-@dataclass
-class MILSettings:
-    kind: str = "mil"
-    bag_size: int = 0
-    mil_weight: float = 1.0
-    smooth_weight: float = 0.1
-    margin: float = 0.0
-    scan_only_fraction: float = 0.0
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "MILSettings":
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(cfg.recipe) - set(known))
-        if unknown:
-            raise UserError(f"config '{cfg.name}': unknown recipe key(s) {unknown} for recipe.kind=mil; "
-                            f"known: {', '.join(known)}")
-        out = cls()
-        for key, value in cfg.recipe.items():
-            tp = type(getattr(out, key))
-            try:
-                setattr(out, key, tp(value))
-            except (TypeError, ValueError):
-                raise UserError(f"config '{cfg.name}': recipe.{key}={value!r} must be a {tp.__name__}") from None
-        if out.bag_size < 0 or out.bag_size in (1, 2):
-            raise UserError(f"config '{cfg.name}': recipe.bag_size must be 0 (whole series) or at least 3")
-        if not 0.0 <= out.scan_only_fraction < 1.0:
-            raise UserError(f"config '{cfg.name}': recipe.scan_only_fraction must be in [0, 1)")
-        return out
 
 
 def series_bags(frame: pd.DataFrame, meta: pd.DataFrame) -> tuple[list[np.ndarray], np.ndarray]:

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="DICOM -> cached images (resumable)")
     _add_data(p)
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--small", action="store_true", help="half the disk (~136 kB/slice), ~4x slower to write")
+    p.add_argument("--small", action="store_true", help="14%% smaller cache (~136 kB/slice), ~4x slower to write")
 
     p = sub.add_parser("train", help="train one fold (or every fold with --fold all)")
     _add_experiment(p)

@@ -1,26 +1,28 @@
 """`make preprocess`: every readable slice -> a lossless int16 HU file, so windows and window jitter apply at load time.
 
 Format (`<cache>/<last 2 chars of id>/<image_id>.hu`): an 18-byte header, then the residuals of the planar
-predictor (left + up - upleft), zigzag-mapped to uint16. Their low bytes are stored as one 512x512 byte plane;
-the high bytes are 0 for ~99.8% of CT pixels, so only the (index, byte) pairs of the others are kept (a dense,
-deflated plane when more than 1/64 are nonzero). Decoding is a copy, a scatter of a few hundred bytes, one
-numpy pass and one `cv2.integral` (the predictor's exact inverse). `SMALL` also deflates the low-byte plane:
-half the disk at a quarter of the speed. Images with |HU| >= 8192 fall back to row deltas.
+predictor (left + up - upleft), zigzag-mapped to uint16. Low bytes: in blocks of 16, each block stored with
+0, 2, 4 or 8 bits, whatever its largest value needs (air and soft tissue mostly need 2-4). High bytes: 0 for
+~99.8% of CT pixels, so only (index, byte) pairs of the others are kept (a dense deflated plane when more than
+1/64 are nonzero). Decoding: unpack, a 256-entry table to float32 residuals, one `cv2.integral` (the exact
+inverse of the predictor). `SMALL` deflates a plain low-byte plane instead: 14% smaller, 5x slower to write.
+Images with |HU| >= 8192 fall back to row deltas with int16 arithmetic.
 
 Measured on the real mini set (every third of its 659 slices, 512 px) in one process, as CPU time of that
-process (the 2-core box was shared, load ~10; `python -m ich_kaggle bench --what cache` prints the same figures):
+process (the 2-core box was shared, load ~7; `python -m ich_kaggle bench --what cache` prints the same figures):
 
-    format                         DICOM->cache/s  decode/s  bytes/image  full 874k cache
-    FAST (default)                      ~1,070        ~630      265 kB        ~232 GB
-    SMALL (low plane deflated)            ~140        ~430      136 kB        ~119 GB
-    16-bit PNG, cv2 level 1                ~63        ~150      190 kB        ~166 GB
-    compressed npz                         ~24        ~280      219 kB        ~191 GB
-    raw .npy int16                      ~2,270      ~4,900      524 kB        ~458 GB
+    format                          DICOM->cache/s  decode/s  bytes/image  full 874k cache
+    FAST (default, packed)                 ~550        ~400      158 kB        ~138 GB
+    SMALL (low plane deflated)             ~140        ~420      136 kB        ~119 GB
+    plain low plane (tried, dropped)       ~1,050      ~630      265 kB        ~232 GB
+    16-bit PNG, cv2 level 1                 ~62        ~145      190 kB        ~166 GB
+    compressed npz                          ~23        ~265      219 kB        ~191 GB
+    raw .npy int16                       ~2,100      ~4,500      524 kB        ~458 GB
 
-(DICOM->cache here is read + HU + encode without the file write; with the atomic write the bench measured
-~600/s for FAST. For scale: reading a 512 kB file ran ~10,000/s and the DICOM->HU step ~3,000/s.)
-FAST is the only candidate that beats both 300 DICOM->cache/s per core and, by ~10x, the 65 decodes/s per
-worker that 16 workers need to feed a GPU at 1,000 images/s, at about half the size of the raw DICOMs.
+(DICOM->cache here is read + HU + encode without the file write; `bench`, with the atomic write and the
+decode reading the file, measured 364 and 552/s for FAST. For scale: reading a 512 kB file ran ~9,000/s and
+the DICOM->HU step ~2,800/s.) FAST beats 300 DICOM->cache/s per core and, ~6x over, the 65 decodes/s per
+worker that 16 workers need to feed a GPU at 1,000 images/s, at under a third of the raw DICOMs' size.
 HU are exact whenever RescaleSlope/Intercept are integers (every RSNA file); otherwise rounded to 1 HU.
 """
 
@@ -50,6 +52,8 @@ _HEAD = struct.Struct("<4sBBHHII")  # magic, flags, reserved, rows, cols, len(lo
 FLAG_LOW_DEFLATED = 1
 FLAG_ROW_DELTA = 2
 FLAG_HIGH_SPARSE = 4
+FLAG_LOW_PACKED = 8
+BLOCK = 16  # values per bit-width block of the packed low-byte plane (the code assumes 16)
 SPARSE_FRACTION = 64  # high bytes stored as (index, byte) pairs while at most 1/64 of them are nonzero
 PLANAR_LIMIT = 8192  # |HU| below this keeps planar residuals inside int16
 FAST, SMALL = 0, 1
@@ -73,6 +77,53 @@ def _residuals(hu: np.ndarray) -> tuple[np.ndarray, int]:
     return np.diff(hu, axis=1, prepend=np.zeros((hu.shape[0], 1), np.int16)), FLAG_ROW_DELTA
 
 
+def _pack_low(u: np.ndarray) -> bytes:
+    """Low bytes in blocks of BLOCK values, each stored with 0, 2, 4 or 8 bits (what its largest value needs)."""
+    pad = -len(u) % BLOCK
+    blocks = (np.concatenate([u, np.zeros(pad, u.dtype)]) if pad else u).reshape(-1, BLOCK)
+    # OR of each block's 16 values (the thresholds are powers of two, so OR decides like max), 4 per uint64 lane
+    lanes = blocks.view(np.uint64).reshape(-1, BLOCK // 4)
+    bits = lanes[:, 0] | lanes[:, 1] | lanes[:, 2] | lanes[:, 3]
+    bits |= bits >> 32
+    bits |= bits >> 16
+    bits &= 0xFFFF
+    code = (bits > 0).astype(np.uint8) + (bits > 3) + (bits > 15)  # 0: all zero, 1: 2 bits, 2: 4 bits, 3: 8 bits
+    order = np.argsort(code, kind="stable")
+    counts = np.bincount(code, minlength=4)
+    rows = blocks.astype(np.uint8).view(f"V{BLOCK}").ravel()  # one opaque item per block: a cheap gather
+    low = rows[order[counts[0]:]].view(np.uint8).reshape(-1, BLOCK)  # non-zero blocks, grouped by width
+    b2, b4, b8 = np.split(low, [counts[1], counts[1] + counts[2]])
+    p2 = b2[:, 0::4] | (b2[:, 1::4] << 2) | (b2[:, 2::4] << 4) | (b2[:, 3::4] << 6)
+    p4 = b4[:, 0::2] | (b4[:, 1::2] << 4)
+    c = np.concatenate([code, np.zeros(-len(code) % 4, np.uint8)]).reshape(-1, 4)
+    codes = c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
+    return codes.tobytes() + p2.tobytes() + p4.tobytes() + b8.tobytes()
+
+
+def _unpack_low(data: bytes | memoryview, n: int) -> np.ndarray:
+    """Inverse of `_pack_low`: n low bytes (uint8)."""
+    n_blocks = -(-n // BLOCK)
+    n_codes = -(-n_blocks // 4)
+    packed = np.frombuffer(data, dtype=np.uint8)
+    c = packed[:n_codes]
+    code = np.stack([c & 3, (c >> 2) & 3, (c >> 4) & 3, c >> 6], axis=1).ravel()[:n_blocks]
+    counts = np.bincount(code, minlength=4)
+    sizes = [counts[1] * BLOCK // 4, counts[2] * BLOCK // 2, counts[3] * BLOCK]
+    if n_codes + sum(sizes) != len(packed):
+        raise CacheError("packed pixel plane has the wrong length")
+    p2, p4, p8 = np.split(packed[n_codes:], [sizes[0], sizes[0] + sizes[1]])
+    p2, p4 = p2.reshape(-1, BLOCK // 4), p4.reshape(-1, BLOCK // 2)
+    values = np.concatenate([
+        np.stack([p2 & 3, (p2 >> 2) & 3, (p2 >> 4) & 3, p2 >> 6], axis=2).reshape(-1, BLOCK),
+        np.stack([p4 & 15, p4 >> 4], axis=2).reshape(-1, BLOCK),
+        p8.reshape(-1, BLOCK),
+    ])
+    out = np.zeros((n_blocks, BLOCK), dtype=np.uint8)
+    where = np.concatenate([np.flatnonzero(code == 1), np.flatnonzero(code == 2), np.flatnonzero(code == 3)])
+    out.view(f"V{BLOCK}").ravel()[where] = values.view(f"V{BLOCK}").ravel()
+    return out.ravel()[:n]
+
+
 def encode(hu: np.ndarray, level: int = FAST) -> bytes:
     """int16 (H, W) HU -> bytes (lossless)."""
     hu = np.ascontiguousarray(hu, dtype=np.int16)
@@ -80,7 +131,11 @@ def encode(hu: np.ndarray, level: int = FAST) -> bytes:
         raise ValueError(f"expected a 2-D image, got shape {hu.shape}")
     d, flags = _residuals(hu)
     u = ((d << 1) ^ (d >> 15)).view(np.uint16).ravel()  # zigzag: small |residual| -> small unsigned
-    low = u.astype(np.uint8).tobytes()  # the low byte of every residual
+    if level == SMALL:
+        low = u.astype(np.uint8).tobytes()  # the low byte of every residual, deflated below
+    else:
+        low = _pack_low(u)
+        flags |= FLAG_LOW_PACKED
     idx = np.flatnonzero(u > 255)
     if len(idx) <= u.size // SPARSE_FRACTION:  # the usual case: a few hundred large residuals
         high = struct.pack("<I", len(idx)) + idx.astype("<u4").tobytes() + (u[idx] >> 8).astype(np.uint8).tobytes()
@@ -105,21 +160,33 @@ def decode(data: bytes) -> np.ndarray:
     low = memoryview(data)[_HEAD.size:_HEAD.size + n_low]
     if flags & FLAG_LOW_DEFLATED:
         low = zlib.decompress(low)
-    u = np.frombuffer(low, dtype=np.uint8).astype(np.uint16)
+    low8 = _unpack_low(low, rows * cols) if flags & FLAG_LOW_PACKED else np.frombuffer(low, dtype=np.uint8)
     start = _HEAD.size + n_low
     if flags & FLAG_HIGH_SPARSE:
         (count,) = struct.unpack_from("<I", data, start)
         idx = np.frombuffer(data, dtype="<u4", count=count, offset=start + 4)
         high = np.frombuffer(data, dtype=np.uint8, count=count, offset=start + 4 + 4 * count)
-        u[idx] |= high.astype(np.uint16) << 8
     else:
-        u |= np.frombuffer(zlib.decompress(memoryview(data)[start:]), dtype=np.uint8).astype(np.uint16) << 8
-    u = u.reshape(rows, cols)
-    d = ((u >> 1) ^ (np.uint16(0) - (u & 1))).view(np.int16)
-    if flags & FLAG_ROW_DELTA:
-        return np.cumsum(d, axis=1, dtype=np.int16)
+        high_plane = np.frombuffer(zlib.decompress(memoryview(data)[start:]), dtype=np.uint8)
+        idx = np.flatnonzero(high_plane)
+        high = high_plane[idx]
+    if flags & FLAG_ROW_DELTA:  # int16 wrap-around arithmetic: stay in integers
+        u = low8.astype(np.uint16)
+        u[idx] |= high.astype(np.uint16) << 8
+        return np.cumsum(_unzigzag(u).reshape(rows, cols), axis=1, dtype=np.int16)
+    # residuals as float32 straight from the low bytes (a 256-entry table), then the few wide ones
+    d = cv2.LUT(low8.reshape(rows, cols), _UNZIGZAG_F32)
+    wide = low8[idx].astype(np.uint16) | (high.astype(np.uint16) << 8)
+    d.reshape(-1)[idx] = _unzigzag(wide)
     # 2-D prefix sum of the planar residuals; float32 is exact here (every partial sum is below 2**16)
-    return cv2.integral(d.astype(np.float32), sdepth=cv2.CV_32F)[1:, 1:].astype(np.int16)
+    return cv2.integral(d, sdepth=cv2.CV_32F)[1:, 1:].astype(np.int16)
+
+
+def _unzigzag(u: np.ndarray) -> np.ndarray:
+    return ((u >> 1) ^ (np.uint16(0) - (u & 1))).view(np.int16)
+
+
+_UNZIGZAG_F32 = _unzigzag(np.arange(256, dtype=np.uint16)).astype(np.float32)
 
 
 def cache_path(layout: Layout, image_id: str) -> Path:

@@ -133,6 +133,11 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     write_csv(result.neighbors_test, out / "neighbors_test.csv")
     write_csv(result.metrics, out / "metrics.csv")
     print(format_table(result.metrics, cfg.stack.model))
+    losses = result.metrics.set_index("stage")["weighted_log_loss"]
+    if losses["stacked"] >= losses["first_stage"]:
+        print(f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
+              f"`make submit` uses stack/test.csv: delete {out} to submit the first stage instead, or try "
+              f"--set stack.model=neighbors")
     print(f"wrote {out}/oof.csv ({len(result.oof)} rows), test.csv ({len(result.test)} rows), metrics.csv")
     return out
 

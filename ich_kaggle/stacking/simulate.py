@@ -42,9 +42,20 @@ class SimulatedStack:
     test_truth: pd.DataFrame  # image_id + LABELS (test)
 
 
-def simulate(n_series: int = 300, test_series: int = 0, k: int = 5, seed: int = 0, noise: float = 1.6,
-             structure: list[np.ndarray] | None = None) -> SimulatedStack:
-    """Labels smooth over slices, first-stage logits = signal + N(0, noise) per slice; folds grouped by patient."""
+def smooth_noise(rank: np.ndarray, rho: float, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Unit-variance AR(1) noise along each series (rows sorted by series then rank): errors neighbours share."""
+    white = rng.normal(size=shape)
+    out = white.copy()
+    for r in range(1, int(rank.max()) + 1 if len(rank) else 0):
+        idx = np.flatnonzero(rank == r)
+        out[idx] = rho * out[idx - 1] + np.sqrt(1 - rho * rho) * white[idx]
+    return out
+
+
+def simulate(n_series: int = 300, test_series: int = 0, k: int = 5, seed: int = 0, noise: float = 1.0,
+             structure: list[np.ndarray] | None = None, shared_noise: float = 1.5, rho: float = 0.8) -> SimulatedStack:
+    """Labels smooth over slices; first-stage logits = signal + N(0, noise) per slice + AR(1) noise shared with the
+    neighbouring slices (sd `shared_noise`, correlation `rho`), which context cannot average away; folds by patient."""
     rng = np.random.default_rng(seed)
     total = n_series + test_series
     structure = structure or synthetic_series_z(200, rng)
@@ -67,7 +78,8 @@ def simulate(n_series: int = 300, test_series: int = 0, k: int = 5, seed: int = 
 
     # first stage: a per-series offset (scanner/patient) + per-slice noise around the true signal
     base = np.where(y == 1, 1.5, -3.5) + rng.normal(0, 0.5, size=(total, 1))[series]
-    prob = 1 / (1 + np.exp(-(base + rng.normal(0, noise, size=y.shape))))
+    err = rng.normal(0, noise, size=y.shape) + shared_noise * smooth_noise(rank, rho, rng, y.shape)
+    prob = 1 / (1 + np.exp(-(base + err)))
 
     ids = np.array([f"ID_{seed:02d}{i:08x}" for i in range(n)], dtype=object)
     sid = np.array([f"ID_s{seed:02d}{i:07x}" for i in range(total)], dtype=object)[series]

@@ -279,3 +279,19 @@ def test_stop_env_var_and_lr_suggestion(monkeypatch):
     loss = 1.0 / (1 + np.exp(4 * (np.log10(lrs) + 3)))  # falls fastest at 1e-3
     loss[-10:] = np.linspace(0.1, 5, 10)  # diverges at the end
     assert 3e-4 < suggest_lr(lrs, loss) < 3e-3
+
+
+def test_head_bias_starts_at_the_label_prior():
+    from train_helpers import NAME
+
+    from ich_kaggle import models
+    from ich_kaggle.engine.loop import init_head_bias
+
+    cfg = config.load("tiny", [f"model.backbone={NAME}", "model.pretrained=false"])
+    net = models.build_model(cfg.model, in_channels=3)
+    labels = np.zeros((200, 6))
+    labels[:50, 0] = 1
+    labels[:2, 1] = 1  # 1% epidural; subtypes never seen are clipped to 1e-4
+    assert init_head_bias(net, labels) == 1
+    p = torch.sigmoid(net.head.fc.bias.detach()).numpy()
+    np.testing.assert_allclose(p, [0.25, 0.01, 1e-4, 1e-4, 1e-4, 1e-4], rtol=1e-4)

@@ -98,6 +98,25 @@ def build_network(cfg: Config, info: D.DistInfo) -> tuple[torch.nn.Module, torch
     return model, net
 
 
+def init_head_bias(net: torch.nn.Module, labels: np.ndarray) -> int:
+    """Start every 6-logit output layer of the head at the training labels' log-odds (RetinaNet's prior init).
+
+    With a zero bias every slice starts at p=0.5 (log loss 0.69 per label) and AdamW needs thousands of steps to
+    learn that epidural bleeds are rare; from the prior, the first epoch already starts at the prior-only loss.
+    Returns how many layers were initialised.
+    """
+    prior = np.clip(np.asarray(labels, dtype=np.float64).mean(axis=0), 1e-4, 1 - 1e-4)
+    bias = torch.tensor(np.log(prior / (1 - prior)), dtype=torch.float32)
+    done = 0
+    head = getattr(net, "head", net)
+    for module in head.modules():
+        if isinstance(module, torch.nn.Linear) and module.out_features == len(LABELS) and module.bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(bias.to(module.bias.device, module.bias.dtype))
+            done += 1
+    return done
+
+
 def autocast(cfg: Config, device: torch.device):
     """bf16/fp16 autocast on CUDA; bf16 on CPU; nothing for amp=none."""
     if cfg.train.amp == "none":
@@ -298,6 +317,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
         start_epoch, rows = cfg.train.epochs, list(ckpt["log"])
         best, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
     else:
+        init_head_bias(net, train_labels)
         log.info(f"fold {fold} of {cfg.name}: {len(data.train)} training / {len(data.val)} validation images, "
                  f"{info.world_size} process(es) on {info.device}, global batch {cfg.train.batch_size} "
                  f"x {cfg.train.accum_steps} accumulation, {steps_per_epoch} steps/epoch")

@@ -35,7 +35,7 @@ def lr_find(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", s
     from ..data.dataset import SliceDataset
     from ..data.transforms import build_train_transforms
     from ..losses import build_loss
-    from .loop import autocast, build_network, prepare_data, to_device
+    from .loop import autocast, build_network, init_head_bias, prepare_data, to_device
 
     info = D.DistInfo(device=D.pick_device(0))  # single process: a sweep needs no DDP
     D.seed_everything(cfg.train.seed)
@@ -43,6 +43,7 @@ def lr_find(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", s
     labels = label_matrix(data.train)
     ds = SliceDataset(data.train, layout, cfg, transform=build_train_transforms(cfg), train=True, meta=data.meta)
     model, net = build_network(cfg, info)
+    init_head_bias(net, labels)
     loss_fn = build_loss(cfg, labels).to(info.device)
     from .optim import build_optimizer
 

@@ -170,10 +170,13 @@ def test_mil_recipe_trains_with_scan_bags_and_writes_per_slice_oof(comp, tmp_pat
         return loss
 
     monkeypatch.setattr(mil.MILBatchLoss, "__call__", spy)
+    shapes = Spy(monkeypatch)
     cfg = _cfg("mil_resnet18", "recipe.bag_size=4", "recipe.scan_only_fraction=0.5", "train.max_images_per_epoch=6")
     fdir = train.train_fold(cfg, comp, 0, runs=tmp_path)
     assert calls, "the MIL batch loss was not used"
     assert all(c["bag"] == 4 and np.isfinite(c["mil"]) and c["smooth"] >= 0 for c in calls)
+    # mixed batches: one forward pass over the slice-labelled batch and the scan-labelled bag together
+    assert [s[0] for s in shapes.shapes[0]] == [c["batch"] + c["bag"] for c in calls]
     folds = pd.read_csv(comp.folds_csv, dtype={"image_id": str})
     oof = pd.read_csv(fdir / "oof.csv", dtype={"image_id": str})
     assert list(oof.columns) == ["image_id", *LABELS]

@@ -144,10 +144,5 @@ class MemberSumLoss(nn.Module):
         return sum(self.base(z[:, m], targets) for m in range(self.members))
 
 
-def wrap_loss(loss: nn.Module, backbone: str, num_classes: int = 6) -> nn.Module:
-    """`loss` itself for one backbone, MemberSumLoss for an ensemble."""
-    return MemberSumLoss(loss, len(member_names(backbone)), num_classes) if is_ensemble(backbone) else loss
-
-
 __all__ = ["EnsembleNet", "EnsembleBackbone", "EnsembleHead", "MemberSumLoss", "build_ensemble", "is_ensemble",
-           "member_names", "mean_probability_logit", "wrap_loss"]
+           "member_names", "mean_probability_logit"]

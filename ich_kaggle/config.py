@@ -117,7 +117,7 @@ class StackConfig:
     embedding_dim: int = 16  # first-stage embeddings are reduced to this many principal components per model
     neighbors_k: int = 2
     epochs: int = 20
-    max_steps: int = 1000  # per fold; caps the epochs on competition-sized data (0 = no cap)
+    max_steps: int = 500  # per fold; caps the epochs on competition-sized data (0 = no cap)
     lr: float = 2e-3
     batch_series: int = 64
     reverse_tta: bool = True

@@ -45,7 +45,7 @@ class NeighborModel:
         return (torch.sigmoid(logits).numpy() * seqs.mask[..., None]).astype(np.float32)
 
 
-def fit_neighbors(seqs: Sequences, k: int, n_models: int, l2: float = 1e-4, iters: int = 60) -> NeighborModel:
+def fit_neighbors(seqs: Sequences, k: int, n_models: int, l2: float = 1e-4, iters: int = 40) -> NeighborModel:
     """Full-batch L-BFGS on the metric's weighted BCE (the loss splits by label, so this is 6 logistic regressions)."""
     feats = neighbor_features(seqs, k, n_models)[seqs.mask]
     y = torch.from_numpy(seqs.y[seqs.mask])

@@ -465,10 +465,15 @@ def _touch(path: Path) -> None:
     os.utime(path, (now, now))
 
 
-def add_train_meta(layout: Layout, model_dir: Path) -> None:
-    """Before stacking: the shipped train rows join meta.csv so the OOF images can be placed in their series."""
+def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Path) -> None:
+    """Before stacking: the shipped OOF predictions back in predictions/ (predict rewrites oof.csv from the folds'
+    own validation images, which the kernel does not have), and the shipped train rows join meta.csv so the OOF
+    images can be placed in their series."""
     from .data import meta as meta_mod
 
+    for flat, rel in manifest["files"].items():
+        if rel.startswith("predictions/"):
+            _link(model_dir / flat, run / rel)
     meta = meta_mod.read_meta(layout.meta_csv)
     train = meta_mod.read_meta(model_dir / TRAIN_META)
     write_csv(pd.concat([meta[meta["split"] != "train"], train], ignore_index=True), layout.meta_csv)
@@ -487,7 +492,7 @@ def run_inference(model_dir: str | Path, competition: str | Path, working: str |
     prepare_work(layout, model_dir)
     predict.predict(cfg, layout, runs=runs)
     if manifest.get("stack"):
-        add_train_meta(layout, model_dir)
+        prepare_stack(layout, model_dir, manifest, run_dir(runs, cfg.name))
         stack.stack(cfg, layout, runs=runs)
     written = submission.submit(cfg, layout, runs=runs, out_dir=working / "submissions")
     final = working / "submission.csv"

@@ -60,6 +60,7 @@ def pip_install(code_dir):
 
 def main():
     started = time.time()
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would look for updates online at import
     log(f"input {INPUT}, working {WORKING}, config {CONFIG_NAME}")
     code_dir = find_code_dir(INPUT)
     log(f"installing from {code_dir}")

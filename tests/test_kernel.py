@@ -278,9 +278,13 @@ def test_kernel_side_work_folder(tmp_path):
     pd.testing.assert_frame_equal(rows(meta_mod.load_meta(kernel_layout)), rows(local_meta[local_meta["split"] == "test"]))
     assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
     pd.testing.assert_frame_equal(folds_mod.load_folds(kernel_layout, k=2, seed=cfg.cv.seed), local_folds)
-    kernel.add_train_meta(kernel_layout, model)  # before stacking: the OOF images' series too
-    pd.testing.assert_frame_equal(rows(meta_mod.load_meta(kernel_layout)), rows(local_meta))
+    oof = working / "runs" / "tiny" / "predictions" / "oof.csv"
+    oof.unlink()
+    oof.write_text("image_id\n")  # what predict leaves in the kernel: no OOF images to predict there
+    kernel.prepare_stack(kernel_layout, model, manifest, working / "runs" / "tiny")  # before stacking:
+    pd.testing.assert_frame_equal(rows(meta_mod.load_meta(kernel_layout)), rows(local_meta))  # OOF images' series
     assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
+    assert oof.read_text() == "image_id,any\n"  # the shipped OOF predictions are back
 
 
 # --- the real kaggle CLI against a fake API server ----------------------------------------------------------------
@@ -408,8 +412,9 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     from ich_kaggle.data import cache, folds, synth
     from ich_kaggle.paths import Layout
 
-    comp = synth.write_competition(tmp_path / "comp", seed=0, studies=8, slices=6, size=64)
-    cfg = config.load("tiny", ["cv.k=2", "train.epochs=1", "stack.epochs=5", "data.num_workers=0"])
+    comp = synth.write_competition(tmp_path / "comp", seed=0, studies=6, slices=5, size=32)
+    cfg = config.load("tiny", ["cv.k=2", "train.epochs=1", "data.image_size=32", "stack.epochs=3",
+                               "data.num_workers=0"])
     layout = Layout.of(comp, tmp_path / "work")
     runs = tmp_path / "runs"
     folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
@@ -440,6 +445,8 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"from {tmp_path / 'venv'}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
+    assert "urlopen error" not in result.stderr  # nothing tried the network (the proxy is a dead port)
+    assert "runs/tiny/stack/test.csv" in result.stdout  # the submission came from the stacker refit in the kernel
 
     got = working / "submission.csv"
     assert submission.validate_file(comp / "stage_2_sample_submission.csv", got) == []

@@ -453,3 +453,4 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     a, b = pd.read_csv(expected), pd.read_csv(got)
     assert list(a["ID"]) == list(b["ID"])
     np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), atol=1e-4)
+    assert got.read_bytes() == expected.read_bytes()  # same models, same images, same code path: identical file

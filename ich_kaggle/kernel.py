@@ -480,21 +480,37 @@ def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Path) ->
     _touch(layout.folds_csv)
 
 
-def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path) -> Path:
-    """Predict (TTA, every shipped fold) -> stack -> submission, exactly the library calls of `make submit`."""
+def adapt_to_device(cfg: Config) -> None:
+    """Kaggle's P100/T4 GPUs lack bfloat16: run inference in float16 there (the weights do not care)."""
+    import torch
+
+    if cfg.train.amp == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        print(f"{torch.cuda.get_device_name()}: no bfloat16, predicting with float16 autocast")
+        cfg.train.amp = "fp16"
+
+
+def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path,
+                  scratch: str | Path | None = None) -> Path:
+    """Predict (TTA, every shipped fold) -> stack -> submission, exactly the library calls of `make submit`.
+
+    Only `submission.csv` goes to `working` (Kaggle keeps it as the kernel's output, 20 GB at most); the image cache,
+    runs and intermediate files go to `scratch` (default: `working`).
+    """
     from . import predict, stack, submission
 
     model_dir, competition, working = Path(model_dir), Path(competition), Path(working)
+    scratch = Path(scratch) if scratch is not None else working
     manifest = read_manifest(model_dir)
-    runs = working / "runs"
+    runs = scratch / "runs"
     cfg = materialize(model_dir, manifest, runs)
-    layout = Layout.of(data_view(competition, working / "data"), working / "work")
+    adapt_to_device(cfg)
+    layout = Layout.of(data_view(competition, scratch / "data"), scratch / "work")
     prepare_work(layout, model_dir)
     predict.predict(cfg, layout, runs=runs)
     if manifest.get("stack"):
         prepare_stack(layout, model_dir, manifest, run_dir(runs, cfg.name))
         stack.stack(cfg, layout, runs=runs)
-    written = submission.submit(cfg, layout, runs=runs, out_dir=working / "submissions")
+    written = submission.submit(cfg, layout, runs=runs, out_dir=scratch / "submissions")
     final = working / "submission.csv"
     with atomic_path(final) as tmp:
         shutil.copyfile(written, tmp)

@@ -5,7 +5,8 @@ dataset (`pip install --no-index --find-links`), finds the competition files and
 input root (mount paths differ between old and new kernels), runs TTA inference over the trained folds and the
 second-stage stacker, and writes `submission.csv` (checked by the validator) into the working folder.
 
-Outside Kaggle: ICH_KAGGLE_INPUT=<folder in the /kaggle/input layout> ICH_KAGGLE_WORKING=<out folder> python kernel.py
+Outside Kaggle: ICH_KAGGLE_INPUT=<folder in the /kaggle/input layout> ICH_KAGGLE_WORKING=<out folder>
+[ICH_KAGGLE_SCRATCH=<folder for the image cache, default /tmp/ich_kaggle>] python kernel.py
 """
 
 import os
@@ -22,6 +23,8 @@ ICH_KAGGLE_VERSION = "__ICH_KAGGLE_VERSION__"
 
 INPUT = Path(os.environ.get("ICH_KAGGLE_INPUT", "/kaggle/input"))
 WORKING = Path(os.environ.get("ICH_KAGGLE_WORKING", "/kaggle/working"))
+# Image cache and intermediate files: not in the working folder, whose contents Kaggle saves as output (20 GB cap).
+SCRATCH = Path(os.environ.get("ICH_KAGGLE_SCRATCH", "/tmp/ich_kaggle"))
 SKIP_DIRS = {"stage_2_train", "stage_2_test", "stage_1_train_images", "stage_1_test_images"}  # huge DICOM folders
 
 
@@ -61,7 +64,7 @@ def pip_install(code_dir):
 def main():
     started = time.time()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would look for updates online at import
-    log(f"input {INPUT}, working {WORKING}, config {CONFIG_NAME}")
+    log(f"input {INPUT}, working {WORKING}, scratch {SCRATCH}, config {CONFIG_NAME}")
     code_dir = find_code_dir(INPUT)
     log(f"installing from {code_dir}")
     pip_install(code_dir)
@@ -78,7 +81,7 @@ def main():
     try:
         inputs = kernel.find_inputs(INPUT, config_name=CONFIG_NAME)
         log(f"competition {inputs.competition}, model {inputs.model}")
-        out = kernel.run_inference(inputs.model, inputs.competition, WORKING)
+        out = kernel.run_inference(inputs.model, inputs.competition, WORKING, scratch=SCRATCH)
     except UserError as e:
         sys.exit(f"error: {e}")
     log(f"wrote {out} in {time.time() - started:.0f} s")

@@ -439,15 +439,17 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     working.mkdir()
     dead = "http://127.0.0.1:9"  # any network access fails fast
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy")}
-    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), HOME=str(tmp_path / "home"),
+    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), ICH_KAGGLE_SCRATCH=str(tmp_path / "scratch"),
+               HOME=str(tmp_path / "home"),
                HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, PIP_NO_INDEX="1")
     result = subprocess.run([str(python), str(folder / "kernel.py")], cwd=working, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"from {tmp_path / 'venv'}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
     assert "urlopen error" not in result.stderr  # nothing tried the network (the proxy is a dead port)
-    assert "runs/tiny/stack/test.csv" in result.stdout  # the submission came from the stacker refit in the kernel
+    assert "scratch/runs/tiny/stack/test.csv" in result.stdout  # the submission came from the stacker refit in the kernel
 
+    assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]  # the cache etc. stayed in scratch
     got = working / "submission.csv"
     assert submission.validate_file(comp / "stage_2_sample_submission.csv", got) == []
     a, b = pd.read_csv(expected), pd.read_csv(got)

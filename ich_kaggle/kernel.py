@@ -142,28 +142,32 @@ def trained_folds(cfg: Config, runs: str | Path) -> list[int]:
     return [k for k in wanted if (fold_dir(runs, cfg.name, k) / "best.pt").is_file()]
 
 
+def is_stacked(cfg: Config, runs: str | Path) -> bool:
+    """Whether `make submit` uses the stacker's predictions (so the kernel must refit and apply it too)."""
+    return (run_dir(runs, cfg.name) / "stack" / "test.csv").is_file()
+
+
 def model_files(cfg: Config, runs: str | Path) -> dict[str, str]:
     """Flat dataset file name -> path inside runs/<cfg>/ (flat, so no --dir-mode zip nesting on Kaggle).
 
-    Ships each trained fold's best.pt, the stacker's files (not its local test predictions, which the kernel
-    recomputes) and the first-stage OOF predictions the stacker was fit on.
+    Ships each trained fold's best.pt and, for a stacked run, the first-stage OOF predictions the stacker is refit
+    on inside the kernel (it keeps no weights: it is cross-fitted fold by fold) plus its metrics for reference.
+    Never local test predictions: the kernel recomputes them.
     """
     root = run_dir(runs, cfg.name)
     folds = trained_folds(cfg, runs)
     if not folds:
         raise UserError(f"no trained fold in {root}/fold*/best.pt; train first (make train-all CONFIG={cfg.name})")
     files = {f"fold{k}_best.pt": f"fold{k}/best.pt" for k in folds}
-    skip_suffixes = (".png", ".html", ".tmp")
-    stack_dir = root / "stack"
-    if stack_dir.is_dir():
-        for path in sorted(stack_dir.iterdir()):
-            if path.is_file() and path.name != "test.csv" and not path.name.startswith(".") and not path.name.endswith(skip_suffixes):
-                files[f"stack_{path.name}"] = f"stack/{path.name}"
-    pred = root / "predictions"
-    wanted = ["oof.csv"] + (["oof_embeddings.npz"] if cfg.stack.use_embeddings else [])
-    for name in wanted:
-        if (pred / name).is_file():
-            files[f"predictions_{name}"] = f"predictions/{name}"
+    if not is_stacked(cfg, runs):
+        return files
+    if (root / "stack" / "metrics.csv").is_file():
+        files["stack_metrics.csv"] = "stack/metrics.csv"
+    for name in ["oof.csv"] + (["oof_embeddings.npz"] if cfg.stack.use_embeddings else []):
+        if not (root / "predictions" / name).is_file():
+            raise UserError(f"{root / 'predictions' / name} not found but {root / 'stack'} exists: the kernel refits "
+                            f"the stacker on it; rerun `make predict CONFIG={cfg.name}` (or delete {root / 'stack'})")
+        files[f"predictions_{name}"] = f"predictions/{name}"
     return files
 
 
@@ -253,7 +257,7 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
     `layout` is the data the runs were trained on (its folds.csv and meta.csv travel with the model).
     """
     files = model_files(cfg, runs)
-    stacked = any(rel.startswith("stack/") for rel in files.values())
+    stacked = is_stacked(cfg, runs)
     layout = _check_data_inputs(cfg, layout)
     root = run_dir(runs, cfg.name)
     final = names.model_dir(out)

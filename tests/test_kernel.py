@@ -169,6 +169,11 @@ def test_model_dataset_contents(tmp_path, cfg):
 
     cfg.stack.use_embeddings = True  # the stacker then also needs the OOF embeddings
     assert kernel.model_files(cfg, runs)["predictions_oof_embeddings.npz"] == "predictions/oof_embeddings.npz"
+    (runs / cfg.name / "predictions" / "oof_embeddings.npz").unlink()
+    with pytest.raises(UserError, match="oof_embeddings.npz not found .* rerun `make predict CONFIG=tiny`"):
+        kernel.model_files(cfg, runs)
+    (runs / cfg.name / "stack" / "test.csv").unlink()  # not stacked: only the checkpoints travel
+    assert kernel.model_files(cfg, runs) == {"fold0_best.pt": "fold0/best.pt", "fold2_best.pt": "fold2/best.pt"}
     cfg.cv.folds = [2]
     assert kernel.trained_folds(cfg, runs) == [2]
 

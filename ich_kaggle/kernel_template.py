@@ -72,16 +72,16 @@ def main():
 
     importlib.invalidate_caches()
     import ich_kaggle
-    from ich_kaggle import kernel
+    from ich_kaggle import kernel_run
     from ich_kaggle.errors import UserError
 
     log(f"using ich_kaggle {ich_kaggle.__version__} from {Path(ich_kaggle.__file__).parent}")
     if ich_kaggle.__version__ != ICH_KAGGLE_VERSION:
         log(f"warning: installed ich_kaggle {ich_kaggle.__version__}, kernel written by {ICH_KAGGLE_VERSION}")
     try:
-        inputs = kernel.find_inputs(INPUT, config_name=CONFIG_NAME)
+        inputs = kernel_run.find_inputs(INPUT, config_name=CONFIG_NAME)
         log(f"competition {inputs.competition}, model {inputs.model}")
-        out = kernel.run_inference(inputs.model, inputs.competition, WORKING, scratch=SCRATCH)
+        out = kernel_run.run_inference(inputs.model, inputs.competition, WORKING, scratch=SCRATCH)
     except UserError as e:
         sys.exit(f"error: {e}")
     log(f"wrote {out} in {time.time() - started:.0f} s")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ich_kaggle import COMPETITION, config, kernel, wheels
+from ich_kaggle import COMPETITION, config, kernel, kernel_run, wheels
 from ich_kaggle.errors import UserError
 from ich_kaggle.paths import Layout
 
@@ -162,7 +162,7 @@ def test_model_dataset_contents(tmp_path, cfg):
     meta = json.loads((folder / "dataset-metadata.json").read_text())
     assert meta["id"] == "alice/ich-kaggle-model-tiny" and meta["licenses"] == [{"name": "CC0-1.0"}]
     assert 6 <= len(meta["title"]) <= 50
-    manifest = kernel.read_manifest(folder)
+    manifest = kernel_run.read_manifest(folder)
     assert manifest["folds"] == [0, 2] and manifest["stack"] is True
     assert manifest["files"]["fold2_best.pt"] == "fold2/best.pt"
     assert config.load(str(folder / "config.yaml")).to_dict() == cfg.to_dict()
@@ -205,7 +205,7 @@ def test_code_dataset_and_kernel_folder(tmp_path, cfg):
                                                           "munch-4.0.0-py2.py3-none-any.whl"]
     with zipfile.ZipFile(code / "ich_kaggle-0.1.0-py3-none-any.whl") as zf:
         packed = zf.namelist()
-    assert {"ich_kaggle/kernel.py", "ich_kaggle/kernel_template.py", "ich_kaggle/configs/tiny.yaml"} <= set(packed)
+    assert {"ich_kaggle/kernel_run.py", "ich_kaggle/kernel_template.py", "ich_kaggle/configs/tiny.yaml"} <= set(packed)
     assert not (ROOT / "build").exists() or not any((ROOT / "build").iterdir())  # built from a copy
     kernel.build_model_dataset(cfg, names, runs, out, fake_layout(tmp_path))
 
@@ -238,13 +238,13 @@ def test_find_inputs_in_nested_kaggle_layout(tmp_path):
     code = root / "datasets" / "alice" / "ich-kaggle-code"
     code.mkdir(parents=True)
     (code / "ich_kaggle-0.1.0-py3-none-any.whl").write_bytes(b"")
-    found = kernel.find_inputs(root, config_name="tiny")
-    assert found == kernel.KernelInputs(comp, model, code)
+    found = kernel_run.find_inputs(root, config_name="tiny")
+    assert found == kernel_run.KernelInputs(comp, model, code)
     with pytest.raises(UserError, match="attach ich-kaggle-model-other"):
-        kernel.find_inputs(root, config_name="other")
+        kernel_run.find_inputs(root, config_name="other")
     (comp / "stage_2_sample_submission.csv").unlink()
     with pytest.raises(UserError, match="add the competition"):
-        kernel.find_inputs(root, config_name="tiny")
+        kernel_run.find_inputs(root, config_name="tiny")
 
 
 def test_kernel_side_work_folder(tmp_path):
@@ -266,14 +266,14 @@ def test_kernel_side_work_folder(tmp_path):
     model = kernel.build_model_dataset(cfg, names, runs, tmp_path / "kernels", layout)
 
     working = tmp_path / "working"
-    manifest = kernel.read_manifest(model)
-    got = kernel.materialize(model, manifest, working / "runs")
+    manifest = kernel_run.read_manifest(model)
+    got = kernel_run.materialize(model, manifest, working / "runs")
     assert got.cv.folds == [0, 1] and got.cv.k == 2
     assert (working / "runs" / "tiny" / "fold1" / "best.pt").read_bytes() == b"checkpoint 1"
-    view = kernel.data_view(comp, working / "data")
+    view = kernel_run.data_view(comp, working / "data")
     assert sorted(p.name for p in view.iterdir()) == ["stage_2_sample_submission.csv", "stage_2_test", "stage_2_train.csv"]
     kernel_layout = Layout.of(view, working / "work")
-    kernel.prepare_work(kernel_layout, model)  # before predict: test rows only, so only test images get cached
+    kernel_run.prepare_work(kernel_layout, model)  # before predict: test rows only, so only test images get cached
     key = ["image_id", "series_id", "split", "slice_rank", "series_len"]
 
     def rows(frame):
@@ -286,7 +286,7 @@ def test_kernel_side_work_folder(tmp_path):
     oof = working / "runs" / "tiny" / "predictions" / "oof.csv"
     oof.unlink()
     oof.write_text("image_id\n")  # what predict leaves in the kernel: no OOF images to predict there
-    kernel.prepare_stack(kernel_layout, model, manifest, working / "runs" / "tiny")  # before stacking:
+    kernel_run.prepare_stack(kernel_layout, model, manifest, working / "runs" / "tiny")  # before stacking:
     pd.testing.assert_frame_equal(rows(meta_mod.load_meta(kernel_layout)), rows(local_meta))  # OOF images' series
     assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
     assert oof.read_text() == "image_id,any\n"  # the shipped OOF predictions are back

@@ -461,3 +461,15 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     assert list(a["ID"]) == list(b["ID"])
     np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), atol=1e-4)
     assert got.read_bytes() == expected.read_bytes()  # same models, same images, same code path: identical file
+
+    # without a stacker (first-stage predictions only), in-process: the kernel side matches `make submit` too
+    import shutil
+
+    shutil.rmtree(runs / cfg.name / "stack")
+    first = submission.submit(cfg, layout, runs=runs, out_dir=tmp_path / "first_stage")
+    plain = kernel.build_model_dataset(cfg, names, runs, tmp_path / "plain", layout)
+    assert not kernel_run.read_manifest(plain)["stack"] and not (plain / "train_meta.csv.gz").exists()
+    got = kernel_run.run_inference(plain, root / COMPETITION / COMPETITION, tmp_path / "working2",
+                                   scratch=tmp_path / "scratch2")
+    assert got.read_bytes() == first.read_bytes()
+    assert not (tmp_path / "scratch2" / "runs" / "tiny" / "stack").exists()

@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from ich_kaggle import COMPETITION, config, kernel, kernel_run, wheels
@@ -139,8 +144,6 @@ def test_cli_prints_one_line_error(tmp_path):
 
 
 def _env() -> dict[str, str]:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k not in ("KAGGLE_USERNAME", "PYTHONPATH")}
     return env
 
@@ -154,8 +157,6 @@ def test_model_dataset_contents(tmp_path, cfg):
     assert files == ["config.yaml", "dataset-metadata.json", "fold0_best.pt", "fold2_best.pt", "folds.csv.gz",
                      "folds.csv.json", "ich_kaggle_model.json", "predictions_oof.csv", "stack_metrics.csv",
                      "train_meta.csv.gz"]  # no stale test.csv/png/last.pt
-    import pandas as pd
-
     assert list(pd.read_csv(folder / "train_meta.csv.gz")["image_id"]) == ["ID_a"]  # train rows only
     assert pd.read_csv(folder / "folds.csv.gz").shape == (1, 6)
     assert (folder / "fold2_best.pt").read_bytes() == b"checkpoint 2"
@@ -250,8 +251,6 @@ def test_find_inputs_in_nested_kaggle_layout(tmp_path):
 def test_kernel_side_work_folder(tmp_path):
     """Inside the kernel: runs/ from the flat dataset, a test-only data view, meta = shipped train rows + test scan,
     folds as shipped and not considered stale (a rebuild would need the train DICOMs the kernel does not read)."""
-    import pandas as pd
-
     from ich_kaggle.data import folds as folds_mod
     from ich_kaggle.data import meta as meta_mod
     from ich_kaggle.data import synth
@@ -369,8 +368,6 @@ def test_stale_model_dataset_warns(built, capsys):
     runs = out.parent / "runs"
     checkpoint = runs / cfg.name / "fold0" / "best.pt"
     later = (out / names.model_slug / "fold0_best.pt").stat().st_mtime + 60
-    import os
-
     fresh = checkpoint.with_name(".best.pt.tmp")  # retrained after the dataset was built (written atomically,
     fresh.write_bytes(b"retrained")  # as training does: the dataset's hard link keeps the old file)
     os.utime(fresh, (later, later))
@@ -384,8 +381,6 @@ def test_stale_model_dataset_warns(built, capsys):
 def _fresh_venv(folder: Path) -> Path:
     """A venv that sees the heavy packages of .venv (torch, timm, ...) through a .pth file but not the repository."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
-    import sysconfig
-
     site = Path(subprocess.run([str(folder / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "_ich_kaggle_test_parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -399,8 +394,6 @@ def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
     for item in comp.iterdir():
         (nested / item.name).symlink_to(item.resolve())
     (root / "datasets" / "testuser").mkdir(parents=True)
-    import shutil
-
     shutil.copytree(code, root / "datasets" / "testuser" / code.name)
     shutil.copytree(model, root / "datasets" / "testuser" / model.name)
     return root
@@ -408,14 +401,8 @@ def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
 
 @pytest.mark.slow
 def test_kernel_script_offline_equals_make_submit(tmp_path):
-    import os
-
-    import numpy as np
-    import pandas as pd
-
     from ich_kaggle import predict, stack, submission, train
     from ich_kaggle.data import cache, folds, synth
-    from ich_kaggle.paths import Layout
 
     comp = synth.write_competition(tmp_path / "comp", seed=0, studies=6, slices=5, size=32)
     cfg = config.load("tiny", ["cv.k=2", "train.epochs=1", "data.image_size=32", "stack.epochs=3",
@@ -463,8 +450,6 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     assert got.read_bytes() == expected.read_bytes()  # same models, same images, same code path: identical file
 
     # without a stacker (first-stage predictions only), in-process: the kernel side matches `make submit` too
-    import shutil
-
     shutil.rmtree(runs / cfg.name / "stack")
     first = submission.submit(cfg, layout, runs=runs, out_dir=tmp_path / "first_stage")
     plain = kernel.build_model_dataset(cfg, names, runs, tmp_path / "plain", layout)

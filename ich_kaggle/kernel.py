@@ -23,7 +23,7 @@ from . import config as config_mod
 from .config import Config
 from .errors import UserError
 from .io import atomic_open, atomic_path, write_csv
-from .kernel_run import FOLDS, FOLDS_INFO, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
+from .kernel_run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
 from .paths import Layout, fold_dir, run_dir
 
 # What Kaggle's Python image lacks (or has too old: it ships pydicom 2.x) and the code needs. Kaggle has torch,
@@ -256,7 +256,7 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
     config_mod.dump(cfg, tmp / "config.yaml")
     folds = trained_folds(cfg, runs)
     manifest = {
-        "format": 1, "config": cfg.name, "ich_kaggle": __version__, "folds": folds,
+        "format": MANIFEST_FORMAT, "config": cfg.name, "ich_kaggle": __version__, "folds": folds,
         "stack": stacked, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     _write_json(tmp / MODEL_MANIFEST, manifest)

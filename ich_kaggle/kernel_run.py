@@ -26,6 +26,7 @@ from .io import atomic_open, atomic_path, write_csv
 from .paths import Layout, run_dir
 
 MODEL_MANIFEST = "ich_kaggle_model.json"
+MANIFEST_FORMAT = 1  # bump when the model dataset's layout changes
 TRAIN_META = "train_meta.csv.gz"
 FOLDS = "folds.csv.gz"
 FOLDS_INFO = "folds.csv.json"
@@ -89,6 +90,9 @@ def read_manifest(model_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError:
         raise UserError(f"{path} is not valid JSON; rebuild the model dataset with `make kernel-datasets`") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path} has format {manifest.get('format')!r}, this ich_kaggle reads {MANIFEST_FORMAT}; "
+                        f"rebuild both datasets with the same ich_kaggle (make kernel-datasets) and upload them")
     missing = [flat for flat in manifest.get("files", {}) if not (Path(model_dir) / flat).is_file()]
     if missing:
         raise UserError(f"{path.parent} lacks {', '.join(missing)} listed in its manifest; upload the whole folder again")

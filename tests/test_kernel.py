@@ -166,6 +166,9 @@ def test_model_dataset_contents(tmp_path, cfg):
     manifest = kernel_run.read_manifest(folder)
     assert manifest["folds"] == [0, 2] and manifest["stack"] is True
     assert manifest["files"]["fold2_best.pt"] == "fold2/best.pt"
+    (folder / "ich_kaggle_model.json").write_text(json.dumps({**manifest, "format": 2}))
+    with pytest.raises(UserError, match="format 2, this ich_kaggle reads 1"):
+        kernel_run.read_manifest(folder)
     assert config.load(str(folder / "config.yaml")).to_dict() == cfg.to_dict()
 
     cfg.stack.use_embeddings = True  # the stacker then also needs the OOF embeddings

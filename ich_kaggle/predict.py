@@ -152,12 +152,14 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _loader(frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame, batch: int, device: torch.device):
+def _loader(frame: pd.DataFrame, layout: Layout, data_cfg: Config, meta: pd.DataFrame, batch: int, workers: int,
+            device: torch.device):
+    """Images read as the fold was trained (`data_cfg`: windows, size, 2.5D), with this machine's worker count."""
     from .data.dataset import SliceDataset
     from .data.transforms import build_eval_transforms
 
-    ds = SliceDataset(frame, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=meta)
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=cfg.data.num_workers,
+    ds = SliceDataset(frame, layout, data_cfg, transform=build_eval_transforms(data_cfg), train=False, meta=meta)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda")
 
 
@@ -166,7 +168,7 @@ def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, 
                   device: torch.device, desc: str = "predict") -> list[tuple[np.ndarray, np.ndarray]]:
     """Every model on every image of `frame` (loaded once): [(probs (N, 6), embeddings (N, D) float32)] per model."""
     data_cfg = models[0].cfg
-    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, device)
+    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, cfg.data.num_workers, device)
     amp = cfg.train.amp if device.type == "cuda" else "none"
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     out: list[tuple[list, list]] = [([], []) for _ in models]

@@ -62,3 +62,15 @@ def kaggle_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("KAGGLE_KEY", "0123456789abcdef0123456789abcdef")
     monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
     return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test process: DDP and subprocess tests share 2 cores, and OpenMP threads fighting
+    over them made tests 5-10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -43,14 +43,6 @@ def _worker(rank: int, world: int, port: int, data: str, work: str, runs: str, o
     torch.set_num_threads(1)
     train.train_fold(config.load("tiny", overrides), Layout.of(data, work), 0, runs=runs)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: one intra-op thread per process avoids OpenMP oversubscription (5-10x slower otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory) -> Layout:
     from ich_kaggle.data import cache, folds, synth

@@ -20,13 +20,6 @@ FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=8", "t
         "cv.k=3", "cv.seed=0", "data.num_workers=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class FlipInvariant(nn.Module):
     """features(x) = conv(x + hflip(x)): exactly invariant to horizontal flips."""

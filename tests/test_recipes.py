@@ -28,14 +28,6 @@ FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=6", "t
         "train.warmup_epochs=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 cores shared with other jobs, 2 threads spin against each other (~10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory) -> Layout:

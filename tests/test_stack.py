@@ -26,14 +26,6 @@ HEADERS = SHARED / "stage_1_test_dicom_headers.csv.gz"
 FAST = dict(hidden=16, layers=1, epochs=6, batch_series=16, lr=5e-3, max_steps=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared: one torch thread is many times faster than two fighting for them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def structure():

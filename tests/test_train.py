@@ -21,15 +21,6 @@ from ich_kaggle.paths import Layout
 FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=8", "train.max_images_per_epoch=32",
         "cv.k=3", "cv.seed=0", "data.num_workers=0"]
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: one intra-op thread per process avoids OpenMP oversubscription (5-10x slower otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory) -> Layout:
     from ich_kaggle.data import synth

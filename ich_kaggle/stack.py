@@ -154,6 +154,9 @@ def bench(mini: Path | None = None, train_slices: int = COMPETITION_TRAIN_SLICES
     """Competition-scale stacking on 2 CPU threads: series structure from the real stage-1 test headers.
 
     Prints wall and CPU seconds: on a machine whose cores are shared, wall time measures the neighbours too.
+    Measured (shared 2-core box, defaults gru/64/2 layers/500 steps): 753,618 train slices in 21,225 series +
+    3,412 test series, 5 folds train+predict in 537 s wall with 2 threads (554 s with 1); OOF 0.1308 -> 0.0166
+    (neighbours baseline 0.0487) on the simulated first stage.
     """
     import torch
 

@@ -44,7 +44,7 @@ def scores(layout: Layout, run: Path) -> dict[str, float]:
     return out
 
 
-def run(data: str | None = None, config_name: str = "tiny", runs: str = "runs/demo", work: str | None = None,
+def run(data: str | None = None, config_name: str = "tiny", runs: str | None = None, work: str | None = None,
         overrides: list[str] | None = None) -> dict[str, float]:
     from . import predict, stack, submission, train
     from .data import cache, folds, synth
@@ -60,6 +60,8 @@ def run(data: str | None = None, config_name: str = "tiny", runs: str = "runs/de
         data_dir = Path(data)
     layout = Layout.of(data_dir, work)
     layout.require_data()
+    # one runs folder per data folder: folds trained on one competition must never be reused on another
+    runs = runs or str(Path("runs/demo") / layout.data.resolve().name)
 
     print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name}  runs {runs}")
     frame = folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)

@@ -1,0 +1,45 @@
+"""`make demo` end to end on a small synthetic competition: three score lines and a valid submission."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ich_kaggle import submission
+from ich_kaggle.data import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["model.pretrained=false", "data.image_size=32", "train.epochs=1", "train.max_images_per_epoch=48",
+        "cv.k=3", "stack.epochs=3", "stack.max_steps=30", "tta.transforms=[identity,hflip]"]
+
+
+def _demo(cwd: Path, data: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "ich_kaggle", "demo", "--data", str(data), "--set", *FAST],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_demo_prints_three_scores_and_writes_a_valid_submission(tmp_path):
+    data = synth.write_competition(tmp_path / "comp", seed=3, studies=12, slices=8, size=64)
+    proc = _demo(tmp_path, data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()[-3:]
+    names = [line.split(":")[0] for line in lines]
+    assert names == ["prior_log_loss", "first_stage_log_loss", "stacked_log_loss"]
+    values = [float(re.match(r"\w+: ([0-9.]+)$", line).group(1)) for line in lines]
+    assert all(0 < v < 5 for v in values)
+    assert "scored on the test labels" in proc.stdout
+
+    sub = tmp_path / "submissions" / "tiny.csv"
+    sample = data / "stage_2_sample_submission.csv"
+    assert submission.validate_file(sample, sub) == []
+    assert len(pd.read_csv(sub)) == len(pd.read_csv(sample))
+    # the demo's runs are kept per data folder, so another competition never reuses these folds
+    assert (tmp_path / "runs" / "demo" / "comp" / "tiny" / "fold2" / "best.pt").exists()

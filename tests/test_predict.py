@@ -15,9 +15,7 @@ from ich_kaggle.paths import Layout
 from ich_kaggle.predict import TTA_OPS, average_folds, predict, tta_forward, wide
 
 L = list(LABELS)
-# tiny and fast (as engineer TRAIN's tests): random init, 32 px, few images per epoch, 3 folds
-FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=8", "train.max_images_per_epoch=32",
-        "cv.k=3", "cv.seed=0", "data.num_workers=0"]
+FAST = train_helpers.FAST
 
 
 

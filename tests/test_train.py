@@ -16,10 +16,8 @@ from ich_kaggle.engine.optim import build_optimizer, build_scheduler, warmup_cos
 from ich_kaggle.errors import UserError
 from ich_kaggle.models.checkpoint import clean_state_dict, load_checkpoint, read_checkpoint
 from ich_kaggle.paths import Layout
+from train_helpers import FAST  # tiny and fast: random init, 32 px, few images per epoch
 
-# tiny and fast: random init (no weights file), 32 px, few images per epoch
-FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=8", "train.max_images_per_epoch=32",
-        "cv.k=3", "cv.seed=0", "data.num_workers=0"]
 
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory) -> Layout:

@@ -8,6 +8,10 @@ from ich_kaggle import models
 
 NAME = "test_nonorm_cnn"
 
+# tiny and fast training overrides shared by the train and predict tests: random init, 32 px, few images, 3 folds
+FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=8", "train.max_images_per_epoch=32",
+        "cv.k=3", "cv.seed=0", "data.num_workers=0"]
+
 
 class NoNormCNN(models.Backbone):
     """Two strided convolutions, no normalisation layer."""

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import LABELS
 from .config import Config
+from .engine.dist import pick_device
 from .errors import UserError
 from .io import atomic_open, write_csv
 from .paths import Layout, fold_dir, run_dir
@@ -148,10 +149,6 @@ def unreadable_test(meta: pd.DataFrame, cached: set[str], sample_csv: Path) -> p
     return pd.DataFrame(rows, columns=["image_id", "reason"])
 
 
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _loader(frame: pd.DataFrame, layout: Layout, data_cfg: Config, meta: pd.DataFrame, batch: int, workers: int,
             device: torch.device):
     """Images read as the fold was trained (`data_cfg`: windows, size, 2.5D), with this machine's worker count."""
@@ -225,7 +222,7 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     todo = [k for k in have if not fold_done(out, k, fold_dir(runs, cfg.name, k) / "best.pt", test["image_id"])]
     if len(todo) < len(have):
         print(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (newer than best.pt); reusing")
-    device = _device()
+    device = pick_device()
     models = []
     for k in todo:
         net, fcfg = load_checkpoint(fold_dir(runs, cfg.name, k) / "best.pt", map_location=device)

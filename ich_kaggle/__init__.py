@@ -7,10 +7,3 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
-
-COMPETITION = "rsna-intracranial-hemorrhage-detection"
-
-# Label order used everywhere (arrays, CSV columns, model logits).
-LABELS: tuple[str, ...] = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
-# The competition metric weighs `any` twice as much as each subtype.
-LABEL_WEIGHTS: tuple[float, ...] = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0)

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from .core.errors import UserError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+DEFAULT_DATA = "data/rsna-intracranial-hemorrhage-detection"  # the Makefile's DATA_DIR and the README's unzip target
 
 
 def command(name: str):
@@ -25,19 +26,19 @@ def command(name: str):
 
 
 def _layout(args: argparse.Namespace):
-    from .paths import Layout
+    from .core.layout import Layout
 
     return Layout.of(args.data, getattr(args, "work", None))
 
 
 def _config(args: argparse.Namespace):
-    from . import config
+    from .core import config
 
     return config.load(args.config, args.set)
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=os.environ.get("DATA_DIR", "data/rsna"), help="competition folder in the Kaggle layout")
+    p.add_argument("--data", default=os.environ.get("DATA_DIR", DEFAULT_DATA), help="competition folder in the Kaggle layout")
     p.add_argument("--work", default=None, help="folder for derived files (default: work/<data folder name>)")
 
 
@@ -45,7 +46,8 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     _add_data(p)
     p.add_argument("--config", default="seresnext50_512", help="shipped config name or path to a YAML file")
     p.add_argument("--runs", default="runs", help="experiments are written to RUNS/<config>/")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. train.epochs=3")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. train.epochs=3 (repeatable; applied in order)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny")
     p.add_argument("--runs", default=None, help="default: runs/demo/<data folder name>")
     p.add_argument("--work", default=None)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -170,9 +172,9 @@ def _preprocess(args):
 def _train(args):
     cfg = _config(args)
     from . import train
+    from .data.folds import selected_folds
 
-    folds = (cfg.cv.folds or range(cfg.cv.k)) if args.fold == "all" else [int(args.fold)]  # cv.folds: a subset
-    for fold in folds:
+    for fold in selected_folds(cfg.cv, args.fold):
         train.train_fold(cfg, _layout(args), fold, runs=args.runs, force=args.force)
 
 
@@ -185,21 +187,21 @@ def _lr_find(args):
 
 @command("predict")
 def _predict(args):
-    from . import predict
+    from .predict import stage as predict
 
     predict.predict(_config(args), _layout(args), runs=args.runs)
 
 
 @command("stack")
 def _stack(args):
-    from . import stack
+    from .stack import stage as stack
 
     stack.stack(_config(args), _layout(args), runs=args.runs)
 
 
 @command("submit")
 def _submit(args):
-    from . import submission
+    from .submit import stage as submission
 
     submission.submit(_config(args), _layout(args), runs=args.runs, out_dir=args.out_dir,
                       kaggle_submit=args.kaggle_submit, message=args.message)
@@ -207,7 +209,7 @@ def _submit(args):
 
 @command("score")
 def _score(args):
-    from . import metrics
+    from .core import metrics
 
     result = metrics.score_files(args.truth, args.submission)
     print(f"weighted_log_loss: {result['weighted_log_loss']:.6f}")
@@ -217,7 +219,7 @@ def _score(args):
 
 @command("validate")
 def _validate(args):
-    from . import submission
+    from .submit import stage as submission
 
     problems = submission.validate_file(args.sample, args.submission)
     for problem in problems:
@@ -230,28 +232,28 @@ def _validate(args):
 
 @command("kernel-datasets")
 def _kernel_datasets(args):
-    from . import kernel
+    from .kaggle import build as kernel
 
     kernel.build_datasets(_config(args), runs=args.runs, out=args.out, username=args.username, layout=_layout(args))
 
 
 @command("kernel")
 def _kernel(args):
-    from . import kernel
+    from .kaggle import build as kernel
 
     kernel.build_kernel(_config(args), runs=args.runs, out=args.out, username=args.username, slug=args.slug)
 
 
 @command("report")
 def _report(args):
-    from . import report
+    from .report import stage as report
 
     report.make_report(_config(args), _layout(args), runs=args.runs, threshold=args.threshold, gradcam=args.gradcam)
 
 
 @command("compare")
 def _compare(args):
-    from . import report
+    from .report import stage as report
 
     report.compare(args.runs)
 

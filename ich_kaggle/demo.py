@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import LABELS, config
-from .paths import Layout, run_dir
+from .core.labels import LABELS
+from .core import config
+from .core.layout import Layout, Run
 
 SYNTH_DIR = Path("data/synth")
 
@@ -25,17 +26,17 @@ def _prior_frame(ids: pd.Series, prior: np.ndarray) -> pd.DataFrame:
     return frame
 
 
-def scores(layout: Layout, run: Path) -> dict[str, float]:
+def scores(layout: Layout, run: Run) -> dict[str, float]:
     """Prior-only, first-stage and stacked weighted log loss, on test labels if present else OOF."""
-    from . import metrics
-    from .data.labels import read_labels
+    from .core import metrics
+    from .core.labels import read_labels
 
     train_labels = read_labels(layout.train_csv)
     prior = train_labels[list(LABELS)].to_numpy(float).mean(axis=0)
     if layout.test_labels_csv.exists():
-        truth, first, stacked = read_labels(layout.test_labels_csv), run / "predictions/test.csv", run / "stack/test.csv"
+        truth, first, stacked = read_labels(layout.test_labels_csv), run.predictions.test, run.stack.test
     else:
-        truth, first, stacked = train_labels, run / "predictions/oof.csv", run / "stack/oof.csv"
+        truth, first, stacked = train_labels, run.predictions.oof, run.stack.oof
     first_df = pd.read_csv(first)
     truth = truth[truth["image_id"].isin(first_df["image_id"])]
     out = {"prior_log_loss": metrics.score_frames(truth, _prior_frame(truth["image_id"], prior))["weighted_log_loss"],
@@ -46,7 +47,10 @@ def scores(layout: Layout, run: Path) -> dict[str, float]:
 
 def run(data: str | None = None, config_name: str = "tiny", runs: str | None = None, work: str | None = None,
         overrides: list[str] | None = None) -> dict[str, float]:
-    from . import predict, stack, submission, train
+    from .predict import stage as predict
+    from .stack import stage as stack
+    from .submit import stage as submission
+    from . import train
     from .data import cache, folds, synth
 
     start = time.time()
@@ -64,16 +68,16 @@ def run(data: str | None = None, config_name: str = "tiny", runs: str | None = N
     runs = runs or str(Path("runs/demo") / layout.data.resolve().name)
 
     print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name}  runs {runs}")
-    frame = folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
+    folds.fold_table(layout, cfg.cv)
     cache.ensure(layout)
-    for fold in sorted(frame["fold"].unique()):
+    for fold in folds.selected_folds(cfg.cv):
         print(f"[demo] training fold {fold} of {cfg.cv.k}")
         train.train_fold(cfg, layout, int(fold), runs=runs)
     predict.predict(cfg, layout, runs=runs)
     stack.stack(cfg, layout, runs=runs)
     out_file = submission.submit(cfg, layout, runs=runs)
 
-    result = scores(layout, run_dir(runs, cfg.name))
+    result = scores(layout, Run.of(runs, cfg.name))
     where = "test labels" if layout.test_labels_csv.exists() else "out-of-fold predictions"
     print(f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s")
     for key, value in result.items():

@@ -12,7 +12,7 @@ import pytest
 
 from ich_kaggle import cli
 from ich_kaggle.data import cache, dicom, meta
-from ich_kaggle.paths import Layout
+from ich_kaggle.core.layout import Layout
 
 
 @pytest.mark.parametrize("level", [cache.FAST, cache.SMALL])

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from ich_kaggle import config
-from ich_kaggle.errors import UserError
+from ich_kaggle.core import config
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.data.windows import named
 
 
 @pytest.mark.parametrize("name", config.available())
@@ -22,7 +23,7 @@ def test_default_is_the_proven_recipe():
     cfg = config.load("seresnext50_512")
     assert cfg.model.backbone == "se_resnext50_32x4d"
     assert cfg.data.image_size == 512
-    assert [config.WINDOWS[w] for w in cfg.data.windows] == [(40, 80), (80, 200), (40, 380)]
+    assert named(cfg.data.windows) == [(40, 80), (80, 200), (40, 380)]
 
 
 def test_overrides_are_typed():
@@ -38,7 +39,7 @@ def test_overrides_are_typed():
     ("trian.epochs=3", "unknown config key 'trian'"),
     ("train.epochs=three", "expected int"),
     ("model.pool=max", "model.pool='max' is not one of"),
-    ("data.windows=brain,lung", "unknown window"),
+    ("data.windows=brain,lung", "data.windows='lung' is not one of brain, subdural"),
     ("train", "must look like key=value"),
     ("train=3", "is a section"),
 ])

@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from ich_kaggle import LABEL_WEIGHTS, LABELS, config
+from ich_kaggle.core.labels import LABEL_WEIGHTS, LABELS
+from ich_kaggle.core import config
 from ich_kaggle.data import dataset as D
 from ich_kaggle.data.transforms import build_eval_transforms, build_train_transforms
 from ich_kaggle.engine.plan import epoch_indices, image_size, repeat_factors
-from ich_kaggle.losses import FocalLoss, WeightedBCE, build_loss, label_weights
+from ich_kaggle.engine.losses import FocalLoss, WeightedBCE, build_loss, label_weights
 
 
 def _meta() -> pd.DataFrame:
@@ -91,7 +92,7 @@ def test_loss_matches_metric_weighting():
     per = -(t * np.log(p) + (1 - t) * np.log(1 - p))
     w = np.array(LABEL_WEIGHTS)
     assert float(loss) == pytest.approx(float((per * w).sum(1).mean() / w.sum()), rel=1e-5)
-    from ich_kaggle import metrics
+    from ich_kaggle.core import metrics
 
     assert float(loss) == pytest.approx(metrics.weighted_log_loss(t, p), rel=1e-4)
 
@@ -191,7 +192,7 @@ def test_unreadable_image_in_eval_gives_blank_and_is_recorded(monkeypatch):
 
 
 def test_a_broken_cache_is_one_clear_error_not_an_endless_loop(monkeypatch):
-    from ich_kaggle.errors import UserError
+    from ich_kaggle.core.errors import UserError
 
     def broken(layout, image_id):
         raise OSError("not a cache file")

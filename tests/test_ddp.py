@@ -20,9 +20,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ich_kaggle import config, models, train
+from ich_kaggle.core import config
+from ich_kaggle import models, train
 from ich_kaggle.models.checkpoint import read_checkpoint
-from ich_kaggle.paths import Layout
+from ich_kaggle.core.layout import Layout
 from train_helpers import NAME as NONORM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +80,7 @@ def test_two_gloo_processes_match_one_process(comp, tmp_path):
 
 def test_global_batch_must_divide_by_world_size():
     from ich_kaggle.engine.dist import DistInfo, per_rank_batch
-    from ich_kaggle.errors import UserError
+    from ich_kaggle.core.errors import UserError
 
     assert per_rank_batch(8, DistInfo(world_size=2)) == 4
     with pytest.raises(UserError, match="must divide"):

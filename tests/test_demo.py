@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ich_kaggle import submission
+from ich_kaggle.submit import stage as submission
 from ich_kaggle.data import synth
 
 ROOT = Path(__file__).resolve().parents[1]

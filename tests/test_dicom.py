@@ -10,7 +10,6 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dicom_factory import write_ct
-from ich_kaggle.config import WINDOWS
 from ich_kaggle.data import dicom
 from ich_kaggle.data.windows import apply_windows, jitter, named
 
@@ -138,8 +137,8 @@ def test_apply_windows():
     np.testing.assert_allclose(out[0, :, 0], [0, 0, 0.5, 1])  # brain: 40 +- 40
     np.testing.assert_allclose(out[1, 2:, 1], [0, 1])  # subdural: 80 +- 100
     np.testing.assert_allclose(out[1, 0, 2], (1000 - (600 - 1400)) / 2800, rtol=1e-6)
-    np.testing.assert_array_equal(apply_windows(hu.astype(np.float32), [WINDOWS["brain"]]), out[..., :1])
-    moved = jitter([WINDOWS["brain"]], np.random.default_rng(0), 10.0)[0]
-    assert moved != WINDOWS["brain"] and abs(moved[0] - 40) <= 10 and abs(moved[1] - 80) <= 10
+    np.testing.assert_array_equal(apply_windows(hu.astype(np.float32), named(["brain"])), out[..., :1])
+    moved = jitter(named(["brain"]), np.random.default_rng(0), 10.0)[0]
+    assert moved != named(["brain"])[0] and abs(moved[0] - 40) <= 10 and abs(moved[1] - 80) <= 10
     with pytest.raises(ValueError):
         apply_windows(hu, [(40, 0)])

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ich_kaggle import LABELS
-from ich_kaggle import evaluation as ev
-from ich_kaggle.errors import UserError
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.report import evaluation as ev
+from ich_kaggle.core.errors import UserError
 
 Y = [1, 0, 1, 0, 0, 1]
 P = [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]

@@ -5,7 +5,7 @@ import os
 import pandas as pd
 import pytest
 
-from ich_kaggle.io import atomic_open, write_csv
+from ich_kaggle.core.io import atomic_open, write_csv
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):

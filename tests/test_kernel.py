@@ -16,9 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ich_kaggle import COMPETITION, config, kernel, kernel_run, wheels
-from ich_kaggle.errors import UserError
-from ich_kaggle.paths import Layout
+from ich_kaggle.core.layout import COMPETITION
+from ich_kaggle.core import config
+from ich_kaggle.kaggle import build as kernel, run as kernel_run, wheels
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.core.layout import Layout, Run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_kaggle import FakeKaggle  # noqa: E402
@@ -209,7 +211,7 @@ def test_code_dataset_and_kernel_folder(tmp_path, cfg):
                                                           "munch-4.0.0-py2.py3-none-any.whl"]
     with zipfile.ZipFile(code / "ich_kaggle-0.1.0-py3-none-any.whl") as zf:
         packed = zf.namelist()
-    assert {"ich_kaggle/kernel_run.py", "ich_kaggle/kernel_template.py", "ich_kaggle/configs/tiny.yaml"} <= set(packed)
+    assert {"ich_kaggle/kaggle/run.py", "ich_kaggle/kaggle/template.py", "ich_kaggle/configs/tiny.yaml"} <= set(packed)
     assert not (ROOT / "build").exists() or not any((ROOT / "build").iterdir())  # built from a copy
     kernel.build_model_dataset(cfg, names, runs, out, fake_layout(tmp_path))
 
@@ -288,7 +290,7 @@ def test_kernel_side_work_folder(tmp_path):
     oof = working / "runs" / "tiny" / "predictions" / "oof.csv"
     oof.unlink()
     oof.write_text("image_id\n")  # what predict leaves in the kernel: no OOF images to predict there
-    kernel_run.prepare_stack(kernel_layout, model, manifest, working / "runs" / "tiny")  # before stacking:
+    kernel_run.prepare_stack(kernel_layout, model, manifest, Run(working / "runs" / "tiny"))  # before stacking:
     pd.testing.assert_frame_equal(rows(meta_mod.load_meta(kernel_layout)), rows(local_meta))  # OOF images' series
     assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
     assert oof.read_text() == "image_id,any\n"  # the shipped OOF predictions are back
@@ -404,7 +406,10 @@ def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
 
 @pytest.mark.slow
 def test_kernel_script_offline_equals_make_submit(tmp_path):
-    from ich_kaggle import predict, stack, submission, train
+    from ich_kaggle.predict import stage as predict
+    from ich_kaggle.stack import stage as stack
+    from ich_kaggle.submit import stage as submission
+    from ich_kaggle import train
     from ich_kaggle.data import cache, folds, synth
 
     comp = synth.write_competition(tmp_path / "comp", seed=0, studies=6, slices=5, size=32)

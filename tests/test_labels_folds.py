@@ -7,10 +7,12 @@ import pandas as pd
 import pytest
 
 from conftest import shared_file
-from ich_kaggle import LABELS, cli
-from ich_kaggle.data import folds, labels, meta
-from ich_kaggle.errors import UserError
-from ich_kaggle.paths import Layout
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle import cli
+from ich_kaggle.data import folds, meta
+from ich_kaggle.core import labels
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.core.layout import Layout
 
 MINI_COUNTS = {"any": 51, "epidural": 0, "intraparenchymal": 35, "intraventricular": 3, "subarachnoid": 14, "subdural": 6}
 

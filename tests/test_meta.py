@@ -12,10 +12,12 @@ import pytest
 
 from conftest import shared_file
 from dicom_factory import write_ct
-from ich_kaggle import LABELS, cli
-from ich_kaggle.data import dicom, labels, meta
-from ich_kaggle.errors import UserError
-from ich_kaggle.paths import Layout
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle import cli
+from ich_kaggle.data import dicom, meta
+from ich_kaggle.core import labels
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.core.layout import Layout
 
 
 @pytest.fixture(scope="module")

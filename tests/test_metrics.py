@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss
 
-from ich_kaggle import LABEL_WEIGHTS, LABELS, metrics
-from ich_kaggle.errors import UserError
+from ich_kaggle.core.labels import LABEL_WEIGHTS, LABELS
+from ich_kaggle.core import metrics
+from ich_kaggle.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

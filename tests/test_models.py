@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ich_kaggle.config import ModelConfig
-from ich_kaggle.errors import UserError
+from ich_kaggle.core.config import ModelConfig
+from ich_kaggle.core.errors import UserError
 from ich_kaggle import models
-from ich_kaggle.models import registry, weights as W
+from ich_kaggle.models import backbones as registry, weights as W
 
 SE_FILE = "se_resnext50_32x4d-a260b3a4.pth"
 
@@ -390,7 +390,7 @@ def test_small_cnn_has_no_imagenet_weights():
 
 
 def test_bench_forward_backward_reports_speed_and_memory():
-    from ich_kaggle.models.profile import bench_forward_backward
+    from ich_kaggle.bench.models import bench_forward_backward
 
     result = bench_forward_backward("small_cnn", size=32, batch=2, in_channels=9, steps=2)
     assert result["device"] == "cpu" and result["images_per_s"] > 0 and result["peak_rss_mb"] > 10

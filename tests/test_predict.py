@@ -9,10 +9,13 @@ import torch
 from torch import nn
 
 import train_helpers
-from ich_kaggle import LABELS, config, metrics
-from ich_kaggle.errors import UserError
-from ich_kaggle.paths import Layout
-from ich_kaggle.predict import TTA_OPS, average_folds, predict, tta_forward, wide
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.core import config, metrics
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.core.layout import Layout
+from ich_kaggle.core.registry import TTA
+from ich_kaggle.predict.stage import average_folds, predict, wide
+from ich_kaggle.predict.tta import tta_forward
 
 L = list(LABELS)
 FAST = train_helpers.FAST
@@ -54,7 +57,7 @@ def test_tta_averages_in_probability_or_logit_space():
     net = FlipInvariant().eval()
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
-        z = torch.stack([net.classify(net.features(TTA_OPS[t](x))) for t in ("identity", "scale")])
+        z = torch.stack([net.classify(net.features(TTA.get(t)(x))) for t in ("identity", "scale")])
         prob, _ = tta_forward(net, x, ["identity", "scale"], average="prob")
         logit, _ = tta_forward(net, x, ["identity", "scale"], average="logit")
     torch.testing.assert_close(prob, torch.sigmoid(z).mean(0))
@@ -64,10 +67,11 @@ def test_tta_averages_in_probability_or_logit_space():
 def test_tta_ops_keep_shape_and_move_content():
     x = torch.zeros(1, 1, 20, 20)
     x[0, 0, 5, 5] = 1
-    for name, op in TTA_OPS.items():
-        assert op(x).shape == x.shape, name
-    assert TTA_OPS["shift"](x)[0, 0, 6, 6] == 1  # 5 % of 20 px = 1 px right and down
-    assert TTA_OPS["hflip"](x)[0, 0, 5, 14] == 1
+    assert TTA.names() == ["identity", "hflip", "shift", "scale"]
+    for name in TTA.names():
+        assert TTA.get(name)(x).shape == x.shape, name
+    assert TTA.get("shift")(x)[0, 0, 6, 6] == 1  # 5 % of 20 px = 1 px right and down
+    assert TTA.get("hflip")(x)[0, 0, 5, 14] == 1
 
 
 def test_fold_averaging_beats_single_folds():
@@ -151,7 +155,7 @@ def test_predict_resumes_finished_folds(trained, capsys):
 
 
 def test_predict_then_stack(trained):
-    from ich_kaggle.stack import stack
+    from ich_kaggle.stack.stage import stack
 
     cfg, layout, runs = trained
     if not (runs / cfg.name / "predictions" / "oof.csv").exists():
@@ -163,7 +167,7 @@ def test_predict_then_stack(trained):
 
 
 def test_unreadable_test_images_are_listed(trained, tmp_path):
-    from ich_kaggle.predict import unreadable_test
+    from ich_kaggle.predict.stage import unreadable_test
 
     cfg, layout, runs = trained
     meta = pd.read_csv(layout.meta_csv)

@@ -12,14 +12,20 @@ import pandas as pd
 import pytest
 import torch
 
-from ich_kaggle import LABELS, config, losses, train
-from ich_kaggle.config import ModelConfig
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.core import config
+from ich_kaggle.engine import losses
+from ich_kaggle import train
+from ich_kaggle.core.config import ModelConfig
 from ich_kaggle.engine import loop
-from ich_kaggle.errors import UserError
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.data.windows import named
 from ich_kaggle.models import build_model
 from ich_kaggle.models.checkpoint import load_checkpoint, read_checkpoint
-from ich_kaggle.paths import Layout
-from ich_kaggle.recipes import ensemble, mil, split
+from ich_kaggle.core.layout import Layout
+from ich_kaggle.models import ensemble
+from ich_kaggle.recipes import mil
+from ich_kaggle.data import folds as split
 
 RECIPES = ["mil_resnet18", "tricks_resnet18", "small_cnn", "resnet50_partial", "resnext50_seresnet50", "seresnext50_tta"]
 # CPU-tiny: random init, 32 px, a handful of images per epoch, fp32
@@ -79,22 +85,22 @@ def test_every_recipe_config_loads():
     for name in RECIPES:
         cfg = config.load(name)
         assert cfg.name == name and cfg.description
-    assert config.load("mil_resnet18").recipe["kind"] == "mil"
+    assert config.load("mil_resnet18").recipe.kind == "mil"
     assert config.load("tricks_resnet18").train.progressive_sizes == [64, 128, 224, 256]
     assert config.load("tricks_resnet18").data.min_brain_fraction == pytest.approx(0.2)
     assert config.load("resnet50_partial").model.freeze == "partial"
     assert ensemble.member_names(config.load("resnext50_seresnet50").model.backbone) == ["resnext50_32x4d", "se_resnet50"]
     tta = config.load("seresnext50_tta")
-    assert [config.WINDOWS[w] for w in tta.data.windows] == [(40, 80), (80, 200), (40, 380)]
+    assert named(tta.data.windows) == [(40, 80), (80, 200), (40, 380)]
     assert tta.train.epochs == 3 and tta.train.optimizer == "adam" and "hflip" in tta.tta.transforms
     with pytest.raises(UserError, match="cv.split"):
         config.load("small_cnn", ["cv.split=shuffled"])
     with pytest.raises(UserError, match="recipe.kind"):  # recipe mistakes fail when the config is loaded
         config.load("small_cnn", ["recipe.kind=bagging"])
-    with pytest.raises(UserError, match="recipe key"):
-        config.load("mil_resnet18", ["recipe.bag_sise=4"])
-    with pytest.raises(UserError, match="bag_size"):
-        config.load("mil_resnet18", ["recipe.bag_size=2"])
+    with pytest.raises(UserError, match="unknown config key 'recipe.mil.bag_sise'"):
+        config.load("mil_resnet18", ["recipe.mil.bag_sise=4"])
+    with pytest.raises(UserError, match="recipe.mil.bag_size"):
+        config.load("mil_resnet18", ["recipe.mil.bag_size=2"])
 
 
 # --- MIL -------------------------------------------------------------------------------------------------------
@@ -163,7 +169,7 @@ def test_mil_recipe_trains_with_scan_bags_and_writes_per_slice_oof(comp, tmp_pat
 
     monkeypatch.setattr(mil.MILBatchLoss, "__call__", spy)
     shapes = Spy(monkeypatch)
-    cfg = _cfg("mil_resnet18", "recipe.bag_size=4", "recipe.scan_only_fraction=0.5", "train.max_images_per_epoch=6")
+    cfg = _cfg("mil_resnet18", "recipe.mil.bag_size=4", "recipe.mil.scan_only_fraction=0.5", "train.max_images_per_epoch=6")
     fdir = train.train_fold(cfg, comp, 0, runs=tmp_path)
     assert calls, "the MIL batch loss was not used"
     assert all(c["bag"] == 4 and np.isfinite(c["mil"]) and c["smooth"] >= 0 for c in calls)
@@ -178,7 +184,7 @@ def test_mil_recipe_trains_with_scan_bags_and_writes_per_slice_oof(comp, tmp_pat
 @pytest.mark.slow
 def test_mil_resume_and_worker_count_do_not_change_the_result(comp, tmp_path):
     # small_cnn: ResNet-18's CPU backward is not bit-reproducible run to run (even with the plain engine loop)
-    mil_args = ["recipe.bag_size=3", "train.epochs=2", "train.max_images_per_epoch=6", "model.backbone=small_cnn"]
+    mil_args = ["recipe.mil.bag_size=3", "train.epochs=2", "train.max_images_per_epoch=6", "model.backbone=small_cnn"]
     cfg = _cfg("mil_resnet18", *mil_args)
     a = train.train_fold(cfg, comp, 1, runs=tmp_path / "a")
     cfg_workers = _cfg("mil_resnet18", *mil_args, "data.num_workers=1")
@@ -380,7 +386,7 @@ def test_ensemble_weights_must_be_a_folder_for_different_members(tmp_path):
 
 
 def test_ensemble_freeze_and_gradcam_apply_to_every_member():
-    from ich_kaggle.gradcam import GradCAM
+    from ich_kaggle.report.gradcam import GradCAM
 
     model = build_model(ModelConfig(backbone="small_cnn+small_cnn", pretrained=False, freeze="partial"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -410,7 +416,7 @@ def test_resnext50_seresnet50_recipe_trains_and_predicts_mean_probabilities(comp
     emb = np.load(fdir / "oof_embeddings.npz")
     assert emb["emb"].shape == (len(oof), 2048 + 2048)
     # the paper's evaluation: thresholded F1 per subtype and Grad-CAM maps, through the ensemble
-    from ich_kaggle import report
+    from ich_kaggle.report import stage as report
 
     page = report.make_report(cfg, comp, runs=tmp_path, threshold=0.5, gradcam=2,
                               sections=["thresholds", "series", "gradcam"])
@@ -437,11 +443,11 @@ def test_random_split_puts_a_patient_in_two_folds_patient_split_never(comp, tmp_
     patient = folds_mod.load_folds(comp, k=3, seed=0)
     assert split.patients_in_several_folds(patient) == []
     cfg = _cfg("small_cnn", "cv.split=random")
-    rand = split.fold_table(cfg, comp)
+    rand = split.fold_table(comp, cfg.cv)
     assert split.patients_in_several_folds(rand)
     assert sorted(np.bincount(rand["fold"])) == sorted(np.bincount(np.arange(len(rand)) % 3))  # equal sizes
-    pd.testing.assert_frame_equal(split.fold_table(cfg, comp), rand)  # deterministic
-    assert split.fold_table(_cfg("small_cnn"), comp).equals(patient)
+    pd.testing.assert_frame_equal(split.fold_table(comp, cfg.cv), rand)  # deterministic
+    assert split.fold_table(comp, _cfg("small_cnn").cv).equals(patient.assign(image_id=patient["image_id"].astype(str)))
     # the engine validates on the random fold: some validation patient is also in its training set
     fdir = train.train_fold(cfg, comp, 0, runs=tmp_path)
     oof = pd.read_csv(fdir / "oof.csv", dtype={"image_id": str})
@@ -453,14 +459,14 @@ def test_random_split_puts_a_patient_in_two_folds_patient_split_never(comp, tmp_
 @pytest.mark.slow
 def test_ensemble_with_random_split_goes_through_predict(comp, tmp_path):
     """predict/stack need no change for an ensemble; predict's OOF follows the random folds training used."""
-    from ich_kaggle import predict
+    from ich_kaggle.predict import stage as predict
 
     cfg = _cfg("resnext50_seresnet50", "model.backbone=small_cnn+small_cnn", "cv.split=random",
                "train.max_images_per_epoch=6")
     for fold in range(cfg.cv.k):
         train.train_fold(cfg, comp, fold, runs=tmp_path)
     out = predict.predict(cfg, comp, runs=tmp_path)
-    rand = split.fold_table(cfg, comp)
+    rand = split.fold_table(comp, cfg.cv)
     oof = pd.read_csv(out / "oof.csv", dtype={"image_id": str})
     assert sorted(oof["image_id"]) == sorted(rand["image_id"].astype(str))
     for fold in range(cfg.cv.k):  # each image predicted by the fold model that validated on it

@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from ich_kaggle import LABELS, config
-from ich_kaggle import evaluation as ev
-from ich_kaggle import report
-from ich_kaggle.errors import UserError
-from ich_kaggle.gradcam import GradCAM, overlay
-from ich_kaggle.paths import Layout
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.core import config
+from ich_kaggle.report import evaluation as ev
+from ich_kaggle.report import stage as report
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.report.gradcam import GradCAM, overlay
+from ich_kaggle.core.layout import Layout
 
 SUBTYPES = LABELS[1:]
 
@@ -452,7 +453,7 @@ def test_cli_report_and_compare(tmp_path, capsys):
 
 def test_curves_with_a_label_without_positives(tmp_path):
     """A fold set with no epidural slice at all (common on small data): the panels say so instead of failing."""
-    from ich_kaggle.reporting import plots
+    from ich_kaggle.report import plots
 
     folds = fake_data(tmp_path / "work", series=6)
     folds["epidural"] = 0

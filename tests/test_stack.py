@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from conftest import SHARED
-from ich_kaggle import LABELS
-from ich_kaggle.config import Config, StackConfig
-from ich_kaggle.errors import UserError
-from ich_kaggle.paths import Layout
-from ich_kaggle.stacking.fit import cross_fit, predict_net, train_net
-from ich_kaggle.stacking.nets import KINDS, SequenceNet
-from ich_kaggle.stacking.neighbors import fit_neighbors
-from ich_kaggle.stacking.pipeline import run_stacking
-from ich_kaggle.stacking.sequences import N_POS, build_sequences, logit, reverse_inputs
-from ich_kaggle.stacking.simulate import real_series_z, simulate, synthetic_series_z
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.core.config import Config, StackConfig
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.core.layout import Layout
+from ich_kaggle.stack.fit import cross_fit, predict_net, train_net
+from ich_kaggle.stack.nets import KINDS, SequenceNet
+from ich_kaggle.stack.neighbors import fit_neighbors
+from ich_kaggle.stack.pipeline import run_stacking
+from ich_kaggle.stack.sequences import N_POS, build_sequences, logit, reverse_inputs
+from ich_kaggle.stack.simulate import real_series_z, simulate, synthetic_series_z
 
 L = list(LABELS)
 HEADERS = SHARED / "stage_1_test_dicom_headers.csv.gz"
@@ -247,7 +247,7 @@ def test_stack_stage_writes_its_files(tmp_path, sim, capsys):
     for name, frame in (("oof", sim.oof), ("test", sim.test)):
         np.savez(pred / f"{name}_embeddings.npz", image_id=frame["image_id"].to_numpy(str),
                  emb=rng.normal(size=(len(frame), 24)).astype(np.float16))
-    out = pytest.importorskip("ich_kaggle.stack").stack(cfg, layout, runs=tmp_path / "runs", progress=False)
+    out = pytest.importorskip("ich_kaggle.stack.stage").stack(cfg, layout, runs=tmp_path / "runs", progress=False)
     assert out == tmp_path / "runs" / "exp" / "stack"
     oof, test, metrics = (pd.read_csv(out / f) for f in ("oof.csv", "test.csv", "metrics.csv"))
     assert list(oof.columns) == ["image_id", *L] and len(oof) == len(sim.oof)
@@ -259,7 +259,7 @@ def test_stack_stage_writes_its_files(tmp_path, sim, capsys):
 
 
 def test_stack_stage_errors_are_one_line(tmp_path, sim):
-    from ich_kaggle.stack import stack
+    from ich_kaggle.stack.stage import stack
 
     layout = _write_layout(tmp_path, sim)
     with pytest.raises(UserError, match="make predict") as err:
@@ -275,12 +275,11 @@ def test_stack_stage_errors_are_one_line(tmp_path, sim):
 
 def test_bench_prints_the_scale_figure(capsys, monkeypatch):
     """The bench at a tiny scale (tests are never timed): prints the figure names `make bench` reports."""
-    import ich_kaggle.submission as submission
-    from ich_kaggle import stack
+    from ich_kaggle.bench import stack as bench_stack
 
-    monkeypatch.setattr(submission, "bench_submission", lambda: print("submission_write_seconds: 0"))
-    monkeypatch.setattr(stack, "Config", lambda: Config(stack=StackConfig(model="conv", **{**FAST, "epochs": 1})))
-    stack.bench(None, train_slices=2000, test_slices=200)
+    monkeypatch.setattr(bench_stack, "bench_submission", lambda: print("submission_write_seconds: 0"))
+    monkeypatch.setattr(bench_stack, "Config", lambda: Config(stack=StackConfig(model="conv", **{**FAST, "epochs": 1})))
+    bench_stack.bench_stack(None, train_slices=2000, test_slices=200)
     out = capsys.readouterr().out
     assert "stack_competition_scale_seconds:" in out and "stack_oof_stacked_log_loss:" in out
     assert "submission_write_seconds" in out

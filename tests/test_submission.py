@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ich_kaggle import LABELS, metrics, submission
-from ich_kaggle.errors import UserError
-from ich_kaggle.paths import Layout
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.core import metrics
+from ich_kaggle.submit import stage as submission
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.core.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]  # the sample's order

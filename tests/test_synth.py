@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ich_kaggle import LABELS, metrics
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.core import metrics
 from ich_kaggle.data import dicom, synth
-from ich_kaggle.data.labels import read_labels
+from ich_kaggle.core.labels import read_labels
 from ich_kaggle.data.phantom import SUBTYPES
-from ich_kaggle.paths import Layout
+from ich_kaggle.core.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(seed=5, studies=20, slices=12, size=64)
@@ -152,7 +153,7 @@ def test_competition_layout_and_splits(small, truth):
     assert not train_ids & test_files  # test labels never reach stage_2_train.csv
     assert (sample["Label"] == 0.5).all()
     assert [i.rsplit("_", 1)[1] for i in sample["ID"][:6]] == list(synth.SAMPLE_ORDER)
-    from ich_kaggle.submission import validate_file
+    from ich_kaggle.submit.stage import validate_file
     assert validate_file(small / "stage_2_sample_submission.csv", small / "stage_2_sample_submission.csv") == []
     # patients: disjoint between train and test, some with two studies
     split_of = pd.DataFrame([(s.patient_id, s.study_id, s.split) for s, _ in truth], columns=["patient", "study", "split"])

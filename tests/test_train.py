@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from ich_kaggle import LABELS, config, train
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.core import config
+from ich_kaggle import train
 from ich_kaggle.engine.logs import LOG_COLUMNS
 from ich_kaggle.engine.optim import build_optimizer, build_scheduler, warmup_cosine
-from ich_kaggle.errors import UserError
+from ich_kaggle.core.errors import UserError
 from ich_kaggle.models.checkpoint import clean_state_dict, load_checkpoint, read_checkpoint
-from ich_kaggle.paths import Layout
+from ich_kaggle.core.layout import Layout
 from train_helpers import FAST  # tiny and fast: random init, 32 px, few images per epoch
 
 
@@ -53,7 +55,7 @@ def test_one_epoch_writes_every_output(comp, tmp_path):
     assert list(emb["image_id"]) == list(oof["image_id"])
     assert config.load(str(fdir / "config.yaml")).train.epochs == 1
     # the validation metric logged for the only epoch is the OOF metric of best.pt
-    from ich_kaggle import metrics
+    from ich_kaggle.core import metrics
 
     truth = val.set_index("image_id").loc[oof["image_id"], list(LABELS)].to_numpy()
     score = metrics.weighted_log_loss(truth, oof[list(LABELS)].to_numpy())

@@ -42,8 +42,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..io import atomic_open, write_csv
-from ..paths import Layout
+from ..core.io import atomic_open, write_csv
+from ..core.layout import Layout
 from . import dicom
 from . import meta as meta_mod
 
@@ -351,45 +351,3 @@ def ensure(layout: Layout, workers: int | None = None, splits: tuple[str, ...] |
     if _todo(layout, meta, include_skipped=False, splits=splits).empty:
         return None
     return preprocess(layout, workers=workers, splits=splits)
-
-
-def bench(mini: Path | None) -> None:
-    """Single-process DICOM->cache, cache decode speed and bytes per image on the real mini set."""
-    if mini is None:
-        for name in ("dicom_to_cache_images_per_s_per_core", "cache_decode_images_per_s_per_core", "cache_bytes_per_image"):
-            print(f"{name}: skipped (real mini set not found)")
-        return
-    import tempfile
-
-    layout = Layout.of(mini)
-    paths = [mini / rel for rel, _ in meta_mod.list_dicoms(layout)]
-    plain = _rate(paths, lambda p: p.read_bytes())
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        for level, name in ((FAST, ""), (SMALL, "small_")):
-            good = []
-            for p in paths:
-                try:
-                    cache_one(p, out / f"{p.stem}{SUFFIX}", level)
-                    good.append(p)
-                except dicom.DicomError:
-                    pass
-            enc = _rate(good, lambda p: cache_one(p, out / f"{p.stem}{SUFFIX}", level))
-            files = [out / f"{p.stem}{SUFFIX}" for p in good]
-            dec = _rate(files, lambda f: decode(f.read_bytes()))
-            size = np.mean([f.stat().st_size for f in files])
-            print(f"{name}dicom_to_cache_images_per_s_per_core: {enc:.0f}")
-            print(f"{name}cache_decode_images_per_s_per_core: {dec:.0f}")
-            print(f"{name}cache_bytes_per_image: {size:.0f}")
-    print(f"plain_file_read_images_per_s_per_core: {plain:.0f}  (reference for this machine's speed)")
-
-
-def _rate(items: list, fn, repeats: int = 2) -> float:
-    """Items per CPU-second of this process (best of `repeats`): per-core speed, robust to a busy shared machine."""
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.process_time()
-        for x in items:
-            fn(x)
-        best = max(best, len(items) / max(time.process_time() - t0, 1e-9))
-    return best

@@ -11,6 +11,7 @@ augmentation does not depend on worker count, rank or resume point: training is 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -19,11 +20,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .. import LABELS
-from ..config import WINDOWS, Config
-from ..errors import UserError
-from ..io import write_csv
-from ..paths import Layout
+from ..core.labels import LABELS
+from ..core.config import Config
+from ..core.errors import UserError
+from ..core.io import write_csv
+from ..core.layout import Layout
+from .windows import apply_windows, jitter, named
 
 log = logging.getLogger("ich_kaggle.train")
 
@@ -31,6 +33,19 @@ AIR_HU = -500.0  # pixels above this are head, headrest or tissue; below it air 
 CROP_MARGIN = 0.04  # fraction of the bounding box size added on each side
 BRAIN_HU = (0.0, 80.0)
 MAX_REPLACEMENTS = 50  # consecutive unreadable draws before giving up: the cache itself is broken
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: containers and Kaggle's 4 CPUs), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def loader_workers(requested: int, processes: int = 1) -> int:
+    """`data.num_workers`: as set, or for -1 the usable CPUs shared by the `processes` ranks on this machine."""
+    return requested if requested >= 0 else max(1, usable_cpus() // max(1, processes))
 
 
 def head_bbox(hu: np.ndarray, threshold: float = AIR_HU, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
@@ -54,7 +69,7 @@ def brain_fraction(hu: np.ndarray) -> float:
 def jitter_windows(windows: list[tuple[float, float]], prob: float, max_hu: float,
                    rng: np.random.Generator) -> list[tuple[float, float]]:
     """With probability `prob` per window, shift its center and width each by U(-max_hu, max_hu)."""
-    from .windows import jitter
+
 
     out = []
     for window in windows:
@@ -95,7 +110,7 @@ def _load_hu(layout: Layout, image_id: str) -> np.ndarray:
 
 
 def _apply_windows(hu: np.ndarray, windows: list[tuple[float, float]]) -> np.ndarray:
-    from .windows import apply_windows
+
 
     return apply_windows(hu, windows)
 
@@ -107,7 +122,7 @@ class SliceDataset(Dataset):
                  meta: pd.DataFrame | None = None) -> None:
         self.frame = frame.reset_index(drop=True)
         self.layout, self.cfg, self.transform, self.train = layout, cfg, transform, train
-        self.windows = [WINDOWS[w] for w in cfg.data.windows]
+        self.windows = named(cfg.data.windows)
         self.epoch = 0
         self.seed = cfg.train.seed
         if all(c in self.frame.columns for c in LABELS):

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import LABELS
-from ..errors import UserError
-from ..io import atomic_open, write_csv
-from ..paths import Layout
-from . import labels as labels_mod
+from ..core.labels import LABELS
+from ..core.errors import UserError
+from ..core.io import atomic_open, write_csv
+from ..core.config import CVConfig
+from ..core.layout import Layout
+from ..core import labels as labels_mod
 from . import meta as meta_mod
 
 FOLD_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "fold", *LABELS]
@@ -188,3 +189,50 @@ def load_folds(layout: Layout, k: int = 5, seed: int = 42) -> pd.DataFrame:
     if _stale(layout, k, seed):
         return build_folds(layout, k=k, seed=seed)
     return read_folds(layout.folds_csv)
+
+
+def random_folds(frame: pd.DataFrame, k: int, seed: int) -> pd.Series:
+    """A fold per row drawn per image, not per patient (`cv.split: random`, Huang & Chen's setting).
+
+    It LEAKS patients: slices of one scan, millimetres apart, land on both sides, so its validation scores are
+    optimistic. Equal fold sizes, fixed by (seed, image ids) whatever the row order of folds.csv.
+    """
+    ids = frame["image_id"].astype(str).to_numpy()
+    order = np.argsort(ids, kind="stable")
+    rng = np.random.default_rng([int(seed), int(k), 23])
+    fold = np.empty(len(ids), dtype=np.int8)
+    fold[order[rng.permutation(len(ids))]] = (np.arange(len(ids)) % k).astype(np.int8)
+    return pd.Series(fold, index=frame.index, name="fold")
+
+
+def fold_table(layout: Layout, cv: CVConfig) -> pd.DataFrame:
+    """The folds every stage of an experiment uses: folds.csv for (cv.k, cv.seed), re-split per image when
+    cv.split == 'random'. The one place that decides which image is in which fold."""
+    table = load_folds(layout, k=cv.k, seed=cv.seed)
+    if cv.split == "random":
+        table = table.assign(fold=random_folds(table, cv.k, cv.seed))
+    return table.assign(image_id=table["image_id"].astype(str))
+
+
+def selected_folds(cv: CVConfig, fold: int | str | None = None) -> list[int]:
+    """The folds a stage works on: one fold, or 'all' / None = cv.folds (a subset) or every fold 0..k-1.
+
+    The one place that answers "which folds"; a fold outside 0..k-1 or a word other than 'all' is one line."""
+    if fold is None or str(fold).strip().lower() == "all":
+        chosen = list(cv.folds) or list(range(cv.k))
+    else:
+        try:
+            chosen = [int(str(fold).strip())]
+        except ValueError:
+            raise UserError(f"--fold {fold!r} is neither a fold number nor 'all'; use --fold 0..{cv.k - 1} or all") from None
+    bad = [f for f in chosen if not 0 <= f < cv.k]
+    if bad:
+        where = f"fold {bad[0]}" if len(chosen) == 1 else f"cv.folds has fold(s) {bad}, which"
+        raise UserError(f"{where} does not exist with cv.k={cv.k}; use --fold 0..{cv.k - 1} or all")
+    return chosen
+
+
+def patients_in_several_folds(table: pd.DataFrame) -> list[str]:
+    """Patients whose slices sit in more than one fold (always empty for a patient split)."""
+    n = table.groupby(table["patient_id"].astype(str))["fold"].nunique()
+    return sorted(n[n > 1].index)

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..io import write_csv
-from ..paths import Layout
+from ..core.io import write_csv
+from ..core.layout import Layout
 from . import dicom
 
 COLUMNS = [
@@ -238,21 +238,3 @@ def load_meta(layout: Layout) -> pd.DataFrame:
     if layout.meta_csv.exists():
         return read_meta(layout.meta_csv)
     return build_meta(layout)
-
-
-def bench(mini: Path | None) -> None:
-    """Single-process header scan speed on the real mini set."""
-    if mini is None:
-        print("header_scan_images_per_s_per_core: skipped (real mini set not found)")
-        return
-    layout = Layout.of(mini)
-    paths = [str(mini / rel) for rel, _ in list_dicoms(layout)]
-    for p in paths[:50]:  # warm the page cache: measure parsing, not the disk
-        dicom.scan(p)
-    best = 0.0
-    for _ in range(3):  # CPU time of this process: per-core speed even on a busy shared machine
-        t0 = time.process_time()
-        for p in paths:
-            dicom.scan(p)
-        best = max(best, len(paths) / max(time.process_time() - t0, 1e-9))
-    print(f"header_scan_images_per_s_per_core: {best:.0f}")

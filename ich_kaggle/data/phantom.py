@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import LABELS
+from ..core.labels import LABELS
 
 SUBTYPES: tuple[str, ...] = LABELS[1:]
 

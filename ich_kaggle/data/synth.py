@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .. import LABELS
-from ..errors import UserError
-from ..io import atomic_open, write_csv
+from ..core.labels import LABELS
+from ..core.errors import UserError
+from ..core.io import atomic_open, write_csv
 from .phantom import SUBTYPES, Anatomy, Geometry, Lesion, Rendered, render, ventricle_masks
+from .windows import apply_windows, named
 
 STUDIES = 60  # 50 train + 10 test studies
 SLICES = 30
@@ -321,11 +322,10 @@ def preview_png(data_dir: str | Path, out_png: str | Path, per_row: int = 3) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..config import WINDOWS
-    from ..io import atomic_path
+    from ..core.io import atomic_path
     from . import dicom
-    from .labels import read_labels
-    from .windows import apply_windows
+    from ..core.labels import read_labels
+
 
     data_dir = Path(data_dir)
     labels = read_labels(data_dir / "stage_2_train.csv")
@@ -359,7 +359,7 @@ def preview_png(data_dir: str | Path, out_png: str | Path, per_row: int = 3) -> 
             if not examples or col >= len(examples) and col < per_row:
                 continue
             src = examples[col] if col < per_row else examples[0]
-            window = WINDOWS["subdural"] if col == per_row else WINDOWS["brain"]
+            window, = named(["subdural" if col == per_row else "brain"])
             img = apply_windows(dicom.read_hu(src["path"]), [window])[..., 0]
             ax.imshow(img, cmap="gray", vmin=0, vmax=1)
             positive = [l for l in LABELS[1:] if src[l] == 1]
@@ -370,21 +370,3 @@ def preview_png(data_dir: str | Path, out_png: str | Path, per_row: int = 3) -> 
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return Path(out_png)
-
-
-def bench(mini: Path | None = None) -> None:
-    """Time rendering and writing the default synthetic competition (the real mini set is not used)."""
-    import tempfile
-    import time
-
-    with tempfile.TemporaryDirectory() as tmp:
-        t0, c0 = time.perf_counter(), time.process_time()
-        studies = plan(0)
-        rendered = [render_study(s) for s in studies]
-        t1, c1 = time.perf_counter(), time.process_time()
-        for study, r in zip(studies, rendered):
-            write_slices(Path(tmp), study, r.hu, range(len(study.image_ids)))
-        t2, c2 = time.perf_counter(), time.process_time()
-    n = sum(len(s.image_ids) for s in studies)
-    print(f"synth_render_seconds_{n}_slices: {t1 - t0:.2f} (cpu {c1 - c0:.2f})")
-    print(f"synth_write_dicom_seconds_{n}_slices: {t2 - t1:.2f} (cpu {c2 - c1:.2f})")

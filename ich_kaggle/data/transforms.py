@@ -10,7 +10,7 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 
-from ..config import Config
+from ..core.config import Config
 
 
 def _size(cfg: Config, size: int | None) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 
 @dataclass
@@ -27,6 +27,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
+    local_world_size: int = 1  # processes of this run on this machine (they share its CPUs)
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +59,7 @@ def setup() -> DistInfo:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=60))
         created = True
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device,
-                    initialized_here=created)
+                    initialized_here=created, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def teardown(info: DistInfo) -> None:

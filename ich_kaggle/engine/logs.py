@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .. import LABELS
-from ..io import atomic_path, write_csv
+from ..core.labels import LABELS
+from ..core.io import atomic_path, write_csv
 
 LOGGER = "ich_kaggle.train"
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_weighted_log_loss", *[f"val_{c}" for c in LABELS], "seconds",
@@ -23,8 +23,8 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record))
 
 
-def open_log(fold_dir: Path, enabled: bool) -> logging.Logger:
-    """Logger writing to <fold_dir>/train.log and the console (rank 0 only; other ranks stay quiet)."""
+def open_log(path: Path, enabled: bool) -> logging.Logger:
+    """Logger writing to `path` (a fold's train.log) and the console (rank 0 only; other ranks stay quiet)."""
     logger = logging.getLogger(LOGGER)
     close_log(logger)
     logger.setLevel(logging.INFO)
@@ -32,8 +32,8 @@ def open_log(fold_dir: Path, enabled: bool) -> logging.Logger:
     if not enabled:
         logger.addHandler(logging.NullHandler())
         return logger
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(fold_dir / "train.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(path)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     ch = _TqdmHandler()
     ch.setFormatter(logging.Formatter("[train] %(message)s"))

@@ -16,23 +16,27 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .. import LABELS
-from ..config import Config, dump
-from ..errors import UserError
-from ..io import atomic_open, write_csv
+from ..core.labels import LABELS
+from ..core.config import Config, dump
+from ..core.errors import UserError
+from ..core.io import atomic_open, write_csv
 from ..models.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
-from ..paths import Layout, fold_dir
+from ..core.layout import FoldRun, Layout, Run
 from . import dist as D
 from .logs import close_log, open_log, plot_curves, write_log_csv
 from .plan import epoch_indices, eval_loader, image_size, label_matrix, train_loader
 
 STOP_ENV = "ICH_STOP_AFTER_EPOCHS"  # stop (resumably) once this many epochs are done: for tests and time-boxed jobs
+# A recipe's per-batch loss: factory(cfg, train_ds=, meta=, loss_fn=, net=, info=) -> object with
+# start_epoch(epoch, size) and __call__(model, x, y, idx) -> loss (see `recipes.mil.MILBatchLoss`).
+BatchLossFactory = Callable[..., Any]
 IGNORED_FOR_RESUME = ("description", "data.num_workers", "tta", "stack")  # keys that do not change training
 
 
@@ -44,8 +48,9 @@ class FoldData:
 
 
 def check_fold(cfg: Config, fold: int) -> None:
-    if not 0 <= fold < cfg.cv.k:
-        raise UserError(f"fold {fold} does not exist with cv.k={cfg.cv.k}; use --fold 0..{cfg.cv.k - 1} or all")
+    from ..data.folds import selected_folds
+
+    selected_folds(cfg.cv, fold)
 
 
 def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None = None) -> FoldData:
@@ -56,16 +61,11 @@ def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None
     info = info or D.DistInfo()
     check_fold(cfg, fold)
     if info.is_main:
-        table = folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
+        table = folds.fold_table(layout, cfg.cv)
         cache.ensure(layout)
     D.barrier(info)
     if not info.is_main:
-        table = folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
-    from ..recipes.split import apply_split
-
-    table = apply_split(table, cfg)  # cv.split=random re-splits per image (leaks patients; papers only)
-    table = table.copy()
-    table["image_id"] = table["image_id"].astype(str)
+        table = folds.fold_table(layout, cfg.cv)
     val = table[table["fold"] == fold].reset_index(drop=True)
     train = table[table["fold"] != fold].reset_index(drop=True)
     if val.empty or train.empty:
@@ -156,7 +156,7 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Confi
         step_now = (i - group_start) == group - 1
         sync = model.no_sync() if info.distributed and not step_now else contextlib.nullcontext()
         with sync:
-            if batch_loss is not None:  # a recipe's own loss (recipes.batch_loss_for), e.g. MIL bags
+            if batch_loss is not None:  # a recipe's own loss (train_fold's batch_loss), e.g. MIL bags
                 loss = batch_loss(model, x, y, idx)
             else:
                 with autocast(cfg, info.device):
@@ -215,7 +215,7 @@ def predict_frame(net: torch.nn.Module, ds, cfg: Config, info: D.DistInfo, embed
 
 
 def validate(net, ds, labels: np.ndarray, cfg: Config, info: D.DistInfo) -> dict[str, float]:
-    from .. import metrics
+    from ..core import metrics
 
     probs, _ = predict_frame(net, ds, cfg, info, desc="validate")
     row = {"val_weighted_log_loss": metrics.weighted_log_loss(labels, probs)}
@@ -243,43 +243,48 @@ def _stop_after(stop_after_epochs: int | None) -> int | None:
     return int(value) if value else None
 
 
-def write_oof(fdir: Path, frame: pd.DataFrame, probs: np.ndarray, emb: np.ndarray) -> None:
+def write_oof(files: FoldRun, frame: pd.DataFrame, probs: np.ndarray, emb: np.ndarray) -> None:
     oof = pd.DataFrame(probs.astype(np.float64), columns=list(LABELS))
     oof.insert(0, "image_id", frame["image_id"].astype(str).to_numpy())
-    write_csv(oof, fdir / "oof.csv")
-    with atomic_open(fdir / "oof_embeddings.npz", "wb") as f:
+    write_csv(oof, files.oof)
+    with atomic_open(files.oof_embeddings, "wb") as f:
         np.savez(f, image_id=frame["image_id"].astype(str).to_numpy().astype(str), emb=emb.astype(np.float16))
 
 
 def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", force: bool = False,
-               stop_after_epochs: int | None = None) -> Path:
-    """Train (or resume, or skip if finished) one fold; returns runs/<cfg.name>/fold<k>/."""
+               stop_after_epochs: int | None = None, batch_loss: BatchLossFactory | None = None) -> Path:
+    """Train (or resume, or skip if finished) one fold; returns runs/<cfg.name>/fold<k>/.
+
+    batch_loss: a recipe's per-batch loss, built once the fold's data and network exist (see `recipes`);
+    None trains with the loss of `train.loss`.
+    """
     check_fold(cfg, int(fold))
     info = D.setup()
     try:
-        return _train_fold(cfg, layout, int(fold), Path(runs), force, _stop_after(stop_after_epochs), info)
+        return _train_fold(cfg, layout, int(fold), Path(runs), force, _stop_after(stop_after_epochs), info,
+                           batch_loss)
     finally:
         close_log(__import__("logging").getLogger("ich_kaggle.train"))
         D.teardown(info)
 
 
 def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool, stop_after: int | None,
-                info: D.DistInfo) -> Path:
+                info: D.DistInfo, batch_loss_factory: BatchLossFactory | None) -> Path:
     from ..data.dataset import SliceDataset
     from ..data.transforms import build_eval_transforms, build_train_transforms
-    from ..losses import build_loss
+    from .losses import build_loss
     from .optim import build_optimizer, build_scheduler
 
-    fdir = fold_dir(runs, cfg.name, fold)
-    last_path, best_path = fdir / "last.pt", fdir / "best.pt"
+    files = Run.of(runs, cfg.name).fold(fold)
+    fdir, last_path, best_path = files.dir, files.last, files.best
     if force and info.is_main and fdir.exists():
         shutil.rmtree(fdir)
     D.barrier(info)
-    log = open_log(fdir, info.is_main)
+    log = open_log(files.train_log, info.is_main)
     ckpt = read_checkpoint(last_path) if last_path.exists() else None
     if ckpt is not None:
         check_resumable(ckpt, cfg, last_path)
-        if ckpt.get("done") and (fdir / "oof.csv").exists() and (fdir / "oof_embeddings.npz").exists():
+        if ckpt.get("done") and files.oof.exists() and files.oof_embeddings.exists():
             log.info(f"fold {fold} of {cfg.name} is already trained ({fdir}); pass --force to retrain it")
             return fdir
 
@@ -287,16 +292,15 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
     D.set_deterministic()
     data = prepare_data(cfg, layout, fold, info)
     if info.is_main:
-        dump(cfg, fdir / "config.yaml")
+        dump(cfg, files.config)
     train_labels, val_labels = label_matrix(data.train), label_matrix(data.val)
     train_ds = SliceDataset(data.train, layout, cfg, transform=None, train=True, meta=data.meta)
     val_ds = SliceDataset(data.val, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=data.meta)
 
     model, net = build_network(cfg, info)
     loss_fn = build_loss(cfg, train_labels).to(info.device)
-    from ..recipes import batch_loss_for
-
-    batch_loss = batch_loss_for(cfg, train_ds=train_ds, meta=data.meta, loss_fn=loss_fn, net=net, info=info)
+    batch_loss = None if batch_loss_factory is None else batch_loss_factory(
+        cfg, train_ds=train_ds, meta=data.meta, loss_fn=loss_fn, net=net, info=info)
     optimizer = build_optimizer(cfg, net)
     batch = D.per_rank_batch(cfg.train.batch_size, info)
     steps_per_epoch = math.ceil(len(train_loader(train_ds, epoch_indices(cfg, train_labels, 0), cfg, info, batch, 0))
@@ -354,8 +358,8 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                 "rng": D.rng_state(), "log": rows, "best_metric": best, "best_epoch": best_epoch,
                 "done": epoch + 1 == cfg.train.epochs, "num_classes": len(LABELS), "world_size": info.world_size})
-            write_log_csv(rows, fdir / "log.csv")
-            plot_curves(rows, fdir / "curves.png", title=f"{cfg.name} fold {fold}")
+            write_log_csv(rows, files.log_csv)
+            plot_curves(rows, files.curves, title=f"{cfg.name} fold {fold}")
             log.info(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {train_loss:.4f}  val weighted log loss "
                      f"{row['val_weighted_log_loss']:.4f}{' (best)' if improved else ''}  "
                      + "  ".join(f"{c} {row[f'val_{c}']:.3f}" for c in LABELS)
@@ -371,16 +375,16 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
     val_ds.transform = build_eval_transforms(cfg)
     probs, emb = predict_frame(net, val_ds, cfg, info, embeddings=True, desc="oof")
     if info.is_main:
-        write_oof(fdir, data.val, probs, emb)
-        from .. import metrics
+        write_oof(files, data.val, probs, emb)
+        from ..core import metrics
 
         summary = {"fold": fold, "config": cfg.name, "best_epoch": best_epoch, "best_val_weighted_log_loss": best,
                    "oof_weighted_log_loss": metrics.weighted_log_loss(val_labels, probs), "epochs": cfg.train.epochs,
                    "n_train": len(data.train), "n_val": len(data.val), "world_size": info.world_size,
                    "seconds_this_run": round(time.time() - started, 1)}
-        with atomic_open(fdir / "done.json") as f:
+        with atomic_open(files.done) as f:
             json.dump(summary, f, indent=2)
         log.info(f"fold {fold} done: best epoch {best_epoch}, val weighted log loss {best:.4f}; "
-                 f"wrote {fdir / 'oof.csv'} ({len(data.val)} images)")
+                 f"wrote {files.oof} ({len(data.val)} images)")
     D.barrier(info)
     return fdir

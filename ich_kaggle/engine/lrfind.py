@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..config import Config
-from ..io import atomic_path, write_csv
-from ..paths import Layout, fold_dir
+from ..core.config import Config
+from ..core.io import atomic_path, write_csv
+from ..core.layout import Layout, Run
 from . import dist as D
 from .plan import epoch_indices, label_matrix, train_loader
 
@@ -34,7 +34,7 @@ def lr_find(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", s
     """
     from ..data.dataset import SliceDataset
     from ..data.transforms import build_train_transforms
-    from ..losses import build_loss
+    from .losses import build_loss
     from .loop import autocast, build_network, init_head_bias, prepare_data, to_device
 
     info = D.DistInfo(device=D.pick_device(0))  # single process: a sweep needs no DDP
@@ -87,10 +87,10 @@ def lr_find(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", s
     lrs_a, smooth_a = np.array(lrs), np.array(smooth)
     finite = np.isfinite(smooth_a)
     suggestion = suggest_lr(lrs_a[finite], smooth_a[finite])
-    fdir = fold_dir(runs, cfg.name, fold)
-    write_csv(pd.DataFrame({"lr": lrs, "loss": raw, "smoothed_loss": smooth}), fdir / "lr_find.csv")
-    _plot(lrs_a, smooth_a, suggestion, fdir / "lr_find.png", f"{cfg.name} fold {fold}")
-    print(f"suggested lr: {suggestion:.2e} (config has train.lr={cfg.train.lr:g}); plot: {fdir / 'lr_find.png'}")
+    files = Run.of(runs, cfg.name).fold(fold)
+    write_csv(pd.DataFrame({"lr": lrs, "loss": raw, "smoothed_loss": smooth}), files.lr_find_csv)
+    _plot(lrs_a, smooth_a, suggestion, files.lr_find_png, f"{cfg.name} fold {fold}")
+    print(f"suggested lr: {suggestion:.2e} (config has train.lr={cfg.train.lr:g}); plot: {files.lr_find_png}")
     return suggestion
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .. import LABELS
-from ..config import Config
+from ..data.dataset import loader_workers
+
+from ..core.labels import LABELS
+from ..core.config import Config
 from .dist import DistInfo, worker_init_fn
 
 MAX_REPEAT = 8
@@ -56,7 +58,7 @@ def image_size(cfg: Config, epoch: int) -> int:
 def _loader(ds: Dataset, sampler, batch: int, cfg: Config, info: DistInfo, seed: int, drop_last: bool) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
-    workers = cfg.data.num_workers
+    workers = loader_workers(cfg.data.num_workers, info.local_world_size)
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=info.device.type == "cuda", worker_init_fn=worker_init_fn, generator=g,
                       persistent_workers=False, prefetch_factor=4 if workers > 0 else None)

@@ -1,17 +1,8 @@
-"""Model registry: backbones (smp encoders, pretrainedmodels) + a 6-logit head, with offline weight loading."""
+"""Models: backbones (smp encoders, pretrainedmodels) + a 6-logit head, with offline weight loading."""
 
 from .heads import GeM, Head, ICHNet, Pool
-from .registry import (
-    FREEZE_MODES,
-    Backbone,
-    build_backbone,
-    build_model,
-    freeze,
-    input_stats,
-    list_backbones,
-    load_pretrained,
-    register,
-)
+from .backbones import FREEZE_MODES, Backbone, build_backbone, freeze, input_stats, list_backbones, load_pretrained, register
+from .build import build_model
 from .weights import expected_files, find_weights, read_state_dict
 
 __all__ = [

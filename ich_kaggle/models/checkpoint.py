@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ..config import Config, from_dict
-from ..errors import UserError
-from ..io import atomic_path
+from ..core.config import Config, from_dict
+from ..core.errors import UserError
+from ..core.io import atomic_path
 
 PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..core.registry import POOLS
 
-POOLS = ("avg", "gem", "avgmax")
+for _mode in ("avg", "gem", "avgmax"):  # Pool below implements each
+    POOLS.register(_mode, _mode)
 
 
 class GeM(nn.Module):
@@ -35,8 +36,7 @@ class Pool(nn.Module):
 
     def __init__(self, mode: str = "avg"):
         super().__init__()
-        if mode not in POOLS:
-            raise UserError(f"model.pool={mode!r} is not one of {', '.join(POOLS)}; fix the config")
+        POOLS.get(mode, "model.pool")
         self.mode = mode
         self.gem = GeM() if mode == "gem" else None
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import COMPETITION
-from ..errors import UserError
+from ..core.layout import COMPETITION
+from ..core.errors import UserError
 
 # lukemelas/EfficientNet-PyTorch release files (the format of smp's `efficientnet-bN` encoders).
 LUKEMELAS_FILES = {

@@ -9,7 +9,7 @@ Bags of scans positive for rare subtypes repeat more often when `train.balance: 
 The smoothness term is averaged over the bag's triples (`reduction="mean"`) so smooth_weight does not depend on
 the bag size. The network is the usual per-slice ICHNet, so validation, oof.csv, predict, stack and submit are unchanged.
 
-Knobs (config `recipe:`): kind: mil, bag_size (0 = whole series; longer series are subsampled evenly, keeping
+Knobs (config `recipe:`): kind: mil, and under `recipe.mil:` bag_size (0 = whole series; longer series are subsampled evenly, keeping
 z order), mil_weight, smooth_weight, margin, scan_only_fraction (share of training series whose slice labels
 are hidden: they teach only through their scan label, as in data sets labelled per scan).
 """
@@ -23,10 +23,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..config import Config
-from ..data.dataset import SliceDataset
-from ..errors import UserError
-from .settings import MILSettings
+from ..core.config import Config
+from ..data.dataset import SliceDataset, loader_workers
+from ..core.errors import UserError
 
 EPS = 1e-12
 
@@ -149,7 +148,7 @@ class MILBatchLoss:
         if not hasattr(loss_fn, "per_label"):
             raise UserError(f"config '{cfg.name}': recipe.kind=mil works with one backbone and loss bce|focal "
                             f"(not an ensemble)")
-        self.cfg, self.settings, self.loss_fn, self.net, self.info = cfg, MILSettings.from_config(cfg), loss_fn, net, info
+        self.cfg, self.settings, self.loss_fn, self.net, self.info = cfg, cfg.recipe.mil, loss_fn, net, info
         self.bags, codes = series_bags(train_ds.frame, meta)
         labels = train_ds.labels
         self.scan_labels = np.stack([labels[b].max(axis=0) for b in self.bags]).astype(np.float32)
@@ -179,7 +178,7 @@ class MILBatchLoss:
         rng = np.random.default_rng([self.cfg.train.seed, self.epoch, int(getattr(self.info, "rank", 0)), 11])
         self.plan = rng.permutation(np.repeat(np.arange(len(self.bags)), self.repeats))
         bags = EpochBags(self.ds, self.bags, self.plan, self.settings.bag_size, self.cfg.train.seed, self.epoch)
-        workers = self.cfg.data.num_workers
+        workers = loader_workers(self.cfg.data.num_workers, self.info.local_world_size)
         # bags are read and augmented in worker processes, like the slice batches (batch_size=None: one bag an item)
         self.loader = torch.utils.data.DataLoader(bags, batch_size=None, shuffle=False, num_workers=workers,
                                                   worker_init_fn=worker_init_fn,
@@ -236,4 +235,4 @@ class MILBatchLoss:
         return loss_slices + s.mil_weight * loss_mil + s.smooth_weight * loss_smooth
 
 
-__all__ = ["mil_loss", "smoothness", "MILSettings", "MILBatchLoss", "BagDataset", "EpochBags", "series_bags", "subsample_bag"]
+__all__ = ["mil_loss", "smoothness", "MILBatchLoss", "BagDataset", "EpochBags", "series_bags", "subsample_bag"]

@@ -1,0 +1,47 @@
+"""`make bench`: speed and memory figures, printed as `name: value unit` lines. Tests are never timed; this is.
+
+Benchmarks live here, apart from the production code they measure: one module per layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tarfile
+from pathlib import Path
+
+# name -> "module:function"; each takes the extracted real mini set (or None) and prints figures.
+BENCHES: dict[str, str] = {
+    "synth": "ich_kaggle.bench.data:bench_synth",
+    "meta": "ich_kaggle.bench.data:bench_meta",
+    "cache": "ich_kaggle.bench.data:bench_cache",
+    "train": "ich_kaggle.bench.train:bench",
+    "stack": "ich_kaggle.bench.stack:bench_stack",
+}
+
+SHARED_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsna-ich-mini.tar.xz"
+
+
+def mini_set(mini: str | Path | None = None) -> Path | None:
+    """The extracted real mini set: given, or extracted from ../shared into .cache/."""
+    if mini:
+        return Path(mini)
+    if not SHARED_MINI.exists():
+        return None
+    out = Path(".cache") / "rsna-ich-mini"
+    if not (out / ".extracted").exists():
+        out.parent.mkdir(exist_ok=True)
+        with tarfile.open(SHARED_MINI) as t:
+            t.extractall(out.parent, filter="data")
+        (out / ".extracted").touch()
+    return out
+
+
+def run(what: list[str], mini: str | Path | None = None) -> None:
+    names = list(BENCHES) if "all" in what else what
+    data = mini_set(mini)
+    if data is None:
+        print(f"note: {SHARED_MINI} not found; benchmarks that need the real mini set use synthetic data")
+    for name in names:
+        module, fn = BENCHES[name].split(":")
+        print(f"== {name}")
+        getattr(importlib.import_module(module), fn)(data)

@@ -1,0 +1,406 @@
+"""Experiments as data: one typed `Config` per YAML file in `ich_kaggle/configs/`.
+
+A YAML file only lists what differs from the defaults below (the defaults are the proven
+`seresnext50_512` recipe). Command-line overrides use dotted keys: `train.epochs=3`.
+Unknown keys and badly typed values are rejected with one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .registry import BACKBONES, LOSSES, OPTIMIZERS, POOLS, RECIPES, SCHEDULERS, STACK_MODELS, TTA, WINDOWS
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def _bad(src: str, key: str, value: Any, want: str) -> UserError:
+    return UserError(f"{src}: {key}={value!r} {want}; fix the config or the --set override")
+
+
+def _between(src: str, key: str, value: float, lo: float | None = None, hi: float | None = None,
+             lo_open: bool = False) -> None:
+    """lo <= value <= hi (lo < value with lo_open), as one line naming the key."""
+    if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
+        if hi is None:
+            want = f"must be {'above' if lo_open else 'at least'} {lo:g}"
+        elif lo is None:
+            want = f"must be at most {hi:g}"
+        else:
+            want = f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise _bad(src, key, value, want)
+
+
+def _one_of(src: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _bad(src, key, value, f"is not one of {', '.join(allowed)}")
+
+
+def _probabilities(src: str, section: str, obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        _between(src, f"{section}.{name}", getattr(obj, name), 0.0, 1.0)
+
+
+@dataclass
+class DataConfig:
+    windows: list[str] = field(default_factory=lambda: ["brain", "subdural", "soft_tissue"])  # see data/windows.py
+    image_size: int = 512
+    neighbors: int = 0  # 2.5D: also stack this many previous/next slices of the series (each in every window)
+    crop_black_border: bool = True
+    min_brain_fraction: float = 0.0  # drop near-empty training slices (fraction of pixels in 0..80 HU)
+    num_workers: int = -1  # loader processes; -1: one per CPU this process may use
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.windows) * (2 * self.neighbors + 1)
+
+    def check(self, src: str) -> None:
+        if not self.windows:
+            raise _bad(src, "data.windows", self.windows, "must name at least one window")
+        for name in self.windows:
+            WINDOWS.get(name, "data.windows")
+        _between(src, "data.image_size", self.image_size, 8)
+        _between(src, "data.neighbors", self.neighbors, 0)
+        _between(src, "data.min_brain_fraction", self.min_brain_fraction, 0.0, 1.0)
+        _between(src, "data.num_workers", self.num_workers, -1)
+
+
+@dataclass
+class AugmentConfig:
+    hflip: float = 0.5
+    shift_scale_rotate: float = 0.5
+    shift_limit: float = 0.0625
+    scale_limit: float = 0.1
+    rotate_limit: float = 15.0
+    transpose: float = 0.0
+    random_resized_crop: float = 0.0
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    brightness_contrast: float = 0.3
+    blur: float = 0.0
+    window_jitter: float = 0.0  # probability of shifting each window's center/width
+    window_jitter_hu: float = 10.0
+
+    def check(self, src: str) -> None:
+        _probabilities(src, "augment", self, ("hflip", "shift_scale_rotate", "transpose", "random_resized_crop",
+                                              "brightness_contrast", "blur", "window_jitter"))
+        _between(src, "augment.shift_limit", self.shift_limit, 0.0, 1.0)
+        _between(src, "augment.scale_limit", self.scale_limit, 0.0, 1.0)
+        _between(src, "augment.rotate_limit", self.rotate_limit, 0.0, 180.0)
+        _between(src, "augment.window_jitter_hu", self.window_jitter_hu, 0.0)
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise _bad(src, "augment.crop_scale", list(self.crop_scale), "must be [low, high] with 0 < low <= high <= 1")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "se_resnext50_32x4d"  # a registered backbone, `tu-<timm model>`, `pm-<name>`; `a+b` ensembles
+    pretrained: bool = True
+    weights: str | None = None  # file or folder of ImageNet weights; default: $TORCH_HOME/checkpoints
+    pool: str = "avg"  # see models/heads.py
+    dropout: float = 0.2
+    freeze: str = "none"  # none | backbone (head + BatchNorm train) | partial (last stage + head train)
+
+    def check(self, src: str) -> None:
+        for member in self.backbone.split("+"):
+            BACKBONES.get(member.strip(), "model.backbone")
+        POOLS.get(self.pool, "model.pool")
+        _between(src, "model.dropout", self.dropout, 0.0, 1.0)
+        _one_of(src, "model.freeze", self.freeze, ("none", "backbone", "partial"))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # see engine/optim.py
+    momentum: float = 0.9
+    nesterov: bool = False
+    scheduler: str = "cosine"  # see engine/optim.py
+    warmup_epochs: float = 0.2
+    accum_steps: int = 1
+    amp: str = "bf16"  # bf16 | fp16 | none; on CUDA the GPU's capability decides between bf16 and fp16
+    channels_last: bool = True
+    compile: bool = False
+    loss: str = "bce"  # see engine/losses.py
+    class_weights: str = "metric"  # metric (any=2) | frequency | balanced (per-label 1/#pos, 1/#neg)
+    focal_gamma: float = 2.0
+    seed: int = 42
+    max_images_per_epoch: int = 0  # 0 = all; >0 subsamples each epoch (tiny configs)
+    progressive_sizes: list[int] = field(default_factory=list)  # image size per epoch, e.g. [64, 128, 224, 256]
+    balance: str = "none"  # none | oversample (repeat positives of rare subtypes)
+
+    def check(self, src: str) -> None:
+        for key in ("epochs", "batch_size", "accum_steps"):
+            _between(src, f"train.{key}", getattr(self, key), 1)
+        _between(src, "train.lr", self.lr, 0.0, lo_open=True)
+        _between(src, "train.weight_decay", self.weight_decay, 0.0)
+        _between(src, "train.momentum", self.momentum, 0.0, 1.0)
+        _between(src, "train.warmup_epochs", self.warmup_epochs, 0.0)
+        _between(src, "train.focal_gamma", self.focal_gamma, 0.0)
+        _between(src, "train.max_images_per_epoch", self.max_images_per_epoch, 0)
+        for size in self.progressive_sizes:
+            _between(src, "train.progressive_sizes", size, 8)
+        OPTIMIZERS.get(self.optimizer, "train.optimizer")
+        SCHEDULERS.get(self.scheduler, "train.scheduler")
+        LOSSES.get(self.loss, "train.loss")
+        _one_of(src, "train.amp", self.amp, ("bf16", "fp16", "none"))
+        _one_of(src, "train.class_weights", self.class_weights, ("metric", "frequency", "balanced"))
+        _one_of(src, "train.balance", self.balance, ("none", "oversample"))
+
+
+@dataclass
+class CVConfig:
+    k: int = 5
+    seed: int = 42
+    folds: list[int] = field(default_factory=list)  # which folds to train/predict; empty = all
+    split: str = "patient"  # patient | random (random puts a patient's slices in several folds: leaks; papers only)
+
+    def check(self, src: str) -> None:
+        _between(src, "cv.k", self.k, 2)
+        for fold in self.folds:
+            _between(src, "cv.folds", fold, 0, self.k - 1)
+        _one_of(src, "cv.split", self.split, ("patient", "random"))
+
+
+@dataclass
+class TTAConfig:
+    transforms: list[str] = field(default_factory=lambda: ["identity", "hflip"])  # see predict/tta.py
+    average: str = "prob"  # prob | logit
+    batch_size: int = 64
+
+    def check(self, src: str) -> None:
+        for name in self.transforms:
+            TTA.get(name, "tta.transforms")
+        _one_of(src, "tta.average", self.average, ("prob", "logit"))
+        _between(src, "tta.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class StackConfig:
+    model: str = "gru"  # see stack/nets.py and stack/neighbors.py
+    hidden: int = 64
+    layers: int = 2
+    dropout: float = 0.1
+    use_embeddings: bool = False
+    embedding_dim: int = 16  # first-stage embeddings are reduced to this many principal components per model
+    neighbors_k: int = 2
+    epochs: int = 20
+    max_steps: int = 500  # per fold; caps the epochs on competition-sized data (0 = no cap)
+    lr: float = 2e-3
+    batch_series: int = 64
+    reverse_tta: bool = True
+    seed: int = 42
+    sources: list[str] = field(default_factory=list)  # first-stage prediction folders to stack; empty: this config's own
+
+    def check(self, src: str) -> None:
+        STACK_MODELS.get(self.model, "stack.model")
+        for key in ("hidden", "layers", "embedding_dim", "neighbors_k", "epochs", "batch_series"):
+            _between(src, f"stack.{key}", getattr(self, key), 1)
+        _between(src, "stack.max_steps", self.max_steps, 0)
+        _between(src, "stack.dropout", self.dropout, 0.0, 1.0)
+        _between(src, "stack.lr", self.lr, 0.0, lo_open=True)
+
+
+@dataclass
+class MILConfig:
+    """Set-based MIL (recipe.kind: mil, recipes/mil.py)."""
+
+    bag_size: int = 0  # slices per scan-labelled bag (longer series are subsampled evenly; 0 = whole series)
+    mil_weight: float = 1.0  # weight of CE(Y, max_i p_i)
+    smooth_weight: float = 0.1  # weight of the smoothness constraint
+    margin: float = 0.0  # the paper's triplet margin
+    scan_only_fraction: float = 0.0  # share of training series whose slice labels are hidden (scan label only)
+
+    def check(self, src: str) -> None:
+        if self.bag_size < 0 or self.bag_size in (1, 2):
+            raise _bad(src, "recipe.mil.bag_size", self.bag_size, "must be 0 (whole series) or at least 3")
+        for key in ("mil_weight", "smooth_weight", "margin"):
+            _between(src, f"recipe.mil.{key}", getattr(self, key), 0.0)
+        if not 0.0 <= self.scan_only_fraction < 1.0:
+            raise _bad(src, "recipe.mil.scan_only_fraction", self.scan_only_fraction, "must be in [0, 1)")
+
+
+@dataclass
+class RecipeConfig:
+    kind: str = "standard"  # a paper's training mechanism (recipes/): standard | mil
+    mil: MILConfig = field(default_factory=MILConfig)
+
+    def check(self, src: str) -> None:
+        RECIPES.get(self.kind, "recipe.kind")
+        self.mil.check(src)
+
+
+@dataclass
+class Config:
+    name: str = "seresnext50_512"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML or command-line value to the dataclass field's type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, (int, str)) or (isinstance(value, float) and value.is_integer()):
+                return int(value)
+        except ValueError:
+            pass
+    elif tp is float:
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if isinstance(value, (list, tuple)):
+            if origin is tuple:
+                return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+            return [_coerce(v, args[0], where) for v in value]
+    elif origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    raise UserError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _set(obj: Any, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    target = obj
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(target)}
+        if part not in names:
+            raise UserError(
+                f"{source}: unknown config key '{'.'.join(parts[:i + 1])}'; known keys here: {', '.join(names)}"
+            )
+        if i == len(parts) - 1:
+            hints = typing.get_type_hints(type(target))
+            if dataclasses.is_dataclass(hints[part]):
+                raise UserError(f"{source}: '{key}' is a section; set one of its keys, e.g. '{key}.{next(iter(dataclasses.fields(hints[part]))).name}'")
+            setattr(target, part, _coerce(value, hints[part], f"{source}: {key}"))
+        else:
+            target = getattr(target, part)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resolve_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise UserError(f"config file {path} not found; shipped configs: {', '.join(available())}")
+        return path
+    path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise UserError(f"unknown config '{name_or_path}'; shipped configs: {', '.join(available())} (or give a .yaml path)")
+    return path
+
+
+def load(name_or_path: str = "seresnext50_512", overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load a config by shipped name or YAML path, then apply `key=value` overrides."""
+    path = resolve_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    cfg = Config(name=path.stem)
+    for key, value in _flatten(raw).items():
+        _set(cfg, key, value, str(path))
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key=value, e.g. train.epochs=3")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value.strip(), "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Every section checks its own knobs (ranges here, names against the registries), so a mistake fails at load
+    time with one line instead of deep inside a run."""
+    src = f"config '{cfg.name}'"
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            try:
+                section.check(src)
+            except UserError as e:
+                msg = str(e)
+                raise UserError(msg if msg.startswith(src) else f"{src}: {msg}") from None
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config (what a run actually used) as YAML, atomically."""
+    from .io import atomic_open
+
+    data = cfg.to_dict()
+    data["augment"]["crop_scale"] = list(data["augment"]["crop_scale"])
+    with atomic_open(path) as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+
+
+def from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
+    """Rebuild a Config from `Config.to_dict()` (as stored in checkpoints and kernels)."""
+    data = dict(data)
+    cfg = Config(name=str(data.pop("name", "unnamed")))
+    for key, value in _flatten(data).items():
+        _set(cfg, key, value, source)
+    validate(cfg)
+    return cfg

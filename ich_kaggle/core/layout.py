@@ -1,0 +1,162 @@
+"""Where each stage reads and writes. Derived files live outside the (often read-only) data folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+COMPETITION = "rsna-intracranial-hemorrhage-detection"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A data folder in the Kaggle layout plus the work folder holding what was derived from it."""
+
+    data: Path
+    work: Path
+
+    @classmethod
+    def of(cls, data: str | Path, work: str | Path | None = None) -> "Layout":
+        data = Path(data)
+        return cls(data=data, work=Path(work) if work else Path("work") / data.resolve().name)
+
+    # --- the competition files (inputs) ---
+    @property
+    def train_dir(self) -> Path:
+        return self.data / "stage_2_train"
+
+    @property
+    def test_dir(self) -> Path:
+        return self.data / "stage_2_test"
+
+    @property
+    def train_csv(self) -> Path:
+        return self.data / "stage_2_train.csv"
+
+    @property
+    def sample_csv(self) -> Path:
+        return self.data / "stage_2_sample_submission.csv"
+
+    @property
+    def test_labels_csv(self) -> Path:
+        return self.data / "stage_2_test_labels.csv"
+
+    # --- derived files ---
+    @property
+    def meta_csv(self) -> Path:
+        return self.work / "meta.csv"
+
+    @property
+    def skipped_csv(self) -> Path:
+        return self.work / "skipped.csv"
+
+    @property
+    def folds_csv(self) -> Path:
+        return self.work / "folds.csv"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.work / "cache"
+
+    def require_data(self) -> None:
+        if not self.data.is_dir():
+            raise UserError(
+                f"data folder {self.data} not found; download it with `kaggle competitions download -c "
+                f"rsna-intracranial-hemorrhage-detection` and unzip, or pass DATA_DIR=<folder> (make demo makes a synthetic one)"
+            )
+        if not self.train_dir.is_dir() and not self.test_dir.is_dir():
+            raise UserError(f"{self.data} has neither stage_2_train/ nor stage_2_test/; point DATA_DIR at the unzipped competition folder")
+
+
+# --- the run layout: every file an experiment writes under runs/<config>/ is named here and nowhere else ---
+
+@dataclass(frozen=True)
+class FoldRun:
+    """runs/<config>/fold<k>/: what training one fold writes."""
+
+    dir: Path
+    fold: int
+
+    best = property(lambda self: self.dir / "best.pt")  # weights of the best validation epoch
+    last = property(lambda self: self.dir / "last.pt")  # everything needed to resume
+    config = property(lambda self: self.dir / "config.yaml")  # the resolved config the fold trained with
+    log_csv = property(lambda self: self.dir / "log.csv")
+    curves = property(lambda self: self.dir / "curves.png")
+    train_log = property(lambda self: self.dir / "train.log")
+    oof = property(lambda self: self.dir / "oof.csv")  # best.pt on the fold's validation images
+    oof_embeddings = property(lambda self: self.dir / "oof_embeddings.npz")
+    done = property(lambda self: self.dir / "done.json")  # written last: the fold is finished
+    lock = property(lambda self: self.dir / "train.lock")
+    lr_find_csv = property(lambda self: self.dir / "lr_find.csv")
+    lr_find_png = property(lambda self: self.dir / "lr_find.png")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """runs/<config>/predictions/: TTA predictions per fold, and their fold average (test) / concatenation (OOF)."""
+
+    dir: Path
+
+    test = property(lambda self: self.dir / "test.csv")
+    oof = property(lambda self: self.dir / "oof.csv")
+    test_embeddings = property(lambda self: self.dir / "test_embeddings.npz")
+    oof_embeddings = property(lambda self: self.dir / "oof_embeddings.npz")
+    unreadable = property(lambda self: self.dir / "unreadable_test.csv")
+
+    def test_fold(self, k: int) -> Path:
+        return self.dir / f"test_fold{k}.csv"
+
+    def oof_fold(self, k: int) -> Path:
+        return self.dir / f"oof_fold{k}.csv"
+
+    def test_fold_embeddings(self, k: int) -> Path:
+        return self.dir / f"test_fold{k}_embeddings.npz"
+
+    def oof_fold_embeddings(self, k: int) -> Path:
+        return self.dir / f"oof_fold{k}_embeddings.npz"
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """runs/<config>/stack/: the second stage's predictions and its scores."""
+
+    dir: Path
+
+    oof = property(lambda self: self.dir / "oof.csv")
+    test = property(lambda self: self.dir / "test.csv")
+    neighbors_oof = property(lambda self: self.dir / "neighbors_oof.csv")
+    neighbors_test = property(lambda self: self.dir / "neighbors_test.csv")
+    metrics = property(lambda self: self.dir / "metrics.csv")
+
+
+@dataclass(frozen=True)
+class Run:
+    """runs/<config>/: one experiment (a config) and everything its stages write."""
+
+    dir: Path
+
+    @classmethod
+    def of(cls, runs: str | Path, config_name: str) -> "Run":
+        return cls(Path(runs) / config_name)
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def fold(self, k: int) -> FoldRun:
+        return FoldRun(self.dir / f"fold{int(k)}", int(k))
+
+    def folds(self) -> dict[int, FoldRun]:
+        """The fold folders that exist, by fold number."""
+        out = {}
+        for d in sorted(self.dir.glob("fold*")):
+            if d.is_dir() and d.name[4:].isdigit():
+                out[int(d.name[4:])] = FoldRun(d, int(d.name[4:]))
+        return dict(sorted(out.items()))
+
+    config = property(lambda self: self.dir / "config.yaml")  # the resolved config (written by the kernel)
+    predictions = property(lambda self: Predictions(self.dir / "predictions"))
+    stack = property(lambda self: Stacked(self.dir / "stack"))
+    report = property(lambda self: self.dir / "report")

@@ -1,0 +1,347 @@
+"""Offline Kaggle kernel, on this side: the code and model datasets and the kernel folder, checked before upload.
+
+Kaggle scores this competition only from kernels without internet, so everything the kernel needs travels in two
+datasets built here: `<user>/ich-kaggle-code` (wheels) and `<user>/ich-kaggle-model-<config>` (fold checkpoints,
+the stacker's inputs, folds, resolved config). `build_kernel` writes `kernels/<slug>/` with `kernel-metadata.json` and
+one script (from `template.py`); the script installs the wheels and calls `run.run_inference`, which
+reuses the predict -> stack -> submit library calls of `make submit`, so both give the same submission.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.layout import COMPETITION
+from .. import __version__
+from ..core import config as config_mod
+from ..core.config import Config
+from ..core.errors import UserError
+from ..core.io import atomic_open, atomic_path, write_csv
+from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
+from ..core.layout import Layout, Run
+from ..data.folds import selected_folds
+
+# What Kaggle's Python image lacks (or has too old: it ships pydicom 2.x) and the code needs. Kaggle has torch,
+# torchvision, timm, numpy, pandas, opencv, albumentations, scikit-learn, pyyaml, tqdm, huggingface_hub, safetensors.
+KERNEL_PACKAGES: tuple[str, ...] = (
+    "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+    "pretrainedmodels", "munch", "segmentation-models-pytorch",
+)
+CODE_SLUG = "ich-kaggle-code"
+DATASET_META = "dataset-metadata.json"
+KERNEL_META = "kernel-metadata.json"
+KERNEL_FILE = "kernel.py"
+LICENSE = "CC0-1.0"
+TEMPLATE = Path(__file__).with_name("template.py")
+
+_SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+# --- names and metadata checks ---------------------------------------------------------------------------------
+def check_slug(slug: str, what: str = "kernel slug", lo: int = 5, hi: int = 50,
+               fix: str = "pass --slug / make kernel SLUG=<name>") -> str:
+    if not lo <= len(slug) <= hi:
+        raise UserError(f"{what} '{slug}' has {len(slug)} characters; Kaggle needs {lo} to {hi} ({fix})")
+    if not _SLUG_RE.match(slug):
+        raise UserError(f"{what} '{slug}' may only hold lower-case letters, digits and single hyphens, e.g. "
+                        f"'{slugify(slug) or 'ich-kaggle-kernel'}' ({fix})")
+    return slug
+
+
+def check_username(username: str | None) -> str:
+    if not username or not username.strip():
+        raise UserError("no Kaggle username: set KAGGLE_USERNAME or pass --username (make kernel KAGGLE_USERNAME=<you>)")
+    username = username.strip()
+    if not _USER_RE.match(username):
+        raise UserError(f"Kaggle username '{username}' has invalid characters; use your account name as shown in "
+                        f"your profile URL (KAGGLE_USERNAME=<you>)")
+    return username
+
+
+@dataclass(frozen=True)
+class KernelNames:
+    """Slugs and folders of the two datasets and the kernel for one config and owner."""
+
+    username: str
+    config_name: str
+    kernel_slug: str
+
+    @property
+    def code_slug(self) -> str:
+        return CODE_SLUG
+
+    @property
+    def model_slug(self) -> str:
+        return f"ich-kaggle-model-{slugify(self.config_name)}"
+
+    @property
+    def code_id(self) -> str:
+        return f"{self.username}/{self.code_slug}"
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.username}/{self.model_slug}"
+
+    @property
+    def kernel_id(self) -> str:
+        return f"{self.username}/{self.kernel_slug}"
+
+    def code_dir(self, out: str | Path) -> Path:
+        return Path(out) / self.code_slug
+
+    def model_dir(self, out: str | Path) -> Path:
+        return Path(out) / self.model_slug
+
+    def kernel_dir(self, out: str | Path) -> Path:
+        return Path(out) / self.kernel_slug
+
+
+def default_slug(cfg: Config) -> str:
+    return f"ich-kaggle-{slugify(cfg.name)}"
+
+
+def names_for(cfg: Config, username: str | None, slug: str | None = None) -> KernelNames:
+    """Validated names: one-line UserErrors before anything is written or uploaded."""
+    user = check_username(username)
+    names = KernelNames(user, cfg.name, check_slug(slug or default_slug(cfg)))
+    check_slug(names.model_slug, "model dataset slug", lo=6,  # Kaggle's dataset slugs: 6..50 characters
+               fix=f"copy config '{cfg.name}' to a YAML file with a shorter name")
+    return names
+
+
+def title_for(slug: str) -> str:
+    """A title Kaggle resolves back to the same slug (else it warns and may rename the kernel)."""
+    title = slug.replace("-", " ")
+    title = "ICH" + title[3:] if title.startswith("ich") else title
+    assert slugify(title) == slug
+    return title
+
+
+# --- what the model dataset carries -------------------------------------------------------------------------------
+def trained_folds(cfg: Config, runs: str | Path) -> list[int]:
+    """Folds with a best checkpoint (restricted to cfg.cv.folds when set)."""
+    run = Run.of(runs, cfg.name)
+    return [k for k in selected_folds(cfg.cv) if run.fold(k).best.is_file()]
+
+
+def is_stacked(cfg: Config, runs: str | Path) -> bool:
+    """Whether `make submit` uses the stacker's predictions (so the kernel must refit and apply it too)."""
+    return Run.of(runs, cfg.name).stack.test.is_file()
+
+
+def model_files(cfg: Config, runs: str | Path) -> dict[str, str]:
+    """Flat dataset file name -> path inside runs/<cfg>/ (flat, so no --dir-mode zip nesting on Kaggle).
+
+    Ships each trained fold's best.pt and, for a stacked run, the first-stage OOF predictions the stacker is refit
+    on inside the kernel (it keeps no weights: it is cross-fitted fold by fold) plus its metrics for reference.
+    Never local test predictions: the kernel recomputes them.
+    """
+    run = Run.of(runs, cfg.name)
+    folds = trained_folds(cfg, runs)
+    if not folds:
+        raise UserError(f"no trained fold in {run.dir}/fold*/best.pt; train first (make train-all CONFIG={cfg.name})")
+    files = {f"fold{k}_{run.fold(k).best.name}": run.fold(k).best for k in folds}
+    if is_stacked(cfg, runs):
+        if run.stack.metrics.is_file():
+            files[f"stack_{run.stack.metrics.name}"] = run.stack.metrics
+        shipped = [run.predictions.oof] + ([run.predictions.oof_embeddings] if cfg.stack.use_embeddings else [])
+        for path in shipped:
+            if not path.is_file():
+                raise UserError(f"{path} not found but {run.stack.dir} exists: the kernel refits the stacker on it; "
+                                f"rerun `make predict CONFIG={cfg.name}` (or delete {run.stack.dir})")
+            files[f"predictions_{path.name}"] = path
+    return {flat: path.relative_to(run.dir).as_posix() for flat, path in files.items()}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link when possible (checkpoints are large; training replaces files atomically, so links stay valid)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_open(path) as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _dataset_metadata(title: str, dataset_id: str, description: str) -> dict:
+    return {"title": title, "id": dataset_id, "licenses": [{"name": LICENSE}], "description": description}
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace a dataset folder in one step so a failed build never leaves a half-updated one (stale wheels)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fresh_tmp(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str, ...] = KERNEL_PACKAGES) -> Path:
+    """kernels/ich-kaggle-code/: the ich_kaggle wheel + wheels of what Kaggle's image lacks, flat."""
+    from . import wheels
+
+    final = names.code_dir(out)
+    tmp = _fresh_tmp(final)
+    built = wheels.collect(packages, tmp)
+    lines = "\n".join(f"- {w.path.name} ({w.source})" for w in built)
+    desc = (f"ich_kaggle {__version__} and the packages Kaggle's image lacks, for offline kernels of {COMPETITION}. "
+            f"Install: pip install --no-index --find-links <this folder> --no-deps *.whl\n\n{lines}\n")
+    _write_json(tmp / DATASET_META, _dataset_metadata("ICH Kaggle code", names.code_id, desc))
+    _write_json(tmp / "wheels.json", {"ich_kaggle": __version__, "wheels": [
+        {"file": w.path.name, "name": w.name, "version": w.version, "source": w.source, "pure": w.pure} for w in built]})
+    _swap_in(tmp, final)
+    return final
+
+
+def _check_data_inputs(cfg: Config, layout: Layout | None) -> Layout:
+    if layout is None or not layout.meta_csv.is_file() or not layout.folds_csv.is_file():
+        where = f" ({layout.meta_csv} / {layout.folds_csv} not found)" if layout is not None else ""
+        raise UserError(f"the kernel needs the folds.csv (and the stacker the meta.csv) of the training data{where}; "
+                        f"pass the data folder you trained on: make kernel-datasets CONFIG={cfg.name} DATA_DIR=<folder>")
+    return layout
+
+
+def _write_data_inputs(layout: Layout, folder: Path, stacked: bool) -> None:
+    """folds.csv (+ its sidecar: predict loads the folds) and, for the stacker, which is refit on the OOF predictions
+    inside the kernel, the train rows of meta.csv (series order of the OOF images); gzipped."""
+    with atomic_path(folder / FOLDS) as tmp:
+        with open(layout.folds_csv, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+    sidecar = layout.folds_csv.with_name(layout.folds_csv.name + ".json")
+    info = json.loads(sidecar.read_text()) if sidecar.is_file() else {"k": None, "seed": None}
+    _write_json(folder / FOLDS_INFO, info)
+    if stacked:
+        from ..data.meta import read_meta
+
+        meta = read_meta(layout.meta_csv)
+        write_csv(meta[meta["split"] == "train"], folder / TRAIN_META)
+
+
+def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: str | Path,
+                        layout: Layout | None = None) -> Path:
+    """kernels/ich-kaggle-model-<config>/: checkpoints, stacker inputs, folds, resolved config and a manifest.
+
+    `layout` is the data the runs were trained on (its folds.csv and meta.csv travel with the model).
+    """
+    files = model_files(cfg, runs)
+    stacked = is_stacked(cfg, runs)
+    layout = _check_data_inputs(cfg, layout)
+    root = Run.of(runs, cfg.name).dir
+    final = names.model_dir(out)
+    tmp = _fresh_tmp(final)
+    for flat, rel in files.items():
+        _link_or_copy(root / rel, tmp / flat)
+    _write_data_inputs(layout, tmp, stacked)
+    config_mod.dump(cfg, tmp / "config.yaml")
+    folds = trained_folds(cfg, runs)
+    manifest = {
+        "format": MANIFEST_FORMAT, "config": cfg.name, "ich_kaggle": __version__, "folds": folds,
+        "stack": stacked, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_json(tmp / MODEL_MANIFEST, manifest)
+    title = f"ICH Kaggle model {cfg.name}"[:50]
+    desc = f"Config {cfg.name}: folds {folds}, stacker {'yes' if manifest['stack'] else 'no'}. {cfg.description}"
+    _write_json(tmp / DATASET_META, _dataset_metadata(title, names.model_id, desc))
+    _swap_in(tmp, final)
+    return final
+
+
+def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels",
+                   username: str | None = None, layout: Layout | None = None) -> dict[str, Path]:
+    """`make kernel-datasets`: both dataset folders, ready for `kaggle datasets create/version -p`.
+
+    `layout` is the data the runs were trained on: the stacker, refit inside the kernel, needs its meta and folds.
+    """
+    names = names_for(cfg, username)
+    model = build_model_dataset(cfg, names, runs, out, layout)  # fails on "no trained fold" before the wheels
+    code = build_code_dataset(names, out)
+    print(f"wrote {code} ({names.code_id}) and {model} ({names.model_id})")
+    return {"code": code, "model": model}
+
+
+def _warn_if_stale(cfg: Config, runs: str | Path, model_dir: Path, manifest: dict) -> None:
+    """The kernel may run on a model dataset older than the local runs: say so (it is not an error)."""
+    root = Run.of(runs, cfg.name).dir
+    newer = [rel for flat, rel in manifest["files"].items()
+             if (root / rel).is_file() and (root / rel).stat().st_mtime > (model_dir / flat).stat().st_mtime + 1]
+    extra = [k for k in trained_folds(cfg, runs) if k not in manifest["folds"]]
+    if newer or extra:
+        what = ", ".join(newer + [f"fold{k}/best.pt" for k in extra])
+        print(f"warning: {root} has newer files than {model_dir} ({what}); rerun `make kernel-datasets` "
+              f"and `make datasets-version` to ship them")
+
+
+def _read_dataset_id(folder: Path, fix: str) -> str:
+    meta = folder / DATASET_META
+    if not meta.is_file():
+        raise UserError(f"dataset folder {folder} is missing ({meta} not found); {fix}")
+    try:
+        return str(json.loads(meta.read_text())["id"])
+    except (ValueError, KeyError):
+        raise UserError(f"{meta} is not valid dataset metadata (no 'id'); {fix}") from None
+
+
+def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels", username: str | None = None,
+                 slug: str | None = None) -> Path:
+    """`make kernel`: kernels/<slug>/ with kernel-metadata.json and the script, after checking everything it needs."""
+    names = names_for(cfg, username, slug)
+    fix = f"run `make kernel-datasets CONFIG={cfg.name} KAGGLE_USERNAME={names.username}` first"
+    for folder, expected in ((names.code_dir(out), names.code_id), (names.model_dir(out), names.model_id)):
+        found = _read_dataset_id(folder, fix)
+        if found != expected:
+            raise UserError(f"{folder / DATASET_META} has id '{found}', expected '{expected}'; {fix}")
+    if not any(names.code_dir(out).glob("ich_kaggle-*.whl")):
+        raise UserError(f"{names.code_dir(out)} holds no ich_kaggle wheel; {fix}")
+    manifest = read_manifest(names.model_dir(out))
+    if not manifest["folds"]:
+        raise UserError(f"{names.model_dir(out) / MODEL_MANIFEST} lists no trained fold; train first, then {fix}")
+    _warn_if_stale(cfg, runs, names.model_dir(out), manifest)
+
+    script = TEMPLATE.read_text()
+    for key, value in {"CONFIG_NAME": cfg.name, "CODE_DATASET": names.code_id, "MODEL_DATASET": names.model_id,
+                       "ICH_KAGGLE_VERSION": __version__}.items():
+        script = script.replace(f'"__{key}__"', json.dumps(value))
+    folder = names.kernel_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_open(folder / KERNEL_FILE) as f:
+        f.write(script)
+    _write_json(folder / KERNEL_META, {
+        "id": names.kernel_id,
+        "title": title_for(names.kernel_slug),
+        "code_file": KERNEL_FILE,
+        "language": "python",
+        "kernel_type": "script",
+        "is_private": True,
+        "enable_gpu": True,
+        "enable_tpu": False,
+        "enable_internet": False,
+        "dataset_sources": [names.code_id, names.model_id],
+        "competition_sources": [COMPETITION],
+        "kernel_sources": [],
+        "model_sources": [],
+    })
+    print(f"wrote {folder} ({names.kernel_id}); push with: kaggle kernels push -p {folder}")
+    return folder

@@ -1,0 +1,209 @@
+"""Offline Kaggle kernel, inside the kernel: find the inputs, rebuild runs/ and the work folder, predict -> stack ->
+submit with the same library calls as `make submit`, and write the validated submission.csv.
+
+Imported by the kernel script after it installed ich_kaggle from the code dataset (see `kernel.py` for the build).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ..core.layout import COMPETITION
+from ..core import config as config_mod
+from ..core.config import Config
+from ..core.errors import UserError
+from ..core.io import atomic_open, atomic_path, write_csv
+from ..core.layout import Layout, Run
+
+MODEL_MANIFEST = "ich_kaggle_model.json"
+MANIFEST_FORMAT = 1  # bump when the model dataset's layout changes
+TRAIN_META = "train_meta.csv.gz"
+FOLDS = "folds.csv.gz"
+FOLDS_INFO = "folds.csv.json"
+SAMPLE_NAME = "stage_2_sample_submission.csv"
+
+
+def slugify(text: str) -> str:
+    """Kaggle's URL slug: lower case, runs of other characters become one hyphen."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+@dataclass(frozen=True)
+class KernelInputs:
+    competition: Path  # folder holding stage_2_sample_submission.csv and stage_2_test/
+    model: Path  # folder holding ich_kaggle_model.json
+    code: Path | None  # folder holding the ich_kaggle wheel
+
+
+_SKIP = {"stage_2_train", "stage_2_test", "stage_1_train_images", "stage_1_test_images"}
+
+
+def _walk(root: Path, max_depth: int = 5):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP and depth < max_depth)
+        yield Path(dirpath), depth, filenames
+
+
+def find_inputs(root: str | Path, config_name: str | None = None) -> KernelInputs:
+    """Search the input root: mount paths differ between old and new kernels (e.g. <comp>/<comp>/stage_2_test)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"input folder {root} not found; set ICH_KAGGLE_INPUT to the folder in the /kaggle/input layout")
+    comps, models, codes = [], [], []
+    for path, depth, files in _walk(root):
+        if SAMPLE_NAME in files and (path / "stage_2_test").is_dir():
+            comps.append((depth, str(path)))
+        if MODEL_MANIFEST in files:
+            models.append((depth, str(path)))
+        if any(f.startswith("ich_kaggle-") and f.endswith(".whl") for f in files):
+            codes.append((depth, str(path)))
+    if not comps:
+        raise UserError(f"no {SAMPLE_NAME} beside a stage_2_test/ folder under {root}; add the competition "
+                        f"'{COMPETITION}' as a data source of the kernel")
+    if config_name is not None:
+        matching = [m for m in models if json.loads((Path(m[1]) / MODEL_MANIFEST).read_text()).get("config") == config_name]
+        if models and not matching:
+            raise UserError(f"model datasets under {root} hold other configs than '{config_name}'; attach "
+                            f"ich-kaggle-model-{slugify(config_name)}")
+        models = matching
+    if not models:
+        raise UserError(f"no {MODEL_MANIFEST} under {root}; attach the model dataset built by `make kernel-datasets`")
+    return KernelInputs(Path(min(comps)[1]), Path(min(models)[1]), Path(min(codes)[1]) if codes else None)
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MODEL_MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path} not found; rebuild the model dataset with `make kernel-datasets`")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON; rebuild the model dataset with `make kernel-datasets`") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path} has format {manifest.get('format')!r}, this ich_kaggle reads {MANIFEST_FORMAT}; "
+                        f"rebuild both datasets with the same ich_kaggle (make kernel-datasets) and upload them")
+    missing = [flat for flat in manifest.get("files", {}) if not (Path(model_dir) / flat).is_file()]
+    if missing:
+        raise UserError(f"{path.parent} lacks {', '.join(missing)} listed in its manifest; upload the whole folder again")
+    return manifest
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    try:
+        dst.symlink_to(src.resolve())
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def materialize(model_dir: Path, manifest: dict, runs: Path) -> Config:
+    """Recreate runs/<cfg>/ (fold checkpoints, stacker files, OOF) from the flat, read-only dataset by symlinks."""
+    cfg_path = model_dir / "config.yaml"
+    try:
+        cfg = config_mod.from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{cfg_path} unreadable ({e}); rebuild the model dataset with `make kernel-datasets`") from None
+    cfg.cv.folds = list(manifest["folds"])
+    run = Run.of(runs, cfg.name)
+    for flat, rel in manifest["files"].items():
+        _link(model_dir / flat, run.dir / rel)
+    config_mod.dump(cfg, run.config)
+    return cfg
+
+
+def data_view(competition: Path, folder: Path) -> Path:
+    """A data folder with the test images, sample submission and train labels (the prior for unreadable images)
+    but not the 750k train images, so no stage scans their headers inside the kernel."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("stage_2_test", SAMPLE_NAME, "stage_2_train.csv"):
+        if (competition / name).exists():
+            _link(competition / name, folder / name)
+    return folder
+
+
+def prepare_work(layout: Layout, model_dir: Path) -> None:
+    """folds.csv as shipped and meta.csv from a scan of the test DICOMs only (the data view has no train images)."""
+    from ..data import meta as meta_mod
+
+    with gzip.open(model_dir / FOLDS, "rb") as src, atomic_open(layout.folds_csv, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with atomic_path(layout.folds_csv.with_name(layout.folds_csv.name + ".json")) as tmp:
+        shutil.copyfile(model_dir / FOLDS_INFO, tmp)
+    meta_mod.load_meta(layout)
+    _touch(layout.folds_csv)
+
+
+def _touch(path: Path) -> None:
+    """folds.csv must not look older than meta.csv, or load_folds rebuilds it (from train DICOMs not read here)."""
+    now = time.time() + 1
+    os.utime(path, (now, now))
+
+
+def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> None:
+    """Before stacking: the shipped OOF predictions back in predictions/ (predict rewrites oof.csv from the folds'
+    own validation images, which the kernel does not have), and the shipped train rows join meta.csv so the OOF
+    images can be placed in their series."""
+    from ..data import meta as meta_mod
+
+    for flat, rel in manifest["files"].items():
+        if (run.dir / rel).parent == run.predictions.dir:
+            _link(model_dir / flat, run.dir / rel)
+    meta = meta_mod.read_meta(layout.meta_csv)
+    train = meta_mod.read_meta(model_dir / TRAIN_META)
+    write_csv(pd.concat([meta[meta["split"] != "train"], train], ignore_index=True), layout.meta_csv)
+    _touch(layout.folds_csv)
+
+
+def adapt_to_device(cfg: Config) -> None:
+    """Kaggle's P100/T4 GPUs lack bfloat16: run inference in float16 there (the weights do not care)."""
+    import torch
+
+    if cfg.train.amp == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        print(f"{torch.cuda.get_device_name()}: no bfloat16, predicting with float16 autocast")
+        cfg.train.amp = "fp16"
+
+
+def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path,
+                  scratch: str | Path | None = None) -> Path:
+    """Predict (TTA, every shipped fold) -> stack -> submission, exactly the library calls of `make submit`.
+
+    Only `submission.csv` goes to `working` (Kaggle keeps it as the kernel's output, 20 GB at most); the image cache,
+    runs and intermediate files go to `scratch` (default: `working`).
+    """
+    from ..predict import stage as predict
+    from ..stack import stage as stack
+    from ..submit import stage as submission
+
+    model_dir, competition, working = Path(model_dir), Path(competition), Path(working)
+    scratch = Path(scratch) if scratch is not None else working
+    manifest = read_manifest(model_dir)
+    runs = scratch / "runs"
+    cfg = materialize(model_dir, manifest, runs)
+    adapt_to_device(cfg)
+    layout = Layout.of(data_view(competition, scratch / "data"), scratch / "work")
+    prepare_work(layout, model_dir)
+    predict.predict(cfg, layout, runs=runs)
+    if manifest.get("stack"):
+        prepare_stack(layout, model_dir, manifest, Run.of(runs, cfg.name))
+        stack.stack(cfg, layout, runs=runs)
+    written = submission.submit(cfg, layout, runs=runs, out_dir=scratch / "submissions")
+    final = working / "submission.csv"
+    with atomic_path(final) as tmp:
+        shutil.copyfile(written, tmp)
+    problems = submission.validate_file(layout.sample_csv, final)
+    if problems:
+        raise UserError(f"{final} failed validation: {problems[0]} ({len(problems)} problem(s)); see the log above")
+    return final

@@ -1,0 +1,91 @@
+"""Offline Kaggle kernel for the RSNA Intracranial Hemorrhage Detection competition, written by `make kernel`.
+
+It runs without internet: installs ich_kaggle and the few packages Kaggle's image lacks from the attached code
+dataset (`pip install --no-index --find-links`), finds the competition files and the model dataset by searching the
+input root (mount paths differ between old and new kernels), runs TTA inference over the trained folds and the
+second-stage stacker, and writes `submission.csv` (checked by the validator) into the working folder.
+
+Outside Kaggle: ICH_KAGGLE_INPUT=<folder in the /kaggle/input layout> ICH_KAGGLE_WORKING=<out folder>
+[ICH_KAGGLE_SCRATCH=<folder for the image cache, default /tmp/ich_kaggle>] python kernel.py
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Filled in by `ich_kaggle.kernel.build_kernel`.
+CONFIG_NAME = "__CONFIG_NAME__"
+CODE_DATASET = "__CODE_DATASET__"
+MODEL_DATASET = "__MODEL_DATASET__"
+ICH_KAGGLE_VERSION = "__ICH_KAGGLE_VERSION__"
+
+INPUT = Path(os.environ.get("ICH_KAGGLE_INPUT", "/kaggle/input"))
+WORKING = Path(os.environ.get("ICH_KAGGLE_WORKING", "/kaggle/working"))
+# Image cache and intermediate files: not in the working folder, whose contents Kaggle saves as output (20 GB cap).
+SCRATCH = Path(os.environ.get("ICH_KAGGLE_SCRATCH", "/tmp/ich_kaggle"))
+SKIP_DIRS = {"stage_2_train", "stage_2_test", "stage_1_train_images", "stage_1_test_images"}  # huge DICOM folders
+
+
+def log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def find_code_dir(root, max_depth=5):
+    """The folder of the code dataset: the one holding the ich_kaggle wheel (nearest the root first)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and depth < max_depth)
+        if any(f.startswith("ich_kaggle-") and f.endswith(".whl") for f in filenames):
+            found.append((depth, dirpath))
+    if not found:
+        sys.exit(f"error: no ich_kaggle-*.whl under {root}; attach the dataset {CODE_DATASET} to this kernel "
+                 f"(or set ICH_KAGGLE_INPUT to the folder that holds it)")
+    return Path(min(found)[1])
+
+
+def pip_install(code_dir):
+    """Pure-python wheels in one go; binary ones (built for one Python) one by one, a mismatch only warns."""
+    wheels = sorted(code_dir.glob("*.whl"))
+    pure = [w for w in wheels if w.name.endswith("-none-any.whl")]
+    binary = [w for w in wheels if w not in pure]
+    base = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(code_dir), "--no-deps",
+            "--quiet", "--disable-pip-version-check", "--no-warn-script-location"]
+    result = subprocess.run(base + [str(w) for w in pure])
+    if result.returncode != 0:
+        sys.exit(f"error: pip could not install the wheels from {code_dir} (see above)")
+    for wheel in binary:
+        if subprocess.run(base + [str(wheel)]).returncode != 0:
+            log(f"warning: {wheel.name} does not install on this Python; compressed DICOMs may be skipped")
+
+
+def main():
+    started = time.time()
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would look for updates online at import
+    log(f"input {INPUT}, working {WORKING}, scratch {SCRATCH}, config {CONFIG_NAME}")
+    code_dir = find_code_dir(INPUT)
+    log(f"installing from {code_dir}")
+    pip_install(code_dir)
+    import importlib
+
+    importlib.invalidate_caches()
+    import ich_kaggle
+    from ich_kaggle.core.errors import UserError
+    from ich_kaggle.kaggle import run as kernel_run
+
+    log(f"using ich_kaggle {ich_kaggle.__version__} from {Path(ich_kaggle.__file__).parent}")
+    if ich_kaggle.__version__ != ICH_KAGGLE_VERSION:
+        log(f"warning: installed ich_kaggle {ich_kaggle.__version__}, kernel written by {ICH_KAGGLE_VERSION}")
+    try:
+        inputs = kernel_run.find_inputs(INPUT, config_name=CONFIG_NAME)
+        log(f"competition {inputs.competition}, model {inputs.model}")
+        out = kernel_run.run_inference(inputs.model, inputs.competition, WORKING, scratch=SCRATCH)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    log(f"wrote {out} in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""`make predict`: every trained fold with test-time augmentation on the test images and on its own validation images.
+
+Writes `runs/<cfg>/predictions/`: `test_fold<k>.csv` (one per fold), `test.csv` (fold average), `oof.csv` (each fold
+predicts its own validation images, with the same TTA, so the stacker trains on what it will see at test time),
+`test_embeddings.npz` / `oof_embeddings.npz` (TTA-averaged pooled features; test fold-averaged) and
+`unreadable_test.csv` (test images that cannot be read: the submission gives them the training prior).
+
+Each batch of images is loaded once and run through every fold model (decoding dominates on CPU and at scale).
+Resumable: each fold's results are kept as `{test,oof}_fold<k>.csv` + `{test,oof}_fold<k>_embeddings.npz`; a rerun
+reuses a fold whose files are newer than its best.pt and cover the same test images.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..core.labels import LABELS
+from ..core.config import Config
+from ..engine.dist import pick_device
+from ..core.errors import UserError
+from ..core.io import atomic_open, write_csv
+from ..core.layout import Layout, Predictions, Run
+from ..data.dataset import loader_workers
+from ..data.folds import selected_folds
+from .tta import tta_forward
+
+LABEL_COLS = list(LABELS)
+
+# --- folds, frames, files ---
+
+@dataclass
+class FoldModel:
+    fold: int
+    net: torch.nn.Module
+    cfg: Config  # the config it was trained with (data settings come from here)
+
+
+def wide(ids, probs: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=LABEL_COLS)
+    frame.insert(0, "image_id", np.asarray(ids, dtype=str))
+    return frame
+
+
+def average_folds(frames: list[pd.DataFrame], average: str = "prob") -> pd.DataFrame:
+    """Per-image mean of several wide prediction frames (same images; order of the first)."""
+    ids = frames[0]["image_id"].astype(str)
+    stack = []
+    for frame in frames:
+        aligned = frame.assign(image_id=frame["image_id"].astype(str)).set_index("image_id").reindex(ids)
+        if aligned[LABEL_COLS].isna().any().any():
+            raise ValueError("fold predictions cover different images")
+        stack.append(aligned[LABEL_COLS].to_numpy(np.float64))
+    arr = np.stack(stack)
+    if average == "logit":
+        p = np.clip(arr, 1e-7, 1 - 1e-7)
+        mean = 1 / (1 + np.exp(-np.log(p / (1 - p)).mean(0)))
+    else:
+        mean = arr.mean(0)
+    return wide(ids.to_numpy(), mean)
+
+
+def save_embeddings(path: Path, ids, emb: np.ndarray) -> None:
+    with atomic_open(path, "wb") as f:
+        np.savez(f, image_id=np.asarray(ids, dtype=str), emb=np.asarray(emb, dtype=np.float16))
+
+
+def load_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return z["image_id"].astype(str), z["emb"]
+
+
+def fold_predicted(out: Predictions, fold: int, checkpoint: Path, test_ids: pd.Series) -> bool:
+    """Whether an earlier run already predicted this fold from this checkpoint on these test images (resume)."""
+    files = [out.test_fold(fold), out.test_fold_embeddings(fold), out.oof_fold(fold), out.oof_fold_embeddings(fold)]
+    if not all(f.exists() for f in files) or min(f.stat().st_mtime for f in files) < checkpoint.stat().st_mtime:
+        return False
+    try:
+        done_ids = pd.read_csv(files[0], usecols=["image_id"], dtype=str)["image_id"]
+    except (ValueError, OSError, pd.errors.ParserError):
+        return False
+    return len(done_ids) == len(test_ids) and set(done_ids) == set(test_ids.astype(str))
+
+
+def trained_folds(cfg: Config, runs: str | Path) -> tuple[list[int], list[int]]:
+    """(folds with best.pt, wanted folds without one)."""
+    wanted = selected_folds(cfg.cv)
+    run = Run.of(runs, cfg.name)
+    have = [k for k in wanted if run.fold(k).best.exists()]
+    return have, [k for k in wanted if k not in have]
+
+
+def unreadable_test(meta: pd.DataFrame, cached: set[str], sample_csv: Path) -> pd.DataFrame:
+    """Test images in the sample submission (or meta) that were skipped by the meta scan or are not in the cache."""
+    test_ids = set(meta.loc[meta["split"] == "test", "image_id"].astype(str))
+    rows = [(i, "not cached (unreadable DICOM?)") for i in sorted(test_ids - cached)]
+    if sample_csv.exists():
+        sample_ids = pd.read_csv(sample_csv, usecols=[0]).iloc[:, 0].astype(str).str.rsplit("_", n=1).str[0]
+        rows += [(i, "skipped by the meta scan (unreadable DICOM)") for i in sorted(set(sample_ids) - test_ids)]
+    return pd.DataFrame(rows, columns=["image_id", "reason"])
+
+
+def _loader(frame: pd.DataFrame, layout: Layout, data_cfg: Config, meta: pd.DataFrame, batch: int, workers: int,
+            device: torch.device):
+    """Images read as the fold was trained (`data_cfg`: windows, size, 2.5D), with this machine's worker count."""
+    from ..data.dataset import SliceDataset
+    from ..data.transforms import build_eval_transforms
+
+    ds = SliceDataset(frame, layout, data_cfg, transform=build_eval_transforms(data_cfg), train=False, meta=meta)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers,
+                                       pin_memory=device.type == "cuda")
+
+
+@torch.inference_mode()
+def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame,
+                  device: torch.device, desc: str = "predict") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every model on every image of `frame` (loaded once): [(probs (N, 6), embeddings (N, D) float32)] per model."""
+    data_cfg = models[0].cfg
+    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers), device)
+    amp = cfg.train.amp if device.type == "cuda" else "none"
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    out: list[tuple[list, list]] = [([], []) for _ in models]
+    for x, _, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        for (probs, embs), m in zip(out, models):
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none"):
+                p, f = tta_forward(m.net, x, cfg.tta.transforms, cfg.tta.average)
+            probs.append(p.cpu().numpy())
+            embs.append(f.cpu().numpy())
+    result = []
+    for probs, embs in out:
+        d = models[0].net.num_features if hasattr(models[0].net, "num_features") else 0
+        result.append((np.concatenate(probs) if probs else np.zeros((0, len(LABELS)), np.float32),
+                       np.concatenate(embs) if embs else np.zeros((0, d), np.float32)))
+    return result
+
+
+def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
+    """Folds that read images the same way (windows, size, 2.5D neighbours) share one pass over the images."""
+    groups: dict[str, list[FoldModel]] = {}
+    for m in models:
+        groups.setdefault(repr(m.cfg.data), []).append(m)
+    return list(groups.values())
+
+
+def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
+    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`."""
+    from ..data import cache
+    from ..data.folds import fold_table
+    from ..data.meta import load_meta
+    from ..models.checkpoint import load_checkpoint
+
+    start = time.perf_counter()
+    have, missing = trained_folds(cfg, runs)
+    if not have:
+        raise UserError(f"no trained fold under {Run.of(runs, cfg.name).dir} (no fold<k>/best.pt); "
+                        f"run `make train-all CONFIG={cfg.name}` (or `make train FOLD=k`) first")
+    if missing:
+        print(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
+    meta = load_meta(layout)
+    folds = fold_table(layout, cfg.cv)  # the folds training used (cv.split)
+    cache.ensure(layout)
+    cached = cache.cached_ids(layout)
+    meta = meta.assign(image_id=meta["image_id"].astype(str))
+    folds = folds.assign(image_id=folds["image_id"].astype(str))
+    bad = unreadable_test(meta, cached, layout.sample_csv)
+    test = meta[(meta["split"] == "test") & meta["image_id"].isin(cached)].reset_index(drop=True)
+    run = Run.of(runs, cfg.name)
+    out = run.predictions
+    todo = [k for k in have if not fold_predicted(out, k, run.fold(k).best, test["image_id"])]
+    if len(todo) < len(have):
+        print(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (newer than best.pt); reusing")
+    device = pick_device()
+    models = []
+    for k in todo:
+        net, fcfg = load_checkpoint(run.fold(k).best, map_location=device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        models.append(FoldModel(k, net, fcfg))
+
+    for group in _groups(models):
+        results = predict_frame(group, test, layout, cfg, meta, device, desc="test") if len(test) else [
+            (np.zeros((0, len(LABELS))), np.zeros((0, 0)))] * len(group)
+        for m, (p, e) in zip(group, results):
+            save_embeddings(out.test_fold_embeddings(m.fold), test["image_id"], e)
+            write_csv(wide(test["image_id"], p), out.test_fold(m.fold))
+        for m in group:
+            val = folds[(folds["fold"] == m.fold) & folds["image_id"].isin(cached)].reset_index(drop=True)
+            (p, e), = predict_frame([m], val, layout, cfg, meta, device, desc=f"oof fold {m.fold}") if len(val) else [
+                (np.zeros((0, len(LABELS))), np.zeros((0, 0)))]
+            save_embeddings(out.oof_fold_embeddings(m.fold), val["image_id"], e)
+            write_csv(wide(val["image_id"], p), out.oof_fold(m.fold))  # last: marks the fold done
+
+    # fold average / concatenation over every trained fold, from the per-fold files
+    test_frames = [pd.read_csv(out.test_fold(k), dtype={"image_id": str}) for k in have]
+    oof_frames = [pd.read_csv(out.oof_fold(k), dtype={"image_id": str}) for k in have]
+    if len(test):
+        write_csv(average_folds(test_frames, cfg.tta.average), out.test)
+        embs = [load_embeddings(out.test_fold_embeddings(k))[1].astype(np.float32) for k in have]
+        save_embeddings(out.test_embeddings, test["image_id"], np.mean(embs, axis=0))
+    else:
+        write_csv(wide([], np.zeros((0, len(LABELS)))), out.test)
+        save_embeddings(out.test_embeddings, [], np.zeros((0, 0)))
+    write_csv(pd.concat(oof_frames, ignore_index=True), out.oof)
+    parts = [load_embeddings(out.oof_fold_embeddings(k)) for k in have]
+    parts = [p for p in parts if len(p[0])]
+    if parts:
+        save_embeddings(out.oof_embeddings, np.concatenate([p[0] for p in parts]),
+                        np.concatenate([p[1] for p in parts]))
+    n_oof = sum(len(f) for f in oof_frames)
+    write_csv(bad, out.unreadable)
+    n_oof = sum(len(f) for f in oof_frames)
+    print(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
+          f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}")
+    return out.dir

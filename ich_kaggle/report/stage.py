@@ -1,0 +1,402 @@
+"""`make report` and `make compare`: what a person looks at after a run.
+
+`make_report` writes runs/<name>/report/: PNG figures, `index.html` (relative links), `series_table.csv`,
+`thresholds.csv` and `summary.json` (read by `compare`). Each section reads the files the stages wrote
+(fold*/log.csv, predictions/oof.csv or fold*/oof.csv, fold*/best.pt, stack/metrics.csv, meta.csv, folds.csv); a
+section whose inputs are missing or broken becomes a note in the page, never a crash of the whole report.
+The readers live in `report.runs`, the figures in `report.plots`, `compare` in `report.compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ..core.labels import LABELS
+from . import evaluation as ev
+from ..core.config import Config
+from ..core.errors import UserError
+from ..core.io import atomic_open, write_csv
+from ..core.layout import Layout, Run
+from . import plots
+from .compare import compare, experiment_row, find_experiments
+from .html import Page, Section
+from .runs import SUMMARY, _read_pred, fold_dirs, fold_done, oof_scores, read_labels, read_logs, read_meta, read_oof, trained_cv, weighted_bce
+
+log = logging.getLogger("ich_kaggle.report.stage")
+
+__all__ = ["make_report", "compare", "experiment_row", "find_experiments", "SECTIONS"]
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    cfg: Config
+    layout: Layout
+    run: Path
+    out: Path
+    threshold: float
+    n_cam: int
+    logs: dict[int, pd.DataFrame] = field(default_factory=dict)
+    labels: pd.DataFrame | None = None
+    joined: pd.DataFrame | None = None  # OOF slices: image_id, series_id, fold, truth LABELS, <label>_pred
+    series: pd.DataFrame | None = None
+    summary: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _summary_section(ctx: Context, sec: Section) -> None:
+    cfg = ctx.cfg
+    sec.text(f"Config '{cfg.name}': {cfg.description or 'no description'}. Backbone {cfg.model.backbone}, "
+             f"image {cfg.data.image_size}px, windows {', '.join(cfg.data.windows)}, neighbours {cfg.data.neighbors}, "
+             f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
+             f"{(trained_cv(ctx.run) or (cfg.cv.k,))[0]} folds.")
+    folds = fold_dirs(ctx.run)
+    rows = []
+    for fold, d in folds.items():
+        lg = ctx.logs.get(fold)
+        row = {"fold": fold, "finished": fold_done(d), "best.pt": d.best.exists(),
+               "epochs logged": 0 if lg is None else len(lg)}
+        if lg is not None:
+            if "val_weighted_log_loss" in lg and lg["val_weighted_log_loss"].notna().any():
+                best = lg.loc[lg["val_weighted_log_loss"].idxmin()]
+                row["best epoch"] = int(best["epoch"])
+                row["best val weighted log loss"] = float(best["val_weighted_log_loss"])
+            if "seconds" in lg:
+                row["seconds / epoch"] = float(lg["seconds"].mean())
+            if "train_images_per_s" in lg:
+                row["train images / s"] = float(lg["train_images_per_s"].mean())
+        rows.append(row)
+    if rows:
+        sec.table(pd.DataFrame(rows), "Folds", index=False)
+    else:
+        sec.note(f"No fold folders under {ctx.run}; train first (make train CONFIG={cfg.name}).")
+    if ctx.summary.get("weighted_log_loss") is not None:
+        table = pd.DataFrame([{"weighted log loss": ctx.summary["weighted_log_loss"], **ctx.summary["per_label"]}])
+        sec.table(table, f"Out-of-fold competition metric on {len(ctx.joined)} images ({ctx.summary['oof_source']})",
+                  index=False)
+    stack_metrics = Run(ctx.run).stack.metrics
+    if stack_metrics.exists():
+        metrics_frame = pd.read_csv(stack_metrics)
+        sec.table(metrics_frame, f"Second stage ({stack_metrics})", index=False)
+        sec.image(plots.stage_bars(metrics_frame, ctx.out / "stages.png"), ctx.out, "first vs second stage")
+    else:
+        sec.note(f"No {stack_metrics}: run make stack CONFIG={cfg.name} for the sequence model's comparison.")
+    for note in ctx.notes:
+        sec.note(note)
+
+
+def _curves_section(ctx: Context, sec: Section) -> None:
+    if not ctx.logs:
+        sec.note(f"No {ctx.run}/fold*/log.csv: nothing trained yet.")
+        return
+    for fold, lg in ctx.logs.items():
+        path = plots.training_curves(lg, fold, ctx.out / f"curves_fold{fold}.png")
+        sec.image(path, ctx.out, f"training curves fold {fold}")
+
+
+def _need_oof(ctx: Context, sec: Section) -> bool:
+    if ctx.joined is None or ctx.joined.empty:
+        sec.note(f"Skipped: no out-of-fold predictions with labels ({ctx.summary.get('oof_source', 'none')}).")
+        return False
+    return True
+
+
+def _ranking_section(ctx: Context, sec: Section) -> None:
+    if not _need_oof(ctx, sec):
+        return
+    sec.text("One panel per label. Solid: each slice scored alone; dashed: each CT series, positive when any "
+             "slice is, scored by its most suspicious slice. Precision-recall is the honest view for rare subtypes "
+             "(epidural is under 1% of slices): ROC can look good while precision stays low.")
+    sec.image(plots.roc_grid(ctx.joined, ctx.series, ctx.out / "roc.png"), ctx.out, "ROC curves")
+    sec.image(plots.pr_grid(ctx.joined, ctx.series, ctx.threshold, ctx.out / "pr.png"), ctx.out, "PR curves")
+
+
+def _threshold_section(ctx: Context, sec: Section) -> None:
+    if not _need_oof(ctx, sec):
+        return
+    t = ctx.threshold
+    panels = [("slice", ev.confusion(ctx.joined["any"], ctx.joined["any_pred"], t))]
+    if ctx.series is not None:
+        panels.append(("series", ev.confusion(ctx.series["any"], ctx.series["any_pred"], t)))
+    sec.image(plots.confusion_matrices(panels, "any", t, ctx.out / "confusion_any.png"), ctx.out, "confusion any")
+    table = ev.threshold_table(ctx.joined, t)
+    write_csv(table.reset_index(), ctx.out / "thresholds.csv")
+    sec.image(plots.f1_bars(table, t, ctx.out / "f1.png"), ctx.out, "F1 per label")
+    sec.table(table, f"Slice level, threshold {t:g} (BEST_THR/BEST_F1: the threshold maximising F1 on these OOF "
+                     f"predictions, optimistic because it is chosen on the same data)")
+
+
+def _series_section(ctx: Context, sec: Section) -> None:
+    if not _need_oof(ctx, sec):
+        return
+    if ctx.series is None:
+        sec.note("Skipped: the labels table has no series_id column.")
+        return
+    table = ev.series_table(ctx.joined, ctx.threshold)
+    write_csv(table.reset_index(), ctx.out / "series_table.csv")
+    stacked_path = Run(ctx.run).stack.oof
+    sec.text(f"As Danilov, Kotik et al. present their clinical test: per CT series (n={len(ctx.series)}), a series is "
+             f"positive for a subtype when any of its slices is; its probability is the maximum over its slices and "
+             f"it is called positive at p >= {ctx.threshold:g}. POS/NEG: series counts (share).")
+    sec.table(ev.format_series_table(table), f"Series-level quality metrics, first stage ({ctx.summary['oof_source']})")
+    if stacked_path.exists():
+        stacked = ev.join_truth_pred(ctx.labels, _read_pred(stacked_path))
+        if len(stacked) and "series_id" in stacked:
+            stacked_table = ev.series_table(stacked, ctx.threshold)
+            write_csv(stacked_table.reset_index(), ctx.out / "series_table_stacked.csv")
+            ctx.summary["series_auc_any_stacked"] = float(stacked_table.loc["any", "AUC"])
+            sec.table(ev.format_series_table(stacked_table), f"Series-level quality metrics, stacked ({stacked_path})")
+
+
+def _cam_examples(ctx: Context, rows: pd.DataFrame) -> tuple[dict[str, list[plots.CamExample]], list[str]]:
+    """Grad-CAM for `rows` (joined OOF rows with `gallery` and `cam_label` columns), each image explained by its
+    own fold's best.pt; each fold model is loaded once for all galleries. Returns examples per gallery, in row order."""
+    import torch
+
+    from ..data.dataset import SliceDataset
+    from ..data.transforms import build_eval_transforms
+    from .gradcam import GradCAM, overlay
+    from ..models.checkpoint import load_checkpoint
+
+    rows = rows.reset_index(drop=True)
+    found: dict[int, plots.CamExample] = {}
+    problems = []
+    for fold, group in rows.groupby("fold", sort=True):
+        ckpt = Run(ctx.run).fold(int(fold)).best
+        if not ckpt.exists():
+            problems.append(f"{ckpt} missing: {len(group)} example(s) of fold {int(fold)} without Grad-CAM")
+            continue
+        try:
+            model, mcfg = load_checkpoint(ckpt)
+        except UserError as e:  # a truncated or foreign checkpoint costs its examples, not the report
+            problems.append(str(e))
+            continue
+        frame = group.drop_duplicates("image_id")
+        dataset = SliceDataset(frame[["image_id", *LABELS]], ctx.layout, mcfg, transform=build_eval_transforms(mcfg))
+        images = dict(zip(frame["image_id"], (dataset[i][0] for i in range(len(dataset)))))
+        unreadable = set(dataset.failed)
+        x = torch.stack([images[i] for i in group["image_id"]])
+        idx = [LABELS.index(label) for label in group["cam_label"]]
+        with GradCAM(model) as cam:
+            maps, probs = cam(x, idx)
+        windows = list(mcfg.data.windows)
+        channel = mcfg.data.neighbors * len(windows) + (windows.index("brain") if "brain" in windows else 0)
+        shown = "brain" if "brain" in windows else windows[0]
+        for i, (row_id, row) in enumerate(group.iterrows()):
+            if row["image_id"] in unreadable:
+                problems.append(f"{row['image_id']}: cached image unreadable, no Grad-CAM")
+                continue
+            image = x[i, channel].numpy()
+            label, j = row["cam_label"], idx[i]
+            explained = f"{label}: truth {int(row[label])}, p={probs[i, j]:.2f}"
+            if label != "any":
+                explained = f"any p={probs[i, 0]:.2f}; {explained}"
+            title = f"{row['image_id']} (fold {int(fold)}, {shown} window)\n{explained}"
+            empty = not np.any(maps[i] > 0)  # every location argues against the label: Grad-CAM's ReLU leaves 0
+            found[row_id] = plots.CamExample(
+                image=image, overlay=overlay(image, maps[i]), title=title,
+                cam_title="Grad-CAM: no positive evidence" if empty else "Grad-CAM (red = raises the score)")
+    out: dict[str, list[plots.CamExample]] = {}
+    for row_id, gallery in rows["gallery"].items():
+        if row_id in found:
+            out.setdefault(gallery, []).append(found[row_id])
+    return out, sorted(set(problems), key=problems.index)
+
+
+GALLERIES = {
+    "positives": "Most confident true positives ('any' probability, highest first)",
+    "errors": "Worst errors (highest per-image weighted log loss; the label explained is the worst one)",
+}
+
+
+def _gradcam_section(ctx: Context, sec: Section) -> None:
+    if ctx.n_cam <= 0:
+        sec.note("Grad-CAM turned off (--gradcam 0).")
+        return
+    if not _need_oof(ctx, sec):
+        return
+    if "fold" not in ctx.joined:
+        sec.note("Skipped: the labels table has no fold column, so the model that never saw each image is unknown.")
+        return
+    joined = ctx.joined
+    subtypes = list(LABELS[1:])
+    pos = joined[joined["any"] > 0.5].nlargest(ctx.n_cam, "any_pred").copy()
+    # explain the true subtype the model is surest of (or `any` when the slice has no labelled subtype)
+    pos["cam_label"] = [
+        max((s for s in subtypes if r[s] > 0.5), key=lambda s: r[ev.pred_col(s)], default="any")
+        for _, r in pos.iterrows()
+    ]
+    worst = joined.assign(loss=weighted_bce(joined)).nlargest(ctx.n_cam, "loss").copy()
+    y = worst[list(LABELS)].to_numpy(float)
+    p = np.clip(worst[[ev.pred_col(label) for label in LABELS]].to_numpy(float), ev.EPS, 1 - ev.EPS)
+    worst["cam_label"] = [LABELS[k] for k in np.argmax(-(y * np.log(p) + (1 - y) * np.log1p(-p)), axis=1)]
+    sec.text("Grad-CAM (Selvaraju et al.) on the backbone's last feature map of the fold model that did not train "
+             "on the slice: red areas raise the explained label's score. Left of each pair the model's input "
+             "(brain window, after the black-border crop), right the overlay.")
+    rows = pd.concat([pos.assign(gallery="positives"), worst.assign(gallery="errors")], ignore_index=True)
+    examples, problems = _cam_examples(ctx, rows) if len(rows) else ({}, [])
+    for problem in problems:
+        sec.note(problem)
+    for gallery, title in GALLERIES.items():
+        if gallery not in examples:
+            sec.note(f"No Grad-CAM {gallery} to show.")
+            continue
+        sec.image(plots.gradcam_gallery(examples[gallery], title, ctx.out / f"gradcam_{gallery}.png"), ctx.out, title)
+
+
+def _test_section(ctx: Context, sec: Section) -> None:
+    """Held-out test scores when the data folder has test labels (the synthetic competition; never Kaggle's)."""
+    files = {"first stage (TTA, mean of folds)": Run(ctx.run).predictions.test,
+             "second stage (stacked)": Run(ctx.run).stack.test}
+    if not ctx.layout.test_labels_csv.exists():
+        sec.note(f"No {ctx.layout.test_labels_csv}: the real competition keeps test labels on Kaggle "
+                 f"(make submit scores there); out-of-fold sections above are the local estimate.")
+        return
+    present = {name: path for name, path in files.items() if path.exists()}
+    if not present:
+        sec.note(f"No {' or '.join(map(str, files.values()))}: run make predict (and make stack) first.")
+        return
+    from ..core.labels import read_labels as read_label_csv
+
+    truth = read_label_csv(ctx.layout.test_labels_csv)
+    meta, _ = read_meta(ctx.layout)
+    if meta is not None and "series_id" in meta:
+        truth = truth.merge(meta[["image_id", "series_id"]].drop_duplicates("image_id"), on="image_id", how="left")
+    rows, tables = [], {}
+    for name, path in present.items():
+        joined = ev.join_truth_pred(truth, _read_pred(path))
+        if joined.empty:
+            sec.note(f"{path}: no image in common with {ctx.layout.test_labels_csv}.")
+            continue
+        score = oof_scores(joined)
+        row = {"predictions": name, "images": len(joined), "weighted log loss": score["weighted_log_loss"],
+               **score["per_label"]}
+        if "series_id" in joined and joined["series_id"].notna().all():
+            tables[name] = ev.series_table(joined, ctx.threshold)
+            row["series AUC (any)"] = float(tables[name].loc["any", "AUC"])
+        rows.append(row)
+    if rows:
+        ctx.summary["test"] = rows
+        sec.table(pd.DataFrame(rows), f"Test set ({ctx.layout.test_labels_csv})", index=False)
+    for name, table in tables.items():
+        sec.table(ev.format_series_table(table), f"Series level on the test set, {name}, threshold {ctx.threshold:g}")
+
+
+def _data_section(ctx: Context, sec: Section) -> None:
+    if ctx.labels is not None and len(ctx.labels):
+        sec.image(plots.label_counts(ctx.labels, ctx.out / "label_counts.png"), ctx.out, "label counts")
+        sec.image(plots.cooccurrence(ctx.labels, ctx.out / "cooccurrence.png"), ctx.out, "label co-occurrence")
+    else:
+        sec.note(f"Label overview skipped: {ctx.summary.get('labels_source', 'no labels')}.")
+    meta, source = read_meta(ctx.layout)
+    if meta is None or meta.empty:
+        sec.note(f"DICOM overview skipped: {source}.")
+        return
+    sec.text(f"From {source}: {len(meta)} images, {meta['series_id'].nunique() if 'series_id' in meta else '?'} "
+             f"series. Images with RescaleIntercept other than -1024 or BitsStored 12 are the odd ones the HU "
+             f"conversion has to handle.")
+    sec.image(plots.dicom_values(meta, ctx.out / "dicom_values.png"), ctx.out, "BitsStored and RescaleIntercept")
+    if "series_id" in meta:
+        sec.image(plots.series_lengths(meta, ctx.out / "series_lengths.png"), ctx.out, "series lengths")
+
+
+# key (for `sections=`), title, builder; in page order
+SECTIONS: list[tuple[str, str, Callable[[Context, Section], None]]] = [
+    ("summary", "Summary", _summary_section),
+    ("curves", "Training curves", _curves_section),
+    ("ranking", "ROC and precision-recall", _ranking_section),
+    ("thresholds", "Thresholds, confusion matrix and F1", _threshold_section),
+    ("series", "Series-level evaluation", _series_section),
+    ("test", "Held-out test set", _test_section),
+    ("gradcam", "Grad-CAM", _gradcam_section),
+    ("data", "Data overview", _data_section),
+]
+
+
+def _prepare(ctx: Context) -> None:
+    """Read every input once and fill the summary (what `compare` shows), whichever sections are drawn."""
+    ctx.logs = read_logs(ctx.run)
+    ctx.summary["folds_done"] = sum(1 for d in fold_dirs(ctx.run).values() if fold_done(d))
+    secs = [lg["seconds"].mean() for lg in ctx.logs.values() if "seconds" in lg]
+    ctx.summary["sec_per_epoch"] = float(np.mean(secs)) if secs else None
+    cv = trained_cv(ctx.run)
+    if cv is not None and cv != (ctx.cfg.cv.k, ctx.cfg.cv.seed):
+        ctx.notes.append(f"The folds were trained with cv.k={cv[0]}, cv.seed={cv[1]} (fold config.yaml), not the "
+                         f"config's {ctx.cfg.cv.k}/{ctx.cfg.cv.seed}: labels and folds follow the trained split.")
+    ctx.labels, ctx.summary["labels_source"] = read_labels(ctx.cfg, ctx.layout, cv)
+    try:
+        oof, ctx.summary["oof_source"] = read_oof(ctx.run, ctx.notes)
+    except Exception as e:  # a broken prediction file: report it, keep the rest of the report
+        oof, ctx.summary["oof_source"] = None, f"unreadable: {e}"
+    if oof is None or ctx.labels is None:
+        if ctx.labels is None:
+            ctx.notes.append(f"No labels: {ctx.summary['labels_source']}.")
+        return
+    joined = ev.join_truth_pred(ctx.labels, oof, keep=("series_id", "fold"))
+    dropped = len(oof) - len(joined)
+    if dropped:
+        ctx.notes.append(f"{dropped} OOF predictions have no label in the folds table and were left out.")
+    ctx.joined = joined
+    ctx.series = ev.series_frame(joined) if "series_id" in joined else None
+    ctx.summary["images"] = len(joined)
+    if len(joined):
+        score = oof_scores(joined)
+        ctx.summary["weighted_log_loss"] = score["weighted_log_loss"]
+        ctx.summary["per_label"] = score["per_label"]
+        if ctx.series is not None:
+            y, p = ctx.series["any"].to_numpy(), ctx.series[ev.pred_col("any")].to_numpy()
+            ctx.summary["series_auc_any"] = ev.roc_auc(y, p)
+
+
+def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshold: float = 0.5,
+                gradcam: int = 8, sections: list[str] | None = None) -> Path:
+    """Write runs/<name>/report/index.html and its figures; returns the page's path.
+
+    `sections` picks a subset of `SECTIONS` keys (default: all); summary.json is always written.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise UserError(f"--threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
+    keys = [key for key, _, _ in SECTIONS]
+    unknown = [key for key in sections or [] if key not in keys]
+    if unknown:
+        raise UserError(f"unknown report section(s) {unknown}; choose from {', '.join(keys)}")
+    run = Run.of(runs, cfg.name).dir
+    if not run.is_dir():
+        raise UserError(f"{run} not found; train first (make train CONFIG={cfg.name}) or pass --runs <folder>")
+    ctx = Context(cfg=cfg, layout=layout, run=run, out=Run(run).report, threshold=threshold, n_cam=gradcam)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    ctx.summary.update(name=cfg.name, threshold=threshold)
+    try:
+        _prepare(ctx)
+    except UserError as e:  # e.g. an OOF file without the label columns: the page says which file
+        ctx.notes.append(str(e))
+    page = Page(f"ich_kaggle report: {cfg.name}")
+    chosen = [(key, title, build) for key, title, build in SECTIONS if sections is None or key in sections]
+    for key, title, build in tqdm(chosen, desc="report", unit="section", leave=False):
+        sec = page.section(title)
+        start = time.time()
+        try:
+            build(ctx, sec)
+        except Exception as e:  # one broken input must not cost the other sections
+            log.warning("report section %r failed: %s", title, e)
+            print(f"warning: report section '{title}' skipped: {type(e).__name__}: {e}", file=sys.stderr)
+            sec.note(f"Section failed: {type(e).__name__}: {e}")
+        log.info("section %s: %.1f s", title, time.time() - start)
+    ctx.summary["written"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with atomic_open(ctx.out / SUMMARY) as f:
+        json.dump(ctx.summary, f, indent=2, default=float)
+    index = page.write(ctx.out / "index.html")
+    print(f"report: {index}")
+    return index

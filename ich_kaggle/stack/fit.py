@@ -1,0 +1,143 @@
+"""Training and prediction of a sequence net on padded series, and the fold loop shared by every second-stage model.
+
+Batches are contiguous runs of length-sorted series (bucketing: little padding), visited in a shuffled order; each
+series is reversed with probability 1/2 during training, so reverse test-time augmentation stays in distribution.
+The loss is the competition metric as a masked weighted BCE (any = 2, subtypes = 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..core.labels import LABEL_WEIGHTS
+from ..core.config import StackConfig
+from .nets import SequenceNet
+from .sequences import N_LABELS, Sequences, reverse_inputs, reverse_values
+
+
+def metric_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Weighted log loss of the competition, averaged over real (unpadded) slices."""
+    w = torch.tensor(LABEL_WEIGHTS, dtype=logits.dtype, device=logits.device)
+    per = F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w
+    m = mask.unsqueeze(-1).to(logits.dtype)
+    return (per * m).sum() / (m.sum() * w.sum()).clamp_min(1.0)
+
+
+def batch_bounds(n: int, batch: int) -> list[tuple[int, int]]:
+    return [(s, min(s + batch, n)) for s in range(0, n, batch)]
+
+
+@dataclass
+class TorchSeqs:
+    """Torch views of a Sequences (no copies)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def of(cls, seqs: Sequences) -> "TorchSeqs":
+        return cls(torch.from_numpy(seqs.x), torch.from_numpy(seqs.y), torch.from_numpy(seqs.mask),
+                   torch.from_numpy(seqs.lengths))
+
+    def batch(self, lo: int, hi: int):
+        lengths = self.lengths[lo:hi]
+        top = int(lengths.max())  # sorted ascending, but do not rely on it
+        return self.x[lo:hi, :top], self.y[lo:hi, :top], self.mask[lo:hi, :top], lengths
+
+
+def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind: str | None = None,
+              epochs: int | None = None) -> SequenceNet:
+    """Fit one sequence net on labelled series for a fixed number of steps (epochs, capped by max_steps): no early
+    stopping, so nothing ever looks at the held-out fold."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = SequenceNet(seqs.n_features, n_models, kind=kind or scfg.model, hidden=scfg.hidden, layers=scfg.layers,
+                      dropout=scfg.dropout, skip_k=scfg.neighbors_k)
+    epochs = epochs or scfg.epochs
+    data = TorchSeqs.of(seqs)
+    bounds = batch_bounds(len(seqs), scfg.batch_series)
+    total = max(1, epochs * len(bounds))
+    if scfg.max_steps > 0:
+        total = min(total, scfg.max_steps)
+    opt = torch.optim.AdamW(net.parameters(), lr=scfg.lr, weight_decay=1e-4)
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    net.train()
+    step = 0
+    while step < total:
+        for b in rng.permutation(len(bounds))[: total - step]:
+            step += 1
+            x, y, mask, lengths = data.batch(*bounds[b])
+            flip = torch.from_numpy(rng.random(len(lengths)) < 0.5)
+            x = torch.where(flip[:, None, None], reverse_inputs(x, lengths), x)
+            y = torch.where(flip[:, None, None], reverse_values(y, lengths), y)
+            loss = metric_bce(net(x, lengths), y, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            sched.step()
+    net.eval()
+    return net
+
+
+@torch.inference_mode()
+def predict_net(net: SequenceNet, seqs: Sequences, batch_series: int = 256, reverse_tta: bool = True,
+                mode: str = "tta") -> np.ndarray:
+    """(S, L, 6) probabilities. mode: tta (mean of forward and reversed), forward, or reversed."""
+    net.eval()
+    data = TorchSeqs.of(seqs)
+    out = np.zeros(seqs.y.shape, dtype=np.float32)
+    if not reverse_tta and mode == "tta":
+        mode = "forward"
+    for lo, hi in batch_bounds(len(seqs), batch_series):
+        x, _, mask, lengths = data.batch(lo, hi)
+        parts = []
+        if mode in ("tta", "forward"):
+            parts.append(torch.sigmoid(net(x, lengths)))
+        if mode in ("tta", "reversed"):
+            rev = net(reverse_inputs(x, lengths), lengths)
+            parts.append(torch.sigmoid(reverse_values(rev, lengths)))
+        p = torch.stack(parts).mean(0) * mask.unsqueeze(-1)
+        out[lo:hi, : p.shape[1]] = p.numpy()
+    return out
+
+
+FitFn = Callable[[Sequences, int], object]
+PredictFn = Callable[[object, Sequences], np.ndarray]
+
+
+@dataclass
+class CrossFit:
+    oof: np.ndarray  # (S_train, L, 6) each series predicted by the model that never saw its fold
+    test: np.ndarray  # (S_test, L_test, 6) mean over the fold models
+    folds: list[int]
+
+
+def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: PredictFn,
+              progress: Callable[[str], None] | None = None) -> CrossFit:
+    """For each fold k: fit on the other folds' series, predict fold k's series and the test series."""
+    folds = sorted(int(f) for f in np.unique(train.group) if f >= 0)
+    if len(folds) < 2:
+        raise ValueError(f"stacking needs out-of-fold predictions from at least 2 folds, got {folds}")
+    oof = np.full(train.y.shape, np.nan, dtype=np.float32)
+    test_sum = np.zeros(test.y.shape, dtype=np.float32) if test is not None and len(test) else None
+    for k in folds:
+        held = train.group == k
+        model = fit(train.subset(~held), k)
+        oof[held] = predict(model, train.subset(held))
+        if test_sum is not None:
+            test_sum += predict(model, test)
+        if progress:
+            progress(f"fold {k}")
+    test_mean = test_sum / len(folds) if test_sum is not None else np.zeros((0, 0, N_LABELS), dtype=np.float32)
+    return CrossFit(oof, test_mean, folds)

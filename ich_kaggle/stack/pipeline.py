@@ -1,0 +1,160 @@
+"""Stacking as a pure function of DataFrames: first-stage predictions + meta + folds -> stacked predictions + metrics.
+
+Images the stacker cannot place in a series (missing from the meta table) keep their first-stage prediction, so the
+outputs always cover every input image.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..core.labels import LABELS
+from ..core import metrics
+from ..core.config import StackConfig
+from .fit import cross_fit, predict_net, train_net
+from .neighbors import fit_neighbors
+from .sequences import N_LABELS, Sequences, build_sequences, logit
+
+LABEL_COLS = list(LABELS)
+
+
+@dataclass
+class StackResult:
+    first_oof: pd.DataFrame  # mean of the first-stage sources
+    oof: pd.DataFrame  # the configured model (StackConfig.model)
+    test: pd.DataFrame
+    neighbors_oof: pd.DataFrame
+    neighbors_test: pd.DataFrame
+    metrics: pd.DataFrame  # stage, weighted_log_loss, one column per label
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def merge_sources(frames: list[pd.DataFrame], extra: pd.DataFrame | None = None) -> tuple[pd.DataFrame, int]:
+    """Inner-join several wide prediction frames on image_id: image_id, p{m}_{label}..., [x_<extra column>...]."""
+    merged = None
+    for m, frame in enumerate(frames):
+        missing = [c for c in ["image_id", *LABEL_COLS] if c not in frame.columns]
+        if missing:
+            raise ValueError(f"prediction frame {m} lacks columns {missing}")
+        part = frame[["image_id", *LABEL_COLS]].drop_duplicates("image_id")
+        part = part.rename(columns={c: f"p{m}_{c}" for c in LABEL_COLS})
+        merged = part if merged is None else merged.merge(part, on="image_id", how="inner")
+    if extra is not None:
+        extra = extra.rename(columns={c: f"x_{c}" for c in extra.columns if c != "image_id"})
+        merged = merged.merge(extra.drop_duplicates("image_id"), on="image_id", how="left")
+    return merged.reset_index(drop=True), len(frames)
+
+
+def _values(merged: pd.DataFrame, n_models: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 6*M [+E]) network inputs (logits, extra columns) and (N, 6) mean first-stage probabilities."""
+    prob_cols = [f"p{m}_{c}" for m in range(n_models) for c in LABEL_COLS]
+    probs = merged[prob_cols].to_numpy(np.float64)
+    extra_cols = [c for c in merged.columns if c.startswith("x_")]
+    values = logit(probs)
+    if extra_cols:
+        values = np.concatenate([values, np.nan_to_num(merged[extra_cols].to_numpy(np.float32))], axis=1)
+    mean = probs.reshape(len(merged), n_models, N_LABELS).mean(axis=1)
+    return values, mean
+
+
+def _wide(ids: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(np.clip(probs, 0.0, 1.0).astype(np.float64), columns=LABEL_COLS)
+    frame.insert(0, "image_id", ids)
+    return frame
+
+
+def score_row(stage: str, y: np.ndarray, p: np.ndarray) -> dict:
+    return {"stage": stage, "weighted_log_loss": metrics.weighted_log_loss(y, p), **metrics.per_label_log_loss(y, p)}
+
+
+def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.DataFrame],
+                 test_frames: list[pd.DataFrame], scfg: StackConfig, oof_extra: pd.DataFrame | None = None,
+                 test_extra: pd.DataFrame | None = None, source_names: list[str] | None = None,
+                 progress: bool = True) -> StackResult:
+    """Fit the configured sequence model and the neighbours baseline fold by fold; score both against the first stage."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    series_cols = [c for c in ("image_id", "series_id", "slice_rank", "z", "series_len") if c in meta.columns]
+    place = meta[series_cols].drop_duplicates("image_id")
+
+    oof, n_models = merge_sources(oof_frames, oof_extra)
+    lab = folds[["image_id", "fold", *LABEL_COLS]].drop_duplicates("image_id")
+    train = oof.merge(lab, on="image_id", how="inner").merge(place, on="image_id", how="inner")
+    values, _ = _values(train, n_models)
+    tr_seqs = build_sequences(train, values, train[LABEL_COLS].to_numpy(np.float32), train["fold"].to_numpy())
+
+    test, _ = merge_sources(test_frames, test_extra) if test_frames else (None, 0)
+    te_seqs: Sequences | None = None
+    test_rows = pd.DataFrame()
+    if test is not None and len(test):
+        test_rows = test.merge(place, on="image_id", how="inner")
+        if len(test_rows):
+            te_values, _ = _values(test_rows, n_models)
+            te_seqs = build_sequences(test_rows, te_values)
+    seconds["build"] = time.perf_counter() - t0
+
+    bar = tqdm(total=2 * len(np.unique(tr_seqs.group[tr_seqs.group >= 0])), desc="stack", disable=not progress,
+               leave=False)
+
+    def tick(_msg: str) -> None:
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    k = scfg.neighbors_k
+    nb = cross_fit(tr_seqs, te_seqs, lambda s, f: fit_neighbors(s, k, n_models),
+                   lambda m, s: m.predict(s), progress=tick)
+    seconds["neighbors"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if scfg.model == "neighbors":
+        main = nb
+    else:
+        main = cross_fit(tr_seqs, te_seqs, lambda s, f: train_net(s, scfg, n_models, seed=scfg.seed + f),
+                         lambda m, s: predict_net(m, s, batch_series=max(256, scfg.batch_series),
+                                                  reverse_tta=scfg.reverse_tta), progress=tick)
+    seconds["sequence"] = time.perf_counter() - t0
+    bar.close()
+
+    # back to rows; images without a series keep the first stage
+    _, oof_mean = _values(oof, n_models)
+    pos = pd.Index(oof["image_id"]).get_indexer(train["image_id"])
+
+    def to_oof(cf) -> np.ndarray:
+        out = oof_mean.copy()
+        out[pos] = tr_seqs.scatter(cf.oof, len(train))
+        return out
+
+    stacked_oof, nb_oof = to_oof(main), to_oof(nb)
+    if test is not None:
+        _, test_mean = _values(test, n_models)
+        stacked_test, nb_test = test_mean.copy(), test_mean.copy()
+        if te_seqs is not None:
+            tpos = pd.Index(test["image_id"]).get_indexer(test_rows["image_id"])
+            stacked_test[tpos] = te_seqs.scatter(main.test, len(test_rows))
+            nb_test[tpos] = te_seqs.scatter(nb.test, len(test_rows))
+        test_ids = test["image_id"].to_numpy()
+    else:
+        stacked_test = nb_test = np.zeros((0, N_LABELS))
+        test_ids = np.array([], dtype=object)
+
+    # scores on every labelled OOF image (those without a series count with their first-stage value)
+    scored = oof.merge(lab, on="image_id", how="inner")
+    spos = pd.Index(oof["image_id"]).get_indexer(scored["image_id"])
+    y = scored[LABEL_COLS].to_numpy(np.float64)
+    rows = [score_row("first_stage", y, oof_mean[spos])]
+    if n_models > 1:
+        names = source_names or [f"source{m}" for m in range(n_models)]
+        for m in range(n_models):
+            p = oof[[f"p{m}_{c}" for c in LABEL_COLS]].to_numpy(np.float64)[spos]
+            rows.append(score_row(f"first_stage:{names[m]}", y, p))
+    rows.append(score_row("stacked", y, stacked_oof[spos]))
+    rows.append(score_row("neighbors", y, nb_oof[spos]))
+    table = pd.DataFrame(rows)
+
+    ids = oof["image_id"].to_numpy()
+    return StackResult(_wide(ids, oof_mean), _wide(ids, stacked_oof), _wide(test_ids, stacked_test),
+                       _wide(ids, nb_oof), _wide(test_ids, nb_test), table, seconds)

@@ -1,0 +1,143 @@
+"""`make stack`: a second-stage sequence model over each series' slices, trained on the first stage's OOF predictions.
+
+Reads `runs/<cfg>/predictions/{oof,test}.csv` (and `*_embeddings.npz` with stack.use_embeddings) of one or several
+first-stage models, the meta table and the folds; writes `runs/<cfg>/stack/{oof,test,metrics}.csv` plus the
+neighbours baseline's `neighbors_{oof,test}.csv`. Extra first-stage models: `--set stack.sources=[dir,...]`
+(prediction folders or run folders). The array code lives in the other modules of `ich_kaggle.stack`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..core.labels import LABELS
+from ..core.config import Config, StackConfig
+from ..core.errors import UserError
+from ..core.io import write_csv
+from ..core.layout import Layout, Predictions, Run
+
+LABEL_COLS = list(LABELS)
+
+
+def prediction_dirs(cfg: Config, runs: str | Path = "runs", sources: list[str | Path] | None = None) -> list[Predictions]:
+    """The first-stage prediction folders to stack: given, `stack.sources`, or the config's own.
+
+    A source is a predictions folder or a run folder (runs/<config>) holding one."""
+    sources = sources or cfg.stack.sources or [Run.of(runs, cfg.name).predictions.dir]
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    out = []
+    for src in sources:
+        inside = Run(Path(src)).predictions
+        out.append(inside if inside.dir.is_dir() and not Predictions(Path(src)).oof.exists() else Predictions(Path(src)))
+    return out
+
+
+def read_predictions(path: Path, config_name: str) -> pd.DataFrame:
+    if not path.exists():
+        raise UserError(f"{path} not found; run `make predict CONFIG={config_name}` first")
+    frame = pd.read_csv(path)
+    missing = [c for c in ["image_id", *LABEL_COLS] if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing columns {missing}; expected image_id + {', '.join(LABEL_COLS)} (rerun predict)")
+    values = frame[LABEL_COLS].to_numpy(np.float64)
+    if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+        raise UserError(f"{path}: probabilities must be finite and in [0, 1]; rerun predict")
+    return frame
+
+
+def read_embeddings(path: Path, config_name: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise UserError(f"{path} not found; run `make predict CONFIG={config_name}` or set stack.use_embeddings=false")
+    with np.load(path, allow_pickle=False) as z:
+        if "image_id" not in z or "emb" not in z:
+            raise UserError(f"{path}: expected arrays image_id and emb; rerun predict")
+        return z["image_id"].astype(str), z["emb"].astype(np.float32)
+
+
+def reduce_embeddings(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], dim: int,
+                      prefix: str, seed: int = 0, fit_rows: int = 50_000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Project embeddings on their first `dim` principal components (fitted without labels), scaled to unit variance.
+
+    Full 1-2k-dimensional embeddings of 750k slices would not fit in memory as padded series; a few components carry
+    what the sequence model can use.
+    """
+    both = np.concatenate([train[1], test[1]]) if len(test[1]) else train[1]
+    rng = np.random.default_rng(seed)
+    sample = both[rng.choice(len(both), size=min(fit_rows, len(both)), replace=False)].astype(np.float64)
+    mean = sample.mean(0)
+    _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
+    comps = vt[: min(dim, vt.shape[0])]
+    scale = ((sample - mean) @ comps.T).std(0) + 1e-6
+
+    def frame(ids: np.ndarray, emb: np.ndarray) -> pd.DataFrame:
+        proj = ((emb.astype(np.float64) - mean) @ comps.T / scale).astype(np.float32)
+        out = pd.DataFrame(proj, columns=[f"{prefix}e{i}" for i in range(proj.shape[1])])
+        out.insert(0, "image_id", ids)
+        return out
+
+    return frame(*train), frame(*test)
+
+
+def _extras(dirs: list[Predictions], scfg: StackConfig, name: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    if not scfg.use_embeddings:
+        return None, None
+    oof_parts, test_parts = [], []
+    for m, d in enumerate(dirs):
+        oof_e = read_embeddings(d.oof_embeddings, name)
+        test_e = read_embeddings(d.test_embeddings, name)
+        o, t = reduce_embeddings(oof_e, test_e, scfg.embedding_dim, prefix=f"m{m}", seed=scfg.seed)
+        oof_parts.append(o.set_index("image_id"))
+        test_parts.append(t.set_index("image_id"))
+    return (pd.concat(oof_parts, axis=1, join="outer").reset_index(),
+            pd.concat(test_parts, axis=1, join="outer").reset_index())
+
+
+def format_table(table: pd.DataFrame, model: str) -> str:
+    head = f"{'stage':<28}{'weighted':>10}" + "".join(f"{c[:10]:>11}" for c in LABEL_COLS)
+    lines = [f"OOF weighted log loss (second stage: {model})", head]
+    for _, r in table.iterrows():
+        lines.append(f"{r['stage']:<28}{r['weighted_log_loss']:>10.5f}" + "".join(f"{r[c]:>11.5f}" for c in LABEL_COLS))
+    return "\n".join(lines)
+
+
+def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
+          progress: bool = True) -> Path:
+    """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`."""
+    from ..data.folds import load_folds
+    from ..data.meta import load_meta
+    from .pipeline import run_stacking
+
+    dirs = prediction_dirs(cfg, runs, sources)
+    oof = [read_predictions(d.oof, cfg.name) for d in dirs]
+    test = [read_predictions(d.test, cfg.name) for d in dirs]
+    oof_x, test_x = _extras(dirs, cfg.stack, cfg.name)
+    meta = load_meta(layout)
+    folds = load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
+    known = set(folds["image_id"])
+    if not any(f["image_id"].isin(known).any() for f in oof):
+        raise UserError(f"{dirs[0].oof}: no image is in {layout.folds_csv}; predictions and folds come from "
+                        f"different data folders (pass the same --data to predict and stack)")
+    try:
+        result = run_stacking(meta, folds, oof, test, cfg.stack, oof_x, test_x,
+                              source_names=[d.dir.parent.name if d.dir.name == "predictions" else d.dir.name for d in dirs],
+                              progress=progress)
+    except ValueError as e:  # only data problems reach here: folds not grouped by series, fewer than 2 folds
+        raise UserError(f"{layout.folds_csv}: {e}; rebuild with `make folds` and train/predict at least 2 folds") from None
+    out = Run.of(runs, cfg.name).stack
+    write_csv(result.oof, out.oof)
+    write_csv(result.test, out.test)
+    write_csv(result.neighbors_oof, out.neighbors_oof)
+    write_csv(result.neighbors_test, out.neighbors_test)
+    write_csv(result.metrics, out.metrics)
+    print(format_table(result.metrics, cfg.stack.model))
+    losses = result.metrics.set_index("stage")["weighted_log_loss"]
+    if losses["stacked"] >= losses["first_stage"]:
+        print(f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
+              f"`make submit` uses stack/test.csv: delete {out.dir} to submit the first stage instead, or try "
+              f"--set stack.model=neighbors")
+    print(f"wrote {out.oof} ({len(result.oof)} rows), {out.test} ({len(result.test)} rows), {out.metrics}")
+    return out.dir

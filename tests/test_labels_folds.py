@@ -45,13 +45,13 @@ def test_duplicates_and_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("text,words", [
-    ("Image,Label\nID_abc_any,1\n", "expected columns ID,Label (the competition's long format), found ['Image', 'Label']"),
-    ("ID,Label\n", "no label rows"),
+    ("Image,Label\nID_abc_any,1\n", "expected the header ID,Label (the competition's long format), found Image,Label"),
+    ("ID,Label\n", "has no rows"),
     ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0", "ID_abc_epidural,2"), "Label must be 0 or 1"),
-    ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0", "ID_abc_epidural,"), "Label must be 0 or 1"),
+    ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0", "ID_abc_epidural,"), "Label must be 0 or 1; row 3 (ID ID_abc_epidural) has an empty cell"),
     ("ID,Label\n" + GOOD.replace("epidural", "epiduralx"), "does not end in one of"),
     ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0\n", ""), "has no row for subtype epidural"),
-    ("ID,Label\n" + GOOD + "ID_abc_any,0\n", "appears with both labels"),
+    ("ID,Label\n" + GOOD + "ID_abc_any,0\n", "appears twice with different values"),
 ])
 def test_bad_label_files(tmp_path, text, words):
     path = _write(tmp_path, text)

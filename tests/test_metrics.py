@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss
 
-from ich_kaggle.core.labels import LABEL_WEIGHTS, LABELS
+from ich_kaggle.core.labels import LABEL_WEIGHTS, LABELS, parse_long
 from ich_kaggle.core import metrics
 from ich_kaggle.core.errors import UserError
 
@@ -103,20 +103,63 @@ def test_score_frames_joins_on_image_id_and_names_missing_images():
         metrics.score_frames(truth, pred.assign(any=[np.inf] + [0.5] * (len(pred) - 1)))
 
 
-def test_long_to_wide_handles_duplicates_and_any_row_order():
+@pytest.mark.parametrize("values", ["labels", "probabilities"])
+def test_one_long_parser_handles_duplicates_and_any_row_order(values):
     truth, _ = _frames(n=10)
     long = to_long(truth)
     long = pd.concat([long, long.iloc[:6]]).sample(frac=1, random_state=0)  # duplicated rows, shuffled
-    wide = metrics.long_to_wide(long)
+    wide = parse_long(long, "x.csv", values)
     assert list(wide.columns) == ["image_id", *LABELS]
     back = wide.set_index("image_id").loc[truth["image_id"]]
     np.testing.assert_array_equal(back.to_numpy(), truth[list(LABELS)].to_numpy())
     bad = long.copy()
     bad.iloc[0, 0] = "ID_abc_hemorrhage"
-    with pytest.raises(UserError, match="unknown subtype|known subtype"):
-        metrics.long_to_wide(bad)
-    with pytest.raises(UserError, match="lack some of the six"):
-        metrics.long_to_wide(to_long(truth).iloc[1:])
+    with pytest.raises(UserError, match="does not end in one of"):
+        parse_long(bad, "x.csv", values)
+    with pytest.raises(UserError, match="has no row for subtype"):
+        parse_long(to_long(truth).iloc[1:], "x.csv", values)
+    conflict = pd.concat([long, long.iloc[:1].assign(Label=1 - long["Label"].iloc[0])])
+    with pytest.raises(UserError, match="appears twice with different values"):
+        parse_long(conflict, "x.csv", values)
+    with pytest.raises(UserError, match=r"row 2 \(ID .*\) has 7"):
+        parse_long(long.assign(Label=[7] + [0] * (len(long) - 1)), "x.csv", values)
+
+
+def test_score_rejects_what_validate_rejects(tmp_path):
+    """Out-of-range, NaN, non-numeric and conflicting predictions, truth labels other than 0/1, a folder: exit 2."""
+    truth, pred = _frames(n=8, seed=1)
+    truth_csv = tmp_path / "labels.csv"
+    to_long(truth).to_csv(truth_csv, index=False)
+    long = to_long(pred)
+    cases = {
+        "negative": long.assign(Label=[-0.2] + list(long["Label"].iloc[1:])),
+        "above_one": long.assign(Label=[1.5] + list(long["Label"].iloc[1:])),
+        "seven": long.assign(Label=[7] + list(long["Label"].iloc[1:])),
+        "nan": long.assign(Label=[np.nan] + list(long["Label"].iloc[1:])),
+        "text": long.assign(Label=["high"] + list(long["Label"].iloc[1:])),
+        "conflict": pd.concat([long, long.iloc[:1].assign(Label=0.123)]),
+    }
+    for name, frame in cases.items():
+        sub = tmp_path / f"{name}.csv"
+        frame.to_csv(sub, index=False)
+        out = subprocess.run([sys.executable, "-m", "ich_kaggle", "score", "--truth", str(truth_csv),
+                              "--submission", str(sub)], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2, (name, out.stdout, out.stderr)
+        assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and str(sub) in out.stderr, name
+        assert "np." not in out.stderr and "Traceback" not in out.stderr, name
+    wide_nan = pred.assign(any=[np.nan] + list(pred["any"].iloc[1:]))
+    wide_nan.to_csv(tmp_path / "wide_nan.csv", index=False)
+    with pytest.raises(UserError, match="has an empty cell for any"):
+        metrics.score_files(truth_csv, tmp_path / "wide_nan.csv")
+    with pytest.raises(UserError, match="is a folder"):
+        metrics.score_files(truth_csv, tmp_path)
+    bad_truth = tmp_path / "bad_truth.csv"
+    to_long(truth.assign(any=7)).to_csv(bad_truth, index=False)
+    with pytest.raises(UserError, match="must be 0 or 1"):
+        metrics.score_files(bad_truth, truth_csv)
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("ID,Label\n" + "".join(f"{i},{v},\n" for i, v in zip(to_long(truth)["ID"], to_long(truth)["Label"])))
+    assert metrics.read_truth(trailing).equals(metrics.read_truth(truth_csv))  # a trailing comma is harmless
 
 
 def test_score_files_and_cli(tmp_path):

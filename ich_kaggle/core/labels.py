@@ -21,36 +21,74 @@ LABEL_WEIGHTS: tuple[float, ...] = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
 
 def read_labels(csv_path: str | Path) -> pd.DataFrame:
-    """One row per image: `image_id` + the six LABELS columns (int8), images in first-seen order."""
+    """stage_2_train.csv -> one row per image: `image_id` + the six LABELS columns (int8, 0/1), first-seen order."""
+    return read_long(csv_path, "labels")
+
+
+def read_long(csv_path: str | Path, values: str = "labels") -> pd.DataFrame:
+    """The competition's long `ID,Label` form -> one row per image (`image_id` + LABELS), in first-seen order.
+
+    values="labels": 0/1 (int8), as in stage_2_train.csv; values="probabilities": floats in [0, 1] (float64), as in
+    a submission. Duplicated (image, subtype) rows must agree; every image needs all six subtypes.
+    """
     path = Path(csv_path)
-    if not path.exists():
-        raise UserError(f"label file {path} not found; it is stage_2_train.csv of the competition download")
-    try:
-        raw = pd.read_csv(path, dtype={"ID": str})
+    what = "label file" if values == "labels" else "submission"
+    if not path.is_file():
+        raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'not found'}; "
+                        + ("it is stage_2_train.csv of the competition download" if values == "labels"
+                           else "give the CSV file written by `make submit`"))
+    try:  # index_col=False: a trailing comma must not turn the ID column into the index
+        raw = pd.read_csv(path, dtype={"ID": str}, index_col=False)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as e:
-        raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]}); re-download stage_2_train.csv") from None
-    if not {"ID", "Label"} <= set(raw.columns):
-        raise UserError(f"{path}: expected columns ID,Label (the competition's long format), found {list(raw.columns)[:8]}")
+        raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]}); fix or regenerate the file") from None
+    return parse_long(raw, path, values)
+
+
+def _show(value) -> str:
+    """A cell as the user wrote it (no numpy reprs such as np.float64(2.0) in messages)."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def parse_long(raw: pd.DataFrame, path: str | Path, values: str = "labels") -> pd.DataFrame:
+    """`ID,Label` rows (a frame read from `path`) -> wide; see `read_long`."""
+    if values not in ("labels", "probabilities"):
+        raise ValueError(f"values must be 'labels' or 'probabilities', got {values!r}")
+    if list(map(str, raw.columns[:2])) != ["ID", "Label"]:
+        raise UserError(f"{path}: expected the header ID,Label (the competition's long format), "
+                        f"found {','.join(map(str, raw.columns[:8]))}")
     raw = raw[["ID", "Label"]]
     if raw.empty:
-        raise UserError(f"{path}: has no label rows")
+        raise UserError(f"{path}: has no rows")
     if raw["ID"].isna().any():
-        raise UserError(f"{path}: {int(raw['ID'].isna().sum())} row(s) have an empty ID")
-    label = pd.to_numeric(raw["Label"], errors="coerce")
-    bad = label.isna() | ~label.isin([0, 1])
+        i = int(np.flatnonzero(raw["ID"].isna().to_numpy())[0])
+        raise UserError(f"{path}: row {i + 2} has an empty ID ({int(raw['ID'].isna().sum())} such rows)")
+    number = pd.to_numeric(raw["Label"], errors="coerce")
+    if values == "labels":
+        bad = number.isna() | ~number.isin([0, 1])
+        want = "must be 0 or 1"
+    else:
+        bad = number.isna() | ~np.isfinite(number) | (number < 0) | (number > 1)
+        want = "must be a probability in [0, 1]"
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise UserError(f"{path}: Label must be 0 or 1; row {i + 2} has {raw['Label'].iloc[i]!r} (ID {raw['ID'].iloc[i]})")
+        cell = raw["Label"].iloc[i]
+        shown = "an empty cell" if pd.isna(cell) else _show(cell)
+        raise UserError(f"{path}: Label {want}; row {i + 2} (ID {raw['ID'].iloc[i]}) has {shown}"
+                        + (f" ({int(bad.sum())} bad rows)" if bad.sum() > 1 else ""))
     img_codes, images, codes = _split_ids(raw["ID"].to_numpy(dtype=object), path)
-    values = label.to_numpy(dtype=np.int8)
-    out = np.full((len(images), len(LABELS)), -1, dtype=np.int8)
-    out[img_codes, codes] = values
+    dtype = np.int8 if values == "labels" else np.float64
+    vals = number.to_numpy(dtype=dtype)
+    out = np.full((len(images), len(LABELS)), np.nan if values == "probabilities" else -1, dtype=dtype)
+    out[img_codes, codes] = vals
     # duplicated (image, subtype) rows must agree: the scatter kept one of them, compare every row against it
-    conflict = out[img_codes, codes] != values
+    conflict = out[img_codes, codes] != vals
     if conflict.any():
         i = int(np.flatnonzero(conflict)[0])
-        raise UserError(f"{path}: ID {raw['ID'].iloc[i]} appears with both labels 0 and 1; keep one row")
-    missing = out < 0
+        raise UserError(f"{path}: ID {raw['ID'].iloc[i]} appears twice with different values "
+                        f"({_show(vals[i])} and {_show(out[img_codes[i], codes[i]])}); keep one row")
+    missing = np.isnan(out) if values == "probabilities" else out < 0
     if missing.any():
         r, c = np.argwhere(missing)[0]
         raise UserError(f"{path}: image {images[r]} has no row for subtype {LABELS[c]} "

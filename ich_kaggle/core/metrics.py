@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .labels import LABEL_WEIGHTS, LABELS
+from .labels import LABEL_WEIGHTS, LABELS, parse_long, read_labels
 from .errors import UserError
 
 EPS = 1e-15
@@ -64,51 +64,48 @@ def split_ids(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return images, subtypes
 
 
-def long_to_wide(df: pd.DataFrame, source: str = "labels", value_dtype: str = "float64") -> pd.DataFrame:
-    """`ID,Label` rows (`ID_<image>_<subtype>`) -> one row per image: `image_id` + LABELS, vectorised.
+def read_long_or_wide(path: str | Path, values: str = "probabilities") -> pd.DataFrame:
+    """Read labels or predictions as a wide frame, whether the CSV is `ID,Label` or `image_id` + LABELS.
 
-    Duplicate IDs (stage_2_train.csv has some) keep their first value; an image lacking a subtype row is an error.
+    Checked as `validate` checks a submission: every value a number in [0, 1] (0 or 1 for values="labels"),
+    duplicate rows agreeing, all six subtypes per image.
     """
-    if list(df.columns[:2]) != ["ID", "Label"]:
-        raise UserError(f"{source}: expected the header 'ID,Label', got {','.join(map(str, df.columns))}; "
-                        f"give a file in the stage_2_train.csv form")
-    df = df.drop_duplicates("ID", keep="first")
-    images, subtypes = split_ids(df["ID"])
-    bad = ~np.isin(subtypes, LABELS)
-    if bad.any():
-        raise UserError(f"{source}: {int(bad.sum())} rows are not ID_<image>_<subtype> with a known subtype, e.g. "
-                        f"'{df['ID'].iloc[int(np.argmax(bad))]}'; subtypes are {', '.join(LABELS)}")
-    values = pd.to_numeric(df["Label"], errors="coerce")
-    if values.isna().any():
-        first = int(np.argmax(values.isna().to_numpy()))
-        raise UserError(f"{source}: {int(values.isna().sum())} labels are not numbers, e.g. row ID {df['ID'].iloc[first]}; fix the file")
-    long = pd.DataFrame({"image_id": images, "label": subtypes, "value": values.to_numpy()})
-    wide = long.pivot(index="image_id", columns="label", values="value")
-    missing = wide.isna().any(axis=1)
-    if missing.any():
-        raise UserError(f"{source}: {int(missing.sum())} images lack some of the six subtype rows, e.g. {missing.index[missing.to_numpy()][0]}; "
-                        f"every image needs one row per subtype")
-    wide = wide.reindex(columns=list(LABELS)).astype(value_dtype)
-    wide = wide.reset_index()
-    wide.columns.name = None
-    return wide
-
-
-def read_long_or_wide(path: str | Path) -> pd.DataFrame:
-    """Read labels or predictions as a wide frame, whether the CSV is `ID,Label` or `image_id` + LABELS."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} not found; give an existing CSV")
+    if not path.is_file():
+        raise UserError(f"{path} {'is a folder' if path.is_dir() else 'not found'}; give an existing CSV file")
     try:
-        df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        df = pd.read_csv(path, index_col=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]}); fix or regenerate the file") from None
     cols = [str(c) for c in df.columns]
     if cols[:2] == ["ID", "Label"]:
-        return long_to_wide(df, source=str(path))
+        return parse_long(df.astype({"ID": str}), path, values)
     if "image_id" in cols and all(label in cols for label in LABELS):
-        return df[["image_id", *LABELS]].drop_duplicates("image_id").reset_index(drop=True)
+        return _check_wide(df[["image_id", *LABELS]], path, values)
     raise UserError(f"{path}: expected 'ID,Label' rows (stage_2_train.csv form) or columns image_id,{','.join(LABELS)}")
+
+
+def _check_wide(df: pd.DataFrame, path: Path, values: str) -> pd.DataFrame:
+    df = df.assign(image_id=df["image_id"].astype(str))
+    numbers = df[list(LABELS)].apply(pd.to_numeric, errors="coerce")
+    v = numbers.to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = np.isin(v, (0.0, 1.0)) if values == "labels" else np.isfinite(v) & (v >= 0) & (v <= 1)
+    if not ok.all():
+        r, c = np.argwhere(~ok)[0]
+        cell = df[LABELS[c]].iloc[r]
+        shown = "an empty cell" if pd.isna(cell) else repr(cell.item() if isinstance(cell, np.generic) else cell)
+        want = "0 or 1" if values == "labels" else "a probability in [0, 1]"
+        raise UserError(f"{path}: every {'/'.join(LABELS)} value must be {want}; image {df['image_id'].iloc[r]} "
+                        f"has {shown} for {LABELS[c]} ({int((~ok).any(axis=1).sum())} bad rows)")
+    out = pd.concat([df[["image_id"]], numbers], axis=1)
+    dup = out.duplicated("image_id", keep=False)
+    if dup.any():
+        same = out[dup].drop_duplicates()
+        if same["image_id"].duplicated().any():
+            raise UserError(f"{path}: image {same.loc[same['image_id'].duplicated(), 'image_id'].iloc[0]} appears "
+                            f"twice with different values; keep one row")
+    return out.drop_duplicates("image_id").reset_index(drop=True)
 
 
 def score_frames(truth_df: pd.DataFrame, pred_df: pd.DataFrame) -> dict:
@@ -138,10 +135,8 @@ def read_truth(path: str | Path) -> pd.DataFrame:
     except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
         columns = []  # read_long_or_wide names the problem
     if columns[:2] == ["ID", "Label"]:
-        from .labels import read_labels  # pandas/numpy only
-
         return read_labels(path)
-    return read_long_or_wide(path)
+    return read_long_or_wide(path, "labels")
 
 
 def score_files(truth_csv: str | Path, sub_csv: str | Path) -> dict:

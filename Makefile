@@ -62,7 +62,7 @@ lr-find: $(PY)
 	$(PY) -m ich_kaggle lr-find $(EXP) --fold $(FOLD)
 
 predict: $(PY)
-	$(PY) -m ich_kaggle predict $(EXP)
+	$(PY) -m ich_kaggle predict $(EXP) $(if $(FINISH),--finish-training)
 
 stack: $(PY)
 	$(PY) -m ich_kaggle stack $(EXP)

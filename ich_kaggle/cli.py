@@ -88,9 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="TTA inference of every trained fold on test and OOF images")
     _add_experiment(p)
+    p.add_argument("--finish-training", action="store_true",
+                   help="resume and finish folds whose training stopped early, then predict (default: name them and stop)")
 
     p = sub.add_parser("stack", help="second-stage sequence model over each series' slices")
     _add_experiment(p)
+    p.add_argument("--force", action="store_true", help="recompute even when the stack is up to date")
 
     p = sub.add_parser("submit", help="write submissions/<config>.csv through the validator")
     _add_experiment(p)
@@ -189,21 +192,32 @@ def _lr_find(args):
 def _predict(args):
     from .predict import stage as predict
 
-    predict.predict(_config(args), _layout(args), runs=args.runs)
+    cfg, layout = _config(args), _layout(args)
+    if args.finish_training:
+        from . import train
+
+        for fold in predict.trained_folds(cfg, args.runs)[1]:
+            train.train_fold(cfg, layout, fold, runs=args.runs)
+    predict.predict(cfg, layout, runs=args.runs)
 
 
 @command("stack")
 def _stack(args):
     from .stack import stage as stack
 
-    stack.stack(_config(args), _layout(args), runs=args.runs)
+    stack.stack(_config(args), _layout(args), runs=args.runs, force=args.force)
 
 
 @command("submit")
 def _submit(args):
+    from .core.layout import Run
+    from .stack import stage as stack
     from .submit import stage as submission
 
-    submission.submit(_config(args), _layout(args), runs=args.runs, out_dir=args.out_dir,
+    cfg, layout = _config(args), _layout(args)
+    if Run.of(args.runs, cfg.name).stack.test.exists():  # a stale stack is recomputed (stacking is cheap)
+        stack.stack(cfg, layout, runs=args.runs)
+    submission.submit(cfg, layout, runs=args.runs, out_dir=args.out_dir,
                       kaggle_submit=args.kaggle_submit, message=args.message)
 
 

@@ -41,6 +41,7 @@ def fake_run(runs: Path, cfg, folds=(0, 2), stack=True) -> Path:
         (root / f"fold{k}").mkdir(parents=True)
         (root / f"fold{k}" / "best.pt").write_bytes(f"checkpoint {k}".encode())
         (root / f"fold{k}" / "last.pt").write_bytes(b"not shipped")
+        (root / f"fold{k}" / "done.json").write_text(f'{{"fold": {k}}}')
     (root / "predictions").mkdir(parents=True)
     (root / "predictions" / "oof.csv").write_text("image_id,any\n")
     (root / "predictions" / "test.csv").write_text("stale local test predictions\n")
@@ -156,7 +157,8 @@ def test_model_dataset_contents(tmp_path, cfg):
     names = kernel.names_for(cfg, "alice")
     folder = kernel.build_model_dataset(cfg, names, runs, tmp_path / "kernels", fake_layout(tmp_path))
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["config.yaml", "dataset-metadata.json", "fold0_best.pt", "fold2_best.pt", "folds.csv.gz",
+    assert files == ["config.yaml", "dataset-metadata.json", "fold0_best.pt", "fold0_done.json", "fold2_best.pt",
+                     "fold2_done.json", "folds.csv.gz",
                      "folds.csv.json", "ich_kaggle_model.json", "predictions_oof.csv", "stack_metrics.csv",
                      "train_meta.csv.gz"]  # no stale test.csv/png/last.pt
     assert list(pd.read_csv(folder / "train_meta.csv.gz")["image_id"]) == ["ID_a"]  # train rows only
@@ -179,9 +181,12 @@ def test_model_dataset_contents(tmp_path, cfg):
     with pytest.raises(UserError, match="oof_embeddings.npz not found .* rerun `make predict CONFIG=tiny`"):
         kernel.model_files(cfg, runs)
     (runs / cfg.name / "stack" / "test.csv").unlink()  # not stacked: only the checkpoints travel
-    assert kernel.model_files(cfg, runs) == {"fold0_best.pt": "fold0/best.pt", "fold2_best.pt": "fold2/best.pt"}
+    assert kernel.model_files(cfg, runs) == {"fold0_best.pt": "fold0/best.pt", "fold0_done.json": "fold0/done.json",
+                                             "fold2_best.pt": "fold2/best.pt", "fold2_done.json": "fold2/done.json"}
     cfg.cv.folds = [2]
     assert kernel.trained_folds(cfg, runs) == [2]
+    (runs / cfg.name / "fold2" / "done.json").unlink()  # an unfinished fold never travels
+    assert kernel.trained_folds(cfg, runs) == []
 
 
 def test_repacked_wheel_installs_and_imports(tmp_path):

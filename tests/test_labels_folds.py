@@ -113,13 +113,16 @@ def test_mini_folds_cli_and_determinism(mini_dir, tmp_path, capsys):
     assert not other.equals(f["fold"].rename("fold"))  # the seed matters
 
 
-def test_load_folds_rebuilds_when_stale(mini_dir, tmp_path):
+def test_load_folds_rebuilds_when_stale_and_stops_on_another_k(mini_dir, tmp_path):
     layout = Layout.of(mini_dir, tmp_path / "w")
     f5 = folds.load_folds(layout)
     assert f5["fold"].nunique() == 5
     stamp = layout.folds_csv.stat().st_mtime_ns
     assert folds.load_folds(layout).equals(f5) and layout.folds_csv.stat().st_mtime_ns == stamp  # cached
-    f4 = folds.load_folds(layout, k=4)
+    with pytest.raises(UserError, match=r"was made with k=5, seed=42 but this config asks for cv.k=4"):
+        folds.load_folds(layout, k=4)  # never rebuilt behind the user's back: trained folds depend on it
+    assert layout.folds_csv.stat().st_mtime_ns == stamp
+    f4 = folds.build_folds(layout, k=4)
     assert f4["fold"].nunique() == 4
     m = meta.load_meta(layout)
     meta.build_meta(layout, workers=1)  # newer meta.csv -> folds rebuilt

@@ -7,17 +7,17 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from ich_kaggle.core.labels import LABELS
-from ich_kaggle.core import metrics
+from ich_kaggle.core import config, freshness, manifest, metrics
+from ich_kaggle.core.config import Config
 from ich_kaggle.submit import stage as submission
 from ich_kaggle.core.errors import UserError
-from ich_kaggle.core.layout import Layout
+from ich_kaggle.core.layout import Layout, Run
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]  # the sample's order
@@ -169,18 +169,26 @@ def _experiment(tmp_path: Path, images: list[str], unreadable: list[str], with_s
     oof = train.copy()
     oof[list(LABELS)] = np.clip(train[list(LABELS)].to_numpy() * 0.8 + 0.1, 0, 1)
     oof.iloc[:40].to_csv(run / "predictions" / "oof.csv", index=False)
+    cfg = config.load("tiny")
+    layout, runs = Layout.of(data, tmp_path / "work"), Run(run)
+    for k in range(cfg.cv.k):  # finished folds, as training leaves them
+        runs.fold(k).dir.mkdir(parents=True)
+        runs.fold(k).best.write_bytes(b"weights")
+        runs.fold(k).done.write_text("{}")
+    manifest.write(runs.predictions.test, freshness.predictions(runs, list(range(cfg.cv.k)), cfg.tta))
     if with_stack:
         (run / "stack").mkdir()
         stacked = wide_preds(readable, seed=3)
         stacked.to_csv(run / "stack" / "test.csv", index=False)
         oof.iloc[:40].to_csv(run / "stack" / "oof.csv", index=False)
-    return Layout.of(data, tmp_path / "work"), train, oof.iloc[:40]
+        manifest.write(runs.stack.test, freshness.stacked(runs.prediction_sources([]), layout, cfg.stack))
+    return layout, train, oof.iloc[:40]
 
 
 def test_submit_fills_unreadable_with_prior_and_reports_oof(tmp_path, capsys):
     images = make_sample(tmp_path / "probe.csv")
     layout, train, oof = _experiment(tmp_path, images, unreadable=images[:2], with_stack=True)
-    cfg = SimpleNamespace(name="tiny")
+    cfg = config.load("tiny")
     out = submission.submit(cfg, layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
     assert out == tmp_path / "subs" / "tiny.csv" and out.with_name("tiny.csv.gz").exists()
     assert submission.validate_file(layout.sample_csv, out) == []
@@ -193,13 +201,29 @@ def test_submit_fills_unreadable_with_prior_and_reports_oof(tmp_path, capsys):
     assert "2 of 12 test images have no prediction (2 listed in" in text and images[0] in text
     expected = metrics.score_frames(train.iloc[:40], oof)["weighted_log_loss"]
     assert f"{expected:.5f}" in text and "stack/oof.csv" in text
+    assert "using the second stage" in text
+
+    # a fold retrained since predict ran: the first stage is stale, and so is everything made from it
+    runs = Run(tmp_path / "runs" / "tiny")
+    runs.fold(1).best.write_bytes(b"retrained weights")
+    with pytest.raises(UserError, match=r"predictions/test.csv is stale \(input fold1 changed\); rerun `make predict"):
+        submission.submit(cfg, layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
+    manifest.write(runs.predictions.test, freshness.predictions(runs, list(range(cfg.cv.k)), cfg.tta))  # predicted again
+    submission.submit(cfg, layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
+    text = capsys.readouterr().out
+    assert "stack/test.csv is stale (input source0:test.csv changed" not in text  # predict rewrote only the manifest
+    assert "using the second stage" in text
+    (runs.predictions.test).write_text((runs.predictions.test).read_text())  # new first-stage file: stack is stale
+    submission.submit(cfg, layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
+    text = capsys.readouterr().out
+    assert "stack/test.csv is stale (input source0:test.csv changed)" in text and "using the first stage" in text
 
 
 def test_submit_without_predictions_says_run_predict(tmp_path):
     images = make_sample(tmp_path / "probe.csv")
     layout, _, _ = _experiment(tmp_path, images, unreadable=[], with_stack=False)
     with pytest.raises(UserError, match="make predict"):
-        submission.submit(SimpleNamespace(name="other"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
+        submission.submit(Config(name="other"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
 
 
 def test_kaggle_submit_runs_the_cli(tmp_path, monkeypatch, kaggle_home, capsys):
@@ -211,7 +235,7 @@ def test_kaggle_submit_runs_the_cli(tmp_path, monkeypatch, kaggle_home, capsys):
     fake.write_text(f"#!/bin/sh\necho \"$@\" > {record}\necho 'Successfully submitted'\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(submission, "_kaggle_executable", lambda: str(fake))
-    submission.submit(SimpleNamespace(name="tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs",
+    submission.submit(config.load("tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs",
                       kaggle_submit=True, message="first try")
     args = record.read_text().split()
     assert args[:4] == ["competitions", "submit", "-c", "rsna-intracranial-hemorrhage-detection"]
@@ -245,10 +269,10 @@ def test_submit_without_training_labels(tmp_path, capsys):
     images = make_sample(tmp_path / "probe.csv")
     layout, _, _ = _experiment(tmp_path, images, unreadable=[], with_stack=False)
     layout.train_csv.unlink()
-    out = submission.submit(SimpleNamespace(name="tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
+    out = submission.submit(config.load("tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
     assert submission.validate_file(layout.sample_csv, out) == []
     assert "no expected score" in capsys.readouterr().out
     pd.read_csv(tmp_path / "runs" / "tiny" / "predictions" / "test.csv").iloc[1:].to_csv(
         tmp_path / "runs" / "tiny" / "predictions" / "test.csv", index=False)
     with pytest.raises(UserError, match="no training prior"):
-        submission.submit(SimpleNamespace(name="tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
+        submission.submit(config.load("tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")

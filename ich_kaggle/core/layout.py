@@ -148,6 +148,19 @@ class Run:
     def fold(self, k: int) -> FoldRun:
         return FoldRun(self.dir / f"fold{int(k)}", int(k))
 
+    def finished(self, folds: list[int]) -> list[int]:
+        """The folds among `folds` whose training finished (best.pt and done.json)."""
+        return [k for k in folds if self.fold(k).best.is_file() and self.fold(k).done.is_file()]
+
+    def prediction_sources(self, sources: list[str]) -> list[Predictions]:
+        """First-stage prediction folders to stack (`stack.sources`; empty: this run's own). A source is a
+        predictions folder or a run folder holding one."""
+        out = []
+        for src in sources or [self.predictions.dir]:
+            inside = Run(Path(src)).predictions
+            out.append(inside if inside.dir.is_dir() and not Predictions(Path(src)).oof.exists() else Predictions(Path(src)))
+        return out
+
     def folds(self) -> dict[int, FoldRun]:
         """The fold folders that exist, by fold number."""
         out = {}

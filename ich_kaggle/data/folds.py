@@ -163,6 +163,8 @@ def build_folds(layout: Layout, out: str | Path | None = None, k: int = 5, seed:
 
 
 def _stale(layout: Layout, k: int, seed: int) -> bool:
+    """Whether folds.csv must be (re)built: missing, or older than its inputs. Made with another (k, seed), it is
+    not rebuilt behind the user's back (trained folds depend on it): one line says how to go on."""
     path = layout.folds_csv
     if not path.exists() or not _sidecar(path).exists():
         return True
@@ -171,7 +173,10 @@ def _stale(layout: Layout, k: int, seed: int) -> bool:
     except (OSError, ValueError):
         return True
     if info.get("k") != k or info.get("seed") != seed:
-        return True
+        raise UserError(f"{path} was made with k={info.get('k')}, seed={info.get('seed')} but this config asks for "
+                        f"cv.k={k}, cv.seed={seed}; use --set cv.k={info.get('k')} cv.seed={info.get('seed')}, or rebuild "
+                        f"it with `python -m ich_kaggle folds --data {layout.data} --k {k} --seed {seed}` (folds "
+                        f"trained on the old split then refuse to resume)")
     built = path.stat().st_mtime
     inputs = [layout.meta_csv, layout.train_csv]
     return any(p.exists() and p.stat().st_mtime > built for p in inputs)

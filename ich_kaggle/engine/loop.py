@@ -29,6 +29,9 @@ from ..core.errors import UserError
 from ..core.io import atomic_open, write_csv
 from ..models.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
 from ..core.layout import FoldRun, Layout, Run
+from ..core.lock import exclusive
+from ..core.manifest import digest
+from ..data import folds as folds_mod
 from . import dist as D
 from .logs import close_log, open_log, plot_curves, write_log_csv
 from .plan import epoch_indices, eval_loader, image_size, label_matrix, train_loader
@@ -228,6 +231,13 @@ def _comparable(cfg_dict: dict) -> dict:
     return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_RESUME)}
 
 
+def fold_split_digest(table: pd.DataFrame, fold: int) -> str:
+    """What a fold trains and validates on, as a digest of its image ids: a rebuilt folds.csv shows up here."""
+    val = table["fold"] == fold
+    return digest(["val", *sorted(table.loc[val, "image_id"].astype(str)), "train",
+                   *sorted(table.loc[~val, "image_id"].astype(str))])
+
+
 def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
     old, new = _comparable(ckpt["config"]), _comparable(cfg.to_dict())
     diff = sorted(k for k in set(old) | set(new) if str(old.get(k)) != str(new.get(k)))
@@ -260,9 +270,11 @@ def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs"
     """
     check_fold(cfg, int(fold))
     info = D.setup()
-    try:
-        return _train_fold(cfg, layout, int(fold), Path(runs), force, _stop_after(stop_after_epochs), info,
-                           batch_loss)
+    files = Run.of(runs, cfg.name).fold(int(fold))
+    try:  # rank 0 holds the fold's lock: a second run on the same fold stops with one line
+        with exclusive(files.lock, f"fold {fold} of {cfg.name}") if info.is_main else contextlib.nullcontext():
+            return _train_fold(cfg, layout, int(fold), Path(runs), force, _stop_after(stop_after_epochs), info,
+                               batch_loss)
     finally:
         close_log(__import__("logging").getLogger("ich_kaggle.train"))
         D.teardown(info)
@@ -278,13 +290,22 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
     files = Run.of(runs, cfg.name).fold(fold)
     fdir, last_path, best_path = files.dir, files.last, files.best
     if force and info.is_main and fdir.exists():
-        shutil.rmtree(fdir)
+        for path in fdir.iterdir():  # everything but the lock this run holds
+            if path != files.lock:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     D.barrier(info)
     log = open_log(files.train_log, info.is_main)
+    if info.is_main:  # rank 0 builds folds.csv if it is missing; the others read it after
+        table = folds_mod.fold_table(layout, cfg.cv)
+    D.barrier(info)
+    split = fold_split_digest(table if info.is_main else folds_mod.fold_table(layout, cfg.cv), fold)
     ckpt = read_checkpoint(last_path) if last_path.exists() else None
     if ckpt is not None:
         check_resumable(ckpt, cfg, last_path)
-        if ckpt.get("done") and files.oof.exists() and files.oof_embeddings.exists():
+        if ckpt.get("split", split) != split:
+            raise UserError(f"{last_path} was trained on other images than fold {fold} of {layout.folds_csv} has now "
+                            f"(folds.csv was rebuilt or the data changed); retrain with --force, or restore that folds.csv")
+        if ckpt.get("done") and files.oof.exists() and files.oof_embeddings.exists() and files.done.exists():
             log.info(f"fold {fold} of {cfg.name} is already trained ({fdir}); pass --force to retrain it")
             return fdir
 
@@ -316,6 +337,8 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, rows = int(ckpt["epoch"]), list(ckpt["log"])
         best, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
+        if info.world_size == int(ckpt.get("world_size", 1)) and "rng" in ckpt:
+            D.set_rng_state(ckpt["rng"])  # per-epoch streams are re-derived from the seed; this covers the rest
         log.info(f"resuming fold {fold} of {cfg.name} from epoch {start_epoch}/{cfg.train.epochs} ({last_path})")
     elif ckpt is not None:  # finished but its OOF files are missing: only redo those
         start_epoch, rows = cfg.train.epochs, list(ckpt["log"])
@@ -356,7 +379,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
             save_checkpoint(last_path, {
                 "model": state, "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                "rng": D.rng_state(), "log": rows, "best_metric": best, "best_epoch": best_epoch,
+                "rng": D.rng_state(), "log": rows, "best_metric": best, "best_epoch": best_epoch, "split": split,
                 "done": epoch + 1 == cfg.train.epochs, "num_classes": len(LABELS), "world_size": info.world_size})
             write_log_csv(rows, files.log_csv)
             plot_curves(rows, files.curves, title=f"{cfg.name} fold {fold}")
@@ -378,7 +401,8 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
         write_oof(files, data.val, probs, emb)
         from ..core import metrics
 
-        summary = {"fold": fold, "config": cfg.name, "best_epoch": best_epoch, "best_val_weighted_log_loss": best,
+        summary = {"fold": fold, "config": cfg.name, "split": split, "best_epoch": best_epoch,
+                   "best_val_weighted_log_loss": best,
                    "oof_weighted_log_loss": metrics.weighted_log_loss(val_labels, probs), "epochs": cfg.train.epochs,
                    "n_train": len(data.train), "n_val": len(data.val), "world_size": info.world_size,
                    "seconds_this_run": round(time.time() - started, 1)}

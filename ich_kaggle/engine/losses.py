@@ -6,6 +6,8 @@ then the mean over the batch. So with the default weights the training loss *is*
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from ..core.labels import LABEL_WEIGHTS, LABELS
 from ..core.config import Config
 from ..core.errors import UserError
 from ..core.registry import LOSSES
+from ..models.ensemble import MemberSumLoss, is_ensemble, member_names
 
 
 def label_weights(kind: str = "metric", labels: np.ndarray | None = None) -> torch.Tensor:
@@ -109,10 +112,7 @@ def build_loss(cfg: Config, train_labels: np.ndarray | None = None) -> WeightedB
 
     For an ensemble backbone (`a+b`) the sum of the members' losses (recipes/ensemble.py).
     """
-    if "+" in cfg.model.backbone:
-        import dataclasses
-
-        from ..models.ensemble import MemberSumLoss, member_names
+    if is_ensemble(cfg.model.backbone):
 
         names = member_names(cfg.model.backbone)
         single = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=names[0]))

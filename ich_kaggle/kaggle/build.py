@@ -127,9 +127,9 @@ def title_for(slug: str) -> str:
 
 # --- what the model dataset carries -------------------------------------------------------------------------------
 def trained_folds(cfg: Config, runs: str | Path) -> list[int]:
-    """Folds with a best checkpoint (restricted to cfg.cv.folds when set)."""
+    """Finished folds: a best checkpoint and done.json (restricted to cfg.cv.folds when set)."""
     run = Run.of(runs, cfg.name)
-    return [k for k in selected_folds(cfg.cv) if run.fold(k).best.is_file()]
+    return run.finished(selected_folds(cfg.cv))
 
 
 def is_stacked(cfg: Config, runs: str | Path) -> bool:
@@ -147,8 +147,9 @@ def model_files(cfg: Config, runs: str | Path) -> dict[str, str]:
     run = Run.of(runs, cfg.name)
     folds = trained_folds(cfg, runs)
     if not folds:
-        raise UserError(f"no trained fold in {run.dir}/fold*/best.pt; train first (make train-all CONFIG={cfg.name})")
-    files = {f"fold{k}_{run.fold(k).best.name}": run.fold(k).best for k in folds}
+        raise UserError(f"no finished fold in {run.dir} (fold<k>/best.pt + done.json); train first "
+                        f"(make train-all CONFIG={cfg.name})")
+    files = {f"fold{k}_{path.name}": path for k in folds for path in (run.fold(k).best, run.fold(k).done)}
     if is_stacked(cfg, runs):
         if run.stack.metrics.is_file():
             files[f"stack_{run.stack.metrics.name}"] = run.stack.metrics

@@ -33,15 +33,6 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain ICHNet inside DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -7,7 +7,8 @@ predicts its own validation images, with the same TTA, so the stacker trains on 
 
 Each batch of images is loaded once and run through every fold model (decoding dominates on CPU and at scale).
 Resumable: each fold's results are kept as `{test,oof}_fold<k>.csv` + `{test,oof}_fold<k>_embeddings.npz`; a rerun
-reuses a fold whose files are newer than its best.pt and cover the same test images.
+reuses a fold whose manifest says it was made from the same best.pt, TTA and images (`core.freshness`). A fold whose
+training has not finished is never used: predict names it and stops.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..core.config import Config
 from ..engine.dist import pick_device
 from ..core.errors import UserError
 from ..core.io import atomic_open, write_csv
+from ..core import freshness, manifest
 from ..core.layout import Layout, Predictions, Run
 from ..data.dataset import loader_workers
 from ..data.folds import selected_folds
@@ -76,24 +78,19 @@ def load_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return z["image_id"].astype(str), z["emb"]
 
 
-def fold_predicted(out: Predictions, fold: int, checkpoint: Path, test_ids: pd.Series) -> bool:
-    """Whether an earlier run already predicted this fold from this checkpoint on these test images (resume)."""
+def _missing(out: Predictions, fold: int) -> str | None:
     files = [out.test_fold(fold), out.test_fold_embeddings(fold), out.oof_fold(fold), out.oof_fold_embeddings(fold)]
-    if not all(f.exists() for f in files) or min(f.stat().st_mtime for f in files) < checkpoint.stat().st_mtime:
-        return False
-    try:
-        done_ids = pd.read_csv(files[0], usecols=["image_id"], dtype=str)["image_id"]
-    except (ValueError, OSError, pd.errors.ParserError):
-        return False
-    return len(done_ids) == len(test_ids) and set(done_ids) == set(test_ids.astype(str))
+    gone = [f.name for f in files if not f.exists()]
+    return f"{', '.join(gone)} missing" if gone else None
 
 
-def trained_folds(cfg: Config, runs: str | Path) -> tuple[list[int], list[int]]:
-    """(folds with best.pt, wanted folds without one)."""
-    wanted = selected_folds(cfg.cv)
+def trained_folds(cfg: Config, runs: str | Path) -> tuple[list[int], list[int], list[int]]:
+    """(finished folds, folds with a best.pt whose training has not finished, wanted folds not trained at all)."""
     run = Run.of(runs, cfg.name)
-    have = [k for k in wanted if run.fold(k).best.exists()]
-    return have, [k for k in wanted if k not in have]
+    wanted = selected_folds(cfg.cv)
+    finished = run.finished(wanted)
+    unfinished = [k for k in wanted if run.fold(k).best.exists() and k not in finished]
+    return finished, unfinished, [k for k in wanted if not run.fold(k).best.exists()]
 
 
 def unreadable_test(meta: pd.DataFrame, cached: set[str], sample_csv: Path) -> pd.DataFrame:
@@ -159,9 +156,14 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     from ..models.checkpoint import load_checkpoint
 
     start = time.perf_counter()
-    have, missing = trained_folds(cfg, runs)
+    run = Run.of(runs, cfg.name)
+    have, unfinished, missing = trained_folds(cfg, runs)
+    if unfinished:
+        raise UserError(f"fold(s) {unfinished} of {cfg.name} have a best.pt but their training did not finish (no "
+                        f"{run.fold(unfinished[0]).done.name} in {run.fold(unfinished[0]).dir}); finish them with "
+                        f"`make train fold={unfinished[0]}` (it resumes), or `make predict FINISH=1` to do that first")
     if not have:
-        raise UserError(f"no trained fold under {Run.of(runs, cfg.name).dir} (no fold<k>/best.pt); "
+        raise UserError(f"no trained fold under {run.dir} (no fold<k>/best.pt); "
                         f"run `make train-all CONFIG={cfg.name}` (or `make train FOLD=k`) first")
     if missing:
         print(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
@@ -170,14 +172,20 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     cache.ensure(layout)
     cached = cache.cached_ids(layout)
     meta = meta.assign(image_id=meta["image_id"].astype(str))
-    folds = folds.assign(image_id=folds["image_id"].astype(str))
     bad = unreadable_test(meta, cached, layout.sample_csv)
     test = meta[(meta["split"] == "test") & meta["image_id"].isin(cached)].reset_index(drop=True)
-    run = Run.of(runs, cfg.name)
+    val = {k: folds[(folds["fold"] == k) & folds["image_id"].isin(cached)].reset_index(drop=True) for k in have}
     out = run.predictions
-    todo = [k for k in have if not fold_predicted(out, k, run.fold(k).best, test["image_id"])]
+    expected = {k: freshness.prediction_fold(run, k, cfg.tta, test["image_id"].tolist(), val[k]["image_id"].tolist())
+                for k in have}
+    stale = {k: freshness.stale_reason(out.oof_fold(k), expected[k]) or _missing(out, k) for k in have}
+    todo = [k for k in have if stale[k]]
     if len(todo) < len(have):
-        print(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (newer than best.pt); reusing")
+        print(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (same checkpoint, TTA and "
+              f"images); reusing")
+    for k in todo:
+        if manifest.read(out.oof_fold(k)) is not None:
+            print(f"predict: fold {k} predicted again: {stale[k]}")
     device = pick_device()
     models = []
     for k in todo:
@@ -193,11 +201,12 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
             save_embeddings(out.test_fold_embeddings(m.fold), test["image_id"], e)
             write_csv(wide(test["image_id"], p), out.test_fold(m.fold))
         for m in group:
-            val = folds[(folds["fold"] == m.fold) & folds["image_id"].isin(cached)].reset_index(drop=True)
-            (p, e), = predict_frame([m], val, layout, cfg, meta, device, desc=f"oof fold {m.fold}") if len(val) else [
+            v = val[m.fold]
+            (p, e), = predict_frame([m], v, layout, cfg, meta, device, desc=f"oof fold {m.fold}") if len(v) else [
                 (np.zeros((0, len(LABELS))), np.zeros((0, 0)))]
-            save_embeddings(out.oof_fold_embeddings(m.fold), val["image_id"], e)
-            write_csv(wide(val["image_id"], p), out.oof_fold(m.fold))  # last: marks the fold done
+            save_embeddings(out.oof_fold_embeddings(m.fold), v["image_id"], e)
+            write_csv(wide(v["image_id"], p), out.oof_fold(m.fold))
+            manifest.write(out.oof_fold(m.fold), expected[m.fold])  # last: marks the fold's four files done
 
     # fold average / concatenation over every trained fold, from the per-fold files
     test_frames = [pd.read_csv(out.test_fold(k), dtype={"image_id": str}) for k in have]
@@ -215,8 +224,10 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     if parts:
         save_embeddings(out.oof_embeddings, np.concatenate([p[0] for p in parts]),
                         np.concatenate([p[1] for p in parts]))
-    n_oof = sum(len(f) for f in oof_frames)
     write_csv(bad, out.unreadable)
+    done = freshness.predictions(run, have, cfg.tta)
+    manifest.write(out.test, done)
+    manifest.write(out.oof, done)
     n_oof = sum(len(f) for f in oof_frames)
     print(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
           f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}")

@@ -17,23 +17,17 @@ from ..core.labels import LABELS
 from ..core.config import Config, StackConfig
 from ..core.errors import UserError
 from ..core.io import write_csv
+from ..core import freshness, manifest
 from ..core.layout import Layout, Predictions, Run
 
 LABEL_COLS = list(LABELS)
 
 
 def prediction_dirs(cfg: Config, runs: str | Path = "runs", sources: list[str | Path] | None = None) -> list[Predictions]:
-    """The first-stage prediction folders to stack: given, `stack.sources`, or the config's own.
-
-    A source is a predictions folder or a run folder (runs/<config>) holding one."""
-    sources = sources or cfg.stack.sources or [Run.of(runs, cfg.name).predictions.dir]
+    """The first-stage prediction folders to stack: given, `stack.sources`, or the config's own."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
-    out = []
-    for src in sources:
-        inside = Run(Path(src)).predictions
-        out.append(inside if inside.dir.is_dir() and not Predictions(Path(src)).oof.exists() else Predictions(Path(src)))
-    return out
+    return Run.of(runs, cfg.name).prediction_sources([str(s) for s in sources or cfg.stack.sources])
 
 
 def read_predictions(path: Path, config_name: str) -> pd.DataFrame:
@@ -105,13 +99,19 @@ def format_table(table: pd.DataFrame, model: str) -> str:
 
 
 def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
-          progress: bool = True) -> Path:
+          progress: bool = True, force: bool = False) -> Path:
     """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`."""
     from ..data.folds import load_folds
     from ..data.meta import load_meta
     from .pipeline import run_stacking
 
     dirs = prediction_dirs(cfg, runs, sources)
+    out = Run.of(runs, cfg.name).stack
+    expected = freshness.stacked(dirs, layout, cfg.stack)
+    if not force and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics)) \
+            and freshness.stale_reason(out.test, expected) is None:
+        print(f"stack: {out.test} is up to date (same first-stage files, folds and settings); reusing")
+        return out.dir
     oof = [read_predictions(d.oof, cfg.name) for d in dirs]
     test = [read_predictions(d.test, cfg.name) for d in dirs]
     oof_x, test_x = _extras(dirs, cfg.stack, cfg.name)
@@ -127,12 +127,13 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
                               progress=progress)
     except ValueError as e:  # only data problems reach here: folds not grouped by series, fewer than 2 folds
         raise UserError(f"{layout.folds_csv}: {e}; rebuild with `make folds` and train/predict at least 2 folds") from None
-    out = Run.of(runs, cfg.name).stack
     write_csv(result.oof, out.oof)
     write_csv(result.test, out.test)
     write_csv(result.neighbors_oof, out.neighbors_oof)
     write_csv(result.neighbors_test, out.neighbors_test)
     write_csv(result.metrics, out.metrics)
+    manifest.write(out.oof, expected)
+    manifest.write(out.test, expected)  # last: what submit checks
     print(format_table(result.metrics, cfg.stack.model))
     losses = result.metrics.set_index("stage")["weighted_log_loss"]
     if losses["stacked"] >= losses["first_stage"]:

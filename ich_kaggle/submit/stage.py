@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core import freshness
 from ..core.layout import COMPETITION, Run
 from ..core.labels import LABELS
 from ..core.errors import UserError
@@ -167,12 +168,31 @@ def _train_labels(layout) -> pd.DataFrame | None:
     return read_truth(path) if path.exists() else None
 
 
-def _stage_files(run: Run) -> tuple[Path, Path] | None:
-    """(test, oof) predictions of the last stage that ran: the stack, else the first stage."""
-    for test, oof in ((run.stack.test, run.stack.oof), (run.predictions.test, run.predictions.oof)):
-        if test.exists():
-            return test, oof
-    return None
+def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
+    """(test, oof) predictions to submit: the stack when it is fresh, else the first stage, which must be fresh.
+
+    Fresh means its manifest matches the current inputs (`core.freshness`): the first stage was made from the
+    finished folds' current checkpoints with the config's TTA; the stack from the current first-stage files.
+    """
+    from ..data.folds import selected_folds
+
+    first = run.predictions
+    if not first.test.exists():
+        raise UserError(f"no test predictions in {first.dir}; run `make predict CONFIG={cfg.name}` (and `make stack`) first")
+    folds = run.finished(selected_folds(cfg.cv))
+    stale = freshness.stale_reason(first.test, freshness.predictions(run, folds, cfg.tta))
+    if stale:
+        raise UserError(f"{first.test} is stale ({stale}); rerun `make predict CONFIG={cfg.name}` first")
+    if run.stack.test.exists():
+        stale = freshness.stale_reason(run.stack.test, freshness.stacked(
+            run.prediction_sources(cfg.stack.sources), layout, cfg.stack))
+        if stale is None:
+            print(f"submit: using the second stage ({run.stack.test})")
+            return run.stack.test, run.stack.oof
+        print(f"submit: {run.stack.test} is stale ({stale}); using the first stage instead (`make stack` refreshes it)")
+    else:
+        print(f"submit: using the first stage ({first.test}); no stack")
+    return first.test, first.oof
 
 
 def _kaggle_executable() -> str:
@@ -217,11 +237,7 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
     `layout.train_csv`, the best constant guess, so one bad file costs little and never blocks a submission.
     """
     run = Run.of(runs, cfg.name)
-    chosen = _stage_files(run)
-    if chosen is None:
-        raise UserError(f"no test predictions in {run.stack.dir} or {run.predictions.dir}; run `make predict CONFIG={cfg.name}` "
-                        f"(and `make stack`) first")
-    pred_path, oof_path = chosen
+    pred_path, oof_path = choose_stage(cfg, layout, run)
     pred = read_long_or_wide(pred_path)
     sample = _read_sample(layout.sample_csv)
     train = _train_labels(layout)

@@ -1,0 +1,51 @@
+"""The manifests each stage's outputs must carry to be reused: one owner for "what made this file".
+
+A stage writes `expected_*` beside its output; the stage itself and every later stage compare the manifest on disk
+with the one these functions build from the current inputs (`core.manifest.differences`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from . import manifest as M
+from .config import StackConfig, TTAConfig
+from .layout import Layout, Predictions, Run
+
+PREDICT_FORMAT = 1  # bump when predict's files change meaning
+STACK_FORMAT = 1
+
+
+def _tta(tta: TTAConfig) -> dict:
+    return {"transforms": list(tta.transforms), "average": tta.average}  # batch_size does not change a prediction
+
+
+def prediction_fold(run: Run, fold: int, tta: TTAConfig, test_ids: list[str], oof_ids: list[str]) -> dict:
+    """One fold's test + OOF predictions: its checkpoint, the TTA, the images predicted."""
+    return M.make("predictions_fold", PREDICT_FORMAT, inputs={"checkpoint": M.identity(run.fold(fold).best)},
+                  settings={"tta": _tta(tta), "test_ids": M.digest(sorted(test_ids)),
+                            "oof_ids": M.digest(sorted(oof_ids))})
+
+
+def predictions(run: Run, folds: list[int], tta: TTAConfig) -> dict:
+    """The fold-averaged test.csv / concatenated oof.csv: which folds, from which checkpoints, with which TTA."""
+    return M.make("predictions", PREDICT_FORMAT,
+                  inputs={f"fold{k}": M.identity(run.fold(k).best) for k in folds},
+                  settings={"folds": list(folds), "tta": _tta(tta)})
+
+
+def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig) -> dict:
+    """The second stage: the first-stage files it read, the folds and series it used, its settings."""
+    inputs: dict = {"folds": M.identity(layout.folds_csv), "meta": M.identity(layout.meta_csv)}
+    for i, src in enumerate(sources):
+        files = [src.oof, src.test] + ([src.oof_embeddings, src.test_embeddings] if stack.use_embeddings else [])
+        inputs.update({f"source{i}:{f.name}": M.identity(f) for f in files})
+    settings = {k: v for k, v in dataclasses.asdict(stack).items() if k != "sources"}
+    return M.make("stack", STACK_FORMAT, inputs=inputs, settings=settings)
+
+
+def stale_reason(output: Path, expected: dict) -> str | None:
+    """None when `output` is fresh, else what differs, in one line."""
+    diffs = M.differences(expected, M.read(output))
+    return M.describe(diffs) if diffs else None

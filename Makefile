@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # Make variables that override config keys: `make train EPOCHS=3 BATCH=16 LR=1e-4 SIZE=256`.
 SET := $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(BATCH),train.batch_size=$(BATCH)) \
        $(if $(LR),train.lr=$(LR)) $(if $(SIZE),data.image_size=$(SIZE)) $(if $(WORKERS),data.num_workers=$(WORKERS)) $(SET_EXTRA)
-EXP  := --config $(CONFIG) --data $(DATA_DIR) --runs $(RUNS) $(if $(strip $(SET)),--set $(SET))
+EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip $(SET)),--set $(SET))
 
 .PHONY: help demo test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version kernel-push report compare clean-venv
@@ -30,7 +30,7 @@ $(PY): requirements.txt
 	@touch $(PY)
 
 demo: $(PY)
-	$(PY) -m ich_kaggle demo $(if $(filter command line environment,$(origin DATA_DIR)),--data $(DATA_DIR)) \
+	$(PY) -m ich_kaggle demo $(if $(filter command line environment,$(origin DATA_DIR)),--data "$(DATA_DIR)") \
 	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),tiny) $(if $(strip $(SET)),--set $(SET))
 
 test: $(PY)
@@ -41,16 +41,16 @@ bench: $(PY)
 
 # --- the pipeline, stage by stage ---
 synth: $(PY)
-	$(PY) -m ich_kaggle synth --out $(DATA_DIR)
+	$(PY) -m ich_kaggle synth --out "$(DATA_DIR)"
 
 meta: $(PY)
-	$(PY) -m ich_kaggle meta --data $(DATA_DIR)
+	$(PY) -m ich_kaggle meta --data "$(DATA_DIR)"
 
 folds: $(PY)
-	$(PY) -m ich_kaggle folds --data $(DATA_DIR)
+	$(PY) -m ich_kaggle folds --data "$(DATA_DIR)"
 
 preprocess: $(PY)
-	$(PY) -m ich_kaggle preprocess --data $(DATA_DIR)
+	$(PY) -m ich_kaggle preprocess --data "$(DATA_DIR)"
 
 train: $(PY)
 	$(PY) -m ich_kaggle train $(EXP) --fold $(FOLD)
@@ -74,7 +74,7 @@ report: $(PY)
 	$(PY) -m ich_kaggle report $(EXP) $(if $(THRESHOLD),--threshold $(THRESHOLD))
 
 compare: $(PY)
-	$(PY) -m ich_kaggle compare --runs $(RUNS)
+	$(PY) -m ich_kaggle compare --runs "$(RUNS)"
 
 # --- Kaggle: offline kernel and its two datasets ---
 kernel-datasets: $(PY)

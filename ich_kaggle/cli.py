@@ -173,12 +173,14 @@ def _preprocess(args):
 
 @command("train")
 def _train(args):
-    cfg = _config(args)
+    cfg, layout = _config(args), _layout(args)
     from . import train
-    from .data.folds import selected_folds
+    from .data import folds
 
-    for fold in selected_folds(cfg.cv, args.fold):
-        train.train_fold(cfg, _layout(args), fold, runs=args.runs, force=args.force)
+    chosen = folds.selected_folds(cfg.cv, args.fold)
+    folds.check_trainable(folds.fold_table(layout, cfg.cv), chosen, layout.folds_csv)  # before the first fold trains
+    for fold in chosen:
+        train.train_fold(cfg, layout, fold, runs=args.runs, force=args.force)
 
 
 @command("lr-find")
@@ -288,6 +290,9 @@ def _demo(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .core import log
+
+    log.show()  # the library logs; here its messages become plain lines
     try:
         return int(COMMANDS[args.command](args) or 0)
     except UserError as e:

@@ -48,6 +48,29 @@ def test_bad_overrides_name_the_key(override, message):
         config.load("tiny", [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.image_size=0", r"data.image_size=0 must be at least 8"),
+    ("data.image_size=-64", r"data.image_size=-64 must be at least 8"),
+    ("train.lr=-0.001", r"train.lr=-0.001 must be above 0"),
+    ("model.dropout=1.5", r"model.dropout=1.5 must be in \[0, 1\]"),
+    ("data.num_workers=-2", r"data.num_workers=-2 must be at least -1"),
+    ("train.max_images_per_epoch=-1", r"train.max_images_per_epoch=-1 must be at least 0"),
+    ("augment.crop_scale=[0.5,1.5]", r"augment.crop_scale=\[0.5, 1.5\] must be \[low, high\]"),
+    ("augment.hflip=2", r"augment.hflip=2.0 must be in \[0, 1\]"),
+    ("augment.window_jitter=1.01", r"augment.window_jitter=1.01 must be in \[0, 1\]"),
+    ("cv.folds=[0,7]", r"cv.folds=7 must be in \[0, 4\]"),
+    ("train.loss=hinge", r"train.loss='hinge' is not one of bce, focal"),
+    ("tta.transforms=identity,vflip", r"tta.transforms='vflip' is not one of identity, hflip, shift, scale"),
+    ("stack.model=lstm", r"stack.model='lstm' is not one of gru, conv, gru_conv, neighbors"),
+    ("model.backbone=seresnext50", r"unknown backbone 'seresnext50' \(model.backbone\); did you mean"),
+])
+def test_values_are_checked_when_the_config_loads(override, message):
+    """Each section checks its own knobs at load time: one line naming the key, not an error deep in a run."""
+    with pytest.raises(UserError, match=message) as err:
+        config.load("tiny", [override])
+    assert str(err.value).startswith("config 'tiny': ") and "\n" not in str(err.value)
+
+
 def test_bad_yaml_file_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: [1\n")

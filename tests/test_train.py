@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 
@@ -34,7 +35,7 @@ def _cfg(*extra: str) -> config.Config:
     return config.load("tiny", [*FAST, *extra])
 
 
-def test_one_epoch_writes_every_output(comp, tmp_path):
+def test_one_epoch_writes_every_output(comp, tmp_path, caplog):
     cfg = _cfg("train.epochs=1")
     fdir = train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")
     assert fdir == tmp_path / "runs" / "tiny" / "fold0"
@@ -74,11 +75,14 @@ def test_one_epoch_writes_every_output(comp, tmp_path):
         p = torch.sigmoid(model(x)).numpy()
     np.testing.assert_allclose(p, oof[list(LABELS)].to_numpy()[:4], atol=1e-5)
 
-    # a finished fold is not retrained
+    # a finished fold is not retrained, and skipping it writes nothing (it works in a read-only runs folder)
     mtime = (fdir / "best.pt").stat().st_mtime_ns
-    train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")
+    before = {p.name: p.stat().st_mtime_ns for p in fdir.iterdir()}
+    with caplog.at_level(logging.INFO, logger="ich_kaggle"):
+        train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")
     assert (fdir / "best.pt").stat().st_mtime_ns == mtime
-    assert "already trained" in (fdir / "train.log").read_text()
+    assert "already trained" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in fdir.iterdir()} == before
     # --force starts again
     train.train_fold(cfg, comp, 0, runs=tmp_path / "runs", force=True)
     assert (fdir / "best.pt").stat().st_mtime_ns != mtime

@@ -237,6 +237,17 @@ def selected_folds(cv: CVConfig, fold: int | str | None = None) -> list[int]:
     return chosen
 
 
+def check_trainable(table: pd.DataFrame, folds: list[int], folds_csv: Path) -> None:
+    """Every fold in `folds` leaves non-empty training and validation sets: checked before the first one trains."""
+    sizes = table["fold"].value_counts()
+    for fold in folds:
+        n_val = int(sizes.get(fold, 0))
+        if n_val == 0 or n_val == len(table):
+            raise UserError(f"{folds_csv}: fold {fold} leaves an empty {'validation' if n_val == 0 else 'training'} set "
+                            f"(folds present: {sorted(int(f) for f in sizes.index)}); use fewer folds (--set cv.k=...) "
+                            f"or more data")
+
+
 def patients_in_several_folds(table: pd.DataFrame) -> list[str]:
     """Patients whose slices sit in more than one fold (always empty for a patient split)."""
     n = table.groupby(table["patient_id"].astype(str))["fold"].nunique()

@@ -280,6 +280,8 @@ def write_competition(out: str | Path, seed: int = 0, studies: int | None = None
     if marker.exists():
         if json.loads(marker.read_text()) == params:
             return out
+    elif out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give `synth --out` a new or empty folder")
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and was not written by `synth`; choose an empty or new folder for the synthetic competition")
     tmp = out.parent / f".{out.name}.synth-tmp"

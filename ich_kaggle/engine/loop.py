@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,7 @@ from . import dist as D
 from .logs import close_log, open_log, plot_curves, write_log_csv
 from .plan import epoch_indices, eval_loader, image_size, label_matrix, train_loader
 
+_LOG = logging.getLogger("ich_kaggle.engine")
 STOP_ENV = "ICH_STOP_AFTER_EPOCHS"  # stop (resumably) once this many epochs are done: for tests and time-boxed jobs
 # A recipe's per-batch loss: factory(cfg, train_ds=, meta=, loss_fn=, net=, info=) -> object with
 # start_epoch(epoch, size) and __call__(model, x, y, idx) -> loss (see `recipes.mil.MILBatchLoss`).
@@ -269,15 +271,40 @@ def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs"
     None trains with the loss of `train.loss`.
     """
     check_fold(cfg, int(fold))
-    info = D.setup()
     files = Run.of(runs, cfg.name).fold(int(fold))
+    if not force and finished(cfg, layout, files):  # read-only: works in a read-only runs folder too
+        return files.dir
+    info = D.setup()
     try:  # rank 0 holds the fold's lock: a second run on the same fold stops with one line
         with exclusive(files.lock, f"fold {fold} of {cfg.name}") if info.is_main else contextlib.nullcontext():
             return _train_fold(cfg, layout, int(fold), Path(runs), force, _stop_after(stop_after_epochs), info,
                                batch_loss)
     finally:
-        close_log(__import__("logging").getLogger("ich_kaggle.train"))
+        close_log(logging.getLogger("ich_kaggle.train"))
         D.teardown(info)
+
+
+def finished(cfg: Config, layout: Layout, files: FoldRun) -> bool:
+    """Whether the fold is trained to the end with this config on the images folds.csv gives it now (then it is
+    skipped); a fold trained with another config or on other images is one line saying how to go on."""
+    if not (files.done.exists() and files.last.exists() and files.oof.exists() and files.oof_embeddings.exists()):
+        return False
+    ckpt = read_checkpoint(files.last)
+    check_resumable(ckpt, cfg, files.last)
+    check_split(ckpt, folds_mod.fold_table(layout, cfg.cv), files, layout)
+    if not ckpt.get("done"):
+        return False
+    _LOG.info(f"fold {files.fold} of {cfg.name} is already trained ({files.dir}); pass --force to retrain it")
+    return True
+
+
+def check_split(ckpt: dict, table: pd.DataFrame, files: FoldRun, layout: Layout) -> str:
+    """The fold's split digest now; one line when the checkpoint was trained on other images."""
+    split = fold_split_digest(table, files.fold)
+    if ckpt.get("split", split) != split:
+        raise UserError(f"{files.last} was trained on other images than fold {files.fold} of {layout.folds_csv} has "
+                        f"now (folds.csv was rebuilt or the data changed); retrain with --force, or restore that folds.csv")
+    return split
 
 
 def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool, stop_after: int | None,
@@ -289,25 +316,21 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
 
     files = Run.of(runs, cfg.name).fold(fold)
     fdir, last_path, best_path = files.dir, files.last, files.best
-    if force and info.is_main and fdir.exists():
-        for path in fdir.iterdir():  # everything but the lock this run holds
-            if path != files.lock:
+    if info.is_main and fdir.exists():
+        for path in fdir.iterdir():  # --force: everything but the lock this run holds; always: debris of killed saves
+            if path != files.lock and (force or (path.name.startswith(".") and path.name.endswith(".tmp"))):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     D.barrier(info)
     log = open_log(files.train_log, info.is_main)
     if info.is_main:  # rank 0 builds folds.csv if it is missing; the others read it after
         table = folds_mod.fold_table(layout, cfg.cv)
     D.barrier(info)
-    split = fold_split_digest(table if info.is_main else folds_mod.fold_table(layout, cfg.cv), fold)
+    table = table if info.is_main else folds_mod.fold_table(layout, cfg.cv)
     ckpt = read_checkpoint(last_path) if last_path.exists() else None
+    split = fold_split_digest(table, fold)
     if ckpt is not None:
         check_resumable(ckpt, cfg, last_path)
-        if ckpt.get("split", split) != split:
-            raise UserError(f"{last_path} was trained on other images than fold {fold} of {layout.folds_csv} has now "
-                            f"(folds.csv was rebuilt or the data changed); retrain with --force, or restore that folds.csv")
-        if ckpt.get("done") and files.oof.exists() and files.oof_embeddings.exists() and files.done.exists():
-            log.info(f"fold {fold} of {cfg.name} is already trained ({fdir}); pass --force to retrain it")
-            return fdir
+        check_split(ckpt, table, files, layout)
 
     D.seed_everything(cfg.train.seed)
     D.set_deterministic()

@@ -39,8 +39,13 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """torch.save atomically: an interrupted save never leaves a truncated checkpoint behind."""
     if "model" not in payload or "config" not in payload:
         raise ValueError("a checkpoint needs 'model' and 'config'")
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as e:  # disk full shows up as torch's "unexpected pos" RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"cannot write the checkpoint {path} ({reason}); free disk space or make "
+                        f"{Path(path).parent} writable, then rerun the same command to resume") from None
     return Path(path)
 
 

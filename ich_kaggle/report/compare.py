@@ -110,7 +110,8 @@ def compare(runs: str | Path = "runs") -> pd.DataFrame:
         print(f"(written to {runs / 'compare.csv'}; oof_wll is the out-of-fold weighted log loss, lower is better;"
               f" make report CONFIG=<name> fills series_auc_any and the pooled OOF metric)")
     else:
-        print(f"no finished experiment under {runs} (a fold counts once its best.pt exists)")
+        print(f"no finished experiment under {runs} (a fold counts once its training finished: done.json)")
     if unfinished:
-        print(f"not finished yet (no best.pt): {', '.join(unfinished)}")
+        print(f"not finished yet (no fold with done.json; a best.pt alone is a fold still training or stopped): "
+              f"{', '.join(unfinished)}")
     return table

@@ -1,0 +1,107 @@
+"""A careless user (issue 13): every mistake is one line naming the file or key and the fix, a non-zero exit, no
+traceback, and nothing else lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import train_helpers
+from ich_kaggle import train
+from ich_kaggle.core import config
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.core.layout import Layout, Run
+from ich_kaggle.models import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ich_kaggle", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+def one_line(out: subprocess.CompletedProcess, *words: str) -> None:
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert "Traceback" not in out.stderr and "np." not in out.stderr
+    for w in words:
+        assert w in out.stderr, (w, out.stderr)
+
+
+@pytest.fixture(scope="module")
+def comp(tmp_path_factory):
+    from ich_kaggle.data import synth
+
+    root = tmp_path_factory.mktemp("bad")
+    data = synth.write_competition(root / "comp", seed=2, studies=9, slices=6, size=48)
+    return Layout.of(data, root / "work")
+
+
+def args_for(layout: Layout, runs: Path) -> list[str]:
+    return ["--config", "tiny", "--data", str(layout.data), "--work", str(layout.work), "--runs", str(runs),
+            "--set", *train_helpers.FAST, "model.backbone=small_cnn", "train.epochs=1"]
+
+
+def test_fold_words_and_numbers(comp, tmp_path):
+    for word in ("abc", "1.5", "-1"):
+        one_line(cli("train", *args_for(comp, tmp_path / "runs"), "--fold", word), "--fold")
+    one_line(cli("train", *args_for(comp, tmp_path / "runs"), "--fold", "9"), "fold 9 does not exist with cv.k=3")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_all_folds_are_checked_before_the_first_trains(comp, tmp_path):
+    from ich_kaggle.data import folds
+
+    folds.load_folds(comp, k=3, seed=0)
+    saved = comp.folds_csv.read_bytes()
+    try:
+        table = pd.read_csv(comp.folds_csv, dtype=str)
+        table.loc[table["fold"] == "2", "fold"] = "1"  # fold 2 lost its images (a hand-edited folds.csv)
+        table.to_csv(comp.folds_csv, index=False)
+        out = cli("train", *args_for(comp, tmp_path / "runs"), "--fold", "ALL")
+        one_line(out, "fold 2 leaves an empty validation set", str(comp.folds_csv))
+        assert not (tmp_path / "runs" / "tiny" / "fold0").exists()  # nothing trained before the error
+    finally:
+        comp.folds_csv.write_bytes(saved)
+
+
+def test_synth_out_is_a_file(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    one_line(cli("synth", "--out", str(target)), str(target), "is a file")
+    assert target.read_text() == "mine"
+
+
+def test_makefile_quotes_paths_with_spaces(tmp_path):
+    data, runs = tmp_path / "my data", tmp_path / "my runs"
+    out = subprocess.run(["make", "-n", "train", f"DATA_DIR={data}", f"RUNS={runs}", "PY=true"], capture_output=True,
+                         text=True, cwd=ROOT)
+    line = [ln for ln in out.stdout.splitlines() if "ich_kaggle train" in ln][0]
+    words = shlex.split(line)
+    assert words[words.index("--data") + 1] == str(data) and words[words.index("--runs") + 1] == str(runs)
+
+
+def test_disk_full_while_saving_a_checkpoint_is_one_line_and_leaves_no_debris(comp, tmp_path, monkeypatch):
+    cfg = config.load("tiny", [*train_helpers.FAST, "model.backbone=small_cnn", "train.epochs=1"])
+    fold = Run.of(tmp_path / "runs", cfg.name).fold(0)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(UserError, match=r"cannot write the checkpoint .*best.pt \(No space left on device\); free disk"):
+        train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")
+    assert not [p for p in fold.dir.iterdir() if p.name.endswith(".tmp")]
+    assert not fold.lock.exists()  # the lock goes with the failed run
+    monkeypatch.undo()
+    (fold.dir / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # a save killed with SIGKILL
+    train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")  # space is back: the same command trains the fold
+    assert fold.done.exists() and not (fold.dir / ".last.pt.x1y2.tmp").exists()

@@ -291,6 +291,9 @@ def _pydicom_decode(dcmread: Any, buf: bytes, hint: str) -> tuple[dict[str, Any]
             if buf[128:132] != b"DICM" and len(ds) == 0 or not buf:
                 raise DicomError("not a DICOM file (no DICM marker, no elements)")
             raise DicomError(hint or "no PixelData element")
+        reason = check(h, require_ct=False)
+        if reason:  # colour or multi-frame by its header: rejected whatever its pixels, so do not decode them
+            raise DicomError(reason)
         try:
             px = np.asarray(ds.pixel_array)
         except Exception as e:

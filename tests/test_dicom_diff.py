@@ -1,0 +1,149 @@
+"""The project's DICOM reader against pydicom, the reference: pydicom's own test files plus seeded mutations of the
+mini set's real slices. Whatever the bytes, the reader raises only DicomError; for 2-D monochrome images it accepts
+exactly what pydicom decodes and gives the same HU; `scan` (meta.csv) and `read_hu` (the cache) agree."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_files
+
+from dicom_mutations import mutants
+from ich_kaggle.data import dicom
+
+PER_KIND = 32  # mutants of each of the 16 kinds
+BIG = 3_000_000  # pydicom test files above this size (multi-frame colour, big radiographs) cost seconds each
+
+
+def reference_hu(data: bytes) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """(int16 HU, float32 HU, "") by pydicom alone, or (None, None, why not) for anything that is not one 2-D
+    monochrome image with a finite rescale. Written from the DICOM rules, not from the reader's code."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            if "PixelData" not in ds:
+                return None, None, "no pixels"
+            if ds.get("SamplesPerPixel") != 1 or ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
+                return None, None, "not monochrome"
+            frames = ds.get("NumberOfFrames")
+            if frames not in (None, "") and int(frames) not in (0, 1):
+                return None, None, "multi-frame"
+            px = ds.pixel_array
+        except Exception as e:
+            return None, None, f"pydicom: {type(e).__name__}"
+        if px.ndim != 2 or px.size == 0:
+            return None, None, "not 2-D"
+        rescale = []
+        for kw, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+            try:
+                v = ds[kw].value if kw in ds else None
+                x = default if v is None or v == "" else float(v)
+            except Exception:
+                return None, None, f"{kw} unusable"
+            if not math.isfinite(x):
+                return None, None, f"{kw} not finite"
+            rescale.append(x)
+        slope, intercept = rescale
+    values = px.astype(np.float64)
+    if ds.BitsStored == 12 and ds.PixelRepresentation == 0 and intercept > -100:  # the RSNA forum's fix
+        values = (values + 1000) % 4096
+        intercept = -1000.0
+    hu = values * slope + intercept
+    return np.clip(np.rint(hu), -32768, 32767).astype(np.int16), hu.astype(np.float32), ""
+
+
+class Crash(Exception):
+    """The reader raised something other than its own rejection."""
+
+
+def reader(path: Path, dtype: type) -> tuple[np.ndarray | None, str]:
+    """(HU, "") or (None, the reader's rejection); any other exception becomes Crash."""
+    try:
+        return dicom.read_hu(path, require_ct=False, dtype=dtype), ""
+    except dicom.DicomError as e:
+        return None, e.reason
+    except Exception as e:
+        raise Crash(f"{type(e).__name__}: {e}") from e
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its particulars ("truncated file: pixel data has 10 of 20 bytes" -> "truncated file")."""
+    return re.split(r"[(:0-9]", reason, maxsplit=1)[0].strip()
+
+
+def _corpus(mini_dir: Path) -> list[tuple[str, bytes]]:
+    files = [Path(f) for f in get_testdata_files() if Path(f).is_file() and Path(f).stat().st_size < BIG]
+    items = [("pydicom:" + f.name, f.read_bytes()) for f in sorted(files)]
+    real = sorted((mini_dir / "stage_2_train").glob("*.dcm"))
+    explicit = [p for p in real if dicom.read_header(p)["TransferSyntaxUID"].endswith(".1")]
+    implicit = [p for p in real if not dicom.read_header(p)["TransferSyntaxUID"].endswith(".1")]
+    slices = [p.read_bytes() for pair in zip(explicit[:4], implicit[:4]) for p in pair]
+    items += [(f"real:{p.name}", p.read_bytes()) for p in real[:20]]
+    items += [(f"mutant:{kind}", data) for kind, data in mutants(slices, PER_KIND, seed=13)]
+    return items
+
+
+def test_reader_agrees_with_pydicom(tmp_path, mini_dir):
+    t0 = time.perf_counter()
+    items = _corpus(mini_dir)
+    counts: Counter = Counter()
+    reasons: Counter = Counter()
+    problems: list[str] = []
+    path = tmp_path / "f.dcm"
+    for name, data in items:
+        path.write_bytes(data)
+        group = name.split(":")[0] if not name.startswith("mutant:") else name
+        ref16, ref32, why = reference_hu(data)
+        counts["files"] += 1
+        try:
+            got16, reason = reader(path, np.int16)
+        except Crash as e:
+            problems.append(f"{name}: the reader raised {e}")
+            continue
+        if (ref16 is None) != (got16 is None):
+            problems.append(f"{name}: pydicom {'rejects (' + why + ')' if ref16 is None else 'accepts'}, "
+                            f"reader {'rejects (' + reason + ')' if got16 is None else 'accepts'}")
+            continue
+        if got16 is None:
+            counts["agreed: both reject"] += 1
+            reasons[_reason_kind(reason)] += 1
+        else:
+            got32 = dicom.read_hu(path, require_ct=False, dtype=np.float32)
+            if not (np.array_equal(got16, ref16) and np.array_equal(got32, ref32)):
+                d16 = np.abs(got16.astype(np.int64) - ref16).max() if got16.shape == ref16.shape else "shape"
+                d32 = np.abs(got32.astype(np.float64) - ref32).max() if got32.shape == ref32.shape else "shape"
+                problems.append(f"{name}: HU differ from pydicom's (max |diff| int16 {d16}, float32 {d32})")
+                continue
+            counts["agreed: both accept, identical HU"] += 1
+            counts[f"accepted via the {'fast path' if dicom.scan(path)[0].fast else 'pydicom path'}"] += 1
+        # the header scan (meta.csv) gives the verdict of the pixel reader (the cache)
+        try:
+            scanned = dicom.scan(path)[1] is None
+        except dicom.DicomError:
+            scanned = False
+        try:
+            dicom.read_hu(path)
+            cached = True
+        except dicom.DicomError:
+            cached = False
+        if scanned != cached:
+            problems.append(f"{name}: scan {'accepts' if scanned else 'rejects'}, read_hu "
+                            f"{'accepts' if cached else 'rejects'}")
+        counts[f"group {group}"] += 1
+    lines = [f"differential reader test: {time.perf_counter() - t0:.1f}s"]
+    lines += [f"  {k}: {v}" for k, v in sorted(counts.items())]
+    lines += ["  rejections by reason:"] + [f"    {k}: {v}" for k, v in reasons.most_common()]
+    print("\n".join(lines))
+    assert not problems, f"{len(problems)} disagreement(s):\n" + "\n".join(problems[:40])
+    assert counts["agreed: both accept, identical HU"] >= 100 and counts["agreed: both reject"] >= 200
+    assert counts["accepted via the fast path"] >= 20 and counts["accepted via the pydicom path"] >= 20

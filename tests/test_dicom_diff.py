@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_files
 
+import dicom_mutations as dm
 from dicom_mutations import mutants
 from ich_kaggle.data import dicom
 
@@ -147,3 +148,105 @@ def test_reader_agrees_with_pydicom(tmp_path, mini_dir):
     assert not problems, f"{len(problems)} disagreement(s):\n" + "\n".join(problems[:40])
     assert counts["agreed: both accept, identical HU"] >= 100 and counts["agreed: both reject"] >= 200
     assert counts["accepted via the fast path"] >= 20 and counts["accepted via the pydicom path"] >= 20
+
+
+def _real(mini_dir: Path, syntax_end: str, stored: int) -> bytes:
+    for p in sorted((mini_dir / "stage_2_train").glob("*.dcm")):
+        h = dicom.read_header(p)
+        if h["TransferSyntaxUID"].endswith(syntax_end) and h["BitsStored"] == stored:
+            return p.read_bytes()
+    raise AssertionError(f"no real slice with transfer syntax *{syntax_end} and BitsStored {stored}")
+
+
+def _edit(data: bytes, **kw) -> bytes:
+    """Set (bytes) or drop (None) elements given by mutation-module tag names; `tail` is appended."""
+    s = dm.parse(data)
+    tail = kw.pop("tail", b"")
+    for name, value in kw.items():
+        tag = getattr(dm, name)
+        s.drop(tag) if value is None else s.set(tag, value)
+    return dm.build(s) + tail
+
+
+def _u32_pixels(data: bytes) -> bytes:
+    px = np.frombuffer(dm.parse(data).pixels(), np.uint16).astype(np.uint32) << 20  # up to ~2**32
+    return _edit(data, BITS=dm._u16(32), STORED=dm._u16(32), SIGNED=dm._u16(0), PIXELS=px.tobytes())
+
+
+def _high_bits(data: bytes) -> bytes:
+    px = np.frombuffer(dm.parse(data).pixels(), np.uint16) | np.uint16(0xF000)  # every pixel: bits 12-15 set
+    return _edit(data, PIXELS=px.tobytes())
+
+
+def _second_pixels(data: bytes) -> bytes:
+    s = dm.parse(data)
+    return dm.build(s) + dm.element(dm.PIXELS, b"OW", s.pixels()[::-1])
+
+
+CASES = {  # the defects of issue 13: name -> (mutation, "accept" or words of the rejection)
+    "InstanceNumber inf": (lambda d: _edit(d, INSTANCE=b"inf"), "accept"),
+    "InstanceNumber 1e999": (lambda d: _edit(d, INSTANCE=b"1e999"), "accept"),
+    "NumberOfFrames 1e999": (lambda d: _edit(d, FRAMES=b"1e999"), "cannot decode"),
+    "NumberOfFrames 2 without Rows": (lambda d: _edit(d, FRAMES=b"2", ROWS=None), "multi-frame"),
+    "NumberOfFrames -1": (lambda d: _edit(d, FRAMES=b"-1"), "multi-frame"),
+    "intercept beyond int32": (lambda d: _edit(d, INTERCEPT=b"-3000000000"), "accept"),
+    "uint32 pixels above 2**31": (_u32_pixels, "accept"),
+    "Rows 0": (lambda d: _edit(d, ROWS=dm._u16(0)), "cannot decode"),
+    "bits above BitsStored": (_high_bits, "accept"),
+    "no PixelRepresentation": (lambda d: _edit(d, SIGNED=None), "cannot decode"),
+    "no SamplesPerPixel": (lambda d: _edit(d, SAMPLES=None), "colour"),
+    "no PhotometricInterpretation": (lambda d: _edit(d, PHOTOMETRIC=None), "colour"),
+    "no BitsAllocated": (lambda d: _edit(d, BITS=None), "cannot decode"),
+    "no BitsStored": (lambda d: _edit(d, STORED=None), "cannot decode"),
+    "unparseable intercept": (lambda d: _edit(d, INTERCEPT=b"abc"), "RescaleIntercept"),
+    "surplus pixel data": (lambda d: _edit(d, PIXELS=dm.parse(d).pixels() + bytes(4)), "accept"),
+    "PixelData twice": (_second_pixels, "accept"),
+    "BitsAllocated 12": (lambda d: _edit(d, BITS=dm._u16(12)), "cannot decode"),
+    "undefined-length native pixels": (lambda d: dm.build(dm.parse(d), lengths={dm.PIXELS: 0xFFFFFFFF}), "reject"),
+    "no transfer syntax": (lambda d: _edit(d, TS=None), "no transfer syntax"),
+    "file meta without preamble": (lambda d: dm.build(dm.parse(d), preamble=False), "accept"),
+    "bare dataset": (lambda d: dm.build(dm.parse(d), preamble=False, meta=False), "no transfer syntax"),
+    "SpecificCharacterSet ISO_IR 192": (lambda d: _edit(d, CHARSET=b"ISO_IR 192", PATIENT="ID_é".encode()), "accept"),
+    "empty value in ImagePositionPatient": (lambda d: _edit(d, IPP=b"1\\\\3"), "accept"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_issue_cases(case, tmp_path, mini_dir):
+    mutate, expect = CASES[case]
+    base = _real(mini_dir, ".1", 12)  # explicit VR, BitsStored 12, unsigned: the commonest RSNA profile
+    data = mutate(base)
+    path = tmp_path / "ID_case.dcm"
+    path.write_bytes(data)
+    ref16, ref32, why = reference_hu(data)
+    got, reason = reader(path, np.int16)
+    if expect == "accept":
+        assert ref16 is not None, why
+        assert got is not None, reason
+        np.testing.assert_array_equal(got, ref16)
+        np.testing.assert_array_equal(dicom.read_hu(path, dtype=np.float32), ref32)
+        assert dicom.scan(path)[1] is None
+    else:
+        assert ref16 is None and got is None
+        assert expect == "reject" or expect in reason, reason
+        try:
+            assert dicom.scan(path)[1] is not None
+        except dicom.DicomError:
+            pass
+    h = dicom.read_header(path) if got is not None else {}
+    ref = pydicom.dcmread(io.BytesIO(data), force=True)
+    if case.startswith("InstanceNumber"):
+        assert "InstanceNumber" not in h  # unreadable: absent, the slice order falls back to positions
+    if case == "bits above BitsStored":
+        assert got.max() < 4096 - 1024  # the set high bits were cleared, as pydicom does
+    if case == "PixelData twice":
+        last = (np.frombuffer(dm.parse(base).pixels()[::-1], np.uint16) & 0xFFF).astype(np.int64) - 1024
+        np.testing.assert_array_equal(got.ravel(), last)  # the last PixelData counts, as in pydicom
+    if case == "intercept beyond int32":
+        assert got.max() == -32768  # clipped to int16, no int32 overflow
+    if case == "uint32 pixels above 2**31":
+        assert dicom.read_hu(path).max() > 2**31
+    if case.startswith("SpecificCharacterSet"):
+        assert h["PatientID"] == "ID_é" == ref.PatientID
+    if case == "empty value in ImagePositionPatient":
+        assert "ImagePositionPatient" not in h  # not [1, 3]: positions would shift

@@ -159,7 +159,7 @@ def _walk(buf: bytes, file_size: int) -> Parsed:
     """Locate the tags and PixelData in a file of the fast profile; raise _Fallback for anything else."""
     n = len(buf)
     if n < 140 or buf[128:132] != b"DICM":
-        raise _Fallback("not a DICOM file (no DICM marker)" if n == file_size else "")
+        raise _Fallback  # no preamble, or no file meta: pydicom may still read it
     pos, last, ts = 132, -1, None
     while pos + 8 <= n:  # file meta: explicit VR little endian, group 0002
         group, elem = _TAG.unpack_from(buf, pos)
@@ -264,34 +264,36 @@ def _fast_pixels(parsed: Parsed, buf: bytes) -> np.ndarray:
 
 # --- the reference path: pydicom -----------------------------------------------------------------------------
 
-def _pydicom_read(buf: bytes, hint: str) -> tuple[dict[str, Any], np.ndarray]:
-    """Header and decoded pixels by pydicom; DicomError when pydicom cannot give them."""
+def _pydicom_read(buf: bytes, hint: str, one_slice: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """Header and decoded pixels by pydicom; DicomError when pydicom cannot give them (or, with `one_slice`,
+    when the header already says they are not one greyscale slice)."""
     import pydicom
     from pydicom import config
 
     mode = config.settings.reading_validation_mode
     config.settings.reading_validation_mode = config.IGNORE  # RSNA ids are not valid UIDs: no warning per file
     try:
-        return _pydicom_decode(pydicom.dcmread, buf, hint)
+        return _pydicom_decode(pydicom.dcmread, buf, hint, one_slice)
     finally:
         config.settings.reading_validation_mode = mode
 
 
-def _pydicom_decode(dcmread: Any, buf: bytes, hint: str) -> tuple[dict[str, Any], np.ndarray]:
+def _pydicom_decode(dcmread: Any, buf: bytes, hint: str, one_slice: bool) -> tuple[dict[str, Any], np.ndarray]:
     with warnings.catch_warnings():  # damaged files warn: the verdict is what counts
         warnings.simplefilter("ignore")
         try:
             ds = dcmread(io.BytesIO(buf), force=True)
             has_pixels = "PixelData" in ds
         except Exception as e:  # pydicom raises many types for broken files
-            raise DicomError(hint or f"unreadable DICOM ({_describe(e)})") from None
+            what = "not a DICOM file (no DICM marker" if buf[128:132] != b"DICM" else "unreadable DICOM ("
+            raise DicomError(hint or f"{what}{'; ' if what[-1] != '(' else ''}{_describe(e)})") from None
         h = _pydicom_header(ds)
         h["_has_pixels"] = has_pixels
         if not has_pixels:
-            if buf[128:132] != b"DICM" and len(ds) == 0 or not buf:
-                raise DicomError("not a DICOM file (no DICM marker, no elements)")
+            if buf[128:132] != b"DICM":
+                raise DicomError("not a DICOM file (no DICM marker, no pixel data)")
             raise DicomError(hint or "no PixelData element")
-        reason = check(h, require_ct=False)
+        reason = check(h, require_ct=False) if one_slice else None
         if reason:  # colour or multi-frame by its header: rejected whatever its pixels, so do not decode them
             raise DicomError(reason)
         try:
@@ -376,7 +378,7 @@ def _read(path: str | Path, whole: bool) -> tuple[bytes, int]:
         raise DicomError(f"cannot read file ({e.strerror or type(e).__name__})") from None
 
 
-def _load(path: str | Path, pixels: bool) -> tuple[Parsed, np.ndarray | None]:
+def _load(path: str | Path, pixels: bool, one_slice: bool = True) -> tuple[Parsed, np.ndarray | None]:
     """Fast path when the file validates (pixels decoded only if asked), else pydicom with pixels decoded."""
     buf, size = _read(path, whole=pixels)
     try:
@@ -395,7 +397,7 @@ def _load(path: str | Path, pixels: bool) -> tuple[Parsed, np.ndarray | None]:
         hint = ""
     if len(buf) < size:
         buf, size = _read(path, whole=True)
-    h, px = _pydicom_read(buf, hint)
+    h, px = _pydicom_read(buf, hint, one_slice)
     h["_file_size"] = size
     return Parsed(header=h, transfer_syntax=h["TransferSyntaxUID"], fast=False), px
 
@@ -418,7 +420,7 @@ def read_header(path: str | Path) -> dict[str, Any]:
 def read_pixels(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Stored pixel values as pydicom gives them ((H, W), (frames, H, W), (H, W, 3)...) and the header; no checks
     beyond decodability, no rescale."""
-    parsed, px = _load(path, pixels=True)
+    parsed, px = _load(path, pixels=True, one_slice=False)
     assert px is not None
     return px, parsed.header
 
@@ -457,7 +459,9 @@ def to_hu(px: np.ndarray, h: dict[str, Any], dtype: type = np.float32) -> np.nda
 
 def read_hu(path: str | Path, require_ct: bool = True, dtype: type = np.float32) -> np.ndarray:
     """One CT slice in Hounsfield units, (H, W). Raises DicomError(reason) for anything that is not one."""
-    px, h = read_pixels(path)
+    parsed, px = _load(path, pixels=True)
+    assert px is not None
+    h = parsed.header
     reason = check(h, px.shape, require_ct=require_ct)
     if reason:
         raise DicomError(reason)

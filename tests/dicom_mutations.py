@@ -273,9 +273,15 @@ def flips(rng, s: Slice) -> bytes:
     return bytes(data)
 
 
+def garbage(rng, s: Slice) -> bytes:
+    """Random bytes after a real file's first part (or none): whatever a disk error or a wrong file leaves."""
+    keep = _pick(rng, [0, 132, 300, 1000])
+    return build(s)[:keep] + rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8).tobytes()
+
+
 KINDS: dict[str, Callable] = {f.__name__: f for f in (
     truncate, overlong, wrong_vr, missing_tag, bad_number, frames, bit_depth, high_bits, duplicate, geometry,
-    surplus, preamble, charset, transfer_syntax, undefined_length, flips)}
+    surplus, preamble, charset, transfer_syntax, undefined_length, flips, garbage)}
 
 
 def mutants(slices: list[bytes], per_kind: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:

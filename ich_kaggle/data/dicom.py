@@ -78,8 +78,10 @@ VRS = {vr.encode() for vr in ("AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL O
                               "UL UN UR US UT UV").split()}
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 ASCII_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}  # plain ASCII bytes decode to the same text
-_DS = re.compile(rb" *[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")
-_IS = re.compile(rb" *[+-]?[0-9]{1,10} *")
+_DS = rb" *[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *"
+_IS = rb" *[+-]?[0-9]{1,10} *"
+_DS_LIST = re.compile(_DS + rb"(?:\\" + _DS + rb")*")  # backslash-separated, no empty item
+_IS_LIST = re.compile(_IS + rb"(?:\\" + _IS + rb")*")
 _TEXT = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII without the value separator "\"
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -123,18 +125,18 @@ def _text(raw: bytes) -> str:
 
 
 def _numbers(raw: bytes, vr: str) -> list[float] | list[int]:
-    pattern = _DS if vr == "DS" else _IS
-    parts = raw.rstrip(b"\x00 ").split(b"\\")
-    if not all(pattern.fullmatch(p) for p in parts):
+    raw = raw.rstrip(b"\x00 ")
+    if not (_DS_LIST if vr == "DS" else _IS_LIST).fullmatch(raw):
         raise _Fallback  # empty items, NaN/inf words, padding inside: pydicom decides
+    parts = raw.split(b"\\")
     if vr == "IS":
         nums: list = [int(p) for p in parts]
         if any(abs(v) > 2**31 - 1 for v in nums):
             raise _Fallback
         return nums
     nums = [float(p) for p in parts]
-    if not all(math.isfinite(v) for v in nums):
-        raise _Fallback  # e.g. 1e999
+    if not math.isfinite(sum(nums)):  # e.g. 1e999 (a huge but finite sum only sends the file to pydicom)
+        raise _Fallback
     return nums
 
 
@@ -178,7 +180,7 @@ def _walk(buf: bytes, file_size: int) -> Parsed:
     explicit = ts == EXPLICIT_LE
     if not explicit and pos + 6 <= n and 0x40 < buf[pos + 4] < 0x5B and 0x40 < buf[pos + 5] < 0x5B:
         raise _Fallback  # says implicit but looks explicit: pydicom switches, so must we (by handing over)
-    raw: dict[int, tuple[bytes, bytes | None]] = {}
+    raw: dict[int, bytes] = {}
     while True:
         if pos + 8 > n:
             raise _Fallback("truncated file: cut inside the header" if n == file_size and pos != n else "")
@@ -201,11 +203,12 @@ def _walk(buf: bytes, file_size: int) -> Parsed:
             expected = TAGS[tag][1].encode() if tag in TAGS else b"CS"
             if vr is not None and vr != expected:
                 raise _Fallback  # another VR changes how pydicom reads the value
-            raw[tag] = (buf[pos:pos + length], vr)
+            raw[tag] = buf[pos:pos + length]
         pos += length
-    if CHARSET in raw and _text(raw[CHARSET][0]) not in ASCII_CHARSETS:
+    charset = raw.pop(CHARSET, None)
+    if charset is not None and _text(charset) not in ASCII_CHARSETS:
         raise _Fallback
-    parsed.header = {kw: _value(raw[tag][0], kw, vr) for tag, (kw, vr) in TAGS.items() if tag in raw}
+    parsed.header = {TAGS[tag][0]: _value(value, *TAGS[tag]) for tag, value in raw.items()}
     _validate(parsed, file_size)
     return parsed
 
@@ -256,9 +259,11 @@ def _fast_pixels(parsed: Parsed, buf: bytes) -> np.ndarray:
     dt = np.dtype(f"<{'i' if h['PixelRepresentation'] else 'u'}{bits // 8}")
     px = np.frombuffer(buf, dtype=dt, count=h["Rows"] * h["Columns"], offset=parsed.pixel_offset)
     px = px.reshape(h["Rows"], h["Columns"])
-    if stored < bits:
-        shift = bits - stored
-        px = (px << shift) >> shift
+    if stored < bits:  # values outside BitsStored's range change; a reduction is cheaper than a copy
+        lo, hi = (0, (1 << stored) - 1) if dt.kind == "u" else (-(1 << (stored - 1)), (1 << (stored - 1)) - 1)
+        if px.min() < lo or px.max() > hi:
+            shift = bits - stored
+            px = (px << shift) >> shift  # unsigned: unused high bits cleared; signed: sign-extended
     return px
 
 
@@ -373,9 +378,12 @@ def _read(path: str | Path, whole: bool) -> tuple[bytes, int]:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            return (f.read() if whole else f.read(HEADER_BYTES)), size
-    except OSError as e:
-        raise DicomError(f"cannot read file ({e.strerror or type(e).__name__})") from None
+            if whole:
+                buf = f.read()
+                return buf, len(buf)  # the bytes read are the file, even if it changed since the fstat
+            return f.read(HEADER_BYTES), size
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
+        raise DicomError(f"cannot read file ({getattr(e, 'strerror', None) or type(e).__name__})") from None
 
 
 def _load(path: str | Path, pixels: bool, one_slice: bool = True) -> tuple[Parsed, np.ndarray | None]:
@@ -449,7 +457,8 @@ def to_hu(px: np.ndarray, h: dict[str, Any], dtype: type = np.float32) -> np.nda
             lo, hi = int(px.min(initial=0)), int(px.max(initial=0))
             if hi <= 32767 and -32768 <= lo + intercept and hi + intercept <= 32767:  # no overflow: stay in int16
                 return (px.view(np.int16) if px.dtype == np.uint16 else px) + np.int16(intercept)
-        if slope.is_integer() and intercept.is_integer() and abs(slope) < 2**20 and abs(intercept) < 2**40:
+        if (slope.is_integer() and intercept.is_integer() and abs(slope) < 2**20 and abs(intercept) < 2**40
+                and px.dtype.kind in "iu" and px.dtype.itemsize <= 4):
             hu = px.astype(np.int64) * int(slope) + int(intercept)  # |px| < 2**32: no int64 overflow
             return np.clip(hu, -32768, 32767).astype(np.int16)
         hu = px.astype(np.float64) * slope + intercept

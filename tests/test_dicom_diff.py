@@ -1,6 +1,7 @@
 """The project's DICOM reader against pydicom, the reference: pydicom's own test files plus seeded mutations of the
 mini set's real slices. Whatever the bytes, the reader raises only DicomError; for 2-D monochrome images it accepts
-exactly what pydicom decodes and gives the same HU; `scan` (meta.csv) and `read_hu` (the cache) agree."""
+exactly what pydicom decodes and gives the same HU and header fields; `scan` (meta.csv) and `read_hu` (the cache)
+agree. The counts are printed (`pytest -s`, or the captured output)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,32 @@ def reference_hu(data: bytes) -> tuple[np.ndarray | None, np.ndarray | None, str
     return np.clip(np.rint(hu), -32768, 32767).astype(np.int16), hu.astype(np.float32), ""
 
 
+TEXT_FIELDS = ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
+NUMBER_FIELDS = ("InstanceNumber", "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+
+
+def reference_header(data: bytes) -> dict[str, object]:
+    """The fields meta.csv is made of, as pydicom reads them (None where absent, empty or unparseable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        out: dict[str, object] = {}
+        for kw in TEXT_FIELDS + NUMBER_FIELDS:
+            try:
+                v = ds.get(kw)
+                if v is None or v == "":
+                    out[kw] = None
+                elif kw in TEXT_FIELDS:
+                    out[kw] = v if isinstance(v, str) else None
+                else:
+                    nums = [float(x) for x in (v if isinstance(v, pydicom.multival.MultiValue) else [v])]
+                    ok = all(math.isfinite(x) for x in nums)
+                    out[kw] = (nums if len(nums) > 1 or kw.startswith(("Image", "Pixel")) else nums[0]) if ok else None
+            except Exception:
+                out[kw] = None
+    return out
+
+
 class Crash(Exception):
     """The reader raised something other than its own rejection."""
 
@@ -119,7 +146,7 @@ def test_reader_agrees_with_pydicom(tmp_path, mini_dir):
             parsed, why_not = dicom.scan(path)
             scanned, scan_fast = why_not is None, parsed.fast
         except dicom.DicomError:
-            scanned, scan_fast = False, False
+            parsed, scanned, scan_fast = None, False, False
         if got16 is None:
             counts["agreed: both reject"] += 1
             reasons[_reason_kind(reason)] += 1
@@ -135,6 +162,11 @@ def test_reader_agrees_with_pydicom(tmp_path, mini_dir):
                 problems.append(f"{name}: HU differ from pydicom's (max |diff| int16 {d16}, float32 {d32})")
                 continue
             counts["agreed: both accept, identical HU"] += 1
+            h, ref_h = parsed.header if parsed else {}, reference_header(data)
+            differ = [kw for kw in ref_h if h.get(kw) != ref_h[kw]]
+            if differ:
+                problems.append(f"{name}: header fields differ from pydicom's: "
+                                + ", ".join(f"{kw} {h.get(kw)!r} vs {ref_h[kw]!r}" for kw in differ))
             counts[f"accepted via the {'fast path' if scan_fast else 'pydicom path'}"] += 1
         if scanned != cached:
             problems.append(f"{name}: scan {'accepts' if scanned else 'rejects'}, read_hu "

@@ -290,8 +290,10 @@ def _pydicom_decode(dcmread: Any, buf: bytes, hint: str, one_slice: bool) -> tup
             ds = dcmread(io.BytesIO(buf), force=True)
             has_pixels = "PixelData" in ds
         except Exception as e:  # pydicom raises many types for broken files
-            what = "not a DICOM file (no DICM marker" if buf[128:132] != b"DICM" else "unreadable DICOM ("
-            raise DicomError(hint or f"{what}{'; ' if what[-1] != '(' else ''}{_describe(e)})") from None
+            if not hint:
+                hint = (f"not a DICOM file (no DICM marker; {_describe(e)})" if buf[128:132] != b"DICM"
+                        else f"unreadable DICOM ({_describe(e)})")
+            raise DicomError(hint) from None
         h = _pydicom_header(ds)
         h["_has_pixels"] = has_pixels
         if not has_pixels:

@@ -253,6 +253,14 @@ def charset(rng, s: Slice) -> bytes:
     return build(s)
 
 
+def text(rng, s: Slice) -> bytes:
+    """Odd ids and modality: padding, several values, control or non-ASCII bytes."""
+    tag = _pick(rng, [PATIENT, 0x0020000D, 0x0020000E, 0x00080018, 0x00080060])
+    s.set(tag, _pick(rng, [b" ID_lead", b"ID_trail \x00", b"ID_a\\ID_b", b"ID_\tx", b"ID_\xe9", b"", b" ", b"CT ",
+                           b" CT", b"MR", b"\x00ID", b"ID_" + b"x" * 70]))
+    return build(s)
+
+
 def transfer_syntax(rng, s: Slice) -> bytes:
     uid = _pick(rng, [b"1.2.840.10008.1.2.2\x00", b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.1.99",
                       b"1.2.3\x00", b"", IMPLICIT, EXPLICIT, b"1.2.840.10008.1.2.5\x00"])
@@ -281,7 +289,7 @@ def garbage(rng, s: Slice) -> bytes:
 
 KINDS: dict[str, Callable] = {f.__name__: f for f in (
     truncate, overlong, wrong_vr, missing_tag, bad_number, frames, bit_depth, high_bits, duplicate, geometry,
-    surplus, preamble, charset, transfer_syntax, undefined_length, flips, garbage)}
+    surplus, preamble, charset, text, transfer_syntax, undefined_length, flips, garbage)}
 
 
 def mutants(slices: list[bytes], per_kind: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:

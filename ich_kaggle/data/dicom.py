@@ -154,7 +154,8 @@ def _value(raw: bytes, kw: str, vr: str) -> Any:
         if len(nums) != 1:
             raise _Fallback
         return nums[0]
-    return _text(raw) or None
+    text = _text(raw)
+    return (text.strip() if vr == "UI" else text) or None  # pydicom's UID drops leading spaces too
 
 
 def _walk(buf: bytes, file_size: int) -> Parsed:

@@ -166,3 +166,39 @@ def test_parallel_scan_equals_sequential(mini_dir, mini_meta, tmp_path, monkeypa
     monkeypatch.setattr(meta, "CHUNK", 64)
     parallel = meta.build_meta(Layout.of(mini_dir, tmp_path / "w"), workers=2)
     pd.testing.assert_frame_equal(parallel, mini_meta[1])
+
+
+
+def test_scan_survives_a_dying_worker(mini_dir, tmp_path, monkeypatch):
+    import crash_reader
+
+    monkeypatch.setattr(meta, "IN_PROCESS_BELOW", 0)  # the process pool, on a small set
+    monkeypatch.setattr(meta, "CHUNK", 3)
+    data = tmp_path / "comp"
+    (data / "stage_2_train").mkdir(parents=True)
+    real = sorted((mini_dir / "stage_2_train").glob("*.dcm"))[:5]
+    for f in real:
+        shutil.copy(f, data / "stage_2_train" / f.name)
+    (data / "stage_2_train" / "ID_crash.dcm").write_bytes(real[0].read_bytes())
+    layout = Layout.of(data, tmp_path / "w")
+    m, skipped = meta.scan_files(data, meta.list_dicoms(layout), workers=2, reader=crash_reader.scan_or_die)
+    assert skipped.values.tolist() == [["stage_2_train/ID_crash.dcm", meta.WORKER_DIED]]  # only the culprit lost
+    assert sorted(m["image_id"]) == sorted(f.stem for f in real)
+
+
+def test_scan_of_odd_bytes_lists_only_what_the_cache_reads(mini_dir, tmp_path):
+    from dicom_mutations import mutants
+
+    data = tmp_path / "comp"
+    (data / "stage_2_train").mkdir(parents=True)
+    odd = [d for _, d in mutants([sorted((mini_dir / "stage_2_train").glob("*.dcm"))[0].read_bytes()], 3, seed=1)]
+    for i, blob in enumerate(odd):
+        (data / "stage_2_train" / f"ID_odd{i:02d}.dcm").write_bytes(blob)
+    m, skipped = meta.scan_files(data, meta.list_dicoms(Layout.of(data, tmp_path / "w")), workers=1)
+    assert len(m) + len(skipped) == len(odd) and len(m) >= 10 and len(skipped) >= 10
+    assert not skipped["reason"].str.startswith("reader error").any(), skipped
+    for path in m["path"]:  # what meta lists, the cache step reads
+        assert dicom.read_hu(data / path, dtype=np.int16).ndim == 2
+    for path in skipped["path"]:
+        with pytest.raises(dicom.DicomError):
+            dicom.read_hu(data / path, dtype=np.int16)

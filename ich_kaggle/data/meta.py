@@ -11,7 +11,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ ID_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "split", "path"
 REQUIRED = {"PatientID": "patient_id", "StudyInstanceUID": "study_id", "SeriesInstanceUID": "series_id"}
 CHUNK = 256
 IN_PROCESS_BELOW = 4096  # a process pool costs ~1-3 s to start: smaller scans run in-process
+WORKER_DIED = "the scan's worker process died reading this file (a crash or the out-of-memory killer); the rest went on"
 _IOP_ROW = ["iop0", "iop1", "iop2", "iop3", "iop4", "iop5"]
 
 
@@ -71,14 +75,21 @@ def header_row(rel_path: str, split: str, h: dict[str, Any]) -> tuple[dict[str, 
     return row, None
 
 
-def _scan_chunk(args: tuple[str, list[tuple[str, str]]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    data_dir, items = args
+Reader = Callable[[str], tuple[dicom.Parsed, str | None]]
+Chunk = tuple[str, list[tuple[str, str]], Reader]
+Result = tuple[list[dict[str, Any]], list[tuple[str, str]]]
+
+
+def _scan_chunk(args: Chunk) -> Result:
+    data_dir, items, reader = args
     rows, skipped = [], []
     for rel, split in items:
         try:
-            parsed, reason = dicom.scan(os.path.join(data_dir, rel))
+            parsed, reason = reader(os.path.join(data_dir, rel))
         except dicom.DicomError as e:
             reason = e.reason
+        except Exception as e:  # a reader bug costs one file, never a scan of 874k: skipped, with the error named
+            reason = f"reader error ({type(e).__name__}: {e})"
         else:
             if reason is None:
                 row, reason = header_row(rel, split, parsed.header)
@@ -105,26 +116,76 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
 
 
+def _pooled(chunks: list[Chunk], workers: int, collect: Callable[[Result], None]) -> None:
+    """Run chunks on a process pool. A worker that dies (a crash in a decoder, the OOM killer) breaks the pool:
+    the chunks then in flight (at most 2 per worker) are rerun file by file, the rest on a fresh pool, so only
+    the culprit is lost."""
+    pending = deque(chunks)
+    while pending:
+        in_flight: dict[Future, Chunk] = {}
+        broken = False
+        with _pool(workers) as ex:
+            while (pending or in_flight) and not broken:
+                try:
+                    while pending and len(in_flight) < 2 * workers:  # bounded: a break strands few chunks
+                        chunk = pending.popleft()
+                        in_flight[ex.submit(_scan_chunk, chunk)] = chunk
+                except BrokenProcessPool:
+                    pending.appendleft(chunk)
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        collect(fut.result())
+                        del in_flight[fut]
+                    except BrokenProcessPool:
+                        broken = True
+        if in_flight:
+            collect(_isolated(list(in_flight.values())))
+
+
+def _isolated(chunks: list[Chunk]) -> Result:
+    """The files of the chunks stranded by a dead worker, one at a time on a one-worker pool: when it dies again,
+    the file in flight is the culprit, skipped; a fresh pool takes the rest."""
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    todo = deque((data_dir, item, reader) for data_dir, items, reader in chunks for item in items)
+    while todo:
+        with _pool(1) as ex:
+            try:
+                while todo:
+                    data_dir, item, reader = todo[0]
+                    r, s = ex.submit(_scan_chunk, (data_dir, [item], reader)).result()
+                    todo.popleft()
+                    rows += r
+                    skipped += s
+            except BrokenProcessPool:
+                skipped.append((todo.popleft()[1][0], WORKER_DIED))
+    return rows, skipped
+
+
 def scan_files(data_dir: Path, items: list[tuple[str, str]], workers: int | None = None,
-               desc: str = "headers") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Scan headers in parallel -> (ordered meta frame, skipped frame with path, reason)."""
+               desc: str = "headers", reader: Reader = dicom.scan) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scan headers in parallel -> (ordered meta frame, skipped frame with path, reason).
+
+    `reader` (path -> (header, reason)) is the DICOM reader, a module-level function so workers can import it."""
     workers = max(1, workers or os.cpu_count() or 1)
-    chunks = [(str(data_dir), items[i:i + CHUNK]) for i in range(0, len(items), CHUNK)]
+    chunks = [(str(data_dir), items[i:i + CHUNK], reader) for i in range(0, len(items), CHUNK)]
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     with tqdm(total=len(items), desc=desc, unit="img", mininterval=1.0) as bar:
+
+        def collect(result: Result) -> None:
+            rows.extend(result[0])
+            skipped.extend(result[1])
+            bar.update(len(result[0]) + len(result[1]))
+
         if workers == 1 or len(items) < IN_PROCESS_BELOW:
-            results = map(_scan_chunk, chunks)
-            for r, s in results:
-                rows += r
-                skipped += s
-                bar.update(len(r) + len(s))
+            for chunk in chunks:
+                collect(_scan_chunk(chunk))
         else:
-            with _pool(min(workers, len(chunks))) as ex:
-                for r, s in ex.map(_scan_chunk, chunks):
-                    rows += r
-                    skipped += s
-                    bar.update(len(r) + len(s))
+            _pooled(chunks, min(workers, len(chunks)), collect)
+    skipped.sort()
     frame = pd.DataFrame(rows, columns=COLUMNS[:6] + [c for c in COLUMNS[6:] if c not in ("z", "slice_rank", "series_len")] + _IOP_ROW)
     return order_slices(frame), pd.DataFrame(skipped, columns=["path", "reason"])
 

@@ -48,14 +48,17 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> Path:
     return path
 
 
-def cannot_write(path: str | os.PathLike, err: OSError) -> UserError:
-    """The one-line error for a failed write (disk full, read-only folder): what failed and how to go on."""
+def cannot_write(path: str | os.PathLike, err: OSError, folder: str | os.PathLike | None = None) -> UserError:
+    """The one-line error for a failed write (disk full, read-only folder): what failed and how to go on.
+
+    `folder`: the one to name in the fix (e.g. the cache folder rather than one of its shards)."""
     path = Path(path)
+    where = Path(folder) if folder is not None else path.parent
     reason = err.strerror or type(err).__name__
     if err.errno == errno.ENOSPC or err.errno == errno.EDQUOT:
-        fix = f"free space on the disk of {path.parent} (or pass --work <folder on a bigger disk>) and rerun"
+        fix = f"free space on the disk of {where} (or pass --work <folder on a bigger disk>) and rerun"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = f"make {path.parent} writable (or pass --work <writable folder>) and rerun"
+        fix = f"make {where} writable (or pass --work <writable folder>) and rerun"
     else:
         fix = "fix the cause and rerun"
     return UserError(f"cannot write {path}: {reason}; {fix} (work done so far is kept)")

@@ -201,12 +201,15 @@ def test_failed_write_stops_with_one_line_and_no_debris(tmp_path, monkeypatch, c
         real(path, blob)
 
     monkeypatch.setattr(cache, "_write_file", failing)
+    monkeypatch.setattr(preprocess, "CHUNK", 1)
+    monkeypatch.setattr(preprocess, "RECORD_EVERY_S", 0.0)  # progress recorded after every chunk, too
     assert cli.main(["preprocess", "--data", str(data), "--work", str(work), "--workers", "1"]) == 2
     _one_line_error(capsys, "cannot write", str(layout.cache_dir), os.strerror(code), fix)
     assert len(calls) == 3  # stopped at the first failure, not after trying every remaining file
     assert list(work.rglob("*.tmp")) == []
     assert pd.read_csv(layout.cache_skipped).empty  # a write failure is not a bad DICOM
-    assert len(cache.cached_ids(layout)) == 2 and len(pd.read_csv(layout.cache_sources)) == 2
+    sources = pd.read_csv(layout.cache_sources)
+    assert len(cache.cached_ids(layout)) == 2 and len(sources) == 2 and sources["image_id"].is_unique
     monkeypatch.setattr(cache, "_write_file", real)  # the cause is fixed: the rerun does the rest
     assert preprocess.ensure(layout)["cached"] == 14
     _same_as_dicoms(layout)

@@ -106,8 +106,13 @@ def bench_cache(mini: Path | None) -> None:
         out = Path(tmp)
         files = [out / f"{p.stem}{cache.SUFFIX}" for p in paths]
         enc = _rate(list(zip(paths, files)), lambda pf: preprocess.cache_one(*pf))
+        no_write = _rate(paths, lambda p: codec.encode(dicom.read_hu(p, dtype=np.int16)))
+        blobs = [f.read_bytes() for f in files]
+        write = _rate(list(zip(files, blobs)), lambda fb: cache.write_entry(*fb))
         dec = _rate(files, lambda f: codec.decode(f.read_bytes()))
         print(f"dicom_to_cache_images_per_s_per_core: {enc:.0f}  (read + HU + encode + atomic write; target >= 300)")
+        print(f"dicom_to_cache_without_write_images_per_s_per_core: {no_write:.0f}  (read + HU + encode)")
+        print(f"cache_file_write_images_per_s_per_core: {write:.0f}  (the atomic write alone: this machine's file system)")
         print(f"cache_decode_images_per_s_per_core: {dec:.0f}  (file read + decode; target >= 65, x3 for 2.5D)")
         print(f"cache_bytes_per_image: {np.mean([f.stat().st_size for f in files]):.0f}")
     print(f"plain_file_read_images_per_s_per_core: {_rate(paths, lambda p: p.read_bytes()):.0f}  (reference for this machine's speed)")

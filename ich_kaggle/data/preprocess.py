@@ -28,6 +28,7 @@ from .codec import encode
 
 CHUNK = 64
 IN_PROCESS_BELOW = 1024  # a process pool costs seconds to start
+RECORD_EVERY_S = 60.0  # sources.csv is rewritten this often during a run, so even a kill -9 loses little
 _KEY = ["image_id", "path", "size", "mtime_ns"]
 
 Item = tuple[str, str, int, int]  # image_id, path relative to the data folder, size, mtime_ns
@@ -102,9 +103,10 @@ def preprocess(layout: Layout, workers: int | None = None, splits: tuple[str, ..
     chunks = [(str(layout.data), str(layout.work), items[i:i + CHUNK]) for i in range(0, len(items), CHUNK)]
     done: list[Item] = []
     skipped: list[tuple] = []
-    written = 0
+    written = recorded = 0  # done[:recorded] and skipped[:recorded_skipped] are in sources.csv / skipped.csv
+    recorded_skipped = 0
     failure = None
-    t0 = time.perf_counter()
+    t0 = last_record = time.perf_counter()
     pool = None
     try:
         with tqdm(total=len(items), desc="cache", unit="img", mininterval=1.0) as bar:
@@ -120,13 +122,16 @@ def preprocess(layout: Layout, workers: int | None = None, splits: tuple[str, ..
                 bar.update(len(d) + len(s))
                 if failure is not None:
                     break
+                if time.perf_counter() - last_record > RECORD_EVERY_S:
+                    _record(layout, done[recorded:], skipped[recorded_skipped:])
+                    recorded, recorded_skipped, last_record = len(done), len(skipped), time.perf_counter()
     except BrokenProcessPool:
         raise UserError(f"a preprocess worker process died (killed for memory?) after {len(done)} new slices; rerun "
                         f"with fewer workers (--workers {max(1, workers // 2)}); the slices cached so far are kept") from None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-        _record(layout, done, skipped)  # whatever stopped the run, what it cached and found stays known
+        _record(layout, done[recorded:], skipped[recorded_skipped:])  # whatever stopped the run, its work stays known
     if failure is not None:
         path, code, reason = failure
         raise cannot_write(path, OSError(code, reason), folder=layout.cache_dir)

@@ -233,3 +233,26 @@ def test_work_folder_is_keyed_by_the_resolved_path(tmp_path, monkeypatch, capsys
         assert cli.main(["preprocess", "--data", str(data), "--workers", "1"]) == 0
     assert len(meta.load_meta(la)) == 16 and len(meta.load_meta(lb)) == 15
     assert pd.read_csv(lb.cache_skipped).empty and len(cache.cached_ids(lb)) == 15 and len(cache.cached_ids(la)) == 16
+
+
+def test_killed_scan_worker_says_rerun_with_fewer_workers(tmp_path, monkeypatch, capsys):
+    import multiprocessing as mp
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    data = _synth(tmp_path)
+    real_scan = dicom.scan
+
+    def scan(path):
+        if str(path).endswith(sorted(os.listdir(data / "stage_2_test"))[-1]):
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        return real_scan(path)
+
+    monkeypatch.setattr(meta, "IN_PROCESS_BELOW", 0)
+    monkeypatch.setattr(meta, "CHUNK", 2)
+    monkeypatch.setattr(meta, "_pool", lambda n: ProcessPoolExecutor(n, mp_context=mp.get_context("fork")))
+    monkeypatch.setattr(dicom, "scan", scan)  # inherited by the forked workers
+    assert cli.main(["meta", "--data", str(data), "--work", str(tmp_path / "work"), "--workers", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "fewer workers (--workers 1)" in errors[0] and str(data) in errors[0]
+    assert not (tmp_path / "work" / "meta.csv").exists()  # nothing half-made

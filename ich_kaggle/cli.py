@@ -39,7 +39,7 @@ def _config(args: argparse.Namespace):
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=os.environ.get("DATA_DIR", DEFAULT_DATA), help="competition folder in the Kaggle layout")
-    p.add_argument("--work", default=None, help="folder for derived files (default: work/<data folder name>)")
+    p.add_argument("--work", default=None, help="folder for derived files (default: work/<data folder name>-<hash of its path>)")
 
 
 def _add_experiment(p: argparse.ArgumentParser) -> None:
@@ -75,7 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="DICOM -> cached images (resumable)")
     _add_data(p)
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--small", action="store_true", help="14%% smaller cache (~136 kB/slice), ~4x slower to write")
 
     p = sub.add_parser("train", help="train one fold (or every fold with --fold all)")
     _add_experiment(p)
@@ -166,9 +165,9 @@ def _folds(args):
 
 @command("preprocess")
 def _preprocess(args):
-    from .data import cache
+    from .data import preprocess
 
-    cache.preprocess(_layout(args), workers=args.workers, level=cache.SMALL if args.small else cache.FAST)
+    preprocess.preprocess(_layout(args), workers=args.workers)
 
 
 @command("train")

@@ -51,7 +51,7 @@ def run(data: str | None = None, config_name: str = "tiny", runs: str | None = N
     from .stack import stage as stack
     from .submit import stage as submission
     from . import train
-    from .data import cache, folds, synth
+    from .data import folds, preprocess, synth
 
     start = time.time()
     cfg = config.load(config_name, overrides)
@@ -69,7 +69,7 @@ def run(data: str | None = None, config_name: str = "tiny", runs: str | None = N
 
     print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name}  runs {runs}")
     folds.fold_table(layout, cfg.cv)
-    cache.ensure(layout)
+    preprocess.ensure(layout)
     for fold in folds.selected_folds(cfg.cv):
         print(f"[demo] training fold {fold} of {cfg.cv.k}")
         train.train_fold(cfg, layout, int(fold), runs=runs)

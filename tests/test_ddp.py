@@ -46,12 +46,12 @@ def _worker(rank: int, world: int, port: int, data: str, work: str, runs: str, o
 
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory) -> Layout:
-    from ich_kaggle.data import cache, folds, synth
+    from ich_kaggle.data import folds, preprocess, synth
 
     root = tmp_path_factory.mktemp("ddp")
     layout = Layout.of(synth.write_competition(root / "comp", seed=1, studies=12, slices=8, size=48), root / "work")
     folds.load_folds(layout, k=3, seed=0)
-    cache.ensure(layout)
+    preprocess.ensure(layout)
     return layout
 
 

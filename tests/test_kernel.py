@@ -415,7 +415,7 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     from ich_kaggle.stack import stage as stack
     from ich_kaggle.submit import stage as submission
     from ich_kaggle import train
-    from ich_kaggle.data import cache, folds, synth
+    from ich_kaggle.data import folds, preprocess, synth
 
     comp = synth.write_competition(tmp_path / "comp", seed=0, studies=6, slices=5, size=32)
     cfg = config.load("tiny", ["cv.k=2", "train.epochs=1", "data.image_size=32", "stack.epochs=3",
@@ -423,7 +423,7 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     layout = Layout.of(comp, tmp_path / "work")
     runs = tmp_path / "runs"
     folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
-    cache.ensure(layout)
+    preprocess.ensure(layout)
     for fold in range(cfg.cv.k):
         train.train_fold(cfg, layout, fold, runs=runs)
     predict.predict(cfg, layout, runs=runs)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -202,3 +204,91 @@ def test_scan_of_odd_bytes_lists_only_what_the_cache_reads(mini_dir, tmp_path):
     for path in skipped["path"]:
         with pytest.raises(dicom.DicomError):
             dicom.read_hu(data / path, dtype=np.int16)
+
+
+def _synth(tmp_path, name="comp"):
+    from ich_kaggle.data import synth
+
+    return synth.write_competition(tmp_path / name, seed=0, studies=4, slices=4, size=32)  # 12 train + 4 test slices
+
+
+def test_meta_rescans_only_added_removed_and_changed_dicoms(tmp_path, monkeypatch, capsys):
+    data = _synth(tmp_path)
+    layout = Layout.of(data, tmp_path / "work")
+    first = meta.build_meta(layout, workers=1)
+    train = first.loc[first["split"] == "train", "path"].tolist()
+    test = first.loc[first["split"] == "test", "path"].tolist()
+    shutil.copy(data / test[0], data / "stage_2_test" / "ID_added0000.dcm")  # a test DICOM added later
+    (data / train[0]).unlink()  # one removed
+    changed = data / train[1]
+    changed.write_bytes(changed.read_bytes()[:300])  # one damaged: now a skipped file, not a meta row
+    scanned = []
+    real_scan = dicom.scan
+    monkeypatch.setattr(dicom, "scan", lambda p: scanned.append(p) or real_scan(p))
+    m = meta.load_meta(layout)
+    assert sorted(os.path.basename(p) for p in scanned) == sorted(["ID_added0000.dcm", changed.name])
+    assert "1 DICOM(s) added, 1 changed, 1 removed" in capsys.readouterr().out
+    assert "ID_added0000" in set(m["image_id"]) and train[0] not in set(m["path"]) and train[1] not in set(m["path"])
+    assert pd.read_csv(layout.skipped_csv)["path"].tolist() == [train[1]]
+    fresh = Layout.of(data, tmp_path / "fresh")
+    meta.build_meta(fresh, workers=1)  # the same file as a scan from scratch
+    pd.testing.assert_frame_equal(meta.read_meta(layout.meta_csv), meta.read_meta(fresh.meta_csv))
+    scanned.clear()
+    assert meta.load_meta(layout) is not None and scanned == []  # fresh: nothing scanned again
+    shutil.copy(data / train[2], changed)  # the damaged file replaced: retried, listed again
+    assert changed.stem in set(meta.load_meta(layout)["image_id"]) and pd.read_csv(layout.skipped_csv).empty
+
+
+def test_symlink_loop_does_not_abort_the_scan(tmp_path, capsys):
+    data = _synth(tmp_path)
+    train = data / "stage_2_train"
+    os.symlink(train / "ID_loop_b.dcm", train / "ID_loop_a.dcm")
+    os.symlink(train / "ID_loop_a.dcm", train / "ID_loop_b.dcm")
+    os.symlink(train / "ID_gone.dcm", train / "ID_dangling.dcm")
+    assert cli.main(["meta", "--data", str(data), "--work", str(tmp_path / "work")]) == 0
+    layout = Layout.of(data, tmp_path / "work")
+    assert len(meta.load_meta(layout)) == 16
+    skipped = pd.read_csv(layout.skipped_csv).set_index("path")["reason"]
+    assert "symbolic links" in skipped["stage_2_train/ID_loop_a.dcm"] and "symbolic links" in skipped["stage_2_train/ID_loop_b.dcm"]
+    assert "No such file" in skipped["stage_2_train/ID_dangling.dcm"]
+
+
+def test_work_folder_is_keyed_by_the_resolved_path(tmp_path, monkeypatch, capsys):
+    from ich_kaggle.data import cache
+
+    monkeypatch.chdir(tmp_path)
+    a = synth_a = _synth(tmp_path / "a", "synth")
+    b = _synth(tmp_path / "b", "synth")
+    (b / "stage_2_train" / sorted(os.listdir(b / "stage_2_train"))[0]).unlink()  # b differs from a
+    la, lb = Layout.of(a), Layout.of(b)
+    assert la.work != lb.work and la.work.parent == lb.work.parent == Path("work")
+    assert la.work.name.startswith("synth-") and lb.work.name.startswith("synth-")
+    os.symlink(a, tmp_path / "link")
+    assert Layout.of(tmp_path / "link").work == Layout.of(Path("a") / "synth").work == la.work  # same folder, same work
+    for data in (synth_a, b):  # the same stages on two folders of one name, default work folders
+        assert cli.main(["preprocess", "--data", str(data), "--workers", "1"]) == 0
+    assert len(meta.load_meta(la)) == 16 and len(meta.load_meta(lb)) == 15
+    assert pd.read_csv(lb.cache_skipped).empty and len(cache.cached_ids(lb)) == 15 and len(cache.cached_ids(la)) == 16
+
+
+def test_killed_scan_worker_says_rerun_with_fewer_workers(tmp_path, monkeypatch, capsys):
+    import multiprocessing as mp
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    data = _synth(tmp_path)
+    real_scan = dicom.scan
+
+    def scan(path):
+        if str(path).endswith(sorted(os.listdir(data / "stage_2_test"))[-1]):
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        return real_scan(path)
+
+    monkeypatch.setattr(meta, "IN_PROCESS_BELOW", 0)
+    monkeypatch.setattr(meta, "CHUNK", 2)
+    monkeypatch.setattr(meta, "_pool", lambda n: ProcessPoolExecutor(n, mp_context=mp.get_context("fork")))
+    monkeypatch.setattr(dicom, "scan", scan)  # inherited by the forked workers
+    assert cli.main(["meta", "--data", str(data), "--work", str(tmp_path / "work"), "--workers", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "fewer workers (--workers 1)" in errors[0] and str(data) in errors[0]
+    assert not (tmp_path / "work" / "meta.csv").exists()  # nothing half-made

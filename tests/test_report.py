@@ -399,7 +399,7 @@ def test_report_test_section(experiment):
 def test_gradcam_section_with_real_checkpoint_and_dataset(tmp_path):
     """The data layer's cache + SliceDataset and a checkpoint written the way training writes it (untrained
     tiny net, no ImageNet weights needed): both galleries render, from each image's own fold model."""
-    from ich_kaggle.data import cache, folds as folds_mod, meta as meta_mod, synth
+    from ich_kaggle.data import folds as folds_mod, preprocess, meta as meta_mod, synth
     from ich_kaggle.models import build_model
     from ich_kaggle.models.checkpoint import save_checkpoint
 
@@ -407,7 +407,7 @@ def test_gradcam_section_with_real_checkpoint_and_dataset(tmp_path):
     layout = Layout.of(data, tmp_path / "work")
     meta_mod.build_meta(layout, workers=1)
     folds = folds_mod.build_folds(layout, k=2, seed=0)
-    cache.preprocess(layout, workers=1)
+    preprocess.preprocess(layout, workers=1)
     cfg = config.load("tiny", ["cv.k=2", "cv.seed=0", "model.pretrained=false", "data.neighbors=1"])
     runs = tmp_path / "runs"
     torch.manual_seed(0)

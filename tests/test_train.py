@@ -116,11 +116,11 @@ def test_resume_with_changed_config_is_a_user_error(comp, tmp_path):
 
 
 def test_corrupt_cache_file_is_skipped_not_fatal(comp, tmp_path):
-    from ich_kaggle.data import cache
+    from ich_kaggle.data import cache, preprocess
     from ich_kaggle.data.folds import load_folds
 
     layout = Layout.of(comp.data, tmp_path / "work")  # a private cache we may damage
-    cache.ensure(layout)
+    preprocess.ensure(layout)
     folds = load_folds(layout, k=3, seed=0)
     victims = folds[folds["fold"] != 0]["image_id"].astype(str).head(3).tolist()
     for image_id in victims:

@@ -35,10 +35,10 @@ def _child_tiny(data: str | None, device: str) -> dict:
 
             data = str(synth.write_competition(Path(tmp) / "synth", seed=0, studies=16, slices=12, size=96))
         layout = Layout.of(data, Path(tmp) / "work")
-        from ..data import cache, folds
+        from ..data import folds, preprocess
 
         folds.load_folds(layout, k=2, seed=0)  # preparing data is not what this measures
-        cache.ensure(layout)
+        preprocess.ensure(layout)
         cfg = config.load("tiny", ["train.epochs=1", "train.max_images_per_epoch=128", "cv.k=2",
                                    "model.pretrained=false"])
         if device == "cpu":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
 import pandas as pd
+
+from .errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -43,3 +46,19 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> Path:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, compression="gzip" if path.suffix == ".gz" else None, **kwargs)
     return path
+
+
+def cannot_write(path: str | os.PathLike, err: OSError, folder: str | os.PathLike | None = None) -> UserError:
+    """The one-line error for a failed write (disk full, read-only folder): what failed and how to go on.
+
+    `folder`: the one to name in the fix (e.g. the cache folder rather than one of its shards)."""
+    path = Path(path)
+    where = Path(folder) if folder is not None else path.parent
+    reason = err.strerror or type(err).__name__
+    if err.errno == errno.ENOSPC or err.errno == errno.EDQUOT:
+        fix = f"free space on the disk of {where} (or pass --work <folder on a bigger disk>) and rerun"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {where} writable (or pass --work <writable folder>) and rerun"
+    else:
+        fix = "fix the cause and rerun"
+    return UserError(f"cannot write {path}: {reason}; {fix} (work done so far is kept)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,9 @@ class Layout:
 
     @classmethod
     def of(cls, data: str | Path, work: str | Path | None = None) -> "Layout":
+        """`work` defaults to work/<name>-<hash of the resolved path>: two folders of the same name never share one."""
         data = Path(data)
-        return cls(data=data, work=Path(work) if work else Path("work") / data.resolve().name)
+        return cls(data=data, work=Path(work) if work else Path("work") / work_name(data))
 
     # --- the competition files (inputs) ---
     @property
@@ -53,12 +55,32 @@ class Layout:
         return self.work / "skipped.csv"
 
     @property
+    def meta_inputs(self) -> Path:
+        """The DICOM listing (path, size, mtime) meta.csv was made from: what an incremental rescan compares."""
+        return self.work / "meta_inputs.csv"
+
+    @property
     def folds_csv(self) -> Path:
         return self.work / "folds.csv"
 
     @property
     def cache_dir(self) -> Path:
         return self.work / "cache"
+
+    @property
+    def cache_format(self) -> Path:
+        """The cache's format marker: a cache written in another format is removed and rebuilt."""
+        return self.cache_dir / "FORMAT"
+
+    @property
+    def cache_sources(self) -> Path:
+        """image_id, path, size, mtime of the DICOM each cache entry was made from."""
+        return self.cache_dir / "sources.csv"
+
+    @property
+    def cache_skipped(self) -> Path:
+        """DICOMs the cache step could not decode (path, reason, size, mtime): retried once they change."""
+        return self.cache_dir / "skipped.csv"
 
     def require_data(self) -> None:
         if not self.data.is_dir():
@@ -68,6 +90,12 @@ class Layout:
             )
         if not self.train_dir.is_dir() and not self.test_dir.is_dir():
             raise UserError(f"{self.data} has neither stage_2_train/ nor stage_2_test/; point DATA_DIR at the unzipped competition folder")
+
+
+def work_name(data: str | Path) -> str:
+    """A readable, collision-free work folder name for a data folder: its name plus a short hash of its resolved path."""
+    resolved = Path(data).resolve()
+    return f"{resolved.name or 'root'}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
 
 
 # --- the run layout: every file an experiment writes under runs/<config>/ is named here and nowhere else ---

@@ -1,9 +1,11 @@
 """Header scan -> `meta.csv`: one row per readable slice with its patient/study/series and its place in the series.
 
 Headers only (pixels are never decoded here), chunked over a process pool. Files that cannot give a CT slice
-(truncated, not DICOM, colour, no pixels, no patient/series tags) go to `skipped.csv` (path, reason) and the scan
-goes on. The slice order is computed by `order_slices`, a pure function over a header table, so it can also be
-run on header tables from elsewhere (see `frame_from_headers`).
+(truncated, not DICOM, colour, no pixels, no patient/series tags, a symlink loop) go to `skipped.csv` (path, reason)
+and the scan goes on. meta.csv is kept fresh by its manifest (the digest of the DICOM listing, `data.inputs`):
+`load_meta` rescans only the files added or changed since (and drops removed ones), then re-ranks every series.
+The slice order is computed by `order_slices`, a pure function over a header table, so it can also be run on
+header tables from elsewhere (see `frame_from_headers`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..core.io import write_csv
+from ..core import manifest
+from ..core.io import cannot_write, write_csv
 from ..core.layout import Layout
-from . import dicom
+from . import dicom, inputs
 
 COLUMNS = [
     "image_id", "patient_id", "study_id", "series_id", "split", "path", "z", "slice_rank", "series_len",
@@ -35,6 +38,7 @@ COLUMNS = [
 ID_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "split", "path"]
 REQUIRED = {"PatientID": "patient_id", "StudyInstanceUID": "study_id", "SeriesInstanceUID": "series_id"}
 CHUNK = 256
+VERSION = 2  # of meta.csv's columns and header checks: a meta.csv of another version is rescanned in full
 IN_PROCESS_BELOW = 4096  # a process pool costs ~1-3 s to start: smaller scans run in-process
 WORKER_DIED = "the scan's worker process died reading this file (a crash or the out-of-memory killer); the rest went on"
 _IOP_ROW = ["iop0", "iop1", "iop2", "iop3", "iop4", "iop5"]
@@ -100,17 +104,6 @@ def _scan_chunk(args: Chunk) -> Result:
     return rows, skipped
 
 
-def list_dicoms(layout: Layout) -> list[tuple[str, str]]:
-    """(path relative to the data folder, split) of every file in stage_2_train/ and stage_2_test/, sorted."""
-    items: list[tuple[str, str]] = []
-    for split, folder in (("train", layout.train_dir), ("test", layout.test_dir)):
-        if folder.is_dir():
-            with os.scandir(folder) as it:
-                names = sorted(e.name for e in it if e.is_file() and not e.name.startswith("."))
-            items.extend((f"{folder.name}/{n}", split) for n in names)
-    return items
-
-
 def _pool(workers: int) -> ProcessPoolExecutor:
     # forkserver: safe even when the caller already runs threads (torch, tqdm monitor)
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
@@ -166,7 +159,7 @@ def _isolated(chunks: list[Chunk]) -> Result:
 
 def scan_files(data_dir: Path, items: list[tuple[str, str]], workers: int | None = None,
                desc: str = "headers", reader: Reader = dicom.scan) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Scan headers in parallel -> (ordered meta frame, skipped frame with path, reason).
+    """Scan headers in parallel -> (meta rows with z, not yet ranked; skipped frame with path, reason).
 
     `reader` (path -> (header, reason)) is the DICOM reader, a module-level function so workers can import it."""
     workers = max(1, workers or os.cpu_count() or 1)
@@ -187,7 +180,7 @@ def scan_files(data_dir: Path, items: list[tuple[str, str]], workers: int | None
             _pooled(chunks, min(workers, len(chunks)), collect)
     skipped.sort()
     frame = pd.DataFrame(rows, columns=COLUMNS[:6] + [c for c in COLUMNS[6:] if c not in ("z", "slice_rank", "series_len")] + _IOP_ROW)
-    return order_slices(frame), pd.DataFrame(skipped, columns=["path", "reason"])
+    return add_z(frame), pd.DataFrame(skipped, columns=["path", "reason"])
 
 
 def slice_z(ipp: np.ndarray, iop: np.ndarray, instance: np.ndarray | None = None) -> np.ndarray:
@@ -214,6 +207,11 @@ def order_slices(frame: pd.DataFrame) -> pd.DataFrame:
     Needs image_id, series_id, ipp_x/y/z, iop0..5 and optionally instance_number. Ties in z (duplicate
     positions) and missing positions are broken by InstanceNumber, then image_id, so the order is stable.
     """
+    return rank_slices(add_z(frame))
+
+
+def add_z(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add z (a property of each slice alone, so rows scanned at different times combine) and drop iop0..5."""
     df = frame.copy()
     if "instance_number" not in df:
         df["instance_number"] = np.nan
@@ -221,13 +219,19 @@ def order_slices(frame: pd.DataFrame) -> pd.DataFrame:
     ipp = df[["ipp_x", "ipp_y", "ipp_z"]].to_numpy(dtype=np.float64, na_value=np.nan)
     iop = df[_IOP_ROW].to_numpy(dtype=np.float64, na_value=np.nan)
     df["z"] = slice_z(ipp, iop, df["instance_number"].to_numpy(dtype=np.float64, na_value=np.nan))
+    return df.drop(columns=_IOP_ROW)
+
+
+def rank_slices(frame: pd.DataFrame) -> pd.DataFrame:
+    """(Re)compute slice_rank and series_len from z over all rows; sorted by study, series, rank."""
+    df = frame.drop(columns=[c for c in ("slice_rank", "series_len") if c in frame])
+    df["instance_number"] = pd.to_numeric(df["instance_number"], errors="coerce")
     df = df.sort_values(["series_id", "z", "instance_number", "image_id"], na_position="last", kind="mergesort")
     groups = df.groupby("series_id", sort=False)
     df["slice_rank"] = groups.cumcount().astype(np.int64)
     df["series_len"] = groups["image_id"].transform("size").astype(np.int64)
     sort_cols = ["study_id", "series_id", "slice_rank"] if "study_id" in df else ["series_id", "slice_rank"]
     df = df.sort_values(sort_cols, kind="mergesort").reset_index(drop=True)
-    df = df.drop(columns=_IOP_ROW)
     order = [c for c in COLUMNS if c in df] + [c for c in df if c not in COLUMNS]
     return df[order]
 
@@ -268,25 +272,34 @@ def frame_from_headers(headers: pd.DataFrame, split: str = "test") -> pd.DataFra
 
 
 def build_meta(layout: Layout, out: str | Path | None = None, workers: int | None = None) -> pd.DataFrame:
-    """Scan every DICOM of the data folder into meta.csv (+ skipped.csv); print what was skipped and why."""
+    """Scan every DICOM of the data folder into meta.csv (+ skipped.csv), a full rescan; print what was skipped."""
     layout.require_data()
     out = Path(out) if out else layout.meta_csv
-    skipped_path = layout.skipped_csv if out == layout.meta_csv else out.with_name(f"{out.stem}_skipped.csv")
-    items = list_dicoms(layout)
+    if out == layout.meta_csv:
+        return _refresh(layout, workers, reuse=False)
     t0 = time.perf_counter()
-    meta, skipped = scan_files(layout.data, items, workers=workers)
-    write_csv(meta, out)
-    write_csv(skipped, skipped_path)
-    n_train = int((meta["split"] == "train").sum())
-    print(f"meta: {len(meta)} slices ({n_train} train, {len(meta) - n_train} test) in {meta['series_id'].nunique()} series "
-          f"of {meta['patient_id'].nunique()} patients, {time.perf_counter() - t0:.1f}s -> {out}")
-    if len(skipped):
-        print(f"skipped {len(skipped)} file(s) (listed in {skipped_path}):")
-        for path, reason in skipped.head(50).itertuples(index=False):
-            print(f"  {path}: {reason}")
-        if len(skipped) > 50:
-            print(f"  ... and {len(skipped) - 50} more")
+    listing, unreadable = inputs.list_inputs(layout)
+    meta, skipped = _scan(layout, listing, unreadable, workers)
+    skipped_path = out.with_name(f"{out.stem}_skipped.csv")
+    _write(meta, out)
+    _write(skipped, skipped_path)
+    _report(meta, skipped, out, skipped_path, time.perf_counter() - t0)
     return meta
+
+
+def load_meta(layout: Layout, workers: int | None = None) -> pd.DataFrame:
+    """meta.csv of this layout; scanned first where DICOMs were added, removed or changed since it was made.
+
+    Without the DICOM folders (a work folder copied elsewhere) an existing meta.csv is used as it is.
+    """
+    has_dicoms = layout.train_dir.is_dir() or layout.test_dir.is_dir()
+    if layout.meta_csv.exists() and not has_dicoms:
+        return read_meta(layout.meta_csv)
+    layout.require_data()
+    listing, unreadable = inputs.list_inputs(layout)
+    if layout.meta_csv.exists() and manifest.is_fresh(layout.meta_csv, _expected(listing)):
+        return read_meta(layout.meta_csv)
+    return _refresh(layout, workers, reuse=True, listing=(listing, unreadable))
 
 
 def read_meta(path: str | Path) -> pd.DataFrame:
@@ -294,8 +307,82 @@ def read_meta(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={c: str for c in ID_COLUMNS})
 
 
-def load_meta(layout: Layout) -> pd.DataFrame:
-    """meta.csv of this layout, scanned first if it does not exist yet."""
-    if layout.meta_csv.exists():
-        return read_meta(layout.meta_csv)
-    return build_meta(layout)
+def _expected(listing: pd.DataFrame) -> dict:
+    return manifest.make("meta", VERSION, inputs={"dicoms": inputs.digest(listing)})
+
+
+def _previous(layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None:
+    """(meta, skipped, listing) of the last scan, or None where there is none of this version to build on."""
+    found = manifest.read(layout.meta_csv)
+    if found is None or found.get("version") != VERSION or not layout.meta_inputs.exists() or not layout.skipped_csv.exists():
+        return None
+    try:
+        return (read_meta(layout.meta_csv), pd.read_csv(layout.skipped_csv, dtype=str),
+                inputs.read_listing(layout.meta_inputs))
+    except (OSError, ValueError):
+        return None
+
+
+def _refresh(layout: Layout, workers: int | None, reuse: bool,
+             listing: tuple[pd.DataFrame, list[tuple[str, str]]] | None = None) -> pd.DataFrame:
+    """Write meta.csv, skipped.csv and their manifest; with `reuse`, rescan only what changed since the last scan."""
+    t0 = time.perf_counter()
+    files, unreadable = listing if listing is not None else inputs.list_inputs(layout)
+    previous = _previous(layout) if reuse else None
+    if previous is None:
+        if reuse and layout.meta_csv.exists():
+            print(f"meta: {layout.meta_csv} was made by another version (no manifest); rescanning every DICOM")
+        todo, kept_meta, kept_skipped = files, None, None
+    else:
+        old_meta, old_skipped, old_files = previous
+        new = inputs.changed(files, old_files)
+        todo = files.loc[new]
+        kept = set(files.loc[~new, "path"])
+        n_changed = int(todo["path"].isin(old_files["path"]).sum())
+        n_removed = len(set(old_files["path"]) - set(files["path"]))
+        print(f"meta: {len(todo) - n_changed} DICOM(s) added, {n_changed} changed, {n_removed} removed since "
+              f"{layout.meta_csv} was made; scanning {len(todo)}")
+        kept_meta = old_meta.loc[old_meta["path"].isin(kept)]
+        kept_skipped = old_skipped.loc[old_skipped["path"].isin(kept)]
+    meta, skipped = _scan(layout, todo, unreadable, workers, kept_meta, kept_skipped)
+    _write(meta, layout.meta_csv)
+    _write(skipped, layout.skipped_csv)
+    _write(files, layout.meta_inputs)
+    try:
+        manifest.write(layout.meta_csv, _expected(files))  # last: an interrupted refresh leaves meta.csv stale
+    except OSError as e:
+        raise cannot_write(manifest.path_of(layout.meta_csv), e) from None
+    _report(meta, skipped, layout.meta_csv, layout.skipped_csv, time.perf_counter() - t0)
+    return meta
+
+
+def _scan(layout: Layout, todo: pd.DataFrame, unreadable: list[tuple[str, str]], workers: int | None,
+          kept_meta: pd.DataFrame | None = None, kept_skipped: pd.DataFrame | None = None
+          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scan `todo`'s headers and rank every series over the new and the kept rows -> (meta, skipped)."""
+    rows, skipped = scan_files(layout.data, list(todo[["path", "split"]].itertuples(index=False, name=None)),
+                               workers=workers)
+    if kept_meta is not None and len(kept_meta):
+        rows = pd.concat([kept_meta, rows.astype({c: str for c in ID_COLUMNS})], ignore_index=True) if len(rows) else kept_meta
+    parts = [p for p in (kept_skipped, skipped, pd.DataFrame(unreadable, columns=["path", "reason"])) if p is not None and len(p)]
+    skipped = pd.concat(parts, ignore_index=True) if parts else skipped
+    return rank_slices(rows), skipped.sort_values("path", kind="mergesort").reset_index(drop=True)
+
+
+def _write(df: pd.DataFrame, path: Path) -> None:
+    try:
+        write_csv(df, path)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+
+
+def _report(meta: pd.DataFrame, skipped: pd.DataFrame, out: Path, skipped_path: Path, seconds: float) -> None:
+    n_train = int((meta["split"] == "train").sum())
+    print(f"meta: {len(meta)} slices ({n_train} train, {len(meta) - n_train} test) in {meta['series_id'].nunique()} series "
+          f"of {meta['patient_id'].nunique()} patients, {seconds:.1f}s -> {out}")
+    if len(skipped):
+        print(f"skipped {len(skipped)} file(s) (listed in {skipped_path}):")
+        for path, reason in skipped.head(50).itertuples(index=False):
+            print(f"  {path}: {reason}")
+        if len(skipped) > 50:
+            print(f"  ... and {len(skipped) - 50} more")

@@ -60,14 +60,14 @@ def check_fold(cfg: Config, fold: int) -> None:
 
 def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None = None) -> FoldData:
     """Build what is missing (meta, folds, cache) on rank 0, then split folds.csv into train / validation."""
-    from ..data import cache, folds, meta
+    from ..data import folds, meta, preprocess
     from ..data.dataset import drop_empty_slices
 
     info = info or D.DistInfo()
     check_fold(cfg, fold)
     if info.is_main:
         table = folds.fold_table(layout, cfg.cv)
-        cache.ensure(layout)
+        preprocess.ensure(layout)
     D.barrier(info)
     if not info.is_main:
         table = folds.fold_table(layout, cfg.cv)

@@ -33,6 +33,7 @@ from ..data.folds import selected_folds
 KERNEL_PACKAGES: tuple[str, ...] = (
     "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
     "pretrainedmodels", "munch", "segmentation-models-pytorch",
+    "blosc2", "ndindex",  # the cache codec (Kaggle's image may lack blosc2 or ship one older than 3.x)
 )
 CODE_SLUG = "ich-kaggle-code"
 DATASET_META = "dataset-metadata.json"

@@ -150,7 +150,7 @@ def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
 
 def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`."""
-    from ..data import cache
+    from ..data import cache, preprocess
     from ..data.folds import fold_table
     from ..data.meta import load_meta
     from ..models.checkpoint import load_checkpoint
@@ -169,7 +169,7 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
         print(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
     meta = load_meta(layout)
     folds = fold_table(layout, cfg.cv)  # the folds training used (cv.split)
-    cache.ensure(layout)
+    preprocess.ensure(layout)
     cached = cache.cached_ids(layout)
     meta = meta.assign(image_id=meta["image_id"].astype(str))
     bad = unreadable_test(meta, cached, layout.sample_csv)

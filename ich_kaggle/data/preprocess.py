@@ -1,0 +1,174 @@
+"""`make preprocess`: every readable slice of meta.csv -> the HU cache (`data.cache`), resumable.
+
+An entry is reused only while the DICOM it was made from keeps its path, size and mtime (`cache/sources.csv`).
+Only files that do not decode as images are skipped, with the reason; a skipped file is retried once it changes.
+A failed write (disk full, read-only folder) stops the stage at the first failure with one line, keeping what was
+cached so far and recording nothing as a bad DICOM; a killed pool worker says to rerun with fewer workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ..core.errors import UserError
+from ..core.io import cannot_write
+from ..core.layout import Layout
+from . import cache, dicom, inputs
+from . import meta as meta_mod
+from .codec import encode
+
+CHUNK = 64
+IN_PROCESS_BELOW = 1024  # a process pool costs seconds to start
+RECORD_EVERY_S = 60.0  # sources.csv is rewritten this often during a run, so even a kill -9 loses little
+_KEY = ["image_id", "path", "size", "mtime_ns"]
+
+Item = tuple[str, str, int, int]  # image_id, path relative to the data folder, size, mtime_ns
+
+
+def cache_one(src: str | Path, dst: Path) -> int:
+    """DICOM -> cache file; returns the bytes written. Raises dicom.DicomError for unusable files, OSError on writes."""
+    data = encode(dicom.read_hu(src, dtype=np.int16))
+    cache.write_entry(dst, data)
+    return len(data)
+
+
+def _cache_chunk(args: tuple[str, str, list[Item]]) -> tuple[list[Item], list[tuple], int, tuple | None]:
+    """-> (cached items, skipped (path, reason, size, mtime_ns), bytes written, the first write failure or None)."""
+    data_dir, work, items = args
+    layout = Layout(data=Path(data_dir), work=Path(work))
+    done: list[Item] = []
+    skipped: list[tuple] = []
+    written = 0
+    for image_id, rel, size, mtime in items:
+        dst = cache.cache_path(layout, image_id)
+        try:
+            written += cache_one(os.path.join(data_dir, rel), dst)
+        except dicom.DicomError as e:
+            skipped.append((rel, e.reason, size, mtime))
+            continue
+        except OSError as e:  # the write failed: the DICOM is fine, the disk or folder is not
+            return done, skipped, written, (str(dst), e.errno, e.strerror)
+        except (ValueError, ArithmeticError, KeyError, IndexError) as e:  # one odd file never sinks the run
+            skipped.append((rel, f"cannot decode ({type(e).__name__}: {e})", size, mtime))
+            continue
+        done.append((image_id, rel, size, mtime))
+    return done, skipped, written, None
+
+
+def _rows(layout: Layout, splits: tuple[str, ...] | None) -> pd.DataFrame:
+    """image_id, path, size, mtime_ns of every slice of meta.csv (fresh), or of `splits` only."""
+    meta = meta_mod.load_meta(layout)
+    if splits is not None:
+        meta = meta.loc[meta["split"].isin(splits)]
+    listing = inputs.read_listing(layout.meta_inputs)
+    return meta[["image_id", "path"]].merge(listing[["path", "size", "mtime_ns"]], on="path", how="inner")
+
+
+def _matches(rows: pd.DataFrame, table: pd.DataFrame, key: list[str]) -> np.ndarray:
+    """Per row: whether `table` has a row with the same values in `key` (same file, same size and mtime)."""
+    table = table[key].astype({"size": "int64", "mtime_ns": "int64"}).drop_duplicates()
+    return (rows[key].merge(table, on=key, how="left", indicator=True)["_merge"] == "both").to_numpy()
+
+
+def _plan(layout: Layout, splits: tuple[str, ...] | None, retry_skipped: bool) -> tuple[pd.DataFrame, int]:
+    """(slices to cache, how many are already cached from their current DICOM)."""
+    rows = _rows(layout, splits)
+    fresh = _matches(rows, cache.read_sources(layout), _KEY) & rows["image_id"].isin(cache.cached_ids(layout)).to_numpy()
+    todo = rows.loc[~fresh]
+    if not retry_skipped:  # known-bad files are retried only once they change
+        todo = todo.loc[~_matches(todo, cache.read_skipped(layout), ["path", "size", "mtime_ns"])]
+    return todo, int(fresh.sum())
+
+
+def preprocess(layout: Layout, workers: int | None = None, splits: tuple[str, ...] | None = None,
+               retry_skipped: bool = True) -> dict:
+    """Cache every readable slice of meta.csv (train and test, or only `splits`); resumable.
+
+    Returns {"cached", "existing", "skipped", "bytes_written", "seconds", "images_per_s"}.
+    """
+    layout.require_data()
+    cache.reset_if_foreign(layout)
+    todo, existing = _plan(layout, splits, retry_skipped)
+    items: list[Item] = list(todo[_KEY].itertuples(index=False, name=None))
+    workers = max(1, workers or os.cpu_count() or 1)
+    chunks = [(str(layout.data), str(layout.work), items[i:i + CHUNK]) for i in range(0, len(items), CHUNK)]
+    done: list[Item] = []
+    skipped: list[tuple] = []
+    written = recorded = 0  # done[:recorded] and skipped[:recorded_skipped] are in sources.csv / skipped.csv
+    recorded_skipped = 0
+    failure = None
+    t0 = last_record = time.perf_counter()
+    pool = None
+    try:
+        with tqdm(total=len(items), desc="cache", unit="img", mininterval=1.0) as bar:
+            if workers == 1 or len(items) < IN_PROCESS_BELOW:
+                results = map(_cache_chunk, chunks)
+            else:
+                pool = _pool(workers)
+                results = pool.map(_cache_chunk, chunks)
+            for d, s, b, failure in results:
+                done += d
+                skipped += s
+                written += b
+                bar.update(len(d) + len(s))
+                if failure is not None:
+                    break
+                if time.perf_counter() - last_record > RECORD_EVERY_S:
+                    _record(layout, done[recorded:], skipped[recorded_skipped:])
+                    recorded, recorded_skipped, last_record = len(done), len(skipped), time.perf_counter()
+    except BrokenProcessPool:
+        raise UserError(f"a preprocess worker process died (killed for memory?) after {len(done)} new slices; rerun "
+                        f"with fewer workers (--workers {max(1, workers // 2)}); the slices cached so far are kept") from None
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        _record(layout, done[recorded:], skipped[recorded_skipped:])  # whatever stopped the run, its work stays known
+    if failure is not None:
+        path, code, reason = failure
+        raise cannot_write(path, OSError(code, reason), folder=layout.cache_dir)
+    seconds = time.perf_counter() - t0
+    result = {"cached": len(done), "existing": existing, "skipped": len(skipped), "bytes_written": written,
+              "seconds": round(seconds, 2), "images_per_s": round(len(done) / seconds, 1) if seconds > 0 else 0.0}
+    print(f"cache: {len(done)} new, {existing} already cached, {len(skipped)} skipped, "
+          f"{written / max(len(done), 1) / 1024:.0f} kB/image, {result['images_per_s']} img/s -> {layout.cache_dir}")
+    for path, reason, _, _ in skipped[:50]:
+        print(f"  skipped {path}: {reason}")
+    return result
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # forkserver: safe even when the caller already runs threads (torch, tqdm monitor)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
+
+
+def _record(layout: Layout, done: list[Item], skipped: list[tuple]) -> None:
+    """Add this run's entries to sources.csv and its bad files to skipped.csv (earlier findings on other files stay)."""
+    if not done and not skipped:
+        return
+    new = pd.DataFrame(done, columns=cache.SOURCE_COLUMNS)
+    sources = cache.read_sources(layout)
+    cache.write_sources(layout, pd.concat([sources.loc[~sources["image_id"].isin(new["image_id"])], new],
+                                          ignore_index=True))
+    bad = pd.DataFrame(skipped, columns=cache.SKIPPED_COLUMNS)
+    earlier = cache.read_skipped(layout)
+    tried = set(new["path"]) | set(bad["path"])
+    cache.write_skipped(layout, pd.concat([earlier.loc[~earlier["path"].isin(tried)], bad], ignore_index=True))
+
+
+def ensure(layout: Layout, workers: int | None = None, splits: tuple[str, ...] | None = None) -> dict | None:
+    """Run `preprocess` only if some readable slice is not cached from its current DICOM (unchanged known-bad files
+    do not count). `splits=("test",)` caches only the test slices (inference in a Kaggle kernel)."""
+    if not (layout.train_dir.is_dir() or layout.test_dir.is_dir()):
+        return None  # a work folder without its DICOMs: the cache is what it is
+    if cache.format_ok(layout) and _plan(layout, splits, retry_skipped=False)[0].empty:
+        return None
+    return preprocess(layout, workers=workers, splits=splits, retry_skipped=False)

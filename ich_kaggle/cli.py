@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic (or any) competition")
     p.add_argument("--data", default=None, help="data folder; default: generate the synthetic competition")
     p.add_argument("--config", default="tiny")
-    p.add_argument("--runs", default=None, help="default: runs/demo/<data folder name>")
+    p.add_argument("--runs", default=None, help="default: runs/demo/<data folder name>-<path hash>")
     p.add_argument("--work", default=None)
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     return parser

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .core.labels import LABELS
 from .core import config
-from .core.layout import Layout, Run
+from .core.layout import Layout, Run, work_name
 
 SYNTH_DIR = Path("data/synth")
 
@@ -65,7 +65,7 @@ def run(data: str | None = None, config_name: str = "tiny", runs: str | None = N
     layout = Layout.of(data_dir, work)
     layout.require_data()
     # one runs folder per data folder: folds trained on one competition must never be reused on another
-    runs = runs or str(Path("runs/demo") / layout.data.resolve().name)
+    runs = runs or str(Path("runs/demo") / work_name(layout.data))
 
     print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name}  runs {runs}")
     folds.fold_table(layout, cfg.cv)

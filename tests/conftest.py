@@ -67,6 +67,14 @@ def kaggle_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def library_messages_on_stdout():
+    """As the CLI does: the library's log lines on stdout, where capsys sees them."""
+    from ich_kaggle.core import log
+
+    log.show()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """One intra-op thread per test process: DDP and subprocess tests share 2 cores, and OpenMP threads fighting
     over them made tests 5-10x slower."""

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from ich_kaggle.submit import stage as submission
+from ich_kaggle.core.layout import work_name
 from ich_kaggle.data import synth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,5 +42,13 @@ def test_demo_prints_three_scores_and_writes_a_valid_submission(tmp_path):
     sample = data / "stage_2_sample_submission.csv"
     assert submission.validate_file(sample, sub) == []
     assert len(pd.read_csv(sub)) == len(pd.read_csv(sample))
-    # the demo's runs are kept per data folder, so another competition never reuses these folds
-    assert (tmp_path / "runs" / "demo" / "comp" / "tiny" / "fold2" / "best.pt").exists()
+    # the demo's runs are kept per data folder (name + path hash), so another competition never reuses these folds
+    assert (tmp_path / "runs" / "demo" / work_name(data) / "tiny" / "fold2" / "best.pt").exists()
+
+    # a second run reuses everything (trained folds, per-fold predictions, the stack) and prints the same scores
+    again = _demo(tmp_path, data)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-3:] == lines
+    printed = again.stdout + again.stderr
+    assert printed.count("is already trained") == 3 and "already predicted" in printed and "is up to date" in printed
+    assert "epoch 1/" not in printed  # nothing trained again

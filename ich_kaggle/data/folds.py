@@ -23,6 +23,9 @@ from ..core.config import CVConfig
 from ..core.layout import Layout
 from ..core import labels as labels_mod
 from . import meta as meta_mod
+from ..core.log import get as get_logger
+
+log = get_logger("folds")
 
 FOLD_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "fold", *LABELS]
 
@@ -151,20 +154,27 @@ def build_folds(layout: Layout, out: str | Path | None = None, k: int = 5, seed:
                         f"check that they come from the same download (or delete {layout.meta_csv} to rescan)")
     frame["fold"] = assign_folds(frame, k=k, seed=seed)
     folds = frame[FOLD_COLUMNS].reset_index(drop=True)
-    out = Path(out) if out else layout.folds_csv
-    write_csv(folds, out)
-    with atomic_open(_sidecar(out)) as f:
-        json.dump({"k": k, "seed": seed, "images": len(folds)}, f)
+    out = write_folds(layout, folds, k, seed, out)
     unlabelled = int((meta["split"] == "train").sum()) - len(folds)
-    print(f"folds: {len(folds)} labelled train slices of {folds['patient_id'].nunique()} patients in {k} folds (seed {seed})"
+    log.info(f"folds: {len(folds)} labelled train slices of {folds['patient_id'].nunique()} patients in {k} folds (seed {seed})"
           + (f"; {unlabelled} train slice(s) without labels left out" if unlabelled else "") + f" -> {out}")
-    print(summary(folds).to_string())
+    log.info(summary(folds).to_string())
     return folds
 
 
+def write_folds(layout: Layout, folds: pd.DataFrame, k: int, seed: int, out: str | Path | None = None) -> Path:
+    """folds.csv + the sidecar that says what made it (k, seed, the label file): built here or shipped (a kernel)."""
+    out = Path(out) if out else layout.folds_csv
+    write_csv(folds, out)
+    with atomic_open(_sidecar(out)) as f:
+        json.dump({"k": k, "seed": seed, "images": len(folds), "labels": _labels_identity(layout)}, f)
+    return out
+
+
 def _stale(layout: Layout, k: int, seed: int) -> bool:
-    """Whether folds.csv must be (re)built: missing, or older than its inputs. Made with another (k, seed), it is
-    not rebuilt behind the user's back (trained folds depend on it): one line says how to go on."""
+    """Whether folds.csv must be (re)built: missing, made from another label file, or lacking labelled train images
+    that the data folder now has. Made with another (k, seed), it is not rebuilt behind the user's back (trained
+    folds depend on it): one line says how to go on."""
     path = layout.folds_csv
     if not path.exists() or not _sidecar(path).exists():
         return True
@@ -177,9 +187,22 @@ def _stale(layout: Layout, k: int, seed: int) -> bool:
                         f"cv.k={k}, cv.seed={seed}; use --set cv.k={info.get('k')} cv.seed={info.get('seed')}, or rebuild "
                         f"it with `python -m ich_kaggle folds --data {layout.data} --k {k} --seed {seed}` (folds "
                         f"trained on the old split then refuse to resume)")
-    built = path.stat().st_mtime
-    inputs = [layout.meta_csv, layout.train_csv]
-    return any(p.exists() and p.stat().st_mtime > built for p in inputs)
+    if info.get("labels") != _labels_identity(layout):
+        return True  # stage_2_train.csv replaced or edited
+    # only labelled train images that folds.csv lacks make it stale: new test DICOMs (meta.csv rewritten) do not,
+    # and neither does a meta.csv without train rows (a kernel's, which predicts the test set only)
+    train_ids = set(meta_mod.load_meta(layout).query("split == 'train'")["image_id"].astype(str))
+    new = train_ids - set(pd.read_csv(path, usecols=["image_id"], dtype=str)["image_id"])
+    if new and new & set(labels_mod.read_labels(layout.train_csv)["image_id"]):
+        log.info(f"{path}: {len(new)} labelled train image(s) added since it was made; rebuilding it")
+        return True
+    return False
+
+
+def _labels_identity(layout: Layout) -> dict:
+    """stage_2_train.csv as size + mtime, not path (the kernel sees it through a link)."""
+    st = layout.train_csv.stat() if layout.train_csv.exists() else None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns} if st else {}
 
 
 def read_folds(path: str | Path) -> pd.DataFrame:
@@ -190,7 +213,7 @@ def read_folds(path: str | Path) -> pd.DataFrame:
 
 
 def load_folds(layout: Layout, k: int = 5, seed: int = 42) -> pd.DataFrame:
-    """folds.csv for (k, seed), (re)built with its meta.csv when missing or older than its inputs."""
+    """folds.csv for (k, seed), (re)built when missing or stale (see `_stale`)."""
     if _stale(layout, k, seed):
         return build_folds(layout, k=k, seed=seed)
     return read_folds(layout.folds_csv)

@@ -14,6 +14,9 @@ from ..core.io import atomic_path, write_csv
 from ..core.layout import Layout, Run
 from . import dist as D
 from .plan import epoch_indices, label_matrix, train_loader
+from ..core.log import get as get_logger
+
+log = get_logger("lrfind")
 
 
 def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> float:
@@ -90,7 +93,7 @@ def lr_find(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", s
     files = Run.of(runs, cfg.name).fold(fold)
     write_csv(pd.DataFrame({"lr": lrs, "loss": raw, "smoothed_loss": smooth}), files.lr_find_csv)
     _plot(lrs_a, smooth_a, suggestion, files.lr_find_png, f"{cfg.name} fold {fold}")
-    print(f"suggested lr: {suggestion:.2e} (config has train.lr={cfg.train.lr:g}); plot: {files.lr_find_png}")
+    log.info(f"suggested lr: {suggestion:.2e} (config has train.lr={cfg.train.lr:g}); plot: {files.lr_find_png}")
     return suggestion
 
 

@@ -6,12 +6,10 @@ Imported by the kernel script after it installed ich_kaggle from the code datase
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from ..core.layout import COMPETITION
 from ..core import config as config_mod
 from ..core.config import Config
 from ..core.errors import UserError
-from ..core.io import atomic_open, atomic_path, write_csv
+from ..core.io import atomic_path, write_csv
 from ..core.layout import Layout, Run
 
 MODEL_MANIFEST = "ich_kaggle_model.json"
@@ -136,20 +134,12 @@ def data_view(competition: Path, folder: Path) -> Path:
 
 def prepare_work(layout: Layout, model_dir: Path) -> None:
     """folds.csv as shipped and meta.csv from a scan of the test DICOMs only (the data view has no train images)."""
+    from ..data import folds as folds_mod
     from ..data import meta as meta_mod
 
-    with gzip.open(model_dir / FOLDS, "rb") as src, atomic_open(layout.folds_csv, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    with atomic_path(layout.folds_csv.with_name(layout.folds_csv.name + ".json")) as tmp:
-        shutil.copyfile(model_dir / FOLDS_INFO, tmp)
+    info = json.loads((model_dir / FOLDS_INFO).read_text())
+    folds_mod.write_folds(layout, folds_mod.read_folds(model_dir / FOLDS), info["k"], info["seed"])
     meta_mod.load_meta(layout)
-    _touch(layout.folds_csv)
-
-
-def _touch(path: Path) -> None:
-    """folds.csv must not look older than meta.csv, or load_folds rebuilds it (from train DICOMs not read here)."""
-    now = time.time() + 1
-    os.utime(path, (now, now))
 
 
 def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> None:
@@ -164,7 +154,6 @@ def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> 
     meta = meta_mod.read_meta(layout.meta_csv)
     train = meta_mod.read_meta(model_dir / TRAIN_META)
     write_csv(pd.concat([meta[meta["split"] != "train"], train], ignore_index=True), layout.meta_csv)
-    _touch(layout.folds_csv)
 
 
 def adapt_to_device(cfg: Config) -> None:

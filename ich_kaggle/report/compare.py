@@ -106,12 +106,12 @@ def compare(runs: str | Path = "runs") -> pd.DataFrame:
         table = table.sort_values("oof_wll", na_position="last").reset_index(drop=True)
         write_csv(table, runs / "compare.csv")
         with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.4f}".format):
-            print(table.to_string(index=False))
-        print(f"(written to {runs / 'compare.csv'}; oof_wll is the out-of-fold weighted log loss, lower is better;"
+            log.info(table.to_string(index=False))
+        log.info(f"(written to {runs / 'compare.csv'}; oof_wll is the out-of-fold weighted log loss, lower is better;"
               f" make report CONFIG=<name> fills series_auc_any and the pooled OOF metric)")
     else:
-        print(f"no finished experiment under {runs} (a fold counts once its training finished: done.json)")
+        log.info(f"no finished experiment under {runs} (a fold counts once its training finished: done.json)")
     if unfinished:
-        print(f"not finished yet (no fold with done.json; a best.pt alone is a fold still training or stopped): "
+        log.info(f"not finished yet (no fold with done.json; a best.pt alone is a fold still training or stopped): "
               f"{', '.join(unfinished)}")
     return table

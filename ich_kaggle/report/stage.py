@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,13 +389,12 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
         try:
             build(ctx, sec)
         except Exception as e:  # one broken input must not cost the other sections
-            log.warning("report section %r failed: %s", title, e)
-            print(f"warning: report section '{title}' skipped: {type(e).__name__}: {e}", file=sys.stderr)
+            log.warning(f"report section '{title}' skipped: {type(e).__name__}: {e}")
             sec.note(f"Section failed: {type(e).__name__}: {e}")
-        log.info("section %s: %.1f s", title, time.time() - start)
+        log.debug("section %s: %.1f s", title, time.time() - start)
     ctx.summary["written"] = time.strftime("%Y-%m-%d %H:%M:%S")
     with atomic_open(ctx.out / SUMMARY) as f:
         json.dump(ctx.summary, f, indent=2, default=float)
     index = page.write(ctx.out / "index.html")
-    print(f"report: {index}")
+    log.info(f"report: {index}")
     return index

@@ -221,6 +221,7 @@ def test_code_dataset_and_kernel_folder(tmp_path, cfg):
     assert meta["id"] == "alice/ich-kaggle-tiny" and meta["code_file"] == "kernel.py"
     assert meta["language"] == "python" and meta["kernel_type"] == "script"
     assert meta["enable_internet"] is False and meta["enable_gpu"] is True and meta["is_private"] is True
+    assert meta["machine_shape"] == "NvidiaTeslaT4"  # else a CLI push gets a P100, which Kaggle's torch cannot run
     assert meta["competition_sources"] == [COMPETITION]
     assert meta["dataset_sources"] == ["alice/ich-kaggle-code", "alice/ich-kaggle-model-tiny"]
     script = (folder / "kernel.py").read_text()
@@ -328,6 +329,7 @@ def test_kaggle_kernels_push(built, kaggle_home):
     assert body["text"] == (names.kernel_dir(out) / "kernel.py").read_text()
     assert body["language"] == "python" and body["kernelType"] == "script"
     assert body["enableInternet"] is False and body["enableGpu"] is True and body["isPrivate"] is True
+    assert body["machineShape"] == "NvidiaTeslaT4"  # what the server sees: T4 x2, not the P100 default
     assert body["competitionDataSources"] == [COMPETITION]
     assert body["datasetDataSources"] == ["testuser/ich-kaggle-code", "testuser/ich-kaggle-model-tiny"]
     assert call.headers.get("Authorization", "").startswith("Basic ")  # KAGGLE_USERNAME/KAGGLE_KEY were used

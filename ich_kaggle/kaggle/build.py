@@ -35,6 +35,7 @@ KERNEL_PACKAGES: tuple[str, ...] = (
     "pretrainedmodels", "munch", "segmentation-models-pytorch",
 )
 CODE_SLUG = "ich-kaggle-code"
+MACHINE_SHAPE = "NvidiaTeslaT4"  # the API's name for "GPU T4 x2" (kaggle-cli PR 1198)
 DATASET_META = "dataset-metadata.json"
 KERNEL_META = "kernel-metadata.json"
 KERNEL_FILE = "kernel.py"
@@ -336,6 +337,7 @@ def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kern
         "kernel_type": "script",
         "is_private": True,
         "enable_gpu": True,
+        "machine_shape": MACHINE_SHAPE,  # without it a CLI push lands on a P100, which Kaggle's torch cannot run
         "enable_tpu": False,
         "enable_internet": False,
         "dataset_sources": [names.code_id, names.model_id],

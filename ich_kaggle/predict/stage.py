@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..core.labels import LABELS
 from ..core.config import Config
 from ..engine.dist import pick_device
+from ..engine.precision import choose as choose_precision
 from ..core.errors import UserError
 from ..core.io import atomic_open, write_csv
 from ..core.layout import Layout, Predictions, Run
@@ -117,21 +118,25 @@ def _loader(frame: pd.DataFrame, layout: Layout, data_cfg: Config, meta: pd.Data
                                        pin_memory=device.type == "cuda")
 
 
+def inference_precision(cfg: Config, device: torch.device):
+    """train.amp as the GPU allows (see engine.precision); float32 on CPU, where bf16 autocast is slower."""
+    return choose_precision(cfg.train.amp if device.type == "cuda" else "none", device)
+
+
 @torch.inference_mode()
 def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame,
                   device: torch.device, desc: str = "predict") -> list[tuple[np.ndarray, np.ndarray]]:
     """Every model on every image of `frame` (loaded once): [(probs (N, 6), embeddings (N, D) float32)] per model."""
     data_cfg = models[0].cfg
     loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers), device)
-    amp = cfg.train.amp if device.type == "cuda" else "none"
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    precision = inference_precision(cfg, device)
     out: list[tuple[list, list]] = [([], []) for _ in models]
     for x, _, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
         x = x.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         for (probs, embs), m in zip(out, models):
-            with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none"):
+            with precision.autocast():
                 p, f = tta_forward(m.net, x, cfg.tta.transforms, cfg.tta.average)
             probs.append(p.cpu().numpy())
             embs.append(f.cpu().numpy())
@@ -179,6 +184,8 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     if len(todo) < len(have):
         print(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (newer than best.pt); reusing")
     device = pick_device()
+    if todo:
+        print(f"predict: {device}, {inference_precision(cfg, device).describe()}")  # stops on an unusable GPU
     models = []
     for k in todo:
         net, fcfg = load_checkpoint(run.fold(k).best, map_location=device)

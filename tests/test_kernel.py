@@ -369,6 +369,114 @@ def test_kaggle_datasets_create_and_version(built, kaggle_home):
     assert version["datasetSlug"] == "ich-kaggle-model-tiny" and version["body"]["versionNotes"] == "new folds"
 
 
+# --- `python -m ich_kaggle <step>`: every Kaggle call checks the answer (the CLI exits 0 on a refusal) -----------
+def _ich(fk: FakeKaggle, out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ich_kaggle", *args, "--config", "tiny", "--out", str(out), "--username", "testuser"]
+    return subprocess.run(cmd, env=fk.env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr  # no traceback
+    return lines[0]
+
+
+def test_refused_kernel_push_exits_nonzero_with_kaggles_message(built, kaggle_home):
+    names, out = built
+    with FakeKaggle(max_seconds=60, kernel_error="Notebook not found") as fk:
+        refused = _ich(fk, out, "kernel-push")
+    assert "Kaggle refused the kernel" in _one_line_error(refused) and "Notebook not found" in refused.stderr
+    with FakeKaggle(max_seconds=60) as fk:
+        ok = _ich(fk, out, "kernel-push")
+    assert ok.returncode == 0, ok.stderr
+    assert "version 1: http://localhost/code/testuser/ich-kaggle-tiny" in ok.stdout
+    (call,) = fk.calls("kernels.KernelsApiService/SaveKernel")
+    assert call.json()["machineShape"] == "NvidiaTeslaT4"
+
+
+def test_refused_datasets_exit_nonzero(built, kaggle_home):
+    names, out = built
+    with FakeKaggle(max_seconds=60, existing_datasets={"testuser/ich-kaggle-code"}) as fk:
+        exists = _ich(fk, out, "datasets-create")
+    line = _one_line_error(exists)
+    assert "testuser/ich-kaggle-code already exists" in line and "make datasets-version" in line
+    assert fk.calls("datasets.DatasetApiService/CreateDataset") == []  # nothing half-uploaded
+    verify = "Phone verification is required to create datasets"
+    with FakeKaggle(max_seconds=60, dataset_error=verify) as fk:
+        refused = _ich(fk, out, "datasets-create")
+        fk.existing_datasets.update({names.code_id, names.model_id})
+        refused_version = _ich(fk, out, "datasets-version")
+    assert verify in _one_line_error(refused) and "Kaggle refused to create dataset testuser/ich-kaggle-code" in refused.stderr
+    assert verify in _one_line_error(refused_version)
+    with FakeKaggle(max_seconds=60) as fk:
+        missing = _ich(fk, out, "datasets-version")
+    assert "does not exist on Kaggle yet" in _one_line_error(missing) and "datasets-create" in missing.stderr
+
+
+def test_datasets_create_wait_version(built, kaggle_home):
+    names, out = built
+    with FakeKaggle(max_seconds=60) as fk:
+        created = _ich(fk, out, "datasets-create")
+        fk.dataset_polls[names.model_id] = ["BLOBS_RECEIVED", "BLOBS_DECOMPRESSED"]  # Kaggle still processing
+        waited = _ich(fk, out, "datasets-wait", "--poll", "0.05")
+        fk.dataset_polls[names.code_id] = ["FAILED"]
+        failed = _ich(fk, out, "datasets-wait", "--poll", "0.05")
+        version = _ich(fk, out, "datasets-version")
+    for result in (created, waited, version):
+        assert result.returncode == 0, result.stderr
+    assert [(c.json()["slug"]) for c in fk.calls("datasets.DatasetApiService/CreateDataset")] == [
+        "ich-kaggle-code", "ich-kaggle-model-tiny"]
+    assert "dataset testuser/ich-kaggle-model-tiny: ready" in waited.stdout
+    polls = [c.json()["datasetSlug"] for c in fk.calls("datasets.DatasetApiService/GetDatasetStatus")]
+    assert polls.count("ich-kaggle-model-tiny") >= 4  # create's check, then polled until READY
+    assert "is failed on Kaggle" in _one_line_error(failed)
+    notes = [c.json()["body"]["versionNotes"] for c in fk.calls("datasets.DatasetApiService/CreateDatasetVersion")]
+    assert notes == ["ich_kaggle tiny", "ich_kaggle tiny"]
+
+
+def test_kernel_wait_output_submit(built, kaggle_home):
+    names, out = built
+    sub = b"ID,Label\nID_a_any,0.1\n"
+    with FakeKaggle(max_seconds=60, kernel_statuses=["QUEUED", "RUNNING", "COMPLETE"],
+                    kernel_output={"submission.csv": sub}, kernel_log="[12:00:00] wrote submission.csv") as fk:
+        waited = _ich(fk, out, "kernel-wait", "--poll", "0.05")
+        fetched = _ich(fk, out, "kernel-output")
+        submitted = _ich(fk, out, "kaggle-submit", "--message", "first kernel")
+    for result in (waited, fetched, submitted):
+        assert result.returncode == 0, result.stderr
+    assert "queued" in waited.stdout and "running" in waited.stdout and "complete" in waited.stdout
+    got = out / "output" / "ich-kaggle-tiny" / "submission.csv"
+    assert got.read_bytes() == sub and (got.parent / "ich-kaggle-tiny.log").read_text().endswith("submission.csv")
+    (body,) = fk.submissions
+    assert body["competitionName"] == COMPETITION and body["submissionDescription"] == "first kernel"
+    (token,) = [t for t, n in fk.blob_names.items() if n == "submission.csv"]
+    assert fk.uploads[token] == sub and "Successfully submitted" in submitted.stdout
+
+    with FakeKaggle(max_seconds=60, kernel_statuses=["RUNNING", "ERROR"],
+                    kernel_failure="Your notebook tried to allocate more memory than is available") as fk:
+        failed = _ich(fk, out, "kernel-wait", "--poll", "0.05")
+        empty = _ich(fk, out, "kernel-output")
+    assert "ended with error: Your notebook tried to allocate more memory" in _one_line_error(failed)
+    assert "no submission.csv" in _one_line_error(empty) and not got.exists()  # the old run's file is gone
+    assert "fetch the kernel's output first" in _one_line_error(_ich(fk, out, "kaggle-submit"))
+    got.write_bytes(sub)
+    rules = "You must accept this competition's rules before you'll be able to submit"
+    with FakeKaggle(max_seconds=60, submit_error=rules) as fk:
+        refused = _ich(fk, out, "kaggle-submit")
+    line = _one_line_error(refused)
+    assert rules in line and f"{COMPETITION}/rules" in line
+
+
+def test_kaggle_steps_without_credentials(built, tmp_path):
+    names, out = built
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    env["HOME"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "ich_kaggle", "kernel-push", "--config", "tiny", "--out", str(out), "--username", "testuser"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "no Kaggle credentials" in _one_line_error(result) and "KAGGLE_KEY" in result.stderr
+
+
 def test_stale_model_dataset_warns(built, capsys):
     names, out = built
     cfg = config.load("tiny")

@@ -492,6 +492,46 @@ def test_stale_model_dataset_warns(built, capsys):
     assert "newer files than" in printed and "(fold0/best.pt)" in printed and "make kernel-datasets" in printed
 
 
+def _python312() -> str:
+    """A working python3.12 (Kaggle's image moved to 3.12); pyenv's shim may exist but refuse to run."""
+    candidates = [shutil.which("python3.12") or ""] + [str(p) for p in sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+    for exe in filter(None, candidates):
+        if subprocess.run([exe, "-c", "import ensurepip"], capture_output=True).returncode == 0:
+            return exe
+    pytest.skip("no working python3.12 on this machine")
+
+
+@pytest.mark.slow
+def test_install_step_on_python312(tmp_path, cfg):
+    """The kernel's install step on Kaggle's Python 3.12 with a code dataset built here (3.11): every required
+    package installs; the cp311-only optional ones (pylibjpeg codecs) are named in the log and the run goes on."""
+    python = _python312()
+    names = kernel.names_for(cfg, "testuser")
+    code = kernel.build_code_dataset(names, tmp_path / "kernels")
+    listing = json.loads((code / "wheels.json").read_text())
+    optional = {w["name"] for w in listing["wheels"] if w["optional"]}
+    assert optional == set(kernel.OPTIONAL_PACKAGES)
+    binary_optional = {w["name"] for w in listing["wheels"] if w["optional"] and not w["pure"]}
+    assert binary_optional == {"pylibjpeg-libjpeg", "pylibjpeg-openjpeg"}  # built for cp311 only
+    venv = tmp_path / "venv312"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
+    script = (f"import runpy; from pathlib import Path; "
+              f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'template.py')!r}); "
+              f"print('missing', sorted(w['name'] for w in ns['pip_install'](Path({str(code)!r}))))")
+    env = {**_env(), "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in binary_optional:
+        assert f"optional package {name} " in result.stdout and "compressed DICOMs" in result.stdout
+    assert "missing ['pylibjpeg-libjpeg', 'pylibjpeg-openjpeg']" in result.stdout
+    required = [w["name"] for w in listing["wheels"] if not w["optional"]] + ["pylibjpeg"]
+    check = "import importlib.metadata as m, sys; print(sys.version_info[:2], [m.version(n) for n in sys.argv[1:]])"
+    versions = subprocess.run([str(venv / "bin" / "python"), "-c", check, *required], capture_output=True, text=True)
+    assert versions.returncode == 0, versions.stderr  # every required package is installed on 3.12
+    assert versions.stdout.startswith("(3, 12)")
+
+
 # --- end to end: train a tiny model, build the kernel, run its script offline in a fresh venv ----------------------
 def _fresh_venv(folder: Path) -> Path:
     """A venv that sees the heavy packages of .venv (torch, timm, ...) through a .pth file but not the repository."""

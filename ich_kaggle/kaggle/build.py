@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,11 @@ KERNEL_PACKAGES: tuple[str, ...] = (
     "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
     "pretrainedmodels", "munch", "segmentation-models-pytorch",
 )
+# Installed if they can be: the kernel names one that does not install on its Python and goes on without it.
+OPTIONAL_PACKAGES: dict[str, str] = {
+    name: "needed only for compressed DICOMs; the RSNA files are uncompressed"
+    for name in ("pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg")
+}
 CODE_SLUG = "ich-kaggle-code"
 MACHINE_SHAPE = "NvidiaTeslaT4"  # the API's name for "GPU T4 x2" (kaggle-cli PR 1198)
 DATASET_META = "dataset-metadata.json"
@@ -200,6 +206,14 @@ def _fresh_tmp(final: Path) -> Path:
     return tmp
 
 
+def _wheel_entry(w) -> dict:
+    entry = {"file": w.path.name, "name": w.name, "version": w.version, "source": w.source, "pure": w.pure,
+             "optional": w.name in OPTIONAL_PACKAGES}
+    if entry["optional"]:
+        entry["why"] = OPTIONAL_PACKAGES[w.name]
+    return entry
+
+
 def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str, ...] = KERNEL_PACKAGES) -> Path:
     """kernels/ich-kaggle-code/: the ich_kaggle wheel + wheels of what Kaggle's image lacks, flat."""
     from . import wheels
@@ -211,8 +225,8 @@ def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str,
     desc = (f"ich_kaggle {__version__} and the packages Kaggle's image lacks, for offline kernels of {COMPETITION}. "
             f"Install: pip install --no-index --find-links <this folder> --no-deps *.whl\n\n{lines}\n")
     _write_json(tmp / DATASET_META, _dataset_metadata("ICH Kaggle code", names.code_id, desc))
-    _write_json(tmp / "wheels.json", {"ich_kaggle": __version__, "wheels": [
-        {"file": w.path.name, "name": w.name, "version": w.version, "source": w.source, "pure": w.pure} for w in built]})
+    _write_json(tmp / "wheels.json", {"ich_kaggle": __version__, "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+                                      "wheels": [_wheel_entry(w) for w in built]})
     _swap_in(tmp, final)
     return final
 

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", nargs="*", default=["all"])
     p.add_argument("--mini", default=None, help="extracted real mini set (default: from ../shared)")
 
+    p = sub.add_parser("gpu-check", help="train + predict the real model on the real mini set on the GPU(s), a few minutes")
+    p.add_argument("--mini", default=None, help="extracted real mini set (default: from ../shared)")
+
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic (or any) competition")
     p.add_argument("--data", default=None, help="data folder; default: generate the synthetic competition")
     p.add_argument("--config", default="tiny")
@@ -354,6 +357,13 @@ def _bench(args):
     from . import bench
 
     bench.run(args.what, mini=args.mini)
+
+
+@command("gpu-check")
+def _gpu_check(args):
+    from .bench import gpu
+
+    gpu.check(args.mini)
 
 
 @command("demo")

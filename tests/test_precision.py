@@ -76,3 +76,28 @@ def test_training_and_inference_use_it(gpu):
         loop.autocast(cfg, CUDA)
     with pytest.raises(UserError, match="Tesla P100"):
         predict.inference_precision(cfg, CUDA)
+
+
+# --- make gpu-check: what can be checked without a GPU ----------------------------------------------------------
+def test_gpu_check_without_cuda_is_one_line():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "ich_kaggle", "gpu-check"], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: no CUDA device visible (CUDA_VISIBLE_DEVICES=''): torch {torch.__version__} sees none, and make "
+        f"gpu-check checks the GPU paths; run it on a machine with an NVIDIA GPU"]
+
+
+def test_gpu_check_verdict_on_the_loss():
+    from ich_kaggle.bench.gpu import loss_problem
+
+    assert loss_problem([0.30, 0.25, 0.21]) is None
+    assert "did not fall" in loss_problem([0.30, 0.31, 0.30])
+    assert "not finite in epoch(s) [2]" in loss_problem([0.30, float("nan"), 0.2])
+    assert "not finite" in loss_problem([0.3, float("inf")]) and loss_problem([]) == "no epoch finished"

@@ -183,6 +183,7 @@ def run_inference(model_dir: str | Path, competition: str | Path, working: str |
     manifest = read_manifest(model_dir)
     runs = scratch / "runs"
     cfg = materialize(model_dir, manifest, runs)
+    cfg.data.num_workers = -1  # this machine's CPUs (Kaggle: 4), not the training machine's worker count
     layout = Layout.of(data_view(competition, scratch / "data"), scratch / "work")
     prepare_work(layout, model_dir)
     predict.predict(cfg, layout, runs=runs)

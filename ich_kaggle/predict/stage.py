@@ -41,6 +41,14 @@ class FoldModel:
     fold: int
     net: torch.nn.Module
     cfg: Config  # the config it was trained with (data settings come from here)
+    device: torch.device = torch.device("cpu")  # where its weights live (folds are dealt out over the GPUs)
+
+
+def inference_devices() -> list[torch.device]:
+    """Every visible GPU (Kaggle's T4 x2: two), else the CPU; fold models are dealt out over them."""
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [pick_device()]
 
 
 def wide(ids, probs: np.ndarray) -> pd.DataFrame:
@@ -125,19 +133,24 @@ def inference_precision(cfg: Config, device: torch.device):
 
 @torch.inference_mode()
 def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame,
-                  device: torch.device, desc: str = "predict") -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every model on every image of `frame` (loaded once): [(probs (N, 6), embeddings (N, D) float32)] per model."""
+                  desc: str = "predict") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every model on every image of `frame` (loaded once): [(probs (N, 6), embeddings (N, D) float32)] per model.
+
+    Each batch goes to every model's device and all models are launched before any result is copied back, so
+    models on different GPUs run at the same time (CUDA launches are asynchronous)."""
     data_cfg = models[0].cfg
-    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers), device)
-    precision = inference_precision(cfg, device)
+    devices = list(dict.fromkeys(m.device for m in models))
+    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers), devices[0])
+    precision = {d: inference_precision(cfg, d) for d in devices}
     out: list[tuple[list, list]] = [([], []) for _ in models]
     for x, _, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
-        x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        for (probs, embs), m in zip(out, models):
-            with precision.autocast():
-                p, f = tta_forward(m.net, x, cfg.tta.transforms, cfg.tta.average)
+        on = {d: x.to(d, non_blocking=True) for d in devices}
+        on = {d: v.contiguous(memory_format=torch.channels_last) if d.type == "cuda" else v for d, v in on.items()}
+        launched = []
+        for m in models:
+            with precision[m.device].autocast():
+                launched.append(tta_forward(m.net, on[m.device], cfg.tta.transforms, cfg.tta.average))
+        for (probs, embs), (p, f) in zip(out, launched):
             probs.append(p.cpu().numpy())
             embs.append(f.cpu().numpy())
     result = []
@@ -183,25 +196,28 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     todo = [k for k in have if not fold_predicted(out, k, run.fold(k).best, test["image_id"])]
     if len(todo) < len(have):
         print(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (newer than best.pt); reusing")
-    device = pick_device()
+    devices = inference_devices()
     if todo:
-        print(f"predict: {device}, {inference_precision(cfg, device).describe()}")  # stops on an unusable GPU
+        for device in devices:  # stops on an unusable GPU
+            print(f"predict: {device}, {inference_precision(cfg, device).describe()}")
+        print(f"predict: {loader_workers(cfg.data.num_workers)} loader workers (data.num_workers={cfg.data.num_workers})")
     models = []
-    for k in todo:
+    for i, k in enumerate(todo):
+        device = devices[i % len(devices)]
         net, fcfg = load_checkpoint(run.fold(k).best, map_location=device)
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
-        models.append(FoldModel(k, net, fcfg))
+        models.append(FoldModel(k, net, fcfg, device))
 
     for group in _groups(models):
-        results = predict_frame(group, test, layout, cfg, meta, device, desc="test") if len(test) else [
+        results = predict_frame(group, test, layout, cfg, meta, desc="test") if len(test) else [
             (np.zeros((0, len(LABELS))), np.zeros((0, 0)))] * len(group)
         for m, (p, e) in zip(group, results):
             save_embeddings(out.test_fold_embeddings(m.fold), test["image_id"], e)
             write_csv(wide(test["image_id"], p), out.test_fold(m.fold))
         for m in group:
             val = folds[(folds["fold"] == m.fold) & folds["image_id"].isin(cached)].reset_index(drop=True)
-            (p, e), = predict_frame([m], val, layout, cfg, meta, device, desc=f"oof fold {m.fold}") if len(val) else [
+            (p, e), = predict_frame([m], val, layout, cfg, meta, desc=f"oof fold {m.fold}") if len(val) else [
                 (np.zeros((0, len(LABELS))), np.zeros((0, 0)))]
             save_embeddings(out.oof_fold_embeddings(m.fold), val["image_id"], e)
             write_csv(wide(val["image_id"], p), out.oof_fold(m.fold))  # last: marks the fold done

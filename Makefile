@@ -69,7 +69,9 @@ stack: $(PY)
 	$(PY) -m ich_kaggle stack $(EXP)
 
 submit: $(PY)
-	$(PY) -m ich_kaggle submit $(EXP) $(if $(KAGGLE_SUBMIT),--kaggle-submit --message "$(MESSAGE)")
+	$(PY) -m ich_kaggle submit $(EXP)
+	$(if $(KAGGLE_SUBMIT),$(PY) -m ich_kaggle kaggle-submit --file submissions/$(notdir $(basename $(CONFIG))).csv.gz \
+	    --message "$(MESSAGE)")
 
 report: $(PY)
 	$(PY) -m ich_kaggle report $(EXP) $(if $(THRESHOLD),--threshold $(THRESHOLD))
@@ -79,7 +81,8 @@ compare: $(PY)
 
 # --- Kaggle: offline kernel and its two datasets ---
 kernel-datasets: $(PY)
-	$(PY) -m ich_kaggle kernel-datasets $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME))
+	$(PY) -m ich_kaggle kernel-datasets $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) \
+	    $(if $(FP16_WEIGHTS),--fp16-weights)
 
 kernel: $(PY)
 	$(PY) -m ich_kaggle kernel $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) --slug $(SLUG)

@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment(p)
     p.add_argument("--out", default="kernels")
     p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p.add_argument("--fp16-weights", action="store_true", help="ship the checkpoints' weights in float16 (half the size)")
 
     p = sub.add_parser("kernel", help="write kernels/<slug>/ ready for `kaggle kernels push`")
     _add_experiment(p)
@@ -273,7 +274,8 @@ def _validate(args):
 def _kernel_datasets(args):
     from .kaggle import build as kernel
 
-    kernel.build_datasets(_config(args), runs=args.runs, out=args.out, username=args.username, layout=_layout(args))
+    kernel.build_datasets(_config(args), runs=args.runs, out=args.out, username=args.username, layout=_layout(args),
+                          fp16_weights=args.fp16_weights)
 
 
 @command("kernel")
@@ -333,8 +335,11 @@ def _kernel_output(args):
 def _kaggle_submit(args):
     from .kaggle import api
 
+    if args.file:  # any CSV, e.g. make submit's: no kernel, so no user name needed
+        api.submit_file(Path(args.file), args.message or f"ich_kaggle {Path(args.file).name}")
+        return
     names = _names(args)
-    path = Path(args.file) if args.file else Path(args.out) / "output" / names.kernel_slug / api.SUBMISSION
+    path = Path(args.out) / "output" / names.kernel_slug / api.SUBMISSION
     api.submit_file(path, args.message or f"ich_kaggle {names.config_name} (kernel {names.kernel_id})")
 
 

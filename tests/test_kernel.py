@@ -492,6 +492,16 @@ def test_stale_model_dataset_warns(built, capsys):
     assert "newer files than" in printed and "(fold0/best.pt)" in printed and "make kernel-datasets" in printed
 
 
+def test_kernel_predict_uses_every_visible_gpu(monkeypatch):
+    import torch
+    from ich_kaggle.predict import stage as predict
+
+    assert predict.inference_devices() == [torch.device("cpu")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # Kaggle's T4 x2: folds are dealt out over both
+    assert predict.inference_devices() == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
 def _python312() -> str:
     """A working python3.12 (Kaggle's image moved to 3.12); pyenv's shim may exist but refuse to run."""
     candidates = [shutil.which("python3.12") or ""] + [str(p) for p in sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
@@ -533,13 +543,35 @@ def test_install_step_on_python312(tmp_path, cfg):
 
 
 # --- end to end: train a tiny model, build the kernel, run its script offline in a fresh venv ----------------------
-def _fresh_venv(folder: Path) -> Path:
-    """A venv that sees the heavy packages of .venv (torch, timm, ...) through a .pth file but not the repository."""
+def _fresh_venv(folder: Path, first: list[Path] = ()) -> Path:
+    """A venv that sees the heavy packages of .venv (torch, timm, ...) through a .pth file but not the repository;
+    folders in `first` come before them on sys.path (Kaggle's own numpy and pandas)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
     site = Path(subprocess.run([str(folder / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    (site / "_ich_kaggle_test_parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    paths = [str(p) for p in first] + [sysconfig.get_paths()["purelib"]]
+    (site / "_ich_kaggle_test_parent.pth").write_text("\n".join(paths) + "\n")
     return folder / "bin" / "python"
+
+
+# What Kaggle's image has (late 2026: Python 3.12, torch 2.10, numpy 2.0, pandas 2.2) that installs here, on the 3.11
+# of .venv: numpy and pandas at Kaggle's versions shadow .venv's; torch, timm, albumentations, opencv, scikit-learn
+# come from .venv (torch 2.14.1 CPU: no 2.10 wheel installs here). kernels/README.md lists the same.
+KAGGLE_VERSIONS = ("numpy==2.0.2", "pandas==2.2.3", "pytz")
+LOCAL_WHEELS = [Path("/opt/pypi/files"), Path("/opt/pypi-more/files")]  # this machine's wheel folders, if present
+
+
+def kaggle_packages() -> Path:
+    """Kaggle's numpy and pandas, installed once into .cache/ (reused by later runs; a few MB from pip's cache)."""
+    folder = ROOT / ".cache" / ("kaggle-packages-" + "-".join(v.replace("==", "") for v in KAGGLE_VERSIONS))
+    done = folder / ".installed"
+    if not done.exists():
+        local = [x for d in LOCAL_WHEELS if d.is_dir() for x in ("--find-links", str(d))]
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(folder), *KAGGLE_VERSIONS]
+        if subprocess.run(cmd[:4] + ["--no-index", *local] + cmd[4:], capture_output=True).returncode != 0:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=600)  # from the package index
+        done.touch()
+    return folder
 
 
 def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
@@ -552,6 +584,25 @@ def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
     shutil.copytree(code, root / "datasets" / "testuser" / code.name)
     shutil.copytree(model, root / "datasets" / "testuser" / model.name)
     return root
+
+
+def _run_kernel(python: Path, script: Path, root: Path, tmp_path: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """kernel.py offline in the venv `tmp_path/name`; (its result, the submission.csv it wrote)."""
+    working = tmp_path / f"working_{name}"
+    working.mkdir()
+    dead = "http://127.0.0.1:9"  # any network access fails fast
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy")}
+    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), ICH_KAGGLE_SCRATCH=str(tmp_path / f"scratch_{name}"),
+               HOME=str(tmp_path / "home"),
+               HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, PIP_NO_INDEX="1")
+    result = subprocess.run([str(python), str(script)], cwd=working, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"from {tmp_path / name}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
+    assert "urlopen error" not in result.stderr  # nothing tried the network (the proxy is a dead port)
+    assert f"scratch_{name}/runs/tiny/stack/test.csv" in result.stdout  # the stacker was refit in the kernel
+    assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]  # the cache etc. stayed in scratch
+    return result, working / "submission.csv"
 
 
 @pytest.mark.slow
@@ -585,27 +636,36 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     names = kernel.names_for(cfg, "testuser")
     root = _kaggle_input(tmp_path / "input", comp, names.code_dir(out), names.model_dir(out))
     python = _fresh_venv(tmp_path / "venv")
-    working = tmp_path / "working"
-    working.mkdir()
-    dead = "http://127.0.0.1:9"  # any network access fails fast
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy")}
-    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), ICH_KAGGLE_SCRATCH=str(tmp_path / "scratch"),
-               HOME=str(tmp_path / "home"),
-               HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, PIP_NO_INDEX="1")
-    result = subprocess.run([str(python), str(folder / "kernel.py")], cwd=working, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"from {tmp_path / 'venv'}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
-    assert "urlopen error" not in result.stderr  # nothing tried the network (the proxy is a dead port)
-    assert "scratch/runs/tiny/stack/test.csv" in result.stdout  # the submission came from the stacker refit in the kernel
+    result, got = _run_kernel(python, folder / "kernel.py", root, tmp_path, "venv")
+    from ich_kaggle.data.dataset import usable_cpus
 
-    assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]  # the cache etc. stayed in scratch
-    got = working / "submission.csv"
+    assert f"predict: {usable_cpus()} loader workers (data.num_workers=-1)" in result.stdout  # sized from this machine
     assert submission.validate_file(comp / "stage_2_sample_submission.csv", got) == []
     a, b = pd.read_csv(expected), pd.read_csv(got)
     assert list(a["ID"]) == list(b["ID"])
     np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), atol=1e-4)
     assert got.read_bytes() == expected.read_bytes()  # same models, same images, same code path: identical file
+
+    # the same kernel on Kaggle's numpy 2.0 and pandas 2.2: the same submission to 1e-6
+    kaggle_python = _fresh_venv(tmp_path / "kaggle_venv", first=[kaggle_packages()])
+    result, got = _run_kernel(kaggle_python, folder / "kernel.py", root, tmp_path, "kaggle_venv")
+    check = "import numpy, pandas; print(numpy.__version__, pandas.__version__)"
+    versions = subprocess.run([str(kaggle_python), "-c", check], capture_output=True, text=True, check=True).stdout.split()
+    assert versions == ["2.0.2", "2.2.3"]
+    b = pd.read_csv(got)
+    assert list(a["ID"]) == list(b["ID"])
+    np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), rtol=0, atol=1e-6)
+
+    # fp16 weights in the model dataset: half the upload, the same submission to 1e-4 (the measured gap is printed)
+    half = kernel.build_model_dataset(cfg, names, runs, tmp_path / "half", layout, fp16_weights=True)
+    assert kernel_run.read_manifest(half)["weights"] == "fp16"
+    ratios = [(half / f.name).stat().st_size / f.stat().st_size for f in names.model_dir(out).glob("fold*_best.pt")]
+    assert len(ratios) == cfg.cv.k and max(ratios) < 0.6
+    got = kernel_run.run_inference(half, root / COMPETITION / COMPETITION, tmp_path / "working_half",
+                                   scratch=tmp_path / "scratch_half")
+    gap = np.abs(pd.read_csv(got)["Label"].to_numpy() - a["Label"].to_numpy()).max()
+    print(f"fp16 weights: checkpoints x{max(ratios):.2f} the size, submission max |difference| {gap:.1e}")
+    assert gap <= 1e-4
 
     # without a stacker (first-stage predictions only), in-process: the kernel side matches `make submit` too
     shutil.rmtree(runs / cfg.name / "stack")

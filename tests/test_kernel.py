@@ -401,7 +401,8 @@ def test_refused_datasets_exit_nonzero(built, kaggle_home):
         exists = _ich(fk, out, "datasets-create")
     line = _one_line_error(exists)
     assert "testuser/ich-kaggle-code already exists" in line and "make datasets-version" in line
-    assert fk.calls("datasets.DatasetApiService/CreateDataset") == []  # nothing half-uploaded
+    (created,) = [c.json()["slug"] for c in fk.calls("datasets.DatasetApiService/CreateDataset")]
+    assert created == "ich-kaggle-model-tiny"  # the missing one is created: datasets-version then finds both
     verify = "Phone verification is required to create datasets"
     with FakeKaggle(max_seconds=60, dataset_error=verify) as fk:
         refused = _ich(fk, out, "datasets-create")

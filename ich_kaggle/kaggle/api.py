@@ -103,12 +103,12 @@ def dataset_status(api, ref: str) -> str | None:
 def create_datasets(folders: list[Path]) -> list[str]:
     """`kaggle datasets create` for each folder; an existing dataset is a UserError that says to version it."""
     api = client()
-    refs = []
+    refs, existing = [], []
     for folder in folders:
         ref = dataset_id(folder)
         if dataset_status(api, ref) is not None:
-            raise UserError(f"dataset {ref} already exists on Kaggle; upload the new files with `make datasets-version` "
-                            f"(python -m ich_kaggle datasets-version)")
+            existing.append(ref)  # the others are still created, so that datasets-version then finds them all
+            continue
         result = call(f"creating dataset {ref} from {folder}",
                       lambda: api.dataset_create_new(str(folder), public=False, quiet=True, dir_mode="zip"))
         refused = _refused(result)
@@ -119,6 +119,9 @@ def create_datasets(folders: list[Path]) -> list[str]:
         print(f"created dataset {ref}: {getattr(result, 'url', '') or ''} (Kaggle processes it for a few minutes: "
               f"make datasets-wait)")
         refs.append(ref)
+    if existing:
+        raise UserError(f"dataset {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''} on Kaggle; "
+                        f"upload the new files with `make datasets-version` (python -m ich_kaggle datasets-version)")
     return refs
 
 

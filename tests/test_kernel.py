@@ -657,7 +657,8 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     assert list(a["ID"]) == list(b["ID"])
     np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), rtol=0, atol=1e-6)
 
-    # fp16 weights in the model dataset: half the upload, the same submission to 1e-4 (the measured gap is printed)
+    # fp16 weights in the model dataset: half the upload. Measured here: the submission moves by up to 4.9e-4, more
+    # than the 1e-4 asked for, so they stay opt-in (--fp16-weights); this checks they load and predict close by.
     half = kernel.build_model_dataset(cfg, names, runs, tmp_path / "half", layout, fp16_weights=True)
     assert kernel_run.read_manifest(half)["weights"] == "fp16"
     ratios = [(half / f.name).stat().st_size / f.stat().st_size for f in names.model_dir(out).glob("fold*_best.pt")]
@@ -666,7 +667,7 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
                                    scratch=tmp_path / "scratch_half")
     gap = np.abs(pd.read_csv(got)["Label"].to_numpy() - a["Label"].to_numpy()).max()
     print(f"fp16 weights: checkpoints x{max(ratios):.2f} the size, submission max |difference| {gap:.1e}")
-    assert gap <= 1e-4
+    assert 0 < gap <= 2e-3  # float16 rounding, nothing worse (a wrong tensor would move it by far more)
 
     # without a stacker (first-stage predictions only), in-process: the kernel side matches `make submit` too
     shutil.rmtree(runs / cfg.name / "stack")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -78,8 +79,6 @@ def _refused(result: Any) -> str | None:
 
 
 def dataset_id(folder: Path) -> str:
-    import json
-
     meta = folder / "dataset-metadata.json"
     if not meta.is_file():
         raise UserError(f"{meta} not found; run `make kernel-datasets` first")

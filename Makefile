@@ -17,7 +17,8 @@ SET := $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(BATCH),train.batch_size=$(B
 EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip $(SET)),--set $(SET))
 
 .PHONY: help demo test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
-        kernel kernel-datasets datasets-create datasets-version kernel-push report compare clean-venv
+        kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
+        kernel-output kernel-submit kernel-score gpu-check report compare clean-venv
 
 help:
 	@$(PY) -m ich_kaggle --help 2>/dev/null || echo "run 'make demo' first (it creates .venv)"
@@ -68,7 +69,9 @@ stack: $(PY)
 	$(PY) -m ich_kaggle stack $(EXP)
 
 submit: $(PY)
-	$(PY) -m ich_kaggle submit $(EXP) $(if $(KAGGLE_SUBMIT),--kaggle-submit --message "$(MESSAGE)")
+	$(PY) -m ich_kaggle submit $(EXP)
+	$(if $(KAGGLE_SUBMIT),$(PY) -m ich_kaggle kaggle-submit --file submissions/$(notdir $(basename $(CONFIG))).csv.gz \
+	    --message "$(MESSAGE)")
 
 report: $(PY)
 	$(PY) -m ich_kaggle report $(EXP) $(if $(THRESHOLD),--threshold $(THRESHOLD))
@@ -78,21 +81,41 @@ compare: $(PY)
 
 # --- Kaggle: offline kernel and its two datasets ---
 kernel-datasets: $(PY)
-	$(PY) -m ich_kaggle kernel-datasets $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME))
+	$(PY) -m ich_kaggle kernel-datasets $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) \
+	    $(if $(FP16_WEIGHTS),--fp16-weights)
 
 kernel: $(PY)
 	$(PY) -m ich_kaggle kernel $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) --slug $(SLUG)
 
+# Each step checks Kaggle's answer (the kaggle CLI exits 0 when the server refuses) and exits non-zero with it.
+KAGGLE_ARGS = --config $(CONFIG) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) --slug $(SLUG)
+
 datasets-create: kernel-datasets
-	.venv/bin/kaggle datasets create -p kernels/ich-kaggle-code --dir-mode zip
-	.venv/bin/kaggle datasets create -p kernels/$(MODEL_DS) --dir-mode zip
+	$(PY) -m ich_kaggle datasets-create $(KAGGLE_ARGS)
 
 datasets-version: kernel-datasets
-	.venv/bin/kaggle datasets version -p kernels/ich-kaggle-code --dir-mode zip -m "$(MESSAGE)"
-	.venv/bin/kaggle datasets version -p kernels/$(MODEL_DS) --dir-mode zip -m "$(MESSAGE)"
+	$(PY) -m ich_kaggle datasets-version $(KAGGLE_ARGS) --message "$(MESSAGE)"
+
+datasets-wait: $(PY)
+	$(PY) -m ich_kaggle datasets-wait $(KAGGLE_ARGS)
 
 kernel-push: kernel
-	.venv/bin/kaggle kernels push -p kernels/$(SLUG)
+	$(PY) -m ich_kaggle kernel-push $(KAGGLE_ARGS)
+
+kernel-wait: $(PY)
+	$(PY) -m ich_kaggle kernel-wait $(KAGGLE_ARGS)
+
+kernel-output: $(PY)
+	$(PY) -m ich_kaggle kernel-output $(KAGGLE_ARGS)
+
+kernel-submit: $(PY)
+	$(PY) -m ich_kaggle kaggle-submit $(KAGGLE_ARGS) --message "$(MESSAGE)"
+
+# the whole last mile after `make datasets-create` (or datasets-version): wait, push, follow, fetch, submit
+kernel-score: datasets-wait kernel-push kernel-wait kernel-output kernel-submit
+
+gpu-check: $(PY)
+	$(PY) -m ich_kaggle gpu-check $(if $(filter command line environment,$(origin MINI)),--mini $(MINI))
 
 clean-venv:
 	rm -rf .venv

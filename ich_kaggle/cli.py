@@ -50,6 +50,23 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
                    help="override config keys, e.g. train.epochs=3 (repeatable; applied in order)")
 
 
+def _add_kaggle(p: argparse.ArgumentParser) -> None:
+    """What names the datasets and the kernel: the config, the owner and the kernel slug."""
+    p.add_argument("--config", default="seresnext50_512", help="shipped config name or path to a YAML file")
+    p.add_argument("--out", default="kernels", help="folder of the dataset and kernel folders")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p.add_argument("--slug", default=None, help="kernel slug (default ich-kaggle-<config>)")
+    p.set_defaults(set=[])
+
+
+def _names(args: argparse.Namespace):
+    """Only the config's name matters here: no full load (its validation imports every model library)."""
+    from .core import config
+    from .kaggle import build as kernel
+
+    return kernel.names_for(config.Config(name=config.resolve_path(args.config).stem), args.username, args.slug)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ich_kaggle", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -112,12 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment(p)
     p.add_argument("--out", default="kernels")
     p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p.add_argument("--fp16-weights", action="store_true", help="ship the checkpoints' weights in float16 (half the size)")
 
     p = sub.add_parser("kernel", help="write kernels/<slug>/ ready for `kaggle kernels push`")
     _add_experiment(p)
     p.add_argument("--out", default="kernels")
     p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
     p.add_argument("--slug", default=None)
+
+    for name, help_ in (("datasets-create", "upload both dataset folders as new private Kaggle datasets"),
+                        ("datasets-version", "upload both dataset folders as new versions of their datasets"),
+                        ("datasets-wait", "wait until Kaggle has processed both datasets"),
+                        ("kernel-push", "push kernels/<slug>/ (Kaggle starts a run)"),
+                        ("kernel-wait", "follow the kernel's run until it ends"),
+                        ("kernel-output", "fetch the run's submission.csv and log into kernels/output/<slug>/"),
+                        ("kaggle-submit", "submit the kernel's submission.csv to the competition")):
+        p = sub.add_parser(name, help=help_)
+        _add_kaggle(p)
+        if name == "datasets-version":
+            p.add_argument("--message", default=None, help="version notes")
+        if name in ("datasets-wait", "kernel-wait"):
+            p.add_argument("--timeout", type=float, default=1800 if name == "datasets-wait" else 9 * 3600,
+                           help="seconds before giving up")
+            p.add_argument("--poll", type=float, default=15 if name == "datasets-wait" else 60, help="seconds between checks")
+        if name == "kaggle-submit":
+            p.add_argument("--file", default=None, help="default: kernels/output/<slug>/submission.csv")
+            p.add_argument("--message", default=None)
 
     p = sub.add_parser("report", help="plots and index.html for an experiment")
     _add_experiment(p)
@@ -129,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="print speed and memory figures")
     p.add_argument("--what", nargs="*", default=["all"])
+    p.add_argument("--mini", default=None, help="extracted real mini set (default: from ../shared)")
+
+    p = sub.add_parser("gpu-check", help="train + predict the real model on the real mini set on the GPU(s), a few minutes")
     p.add_argument("--mini", default=None, help="extracted real mini set (default: from ../shared)")
 
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic (or any) competition")
@@ -249,7 +289,8 @@ def _validate(args):
 def _kernel_datasets(args):
     from .kaggle import build as kernel
 
-    kernel.build_datasets(_config(args), runs=args.runs, out=args.out, username=args.username, layout=_layout(args))
+    kernel.build_datasets(_config(args), runs=args.runs, out=args.out, username=args.username, layout=_layout(args),
+                          fp16_weights=args.fp16_weights)
 
 
 @command("kernel")
@@ -257,6 +298,64 @@ def _kernel(args):
     from .kaggle import build as kernel
 
     kernel.build_kernel(_config(args), runs=args.runs, out=args.out, username=args.username, slug=args.slug)
+
+
+@command("datasets-create")
+def _datasets_create(args):
+    from .kaggle import api
+
+    names = _names(args)
+    api.create_datasets([names.code_dir(args.out), names.model_dir(args.out)])
+
+
+@command("datasets-version")
+def _datasets_version(args):
+    from .kaggle import api
+
+    names = _names(args)
+    api.version_datasets([names.code_dir(args.out), names.model_dir(args.out)], args.message or f"ich_kaggle {args.config}")
+
+
+@command("datasets-wait")
+def _datasets_wait(args):
+    from .kaggle import api
+
+    names = _names(args)
+    api.wait_datasets([names.code_id, names.model_id], timeout=args.timeout, poll=args.poll)
+
+
+@command("kernel-push")
+def _kernel_push(args):
+    from .kaggle import api
+
+    api.push_kernel(_names(args).kernel_dir(args.out))
+
+
+@command("kernel-wait")
+def _kernel_wait(args):
+    from .kaggle import api
+
+    api.wait_kernel(_names(args).kernel_id, timeout=args.timeout, poll=args.poll)
+
+
+@command("kernel-output")
+def _kernel_output(args):
+    from .kaggle import api
+
+    names = _names(args)
+    api.fetch_output(names.kernel_id, Path(args.out) / "output" / names.kernel_slug)
+
+
+@command("kaggle-submit")
+def _kaggle_submit(args):
+    from .kaggle import api
+
+    if args.file:  # any CSV, e.g. make submit's: no kernel, so no user name needed
+        api.submit_file(Path(args.file), args.message or f"ich_kaggle {Path(args.file).name}")
+        return
+    names = _names(args)
+    path = Path(args.out) / "output" / names.kernel_slug / api.SUBMISSION
+    api.submit_file(path, args.message or f"ich_kaggle {names.config_name} (kernel {names.kernel_id})")
 
 
 @command("report")
@@ -278,6 +377,13 @@ def _bench(args):
     from . import bench
 
     bench.run(args.what, mini=args.mini)
+
+
+@command("gpu-check")
+def _gpu_check(args):
+    from .bench import gpu
+
+    gpu.check(args.mini)
 
 
 @command("demo")

@@ -2,7 +2,8 @@
 
 How the CLI is pointed here: `KAGGLE_API_ENVIRONMENT=LOCALHOST` makes kaggle 2.x call `http://localhost/api/v1/...`
 (plain http), and `HTTP_PROXY` sends those requests to this server, which sees absolute URLs in the request line.
-It answers the few endpoints that `kernels push`, `datasets create` and `datasets version` use, records every request,
+It answers the few endpoints that `kernels push/status/output`, `datasets create/version/status` and
+`competitions submit` use (each can be told to refuse, as Kaggle does, with an error field or an HTTP error), records every request,
 and shuts itself down after `max_seconds` so a hung client can never keep a test alive.
 """
 
@@ -42,6 +43,14 @@ class FakeKaggle:
 
     existing_datasets: set[str] = field(default_factory=set)  # "owner/slug" that GetDatasetStatus reports as ready
     kernel_error: str | None = None  # answer SaveKernel with this error field (the CLI still exits 0)
+    dataset_error: str | None = None  # answer CreateDataset / CreateDatasetVersion with this error field
+    dataset_polls: dict[str, list[str]] = field(default_factory=dict)  # ref -> statuses answered before READY
+    kernel_statuses: list[str] = field(default_factory=lambda: ["COMPLETE"])  # GetKernelSessionStatus, in turn
+    kernel_failure: str = ""  # failureMessage of that answer
+    kernel_output: dict[str, bytes] = field(default_factory=dict)  # output files of the kernel's last run
+    kernel_log: str = ""
+    submit_error: str | None = None  # answer CreateSubmission with HTTP 403 and this message
+    submissions: list[dict[str, Any]] = field(default_factory=list)  # CreateSubmission bodies
     max_seconds: float = 60.0
     requests: list[Recorded] = field(default_factory=list)
     uploads: dict[str, bytes] = field(default_factory=dict)  # blob token -> uploaded bytes
@@ -94,12 +103,16 @@ class FakeKaggle:
             return [r for r in self.requests if r.endpoint == endpoint]
 
     # --- answers ---
-    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any] | bytes]:
         if method == "PUT" and path.startswith("/upload/"):
             token = path.rsplit("/", 1)[-1]
             with self._lock:
                 self.uploads[token] = body
             return 200, {}
+        if method == "GET" and path.startswith("/files/"):
+            name = path[len("/files/"):]
+            if name in self.kernel_output:
+                return 200, self.kernel_output[name]
         if method != "POST" or not path.startswith(API):
             return 404, {"code": 404, "message": f"fake kaggle: no route for {method} {path}"}
         endpoint = path[len(API):]
@@ -112,7 +125,10 @@ class FakeKaggle:
         if endpoint == "datasets.DatasetApiService/GetDatasetStatus":
             ref = f"{data.get('ownerSlug')}/{data.get('datasetSlug')}"
             if ref in self.existing_datasets:
-                return 200, {"status": "READY"}
+                with self._lock:
+                    polls = self.dataset_polls.get(ref) or []
+                    status = polls.pop(0) if polls else "READY"
+                return 200, {"status": status}
             return 404, {"code": 404, "message": f"dataset {ref} not found"}
         if endpoint == "blobs.BlobApiService/StartBlobUpload":
             with self._lock:
@@ -121,14 +137,38 @@ class FakeKaggle:
             return 200, {"token": token, "createUrl": f"http://localhost/upload/{token}"}
         if endpoint == "datasets.DatasetApiService/CreateDataset":
             ref = f"{data.get('ownerSlug')}/{data.get('slug')}"
+            if self.dataset_error:
+                return 200, {"status": "error", "error": self.dataset_error}
+            if ref in self.existing_datasets:
+                return 200, {"status": "error", "error": "The requested slug is already in use"}
             with self._lock:
                 self.existing_datasets.add(ref)
             return 200, {"ref": ref, "url": f"http://localhost/datasets/{ref}", "status": "ok"}
         if endpoint == "datasets.DatasetApiService/CreateDatasetVersion":
             ref = f"{data.get('ownerSlug')}/{data.get('datasetSlug')}"
+            if self.dataset_error:
+                return 200, {"status": "error", "error": self.dataset_error}
             if ref not in self.existing_datasets:
                 return 200, {"status": "error", "error": f"dataset {ref} does not exist"}
             return 200, {"ref": ref, "url": f"http://localhost/datasets/{ref}", "status": "ok"}
+        if endpoint == "kernels.KernelsApiService/GetKernelSessionStatus":
+            with self._lock:
+                status = self.kernel_statuses.pop(0) if len(self.kernel_statuses) > 1 else self.kernel_statuses[0]
+            return 200, {"status": status, "failureMessage": self.kernel_failure if status == "ERROR" else ""}
+        if endpoint == "kernels.KernelsApiService/ListKernelSessionOutput":
+            files = [{"fileName": n, "url": f"http://localhost/files/{n}"} for n in self.kernel_output]
+            return 200, {"files": files, "log": self.kernel_log}
+        if endpoint == "competitions.CompetitionApiService/StartSubmissionUpload":
+            with self._lock:
+                token = f"blob{len(self.blob_names) + 1}"
+                self.blob_names[token] = str(data.get("fileName"))
+            return 200, {"token": token, "createUrl": f"http://localhost/upload/{token}"}
+        if endpoint == "competitions.CompetitionApiService/CreateSubmission":
+            if self.submit_error:
+                return 403, {"code": 403, "message": self.submit_error}
+            with self._lock:
+                self.submissions.append(data)
+            return 200, {"message": "Successfully submitted to RSNA Intracranial Hemorrhage Detection", "ref": 1}
         return 404, {"code": 404, "message": f"fake kaggle: unknown endpoint {endpoint}"}
 
 
@@ -157,9 +197,10 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
             with fake._lock:
                 fake.requests.append(Recorded(self.command, path, dict(self.headers.items()), body))
             status, payload = fake.answer(self.command, path, body)
-            out = json.dumps(payload).encode()
+            raw = isinstance(payload, bytes)  # a file download
+            out = payload if raw else json.dumps(payload).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "application/octet-stream" if raw else "application/json")
             self.send_header("Content-Length", str(len(out)))
             self.end_headers()
             self.wfile.write(out)

@@ -226,6 +226,7 @@ def test_code_dataset_and_kernel_folder(tmp_path, cfg):
     assert meta["id"] == "alice/ich-kaggle-tiny" and meta["code_file"] == "kernel.py"
     assert meta["language"] == "python" and meta["kernel_type"] == "script"
     assert meta["enable_internet"] is False and meta["enable_gpu"] is True and meta["is_private"] is True
+    assert meta["machine_shape"] == "NvidiaTeslaT4"  # else a CLI push gets a P100, which Kaggle's torch cannot run
     assert meta["competition_sources"] == [COMPETITION]
     assert meta["dataset_sources"] == ["alice/ich-kaggle-code", "alice/ich-kaggle-model-tiny"]
     script = (folder / "kernel.py").read_text()
@@ -333,6 +334,7 @@ def test_kaggle_kernels_push(built, kaggle_home):
     assert body["text"] == (names.kernel_dir(out) / "kernel.py").read_text()
     assert body["language"] == "python" and body["kernelType"] == "script"
     assert body["enableInternet"] is False and body["enableGpu"] is True and body["isPrivate"] is True
+    assert body["machineShape"] == "NvidiaTeslaT4"  # what the server sees: T4 x2, not the P100 default
     assert body["competitionDataSources"] == [COMPETITION]
     assert body["datasetDataSources"] == ["testuser/ich-kaggle-code", "testuser/ich-kaggle-model-tiny"]
     assert call.headers.get("Authorization", "").startswith("Basic ")  # KAGGLE_USERNAME/KAGGLE_KEY were used
@@ -372,6 +374,115 @@ def test_kaggle_datasets_create_and_version(built, kaggle_home):
     assert version["datasetSlug"] == "ich-kaggle-model-tiny" and version["body"]["versionNotes"] == "new folds"
 
 
+# --- `python -m ich_kaggle <step>`: every Kaggle call checks the answer (the CLI exits 0 on a refusal) -----------
+def _ich(fk: FakeKaggle, out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ich_kaggle", *args, "--config", "tiny", "--out", str(out), "--username", "testuser"]
+    return subprocess.run(cmd, env=fk.env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr  # no traceback
+    return lines[0]
+
+
+def test_refused_kernel_push_exits_nonzero_with_kaggles_message(built, kaggle_home):
+    names, out = built
+    with FakeKaggle(max_seconds=60, kernel_error="Notebook not found") as fk:
+        refused = _ich(fk, out, "kernel-push")
+    assert "Kaggle refused the kernel" in _one_line_error(refused) and "Notebook not found" in refused.stderr
+    with FakeKaggle(max_seconds=60) as fk:
+        ok = _ich(fk, out, "kernel-push")
+    assert ok.returncode == 0, ok.stderr
+    assert "version 1: http://localhost/code/testuser/ich-kaggle-tiny" in ok.stdout
+    (call,) = fk.calls("kernels.KernelsApiService/SaveKernel")
+    assert call.json()["machineShape"] == "NvidiaTeslaT4"
+
+
+def test_refused_datasets_exit_nonzero(built, kaggle_home):
+    names, out = built
+    with FakeKaggle(max_seconds=60, existing_datasets={"testuser/ich-kaggle-code"}) as fk:
+        exists = _ich(fk, out, "datasets-create")
+    line = _one_line_error(exists)
+    assert "testuser/ich-kaggle-code already exists" in line and "make datasets-version" in line
+    (created,) = [c.json()["slug"] for c in fk.calls("datasets.DatasetApiService/CreateDataset")]
+    assert created == "ich-kaggle-model-tiny"  # the missing one is created: datasets-version then finds both
+    verify = "Phone verification is required to create datasets"
+    with FakeKaggle(max_seconds=60, dataset_error=verify) as fk:
+        refused = _ich(fk, out, "datasets-create")
+        fk.existing_datasets.update({names.code_id, names.model_id})
+        refused_version = _ich(fk, out, "datasets-version")
+    assert verify in _one_line_error(refused) and "Kaggle refused to create dataset testuser/ich-kaggle-code" in refused.stderr
+    assert verify in _one_line_error(refused_version)
+    with FakeKaggle(max_seconds=60) as fk:
+        missing = _ich(fk, out, "datasets-version")
+    assert "does not exist on Kaggle yet" in _one_line_error(missing) and "datasets-create" in missing.stderr
+
+
+def test_datasets_create_wait_version(built, kaggle_home):
+    names, out = built
+    with FakeKaggle(max_seconds=60) as fk:
+        created = _ich(fk, out, "datasets-create")
+        fk.dataset_polls[names.model_id] = ["BLOBS_RECEIVED", "BLOBS_DECOMPRESSED"]  # Kaggle still processing
+        waited = _ich(fk, out, "datasets-wait", "--poll", "0.05")
+        fk.dataset_polls[names.code_id] = ["FAILED"]
+        failed = _ich(fk, out, "datasets-wait", "--poll", "0.05")
+        version = _ich(fk, out, "datasets-version")
+    for result in (created, waited, version):
+        assert result.returncode == 0, result.stderr
+    assert [(c.json()["slug"]) for c in fk.calls("datasets.DatasetApiService/CreateDataset")] == [
+        "ich-kaggle-code", "ich-kaggle-model-tiny"]
+    assert "dataset testuser/ich-kaggle-model-tiny: ready" in waited.stdout
+    polls = [c.json()["datasetSlug"] for c in fk.calls("datasets.DatasetApiService/GetDatasetStatus")]
+    assert polls.count("ich-kaggle-model-tiny") >= 4  # create's check, then polled until READY
+    assert "is failed on Kaggle" in _one_line_error(failed)
+    notes = [c.json()["body"]["versionNotes"] for c in fk.calls("datasets.DatasetApiService/CreateDatasetVersion")]
+    assert notes == ["ich_kaggle tiny", "ich_kaggle tiny"]
+
+
+def test_kernel_wait_output_submit(built, kaggle_home):
+    names, out = built
+    sub = b"ID,Label\nID_a_any,0.1\n"
+    with FakeKaggle(max_seconds=60, kernel_statuses=["QUEUED", "RUNNING", "COMPLETE"],
+                    kernel_output={"submission.csv": sub}, kernel_log="[12:00:00] wrote submission.csv") as fk:
+        waited = _ich(fk, out, "kernel-wait", "--poll", "0.05")
+        fetched = _ich(fk, out, "kernel-output")
+        submitted = _ich(fk, out, "kaggle-submit", "--message", "first kernel")
+    for result in (waited, fetched, submitted):
+        assert result.returncode == 0, result.stderr
+    assert "queued" in waited.stdout and "running" in waited.stdout and "complete" in waited.stdout
+    got = out / "output" / "ich-kaggle-tiny" / "submission.csv"
+    assert got.read_bytes() == sub and (got.parent / "ich-kaggle-tiny.log").read_text().endswith("submission.csv")
+    (body,) = fk.submissions
+    assert body["competitionName"] == COMPETITION and body["submissionDescription"] == "first kernel"
+    (token,) = [t for t, n in fk.blob_names.items() if n == "submission.csv"]
+    assert fk.uploads[token] == sub and "Successfully submitted" in submitted.stdout
+
+    with FakeKaggle(max_seconds=60, kernel_statuses=["RUNNING", "ERROR"],
+                    kernel_failure="Your notebook tried to allocate more memory than is available") as fk:
+        failed = _ich(fk, out, "kernel-wait", "--poll", "0.05")
+        empty = _ich(fk, out, "kernel-output")
+    assert "ended with error: Your notebook tried to allocate more memory" in _one_line_error(failed)
+    assert "no submission.csv" in _one_line_error(empty) and not got.exists()  # the old run's file is gone
+    assert "fetch the kernel's output first" in _one_line_error(_ich(fk, out, "kaggle-submit"))
+    got.write_bytes(sub)
+    rules = "You must accept this competition's rules before you'll be able to submit"
+    with FakeKaggle(max_seconds=60, submit_error=rules) as fk:
+        refused = _ich(fk, out, "kaggle-submit")
+    line = _one_line_error(refused)
+    assert rules in line and f"{COMPETITION}/rules" in line
+
+
+def test_kaggle_steps_without_credentials(built, tmp_path):
+    names, out = built
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    env["HOME"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "ich_kaggle", "kernel-push", "--config", "tiny", "--out", str(out), "--username", "testuser"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "no Kaggle credentials" in _one_line_error(result) and "KAGGLE_KEY" in result.stderr
+
+
 def test_stale_model_dataset_warns(built, capsys):
     names, out = built
     cfg = config.load("tiny")
@@ -387,14 +498,86 @@ def test_stale_model_dataset_warns(built, capsys):
     assert "newer files than" in printed and "(fold0/best.pt)" in printed and "make kernel-datasets" in printed
 
 
+def test_kernel_predict_uses_every_visible_gpu(monkeypatch):
+    import torch
+    from ich_kaggle.predict import stage as predict
+
+    assert predict.inference_devices() == [torch.device("cpu")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # Kaggle's T4 x2: folds are dealt out over both
+    assert predict.inference_devices() == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+def _python312() -> str:
+    """A working python3.12 (Kaggle's image moved to 3.12); pyenv's shim may exist but refuse to run."""
+    candidates = [shutil.which("python3.12") or ""] + [str(p) for p in sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+    for exe in filter(None, candidates):
+        if subprocess.run([exe, "-c", "import ensurepip"], capture_output=True).returncode == 0:
+            return exe
+    pytest.skip("no working python3.12 on this machine")
+
+
+@pytest.mark.slow
+def test_install_step_on_python312(tmp_path, cfg):
+    """The kernel's install step on Kaggle's Python 3.12 with a code dataset built here (3.11): every required
+    package installs; the cp311-only optional ones (pylibjpeg codecs) are named in the log and the run goes on."""
+    python = _python312()
+    names = kernel.names_for(cfg, "testuser")
+    code = kernel.build_code_dataset(names, tmp_path / "kernels")
+    listing = json.loads((code / "wheels.json").read_text())
+    optional = {w["name"] for w in listing["wheels"] if w["optional"]}
+    assert optional == set(kernel.OPTIONAL_PACKAGES)
+    binary_optional = {w["name"] for w in listing["wheels"] if w["optional"] and not w["pure"]}
+    assert binary_optional == {"pylibjpeg-libjpeg", "pylibjpeg-openjpeg"}  # built for cp311 only
+    venv = tmp_path / "venv312"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
+    script = (f"import runpy; from pathlib import Path; "
+              f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'template.py')!r}); "
+              f"print('missing', sorted(w['name'] for w in ns['pip_install'](Path({str(code)!r}))))")
+    env = {**_env(), "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in binary_optional:
+        assert f"optional package {name} " in result.stdout and "compressed DICOMs" in result.stdout
+    assert "missing ['pylibjpeg-libjpeg', 'pylibjpeg-openjpeg']" in result.stdout
+    required = [w["name"] for w in listing["wheels"] if not w["optional"]] + ["pylibjpeg"]
+    check = "import importlib.metadata as m, sys; print(sys.version_info[:2], [m.version(n) for n in sys.argv[1:]])"
+    versions = subprocess.run([str(venv / "bin" / "python"), "-c", check, *required], capture_output=True, text=True)
+    assert versions.returncode == 0, versions.stderr  # every required package is installed on 3.12
+    assert versions.stdout.startswith("(3, 12)")
+
+
 # --- end to end: train a tiny model, build the kernel, run its script offline in a fresh venv ----------------------
-def _fresh_venv(folder: Path) -> Path:
-    """A venv that sees the heavy packages of .venv (torch, timm, ...) through a .pth file but not the repository."""
+def _fresh_venv(folder: Path, first: list[Path] = ()) -> Path:
+    """A venv that sees the heavy packages of .venv (torch, timm, ...) through a .pth file but not the repository;
+    folders in `first` come before them on sys.path (Kaggle's own numpy and pandas)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
     site = Path(subprocess.run([str(folder / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    (site / "_ich_kaggle_test_parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    paths = [str(p) for p in first] + [sysconfig.get_paths()["purelib"]]
+    (site / "_ich_kaggle_test_parent.pth").write_text("\n".join(paths) + "\n")
     return folder / "bin" / "python"
+
+
+# What Kaggle's image has (late 2026: Python 3.12, torch 2.10, numpy 2.0, pandas 2.2) that installs here, on the 3.11
+# of .venv: numpy and pandas at Kaggle's versions shadow .venv's; torch, timm, albumentations, opencv, scikit-learn
+# come from .venv (torch 2.14.1 CPU: no 2.10 wheel installs here). kernels/README.md lists the same.
+KAGGLE_VERSIONS = ("numpy==2.0.2", "pandas==2.2.3", "pytz")
+LOCAL_WHEELS = [Path("/opt/pypi/files"), Path("/opt/pypi-more/files")]  # this machine's wheel folders, if present
+
+
+def kaggle_packages() -> Path:
+    """Kaggle's numpy and pandas, installed once into .cache/ (reused by later runs; a few MB from pip's cache)."""
+    folder = ROOT / ".cache" / ("kaggle-packages-" + "-".join(v.replace("==", "") for v in KAGGLE_VERSIONS))
+    done = folder / ".installed"
+    if not done.exists():
+        local = [x for d in LOCAL_WHEELS if d.is_dir() for x in ("--find-links", str(d))]
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(folder), *KAGGLE_VERSIONS]
+        if subprocess.run(cmd[:4] + ["--no-index", *local] + cmd[4:], capture_output=True).returncode != 0:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=600)  # from the package index
+        done.touch()
+    return folder
 
 
 def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
@@ -407,6 +590,25 @@ def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
     shutil.copytree(code, root / "datasets" / "testuser" / code.name)
     shutil.copytree(model, root / "datasets" / "testuser" / model.name)
     return root
+
+
+def _run_kernel(python: Path, script: Path, root: Path, tmp_path: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """kernel.py offline in the venv `tmp_path/name`; (its result, the submission.csv it wrote)."""
+    working = tmp_path / f"working_{name}"
+    working.mkdir()
+    dead = "http://127.0.0.1:9"  # any network access fails fast
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy")}
+    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), ICH_KAGGLE_SCRATCH=str(tmp_path / f"scratch_{name}"),
+               HOME=str(tmp_path / "home"),
+               HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, PIP_NO_INDEX="1")
+    result = subprocess.run([str(python), str(script)], cwd=working, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"from {tmp_path / name}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
+    assert "urlopen error" not in result.stderr  # nothing tried the network (the proxy is a dead port)
+    assert f"scratch_{name}/runs/tiny/stack/test.csv" in result.stdout  # the stacker was refit in the kernel
+    assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]  # the cache etc. stayed in scratch
+    return result, working / "submission.csv"
 
 
 @pytest.mark.slow
@@ -440,27 +642,37 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     names = kernel.names_for(cfg, "testuser")
     root = _kaggle_input(tmp_path / "input", comp, names.code_dir(out), names.model_dir(out))
     python = _fresh_venv(tmp_path / "venv")
-    working = tmp_path / "working"
-    working.mkdir()
-    dead = "http://127.0.0.1:9"  # any network access fails fast
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy")}
-    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), ICH_KAGGLE_SCRATCH=str(tmp_path / "scratch"),
-               HOME=str(tmp_path / "home"),
-               HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, PIP_NO_INDEX="1")
-    result = subprocess.run([str(python), str(folder / "kernel.py")], cwd=working, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"from {tmp_path / 'venv'}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
-    assert "urlopen error" not in result.stderr  # nothing tried the network (the proxy is a dead port)
-    assert "scratch/runs/tiny/stack/test.csv" in result.stdout  # the submission came from the stacker refit in the kernel
+    result, got = _run_kernel(python, folder / "kernel.py", root, tmp_path, "venv")
+    from ich_kaggle.data.dataset import usable_cpus
 
-    assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]  # the cache etc. stayed in scratch
-    got = working / "submission.csv"
+    assert f"predict: {usable_cpus()} loader workers (data.num_workers=-1)" in result.stdout  # sized from this machine
     assert submission.validate_file(comp / "stage_2_sample_submission.csv", got) == []
     a, b = pd.read_csv(expected), pd.read_csv(got)
     assert list(a["ID"]) == list(b["ID"])
     np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), atol=1e-4)
     assert got.read_bytes() == expected.read_bytes()  # same models, same images, same code path: identical file
+
+    # the same kernel on Kaggle's numpy 2.0 and pandas 2.2: the same submission to 1e-6
+    kaggle_python = _fresh_venv(tmp_path / "kaggle_venv", first=[kaggle_packages()])
+    result, got = _run_kernel(kaggle_python, folder / "kernel.py", root, tmp_path, "kaggle_venv")
+    check = "import numpy, pandas; print(numpy.__version__, pandas.__version__)"
+    versions = subprocess.run([str(kaggle_python), "-c", check], capture_output=True, text=True, check=True).stdout.split()
+    assert versions == ["2.0.2", "2.2.3"]
+    b = pd.read_csv(got)
+    assert list(a["ID"]) == list(b["ID"])
+    np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), rtol=0, atol=1e-6)
+
+    # fp16 weights in the model dataset: half the upload. Measured here: the submission moves by up to 4.9e-4, more
+    # than the 1e-4 asked for, so they stay opt-in (--fp16-weights); this checks they load and predict close by.
+    half = kernel.build_model_dataset(cfg, names, runs, tmp_path / "half", layout, fp16_weights=True)
+    assert kernel_run.read_manifest(half)["weights"] == "fp16"
+    ratios = [(half / f.name).stat().st_size / f.stat().st_size for f in names.model_dir(out).glob("fold*_best.pt")]
+    assert len(ratios) == cfg.cv.k and max(ratios) < 0.6
+    got = kernel_run.run_inference(half, root / COMPETITION / COMPETITION, tmp_path / "working_half",
+                                   scratch=tmp_path / "scratch_half")
+    gap = np.abs(pd.read_csv(got)["Label"].to_numpy() - a["Label"].to_numpy()).max()
+    print(f"fp16 weights: checkpoints x{max(ratios):.2f} the size, submission max |difference| {gap:.1e}")
+    assert 0 < gap <= 2e-3  # float16 rounding, nothing worse (a wrong tensor would move it by far more)
 
     # without a stacker (first-stage predictions only), in-process: the kernel side matches `make submit` too
     shutil.rmtree(runs / cfg.name / "stack")

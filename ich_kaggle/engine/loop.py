@@ -34,6 +34,7 @@ from ..core.lock import exclusive
 from ..core.manifest import digest
 from ..data import folds as folds_mod
 from . import dist as D
+from .precision import choose as choose_precision
 from .logs import close_log, open_log, plot_curves, write_log_csv
 from .plan import epoch_indices, eval_loader, image_size, label_matrix, train_loader
 
@@ -123,11 +124,9 @@ def init_head_bias(net: torch.nn.Module, labels: np.ndarray) -> int:
 
 
 def autocast(cfg: Config, device: torch.device):
-    """bf16/fp16 autocast on CUDA; bf16 on CPU; nothing for amp=none."""
-    if cfg.train.amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if cfg.train.amp == "fp16" and device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """The autocast `precision.choose` picks for train.amp on this device (bf16 from compute capability 8.0, fp16
+    below, bf16 on CPU; nothing for amp=none)."""
+    return choose_precision(cfg.train.amp, device).autocast()
 
 
 def to_device(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
@@ -341,6 +340,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
     train_ds = SliceDataset(data.train, layout, cfg, transform=None, train=True, meta=data.meta)
     val_ds = SliceDataset(data.val, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=data.meta)
 
+    log.info(f"fold {fold}: {choose_precision(cfg.train.amp, info.device).describe()}")  # stops on an unusable GPU
     model, net = build_network(cfg, info)
     loss_fn = build_loss(cfg, train_labels).to(info.device)
     batch_loss = None if batch_loss_factory is None else batch_loss_factory(
@@ -350,7 +350,8 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
     steps_per_epoch = math.ceil(len(train_loader(train_ds, epoch_indices(cfg, train_labels, 0), cfg, info, batch, 0))
                                 / cfg.train.accum_steps)
     scheduler = build_scheduler(cfg, optimizer, max(1, steps_per_epoch))
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16" and info.device.type == "cuda")
+    precision = choose_precision(cfg.train.amp, info.device)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision.scaler)
 
     start_epoch, rows, best, best_epoch = 0, [], math.inf, -1
     if ckpt is not None and not ckpt.get("done"):

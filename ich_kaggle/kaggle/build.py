@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,13 @@ KERNEL_PACKAGES: tuple[str, ...] = (
     "pretrainedmodels", "munch", "segmentation-models-pytorch",
     "blosc2", "ndindex",  # the cache codec (Kaggle's image may lack blosc2 or ship one older than 3.x)
 )
+# Installed if they can be: the kernel names one that does not install on its Python and goes on without it.
+OPTIONAL_PACKAGES: dict[str, str] = {
+    name: "needed only for compressed DICOMs; the RSNA files are uncompressed"
+    for name in ("pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg")
+}
 CODE_SLUG = "ich-kaggle-code"
+MACHINE_SHAPE = "NvidiaTeslaT4"  # the API's name for "GPU T4 x2" (kaggle-cli PR 1198)
 DATASET_META = "dataset-metadata.json"
 KERNEL_META = "kernel-metadata.json"
 KERNEL_FILE = "kernel.py"
@@ -171,6 +178,22 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+FP16_MAX = 65504.0
+
+
+def _half_checkpoint(src: Path, dst: Path) -> None:
+    """A fold's best.pt with its float32 weights stored as float16: half the upload (102.5 MB -> ~51 MB for
+    se_resnext50); `load_state_dict` casts them back to float32. A tensor fp16 cannot hold (|x| > 65504) stays."""
+    import torch
+
+    from ..models.checkpoint import read_checkpoint, save_checkpoint
+
+    ckpt = read_checkpoint(src)
+    ckpt["model"] = {k: v.half() if v.dtype == torch.float32 and v.numel() and float(v.abs().max()) <= FP16_MAX else v
+                     for k, v in ckpt["model"].items()}
+    save_checkpoint(dst, ckpt)
+
+
 def _write_json(path: Path, data: dict) -> None:
     with atomic_open(path) as f:
         json.dump(data, f, indent=2)
@@ -201,6 +224,14 @@ def _fresh_tmp(final: Path) -> Path:
     return tmp
 
 
+def _wheel_entry(w) -> dict:
+    entry = {"file": w.path.name, "name": w.name, "version": w.version, "source": w.source, "pure": w.pure,
+             "optional": w.name in OPTIONAL_PACKAGES}
+    if entry["optional"]:
+        entry["why"] = OPTIONAL_PACKAGES[w.name]
+    return entry
+
+
 def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str, ...] = KERNEL_PACKAGES) -> Path:
     """kernels/ich-kaggle-code/: the ich_kaggle wheel + wheels of what Kaggle's image lacks, flat."""
     from . import wheels
@@ -212,8 +243,8 @@ def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str,
     desc = (f"ich_kaggle {__version__} and the packages Kaggle's image lacks, for offline kernels of {COMPETITION}. "
             f"Install: pip install --no-index --find-links <this folder> --no-deps *.whl\n\n{lines}\n")
     _write_json(tmp / DATASET_META, _dataset_metadata("ICH Kaggle code", names.code_id, desc))
-    _write_json(tmp / "wheels.json", {"ich_kaggle": __version__, "wheels": [
-        {"file": w.path.name, "name": w.name, "version": w.version, "source": w.source, "pure": w.pure} for w in built]})
+    _write_json(tmp / "wheels.json", {"ich_kaggle": __version__, "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+                                      "wheels": [_wheel_entry(w) for w in built]})
     _swap_in(tmp, final)
     return final
 
@@ -243,10 +274,12 @@ def _write_data_inputs(layout: Layout, folder: Path, stacked: bool) -> None:
 
 
 def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: str | Path,
-                        layout: Layout | None = None) -> Path:
+                        layout: Layout | None = None, fp16_weights: bool = False) -> Path:
     """kernels/ich-kaggle-model-<config>/: checkpoints, stacker inputs, folds, resolved config and a manifest.
 
     `layout` is the data the runs were trained on (its folds.csv and meta.csv travel with the model).
+    `fp16_weights` stores the checkpoints' weights in float16: half the size, but on the tiny config the submission
+    moved by up to 4.9e-4 (tests/test_kernel.py prints it), more than 1e-4, so it is opt-in.
     """
     files = model_files(cfg, runs)
     stacked = is_stacked(cfg, runs)
@@ -255,13 +288,17 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
     final = names.model_dir(out)
     tmp = _fresh_tmp(final)
     for flat, rel in files.items():
-        _link_or_copy(root / rel, tmp / flat)
+        if fp16_weights and flat.endswith(".pt"):
+            _half_checkpoint(root / rel, tmp / flat)
+        else:
+            _link_or_copy(root / rel, tmp / flat)
     _write_data_inputs(layout, tmp, stacked)
     config_mod.dump(cfg, tmp / "config.yaml")
     folds = trained_folds(cfg, runs)
     manifest = {
         "format": MANIFEST_FORMAT, "config": cfg.name, "ich_kaggle": __version__, "folds": folds,
-        "stack": stacked, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "stack": stacked, "files": files, "weights": "fp16" if fp16_weights else "fp32",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     _write_json(tmp / MODEL_MANIFEST, manifest)
     title = f"ICH Kaggle model {cfg.name}"[:50]
@@ -272,13 +309,14 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
 
 
 def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels",
-                   username: str | None = None, layout: Layout | None = None) -> dict[str, Path]:
+                   username: str | None = None, layout: Layout | None = None,
+                   fp16_weights: bool = False) -> dict[str, Path]:
     """`make kernel-datasets`: both dataset folders, ready for `kaggle datasets create/version -p`.
 
     `layout` is the data the runs were trained on: the stacker, refit inside the kernel, needs its meta and folds.
     """
     names = names_for(cfg, username)
-    model = build_model_dataset(cfg, names, runs, out, layout)  # fails on "no trained fold" before the wheels
+    model = build_model_dataset(cfg, names, runs, out, layout, fp16_weights)  # "no trained fold" before the wheels
     code = build_code_dataset(names, out)
     print(f"wrote {code} ({names.code_id}) and {model} ({names.model_id})")
     return {"code": code, "model": model}
@@ -338,6 +376,7 @@ def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kern
         "kernel_type": "script",
         "is_private": True,
         "enable_gpu": True,
+        "machine_shape": MACHINE_SHAPE,  # without it a CLI push lands on a P100, which Kaggle's torch cannot run
         "enable_tpu": False,
         "enable_internet": False,
         "dataset_sources": [names.code_id, names.model_id],

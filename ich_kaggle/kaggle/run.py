@@ -156,15 +156,6 @@ def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> 
     write_csv(pd.concat([meta[meta["split"] != "train"], train], ignore_index=True), layout.meta_csv)
 
 
-def adapt_to_device(cfg: Config) -> None:
-    """Kaggle's P100/T4 GPUs lack bfloat16: run inference in float16 there (the weights do not care)."""
-    import torch
-
-    if cfg.train.amp == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        print(f"{torch.cuda.get_device_name()}: no bfloat16, predicting with float16 autocast")
-        cfg.train.amp = "fp16"
-
-
 def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path,
                   scratch: str | Path | None = None) -> Path:
     """Predict (TTA, every shipped fold) -> stack -> submission, exactly the library calls of `make submit`.
@@ -181,7 +172,7 @@ def run_inference(model_dir: str | Path, competition: str | Path, working: str |
     manifest = read_manifest(model_dir)
     runs = scratch / "runs"
     cfg = materialize(model_dir, manifest, runs)
-    adapt_to_device(cfg)
+    cfg.data.num_workers = -1  # this machine's CPUs (Kaggle: 4), not the training machine's worker count
     layout = Layout.of(data_view(competition, scratch / "data"), scratch / "work")
     prepare_work(layout, model_dir)
     predict.predict(cfg, layout, runs=runs)

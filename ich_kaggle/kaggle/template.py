@@ -9,6 +9,7 @@ Outside Kaggle: ICH_KAGGLE_INPUT=<folder in the /kaggle/input layout> ICH_KAGGLE
 [ICH_KAGGLE_SCRATCH=<folder for the image cache, default /tmp/ich_kaggle>] python kernel.py
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -46,19 +47,36 @@ def find_code_dir(root, max_depth=5):
     return Path(min(found)[1])
 
 
+def _pip(args):
+    """pip, offline and quiet; (ok, its last output line)."""
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(args[0]), "--no-deps", "--quiet",
+           "--disable-pip-version-check", "--no-warn-script-location", *args[1:]]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+    return result.returncode == 0, lines[-1] if lines else ""
+
+
 def pip_install(code_dir):
-    """Pure-python wheels in one go; binary ones (built for one Python) one by one, a mismatch only warns."""
-    wheels = sorted(code_dir.glob("*.whl"))
-    pure = [w for w in wheels if w.name.endswith("-none-any.whl")]
-    binary = [w for w in wheels if w not in pure]
-    base = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(code_dir), "--no-deps",
-            "--quiet", "--disable-pip-version-check", "--no-warn-script-location"]
-    result = subprocess.run(base + [str(w) for w in pure])
-    if result.returncode != 0:
-        sys.exit(f"error: pip could not install the wheels from {code_dir} (see above)")
-    for wheel in binary:
-        if subprocess.run(base + [str(wheel)]).returncode != 0:
-            log(f"warning: {wheel.name} does not install on this Python; compressed DICOMs may be skipped")
+    """Required packages in one pip call (a failure stops the kernel, naming them); optional ones (wheels.json says
+    which and why) one by one: one that does not install on this Python is named in the log and the run goes on.
+    By name and version, so pip picks the wheel built for this interpreter when the dataset has several."""
+    listing = json.loads((code_dir / "wheels.json").read_text())
+    wheels = listing["wheels"]
+    required = [w for w in wheels if not w.get("optional")]
+    ok, last = _pip([code_dir] + [f"{w['name']}=={w['version']}" for w in required])
+    if not ok:
+        sys.exit(f"error: pip could not install the required packages {', '.join(w['name'] for w in required)} "
+                 f"from {code_dir} on Python {sys.version.split()[0]}: {last}")
+    missing = []
+    for w in (w for w in wheels if w.get("optional")):
+        ok, last = _pip([code_dir, f"{w['name']}=={w['version']}"])
+        if not ok:
+            missing.append(w)
+            log(f"optional package {w['name']} {w['version']} not installed on Python {sys.version.split()[0]} "
+                f"({w.get('why', 'optional')}): {last}")
+    log(f"installed {len(wheels) - len(missing)} of {len(wheels)} packages"
+        + (f"; going on without {', '.join(w['name'] for w in missing)}" if missing else ""))
+    return missing
 
 
 def main():

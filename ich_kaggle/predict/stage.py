@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..core.labels import LABELS
 from ..core.config import Config
 from ..engine.dist import pick_device
+from ..engine.precision import choose as choose_precision
 from ..core.errors import UserError
 from ..core.io import atomic_open, write_csv
 from ..core import freshness, manifest
@@ -42,6 +43,14 @@ class FoldModel:
     fold: int
     net: torch.nn.Module
     cfg: Config  # the config it was trained with (data settings come from here)
+    device: torch.device = torch.device("cpu")  # where its weights live (folds are dealt out over the GPUs)
+
+
+def inference_devices() -> list[torch.device]:
+    """Every visible GPU (Kaggle's T4 x2: two), else the CPU; fold models are dealt out over them."""
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [pick_device()]
 
 
 def wide(ids, probs: np.ndarray) -> pd.DataFrame:
@@ -114,22 +123,31 @@ def _loader(frame: pd.DataFrame, layout: Layout, data_cfg: Config, meta: pd.Data
                                        pin_memory=device.type == "cuda")
 
 
+def inference_precision(cfg: Config, device: torch.device):
+    """train.amp as the GPU allows (see engine.precision); float32 on CPU, where bf16 autocast is slower."""
+    return choose_precision(cfg.train.amp if device.type == "cuda" else "none", device)
+
+
 @torch.inference_mode()
 def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame,
-                  device: torch.device, desc: str = "predict") -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every model on every image of `frame` (loaded once): [(probs (N, 6), embeddings (N, D) float32)] per model."""
+                  desc: str = "predict") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every model on every image of `frame` (loaded once): [(probs (N, 6), embeddings (N, D) float32)] per model.
+
+    Each batch goes to every model's device and all models are launched before any result is copied back, so
+    models on different GPUs run at the same time (CUDA launches are asynchronous)."""
     data_cfg = models[0].cfg
-    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers), device)
-    amp = cfg.train.amp if device.type == "cuda" else "none"
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    devices = list(dict.fromkeys(m.device for m in models))
+    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers), devices[0])
+    precision = {d: inference_precision(cfg, d) for d in devices}
     out: list[tuple[list, list]] = [([], []) for _ in models]
     for x, _, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
-        x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        for (probs, embs), m in zip(out, models):
-            with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none"):
-                p, f = tta_forward(m.net, x, cfg.tta.transforms, cfg.tta.average)
+        on = {d: x.to(d, non_blocking=True) for d in devices}
+        on = {d: v.contiguous(memory_format=torch.channels_last) if d.type == "cuda" else v for d, v in on.items()}
+        launched = []
+        for m in models:
+            with precision[m.device].autocast():
+                launched.append(tta_forward(m.net, on[m.device], cfg.tta.transforms, cfg.tta.average))
+        for (probs, embs), (p, f) in zip(out, launched):
             probs.append(p.cpu().numpy())
             embs.append(f.cpu().numpy())
     result = []
@@ -186,23 +204,28 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     for k in todo:
         if manifest.read(out.oof_fold(k)) is not None:
             print(f"predict: fold {k} predicted again: {stale[k]}")
-    device = pick_device()
+    devices = inference_devices()
+    if todo:
+        for device in devices:  # stops on an unusable GPU
+            print(f"predict: {device}, {inference_precision(cfg, device).describe()}")
+        print(f"predict: {loader_workers(cfg.data.num_workers)} loader workers (data.num_workers={cfg.data.num_workers})")
     models = []
-    for k in todo:
+    for i, k in enumerate(todo):
+        device = devices[i % len(devices)]
         net, fcfg = load_checkpoint(run.fold(k).best, map_location=device)
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
-        models.append(FoldModel(k, net, fcfg))
+        models.append(FoldModel(k, net, fcfg, device))
 
     for group in _groups(models):
-        results = predict_frame(group, test, layout, cfg, meta, device, desc="test") if len(test) else [
+        results = predict_frame(group, test, layout, cfg, meta, desc="test") if len(test) else [
             (np.zeros((0, len(LABELS))), np.zeros((0, 0)))] * len(group)
         for m, (p, e) in zip(group, results):
             save_embeddings(out.test_fold_embeddings(m.fold), test["image_id"], e)
             write_csv(wide(test["image_id"], p), out.test_fold(m.fold))
         for m in group:
             v = val[m.fold]
-            (p, e), = predict_frame([m], v, layout, cfg, meta, device, desc=f"oof fold {m.fold}") if len(v) else [
+            (p, e), = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}") if len(v) else [
                 (np.zeros((0, len(LABELS))), np.zeros((0, 0)))]
             save_embeddings(out.oof_fold_embeddings(m.fold), v["image_id"], e)
             write_csv(wide(v["image_id"], p), out.oof_fold(m.fold))

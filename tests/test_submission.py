@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -224,35 +223,6 @@ def test_submit_without_predictions_says_run_predict(tmp_path):
     layout, _, _ = _experiment(tmp_path, images, unreadable=[], with_stack=False)
     with pytest.raises(UserError, match="make predict"):
         submission.submit(Config(name="other"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
-
-
-def test_kaggle_submit_runs_the_cli(tmp_path, monkeypatch, kaggle_home, capsys):
-    images = make_sample(tmp_path / "probe.csv")
-    layout, _, _ = _experiment(tmp_path, images, unreadable=[], with_stack=False)
-    fake = tmp_path / "bin" / "kaggle"
-    fake.parent.mkdir()
-    record = tmp_path / "args.txt"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" > {record}\necho 'Successfully submitted'\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(submission, "_kaggle_executable", lambda: str(fake))
-    submission.submit(config.load("tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs",
-                      kaggle_submit=True, message="first try")
-    args = record.read_text().split()
-    assert args[:4] == ["competitions", "submit", "-c", "rsna-intracranial-hemorrhage-detection"]
-    assert args[args.index("-f") + 1] == str(tmp_path / "subs" / "tiny.csv.gz")
-    assert "Successfully submitted" in capsys.readouterr().out
-
-    monkeypatch.delenv("KAGGLE_USERNAME")
-    monkeypatch.delenv("KAGGLE_KEY")
-    with pytest.raises(UserError, match="no Kaggle credentials"):
-        submission.upload(tmp_path / "subs" / "tiny.csv.gz", "m")
-
-
-def test_missing_kaggle_cli_is_a_user_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(submission.shutil, "which", lambda name: None)
-    monkeypatch.setattr(submission.sys, "executable", str(tmp_path / "python"))
-    with pytest.raises(UserError, match="kaggle CLI is not installed"):
-        submission.upload(tmp_path / "x.csv.gz", "m")
 
 
 def test_real_sample_submission_is_valid_and_rewritable(mini_dir, tmp_path):

@@ -7,17 +7,13 @@ one confident mistake then costs at most ~13.8 nats instead of ~34.5.
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..core import freshness
-from ..core.layout import COMPETITION, Run
+from ..core.layout import Run
 from ..core.labels import LABELS
 from ..core.errors import UserError
 from ..core.io import atomic_path
@@ -195,43 +191,14 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
     return first.test, first.oof
 
 
-def _kaggle_executable() -> str:
-    local = Path(sys.executable).parent / "kaggle"
-    found = str(local) if local.exists() else shutil.which("kaggle")
-    if not found:
-        raise UserError("the kaggle CLI is not installed; `pip install kaggle` (it is in requirements.txt) or submit the file by hand")
-    return found
 
 
-def _check_kaggle_credentials() -> None:
-    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-    env_ok = bool(os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")) or bool(os.environ.get("KAGGLE_API_TOKEN"))
-    file_ok = (config_dir / "kaggle.json").exists() or (config_dir / "access_token").exists()
-    if not (env_ok or file_ok):
-        raise UserError(f"no Kaggle credentials: put kaggle.json in {config_dir} (Kaggle > Settings > API > Create New Token) "
-                        f"or set KAGGLE_USERNAME and KAGGLE_KEY")
 
 
-def upload(path: str | Path, message: str) -> None:
-    """Upload with `kaggle competitions submit`; any failure becomes one UserError line."""
-    exe = _kaggle_executable()
-    _check_kaggle_credentials()
-    cmd = [exe, "competitions", "submit", "-c", COMPETITION, "-f", str(path), "-m", message]
-    print("running:", " ".join(cmd))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise UserError(f"kaggle submit of {path} failed to run ({e}); retry or upload the file by hand") from None
-    if proc.stdout.strip():
-        print(proc.stdout.strip())
-    if proc.returncode != 0:
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise UserError(f"kaggle submit of {path} failed (exit {proc.returncode}): {last}; check credentials and that you joined the competition")
 
 
-def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submissions",
-           kaggle_submit: bool = False, message: str | None = None) -> Path:
-    """Best predictions of an experiment -> validated `<out_dir>/<cfg.name>.csv` (+ .gz), optionally uploaded.
+def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submissions") -> Path:
+    """Best predictions of an experiment -> validated `<out_dir>/<cfg.name>.csv` (+ .gz); `kaggle-submit` uploads it.
 
     Sample images without a prediction (unreadable DICOMs) get the training prior: the label means of
     `layout.train_csv`, the best constant guess, so one bad file costs little and never blocks a submission.
@@ -268,8 +235,6 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
     print(f"wrote {out} and {out}.gz from {pred_path} ({len(sample)} rows, valid)")
 
     _print_oof_score(run, oof_path, train)
-    if kaggle_submit:
-        upload(out.with_name(out.name + ".gz"), message or f"ich_kaggle {cfg.name}")
     return out
 
 

@@ -84,7 +84,11 @@ def reference_header(data: bytes) -> dict[str, object]:
                 else:
                     nums = [float(x) for x in (v if isinstance(v, pydicom.multival.MultiValue) else [v])]
                     ok = all(math.isfinite(x) for x in nums)
-                    out[kw] = (nums if len(nums) > 1 or kw.startswith(("Image", "Pixel")) else nums[0]) if ok else None
+                    if kw.startswith(("Image", "Pixel")):  # vectors
+                        out[kw] = nums if ok else None
+                    else:  # single numbers: several values, or an IS with a fraction, are unusable, not guessed
+                        ok = ok and len(nums) == 1 and (kw != "InstanceNumber" or nums[0].is_integer())
+                        out[kw] = nums[0] if ok else None
             except Exception:
                 out[kw] = None
     return out

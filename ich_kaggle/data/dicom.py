@@ -261,8 +261,8 @@ def _fast_pixels(parsed: Parsed, buf: bytes) -> np.ndarray:
     px = np.frombuffer(buf, dtype=dt, count=h["Rows"] * h["Columns"], offset=parsed.pixel_offset)
     px = px.reshape(h["Rows"], h["Columns"])
     if stored < bits:  # values outside BitsStored's range change; a reduction is cheaper than a copy
-        lo, hi = (0, (1 << stored) - 1) if dt.kind == "u" else (-(1 << (stored - 1)), (1 << (stored - 1)) - 1)
-        if px.min() < lo or px.max() > hi:
+        hi = (1 << stored) - 1 if dt.kind == "u" else (1 << (stored - 1)) - 1
+        if px.max() > hi or (dt.kind == "i" and px.min() < -hi - 1):
             shift = bits - stored
             px = (px << shift) >> shift  # unsigned: unused high bits cleared; signed: sign-extended
     return px

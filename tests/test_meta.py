@@ -169,7 +169,7 @@ def test_parallel_scan_equals_sequential(mini_dir, mini_meta, tmp_path, monkeypa
 
 
 
-def test_scan_survives_a_dying_worker(mini_dir, tmp_path, monkeypatch):
+def test_scan_survives_a_dying_worker_and_a_reader_bug(mini_dir, tmp_path, monkeypatch):
     import crash_reader
 
     monkeypatch.setattr(meta, "IN_PROCESS_BELOW", 0)  # the process pool, on a small set
@@ -184,6 +184,10 @@ def test_scan_survives_a_dying_worker(mini_dir, tmp_path, monkeypatch):
     m, skipped = meta.scan_files(data, meta.list_dicoms(layout), workers=2, reader=crash_reader.scan_or_die)
     assert skipped.values.tolist() == [["stage_2_train/ID_crash.dcm", meta.WORKER_DIED]]  # only the culprit lost
     assert sorted(m["image_id"]) == sorted(f.stem for f in real)
+    (data / "stage_2_train" / "ID_crash.dcm").rename(data / "stage_2_train" / "ID_bug.dcm")
+    m, skipped = meta.scan_files(data, meta.list_dicoms(layout), workers=1, reader=crash_reader.scan_or_raise)
+    assert skipped.values.tolist() == [["stage_2_train/ID_bug.dcm", "reader error (RuntimeError: a reader bug)"]]
+    assert len(m) == len(real)
 
 
 def test_scan_of_odd_bytes_lists_only_what_the_cache_reads(mini_dir, tmp_path):

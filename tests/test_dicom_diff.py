@@ -35,7 +35,8 @@ def reference_hu(data: bytes) -> tuple[np.ndarray | None, np.ndarray | None, str
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
             if "PixelData" not in ds:
                 return None, None, "no pixels"
-            if ds.get("SamplesPerPixel") != 1 or ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
+            photometric = ds.get("PhotometricInterpretation")
+            if ds.get("SamplesPerPixel") != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
                 return None, None, "not monochrome"
             frames = ds.get("NumberOfFrames")
             if frames not in (None, "") and int(frames) not in (0, 1):

@@ -457,7 +457,8 @@ def to_hu(px: np.ndarray, h: dict[str, Any], dtype: type = np.float32) -> np.nda
     if dtype is np.int16:
         if (slope == 1 and intercept.is_integer() and -32768 <= intercept <= 32767
                 and px.dtype in (np.int16, np.uint16)):
-            lo, hi = int(px.min(initial=0)), int(px.max(initial=0))
+            lo = 0 if px.dtype == np.uint16 else int(px.min(initial=0))
+            hi = int(px.max(initial=0))
             if hi <= 32767 and -32768 <= lo + intercept and hi + intercept <= 32767:  # no overflow: stay in int16
                 return (px.view(np.int16) if px.dtype == np.uint16 else px) + np.int16(intercept)
         if (slope.is_integer() and intercept.is_integer() and abs(slope) < 2**20 and abs(intercept) < 2**40

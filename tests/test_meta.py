@@ -203,6 +203,7 @@ def test_scan_of_odd_bytes_lists_only_what_the_cache_reads(mini_dir, tmp_path):
     assert not skipped["reason"].str.startswith("reader error").any(), skipped
     for path in m["path"]:  # what meta lists, the cache step reads
         assert dicom.read_hu(data / path, dtype=np.int16).ndim == 2
-    for path in skipped["path"]:
-        with pytest.raises(dicom.DicomError):
-            dicom.read_hu(data / path, dtype=np.int16)
+    for path, reason in skipped.itertuples(index=False):
+        if not reason.startswith("missing tag"):  # no patient or series: a readable image that meta cannot place
+            with pytest.raises(dicom.DicomError):
+                dicom.read_hu(data / path, dtype=np.int16)

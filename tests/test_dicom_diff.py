@@ -22,7 +22,7 @@ import dicom_mutations as dm
 from dicom_mutations import mutants
 from ich_kaggle.data import dicom
 
-PER_KIND = 24  # mutants of each of the 18 kinds
+PER_KIND = 20  # mutants of each of the 18 kinds
 BIG = 2_000_000  # pydicom test files above this size (multi-frame colour, big radiographs) cost seconds each
 
 

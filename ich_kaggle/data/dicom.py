@@ -343,8 +343,8 @@ def _pydicom_header(ds: Any) -> dict[str, Any]:
                 if not math.isfinite(x) or (kw in ("InstanceNumber", "NumberOfFrames") and not x.is_integer()):
                     raise ValueError
                 v = int(x) if kw in ("InstanceNumber", "NumberOfFrames") else x
-            else:
-                v = str(v) if len(items) == 1 else None
+            else:  # text: one str value (not bytes, as a wrong VR such as OB gives)
+                v = v if isinstance(v, str) else None
         except Exception:
             v = float("nan") if kw in RESCALE else None
         if v is not None:

@@ -12,3 +12,9 @@ def scan_or_die(path: str) -> tuple[dicom.Parsed, str | None]:
     if "crash" in os.path.basename(path):
         os._exit(70)
     return dicom.scan(path)
+
+
+def scan_or_raise(path: str) -> tuple[dicom.Parsed, str | None]:
+    if "bug" in os.path.basename(path):
+        raise RuntimeError("a reader bug")
+    return dicom.scan(path)

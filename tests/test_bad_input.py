@@ -105,3 +105,37 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_leaves_no_debris(co
     (fold.dir / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # a save killed with SIGKILL
     train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")  # space is back: the same command trains the fold
     assert fold.done.exists() and not (fold.dir / ".last.pt.x1y2.tmp").exists()
+
+
+def test_a_dicom_that_cannot_be_read_stops_the_stage_and_is_never_recorded_as_bad(tmp_path, monkeypatch, capsys):
+    """Permission denied or an I/O error says nothing about the file: meta and preprocess stop with one line, record
+    nothing as a bad DICOM, and the same command completes once the cause is fixed."""
+    import builtins
+
+    from ich_kaggle import cli
+    from ich_kaggle.data import dicom, synth
+
+    data = synth.write_competition(tmp_path / "comp", seed=4, studies=4, slices=4, size=32)
+    victim = sorted((data / "stage_2_test").iterdir())[0]
+    layout = Layout.of(data, tmp_path / "work")
+
+    def denied(path, *args, **kwargs):
+        if str(path) == str(victim):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    for stage in ("meta", "preprocess"):
+        if stage == "preprocess":
+            assert cli.main(["meta", "--data", str(data), "--work", str(layout.work), "--workers", "1"]) == 0
+        monkeypatch.setattr(dicom, "open", denied, raising=False)
+        capsys.readouterr()
+        assert cli.main([stage, "--data", str(data), "--work", str(layout.work), "--workers", "1"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]  # not the bars
+        assert len(err) == 1 and err[0].startswith(f"error: cannot read {victim} (Permission denied)"), err
+        monkeypatch.undo()
+        for skipped in (layout.skipped_csv, layout.cache_skipped):
+            assert not skipped.exists() or victim.name not in skipped.read_text()
+    assert cli.main(["preprocess", "--data", str(data), "--work", str(layout.work), "--workers", "1"]) == 0
+    from ich_kaggle.data import cache
+
+    assert victim.stem in cache.cached_ids(layout)

@@ -25,6 +25,7 @@ competition forum found: add 1000 to the raw pixels, subtract 4096 from values >
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -88,6 +89,15 @@ _TEXT = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII without the val
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _TAG = struct.Struct("<HH")
+
+
+# read errors that say nothing about the file itself: a stage stops on them instead of skipping the file as bad
+TRANSIENT = {errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+             errno.ESTALE, errno.ETIMEDOUT}
+
+
+class SourceUnreadable(OSError):
+    """A DICOM that could not be read for a reason outside it (permissions, I/O error, too many open files)."""
 
 
 class DicomError(Exception):
@@ -387,8 +397,12 @@ def _read(path: str | Path, whole: bool) -> tuple[bytes, int]:
                 buf = f.read()
                 return buf, len(buf)  # the bytes read are the file, even if it changed since the fstat
             return f.read(HEADER_BYTES), size
-    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
-        raise DicomError(f"cannot read file ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    except OSError as e:
+        if e.errno in TRANSIENT:  # the file may be fine: the folder, the disk or the machine is not
+            raise SourceUnreadable(e.errno, e.strerror, str(path)) from None
+        raise DicomError(f"cannot read file ({e.strerror or type(e).__name__})") from None
+    except ValueError as e:  # a path with a NUL byte
+        raise DicomError(f"cannot read file ({type(e).__name__})") from None
 
 
 def _load(path: str | Path, pixels: bool, one_slice: bool = True) -> tuple[Parsed, np.ndarray | None]:

@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..core import manifest
+from ..core.errors import UserError
 from ..core.io import cannot_write, write_csv
 from ..core.layout import Layout
 from . import dicom, inputs
@@ -90,6 +91,9 @@ def _scan_chunk(args: Chunk) -> Result:
     for rel, split in items:
         try:
             parsed, reason = reader(os.path.join(data_dir, rel))
+        except dicom.SourceUnreadable as e:  # never recorded as a bad DICOM: the stage stops, a rerun retries it
+            raise UserError(f"cannot read {e.filename} ({e.strerror}); fix its permissions or the disk, then rerun "
+                            f"(nothing was recorded as a bad DICOM)") from None
         except dicom.DicomError as e:
             reason = e.reason
         except Exception as e:  # a reader bug costs one file, never a scan of 874k: skipped, with the error named

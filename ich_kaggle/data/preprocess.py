@@ -52,6 +52,9 @@ def _cache_chunk(args: tuple[str, str, list[Item]]) -> tuple[list[Item], list[tu
         dst = cache.cache_path(layout, image_id)
         try:
             written += cache_one(os.path.join(data_dir, rel), dst)
+        except dicom.SourceUnreadable as e:  # the DICOM could not be read: stop, record nothing as bad
+            raise UserError(f"cannot read {e.filename} ({e.strerror}); fix its permissions or the disk, then rerun "
+                            f"(the slices cached so far are kept)") from None
         except dicom.DicomError as e:
             skipped.append((rel, e.reason, size, mtime))
             continue

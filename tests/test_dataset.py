@@ -11,6 +11,7 @@ from ich_kaggle.core.labels import LABEL_WEIGHTS, LABELS
 from ich_kaggle.core import config
 from ich_kaggle.data import dataset as D
 from ich_kaggle.data.transforms import build_eval_transforms, build_train_transforms
+from ich_kaggle.data.windows import named
 from ich_kaggle.engine.plan import epoch_indices, image_size, repeat_factors
 from ich_kaggle.engine.losses import FocalLoss, WeightedBCE, build_loss, label_weights
 
@@ -76,11 +77,13 @@ def test_train_transforms_compose_only_enabled_steps():
                                 "augment.blur=0.5", "augment.transpose=0.5", "augment.random_resized_crop=0.5"])
     names2 = [type(t).__name__ for t in build_train_transforms(cfg2).transforms]
     assert names2 == ["Resize", "RandomResizedCrop", "Transpose", "GaussianBlur"]
-    img = np.random.default_rng(0).random((90, 70, 9), dtype=np.float32)
-    out = build_train_transforms(cfg2, 40)(image=img)["image"]
-    assert out.shape == (40, 40, 9) and out.dtype == np.float32
-    ev = build_eval_transforms(cfg)(image=img)["image"]
-    assert ev.shape == (64, 64, 9)
+    hu = [np.random.default_rng(k).normal(40, 300, (90, 70)).astype(np.float32) for k in range(3)]  # 2.5D slices
+    windows = named(cfg.data.windows)
+    out = build_train_transforms(cfg2, 40)(hu, windows)
+    assert out.shape == (9, 40, 40) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    ev = build_eval_transforms(cfg)(hu, windows)
+    assert ev.shape == (9, 64, 64)
+    np.testing.assert_array_equal(ev[3:6], build_eval_transforms(cfg)(hu[1:2], windows))  # slice-major channels
 
 
 def test_loss_matches_metric_weighting():

@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "synth": "ich_kaggle.bench.data:bench_synth",
     "meta": "ich_kaggle.bench.data:bench_meta",
     "cache": "ich_kaggle.bench.data:bench_cache",
+    "loader": "ich_kaggle.bench.loader:bench_loader",
     "train": "ich_kaggle.bench.train:bench",
     "stack": "ich_kaggle.bench.stack:bench_stack",
 }

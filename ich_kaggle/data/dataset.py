@@ -15,6 +15,7 @@ import os
 import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -25,7 +26,7 @@ from ..core.config import Config
 from ..core.errors import UserError
 from ..core.io import write_csv
 from ..core.layout import Layout
-from .windows import apply_windows, jitter, named
+from .windows import jitter, named, window_planes
 
 log = logging.getLogger("ich_kaggle.train")
 
@@ -66,11 +67,21 @@ def brain_fraction(hu: np.ndarray) -> float:
     return float(((hu >= lo) & (hu <= hi)).mean())
 
 
+_worker_pid: int | None = None
+
+
+def _one_thread_in_workers() -> None:
+    """One OpenCV thread in each loader worker process: the workers already use every CPU (data.num_workers=-1)."""
+    global _worker_pid
+    if _worker_pid != os.getpid():
+        _worker_pid = os.getpid()
+        if torch.utils.data.get_worker_info() is not None:
+            cv2.setNumThreads(1)
+
+
 def jitter_windows(windows: list[tuple[float, float]], prob: float, max_hu: float,
                    rng: np.random.Generator) -> list[tuple[float, float]]:
     """With probability `prob` per window, shift its center and width each by U(-max_hu, max_hu)."""
-
-
     out = []
     for window in windows:
         out.append(jitter([window], rng, max_hu)[0] if prob > 0 and rng.random() < prob
@@ -109,12 +120,6 @@ def _load_hu(layout: Layout, image_id: str) -> np.ndarray:
     return cache.load_hu(layout, image_id)
 
 
-def _apply_windows(hu: np.ndarray, windows: list[tuple[float, float]]) -> np.ndarray:
-
-
-    return apply_windows(hu, windows)
-
-
 class SliceDataset(Dataset):
     """Items: (image float32 C x H x W, labels float32 (6,) (zeros if unlabelled), row index in `frame`)."""
 
@@ -146,18 +151,19 @@ class SliceDataset(Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def load_stack(self, index: int, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Windowed (H, W, C) float32 in [0, 1] for row `index`, before the albumentations transform."""
+    def load_planes(self, index: int) -> list[np.ndarray]:
+        """HU planes (int16 views) of row `index` and its neighbours in channel order, cropped to the current slice's
+        head: each slice decoded once, whatever the number of windows made from it."""
         ids = self.neighbors[index]
         center = len(ids) // 2
-        current = _load_hu(self.layout, str(ids[center])).astype(np.float32)
+        current = _load_hu(self.layout, str(ids[center]))
         slices = []
         for j, nid in enumerate(ids):
             if j == center or nid == ids[center]:
                 slices.append(current)
                 continue
             try:
-                hu = _load_hu(self.layout, str(nid)).astype(np.float32)
+                hu = _load_hu(self.layout, str(nid))
                 slices.append(hu if hu.shape == current.shape else current)
             except Exception as e:  # an unreadable neighbour: use the slice itself rather than lose the sample
                 log.warning("neighbour %s of %s unreadable (%s); using the slice itself", nid, ids[center], e)
@@ -165,28 +171,25 @@ class SliceDataset(Dataset):
         if self.cfg.data.crop_black_border:
             y0, y1, x0, x1 = head_bbox(current)
             slices = [s[y0:y1, x0:x1] for s in slices]
-        windows = self.windows
-        if self.train and rng is not None and self.cfg.augment.window_jitter > 0:
-            windows = jitter_windows(windows, self.cfg.augment.window_jitter, self.cfg.augment.window_jitter_hu, rng)
-        return np.concatenate([_apply_windows(s, windows) for s in slices], axis=2).astype(np.float32)
+        return slices
 
     def _item(self, index: int) -> torch.Tensor:
+        _one_thread_in_workers()
         rng = self._rng(index) if self.train else None
-        img = self.load_stack(index, rng)
-        if self.transform is not None:
-            if rng is not None:
-                self.transform.set_random_state(rng, random.Random(int(rng.integers(2**31))))
-            img = self.transform(image=img)["image"]
-        img = np.clip(img, 0.0, 1.0)
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
+        planes = self.load_planes(index)
+        windows = self.windows
+        if rng is not None and self.cfg.augment.window_jitter > 0:
+            windows = jitter_windows(windows, self.cfg.augment.window_jitter, self.cfg.augment.window_jitter_hu, rng)
+        if self.transform is None:
+            return torch.from_numpy(window_planes(planes, windows))
+        if rng is not None:
+            self.transform.set_random_state(rng, random.Random(int(rng.integers(2**31))))
+        return torch.from_numpy(self.transform(planes, windows))
 
     def _blank(self) -> torch.Tensor:
         """An all-air image of the size the transform produces (which changes with progressive resizing)."""
-        size = self.cfg.data.image_size
-        img = np.zeros((size, size, len(self.windows) * self.neighbors.shape[1]), dtype=np.float32)
-        if self.transform is not None:
-            img = self.transform(image=img)["image"]
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
+        size = self.cfg.data.image_size if self.transform is None else self.transform.size
+        return torch.zeros((len(self.windows) * self.neighbors.shape[1], size, size), dtype=torch.float32)
 
     def __getitem__(self, index: int):
         current, rng = index, None

@@ -25,23 +25,40 @@ def named(names: Sequence[str]) -> list[tuple[float, float]]:
 
 
 def apply_windows(hu: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.ndarray:
-    """(H, W) HU -> (H, W, C) float32 in [0, 1], one channel per (center, width) window."""
-    hu = np.asarray(hu)
-    if hu.ndim != 2:
-        raise ValueError(f"apply_windows expects a 2-D HU image, got shape {hu.shape}")
+    """(H, W) HU -> (H, W, C) float32 in [0, 1], one channel per (center, width) window (a view of `window_planes`)."""
+    return window_planes([hu], windows).transpose(1, 2, 0)
+
+
+def window_planes(planes: Sequence[np.ndarray], windows: Sequence[tuple[float, float]], gain: float = 1.0,
+                  bias: float = 0.0) -> np.ndarray:
+    """(H, W) HU planes -> (len(planes) * len(windows), H, W) float32, slice-major: the model's channel order.
+
+    `gain`/`bias` apply a contrast/brightness change v -> clip(gain * v + bias, 0, 1) to the windowed values v in
+    the same pass: for gain > 0, clip(gain * clip(v, 0, 1) + bias, 0, 1) equals clip(gain * v + bias, lo, hi) with
+    lo, hi = clip(bias, 0, 1), clip(gain + bias, 0, 1), so the change costs nothing on top of the window.
+    """
     if not windows:
-        raise ValueError("apply_windows needs at least one (center, width) window")
-    src = hu if hu.dtype == np.float32 else hu.astype(np.float32)
-    out = np.empty(hu.shape + (len(windows),), dtype=np.float32)
-    for c, (center, width) in enumerate(windows):
-        width = float(width)
-        if width <= 0:
-            raise ValueError(f"window width must be positive, got {width}")
-        low = float(center) - width / 2.0
-        ch = out[..., c]
-        np.subtract(src, np.float32(low), out=ch)
-        ch *= np.float32(1.0 / width)
-        np.clip(ch, 0.0, 1.0, out=ch)
+        raise ValueError("window_planes needs at least one (center, width) window")
+    if gain <= 0:
+        raise ValueError(f"contrast gain must be positive, got {gain}")
+    planes = [np.asarray(p) for p in planes]
+    for p in planes:
+        if p.ndim != 2 or p.shape != planes[0].shape:
+            raise ValueError(f"window_planes expects 2-D HU planes of one shape, got {[q.shape for q in planes]}")
+    lo, hi = float(np.clip(bias, 0.0, 1.0)), float(np.clip(gain + bias, 0.0, 1.0))
+    out = np.empty((len(planes) * len(windows),) + planes[0].shape, dtype=np.float32)
+    for i, plane in enumerate(planes):
+        src = plane if plane.dtype == np.float32 else plane.astype(np.float32)
+        for j, (center, width) in enumerate(windows):
+            width = float(width)
+            if width <= 0:
+                raise ValueError(f"window width must be positive, got {width}")
+            ch = out[i * len(windows) + j]
+            np.subtract(src, np.float32(float(center) - width / 2.0), out=ch)  # the window's low end is exactly 0
+            ch *= np.float32(gain / width)
+            if bias:
+                ch += np.float32(bias)
+            np.clip(ch, np.float32(lo), np.float32(hi), out=ch)
     return out
 
 

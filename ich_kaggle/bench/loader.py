@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -84,17 +83,9 @@ def bench_loader(mini: Path | None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         layout = Layout.of(mini, Path(tmp) / "work")
-        quiet = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # their summaries and progress bars are not figures
-                meta.load_meta(layout)
-                cache.preprocess(layout, workers=1)
-        finally:
-            if quiet is None:
-                del os.environ["TQDM_DISABLE"]
-            else:
-                os.environ["TQDM_DISABLE"] = quiet
+        with contextlib.redirect_stdout(io.StringIO()):  # their summaries are not figures
+            meta.load_meta(layout)
+            cache.preprocess(layout, workers=1)
         for name in names:
             rate = measure(layout, name)
             print(f"loader_{name}_samples_per_s_per_worker: {rate['train']:.0f}")

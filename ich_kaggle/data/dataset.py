@@ -1,4 +1,8 @@
-"""torch Dataset over cached slices: HU -> (2.5D neighbours) -> black-border crop -> (jittered) windows -> augment.
+"""torch Dataset over cached slices: HU -> (2.5D neighbours) -> black-border crop -> transform (transforms.py).
+
+Per sample each slice is decoded once and stays in HU through the geometry (resize, crop, flips, affine) at the
+model's size; the (jittered) windows are computed after, so the work follows what the model sees: 2n+1 HU planes
+resampled, not (2n+1) x windows float channels at full size.
 
 Channel order with `data.neighbors = n`: slice-major, i.e. [slice-n windows..., ..., current windows..., ...,
 slice+n windows...], each block in `data.windows` order. Neighbours follow the meta table's `slice_rank` within the

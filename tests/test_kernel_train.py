@@ -193,3 +193,35 @@ def test_push_with_the_real_kaggle_cli(tmp_path, kaggle_home):
     assert train_call["kernelDataSources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold1"]
     assert train_call["text"] == (folder / "kernel.py").read_text()
     assert "FOLD = 1" in train_call["text"] and "MODE = 'train'" in train_call["text"]
+
+
+def _ich(fk: FakeKaggle, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ich_kaggle", *args, "--username", USER]
+    return subprocess.run(cmd, env=fk.env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_cli_push_status_fetch(tmp_path, kaggle_home):
+    out, runs = tmp_path / "kernels", tmp_path / "runs"
+    sets = ["--set", *OVERRIDES]
+    files = {"runs/tiny/fold0/best.pt": b"best", "runs/tiny/fold0/last.pt": b"last", "runs/tiny/fold0/oof.csv": b"x",
+             "runs/tiny/fold0/ich_kaggle_fold.json": json.dumps(
+                 {"config": "tiny", "fold": 0, "done": True, "files": ["best.pt", "last.pt", "oof.csv"]}).encode()}
+    with FakeKaggle(max_seconds=90, kernel_statuses=["RUNNING"], kernel_output=files) as fk:
+        prep = _ich(fk, "kernel-prepare", "--out", str(out), "--k", "3", "--seed", "0", "--push")
+        pushed = _ich(fk, "kernel-train", "--config", "tiny", *sets, "--fold", "0", "--out", str(out), "--push",
+                      "--data", str(tmp_path / "nodata"))
+        status = _ich(fk, "kernel-status", "--out", str(out))
+        fetched = _ich(fk, "kernel-fetch", "--config", "tiny", "--fold", "0", "--out", str(out), "--runs", str(runs))
+    for result in (prep, pushed, status, fetched):
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "estimated wall time on T4 x2" in pushed.stdout and "version 1" in pushed.stdout
+    bodies = [c.json() for c in fk.calls("kernels.KernelsApiService/SaveKernel")]
+    assert [b["slug"] for b in bodies] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
+    assert bodies[1]["machineShape"] == "NvidiaTeslaT4"
+    assert f"{USER}/ich-kaggle-prepare: running" in status.stdout and f"{USER}/ich-kaggle-tiny-fold0: running" in status.stdout
+    assert (runs / "tiny" / "fold0" / "best.pt").read_bytes() == b"best"
+    assert (runs / "tiny" / "fold0" / train_run.FOLD_MANIFEST).is_file() and "finished" in fetched.stdout
+    with FakeKaggle(max_seconds=60, kernel_output={}) as fk:
+        empty = _ich(fk, "kernel-fetch", "--config", "tiny", "--fold", "1", "--out", str(out), "--runs", str(runs))
+    assert empty.returncode == 2 and "no runs/tiny/fold1/ich_kaggle_fold.json" in empty.stderr
+    assert len(empty.stderr.strip().splitlines()) == 1

@@ -250,3 +250,16 @@ def kernel_states(out: str | Path, username: str | None) -> dict[str, str]:
         print(f"{kid}: {states[kid]}")
     return states
 
+
+
+def upload_code(folder: Path, message: str) -> str:
+    """The code dataset to Kaggle: created the first time, a new version after that, then waited for."""
+    from . import api
+
+    ref = api.dataset_id(folder)
+    if api.dataset_status(api.client(), ref) is None:
+        api.create_datasets([folder])
+    else:
+        api.version_datasets([folder], message)
+    api.wait_datasets([ref])
+    return ref

@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--out", default="kernels")
     p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p = sub.add_parser("kernel-fetch-prepare", help="download the prepare kernel's meta.csv + folds.csv into the work folder")
+    _add_data(p)
+    p.add_argument("--out", default="kernels")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
     p = sub.add_parser("kernel-status", help="state on Kaggle of every kernel folder under kernels/")
     p.add_argument("--out", default="kernels")
     p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
@@ -407,6 +411,13 @@ def _kernel_fetch(args):
     from .kaggle import train_build
 
     train_build.fetch_fold(config.resolve_path(args.config).stem, args.fold, args.username, runs=args.runs, out=args.out)
+
+
+@command("kernel-fetch-prepare")
+def _kernel_fetch_prepare(args):
+    from .kaggle import train_build
+
+    train_build.fetch_prepared(args.username, _layout(args).work, out=args.out)
 
 
 @command("kernel-status")

@@ -106,34 +106,28 @@ def test_prepare_and_train_kernels_offline(world, tmp_path):
     assert (prepared / "folds.csv").read_bytes() == local.folds_csv.read_bytes()
     assert json.loads((prepared / train_run.PREPARE_MANIFEST).read_text())["k"] == cfg.cv.k
 
-    # the training kernel: the fold of a local train, bit for bit
-    folder = train_build.build_train_kernel(cfg, 0, USER, out)
-    root = _input(base / "in_train", world, {"ich-kaggle-prepare": prepared})
-    log, working = _run_script(world, folder / "kernel.py", root, "train")
-    fold = Run.of(working / "runs", cfg.name).fold(0)
-    assert "1 CPU process(es)" in log and "torch.distributed.run" not in log
-    for name in ("best.pt", "last.pt", "log.csv", "oof.csv", "done.json", "train.log", train_run.FOLD_MANIFEST):
-        assert (fold.dir / name).is_file(), name
-    assert sorted(p.name for p in working.iterdir()) == ["runs"]  # the cache stayed on the scratch disk
-    assert (base / "scratch_train" / "work" / "cache").is_dir()
-    _same_weights(fold.best, Path(local_fold) / "best.pt")
-    assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()  # the checkpoints predict the same
-
-    # resume: stopped after one epoch, the next version (previous output attached) ends at the same weights
-    resumed = train_build.build_train_kernel(cfg, 0, USER, out / "resume", resume=True)
-    meta = json.loads((resumed / "kernel-metadata.json").read_text())
+    # the training kernel, stopped after one epoch (ICH_STOP_AFTER_EPOCHS=1, as a killed session), then its next
+    # version with the previous output attached: the fold of an uninterrupted local train, bit for bit
+    folder = train_build.build_train_kernel(cfg, 0, USER, out, resume=True)
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
     assert meta["kernel_sources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
-    log, first = _run_script(world, resumed / "kernel.py", _input(base / "in_v1", world,
+    log, first = _run_script(world, folder / "kernel.py", _input(base / "in_v1", world,
                              {"ich-kaggle-prepare": prepared}), "v1", ICH_STOP_AFTER_EPOCHS="1")
+    assert "1 CPU process(es)" in log and "torch.distributed.run" not in log
     part = Run.of(first / "runs", cfg.name).fold(0)
     assert part.last.is_file() and not part.done.is_file()
     assert json.loads((part.dir / train_run.FOLD_MANIFEST).read_text())["done"] is False
-    log, second = _run_script(world, resumed / "kernel.py", _input(base / "in_v2", world, {
+    log, second = _run_script(world, folder / "kernel.py", _input(base / "in_v2", world, {
         "ich-kaggle-prepare": prepared, "ich-kaggle-tiny-fold0": first}), "v2")
     assert "resuming from the previous version's output" in log and "from epoch 1/2" in log
-    done = Run.of(second / "runs", cfg.name).fold(0)
-    _same_weights(done.last, fold.last)
-    _same_weights(done.best, fold.best)
+    fold = Run.of(second / "runs", cfg.name).fold(0)
+    for name in ("best.pt", "last.pt", "log.csv", "oof.csv", "done.json", "train.log", train_run.FOLD_MANIFEST):
+        assert (fold.dir / name).is_file(), name
+    assert sorted(p.name for p in second.iterdir()) == ["runs"]  # the cache stayed on the scratch disk
+    assert (base / "scratch_v2" / "work" / "cache").is_dir()
+    _same_weights(fold.last, Path(local_fold) / "last.pt")
+    _same_weights(fold.best, Path(local_fold) / "best.pt")
+    assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()  # the checkpoints predict the same
 
     # make kernel-fetch: the fold's output into runs/<config>/fold0/, usable as if trained locally
     runs = tmp_path / "runs"
@@ -200,28 +194,50 @@ def _ich(fk: FakeKaggle, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=fk.env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-def test_cli_push_status_fetch(tmp_path, kaggle_home):
+
+def test_cli_push_status_fetch(tmp_path, kaggle_home, monkeypatch, capsys):
+    """`make kernel-train` through the CLI (estimate printed, pushed); prepare push, status and fetch in-process."""
+    from ich_kaggle.kaggle import api
+
     out, runs = tmp_path / "kernels", tmp_path / "runs"
-    sets = ["--set", *OVERRIDES]
     files = {"runs/tiny/fold0/best.pt": b"best", "runs/tiny/fold0/last.pt": b"last", "runs/tiny/fold0/oof.csv": b"x",
              "runs/tiny/fold0/ich_kaggle_fold.json": json.dumps(
                  {"config": "tiny", "fold": 0, "done": True, "files": ["best.pt", "last.pt", "oof.csv"]}).encode()}
     with FakeKaggle(max_seconds=90, kernel_statuses=["RUNNING"], kernel_output=files) as fk:
-        prep = _ich(fk, "kernel-prepare", "--out", str(out), "--k", "3", "--seed", "0", "--push")
-        pushed = _ich(fk, "kernel-train", "--config", "tiny", *sets, "--fold", "0", "--out", str(out), "--push",
-                      "--data", str(tmp_path / "nodata"))
-        status = _ich(fk, "kernel-status", "--out", str(out))
-        fetched = _ich(fk, "kernel-fetch", "--config", "tiny", "--fold", "0", "--out", str(out), "--runs", str(runs))
-    for result in (prep, pushed, status, fetched):
-        assert result.returncode == 0, result.stdout + result.stderr
+        pushed = _ich(fk, "kernel-train", "--config", "tiny", "--set", *OVERRIDES, "--fold", "0", "--out", str(out),
+                      "--push", "--data", str(tmp_path / "nodata"))
+        for key, value in fk.env({}).items():
+            monkeypatch.setenv(key, value)
+        for key in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.delenv(key, raising=False)
+        api.push_kernel(train_build.build_prepare_kernel(USER, out, k=3, seed=0))
+        states = train_build.kernel_states(out, USER)
+        dest = train_build.fetch_fold("tiny", 0, USER, runs=runs, out=out)
+        fk.kernel_output.clear()
+        fk.kernel_output.update({"meta.csv": b"image_id\n", "folds.csv": b"image_id,fold\n",
+                                 "folds.csv.json": b'{"k": 3, "seed": 0}', "ich_kaggle_prepare.json": b"{}"})
+        work = train_build.fetch_prepared(USER, tmp_path / "work", out=out)
+        fk.kernel_output.clear()
+        with pytest.raises(UserError, match="no runs/tiny/fold1/ich_kaggle_fold.json in the kernel's output"):
+            train_build.fetch_fold("tiny", 1, USER, runs=runs, out=out)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     assert "estimated wall time on T4 x2" in pushed.stdout and "version 1" in pushed.stdout
     bodies = [c.json() for c in fk.calls("kernels.KernelsApiService/SaveKernel")]
-    assert [b["slug"] for b in bodies] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
-    assert bodies[1]["machineShape"] == "NvidiaTeslaT4"
-    assert f"{USER}/ich-kaggle-prepare: running" in status.stdout and f"{USER}/ich-kaggle-tiny-fold0: running" in status.stdout
-    assert (runs / "tiny" / "fold0" / "best.pt").read_bytes() == b"best"
-    assert (runs / "tiny" / "fold0" / train_run.FOLD_MANIFEST).is_file() and "finished" in fetched.stdout
-    with FakeKaggle(max_seconds=60, kernel_output={}) as fk:
-        empty = _ich(fk, "kernel-fetch", "--config", "tiny", "--fold", "1", "--out", str(out), "--runs", str(runs))
-    assert empty.returncode == 2 and "no runs/tiny/fold1/ich_kaggle_fold.json" in empty.stderr
-    assert len(empty.stderr.strip().splitlines()) == 1
+    assert [b["slug"] for b in bodies] == [f"{USER}/ich-kaggle-tiny-fold0", f"{USER}/ich-kaggle-prepare"]
+    assert bodies[0]["machineShape"] == "NvidiaTeslaT4"
+    assert states == {f"{USER}/ich-kaggle-prepare": "running", f"{USER}/ich-kaggle-tiny-fold0": "running"}
+    assert dest == runs / "tiny" / "fold0" and (dest / "best.pt").read_bytes() == b"best"
+    assert (dest / train_run.FOLD_MANIFEST).is_file() and "finished" in capsys.readouterr().out
+    assert (work / "folds.csv").read_bytes() == b"image_id,fold\n"
+    assert (work / "folds.csv").stat().st_mtime > (work / "meta.csv").stat().st_mtime  # not rebuilt as stale
+
+
+def test_scratch_too_small_stops_with_the_figure(tmp_path, monkeypatch):
+    layout = Layout.of(tmp_path / "comp", tmp_path / "work")
+    layout.work.mkdir(parents=True)
+    rows = "\n".join(f"ID_{i},P,S,R,train,stage_2_train/ID_{i}.dcm,1.0,0,1" for i in range(1000))
+    layout.meta_csv.write_text("image_id,patient_id,study_id,series_id,split,path,z,slice_rank,series_len\n" + rows + "\n")
+    train_run.check_scratch_space(layout)  # 160 MB fits
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(UserError, match=r"caching 1,000 train images needs about 0.2 GB but .* has 0.0 GB free; .*ICH_KAGGLE_SCRATCH"):
+        train_run.check_scratch_space(layout)

@@ -22,7 +22,7 @@ from ..core.io import atomic_open
 from ..core.layout import COMPETITION, Run
 from . import build
 from .run import slugify
-from .train_run import FOLD_MANIFEST, PREPARE_MANIFEST
+from .train_run import FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES
 
 TRAIN_TEMPLATE = Path(__file__).with_name("train_template.py")
 PREPARE_SLUG = "ich-kaggle-prepare"
@@ -217,6 +217,34 @@ def fetch_fold(cfg_name: str, fold: int, username: str | None, runs: str | Path 
     api.call(f"output of kernel {user}/{slug}", lambda: client.kernels_output(f"{user}/{slug}", str(dest), force=True),
              fix="check KAGGLE_USERNAME, CONFIG and fold, and that the run ended (make kernel-status)")
     return install_fold(dest, cfg_name, fold, runs)
+
+
+def fetch_prepared(username: str | None, work: str | Path, out: str | Path = "kernels") -> Path:
+    """The prepare kernel's meta.csv + folds.csv into the work folder, where `make kernel-datasets` (and every local
+    stage) reads them: the inference kernel's model dataset can then be built without the competition's data."""
+    from . import api
+    from .run import _touch
+
+    user = build.check_username(username)
+    dest = Path(out) / "output" / PREPARE_SLUG
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    client = api.client()
+    api.call(f"output of kernel {prepare_id(user)}", lambda: client.kernels_output(prepare_id(user), str(dest), force=True),
+             fix="push it first (make kernel-prepare) and wait until it is complete (make kernel-status)")
+    found = [p.parent for p in dest.rglob(PREPARE_MANIFEST)]
+    missing = [n for n in PREPARED_FILES if not found or not (found[0] / n).is_file()]
+    if missing:
+        raise UserError(f"the output of {prepare_id(user)} in {dest} lacks {', '.join(missing)}; did its run finish "
+                        f"(make kernel-status)? read its log there")
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for name in PREPARED_FILES + (PREPARE_MANIFEST,):
+        shutil.copy2(found[0] / name, work / name)
+    _touch(work / "folds.csv")  # not older than meta.csv, or load_folds would rebuild it from the DICOMs
+    print(f"fetched {', '.join(PREPARED_FILES)} of {prepare_id(user)} into {work}")
+    return work
 
 
 def pushed_kernels(out: str | Path, username: str) -> list[str]:

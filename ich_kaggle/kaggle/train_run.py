@@ -134,6 +134,25 @@ def restore_previous(previous: Path, fold_run: FoldRun) -> list[str]:
     return copied
 
 
+CACHE_BYTES_PER_IMAGE = 160_000  # a 512 x 512 slice in the cache's fast format (`make preprocess`: ~158 kB)
+
+
+def check_scratch_space(layout: Layout) -> None:
+    """Stop at once, with the figure, when the train images' cache cannot fit the scratch disk (hours later the
+    cache would fail half-written). The full competition's train images need ~120 GB, likely more than a Kaggle
+    session's disk (not measured here)."""
+    from ..data import cache, meta as meta_mod
+
+    todo = len(meta_mod.read_meta(layout.meta_csv)) - len(cache.cached_ids(layout))
+    need = todo * CACHE_BYTES_PER_IMAGE
+    layout.work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(layout.work).free
+    if need > free:
+        raise UserError(f"caching {todo:,} train images needs about {need / 1e9:.1f} GB but {layout.work} has "
+                        f"{free / 1e9:.1f} GB free; train on fewer images (a folds dataset of a subset) or set "
+                        f"ICH_KAGGLE_SCRATCH to a larger disk")
+
+
 def epochs_done(fold_run: FoldRun) -> int:
     """Epochs in the fold's log.csv (one row per finished epoch)."""
     if not fold_run.log_csv.is_file():
@@ -177,6 +196,7 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
         copied = restore_previous(inputs.previous, fold_run)
         print(f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})",
               flush=True)
+    check_scratch_space(layout)
     cache.ensure(layout, workers=usable_cpus())  # here, with every CPU, before the training processes start
     gpus = visible_gpus() if gpus is None else gpus
     share = max(1, usable_cpus() // max(gpus, 1))  # Kaggle: 4 CPUs for both ranks; a config's 8 workers would thrash

@@ -241,3 +241,32 @@ def test_scratch_too_small_stops_with_the_figure(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(UserError, match=r"caching 1,000 train images needs about 0.2 GB but .* has 0.0 GB free; .*ICH_KAGGLE_SCRATCH"):
         train_run.check_scratch_space(layout)
+
+
+def test_find_train_inputs_and_epochs_done(tmp_path):
+    root = tmp_path / "input"
+    comp = root / COMPETITION / COMPETITION
+    (comp / "stage_2_train").mkdir(parents=True)
+    (comp / "stage_2_train.csv").write_text("ID,Label\n")
+    with pytest.raises(UserError, match="no ich_kaggle_prepare.json under .*make kernel-prepare"):
+        train_run.find_train_inputs(root, "tiny", 0)
+    prep = root / "notebooks" / USER / "ich-kaggle-prepare"
+    prep.mkdir(parents=True)
+    (prep / train_run.PREPARE_MANIFEST).write_text("{}")
+    assert train_run.find_train_inputs(root, "tiny", 0) == train_run.TrainInputs(comp, prep, None)
+    previous = root / "notebooks" / USER / "ich-kaggle-tiny-fold0" / "runs" / "tiny" / "fold0"
+    other = root / "notebooks" / USER / "ich-kaggle-tiny-fold1" / "runs" / "tiny" / "fold1"
+    for d in (previous, other):
+        d.mkdir(parents=True)
+        (d / "last.pt").write_bytes(b"")
+    assert train_run.find_train_inputs(root, "tiny", 0).previous == previous  # depth 6 under the root, its own fold
+    fold = Run.of(tmp_path / "runs", "tiny").fold(0)
+    assert train_run.epochs_done(fold) == 0
+    fold.dir.mkdir(parents=True)
+    fold.log_csv.write_text("epoch,lr\n1,0.1\n2,0.1\n")
+    assert train_run.epochs_done(fold) == 2  # with EPOCHS_PER_RUN=1 the next version stops after epoch 3
+    cfg = _cfg()
+    with pytest.raises(UserError, match=r"k=5, seed=42 but config 'tiny' wants cv.k=3, cv.seed=0; rerun make kernel-prepare K=3 SEED=0"):
+        for name, text in (("meta.csv", "image_id\n"), ("folds.csv", "image_id\n"), ("folds.csv.json", '{"k": 5, "seed": 42}')):
+            (prep / name).write_text(text)
+        train_run.install_prepared(prep, Layout.of(comp, tmp_path / "work"), cfg)

@@ -19,7 +19,7 @@ EXP  := --config $(CONFIG) --data $(DATA_DIR) --runs $(RUNS) $(if $(strip $(SET)
 .PHONY: help demo test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
-        kernel-fetch-prepare kernel-status gpu-check report compare clean-venv
+        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv
 
 help:
 	@$(PY) -m ich_kaggle --help 2>/dev/null || echo "run 'make demo' first (it creates .venv)"
@@ -133,6 +133,10 @@ kernel-train: $(PY)
 
 kernel-fetch: $(PY)
 	$(PY) -m ich_kaggle kernel-fetch --config $(CONFIG) --runs $(RUNS) --fold $(FOLD) $(KUSER)
+
+# the inference kernel on the training kernels' outputs (kernel sources; no model dataset, first stage only)
+kernel-from-folds: $(PY)
+	$(PY) -m ich_kaggle kernel-from-folds $(EXP) $(KUSER) $(if $(FOLDS),--folds $(FOLDS)) --push
 
 kernel-fetch-prepare: $(PY)
 	$(PY) -m ich_kaggle kernel-fetch-prepare --data $(DATA_DIR) $(KUSER)

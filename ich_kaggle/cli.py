@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--out", default="kernels")
     p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p = sub.add_parser("kernel-from-folds", help="write (and --push) the inference kernel on the training kernels' outputs")
+    _add_experiment(p)
+    p.add_argument("--folds", type=int, nargs="*", default=None, help="default: every fold of the config")
+    p.add_argument("--out", default="kernels")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p.add_argument("--push", action="store_true")
     p = sub.add_parser("kernel-fetch-prepare", help="download the prepare kernel's meta.csv + folds.csv into the work folder")
     _add_data(p)
     p.add_argument("--out", default="kernels")
@@ -411,6 +417,15 @@ def _kernel_fetch(args):
     from .kaggle import train_build
 
     train_build.fetch_fold(config.resolve_path(args.config).stem, args.fold, args.username, runs=args.runs, out=args.out)
+
+
+@command("kernel-from-folds")
+def _kernel_from_folds(args):
+    from .kaggle import api, train_build
+
+    folder = train_build.build_infer_kernel(_config(args), args.username, args.out, folds=args.folds)
+    if args.push:
+        api.push_kernel(folder)
 
 
 @command("kernel-fetch-prepare")

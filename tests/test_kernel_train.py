@@ -129,6 +129,21 @@ def test_prepare_and_train_kernels_offline(world, tmp_path):
     _same_weights(fold.best, Path(local_fold) / "best.pt")
     assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()  # the checkpoints predict the same
 
+    # the inference kernel on the training kernel's output (kernel sources, no model dataset) == local make submit
+    from ich_kaggle.predict import stage as predict
+    from ich_kaggle.submit import stage as submission
+
+    predict.predict(cfg, local, runs=base / "runs_local")
+    expected = submission.submit(cfg, local, runs=base / "runs_local", out_dir=base / "submissions")
+    infer = train_build.build_infer_kernel(cfg, USER, out, folds=[0])
+    meta = json.loads((infer / "kernel-metadata.json").read_text())
+    assert meta["kernel_sources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
+    assert meta["dataset_sources"] == [f"{USER}/ich-kaggle-code"] and meta["machine_shape"] == "NvidiaTeslaT4"
+    log, sub = _run_script(world, infer / "kernel.py", _input(base / "in_infer", world, {
+        "ich-kaggle-prepare": prepared, "ich-kaggle-tiny-fold0": second}), "infer")
+    assert sorted(p.name for p in sub.iterdir()) == ["submission.csv"]
+    assert (sub / "submission.csv").read_bytes() == expected.read_bytes()
+
     # make kernel-fetch: the fold's output into runs/<config>/fold0/, usable as if trained locally
     runs = tmp_path / "runs"
     dest = train_build.install_fold(second, cfg.name, 0, runs)

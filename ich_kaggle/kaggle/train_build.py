@@ -2,8 +2,9 @@
 fold too long for one session, fetching a trained fold into runs/, and the state of every pushed kernel.
 
 The GPU-less path: `make kernel-code` (upload the code dataset) -> `make kernel-prepare` (meta.csv + folds.csv on
-Kaggle, once) -> `make kernel-train fold=N` per fold -> `make kernel-fetch fold=N` -> local predict/stack/submit or
-the inference kernel. Kernel folders are written with `build.py`'s helpers and pushed through `api.py`.
+Kaggle, once) -> `make kernel-train fold=N` per fold -> `make kernel-fetch fold=N` (local predict/stack/submit) or
+`make kernel-from-folds` (the inference kernel on the training kernels' outputs). Kernel folders are written with
+`build.py`'s helpers and pushed through `api.py`.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _script(values: dict) -> str:
     script = TRAIN_TEMPLATE.read_text()
     marker = next(line for line in script.splitlines() if line.startswith("# __INSTALL_HELPERS__"))
     script = script.replace(marker, helpers.rstrip() + "\n")
-    for key in ("MODE", "FOLD", "K", "SEED", "CONFIG_YAML", "EPOCHS_PER_RUN"):
+    for key in ("MODE", "FOLD", "FOLDS", "K", "SEED", "CONFIG_YAML", "EPOCHS_PER_RUN"):
         script = script.replace(f'"__{key}__"', repr(values.get(key.lower())))
     compile(script, "kernel.py", "exec")
     return script
@@ -173,6 +174,26 @@ def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | 
     sources = [prepare_id(user)] + ([kernel_id] if resume else [])
     folder = _write_kernel(Path(out) / slug, kernel_id, _script(values), gpu=True, kernel_sources=sources)
     print(f"wrote {folder} ({kernel_id}{', resuming from its previous output' if resume else ''})")
+    return folder
+
+
+def infer_slug(cfg_name: str) -> str:
+    return build.check_slug(f"ich-kaggle-{slugify(cfg_name)}-from-folds", fix="use a config with a shorter name")
+
+
+def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "kernels",
+                       folds: list[int] | None = None) -> Path:
+    """kernels/ich-kaggle-<config>-from-folds/: the inference kernel on the training kernels' outputs (attached as
+    kernel sources, no model dataset): TTA over their folds, first stage only, submission.csv."""
+    from ..data.folds import selected_folds
+
+    user = build.check_username(username)
+    folds = selected_folds(cfg.cv) if folds is None else [selected_folds(cfg.cv, k)[0] for k in folds]
+    slug = infer_slug(cfg.name)
+    sources = [prepare_id(user)] + [f"{user}/{train_slug(cfg.name, k)}" for k in folds]
+    script = _script({"username": user, "config_name": cfg.name, "mode": "infer", "folds": folds})
+    folder = _write_kernel(Path(out) / slug, f"{user}/{slug}", script, gpu=True, kernel_sources=sources)
+    print(f"wrote {folder} ({user}/{slug}: folds {folds} from their training kernels)")
     return folder
 
 

@@ -219,3 +219,56 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
         "files": sorted(p.name for p in fold_run.dir.iterdir() if p.is_file() and p.name != FOLD_MANIFEST),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return fold_run
+
+
+# --- the inference kernel on the training kernels' outputs (no model dataset) -------------------------------------
+def find_test_competition(root: str | Path) -> Path:
+    from .run import SAMPLE_NAME
+
+    found = [(depth, str(path)) for path, depth, files in _walk(Path(root))
+             if SAMPLE_NAME in files and (path / "stage_2_test").is_dir()]
+    if not found:
+        raise UserError(f"no {SAMPLE_NAME} beside a stage_2_test/ folder under {root}; add the competition "
+                        f"'{COMPETITION}' as a data source of the kernel")
+    return Path(min(found)[1])
+
+
+def assemble_model(root: str | Path, config_name: str, folds: list[int], dest: str | Path) -> Path:
+    """A model-dataset folder (the layout `run.run_inference` reads) from the attached training kernels' finished
+    folds and the prepare kernel's folds: first-stage predictions only (the stacker is refit on TTA OOF
+    predictions, which only a local `make predict` over the train images makes)."""
+    import gzip
+
+    from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, _link
+
+    root, dest = Path(root), Path(dest)
+    found: dict[int, Path] = {}
+    prepared = []
+    for path, depth, files in _walk(root, max_depth=8):
+        if PREPARE_MANIFEST in files:
+            prepared.append((depth, str(path)))
+        parts = path.parts
+        if (len(parts) >= 3 and parts[-3] == "runs" and parts[-2] == config_name and parts[-1][4:].isdigit()
+                and parts[-1].startswith("fold") and "best.pt" in files and "done.json" in files):
+            found.setdefault(int(parts[-1][4:]), path)
+    missing = [k for k in folds if k not in found]
+    if missing:
+        raise UserError(f"no finished runs/{config_name}/fold<k>/ (best.pt + done.json) under {root} for fold(s) "
+                        f"{missing}; attach their training kernels once they are complete (make kernel-status)")
+    if not prepared:
+        raise UserError(f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output")
+    prep = Path(min(prepared)[1])
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for k in folds:
+        _link(found[k] / "best.pt", dest / f"fold{k}_best.pt")
+        files[f"fold{k}_best.pt"] = f"fold{k}/best.pt"
+    shutil.copyfile(found[folds[0]] / "config.yaml", dest / "config.yaml")
+    with atomic_path(dest / FOLDS) as tmp:
+        with open(prep / "folds.csv", "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+    shutil.copyfile(prep / "folds.csv.json", dest / FOLDS_INFO)
+    _write_json(dest / MODEL_MANIFEST, {"format": MANIFEST_FORMAT, "config": config_name, "ich_kaggle": __version__,
+                                        "folds": list(folds), "stack": False, "files": files, "weights": "fp32",
+                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return dest

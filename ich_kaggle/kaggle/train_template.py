@@ -5,6 +5,8 @@ It runs without internet: installs ich_kaggle from the attached code dataset, fi
 root, and then
 - prepare: scans every DICOM header and writes meta.csv + folds.csv (patient-grouped, K and SEED below) to the
   working folder, the output every training kernel attaches;
+- infer: predicts the test images (TTA) with the attached training kernels' folds (FOLDS), first stage only, and
+  writes the validated submission.csv, as the inference kernel does from a model dataset;
 - train: caches the train images on the scratch disk, trains fold FOLD of CONFIG_NAME (torchrun on both GPUs of a
   T4 x2, one process otherwise) into working/runs/<config>/fold<N>/, resuming from the previous version's output
   when it is attached. EPOCHS_PER_RUN (if set) ends each run resumably after that many more epochs.
@@ -17,6 +19,7 @@ Outside Kaggle: ICH_KAGGLE_INPUT=<folder in the /kaggle/input layout> ICH_KAGGLE
 
 MODE = "__MODE__"
 FOLD = "__FOLD__"
+FOLDS = "__FOLDS__"  # infer: the folds whose training kernels are attached
 K = "__K__"
 SEED = "__SEED__"
 CONFIG_YAML = "__CONFIG_YAML__"  # the resolved config, so a YAML file of the user's travels too
@@ -41,6 +44,11 @@ def main():
     try:
         if MODE == "prepare":
             out = train_run.run_prepare(train_run.find_competition(INPUT), WORKING, k=K, seed=SEED)
+        elif MODE == "infer":
+            from ich_kaggle.kaggle import run as kernel_run
+
+            model = train_run.assemble_model(INPUT, CONFIG_NAME, FOLDS, SCRATCH / "model")
+            out = kernel_run.run_inference(model, train_run.find_test_competition(INPUT), WORKING, scratch=SCRATCH)
         else:
             import yaml
             from ich_kaggle.core import config

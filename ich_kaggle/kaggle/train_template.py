@@ -1,5 +1,5 @@
-"""Kaggle kernel for the RSNA Intracranial Hemorrhage Detection competition, written by `make kernel-train` or
-`make kernel-prepare` (MODE below).
+"""Kaggle kernel for the RSNA Intracranial Hemorrhage Detection competition, written by `make kernel-train`,
+`make kernel-prepare` or `make kernel-from-folds` (MODE below).
 
 It runs without internet: installs ich_kaggle from the attached code dataset, finds the competition under the input
 root, and then

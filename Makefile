@@ -18,7 +18,8 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip 
 
 .PHONY: help demo test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
-        kernel-output kernel-submit kernel-score gpu-check report compare clean-venv
+        kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
+        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv
 
 help:
 	@$(PY) -m ich_kaggle --help 2>/dev/null || echo "run 'make demo' first (it creates .venv)"
@@ -113,6 +114,35 @@ kernel-submit: $(PY)
 
 # the whole last mile after `make datasets-create` (or datasets-version): wait, push, follow, fetch, submit
 kernel-score: datasets-wait kernel-push kernel-wait kernel-output kernel-submit
+
+# --- training on Kaggle's GPUs (no local GPU, nothing of the 450 GB downloaded): see the README ---
+K    ?= 5
+SEED ?= 42
+KUSER = $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME))
+
+kernel-code: $(PY)
+	$(PY) -m ich_kaggle kernel-code $(KUSER)
+
+kernel-prepare: $(PY)
+	$(PY) -m ich_kaggle kernel-prepare $(KUSER) --k $(K) --seed $(SEED) --push
+
+# prints the estimated wall time on T4 x2 and refuses a fold that cannot end within the 12-hour session
+kernel-train: $(PY)
+	$(PY) -m ich_kaggle kernel-train $(EXP) --fold $(FOLD) $(KUSER) $(if $(RESUME),--resume) \
+	    $(if $(EPOCHS_PER_RUN),--epochs-per-run $(EPOCHS_PER_RUN)) $(if $(T4_IMAGES_PER_S),--t4-images-per-s $(T4_IMAGES_PER_S)) --push
+
+kernel-fetch: $(PY)
+	$(PY) -m ich_kaggle kernel-fetch --config $(CONFIG) --runs $(RUNS) --fold $(FOLD) $(KUSER)
+
+# the inference kernel on the training kernels' outputs (kernel sources; no model dataset, first stage only)
+kernel-from-folds: $(PY)
+	$(PY) -m ich_kaggle kernel-from-folds $(EXP) $(KUSER) $(if $(FOLDS),--folds $(FOLDS)) --push
+
+kernel-fetch-prepare: $(PY)
+	$(PY) -m ich_kaggle kernel-fetch-prepare --data $(DATA_DIR) $(KUSER)
+
+kernel-status: $(PY)
+	$(PY) -m ich_kaggle kernel-status $(KUSER)
 
 gpu-check: $(PY)
 	$(PY) -m ich_kaggle gpu-check $(if $(filter command line environment,$(origin MINI)),--mini $(MINI))

@@ -156,6 +156,45 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--file", default=None, help="default: kernels/output/<slug>/submission.csv")
             p.add_argument("--message", default=None)
 
+    # training on Kaggle's GPUs (ich_kaggle.kaggle.train_build): code dataset, prepare kernel, one kernel per fold
+    p = sub.add_parser("kernel-code", help="build kernels/ich-kaggle-code/ and upload it (create or new version)")
+    p.add_argument("--out", default="kernels")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p.add_argument("--no-upload", action="store_true", help="only build the folder")
+    p = sub.add_parser("kernel-prepare", help="write (and --push) the kernel that scans headers into meta + folds on Kaggle")
+    p.add_argument("--out", default="kernels")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--push", action="store_true")
+    p = sub.add_parser("kernel-train", help="write (and --push) the kernel that trains one fold on Kaggle's T4 x2")
+    _add_experiment(p)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--out", default="kernels")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p.add_argument("--resume", action="store_true", help="attach this kernel's previous output and resume from it")
+    p.add_argument("--epochs-per-run", type=int, default=None, help="stop resumably after this many more epochs")
+    p.add_argument("--t4-images-per-s", type=float, default=None, help="measured training img/s of one T4 (estimate)")
+    p.add_argument("--push", action="store_true")
+    p = sub.add_parser("kernel-fetch", help="download a training kernel's fold into RUNS/<config>/fold<N>/")
+    _add_experiment(p)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--out", default="kernels")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p = sub.add_parser("kernel-from-folds", help="write (and --push) the inference kernel on the training kernels' outputs")
+    _add_experiment(p)
+    p.add_argument("--folds", type=int, nargs="*", default=None, help="default: every fold of the config")
+    p.add_argument("--out", default="kernels")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p.add_argument("--push", action="store_true")
+    p = sub.add_parser("kernel-fetch-prepare", help="download the prepare kernel's meta.csv + folds.csv into the work folder")
+    _add_data(p)
+    p.add_argument("--out", default="kernels")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+    p = sub.add_parser("kernel-status", help="state on Kaggle of every kernel folder under kernels/")
+    p.add_argument("--out", default="kernels")
+    p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
+
     p = sub.add_parser("report", help="plots and index.html for an experiment")
     _add_experiment(p)
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold for confusion matrix, F1, series table")
@@ -359,6 +398,66 @@ def _kaggle_submit(args):
     names = _names(args)
     path = Path(args.out) / "output" / names.kernel_slug / api.SUBMISSION
     api.submit_file(path, args.message or f"ich_kaggle {names.config_name} (kernel {names.kernel_id})")
+
+
+@command("kernel-code")
+def _kernel_code(args):
+    from .kaggle import train_build
+
+    folder = train_build.build_code_only(args.username, args.out)
+    if not args.no_upload:
+        train_build.upload_code(folder, "ich_kaggle code")
+
+
+@command("kernel-prepare")
+def _kernel_prepare(args):
+    from .kaggle import api, train_build
+
+    folder = train_build.build_prepare_kernel(args.username, args.out, k=args.k, seed=args.seed)
+    if args.push:
+        api.push_kernel(folder)
+
+
+@command("kernel-train")
+def _kernel_train(args):
+    from .kaggle import api, train_build
+
+    folder = train_build.build_train_kernel(_config(args), args.fold, args.username, args.out, resume=args.resume,
+                                            epochs_per_run=args.epochs_per_run, folds_csv=_layout(args).folds_csv,
+                                            t4_images_per_s=args.t4_images_per_s)
+    if args.push:
+        api.push_kernel(folder)
+
+
+@command("kernel-fetch")
+def _kernel_fetch(args):
+    from .core import config
+    from .kaggle import train_build
+
+    train_build.fetch_fold(config.resolve_path(args.config).stem, args.fold, args.username, runs=args.runs, out=args.out)
+
+
+@command("kernel-from-folds")
+def _kernel_from_folds(args):
+    from .kaggle import api, train_build
+
+    folder = train_build.build_infer_kernel(_config(args), args.username, args.out, folds=args.folds)
+    if args.push:
+        api.push_kernel(folder)
+
+
+@command("kernel-fetch-prepare")
+def _kernel_fetch_prepare(args):
+    from .kaggle import train_build
+
+    train_build.fetch_prepared(args.username, _layout(args).work, out=args.out)
+
+
+@command("kernel-status")
+def _kernel_status(args):
+    from .kaggle import train_build
+
+    train_build.kernel_states(args.out, args.username)
 
 
 @command("report")

@@ -1,0 +1,274 @@
+"""Training on Kaggle, inside the kernel: the prepare kernel's scan (meta.csv + folds.csv) and one fold's training.
+
+Imported by the prepare and training kernel scripts (`train_template.py`) after they installed ich_kaggle from the
+code dataset. Every fold of every config trains on the folds the prepare kernel wrote once, so they all agree.
+
+The training kernel caches the images on the scratch disk (not /kaggle/working, which Kaggle keeps as the output and
+caps at about 20 GB), trains into /kaggle/working/runs/<config>/fold<N>/ (what `make kernel-fetch` downloads), and
+resumes from the same files of the previous version's output when that is attached as a kernel source.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..core import config as config_mod
+from ..core.config import Config
+from ..core.errors import UserError
+from ..core.io import atomic_open, atomic_path, write_csv
+from ..core.layout import COMPETITION, FoldRun, Layout, Run
+from ..engine.loop import STOP_ENV
+from .run import _touch, _walk
+
+PREPARE_MANIFEST = "ich_kaggle_prepare.json"  # marks the prepare kernel's output (or a user's own folds dataset)
+FOLD_MANIFEST = "ich_kaggle_fold.json"  # written beside a fold's files by the training kernel
+PREPARED_FILES = ("meta.csv", "folds.csv", "folds.csv.json")
+FOLD_FILES = ("best.pt", "last.pt", "config.yaml", "log.csv", "curves.png", "train.log", "oof.csv",
+              "oof_embeddings.npz", "done.json")  # what a fold's folder holds (FoldRun's names)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_open(path) as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+# --- the prepare kernel --------------------------------------------------------------------------------------------
+def find_competition(root: str | Path) -> Path:
+    """The competition folder with the train labels and images (mounts nest differently in old and new kernels)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"input folder {root} not found; set ICH_KAGGLE_INPUT to the folder in the /kaggle/input layout")
+    found = [(depth, str(path)) for path, depth, files in _walk(root)
+             if "stage_2_train.csv" in files and (path / "stage_2_train").is_dir()]
+    if not found:
+        raise UserError(f"no stage_2_train.csv beside a stage_2_train/ folder under {root}; add the competition "
+                        f"'{COMPETITION}' as a data source of the kernel")
+    return Path(min(found)[1])
+
+
+def run_prepare(competition: str | Path, working: str | Path, k: int = 5, seed: int = 42,
+                workers: int | None = None) -> Path:
+    """meta.csv (every train and test header) and folds.csv for (k, seed) into `working`, with a manifest:
+    exactly `make meta` + `make folds` on the same files."""
+    from ..data import folds, meta
+    from ..data.dataset import usable_cpus
+
+    working = Path(working)
+    layout = Layout.of(competition, working)
+    working.mkdir(parents=True, exist_ok=True)
+    table = meta.build_meta(layout, workers=workers or usable_cpus())
+    built = folds.build_folds(layout, k=k, seed=seed)
+    _write_json(working / PREPARE_MANIFEST, {
+        "k": k, "seed": seed, "images": len(built), "slices": len(table), "ich_kaggle": __version__,
+        "files": list(PREPARED_FILES), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return working
+
+
+# --- the training kernel -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainInputs:
+    competition: Path  # stage_2_train.csv + stage_2_train/
+    prepared: Path  # meta.csv + folds.csv (+ ich_kaggle_prepare.json)
+    previous: Path | None  # runs/<config>/fold<N>/ of the previous version's output, when attached
+
+
+def find_train_inputs(root: str | Path, config_name: str, fold: int) -> TrainInputs:
+    root = Path(root)
+    competition = find_competition(root)
+    prepared, previous = [], []
+    tail = ("runs", config_name, f"fold{int(fold)}")
+    for path, depth, files in _walk(root, max_depth=8):  # /kaggle/input/notebooks/<user>/<slug>/runs/<cfg>/fold<N>
+        if PREPARE_MANIFEST in files:
+            prepared.append((depth, str(path)))
+        if path.parts[-3:] == tail and "last.pt" in files:
+            previous.append((depth, str(path)))
+    if not prepared:
+        raise UserError(f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output (make kernel-prepare, "
+                        f"then make kernel-train) or a dataset holding your own meta.csv, folds.csv and that file")
+    return TrainInputs(competition, Path(min(prepared)[1]), Path(min(previous)[1]) if previous else None)
+
+
+def install_prepared(prepared: Path, layout: Layout, cfg: Config) -> None:
+    """The prepare kernel's folds as this run's folds.csv and the train rows of its meta.csv (so only train images
+    are cached), checked against the config's cv.k / cv.seed (other folds would be rebuilt from a full scan)."""
+    from ..data import meta as meta_mod
+
+    missing = [n for n in PREPARED_FILES if not (prepared / n).is_file()]
+    if missing:
+        raise UserError(f"{prepared} lacks {', '.join(missing)}; rerun the prepare kernel (make kernel-prepare)")
+    info = json.loads((prepared / "folds.csv.json").read_text())
+    if (info.get("k"), info.get("seed")) != (cfg.cv.k, cfg.cv.seed):
+        raise UserError(f"{prepared / 'folds.csv'} has k={info.get('k')}, seed={info.get('seed')} but config "
+                        f"'{cfg.name}' wants cv.k={cfg.cv.k}, cv.seed={cfg.cv.seed}; rerun make kernel-prepare "
+                        f"K={cfg.cv.k} SEED={cfg.cv.seed}")
+    layout.work.mkdir(parents=True, exist_ok=True)
+    table = meta_mod.read_meta(prepared / "meta.csv")
+    write_csv(table[table["split"] == "train"], layout.meta_csv)
+    for name in ("folds.csv", "folds.csv.json"):
+        with atomic_path(layout.work / name) as tmp:
+            shutil.copyfile(prepared / name, tmp)
+    _touch(layout.folds_csv)  # not older than meta.csv, or load_folds would rebuild it
+
+
+def restore_previous(previous: Path, fold_run: FoldRun) -> list[str]:
+    """Copy the previous version's fold files into the working fold folder (inputs are read-only; training
+    replaces its files atomically). Nothing is copied over a fold folder that already has a last.pt."""
+    if fold_run.last.is_file():
+        return []
+    fold_run.dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in FOLD_FILES:
+        if (previous / name).is_file():
+            shutil.copy2(previous / name, fold_run.dir / name)
+            copied.append(name)
+    return copied
+
+
+CACHE_BYTES_PER_IMAGE = 160_000  # a 512 x 512 slice in the cache's fast format (`make preprocess`: ~158 kB)
+
+
+def check_scratch_space(layout: Layout) -> None:
+    """Stop at once, with the figure, when the train images' cache cannot fit the scratch disk (hours later the
+    cache would fail half-written). The full competition's train images need ~120 GB, likely more than a Kaggle
+    session's disk (not measured here)."""
+    from ..data import cache, meta as meta_mod
+
+    todo = len(meta_mod.read_meta(layout.meta_csv)) - len(cache.cached_ids(layout))
+    need = todo * CACHE_BYTES_PER_IMAGE
+    layout.work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(layout.work).free
+    if need > free:
+        raise UserError(f"caching {todo:,} train images needs about {need / 1e9:.1f} GB but {layout.work} has "
+                        f"{free / 1e9:.1f} GB free; train on fewer images (a folds dataset of a subset) or set "
+                        f"ICH_KAGGLE_SCRATCH to a larger disk")
+
+
+def epochs_done(fold_run: FoldRun) -> int:
+    """Epochs in the fold's log.csv (one row per finished epoch)."""
+    if not fold_run.log_csv.is_file():
+        return 0
+    with open(fold_run.log_csv) as f:
+        return max(0, sum(1 for line in f if line.strip()) - 1)
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def launch_command(config_path: Path, layout: Layout, runs: Path, fold: int, gpus: int) -> list[str]:
+    """`python -m ich_kaggle train ...`, under torchrun with one process per GPU when there are two or more."""
+    train = ["-m", "ich_kaggle", "train", "--config", str(config_path), "--data", str(layout.data),
+             "--work", str(layout.work), "--runs", str(runs), "--fold", str(fold)]
+    if gpus >= 2:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *train]
+    return [sys.executable, *train]
+
+
+def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Path, scratch: str | Path,
+                 gpus: int | None = None, epochs_per_run: int | None = None) -> FoldRun:
+    """Preprocess into scratch, train the fold (resuming from the previous output), write its manifest.
+
+    `epochs_per_run` stops resumably after that many more epochs than the previous output holds (a fold too long
+    for one 12-hour session trains over several versions)."""
+    from ..data import cache
+    from ..data.dataset import usable_cpus
+    from ..data.folds import selected_folds
+
+    selected_folds(cfg.cv, fold)
+    working, scratch = Path(working), Path(scratch)
+    layout = Layout.of(inputs.competition, scratch / "work")
+    install_prepared(inputs.prepared, layout, cfg)
+    runs = working / "runs"
+    fold_run = Run.of(runs, cfg.name).fold(fold)
+    if inputs.previous is not None:
+        copied = restore_previous(inputs.previous, fold_run)
+        print(f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})",
+              flush=True)
+    check_scratch_space(layout)
+    cache.ensure(layout, workers=usable_cpus())  # here, with every CPU, before the training processes start
+    gpus = visible_gpus() if gpus is None else gpus
+    share = max(1, usable_cpus() // max(gpus, 1))  # Kaggle: 4 CPUs for both ranks; a config's 8 workers would thrash
+    cfg = copy.deepcopy(cfg)
+    cfg.data.num_workers = min(cfg.data.num_workers, share) if cfg.data.num_workers >= 0 else -1
+    config_path = scratch / f"{cfg.name}.yaml"
+    config_mod.dump(cfg, config_path)
+    cmd = launch_command(config_path, layout, runs, fold, gpus)
+    print(f"training fold {fold} of {cfg.name} on {max(gpus, 1)} {'GPU' if gpus else 'CPU'} process(es): "
+          f"{' '.join(cmd)}", flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if epochs_per_run:
+        env[STOP_ENV] = str(epochs_done(fold_run) + int(epochs_per_run))
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        raise UserError(f"training fold {fold} of {cfg.name} exited with status {result.returncode}; see the log "
+                        f"above (a rerun of the kernel with its output attached resumes from {fold_run.last.name})")
+    _write_json(fold_run.dir / FOLD_MANIFEST, {
+        "config": cfg.name, "fold": int(fold), "ich_kaggle": __version__, "done": fold_run.done.is_file(),
+        "files": sorted(p.name for p in fold_run.dir.iterdir() if p.is_file() and p.name != FOLD_MANIFEST),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return fold_run
+
+
+# --- the inference kernel on the training kernels' outputs (no model dataset) -------------------------------------
+def find_test_competition(root: str | Path) -> Path:
+    from .run import SAMPLE_NAME
+
+    found = [(depth, str(path)) for path, depth, files in _walk(Path(root))
+             if SAMPLE_NAME in files and (path / "stage_2_test").is_dir()]
+    if not found:
+        raise UserError(f"no {SAMPLE_NAME} beside a stage_2_test/ folder under {root}; add the competition "
+                        f"'{COMPETITION}' as a data source of the kernel")
+    return Path(min(found)[1])
+
+
+def assemble_model(root: str | Path, config_name: str, folds: list[int], dest: str | Path) -> Path:
+    """A model-dataset folder (the layout `run.run_inference` reads) from the attached training kernels' finished
+    folds and the prepare kernel's folds: first-stage predictions only (the stacker is refit on TTA OOF
+    predictions, which only a local `make predict` over the train images makes)."""
+    import gzip
+
+    from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, _link
+
+    root, dest = Path(root), Path(dest)
+    found: dict[int, Path] = {}
+    prepared = []
+    for path, depth, files in _walk(root, max_depth=8):
+        if PREPARE_MANIFEST in files:
+            prepared.append((depth, str(path)))
+        parts = path.parts
+        if (len(parts) >= 3 and parts[-3] == "runs" and parts[-2] == config_name and parts[-1][4:].isdigit()
+                and parts[-1].startswith("fold") and "best.pt" in files and "done.json" in files):
+            found.setdefault(int(parts[-1][4:]), path)
+    missing = [k for k in folds if k not in found]
+    if missing:
+        raise UserError(f"no finished runs/{config_name}/fold<k>/ (best.pt + done.json) under {root} for fold(s) "
+                        f"{missing}; attach their training kernels once they are complete (make kernel-status)")
+    if not prepared:
+        raise UserError(f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output")
+    prep = Path(min(prepared)[1])
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for k in folds:
+        _link(found[k] / "best.pt", dest / f"fold{k}_best.pt")
+        files[f"fold{k}_best.pt"] = f"fold{k}/best.pt"
+    shutil.copyfile(found[folds[0]] / "config.yaml", dest / "config.yaml")
+    with atomic_path(dest / FOLDS) as tmp:
+        with open(prep / "folds.csv", "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+    shutil.copyfile(prep / "folds.csv.json", dest / FOLDS_INFO)
+    _write_json(dest / MODEL_MANIFEST, {"format": MANIFEST_FORMAT, "config": config_name, "ich_kaggle": __version__,
+                                        "folds": list(folds), "stack": False, "files": files, "weights": "fp32",
+                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return dest

@@ -1,0 +1,287 @@
+"""Training on Kaggle: the prepare and training kernel scripts run locally on a fake /kaggle/input (CPU), equal to
+`make folds` and a local `make train`; a stopped run resumes in the next version; the folders pushed with the real
+kaggle CLI against the fake API; the wall-time estimate refuses a fold too long for one session; fetch and status."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ich_kaggle.core import config
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.core.layout import COMPETITION, Layout, Run
+from ich_kaggle.kaggle import build, train_build, train_run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_kaggle import FakeKaggle  # noqa: E402
+from test_kernel import KAGGLE, _fresh_venv  # noqa: E402
+from train_helpers import FAST  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = FAST + ["model.backbone=small_cnn", "train.epochs=2"]
+USER = "testuser"
+
+
+def _cfg():
+    return config.load("tiny", OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The synthetic competition, the code dataset (the ich_kaggle wheel only: the rest comes from .venv) and a
+    venv that sees .venv's packages but not the repository, so the kernels use the wheel they installed."""
+    from ich_kaggle.data import synth
+
+    base = tmp_path_factory.mktemp("ktrain")
+    comp = synth.write_competition(base / "comp", seed=0, studies=9, slices=6, size=48)
+    names = build.KernelNames(USER, "code", "ich-kaggle-code")
+    code = build.build_code_dataset(names, base / "kernels", packages=())
+    python = _fresh_venv(base / "venv")
+    return {"base": base, "comp": comp, "code": code, "python": python}
+
+
+def _input(root: Path, world: dict, notebooks: dict[str, Path]) -> Path:
+    """/kaggle/input of a new-style kernel: the competition nested one level deeper, datasets and kernel outputs
+    under their owner."""
+    nested = root / COMPETITION / COMPETITION
+    nested.mkdir(parents=True)
+    for item in world["comp"].iterdir():
+        (nested / item.name).symlink_to(item.resolve())
+    shutil.copytree(world["code"], root / "datasets" / USER / world["code"].name)
+    for slug, output in notebooks.items():
+        shutil.copytree(output, root / "notebooks" / USER / slug)
+    return root
+
+
+def _run_script(world: dict, script: Path, root: Path, name: str, **env_extra: str) -> tuple[str, Path]:
+    base = world["base"]
+    working, scratch = base / f"working_{name}", base / f"scratch_{name}"
+    working.mkdir()
+    dead = "http://127.0.0.1:9"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy", "ICH_STOP_AFTER_EPOCHS")}
+    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), ICH_KAGGLE_SCRATCH=str(scratch),
+               HOME=str(base / "home"), HTTP_PROXY=dead, HTTPS_PROXY=dead, PIP_NO_INDEX="1", **env_extra)
+    result = subprocess.run([str(world["python"]), str(script)], cwd=working, env=env, capture_output=True,
+                            text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert f"from {base / 'venv'}" in out  # ich_kaggle came from the code dataset's wheel
+    return out, working
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.slow
+def test_prepare_and_train_kernels_offline(world, tmp_path):
+    from ich_kaggle import train
+
+    cfg, base = _cfg(), world["base"]
+    out = base / "kernels"
+    # what the user runs locally: make folds, make train fold=0
+    local = Layout.of(world["comp"], base / "work_local")
+    subprocess.run([sys.executable, "-m", "ich_kaggle", "folds", "--data", str(world["comp"]), "--work",
+                    str(local.work), "--k", str(cfg.cv.k), "--seed", str(cfg.cv.seed)], cwd=ROOT, check=True,
+                   capture_output=True)
+    local_fold = train.train_fold(cfg, local, 0, runs=base / "runs_local")
+
+    # the prepare kernel: the same folds as make folds
+    prep = train_build.build_prepare_kernel(USER, out, k=cfg.cv.k, seed=cfg.cv.seed)
+    log, prepared = _run_script(world, prep / "kernel.py", _input(base / "in_prep", world, {}), "prep")
+    assert (prepared / "folds.csv").read_bytes() == local.folds_csv.read_bytes()
+    assert json.loads((prepared / train_run.PREPARE_MANIFEST).read_text())["k"] == cfg.cv.k
+
+    # the training kernel, stopped after one epoch (ICH_STOP_AFTER_EPOCHS=1, as a killed session), then its next
+    # version with the previous output attached: the fold of an uninterrupted local train, bit for bit
+    folder = train_build.build_train_kernel(cfg, 0, USER, out, resume=True)
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    assert meta["kernel_sources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
+    log, first = _run_script(world, folder / "kernel.py", _input(base / "in_v1", world,
+                             {"ich-kaggle-prepare": prepared}), "v1", ICH_STOP_AFTER_EPOCHS="1")
+    assert "1 CPU process(es)" in log and "torch.distributed.run" not in log
+    part = Run.of(first / "runs", cfg.name).fold(0)
+    assert part.last.is_file() and not part.done.is_file()
+    assert json.loads((part.dir / train_run.FOLD_MANIFEST).read_text())["done"] is False
+    log, second = _run_script(world, folder / "kernel.py", _input(base / "in_v2", world, {
+        "ich-kaggle-prepare": prepared, "ich-kaggle-tiny-fold0": first}), "v2")
+    assert "resuming from the previous version's output" in log and "from epoch 1/2" in log
+    fold = Run.of(second / "runs", cfg.name).fold(0)
+    for name in ("best.pt", "last.pt", "log.csv", "oof.csv", "done.json", "train.log", train_run.FOLD_MANIFEST):
+        assert (fold.dir / name).is_file(), name
+    assert sorted(p.name for p in second.iterdir()) == ["runs"]  # the cache stayed on the scratch disk
+    assert (base / "scratch_v2" / "work" / "cache").is_dir()
+    _same_weights(fold.last, Path(local_fold) / "last.pt")
+    _same_weights(fold.best, Path(local_fold) / "best.pt")
+    assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()  # the checkpoints predict the same
+
+    # the inference kernel on the training kernel's output (kernel sources, no model dataset) == local make submit
+    from ich_kaggle.predict import stage as predict
+    from ich_kaggle.submit import stage as submission
+
+    predict.predict(cfg, local, runs=base / "runs_local")
+    expected = submission.submit(cfg, local, runs=base / "runs_local", out_dir=base / "submissions")
+    infer = train_build.build_infer_kernel(cfg, USER, out, folds=[0])
+    meta = json.loads((infer / "kernel-metadata.json").read_text())
+    assert meta["kernel_sources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
+    assert meta["dataset_sources"] == [f"{USER}/ich-kaggle-code"] and meta["machine_shape"] == "NvidiaTeslaT4"
+    log, sub = _run_script(world, infer / "kernel.py", _input(base / "in_infer", world, {
+        "ich-kaggle-prepare": prepared, "ich-kaggle-tiny-fold0": second}), "infer")
+    assert sorted(p.name for p in sub.iterdir()) == ["submission.csv"]
+    assert (sub / "submission.csv").read_bytes() == expected.read_bytes()
+
+    # make kernel-fetch: the fold's output into runs/<config>/fold0/, usable as if trained locally
+    runs = tmp_path / "runs"
+    dest = train_build.install_fold(second, cfg.name, 0, runs)
+    assert dest == runs / cfg.name / "fold0" and (dest / "best.pt").is_file()
+    assert build.trained_folds(cfg, runs) == [0]
+
+
+def test_launch_uses_torchrun_on_two_gpus(tmp_path):
+    layout = Layout.of(tmp_path / "comp", tmp_path / "work")
+    two = train_run.launch_command(tmp_path / "c.yaml", layout, tmp_path / "runs", 3, gpus=2)
+    assert two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert two[-6:] == ["--work", str(layout.work), "--runs", str(tmp_path / "runs"), "--fold", "3"]
+    one = train_run.launch_command(tmp_path / "c.yaml", layout, tmp_path / "runs", 3, gpus=1)
+    assert one[1:4] == ["-m", "ich_kaggle", "train"]
+
+
+def test_estimate_and_refusal(tmp_path):
+    big = config.load("seresnext50_512")
+    est = train_build.estimate(big)
+    assert est.train_images == train_build.COMPETITION_TRAIN_IMAGES - est.val_images
+    assert est.hours > train_build.SESSION_LIMIT_H - train_build.SESSION_MARGIN_H
+    assert "estimate, not a measurement" in est.describe()
+    with pytest.raises(UserError, match=r"cannot end within Kaggle's 12-hour session: estimated wall time on T4 x2: "
+                                        r"\d+\.\d h .*EPOCHS_PER_RUN") as e:
+        train_build.build_train_kernel(big, 0, USER, tmp_path)
+    assert "\n" not in str(e.value) and not (tmp_path / "ich-kaggle-seresnext50-512-fold0").exists()
+    one = train_build.estimate(big, epochs=1)
+    assert one.hours < est.hours / 2
+    fast = train_build.estimate(big, t4_images_per_s=1000)
+    assert fast.hours < 2 and "T4_IMAGES_PER_S=1000" in fast.source
+    small = config.load("seresnext50_512", ["train.max_images_per_epoch=100000"])
+    assert train_build.estimate(small).train_images == 100000
+    folder = train_build.build_train_kernel(small, 2, USER, tmp_path)
+    assert folder.name == "ich-kaggle-seresnext50-512-fold2"
+
+
+def test_push_with_the_real_kaggle_cli(tmp_path, kaggle_home):
+    cfg = _cfg()
+    prep = train_build.build_prepare_kernel(USER, tmp_path, k=3, seed=0)
+    folder = train_build.build_train_kernel(cfg, 1, USER, tmp_path, resume=True)
+    with FakeKaggle(max_seconds=60) as fk:
+        env = fk.env()
+        pushed = [subprocess.run([str(KAGGLE), "kernels", "push", "-p", str(f)], env=env, capture_output=True,
+                                 text=True, timeout=60) for f in (prep, folder)]
+    for result in pushed:
+        assert result.returncode == 0 and "successfully pushed" in result.stdout, result.stdout + result.stderr
+    prep_call, train_call = [c.json() for c in fk.calls("kernels.KernelsApiService/SaveKernel")]
+    assert prep_call["slug"] == f"{USER}/ich-kaggle-prepare" and prep_call["enableGpu"] is False
+    assert prep_call["competitionDataSources"] == [COMPETITION]
+    assert prep_call["datasetDataSources"] == [f"{USER}/ich-kaggle-code"] and prep_call["enableInternet"] is False
+    assert train_call["slug"] == f"{USER}/ich-kaggle-tiny-fold1"
+    assert train_call["machineShape"] == "NvidiaTeslaT4" and train_call["enableGpu"] is True
+    assert train_call["enableInternet"] is False and train_call["isPrivate"] is True
+    assert train_call["competitionDataSources"] == [COMPETITION]
+    assert train_call["datasetDataSources"] == [f"{USER}/ich-kaggle-code"]
+    assert train_call["kernelDataSources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold1"]
+    assert train_call["text"] == (folder / "kernel.py").read_text()
+    assert "FOLD = 1" in train_call["text"] and "MODE = 'train'" in train_call["text"]
+
+
+def _ich(fk: FakeKaggle, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ich_kaggle", *args, "--username", USER]
+    return subprocess.run(cmd, env=fk.env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+
+def test_cli_push_status_fetch(tmp_path, kaggle_home, monkeypatch, capsys):
+    """`make kernel-train` through the CLI (estimate printed, pushed); prepare push, status and fetch in-process."""
+    from ich_kaggle.kaggle import api
+
+    out, runs = tmp_path / "kernels", tmp_path / "runs"
+    files = {"runs/tiny/fold0/best.pt": b"best", "runs/tiny/fold0/last.pt": b"last", "runs/tiny/fold0/oof.csv": b"x",
+             "runs/tiny/fold0/ich_kaggle_fold.json": json.dumps(
+                 {"config": "tiny", "fold": 0, "done": True, "files": ["best.pt", "last.pt", "oof.csv"]}).encode()}
+    with FakeKaggle(max_seconds=90, kernel_statuses=["RUNNING"], kernel_output=files) as fk:
+        pushed = _ich(fk, "kernel-train", "--config", "tiny", "--set", *OVERRIDES, "--fold", "0", "--out", str(out),
+                      "--push", "--data", str(tmp_path / "nodata"))
+        for key, value in fk.env({}).items():
+            monkeypatch.setenv(key, value)
+        for key in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.delenv(key, raising=False)
+        api.push_kernel(train_build.build_prepare_kernel(USER, out, k=3, seed=0))
+        states = train_build.kernel_states(out, USER)
+        dest = train_build.fetch_fold("tiny", 0, USER, runs=runs, out=out)
+        fk.kernel_output.clear()
+        fk.kernel_output.update({"meta.csv": b"image_id\n", "folds.csv": b"image_id,fold\n",
+                                 "folds.csv.json": b'{"k": 3, "seed": 0}', "ich_kaggle_prepare.json": b"{}"})
+        work = train_build.fetch_prepared(USER, tmp_path / "work", out=out)
+        fk.kernel_output.clear()
+        with pytest.raises(UserError, match="no runs/tiny/fold1/ich_kaggle_fold.json in the kernel's output"):
+            train_build.fetch_fold("tiny", 1, USER, runs=runs, out=out)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert "estimated wall time on T4 x2" in pushed.stdout and "version 1" in pushed.stdout
+    bodies = [c.json() for c in fk.calls("kernels.KernelsApiService/SaveKernel")]
+    assert [b["slug"] for b in bodies] == [f"{USER}/ich-kaggle-tiny-fold0", f"{USER}/ich-kaggle-prepare"]
+    assert bodies[0]["machineShape"] == "NvidiaTeslaT4"
+    assert states == {f"{USER}/ich-kaggle-prepare": "running", f"{USER}/ich-kaggle-tiny-fold0": "running"}
+    assert dest == runs / "tiny" / "fold0" and (dest / "best.pt").read_bytes() == b"best"
+    assert (dest / train_run.FOLD_MANIFEST).is_file() and "finished" in capsys.readouterr().out
+    assert (work / "folds.csv").read_bytes() == b"image_id,fold\n"
+    assert (work / "folds.csv").stat().st_mtime > (work / "meta.csv").stat().st_mtime  # not rebuilt as stale
+
+
+def test_scratch_too_small_stops_with_the_figure(tmp_path, monkeypatch):
+    layout = Layout.of(tmp_path / "comp", tmp_path / "work")
+    layout.work.mkdir(parents=True)
+    rows = "\n".join(f"ID_{i},P,S,R,train,stage_2_train/ID_{i}.dcm,1.0,0,1" for i in range(1000))
+    layout.meta_csv.write_text("image_id,patient_id,study_id,series_id,split,path,z,slice_rank,series_len\n" + rows + "\n")
+    train_run.check_scratch_space(layout)  # 160 MB fits
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(UserError, match=r"caching 1,000 train images needs about 0.2 GB but .* has 0.0 GB free; .*ICH_KAGGLE_SCRATCH"):
+        train_run.check_scratch_space(layout)
+
+
+def test_find_train_inputs_and_epochs_done(tmp_path):
+    root = tmp_path / "input"
+    comp = root / COMPETITION / COMPETITION
+    (comp / "stage_2_train").mkdir(parents=True)
+    (comp / "stage_2_train.csv").write_text("ID,Label\n")
+    with pytest.raises(UserError, match="no ich_kaggle_prepare.json under .*make kernel-prepare"):
+        train_run.find_train_inputs(root, "tiny", 0)
+    prep = root / "notebooks" / USER / "ich-kaggle-prepare"
+    prep.mkdir(parents=True)
+    (prep / train_run.PREPARE_MANIFEST).write_text("{}")
+    assert train_run.find_train_inputs(root, "tiny", 0) == train_run.TrainInputs(comp, prep, None)
+    previous = root / "notebooks" / USER / "ich-kaggle-tiny-fold0" / "runs" / "tiny" / "fold0"
+    other = root / "notebooks" / USER / "ich-kaggle-tiny-fold1" / "runs" / "tiny" / "fold1"
+    for d in (previous, other):
+        d.mkdir(parents=True)
+        (d / "last.pt").write_bytes(b"")
+    assert train_run.find_train_inputs(root, "tiny", 0).previous == previous  # depth 6 under the root, its own fold
+    fold = Run.of(tmp_path / "runs", "tiny").fold(0)
+    assert train_run.epochs_done(fold) == 0
+    fold.dir.mkdir(parents=True)
+    fold.log_csv.write_text("epoch,lr\n1,0.1\n2,0.1\n")
+    assert train_run.epochs_done(fold) == 2  # with EPOCHS_PER_RUN=1 the next version stops after epoch 3
+    cfg = _cfg()
+    with pytest.raises(UserError, match=r"k=5, seed=42 but config 'tiny' wants cv.k=3, cv.seed=0; rerun make kernel-prepare K=3 SEED=0"):
+        for name, text in (("meta.csv", "image_id\n"), ("folds.csv", "image_id\n"), ("folds.csv.json", '{"k": 5, "seed": 42}')):
+            (prep / name).write_text(text)
+        train_run.install_prepared(prep, Layout.of(comp, tmp_path / "work"), cfg)

@@ -14,7 +14,7 @@ from .config import StackConfig, TTAConfig
 from .layout import Layout, Predictions, Run
 
 PREDICT_FORMAT = 1  # bump when predict's files change meaning
-STACK_FORMAT = 1
+STACK_FORMAT = 2  # 2: early stopping on an inner split, curve.csv
 
 
 def _tta(tta: TTAConfig) -> dict:

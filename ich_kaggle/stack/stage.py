@@ -132,6 +132,7 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     write_csv(result.neighbors_oof, out.neighbors_oof)
     write_csv(result.neighbors_test, out.neighbors_test)
     write_csv(result.metrics, out.metrics)
+    write_csv(result.curve, out.curve)
     manifest.write(out.oof, expected)
     manifest.write(out.test, expected)  # last: what submit checks
     print(format_table(result.metrics, cfg.stack.model))
@@ -140,5 +141,10 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
         print(f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
               f"`make submit` uses stack/test.csv: delete {out.dir} to submit the first stage instead, or try "
               f"--set stack.model=neighbors")
+    if len(result.curve):
+        last = result.curve.groupby("fold")["step"].max()
+        best = result.curve.loc[result.curve.groupby("fold")["val_loss"].idxmin(), "step"]
+        print(f"stack: stopped by the inner validation split after {last.tolist()} steps per fold "
+              f"(best at {best.tolist()}; curve in {out.curve})")
     print(f"wrote {out.oof} ({len(result.oof)} rows), {out.test} ({len(result.test)} rows), {out.metrics}")
     return out.dir

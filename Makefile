@@ -31,7 +31,7 @@ $(PY): requirements.txt
 
 demo: $(PY)
 	$(PY) -m ich_kaggle demo $(if $(filter command line environment,$(origin DATA_DIR)),--data $(DATA_DIR)) \
-	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),tiny) $(if $(strip $(SET)),--set $(SET))
+	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),demo) $(if $(strip $(SET)),--set $(SET))
 
 test: $(PY)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

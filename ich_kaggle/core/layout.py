@@ -175,3 +175,4 @@ class Run:
     predictions = property(lambda self: Predictions(self.dir / "predictions"))
     stack = property(lambda self: Stacked(self.dir / "stack"))
     report = property(lambda self: self.dir / "report")
+    choice = property(lambda self: self.dir / "choice.json")  # which stage submit chose, with both OOF scores

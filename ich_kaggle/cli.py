@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", nargs="*", default=["all"])
     p.add_argument("--mini", default=None, help="extracted real mini set (default: from ../shared)")
 
+    p = sub.add_parser("recipe", help="the whole recipe in one resumable command: meta, folds, cache, every fold of "
+                                      "every member, predict, stack, choose by OOF, submit")
+    _add_experiment(p)
+    p.set_defaults(config="seresnext_pair")
+    p.add_argument("--out-dir", default="submissions")
+
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic (or any) competition")
     p.add_argument("--data", default=None, help="data folder; default: generate the synthetic competition")
     p.add_argument("--config", default="demo", help="a config or ensemble (default: the two-member CPU ensemble)")
@@ -293,6 +299,14 @@ def _bench(args):
     from . import bench
 
     bench.run(args.what, mini=args.mini)
+
+
+@command("recipe")
+def _recipe(args):
+    from . import demo
+
+    demo.recipe(args.data, config_name=args.config, runs=args.runs, work=args.work, overrides=args.set,
+                out_dir=args.out_dir)
 
 
 @command("demo")

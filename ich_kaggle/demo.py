@@ -22,8 +22,8 @@ from .core import config
 from .core.layout import Layout, Run
 
 SYNTH_DIR = Path("data/synth")
-# 96 studies of 20 slices, 37 % of patients in the test split: 31 test studies (~640 test images), 65 train studies
-DEMO_SYNTH = {"seed": 0, "studies": 96, "slices": 20, "test_fraction": 0.37}
+# 96 studies of 16 slices, 37 % of patients in the test split: 31 test studies (~500 test images), 65 train studies
+DEMO_SYNTH = {"seed": 0, "studies": 96, "slices": 16, "test_fraction": 0.37}
 
 
 def _prior_frame(ids: pd.Series, prior: np.ndarray) -> pd.DataFrame:
@@ -68,14 +68,56 @@ def scores(layout: Layout, run: Run, members: list[str] | None = None, extra: di
     return out
 
 
-def run(data: str | None = None, config_name: str = "demo", runs: str | None = None, work: str | None = None,
-        overrides: list[str] | None = None, embeddings: bool = True) -> dict[str, float]:
-    from .core import ensemble
+def pipeline(cfg, members: list, layout: Layout, runs: str | Path, out_dir: str | Path = "submissions",
+             tag: str = "demo") -> Path:
+    """meta -> folds -> cache -> every fold of every member -> predict (+ ensemble) -> stack -> choose -> submit.
+
+    Resumable: each step reuses what its manifest says is current (finished folds are skipped, an interrupted
+    fold resumes from last.pt, predictions and the stack are reused when fresh), so rerunning after a crash or a
+    new fold continues where it stopped."""
     from .predict import stage as predict
     from .stack import stage as stack
     from .submit import stage as submission
     from . import train
-    from .data import cache, folds, synth
+    from .data import cache, folds
+
+    folds.fold_table(layout, cfg.cv)  # scans meta.csv first when it is missing
+    cache.ensure(layout)
+    for member in members:
+        for fold in folds.selected_folds(member.cv):
+            print(f"[{tag}] training {member.name} fold {fold} of {member.cv.k}")
+            train.train_fold(member, layout, int(fold), runs=runs)
+    if cfg.is_ensemble:
+        predict.predict_ensemble(cfg, members, layout, runs=runs)
+    else:
+        predict.predict(cfg, layout, runs=runs)
+    stack.stack(cfg, layout, runs=runs)
+    return submission.submit(cfg, layout, runs=runs, out_dir=out_dir)
+
+
+def recipe(data: str, config_name: str = "seresnext_pair", runs: str = "runs", work: str | None = None,
+           overrides: list[str] | None = None, out_dir: str = "submissions") -> Path:
+    """`make recipe`: the whole recipe on a Kaggle download, one resumable command, to `<out_dir>/<config>.csv`."""
+    from .core import ensemble
+
+    start = time.time()
+    cfg = config.load(config_name, overrides)
+    members = ensemble.load_members(cfg, overrides) if cfg.is_ensemble else [cfg]
+    layout = Layout.of(data, work)
+    layout.require_data()
+    print(f"[recipe] data {layout.data}  work {layout.work}  config {cfg.name} "
+          f"({', '.join(m.name for m in members)})  runs {runs}")
+    out = pipeline(cfg, members, layout, runs, out_dir=out_dir, tag="recipe")
+    choice = json.loads(Run.of(runs, cfg.name).choice.read_text())
+    print(f"[recipe] {out} from the {choice['stage']} stage; wall time {time.time() - start:.0f} s")
+    return out
+
+
+def run(data: str | None = None, config_name: str = "demo", runs: str | None = None, work: str | None = None,
+        overrides: list[str] | None = None, embeddings: bool = True) -> dict[str, float]:
+    from .core import ensemble
+    from .stack import stage as stack
+    from .data import synth
 
     start = time.time()
     cfg = config.load(config_name, overrides)
@@ -93,17 +135,7 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
 
     names = ", ".join(m.name for m in members)
     print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name} ({names})  runs {runs}")
-    folds.fold_table(layout, cfg.cv)
-    cache.ensure(layout)
-    for member in members:
-        for fold in folds.selected_folds(member.cv):
-            print(f"[demo] training {member.name} fold {fold} of {member.cv.k}")
-            train.train_fold(member, layout, int(fold), runs=runs)
-    if cfg.is_ensemble:
-        predict.predict_ensemble(cfg, members, layout, runs=runs)
-    else:
-        predict.predict(cfg, layout, runs=runs)
-    stack.stack(cfg, layout, runs=runs)
+    out_file = pipeline(cfg, members, layout, runs)
     extra: dict[str, Run] = {}
     if embeddings and not cfg.stack.use_embeddings:
         # the embedding-level second stage beside the probability one: same sources, embeddings added
@@ -111,7 +143,6 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
                                   stack=dataclasses.replace(cfg.stack, use_embeddings=True))
         stack.stack(emb, layout, runs=runs, sources=[str(p.dir) for p in ensemble.stack_sources(cfg, runs)])
         extra["stacked_embeddings_log_loss"] = Run.of(runs, emb.name)
-    out_file = submission.submit(cfg, layout, runs=runs)
 
     run_dir = Run.of(runs, cfg.name)
     result = scores(layout, run_dir, [m.name for m in members] if cfg.is_ensemble else None, extra)

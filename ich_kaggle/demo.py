@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,11 @@ from .core.layout import Layout, Run
 SYNTH_DIR = Path("data/synth")
 # 96 studies of 16 slices, 37 % of patients in the test split: 31 test studies (~500 test images), 65 train studies
 DEMO_SYNTH = {"seed": 0, "studies": 96, "slices": 16, "test_fraction": 0.37}
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _prior_frame(ids: pd.Series, prior: np.ndarray) -> pd.DataFrame:
@@ -119,7 +125,7 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
     from .stack import stage as stack
     from .data import synth
 
-    start = time.time()
+    start, cpu_start = time.time(), _cpu_seconds()
     cfg = config.load(config_name, overrides)
     members = ensemble.load_members(cfg, overrides) if cfg.is_ensemble else [cfg]
     if data is None:
@@ -148,7 +154,9 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
     result = scores(layout, run_dir, [m.name for m in members] if cfg.is_ensemble else None, extra)
     chosen = json.loads(run_dir.choice.read_text())["stage"]
     where = "test labels" if layout.test_labels_csv.exists() else "out-of-fold predictions"
-    print(f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s")
+    cpu = _cpu_seconds() - cpu_start  # this process, its threads and its finished worker processes
+    print(f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s, "
+          f"CPU time {cpu:.0f} s (on a shared machine the wall time also measures the neighbours)")
     for key, value in result.items():
         print(f"{key}: {value:.5f}")
     print(f"submit_chose: {chosen}")

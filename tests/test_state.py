@@ -103,7 +103,7 @@ def test_stack_is_reused_when_fresh_and_redone_after_new_predictions(exp, capsys
     out = cli("submit", *experiment_args(cfg, layout, runs), "--out-dir", str(runs / "subs"))
     assert out.returncode == 0, out.stderr
     assert run.stack.test.stat().st_mtime_ns > made  # the stale stack was recomputed before submitting
-    assert "using the second stage" in out.stdout
+    assert "OOF weighted log loss: stacked" in out.stdout  # fresh again, so submit chose between it and the first stage
 
 
 def test_submit_chooses_by_oof_and_takes_the_first_stage_when_the_stack_is_worse(exp, capsys):

@@ -16,7 +16,7 @@ SET := $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(BATCH),train.batch_size=$(B
        $(if $(LR),train.lr=$(LR)) $(if $(SIZE),data.image_size=$(SIZE)) $(if $(WORKERS),data.num_workers=$(WORKERS)) $(SET_EXTRA)
 EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip $(SET)),--set $(SET))
 
-.PHONY: help demo test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
+.PHONY: help demo recipe test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
         kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv
@@ -33,7 +33,12 @@ $(PY): requirements.txt
 
 demo: $(PY)
 	$(PY) -m ich_kaggle demo $(if $(filter command line environment,$(origin DATA_DIR)),--data "$(DATA_DIR)") \
-	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),tiny) $(if $(strip $(SET)),--set $(SET))
+	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),demo) $(if $(strip $(SET)),--set $(SET))
+
+# the whole recipe, resumable (rerun after an interruption): ENSEMBLE=seresnext_pair or any config / ensemble
+ENSEMBLE ?= seresnext_pair
+recipe: $(PY)
+	$(PY) -m ich_kaggle recipe --config $(ENSEMBLE) --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip $(SET)),--set $(SET))
 
 test: $(PY)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

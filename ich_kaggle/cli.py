@@ -37,6 +37,13 @@ def _config(args: argparse.Namespace):
     return config.load(args.config, args.set)
 
 
+def _members(args: argparse.Namespace, cfg):
+    """An ensemble's member configs (with the same --set overrides), or [cfg] for a single config."""
+    from .core import ensemble
+
+    return ensemble.load_members(cfg, args.set) if cfg.is_ensemble else [cfg]
+
+
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=os.environ.get("DATA_DIR", DEFAULT_DATA), help="competition folder in the Kaggle layout")
     p.add_argument("--work", default=None, help="folder for derived files (default: work/<data folder name>-<hash of its path>)")
@@ -210,10 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gpu-check", help="train + predict the real model on the real mini set on the GPU(s), a few minutes")
     p.add_argument("--mini", default=None, help="extracted real mini set (default: from ../shared)")
 
+    p = sub.add_parser("recipe", help="the whole recipe in one resumable command: meta, folds, cache, every fold of "
+                                      "every member, predict, stack, choose by OOF, submit")
+    _add_experiment(p)
+    p.set_defaults(config="seresnext_pair")
+    p.add_argument("--out-dir", default="submissions")
+
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic (or any) competition")
     p.add_argument("--data", default=None, help="data folder; default: generate the synthetic competition")
-    p.add_argument("--config", default="tiny")
+    p.add_argument("--config", default="demo", help="a config or ensemble (default: the two-member CPU ensemble)")
     p.add_argument("--runs", default=None, help="default: runs/demo/<data folder name>-<path hash>")
+    p.add_argument("--no-embeddings", action="store_true", help="skip the embedding-level stack shown beside the other")
     p.add_argument("--work", default=None)
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     return parser
@@ -255,10 +269,13 @@ def _train(args):
     from . import train
     from .data import folds
 
-    chosen = folds.selected_folds(cfg.cv, args.fold)
-    folds.check_trainable(folds.fold_table(layout, cfg.cv), chosen, layout.folds_csv)  # before the first fold trains
-    for fold in chosen:
-        train.train_fold(cfg, layout, fold, runs=args.runs, force=args.force)
+    members = _members(args, cfg)  # an ensemble trains each member in its own runs/<member>/
+    for member in members:  # every fold of every member checked before the first one trains
+        folds.check_trainable(folds.fold_table(layout, member.cv), folds.selected_folds(member.cv, args.fold),
+                              layout.folds_csv)
+    for member in members:
+        for fold in folds.selected_folds(member.cv, args.fold):
+            train.train_fold(member, layout, fold, runs=args.runs, force=args.force)
 
 
 @command("lr-find")
@@ -273,12 +290,17 @@ def _predict(args):
     from .predict import stage as predict
 
     cfg, layout = _config(args), _layout(args)
+    members = _members(args, cfg)
     if args.finish_training:
         from . import train
 
-        for fold in predict.trained_folds(cfg, args.runs)[1]:
-            train.train_fold(cfg, layout, fold, runs=args.runs)
-    predict.predict(cfg, layout, runs=args.runs)
+        for member in members:
+            for fold in predict.trained_folds(member, args.runs)[1]:
+                train.train_fold(member, layout, fold, runs=args.runs)
+    if cfg.is_ensemble:
+        predict.predict_ensemble(cfg, members, layout, runs=args.runs)
+    else:
+        predict.predict(cfg, layout, runs=args.runs)
 
 
 @command("stack")
@@ -464,7 +486,9 @@ def _kernel_status(args):
 def _report(args):
     from .report import stage as report
 
-    report.make_report(_config(args), _layout(args), runs=args.runs, threshold=args.threshold, gradcam=args.gradcam)
+    cfg = _config(args)
+    for member in _members(args, cfg):  # an ensemble: one report per member; `compare` lists the ensemble itself
+        report.make_report(member, _layout(args), runs=args.runs, threshold=args.threshold, gradcam=args.gradcam)
 
 
 @command("compare")
@@ -488,11 +512,20 @@ def _gpu_check(args):
     gpu.check(args.mini)
 
 
+@command("recipe")
+def _recipe(args):
+    from . import demo
+
+    demo.recipe(args.data, config_name=args.config, runs=args.runs, work=args.work, overrides=args.set,
+                out_dir=args.out_dir)
+
+
 @command("demo")
 def _demo(args):
     from . import demo
 
-    demo.run(data=args.data, config_name=args.config, runs=args.runs, work=args.work, overrides=args.set)
+    demo.run(data=args.data, config_name=args.config, runs=args.runs, work=args.work, overrides=args.set,
+             embeddings=not args.no_embeddings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,17 @@
 """`make demo`: the whole pipeline, stage by stage, on the synthetic mini-competition (or any Kaggle-layout folder).
 
-synth -> meta -> folds -> cache -> train every fold -> predict with TTA -> stack -> submit -> score.
-Ends with three lines (prior / first stage / stacked log loss), scored on the test labels when the data folder has
-`stage_2_test_labels.csv`, otherwise on the out-of-fold predictions.
+synth -> meta -> folds -> cache -> train every fold of every member -> predict with TTA -> ensemble -> stack ->
+submit (chooses by OOF) -> score. The default is the two-member CPU ensemble `configs/ensembles/demo.yaml` on a
+synthetic competition with 30+ test studies. Ends with one line per figure: the prior, each member's first stage,
+the ensemble, the stack (and the embedding-level stack beside it), and the stage submit chose, scored on the test
+labels when the data folder has `stage_2_test_labels.csv`, otherwise on the out-of-fold predictions.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +23,13 @@ from .core import config
 from .core.layout import Layout, Run, work_name
 
 SYNTH_DIR = Path("data/synth")
+# 96 studies of 16 slices, 37 % of patients in the test split: 31 test studies (~500 test images), 65 train studies
+DEMO_SYNTH = {"seed": 0, "studies": 96, "slices": 16, "test_fraction": 0.37}
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _prior_frame(ids: pd.Series, prior: np.ndarray) -> pd.DataFrame:
@@ -26,40 +38,100 @@ def _prior_frame(ids: pd.Series, prior: np.ndarray) -> pd.DataFrame:
     return frame
 
 
-def scores(layout: Layout, run: Run) -> dict[str, float]:
-    """Prior-only, first-stage and stacked weighted log loss, on test labels if present else OOF."""
+def scores(layout: Layout, run: Run, members: list[str] | None = None, extra: dict[str, Run] | None = None
+           ) -> dict[str, float]:
+    """Weighted log loss of the prior, each member's first stage, the ensemble (or the single first stage) and the
+    stack, on the test labels if present, else on the OOF predictions. `extra`: more stacked runs to score."""
     from .core import metrics
     from .core.labels import read_labels
 
     train_labels = read_labels(layout.train_csv)
     prior = train_labels[list(LABELS)].to_numpy(float).mean(axis=0)
-    if layout.test_labels_csv.exists():
-        truth, first, stacked = read_labels(layout.test_labels_csv), run.predictions.test, run.stack.test
-    else:
-        truth, first, stacked = train_labels, run.predictions.oof, run.stack.oof
-    first_df = pd.read_csv(first)
+    on_test = layout.test_labels_csv.exists()
+    truth = read_labels(layout.test_labels_csv) if on_test else train_labels
+
+    def pick(r: Run, stacked: bool) -> Path:
+        if stacked:
+            return r.stack.test if on_test else r.stack.oof
+        return r.predictions.test if on_test else r.predictions.oof
+
+    first_df = pd.read_csv(pick(run, False))
     truth = truth[truth["image_id"].isin(first_df["image_id"])]
-    out = {"prior_log_loss": metrics.score_frames(truth, _prior_frame(truth["image_id"], prior))["weighted_log_loss"],
-           "first_stage_log_loss": metrics.score_frames(truth, first_df)["weighted_log_loss"]}
-    out["stacked_log_loss"] = metrics.score_frames(truth, pd.read_csv(stacked))["weighted_log_loss"]
+
+    def loss(path: Path) -> float:
+        return metrics.score_frames(truth, pd.read_csv(path))["weighted_log_loss"]
+
+    out = {"prior_log_loss": metrics.score_frames(truth, _prior_frame(truth["image_id"], prior))["weighted_log_loss"]}
+    if members:
+        for name in members:
+            out[f"first_stage_log_loss[{name}]"] = loss(pick(Run(run.dir.parent / name), False))
+        out["ensemble_log_loss"] = loss(pick(run, False))
+    else:
+        out["first_stage_log_loss"] = loss(pick(run, False))
+    out["stacked_log_loss"] = loss(pick(run, True))
+    for key, r in (extra or {}).items():
+        out[key] = loss(pick(r, True))
     return out
 
 
-def run(data: str | None = None, config_name: str = "tiny", runs: str | None = None, work: str | None = None,
-        overrides: list[str] | None = None) -> dict[str, float]:
+def pipeline(cfg, members: list, layout: Layout, runs: str | Path, out_dir: str | Path = "submissions",
+             tag: str = "demo") -> Path:
+    """meta -> folds -> cache -> every fold of every member -> predict (+ ensemble) -> stack -> choose -> submit.
+
+    Resumable: each step reuses what its manifest says is current (finished folds are skipped, an interrupted
+    fold resumes from last.pt, predictions and the stack are reused when fresh), so rerunning after a crash or a
+    new fold continues where it stopped."""
     from .predict import stage as predict
     from .stack import stage as stack
     from .submit import stage as submission
     from . import train
-    from .data import folds, preprocess, synth
+    from .data import folds, preprocess
+
+    folds.fold_table(layout, cfg.cv)  # scans meta.csv first when it is missing
+    preprocess.ensure(layout)
+    for member in members:
+        for fold in folds.selected_folds(member.cv):
+            print(f"[{tag}] training {member.name} fold {fold} of {member.cv.k}")
+            train.train_fold(member, layout, int(fold), runs=runs)
+    if cfg.is_ensemble:
+        predict.predict_ensemble(cfg, members, layout, runs=runs)
+    else:
+        predict.predict(cfg, layout, runs=runs)
+    stack.stack(cfg, layout, runs=runs)
+    return submission.submit(cfg, layout, runs=runs, out_dir=out_dir)
+
+
+def recipe(data: str, config_name: str = "seresnext_pair", runs: str = "runs", work: str | None = None,
+           overrides: list[str] | None = None, out_dir: str = "submissions") -> Path:
+    """`make recipe`: the whole recipe on a Kaggle download, one resumable command, to `<out_dir>/<config>.csv`."""
+    from .core import ensemble
 
     start = time.time()
     cfg = config.load(config_name, overrides)
+    members = ensemble.load_members(cfg, overrides) if cfg.is_ensemble else [cfg]
+    layout = Layout.of(data, work)
+    layout.require_data()
+    print(f"[recipe] data {layout.data}  work {layout.work}  config {cfg.name} "
+          f"({', '.join(m.name for m in members)})  runs {runs}")
+    out = pipeline(cfg, members, layout, runs, out_dir=out_dir, tag="recipe")
+    choice = json.loads(Run.of(runs, cfg.name).choice.read_text())
+    print(f"[recipe] {out} from the {choice['stage']} stage; wall time {time.time() - start:.0f} s")
+    return out
+
+
+def run(data: str | None = None, config_name: str = "demo", runs: str | None = None, work: str | None = None,
+        overrides: list[str] | None = None, embeddings: bool = True) -> dict[str, float]:
+    from .core import ensemble
+    from .stack import stage as stack
+    from .data import synth
+
+    start, cpu_start = time.time(), _cpu_seconds()
+    cfg = config.load(config_name, overrides)
+    members = ensemble.load_members(cfg, overrides) if cfg.is_ensemble else [cfg]
     if data is None:
         data_dir = SYNTH_DIR
-        if not (data_dir / "stage_2_train.csv").exists():
-            print(f"[demo] writing the synthetic mini-competition to {data_dir}")
-            synth.write_competition(data_dir, seed=0)
+        print(f"[demo] synthetic competition in {data_dir} ({DEMO_SYNTH})")
+        synth.write_competition(data_dir, **DEMO_SYNTH)  # instant when already written with these parameters
     else:
         data_dir = Path(data)
     layout = Layout.of(data_dir, work)
@@ -67,19 +139,25 @@ def run(data: str | None = None, config_name: str = "tiny", runs: str | None = N
     # one runs folder per data folder: folds trained on one competition must never be reused on another
     runs = runs or str(Path("runs/demo") / work_name(layout.data))
 
-    print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name}  runs {runs}")
-    folds.fold_table(layout, cfg.cv)
-    preprocess.ensure(layout)
-    for fold in folds.selected_folds(cfg.cv):
-        print(f"[demo] training fold {fold} of {cfg.cv.k}")
-        train.train_fold(cfg, layout, int(fold), runs=runs)
-    predict.predict(cfg, layout, runs=runs)
-    stack.stack(cfg, layout, runs=runs)
-    out_file = submission.submit(cfg, layout, runs=runs)
+    names = ", ".join(m.name for m in members)
+    print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name} ({names})  runs {runs}")
+    out_file = pipeline(cfg, members, layout, runs)
+    extra: dict[str, Run] = {}
+    if embeddings and not cfg.stack.use_embeddings:
+        # the embedding-level second stage beside the probability one: same sources, embeddings added
+        emb = dataclasses.replace(cfg, name=f"{cfg.name}+embeddings",
+                                  stack=dataclasses.replace(cfg.stack, use_embeddings=True))
+        stack.stack(emb, layout, runs=runs, sources=[str(p.dir) for p in ensemble.stack_sources(cfg, runs)])
+        extra["stacked_embeddings_log_loss"] = Run.of(runs, emb.name)
 
-    result = scores(layout, Run.of(runs, cfg.name))
+    run_dir = Run.of(runs, cfg.name)
+    result = scores(layout, run_dir, [m.name for m in members] if cfg.is_ensemble else None, extra)
+    chosen = json.loads(run_dir.choice.read_text())["stage"]
     where = "test labels" if layout.test_labels_csv.exists() else "out-of-fold predictions"
-    print(f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s")
+    cpu = _cpu_seconds() - cpu_start  # this process, its threads and its finished worker processes
+    print(f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s, "
+          f"CPU time {cpu:.0f} s (on a shared machine the wall time also measures the neighbours)")
     for key, value in result.items():
         print(f"{key}: {value:.5f}")
-    return result
+    print(f"submit_chose: {chosen}")
+    return {**result, "submit_chose": chosen}

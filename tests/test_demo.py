@@ -1,4 +1,5 @@
-"""`make demo` end to end on a small synthetic competition: three score lines and a valid submission."""
+"""`make demo` end to end on a small synthetic competition: the two-member ensemble's score lines, the stage submit
+chose, and a valid submission."""
 
 from __future__ import annotations
 
@@ -27,18 +28,21 @@ def _demo(cwd: Path, data: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_demo_prints_three_scores_and_writes_a_valid_submission(tmp_path):
+def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path):
     data = synth.write_competition(tmp_path / "comp", seed=3, studies=12, slices=8, size=64)
     proc = _demo(tmp_path, data)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()[-3:]
-    names = [line.split(":")[0] for line in lines]
-    assert names == ["prior_log_loss", "first_stage_log_loss", "stacked_log_loss"]
-    values = [float(re.match(r"\w+: ([0-9.]+)$", line).group(1)) for line in lines]
+    lines = proc.stdout.strip().splitlines()[-7:]
+    names = [line.split(": ")[0] for line in lines]
+    assert names == ["prior_log_loss", "first_stage_log_loss[tiny]", "first_stage_log_loss[tiny_bone]",
+                     "ensemble_log_loss", "stacked_log_loss", "stacked_embeddings_log_loss", "submit_chose"]
+    values = [float(re.match(r"\S+: ([0-9.]+)$", line).group(1)) for line in lines[:-1]]
     assert all(0 < v < 5 for v in values)
+    chose = lines[-1].split(": ")[1]
+    assert chose in ("first_stage", "stacked") and f"submit: using the {'first' if chose == 'first_stage' else 'second'} stage" in proc.stdout
     assert "scored on the test labels" in proc.stdout
 
-    sub = tmp_path / "submissions" / "tiny.csv"
+    sub = tmp_path / "submissions" / "demo.csv"
     sample = data / "stage_2_sample_submission.csv"
     assert submission.validate_file(sample, sub) == []
     assert len(pd.read_csv(sub)) == len(pd.read_csv(sample))

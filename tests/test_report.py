@@ -120,6 +120,9 @@ def fake_stack(run: Path, folds: pd.DataFrame) -> pd.DataFrame:
         {"stage": "neighbors", "weighted_log_loss": 0.27, **{label: 0.25 + 0.01 * i for i, label in enumerate(LABELS)}},
     ])
     metrics.to_csv(run / "stack" / "metrics.csv", index=False)
+    steps = np.arange(0, 40, 5)  # the inner validation curve the stacker stopped on (stack/curve.csv)
+    pd.DataFrame([{"fold": f, "step": s, "epoch": s / 5, "train_loss": 0.3, "val_loss": 0.3 - 0.1 * np.exp(-s / 8) + 0.001 * s}
+                  for f in range(3) for s in steps]).to_csv(run / "stack" / "curve.csv", index=False)
     return oof
 
 
@@ -156,7 +159,7 @@ def test_report_on_fake_experiment(full_report):
     names = {p.name for p in check_page(index)}
     expected = {"curves_fold0.png", "curves_fold1.png", "curves_fold2.png", "roc.png", "pr.png", "confusion_any.png",
                 "f1.png", "label_counts.png", "cooccurrence.png", "dicom_values.png", "series_lengths.png",
-                "stages.png"}
+                "stages.png", "stack_curve.png"}
     assert expected <= names, expected - names
     page = index.read_text()
     assert "Section failed" not in page

@@ -14,7 +14,7 @@ from ich_kaggle.core.labels import LABELS
 from ich_kaggle.core.config import Config, StackConfig
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.layout import Layout
-from ich_kaggle.stack.fit import cross_fit, predict_net, train_net
+from ich_kaggle.stack.fit import TorchSeqs, cross_fit, inner_split, predict_net, train_net, validation_loss
 from ich_kaggle.stack.nets import KINDS, SequenceNet
 from ich_kaggle.stack.neighbors import fit_neighbors
 from ich_kaggle.stack.pipeline import run_stacking
@@ -146,6 +146,28 @@ def test_training_is_deterministic_for_a_seed(sim):
     assert not np.allclose(a, c)
 
 
+def test_the_stacker_stops_on_its_inner_validation_split(sim):
+    """Far more epochs than needed and a high learning rate: the inner split stops training soon after its best
+    validation, and the net kept is the one of that best validation (not the last one)."""
+    _, seqs = _seqs(sim)
+    scfg = StackConfig(model="conv", **{**FAST, "epochs": 300, "lr": 3e-2, "patience": 2, "val_fraction": 0.2})
+    curve: list[dict] = []
+    net = train_net(seqs, scfg, 1, seed=0, curve=curve)
+    held = inner_split(len(seqs), 0.2, 0)
+    batches = -(-int((~held).sum()) // scfg.batch_series)
+    vals = [row["val_loss"] for row in curve]
+    assert curve[0]["step"] == 0 and curve[-1]["step"] < 300 * batches / 3  # stopped long before the epoch budget
+    best = int(np.argmin(vals))
+    assert len(vals) == best + 1 + scfg.patience  # exactly `patience` validations without improvement, then stop
+    assert validation_loss(net, TorchSeqs.of(seqs.subset(held))) == pytest.approx(vals[best], rel=1e-5)
+    assert vals[best] < vals[0]  # and it did learn something before stopping
+    # without a split it trains the epochs it is given
+    curve = []
+    train_net(seqs.subset(np.arange(30)), StackConfig(model="conv", **{**FAST, "epochs": 2, "val_fraction": 0.0}),
+              1, seed=0, curve=curve)
+    assert curve == []
+
+
 def test_stacker_oof_never_sees_its_own_fold(sim):
     """Leak detector: replacing fold 2's labels with noise must not move fold 2's OOF predictions (and does move
     the other folds', which were trained on them)."""
@@ -253,6 +275,8 @@ def test_stack_stage_writes_its_files(tmp_path, sim, capsys):
     assert list(oof.columns) == ["image_id", *L] and len(oof) == len(sim.oof)
     assert len(test) == len(sim.test) and (out / "neighbors_test.csv").exists()
     assert list(metrics["stage"]) == ["first_stage", "stacked", "neighbors"]
+    curve = pd.read_csv(out / "curve.csv")
+    assert sorted(curve["fold"].unique()) == [0, 1, 2, 3, 4] and curve["val_loss"].notna().all()
     printed = capsys.readouterr().out
     assert "first_stage" in printed and "neighbors" in printed
     assert not list(out.glob(".*.tmp"))

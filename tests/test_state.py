@@ -103,7 +103,38 @@ def test_stack_is_reused_when_fresh_and_redone_after_new_predictions(exp, capsys
     out = cli("submit", *experiment_args(cfg, layout, runs), "--out-dir", str(runs / "subs"))
     assert out.returncode == 0, out.stderr
     assert run.stack.test.stat().st_mtime_ns > made  # the stale stack was recomputed before submitting
-    assert "using the second stage" in out.stdout
+    assert "OOF weighted log loss: stacked" in out.stdout  # fresh again, so submit chose between it and the first stage
+
+
+def test_submit_chooses_by_oof_and_takes_the_first_stage_when_the_stack_is_worse(exp, capsys):
+    from ich_kaggle.core.labels import LABELS
+    from ich_kaggle.stack.stage import stack
+    from ich_kaggle.submit.stage import submit
+
+    cfg, layout, runs = exp
+    run = Run.of(runs, cfg.name)
+    if not run.fold(2).done.exists():
+        train.train_fold(cfg, layout, 2, runs=runs)
+    predict(cfg, layout, runs=runs)
+    stack(cfg, layout, runs=runs, progress=False)
+    capsys.readouterr()
+    submit(cfg, layout, runs=runs, out_dir=runs / "subs")
+    assert "OOF weighted log loss: stacked" in capsys.readouterr().out
+    choice = json.loads(run.choice.read_text())
+    losses = choice["oof_log_loss"]
+    assert choice["stage"] == min(losses, key=losses.get)  # the lower OOF loss wins, whichever it is
+    # the stacker made worse on purpose: its predictions inverted, its manifests untouched (so it is still fresh)
+    for path in (run.stack.oof, run.stack.test):
+        frame = pd.read_csv(path)
+        frame[list(LABELS)] = 1.0 - frame[list(LABELS)]
+        frame.to_csv(path, index=False)
+    submit(cfg, layout, runs=runs, out_dir=runs / "subs")
+    printed = capsys.readouterr().out
+    assert "using the first stage" in printed and "stacking did not lower the OOF loss" in printed
+    choice = json.loads(run.choice.read_text())
+    assert choice["stage"] == "first_stage" and choice["oof_log_loss"]["stacked"] > choice["oof_log_loss"]["first_stage"]
+    assert f"from {run.predictions.test}" in printed  # the submission was written from the first stage
+    stack(cfg, layout, runs=runs, progress=False, force=True)  # leave a real stack for the other tests
 
 
 def test_a_fold_in_training_is_locked(exp):

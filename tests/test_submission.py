@@ -179,7 +179,9 @@ def _experiment(tmp_path: Path, images: list[str], unreadable: list[str], with_s
         (run / "stack").mkdir()
         stacked = wide_preds(readable, seed=3)
         stacked.to_csv(run / "stack" / "test.csv", index=False)
-        oof.iloc[:40].to_csv(run / "stack" / "oof.csv", index=False)
+        better = oof.copy()  # the stack's OOF closer to the labels: submit chooses it by its OOF score
+        better[list(LABELS)] = np.clip(train[list(LABELS)].to_numpy() * 0.9 + 0.05, 0, 1)
+        better.iloc[:40].to_csv(run / "stack" / "oof.csv", index=False)
         manifest.write(runs.stack.test, freshness.stacked(runs.prediction_sources([]), layout, cfg.stack))
     return layout, train, oof.iloc[:40]
 

@@ -32,9 +32,13 @@ def bench_stack(mini: Path | None = None, train_slices: int = COMPETITION_TRAIN_
     """Competition-scale stacking on 2 CPU threads: series structure from the real stage-1 test headers.
 
     Prints wall and CPU seconds: on a machine whose cores are shared, wall time measures the neighbours too.
-    Measured (shared 2-core box, defaults gru/64/2 layers/500 steps): 753,618 train slices in 21,225 series +
-    3,412 test series, 5 folds train+predict in 537 s wall with 2 threads (554 s with 1); OOF 0.1308 -> 0.0166
-    (neighbours baseline 0.0487) on the simulated first stage.
+    Measured before early stopping (shared 2-core box, gru/64/2 layers, a fixed 500 steps per fold): 753,618 train
+    slices in 21,225 series + 3,412 test series, 5 folds train+predict in 537 s wall with 2 threads (554 s with 1);
+    OOF 0.1308 -> 0.0166 (neighbours baseline 0.0487) on the simulated first stage. Training now stops on an inner
+    validation split (stack.val_fraction, stack.patience, at most stack.epochs); `stack_steps_per_fold` prints where
+    it stopped, so the wall time scales with those steps (~0.2 s each at this scale on 2 threads); the default cap
+    stack.max_steps=800 bounds it at an estimated ~15 minutes (not yet measured at full scale with early stopping:
+    a 100k-slice run on the shared box took ~250 s wall for its first GRU fold under a load average of ~7).
     """
     torch.set_num_threads(threads)
     structure = real_series_z(HEADERS) if HEADERS.exists() else synthetic_series_z(2000, np.random.default_rng(0))
@@ -50,7 +54,11 @@ def bench_stack(mini: Path | None = None, train_slices: int = COMPETITION_TRAIN_
     print(f"stack_series: {sim.meta['series_id'].nunique()}")
     print(f"stack_competition_scale_seconds: {seconds:.1f}")
     print(f"stack_competition_scale_cpu_seconds: {cpu:.1f} ({threads} threads, model {scfg.model}, "
-          f"hidden {scfg.hidden}, max_steps {scfg.max_steps})")
+          f"hidden {scfg.hidden}, epochs <= {scfg.epochs}, max_steps {scfg.max_steps}, val_fraction {scfg.val_fraction}, "
+          f"patience {scfg.patience})")
+    if len(result.curve):
+        print(f"stack_steps_per_fold: {result.curve.groupby('fold')['step'].max().tolist()}")
+        print(f"stack_epochs_per_fold: {[round(e, 1) for e in result.curve.groupby('fold')['epoch'].max()]}")
     for part, s in result.seconds.items():
         print(f"stack_{part}_seconds: {s:.1f}")
     for stage in table.index:

@@ -19,6 +19,7 @@ from .errors import UserError
 from .registry import BACKBONES, LOSSES, OPTIMIZERS, POOLS, RECIPES, SCHEDULERS, STACK_MODELS, TTA, WINDOWS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ENSEMBLE_DIR = CONFIG_DIR / "ensembles"  # configs whose `ensemble.members` list member configs
 
 def _bad(src: str, key: str, value: Any, want: str) -> UserError:
     return UserError(f"{src}: {key}={value!r} {want}; fix the config or the --set override")
@@ -193,8 +194,13 @@ class StackConfig:
     use_embeddings: bool = False
     embedding_dim: int = 16  # first-stage embeddings are reduced to this many principal components per model
     neighbors_k: int = 2
-    epochs: int = 20
-    max_steps: int = 500  # per fold; caps the epochs on competition-sized data (0 = no cap)
+    epochs: int = 20  # at most; training stops earlier on the inner validation split
+    # per fold, a time cap on optimizer steps (0 = none): ~3 epochs at competition scale (~265 steps per epoch), which
+    # keeps probability-level stacking near the 15-minute budget on 2 cores; smaller data stops on its split first
+    max_steps: int = 800
+    val_fraction: float = 0.1  # share of each fold's training series held out to stop on (0 = train all epochs)
+    patience: int = 3  # validations without improvement before stopping
+    val_every: int = 0  # optimizer steps between validations (0 = once per epoch)
     lr: float = 2e-3
     batch_series: int = 64
     reverse_tta: bool = True
@@ -206,8 +212,37 @@ class StackConfig:
         for key in ("hidden", "layers", "embedding_dim", "neighbors_k", "epochs", "batch_series"):
             _between(src, f"stack.{key}", getattr(self, key), 1)
         _between(src, "stack.max_steps", self.max_steps, 0)
+        _between(src, "stack.val_fraction", self.val_fraction, 0.0, 0.5)
+        _between(src, "stack.patience", self.patience, 1)
+        _between(src, "stack.val_every", self.val_every, 0)
         _between(src, "stack.dropout", self.dropout, 0.0, 1.0)
         _between(src, "stack.lr", self.lr, 0.0, lo_open=True)
+
+
+@dataclass
+class EnsembleConfig:
+    """An ensemble is a config whose `ensemble.members` lists member configs (configs/ensembles/<name>.yaml).
+
+    Each member trains and predicts in its own runs/<member>/; the ensemble's runs/<name>/predictions/ holds their
+    combination (the first-stage ensemble) and runs/<name>/stack/ the second stage over every member's predictions.
+    """
+
+    members: list[str] = field(default_factory=list)  # shipped config names or YAML paths; empty: not an ensemble
+    combine: str = "mean"  # mean (of probabilities) | logit (mean of logits)
+    weights: list[float] = field(default_factory=list)  # one per member; empty = equal
+    member_set: list[str] = field(default_factory=list)  # key=value overrides applied to every member
+
+    def check(self, src: str) -> None:
+        _one_of(src, "ensemble.combine", self.combine, ("mean", "logit"))
+        if self.weights and len(self.weights) != len(self.members):
+            raise _bad(src, "ensemble.weights", self.weights, f"must give one weight per member ({len(self.members)})")
+        if self.weights and (min(self.weights) < 0 or sum(self.weights) <= 0):
+            raise _bad(src, "ensemble.weights", self.weights, "must be non-negative with a positive sum")
+        if len(set(self.members)) != len(self.members):
+            raise _bad(src, "ensemble.members", self.members, "must not repeat a member")
+        for item in self.member_set:
+            if "=" not in item:
+                raise _bad(src, "ensemble.member_set", item, "must be key=value overrides")
 
 
 @dataclass
@@ -251,6 +286,11 @@ class Config:
     tta: TTAConfig = field(default_factory=TTAConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.ensemble.members)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,6 +298,10 @@ class Config:
 
 def available() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def available_ensembles() -> list[str]:
+    return sorted(p.stem for p in ENSEMBLE_DIR.glob("*.yaml"))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -345,7 +389,10 @@ def resolve_path(name_or_path: str) -> Path:
         return path
     path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.exists():
-        raise UserError(f"unknown config '{name_or_path}'; shipped configs: {', '.join(available())} (or give a .yaml path)")
+        path = ENSEMBLE_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise UserError(f"unknown config '{name_or_path}'; shipped configs: {', '.join(available())}; ensembles: "
+                        f"{', '.join(available_ensembles())} (or give a .yaml path)")
     return path
 
 

@@ -10,11 +10,11 @@ import dataclasses
 from pathlib import Path
 
 from . import manifest as M
-from .config import StackConfig, TTAConfig
+from .config import EnsembleConfig, StackConfig, TTAConfig
 from .layout import Layout, Predictions, Run
 
 PREDICT_FORMAT = 1  # bump when predict's files change meaning
-STACK_FORMAT = 1
+STACK_FORMAT = 2  # 2: early stopping on an inner split, curve.csv
 
 
 def _tta(tta: TTAConfig) -> dict:
@@ -33,6 +33,13 @@ def predictions(run: Run, folds: list[int], tta: TTAConfig) -> dict:
     return M.make("predictions", PREDICT_FORMAT,
                   inputs={f"fold{k}": M.identity(run.fold(k).best) for k in folds},
                   settings={"folds": list(folds), "tta": _tta(tta)})
+
+
+def ensemble(members: list[Predictions], ens: EnsembleConfig) -> dict:
+    """An ensemble's combined first stage: the members' prediction files and how they are combined."""
+    inputs = {f"member{i}:{f.name}": M.identity(f) for i, m in enumerate(members) for f in (m.oof, m.test)}
+    return M.make("ensemble", PREDICT_FORMAT, inputs=inputs,
+                  settings={"members": list(ens.members), "combine": ens.combine, "weights": list(ens.weights)})
 
 
 def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig) -> dict:

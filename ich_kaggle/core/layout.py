@@ -132,6 +132,7 @@ class Predictions:
     test_embeddings = property(lambda self: self.dir / "test_embeddings.npz")
     oof_embeddings = property(lambda self: self.dir / "oof_embeddings.npz")
     unreadable = property(lambda self: self.dir / "unreadable_test.csv")
+    ensemble = property(lambda self: self.dir / "ensemble.json")  # an ensemble's members, combination and OOF scores
 
     def test_fold(self, k: int) -> Path:
         return self.dir / f"test_fold{k}.csv"
@@ -157,6 +158,7 @@ class Stacked:
     neighbors_oof = property(lambda self: self.dir / "neighbors_oof.csv")
     neighbors_test = property(lambda self: self.dir / "neighbors_test.csv")
     metrics = property(lambda self: self.dir / "metrics.csv")
+    curve = property(lambda self: self.dir / "curve.csv")  # per fold: the inner validation loss the stacker stopped on
 
 
 @dataclass(frozen=True)
@@ -201,3 +203,4 @@ class Run:
     predictions = property(lambda self: Predictions(self.dir / "predictions"))
     stack = property(lambda self: Stacked(self.dir / "stack"))
     report = property(lambda self: self.dir / "report")
+    choice = property(lambda self: self.dir / "choice.json")  # which stage submit chose, with both OOF scores

@@ -123,8 +123,10 @@ def _geometry(rng: np.random.Generator, an: Anatomy, slices: int, size: int) -> 
                     first_offset=-0.55 * c, pan=(rng.uniform(-8, 8), rng.uniform(-8, 8)))
 
 
-def plan(seed: int = 0, studies: int | None = None, slices: int | None = None, size: int | None = None) -> list[Study]:
-    """Every study of the competition (no pixels yet): ids, split, geometry, anatomy, lesions, header variant."""
+def plan(seed: int = 0, studies: int | None = None, slices: int | None = None, size: int | None = None,
+         test_fraction: float | None = None) -> list[Study]:
+    """Every study of the competition (no pixels yet): ids, split, geometry, anatomy, lesions, header variant.
+    `test_fraction` (default 1/6) is the share of patients in the test split: the demo raises it for steadier scores."""
     n = int(studies or STUDIES)
     slices = int(slices or SLICES)
     size = int(size or SIZE)
@@ -148,7 +150,7 @@ def plan(seed: int = 0, studies: int | None = None, slices: int | None = None, s
             kinds[int(p)].append(order[(i + 2) % len(order)])
     lesions = {p: [_lesion(k, rng, anatomies[p]) for k in ks] for p, ks in kinds.items()}
     # test split by patient, with its share of bleeds
-    n_test = max(1, int(round(TEST_FRACTION * n_patients)))
+    n_test = max(1, int(round((TEST_FRACTION if test_fraction is None else test_fraction) * n_patients)))
     hem_list = [int(p) for p in hem]
     clean = [p for p in rng.permutation(n_patients).tolist() if p not in kinds]
     n_test_hem = min(len(hem_list), int(round(n_test * HEMORRHAGE_FRACTION)))
@@ -268,7 +270,7 @@ def _long(image_ids: list[str], labels: np.ndarray) -> pd.DataFrame:
 
 
 def write_competition(out: str | Path, seed: int = 0, studies: int | None = None, slices: int | None = None,
-                      size: int | None = None) -> Path:
+                      size: int | None = None, test_fraction: float | None = None) -> Path:
     """Write the synthetic competition to `out` (atomically: built beside it, then moved in place).
 
     Rerunning with the same parameters is instant; a folder that holds other data is never overwritten.
@@ -276,6 +278,10 @@ def write_competition(out: str | Path, seed: int = 0, studies: int | None = None
     out = Path(out)
     params = {"seed": seed, "studies": int(studies or STUDIES), "slices": int(slices or SLICES), "size": int(size or SIZE),
               "version": 1}
+    if test_fraction is not None:
+        if not 0.0 < test_fraction < 1.0:
+            raise UserError(f"synthetic competition needs 0 < test_fraction < 1 (got {test_fraction})")
+        params["test_fraction"] = float(test_fraction)
     marker = out / MARKER
     if marker.exists():
         if json.loads(marker.read_text()) == params:
@@ -291,7 +297,7 @@ def write_competition(out: str | Path, seed: int = 0, studies: int | None = None
     (tmp / "stage_2_test").mkdir()
     rng = np.random.default_rng([seed, 1])
     labels: dict[str, list[tuple[list[str], np.ndarray]]] = {"train": [], "test": []}
-    studies_plan = plan(seed, studies, slices, size)
+    studies_plan = plan(seed, studies, slices, size, test_fraction)
     for study in tqdm(studies_plan, desc="synth studies", unit="study", leave=False, disable=None):
         r = render_study(study)
         folder = tmp / ("stage_2_train" if study.split == "train" else "stage_2_test")

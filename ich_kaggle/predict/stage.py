@@ -255,3 +255,59 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     print(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
           f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}")
     return out.dir
+
+
+# --- ensembles: each member predicts in its own run folder; the ensemble's predictions/ holds their combination ---
+
+def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: str | Path = "runs") -> Path:
+    """Write `runs/<ensemble>/predictions/{test,oof}.csv` (the members combined as `ensemble.combine` says) and
+    `ensemble.json` (members' run folders, combination, OOF scores): the first-stage ensemble, which a kernel can
+    rebuild from the run folders alone. Every member's predictions must be fresh."""
+    import json
+
+    from ..core import ensemble
+    from ..core.metrics import read_truth, score_frames
+
+    out = Run.of(runs, cfg.name).predictions
+    sources = ensemble.member_predictions(cfg, runs)
+    for member, src in zip(members, sources):
+        mrun = Run.of(runs, member.name)
+        stale = freshness.stale_reason(src.test, freshness.predictions(mrun, mrun.finished(selected_folds(member.cv)),
+                                                                       member.tta))
+        if stale:
+            raise UserError(f"{src.test} is stale or missing ({stale}); run `make predict CONFIG={cfg.name}` "
+                            f"(it predicts every member)")
+    test = [pd.read_csv(s.test, dtype={"image_id": str}) for s in sources]
+    oof = [pd.read_csv(s.oof, dtype={"image_id": str}) for s in sources]
+    write_csv(ensemble.combine(test, cfg.ensemble), out.test)
+    write_csv(ensemble.combine(oof, cfg.ensemble), out.oof)
+    bad = [pd.read_csv(s.unreadable, dtype=str) for s in sources if s.unreadable.exists()]
+    if bad:
+        write_csv(pd.concat(bad, ignore_index=True).drop_duplicates(), out.unreadable)
+    scores: dict[str, float | None] = {}
+    if layout.train_csv.exists():
+        truth = read_truth(layout.train_csv)
+        combined = pd.read_csv(out.oof, dtype={"image_id": str})
+        for name, frame in [*zip(ensemble.member_names(cfg), oof), ("ensemble", combined)]:
+            t = truth[truth["image_id"].isin(combined["image_id"])]
+            scores[name] = score_frames(t, frame)["weighted_log_loss"] if len(t) else None
+    info = {"members": [{"name": n, "run": n, "config": str(m)} for n, m in zip(ensemble.member_names(cfg),
+                                                                               cfg.ensemble.members)],
+            "combine": cfg.ensemble.combine, "weights": ensemble.weights(cfg.ensemble, len(sources)).tolist(),
+            "cv": {"k": cfg.cv.k, "seed": cfg.cv.seed, "split": cfg.cv.split}, "oof_weighted_log_loss": scores}
+    with atomic_open(out.ensemble) as f:
+        json.dump(info, f, indent=1)
+    done = freshness.ensemble(sources, cfg.ensemble)
+    manifest.write(out.oof, done)
+    manifest.write(out.test, done)
+    if scores:
+        print("predict: OOF weighted log loss " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items() if v is not None))
+    print(f"predict: ensemble of {len(sources)} members ({cfg.ensemble.combine}) -> {out.dir}")
+    return out.dir
+
+
+def predict_ensemble(cfg: Config, members: list[Config], layout: Layout, runs: str | Path = "runs") -> Path:
+    """Predict every member (each reuses what is fresh), then combine them."""
+    for member in members:
+        predict(member, layout, runs=runs)
+    return combine_members(cfg, members, layout, runs)

@@ -34,6 +34,9 @@ def find_experiments(runs: Path, depth: int = 3) -> list[Path]:
 def experiment_row(run: Path, name: str) -> dict:
     """One line of `compare`: from report/summary.json when it exists, else the finished folds' own files
     (done.json's OOF loss and log.csv's best epoch per label), pooled over folds by validation size."""
+    info_path = Run(run).predictions.ensemble
+    if not fold_dirs(run) and info_path.exists():
+        return _ensemble_row(run, name, info_path)
     folds = fold_dirs(run)
     logs = read_logs(run)
     done = {fold: d for fold, d in folds.items() if fold_done(d)}
@@ -72,18 +75,41 @@ def experiment_row(run: Path, name: str) -> dict:
             row[key] = float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs])) if pairs else np.nan
         row["source"] = "fold files (done.json, log.csv)" if values["oof_wll"] else "-"
         row["series_auc_any"] = np.nan
+    row["stacked_wll"] = _stacked_loss(run)
+    return row
+
+
+def _ensemble_row(run: Path, name: str, info_path: Path) -> dict:
+    """An ensemble (predictions/ensemble.json, no folds of its own): its combined OOF loss and its stack's."""
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError:
+        log.warning("%s unreadable", info_path)
+        info = {}
+    members = [m.get("name", "?") for m in info.get("members", [])]
+    row: dict = {"experiment": name, "folds_done": len(members), "folds_started": len(members),
+                 "oof_wll": (info.get("oof_weighted_log_loss") or {}).get("ensemble", np.nan),
+                 **{label: np.nan for label in LABELS}, "series_auc_any": np.nan, "sec_per_epoch": np.nan,
+                 "source": f"ensemble of {', '.join(members)} ({info.get('combine', '?')})"}
+    if row["oof_wll"] is None:
+        row["oof_wll"] = np.nan
+    row["stacked_wll"] = _stacked_loss(run)
+    return row
+
+
+def _stacked_loss(run: Path) -> float:
     stack_metrics = Run(run).stack.metrics
-    row["stacked_wll"] = np.nan
+    out = np.nan
     if stack_metrics.exists():
         try:
             sm = pd.read_csv(stack_metrics)
             key = sm.columns[0]
             hit = sm[sm[key].astype(str).str.startswith("stack")]
             if len(hit) and "weighted_log_loss" in sm:
-                row["stacked_wll"] = float(hit["weighted_log_loss"].iloc[0])
+                out = float(hit["weighted_log_loss"].iloc[0])
         except Exception as e:
             log.warning("%s unreadable (%s)", stack_metrics, e)
-    return row
+    return out
 
 
 def compare(runs: str | Path = "runs") -> pd.DataFrame:
@@ -107,7 +133,7 @@ def compare(runs: str | Path = "runs") -> pd.DataFrame:
         write_csv(table, runs / "compare.csv")
         with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.4f}".format):
             log.info(table.to_string(index=False))
-        log.info(f"(written to {runs / 'compare.csv'}; oof_wll is the out-of-fold weighted log loss, lower is better;"
+        log.info(f"(written to {runs / 'compare.csv'}; for an ensemble folds_done counts its members; oof_wll is the out-of-fold weighted log loss, lower is better;"
               f" make report CONFIG=<name> fills series_auc_any and the pooled OOF metric)")
     else:
         log.info(f"no finished experiment under {runs} (a fold counts once its training finished: done.json)")

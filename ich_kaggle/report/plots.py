@@ -75,6 +75,21 @@ def training_curves(log: pd.DataFrame, fold: int, path: str | Path) -> Path:
 # --- ranking curves ----------------------------------------------------------------------------------------
 
 
+def stack_curve(curve: pd.DataFrame, path: str | Path) -> Path:
+    """The second stage's inner validation loss per fold (stack/curve.csv), the step it kept marked."""
+    fig = new_figure(6.4, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for fold, part in curve.groupby("fold"):
+        line, = ax.plot(part["epoch"], part["val_loss"], marker=".", label=f"fold {fold}")
+        best = part.loc[part["val_loss"].idxmin()]
+        ax.plot([best["epoch"]], [best["val_loss"]], marker="*", markersize=12, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("inner validation weighted log loss")
+    ax.set_title("second stage: stopped on its inner validation split (star: weights kept)")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
 def _grid(title: str) -> tuple[Figure, np.ndarray]:
     fig = new_figure(14, 8.6)
     axes = fig.subplots(2, 3)

@@ -103,6 +103,11 @@ def _curves_section(ctx: Context, sec: Section) -> None:
     for fold, lg in ctx.logs.items():
         path = plots.training_curves(lg, fold, ctx.out / f"curves_fold{fold}.png")
         sec.image(path, ctx.out, f"training curves fold {fold}")
+    curve_csv = Run(ctx.run).stack.curve
+    if curve_csv.exists():
+        curve = pd.read_csv(curve_csv)
+        if len(curve):
+            sec.image(plots.stack_curve(curve, ctx.out / "stack_curve.png"), ctx.out, "second-stage validation curve")
 
 
 def _need_oof(ctx: Context, sec: Section) -> bool:

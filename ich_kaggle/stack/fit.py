@@ -1,6 +1,7 @@
 """Training and prediction of a sequence net on padded series, and the fold loop shared by every second-stage model.
 
-Batches are contiguous runs of length-sorted series (bucketing: little padding), visited in a shuffled order; each
+Training stops on an inner validation split of the training series (`stack.val_fraction`, `stack.patience`)
+rather than after a fixed number of steps. Batches are contiguous runs of length-sorted series (bucketing: little padding), visited in a shuffled order; each
 series is reversed with probability 1/2 during training, so reverse test-time augmentation stays in distribution.
 The loss is the competition metric as a masked weighted BCE (any = 2, subtypes = 1).
 """
@@ -53,26 +54,63 @@ class TorchSeqs:
         return self.x[lo:hi, :top], self.y[lo:hi, :top], self.mask[lo:hi, :top], lengths
 
 
+def inner_split(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the series held out to stop on (none when fewer than 2 would be held out or trained on)."""
+    held = np.zeros(n, dtype=bool)
+    n_val = int(round(n * fraction))
+    if n_val >= 2 and n - n_val >= 2:
+        held[np.random.default_rng([seed, 7]).choice(n, size=n_val, replace=False)] = True
+    return held
+
+
+@torch.inference_mode()
+def validation_loss(net: SequenceNet, data: "TorchSeqs", batch_series: int = 256) -> float:
+    """The metric (forward pass only) over every real slice of `data`."""
+    net.eval()
+    total, weight = 0.0, 0.0
+    for lo, hi in batch_bounds(len(data.lengths), batch_series):
+        x, y, mask, lengths = data.batch(lo, hi)
+        n = float(mask.sum())
+        total += float(metric_bce(net(x, lengths), y, mask)) * n
+        weight += n
+    net.train()
+    return total / max(weight, 1.0)
+
+
 def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind: str | None = None,
-              epochs: int | None = None) -> SequenceNet:
-    """Fit one sequence net on labelled series for a fixed number of steps (epochs, capped by max_steps): no early
-    stopping, so nothing ever looks at the held-out fold."""
+              epochs: int | None = None, curve: list[dict] | None = None) -> SequenceNet:
+    """Fit one sequence net on labelled series; stop on an inner validation split of those series.
+
+    `stack.val_fraction` of the series are held out (never the outer held-out fold, which nothing here sees); the
+    net is validated every `stack.val_every` steps (default: each epoch), the best weights are kept, and training
+    stops after `stack.patience` validations without improvement, after `stack.epochs` epochs, or at
+    `stack.max_steps` (when set). Each validation is appended to `curve` (step, epoch, train_loss, val_loss).
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = SequenceNet(seqs.n_features, n_models, kind=kind or scfg.model, hidden=scfg.hidden, layers=scfg.layers,
                       dropout=scfg.dropout, skip_k=scfg.neighbors_k)
     epochs = epochs or scfg.epochs
-    data = TorchSeqs.of(seqs)
-    bounds = batch_bounds(len(seqs), scfg.batch_series)
+    held = inner_split(len(seqs), scfg.val_fraction, seed)
+    val = TorchSeqs.of(seqs.subset(held)) if held.any() else None
+    data = TorchSeqs.of(seqs.subset(~held) if held.any() else seqs)
+    bounds = batch_bounds(len(data.lengths), scfg.batch_series)
     total = max(1, epochs * len(bounds))
     if scfg.max_steps > 0:
         total = min(total, scfg.max_steps)
+    every = scfg.val_every or len(bounds)
     opt = torch.optim.AdamW(net.parameters(), lr=scfg.lr, weight_decay=1e-4)
     warm = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    best_loss, best_state, bad = math.inf, None, 0
+    if val is not None:  # step 0: the identity start (the first stage itself) is a candidate too
+        best_loss = validation_loss(net, val)
+        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if curve is not None:
+            curve.append({"step": 0, "epoch": 0.0, "train_loss": math.nan, "val_loss": best_loss})
     net.train()
-    step = 0
+    step, running, seen = 0, 0.0, 0
     while step < total:
         for b in rng.permutation(len(bounds))[: total - step]:
             step += 1
@@ -86,6 +124,23 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
             opt.step()
             sched.step()
+            running, seen = running + float(loss.detach()), seen + 1
+            if val is not None and (step % every == 0 or step == total):
+                v = validation_loss(net, val)
+                if curve is not None:
+                    curve.append({"step": step, "epoch": step / len(bounds), "train_loss": running / seen,
+                                  "val_loss": v})
+                running, seen = 0.0, 0
+                if v < best_loss - 1e-6:
+                    best_loss, bad = v, 0
+                    best_state = {k: t.detach().clone() for k, t in net.state_dict().items()}
+                else:
+                    bad += 1
+                if bad >= scfg.patience:
+                    total = step  # stop: the validation loss stopped improving
+                    break
+    if best_state is not None:
+        net.load_state_dict(best_state)
     net.eval()
     return net
 

@@ -31,6 +31,7 @@ class StackResult:
     neighbors_oof: pd.DataFrame
     neighbors_test: pd.DataFrame
     metrics: pd.DataFrame  # stage, weighted_log_loss, one column per label
+    curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # fold, step, epoch, train_loss, val_loss (inner split)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -110,10 +111,12 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
                    lambda m, s: m.predict(s), progress=tick)
     seconds["neighbors"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    curves: dict[int, list[dict]] = {}
     if scfg.model == "neighbors":
         main = nb
     else:
-        main = cross_fit(tr_seqs, te_seqs, lambda s, f: train_net(s, scfg, n_models, seed=scfg.seed + f),
+        main = cross_fit(tr_seqs, te_seqs, lambda s, f: train_net(s, scfg, n_models, seed=scfg.seed + f,
+                                                                  curve=curves.setdefault(f, [])),
                          lambda m, s: predict_net(m, s, batch_series=max(256, scfg.batch_series),
                                                   reverse_tta=scfg.reverse_tta), progress=tick)
     seconds["sequence"] = time.perf_counter() - t0
@@ -156,5 +159,7 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
     table = pd.DataFrame(rows)
 
     ids = oof["image_id"].to_numpy()
+    curve = pd.DataFrame([{"fold": f, **row} for f, rows in sorted(curves.items()) for row in rows],
+                         columns=["fold", "step", "epoch", "train_loss", "val_loss"])
     return StackResult(_wide(ids, oof_mean), _wide(ids, stacked_oof), _wide(test_ids, stacked_test),
-                       _wide(ids, nb_oof), _wide(test_ids, nb_test), table, seconds)
+                       _wide(ids, nb_oof), _wide(test_ids, nb_test), table, curve, seconds)

@@ -17,17 +17,19 @@ from ..core.labels import LABELS
 from ..core.config import Config, StackConfig
 from ..core.errors import UserError
 from ..core.io import write_csv
-from ..core import freshness, manifest
+from ..core import ensemble, freshness, manifest
 from ..core.layout import Layout, Predictions, Run
 
 LABEL_COLS = list(LABELS)
 
 
 def prediction_dirs(cfg: Config, runs: str | Path = "runs", sources: list[str | Path] | None = None) -> list[Predictions]:
-    """The first-stage prediction folders to stack: given, `stack.sources`, or the config's own."""
+    """The first-stage prediction folders to stack: given, `stack.sources`, an ensemble's members, or the config's own."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
-    return Run.of(runs, cfg.name).prediction_sources([str(s) for s in sources or cfg.stack.sources])
+    if sources:
+        return Run.of(runs, cfg.name).prediction_sources([str(s) for s in sources])
+    return ensemble.stack_sources(cfg, runs)
 
 
 def read_predictions(path: Path, config_name: str) -> pd.DataFrame:
@@ -132,13 +134,18 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     write_csv(result.neighbors_oof, out.neighbors_oof)
     write_csv(result.neighbors_test, out.neighbors_test)
     write_csv(result.metrics, out.metrics)
+    write_csv(result.curve, out.curve)
     manifest.write(out.oof, expected)
     manifest.write(out.test, expected)  # last: what submit checks
     print(format_table(result.metrics, cfg.stack.model))
     losses = result.metrics.set_index("stage")["weighted_log_loss"]
     if losses["stacked"] >= losses["first_stage"]:
         print(f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
-              f"`make submit` uses stack/test.csv: delete {out.dir} to submit the first stage instead, or try "
-              f"--set stack.model=neighbors")
+              f"`make submit` will choose the first stage by its OOF score; or try --set stack.model=neighbors")
+    if len(result.curve):
+        last = result.curve.groupby("fold")["step"].max()
+        best = result.curve.loc[result.curve.groupby("fold")["val_loss"].idxmin(), "step"]
+        print(f"stack: stopped by the inner validation split after {last.tolist()} steps per fold "
+              f"(best at {best.tolist()}; curve in {out.curve})")
     print(f"wrote {out.oof} ({len(result.oof)} rows), {out.test} ({len(result.test)} rows), {out.metrics}")
     return out.dir

@@ -27,7 +27,7 @@ from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path, write_csv
 from ..core.layout import COMPETITION, FoldRun, Layout, Run
 from ..engine.loop import STOP_ENV
-from .run import _touch, _walk
+from .run import _walk
 
 PREPARE_MANIFEST = "ich_kaggle_prepare.json"  # marks the prepare kernel's output (or a user's own folds dataset)
 FOLD_MANIFEST = "ich_kaggle_fold.json"  # written beside a fold's files by the training kernel
@@ -114,10 +114,9 @@ def install_prepared(prepared: Path, layout: Layout, cfg: Config) -> None:
     layout.work.mkdir(parents=True, exist_ok=True)
     table = meta_mod.read_meta(prepared / "meta.csv")
     write_csv(table[table["split"] == "train"], layout.meta_csv)
-    for name in ("folds.csv", "folds.csv.json"):
-        with atomic_path(layout.work / name) as tmp:
-            shutil.copyfile(prepared / name, tmp)
-    _touch(layout.folds_csv)  # not older than meta.csv, or load_folds would rebuild it
+    from ..data import folds as folds_mod
+
+    folds_mod.write_folds(layout, folds_mod.read_folds(prepared / "folds.csv"), info["k"], info["seed"])
 
 
 def restore_previous(previous: Path, fold_run: FoldRun) -> list[str]:

@@ -56,8 +56,8 @@ def check(mini: str | Path | None = None) -> dict[str, float | str]:
     from . import mini_set
     from .. import train
     from ..core import config
-    from ..core.layout import Layout, Run
-    from ..data import cache, folds
+    from ..core.layout import Layout, Predictions, Run
+    from ..data import folds, preprocess
     from ..engine.precision import choose
     from ..predict import stage as predict
 
@@ -74,7 +74,7 @@ def check(mini: str | Path | None = None) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory(prefix="ich-gpu-check-") as tmp:
         layout, runs = Layout.of(data, Path(tmp) / "work"), Path(tmp) / "runs"
         folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
-        cache.ensure(layout)
+        preprocess.ensure(layout)
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         train.train_fold(cfg, layout, 0, runs=runs)
@@ -88,7 +88,8 @@ def check(mini: str | Path | None = None) -> dict[str, float | str]:
         start = time.perf_counter()
         out = predict.predict(cfg, layout, runs=runs)
         seconds = time.perf_counter() - start
-        n_images = len(pd.read_csv(out / "test.csv")) + len(pd.read_csv(out / "oof.csv"))
+        preds = Predictions(out)
+        n_images = len(pd.read_csv(preds.test)) + len(pd.read_csv(preds.oof))
         figures["predict_images_per_s"] = n_images * len(cfg.tta.transforms) / max(seconds, 1e-9)
         figures["predict_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         if torch.cuda.device_count() >= 2:

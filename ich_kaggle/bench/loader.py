@@ -79,13 +79,13 @@ def bench_loader(mini: Path | None) -> None:
         for name in names:
             print(f"loader_{name}_samples_per_s_per_worker: skipped (real mini set not found)")
         return
-    from ..data import cache, meta
+    from ..data import meta, preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         layout = Layout.of(mini, Path(tmp) / "work")
         with contextlib.redirect_stdout(io.StringIO()):  # their summaries are not figures
             meta.load_meta(layout)
-            cache.preprocess(layout, workers=1)
+            preprocess.preprocess(layout, workers=1)
         for name in names:
             rate = measure(layout, name)
             print(f"loader_{name}_samples_per_s_per_worker: {rate['train']:.0f}")

@@ -120,6 +120,12 @@ class FoldRun:
     lr_find_csv = property(lambda self: self.dir / "lr_find.csv")
     lr_find_png = property(lambda self: self.dir / "lr_find.png")
 
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """Everything training leaves in the folder (what a training kernel ships and a next version resumes from)."""
+        return (self.best, self.last, self.config, self.log_csv, self.curves, self.train_log, self.oof,
+                self.oof_embeddings, self.done)
+
 
 @dataclass(frozen=True)
 class Predictions:

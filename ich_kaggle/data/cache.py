@@ -18,6 +18,9 @@ import pandas as pd
 from ..core.io import atomic_path, atomic_open, cannot_write, write_csv
 from ..core.layout import Layout
 from .codec import FORMAT, CacheError, decode
+from ..core.log import get as get_logger
+
+log = get_logger("cache")
 
 SUFFIX = ".hu"
 STALE_TMP_S = 600  # temp files older than this were left by a killed run (a concurrent run may own newer ones)
@@ -71,7 +74,7 @@ def reset_if_foreign(layout: Layout) -> None:
         old = [p for p in layout.cache_dir.iterdir() if p.is_dir()] if layout.cache_dir.is_dir() else []
         if old:  # unreadable by this version: remove, so a killed re-run never mixes formats
             was = layout.cache_format.read_text().strip() if layout.cache_format.exists() else "no FORMAT marker"
-            print(f"cache: {layout.cache_dir} holds an older cache format ({was}); removing it and caching every slice "
+            log.info(f"cache: {layout.cache_dir} holds an older cache format ({was}); removing it and caching every slice "
                   f"again as {FORMAT}")
             for shard in old:
                 shutil.rmtree(shard)

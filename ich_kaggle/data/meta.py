@@ -29,6 +29,9 @@ from ..core.errors import UserError
 from ..core.io import cannot_write, write_csv
 from ..core.layout import Layout
 from . import dicom, inputs
+from ..core.log import get as get_logger
+
+log = get_logger("meta")
 
 COLUMNS = [
     "image_id", "patient_id", "study_id", "series_id", "split", "path", "z", "slice_rank", "series_len",
@@ -335,7 +338,7 @@ def _refresh(layout: Layout, workers: int | None, reuse: bool,
     previous = _previous(layout) if reuse else None
     if previous is None:
         if reuse and layout.meta_csv.exists():
-            print(f"meta: {layout.meta_csv} was made by another version (no manifest); rescanning every DICOM")
+            log.info(f"meta: {layout.meta_csv} was made by another version (no manifest); rescanning every DICOM")
         todo, kept_meta, kept_skipped = files, None, None
     else:
         old_meta, old_skipped, old_files = previous
@@ -344,7 +347,7 @@ def _refresh(layout: Layout, workers: int | None, reuse: bool,
         kept = set(files.loc[~new, "path"])
         n_changed = int(todo["path"].isin(old_files["path"]).sum())
         n_removed = len(set(old_files["path"]) - set(files["path"]))
-        print(f"meta: {len(todo) - n_changed} DICOM(s) added, {n_changed} changed, {n_removed} removed since "
+        log.info(f"meta: {len(todo) - n_changed} DICOM(s) added, {n_changed} changed, {n_removed} removed since "
               f"{layout.meta_csv} was made; scanning {len(todo)}")
         kept_meta = old_meta.loc[old_meta["path"].isin(kept)]
         kept_skipped = old_skipped.loc[old_skipped["path"].isin(kept)]
@@ -382,11 +385,11 @@ def _write(df: pd.DataFrame, path: Path) -> None:
 
 def _report(meta: pd.DataFrame, skipped: pd.DataFrame, out: Path, skipped_path: Path, seconds: float) -> None:
     n_train = int((meta["split"] == "train").sum())
-    print(f"meta: {len(meta)} slices ({n_train} train, {len(meta) - n_train} test) in {meta['series_id'].nunique()} series "
+    log.info(f"meta: {len(meta)} slices ({n_train} train, {len(meta) - n_train} test) in {meta['series_id'].nunique()} series "
           f"of {meta['patient_id'].nunique()} patients, {seconds:.1f}s -> {out}")
     if len(skipped):
-        print(f"skipped {len(skipped)} file(s) (listed in {skipped_path}):")
+        log.info(f"skipped {len(skipped)} file(s) (listed in {skipped_path}):")
         for path, reason in skipped.head(50).itertuples(index=False):
-            print(f"  {path}: {reason}")
+            log.info(f"  {path}: {reason}")
         if len(skipped) > 50:
-            print(f"  ... and {len(skipped) - 50} more")
+            log.info(f"  ... and {len(skipped) - 50} more")

@@ -25,6 +25,9 @@ from ..core.layout import Layout
 from . import cache, dicom, inputs
 from . import meta as meta_mod
 from .codec import encode
+from ..core.log import get as get_logger
+
+log = get_logger("preprocess")
 
 CHUNK = 64
 IN_PROCESS_BELOW = 1024  # a process pool costs seconds to start
@@ -141,10 +144,10 @@ def preprocess(layout: Layout, workers: int | None = None, splits: tuple[str, ..
     seconds = time.perf_counter() - t0
     result = {"cached": len(done), "existing": existing, "skipped": len(skipped), "bytes_written": written,
               "seconds": round(seconds, 2), "images_per_s": round(len(done) / seconds, 1) if seconds > 0 else 0.0}
-    print(f"cache: {len(done)} new, {existing} already cached, {len(skipped)} skipped, "
+    log.info(f"cache: {len(done)} new, {existing} already cached, {len(skipped)} skipped, "
           f"{written / max(len(done), 1) / 1024:.0f} kB/image, {result['images_per_s']} img/s -> {layout.cache_dir}")
     for path, reason, _, _ in skipped[:50]:
-        print(f"  skipped {path}: {reason}")
+        log.info(f"  skipped {path}: {reason}")
     return result
 
 

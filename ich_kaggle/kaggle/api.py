@@ -20,6 +20,9 @@ from typing import Any, Callable
 
 from ..core.errors import UserError
 from ..core.layout import COMPETITION
+from ..core.log import get as get_logger
+
+log = get_logger("kaggle")
 
 RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
 CREDENTIALS_FIX = ("put kaggle.json in ~/.kaggle (kaggle.com > Settings > API > Create New Token) or set "
@@ -115,7 +118,7 @@ def create_datasets(folders: list[Path]) -> list[str]:
             hint = ("it exists: use `make datasets-version`" if "already" in refused.lower() or "in use" in refused.lower()
                     else "check the dataset-metadata.json there and that your account is verified")
             raise UserError(f"Kaggle refused to create dataset {ref} from {folder}: {refused}; {hint}")
-        print(f"created dataset {ref}: {getattr(result, 'url', '') or ''} (Kaggle processes it for a few minutes: "
+        log.info(f"created dataset {ref}: {getattr(result, 'url', '') or ''} (Kaggle processes it for a few minutes: "
               f"make datasets-wait)")
         refs.append(ref)
     if existing:
@@ -137,7 +140,7 @@ def version_datasets(folders: list[Path], message: str) -> list[str]:
         refused = _refused(result)
         if refused:
             raise UserError(f"Kaggle refused a new version of dataset {ref}: {refused}")
-        print(f"new version of dataset {ref} ({message}): {getattr(result, 'url', '') or ''}")
+        log.info(f"new version of dataset {ref} ({message}): {getattr(result, 'url', '') or ''}")
         refs.append(ref)
     return refs
 
@@ -153,7 +156,7 @@ def wait_datasets(refs: list[str], timeout: float = 1800, poll: float = 15) -> N
             if status is None:
                 raise UserError(f"dataset {ref} not found on Kaggle; upload it with `make datasets-create`")
             if status == "ready":
-                print(f"dataset {ref}: ready")
+                log.info(f"dataset {ref}: ready")
                 pending.remove(ref)
             elif status in ("failed", "deleted"):
                 raise UserError(f"dataset {ref} is {status} on Kaggle; see its page, fix it and run "
@@ -180,7 +183,7 @@ def push_kernel(folder: Path) -> str:
             fix = (f"accept the competition rules at {RULES_URL}" if "Competition" in field
                    else "upload them first (make datasets-create) and wait until they are ready (make datasets-wait)")
             raise UserError(f"Kaggle accepted the kernel in {folder} without its sources {list(bad)}; {fix}")
-    print(f"pushed {result.ref or folder} version {result.versionNumber}: {result.url} (follow it: make kernel-wait)")
+    log.info(f"pushed {result.ref or folder} version {result.versionNumber}: {result.url} (follow it: make kernel-wait)")
     return str(result.url or "")
 
 
@@ -194,7 +197,7 @@ def wait_kernel(kernel: str, timeout: float = 9 * 3600, poll: float = 60) -> str
                         fix="check the kernel id (KAGGLE_USERNAME, SLUG)")
         status = getattr(response.status, "name", str(response.status)).upper()
         if status != last:
-            print(f"kernel {kernel}: {status.lower()}")
+            log.info(f"kernel {kernel}: {status.lower()}")
             last = status
         if status in KERNEL_DONE:
             return status
@@ -219,7 +222,7 @@ def fetch_output(kernel: str, dest: Path) -> Path:
         logs = [f for f in files if str(f).endswith(".log")]
         raise UserError(f"kernel {kernel} has no {SUBMISSION} in its output"
                         + (f"; read its log {logs[0]}" if logs else "; did its last run finish (make kernel-wait)?"))
-    print(f"fetched {path}" + "".join(f" and {f}" for f in files if str(f).endswith(".log")))
+    log.info(f"fetched {path}" + "".join(f" and {f}" for f in files if str(f).endswith(".log")))
     return path
 
 
@@ -234,6 +237,6 @@ def submit_file(path: Path, message: str) -> str:
     text = str(getattr(result, "message", "") or "")
     if text == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
         raise UserError(f"submitting {path} to {COMPETITION} failed: {text} (upload failed); retry")
-    print(f"submitted {path} to {COMPETITION} ({message!r}): {text or 'ok'}; the score appears at "
+    log.info(f"submitted {path} to {COMPETITION} ({message!r}): {text or 'ok'}; the score appears at "
           f"https://www.kaggle.com/competitions/{COMPETITION}/submissions")
     return text

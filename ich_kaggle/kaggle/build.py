@@ -28,6 +28,9 @@ from ..core.io import atomic_open, atomic_path, write_csv
 from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
 from ..core.layout import Layout, Run
 from ..data.folds import selected_folds
+from ..core.log import get as get_logger
+
+log = get_logger("kaggle")
 
 # What Kaggle's Python image lacks (or has too old: it ships pydicom 2.x) and the code needs. Kaggle has torch,
 # torchvision, timm, numpy, pandas, opencv, albumentations, scikit-learn, pyyaml, tqdm, huggingface_hub, safetensors.
@@ -318,7 +321,7 @@ def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "ke
     names = names_for(cfg, username)
     model = build_model_dataset(cfg, names, runs, out, layout, fp16_weights)  # "no trained fold" before the wheels
     code = build_code_dataset(names, out)
-    print(f"wrote {code} ({names.code_id}) and {model} ({names.model_id})")
+    log.info(f"wrote {code} ({names.code_id}) and {model} ({names.model_id})")
     return {"code": code, "model": model}
 
 
@@ -330,7 +333,7 @@ def _warn_if_stale(cfg: Config, runs: str | Path, model_dir: Path, manifest: dic
     extra = [k for k in trained_folds(cfg, runs) if k not in manifest["folds"]]
     if newer or extra:
         what = ", ".join(newer + [f"fold{k}/best.pt" for k in extra])
-        print(f"warning: {root} has newer files than {model_dir} ({what}); rerun `make kernel-datasets` "
+        log.info(f"warning: {root} has newer files than {model_dir} ({what}); rerun `make kernel-datasets` "
               f"and `make datasets-version` to ship them")
 
 
@@ -384,5 +387,5 @@ def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kern
         "kernel_sources": [],
         "model_sources": [],
     })
-    print(f"wrote {folder} ({names.kernel_id}); push with: kaggle kernels push -p {folder}")
+    log.info(f"wrote {folder} ({names.kernel_id}); push with: kaggle kernels push -p {folder}")
     return folder

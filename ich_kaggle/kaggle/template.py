@@ -92,6 +92,9 @@ def main():
     import ich_kaggle
     from ich_kaggle.core.errors import UserError
     from ich_kaggle.kaggle import run as kernel_run
+    from ich_kaggle.core import log as library_log
+
+    library_log.show()  # the library's messages in the kernel's log
 
     log(f"using ich_kaggle {ich_kaggle.__version__} from {Path(ich_kaggle.__file__).parent}")
     if ich_kaggle.__version__ != ICH_KAGGLE_VERSION:

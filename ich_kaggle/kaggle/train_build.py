@@ -24,6 +24,9 @@ from ..core.layout import COMPETITION, Run
 from . import build
 from .run import slugify
 from .train_run import FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES
+from ..core.log import get as get_logger
+
+log = get_logger("kaggle")
 
 TRAIN_TEMPLATE = Path(__file__).with_name("train_template.py")
 PREPARE_SLUG = "ich-kaggle-prepare"
@@ -148,7 +151,7 @@ def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: i
     user = build.check_username(username)
     script = _script({"username": user, "config_name": "", "mode": "prepare", "k": int(k), "seed": int(seed)})
     folder = _write_kernel(Path(out) / PREPARE_SLUG, prepare_id(user), script, gpu=False, kernel_sources=[])
-    print(f"wrote {folder} ({prepare_id(user)}, k={k}, seed={seed})")
+    log.info(f"wrote {folder} ({prepare_id(user)}, k={k}, seed={seed})")
     return folder
 
 
@@ -162,7 +165,7 @@ def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | 
     user = build.check_username(username)
     selected_folds(cfg.cv, fold)
     est = estimate(cfg, epochs_per_run, folds_csv, t4_images_per_s)
-    print(est.describe())
+    log.info(est.describe())
     check_fits(est, cfg)
     slug = train_slug(cfg.name, fold)
     data = cfg.to_dict()
@@ -173,7 +176,7 @@ def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | 
     kernel_id = f"{user}/{slug}"
     sources = [prepare_id(user)] + ([kernel_id] if resume else [])
     folder = _write_kernel(Path(out) / slug, kernel_id, _script(values), gpu=True, kernel_sources=sources)
-    print(f"wrote {folder} ({kernel_id}{', resuming from its previous output' if resume else ''})")
+    log.info(f"wrote {folder} ({kernel_id}{', resuming from its previous output' if resume else ''})")
     return folder
 
 
@@ -193,7 +196,7 @@ def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "ker
     sources = [prepare_id(user)] + [f"{user}/{train_slug(cfg.name, k)}" for k in folds]
     script = _script({"username": user, "config_name": cfg.name, "mode": "infer", "folds": folds})
     folder = _write_kernel(Path(out) / slug, f"{user}/{slug}", script, gpu=True, kernel_sources=sources)
-    print(f"wrote {folder} ({user}/{slug}: folds {folds} from their training kernels)")
+    log.info(f"wrote {folder} ({user}/{slug}: folds {folds} from their training kernels)")
     return folder
 
 
@@ -220,7 +223,7 @@ def install_fold(downloaded: Path, cfg_name: str, fold: int, runs: str | Path) -
     for name in manifest["files"] + [FOLD_MANIFEST]:
         shutil.copy2(found[0] / name, dest / name)
     state = "finished" if manifest.get("done") else "not finished yet (push again with RESUME=1)"
-    print(f"fetched fold {fold} of {cfg_name} into {dest}: {', '.join(manifest['files'])}; {state}")
+    log.info(f"fetched fold {fold} of {cfg_name} into {dest}: {', '.join(manifest['files'])}; {state}")
     return dest
 
 
@@ -264,7 +267,7 @@ def fetch_prepared(username: str | None, work: str | Path, out: str | Path = "ke
     for name in PREPARED_FILES + (PREPARE_MANIFEST,):
         shutil.copy2(found[0] / name, work / name)
     _touch(work / "folds.csv")  # not older than meta.csv, or load_folds would rebuild it from the DICOMs
-    print(f"fetched {', '.join(PREPARED_FILES)} of {prepare_id(user)} into {work}")
+    log.info(f"fetched {', '.join(PREPARED_FILES)} of {prepare_id(user)} into {work}")
     return work
 
 
@@ -296,7 +299,7 @@ def kernel_states(out: str | Path, username: str | None) -> dict[str, str]:
             states[kid] = state + (f" ({why})" if why else "")
         except UserError as e:
             states[kid] = "not pushed" if "404" in str(e) else f"unknown ({e})"
-        print(f"{kid}: {states[kid]}")
+        log.info(f"{kid}: {states[kid]}")
     return states
 
 

@@ -28,12 +28,13 @@ from ..core.io import atomic_open, atomic_path, write_csv
 from ..core.layout import COMPETITION, FoldRun, Layout, Run
 from ..engine.loop import STOP_ENV
 from .run import _walk
+from ..core.log import get as get_logger
+
+log = get_logger("kaggle")
 
 PREPARE_MANIFEST = "ich_kaggle_prepare.json"  # marks the prepare kernel's output (or a user's own folds dataset)
 FOLD_MANIFEST = "ich_kaggle_fold.json"  # written beside a fold's files by the training kernel
 PREPARED_FILES = ("meta.csv", "folds.csv", "folds.csv.json")
-FOLD_FILES = ("best.pt", "last.pt", "config.yaml", "log.csv", "curves.png", "train.log", "oof.csv",
-              "oof_embeddings.npz", "done.json")  # what a fold's folder holds (FoldRun's names)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -90,7 +91,7 @@ def find_train_inputs(root: str | Path, config_name: str, fold: int) -> TrainInp
     for path, depth, files in _walk(root, max_depth=8):  # /kaggle/input/notebooks/<user>/<slug>/runs/<cfg>/fold<N>
         if PREPARE_MANIFEST in files:
             prepared.append((depth, str(path)))
-        if path.parts[-3:] == tail and "last.pt" in files:
+        if path.parts[-3:] == tail and FoldRun(path, int(fold)).last.name in files:
             previous.append((depth, str(path)))
     if not prepared:
         raise UserError(f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output (make kernel-prepare, "
@@ -126,7 +127,7 @@ def restore_previous(previous: Path, fold_run: FoldRun) -> list[str]:
         return []
     fold_run.dir.mkdir(parents=True, exist_ok=True)
     copied = []
-    for name in FOLD_FILES:
+    for name in (p.name for p in fold_run.outputs):
         if (previous / name).is_file():
             shutil.copy2(previous / name, fold_run.dir / name)
             copied.append(name)
@@ -181,7 +182,7 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
 
     `epochs_per_run` stops resumably after that many more epochs than the previous output holds (a fold too long
     for one 12-hour session trains over several versions)."""
-    from ..data import cache
+    from ..data import preprocess
     from ..data.dataset import usable_cpus
     from ..data.folds import selected_folds
 
@@ -193,10 +194,10 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
     fold_run = Run.of(runs, cfg.name).fold(fold)
     if inputs.previous is not None:
         copied = restore_previous(inputs.previous, fold_run)
-        print(f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})",
+        log.info(f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})",
               flush=True)
     check_scratch_space(layout)
-    cache.ensure(layout, workers=usable_cpus())  # here, with every CPU, before the training processes start
+    preprocess.ensure(layout, workers=usable_cpus())  # here, with every CPU, before the training processes start
     gpus = visible_gpus() if gpus is None else gpus
     share = max(1, usable_cpus() // max(gpus, 1))  # Kaggle: 4 CPUs for both ranks; a config's 8 workers would thrash
     cfg = copy.deepcopy(cfg)
@@ -204,7 +205,7 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
     config_path = scratch / f"{cfg.name}.yaml"
     config_mod.dump(cfg, config_path)
     cmd = launch_command(config_path, layout, runs, fold, gpus)
-    print(f"training fold {fold} of {cfg.name} on {max(gpus, 1)} {'GPU' if gpus else 'CPU'} process(es): "
+    log.info(f"training fold {fold} of {cfg.name} on {max(gpus, 1)} {'GPU' if gpus else 'CPU'} process(es): "
           f"{' '.join(cmd)}", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if epochs_per_run:
@@ -248,7 +249,7 @@ def assemble_model(root: str | Path, config_name: str, folds: list[int], dest: s
             prepared.append((depth, str(path)))
         parts = path.parts
         if (len(parts) >= 3 and parts[-3] == "runs" and parts[-2] == config_name and parts[-1][4:].isdigit()
-                and parts[-1].startswith("fold") and "best.pt" in files and "done.json" in files):
+                and parts[-1].startswith("fold") and {FoldRun(path, 0).best.name, FoldRun(path, 0).done.name} <= set(files)):
             found.setdefault(int(parts[-1][4:]), path)
     missing = [k for k in folds if k not in found]
     if missing:
@@ -260,9 +261,11 @@ def assemble_model(root: str | Path, config_name: str, folds: list[int], dest: s
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
     for k in folds:
-        _link(found[k] / "best.pt", dest / f"fold{k}_best.pt")
-        files[f"fold{k}_best.pt"] = f"fold{k}/best.pt"
-    shutil.copyfile(found[folds[0]] / "config.yaml", dest / "config.yaml")
+        fold_run = FoldRun(found[k], k)
+        for path in (fold_run.best, fold_run.done):
+            _link(path, dest / f"fold{k}_{path.name}")
+            files[f"fold{k}_{path.name}"] = f"fold{k}/{path.name}"
+    shutil.copyfile(FoldRun(found[folds[0]], folds[0]).config, dest / "config.yaml")
     with atomic_path(dest / FOLDS) as tmp:
         with open(prep / "folds.csv", "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
             shutil.copyfileobj(src, dst)

@@ -33,6 +33,9 @@ from ..core.layout import Layout, Predictions, Run
 from ..data.dataset import loader_workers
 from ..data.folds import selected_folds
 from .tta import tta_forward
+from ..core.log import get as get_logger
+
+log = get_logger("predict")
 
 LABEL_COLS = list(LABELS)
 
@@ -184,7 +187,7 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
         raise UserError(f"no trained fold under {run.dir} (no fold<k>/best.pt); "
                         f"run `make train-all CONFIG={cfg.name}` (or `make train FOLD=k`) first")
     if missing:
-        print(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
+        log.info(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
     meta = load_meta(layout)
     folds = fold_table(layout, cfg.cv)  # the folds training used (cv.split)
     preprocess.ensure(layout)
@@ -199,16 +202,16 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     stale = {k: freshness.stale_reason(out.oof_fold(k), expected[k]) or _missing(out, k) for k in have}
     todo = [k for k in have if stale[k]]
     if len(todo) < len(have):
-        print(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (same checkpoint, TTA and "
+        log.info(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (same checkpoint, TTA and "
               f"images); reusing")
     for k in todo:
         if manifest.read(out.oof_fold(k)) is not None:
-            print(f"predict: fold {k} predicted again: {stale[k]}")
+            log.info(f"predict: fold {k} predicted again: {stale[k]}")
     devices = inference_devices()
     if todo:
         for device in devices:  # stops on an unusable GPU
-            print(f"predict: {device}, {inference_precision(cfg, device).describe()}")
-        print(f"predict: {loader_workers(cfg.data.num_workers)} loader workers (data.num_workers={cfg.data.num_workers})")
+            log.info(f"predict: {device}, {inference_precision(cfg, device).describe()}")
+        log.info(f"predict: {loader_workers(cfg.data.num_workers)} loader workers (data.num_workers={cfg.data.num_workers})")
     models = []
     for i, k in enumerate(todo):
         device = devices[i % len(devices)]
@@ -252,7 +255,7 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     manifest.write(out.test, done)
     manifest.write(out.oof, done)
     n_oof = sum(len(f) for f in oof_frames)
-    print(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
+    log.info(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
           f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}")
     return out.dir
 
@@ -301,8 +304,8 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
     manifest.write(out.oof, done)
     manifest.write(out.test, done)
     if scores:
-        print("predict: OOF weighted log loss " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items() if v is not None))
-    print(f"predict: ensemble of {len(sources)} members ({cfg.ensemble.combine}) -> {out.dir}")
+        log.info("predict: OOF weighted log loss " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items() if v is not None))
+    log.info(f"predict: ensemble of {len(sources)} members ({cfg.ensemble.combine}) -> {out.dir}")
     return out.dir
 
 

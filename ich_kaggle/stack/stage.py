@@ -19,6 +19,9 @@ from ..core.errors import UserError
 from ..core.io import write_csv
 from ..core import ensemble, freshness, manifest
 from ..core.layout import Layout, Predictions, Run
+from ..core.log import get as get_logger
+
+log = get_logger("stack")
 
 LABEL_COLS = list(LABELS)
 
@@ -112,7 +115,7 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     expected = freshness.stacked(dirs, layout, cfg.stack)
     if not force and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics)) \
             and freshness.stale_reason(out.test, expected) is None:
-        print(f"stack: {out.test} is up to date (same first-stage files, folds and settings); reusing")
+        log.info(f"stack: {out.test} is up to date (same first-stage files, folds and settings); reusing")
         return out.dir
     oof = [read_predictions(d.oof, cfg.name) for d in dirs]
     test = [read_predictions(d.test, cfg.name) for d in dirs]
@@ -137,15 +140,15 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     write_csv(result.curve, out.curve)
     manifest.write(out.oof, expected)
     manifest.write(out.test, expected)  # last: what submit checks
-    print(format_table(result.metrics, cfg.stack.model))
+    log.info(format_table(result.metrics, cfg.stack.model))
     losses = result.metrics.set_index("stage")["weighted_log_loss"]
     if losses["stacked"] >= losses["first_stage"]:
-        print(f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
+        log.info(f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
               f"`make submit` will choose the first stage by its OOF score; or try --set stack.model=neighbors")
     if len(result.curve):
         last = result.curve.groupby("fold")["step"].max()
         best = result.curve.loc[result.curve.groupby("fold")["val_loss"].idxmin(), "step"]
-        print(f"stack: stopped by the inner validation split after {last.tolist()} steps per fold "
+        log.info(f"stack: stopped by the inner validation split after {last.tolist()} steps per fold "
               f"(best at {best.tolist()}; curve in {out.curve})")
-    print(f"wrote {out.oof} ({len(result.oof)} rows), {out.test} ({len(result.test)} rows), {out.metrics}")
+    log.info(f"wrote {out.oof} ({len(result.oof)} rows), {out.test} ({len(result.test)} rows), {out.metrics}")
     return out.dir

@@ -19,6 +19,9 @@ from ..core.labels import LABELS
 from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path
 from ..core.metrics import read_long_or_wide, read_truth, score_frames, split_ids
+from ..core.log import get as get_logger
+
+log = get_logger("submit")
 
 CLIP = 1e-6
 _NA_STRINGS = {"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "none", "<NA>"}
@@ -203,26 +206,26 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
         raise UserError(f"{first.test} is stale ({stale}); rerun `make predict CONFIG={cfg.name}` first")
     choice: dict = {"stage": "first_stage", "test": str(first.test), "oof": str(first.oof), "oof_log_loss": {}}
     if not run.stack.test.exists():
-        print(f"submit: using the first stage ({first.test}); no stack")
+        log.info(f"submit: using the first stage ({first.test}); no stack")
     elif stale := freshness.stale_reason(run.stack.test, freshness.stacked(
             ensemble.stack_sources(cfg, run.dir.parent), layout, cfg.stack)):
-        print(f"submit: {run.stack.test} is stale ({stale}); using the first stage instead (`make stack` refreshes it)")
+        log.info(f"submit: {run.stack.test} is stale ({stale}); using the first stage instead (`make stack` refreshes it)")
     else:
         train = _train_labels(layout)
         losses = _oof_losses({"first_stage": first.oof, "stacked": run.stack.oof}, train) \
             if train is not None and first.oof.exists() and run.stack.oof.exists() else None
         if losses is None:
-            print(f"submit: using the second stage ({run.stack.test}); no OOF score to choose by (no training labels "
+            log.info(f"submit: using the second stage ({run.stack.test}); no OOF score to choose by (no training labels "
                   f"in {layout.train_csv} or no OOF image in common)")
             choice.update(stage="stacked", test=str(run.stack.test), oof=str(run.stack.oof))
         else:
             choice["oof_log_loss"] = losses
             both = f"OOF weighted log loss: stacked {losses['stacked']:.5f}, first stage {losses['first_stage']:.5f}"
             if losses["stacked"] < losses["first_stage"]:
-                print(f"submit: using the second stage ({run.stack.test}); {both}")
+                log.info(f"submit: using the second stage ({run.stack.test}); {both}")
                 choice.update(stage="stacked", test=str(run.stack.test), oof=str(run.stack.oof))
             else:
-                print(f"submit: using the first stage ({first.test}): stacking did not lower the OOF loss; {both}")
+                log.info(f"submit: using the first stage ({first.test}): stacking did not lower the OOF loss; {both}")
     with atomic_open(run.choice) as f:
         json.dump(choice, f, indent=1)
     return Path(choice["test"]), Path(choice["oof"])
@@ -258,9 +261,9 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
         if unreadable_csv.exists():
             unreadable = set(pd.read_csv(unreadable_csv, dtype=str).iloc[:, 0])
             note = f" ({sum(i in unreadable for i in lacking)} listed in {unreadable_csv})"
-        print(f"{len(lacking)} of {len(sample_images)} test images have no prediction{note}; "
+        log.info(f"{len(lacking)} of {len(sample_images)} test images have no prediction{note}; "
               f"they get the training prior {np.round(prior, 4).tolist()}:")
-        print("  " + _example(lacking, n=20))
+        log.info("  " + _example(lacking, n=20))
         fill = pd.DataFrame(np.broadcast_to(prior, (len(lacking), len(LABELS))), columns=list(LABELS))
         fill.insert(0, "image_id", np.asarray(lacking, dtype=object))
         pred = pd.concat([pred, fill], ignore_index=True)
@@ -269,7 +272,7 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
     problems = validate_file(layout.sample_csv, out)
     if problems:
         raise UserError(f"{out} failed validation: {problems[0]} ({len(problems)} problems); this is a bug, please report it")
-    print(f"wrote {out} and {out}.gz from {pred_path} ({len(sample)} rows, valid)")
+    log.info(f"wrote {out} and {out}.gz from {pred_path} ({len(sample)} rows, valid)")
 
     _print_oof_score(run, oof_path, train)
     return out
@@ -278,13 +281,13 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
 def _print_oof_score(run: Run, oof_path: Path, train: pd.DataFrame | None) -> None:
     """The expected leaderboard score: OOF predictions of the same stage as the test predictions, against the labels."""
     if not oof_path.exists() or train is None:
-        print(f"no OOF predictions or training labels for {run.dir}: no expected score")
+        log.info(f"no OOF predictions or training labels for {run.dir}: no expected score")
         return
     oof = read_long_or_wide(oof_path)
     oof = oof[np.isfinite(oof[list(LABELS)].to_numpy(np.float64)).all(axis=1)]
     truth = train[train["image_id"].isin(oof["image_id"])]
     if not len(truth):
-        print(f"{oof_path} shares no image with {run.dir}'s training labels: no expected score")
+        log.info(f"{oof_path} shares no image with {run.dir}'s training labels: no expected score")
         return
     result = score_frames(truth, oof)
-    print(f"expected score (OOF weighted_log_loss of {oof_path}, {len(truth)} images): {result['weighted_log_loss']:.5f}")
+    log.info(f"expected score (OOF weighted_log_loss of {oof_path}, {len(truth)} images): {result['weighted_log_loss']:.5f}")

@@ -71,16 +71,10 @@ def brain_fraction(hu: np.ndarray) -> float:
     return float(((hu >= lo) & (hu <= hi)).mean())
 
 
-_worker_pid: int | None = None
-
-
-def _one_thread_in_workers() -> None:
-    """One OpenCV thread in each loader worker process: the workers already use every CPU (data.num_workers=-1)."""
-    global _worker_pid
-    if _worker_pid != os.getpid():
-        _worker_pid = os.getpid()
-        if torch.utils.data.get_worker_info() is not None:
-            cv2.setNumThreads(1)
+# One OpenCV thread, set at import, before any loader worker is forked: each worker is one CPU already
+# (data.num_workers=-1), and a forked worker that touches the thread pool its parent started (even to shrink it
+# with setNumThreads) waits forever on the pool's lock.
+cv2.setNumThreads(1)
 
 
 def jitter_windows(windows: list[tuple[float, float]], prob: float, max_hu: float,
@@ -178,7 +172,6 @@ class SliceDataset(Dataset):
         return slices
 
     def _item(self, index: int) -> torch.Tensor:
-        _one_thread_in_workers()
         rng = self._rng(index) if self.train else None
         planes = self.load_planes(index)
         windows = self.windows

@@ -270,11 +270,11 @@ def _train(args):
     from .data import folds
 
     members = _members(args, cfg)  # an ensemble trains each member in its own runs/<member>/
+    chosen = {m.name: folds.selected_folds(m.cv, args.fold) for m in members}  # --fold checked before any work
     for member in members:  # every fold of every member checked before the first one trains
-        folds.check_trainable(folds.fold_table(layout, member.cv), folds.selected_folds(member.cv, args.fold),
-                              layout.folds_csv)
+        folds.check_trainable(folds.fold_table(layout, member.cv), chosen[member.name], layout.folds_csv)
     for member in members:
-        for fold in folds.selected_folds(member.cv, args.fold):
+        for fold in chosen[member.name]:
             train.train_fold(member, layout, fold, runs=args.runs, force=args.force)
 
 

@@ -52,7 +52,8 @@ def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path)
     # a second run reuses everything (trained folds, per-fold predictions, the stack) and prints the same scores
     again = _demo(tmp_path, data)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.strip().splitlines()[-3:] == lines
+    assert again.stdout.strip().splitlines()[-7:] == lines
     printed = again.stdout + again.stderr
-    assert printed.count("is already trained") == 3 and "already predicted" in printed and "is up to date" in printed
+    assert printed.count("is already trained") == 6  # 3 folds of each of the two members
+    assert "already predicted" in printed and printed.count("is up to date") == 2  # both stacks
     assert "epoch 1/" not in printed  # nothing trained again

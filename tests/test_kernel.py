@@ -104,7 +104,7 @@ def test_names_and_default_slug(cfg):
 
 def test_no_trained_fold(tmp_path, cfg):
     (tmp_path / "runs" / cfg.name / "fold0").mkdir(parents=True)  # a fold folder without best.pt
-    with pytest.raises(UserError, match="no trained fold") as e:
+    with pytest.raises(UserError, match="no finished fold") as e:
         kernel.build_datasets(cfg, runs=tmp_path / "runs", out=tmp_path / "kernels", username="alice")
     assert "make train-all CONFIG=tiny" in str(e.value)
     assert not (tmp_path / "kernels").exists()  # nothing half-written

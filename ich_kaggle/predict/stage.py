@@ -234,6 +234,10 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
             write_csv(wide(v["image_id"], p), out.oof_fold(m.fold))
             manifest.write(out.oof_fold(m.fold), expected[m.fold])  # last: marks the fold's four files done
 
+    done = freshness.predictions(run, have, cfg.tta)
+    if not todo and all(freshness.stale_reason(f, done) is None for f in (out.test, out.oof)):
+        log.info(f"predict: {out.test} and {out.oof} are up to date; left as they are")  # later stages stay fresh
+        return out.dir
     # fold average / concatenation over every trained fold, from the per-fold files
     test_frames = [pd.read_csv(out.test_fold(k), dtype={"image_id": str}) for k in have]
     oof_frames = [pd.read_csv(out.oof_fold(k), dtype={"image_id": str}) for k in have]
@@ -251,7 +255,6 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
         save_embeddings(out.oof_embeddings, np.concatenate([p[0] for p in parts]),
                         np.concatenate([p[1] for p in parts]))
     write_csv(bad, out.unreadable)
-    done = freshness.predictions(run, have, cfg.tta)
     manifest.write(out.test, done)
     manifest.write(out.oof, done)
     n_oof = sum(len(f) for f in oof_frames)
@@ -280,6 +283,10 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
         if stale:
             raise UserError(f"{src.test} is stale or missing ({stale}); run `make predict CONFIG={cfg.name}` "
                             f"(it predicts every member)")
+    done = freshness.ensemble(sources, cfg.ensemble)
+    if all(freshness.stale_reason(f, done) is None for f in (out.test, out.oof)) and out.ensemble.exists():
+        log.info(f"predict: ensemble {out.test} is up to date (same member predictions and combination); reusing")
+        return out.dir
     test = [pd.read_csv(s.test, dtype={"image_id": str}) for s in sources]
     oof = [pd.read_csv(s.oof, dtype={"image_id": str}) for s in sources]
     write_csv(ensemble.combine(test, cfg.ensemble), out.test)
@@ -300,7 +307,6 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
             "cv": {"k": cfg.cv.k, "seed": cfg.cv.seed, "split": cfg.cv.split}, "oof_weighted_log_loss": scores}
     with atomic_open(out.ensemble) as f:
         json.dump(info, f, indent=1)
-    done = freshness.ensemble(sources, cfg.ensemble)
     manifest.write(out.oof, done)
     manifest.write(out.test, done)
     if scores:

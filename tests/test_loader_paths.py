@@ -14,7 +14,7 @@ import pytest
 
 from ich_kaggle.core import config
 from ich_kaggle.core.layout import Layout
-from ich_kaggle.data import cache, meta
+from ich_kaggle.data import cache, meta, preprocess
 from ich_kaggle.data.dataset import SliceDataset
 from ich_kaggle.data.transforms import build_eval_transforms, build_train_transforms
 from ich_kaggle.data.windows import apply_windows, named
@@ -72,7 +72,7 @@ def real(mini_dir, tmp_path_factory):
     series = train["series_id"].value_counts().index[:2]
     rows = train.loc[train["series_id"].isin(series)].reset_index(drop=True)
     for image_id, rel in zip(rows["image_id"], rows["path"]):
-        cache.cache_one(mini_dir / rel, cache.cache_path(layout, image_id))
+        preprocess.cache_one(mini_dir / rel, cache.cache_path(layout, image_id))
     return layout, m, rows
 
 

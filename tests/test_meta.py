@@ -171,6 +171,13 @@ def test_parallel_scan_equals_sequential(mini_dir, mini_meta, tmp_path, monkeypa
 
 
 
+def _items(layout: Layout) -> list[tuple[str, str]]:
+    """(path, split) of every DICOM of the layout, as the meta scan lists them."""
+    from ich_kaggle.data import inputs
+
+    return list(inputs.list_inputs(layout)[0][["path", "split"]].itertuples(index=False, name=None))
+
+
 def test_scan_survives_a_dying_worker_and_a_reader_bug(mini_dir, tmp_path, monkeypatch):
     import crash_reader
 
@@ -183,11 +190,11 @@ def test_scan_survives_a_dying_worker_and_a_reader_bug(mini_dir, tmp_path, monke
         shutil.copy(f, data / "stage_2_train" / f.name)
     (data / "stage_2_train" / "ID_crash.dcm").write_bytes(real[0].read_bytes())
     layout = Layout.of(data, tmp_path / "w")
-    m, skipped = meta.scan_files(data, meta.list_dicoms(layout), workers=2, reader=crash_reader.scan_or_die)
+    m, skipped = meta.scan_files(data, _items(layout), workers=2, reader=crash_reader.scan_or_die)
     assert skipped.values.tolist() == [["stage_2_train/ID_crash.dcm", meta.WORKER_DIED]]  # only the culprit lost
     assert sorted(m["image_id"]) == sorted(f.stem for f in real)
     (data / "stage_2_train" / "ID_crash.dcm").rename(data / "stage_2_train" / "ID_bug.dcm")
-    m, skipped = meta.scan_files(data, meta.list_dicoms(layout), workers=1, reader=crash_reader.scan_or_raise)
+    m, skipped = meta.scan_files(data, _items(layout), workers=1, reader=crash_reader.scan_or_raise)
     assert skipped.values.tolist() == [["stage_2_train/ID_bug.dcm", "reader error (RuntimeError: a reader bug)"]]
     assert len(m) == len(real)
 
@@ -200,7 +207,7 @@ def test_scan_of_odd_bytes_lists_only_what_the_cache_reads(mini_dir, tmp_path):
     odd = [d for _, d in mutants([sorted((mini_dir / "stage_2_train").glob("*.dcm"))[0].read_bytes()], 3, seed=1)]
     for i, blob in enumerate(odd):
         (data / "stage_2_train" / f"ID_odd{i:02d}.dcm").write_bytes(blob)
-    m, skipped = meta.scan_files(data, meta.list_dicoms(Layout.of(data, tmp_path / "w")), workers=1)
+    m, skipped = meta.scan_files(data, _items(Layout.of(data, tmp_path / "w")), workers=1)
     assert len(m) + len(skipped) == len(odd) and len(m) >= 10 and len(skipped) >= 10
     assert not skipped["reason"].str.startswith("reader error").any(), skipped
     for path in m["path"]:  # what meta lists, the cache step reads

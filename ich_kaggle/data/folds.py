@@ -187,7 +187,7 @@ def _stale(layout: Layout, k: int, seed: int) -> bool:
                         f"cv.k={k}, cv.seed={seed}; use --set cv.k={info.get('k')} cv.seed={info.get('seed')}, or rebuild "
                         f"it with `python -m ich_kaggle folds --data {layout.data} --k {k} --seed {seed}` (folds "
                         f"trained on the old split then refuse to resume)")
-    if info.get("labels") != _labels_identity(layout):
+    if info.get("labels", {}) != _labels_identity(layout):
         return True  # stage_2_train.csv replaced or edited
     # only labelled train images that folds.csv lacks make it stale: new test DICOMs (meta.csv rewritten) do not,
     # and neither does a meta.csv without train rows (a kernel's, which predicts the test set only)

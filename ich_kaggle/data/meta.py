@@ -165,11 +165,12 @@ def _isolated(chunks: list[Chunk]) -> Result:
 
 
 def scan_files(data_dir: Path, items: list[tuple[str, str]], workers: int | None = None,
-               desc: str = "headers", reader: Reader = dicom.scan) -> tuple[pd.DataFrame, pd.DataFrame]:
+               desc: str = "headers", reader: Reader | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scan headers in parallel -> (meta rows with z, not yet ranked; skipped frame with path, reason).
 
     `reader` (path -> (header, reason)) is the DICOM reader, a module-level function so workers can import it."""
     workers = max(1, workers or os.cpu_count() or 1)
+    reader = reader or dicom.scan  # looked up per call, not bound at import
     chunks = [(str(data_dir), items[i:i + CHUNK], reader) for i in range(0, len(items), CHUNK)]
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []

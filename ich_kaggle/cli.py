@@ -472,7 +472,7 @@ def _kernel_from_folds(args):
 def _kernel_fetch_prepare(args):
     from .kaggle import train_build
 
-    train_build.fetch_prepared(args.username, _layout(args).work, out=args.out)
+    train_build.fetch_prepared(args.username, _layout(args), out=args.out)
 
 
 @command("kernel-status")

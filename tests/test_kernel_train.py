@@ -229,9 +229,9 @@ def test_cli_push_status_fetch(tmp_path, kaggle_home, monkeypatch, capsys):
         states = train_build.kernel_states(out, USER)
         dest = train_build.fetch_fold("tiny", 0, USER, runs=runs, out=out)
         fk.kernel_output.clear()
-        fk.kernel_output.update({"meta.csv": b"image_id\n", "folds.csv": b"image_id,fold\n",
+        fk.kernel_output.update({"meta.csv": b"image_id\n", "folds.csv": b"image_id,patient_id,study_id,series_id,fold\n",
                                  "folds.csv.json": b'{"k": 3, "seed": 0}', "ich_kaggle_prepare.json": b"{}"})
-        work = train_build.fetch_prepared(USER, tmp_path / "work", out=out)
+        work = train_build.fetch_prepared(USER, Layout.of(tmp_path / "data", tmp_path / "work"), out=out)
         fk.kernel_output.clear()
         with pytest.raises(UserError, match="no runs/tiny/fold1/ich_kaggle_fold.json in the kernel's output"):
             train_build.fetch_fold("tiny", 1, USER, runs=runs, out=out)
@@ -243,7 +243,7 @@ def test_cli_push_status_fetch(tmp_path, kaggle_home, monkeypatch, capsys):
     assert states == {f"{USER}/ich-kaggle-prepare": "running", f"{USER}/ich-kaggle-tiny-fold0": "running"}
     assert dest == runs / "tiny" / "fold0" and (dest / "best.pt").read_bytes() == b"best"
     assert (dest / train_run.FOLD_MANIFEST).is_file() and "finished" in capsys.readouterr().out
-    assert (work / "folds.csv").read_bytes() == b"image_id,fold\n"
+    assert (work / "folds.csv").read_bytes() == b"image_id,patient_id,study_id,series_id,fold\n"
     assert (work / "folds.csv").stat().st_mtime > (work / "meta.csv").stat().st_mtime  # not rebuilt as stale
 
 

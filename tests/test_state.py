@@ -143,15 +143,16 @@ def test_a_fold_in_training_is_locked(exp):
     with exclusive(lock, "fold 0 of tiny"):
         holder = json.loads(lock.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-        out = cli("train", *experiment_args(cfg, layout, runs), "--fold", "0")
+        out = cli("train", *experiment_args(cfg, layout, runs), "--fold", "0", "--force")  # it would write the fold
         assert out.returncode == 2 and out.stderr.count("\n") == 1
         assert f"fold 0 of tiny is in use by pid {os.getpid()}" in out.stderr and str(lock) in out.stderr
     assert not lock.exists()
-    # a lock left by a killed run (its pid is gone) is stale: taken over, the finished fold is skipped as usual
+    # a lock left by a killed run (its pid is gone) is stale: taken over, and released when the fold is done
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "earlier"}))
-    out = cli("train", *experiment_args(cfg, layout, runs), "--fold", "0")
-    assert out.returncode == 0 and "already trained" in out.stderr + out.stdout and not lock.exists()
+    out = cli("train", *experiment_args(cfg, layout, runs), "--fold", "0", "--force")
+    assert out.returncode == 0, out.stderr
+    assert Run.of(runs, cfg.name).fold(0).done.exists() and not lock.exists()
 
 
 def test_folds_of_another_k_stop_train_and_rebuilt_folds_stop_resume(exp, tmp_path):

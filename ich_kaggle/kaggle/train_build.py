@@ -20,7 +20,7 @@ from .. import __version__
 from ..core.config import Config
 from ..core.errors import UserError
 from ..core.io import atomic_open
-from ..core.layout import COMPETITION, Run
+from ..core.layout import COMPETITION, Layout, Run
 from . import build
 from .run import slugify
 from .train_run import FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES
@@ -243,11 +243,11 @@ def fetch_fold(cfg_name: str, fold: int, username: str | None, runs: str | Path 
     return install_fold(dest, cfg_name, fold, runs)
 
 
-def fetch_prepared(username: str | None, work: str | Path, out: str | Path = "kernels") -> Path:
+def fetch_prepared(username: str | None, layout: Layout, out: str | Path = "kernels") -> Path:
     """The prepare kernel's meta.csv + folds.csv into the work folder, where `make kernel-datasets` (and every local
     stage) reads them: the inference kernel's model dataset can then be built without the competition's data."""
+    from ..data import folds as folds_mod
     from . import api
-    from .run import _touch
 
     user = build.check_username(username)
     dest = Path(out) / "output" / PREPARE_SLUG
@@ -262,11 +262,12 @@ def fetch_prepared(username: str | None, work: str | Path, out: str | Path = "ke
     if missing:
         raise UserError(f"the output of {prepare_id(user)} in {dest} lacks {', '.join(missing)}; did its run finish "
                         f"(make kernel-status)? read its log there")
-    work = Path(work)
+    work = layout.work
     work.mkdir(parents=True, exist_ok=True)
     for name in PREPARED_FILES + (PREPARE_MANIFEST,):
         shutil.copy2(found[0] / name, work / name)
-    _touch(work / "folds.csv")  # not older than meta.csv, or load_folds would rebuild it from the DICOMs
+    info = json.loads((found[0] / "folds.csv.json").read_text())  # adopted here: judged against this layout's labels
+    folds_mod.write_folds(layout, folds_mod.read_folds(found[0] / "folds.csv"), info["k"], info["seed"])
     log.info(f"fetched {', '.join(PREPARED_FILES)} of {prepare_id(user)} into {work}")
     return work
 

@@ -520,7 +520,8 @@ def _python312() -> str:
 @pytest.mark.slow
 def test_install_step_on_python312(tmp_path, cfg):
     """The kernel's install step on Kaggle's Python 3.12 with a code dataset built here (3.11): every required
-    package installs; the cp311-only optional ones (pylibjpeg codecs) are named in the log and the run goes on."""
+    package installs (binary ones through wheels fetched for 3.12 at build time); an optional one without a 3.12
+    wheel (a pylibjpeg codec) is named in the log and the run goes on."""
     python = _python312()
     names = kernel.names_for(cfg, "testuser")
     code = kernel.build_code_dataset(names, tmp_path / "kernels")
@@ -528,7 +529,10 @@ def test_install_step_on_python312(tmp_path, cfg):
     optional = {w["name"] for w in listing["wheels"] if w["optional"]}
     assert optional == set(kernel.OPTIONAL_PACKAGES)
     binary_optional = {w["name"] for w in listing["wheels"] if w["optional"] and not w["pure"]}
-    assert binary_optional == {"pylibjpeg-libjpeg", "pylibjpeg-openjpeg"}  # built for cp311 only
+    assert binary_optional == {"pylibjpeg-libjpeg", "pylibjpeg-openjpeg"}  # built here for cp311
+    for_312 = {w["name"] for w in listing["wheels"] if "-cp312-" in w["file"] or "-abi3-" in w["file"]}
+    assert {"blosc2", "ndindex"} <= for_312  # the required binary ones: fetched for the kernel's Python
+    not_for_312 = sorted(binary_optional - for_312)  # pylibjpeg-libjpeg 2.5.0 publishes no cp312 wheel
     venv = tmp_path / "venv312"
     subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
     script = (f"import runpy; from pathlib import Path; "
@@ -538,9 +542,9 @@ def test_install_step_on_python312(tmp_path, cfg):
     result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in binary_optional:
+    for name in not_for_312:
         assert f"optional package {name} " in result.stdout and "compressed DICOMs" in result.stdout
-    assert "missing ['pylibjpeg-libjpeg', 'pylibjpeg-openjpeg']" in result.stdout
+    assert f"missing {not_for_312}" in result.stdout
     required = [w["name"] for w in listing["wheels"] if not w["optional"]] + ["pylibjpeg"]
     check = "import importlib.metadata as m, sys; print(sys.version_info[:2], [m.version(n) for n in sys.argv[1:]])"
     versions = subprocess.run([str(venv / "bin" / "python"), "-c", check, *required], capture_output=True, text=True)
@@ -620,8 +624,8 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     from ich_kaggle.data import folds, preprocess, synth
 
     comp = synth.write_competition(tmp_path / "comp", seed=0, studies=6, slices=5, size=32)
-    cfg = config.load("tiny", ["cv.k=2", "train.epochs=1", "data.image_size=32", "stack.epochs=3",
-                               "data.num_workers=0"])
+    overrides = ["cv.k=2", "train.epochs=1", "data.image_size=32", "stack.epochs=3", "data.num_workers=0"]
+    cfg = config.load("tiny", overrides)
     layout = Layout.of(comp, tmp_path / "work")
     runs = tmp_path / "runs"
     folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
@@ -632,8 +636,8 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     stack.stack(cfg, layout, runs=runs)
     # what `make submit` runs
     subprocess.run([sys.executable, "-m", "ich_kaggle", "submit", "--config", "tiny", "--data", str(comp),
-                    "--work", str(layout.work), "--runs", str(runs), "--out-dir", str(tmp_path / "submissions")],
-                   cwd=ROOT, check=True, capture_output=True)
+                    "--work", str(layout.work), "--runs", str(runs), "--out-dir", str(tmp_path / "submissions"),
+                    "--set", *overrides], cwd=ROOT, check=True, capture_output=True)
     expected = tmp_path / "submissions" / "tiny.csv"
 
     out = tmp_path / "kernels"
@@ -672,7 +676,9 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
                                    scratch=tmp_path / "scratch_half")
     gap = np.abs(pd.read_csv(got)["Label"].to_numpy() - a["Label"].to_numpy()).max()
     print(f"fp16 weights: checkpoints x{max(ratios):.2f} the size, submission max |difference| {gap:.1e}")
-    assert 0 < gap <= 2e-3  # float16 rounding, nothing worse (a wrong tensor would move it by far more)
+    # float16 rounding, nothing worse: a wrong tensor moves it by far more (measured 4.9e-4 with the old loader,
+    # 2.7e-3 with the HU-first one of issue 17, on this 1-epoch tiny model)
+    assert 0 < gap <= 5e-3
 
     # without a stacker (first-stage predictions only), in-process: the kernel side matches `make submit` too
     shutil.rmtree(runs / cfg.name / "stack")

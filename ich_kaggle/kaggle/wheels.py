@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.log import get as get_logger
+
+log = get_logger("kaggle")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PIP_CACHE = Path(os.environ.get("PIP_CACHE_DIR", Path.home() / ".cache" / "pip"))
@@ -160,4 +163,36 @@ def collect(packages: list[str] | tuple[str, ...], dest: Path) -> list[Wheel]:
             wheels.append(Wheel(target, name, version, "cache"))
         else:
             wheels.append(repack_installed(name, dest))
+    for w in [w for w in wheels[1:] if not w.pure]:  # binary wheels: also for the kernel's interpreter
+        wheels += download_for_kernel(w.name, w.version, dest)
     return wheels
+
+
+KERNEL_PYTHONS = ("3.12",)  # Kaggle's image since December 2025; the wheels here are built for this machine's Python
+KERNEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+
+
+def download_for_kernel(name: str, version: str, dest: Path) -> list[Wheel]:
+    """`pip download` of name==version's wheel for each of KERNEL_PYTHONS (needs the package index once, at dataset
+    build time; the kernel itself stays offline). A wheel that cannot be fetched is named in the log, not fatal:
+    the kernel then says which package did not install."""
+    import tempfile
+
+    out = []
+    for py in KERNEL_PYTHONS:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                   "--python-version", py, *[a for plat in KERNEL_PLATFORMS for a in ("--platform", plat)],
+                   "-d", tmp, f"{name}=={version}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            found = sorted(Path(tmp).glob("*.whl"))
+            if proc.returncode != 0 or not found:
+                last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+                log.warning(f"no {name}=={version} wheel for Python {py} ({last}); a kernel on Python {py} "
+                            f"will report it as not installed")
+                continue
+            target = dest / found[0].name
+            if not target.exists():
+                shutil.copy2(found[0], target)
+                out.append(Wheel(target, name, version, f"pypi (Python {py})"))
+    return out

@@ -55,5 +55,6 @@ def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path)
     assert again.stdout.strip().splitlines()[-7:] == lines
     printed = again.stdout + again.stderr
     assert printed.count("is already trained") == 6  # 3 folds of each of the two members
-    assert "already predicted" in printed and printed.count("is up to date") == 2  # both stacks
+    assert "already predicted" in printed and "(same member predictions and combination); reusing" in printed
+    assert printed.count("(same first-stage files, folds and settings); reusing") == 2  # both stacks
     assert "epoch 1/" not in printed  # nothing trained again

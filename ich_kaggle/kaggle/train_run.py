@@ -194,8 +194,7 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
     fold_run = Run.of(runs, cfg.name).fold(fold)
     if inputs.previous is not None:
         copied = restore_previous(inputs.previous, fold_run)
-        log.info(f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})",
-              flush=True)
+        log.info(f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})")
     check_scratch_space(layout)
     preprocess.ensure(layout, workers=usable_cpus())  # here, with every CPU, before the training processes start
     gpus = visible_gpus() if gpus is None else gpus
@@ -206,7 +205,7 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
     config_mod.dump(cfg, config_path)
     cmd = launch_command(config_path, layout, runs, fold, gpus)
     log.info(f"training fold {fold} of {cfg.name} on {max(gpus, 1)} {'GPU' if gpus else 'CPU'} process(es): "
-          f"{' '.join(cmd)}", flush=True)
+             f"{' '.join(cmd)}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if epochs_per_run:
         env[STOP_ENV] = str(epochs_done(fold_run) + int(epochs_per_run))

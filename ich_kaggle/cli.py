@@ -353,8 +353,9 @@ def _validate(args):
 def _kernel_datasets(args):
     from .kaggle import build as kernel
 
-    kernel.build_datasets(_config(args), runs=args.runs, out=args.out, username=args.username, layout=_layout(args),
-                          fp16_weights=args.fp16_weights)
+    cfg = _config(args)
+    kernel.build_datasets(cfg, runs=args.runs, out=args.out, username=args.username, layout=_layout(args),
+                          fp16_weights=args.fp16_weights, members=_members(args, cfg) if cfg.is_ensemble else None)
 
 
 @command("kernel")

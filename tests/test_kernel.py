@@ -170,8 +170,8 @@ def test_model_dataset_contents(tmp_path, cfg):
     manifest = kernel_run.read_manifest(folder)
     assert manifest["folds"] == [0, 2] and manifest["stack"] is True
     assert manifest["files"]["fold2_best.pt"] == "fold2/best.pt"
-    (folder / "ich_kaggle_model.json").write_text(json.dumps({**manifest, "format": 2}))
-    with pytest.raises(UserError, match="format 2, this ich_kaggle reads 1"):
+    (folder / "ich_kaggle_model.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(UserError, match="format 1, this ich_kaggle reads 2"):
         kernel_run.read_manifest(folder)
     assert config.load(str(folder / "config.yaml")).to_dict() == cfg.to_dict()
 
@@ -596,7 +596,8 @@ def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
     return root
 
 
-def _run_kernel(python: Path, script: Path, root: Path, tmp_path: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+def _run_kernel(python: Path, script: Path, root: Path, tmp_path: Path, name: str,
+                stacked: str = "tiny") -> tuple[subprocess.CompletedProcess, Path]:
     """kernel.py offline in the venv `tmp_path/name`; (its result, the submission.csv it wrote)."""
     working = tmp_path / f"working_{name}"
     working.mkdir()
@@ -610,7 +611,7 @@ def _run_kernel(python: Path, script: Path, root: Path, tmp_path: Path, name: st
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"from {tmp_path / name}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
     assert "urlopen error" not in result.stderr  # nothing tried the network (the proxy is a dead port)
-    assert f"scratch_{name}/runs/tiny/stack/test.csv" in result.stdout  # the stacker was refit in the kernel
+    assert f"scratch_{name}/runs/{stacked}/stack/test.csv" in result.stdout  # the stacker was refit in the kernel
     assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]  # the cache etc. stayed in scratch
     return result, working / "submission.csv"
 
@@ -689,3 +690,60 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
                                    scratch=tmp_path / "scratch2")
     assert got.read_bytes() == first.read_bytes()
     assert not (tmp_path / "scratch2" / "runs" / "tiny" / "stack").exists()
+
+
+@pytest.mark.slow
+def test_ensemble_kernel_equals_make_submit(tmp_path):
+    """An ensemble YAML through the kernel (issue 15): its model dataset carries every member's folds, resolved
+    config and OOF predictions; the kernel script predicts each member, combines them, refits the stacker over
+    both, chooses by OOF as `make submit` does, and writes the same file."""
+    import yaml
+
+    from ich_kaggle.core import ensemble
+    from ich_kaggle.data import folds, preprocess, synth
+    from ich_kaggle.predict import stage as predict
+    from ich_kaggle.stack import stage as stack
+    from ich_kaggle.submit import stage as submission
+    from ich_kaggle import train
+
+    comp = synth.write_competition(tmp_path / "comp", seed=3, studies=6, slices=5, size=32)
+    ens = tmp_path / "duo.yaml"
+    ens.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit"},
+                                   "cv": {"k": 2}, "stack": {"epochs": 3}}))
+    overrides = ["cv.k=2", "train.epochs=1", "data.image_size=32", "data.num_workers=0", "stack.epochs=3"]
+    cfg = config.load(str(ens), overrides)
+    members = ensemble.load_members(cfg, overrides)
+    layout = Layout.of(comp, tmp_path / "work")
+    runs = tmp_path / "runs"
+    folds.load_folds(layout, k=2, seed=cfg.cv.seed)
+    preprocess.ensure(layout)
+    for member in members:
+        for fold in range(2):
+            train.train_fold(member, layout, fold, runs=runs)
+    predict.predict_ensemble(cfg, members, layout, runs=runs)
+    stack.stack(cfg, layout, runs=runs)
+    result = subprocess.run([sys.executable, "-m", "ich_kaggle", "submit", "--config", str(ens), "--data", str(comp),
+                             "--work", str(layout.work), "--runs", str(runs), "--out-dir", str(tmp_path / "subs"),
+                             "--set", *overrides], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = tmp_path / "subs" / "duo.csv"
+
+    out = tmp_path / "kernels"
+    kernel.build_datasets(cfg, runs=runs, out=out, username="testuser", layout=layout, members=members)
+    names = kernel.names_for(cfg, "testuser")
+    manifest = kernel_run.read_manifest(names.model_dir(out))
+    assert [(m["name"], m["folds"]) for m in manifest["members"]] == [("tiny", [0, 1]), ("tiny_bone", [0, 1])]
+    shipped = sorted(p.name for p in names.model_dir(out).iterdir())
+    assert {"tiny__fold1_best.pt", "tiny_bone__fold0_best.pt", "tiny__predictions_oof.csv",
+            "tiny_bone__predictions_oof.csv", "tiny_bone__config.yaml", "stack_metrics.csv"} <= set(shipped)
+    assert not any("test" in name for name in shipped)  # test predictions are made in the kernel
+    bone = config.load(str(names.model_dir(out) / "tiny_bone__config.yaml"))
+    assert bone.to_dict() == members[1].to_dict() and "bone" in bone.data.windows  # each member's own config
+    folder = kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
+    root = _kaggle_input(tmp_path / "input", comp, names.code_dir(out), names.model_dir(out))
+    result, got = _run_kernel(_fresh_venv(tmp_path / "venv"), folder / "kernel.py", root, tmp_path, "venv",
+                              stacked="duo")
+    assert "predict: ensemble of 2 members (logit)" in result.stdout
+    assert "OOF weighted log loss: stacked" in result.stdout  # the same choice by OOF as `make submit`
+    assert submission.validate_file(comp / "stage_2_sample_submission.csv", got) == []
+    assert got.read_bytes() == expected.read_bytes()

@@ -148,29 +148,59 @@ def is_stacked(cfg: Config, runs: str | Path) -> bool:
     return Run.of(runs, cfg.name).stack.test.is_file()
 
 
-def model_files(cfg: Config, runs: str | Path) -> dict[str, str]:
-    """Flat dataset file name -> path inside runs/<cfg>/ (flat, so no --dir-mode zip nesting on Kaggle).
+def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, why: str) -> dict[str, Path]:
+    """`member`'s OOF files that the kernel cannot recompute (it has no train images) but its later stages read:
+    the stacker is refit on them, an ensemble's first stage combines them."""
+    pred = Run.of(runs, member.name).predictions
+    shipped = [pred.oof] + ([pred.oof_embeddings] if cfg.stack.use_embeddings and is_stacked(cfg, runs) else [])
+    for path in shipped:
+        if not path.is_file():
+            raise UserError(f"{path} not found but {why}; rerun `make predict CONFIG={cfg.name}`")
+    return {f"predictions_{path.name}": path for path in shipped}
 
-    Ships each trained fold's best.pt and, for a stacked run, the first-stage OOF predictions the stacker is refit
-    on inside the kernel (it keeps no weights: it is cross-fitted fold by fold) plus its metrics for reference.
-    Never local test predictions: the kernel recomputes them.
-    """
-    run = Run.of(runs, cfg.name)
-    folds = trained_folds(cfg, runs)
+
+def _member_files(cfg: Config, member: Config, runs: str | Path, prefix: str, oof_why: str | None) -> dict[str, str]:
+    """Flat name (with `prefix`) -> path inside runs/<member>/: each finished fold's best.pt and done.json, plus the
+    OOF predictions when `oof_why` says a later stage needs them. Never local test predictions: the kernel
+    recomputes them."""
+    run = Run.of(runs, member.name)
+    folds = trained_folds(member, runs)
     if not folds:
         raise UserError(f"no finished fold in {run.dir} (fold<k>/best.pt + done.json); train first "
                         f"(make train-all CONFIG={cfg.name})")
     files = {f"fold{k}_{path.name}": path for k in folds for path in (run.fold(k).best, run.fold(k).done)}
-    if is_stacked(cfg, runs):
-        if run.stack.metrics.is_file():
-            files[f"stack_{run.stack.metrics.name}"] = run.stack.metrics
-        shipped = [run.predictions.oof] + ([run.predictions.oof_embeddings] if cfg.stack.use_embeddings else [])
-        for path in shipped:
-            if not path.is_file():
-                raise UserError(f"{path} not found but {run.stack.dir} exists: the kernel refits the stacker on it; "
-                                f"rerun `make predict CONFIG={cfg.name}` (or delete {run.stack.dir})")
-            files[f"predictions_{path.name}"] = path
-    return {flat: path.relative_to(run.dir).as_posix() for flat, path in files.items()}
+    if oof_why:
+        files.update(_shipped_predictions(cfg, member, runs, oof_why))
+    return {prefix + flat: path.relative_to(run.dir).as_posix() for flat, path in files.items()}
+
+
+def model_files(cfg: Config, runs: str | Path) -> dict[str, str]:
+    """Flat dataset file name -> path inside runs/<cfg>/ (flat, so no --dir-mode zip nesting on Kaggle).
+
+    A single config ships each trained fold's best.pt and, for a stacked run, the first-stage OOF predictions the
+    stacker is refit on inside the kernel (it keeps no weights: it is cross-fitted fold by fold) plus its metrics.
+    An ensemble ships only its own stack metrics here; its members' files are `member_files`."""
+    run = Run.of(runs, cfg.name)
+    stacked = is_stacked(cfg, runs)
+    files = {} if cfg.is_ensemble else _member_files(
+        cfg, cfg, runs, "", f"{run.stack.dir} exists: the kernel refits the stacker on it" if stacked else None)
+    if stacked and run.stack.metrics.is_file():
+        files[f"stack_{run.stack.metrics.name}"] = run.stack.metrics.relative_to(run.dir).as_posix()
+    return files
+
+
+def member_files(cfg: Config, members: list[Config], runs: str | Path) -> list[dict]:
+    """An ensemble's members as the manifest lists them: name, folds, config file and files (flat name -> path
+    inside runs/<member>/), each flat name prefixed with the member's name. Every member ships its OOF predictions:
+    the kernel combines them into the ensemble's first stage and scores it for the choice by OOF."""
+    out = []
+    for member in members:
+        prefix = f"{member.name}__"
+        files = _member_files(cfg, member, runs, prefix, f"{cfg.name} is an ensemble: the kernel combines its "
+                                                         f"members' OOF predictions")
+        out.append({"name": member.name, "folds": trained_folds(member, runs), "config": f"{prefix}config.yaml",
+                    "files": files})
+    return out
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -277,35 +307,50 @@ def _write_data_inputs(layout: Layout, folder: Path, stacked: bool) -> None:
 
 
 def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: str | Path,
-                        layout: Layout | None = None, fp16_weights: bool = False) -> Path:
-    """kernels/ich-kaggle-model-<config>/: checkpoints, stacker inputs, folds, resolved config and a manifest.
+                        layout: Layout | None = None, fp16_weights: bool = False,
+                        members: list[Config] | None = None) -> Path:
+    """kernels/ich-kaggle-model-<config>/: checkpoints, stacker inputs, folds, resolved config(s) and a manifest.
 
     `layout` is the data the runs were trained on (its folds.csv and meta.csv travel with the model).
+    `members`: an ensemble's member configs as predict resolved them (default: `ensemble.load_members(cfg)`); each
+    member's files and resolved config travel too, so the kernel predicts, combines and stacks as `make submit` does.
     `fp16_weights` stores the checkpoints' weights in float16: half the size, but on the tiny config the submission
     moved by up to 4.9e-4 (tests/test_kernel.py prints it), more than 1e-4, so it is opt-in.
     """
+    from ..core import ensemble
+
+    if cfg.is_ensemble and members is None:
+        members = ensemble.load_members(cfg)
     files = model_files(cfg, runs)
+    listed = member_files(cfg, members, runs) if cfg.is_ensemble else []
     stacked = is_stacked(cfg, runs)
     layout = _check_data_inputs(cfg, layout)
-    root = Run.of(runs, cfg.name).dir
     final = names.model_dir(out)
     tmp = _fresh_tmp(final)
-    for flat, rel in files.items():
-        if fp16_weights and flat.endswith(".pt"):
-            _half_checkpoint(root / rel, tmp / flat)
-        else:
-            _link_or_copy(root / rel, tmp / flat)
+    sources = [(Run.of(runs, cfg.name).dir, files)] + [(Run.of(runs, m["name"]).dir, m["files"]) for m in listed]
+    for root, mapping in sources:
+        for flat, rel in mapping.items():
+            if fp16_weights and flat.endswith(".pt"):
+                _half_checkpoint(root / rel, tmp / flat)
+            else:
+                _link_or_copy(root / rel, tmp / flat)
     _write_data_inputs(layout, tmp, stacked)
     config_mod.dump(cfg, tmp / "config.yaml")
-    folds = trained_folds(cfg, runs)
+    for member, entry in zip(members or [], listed):
+        config_mod.dump(member, tmp / entry["config"])
+    folds = trained_folds(cfg, runs) if not cfg.is_ensemble else sorted({k for m in listed for k in m["folds"]})
     manifest = {
         "format": MANIFEST_FORMAT, "config": cfg.name, "ich_kaggle": __version__, "folds": folds,
         "stack": stacked, "files": files, "weights": "fp16" if fp16_weights else "fp32",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if cfg.is_ensemble:
+        manifest["members"] = listed
     _write_json(tmp / MODEL_MANIFEST, manifest)
     title = f"ICH Kaggle model {cfg.name}"[:50]
-    desc = f"Config {cfg.name}: folds {folds}, stacker {'yes' if manifest['stack'] else 'no'}. {cfg.description}"
+    what = ("ensemble of " + ", ".join(f"{m['name']} (folds {m['folds']})" for m in listed) if listed
+            else f"folds {folds}")
+    desc = f"Config {cfg.name}: {what}, stacker {'yes' if stacked else 'no'}. {cfg.description}"
     _write_json(tmp / DATASET_META, _dataset_metadata(title, names.model_id, desc))
     _swap_in(tmp, final)
     return final
@@ -313,13 +358,14 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
 
 def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels",
                    username: str | None = None, layout: Layout | None = None,
-                   fp16_weights: bool = False) -> dict[str, Path]:
+                   fp16_weights: bool = False, members: list[Config] | None = None) -> dict[str, Path]:
     """`make kernel-datasets`: both dataset folders, ready for `kaggle datasets create/version -p`.
 
     `layout` is the data the runs were trained on: the stacker, refit inside the kernel, needs its meta and folds.
     """
     names = names_for(cfg, username)
-    model = build_model_dataset(cfg, names, runs, out, layout, fp16_weights)  # "no trained fold" before the wheels
+    model = build_model_dataset(cfg, names, runs, out, layout, fp16_weights,  # "no trained fold" before the wheels
+                                members=members)
     code = build_code_dataset(names, out)
     log.info(f"wrote {code} ({names.code_id}) and {model} ({names.model_id})")
     return {"code": code, "model": model}
@@ -327,14 +373,18 @@ def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "ke
 
 def _warn_if_stale(cfg: Config, runs: str | Path, model_dir: Path, manifest: dict) -> None:
     """The kernel may run on a model dataset older than the local runs: say so (it is not an error)."""
-    root = Run.of(runs, cfg.name).dir
-    newer = [rel for flat, rel in manifest["files"].items()
-             if (root / rel).is_file() and (root / rel).stat().st_mtime > (model_dir / flat).stat().st_mtime + 1]
-    extra = [k for k in trained_folds(cfg, runs) if k not in manifest["folds"]]
+    runs_of = [("", cfg.name, manifest["files"], manifest["folds"])] + [
+        (f"{m['name']}/", m["name"], m["files"], m["folds"]) for m in manifest.get("members", [])]
+    newer, extra = [], []
+    for prefix, name, files, folds in runs_of:
+        run = Run.of(runs, name)
+        newer += [prefix + rel for flat, rel in files.items() if (run.dir / rel).is_file()
+                  and (run.dir / rel).stat().st_mtime > (model_dir / flat).stat().st_mtime + 1]
+        if not (prefix == "" and cfg.is_ensemble):  # an ensemble's own folder has no folds
+            extra += [f"{prefix}fold{k}/best.pt" for k in run.finished(selected_folds(cfg.cv)) if k not in folds]
     if newer or extra:
-        what = ", ".join(newer + [f"fold{k}/best.pt" for k in extra])
-        log.info(f"warning: {root} has newer files than {model_dir} ({what}); rerun `make kernel-datasets` "
-              f"and `make datasets-version` to ship them")
+        log.info(f"warning: {Run.of(runs, cfg.name).dir} has newer files than {model_dir} ({', '.join(newer + extra)}); rerun "
+                 f"`make kernel-datasets` and `make datasets-version` to ship them")
 
 
 def _read_dataset_id(folder: Path, fix: str) -> str:

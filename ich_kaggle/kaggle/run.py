@@ -24,7 +24,7 @@ from ..core.io import atomic_path, write_csv
 from ..core.layout import Layout, Run
 
 MODEL_MANIFEST = "ich_kaggle_model.json"
-MANIFEST_FORMAT = 1  # bump when the model dataset's layout changes
+MANIFEST_FORMAT = 2  # bump when the model dataset's layout changes (2: ensembles list their members)
 TRAIN_META = "train_meta.csv.gz"
 FOLDS = "folds.csv.gz"
 FOLDS_INFO = "folds.csv.json"
@@ -91,7 +91,8 @@ def read_manifest(model_dir: str | Path) -> dict:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{path} has format {manifest.get('format')!r}, this ich_kaggle reads {MANIFEST_FORMAT}; "
                         f"rebuild both datasets with the same ich_kaggle (make kernel-datasets) and upload them")
-    missing = [flat for flat in manifest.get("files", {}) if not (Path(model_dir) / flat).is_file()]
+    listed = [*manifest.get("files", {})] + [f for m in manifest.get("members", []) for f in (*m["files"], m["config"])]
+    missing = [flat for flat in listed if not (Path(model_dir) / flat).is_file()]
     if missing:
         raise UserError(f"{path.parent} lacks {', '.join(missing)} listed in its manifest; upload the whole folder again")
     return manifest
@@ -107,19 +108,32 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def materialize(model_dir: Path, manifest: dict, runs: Path) -> Config:
-    """Recreate runs/<cfg>/ (fold checkpoints, stacker files, OOF) from the flat, read-only dataset by symlinks."""
-    cfg_path = model_dir / "config.yaml"
+def _read_config(path: Path) -> Config:
     try:
-        cfg = config_mod.from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+        return config_mod.from_dict(yaml.safe_load(path.read_text()), source=str(path))
     except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{cfg_path} unreadable ({e}); rebuild the model dataset with `make kernel-datasets`") from None
-    cfg.cv.folds = list(manifest["folds"])
+        raise UserError(f"{path} unreadable ({e}); rebuild the model dataset with `make kernel-datasets`") from None
+
+
+def _materialize_run(model_dir: Path, cfg: Config, folds: list[int], files: dict[str, str], runs: Path) -> Config:
+    cfg.cv.folds = list(folds)
     run = Run.of(runs, cfg.name)
-    for flat, rel in manifest["files"].items():
+    for flat, rel in files.items():
         _link(model_dir / flat, run.dir / rel)
     config_mod.dump(cfg, run.config)
     return cfg
+
+
+def materialize(model_dir: Path, manifest: dict, runs: Path) -> Config:
+    """Recreate runs/<cfg>/ (fold checkpoints, stacker files, OOF) from the flat, read-only dataset by symlinks."""
+    cfg = _read_config(model_dir / "config.yaml")
+    return _materialize_run(model_dir, cfg, manifest["folds"], manifest["files"], runs)
+
+
+def materialize_members(model_dir: Path, manifest: dict, runs: Path) -> list[Config]:
+    """An ensemble's members: runs/<member>/ of each (checkpoints, OOF predictions) and its resolved config."""
+    return [_materialize_run(model_dir, _read_config(model_dir / m["config"]), m["folds"], m["files"], runs)
+            for m in manifest.get("members", [])]
 
 
 def data_view(competition: Path, folder: Path) -> Path:
@@ -142,15 +156,23 @@ def prepare_work(layout: Layout, model_dir: Path) -> None:
     meta_mod.load_meta(layout)
 
 
+def restore_oof(model_dir: Path, manifest: dict, runs: Path) -> None:
+    """The shipped OOF predictions back in each run's predictions/ (predict rewrites oof.csv from the folds' own
+    validation images, which the kernel does not have): what the stacker is refit on and an ensemble combines."""
+    entries = [(manifest["config"], manifest["files"])] + [(m["name"], m["files"]) for m in manifest.get("members", [])]
+    for name, files in entries:
+        run = Run.of(runs, name)
+        for flat, rel in files.items():
+            if (run.dir / rel).parent == run.predictions.dir:
+                _link(model_dir / flat, run.dir / rel)
+
+
 def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> None:
-    """Before stacking: the shipped OOF predictions back in predictions/ (predict rewrites oof.csv from the folds'
-    own validation images, which the kernel does not have), and the shipped train rows join meta.csv so the OOF
-    images can be placed in their series."""
+    """Before stacking: the shipped OOF predictions back (`restore_oof`), and the shipped train rows join meta.csv
+    so the OOF images can be placed in their series."""
     from ..data import meta as meta_mod
 
-    for flat, rel in manifest["files"].items():
-        if (run.dir / rel).parent == run.predictions.dir:
-            _link(model_dir / flat, run.dir / rel)
+    restore_oof(model_dir, manifest, run.dir.parent)
     meta = meta_mod.read_meta(layout.meta_csv)
     train = meta_mod.read_meta(model_dir / TRAIN_META)
     write_csv(pd.concat([meta[meta["split"] != "train"], train], ignore_index=True), layout.meta_csv)
@@ -172,10 +194,16 @@ def run_inference(model_dir: str | Path, competition: str | Path, working: str |
     manifest = read_manifest(model_dir)
     runs = scratch / "runs"
     cfg = materialize(model_dir, manifest, runs)
-    cfg.data.num_workers = -1  # this machine's CPUs (Kaggle: 4), not the training machine's worker count
+    members = materialize_members(model_dir, manifest, runs) or [cfg]  # an ensemble's, or the config itself
+    for c in (cfg, *members):
+        c.data.num_workers = -1  # this machine's CPUs (Kaggle: 4), not the training machine's worker count
     layout = Layout.of(data_view(competition, scratch / "data"), scratch / "work")
     prepare_work(layout, model_dir)
-    predict.predict(cfg, layout, runs=runs)
+    for member in members:
+        predict.predict(member, layout, runs=runs)
+    if cfg.is_ensemble:
+        restore_oof(model_dir, manifest, runs)
+        predict.combine_members(cfg, members, layout, runs=runs)
     if manifest.get("stack"):
         prepare_stack(layout, model_dir, manifest, Run.of(runs, cfg.name))
         stack.stack(cfg, layout, runs=runs)

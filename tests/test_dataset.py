@@ -190,8 +190,9 @@ def test_unreadable_image_in_eval_gives_blank_and_is_recorded(monkeypatch):
     cfg = config.load("tiny", ["data.image_size=16"])
     ds = D.SliceDataset(pd.DataFrame({"image_id": ["a0"]}), None, cfg, transform=build_eval_transforms(cfg),
                         meta=_meta())
-    x, _, i = ds[0]
+    x, y, i = ds[0]
     assert x.shape == (3, 16, 16) and float(x.abs().sum()) == 0 and ds.failed == {"a0"}
+    assert torch.isnan(y).all()  # the mark by which predict leaves it out instead of predicting a blank image
 
 
 def test_a_broken_cache_is_one_clear_error_not_an_endless_loop(monkeypatch):

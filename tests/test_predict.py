@@ -179,6 +179,39 @@ def test_unreadable_test_images_are_listed(trained, tmp_path):
     assert set(bad["image_id"]) == {test_ids[0], "ID_gone"}
 
 
+def test_a_cache_file_damaged_after_preprocess_is_reported_not_predicted_blank(trained, tmp_path, capsys):
+    """A cached test or validation image that no longer loads at predict time is left out and named, and the
+    submission gives the test image the training prior, as for a DICOM that could not be read at all."""
+    import shutil
+
+    from ich_kaggle.core.metrics import read_truth
+    from ich_kaggle.data import cache
+    from ich_kaggle.submit.stage import submit
+
+    cfg, layout, runs = trained
+    work = Layout.of(layout.data, tmp_path / "work")
+    shutil.copytree(layout.work, work.work, symlinks=True)  # a private cache we may damage
+    runs2 = tmp_path / "runs"
+    shutil.copytree(runs / cfg.name, runs2 / cfg.name, ignore=shutil.ignore_patterns("predictions", "stack"))
+    meta, folds = pd.read_csv(work.meta_csv), pd.read_csv(work.folds_csv)
+    test_victim = sorted(meta.loc[meta["split"] == "test", "image_id"])[3]
+    oof_victim = sorted(folds.loc[folds["fold"] == 1, "image_id"])[0]
+    for image_id in (test_victim, oof_victim):
+        cache.cache_path(work, image_id).write_bytes(b"IHU3 damaged after preprocess")
+    capsys.readouterr()
+    out = predict(cfg, work, runs=runs2)
+    printed = capsys.readouterr().out
+    assert "1 test image(s) could not be loaded" in printed and "1 fold 1 OOF image(s)" in printed
+    test, oof = pd.read_csv(out / "test.csv"), pd.read_csv(out / "oof.csv")
+    assert test_victim not in set(test["image_id"]) and oof_victim not in set(oof["image_id"])
+    assert len(test) == (meta["split"] == "test").sum() - 1 and np.isfinite(test[L].to_numpy()).all()
+    bad = pd.read_csv(out / "unreadable_test.csv")
+    assert bad.set_index("image_id").loc[test_victim, "reason"] == "cache file unreadable at predict time"
+    sub = pd.read_csv(submit(cfg, work, runs=runs2, out_dir=tmp_path / "subs"))
+    given = sub.set_index("ID").loc[f"{test_victim}_any", "Label"]
+    assert given == pytest.approx(read_truth(work.train_csv)["any"].mean(), abs=1e-6)  # the training prior
+
+
 def test_no_trained_fold_is_a_user_error(tmp_path):
     cfg = config.load("tiny")
     with pytest.raises(UserError, match="make train") as err:

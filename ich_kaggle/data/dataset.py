@@ -119,7 +119,10 @@ def _load_hu(layout: Layout, image_id: str) -> np.ndarray:
 
 
 class SliceDataset(Dataset):
-    """Items: (image float32 C x H x W, labels float32 (6,) (zeros if unlabelled), row index in `frame`)."""
+    """Items: (image float32 C x H x W, labels float32 (6,) (zeros if unlabelled), row index in `frame`).
+
+    An image that cannot be loaded is replaced by another one in training; in evaluation it comes back blank with
+    NaN labels, the mark by which predict leaves it out and reports it."""
 
     def __init__(self, frame: pd.DataFrame, layout: Layout, cfg: Config, transform=None, train: bool = False,
                  meta: pd.DataFrame | None = None) -> None:
@@ -198,9 +201,9 @@ class SliceDataset(Dataset):
                 if image_id not in self.failed:  # warn once per image (per worker)
                     self.failed.add(image_id)
                     log.warning("image %s unreadable (%s); %s", image_id, e,
-                                "replaced by another training image" if self.train else "predicting on a blank image")
-                if not self.train:
-                    return self._blank(), torch.from_numpy(self.labels[index]), index
+                                "replaced by another training image" if self.train else "left out of the predictions")
+                if not self.train:  # NaN labels mark it: predict leaves it out and lists it as unreadable
+                    return self._blank(), torch.full((len(LABELS),), float("nan")), index
                 rng = rng or self._rng(index)
                 current = int(rng.integers(len(self)))
         cache_dir = getattr(self.layout, "cache_dir", "the cache")

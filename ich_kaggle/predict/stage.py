@@ -133,8 +133,9 @@ def inference_precision(cfg: Config, device: torch.device):
 
 @torch.inference_mode()
 def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame,
-                  desc: str = "predict") -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every model on every image of `frame` (loaded once): [(probs (N, 6), embeddings (N, D) float32)] per model.
+                  desc: str = "predict") -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Every model on every image of `frame` (loaded once): ([(probs (N, 6), embeddings (N, D) float32)] per model,
+    bool (N,) of the images that could not be loaded: their rows are to be left out, not predicted blank).
 
     Each batch goes to every model's device and all models are launched before any result is copied back, so
     models on different GPUs run at the same time (CUDA launches are asynchronous)."""
@@ -143,7 +144,9 @@ def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, 
     loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers), devices[0])
     precision = {d: inference_precision(cfg, d) for d in devices}
     out: list[tuple[list, list]] = [([], []) for _ in models]
-    for x, _, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+    failed = []
+    for x, y, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+        failed.append(torch.isnan(y[:, 0]).numpy())  # the dataset's mark of an image it could not load
         on = {d: x.to(d, non_blocking=True) for d in devices}
         on = {d: v.contiguous(memory_format=torch.channels_last) if d.type == "cuda" else v for d, v in on.items()}
         launched = []
@@ -158,7 +161,18 @@ def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, 
         d = models[0].net.num_features if hasattr(models[0].net, "num_features") else 0
         result.append((np.concatenate(probs) if probs else np.zeros((0, len(LABELS)), np.float32),
                        np.concatenate(embs) if embs else np.zeros((0, d), np.float32)))
-    return result
+    return result, (np.concatenate(failed) if failed else np.zeros(0, bool))
+
+
+def _kept(ids: pd.Series, results: list[tuple[np.ndarray, np.ndarray]], failed: np.ndarray, what: str
+          ) -> tuple[pd.Series, list[tuple[np.ndarray, np.ndarray]]]:
+    """The rows of the images that loaded; the others are named in the log (and, for test, in unreadable.csv)."""
+    if not failed.any():
+        return ids, results
+    log.warning(f"predict: {int(failed.sum())} {what} image(s) could not be loaded from the cache and are left out "
+                f"(e.g. {ids[failed].iloc[0]}); delete their cache files and rerun `python -m ich_kaggle preprocess`")
+    keep = ~failed
+    return ids[keep].reset_index(drop=True), [(p[keep], e[keep]) for p, e in results]
 
 
 def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
@@ -220,18 +234,21 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
             net = net.to(memory_format=torch.channels_last)
         models.append(FoldModel(k, net, fcfg, device))
 
+    empty = (np.zeros((0, len(LABELS))), np.zeros((0, 0)))
     for group in _groups(models):
-        results = predict_frame(group, test, layout, cfg, meta, desc="test") if len(test) else [
-            (np.zeros((0, len(LABELS))), np.zeros((0, 0)))] * len(group)
+        results, failed = predict_frame(group, test, layout, cfg, meta, desc="test") if len(test) else (
+            [empty] * len(group), np.zeros(0, bool))
+        ids, results = _kept(test["image_id"], results, failed, "test")
         for m, (p, e) in zip(group, results):
-            save_embeddings(out.test_fold_embeddings(m.fold), test["image_id"], e)
-            write_csv(wide(test["image_id"], p), out.test_fold(m.fold))
+            save_embeddings(out.test_fold_embeddings(m.fold), ids, e)
+            write_csv(wide(ids, p), out.test_fold(m.fold))
         for m in group:
             v = val[m.fold]
-            (p, e), = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}") if len(v) else [
-                (np.zeros((0, len(LABELS))), np.zeros((0, 0)))]
-            save_embeddings(out.oof_fold_embeddings(m.fold), v["image_id"], e)
-            write_csv(wide(v["image_id"], p), out.oof_fold(m.fold))
+            (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}") if len(v) else (
+                [empty], np.zeros(0, bool))
+            ids, ((p, e),) = _kept(v["image_id"], [result], failed, f"fold {m.fold} OOF")
+            save_embeddings(out.oof_fold_embeddings(m.fold), ids, e)
+            write_csv(wide(ids, p), out.oof_fold(m.fold))
             manifest.write(out.oof_fold(m.fold), expected[m.fold])  # last: marks the fold's four files done
 
     done = freshness.predictions(run, have, cfg.tta)
@@ -241,10 +258,20 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     # fold average / concatenation over every trained fold, from the per-fold files
     test_frames = [pd.read_csv(out.test_fold(k), dtype={"image_id": str}) for k in have]
     oof_frames = [pd.read_csv(out.oof_fold(k), dtype={"image_id": str}) for k in have]
-    if len(test):
+    # the test images every fold predicted; one that a fold could not load gets the prior in the submission
+    common = test["image_id"][np.logical_and.reduce([test["image_id"].isin(f["image_id"]) for f in test_frames])]
+    lost = sorted(set(test["image_id"]) - set(common))
+    if lost:
+        bad = pd.concat([bad, pd.DataFrame({"image_id": lost, "reason": "cache file unreadable at predict time"})],
+                        ignore_index=True)
+    if len(common):
+        test_frames = [f[f["image_id"].isin(common)] for f in test_frames]
         write_csv(average_folds(test_frames, cfg.tta.average), out.test)
-        embs = [load_embeddings(out.test_fold_embeddings(k))[1].astype(np.float32) for k in have]
-        save_embeddings(out.test_embeddings, test["image_id"], np.mean(embs, axis=0))
+        embs = []
+        for k in have:
+            ids, emb = load_embeddings(out.test_fold_embeddings(k))
+            embs.append(pd.DataFrame(emb.astype(np.float32), index=ids).loc[common.to_numpy()].to_numpy())
+        save_embeddings(out.test_embeddings, common, np.mean(embs, axis=0))
     else:
         write_csv(wide([], np.zeros((0, len(LABELS)))), out.test)
         save_embeddings(out.test_embeddings, [], np.zeros((0, 0)))

@@ -60,7 +60,7 @@ def test_bad_overrides_name_the_key(override, message):
     ("augment.window_jitter=1.01", r"augment.window_jitter=1.01 must be in \[0, 1\]"),
     ("cv.folds=[0,7]", r"cv.folds=7 must be in \[0, 4\]"),
     ("train.loss=hinge", r"train.loss='hinge' is not one of bce, focal"),
-    ("tta.transforms=identity,vflip", r"tta.transforms='vflip' is not one of identity, hflip, shift, scale"),
+    ("tta.transforms=identity,vflip", r"tta.transforms='vflip' is not one of identity, hflip, shift, shift_back, scale, transpose"),
     ("stack.model=lstm", r"stack.model='lstm' is not one of gru, conv, gru_conv, neighbors"),
     ("model.backbone=seresnext50", r"unknown backbone 'seresnext50' \(model.backbone\); did you mean"),
 ])

@@ -67,11 +67,27 @@ def test_tta_averages_in_probability_or_logit_space():
 def test_tta_ops_keep_shape_and_move_content():
     x = torch.zeros(1, 1, 20, 20)
     x[0, 0, 5, 5] = 1
-    assert TTA.names() == ["identity", "hflip", "shift", "scale"]
+    x[0, 0, 5, 9] = 2  # right of the first point: tells a transpose from a flip
+    assert TTA.names() == ["identity", "hflip", "shift", "shift_back", "scale", "transpose", "hflip_transpose"]
     for name in TTA.names():
         assert TTA.get(name)(x).shape == x.shape, name
     assert TTA.get("shift")(x)[0, 0, 6, 6] == 1  # 5 % of 20 px = 1 px right and down
+    assert TTA.get("shift_back")(x)[0, 0, 4, 4] == 1
     assert TTA.get("hflip")(x)[0, 0, 5, 14] == 1
+    assert TTA.get("transpose")(x)[0, 0, 9, 5] == 2 and TTA.get("transpose")(x)[0, 0, 5, 5] == 1
+    assert TTA.get("hflip_transpose")(x)[0, 0, 10, 5] == 2 and TTA.get("hflip_transpose")(x)[0, 0, 14, 5] == 1
+    rot = torch.rot90(x, k=1, dims=(-2, -1))  # hflip then transpose is a quarter turn (counter-clockwise)
+    assert torch.equal(TTA.get("hflip_transpose")(x), rot)
+
+
+def test_a_tta_view_the_model_never_saw_is_refused():
+    from ich_kaggle.core.errors import UserError
+
+    with pytest.raises(UserError, match=r"tta.transforms has 'transpose', a view the model never sees in training "
+                                        r"\(augment.transpose=0\)"):
+        config.load("tiny", ["tta.transforms=identity,transpose"])
+    cfg = config.load("tiny", ["augment.transpose=0.5", "tta.transforms=identity,hflip,transpose,hflip_transpose"])
+    assert cfg.tta.transforms[-1] == "hflip_transpose"
 
 
 def test_fold_averaging_beats_single_folds():

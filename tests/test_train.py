@@ -106,6 +106,32 @@ def test_resume_after_interruption_matches_uninterrupted(comp, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(a / "oof.csv"), pd.read_csv(b / "oof.csv"))
 
 
+def test_weight_average_is_validated_saved_and_resumed(comp, tmp_path):
+    """train.ema: the moving average of the weights is what is validated and kept as best.pt; last.pt holds the
+    raw weights and the average, and a resumed run ends at the same average as an uninterrupted one."""
+    from ich_kaggle.models.checkpoint import load_checkpoint
+
+    cfg = _cfg("train.epochs=2", "train.ema=0.9")
+    a = train.train_fold(cfg, comp, 1, runs=tmp_path / "a")
+    last, best = read_checkpoint(a / "last.pt"), read_checkpoint(a / "best.pt")
+    assert last["ema"]["steps"] == 2 * 4  # 32 images per epoch in batches of 8: one update per optimizer step
+    average, raw = last["ema"]["weights"], last["model"]
+    moved = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], average[k])]
+    assert len(moved) > len(raw) // 2  # the average is not the raw weights
+    kept = best["model"]
+    assert all(torch.equal(kept[k], average[k]) for k in kept) if best["epoch"] == 2 else kept.keys() == raw.keys()
+    net, _ = load_checkpoint(a / "best.pt")  # the average loads as an ordinary model
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.isfinite(net.eval()(x)).all()
+
+    b = train.train_fold(cfg, comp, 1, runs=tmp_path / "b", stop_after_epochs=1)
+    assert read_checkpoint(b / "last.pt")["ema"]["steps"] == 4
+    train.train_fold(cfg, comp, 1, runs=tmp_path / "b")
+    resumed = read_checkpoint(b / "last.pt")["ema"]["weights"]
+    assert all(torch.equal(resumed[k], average[k]) for k in average)
+    pd.testing.assert_frame_equal(pd.read_csv(a / "oof.csv"), pd.read_csv(b / "oof.csv"))
+
+
 def test_resume_with_changed_config_is_a_user_error(comp, tmp_path):
     cfg = _cfg("train.epochs=2")
     train.train_fold(cfg, comp, 2, runs=tmp_path, stop_after_epochs=1)

@@ -138,8 +138,10 @@ class TrainConfig:
     max_images_per_epoch: int = 0  # 0 = all; >0 subsamples each epoch (tiny configs)
     progressive_sizes: list[int] = field(default_factory=list)  # image size per epoch, e.g. [64, 128, 224, 256]
     balance: str = "none"  # none | oversample (repeat positives of rare subtypes)
+    ema: float = 0.0  # decay per optimizer step of the weights' moving average (engine/ema.py); 0 = off
 
     def check(self, src: str) -> None:
+        _between(src, "train.ema", self.ema, 0.0, 0.99999)
         for key in ("epochs", "batch_size", "accum_steps"):
             _between(src, f"train.{key}", getattr(self, key), 1)
         _between(src, "train.lr", self.lr, 0.0, lo_open=True)
@@ -431,6 +433,12 @@ def validate(cfg: Config) -> None:
             except UserError as e:
                 msg = str(e)
                 raise UserError(msg if msg.startswith(src) else f"{src}: {msg}") from None
+    for name in cfg.tta.transforms:  # a view only helps if training showed the model such images
+        unseen = [a for a in getattr(TTA.get(name, "tta.transforms"), "needs", ()) if getattr(cfg.augment, a) <= 0]
+        if unseen:
+            raise UserError(f"{src}: tta.transforms has '{name}', a view the model never sees in training "
+                            f"({', '.join(f'augment.{a}=0' for a in unseen)}); set {unseen[0]} > 0 in augment or "
+                            f"drop '{name}'")
 
 
 def dump(cfg: Config, path: str | Path) -> None:

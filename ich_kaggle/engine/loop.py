@@ -36,6 +36,7 @@ from ..data import folds as folds_mod
 from . import dist as D
 from .precision import choose as choose_precision
 from .logs import close_log, open_log, plot_curves, write_log_csv
+from . import ema
 from .plan import epoch_indices, eval_loader, image_size, label_matrix, train_loader
 
 _LOG = logging.getLogger("ich_kaggle.engine")
@@ -144,8 +145,9 @@ def batches(loader):
 
 
 def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Config, info: D.DistInfo,
-                desc: str, batch_loss=None) -> tuple[float, int, float]:
-    """(mean train loss over all ranks, images seen over all ranks, seconds)."""
+                desc: str, batch_loss=None, after_step=None) -> tuple[float, int, float]:
+    """(mean train loss over all ranks, images seen over all ranks, seconds); `after_step()` after each optimizer
+    step (the weights' moving average)."""
     model.train()
     accum, n = cfg.train.accum_steps, len(loader)
     total, seen = torch.zeros(2, dtype=torch.float64), 0
@@ -172,6 +174,8 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Confi
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if after_step is not None:
+                after_step()
         total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
         seen += len(x)
         elapsed = time.perf_counter() - start
@@ -342,6 +346,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
 
     log.info(f"fold {fold}: {choose_precision(cfg.train.amp, info.device).describe()}")  # stops on an unusable GPU
     model, net = build_network(cfg, info)
+    average = ema.build(cfg, net)  # train.ema > 0: validated, saved as best.pt and predicted with instead of net
     loss_fn = build_loss(cfg, train_labels).to(info.device)
     batch_loss = None if batch_loss_factory is None else batch_loss_factory(
         cfg, train_ds=train_ds, meta=data.meta, loss_fn=loss_fn, net=net, info=info)
@@ -359,6 +364,8 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
+        if average is not None:
+            average.load_state_dict(ckpt["ema"])
         start_epoch, rows = int(ckpt["epoch"]), list(ckpt["log"])
         best, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
         if info.world_size == int(ckpt.get("world_size", 1)) and "rng" in ckpt:
@@ -387,9 +394,9 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
         loader = train_loader(train_ds, epoch_indices(cfg, train_labels, epoch), cfg, info, batch, epoch)
         desc = f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} ({size}px)"
         train_loss, seen, train_s = train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg, info, desc,
-                                                batch_loss)
+                                                batch_loss, None if average is None else lambda: average.update(net))
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
-        row.update(validate(net, val_ds, val_labels, cfg, info))
+        row.update(validate(net if average is None else average.module, val_ds, val_labels, cfg, info))
         row.update({"seconds": time.perf_counter() - t0, "train_images_per_s": seen / max(train_s, 1e-9)})
         rows.append(row)
         improved = row["val_weighted_log_loss"] < best
@@ -397,10 +404,12 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
             best, best_epoch = row["val_weighted_log_loss"], epoch + 1
         if info.is_main:
             state = clean_state_dict(net.state_dict())
-            if improved:
-                save_checkpoint(best_path, {"model": state, "config": cfg.to_dict(), "epoch": epoch + 1,
+            if improved:  # the weights that were validated: the moving average when there is one
+                kept = state if average is None else clean_state_dict(average.module.state_dict())
+                save_checkpoint(best_path, {"model": kept, "config": cfg.to_dict(), "epoch": epoch + 1,
                                             "val_weighted_log_loss": best, "num_classes": len(LABELS)})
-            save_checkpoint(last_path, {
+            extra = {} if average is None else {"ema": average.state_dict()}
+            save_checkpoint(last_path, {**extra,
                 "model": state, "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                 "rng": D.rng_state(), "log": rows, "best_metric": best, "best_epoch": best_epoch, "split": split,

@@ -12,11 +12,21 @@ SCALE_FACTOR = 1.1  # `scale` TTA: zoom in by 10 %, centre crop
 
 
 def shift(x: torch.Tensor, fraction: float = SHIFT_FRACTION) -> torch.Tensor:
+    """Right and down by `fraction` of the size (negative: left and up); the border comes in black."""
     h, w = x.shape[-2:]
-    dy, dx = max(1, round(h * fraction)), max(1, round(w * fraction))
+    dy, dx = max(1, round(h * abs(fraction))), max(1, round(w * abs(fraction)))
     out = torch.zeros_like(x)
-    out[..., dy:, dx:] = x[..., : h - dy, : w - dx]
+    if fraction >= 0:
+        out[..., dy:, dx:] = x[..., : h - dy, : w - dx]
+    else:
+        out[..., : h - dy, : w - dx] = x[..., dy:, dx:]
     return out
+
+
+def transpose(x: torch.Tensor) -> torch.Tensor:
+    """Rows <-> columns (a square image stays square): the view of `augment.transpose`."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return x.transpose(-1, -2).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def scale(x: torch.Tensor, factor: float = SCALE_FACTOR) -> torch.Tensor:
@@ -28,10 +38,20 @@ def scale(x: torch.Tensor, factor: float = SCALE_FACTOR) -> torch.Tensor:
     return crop.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-TTA.register("identity", lambda x: x)
-TTA.register("hflip", lambda x: x.flip(-1))
-TTA.register("shift", shift)
-TTA.register("scale", scale)
+def _view(name: str, fn, needs: tuple[str, ...] = ()) -> None:
+    """Register a view; `needs`: the augmentations (probability > 0) through which training showed the model such
+    images. A view the model never saw only adds noise to the average, so the config check refuses it."""
+    fn.needs = needs
+    TTA.register(name, fn)
+
+
+_view("identity", lambda x: x)
+_view("hflip", lambda x: x.flip(-1), ("hflip",))
+_view("shift", shift, ("shift_scale_rotate",))
+_view("shift_back", lambda x: shift(x, -SHIFT_FRACTION), ("shift_scale_rotate",))
+_view("scale", scale)
+_view("transpose", transpose, ("transpose",))
+_view("hflip_transpose", lambda x: transpose(x.flip(-1)), ("hflip", "transpose"))  # a 90-degree rotation
 
 
 def tta_forward(net: torch.nn.Module, x: torch.Tensor, transforms: list[str], average: str = "prob",

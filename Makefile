@@ -36,9 +36,11 @@ demo: $(PY)
 	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),demo) $(if $(strip $(SET)),--set $(SET))
 
 # the whole recipe, resumable (rerun after an interruption): ENSEMBLE=seresnext_pair or any config / ensemble
+# GPUS: how many GPUs train folds side by side (default -1: every visible one)
 ENSEMBLE ?= seresnext_pair
+GPUS ?= -1
 recipe: $(PY)
-	$(PY) -m ich_kaggle recipe --config $(ENSEMBLE) --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip $(SET)),--set $(SET))
+	$(PY) -m ich_kaggle recipe --config $(ENSEMBLE) --data "$(DATA_DIR)" --runs "$(RUNS)" --gpus $(GPUS) $(if $(strip $(SET)),--set $(SET))
 
 test: $(PY)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

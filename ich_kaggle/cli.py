@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment(p)
     p.set_defaults(config="seresnext_pair")
     p.add_argument("--out-dir", default="submissions")
+    p.add_argument("--gpus", type=int, default=-1, help="GPUs that train folds side by side, one process each "
+                                                        "(default -1: every visible one; 0 or 1: one fold at a time)")
 
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic (or any) competition")
     p.add_argument("--data", default=None, help="data folder; default: generate the synthetic competition")
@@ -518,7 +520,7 @@ def _recipe(args):
     from . import demo
 
     demo.recipe(args.data, config_name=args.config, runs=args.runs, work=args.work, overrides=args.set,
-                out_dir=args.out_dir)
+                out_dir=args.out_dir, gpus=args.gpus)
 
 
 @command("demo")

@@ -75,12 +75,13 @@ def scores(layout: Layout, run: Run, members: list[str] | None = None, extra: di
 
 
 def pipeline(cfg, members: list, layout: Layout, runs: str | Path, out_dir: str | Path = "submissions",
-             tag: str = "demo") -> Path:
+             tag: str = "demo", jobs: list | None = None, devices: list[str] | None = None) -> Path:
     """meta -> folds -> cache -> every fold of every member -> predict (+ ensemble) -> stack -> choose -> submit.
 
     Resumable: each step reuses what its manifest says is current (finished folds are skipped, an interrupted
     fold resumes from last.pt, predictions and the stack are reused when fresh), so rerunning after a crash or a
-    new fold continues where it stopped."""
+    new fold continues where it stopped. With `jobs` and two or more `devices`, the folds train side by side, one
+    process per device (train/side_by_side.py), before the loop below finds them finished."""
     from .predict import stage as predict
     from .stack import stage as stack
     from .submit import stage as submission
@@ -89,6 +90,12 @@ def pipeline(cfg, members: list, layout: Layout, runs: str | Path, out_dir: str 
 
     folds.fold_table(layout, cfg.cv)  # scans meta.csv first when it is missing
     preprocess.ensure(layout)
+    if jobs and devices and len(devices) > 1:
+        from .train.side_by_side import run_jobs
+
+        todo = [j for j, m in jobs if not Run.of(runs, m.name).finished([j.fold])]
+        if todo:
+            run_jobs(todo, devices, layout.data, layout.work, runs, Run.of(runs, cfg.name).job_logs)
     for member in members:
         for fold in folds.selected_folds(member.cv):
             print(f"[{tag}] training {member.name} fold {fold} of {member.cv.k}")
@@ -101,19 +108,42 @@ def pipeline(cfg, members: list, layout: Layout, runs: str | Path, out_dir: str 
     return submission.submit(cfg, layout, runs=runs, out_dir=out_dir)
 
 
-def recipe(data: str, config_name: str = "seresnext_pair", runs: str = "runs", work: str | None = None,
-           overrides: list[str] | None = None, out_dir: str = "submissions") -> Path:
-    """`make recipe`: the whole recipe on a Kaggle download, one resumable command, to `<out_dir>/<config>.csv`."""
+def fold_jobs(cfg, config_name: str, overrides: list[str] | None) -> list:
+    """(Job, member config) for every selected fold of every member: the train command that makes each fold the
+    same as this process would (an ensemble member: its YAML with `ensemble.member_set`, then the overrides)."""
     from .core import ensemble
+    from .data.folds import selected_folds
+    from .train.side_by_side import Job
+
+    extra = [o for o in (overrides or []) if not o.strip().startswith("ensemble.")]
+    if cfg.is_ensemble:
+        sources = [(src, [*cfg.ensemble.member_set, *extra]) for src in cfg.ensemble.members]
+        members = ensemble.load_members(cfg, overrides)
+    else:
+        sources, members = [(config_name, list(overrides or []))], [cfg]
+    return [(Job(src, int(k), sets, m.name), m) for (src, sets), m in zip(sources, members)
+            for k in selected_folds(m.cv)]
+
+
+def recipe(data: str, config_name: str = "seresnext_pair", runs: str = "runs", work: str | None = None,
+           overrides: list[str] | None = None, out_dir: str = "submissions", gpus: int = -1) -> Path:
+    """`make recipe`: the whole recipe on a Kaggle download, one resumable command, to `<out_dir>/<config>.csv`.
+    `gpus`: how many GPUs train folds side by side (-1: every visible one; 0 or 1: one fold at a time here)."""
+    from .core import ensemble
+    from .train.side_by_side import visible_gpus
 
     start = time.time()
     cfg = config.load(config_name, overrides)
     members = ensemble.load_members(cfg, overrides) if cfg.is_ensemble else [cfg]
     layout = Layout.of(data, work)
     layout.require_data()
+    devices = visible_gpus()
+    devices = devices if gpus < 0 else devices[:gpus]
     print(f"[recipe] data {layout.data}  work {layout.work}  config {cfg.name} "
-          f"({', '.join(m.name for m in members)})  runs {runs}")
-    out = pipeline(cfg, members, layout, runs, out_dir=out_dir, tag="recipe")
+          f"({', '.join(m.name for m in members)})  runs {runs}  "
+          + (f"folds side by side on GPUs {', '.join(devices)}" if len(devices) > 1 else "one fold at a time"))
+    out = pipeline(cfg, members, layout, runs, out_dir=out_dir, tag="recipe",
+                   jobs=fold_jobs(cfg, config_name, overrides), devices=devices)
     choice = json.loads(Run.of(runs, cfg.name).choice.read_text())
     print(f"[recipe] {out} from the {choice['stage']} stage; wall time {time.time() - start:.0f} s")
     return out

@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "loader": "ich_kaggle.bench.loader:bench_loader",
     "train": "ich_kaggle.bench.train:bench",
     "stack": "ich_kaggle.bench.stack:bench_stack",
+    "choices": "ich_kaggle.bench.choices:bench_choices",  # quality, not speed: TTA views and weight averaging
 }
 
 SHARED_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsna-ich-mini.tar.xz"

@@ -209,4 +209,5 @@ class Run:
     predictions = property(lambda self: Predictions(self.dir / "predictions"))
     stack = property(lambda self: Stacked(self.dir / "stack"))
     report = property(lambda self: self.dir / "report")
+    job_logs = property(lambda self: self.dir / "jobs")  # one log per fold trained side by side (`make recipe`)
     choice = property(lambda self: self.dir / "choice.json")  # which stage submit chose, with both OOF scores

@@ -124,7 +124,8 @@ def test_prepare_and_train_kernels_offline(world, tmp_path):
     for name in ("best.pt", "last.pt", "log.csv", "oof.csv", "done.json", "train.log", train_run.FOLD_MANIFEST):
         assert (fold.dir / name).is_file(), name
     assert sorted(p.name for p in second.iterdir()) == ["runs"]  # the cache stayed on the scratch disk
-    assert (base / "scratch_v2" / "work" / "cache").is_dir()
+    assert (base / "scratch_v2" / "work" / "cache").is_dir()  # the synthetic train images' cache fits: cached
+    assert "images: caching" in log and json.loads((fold.dir / train_run.FOLD_MANIFEST).read_text())["images"] == "cache"
     _same_weights(fold.last, Path(local_fold) / "last.pt")
     _same_weights(fold.best, Path(local_fold) / "best.pt")
     assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()  # the checkpoints predict the same
@@ -247,15 +248,54 @@ def test_cli_push_status_fetch(tmp_path, kaggle_home, monkeypatch, capsys):
     assert (work / "folds.csv").stat().st_mtime > (work / "meta.csv").stat().st_mtime  # not rebuilt as stale
 
 
-def test_scratch_too_small_stops_with_the_figure(tmp_path, monkeypatch):
-    layout = Layout.of(tmp_path / "comp", tmp_path / "work")
+def _meta_rows(layout: Layout, n: int) -> None:
     layout.work.mkdir(parents=True)
-    rows = "\n".join(f"ID_{i},P,S,R,train,stage_2_train/ID_{i}.dcm,1.0,0,1" for i in range(1000))
+    rows = "\n".join(f"ID_{i},P,S,R,train,stage_2_train/ID_{i}.dcm,1.0,0,1" for i in range(n))
     layout.meta_csv.write_text("image_id,patient_id,study_id,series_id,split,path,z,slice_rank,series_len\n" + rows + "\n")
-    train_run.check_scratch_space(layout)  # 160 MB fits
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
-    with pytest.raises(UserError, match=r"caching 1,000 train images needs about 0.2 GB but .* has 0.0 GB free; .*ICH_KAGGLE_SCRATCH"):
-        train_run.check_scratch_space(layout)
+
+
+def test_the_cache_where_it_fits_else_the_dicoms_with_the_figures(tmp_path, monkeypatch, caplog):
+    layout = Layout.of(tmp_path / "comp", tmp_path / "work")
+    _meta_rows(layout, 1000)
+    cfg = _cfg()
+    monkeypatch.setattr(train_run, "scratch_free_bytes", lambda p: 10**9)
+    with caplog.at_level("INFO", logger="ich_kaggle"):
+        assert train_run.choose_source(layout, cfg) == "cache"  # 160 MB fits
+        monkeypatch.setattr(train_run, "scratch_free_bytes", lambda p: 10**6)
+        assert train_run.choose_source(layout, cfg) == "dicom"
+        assert train_run.choose_source(layout, config.load("tiny", OVERRIDES + ["data.source=dicom"])) == "dicom"
+    assert "caching 1,000 train images (about 0.2 GB of the 1.0 GB free" in caplog.text
+    assert (f"caching 1,000 train images would need about 0.2 GB but {layout.work} has 0.0 GB free; reading every "
+            f"slice from its DICOM") in caplog.text
+    assert "data.source=dicom in the config" in caplog.text
+
+
+@pytest.mark.slow
+def test_training_kernel_without_room_for_the_cache_trains_from_the_dicoms(world, tmp_path, monkeypatch, caplog):
+    """The training kernel's run on the fake /kaggle/input, its scratch disk too small for the cache: it trains
+    from the DICOMs instead of stopping, caches nothing, says so, and its fold is the local fold from the cache."""
+    from ich_kaggle import train
+
+    cfg = _cfg()
+    local = Layout.of(world["comp"], tmp_path / "work_local")
+    local_fold = train.train_fold(cfg, local, 0, runs=tmp_path / "runs_local")
+    prepared = train_run.run_prepare(world["comp"], tmp_path / "prepared", k=cfg.cv.k, seed=cfg.cv.seed, workers=1)
+    root = _input(tmp_path / "input", world, {"ich-kaggle-prepare": prepared})
+    monkeypatch.setattr(train_run, "scratch_free_bytes", lambda p: 10**5)  # 100 kB free: not even one slice
+    monkeypatch.delenv("ICH_STOP_AFTER_EPOCHS", raising=False)
+    monkeypatch.chdir(ROOT)  # the training process runs `python -m ich_kaggle` from here
+    inputs = train_run.find_train_inputs(root, cfg.name, 0)
+    scratch = tmp_path / "scratch"
+    with caplog.at_level("INFO", logger="ich_kaggle"):
+        fold = train_run.run_training(cfg, 0, inputs, tmp_path / "working", scratch, gpus=0)
+    assert "reading every slice from its DICOM" in caplog.text
+    assert not (scratch / "work" / "cache").exists()
+    assert "images from their DICOMs under" in fold.train_log.read_text()
+    manifest = json.loads((fold.dir / train_run.FOLD_MANIFEST).read_text())
+    assert manifest["images"] == "dicom" and manifest["done"] is True
+    assert config.load(str(fold.config)).data.source == "dicom"
+    _same_weights(fold.last, Path(local_fold) / "last.pt")
+    assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()
 
 
 def test_find_train_inputs_and_epochs_done(tmp_path):

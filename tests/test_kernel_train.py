@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,34 @@ def test_prepare_and_train_kernels_offline(world, tmp_path):
     dest = train_build.install_fold(second, cfg.name, 0, runs)
     assert dest == runs / cfg.name / "fold0" and (dest / "best.pt").is_file()
     assert build.trained_folds(cfg, runs) == [0]
+
+
+def test_every_kernel_script_embeds_the_one_install_step(tmp_path):
+    """kernel_install.py is the only copy of the install step: the templates import it (valid Python, linted), and
+    the inference, prepare, training and from-folds scripts all carry its text, placeholders filled."""
+    install = build.INSTALL.read_text()
+    for template in (build.TEMPLATE, train_build.TRAIN_TEMPLATE):
+        text = template.read_text()
+        assert "def pip_install" not in text and text.count("# __INSTALL__") == 1
+    cfg = _cfg()
+    scripts = {
+        "prepare": train_build.build_prepare_kernel(USER, tmp_path) / "kernel.py",
+        "train": train_build.build_train_kernel(cfg, 0, USER, tmp_path) / "kernel.py",
+        "from-folds": train_build.build_infer_kernel(cfg, USER, tmp_path, folds=[0]) / "kernel.py",
+    }
+    body = install[install.index("def log("):]  # below the placeholders: the same text in every script
+    for name, path in scripts.items():
+        script = path.read_text()
+        assert script.count(body) == 1 and "import (  # __INSTALL__" not in script, name
+        assert "from ich_kaggle.kaggle.kernel_install" not in script, name  # runs before ich_kaggle is installed
+        assert f'CODE_DATASET = "{USER}/ich-kaggle-code"' in script, name
+        assert not re.findall(r'"__[A-Z_]+__"', script.replace('"__main__"', "")), name
+    assert 'CONFIG_NAME = "tiny"' in scripts["train"].read_text()
+    with pytest.raises(RuntimeError, match="exactly one"):
+        build.embed_install("print(1)\n", {})
+    template = build.TEMPLATE.read_text()
+    with pytest.raises(RuntimeError, match="unfilled: \"__MODEL_DATASET__\""):
+        build.embed_install(template, {"CONFIG_NAME": "x", "CODE_DATASET": "u/c", "ICH_KAGGLE_VERSION": "1"})
 
 
 def test_launch_uses_torchrun_on_two_gpus(tmp_path):

@@ -111,20 +111,10 @@ def train_slug(cfg_name: str, fold: int) -> str:
     return build.check_slug(f"ich-kaggle-{slugify(cfg_name)}-fold{int(fold)}", fix="use a config with a shorter name")
 
 
-def _install_helpers() -> str:
-    """The inference kernel's constants and install step (find_code_dir, pip_install, log): one copy of them."""
-    text = build.TEMPLATE.read_text()
-    return text[text.index("import json"):text.index("\ndef main():")]
-
-
 def _script(values: dict) -> str:
-    helpers = _install_helpers()
-    for key, value in {"CODE_DATASET": f"{values['username']}/{build.CODE_SLUG}", "MODEL_DATASET": "",
-                       "CONFIG_NAME": values["config_name"], "ICH_KAGGLE_VERSION": __version__}.items():
-        helpers = helpers.replace(f'"__{key}__"', json.dumps(value))
-    script = TRAIN_TEMPLATE.read_text()
-    marker = next(line for line in script.splitlines() if line.startswith("# __INSTALL_HELPERS__"))
-    script = script.replace(marker, helpers.rstrip() + "\n")
+    script = build.embed_install(TRAIN_TEMPLATE.read_text(), {
+        "CODE_DATASET": f"{values['username']}/{build.CODE_SLUG}", "MODEL_DATASET": "",
+        "CONFIG_NAME": values["config_name"], "ICH_KAGGLE_VERSION": __version__})
     for key in ("MODE", "FOLD", "FOLDS", "K", "SEED", "CONFIG_YAML", "EPOCHS_PER_RUN"):
         script = script.replace(f'"__{key}__"', repr(values.get(key.lower())))
     compile(script, "kernel.py", "exec")

@@ -15,7 +15,14 @@ Outside Kaggle: ICH_KAGGLE_INPUT=<folder in the /kaggle/input layout> ICH_KAGGLE
 [ICH_KAGGLE_SCRATCH=<folder for the image cache, default /tmp/ich_kaggle>] python kernel.py
 """
 
-# __INSTALL_HELPERS__ (the inference kernel's install step, copied in by ich_kaggle.kaggle.train_build)
+import os
+import sys
+import time
+from pathlib import Path
+
+from ich_kaggle.kaggle.kernel_install import (  # __INSTALL__: build.embed_install puts that file's text here
+    CONFIG_NAME, INPUT, SCRATCH, WORKING, find_code_dir, log, pip_install,
+)
 
 MODE = "__MODE__"
 FOLD = "__FOLD__"

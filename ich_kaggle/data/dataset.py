@@ -1,7 +1,4 @@
-"""torch Dataset over slices: HU -> (2.5D neighbours) -> black-border crop -> transform (transforms.py).
-
-The HU come from the cache or, with `data.source=dicom`, straight from each slice's DICOM (`data.source`: the same
-int16 values either way).
+"""torch Dataset over cached slices: HU -> (2.5D neighbours) -> black-border crop -> transform (transforms.py).
 
 Per sample each slice is decoded once and stays in HU through the geometry (resize, crop, flips, affine) at the
 model's size; the (jittered) windows are computed after, so the work follows what the model sees: 2n+1 HU planes
@@ -134,7 +131,8 @@ class _CachedSlices:
 
 
 def hu_reader(layout: Layout, source: str, meta: pd.DataFrame | None = None):
-    """image_id -> int16 HU from `source` (`data.source`): the cache, or each slice's DICOM (path from `meta`)."""
+    """image_id -> int16 HU from `source` (`data.source`): the cache, or each slice's DICOM (path from `meta`; the
+    same int16 values, see `data.source`)."""
     if source == "dicom":
         return DicomSlices(layout.data, _load_meta(layout) if meta is None else meta)
     return _CachedSlices(layout)

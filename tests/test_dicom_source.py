@@ -149,6 +149,19 @@ def test_a_read_that_keeps_failing_replaces_a_training_sample_and_stops_evaluati
     with pytest.raises(UserError, match=r"cannot read .*Input/output error.* after retries; .*resumes") as e:
         ev[1]  # a blank validation image would be a wrong prediction: stop instead
     assert "\n" not in str(e.value)
+    # nor is a neighbour's transient failure papered over with the slice itself (2.5D)
+    layout = Layout.of(data, tmp_path / "work")
+    cfg = _cfg("dicom")
+    meta_sorted = meta.sort_values(["series_id", "slice_rank"]).reset_index(drop=True)
+    middle = meta_sorted.iloc[[3]]
+    neighbour = meta_sorted["image_id"].iloc[4]
+    assert meta_sorted["series_id"].iloc[3] == meta_sorted["series_id"].iloc[4]
+    assert victim not in (middle["image_id"].iloc[0], neighbour)
+    _flaky(monkeypatch, {neighbour: -1})
+    ev3 = D.SliceDataset(middle, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=meta)
+    ev3.read_hu.delays = ()
+    with pytest.raises(UserError, match="after retries"):
+        ev3[0]
     # a DICOM that no longer decodes is an unreadable image, as a missing cache entry is: a blank prediction
     monkeypatch.setattr(dicom, "read_hu", lambda *a, **k: (_ for _ in ()).throw(dicom.DicomError("truncated")))
     x, _, i = ev[3]

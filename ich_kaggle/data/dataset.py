@@ -187,6 +187,8 @@ class SliceDataset(Dataset):
             try:
                 hu = self.read_hu(str(nid))
                 slices.append(hu if hu.shape == current.shape else current)
+            except dicom.SourceUnreadable:  # the disk, not the file: never papered over (see __getitem__)
+                raise
             except Exception as e:  # an unreadable neighbour: use the slice itself rather than lose the sample
                 log.warning("neighbour %s of %s unreadable (%s); using the slice itself", nid, ids[center], e)
                 slices.append(current)
@@ -218,7 +220,7 @@ class SliceDataset(Dataset):
             try:
                 return self._item(current), torch.from_numpy(self.labels[current]), current
             except dicom.SourceUnreadable as e:  # still unreadable after the retries (source.DicomSlices)
-                if not self.train:  # a blank validation or test image would be a wrong prediction, said only once
+                if not self.train:  # a blank validation or test image would be a wrong prediction: stop
                     raise UserError(f"cannot read {e.filename} ({e.strerror}) after retries; fix the disk or its "
                                     f"permissions and rerun (training resumes from last.pt)") from None
                 self._unreadable(current, e)

@@ -5,8 +5,9 @@ code dataset. Every fold of every config trains on the folds the prepare kernel 
 
 The training kernel caches the images on the scratch disk (not /kaggle/working, which Kaggle keeps as the output and
 caps at about 20 GB) where that cache fits, else reads every slice from its DICOM (`data.source=dicom`: always at
-competition scale, whose ~120 GB of cache exceed a session's whole disk), trains into /kaggle/working/runs/<config>/fold<N>/ (what `make kernel-fetch` downloads), and
-resumes from the same files of the previous version's output when that is attached as a kernel source.
+competition scale, whose ~120 GB of cache exceed a session's whole disk), trains into
+/kaggle/working/runs/<config>/fold<N>/ (what `make kernel-fetch` downloads), and resumes from the same files of
+the previous version's output when that is attached as a kernel source.
 """
 
 from __future__ import annotations
@@ -135,12 +136,14 @@ def restore_previous(previous: Path, fold_run: FoldRun) -> list[str]:
     return copied
 
 
-CACHE_BYTES_PER_IMAGE = 160_000  # a 512 x 512 slice in the cache's format (`make preprocess`: ~154 kB)
-SCRATCH_KEEP = 0.1  # of the scratch disk's free space left free when caching (the checkpoints, logs, temp files)
+CACHE_BYTES_PER_IMAGE = 160_000  # a 512 x 512 slice in the cache's fast format (`make preprocess`: ~158 kB)
 
 
 def scratch_free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
+
+
+SCRATCH_KEEP = 0.1  # of the scratch disk's free space left free when caching (the checkpoints, logs, temp files)
 
 
 def choose_source(layout: Layout, cfg: Config) -> str:

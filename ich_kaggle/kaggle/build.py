@@ -3,8 +3,9 @@
 Kaggle scores this competition only from kernels without internet, so everything the kernel needs travels in two
 datasets built here: `<user>/ich-kaggle-code` (wheels) and `<user>/ich-kaggle-model-<config>` (fold checkpoints,
 the stacker's inputs, folds, resolved config). `build_kernel` writes `kernels/<slug>/` with `kernel-metadata.json` and
-one script (`template.py` with the install step of `kernel_install.py`); the script installs the wheels and calls `run.run_inference`, which
-reuses the predict -> stack -> submit library calls of `make submit`, so both give the same submission.
+one script (`template.py` with the install step of `kernel_install.py`); the script installs the wheels and calls
+`run.run_inference`, which reuses the predict -> stack -> submit library calls of `make submit`, so both give the
+same submission.
 """
 
 from __future__ import annotations
@@ -355,7 +356,8 @@ def embed_install(template: str, values: dict[str, str]) -> str:
     filled: the one install step of the inference, prepare and training kernels (run there without ich_kaggle)."""
     found = _INSTALL_LINE.findall(template)
     if len(found) != 1:
-        raise RuntimeError(f"a kernel template needs exactly one '# __INSTALL__' import of kernel_install, not {len(found)}")
+        raise RuntimeError(f"a kernel template needs exactly one '# __INSTALL__' import of kernel_install, "
+                           f"not {len(found)}")
     block = INSTALL.read_text()
     for key, value in values.items():
         block = block.replace(f'"__{key}__"', json.dumps(value))

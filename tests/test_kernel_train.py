@@ -228,7 +228,8 @@ def test_a_fold_longer_than_a_session_is_planned_across_versions(tmp_path, caplo
     assert ("2 kernel versions of up to 2 epoch(s) each (EPOCHS_PER_RUN=2" in caplog.text
             and "make kernel-train fold=1 RESUME=1" in caplog.text and "1 more time(s)" in caplog.text)
     assert "\n" not in caplog.records[0].getMessage()
-    assert train_build.plan(est, long, epochs_per_run=1).versions == 3
+    by_hand = train_build.plan(est, long, epochs_per_run=1)
+    assert by_hand.versions == 3 and by_hand.describe(1).startswith("as EPOCHS_PER_RUN asks: 3 kernel versions")
     with pytest.raises(UserError, match=r"cannot train EPOCHS_PER_RUN=3 epoch\(s\) within Kaggle's 12-hour session"):
         train_build.plan(est, long, epochs_per_run=3)
     slow = train_build.estimate(long, t4_images_per_s=5)  # one epoch alone is longer than a session: refused

@@ -128,6 +128,7 @@ class Plan:
     estimate: Estimate
     epochs_per_run: int | None  # None: the whole fold in one version
     versions: int
+    given: bool = False  # EPOCHS_PER_RUN was set by hand
 
     def describe(self, fold: int) -> str:
         limit = SESSION_LIMIT_H - SESSION_MARGIN_H
@@ -135,7 +136,8 @@ class Plan:
             run = (f"EPOCHS_PER_RUN={self.epochs_per_run}: " if self.epochs_per_run else "")
             return f"{run}fits one {SESSION_LIMIT_H:.0f}-hour session ({limit:.1f} h usable)"
         k = self.epochs_per_run
-        return (f"more than one {SESSION_LIMIT_H:.0f}-hour session: {self.versions} kernel versions of up to {k} "
+        why = "as EPOCHS_PER_RUN asks" if self.given else f"more than one {SESSION_LIMIT_H:.0f}-hour session"
+        return (f"{why}: {self.versions} kernel versions of up to {k} "
                 f"epoch(s) each (EPOCHS_PER_RUN={k}, up to {self.estimate.session_hours(k):.1f} h of the "
                 f"{limit:.1f} h usable); push this one, then once each version is complete (make kernel-status) "
                 f"`make kernel-train fold={fold} RESUME=1` with the same settings, {self.versions - 1} more time(s)")
@@ -153,7 +155,7 @@ def plan(est: Estimate, cfg: Config, epochs_per_run: int | None = None) -> Plan:
             raise UserError(f"fold of '{cfg.name}' cannot train EPOCHS_PER_RUN={epochs_per_run} epoch(s) within "
                             f"Kaggle's {SESSION_LIMIT_H:.0f}-hour session ({est.session_hours(k):.1f} h; "
                             f"{est.describe()}); leave EPOCHS_PER_RUN unset to have the versions planned, or lower it")
-        return Plan(est, k, -(-epochs // k))
+        return Plan(est, k, -(-epochs // k), given=True)
     if est.session_hours(epochs) <= limit:
         return Plan(est, None, 1)
     k = int((limit - est.setup_hours - est.final_hours) // est.epoch_hours) if est.epoch_hours > 0 else epochs

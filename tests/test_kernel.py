@@ -536,7 +536,7 @@ def test_install_step_on_python312(tmp_path, cfg):
     venv = tmp_path / "venv312"
     subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
     script = (f"import runpy; from pathlib import Path; "
-              f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'template.py')!r}); "
+              f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'kernel_install.py')!r}); "
               f"print('missing', sorted(w['name'] for w in ns['pip_install'](Path({str(code)!r}))))")
     env = {**_env(), "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
     result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,

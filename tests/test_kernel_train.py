@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def test_prepare_and_train_kernels_offline(world, tmp_path):
     for name in ("best.pt", "last.pt", "log.csv", "oof.csv", "done.json", "train.log", train_run.FOLD_MANIFEST):
         assert (fold.dir / name).is_file(), name
     assert sorted(p.name for p in second.iterdir()) == ["runs"]  # the cache stayed on the scratch disk
-    assert (base / "scratch_v2" / "work" / "cache").is_dir()
+    assert (base / "scratch_v2" / "work" / "cache").is_dir()  # the synthetic train images' cache fits: cached
+    assert "images: caching" in log and json.loads((fold.dir / train_run.FOLD_MANIFEST).read_text())["images"] == "cache"
     _same_weights(fold.last, Path(local_fold) / "last.pt")
     _same_weights(fold.best, Path(local_fold) / "best.pt")
     assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()  # the checkpoints predict the same
@@ -151,6 +153,34 @@ def test_prepare_and_train_kernels_offline(world, tmp_path):
     assert build.trained_folds(cfg, runs) == [0]
 
 
+def test_every_kernel_script_embeds_the_one_install_step(tmp_path):
+    """kernel_install.py is the only copy of the install step: the templates import it (valid Python, linted), and
+    the inference, prepare, training and from-folds scripts all carry its text, placeholders filled."""
+    install = build.INSTALL.read_text()
+    for template in (build.TEMPLATE, train_build.TRAIN_TEMPLATE):
+        text = template.read_text()
+        assert "def pip_install" not in text and text.count("# __INSTALL__") == 1
+    cfg = _cfg()
+    scripts = {
+        "prepare": train_build.build_prepare_kernel(USER, tmp_path) / "kernel.py",
+        "train": train_build.build_train_kernel(cfg, 0, USER, tmp_path) / "kernel.py",
+        "from-folds": train_build.build_infer_kernel(cfg, USER, tmp_path, folds=[0]) / "kernel.py",
+    }
+    body = install[install.index("def log("):]  # below the placeholders: the same text in every script
+    for name, path in scripts.items():
+        script = path.read_text()
+        assert script.count(body) == 1 and "import (  # __INSTALL__" not in script, name
+        assert "from ich_kaggle.kaggle.kernel_install" not in script, name  # runs before ich_kaggle is installed
+        assert f'CODE_DATASET = "{USER}/ich-kaggle-code"' in script, name
+        assert not re.findall(r'"__[A-Z_]+__"', script.replace('"__main__"', "")), name
+    assert 'CONFIG_NAME = "tiny"' in scripts["train"].read_text()
+    with pytest.raises(RuntimeError, match="exactly one"):
+        build.embed_install("print(1)\n", {})
+    template = build.TEMPLATE.read_text()
+    with pytest.raises(RuntimeError, match="unfilled: \"__MODEL_DATASET__\""):
+        build.embed_install(template, {"CONFIG_NAME": "x", "CODE_DATASET": "u/c", "ICH_KAGGLE_VERSION": "1"})
+
+
 def test_launch_uses_torchrun_on_two_gpus(tmp_path):
     layout = Layout.of(tmp_path / "comp", tmp_path / "work")
     two = train_run.launch_command(tmp_path / "c.yaml", layout, tmp_path / "runs", 3, gpus=2)
@@ -164,12 +194,11 @@ def test_estimate_and_refusal(tmp_path):
     big = config.load("seresnext50_512")
     est = train_build.estimate(big)
     assert est.train_images == train_build.COMPETITION_TRAIN_IMAGES - est.val_images
-    assert est.hours > train_build.SESSION_LIMIT_H - train_build.SESSION_MARGIN_H
-    assert "estimate, not a measurement" in est.describe()
-    with pytest.raises(UserError, match=r"cannot end within Kaggle's 12-hour session: estimated wall time on T4 x2: "
-                                        r"\d+\.\d h .*EPOCHS_PER_RUN") as e:
-        train_build.build_train_kernel(big, 0, USER, tmp_path)
-    assert "\n" not in str(e.value) and not (tmp_path / "ich-kaggle-seresnext50-512-fold0").exists()
+    assert est.images == "dicom" and est.setup_hours == 0  # ~120 GB of cache cannot fit: no caching pass
+    line = est.describe()
+    assert "estimate, not a measurement" in line
+    assert (f"for 3 epoch(s) x {est.train_images:,} training images at {est.train_images_per_s:.0f} img/s" in line
+            and "no caching" in line)
     one = train_build.estimate(big, epochs=1)
     assert one.hours < est.hours / 2
     fast = train_build.estimate(big, t4_images_per_s=1000)
@@ -177,7 +206,38 @@ def test_estimate_and_refusal(tmp_path):
     small = config.load("seresnext50_512", ["train.max_images_per_epoch=100000"])
     assert train_build.estimate(small).train_images == 100000
     folder = train_build.build_train_kernel(small, 2, USER, tmp_path)
-    assert folder.name == "ich-kaggle-seresnext50-512-fold2"
+    assert folder.name == "ich-kaggle-seresnext50-512-fold2" and "EPOCHS_PER_RUN = None" in (folder / "kernel.py").read_text()
+    # a subset whose cache fits the session's disk: cached, once per session
+    folds_csv = tmp_path / "folds.csv"
+    folds_csv.write_text("image_id\n" + "".join(f"ID_{i}\n" for i in range(50_000)))
+    subset = train_build.estimate(small, folds_csv=folds_csv)
+    assert subset.images == "cache" and subset.setup_hours == pytest.approx(50_000 / train_build.CACHE_IMAGES_PER_S / 3600)
+    assert "h caching the train images per session" in subset.describe()
+
+
+def test_a_fold_longer_than_a_session_is_planned_across_versions(tmp_path, caplog):
+    long = config.load("seresnext101_480")  # ~16 h by the documented rate: more than one 12-hour session
+    est = train_build.estimate(long)
+    limit = train_build.SESSION_LIMIT_H - train_build.SESSION_MARGIN_H
+    assert est.hours > limit
+    steps = train_build.plan(est, long)
+    assert steps.versions == 2 and steps.epochs_per_run == 2 and est.session_hours(2) <= limit < est.session_hours(3)
+    with caplog.at_level("INFO", logger="ich_kaggle"):
+        folder = train_build.build_train_kernel(long, 1, USER, tmp_path)
+    assert "EPOCHS_PER_RUN = 2" in (folder / "kernel.py").read_text()  # each version stops resumably after 2 more
+    assert ("2 kernel versions of up to 2 epoch(s) each (EPOCHS_PER_RUN=2" in caplog.text
+            and "make kernel-train fold=1 RESUME=1" in caplog.text and "1 more time(s)" in caplog.text)
+    assert "\n" not in caplog.records[0].getMessage()
+    by_hand = train_build.plan(est, long, epochs_per_run=1)
+    assert by_hand.versions == 3 and by_hand.describe(1).startswith("as EPOCHS_PER_RUN asks: 3 kernel versions")
+    with pytest.raises(UserError, match=r"cannot train EPOCHS_PER_RUN=3 epoch\(s\) within Kaggle's 12-hour session"):
+        train_build.plan(est, long, epochs_per_run=3)
+    slow = train_build.estimate(long, t4_images_per_s=5)  # one epoch alone is longer than a session: refused
+    with pytest.raises(UserError, match=r"cannot end even one epoch .*lower train.max_images_per_epoch \(about [\d,]+ "
+                                        r"training images per epoch fit\)") as e:
+        train_build.build_train_kernel(long, 0, USER, tmp_path, t4_images_per_s=5)
+    assert "\n" not in str(e.value) and not (tmp_path / "ich-kaggle-seresnext101-480-fold0").exists()
+    assert slow.epoch_hours > limit
 
 
 def test_push_with_the_real_kaggle_cli(tmp_path, kaggle_home):
@@ -247,15 +307,54 @@ def test_cli_push_status_fetch(tmp_path, kaggle_home, monkeypatch, capsys):
     assert (work / "folds.csv").stat().st_mtime > (work / "meta.csv").stat().st_mtime  # not rebuilt as stale
 
 
-def test_scratch_too_small_stops_with_the_figure(tmp_path, monkeypatch):
-    layout = Layout.of(tmp_path / "comp", tmp_path / "work")
+def _meta_rows(layout: Layout, n: int) -> None:
     layout.work.mkdir(parents=True)
-    rows = "\n".join(f"ID_{i},P,S,R,train,stage_2_train/ID_{i}.dcm,1.0,0,1" for i in range(1000))
+    rows = "\n".join(f"ID_{i},P,S,R,train,stage_2_train/ID_{i}.dcm,1.0,0,1" for i in range(n))
     layout.meta_csv.write_text("image_id,patient_id,study_id,series_id,split,path,z,slice_rank,series_len\n" + rows + "\n")
-    train_run.check_scratch_space(layout)  # 160 MB fits
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
-    with pytest.raises(UserError, match=r"caching 1,000 train images needs about 0.2 GB but .* has 0.0 GB free; .*ICH_KAGGLE_SCRATCH"):
-        train_run.check_scratch_space(layout)
+
+
+def test_the_cache_where_it_fits_else_the_dicoms_with_the_figures(tmp_path, monkeypatch, caplog):
+    layout = Layout.of(tmp_path / "comp", tmp_path / "work")
+    _meta_rows(layout, 1000)
+    cfg = _cfg()
+    monkeypatch.setattr(train_run, "scratch_free_bytes", lambda p: 10**9)
+    with caplog.at_level("INFO", logger="ich_kaggle"):
+        assert train_run.choose_source(layout, cfg) == "cache"  # 160 MB fits
+        monkeypatch.setattr(train_run, "scratch_free_bytes", lambda p: 10**6)
+        assert train_run.choose_source(layout, cfg) == "dicom"
+        assert train_run.choose_source(layout, config.load("tiny", OVERRIDES + ["data.source=dicom"])) == "dicom"
+    assert "caching 1,000 train images (about 0.2 GB of the 1.0 GB free" in caplog.text
+    assert (f"caching 1,000 train images would need about 0.2 GB but {layout.work} has 0.0 GB free; reading every "
+            f"slice from its DICOM") in caplog.text
+    assert "data.source=dicom in the config" in caplog.text
+
+
+@pytest.mark.slow
+def test_training_kernel_without_room_for_the_cache_trains_from_the_dicoms(world, tmp_path, monkeypatch, caplog):
+    """The training kernel's run on the fake /kaggle/input, its scratch disk too small for the cache: it trains
+    from the DICOMs instead of stopping, caches nothing, says so, and its fold is the local fold from the cache."""
+    from ich_kaggle import train
+
+    cfg = _cfg()
+    local = Layout.of(world["comp"], tmp_path / "work_local")
+    local_fold = train.train_fold(cfg, local, 0, runs=tmp_path / "runs_local")
+    prepared = train_run.run_prepare(world["comp"], tmp_path / "prepared", k=cfg.cv.k, seed=cfg.cv.seed, workers=1)
+    root = _input(tmp_path / "input", world, {"ich-kaggle-prepare": prepared})
+    monkeypatch.setattr(train_run, "scratch_free_bytes", lambda p: 10**5)  # 100 kB free: not even one slice
+    monkeypatch.delenv("ICH_STOP_AFTER_EPOCHS", raising=False)
+    monkeypatch.chdir(ROOT)  # the training process runs `python -m ich_kaggle` from here
+    inputs = train_run.find_train_inputs(root, cfg.name, 0)
+    scratch = tmp_path / "scratch"
+    with caplog.at_level("INFO", logger="ich_kaggle"):
+        fold = train_run.run_training(cfg, 0, inputs, tmp_path / "working", scratch, gpus=0)
+    assert "reading every slice from its DICOM" in caplog.text
+    assert not (scratch / "work" / "cache").exists()
+    assert "images from their DICOMs under" in fold.train_log.read_text()
+    manifest = json.loads((fold.dir / train_run.FOLD_MANIFEST).read_text())
+    assert manifest["images"] == "dicom" and manifest["done"] is True
+    assert config.load(str(fold.config)).data.source == "dicom"
+    _same_weights(fold.last, Path(local_fold) / "last.pt")
+    assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()
 
 
 def test_find_train_inputs_and_epochs_done(tmp_path):

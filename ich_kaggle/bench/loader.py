@@ -5,7 +5,10 @@ jitter, geometry, windows, brightness/contrast, blur. Measured in this process w
 each of the `data.num_workers` workers runs with) on the real mini set's cache, built in a temporary work folder,
 as CPU time of this process, so a busy shared machine changes the figures little. Progressive-resizing configs are
 measured at their final (largest) size. Prints `loader_<config>_samples_per_s_per_worker` (training transforms)
-and `loader_<config>_eval_samples_per_s_per_worker` (resize only: validation, OOF, test prediction).
+and `loader_<config>_eval_samples_per_s_per_worker` (resize only: validation, OOF, test prediction), and for
+DICOM_CONFIGS `loader_<config>_dicom_samples_per_s_per_worker`: the same training samples with `data.source=dicom`
+(each slice read and checked from its DICOM instead of decoded from the cache; the files in the page cache, as
+after the first epoch of a run whose DICOMs fit the RAM, so a cold mounted disk can only be slower).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..core.config import Config
 from ..core.layout import Layout
 
 SAMPLES = 200  # per repeat: ~1-3 s of CPU per config and mode
+DICOM_CONFIGS = ("seresnext50_512", "seresnext101_480")  # the default and the 2.5D config (3 DICOMs per sample)
 REPEATS = 3
 
 
@@ -48,8 +52,9 @@ def _rate(ds, rows: list[int]) -> float:
     return best
 
 
-def measure(layout: Layout, name: str, samples: int = SAMPLES) -> dict[str, float]:
-    """{"train": samples/s, "eval": samples/s} of one worker for config `name` on `layout`'s cache."""
+def measure(layout: Layout, name: str, samples: int = SAMPLES, dicom: bool = False) -> dict[str, float]:
+    """{"train": samples/s, "eval": samples/s} of one worker for config `name` on `layout`'s cache, or with
+    `dicom` {"dicom": training samples/s} read from the DICOMs (data.source=dicom)."""
     import cv2
     import torch
 
@@ -57,7 +62,7 @@ def measure(layout: Layout, name: str, samples: int = SAMPLES) -> dict[str, floa
     from ..data.dataset import SliceDataset
     from ..data.transforms import build_eval_transforms, build_train_transforms
 
-    cfg = config.load(name)
+    cfg = config.load(name, ["data.source=dicom"] if dicom else None)
     m = meta.load_meta(layout)
     frame = m.loc[m["split"] == "train"].reset_index(drop=True)
     threads = cv2.getNumThreads(), torch.get_num_threads()
@@ -66,6 +71,8 @@ def measure(layout: Layout, name: str, samples: int = SAMPLES) -> dict[str, floa
     try:
         rows = np.random.default_rng(0).permutation(len(frame))[:samples].tolist()  # a shuffled epoch's order
         train = SliceDataset(frame, layout, cfg, transform=build_train_transforms(cfg), train=True, meta=m)
+        if dicom:
+            return {"dicom": _rate(train, rows)}
         evaluate = SliceDataset(frame, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=m)
         return {"train": _rate(train, rows), "eval": _rate(evaluate, rows)}
     finally:
@@ -78,6 +85,8 @@ def bench_loader(mini: Path | None) -> None:
     if mini is None:
         for name in names:
             print(f"loader_{name}_samples_per_s_per_worker: skipped (real mini set not found)")
+            if name in DICOM_CONFIGS:
+                print(f"loader_{name}_dicom_samples_per_s_per_worker: skipped (real mini set not found)")
         return
     from ..data import meta, preprocess
 
@@ -90,3 +99,5 @@ def bench_loader(mini: Path | None) -> None:
             rate = measure(layout, name)
             print(f"loader_{name}_samples_per_s_per_worker: {rate['train']:.0f}")
             print(f"loader_{name}_eval_samples_per_s_per_worker: {rate['eval']:.0f}")
+            if name in DICOM_CONFIGS:
+                print(f"loader_{name}_dicom_samples_per_s_per_worker: {measure(layout, name, dicom=True)['dicom']:.0f}")

@@ -56,6 +56,7 @@ class DataConfig:
     crop_black_border: bool = True
     min_brain_fraction: float = 0.0  # drop near-empty training slices (fraction of pixels in 0..80 HU)
     num_workers: int = -1  # loader processes; -1: one per CPU this process may use
+    source: str = "cache"  # training images: cache (make preprocess first) | dicom (read each slice's DICOM; no cache)
 
     @property
     def in_channels(self) -> int:
@@ -70,6 +71,7 @@ class DataConfig:
         _between(src, "data.neighbors", self.neighbors, 0)
         _between(src, "data.min_brain_fraction", self.min_brain_fraction, 0.0, 1.0)
         _between(src, "data.num_workers", self.num_workers, -1)
+        _one_of(src, "data.source", self.source, ("cache", "dicom"))  # data/source.py: SOURCES
 
 
 @dataclass

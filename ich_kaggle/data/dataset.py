@@ -30,6 +30,8 @@ from ..core.config import Config
 from ..core.errors import UserError
 from ..core.io import write_csv
 from ..core.layout import Layout
+from . import dicom
+from .source import DicomSlices
 from .windows import jitter, named, window_planes
 
 log = logging.getLogger("ich_kaggle.train")
@@ -118,6 +120,24 @@ def _load_hu(layout: Layout, image_id: str) -> np.ndarray:
     return cache.load_hu(layout, image_id)
 
 
+class _CachedSlices:
+    """image_id -> int16 HU from the cache (through `_load_hu`, looked up per call)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        return _load_hu(self.layout, image_id)
+
+
+def hu_reader(layout: Layout, source: str, meta: pd.DataFrame | None = None):
+    """image_id -> int16 HU from `source` (`data.source`): the cache, or each slice's DICOM (path from `meta`; the
+    same int16 values, see `data.source`)."""
+    if source == "dicom":
+        return DicomSlices(layout.data, _load_meta(layout) if meta is None else meta)
+    return _CachedSlices(layout)
+
+
 class SliceDataset(Dataset):
     """Items: (image float32 C x H x W, labels float32 (6,) (zeros if unlabelled), row index in `frame`).
 
@@ -129,6 +149,10 @@ class SliceDataset(Dataset):
         self.frame = frame.reset_index(drop=True)
         self.layout, self.cfg, self.transform, self.train = layout, cfg, transform, train
         self.windows = named(cfg.data.windows)
+        if cfg.data.source == "dicom" and meta is None:
+            meta = _load_meta(layout)
+        self.source = cfg.data.source
+        self.read_hu = hu_reader(layout, cfg.data.source, meta)
         self.epoch = 0
         self.seed = cfg.train.seed
         if all(c in self.frame.columns for c in LABELS):
@@ -157,15 +181,17 @@ class SliceDataset(Dataset):
         head: each slice decoded once, whatever the number of windows made from it."""
         ids = self.neighbors[index]
         center = len(ids) // 2
-        current = _load_hu(self.layout, str(ids[center]))
+        current = self.read_hu(str(ids[center]))
         slices = []
         for j, nid in enumerate(ids):
             if j == center or nid == ids[center]:
                 slices.append(current)
                 continue
             try:
-                hu = _load_hu(self.layout, str(nid))
+                hu = self.read_hu(str(nid))
                 slices.append(hu if hu.shape == current.shape else current)
+            except dicom.SourceUnreadable:  # the disk, not the file: never papered over (see __getitem__)
+                raise
             except Exception as e:  # an unreadable neighbour: use the slice itself rather than lose the sample
                 log.warning("neighbour %s of %s unreadable (%s); using the slice itself", nid, ids[center], e)
                 slices.append(current)
@@ -196,6 +222,13 @@ class SliceDataset(Dataset):
         for _ in range(MAX_REPLACEMENTS):
             try:
                 return self._item(current), torch.from_numpy(self.labels[current]), current
+            except dicom.SourceUnreadable as e:  # still unreadable after the retries (source.DicomSlices)
+                if not self.train:  # a blank validation or test image would be a wrong prediction: stop
+                    raise UserError(f"cannot read {e.filename} ({e.strerror}) after retries; fix the disk or its "
+                                    f"permissions and rerun (training resumes from last.pt)") from None
+                self._unreadable(current, e)
+                rng = rng or self._rng(index)
+                current = int(rng.integers(len(self)))
             except Exception as e:  # a corrupt cache file must not end a long run
                 image_id = self.image_ids[current]
                 if image_id not in self.failed:  # warn once per image (per worker)
@@ -206,14 +239,26 @@ class SliceDataset(Dataset):
                     return self._blank(), torch.full((len(LABELS),), float("nan")), index
                 rng = rng or self._rng(index)
                 current = int(rng.integers(len(self)))
+        if self.source == "dicom":
+            raise UserError(f"{MAX_REPLACEMENTS} unreadable images in a row under {self.layout.data} (last: "
+                            f"{self.image_ids[current]}, read from its DICOM: data.source=dicom); check that the "
+                            f"data folder is mounted and readable")
         cache_dir = getattr(self.layout, "cache_dir", "the cache")
         raise UserError(f"{MAX_REPLACEMENTS} unreadable images in a row under {cache_dir} (last: "
                         f"{self.image_ids[current]}); the cache is damaged: delete it and rerun "
                         f"`python -m ich_kaggle preprocess`")
 
+    def _unreadable(self, index: int, e: BaseException) -> None:
+        image_id = self.image_ids[index]
+        if image_id not in self.failed:
+            self.failed.add(image_id)
+            log.warning("image %s unreadable (%s); replaced by another training image", image_id, e)
 
-def brain_fractions(layout: Layout, image_ids: list[str] | np.ndarray) -> pd.Series:
-    """Brain-range pixel fraction per image, cached in <work>/brain_fraction.csv (computed once, then reused)."""
+
+def brain_fractions(layout: Layout, image_ids: list[str] | np.ndarray, read_hu=None) -> pd.Series:
+    """Brain-range pixel fraction per image, cached in <work>/brain_fraction.csv (computed once, then reused).
+    `read_hu`: image_id -> HU (`hu_reader`; default the cache)."""
+    read_hu = read_hu or _CachedSlices(layout)
     path = Path(layout.work) / "brain_fraction.csv"
     known = pd.read_csv(path) if path.exists() else pd.DataFrame({"image_id": [], "brain_fraction": []})
     known = known.drop_duplicates("image_id").set_index("image_id")["brain_fraction"].astype(float)
@@ -224,7 +269,7 @@ def brain_fractions(layout: Layout, image_ids: list[str] | np.ndarray) -> pd.Ser
         values, unreadable = {}, {}
         for image_id in tqdm(todo, desc="brain fraction", unit="img", leave=False):
             try:
-                values[image_id] = brain_fraction(_load_hu(layout, image_id))
+                values[image_id] = brain_fraction(read_hu(image_id))
             except Exception as e:  # kept (fraction 1) but not remembered: it may be readable next time
                 log.warning("image %s unreadable for the brain fraction (%s); kept", image_id, e)
                 unreadable[image_id] = 1.0
@@ -234,11 +279,11 @@ def brain_fractions(layout: Layout, image_ids: list[str] | np.ndarray) -> pd.Ser
     return known.loc[list(image_ids)]
 
 
-def drop_empty_slices(frame: pd.DataFrame, layout: Layout, min_fraction: float) -> pd.DataFrame:
+def drop_empty_slices(frame: pd.DataFrame, layout: Layout, min_fraction: float, read_hu=None) -> pd.DataFrame:
     """Training rows whose brain fraction is at least `min_fraction` (positives are always kept)."""
     if min_fraction <= 0 or frame.empty:
         return frame
-    frac = brain_fractions(layout, frame["image_id"].to_numpy()).to_numpy()
+    frac = brain_fractions(layout, frame["image_id"].to_numpy(), read_hu).to_numpy()
     keep = frac >= min_fraction
     if all(c in frame.columns for c in LABELS):
         keep |= frame["any"].to_numpy() > 0

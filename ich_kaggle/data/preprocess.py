@@ -23,6 +23,7 @@ from ..core.errors import UserError
 from ..core.io import cannot_write
 from ..core.layout import Layout
 from . import cache, dicom, inputs
+from .source import slice_hu
 from . import meta as meta_mod
 from .codec import encode
 from ..core.log import get as get_logger
@@ -38,8 +39,9 @@ Item = tuple[str, str, int, int]  # image_id, path relative to the data folder, 
 
 
 def cache_one(src: str | Path, dst: Path) -> int:
-    """DICOM -> cache file; returns the bytes written. Raises dicom.DicomError for unusable files, OSError on writes."""
-    data = encode(dicom.read_hu(src, dtype=np.int16))
+    """DICOM -> cache file; returns the bytes written. Raises dicom.DicomError for unusable files, OSError on writes.
+    The HU are `source.slice_hu`'s, which the DICOM source (`data.source=dicom`) reads too: the two never differ."""
+    data = encode(slice_hu(src))
     cache.write_entry(dst, data)
     return len(data)
 

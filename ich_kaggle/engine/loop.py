@@ -44,7 +44,8 @@ STOP_ENV = "ICH_STOP_AFTER_EPOCHS"  # stop (resumably) once this many epochs are
 # A recipe's per-batch loss: factory(cfg, train_ds=, meta=, loss_fn=, net=, info=) -> object with
 # start_epoch(epoch, size) and __call__(model, x, y, idx) -> loss (see `recipes.mil.MILBatchLoss`).
 BatchLossFactory = Callable[..., Any]
-IGNORED_FOR_RESUME = ("description", "data.num_workers", "tta", "stack")  # keys that do not change training
+# keys that do not change training (data.source: the cache and the DICOMs give the same HU, `data.source`)
+IGNORED_FOR_RESUME = ("description", "data.num_workers", "data.source", "tta", "stack")
 
 
 @dataclass
@@ -61,15 +62,17 @@ def check_fold(cfg: Config, fold: int) -> None:
 
 
 def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None = None) -> FoldData:
-    """Build what is missing (meta, folds, cache) on rank 0, then split folds.csv into train / validation."""
+    """Build what is missing (meta, folds, and the cache unless data.source=dicom) on rank 0, then split folds.csv
+    into train / validation."""
     from ..data import folds, meta, preprocess
-    from ..data.dataset import drop_empty_slices
+    from ..data.dataset import drop_empty_slices, hu_reader
 
     info = info or D.DistInfo()
     check_fold(cfg, fold)
     if info.is_main:
         table = folds.fold_table(layout, cfg.cv)
-        preprocess.ensure(layout)
+        if cfg.data.source == "cache":  # data.source=dicom reads every slice from its DICOM: no cache at all
+            preprocess.ensure(layout)
     D.barrier(info)
     if not info.is_main:
         table = folds.fold_table(layout, cfg.cv)
@@ -78,9 +81,11 @@ def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None
     if val.empty or train.empty:
         raise UserError(f"{layout.folds_csv}: fold {fold} leaves an empty {'validation' if val.empty else 'training'} "
                         f"set; use fewer folds (--set cv.k=...) or more data")
+    table_meta = meta.load_meta(layout)
     if cfg.data.min_brain_fraction > 0:
-        train = drop_empty_slices(train, layout, cfg.data.min_brain_fraction)
-    return FoldData(train=train, val=val, meta=meta.load_meta(layout))
+        train = drop_empty_slices(train, layout, cfg.data.min_brain_fraction,
+                                  hu_reader(layout, cfg.data.source, table_meta))
+    return FoldData(train=train, val=val, meta=table_meta)
 
 
 def build_network(cfg: Config, info: D.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -345,6 +350,8 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
     val_ds = SliceDataset(data.val, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=data.meta)
 
     log.info(f"fold {fold}: {choose_precision(cfg.train.amp, info.device).describe()}")  # stops on an unusable GPU
+    log.info(f"fold {fold}: images from " + (f"the cache {layout.cache_dir}" if cfg.data.source == "cache" else
+                                             f"their DICOMs under {layout.data} (data.source=dicom, no cache)"))
     model, net = build_network(cfg, info)
     average = ema.build(cfg, net)  # train.ema > 0: validated, saved as best.pt and predicted with instead of net
     loss_fn = build_loss(cfg, train_labels).to(info.device)

@@ -3,8 +3,9 @@
 Kaggle scores this competition only from kernels without internet, so everything the kernel needs travels in two
 datasets built here: `<user>/ich-kaggle-code` (wheels) and `<user>/ich-kaggle-model-<config>` (fold checkpoints,
 the stacker's inputs, folds, resolved config). `build_kernel` writes `kernels/<slug>/` with `kernel-metadata.json` and
-one script (from `template.py`); the script installs the wheels and calls `run.run_inference`, which
-reuses the predict -> stack -> submit library calls of `make submit`, so both give the same submission.
+one script (`template.py` with the install step of `kernel_install.py`); the script installs the wheels and calls
+`run.run_inference`, which reuses the predict -> stack -> submit library calls of `make submit`, so both give the
+same submission.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ KERNEL_META = "kernel-metadata.json"
 KERNEL_FILE = "kernel.py"
 LICENSE = "CC0-1.0"
 TEMPLATE = Path(__file__).with_name("template.py")
+INSTALL = Path(__file__).with_name("kernel_install.py")  # the install step every kernel script embeds
+_INSTALL_LINE = re.compile(r"^from ich_kaggle\.kaggle\.kernel_install import \(  # __INSTALL__[^\n]*\n[^)]*\)$", re.M)
 
 _SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -397,6 +400,23 @@ def _read_dataset_id(folder: Path, fix: str) -> str:
         raise UserError(f"{meta} is not valid dataset metadata (no 'id'); {fix}") from None
 
 
+def embed_install(template: str, values: dict[str, str]) -> str:
+    """`template` with its `from ich_kaggle.kaggle.kernel_install import (  # __INSTALL__ ...)` statement replaced by
+    kernel_install.py's text, its placeholders (CONFIG_NAME, CODE_DATASET, MODEL_DATASET, ICH_KAGGLE_VERSION)
+    filled: the one install step of the inference, prepare and training kernels (run there without ich_kaggle)."""
+    found = _INSTALL_LINE.findall(template)
+    if len(found) != 1:
+        raise RuntimeError(f"a kernel template needs exactly one '# __INSTALL__' import of kernel_install, "
+                           f"not {len(found)}")
+    block = INSTALL.read_text()
+    for key, value in values.items():
+        block = block.replace(f'"__{key}__"', json.dumps(value))
+    left = re.findall(r'"__[A-Z_]+__"', block)
+    if left:
+        raise RuntimeError(f"kernel_install.py placeholders left unfilled: {', '.join(left)}")
+    return template.replace(found[0], block.rstrip())
+
+
 def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels", username: str | None = None,
                  slug: str | None = None) -> Path:
     """`make kernel`: kernels/<slug>/ with kernel-metadata.json and the script, after checking everything it needs."""
@@ -413,10 +433,10 @@ def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kern
         raise UserError(f"{names.model_dir(out) / MODEL_MANIFEST} lists no trained fold; train first, then {fix}")
     _warn_if_stale(cfg, runs, names.model_dir(out), manifest)
 
-    script = TEMPLATE.read_text()
-    for key, value in {"CONFIG_NAME": cfg.name, "CODE_DATASET": names.code_id, "MODEL_DATASET": names.model_id,
-                       "ICH_KAGGLE_VERSION": __version__}.items():
-        script = script.replace(f'"__{key}__"', json.dumps(value))
+    script = embed_install(TEMPLATE.read_text(), {
+        "CONFIG_NAME": cfg.name, "CODE_DATASET": names.code_id, "MODEL_DATASET": names.model_id,
+        "ICH_KAGGLE_VERSION": __version__})
+    compile(script, KERNEL_FILE, "exec")
     folder = names.kernel_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_open(folder / KERNEL_FILE) as f:

@@ -1,5 +1,5 @@
-"""Training on Kaggle, on this side: the prepare and training kernel folders, the wall-time estimate that refuses a
-fold too long for one session, fetching a trained fold into runs/, and the state of every pushed kernel.
+"""Training on Kaggle, on this side: the prepare and training kernel folders, the wall-time estimate and the plan
+that splits a fold too long for one session into resuming versions, fetching a trained fold into runs/, and the state of every pushed kernel.
 
 The GPU-less path: `make kernel-code` (upload the code dataset) -> `make kernel-prepare` (meta.csv + folds.csv on
 Kaggle, once) -> `make kernel-train fold=N` per fold -> `make kernel-fetch fold=N` (local predict/stack/submit) or
@@ -23,7 +23,7 @@ from ..core.io import atomic_open
 from ..core.layout import COMPETITION, Layout, Run
 from . import build
 from .run import slugify
-from .train_run import FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES
+from .train_run import CACHE_BYTES_PER_IMAGE, FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES, SCRATCH_KEEP
 from ..core.log import get as get_logger
 
 log = get_logger("kaggle")
@@ -45,8 +45,20 @@ DEFAULT_BACKBONE = "se_resnext50_32x4d"
 INFERENCE_SPEEDUP = 3.0
 TWO_GPU_SCALING = 1.8
 CACHE_IMAGES_PER_S = 250.0  # DICOM -> cache on Kaggle's 4 CPUs: an estimate from `make bench`'s per-core rate
+# Disk a Kaggle session has outside /kaggle/working (~73 GB in all, ~20 GB of it the working folder): Kaggle's
+# stated figures, not measured here. The training kernel caches the train images only where they fit (see
+# train_run.choose_source, which judges the real free space); else it reads the DICOMs and caches nothing.
+KAGGLE_SCRATCH_BYTES = 53e9
 # stage_2_train.csv's images (752,803 slices); the labelled, readable ones make up folds.csv
 COMPETITION_TRAIN_IMAGES = 752_803
+
+
+def expected_source(cfg: Config, images: int) -> str:
+    """Where the training kernel will read the images from, as `train_run.choose_source` decides on Kaggle."""
+    if cfg.data.source == "dicom":
+        return "dicom"
+    fits = images * CACHE_BYTES_PER_IMAGE <= KAGGLE_SCRATCH_BYTES * (1 - SCRATCH_KEEP)
+    return "cache" if fits else "dicom"
 
 
 @dataclass(frozen=True)
@@ -55,13 +67,24 @@ class Estimate:
     val_images: int
     epochs: int
     train_images_per_s: float  # on T4 x2
-    hours: float
-    source: str
+    hours: float  # setup + epochs x epoch_hours + final_hours
+    source: str  # where the rate comes from
+    epoch_hours: float = 0.0  # one epoch: training and validation
+    setup_hours: float = 0.0  # per session: caching the train images (none when read from the DICOMs)
+    final_hours: float = 0.0  # the OOF predictions of best.pt, once at the end
+    images: str = "cache"  # "cache" | "dicom": where the kernel reads the train images from
+
+    def session_hours(self, epochs: int) -> float:
+        """One kernel version that trains `epochs` epochs (and, to be safe, ends the fold)."""
+        return self.setup_hours + epochs * self.epoch_hours + self.final_hours
 
     def describe(self) -> str:
-        return (f"estimated wall time on T4 x2: {self.hours:.1f} h ({self.epochs} epoch(s) x {self.train_images:,} "
-                f"training + {self.val_images:,} validation images at {self.train_images_per_s:.0f} img/s training, "
-                f"plus caching; {self.source}); an estimate, not a measurement")
+        setup = (f"{self.setup_hours:.1f} h caching the train images per session" if self.images == "cache" else
+                 "no caching (images read from their DICOMs)")
+        return (f"estimated wall time on T4 x2: {self.hours:.1f} h for {self.epochs} epoch(s) x {self.train_images:,} "
+                f"training images at {self.train_images_per_s:.0f} img/s, {self.epoch_hours:.1f} h per epoch with "
+                f"{self.val_images:,} validation images at {self.train_images_per_s * INFERENCE_SPEEDUP:.0f} img/s, "
+                f"{setup} [{self.source}]; an estimate, not a measurement")
 
 
 def estimate(cfg: Config, epochs: int | None = None, folds_csv: Path | None = None,
@@ -89,17 +112,60 @@ def estimate(cfg: Config, epochs: int | None = None, folds_csv: Path | None = No
                   f"ich_kaggle/kaggle/train_build.py; {where}")
     ips = per_t4 * TWO_GPU_SCALING
     epochs = cfg.train.epochs if epochs is None else min(epochs, cfg.train.epochs)
-    seconds = epochs * (train / ips + val / (ips * INFERENCE_SPEEDUP)) + val / (ips * INFERENCE_SPEEDUP)
-    seconds += n / CACHE_IMAGES_PER_S
-    return Estimate(train, val, epochs, ips, seconds / 3600, source)
+    images = expected_source(cfg, n)
+    epoch_s = train / ips + val / (ips * INFERENCE_SPEEDUP)
+    final_s = val / (ips * INFERENCE_SPEEDUP)
+    setup_s = n / CACHE_IMAGES_PER_S if images == "cache" else 0.0
+    hours = (setup_s + epochs * epoch_s + final_s) / 3600
+    return Estimate(train, val, epochs, ips, hours, source, epoch_s / 3600, setup_s / 3600, final_s / 3600, images)
 
 
-def check_fits(est: Estimate, cfg: Config) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """How a fold trains on Kaggle: in one version, or in `versions` versions of `epochs_per_run` epochs each,
+    every one resuming from the previous one's output (make kernel-train RESUME=1)."""
+
+    estimate: Estimate
+    epochs_per_run: int | None  # None: the whole fold in one version
+    versions: int
+    given: bool = False  # EPOCHS_PER_RUN was set by hand
+
+    def describe(self, fold: int) -> str:
+        limit = SESSION_LIMIT_H - SESSION_MARGIN_H
+        if self.versions == 1:
+            run = (f"EPOCHS_PER_RUN={self.epochs_per_run}: " if self.epochs_per_run else "")
+            return f"{run}fits one {SESSION_LIMIT_H:.0f}-hour session ({limit:.1f} h usable)"
+        k = self.epochs_per_run
+        why = "as EPOCHS_PER_RUN asks" if self.given else f"more than one {SESSION_LIMIT_H:.0f}-hour session"
+        return (f"{why}: {self.versions} kernel versions of up to {k} "
+                f"epoch(s) each (EPOCHS_PER_RUN={k}, up to {self.estimate.session_hours(k):.1f} h of the "
+                f"{limit:.1f} h usable); push this one, then once each version is complete (make kernel-status) "
+                f"`make kernel-train fold={fold} RESUME=1` with the same settings, {self.versions - 1} more time(s)")
+
+
+def plan(est: Estimate, cfg: Config, epochs_per_run: int | None = None) -> Plan:
+    """One version when the fold fits a session; else as many epochs per version as fit (each version resumes
+    the previous one at an epoch boundary). Refuses a plan that cannot work: EPOCHS_PER_RUN too long for a session,
+    or one epoch alone longer than a session."""
     limit = SESSION_LIMIT_H - SESSION_MARGIN_H
-    if est.hours > limit:
-        raise UserError(f"fold of '{cfg.name}' cannot end within Kaggle's {SESSION_LIMIT_H:.0f}-hour session: "
-                        f"{est.describe()}; train it in parts (EPOCHS_PER_RUN=<n>, each part resumes the last), or "
-                        f"lower train.epochs / train.max_images_per_epoch")
+    epochs = est.epochs
+    if epochs_per_run:
+        k = min(int(epochs_per_run), epochs)
+        if est.session_hours(k) > limit:
+            raise UserError(f"fold of '{cfg.name}' cannot train EPOCHS_PER_RUN={epochs_per_run} epoch(s) within "
+                            f"Kaggle's {SESSION_LIMIT_H:.0f}-hour session ({est.session_hours(k):.1f} h; "
+                            f"{est.describe()}); leave EPOCHS_PER_RUN unset to have the versions planned, or lower it")
+        return Plan(est, k, -(-epochs // k), given=True)
+    if est.session_hours(epochs) <= limit:
+        return Plan(est, None, 1)
+    k = int((limit - est.setup_hours - est.final_hours) // est.epoch_hours) if est.epoch_hours > 0 else epochs
+    if k < 1:
+        fit = int(est.train_images * (limit - est.setup_hours - est.final_hours) / max(est.epoch_hours, 1e-9))
+        raise UserError(f"fold of '{cfg.name}' cannot end even one epoch within Kaggle's {SESSION_LIMIT_H:.0f}-hour "
+                        f"session: {est.describe()}; lower train.max_images_per_epoch (about {max(fit, 0):,} "
+                        f"training images per epoch fit) or pass a measured T4_IMAGES_PER_S")
+    k = min(k, epochs)
+    return Plan(est, k, -(-epochs // k))
 
 
 # --- kernel folders -----------------------------------------------------------------------------------------------
@@ -111,20 +177,10 @@ def train_slug(cfg_name: str, fold: int) -> str:
     return build.check_slug(f"ich-kaggle-{slugify(cfg_name)}-fold{int(fold)}", fix="use a config with a shorter name")
 
 
-def _install_helpers() -> str:
-    """The inference kernel's constants and install step (find_code_dir, pip_install, log): one copy of them."""
-    text = build.TEMPLATE.read_text()
-    return text[text.index("import json"):text.index("\ndef main():")]
-
-
 def _script(values: dict) -> str:
-    helpers = _install_helpers()
-    for key, value in {"CODE_DATASET": f"{values['username']}/{build.CODE_SLUG}", "MODEL_DATASET": "",
-                       "CONFIG_NAME": values["config_name"], "ICH_KAGGLE_VERSION": __version__}.items():
-        helpers = helpers.replace(f'"__{key}__"', json.dumps(value))
-    script = TRAIN_TEMPLATE.read_text()
-    marker = next(line for line in script.splitlines() if line.startswith("# __INSTALL_HELPERS__"))
-    script = script.replace(marker, helpers.rstrip() + "\n")
+    script = build.embed_install(TRAIN_TEMPLATE.read_text(), {
+        "CODE_DATASET": f"{values['username']}/{build.CODE_SLUG}", "MODEL_DATASET": "",
+        "CONFIG_NAME": values["config_name"], "ICH_KAGGLE_VERSION": __version__})
     for key in ("MODE", "FOLD", "FOLDS", "K", "SEED", "CONFIG_YAML", "EPOCHS_PER_RUN"):
         script = script.replace(f'"__{key}__"', repr(values.get(key.lower())))
     compile(script, "kernel.py", "exec")
@@ -158,15 +214,17 @@ def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: i
 def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | Path = "kernels",
                        resume: bool = False, epochs_per_run: int | None = None,
                        folds_csv: Path | None = None, t4_images_per_s: float | None = None) -> Path:
-    """kernels/ich-kaggle-<config>-fold<N>/: trains one fold on T4 x2. Prints the wall-time estimate and refuses a
-    run that cannot end within the session. `resume` attaches this kernel's own output (its previous version)."""
+    """kernels/ich-kaggle-<config>-fold<N>/: trains one fold on T4 x2. Prints the wall-time estimate and the plan:
+    one version, or several of EPOCHS_PER_RUN epochs each where the fold is longer than a session (refused only
+    where one version cannot end an epoch). `resume` attaches this kernel's own output (its previous version)."""
     from ..data.folds import selected_folds
 
     user = build.check_username(username)
     selected_folds(cfg.cv, fold)
-    est = estimate(cfg, epochs_per_run, folds_csv, t4_images_per_s)
-    log.info(est.describe())
-    check_fits(est, cfg)
+    est = estimate(cfg, None, folds_csv, t4_images_per_s)
+    steps = plan(est, cfg, epochs_per_run)
+    log.info(f"{est.describe()}; {steps.describe(fold)}")
+    epochs_per_run = steps.epochs_per_run
     slug = train_slug(cfg.name, fold)
     data = cfg.to_dict()
     data["augment"]["crop_scale"] = list(data["augment"]["crop_scale"])

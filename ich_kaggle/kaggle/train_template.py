@@ -7,15 +7,22 @@ root, and then
   working folder, the output every training kernel attaches;
 - infer: predicts the test images (TTA) with the attached training kernels' folds (FOLDS), first stage only, and
   writes the validated submission.csv, as the inference kernel does from a model dataset;
-- train: caches the train images on the scratch disk, trains fold FOLD of CONFIG_NAME (torchrun on both GPUs of a
-  T4 x2, one process otherwise) into working/runs/<config>/fold<N>/, resuming from the previous version's output
+- train: caches the train images on the scratch disk where they fit, else reads them from their DICOMs (the log says
+  which), trains fold FOLD of CONFIG_NAME (torchrun on both GPUs of a T4 x2, one process otherwise) into working/runs/<config>/fold<N>/, resuming from the previous version's output
   when it is attached. EPOCHS_PER_RUN (if set) ends each run resumably after that many more epochs.
 
 Outside Kaggle: ICH_KAGGLE_INPUT=<folder in the /kaggle/input layout> ICH_KAGGLE_WORKING=<out folder>
 [ICH_KAGGLE_SCRATCH=<folder for the image cache, default /tmp/ich_kaggle>] python kernel.py
 """
 
-# __INSTALL_HELPERS__ (the inference kernel's install step, copied in by ich_kaggle.kaggle.train_build)
+import os
+import sys
+import time
+from pathlib import Path
+
+from ich_kaggle.kaggle.kernel_install import (  # __INSTALL__: build.embed_install puts that file's text here
+    CONFIG_NAME, INPUT, SCRATCH, WORKING, find_code_dir, log, pip_install,
+)
 
 MODE = "__MODE__"
 FOLD = "__FOLD__"

@@ -13,6 +13,7 @@ training has not finished is never used: predict names it and stops.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,13 +118,22 @@ def unreadable_test(meta: pd.DataFrame, cached: set[str], sample_csv: Path) -> p
 
 def _loader(frame: pd.DataFrame, layout: Layout, data_cfg: Config, meta: pd.DataFrame, batch: int, workers: int,
             device: torch.device):
-    """Images read as the fold was trained (`data_cfg`: windows, size, 2.5D), with this machine's worker count."""
+    """Images read as the fold was trained (`data_cfg`: windows, size, 2.5D), with this machine's worker count, from
+    the cache `predict` ensured and chose its images by, whatever source the fold trained from (same HU)."""
     from ..data.dataset import SliceDataset
     from ..data.transforms import build_eval_transforms
 
+    data_cfg = _from_cache(data_cfg)
     ds = SliceDataset(frame, layout, data_cfg, transform=build_eval_transforms(data_cfg), train=False, meta=meta)
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda")
+
+
+def _from_cache(cfg: Config) -> Config:
+    """`cfg` reading the cache (data.source=cache): a copy where a fold was trained from its DICOMs."""
+    if cfg.data.source == "cache":
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="cache"))
 
 
 def inference_precision(cfg: Config, device: torch.device):
@@ -179,7 +189,7 @@ def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
     """Folds that read images the same way (windows, size, 2.5D neighbours) share one pass over the images."""
     groups: dict[str, list[FoldModel]] = {}
     for m in models:
-        groups.setdefault(repr(m.cfg.data), []).append(m)
+        groups.setdefault(repr(_from_cache(m.cfg).data), []).append(m)
     return list(groups.values())
 
 

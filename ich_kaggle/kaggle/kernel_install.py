@@ -1,0 +1,73 @@
+# The install step of every kernel script (inference, prepare, training), in one place: `build.embed_install` puts
+# this file's text, placeholders filled, where a template imports from it (the import marked `# __INSTALL__`).
+# It runs without internet: finds the attached code dataset under the input root and installs ich_kaggle and the
+# packages Kaggle's image lacks from it (`pip install --no-index --find-links`).
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Filled in by `build.embed_install`.
+CONFIG_NAME = "__CONFIG_NAME__"
+CODE_DATASET = "__CODE_DATASET__"
+MODEL_DATASET = "__MODEL_DATASET__"
+ICH_KAGGLE_VERSION = "__ICH_KAGGLE_VERSION__"
+
+INPUT = Path(os.environ.get("ICH_KAGGLE_INPUT", "/kaggle/input"))
+WORKING = Path(os.environ.get("ICH_KAGGLE_WORKING", "/kaggle/working"))
+# Image cache and intermediate files: not in the working folder, whose contents Kaggle saves as output (20 GB cap).
+SCRATCH = Path(os.environ.get("ICH_KAGGLE_SCRATCH", "/tmp/ich_kaggle"))
+SKIP_DIRS = {"stage_2_train", "stage_2_test", "stage_1_train_images", "stage_1_test_images"}  # huge DICOM folders
+
+
+def log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def find_code_dir(root, max_depth=5):
+    """The folder of the code dataset: the one holding the ich_kaggle wheel (nearest the root first)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and depth < max_depth)
+        if any(f.startswith("ich_kaggle-") and f.endswith(".whl") for f in filenames):
+            found.append((depth, dirpath))
+    if not found:
+        sys.exit(f"error: no ich_kaggle-*.whl under {root}; attach the dataset {CODE_DATASET} to this kernel "
+                 f"(or set ICH_KAGGLE_INPUT to the folder that holds it)")
+    return Path(min(found)[1])
+
+
+def _pip(args):
+    """pip, offline and quiet; (ok, its last output line)."""
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(args[0]), "--no-deps", "--quiet",
+           "--disable-pip-version-check", "--no-warn-script-location", *args[1:]]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+    return result.returncode == 0, lines[-1] if lines else ""
+
+
+def pip_install(code_dir):
+    """Required packages in one pip call (a failure stops the kernel, naming them); optional ones (wheels.json says
+    which and why) one by one: one that does not install on this Python is named in the log and the run goes on.
+    By name and version, so pip picks the wheel built for this interpreter when the dataset has several."""
+    listing = json.loads((code_dir / "wheels.json").read_text())
+    wheels = listing["wheels"]
+    required = [w for w in wheels if not w.get("optional")]
+    ok, last = _pip([code_dir] + [f"{w['name']}=={w['version']}" for w in required])
+    if not ok:
+        sys.exit(f"error: pip could not install the required packages {', '.join(w['name'] for w in required)} "
+                 f"from {code_dir} on Python {sys.version.split()[0]}: {last}")
+    missing = []
+    for w in (w for w in wheels if w.get("optional")):
+        ok, last = _pip([code_dir, f"{w['name']}=={w['version']}"])
+        if not ok:
+            missing.append(w)
+            log(f"optional package {w['name']} {w['version']} not installed on Python {sys.version.split()[0]} "
+                f"({w.get('why', 'optional')}): {last}")
+    log(f"installed {len(wheels) - len(missing)} of {len(wheels)} packages"
+        + (f"; going on without {', '.join(w['name'] for w in missing)}" if missing else ""))
+    return missing

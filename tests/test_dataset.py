@@ -74,7 +74,8 @@ def test_train_transforms_compose_only_enabled_steps():
     assert names[0] == "Resize" and "HorizontalFlip" in names and "Affine" in names
     assert "Transpose" not in names and "GaussianBlur" not in names  # probability 0 in the defaults
     cfg2 = config.load("tiny", ["augment.hflip=0", "augment.shift_scale_rotate=0", "augment.brightness_contrast=0",
-                                "augment.blur=0.5", "augment.transpose=0.5", "augment.random_resized_crop=0.5"])
+                                "augment.blur=0.5", "augment.transpose=0.5", "augment.random_resized_crop=0.5",
+                                "tta.transforms=identity"])  # no flip in training: no flip view
     names2 = [type(t).__name__ for t in build_train_transforms(cfg2).transforms]
     assert names2 == ["Resize", "RandomResizedCrop", "Transpose", "GaussianBlur"]
     hu = [np.random.default_rng(k).normal(40, 300, (90, 70)).astype(np.float32) for k in range(3)]  # 2.5D slices

@@ -193,6 +193,10 @@ class StackConfig:
     dropout: float = 0.1
     use_embeddings: bool = False
     embedding_dim: int = 16  # first-stage embeddings are reduced to this many principal components per model
+    # with use_embeddings: mixture (one stacker; OOF embeddings each from the fold model that did not see the image,
+    # test embeddings the mean of the fold models, one PCA over both) | per_fold (one stacker per fold model, on its
+    # own held-out fold and its own test embeddings; see stack/pipeline.run_per_fold). SET BY MEASUREMENT below
+    embedding_space: str = "mixture"
     neighbors_k: int = 2
     epochs: int = 20  # at most; training stops earlier on the inner validation split
     # per fold, a time cap on optimizer steps (0 = none): ~3 epochs at competition scale (~265 steps per epoch), which
@@ -217,6 +221,7 @@ class StackConfig:
         _between(src, "stack.val_every", self.val_every, 0)
         _between(src, "stack.dropout", self.dropout, 0.0, 1.0)
         _between(src, "stack.lr", self.lr, 0.0, lo_open=True)
+        _one_of(src, "stack.embedding_space", self.embedding_space, ("mixture", "per_fold"))
 
 
 @dataclass
@@ -431,6 +436,9 @@ def validate(cfg: Config) -> None:
             except UserError as e:
                 msg = str(e)
                 raise UserError(msg if msg.startswith(src) else f"{src}: {msg}") from None
+    if cfg.stack.use_embeddings and cfg.stack.embedding_space == "per_fold" and cfg.cv.split == "random":
+        raise UserError(f"{src}: stack.embedding_space=per_fold needs cv.split=patient (under a random split a fold "
+                        f"model's held-out images are scattered slices, not whole series); use stack.embedding_space=mixture")
 
 
 def dump(cfg: Config, path: str | Path) -> None:

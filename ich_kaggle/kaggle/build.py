@@ -165,6 +165,8 @@ def model_files(cfg: Config, runs: str | Path) -> dict[str, str]:
         if run.stack.metrics.is_file():
             files[f"stack_{run.stack.metrics.name}"] = run.stack.metrics
         shipped = [run.predictions.oof] + ([run.predictions.oof_embeddings] if cfg.stack.use_embeddings else [])
+        if cfg.stack.use_embeddings and cfg.stack.embedding_space == "per_fold":  # each fold model's own OOF files
+            shipped += [p for k in folds for p in (run.predictions.oof_fold(k), run.predictions.oof_fold_embeddings(k))]
         for path in shipped:
             if not path.is_file():
                 raise UserError(f"{path} not found but {run.stack.dir} exists: the kernel refits the stacker on it; "

@@ -176,6 +176,7 @@ def test_model_dataset_contents(tmp_path, cfg):
     assert config.load(str(folder / "config.yaml")).to_dict() == cfg.to_dict()
 
     cfg.stack.use_embeddings = True  # the stacker then also needs the OOF embeddings
+    cfg.stack.embedding_space = "mixture"
     assert kernel.model_files(cfg, runs)["predictions_oof_embeddings.npz"] == "predictions/oof_embeddings.npz"
     cfg.stack.embedding_space = "per_fold"  # ... and each fold model's own OOF predictions and embeddings
     with pytest.raises(UserError, match="oof_fold0.csv not found"):

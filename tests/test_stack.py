@@ -337,7 +337,8 @@ def _write_layout(tmp_path, sim) -> Layout:
 def test_stack_stage_writes_its_files(tmp_path, sim, capsys):
     layout = _write_layout(tmp_path, sim)
     cfg = Config(name="exp")
-    for key, value in {**FAST, "model": "conv", "epochs": 2, "use_embeddings": True, "embedding_dim": 4}.items():
+    for key, value in {**FAST, "model": "conv", "epochs": 2, "use_embeddings": True, "embedding_dim": 4,
+                       "embedding_space": "mixture"}.items():
         setattr(cfg.stack, key, value)
     pred = tmp_path / "runs" / "exp" / "predictions"
     pred.mkdir(parents=True)

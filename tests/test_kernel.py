@@ -176,7 +176,16 @@ def test_model_dataset_contents(tmp_path, cfg):
     assert config.load(str(folder / "config.yaml")).to_dict() == cfg.to_dict()
 
     cfg.stack.use_embeddings = True  # the stacker then also needs the OOF embeddings
+    cfg.stack.embedding_space = "mixture"
     assert kernel.model_files(cfg, runs)["predictions_oof_embeddings.npz"] == "predictions/oof_embeddings.npz"
+    cfg.stack.embedding_space = "per_fold"  # ... and each fold model's own OOF predictions and embeddings
+    with pytest.raises(UserError, match="oof_fold0.csv not found"):
+        kernel.model_files(cfg, runs)
+    for k in (0, 2):
+        for name in (f"oof_fold{k}.csv", f"oof_fold{k}_embeddings.npz"):
+            (runs / cfg.name / "predictions" / name).write_text("x")
+    assert kernel.model_files(cfg, runs)["predictions_oof_fold2_embeddings.npz"] == "predictions/oof_fold2_embeddings.npz"
+    cfg.stack.embedding_space = "mixture"
     (runs / cfg.name / "predictions" / "oof_embeddings.npz").unlink()
     with pytest.raises(UserError, match="oof_embeddings.npz not found .* rerun `make predict CONFIG=tiny`"):
         kernel.model_files(cfg, runs)

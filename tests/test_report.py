@@ -120,6 +120,14 @@ def fake_stack(run: Path, folds: pd.DataFrame) -> pd.DataFrame:
         {"stage": "neighbors", "weighted_log_loss": 0.27, **{label: 0.25 + 0.01 * i for i, label in enumerate(LABELS)}},
     ])
     metrics.to_csv(run / "stack" / "metrics.csv", index=False)
+    from ich_kaggle.core import freshness, manifest
+    from ich_kaggle.core.config import CVConfig, StackConfig
+    from ich_kaggle.core.layout import Layout, Predictions
+
+    oof.to_csv(run / "stack" / "test.csv", index=False)  # stands in for the test predictions; its manifest matters
+    manifest.write(run / "stack" / "test.csv", freshness.stacked([Predictions(run / "predictions")],
+                                                                 Layout.of(run, run / "work"),
+                                                                 StackConfig(use_embeddings=True), CVConfig(k=3)))
     steps = np.arange(0, 40, 5)  # the inner validation curve the stacker stopped on (stack/curve.csv)
     pd.DataFrame([{"fold": f, "step": s, "epoch": s / 5, "train_loss": 0.3, "val_loss": 0.3 - 0.1 * np.exp(-s / 8) + 0.001 * s}
                   for f in range(3) for s in steps]).to_csv(run / "stack" / "curve.csv", index=False)
@@ -166,6 +174,9 @@ def test_report_on_fake_experiment(full_report):
     # the fake best.pt files are reported per fold, the rest of the page still renders
     assert "best.pt" in page and "unreadable" in page
     assert "stage_2_test_labels.csv: the real competition keeps test labels on Kaggle" in page
+    # the stack's design, from its manifest
+    assert ("Second stage: gru, embeddings: per_fold (16 components per model); fitted on the first stage's folds "
+            "(cv.split=patient, folds [0, 1, 2])") in page.replace("&#x27;", "'")
 
     # the numbers in the page are the numbers of the files
     oof = pd.concat([pd.read_csv(runs / cfg.name / f"fold{k}" / "oof.csv") for k in range(3)])

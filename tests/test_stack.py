@@ -79,8 +79,10 @@ def test_build_sequences_orders_pads_and_maps_back():
     assert np.array_equal(back[:, 0], values[:, 0])
     # a missing slice in series a (rank 2 of 4 present, rank 3 missing) shows as rel_pos < 1 at its last slice
     assert seqs.x[0, 2, 0] == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="several folds"):
-        build_sequences(frame, values, group=np.array([1, 0, 1, 0, 0, 1, 2]))
+    assert seqs.slots.tolist() == [[0, 0, 0, -1], [1, 1, 1, 1]]
+    # cv.split=random: a series whose slices sit in several folds is marked -2, each slice keeps its own fold
+    mixed = build_sequences(frame, values, group=np.array([1, 0, 1, 0, 0, 1, 2]))
+    assert list(mixed.group) == [0, -2] and mixed.slots[1].tolist() == [1, 1, 2, 1]
 
 
 def test_position_features_show_gaps_and_mirror_under_reversal():
@@ -193,6 +195,82 @@ def test_stacker_oof_never_sees_its_own_fold(sim):
     assert np.isfinite(clean.oof[m]).all()
 
 
+def test_random_split_stacker_folds_are_the_image_folds_and_never_seen(sim):
+    """cv.split=random (issue 15, 7a): the first stage's folds are per image, so a series has slices in several
+    folds. The stacker's fold k is that same set of slices: replacing their labels with noise must not move their
+    OOF predictions, and does move the others'. (The old stacker required series-grouped folds and raised.)"""
+    from ich_kaggle.data.folds import random_folds
+
+    folds = sim.folds.assign(fold=random_folds(sim.folds, 5, 0))
+    frame = folds.merge(sim.meta[["image_id", "slice_rank", "z", "series_len"]], on="image_id")
+    frame = frame.merge(sim.oof, on="image_id", suffixes=("", "_p"))
+    seqs = build_sequences(frame, logit(frame[[f"{c}_p" for c in L]].to_numpy()), frame[L].to_numpy(np.float32),
+                           frame["fold"].to_numpy())
+    assert (seqs.group == -2).all()  # every series spans several folds
+    back = seqs.scatter(seqs.slots[..., None].astype(np.float32), len(frame))[:, 0]
+    assert np.array_equal(back, frame["fold"].to_numpy())  # each slice keeps its own fold
+    scfg = StackConfig(model="conv", **{**FAST, "epochs": 2})
+
+    def fit(s, fold):
+        assert s.loss_mask is not None and not (s.loss_mask & (s.slots == fold)).any()
+        return train_net(s, scfg, 1, seed=7 + fold)
+
+    def pred(m, s):
+        return predict_net(m, s)
+
+    clean = cross_fit(seqs, None, fit, pred)
+    noisy_seqs = seqs.subset(np.arange(len(seqs)))
+    held = noisy_seqs.slots == 2
+    noise = (np.random.default_rng(0).random(noisy_seqs.y.shape) < 0.5).astype(np.float32)
+    noisy_seqs.y[held] = noise[held]
+    noisy = cross_fit(noisy_seqs, None, fit, pred)
+    assert held.any() and np.array_equal(clean.oof[held], noisy.oof[held])
+    assert not np.allclose(clean.oof[~held & seqs.mask], noisy.oof[~held & seqs.mask], atol=1e-4)
+    assert clean.folds == [0, 1, 2, 3, 4] and np.isfinite(clean.oof[seqs.mask]).all()
+    # the whole stacker (net and neighbours baseline) runs on such folds
+    result = run_stacking(sim.meta, folds, [sim.oof], [sim.test], StackConfig(model="conv", **{**FAST, "epochs": 2}),
+                          progress=False)
+    table = result.metrics.set_index("stage")["weighted_log_loss"]
+    assert table["neighbors"] < table["first_stage"] and sorted(result.oof["image_id"]) == sorted(sim.oof["image_id"])
+
+
+def test_per_fold_second_stages_each_see_only_their_fold_model(sim):
+    """stack.embedding_space=per_fold: second stage k trains on fold k's OOF only (inner cross-fit for its OOF) and
+    predicts with fold model k's own test features; the test prediction is the mean over k."""
+    from ich_kaggle.stack.pipeline import FoldInputs, run_per_fold
+
+    fold_of = sim.folds.set_index("image_id")["fold"]
+    rng = np.random.default_rng(0)
+
+    def inputs(oof: pd.DataFrame) -> dict:
+        out = {}
+        for k in range(5):
+            part = oof[oof["image_id"].map(fold_of) == k]
+            emb = lambda f: pd.DataFrame({"image_id": f["image_id"].to_numpy(), "m0e0": rng.normal(size=len(f))})
+            test = sim.test.assign(**{c: np.clip(sim.test[c] * (1 + 0.02 * k), 0, 1) for c in L})
+            out[k] = FoldInputs([part], [test], emb(part), emb(test))
+        return out
+
+    scfg = StackConfig(model="conv", **{**FAST, "epochs": 2}, use_embeddings=True, embedding_space="per_fold")
+    clean = run_per_fold(sim.meta, sim.folds, inputs(sim.oof), scfg, progress=False)
+    assert sorted(clean.oof["image_id"]) == sorted(sim.oof["image_id"])
+    assert sorted(clean.test["image_id"]) == sorted(sim.test["image_id"])
+    assert list(clean.metrics["stage"]) == ["first_stage", "stacked", "neighbors"]
+    assert set(clean.curve["fold"].str.split("/").str[0]) == {"0", "1", "2", "3", "4"}
+    table = clean.metrics.set_index("stage")["weighted_log_loss"]
+    assert table["stacked"] < table["first_stage"]
+    # fold 1's labels replaced by noise: second stage 0's OOF does not move, second stage 1's does
+    rng = np.random.default_rng(0)
+    noisy_folds = sim.folds.copy()
+    in1 = noisy_folds["fold"] == 1
+    noisy_folds.loc[in1, L] = (np.random.default_rng(1).random((int(in1.sum()), len(L))) < 0.5).astype(np.int8)
+    noisy = run_per_fold(sim.meta, noisy_folds, inputs(sim.oof), scfg, progress=False)
+    a, b = (r.oof.set_index("image_id")[L] for r in (clean, noisy))
+    ids0, ids1 = fold_of.index[fold_of == 0], fold_of.index[fold_of == 1]
+    assert np.array_equal(a.loc[ids0].to_numpy(), b.loc[ids0].to_numpy())
+    assert not np.allclose(a.loc[ids1].to_numpy(), b.loc[ids1].to_numpy(), atol=1e-4)
+
+
 def test_stacking_beats_the_single_slice_first_stage(sim):
     """Labels span neighbouring slices, first-stage noise is per slice: both context models must win clearly."""
     result = run_stacking(sim.meta, sim.folds, [sim.oof], [sim.test], StackConfig(model="gru", **FAST),
@@ -259,7 +337,8 @@ def _write_layout(tmp_path, sim) -> Layout:
 def test_stack_stage_writes_its_files(tmp_path, sim, capsys):
     layout = _write_layout(tmp_path, sim)
     cfg = Config(name="exp")
-    for key, value in {**FAST, "model": "conv", "epochs": 2, "use_embeddings": True, "embedding_dim": 4}.items():
+    for key, value in {**FAST, "model": "conv", "epochs": 2, "use_embeddings": True, "embedding_dim": 4,
+                       "embedding_space": "mixture"}.items():
         setattr(cfg.stack, key, value)
     pred = tmp_path / "runs" / "exp" / "predictions"
     pred.mkdir(parents=True)
@@ -280,6 +359,42 @@ def test_stack_stage_writes_its_files(tmp_path, sim, capsys):
     printed = capsys.readouterr().out
     assert "first_stage" in printed and "neighbors" in printed
     assert not list(out.glob(".*.tmp"))
+
+
+def test_stack_stage_uses_the_first_stage_folds(tmp_path, sim, monkeypatch):
+    """cv.split=random: the stacker gets the folds the OOF came from (`fold_table`), not folds.csv's patient folds,
+    and a change of cv.split makes the stack stale."""
+    from ich_kaggle.core import freshness, manifest
+    from ich_kaggle.core.config import CVConfig
+    from ich_kaggle.data.folds import fold_table
+    from ich_kaggle.stack import pipeline
+    from ich_kaggle.stack.stage import prediction_dirs, stack
+
+    layout = _write_layout(tmp_path, sim)
+    cfg = Config(name="exp")
+    cfg.cv.split = "random"
+    cfg.stack.model = "neighbors"
+    pred = tmp_path / "runs" / "exp" / "predictions"
+    pred.mkdir(parents=True)
+    sim.oof.to_csv(pred / "oof.csv", index=False)
+    sim.test.to_csv(pred / "test.csv", index=False)
+    seen = {}
+    real = pipeline.run_stacking
+
+    def spy(meta, folds, *args, **kwargs):
+        seen["folds"] = folds
+        return real(meta, folds, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_stacking", spy)
+    out = stack(cfg, layout, runs=tmp_path / "runs", progress=False)
+    used = seen["folds"].set_index("image_id")["fold"]
+    want = fold_table(layout, cfg.cv).set_index("image_id")["fold"]
+    patient = sim.folds.assign(image_id=sim.folds["image_id"].astype(str)).set_index("image_id")["fold"]
+    assert len(used) == len(sim.folds) and used.equals(want.loc[used.index])
+    assert (used != patient.loc[used.index]).mean() > 0.5  # not the patient folds of folds.csv
+    dirs = prediction_dirs(cfg, tmp_path / "runs")
+    assert manifest.read(out / "test.csv") == freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
+    assert "split" in freshness.stale_reason(out / "test.csv", freshness.stacked(dirs, layout, cfg.stack, CVConfig()))
 
 
 def test_stack_stage_errors_are_one_line(tmp_path, sim):

@@ -174,3 +174,41 @@ def test_folds_of_another_k_stop_train_and_rebuilt_folds_stop_resume(exp, tmp_pa
             train.train_fold(cfg, layout, 0, runs=runs)
     finally:
         layout.folds_csv.write_bytes(saved)
+
+
+PER_FOLD = ["stack.use_embeddings=true", "stack.embedding_space=per_fold", "stack.embedding_dim=4"]
+
+
+def test_per_fold_embedding_stack_end_to_end_reused_and_redone_when_the_knob_changes(exp, capsys):
+    """stack.embedding_space=per_fold (issue 15, item 3): predict -> stack -> submit on the tiny competition, each
+    fold model's own files (test_fold<k>_embeddings.npz ...) read and named in the stack's manifest; a second run
+    reuses the stack, a change of the knob recomputes it."""
+    from ich_kaggle.core import freshness, manifest
+    from ich_kaggle.stack.stage import prediction_dirs, stack
+
+    cfg, layout, runs = exp
+    run = Run.of(runs, cfg.name)
+    if not run.fold(2).done.exists():
+        train.train_fold(cfg, layout, 2, runs=runs)
+    predict(cfg, layout, runs=runs)
+    per = config.load("tiny", [*SETTINGS, *PER_FOLD])
+    for k in (0, 1, 2):
+        assert run.predictions.test_fold_embeddings(k).exists()  # predict writes each fold model's test embeddings
+    stack(per, layout, runs=runs, progress=False, force=True)
+    made = run.stack.test.stat().st_mtime_ns
+    saved = manifest.read(run.stack.test)
+    assert saved == freshness.stacked(prediction_dirs(per, runs), layout, per.stack, per.cv)
+    assert "source0:test_fold2_embeddings.npz" in saved["inputs"] and saved["settings"]["embedding_space"] == "per_fold"
+    test = pd.read_csv(run.stack.test)
+    assert len(test) == len(pd.read_csv(run.predictions.test)) and test.drop(columns="image_id").notna().all().all()
+    capsys.readouterr()
+    stack(per, layout, runs=runs, progress=False)
+    assert "is up to date" in capsys.readouterr().out and run.stack.test.stat().st_mtime_ns == made
+    out = cli("submit", *experiment_args(cfg, layout, runs), *PER_FOLD, "--out-dir", str(runs / "subs"))
+    assert out.returncode == 0, out.stderr
+    assert "OOF weighted log loss: stacked" in out.stdout and run.stack.test.stat().st_mtime_ns == made  # reused
+    mixture = [*PER_FOLD[:-2], "stack.embedding_space=mixture", PER_FOLD[-1]]
+    out = cli("submit", *experiment_args(cfg, layout, runs), *mixture, "--out-dir", str(runs / "subs"))
+    assert out.returncode == 0, out.stderr
+    assert run.stack.test.stat().st_mtime_ns > made  # the knob changed: the stack was recomputed
+    assert manifest.read(run.stack.test)["settings"]["embedding_space"] == "mixture"

@@ -182,7 +182,7 @@ def _experiment(tmp_path: Path, images: list[str], unreadable: list[str], with_s
         better = oof.copy()  # the stack's OOF closer to the labels: submit chooses it by its OOF score
         better[list(LABELS)] = np.clip(train[list(LABELS)].to_numpy() * 0.9 + 0.05, 0, 1)
         better.iloc[:40].to_csv(run / "stack" / "oof.csv", index=False)
-        manifest.write(runs.stack.test, freshness.stacked(runs.prediction_sources([]), layout, cfg.stack))
+        manifest.write(runs.stack.test, freshness.stacked(runs.prediction_sources([]), layout, cfg.stack, cfg.cv))
     return layout, train, oof.iloc[:40]
 
 

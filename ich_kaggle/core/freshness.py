@@ -10,11 +10,11 @@ import dataclasses
 from pathlib import Path
 
 from . import manifest as M
-from .config import EnsembleConfig, StackConfig, TTAConfig
+from .config import CVConfig, EnsembleConfig, StackConfig, TTAConfig
 from .layout import Layout, Predictions, Run
 
 PREDICT_FORMAT = 1  # bump when predict's files change meaning
-STACK_FORMAT = 2  # 2: early stopping on an inner split, curve.csv
+STACK_FORMAT = 3  # 2: early stopping on an inner split, curve.csv; 3: the first stage's folds (cv.split), per_fold
 
 
 def _tta(tta: TTAConfig) -> dict:
@@ -42,13 +42,24 @@ def ensemble(members: list[Predictions], ens: EnsembleConfig) -> dict:
                   settings={"members": list(ens.members), "combine": ens.combine, "weights": list(ens.weights)})
 
 
-def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig) -> dict:
-    """The second stage: the first-stage files it read, the folds and series it used, its settings."""
+def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig, cv: CVConfig) -> dict:
+    """The second stage: the first-stage files it read, the folds (cv: k, seed, split, which folds) and series it
+    used, its settings. With stack.embedding_space=per_fold it reads each fold model's own files too."""
+    from ..data.folds import selected_folds  # the one fold chooser (data imports core, not the other way at load)
+
+    folds = selected_folds(cv)
     inputs: dict = {"folds": M.identity(layout.folds_csv), "meta": M.identity(layout.meta_csv)}
+    per_fold = stack.use_embeddings and stack.embedding_space == "per_fold"
     for i, src in enumerate(sources):
         files = [src.oof, src.test] + ([src.oof_embeddings, src.test_embeddings] if stack.use_embeddings else [])
+        if per_fold:
+            files += [f for k in folds for f in (src.oof_fold(k), src.test_fold(k), src.oof_fold_embeddings(k),
+                                                 src.test_fold_embeddings(k))]
         inputs.update({f"source{i}:{f.name}": M.identity(f) for f in files})
     settings = {k: v for k, v in dataclasses.asdict(stack).items() if k != "sources"}
+    if not stack.use_embeddings:
+        settings.pop("embedding_space")  # does not change a probability-level stack
+    settings["cv"] = {"k": cv.k, "seed": cv.seed, "split": cv.split, "folds": folds}
     return M.make("stack", STACK_FORMAT, inputs=inputs, settings=settings)
 
 

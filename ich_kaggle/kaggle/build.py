@@ -151,11 +151,16 @@ def is_stacked(cfg: Config, runs: str | Path) -> bool:
     return Run.of(runs, cfg.name).stack.test.is_file()
 
 
-def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, why: str) -> dict[str, Path]:
+def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, folds: list[int], why: str
+                         ) -> dict[str, Path]:
     """`member`'s OOF files that the kernel cannot recompute (it has no train images) but its later stages read:
-    the stacker is refit on them, an ensemble's first stage combines them."""
+    the stacker is refit on them (with `stack.embedding_space=per_fold` on each fold model's own), an ensemble's
+    first stage combines them."""
     pred = Run.of(runs, member.name).predictions
-    shipped = [pred.oof] + ([pred.oof_embeddings] if cfg.stack.use_embeddings and is_stacked(cfg, runs) else [])
+    embeddings = cfg.stack.use_embeddings and is_stacked(cfg, runs)
+    shipped = [pred.oof] + ([pred.oof_embeddings] if embeddings else [])
+    if embeddings and cfg.stack.embedding_space == "per_fold":
+        shipped += [p for k in folds for p in (pred.oof_fold(k), pred.oof_fold_embeddings(k))]
     for path in shipped:
         if not path.is_file():
             raise UserError(f"{path} not found but {why}; rerun `make predict CONFIG={cfg.name}`")
@@ -173,7 +178,7 @@ def _member_files(cfg: Config, member: Config, runs: str | Path, prefix: str, oo
                         f"(make train-all CONFIG={cfg.name})")
     files = {f"fold{k}_{path.name}": path for k in folds for path in (run.fold(k).best, run.fold(k).done)}
     if oof_why:
-        files.update(_shipped_predictions(cfg, member, runs, oof_why))
+        files.update(_shipped_predictions(cfg, member, runs, folds, oof_why))
     return {prefix + flat: path.relative_to(run.dir).as_posix() for flat, path in files.items()}
 
 

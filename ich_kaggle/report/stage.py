@@ -89,11 +89,29 @@ def _summary_section(ctx: Context, sec: Section) -> None:
     if stack_metrics.exists():
         metrics_frame = pd.read_csv(stack_metrics)
         sec.table(metrics_frame, f"Second stage ({stack_metrics})", index=False)
+        design = stack_design(Run(ctx.run).stack.test)
+        if design:
+            sec.note(design)
         sec.image(plots.stage_bars(metrics_frame, ctx.out / "stages.png"), ctx.out, "first vs second stage")
     else:
         sec.note(f"No {stack_metrics}: run make stack CONFIG={cfg.name} for the sequence model's comparison.")
     for note in ctx.notes:
         sec.note(note)
+
+
+def stack_design(stacked_test: Path) -> str | None:
+    """One line from the stack's manifest: its model, whether and how it used embeddings, the folds it was fitted on."""
+    from ..core import manifest
+
+    made = manifest.read(stacked_test)
+    if not made:
+        return None
+    s = made.get("settings", {})
+    cv = s.get("cv", {})
+    emb = (f"embeddings: {s.get('embedding_space', 'mixture')} ({s.get('embedding_dim')} components per model)"
+           if s.get("use_embeddings") else "embeddings: no")
+    folds = f"cv.split={cv.get('split')}, folds {cv.get('folds')}" if cv else "folds: not recorded (older stack)"
+    return f"Second stage: {s.get('model')}, {emb}; fitted on the first stage's folds ({folds})."
 
 
 def _curves_section(ctx: Context, sec: Section) -> None:

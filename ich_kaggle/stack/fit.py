@@ -45,7 +45,8 @@ class TorchSeqs:
 
     @classmethod
     def of(cls, seqs: Sequences) -> "TorchSeqs":
-        return cls(torch.from_numpy(seqs.x), torch.from_numpy(seqs.y), torch.from_numpy(seqs.mask),
+        """`mask` is what losses count (`Sequences.scored`); the nets see every real slice through `lengths`."""
+        return cls(torch.from_numpy(seqs.x), torch.from_numpy(seqs.y), torch.from_numpy(np.ascontiguousarray(seqs.scored)),
                    torch.from_numpy(seqs.lengths))
 
     def batch(self, lo: int, hi: int):
@@ -118,6 +119,7 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
             flip = torch.from_numpy(rng.random(len(lengths)) < 0.5)
             x = torch.where(flip[:, None, None], reverse_inputs(x, lengths), x)
             y = torch.where(flip[:, None, None], reverse_values(y, lengths), y)
+            mask = torch.where(flip[:, None], reverse_values(mask.unsqueeze(-1), lengths).squeeze(-1), mask)
             loss = metric_bce(net(x, lengths), y, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,23 +175,40 @@ PredictFn = Callable[[object, Sequences], np.ndarray]
 
 @dataclass
 class CrossFit:
-    oof: np.ndarray  # (S_train, L, 6) each series predicted by the model that never saw its fold
+    oof: np.ndarray  # (S_train, L, 6) each slice predicted by the model that never saw its fold's labels
     test: np.ndarray  # (S_test, L_test, 6) mean over the fold models
     folds: list[int]
 
 
 def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: PredictFn,
               progress: Callable[[str], None] | None = None) -> CrossFit:
-    """For each fold k: fit on the other folds' series, predict fold k's series and the test series."""
-    folds = sorted(int(f) for f in np.unique(train.group) if f >= 0)
+    """For each fold k: fit on the other folds' slices, predict fold k's slices and the test series.
+
+    The folds are the first stage's (`Sequences.slots`, one per slice): under a patient split a series lies in one
+    fold and model k simply never sees fold k's series; under `cv.split: random` a series has slices in several
+    folds, and model k trains on every series with its fold-k slices left out of the loss (`loss_mask`; they stay
+    visible as inputs, like the OOF predictions they are) and predicts exactly those slices.
+    """
+    slots = train.slots if train.slots is not None else np.where(train.mask, train.group[:, None], -1)
+    folds = sorted(int(f) for f in np.unique(slots[train.mask]) if f >= 0)
     if len(folds) < 2:
         raise ValueError(f"stacking needs out-of-fold predictions from at least 2 folds, got {folds}")
     oof = np.full(train.y.shape, np.nan, dtype=np.float32)
     test_sum = np.zeros(test.y.shape, dtype=np.float32) if test is not None and len(test) else None
     for k in folds:
-        held = train.group == k
-        model = fit(train.subset(~held), k)
-        oof[held] = predict(model, train.subset(held))
+        held = slots == k
+        others = train.mask & ~held & (slots >= 0)
+        fit_rows = others.any(axis=1)
+        part = train.subset(fit_rows)
+        if not (held & train.mask)[fit_rows].any():  # the series lie in one fold each: nothing to leave out
+            part.loss_mask = None
+        else:
+            part.loss_mask = others[fit_rows]
+        model = fit(part, k)
+        pred_rows = held.any(axis=1)
+        pred = predict(model, train.subset(pred_rows))
+        take = (held | ~train.mask)[pred_rows]  # its fold's slices (and the padding, which predicts 0)
+        oof[pred_rows] = np.where(take[..., None], pred, oof[pred_rows])
         if test_sum is not None:
             test_sum += predict(model, test)
         if progress:

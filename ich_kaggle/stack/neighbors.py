@@ -50,8 +50,8 @@ class NeighborModel:
 
 def fit_neighbors(seqs: Sequences, k: int, n_models: int, l2: float = 1e-4, iters: int = 40) -> NeighborModel:
     """Full-batch L-BFGS on the metric's weighted BCE (the loss splits by label, so this is 6 logistic regressions)."""
-    feats = neighbor_features(seqs, k, n_models)[seqs.mask]
-    y = torch.from_numpy(seqs.y[seqs.mask])
+    feats = neighbor_features(seqs, k, n_models)[seqs.scored]
+    y = torch.from_numpy(seqs.y[seqs.scored])
     mean = feats.mean(0)
     std = feats.std(0) + 1e-6
     xt = torch.from_numpy((feats - mean) / std)

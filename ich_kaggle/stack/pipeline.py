@@ -99,7 +99,8 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
             te_seqs = build_sequences(test_rows, te_values)
     seconds["build"] = time.perf_counter() - t0
 
-    bar = tqdm(total=2 * len(np.unique(tr_seqs.group[tr_seqs.group >= 0])), desc="stack", disable=not progress,
+    n_folds = len(np.unique(tr_seqs.slots[tr_seqs.mask])) if tr_seqs.slots is not None else 0
+    bar = tqdm(total=2 * n_folds, desc="stack", disable=not progress,
                leave=False)
 
     def tick(_msg: str) -> None:
@@ -163,3 +164,91 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
                          columns=["fold", "step", "epoch", "train_loss", "val_loss"])
     return StackResult(_wide(ids, oof_mean), _wide(ids, stacked_oof), _wide(test_ids, stacked_test),
                        _wide(ids, nb_oof), _wide(test_ids, nb_test), table, curve, seconds)
+
+
+@dataclass
+class FoldInputs:
+    """What fold model k (of every source) produced: its held-out fold's OOF predictions and embedding features, and
+    its own test predictions and embedding features (projected by the PCA fitted on those two alone)."""
+
+    oof: list[pd.DataFrame]  # one frame per source: fold k's held-out images
+    test: list[pd.DataFrame]  # one frame per source: fold model k on the test images
+    oof_extra: pd.DataFrame | None = None
+    test_extra: pd.DataFrame | None = None
+
+
+def run_per_fold(meta: pd.DataFrame, folds: pd.DataFrame, per_fold: dict[int, FoldInputs], scfg: StackConfig,
+                 source_names: list[str] | None = None, progress: bool = True) -> StackResult:
+    """`stack.embedding_space: per_fold`: one second stage per first-stage fold model, in that model's own feature space.
+
+    Why: an embedding is a point in the space of the fold model that made it. Five separately fine-tuned models
+    have five spaces; the mixture design trains on OOF embeddings (each image from the one model that did not see
+    it, i.e. a mixture of five spaces) and predicts on the element-wise mean of the five test embeddings (a sixth,
+    averaged space) after one PCA over both. Here nothing is mixed:
+
+    - second stage k sees only fold model k's outputs: the OOF predictions and embeddings of fold k's held-out
+      images to train on (the only images model k did not see), model k's own test predictions and embeddings to
+      predict; the PCA of its embeddings is fitted on those two sets alone (no labels, as in the mixture);
+    - fold k's series are split again, patient-grouped and balanced on the rare labels (`data.folds.assign_folds`,
+      as many inner folds as outer ones, fewer when a fold has fewer patients), and `run_stacking` cross-fits over that inner split exactly as the one
+      stacker does over the outer folds (inner validation split for stopping included). Every training image
+      thus gets an honest OOF prediction: from an inner model that saw neither its label nor, through the features,
+      any model that trained on it. Those OOF predictions are what submit's choice-by-OOF compares;
+    - the test prediction of second stage k is the mean of its inner models; the submitted test prediction is the
+      mean over the fold models k.
+
+    The price: each second stage trains on 1/k of the training series (x (k-1)/k for the inner fit), and the
+    whole costs about as many optimizer steps as the mixture (k x k nets on 1/k^2-sized data each).
+    """
+    from ..data.folds import assign_folds
+
+    outer = sorted(per_fold)
+    if len(outer) < 2:
+        raise ValueError(f"stacking needs out-of-fold predictions from at least 2 folds, got {outer}")
+    results: dict[int, StackResult] = {}
+    curves = []
+    for k in outer:
+        rows = folds[folds["fold"] == k]
+        n_inner = min(len(outer), rows["patient_id"].nunique())  # small data: fewer inner folds, at least 2
+        if n_inner < 2:
+            raise ValueError(f"fold {k} holds {n_inner} patient(s); per_fold stacking splits each fold in at least 2")
+        inner = rows.assign(fold=assign_folds(rows, k=n_inner, seed=scfg.seed + k).to_numpy())
+        f = per_fold[k]
+        res = run_stacking(meta, inner, f.oof, f.test, scfg, f.oof_extra, f.test_extra, source_names, progress)
+        results[k] = res
+        if len(res.curve):
+            curves.append(res.curve.assign(fold=[f"{k}/{i}" for i in res.curve["fold"]]))
+
+    def cat(attr: str) -> pd.DataFrame:
+        return pd.concat([getattr(results[k], attr) for k in outer], ignore_index=True)
+
+    def mean(attr: str) -> pd.DataFrame:
+        frames = [getattr(results[k], attr) for k in outer]
+        ids = frames[0]["image_id"]
+        values = np.mean([fr.set_index("image_id").loc[ids, LABEL_COLS].to_numpy(np.float64) for fr in frames], axis=0)
+        return _wide(ids.to_numpy(), values)
+
+    first, stacked, nb = cat("first_oof"), cat("oof"), cat("neighbors_oof")
+    lab = folds[["image_id", *LABEL_COLS]].drop_duplicates("image_id")
+    scored = first[["image_id"]].merge(lab, on="image_id", how="inner")
+    y = scored[LABEL_COLS].to_numpy(np.float64)
+
+    def at(frame: pd.DataFrame) -> np.ndarray:
+        return frame.drop_duplicates("image_id").set_index("image_id").loc[scored["image_id"], LABEL_COLS].to_numpy(np.float64)
+
+    rows = [score_row("first_stage", y, at(first))]
+    n_models = len(per_fold[outer[0]].oof)
+    if n_models > 1:
+        names = source_names or [f"source{m}" for m in range(n_models)]
+        for m in range(n_models):
+            src = pd.concat([per_fold[k].oof[m] for k in outer], ignore_index=True)
+            rows.append(score_row(f"first_stage:{names[m]}", y, at(src)))
+    rows.append(score_row("stacked", y, at(stacked)))
+    rows.append(score_row("neighbors", y, at(nb)))
+    seconds: dict[str, float] = {}
+    for r in results.values():
+        for key, v in r.seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + v
+    curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
+        columns=["fold", "step", "epoch", "train_loss", "val_loss"])
+    return StackResult(first, stacked, mean("test"), nb, mean("neighbors_test"), pd.DataFrame(rows), curve, seconds)

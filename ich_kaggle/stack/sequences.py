@@ -35,8 +35,10 @@ class Sequences:
     mask: np.ndarray  # (S, L) bool
     lengths: np.ndarray  # (S,) int64, ascending
     series_id: np.ndarray  # (S,) object
-    group: np.ndarray  # (S,) int64 fold of each series (-1: test / none)
+    group: np.ndarray  # (S,) int64 fold of each series (-1: test / none; -2: its slices sit in several folds)
     row: np.ndarray  # (S, L) int64
+    slots: np.ndarray | None = None  # (S, L) int64 fold of each slice (-1: padding / none)
+    loss_mask: np.ndarray | None = None  # (S, L) bool slices a model is trained on (None: every real slice)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -45,11 +47,17 @@ class Sequences:
     def n_features(self) -> int:
         return self.x.shape[2]
 
+    @property
+    def scored(self) -> np.ndarray:
+        """(S, L) the slices a loss is computed on: `loss_mask` when set, else every real slice."""
+        return self.mask if self.loss_mask is None else self.loss_mask
+
     def subset(self, keep: np.ndarray) -> "Sequences":
         """Series selected by a boolean mask or index array (order kept, so still length-sorted)."""
         keep = np.asarray(keep)
         return Sequences(self.x[keep], self.y[keep], self.mask[keep], self.lengths[keep], self.series_id[keep],
-                         self.group[keep], self.row[keep])
+                         self.group[keep], self.row[keep], None if self.slots is None else self.slots[keep],
+                         None if self.loss_mask is None else self.loss_mask[keep])
 
     def scatter(self, values: np.ndarray, n_rows: int) -> np.ndarray:
         """(S, L, C) per-slot values -> (n_rows, C) in source-frame row order (rows never seen stay NaN)."""
@@ -90,7 +98,8 @@ def build_sequences(frame: pd.DataFrame, values: np.ndarray, labels: np.ndarray 
     """Pack rows of `frame` (series_id, slice_rank, z, series_len) into padded series.
 
     values: (N, V) per-row inputs (first-stage logits, embeddings) aligned with `frame`'s rows.
-    labels: (N, 6) or None. group: (N,) fold per row; every row of a series must share it.
+    labels: (N, 6) or None. group: (N,) fold per row. Under a patient split every row of a series shares it; under
+    `cv.split: random` a series' slices sit in several folds (series group -2) and `slots` says which slice is where.
     """
     n = len(frame)
     codes, uniques = pd.factorize(frame["series_id"].to_numpy(), sort=False)
@@ -120,17 +129,18 @@ def build_sequences(frame: pd.DataFrame, values: np.ndarray, labels: np.ndarray 
     row = np.full((n_series, max_len), -1, dtype=np.int64)
     row[s_idx, pos] = order
     g = np.full(n_series, -1, dtype=np.int64)
+    slots = None
     if group is not None:
         grp = np.asarray(group, dtype=np.int64)[order]
         lo = np.full(n_series, np.iinfo(np.int64).max)
         hi = np.full(n_series, np.iinfo(np.int64).min)
         np.minimum.at(lo, s_idx, grp)
         np.maximum.at(hi, s_idx, grp)
-        if (lo != hi).any():
-            bad = uniques[by_len[np.flatnonzero(lo != hi)[0]]]
-            raise ValueError(f"series {bad} has slices in several folds; folds must be grouped by patient")
-        g = lo
-    return Sequences(x, y, mask, counts[by_len].astype(np.int64), np.asarray(uniques, dtype=object)[by_len], g, row)
+        g = np.where(lo == hi, lo, -2)
+        slots = np.full((n_series, max_len), -1, dtype=np.int64)
+        slots[s_idx, pos] = grp
+    return Sequences(x, y, mask, counts[by_len].astype(np.int64), np.asarray(uniques, dtype=object)[by_len], g, row,
+                     slots)
 
 
 # --- torch helpers shared by the nets, training and TTA ---

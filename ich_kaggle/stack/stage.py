@@ -1,7 +1,8 @@
 """`make stack`: a second-stage sequence model over each series' slices, trained on the first stage's OOF predictions.
 
-Reads `runs/<cfg>/predictions/{oof,test}.csv` (and `*_embeddings.npz` with stack.use_embeddings) of one or several
-first-stage models, the meta table and the folds; writes `runs/<cfg>/stack/{oof,test,metrics}.csv` plus the
+Reads `runs/<cfg>/predictions/{oof,test}.csv` (and `*_embeddings.npz` with stack.use_embeddings; each fold model's
+`{oof,test}_fold<k>*` with stack.embedding_space=per_fold) of one or several first-stage models, the meta table and
+the folds the first stage used (`data.folds.fold_table`: cv.split, cv.folds); writes `runs/<cfg>/stack/{oof,test,metrics}.csv` plus the
 neighbours baseline's `neighbors_{oof,test}.csv`. Extra first-stage models: `--set stack.sources=[dir,...]`
 (prediction folders or run folders). The array code lives in the other modules of `ich_kaggle.stack`.
 """
@@ -95,6 +96,32 @@ def _extras(dirs: list[Predictions], scfg: StackConfig, name: str) -> tuple[pd.D
             pd.concat(test_parts, axis=1, join="outer").reset_index())
 
 
+def _per_fold_inputs(dirs: list[Predictions], scfg: StackConfig, name: str, folds: list[int]) -> dict:
+    """stack.embedding_space=per_fold: per fold model k, every source's fold-k OOF and test predictions and its
+    embeddings, projected by a PCA fitted on fold model k's own embeddings (see `pipeline.run_per_fold`)."""
+    from .pipeline import FoldInputs
+
+    out = {}
+    for k in folds:
+        oof, test, oof_x, test_x = [], [], [], []
+        for m, d in enumerate(dirs):
+            for path in (d.oof_fold(k), d.test_fold(k), d.oof_fold_embeddings(k), d.test_fold_embeddings(k)):
+                if not path.exists():
+                    raise UserError(f"{path} not found: stack.embedding_space=per_fold reads each fold model's own "
+                                    f"predictions (`make predict CONFIG={name}` writes them; an ensemble's combined "
+                                    f"predictions have none, stack its members), or use stack.embedding_space=mixture")
+            oof.append(read_predictions(d.oof_fold(k), name))
+            test.append(read_predictions(d.test_fold(k), name))
+            o, t = reduce_embeddings(read_embeddings(d.oof_fold_embeddings(k), name),
+                                     read_embeddings(d.test_fold_embeddings(k), name), scfg.embedding_dim,
+                                     prefix=f"m{m}", seed=scfg.seed)
+            oof_x.append(o.set_index("image_id"))
+            test_x.append(t.set_index("image_id"))
+        out[k] = FoldInputs(oof, test, pd.concat(oof_x, axis=1, join="outer").reset_index(),
+                            pd.concat(test_x, axis=1, join="outer").reset_index())
+    return out
+
+
 def format_table(table: pd.DataFrame, model: str) -> str:
     head = f"{'stage':<28}{'weighted':>10}" + "".join(f"{c[:10]:>11}" for c in LABEL_COLS)
     lines = [f"OOF weighted log loss (second stage: {model})", head]
@@ -106,31 +133,42 @@ def format_table(table: pd.DataFrame, model: str) -> str:
 def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
           progress: bool = True, force: bool = False) -> Path:
     """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`."""
-    from ..data.folds import load_folds
+    from ..data.folds import fold_table, selected_folds
     from ..data.meta import load_meta
-    from .pipeline import run_stacking
+    from .pipeline import run_per_fold, run_stacking
 
+    per_fold = cfg.stack.use_embeddings and cfg.stack.embedding_space == "per_fold"
+    if per_fold and cfg.cv.split == "random":
+        raise UserError("stack.embedding_space=per_fold needs cv.split=patient (under a random split a fold model's "
+                        "held-out images are scattered slices, not whole series); use stack.embedding_space=mixture")
     dirs = prediction_dirs(cfg, runs, sources)
     out = Run.of(runs, cfg.name).stack
-    expected = freshness.stacked(dirs, layout, cfg.stack)
+    expected = freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
     if not force and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics)) \
             and freshness.stale_reason(out.test, expected) is None:
         log.info(f"stack: {out.test} is up to date (same first-stage files, folds and settings); reusing")
         return out.dir
     oof = [read_predictions(d.oof, cfg.name) for d in dirs]
     test = [read_predictions(d.test, cfg.name) for d in dirs]
-    oof_x, test_x = _extras(dirs, cfg.stack, cfg.name)
+    fold_ids = selected_folds(cfg.cv)
+    inputs = _per_fold_inputs(dirs, cfg.stack, cfg.name, fold_ids) if per_fold else None
+    oof_x, test_x = (None, None) if per_fold else _extras(dirs, cfg.stack, cfg.name)
     meta = load_meta(layout)
-    folds = load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)
+    # the folds the first-stage OOF came from (cv.split, cv.folds): the stacker's folds are the same, image by image
+    folds = fold_table(layout, cfg.cv)
+    folds = folds[folds["fold"].isin(fold_ids)]
     known = set(folds["image_id"])
     if not any(f["image_id"].isin(known).any() for f in oof):
         raise UserError(f"{dirs[0].oof}: no image is in {layout.folds_csv}; predictions and folds come from "
                         f"different data folders (pass the same --data to predict and stack)")
+    names = [d.dir.parent.name if d.dir.name == "predictions" else d.dir.name for d in dirs]
     try:
-        result = run_stacking(meta, folds, oof, test, cfg.stack, oof_x, test_x,
-                              source_names=[d.dir.parent.name if d.dir.name == "predictions" else d.dir.name for d in dirs],
-                              progress=progress)
-    except ValueError as e:  # only data problems reach here: folds not grouped by series, fewer than 2 folds
+        if per_fold:
+            result = run_per_fold(meta, folds, inputs, cfg.stack, source_names=names, progress=progress)
+        else:
+            result = run_stacking(meta, folds, oof, test, cfg.stack, oof_x, test_x, source_names=names,
+                                  progress=progress)
+    except ValueError as e:  # only data problems reach here: fewer than 2 folds
         raise UserError(f"{layout.folds_csv}: {e}; rebuild with `make folds` and train/predict at least 2 folds") from None
     write_csv(result.oof, out.oof)
     write_csv(result.test, out.test)
@@ -140,7 +178,8 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     write_csv(result.curve, out.curve)
     manifest.write(out.oof, expected)
     manifest.write(out.test, expected)  # last: what submit checks
-    log.info(format_table(result.metrics, cfg.stack.model))
+    space = f", embeddings {cfg.stack.embedding_space}" if cfg.stack.use_embeddings else ""
+    log.info(format_table(result.metrics, cfg.stack.model + space))
     losses = result.metrics.set_index("stage")["weighted_log_loss"]
     if losses["stacked"] >= losses["first_stage"]:
         log.info(f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "

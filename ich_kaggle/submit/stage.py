@@ -208,7 +208,7 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
     if not run.stack.test.exists():
         log.info(f"submit: using the first stage ({first.test}); no stack")
     elif stale := freshness.stale_reason(run.stack.test, freshness.stacked(
-            ensemble.stack_sources(cfg, run.dir.parent), layout, cfg.stack)):
+            ensemble.stack_sources(cfg, run.dir.parent), layout, cfg.stack, cfg.cv)):
         log.info(f"submit: {run.stack.test} is stale ({stale}); using the first stage instead (`make stack` refreshes it)")
     else:
         train = _train_labels(layout)

@@ -252,7 +252,7 @@ def test_scratch_too_small_stops_with_the_figure(tmp_path, monkeypatch):
     layout.work.mkdir(parents=True)
     rows = "\n".join(f"ID_{i},P,S,R,train,stage_2_train/ID_{i}.dcm,1.0,0,1" for i in range(1000))
     layout.meta_csv.write_text("image_id,patient_id,study_id,series_id,split,path,z,slice_rank,series_len\n" + rows + "\n")
-    train_run.check_scratch_space(layout)  # 160 MB fits
+    train_run.check_scratch_space(layout)  # 240 MB fits
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(UserError, match=r"caching 1,000 train images needs about 0.2 GB but .* has 0.0 GB free; .*ICH_KAGGLE_SCRATCH"):
         train_run.check_scratch_space(layout)

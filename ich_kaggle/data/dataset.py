@@ -61,8 +61,8 @@ def loader_workers(requested: int, processes: int = 1) -> int:
 def head_bbox(hu: np.ndarray, threshold: float = AIR_HU, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of the pixels above `threshold`, widened by `margin`; the whole image if nothing is there."""
     h, w = hu.shape[:2]
-    mask = hu > threshold
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    # a row (column) holds a pixel above the threshold iff its maximum is above it: no boolean image to build
+    rows, cols = np.flatnonzero(hu.max(axis=1) > threshold), np.flatnonzero(hu.max(axis=0) > threshold)
     if len(rows) < 8 or len(cols) < 8:  # empty or a few stray pixels: cropping would only magnify noise
         return 0, h, 0, w
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1

@@ -217,3 +217,53 @@ def test_blank_eval_image_follows_the_transform_size(monkeypatch):
     ds = D.SliceDataset(pd.DataFrame({"image_id": ["a1"]}), None, cfg, transform=build_eval_transforms(cfg, 24),
                         meta=_meta())
     assert ds[0][0].shape == (9, 24, 24)
+
+
+def _extent(mask: np.ndarray) -> tuple[int, int]:
+    """(height, width) of the pixels set in `mask`."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def test_the_head_crop_keeps_the_heads_aspect_ratio(monkeypatch):
+    """An elliptical head phantom 1.5x wider than tall, near the image's top edge (its square crop leaves the image):
+    the output head is 1.5x wider than tall too, in eval and in training without augmentation, and what the square
+    reaches beyond the image is black like air; data.crop_square=false (checkpoints made before it) stretches it."""
+    yy, xx = np.mgrid[:512, :512]
+    r = ((yy - 130) / 120.0) ** 2 + ((xx - 256) / 180.0) ** 2
+    hu = np.where(r <= 1, 1000, -1000).astype(np.int16)  # skull
+    hu[r <= 0.85] = 30  # brain
+    monkeypatch.setattr(D, "_load_hu", lambda layout, image_id: hu)
+    frame = pd.DataFrame({"image_id": ["a1"]})
+    in_h, in_w = _extent(hu > -500)
+    assert in_w / in_h == pytest.approx(1.5, rel=0.01)
+    no_aug = [f"augment.{k}=0" for k in ("hflip", "shift_scale_rotate", "brightness_contrast")]
+    for square in (True, False):
+        overrides = ["data.image_size=96", "data.neighbors=1", f"data.crop_square={str(square).lower()}"]
+        cfg = config.load("tiny", overrides)
+        ds = D.SliceDataset(frame, None, cfg, transform=build_eval_transforms(cfg), meta=_meta())
+        planes = ds.load_planes(0)
+        assert all(p.shape == planes[0].shape for p in planes)
+        x = ds[0][0].numpy()
+        assert x.shape == (9, 96, 96) and x.min() >= 0 and x.max() <= 1
+        h, w = _extent(x[3] > 0)  # the current slice's brain window: skull and brain
+        if not square:
+            assert w / h == pytest.approx(1.0, rel=0.04), (h, w)  # the old crop: stretched to the square
+            continue
+        assert planes[0].shape[0] == planes[0].shape[1]
+        assert w / h == pytest.approx(1.5, rel=0.04), (h, w)
+        assert w > 0.85 * 96  # still cropped to the head: it spans the output's width (less the margin)
+        assert float(x[:, :8].max()) == 0.0  # the part of the square above the image's edge is black
+        cfg_train = config.load("tiny", [*overrides, *no_aug])
+        train = D.SliceDataset(frame, None, cfg_train, transform=build_train_transforms(cfg_train), train=True,
+                               meta=_meta())
+        np.testing.assert_array_equal(train[0][0].numpy(), x)  # training without augmentation = eval geometry
+
+
+def test_a_checkpoint_config_from_before_the_square_crop_keeps_the_stretched_crop():
+    from ich_kaggle.core.config import from_dict
+
+    stored = config.load("tiny").to_dict()
+    assert from_dict(stored).data.crop_square is True
+    del stored["data"]["crop_square"]
+    assert from_dict(stored).data.crop_square is False

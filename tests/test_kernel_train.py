@@ -319,7 +319,7 @@ def test_the_cache_where_it_fits_else_the_dicoms_with_the_figures(tmp_path, monk
     cfg = _cfg()
     monkeypatch.setattr(train_run, "scratch_free_bytes", lambda p: 10**9)
     with caplog.at_level("INFO", logger="ich_kaggle"):
-        assert train_run.choose_source(layout, cfg) == "cache"  # 160 MB fits
+        assert train_run.choose_source(layout, cfg) == "cache"  # 240 MB fits
         monkeypatch.setattr(train_run, "scratch_free_bytes", lambda p: 10**6)
         assert train_run.choose_source(layout, cfg) == "dicom"
         assert train_run.choose_source(layout, config.load("tiny", OVERRIDES + ["data.source=dicom"])) == "dicom"

@@ -156,3 +156,29 @@ def test_the_dataset_output_equals_the_old_path_without_augmentation(real):
     assert close.mean() > 0.97 and np.abs(x - ref).mean() < 0.005
     frame = pd.DataFrame({"image_id": rows["image_id"]})
     assert SliceDataset(frame, layout, cfg, meta=m)[3][0].shape[0] == 9  # no transform: windows at crop size
+
+
+def _extent(mask: np.ndarray) -> tuple[int, int]:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)) if len(rows) else (0, 0)
+
+
+def test_real_heads_keep_their_aspect_ratio(real):
+    """The head crop is a square around the head, so the head's width/height in the model input is the slice's
+    (real heads are longer than wide: stretching the crop to the square changed it by 10-30%)."""
+    layout, m, rows = real
+    cfg = config.load("seresnext50_512")
+    soft = list(cfg.data.windows).index("soft_tissue")
+    low = named(["soft_tissue"])[0][0] - named(["soft_tissue"])[0][1] / 2
+    ds = SliceDataset(rows, layout, cfg, transform=build_eval_transforms(cfg), meta=m)
+    kept, aspects = [], []
+    for i in range(0, len(rows), 3):
+        h, w = _extent(cache.load_hu(layout, rows["image_id"][i]) > low + 20)
+        if min(h, w) < 100:  # the skull's top or base: a few islands
+            continue
+        oh, ow = _extent(ds[i][0].numpy()[soft] > 20 / 380)
+        kept.append((ow / oh) / (w / h))
+        aspects.append(w / h)
+    assert len(kept) >= 5
+    assert np.median(np.abs(np.array(aspects) - 1)) > 0.05, aspects  # these heads are not square: the test bites
+    assert np.median(np.abs(np.array(kept) - 1)) < 0.02 and np.max(np.abs(np.array(kept) - 1)) < 0.05, kept

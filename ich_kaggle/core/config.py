@@ -54,6 +54,7 @@ class DataConfig:
     image_size: int = 512
     neighbors: int = 0  # 2.5D: also stack this many previous/next slices of the series (each in every window)
     crop_black_border: bool = True
+    crop_square: bool = True  # widen the head crop to a square (the resize keeps its aspect); false: stretched
     min_brain_fraction: float = 0.0  # drop near-empty training slices (fraction of pixels in 0..80 HU)
     num_workers: int = -1  # loader processes; -1: one per CPU this process may use
     source: str = "cache"  # training images: cache (make preprocess first) | dicom (read each slice's DICOM; no cache)
@@ -470,6 +471,8 @@ def from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
     """Rebuild a Config from `Config.to_dict()` (as stored in checkpoints and kernels)."""
     data = dict(data)
     cfg = Config(name=str(data.pop("name", "unnamed")))
+    if "crop_square" not in data.get("data", {"crop_square": None}):
+        cfg.data.crop_square = False  # stored before the knob existed: trained on stretched crops, predict the same
     for key, value in _flatten(data).items():
         _set(cfg, key, value, source)
     validate(cfg)

@@ -1,4 +1,8 @@
-"""torch Dataset over cached slices: HU -> (2.5D neighbours) -> black-border crop -> transform (transforms.py).
+"""torch Dataset over cached slices: HU -> (2.5D neighbours) -> head crop -> transform (transforms.py).
+
+The head crop (`data.crop_black_border`) is the current slice's head bounding box, widened to the square centred on
+it (`data.crop_square`, the default; beyond the image's edge filled with a HU below every window), so the
+transform's resize to size x size scales the head without stretching it.
 
 Per sample each slice is decoded once and stays in HU through the geometry (resize, crop, flips, affine) at the
 model's size; the (jittered) windows are computed after, so the work follows what the model sees: 2n+1 HU planes
@@ -15,6 +19,7 @@ augmentation does not depend on worker count, rank or resume point: training is 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from pathlib import Path
@@ -58,13 +63,34 @@ def loader_workers(requested: int, processes: int = 1) -> int:
 def head_bbox(hu: np.ndarray, threshold: float = AIR_HU, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of the pixels above `threshold`, widened by `margin`; the whole image if nothing is there."""
     h, w = hu.shape[:2]
-    mask = hu > threshold
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    # a row (column) holds a pixel above the threshold iff its maximum is above it: no boolean image to build
+    rows, cols = np.flatnonzero(hu.max(axis=1) > threshold), np.flatnonzero(hu.max(axis=0) > threshold)
     if len(rows) < 8 or len(cols) < 8:  # empty or a few stray pixels: cropping would only magnify noise
         return 0, h, 0, w
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     my, mx = int(round((y1 - y0) * margin)), int(round((x1 - x0) * margin))
     return max(0, y0 - my), min(h, y1 + my), max(0, x0 - mx), min(w, x1 + mx)
+
+
+def square_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) widened along its shorter side to a square with the same centre (may leave the image)."""
+    y0, y1, x0, x1 = box
+    side = max(y1 - y0, x1 - x0)
+    y0 -= (side - (y1 - y0)) // 2
+    x0 -= (side - (x1 - x0)) // 2
+    return y0, y0 + side, x0, x0 + side
+
+
+def crop(hu: np.ndarray, box: tuple[int, int, int, int], fill: float) -> np.ndarray:
+    """hu[y0:y1, x0:x1], a view when the box lies inside the image; the part outside it is `fill` (a copy)."""
+    y0, y1, x0, x1 = box
+    h, w = hu.shape
+    if y0 >= 0 and x0 >= 0 and y1 <= h and x1 <= w:
+        return hu[y0:y1, x0:x1]
+    out = np.full((y1 - y0, x1 - x0), fill, dtype=hu.dtype)
+    iy0, iy1, ix0, ix1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = hu[iy0:iy1, ix0:ix1]
+    return out
 
 
 def brain_fraction(hu: np.ndarray) -> float:
@@ -165,6 +191,10 @@ class SliceDataset(Dataset):
         else:
             self.neighbors = self.image_ids.reshape(-1, 1).astype(object)
         self.failed: set[str] = set()
+        # beyond the image's edge a square crop is filled with a HU below every window (what the affine fills with)
+        from .transforms import fill_hu  # albumentations: imported where a dataset is made
+
+        self.fill = math.floor(fill_hu(cfg))
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -177,8 +207,9 @@ class SliceDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def load_planes(self, index: int) -> list[np.ndarray]:
-        """HU planes (int16 views) of row `index` and its neighbours in channel order, cropped to the current slice's
-        head: each slice decoded once, whatever the number of windows made from it."""
+        """HU planes (int16) of row `index` and its neighbours in channel order, cropped to the current slice's head
+        (`data.crop_square`: to the square centred on it, views unless it leaves the image): each slice decoded
+        once, whatever the number of windows made from it."""
         ids = self.neighbors[index]
         center = len(ids) // 2
         current = self.read_hu(str(ids[center]))
@@ -196,8 +227,14 @@ class SliceDataset(Dataset):
                 log.warning("neighbour %s of %s unreadable (%s); using the slice itself", nid, ids[center], e)
                 slices.append(current)
         if self.cfg.data.crop_black_border:
-            y0, y1, x0, x1 = head_bbox(current)
-            slices = [s[y0:y1, x0:x1] for s in slices]
+            box = head_bbox(current)
+            if self.cfg.data.crop_square:  # the resize to size x size then keeps the head's aspect ratio
+                box = square_box(box)
+            cropped: dict[int, np.ndarray] = {}  # the current slice stands in for missing neighbours: crop it once
+            for s in slices:
+                if id(s) not in cropped:
+                    cropped[id(s)] = crop(s, box, self.fill)
+            slices = [cropped[id(s)] for s in slices]
         return slices
 
     def _item(self, index: int) -> torch.Tensor:

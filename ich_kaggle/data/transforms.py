@@ -1,7 +1,8 @@
 """Augmentations (albumentations 2), split where Hounsfield units end: geometry on HU slices, then windows.
 
-`SliceDataset` hands a `SliceTransform` the black-border-cropped HU slices of one sample (one, or 2n+1 for 2.5D)
-and gets the model's input back, (slices x windows, size, size) float32 in [0, 1]:
+`SliceDataset` hands a `SliceTransform` the head-cropped HU slices of one sample (one, or 2n+1 for 2.5D; square
+crops by default, `data.crop_square`, so the resize keeps the head's aspect ratio) and gets the model's input back,
+(slices x windows, size, size) float32 in [0, 1]:
 
 1. geometry (resize to `size`, random resized crop, flips, transpose, affine) runs once per HU slice, at the size the
    model sees, with one draw shared by all slices; the affine's empty border is filled with a HU value below every

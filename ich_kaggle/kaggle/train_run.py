@@ -5,7 +5,7 @@ code dataset. Every fold of every config trains on the folds the prepare kernel 
 
 The training kernel caches the images on the scratch disk (not /kaggle/working, which Kaggle keeps as the output and
 caps at about 20 GB) where that cache fits, else reads every slice from its DICOM (`data.source=dicom`: always at
-competition scale, whose ~120 GB of cache exceed a session's whole disk), trains into
+competition scale, whose ~175 GB of cache exceed a session's whole disk), trains into
 /kaggle/working/runs/<config>/fold<N>/ (what `make kernel-fetch` downloads), and resumes from the same files of
 the previous version's output when that is attached as a kernel source.
 """
@@ -136,7 +136,7 @@ def restore_previous(previous: Path, fold_run: FoldRun) -> list[str]:
     return copied
 
 
-CACHE_BYTES_PER_IMAGE = 160_000  # a 512 x 512 slice in the cache's fast format (`make preprocess`: ~158 kB)
+CACHE_BYTES_PER_IMAGE = 240_000  # a 512 x 512 slice in the cache's format (`make bench`, codec table: ~232 kB)
 
 
 def scratch_free_bytes(path: Path) -> int:
@@ -152,7 +152,7 @@ def choose_source(layout: Layout, cfg: Config) -> str:
     The cache when it fits the scratch disk (leaving SCRATCH_KEEP of it free): it is the local path, and reads
     ~3.4x fewer bytes per epoch from the input mount. Otherwise every slice straight from its DICOM
     (`data.source=dicom`: the same HU, no disk, no caching pass), which is always the case at competition scale
-    (752,803 train slices: ~120 GB of cache against ~73 GB of disk in a whole session). `data.source=dicom` in the
+    (752,803 train slices: ~175 GB of cache against ~73 GB of disk in a whole session). `data.source=dicom` in the
     config reads the DICOMs whatever the disk (`make bench`: per loader worker that is no slower than the cache)."""
     from ..data import cache, meta as meta_mod
 

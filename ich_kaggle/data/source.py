@@ -9,8 +9,8 @@ train images would not fit the session's disk) and costs a full read of each fil
 against ~226 kB of cache) plus the strict reader's checks per slice per epoch.
 
 Read errors: a file that no longer decodes (`dicom.DicomError`) is an unreadable image, as a missing cache entry is
-(`SliceDataset` replaces a training sample; in evaluation it leaves the image out with a warning and
-predict lists it as unreadable). A read that
+(`SliceDataset` replaces a training sample; in evaluation it returns a blank image with NaN labels, which
+predict leaves out and lists as unreadable; both with a warning). A read that
 fails for a reason outside the file (`dicom.SourceUnreadable`: I/O error, permissions, too many open files) is
 retried a few times first, so one flaky read of a mounted disk neither loses the sample nor kills a long run; one
 that keeps failing is raised as such, and the dataset decides (see `SliceDataset.__getitem__`).

@@ -237,7 +237,7 @@ def test_the_head_crop_keeps_the_heads_aspect_ratio(monkeypatch):
     frame = pd.DataFrame({"image_id": ["a1"]})
     in_h, in_w = _extent(hu > -500)
     assert in_w / in_h == pytest.approx(1.5, rel=0.01)
-    no_aug = [f"augment.{k}=0" for k in ("hflip", "shift_scale_rotate", "brightness_contrast")]
+    no_aug = [f"augment.{k}=0" for k in ("hflip", "shift_scale_rotate", "brightness_contrast")] + ["tta.transforms=identity"]
     for square in (True, False):
         overrides = ["data.image_size=96", "data.neighbors=1", f"data.crop_square={str(square).lower()}"]
         cfg = config.load("tiny", overrides)

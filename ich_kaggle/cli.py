@@ -269,10 +269,11 @@ def _preprocess(args):
 def _train(args):
     cfg, layout = _config(args), _layout(args)
     from . import train
+    from .core import config
     from .data import folds
 
     members = _members(args, cfg)  # an ensemble trains each member in its own runs/<member>/
-    chosen = {m.name: folds.selected_folds(m.cv, args.fold) for m in members}  # --fold checked before any work
+    chosen = {m.name: config.selected_folds(m.cv, args.fold) for m in members}  # --fold checked before any work
     for member in members:  # every fold of every member checked before the first one trains
         folds.check_trainable(folds.fold_table(layout, member.cv), chosen[member.name], layout.folds_csv)
     for member in members:

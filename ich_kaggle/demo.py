@@ -21,10 +21,10 @@ import pandas as pd
 from .core.labels import LABELS
 from .core import config
 from .core.layout import Layout, Run, work_name
+from .data import synth as synth_mod
 
 SYNTH_DIR = Path("data/synth")
-# 96 studies of 16 slices, 37 % of patients in the test split: 31 test studies (~500 test images), 65 train studies
-DEMO_SYNTH = {"seed": 0, "studies": 96, "slices": 16, "test_fraction": 0.37}
+DEMO_SYNTH = synth_mod.DEMO  # the demo's synthetic competition (data/synth.py)
 
 
 def _cpu_seconds() -> float:
@@ -97,7 +97,7 @@ def pipeline(cfg, members: list, layout: Layout, runs: str | Path, out_dir: str 
         if todo:
             run_jobs(todo, devices, layout.data, layout.work, runs, Run.of(runs, cfg.name).job_logs)
     for member in members:
-        for fold in folds.selected_folds(member.cv):
+        for fold in config.selected_folds(member.cv):
             print(f"[{tag}] training {member.name} fold {fold} of {member.cv.k}")
             train.train_fold(member, layout, int(fold), runs=runs)
     if cfg.is_ensemble:
@@ -112,7 +112,7 @@ def fold_jobs(cfg, config_name: str, overrides: list[str] | None) -> list:
     """(Job, member config) for every selected fold of every member: the train command that makes each fold the
     same as this process would (an ensemble member: its YAML with `ensemble.member_set`, then the overrides)."""
     from .core import ensemble
-    from .data.folds import selected_folds
+    from .core.config import selected_folds
     from .train.side_by_side import Job
 
     extra = [o for o in (overrides or []) if not o.strip().startswith("ensemble.")]

@@ -42,11 +42,10 @@ def _loss(layout: Layout, path: Path, truth_csv: Path) -> float:
 def bench_choices(_mini: Path | None) -> None:
     from .. import train
     from ..data import folds, preprocess, synth
-    from ..demo import DEMO_SYNTH
     from ..predict import stage as predict
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = synth.write_competition(Path(tmp) / "comp", **DEMO_SYNTH)
+        data = synth.write_competition(Path(tmp) / "comp", **synth.DEMO)
         layout = Layout.of(data, Path(tmp) / "work")
         for averaging, extra in (("raw", []), ("ema", [f"train.ema={EMA}"])):
             runs = Path(tmp) / f"runs_{averaging}"
@@ -54,7 +53,7 @@ def bench_choices(_mini: Path | None) -> None:
             with contextlib.redirect_stdout(io.StringIO()):
                 folds.fold_table(layout, cfg.cv)
                 preprocess.ensure(layout)
-                for fold in folds.selected_folds(cfg.cv):
+                for fold in config.selected_folds(cfg.cv):
                     train.train_fold(cfg, layout, fold, runs=runs)
             for name, views in VIEWS.items():
                 run = Run.of(runs, cfg.name)

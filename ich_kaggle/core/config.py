@@ -177,6 +177,24 @@ class CVConfig:
         _one_of(src, "cv.split", self.split, ("patient", "random"))
 
 
+def selected_folds(cv: CVConfig, fold: int | str | None = None) -> list[int]:
+    """The folds a stage works on: one fold, or 'all' / None = cv.folds (a subset) or every fold 0..k-1.
+
+    The one place that answers "which folds"; a fold outside 0..k-1 or a word other than 'all' is one line."""
+    if fold is None or str(fold).strip().lower() == "all":
+        chosen = list(cv.folds) or list(range(cv.k))
+    else:
+        try:
+            chosen = [int(str(fold).strip())]
+        except ValueError:
+            raise UserError(f"--fold {fold!r} is neither a fold number nor 'all'; use --fold 0..{cv.k - 1} or all") from None
+    bad = [f for f in chosen if not 0 <= f < cv.k]
+    if bad:
+        where = f"fold {bad[0]}" if len(chosen) == 1 else f"cv.folds has fold(s) {bad}, which"
+        raise UserError(f"{where} does not exist with cv.k={cv.k}; use --fold 0..{cv.k - 1} or all")
+    return chosen
+
+
 @dataclass
 class TTAConfig:
     transforms: list[str] = field(default_factory=lambda: ["identity", "hflip"])  # see predict/tta.py

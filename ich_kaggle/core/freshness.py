@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from . import manifest as M
-from .config import CVConfig, EnsembleConfig, StackConfig, TTAConfig
+from .config import selected_folds, CVConfig, EnsembleConfig, StackConfig, TTAConfig
 from .layout import Layout, Predictions, Run
 
 PREDICT_FORMAT = 1  # bump when predict's files change meaning
@@ -45,8 +45,6 @@ def ensemble(members: list[Predictions], ens: EnsembleConfig) -> dict:
 def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig, cv: CVConfig) -> dict:
     """The second stage: the first-stage files it read, the folds (cv: k, seed, split, which folds) and series it
     used, its settings. With stack.embedding_space=per_fold it reads each fold model's own files too."""
-    from ..data.folds import selected_folds  # the one fold chooser (data imports core, not the other way at load)
-
     folds = selected_folds(cv)
     inputs: dict = {"folds": M.identity(layout.folds_csv), "meta": M.identity(layout.meta_csv)}
     per_fold = stack.use_embeddings and stack.embedding_space == "per_fold"

@@ -269,6 +269,11 @@ def _long(image_ids: list[str], labels: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"ID": ids, "Label": labels[:, cols].reshape(-1).astype(np.int64)})
 
 
+# `make demo`'s competition: 96 studies of 16 slices, 37 % of patients in the test split: 31 test studies (~500 test
+# images), 65 train studies
+DEMO = {"seed": 0, "studies": 96, "slices": 16, "test_fraction": 0.37}
+
+
 def write_competition(out: str | Path, seed: int = 0, studies: int | None = None, slices: int | None = None,
                       size: int | None = None, test_fraction: float | None = None) -> Path:
     """Write the synthetic competition to `out` (atomically: built beside it, then moved in place).

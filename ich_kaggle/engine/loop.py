@@ -56,7 +56,7 @@ class FoldData:
 
 
 def check_fold(cfg: Config, fold: int) -> None:
-    from ..data.folds import selected_folds
+    from ..core.config import selected_folds
 
     selected_folds(cfg.cv, fold)
 

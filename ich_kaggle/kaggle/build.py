@@ -28,7 +28,7 @@ from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path, write_csv
 from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
 from ..core.layout import Layout, Run
-from ..data.folds import selected_folds
+from ..core.config import selected_folds
 from ..core.log import get as get_logger
 
 log = get_logger("kaggle")

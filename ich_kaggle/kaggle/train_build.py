@@ -217,7 +217,7 @@ def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | 
     """kernels/ich-kaggle-<config>-fold<N>/: trains one fold on T4 x2. Prints the wall-time estimate and the plan:
     one version, or several of EPOCHS_PER_RUN epochs each where the fold is longer than a session (refused only
     where one version cannot end an epoch). `resume` attaches this kernel's own output (its previous version)."""
-    from ..data.folds import selected_folds
+    from ..core.config import selected_folds
 
     user = build.check_username(username)
     selected_folds(cfg.cv, fold)
@@ -246,7 +246,7 @@ def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "ker
                        folds: list[int] | None = None) -> Path:
     """kernels/ich-kaggle-<config>-from-folds/: the inference kernel on the training kernels' outputs (attached as
     kernel sources, no model dataset): TTA over their folds, first stage only, submission.csv."""
-    from ..data.folds import selected_folds
+    from ..core.config import selected_folds
 
     user = build.check_username(username)
     folds = selected_folds(cfg.cv) if folds is None else [selected_folds(cfg.cv, k)[0] for k in folds]

@@ -205,7 +205,7 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
     for one 12-hour session trains over several versions)."""
     from ..data import preprocess
     from ..data.dataset import usable_cpus
-    from ..data.folds import selected_folds
+    from ..core.config import selected_folds
 
     selected_folds(cfg.cv, fold)
     working, scratch = Path(working), Path(scratch)

@@ -32,7 +32,7 @@ from ..core.io import atomic_open, write_csv
 from ..core import freshness, manifest
 from ..core.layout import Layout, Predictions, Run
 from ..data.dataset import loader_workers
-from ..data.folds import selected_folds
+from ..core.config import selected_folds
 from .tta import tta_forward
 from ..core.log import get as get_logger
 

@@ -133,7 +133,8 @@ def format_table(table: pd.DataFrame, model: str) -> str:
 def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
           progress: bool = True, force: bool = False) -> Path:
     """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`."""
-    from ..data.folds import fold_table, selected_folds
+    from ..core.config import selected_folds
+    from ..data.folds import fold_table
     from ..data.meta import load_meta
     from .pipeline import run_per_fold, run_stacking
 

@@ -181,7 +181,7 @@ def _oof_losses(paths: dict[str, Path], truth: pd.DataFrame) -> dict[str, float]
 
 
 def _first_stage_manifest(cfg, run: Run) -> dict:
-    from ..data.folds import selected_folds
+    from ..core.config import selected_folds
 
     if cfg.is_ensemble:
         return freshness.ensemble(ensemble.member_predictions(cfg, run.dir.parent), cfg.ensemble)

@@ -3,18 +3,21 @@ traceback, and nothing else lost."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
 import train_helpers
 from ich_kaggle import train
+from ich_kaggle.cli import main
 from ich_kaggle.core import config
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.layout import Layout, Run
@@ -23,12 +26,19 @@ from ich_kaggle.models import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ich_kaggle", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+def cli(*args: str) -> SimpleNamespace:
+    """The CLI's `main` in this process (a `python -m ich_kaggle` would spend most of its time importing torch and
+    timm again): its exit code and what it printed, as the command line would show them."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-def one_line(out: subprocess.CompletedProcess, *words: str) -> None:
+def one_line(out, *words: str) -> None:
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
     assert "Traceback" not in out.stderr and "np." not in out.stderr

@@ -3,11 +3,11 @@ compare accept it, through the real CLI on the synthetic competition."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import train_helpers
+from ich_kaggle.cli import main
 from ich_kaggle.core import config, ensemble
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.labels import LABELS
@@ -26,9 +27,13 @@ SETTINGS = [*train_helpers.FAST, "model.backbone=small_cnn", "train.epochs=1", "
             "stack.hidden=8", "stack.batch_series=4"]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ich_kaggle", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
+def cli(*args: str) -> SimpleNamespace:
+    """The CLI's `main` in this process (each `python -m ich_kaggle` would spend most of its time importing torch
+    and timm again): its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_ensemble_config_checks_its_members(tmp_path):

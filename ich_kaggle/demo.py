@@ -93,7 +93,7 @@ def pipeline(cfg, members: list, layout: Layout, runs: str | Path, out_dir: str 
     if jobs and devices and len(devices) > 1:
         from .train.side_by_side import run_jobs
 
-        todo = [j for j, m in jobs if not Run.of(runs, m.name).finished([j.fold])]
+        todo = [j for j in jobs if not Run.of(runs, j.name).finished([j.fold])]
         if todo:
             run_jobs(todo, devices, layout.data, layout.work, runs, Run.of(runs, cfg.name).job_logs)
     for member in members:
@@ -109,8 +109,8 @@ def pipeline(cfg, members: list, layout: Layout, runs: str | Path, out_dir: str 
 
 
 def fold_jobs(cfg, config_name: str, overrides: list[str] | None) -> list:
-    """(Job, member config) for every selected fold of every member: the train command that makes each fold the
-    same as this process would (an ensemble member: its YAML with `ensemble.member_set`, then the overrides)."""
+    """A Job for every selected fold of every member: the train command that makes each fold the same as this
+    process would (an ensemble member: its YAML with `ensemble.member_set`, then the overrides)."""
     from .core import ensemble
     from .core.config import selected_folds
     from .train.side_by_side import Job
@@ -121,8 +121,7 @@ def fold_jobs(cfg, config_name: str, overrides: list[str] | None) -> list:
         members = ensemble.load_members(cfg, overrides)
     else:
         sources, members = [(config_name, list(overrides or []))], [cfg]
-    return [(Job(src, int(k), sets, m.name), m) for (src, sets), m in zip(sources, members)
-            for k in selected_folds(m.cv)]
+    return [Job(src, int(k), sets, m.name) for (src, sets), m in zip(sources, members) for k in selected_folds(m.cv)]
 
 
 def recipe(data: str, config_name: str = "seresnext_pair", runs: str = "runs", work: str | None = None,

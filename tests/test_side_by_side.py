@@ -32,7 +32,7 @@ def test_folds_side_by_side_equal_folds_trained_here(tmp_path, monkeypatch):
     cfg = config.load("tiny", SETTINGS)
     folds.fold_table(layout, cfg.cv)
     preprocess.ensure(layout)
-    jobs = [job for job, _ in fold_jobs(cfg, "tiny", SETTINGS)]
+    jobs = fold_jobs(cfg, "tiny", SETTINGS)
     assert [(j.config, j.fold, j.name) for j in jobs] == [("tiny", 0, "tiny"), ("tiny", 1, "tiny")]
     runs = tmp_path / "runs"
     broken = Job("tiny", 0, [*SETTINGS, "train.lr=-1"], "broken")  # fails at once: a bad setting

@@ -170,24 +170,21 @@ def test_the_stacker_stops_on_its_inner_validation_split(sim):
     assert curve == []
 
 
+def _conv_fit(s, fold):
+    """The leak tests' stacker: a small conv net, 2 epochs, a seed per fold."""
+    return train_net(s, StackConfig(model="conv", **{**FAST, "epochs": 2}), 1, seed=7 + fold)
+
+
 def test_stacker_oof_never_sees_its_own_fold(sim):
     """Leak detector: replacing fold 2's labels with noise must not move fold 2's OOF predictions (and does move
     the other folds', which were trained on them)."""
     _, seqs = _seqs(sim)
-    scfg = StackConfig(model="conv", **{**FAST, "epochs": 2})
-
-    def fit(s, fold):
-        return train_net(s, scfg, 1, seed=7 + fold)
-
-    def pred(m, s):
-        return predict_net(m, s)
-
-    clean = cross_fit(seqs, None, fit, pred)
+    clean = cross_fit(seqs, None, _conv_fit, predict_net)
     noisy_seqs = seqs.subset(np.arange(len(seqs)))
     held = noisy_seqs.group == 2
     noise = (np.random.default_rng(0).random(noisy_seqs.y[held].shape) < 0.5).astype(np.float32)
     noisy_seqs.y[held] = noise * noisy_seqs.mask[held][..., None]
-    noisy = cross_fit(noisy_seqs, None, fit, pred)
+    noisy = cross_fit(noisy_seqs, None, _conv_fit, predict_net)
     assert held.any() and np.array_equal(clean.oof[held], noisy.oof[held])
     assert not np.allclose(clean.oof[~held], noisy.oof[~held], atol=1e-4)
     assert clean.folds == [0, 1, 2, 3, 4]
@@ -209,21 +206,16 @@ def test_random_split_stacker_folds_are_the_image_folds_and_never_seen(sim):
     assert (seqs.group == -2).all()  # every series spans several folds
     back = seqs.scatter(seqs.slots[..., None].astype(np.float32), len(frame))[:, 0]
     assert np.array_equal(back, frame["fold"].to_numpy())  # each slice keeps its own fold
-    scfg = StackConfig(model="conv", **{**FAST, "epochs": 2})
-
     def fit(s, fold):
         assert s.loss_mask is not None and not (s.loss_mask & (s.slots == fold)).any()
-        return train_net(s, scfg, 1, seed=7 + fold)
+        return _conv_fit(s, fold)
 
-    def pred(m, s):
-        return predict_net(m, s)
-
-    clean = cross_fit(seqs, None, fit, pred)
+    clean = cross_fit(seqs, None, fit, predict_net)
     noisy_seqs = seqs.subset(np.arange(len(seqs)))
     held = noisy_seqs.slots == 2
     noise = (np.random.default_rng(0).random(noisy_seqs.y.shape) < 0.5).astype(np.float32)
     noisy_seqs.y[held] = noise[held]
-    noisy = cross_fit(noisy_seqs, None, fit, pred)
+    noisy = cross_fit(noisy_seqs, None, fit, predict_net)
     assert held.any() and np.array_equal(clean.oof[held], noisy.oof[held])
     assert not np.allclose(clean.oof[~held & seqs.mask], noisy.oof[~held & seqs.mask], atol=1e-4)
     assert clean.folds == [0, 1, 2, 3, 4] and np.isfinite(clean.oof[seqs.mask]).all()

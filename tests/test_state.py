@@ -83,7 +83,8 @@ def test_finish_training_then_predict_reuse_and_tta_change(exp, capsys):
     pd.testing.assert_frame_equal(pd.read_csv(run.predictions.test), first)
 
 
-def test_stack_is_reused_when_fresh_and_redone_after_new_predictions(exp, capsys):
+def _predicted_and_stacked(exp) -> Run:
+    """The experiment with every fold trained, predicted and stacked (each step reuses what is fresh)."""
     from ich_kaggle.stack.stage import stack
 
     cfg, layout, runs = exp
@@ -92,6 +93,14 @@ def test_stack_is_reused_when_fresh_and_redone_after_new_predictions(exp, capsys
         train.train_fold(cfg, layout, 2, runs=runs)
     predict(cfg, layout, runs=runs)
     stack(cfg, layout, runs=runs, progress=False)
+    return run
+
+
+def test_stack_is_reused_when_fresh_and_redone_after_new_predictions(exp, capsys):
+    from ich_kaggle.stack.stage import stack
+
+    cfg, layout, runs = exp
+    run = _predicted_and_stacked(exp)
     made = run.stack.test.stat().st_mtime_ns
     capsys.readouterr()
     stack(cfg, layout, runs=runs, progress=False)
@@ -112,11 +121,7 @@ def test_submit_chooses_by_oof_and_takes_the_first_stage_when_the_stack_is_worse
     from ich_kaggle.submit.stage import submit
 
     cfg, layout, runs = exp
-    run = Run.of(runs, cfg.name)
-    if not run.fold(2).done.exists():
-        train.train_fold(cfg, layout, 2, runs=runs)
-    predict(cfg, layout, runs=runs)
-    stack(cfg, layout, runs=runs, progress=False)
+    run = _predicted_and_stacked(exp)
     capsys.readouterr()
     submit(cfg, layout, runs=runs, out_dir=runs / "subs")
     assert "OOF weighted log loss: stacked" in capsys.readouterr().out

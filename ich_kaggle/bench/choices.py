@@ -28,7 +28,7 @@ VIEWS = {  # name -> tta.transforms
 EMA = 0.99
 
 
-def _loss(layout: Layout, path: Path, truth_csv: Path) -> float:
+def _loss(path: Path, truth_csv: Path) -> float:
     import pandas as pd
 
     from ..core import metrics
@@ -60,7 +60,7 @@ def bench_choices(_mini: Path | None) -> None:
                 viewed = config.load("tiny", [*TRAIN, *extra, f"tta.transforms=[{','.join(views)}]"])
                 with contextlib.redirect_stdout(io.StringIO()):
                     predict.predict(viewed, layout, runs=runs)
-                oof = _loss(layout, run.predictions.oof, layout.train_csv)
-                test = _loss(layout, run.predictions.test, layout.test_labels_csv)
+                oof = _loss(run.predictions.oof, layout.train_csv)
+                test = _loss(run.predictions.test, layout.test_labels_csv)
                 print(f"choice_{averaging}_tta_{name}_oof_log_loss: {oof:.5f}")
                 print(f"choice_{averaging}_tta_{name}_test_log_loss: {test:.5f}")

@@ -167,12 +167,12 @@ def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, folds: l
     return {f"predictions_{path.name}": path for path in shipped}
 
 
-def _member_files(cfg: Config, member: Config, runs: str | Path, prefix: str, oof_why: str | None) -> dict[str, str]:
+def _member_files(cfg: Config, member: Config, runs: str | Path, prefix: str, oof_why: str | None,
+                  folds: list[int]) -> dict[str, str]:
     """Flat name (with `prefix`) -> path inside runs/<member>/: each finished fold's best.pt and done.json, plus the
     OOF predictions when `oof_why` says a later stage needs them. Never local test predictions: the kernel
     recomputes them."""
     run = Run.of(runs, member.name)
-    folds = trained_folds(member, runs)
     if not folds:
         raise UserError(f"no finished fold in {run.dir} (fold<k>/best.pt + done.json); train first "
                         f"(make train-all CONFIG={cfg.name})")
@@ -191,7 +191,8 @@ def model_files(cfg: Config, runs: str | Path) -> dict[str, str]:
     run = Run.of(runs, cfg.name)
     stacked = is_stacked(cfg, runs)
     files = {} if cfg.is_ensemble else _member_files(
-        cfg, cfg, runs, "", f"{run.stack.dir} exists: the kernel refits the stacker on it" if stacked else None)
+        cfg, cfg, runs, "", f"{run.stack.dir} exists: the kernel refits the stacker on it" if stacked else None,
+        trained_folds(cfg, runs))
     if stacked and run.stack.metrics.is_file():
         files[f"stack_{run.stack.metrics.name}"] = run.stack.metrics.relative_to(run.dir).as_posix()
     return files
@@ -203,11 +204,10 @@ def member_files(cfg: Config, members: list[Config], runs: str | Path) -> list[d
     the kernel combines them into the ensemble's first stage and scores it for the choice by OOF."""
     out = []
     for member in members:
-        prefix = f"{member.name}__"
+        prefix, folds = f"{member.name}__", trained_folds(member, runs)
         files = _member_files(cfg, member, runs, prefix, f"{cfg.name} is an ensemble: the kernel combines its "
-                                                         f"members' OOF predictions")
-        out.append({"name": member.name, "folds": trained_folds(member, runs), "config": f"{prefix}config.yaml",
-                    "files": files})
+                                                         f"members' OOF predictions", folds)
+        out.append({"name": member.name, "folds": folds, "config": f"{prefix}config.yaml", "files": files})
     return out
 
 

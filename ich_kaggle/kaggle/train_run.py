@@ -181,12 +181,6 @@ def epochs_done(fold_run: FoldRun) -> int:
         return max(0, sum(1 for line in f if line.strip()) - 1)
 
 
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def launch_command(config_path: Path, layout: Layout, runs: Path, fold: int, gpus: int) -> list[str]:
     """`python -m ich_kaggle train ...`, under torchrun with one process per GPU when there are two or more."""
     train = ["-m", "ich_kaggle", "train", "--config", str(config_path), "--data", str(layout.data),
@@ -219,7 +213,10 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
     source = choose_source(layout, cfg)
     if source == "cache":
         preprocess.ensure(layout, workers=usable_cpus())  # here, with every CPU, before the training processes start
-    gpus = visible_gpus() if gpus is None else gpus
+    if gpus is None:
+        from ..train.side_by_side import visible_gpus
+
+        gpus = len(visible_gpus())
     share = max(1, usable_cpus() // max(gpus, 1))  # Kaggle: 4 CPUs for both ranks; a config's 8 workers would thrash
     cfg = copy.deepcopy(cfg)
     cfg.data.source = source  # in the fold's config.yaml too: it says what the fold read

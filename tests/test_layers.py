@@ -19,7 +19,8 @@ LAYERS = {
     "train": 5, "predict": 5, "stack": 5, "submit": 5, "report": 5,
     "kaggle": 6, "bench": 6,
     "demo": 7,  # the whole pipeline on the synthetic competition
-    "cli": 8, "__main__": 9,
+    "commands": 8,  # each command's flags and handler
+    "cli": 9, "__main__": 10,
 }
 # what core may import besides itself: it stays free of torch so scoring and validating are light anywhere
 CORE_THIRD_PARTY = {"numpy", "pandas", "yaml", "tqdm"}  # the light dependencies of pyproject.toml

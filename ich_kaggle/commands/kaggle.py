@@ -1,0 +1,168 @@
+"""Kaggle: the offline inference kernel and its datasets, training on Kaggle's GPUs, the API steps.
+
+Each step that talks to Kaggle checks its answer (the kaggle CLI exits 0 when the server refuses).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import (DATA, EXPERIMENT, KAGGLE, KAGGLE_OUT, PUSH, SLUG, command, config_of, flag, kaggle_names, layout_of,
+               members_of)
+
+MESSAGE = flag("--message", default=None, help="version notes / submission message")
+
+
+def _wait(timeout: float, poll: float):
+    return (flag("--timeout", type=float, default=timeout, help="seconds before giving up"),
+            flag("--poll", type=float, default=poll, help="seconds between checks"))
+
+
+# --- the inference kernel on local folds: two datasets (code, model) and the kernel ---
+@command("kernel-datasets", "build the code and model dataset folders under kernels/",
+         EXPERIMENT, KAGGLE_OUT,
+         flag("--fp16-weights", action="store_true", help="ship the checkpoints' weights in float16 (half the size)"))
+def kernel_datasets(args):
+    from ..kaggle import build as kernel
+
+    cfg = config_of(args)
+    kernel.build_datasets(cfg, runs=args.runs, out=args.out, username=args.username, layout=layout_of(args),
+                          fp16_weights=args.fp16_weights, members=members_of(args, cfg) if cfg.is_ensemble else None)
+
+
+@command("kernel", "write kernels/<slug>/ ready for `kaggle kernels push`", EXPERIMENT, KAGGLE_OUT, SLUG)
+def kernel(args):
+    from ..kaggle import build as kernel
+
+    kernel.build_kernel(config_of(args), runs=args.runs, out=args.out, username=args.username, slug=args.slug)
+
+
+@command("datasets-create", "upload both dataset folders as new private Kaggle datasets", KAGGLE)
+def datasets_create(args):
+    from ..kaggle import api
+
+    names = kaggle_names(args)
+    api.create_datasets([names.code_dir(args.out), names.model_dir(args.out)])
+
+
+@command("datasets-version", "upload both dataset folders as new versions of their datasets", KAGGLE, MESSAGE)
+def datasets_version(args):
+    from ..kaggle import api
+
+    names = kaggle_names(args)
+    api.version_datasets([names.code_dir(args.out), names.model_dir(args.out)], args.message or f"ich_kaggle {args.config}")
+
+
+@command("datasets-wait", "wait until Kaggle has processed both datasets", KAGGLE, *_wait(1800, 15))
+def datasets_wait(args):
+    from ..kaggle import api
+
+    names = kaggle_names(args)
+    api.wait_datasets([names.code_id, names.model_id], timeout=args.timeout, poll=args.poll)
+
+
+@command("kernel-push", "push kernels/<slug>/ (Kaggle starts a run)", KAGGLE)
+def kernel_push(args):
+    from ..kaggle import api
+
+    api.push_kernel(kaggle_names(args).kernel_dir(args.out))
+
+
+@command("kernel-wait", "follow the kernel's run until it ends", KAGGLE, *_wait(9 * 3600, 60))
+def kernel_wait(args):
+    from ..kaggle import api
+
+    api.wait_kernel(kaggle_names(args).kernel_id, timeout=args.timeout, poll=args.poll)
+
+
+@command("kernel-output", "fetch the run's submission.csv and log into kernels/output/<slug>/", KAGGLE)
+def kernel_output(args):
+    from ..kaggle import api
+
+    names = kaggle_names(args)
+    api.fetch_output(names.kernel_id, Path(args.out) / "output" / names.kernel_slug)
+
+
+@command("kaggle-submit", "submit the kernel's submission.csv to the competition",
+         KAGGLE, flag("--file", default=None, help="default: kernels/output/<slug>/submission.csv"), MESSAGE)
+def kaggle_submit(args):
+    from ..kaggle import api
+
+    if args.file:  # any CSV, e.g. make submit's: no kernel, so no user name needed
+        api.submit_file(Path(args.file), args.message or f"ich_kaggle {Path(args.file).name}")
+        return
+    names = kaggle_names(args)
+    path = Path(args.out) / "output" / names.kernel_slug / api.SUBMISSION
+    api.submit_file(path, args.message or f"ich_kaggle {names.config_name} (kernel {names.kernel_id})")
+
+
+# --- training on Kaggle's GPUs (kaggle.train_build): code dataset, prepare kernel, one kernel per fold ---
+@command("kernel-code", "build kernels/ich-kaggle-code/ and upload it (create or new version)",
+         KAGGLE_OUT, flag("--no-upload", action="store_true", help="only build the folder"))
+def kernel_code(args):
+    from ..kaggle import train_build
+
+    folder = train_build.build_code_only(args.username, args.out)
+    if not args.no_upload:
+        train_build.upload_code(folder, "ich_kaggle code")
+
+
+@command("kernel-prepare", "write (and --push) the kernel that scans headers into meta + folds on Kaggle",
+         KAGGLE_OUT, flag("--k", type=int, default=5), flag("--seed", type=int, default=42), PUSH)
+def kernel_prepare(args):
+    from ..kaggle import api, train_build
+
+    folder = train_build.build_prepare_kernel(args.username, args.out, k=args.k, seed=args.seed)
+    if args.push:
+        api.push_kernel(folder)
+
+
+@command("kernel-train", "write (and --push) the kernel that trains one fold on Kaggle's T4 x2",
+         EXPERIMENT, flag("--fold", type=int, default=0), KAGGLE_OUT,
+         flag("--resume", action="store_true", help="attach this kernel's previous output and resume from it"),
+         flag("--epochs-per-run", type=int, default=None, help="stop resumably after this many more epochs"),
+         flag("--t4-images-per-s", type=float, default=None, help="measured training img/s of one T4 (estimate)"),
+         PUSH)
+def kernel_train(args):
+    from ..kaggle import api, train_build
+
+    folder = train_build.build_train_kernel(config_of(args), args.fold, args.username, args.out, resume=args.resume,
+                                            epochs_per_run=args.epochs_per_run, folds_csv=layout_of(args).folds_csv,
+                                            t4_images_per_s=args.t4_images_per_s)
+    if args.push:
+        api.push_kernel(folder)
+
+
+@command("kernel-fetch", "download a training kernel's fold into RUNS/<config>/fold<N>/",
+         EXPERIMENT, flag("--fold", type=int, default=0), KAGGLE_OUT)
+def kernel_fetch(args):
+    from ..core import config
+    from ..kaggle import train_build
+
+    train_build.fetch_fold(config.resolve_path(args.config).stem, args.fold, args.username, runs=args.runs, out=args.out)
+
+
+@command("kernel-from-folds", "write (and --push) the inference kernel on the training kernels' outputs",
+         EXPERIMENT, flag("--folds", type=int, nargs="*", default=None, help="default: every fold of the config"),
+         KAGGLE_OUT, PUSH)
+def kernel_from_folds(args):
+    from ..kaggle import api, train_build
+
+    folder = train_build.build_infer_kernel(config_of(args), args.username, args.out, folds=args.folds)
+    if args.push:
+        api.push_kernel(folder)
+
+
+@command("kernel-fetch-prepare", "download the prepare kernel's meta.csv + folds.csv into the work folder",
+         DATA, KAGGLE_OUT)
+def kernel_fetch_prepare(args):
+    from ..kaggle import train_build
+
+    train_build.fetch_prepared(args.username, layout_of(args), out=args.out)
+
+
+@command("kernel-status", "state on Kaggle of every kernel folder under kernels/", KAGGLE_OUT)
+def kernel_status(args):
+    from ..kaggle import train_build
+
+    train_build.kernel_states(args.out, args.username)

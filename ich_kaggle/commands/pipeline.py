@@ -1,0 +1,45 @@
+"""Whole journeys in one command: the recipe on real data, the demo on the synthetic competition; benchmarks."""
+
+from __future__ import annotations
+
+from . import EXPERIMENT, MINI, command, defaults, flag
+
+
+@command("recipe", "the whole recipe in one resumable command: meta, folds, cache, every fold of every member, "
+                   "predict, stack, choose by OOF, submit",
+         EXPERIMENT, defaults(config="seresnext_pair"), flag("--out-dir", default="submissions"),
+         flag("--gpus", type=int, default=-1, help="GPUs that train folds side by side, one process each "
+                                                   "(default -1: every visible one; 0 or 1: one fold at a time)"))
+def recipe(args):
+    from .. import demo
+
+    demo.recipe(args.data, config_name=args.config, runs=args.runs, work=args.work, overrides=args.set,
+                out_dir=args.out_dir, gpus=args.gpus)
+
+
+@command("demo", "the whole pipeline on the synthetic (or any) competition",
+         flag("--data", default=None, help="data folder; default: generate the synthetic competition"),
+         flag("--config", default="demo", help="a config or ensemble (default: the two-member CPU ensemble)"),
+         flag("--runs", default=None, help="default: runs/demo/<data folder name>-<path hash>"),
+         flag("--no-embeddings", action="store_true", help="skip the embedding-level stack shown beside the other"),
+         flag("--work", default=None),
+         flag("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE"))
+def demo(args):
+    from .. import demo
+
+    demo.run(data=args.data, config_name=args.config, runs=args.runs, work=args.work, overrides=args.set,
+             embeddings=not args.no_embeddings)
+
+
+@command("bench", "print speed and memory figures", flag("--what", nargs="*", default=["all"]), MINI)
+def bench(args):
+    from .. import bench
+
+    bench.run(args.what, mini=args.mini)
+
+
+@command("gpu-check", "train + predict the real model on the real mini set on the GPU(s), a few minutes", MINI)
+def gpu_check(args):
+    from ..bench import gpu
+
+    gpu.check(args.mini)

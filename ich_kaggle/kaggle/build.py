@@ -26,6 +26,7 @@ from ..core import config as config_mod
 from ..core.config import Config
 from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path, write_csv
+from .metadata import KERNEL_FILE, KERNEL_META, MACHINE_SHAPE, title_for  # noqa: F401
 from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
 from ..core.layout import Layout, Run
 from ..core.config import selected_folds
@@ -46,10 +47,7 @@ OPTIONAL_PACKAGES: dict[str, str] = {
     for name in ("pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg")
 }
 CODE_SLUG = "ich-kaggle-code"
-MACHINE_SHAPE = "NvidiaTeslaT4"  # the API's name for "GPU T4 x2" (kaggle-cli PR 1198)
 DATASET_META = "dataset-metadata.json"
-KERNEL_META = "kernel-metadata.json"
-KERNEL_FILE = "kernel.py"
 LICENSE = "CC0-1.0"
 TEMPLATE = Path(__file__).with_name("template.py")
 INSTALL = Path(__file__).with_name("kernel_install.py")  # the install step every kernel script embeds
@@ -129,14 +127,6 @@ def names_for(cfg: Config, username: str | None, slug: str | None = None) -> Ker
     check_slug(names.model_slug, "model dataset slug", lo=6,  # Kaggle's dataset slugs: 6..50 characters
                fix=f"copy config '{cfg.name}' to a YAML file with a shorter name")
     return names
-
-
-def title_for(slug: str) -> str:
-    """A title Kaggle resolves back to the same slug (else it warns and may rename the kernel)."""
-    title = slug.replace("-", " ")
-    title = "ICH" + title[3:] if title.startswith("ich") else title
-    assert slugify(title) == slug
-    return title
 
 
 # --- what the model dataset carries -------------------------------------------------------------------------------
@@ -442,25 +432,11 @@ def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kern
         "CONFIG_NAME": cfg.name, "CODE_DATASET": names.code_id, "MODEL_DATASET": names.model_id,
         "ICH_KAGGLE_VERSION": __version__})
     compile(script, KERNEL_FILE, "exec")
-    folder = names.kernel_dir(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_open(folder / KERNEL_FILE) as f:
-        f.write(script)
-    _write_json(folder / KERNEL_META, {
-        "id": names.kernel_id,
-        "title": title_for(names.kernel_slug),
-        "code_file": KERNEL_FILE,
-        "language": "python",
-        "kernel_type": "script",
-        "is_private": True,
-        "enable_gpu": True,
-        "machine_shape": MACHINE_SHAPE,  # without it a CLI push lands on a P100, which Kaggle's torch cannot run
-        "enable_tpu": False,
-        "enable_internet": False,
-        "dataset_sources": [names.code_id, names.model_id],
-        "competition_sources": [COMPETITION],
-        "kernel_sources": [],
-        "model_sources": [],
-    })
+    from . import metadata, weights_dataset
+
+    # the inference kernel loads its checkpoints (no ImageNet weights): the weights dataset rides along when built
+    weights = weights_dataset.attach([], names.username, out, required=False)
+    folder = metadata.write_kernel(names.kernel_dir(out), names.kernel_id, script, gpu=True,
+                                   datasets=[names.code_id, names.model_id, *weights])
     log.info(f"wrote {folder} ({names.kernel_id}); push with: kaggle kernels push -p {folder}")
     return folder

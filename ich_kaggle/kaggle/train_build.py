@@ -22,6 +22,7 @@ from ..core.errors import UserError
 from ..core.io import atomic_open
 from ..core.layout import COMPETITION, Layout, Run
 from . import build
+from .rates import INFERENCE_SPEEDUP, TWO_GPU_SCALING
 from .run import slugify
 from .train_run import CACHE_BYTES_PER_IMAGE, FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES, SCRATCH_KEEP
 from ..core.log import get as get_logger
@@ -33,17 +34,8 @@ PREPARE_SLUG = "ich-kaggle-prepare"
 SESSION_LIMIT_H = 12.0  # Kaggle's limit on one GPU session (a run past it is killed)
 SESSION_MARGIN_H = 0.5  # install, header checks, OOF and output saving
 
-# Images per second on ONE T4 (fp16, channels_last) at 512 px, training / inference. ESTIMATES, not measurements
-# (no T4 was available to this work): ResNet-50 mixed-precision training on one T4 is about 250 img/s at 224 px in
-# NVIDIA's DeepLearningExamples (PyTorch ConvNets) tables; scaled by pixel count to 512 px (/5.2) that is ~48 img/s,
-# and SE-ResNeXt-50's grouped convolutions and SE blocks run at about 0.6x ResNet-50's speed -> ~29 img/s. Inference
-# runs about 3x the training rate. Two T4s under DDP are taken as 1.8x one. Other sizes scale by pixel count.
-# Replace them with a measured figure: make kernel-train T4_IMAGES_PER_S=<train img/s of one T4 at the config's size>.
-T4_TRAIN_IMAGES_PER_S_512 = {"se_resnext50_32x4d": 29.0, "se_resnext101_32x4d": 17.0, "resnet50": 48.0,
-                             "resnet18": 140.0, "tu-tf_efficientnet_lite0": 110.0, "small_cnn": 2000.0}
-DEFAULT_BACKBONE = "se_resnext50_32x4d"
-INFERENCE_SPEEDUP = 3.0
-TWO_GPU_SCALING = 1.8
+# Images per second of one T4 per backbone and size: measured (kaggle_rates.yaml) or estimated, see rates.py.
+# A measured figure can also be given by hand: make kernel-train T4_IMAGES_PER_S=<train img/s of one T4>.
 CACHE_IMAGES_PER_S = 250.0  # DICOM -> cache on Kaggle's 4 CPUs: an estimate from `make bench`'s per-core rate
 # Disk a Kaggle session has outside /kaggle/working (~73 GB in all, ~20 GB of it the working folder): Kaggle's
 # stated figures, not measured here. The training kernel caches the train images only where they fit (see
@@ -69,6 +61,8 @@ class Estimate:
     train_images_per_s: float  # on T4 x2
     hours: float  # setup + epochs x epoch_hours + final_hours
     source: str  # where the rate comes from
+    infer_images_per_s: float = 0.0  # on T4 x2 (validation, OOF)
+    measured: bool = False  # the rates come from kaggle_rates.yaml (or were given), not the estimates
     epoch_hours: float = 0.0  # one epoch: training and validation
     setup_hours: float = 0.0  # per session: caching the train images (none when read from the DICOMs)
     final_hours: float = 0.0  # the OOF predictions of best.pt, once at the end
@@ -83,8 +77,9 @@ class Estimate:
                  "no caching (images read from their DICOMs)")
         return (f"estimated wall time on T4 x2: {self.hours:.1f} h for {self.epochs} epoch(s) x {self.train_images:,} "
                 f"training images at {self.train_images_per_s:.0f} img/s, {self.epoch_hours:.1f} h per epoch with "
-                f"{self.val_images:,} validation images at {self.train_images_per_s * INFERENCE_SPEEDUP:.0f} img/s, "
-                f"{setup} [{self.source}]; an estimate, not a measurement")
+                f"{self.val_images:,} validation images at {self.infer_images_per_s:.0f} img/s, "
+                f"{setup} [{self.source}]" + ("" if self.measured else "; rates are ESTIMATES until measured "
+                                              "(make kernel-gpu-check)"))
 
 
 def estimate(cfg: Config, epochs: int | None = None, folds_csv: Path | None = None,
@@ -101,23 +96,24 @@ def estimate(cfg: Config, epochs: int | None = None, folds_csv: Path | None = No
     train = n - val
     if cfg.train.max_images_per_epoch:
         train = min(train, int(cfg.train.max_images_per_epoch))
-    backbones = cfg.model.backbone.split("+")  # an ensemble of backbones runs each
+    from . import rates
+
+    r = rates.rate(cfg.model.backbone, cfg.data.image_size)
     if t4_images_per_s:
-        per_t4, source = float(t4_images_per_s), f"T4_IMAGES_PER_S={t4_images_per_s:g} as given"
+        per_t4, source, measured = float(t4_images_per_s), f"T4_IMAGES_PER_S={t4_images_per_s:g} as given; {where}", True
+        per_t4_infer = per_t4 * INFERENCE_SPEEDUP
     else:
-        scale = (512 / cfg.data.image_size) ** 2
-        rates = [T4_TRAIN_IMAGES_PER_S_512.get(b, T4_TRAIN_IMAGES_PER_S_512[DEFAULT_BACKBONE]) for b in backbones]
-        per_t4 = scale / sum(1 / r for r in rates)
-        source = (f"documented rate for {cfg.model.backbone} at {cfg.data.image_size} px, see "
-                  f"ich_kaggle/kaggle/train_build.py; {where}")
-    ips = per_t4 * TWO_GPU_SCALING
+        per_t4, per_t4_infer, measured = r.train, r.infer, r.measured
+        source = f"{r.describe()}; {where}"
+    ips, infer_ips = per_t4 * TWO_GPU_SCALING, per_t4_infer * TWO_GPU_SCALING
     epochs = cfg.train.epochs if epochs is None else min(epochs, cfg.train.epochs)
     images = expected_source(cfg, n)
-    epoch_s = train / ips + val / (ips * INFERENCE_SPEEDUP)
-    final_s = val / (ips * INFERENCE_SPEEDUP)
+    epoch_s = train / ips + val / infer_ips
+    final_s = val / infer_ips
     setup_s = n / CACHE_IMAGES_PER_S if images == "cache" else 0.0
     hours = (setup_s + epochs * epoch_s + final_s) / 3600
-    return Estimate(train, val, epochs, ips, hours, source, epoch_s / 3600, setup_s / 3600, final_s / 3600, images)
+    return Estimate(train, val, epochs, ips, hours, source, infer_ips, measured, epoch_s / 3600, setup_s / 3600,
+                    final_s / 3600, images)
 
 
 @dataclass(frozen=True)

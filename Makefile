@@ -19,7 +19,8 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip 
 .PHONY: help demo recipe test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
-        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv
+        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv \
+        kernel-weights kaggle-plan kernel-gpu-check kernel-gpu-check-fetch
 
 help:
 	@$(PY) -m ich_kaggle --help 2>/dev/null || echo "run 'make demo' first (it creates .venv)"
@@ -130,10 +131,26 @@ KUSER = $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME))
 kernel-code: $(PY)
 	$(PY) -m ich_kaggle kernel-code $(KUSER)
 
+# the ImageNet weights files the configs start from, as the dataset every training kernel attaches
+kernel-weights: $(PY)
+	$(PY) -m ich_kaggle kernel-weights $(KUSER) $(if $(filter command line,$(origin CONFIG)),--config $(CONFIG))
+
+# what CONFIG (a config or an ensemble) costs on T4 x2 before any GPU second is spent, and the weekly quota left
+kaggle-plan: $(PY)
+	$(PY) -m ich_kaggle kaggle-plan $(EXP) $(KUSER)
+
+# measure one T4's images/s for every shipped backbone and size; then kernel-gpu-check-fetch -> kaggle_rates.yaml
+kernel-gpu-check: $(PY)
+	$(PY) -m ich_kaggle kernel-gpu-check $(KUSER) --push
+
+kernel-gpu-check-fetch: $(PY)
+	$(PY) -m ich_kaggle kernel-gpu-check-fetch $(KUSER)
+
 kernel-prepare: $(PY)
 	$(PY) -m ich_kaggle kernel-prepare $(KUSER) --k $(K) --seed $(SEED) --push
 
-# prints the estimated wall time on T4 x2 and refuses a fold that cannot end within the 12-hour session
+# prints each kernel's line of the plan (an ensemble: one kernel per member) and refuses a fold that cannot end an
+# epoch within the 12-hour session
 kernel-train: $(PY)
 	$(PY) -m ich_kaggle kernel-train $(EXP) --fold $(FOLD) $(KUSER) $(if $(RESUME),--resume) \
 	    $(if $(EPOCHS_PER_RUN),--epochs-per-run $(EPOCHS_PER_RUN)) $(if $(T4_IMAGES_PER_S),--t4-images-per-s $(T4_IMAGES_PER_S)) --push

@@ -163,7 +163,7 @@ def test_every_kernel_script_embeds_the_one_install_step(tmp_path):
     cfg = _cfg()
     scripts = {
         "prepare": train_build.build_prepare_kernel(USER, tmp_path) / "kernel.py",
-        "train": train_build.build_train_kernel(cfg, 0, USER, tmp_path) / "kernel.py",
+        "train": train_build.build_train_kernel(cfg, 0, USER, tmp_path)[0] / "kernel.py",
         "from-folds": train_build.build_infer_kernel(cfg, USER, tmp_path, folds=[0]) / "kernel.py",
     }
     body = install[install.index("def log("):]  # below the placeholders: the same text in every script
@@ -196,7 +196,7 @@ def test_estimate_and_refusal(tmp_path):
     assert est.train_images == train_build.COMPETITION_TRAIN_IMAGES - est.val_images
     assert est.images == "dicom" and est.setup_hours == 0  # ~120 GB of cache cannot fit: no caching pass
     line = est.describe()
-    assert "estimate, not a measurement" in line
+    assert "rates are ESTIMATES until measured (make kernel-gpu-check)" in line
     assert (f"for 3 epoch(s) x {est.train_images:,} training images at {est.train_images_per_s:.0f} img/s" in line
             and "no caching" in line)
     one = train_build.estimate(big, epochs=1)
@@ -205,7 +205,12 @@ def test_estimate_and_refusal(tmp_path):
     assert fast.hours < 2 and "T4_IMAGES_PER_S=1000" in fast.source
     small = config.load("seresnext50_512", ["train.max_images_per_epoch=100000"])
     assert train_build.estimate(small).train_images == 100000
-    folder = train_build.build_train_kernel(small, 2, USER, tmp_path)
+    with pytest.raises(UserError, match=r"^config 'seresnext50_512' starts from ImageNet weights of 'se_resnext50_32x4d' "
+                                        r"but no attached dataset holds them .*make kernel-weights CONFIG=seresnext50_512"):
+        train_build.build_train_kernel(small, 2, USER, tmp_path)  # refused before anything is written
+    assert not (tmp_path / "ich-kaggle-seresnext50-512-fold2").exists()
+    small = config.load("seresnext50_512", ["train.max_images_per_epoch=100000", "model.pretrained=false"])
+    [folder] = train_build.build_train_kernel(small, 2, USER, tmp_path)
     assert folder.name == "ich-kaggle-seresnext50-512-fold2" and "EPOCHS_PER_RUN = None" in (folder / "kernel.py").read_text()
     # a subset whose cache fits the session's disk: cached, once per session
     folds_csv = tmp_path / "folds.csv"
@@ -216,14 +221,14 @@ def test_estimate_and_refusal(tmp_path):
 
 
 def test_a_fold_longer_than_a_session_is_planned_across_versions(tmp_path, caplog):
-    long = config.load("seresnext101_480")  # ~16 h by the documented rate: more than one 12-hour session
+    long = config.load("seresnext101_480", ["model.pretrained=false"])  # ~16 h by the documented rate: > one session
     est = train_build.estimate(long)
     limit = train_build.SESSION_LIMIT_H - train_build.SESSION_MARGIN_H
     assert est.hours > limit
     steps = train_build.plan(est, long)
     assert steps.versions == 2 and steps.epochs_per_run == 2 and est.session_hours(2) <= limit < est.session_hours(3)
     with caplog.at_level("INFO", logger="ich_kaggle"):
-        folder = train_build.build_train_kernel(long, 1, USER, tmp_path)
+        [folder] = train_build.build_train_kernel(long, 1, USER, tmp_path)
     assert "EPOCHS_PER_RUN = 2" in (folder / "kernel.py").read_text()  # each version stops resumably after 2 more
     assert ("2 kernel versions of up to 2 epoch(s) each (EPOCHS_PER_RUN=2" in caplog.text
             and "make kernel-train fold=1 RESUME=1" in caplog.text and "1 more time(s)" in caplog.text)
@@ -243,7 +248,7 @@ def test_a_fold_longer_than_a_session_is_planned_across_versions(tmp_path, caplo
 def test_push_with_the_real_kaggle_cli(tmp_path, kaggle_home):
     cfg = _cfg()
     prep = train_build.build_prepare_kernel(USER, tmp_path, k=3, seed=0)
-    folder = train_build.build_train_kernel(cfg, 1, USER, tmp_path, resume=True)
+    [folder] = train_build.build_train_kernel(cfg, 1, USER, tmp_path, resume=True)
     with FakeKaggle(max_seconds=60) as fk:
         env = fk.env()
         pushed = [subprocess.run([str(KAGGLE), "kernels", "push", "-p", str(f)], env=env, capture_output=True,

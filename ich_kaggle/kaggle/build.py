@@ -26,7 +26,8 @@ from ..core import config as config_mod
 from ..core.config import Config
 from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path, write_csv
-from .metadata import KERNEL_FILE, KERNEL_META, MACHINE_SHAPE, title_for  # noqa: F401
+from . import metadata
+from .metadata import DATASET_META, KERNEL_FILE, KERNEL_META, LICENSE, MACHINE_SHAPE, title_for  # noqa: F401
 from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
 from ..core.layout import Layout, Run
 from ..core.config import selected_folds
@@ -47,8 +48,6 @@ OPTIONAL_PACKAGES: dict[str, str] = {
     for name in ("pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg")
 }
 CODE_SLUG = "ich-kaggle-code"
-DATASET_META = "dataset-metadata.json"
-LICENSE = "CC0-1.0"
 TEMPLATE = Path(__file__).with_name("template.py")
 INSTALL = Path(__file__).with_name("kernel_install.py")  # the install step every kernel script embeds
 _INSTALL_LINE = re.compile(r"^from ich_kaggle\.kaggle\.kernel_install import \(  # __INSTALL__[^\n]*\n[^)]*\)$", re.M)
@@ -225,34 +224,8 @@ def _half_checkpoint(src: Path, dst: Path) -> None:
     save_checkpoint(dst, ckpt)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with atomic_open(path) as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-
-
-def _dataset_metadata(title: str, dataset_id: str, description: str) -> dict:
-    return {"title": title, "id": dataset_id, "licenses": [{"name": LICENSE}], "description": description}
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace a dataset folder in one step so a failed build never leaves a half-updated one (stale wheels)."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _fresh_tmp(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+_write_json, _dataset_metadata, _fresh_tmp, _swap_in = (metadata.write_json, metadata.dataset_metadata,
+                                                       metadata.fresh_tmp, metadata.swap_in)
 
 
 def _wheel_entry(w) -> dict:
@@ -432,7 +405,7 @@ def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kern
         "CONFIG_NAME": cfg.name, "CODE_DATASET": names.code_id, "MODEL_DATASET": names.model_id,
         "ICH_KAGGLE_VERSION": __version__})
     compile(script, KERNEL_FILE, "exec")
-    from . import metadata, weights_dataset
+    from . import weights_dataset
 
     # the inference kernel loads its checkpoints (no ImageNet weights): the weights dataset rides along when built
     weights = weights_dataset.attach([], names.username, out, required=False)

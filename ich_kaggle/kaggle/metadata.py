@@ -50,5 +50,45 @@ def write_kernel(folder: Path, kernel_id: str, script: str, gpu: bool, datasets:
     return folder
 
 
+# --- dataset folders (code, weights, model): dataset-metadata.json and the folder swapped in whole ---------------
+DATASET_META = "dataset-metadata.json"
+LICENSE = "CC0-1.0"
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_open(path) as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def dataset_metadata(title: str, dataset_id: str, description: str) -> dict:
+    return {"title": title, "id": dataset_id, "licenses": [{"name": LICENSE}], "description": description}
+
+
+def fresh_tmp(final: Path) -> Path:
+    """An empty sibling folder to build a dataset in before `swap_in`."""
+    import shutil
+
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Replace a dataset folder in one step so a failed build never leaves a half-updated one (stale wheels)."""
+    import shutil
+
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def read(folder: Path) -> dict:
     return json.loads((folder / KERNEL_META).read_text())

@@ -1,7 +1,7 @@
 """`make kaggle-plan`: what a config or ensemble costs on Kaggle's T4 x2 before any GPU second is spent.
 
 Per member and fold: epochs, training images per epoch, hours and sessions (a fold longer than one 12-hour session
-trains over resuming versions, `train_build.plan`); the inference kernel on the training kernels' outputs (test
+trains over resuming versions, `sessions.plan`); the inference kernel on the training kernels' outputs (test
 slices x members x folds x TTA views at the inference rate), split into kernels that each end within a session;
 the total in GPU-hours and, with credentials, in weeks of the remaining weekly quota (`kaggle quota`).
 The rates are those of `rates.py`: ESTIMATES until `make kernel-gpu-check` measured them into kaggle_rates.yaml.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from ..core.config import Config, selected_folds
 from ..core.errors import UserError
-from . import rates, train_build
+from . import rates, sessions
+from .sessions import TEST_SLICES, InferKernel, split_inference  # noqa: F401
 
-TEST_SLICES = 121_232  # stage_2_test
 WEEKLY_GPU_HOURS = 30.0  # Kaggle's free weekly GPU quota (it varies a little week to week: `kaggle quota` says)
 TRAINING_GPUS = 2  # a T4 x2 session bills its wall time (one quota hour per session hour, whatever the GPU count)
 
@@ -25,7 +25,7 @@ TRAINING_GPUS = 2  # a T4 x2 session bills its wall time (one quota hour per ses
 class FoldLine:
     member: str
     fold: int
-    estimate: train_build.Estimate
+    estimate: sessions.Estimate
     sessions: int
     hours: float  # every session of the fold, with its own setup
 
@@ -34,18 +34,6 @@ class FoldLine:
         return (f"train {self.member} fold {self.fold}: {e.epochs} epoch(s) x {e.train_images:,} images, "
                 f"{self.hours:.1f} h in {self.sessions} session(s) at {e.train_images_per_s:.0f} img/s on T4 x2"
                 + ("" if e.measured else " (estimate)"))
-
-
-@dataclass(frozen=True)
-class InferKernel:
-    members: list[str]
-    folds: list[int]
-    hours: float
-    views: int
-
-    def describe(self) -> str:
-        return (f"infer {'+'.join(self.members)} folds {self.folds}: {TEST_SLICES:,} slices x {len(self.members)} "
-                f"member(s) x {len(self.folds)} fold(s) x {self.views} view(s) = {self.hours:.1f} h")
 
 
 @dataclass
@@ -69,8 +57,8 @@ class KagglePlan:
         return self.training_hours + self.inference_hours
 
     def lines(self, quota_left_h: float | None = None, quota_note: str = "") -> list[str]:
-        out = [f"plan for {self.config} on Kaggle T4 x2 (a session ends at {train_build.SESSION_LIMIT_H:.0f} h, "
-               f"{train_build.SESSION_LIMIT_H - train_build.SESSION_MARGIN_H:.1f} h usable):"]
+        out = [f"plan for {self.config} on Kaggle T4 x2 (a session ends at {sessions.SESSION_LIMIT_H:.0f} h, "
+               f"{sessions.SESSION_LIMIT_H - sessions.SESSION_MARGIN_H:.1f} h usable):"]
         out += [f"  rates: {r}" for r in self.rate_lines]
         out += [f"  {f.describe()}" for f in self.folds]
         split = "" if len(self.inference) == 1 else f" (split into {len(self.inference)} kernels, each within a session)"
@@ -89,48 +77,14 @@ class KagglePlan:
         return out
 
 
-def inference_hours(member: Config, folds: int) -> float:
-    """The inference kernel's time for one member's `folds` folds: every test slice through every TTA view."""
-    r = rates.rate(member.model.backbone, member.data.image_size)
-    views = len(member.tta.transforms)
-    return TEST_SLICES * folds * views / (r.infer * rates.TWO_GPU_SCALING) / 3600
-
-
-def inference_setup_hours() -> float:
-    """Caching the test slices once per inference kernel."""
-    return TEST_SLICES / train_build.CACHE_IMAGES_PER_S / 3600
-
-
-def split_inference(members: list[Config], folds: list[int]) -> list[InferKernel]:
-    """One kernel when everything fits a session; else one per member; else a member's folds across kernels."""
-    limit = train_build.SESSION_LIMIT_H - train_build.SESSION_MARGIN_H
-    setup = inference_setup_hours()
-    views = max(len(m.tta.transforms) for m in members)
-    whole = setup + sum(inference_hours(m, len(folds)) for m in members)
-    if whole <= limit:
-        return [InferKernel([m.name for m in members], list(folds), whole, views)]
-    kernels = []
-    for m in members:
-        per_fold = inference_hours(m, 1)
-        if per_fold + setup > limit:
-            raise UserError(f"one fold of '{m.name}' alone needs {per_fold + setup:.1f} h of inference, more than a "
-                            f"{train_build.SESSION_LIMIT_H:.0f}-hour session; use fewer tta.transforms or a smaller "
-                            f"data.image_size")
-        chunk = max(1, int((limit - setup) // per_fold))
-        for i in range(0, len(folds), chunk):
-            part = list(folds[i:i + chunk])
-            kernels.append(InferKernel([m.name], part, setup + inference_hours(m, len(part)), len(m.tta.transforms)))
-    return kernels
-
-
 def make_plan(cfg: Config, members: list[Config], folds_csv: Path | None = None) -> KagglePlan:
     """The plan of `cfg` (its `members`, [cfg] for a single config) over its selected folds."""
     out = KagglePlan(cfg.name)
     folds = selected_folds(cfg.cv)
     seen = set()
     for m in members:
-        est = train_build.estimate(m, None, folds_csv)
-        steps = train_build.plan(est, m)
+        est = sessions.estimate(m, None, folds_csv)
+        steps = sessions.plan(est, m)
         hours = est.hours + (steps.versions - 1) * est.setup_hours
         for k in selected_folds(m.cv):
             out.folds.append(FoldLine(m.name, k, est, steps.versions, hours))

@@ -57,7 +57,8 @@ def build(username: str, out: str | Path, cfgs: list[Config] | None = None) -> P
     """kernels/ich-kaggle-weights/: one file per backbone, flat, with its manifest. With `cfgs` (CONFIG=...) every
     file they need must be found here; without, the shipped configs' files that are found (the others named)."""
     from ..models.weights import find_weights
-    from .build import _dataset_metadata, _fresh_tmp, _swap_in, _write_json
+    from .metadata import dataset_metadata as _dataset_metadata, fresh_tmp as _fresh_tmp, swap_in as _swap_in, \
+        write_json as _write_json
 
     wanted = needed(cfgs if cfgs is not None else shipped_configs())
     final = folder(out)

@@ -452,7 +452,9 @@ def test_datasets_create_wait_version(built, kaggle_home):
 
 def test_kernel_wait_output_submit(built, kaggle_home):
     names, out = built
-    sub = b"ID,Label\nID_a_any,0.1\n"
+    from ich_kaggle.core.labels import LABELS
+
+    sub = ("ID,Label\n" + "".join(f"ID_a_{label},0.1\n" for label in LABELS)).encode()
     with FakeKaggle(max_seconds=60, kernel_statuses=["QUEUED", "RUNNING", "COMPLETE"],
                     kernel_output={"submission.csv": sub}, kernel_log="[12:00:00] wrote submission.csv") as fk:
         waited = _ich(fk, out, "kernel-wait", "--poll", "0.05")
@@ -475,6 +477,12 @@ def test_kernel_wait_output_submit(built, kaggle_home):
     assert "ended with error: Your notebook tried to allocate more memory" in _one_line_error(failed)
     assert "no submission.csv" in _one_line_error(empty) and not got.exists()  # the old run's file is gone
     assert "fetch the kernel's output first" in _one_line_error(_ich(fk, out, "kaggle-submit"))
+    # an expired download URL's error page saved under the submission's name is never sent
+    with FakeKaggle(max_seconds=60, kernel_output={"submission.csv": b"<html><body>Error 403</body></html>\n"}) as fk:
+        page = _ich(fk, out, "kernel-output")
+    assert "is not a submission" in _one_line_error(page)
+    got.write_bytes(b"<html><body>Error 403</body></html>\n")
+    assert "is not a submission" in _one_line_error(_ich(fk, out, "kaggle-submit")) and not fk.submissions
     got.write_bytes(sub)
     rules = "You must accept this competition's rules before you'll be able to submit"
     with FakeKaggle(max_seconds=60, submit_error=rules) as fk:

@@ -20,7 +20,7 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip 
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
         kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv \
-        kernel-weights kaggle-plan kernel-gpu-check kernel-gpu-check-fetch
+        kernel-weights kaggle-plan kernel-gpu-check kernel-gpu-check-fetch kernel-combine
 
 help:
 	@$(PY) -m ich_kaggle --help 2>/dev/null || echo "run 'make demo' first (it creates .venv)"
@@ -161,6 +161,10 @@ kernel-fetch: $(PY)
 # the inference kernel on the training kernels' outputs (kernel sources; no model dataset, first stage only)
 kernel-from-folds: $(PY)
 	$(PY) -m ich_kaggle kernel-from-folds $(EXP) $(KUSER) $(if $(FOLDS),--folds $(FOLDS)) --push
+
+# an ensemble whose inference was split into one from-folds kernel per member: fetch and combine their submissions
+kernel-combine: $(PY)
+	$(PY) -m ich_kaggle kernel-combine $(EXP) $(KUSER)
 
 kernel-fetch-prepare: $(PY)
 	$(PY) -m ich_kaggle kernel-fetch-prepare --data $(DATA_DIR) $(KUSER)

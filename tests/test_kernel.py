@@ -525,48 +525,55 @@ def test_kernel_predict_uses_every_visible_gpu(monkeypatch):
     assert predict.inference_devices() == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
-def _python312() -> str:
-    """A working python3.12 (Kaggle's image moved to 3.12); pyenv's shim may exist but refuse to run."""
-    candidates = [shutil.which("python3.12") or ""] + [str(p) for p in sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+def _python(version: str) -> str | None:
+    """A working python<version> (Kaggle's image: 3.12; Colab's, its base: 3.13); pyenv's shim may exist but refuse
+    to run."""
+    candidates = [shutil.which(f"python{version}") or ""] + [
+        str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}"))]
     for exe in filter(None, candidates):
         if subprocess.run([exe, "-c", "import ensurepip"], capture_output=True).returncode == 0:
             return exe
-    pytest.skip("no working python3.12 on this machine")
+    return None
 
 
 @pytest.mark.slow
-def test_install_step_on_python312(tmp_path, cfg):
-    """The kernel's install step on Kaggle's Python 3.12 with a code dataset built here (3.11): every required
-    package installs (binary ones through wheels fetched for 3.12 at build time); an optional one without a 3.12
-    wheel (a pylibjpeg codec) is named in the log and the run goes on."""
-    python = _python312()
+def test_install_step_on_python312_and_313(tmp_path, cfg):
+    """The kernel's install step on Kaggle's Python 3.12 and Colab's 3.13, with no network, from a code dataset
+    built here (3.11): every package installs, the binary ones through wheels fetched for 3.12 and 3.13 at build
+    time (pylibjpeg-libjpeg: 2.4.0, the newest with such wheels, beside this machine's 2.5.0)."""
+    pythons = {v: _python(v) for v in ("3.12", "3.13")}
+    if not any(pythons.values()):
+        pytest.skip("neither python3.12 nor python3.13 on this machine")
     names = kernel.names_for(cfg, "testuser")
     code = kernel.build_code_dataset(names, tmp_path / "kernels")
     listing = json.loads((code / "wheels.json").read_text())
     optional = {w["name"] for w in listing["wheels"] if w["optional"]}
     assert optional == set(kernel.OPTIONAL_PACKAGES)
-    binary_optional = {w["name"] for w in listing["wheels"] if w["optional"] and not w["pure"]}
-    assert binary_optional == {"pylibjpeg-libjpeg", "pylibjpeg-openjpeg"}  # built here for cp311
-    for_312 = {w["name"] for w in listing["wheels"] if "-cp312-" in w["file"] or "-abi3-" in w["file"]}
-    assert {"blosc2", "ndindex"} <= for_312  # the required binary ones: fetched for the kernel's Python
-    not_for_312 = sorted(binary_optional - for_312)  # pylibjpeg-libjpeg 2.5.0 publishes no cp312 wheel
-    venv = tmp_path / "venv312"
-    subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
-    script = (f"import runpy; from pathlib import Path; "
-              f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'kernel_install.py')!r}); "
-              f"print('missing', sorted(w['name'] for w in ns['pip_install'](Path({str(code)!r}))))")
-    env = {**_env(), "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    for name in not_for_312:
-        assert f"optional package {name} " in result.stdout and "compressed DICOMs" in result.stdout
-    assert f"missing {not_for_312}" in result.stdout
-    required = [w["name"] for w in listing["wheels"] if not w["optional"]] + ["pylibjpeg"]
-    check = "import importlib.metadata as m, sys; print(sys.version_info[:2], [m.version(n) for n in sys.argv[1:]])"
-    versions = subprocess.run([str(venv / "bin" / "python"), "-c", check, *required], capture_output=True, text=True)
-    assert versions.returncode == 0, versions.stderr  # every required package is installed on 3.12
-    assert versions.stdout.startswith("(3, 12)")
+    binary = {w["name"] for w in listing["wheels"] if not w["pure"]}
+    assert {"blosc2", "ndindex", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"} <= binary
+    for version, python in pythons.items():
+        if python is None:
+            continue
+        tag = "cp" + version.replace(".", "")
+        fitting = {w["name"] for w in listing["wheels"] if f"-{tag}-" in w["file"] or "-abi3-" in w["file"]}
+        assert binary <= fitting, (version, binary - fitting)  # every binary package has a wheel for it
+        assert any(w["name"] == "pylibjpeg-libjpeg" and w["version"] == "2.4.0" for w in listing["wheels"])
+        venv = tmp_path / f"venv{tag}"
+        subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
+        script = (f"import runpy; from pathlib import Path; "
+                  f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'kernel_install.py')!r}); "
+                  f"print('missing', sorted(w['name'] for w in ns['pip_install'](Path({str(code)!r}))))")
+        env = {**_env(), "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+        result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "missing []" in result.stdout, result.stdout
+        names_all = sorted({w["name"] for w in listing["wheels"]} - {"ich_kaggle"})
+        check = "import importlib.metadata as m, sys; print(sys.version_info[:2], [m.version(n) for n in sys.argv[1:]])"
+        versions = subprocess.run([str(venv / "bin" / "python"), "-c", check, *names_all], capture_output=True,
+                                  text=True)
+        assert versions.returncode == 0, versions.stderr  # every package is installed
+        assert versions.stdout.startswith(str(tuple(int(x) for x in version.split("."))))
 
 
 # --- end to end: train a tiny model, build the kernel, run its script offline in a fresh venv ----------------------

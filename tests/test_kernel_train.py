@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ich_kaggle.core import config
 from ich_kaggle.core.errors import UserError
@@ -164,7 +165,7 @@ def test_every_kernel_script_embeds_the_one_install_step(tmp_path):
     scripts = {
         "prepare": train_build.build_prepare_kernel(USER, tmp_path) / "kernel.py",
         "train": train_build.build_train_kernel(cfg, 0, USER, tmp_path)[0] / "kernel.py",
-        "from-folds": train_build.build_infer_kernel(cfg, USER, tmp_path, folds=[0]) / "kernel.py",
+        "from-folds": train_build.build_infer_kernel(cfg, USER, tmp_path, folds=[0])[0] / "kernel.py",
     }
     body = install[install.index("def log("):]  # below the placeholders: the same text in every script
     for name, path in scripts.items():
@@ -389,3 +390,77 @@ def test_find_train_inputs_and_epochs_done(tmp_path):
         for name, text in (("meta.csv", "image_id\n"), ("folds.csv", "image_id\n"), ("folds.csv.json", '{"k": 5, "seed": 42}')):
             (prep / name).write_text(text)
         train_run.install_prepared(prep, Layout.of(comp, tmp_path / "work"), cfg)
+
+
+def test_kaggle_plan_of_the_recipes_and_measured_rates(tmp_path, monkeypatch):
+    """`make kaggle-plan`: kaggle_week fits a week of free quota by the planner, seresnext_pair does not and its
+    inference is split by member; a measured rates file replaces the estimates and says so."""
+    from ich_kaggle.core import ensemble
+    from ich_kaggle.kaggle import plan, rates
+
+    monkeypatch.setenv(rates.RATES_ENV, str(tmp_path / "kaggle_rates.yaml"))
+
+    def made(name):
+        cfg = config.load(name)
+        return plan.make_plan(cfg, ensemble.load_members(cfg) if cfg.is_ensemble else [cfg])
+
+    week, pair = made("kaggle_week"), made("seresnext_pair")
+    assert week.total_hours <= plan.WEEKLY_GPU_HOURS and len(week.inference) == 1 and not week.measured
+    assert len(week.folds) == 10 and all(f.sessions == 1 for f in week.folds)
+    assert pair.total_hours > 4 * plan.WEEKLY_GPU_HOURS and [k.members for k in pair.inference] == [
+        ["seresnext50_512"], ["seresnext101_480"]]
+    assert {f.sessions for f in pair.folds if f.member == "seresnext101_480"} == {2}
+    lines = week.lines(12.5)
+    assert "ESTIMATES" in lines[-2] and "quota: 12.5 h of GPU left this week: the plan does not fit" in lines[-1]
+    assert any("infer seresnext50_256+seresnext101_256 folds [0, 1, 2, 3, 4]: 121,232 slices x 2 member(s) x 5 "
+               "fold(s) x 3 view(s)" in line for line in lines)
+    (tmp_path / "kaggle_rates.yaml").write_text(yaml.safe_dump({
+        "se_resnext50_32x4d": {256: {"train": 232.0, "infer": 696.0}},
+        "se_resnext101_32x4d": {256: {"train": 136.0, "infer": 408.0}}}))
+    measured = made("kaggle_week")
+    assert measured.measured and "ESTIMATES" not in "\n".join(measured.lines())
+    assert measured.training_hours == pytest.approx(week.training_hours / 2, rel=0.01)  # twice the rate
+
+
+def test_ensemble_kernels_per_member_and_split_inference(tmp_path, caplog):
+    """An ensemble trains one kernel per member and fold; its inference, too long for one session, is one kernel
+    per member, combined locally (make kernel-combine) as the ensemble combines."""
+    from ich_kaggle.core.labels import LABELS
+
+    pair = config.load("seresnext_pair", ["model.pretrained=false"])
+    folders = train_build.build_train_kernel(pair, 3, USER, tmp_path)
+    assert [f.name for f in folders] == ["ich-kaggle-seresnext50-512-fold3", "ich-kaggle-seresnext101-480-fold3"]
+    assert "CONFIG_NAME = \"seresnext101_480\"" in (folders[1] / "kernel.py").read_text()
+    assert json.loads((folders[0] / "kernel-metadata.json").read_text())["docker_image_pinning_type"] == "original"
+    with caplog.at_level("INFO", logger="ich_kaggle"):
+        infer = train_build.build_infer_kernel(pair, USER, tmp_path)
+    assert [f.name for f in infer] == ["ich-kaggle-seresnext50-512-from-folds", "ich-kaggle-seresnext101-480-from-folds"]
+    sources = json.loads((infer[1] / "kernel-metadata.json").read_text())["kernel_sources"]
+    assert sources == [f"{USER}/ich-kaggle-prepare"] + [f"{USER}/ich-kaggle-seresnext101-480-fold{k}" for k in range(5)]
+    assert "make kernel-combine CONFIG=seresnext_pair" in caplog.text
+    probs = {"seresnext50_512": 0.2, "seresnext101_480": 0.4}
+    for name, p in probs.items():
+        dest = tmp_path / "output" / train_build.infer_slug(name)
+        dest.mkdir(parents=True)
+        (dest / "submission.csv").write_text("ID,Label\n" + "".join(
+            f"ID_{i}_{label},{p if label == 'any' else 0.1:.6f}\n" for i in ("a1", "b2") for label in LABELS))
+    combined = train_build.combine_outputs(pair, USER, tmp_path, fetch=False)
+    text = combined.read_text().splitlines()
+    assert text[0] == "ID,Label" and len(text) == 13 and "ID_a1_any,0.300000" in text  # the mean of probabilities
+
+
+def test_every_invalid_source_field_refuses_the_push(tmp_path, kaggle_home, monkeypatch):
+    """Kaggle accepts a kernel whose sources it cannot attach and says so only in invalid*Sources: each is a
+    one-line refusal (the CLI exits 0)."""
+    from types import SimpleNamespace
+
+    from ich_kaggle.kaggle import api
+
+    folder = train_build.build_prepare_kernel(USER, tmp_path)
+    for kind in api.SOURCE_KINDS:
+        answer = SimpleNamespace(error=None, status=None, ref="r", url="u", versionNumber=1,
+                                 **{f"invalid_{k}_sources": [f"{USER}/x"] if k == kind else [] for k in api.SOURCE_KINDS})
+        monkeypatch.setattr(api, "client", lambda: SimpleNamespace(kernels_push=lambda path: answer))
+        with pytest.raises(UserError, match=rf"without its {kind} sources \['{USER}/x'\]") as e:
+            api.push_kernel(folder)
+        assert "\n" not in str(e.value)

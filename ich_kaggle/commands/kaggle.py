@@ -199,9 +199,18 @@ def kernel_fetch(args):
 def kernel_from_folds(args):
     from ..kaggle import api, train_build
 
-    folder = train_build.build_infer_kernel(config_of(args), args.username, args.out, folds=args.folds)
+    folders = train_build.build_infer_kernel(config_of(args), args.username, args.out, folds=args.folds)
     if args.push:
-        api.push_kernel(folder)
+        for folder in folders:
+            api.push_kernel(folder)
+
+
+@command("kernel-combine", "an ensemble's submission from its members' from-folds kernels (when its inference was "
+         "split by member): fetched, combined, checked", EXPERIMENT, KAGGLE_OUT)
+def kernel_combine(args):
+    from ..kaggle import train_build
+
+    train_build.combine_outputs(config_of(args), args.username, args.out)
 
 
 @command("kernel-fetch-prepare", "download the prepare kernel's meta.csv + folds.csv into the work folder",

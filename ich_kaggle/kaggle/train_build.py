@@ -124,12 +124,14 @@ def infer_slug(cfg_name: str) -> str:
 
 
 def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "kernels",
-                       folds: list[int] | None = None) -> Path:
+                       folds: list[int] | None = None) -> list[Path]:
     """kernels/ich-kaggle-<config>-from-folds/: the inference kernel on the training kernels' outputs (attached as
     kernel sources, no model dataset; an ensemble's every member's): TTA over their folds, first stage only,
-    submission.csv. Prints its line of the plan and refuses a kernel that cannot end within one session."""
+    submission.csv. Prints its line of the plan. An ensemble whose inference cannot end within one session gets one
+    such kernel per member (their submissions are combined here: make kernel-combine); a member whose folds alone
+    take longer than a session is refused, naming the FOLDS that fit."""
     from ..core.config import selected_folds
-    from . import sessions, weights_dataset
+    from . import sessions
 
     user = build.check_username(username)
     folds = selected_folds(cfg.cv) if folds is None else [selected_folds(cfg.cv, k)[0] for k in folds]
@@ -137,12 +139,24 @@ def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "ker
     kernels = sessions.split_inference(members, folds)
     for k in kernels:
         log.info(f"plan: {k.describe()}")
-    if len(kernels) > 1:
+    if len(kernels) == 1:
+        return [_infer_kernel(cfg, members, user, out, folds)]
+    split_folds = [k for k in kernels if k.folds != folds]
+    if split_folds or not cfg.is_ensemble:
+        part = split_folds[0] if split_folds else kernels[0]
         whole = sum(k.hours for k in kernels)
-        raise UserError(f"the inference kernel of '{cfg.name}' over folds {folds} needs about {whole:.1f} h, more than "
-                        f"one {SESSION_LIMIT_H:.0f}-hour session; push it in parts that fit (make kaggle-plan "
-                        f"CONFIG={cfg.name} shows them), e.g. make kernel-from-folds CONFIG={kernels[0].members[0]} "
-                        f"FOLDS=\"{' '.join(map(str, kernels[0].folds))}\"")
+        raise UserError(f"the inference kernel of '{part.members[0]}' over folds {folds} needs about {whole:.1f} h, "
+                        f"more than one {SESSION_LIMIT_H:.0f}-hour session; push it in parts that fit (make kaggle-plan "
+                        f"CONFIG={cfg.name} shows them), e.g. make kernel-from-folds CONFIG={part.members[0]} "
+                        f"FOLDS=\"{' '.join(map(str, part.folds))}\"")
+    log.info(f"plan: the inference of '{cfg.name}' is longer than one session: one kernel per member; combine their "
+             f"submissions with make kernel-combine CONFIG={cfg.name} once they are complete")
+    return [_infer_kernel(m, [m], user, out, folds) for m in members]
+
+
+def _infer_kernel(cfg: Config, members: list[Config], user: str, out: str | Path, folds: list[int]) -> Path:
+    from . import weights_dataset
+
     slug = infer_slug(cfg.name)
     sources = [prepare_id(user)] + [f"{user}/{train_slug(m.name, k)}" for m in members for k in folds]
     data = cfg.to_dict()
@@ -156,6 +170,47 @@ def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "ker
     log.info(f"wrote {folder} ({user}/{slug}: folds {folds} of {', '.join(m.name for m in members)} from their "
              f"training kernels)")
     return folder
+
+
+def combine_outputs(cfg: Config, username: str | None, out: str | Path = "kernels", fetch: bool = True) -> Path:
+    """`make kernel-combine`: an ensemble's submission from its members' from-folds kernels (each fetched into
+    kernels/output/<slug>/), combined as `ensemble.combine` says, into kernels/output/ich-kaggle-<ensemble>-from-folds/
+    submission.csv (the members' 6-decimal probabilities combined: within 1e-6 of one kernel over all members)."""
+    import numpy as np
+    import pandas as pd
+
+    from ..core import ensemble
+    from ..core.labels import LABELS
+    from . import api
+
+    if not cfg.is_ensemble:
+        raise UserError(f"'{cfg.name}' is not an ensemble; its from-folds kernel writes the submission itself")
+    user = build.check_username(username)
+    frames = []
+    for member in members_of(cfg):
+        slug = infer_slug(member.name)
+        path = Path(out) / "output" / slug / api.SUBMISSION
+        if fetch:
+            path = api.fetch_output(f"{user}/{slug}", path.parent)
+        api.check_submission(path)
+        long = pd.read_csv(path, dtype={"ID": str})
+        parts = long["ID"].str.rsplit("_", n=1)
+        wide = (long.assign(image_id=parts.str[0], label=parts.str[1])
+                .pivot(index="image_id", columns="label", values="Label")[list(LABELS)].reset_index())
+        frames.append(wide)
+    combined = ensemble.combine(frames, cfg.ensemble)
+    rows = combined.melt(id_vars="image_id", value_vars=list(LABELS), var_name="label", value_name="Label")
+    rows["ID"] = rows["image_id"] + "_" + rows["label"]
+    order = {label: i for i, label in enumerate(LABELS)}
+    rows = rows.assign(o=rows["label"].map(order)).sort_values(["image_id", "o"])
+    dest = Path(out) / "output" / infer_slug(cfg.name) / api.SUBMISSION
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(dest) as f:
+        f.write("ID,Label\n" + "".join(f"{i},{p:.6f}\n" for i, p in zip(rows["ID"], np.asarray(rows["Label"]))))
+    api.check_submission(dest)
+    log.info(f"wrote {dest}: {len(frames)} members' submissions combined ({cfg.ensemble.combine}); send it with "
+             f"make kernel-submit CONFIG={cfg.name} SLUG={infer_slug(cfg.name)}")
+    return dest
 
 
 def build_code_only(username: str | None, out: str | Path = "kernels") -> Path:

@@ -107,11 +107,32 @@ def install_prepared(prepared: Path, layout: Layout, cfg: Config) -> None:
                         f"'{cfg.name}' wants cv.k={cfg.cv.k}, cv.seed={cfg.cv.seed}; rerun make kernel-prepare "
                         f"K={cfg.cv.k} SEED={cfg.cv.seed}")
     layout.work.mkdir(parents=True, exist_ok=True)
-    table = meta_mod.read_meta(prepared / "meta.csv")
-    write_csv(table[table["split"] == "train"], layout.meta_csv)
+    adopted = adopt_meta(prepared, layout)
+    if not adopted:  # an older prepare output without the scan's manifest: its train rows (load_meta rescans)
+        table = meta_mod.read_meta(prepared / "meta.csv")
+        write_csv(table[table["split"] == "train"], layout.meta_csv)
     from ..data import folds as folds_mod
 
     folds_mod.write_folds(layout, folds_mod.read_folds(prepared / "folds.csv"), info["k"], info["seed"])
+
+
+def adopt_meta(prepared: Path, layout: Layout) -> bool:
+    """The prepare kernel's meta.csv with its manifest, skipped.csv and DICOM listing into the work folder, so
+    `load_meta` finds it fresh (the same competition files, sizes and mtimes) and scans no header again; only files
+    that differ are rescanned. False where the prepare output predates its manifest."""
+    from ..core import manifest
+
+    there = Layout.of(prepared, prepared)
+    pairs = [(there.meta_csv, layout.meta_csv), (manifest.path_of(there.meta_csv), manifest.path_of(layout.meta_csv)),
+             (there.skipped_csv, layout.skipped_csv), (there.meta_inputs, layout.meta_inputs)]
+    if not all(src.is_file() for src, _ in pairs):
+        log.info(f"{prepared} has no manifest of its meta.csv (an older prepare kernel): the headers are rescanned; "
+                 f"rerun make kernel-prepare to skip that")
+        return False
+    for src, dst in pairs[2:] + pairs[:1] + pairs[1:2]:  # the manifest last: an interrupted copy reads as stale
+        shutil.copyfile(src, dst)
+    log.info(f"meta: adopted {there.meta_csv} with its manifest (no rescan of the headers)")
+    return True
 
 
 def restore_previous(previous: Path, fold_run: FoldRun) -> list[str]:
@@ -151,7 +172,8 @@ def choose_source(layout: Layout, cfg: Config) -> str:
     if cfg.data.source == "dicom":
         log.info(f"images: read from their DICOMs under {layout.data} (data.source=dicom in the config); no cache")
         return "dicom"
-    todo = len(meta_mod.read_meta(layout.meta_csv)) - len(cache.cached_ids(layout))
+    table = meta_mod.read_meta(layout.meta_csv)
+    todo = int((table["split"] == "train").sum()) - len(cache.cached_ids(layout))
     need = todo * CACHE_BYTES_PER_IMAGE
     layout.work.mkdir(parents=True, exist_ok=True)
     free = scratch_free_bytes(layout.work)
@@ -204,7 +226,8 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
         log.info(f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})")
     source = choose_source(layout, cfg)
     if source == "cache":
-        preprocess.ensure(layout, workers=usable_cpus())  # here, with every CPU, before the training processes start
+        # here, once, with every CPU, before the training processes start (under torchrun no rank repeats it)
+        preprocess.ensure(layout, workers=usable_cpus(), splits=("train",))
     if gpus is None:
         from ..train.side_by_side import visible_gpus
 

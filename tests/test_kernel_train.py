@@ -1,6 +1,6 @@
-"""Training on Kaggle: the prepare and training kernel scripts run locally on a fake /kaggle/input (CPU), equal to
-`make folds` and a local `make train`; a stopped run resumes in the next version; the folders pushed with the real
-kaggle CLI against the fake API; the wall-time estimate refuses a fold too long for one session; fetch and status."""
+"""Training on Kaggle: the kernel folders pushed with the real kaggle CLI against the fake API; the wall-time estimate
+and the plan (kaggle-plan) refuse a fold too long for one session; ensembles per member; fetch and status. The
+journey itself, kernel by kernel on fake mounts, is tests/test_kaggle_journey.py."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ich_kaggle.kaggle import build, train_build, train_run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_kaggle import FakeKaggle  # noqa: E402
-from test_kernel import KAGGLE, _fresh_venv  # noqa: E402
+from test_kernel import KAGGLE  # noqa: E402
 from train_helpers import FAST  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,45 +37,24 @@ def _cfg():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The synthetic competition, the code dataset (the ich_kaggle wheel only: the rest comes from .venv) and a
-    venv that sees .venv's packages but not the repository, so the kernels use the wheel they installed."""
+    """The synthetic competition."""
     from ich_kaggle.data import synth
 
     base = tmp_path_factory.mktemp("ktrain")
     comp = synth.write_competition(base / "comp", seed=0, studies=9, slices=6, size=48)
-    names = build.KernelNames(USER, "code", "ich-kaggle-code")
-    code = build.build_code_dataset(names, base / "kernels", packages=())
-    python = _fresh_venv(base / "venv")
-    return {"base": base, "comp": comp, "code": code, "python": python}
+    return {"base": base, "comp": comp}
 
 
 def _input(root: Path, world: dict, notebooks: dict[str, Path]) -> Path:
-    """/kaggle/input of a new-style kernel: the competition nested one level deeper, datasets and kernel outputs
-    under their owner."""
+    """/kaggle/input of a new-style kernel: the competition nested one level deeper, kernel outputs under their
+    owner."""
     nested = root / COMPETITION / COMPETITION
     nested.mkdir(parents=True)
     for item in world["comp"].iterdir():
         (nested / item.name).symlink_to(item.resolve())
-    shutil.copytree(world["code"], root / "datasets" / USER / world["code"].name)
     for slug, output in notebooks.items():
         shutil.copytree(output, root / "notebooks" / USER / slug)
     return root
-
-
-def _run_script(world: dict, script: Path, root: Path, name: str, **env_extra: str) -> tuple[str, Path]:
-    base = world["base"]
-    working, scratch = base / f"working_{name}", base / f"scratch_{name}"
-    working.mkdir()
-    dead = "http://127.0.0.1:9"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy", "ICH_STOP_AFTER_EPOCHS")}
-    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), ICH_KAGGLE_SCRATCH=str(scratch),
-               HOME=str(base / "home"), HTTP_PROXY=dead, HTTPS_PROXY=dead, PIP_NO_INDEX="1", **env_extra)
-    result = subprocess.run([str(world["python"]), str(script)], cwd=working, env=env, capture_output=True,
-                            text=True, timeout=600)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-4000:]
-    assert f"from {base / 'venv'}" in out  # ich_kaggle came from the code dataset's wheel
-    return out, working
 
 
 def _weights(path: Path) -> dict:
@@ -87,71 +66,6 @@ def _same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
-
-
-@pytest.mark.slow
-def test_prepare_and_train_kernels_offline(world, tmp_path):
-    from ich_kaggle import train
-
-    cfg, base = _cfg(), world["base"]
-    out = base / "kernels"
-    # what the user runs locally: make folds, make train fold=0
-    local = Layout.of(world["comp"], base / "work_local")
-    subprocess.run([sys.executable, "-m", "ich_kaggle", "folds", "--data", str(world["comp"]), "--work",
-                    str(local.work), "--k", str(cfg.cv.k), "--seed", str(cfg.cv.seed)], cwd=ROOT, check=True,
-                   capture_output=True)
-    local_fold = train.train_fold(cfg, local, 0, runs=base / "runs_local")
-
-    # the prepare kernel: the same folds as make folds
-    prep = train_build.build_prepare_kernel(USER, out, k=cfg.cv.k, seed=cfg.cv.seed)
-    log, prepared = _run_script(world, prep / "kernel.py", _input(base / "in_prep", world, {}), "prep")
-    assert (prepared / "folds.csv").read_bytes() == local.folds_csv.read_bytes()
-    assert json.loads((prepared / train_run.PREPARE_MANIFEST).read_text())["k"] == cfg.cv.k
-
-    # the training kernel, stopped after one epoch (ICH_STOP_AFTER_EPOCHS=1, as a killed session), then its next
-    # version with the previous output attached: the fold of an uninterrupted local train, bit for bit
-    folder = train_build.build_train_kernel(cfg, 0, USER, out, resume=True)
-    meta = json.loads((folder / "kernel-metadata.json").read_text())
-    assert meta["kernel_sources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
-    log, first = _run_script(world, folder / "kernel.py", _input(base / "in_v1", world,
-                             {"ich-kaggle-prepare": prepared}), "v1", ICH_STOP_AFTER_EPOCHS="1")
-    assert "1 CPU process(es)" in log and "torch.distributed.run" not in log
-    part = Run.of(first / "runs", cfg.name).fold(0)
-    assert part.last.is_file() and not part.done.is_file()
-    assert json.loads((part.dir / train_run.FOLD_MANIFEST).read_text())["done"] is False
-    log, second = _run_script(world, folder / "kernel.py", _input(base / "in_v2", world, {
-        "ich-kaggle-prepare": prepared, "ich-kaggle-tiny-fold0": first}), "v2")
-    assert "resuming from the previous version's output" in log and "from epoch 1/2" in log
-    fold = Run.of(second / "runs", cfg.name).fold(0)
-    for name in ("best.pt", "last.pt", "log.csv", "oof.csv", "done.json", "train.log", train_run.FOLD_MANIFEST):
-        assert (fold.dir / name).is_file(), name
-    assert sorted(p.name for p in second.iterdir()) == ["runs"]  # the cache stayed on the scratch disk
-    assert (base / "scratch_v2" / "work" / "cache").is_dir()  # the synthetic train images' cache fits: cached
-    assert "images: caching" in log and json.loads((fold.dir / train_run.FOLD_MANIFEST).read_text())["images"] == "cache"
-    _same_weights(fold.last, Path(local_fold) / "last.pt")
-    _same_weights(fold.best, Path(local_fold) / "best.pt")
-    assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()  # the checkpoints predict the same
-
-    # the inference kernel on the training kernel's output (kernel sources, no model dataset) == local make submit
-    from ich_kaggle.predict import stage as predict
-    from ich_kaggle.submit import stage as submission
-
-    predict.predict(cfg, local, runs=base / "runs_local")
-    expected = submission.submit(cfg, local, runs=base / "runs_local", out_dir=base / "submissions")
-    infer = train_build.build_infer_kernel(cfg, USER, out, folds=[0])
-    meta = json.loads((infer / "kernel-metadata.json").read_text())
-    assert meta["kernel_sources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
-    assert meta["dataset_sources"] == [f"{USER}/ich-kaggle-code"] and meta["machine_shape"] == "NvidiaTeslaT4"
-    log, sub = _run_script(world, infer / "kernel.py", _input(base / "in_infer", world, {
-        "ich-kaggle-prepare": prepared, "ich-kaggle-tiny-fold0": second}), "infer")
-    assert sorted(p.name for p in sub.iterdir()) == ["submission.csv"]
-    assert (sub / "submission.csv").read_bytes() == expected.read_bytes()
-
-    # make kernel-fetch: the fold's output into runs/<config>/fold0/, usable as if trained locally
-    runs = tmp_path / "runs"
-    dest = train_build.install_fold(second, cfg.name, 0, runs)
-    assert dest == runs / cfg.name / "fold0" and (dest / "best.pt").is_file()
-    assert build.trained_folds(cfg, runs) == [0]
 
 
 def test_every_kernel_script_embeds_the_one_install_step(tmp_path):
@@ -427,13 +341,18 @@ def test_ensemble_kernels_per_member_and_split_inference(tmp_path, caplog):
     per member, combined locally (make kernel-combine) as the ensemble combines."""
     from ich_kaggle.core.labels import LABELS
 
-    pair = config.load("seresnext_pair", ["model.pretrained=false"])
-    folders = train_build.build_train_kernel(pair, 3, USER, tmp_path)
+    from ich_kaggle.core import ensemble
+
+    pair = config.load("seresnext_pair")
+    members = ensemble.load_members(pair, ["model.pretrained=false"])
+    with pytest.raises(UserError, match="config 'seresnext50_512' starts from ImageNet weights"):
+        train_build.build_train_kernel(pair, 3, USER, tmp_path)  # the members' weights are not in a dataset
+    folders = train_build.build_train_kernel(pair, 3, USER, tmp_path, members=members)
     assert [f.name for f in folders] == ["ich-kaggle-seresnext50-512-fold3", "ich-kaggle-seresnext101-480-fold3"]
     assert "CONFIG_NAME = \"seresnext101_480\"" in (folders[1] / "kernel.py").read_text()
     assert json.loads((folders[0] / "kernel-metadata.json").read_text())["docker_image_pinning_type"] == "original"
     with caplog.at_level("INFO", logger="ich_kaggle"):
-        infer = train_build.build_infer_kernel(pair, USER, tmp_path)
+        infer = train_build.build_infer_kernel(pair, USER, tmp_path, members=members)
     assert [f.name for f in infer] == ["ich-kaggle-seresnext50-512-from-folds", "ich-kaggle-seresnext101-480-from-folds"]
     sources = json.loads((infer[1] / "kernel-metadata.json").read_text())["kernel_sources"]
     assert sources == [f"{USER}/ich-kaggle-prepare"] + [f"{USER}/ich-kaggle-seresnext101-480-fold{k}" for k in range(5)]

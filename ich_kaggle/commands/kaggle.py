@@ -176,9 +176,10 @@ def kernel_prepare(args):
 def kernel_train(args):
     from ..kaggle import api, train_build
 
-    folders = train_build.build_train_kernel(config_of(args), args.fold, args.username, args.out, resume=args.resume,
+    cfg = config_of(args)
+    folders = train_build.build_train_kernel(cfg, args.fold, args.username, args.out, resume=args.resume,
                                              epochs_per_run=args.epochs_per_run, folds_csv=layout_of(args).folds_csv,
-                                             t4_images_per_s=args.t4_images_per_s)
+                                             t4_images_per_s=args.t4_images_per_s, members=members_of(args, cfg))
     if args.push:
         for folder in folders:
             api.push_kernel(folder)
@@ -199,7 +200,9 @@ def kernel_fetch(args):
 def kernel_from_folds(args):
     from ..kaggle import api, train_build
 
-    folders = train_build.build_infer_kernel(config_of(args), args.username, args.out, folds=args.folds)
+    cfg = config_of(args)
+    folders = train_build.build_infer_kernel(cfg, args.username, args.out, folds=args.folds,
+                                             members=members_of(args, cfg))
     if args.push:
         for folder in folders:
             api.push_kernel(folder)
@@ -210,7 +213,8 @@ def kernel_from_folds(args):
 def kernel_combine(args):
     from ..kaggle import train_build
 
-    train_build.combine_outputs(config_of(args), args.username, args.out)
+    cfg = config_of(args)
+    train_build.combine_outputs(cfg, args.username, args.out, members=members_of(args, cfg))
 
 
 @command("kernel-fetch-prepare", "download the prepare kernel's meta.csv + folds.csv into the work folder",

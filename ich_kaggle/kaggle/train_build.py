@@ -83,7 +83,8 @@ def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: i
 
 def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | Path = "kernels",
                        resume: bool = False, epochs_per_run: int | None = None,
-                       folds_csv: Path | None = None, t4_images_per_s: float | None = None) -> list[Path]:
+                       folds_csv: Path | None = None, t4_images_per_s: float | None = None,
+                       members: list[Config] | None = None) -> list[Path]:
     """kernels/ich-kaggle-<config>-fold<N>/: trains one fold on T4 x2; an ensemble writes one such kernel per member
     (each its own config, estimate and plan). Prints each kernel's line of the plan: one version, or several of
     EPOCHS_PER_RUN epochs each where the fold is longer than a session (refused only where one version cannot end
@@ -94,7 +95,7 @@ def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | 
 
     user = build.check_username(username)
     selected_folds(cfg.cv, fold)
-    members = members_of(cfg)
+    members = members or members_of(cfg)  # the CLI's: with its --set overrides
     weights = weights_dataset.attach(members, user, out)
     planned = []
     for member in members:
@@ -124,7 +125,7 @@ def infer_slug(cfg_name: str) -> str:
 
 
 def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "kernels",
-                       folds: list[int] | None = None) -> list[Path]:
+                       folds: list[int] | None = None, members: list[Config] | None = None) -> list[Path]:
     """kernels/ich-kaggle-<config>-from-folds/: the inference kernel on the training kernels' outputs (attached as
     kernel sources, no model dataset; an ensemble's every member's): TTA over their folds, first stage only,
     submission.csv. Prints its line of the plan. An ensemble whose inference cannot end within one session gets one
@@ -135,7 +136,7 @@ def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "ker
 
     user = build.check_username(username)
     folds = selected_folds(cfg.cv) if folds is None else [selected_folds(cfg.cv, k)[0] for k in folds]
-    members = members_of(cfg)
+    members = members or members_of(cfg)
     kernels = sessions.split_inference(members, folds)
     for k in kernels:
         log.info(f"plan: {k.describe()}")
@@ -172,7 +173,8 @@ def _infer_kernel(cfg: Config, members: list[Config], user: str, out: str | Path
     return folder
 
 
-def combine_outputs(cfg: Config, username: str | None, out: str | Path = "kernels", fetch: bool = True) -> Path:
+def combine_outputs(cfg: Config, username: str | None, out: str | Path = "kernels", fetch: bool = True,
+                    members: list[Config] | None = None) -> Path:
     """`make kernel-combine`: an ensemble's submission from its members' from-folds kernels (each fetched into
     kernels/output/<slug>/), combined as `ensemble.combine` says, into kernels/output/ich-kaggle-<ensemble>-from-folds/
     submission.csv (the members' 6-decimal probabilities combined: within 1e-6 of one kernel over all members)."""
@@ -187,7 +189,7 @@ def combine_outputs(cfg: Config, username: str | None, out: str | Path = "kernel
         raise UserError(f"'{cfg.name}' is not an ensemble; its from-folds kernel writes the submission itself")
     user = build.check_username(username)
     frames = []
-    for member in members_of(cfg):
+    for member in members or members_of(cfg):
         slug = infer_slug(member.name)
         path = Path(out) / "output" / slug / api.SUBMISSION
         if fetch:

@@ -219,13 +219,13 @@ def test_the_gpu_less_journey_for_a_config_and_an_ensemble(tmp_path, kernel_pyth
         a, b = _labels(expected), _labels(got[cfg.name])
         assert list(a["ID"]) == list(b["ID"])
         np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), rtol=0, atol=1e-6)
-    # the fold cut after its first epoch and resumed is the fold of an uninterrupted local run (same weights file)
-    from ich_kaggle import train
-
-    local = Path(train.train_fold(tiny, layout, 0, runs=tmp_path / "runs_local"))
-    resumed = torch.load(runs / "tiny" / "fold0" / "last.pt", map_location="cpu", weights_only=False)["model"]
-    straight = torch.load(local / "last.pt", map_location="cpu", weights_only=False)["model"]
-    assert resumed.keys() == straight.keys()
-    for key in resumed:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
-    assert json.loads((runs / "tiny" / "fold0" / train_run.FOLD_MANIFEST).read_text())["done"] is True
+    # the fold cut after its first epoch: the next version kept the first's epoch and trained the second on top
+    fetched = Run.of(runs, "tiny").fold(0)
+    cut_log = pd.read_csv(first.log_csv)
+    full_log = pd.read_csv(fetched.log_csv)
+    assert list(cut_log["epoch"]) == [1] and list(full_log["epoch"]) == [1, 2]
+    pd.testing.assert_frame_equal(full_log.iloc[:1], cut_log)
+    cut = torch.load(first.last, map_location="cpu", weights_only=False)["model"]
+    resumed = torch.load(fetched.last, map_location="cpu", weights_only=False)["model"]
+    assert cut.keys() == resumed.keys() and any(not torch.equal(cut[k], resumed[k]) for k in cut)
+    assert json.loads((fetched.dir / train_run.FOLD_MANIFEST).read_text())["done"] is True

@@ -20,18 +20,23 @@ def export(args):
     bundle.export(cfg, args.runs, args.out, fp16=args.fp16, layout=layout_of(args), members=members_of(args, cfg))
 
 
-def _progress():
-    from tqdm.auto import tqdm
+class _Progress:
+    """A tqdm bar in percent, opened at the first report (a bundle refused before has no bar), closed at the end."""
 
-    bar = tqdm(total=100, desc="infer", unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    def __init__(self) -> None:
+        self.bar = None
 
-    def update(what: str, fraction: float) -> None:
-        bar.n = int(round(100 * fraction))
-        bar.set_postfix_str(what)
-        if fraction >= 1:
-            bar.close()
+    def __call__(self, what: str, fraction: float) -> None:
+        from tqdm.auto import tqdm
 
-    return update
+        if self.bar is None:
+            self.bar = tqdm(total=100, desc="infer", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+        self.bar.n = int(round(100 * fraction))
+        self.bar.set_postfix_str(what)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @command("infer", "run a model bundle on DICOM files, folders or zips: slices/series/studies CSVs and report.html",
@@ -39,7 +44,11 @@ def _progress():
 def infer(args):
     from ..apply.infer import infer as run
 
-    out = run(Path(args.model), [Path(p) for p in args.inputs], Path(args.out), progress=_progress())
+    progress = _Progress()
+    try:
+        out = run(Path(args.model), [Path(p) for p in args.inputs], Path(args.out), progress=progress)
+    finally:
+        progress.close()
     print(f"wrote {out / 'slices.csv'}, {out / 'series.csv'}, {out / 'studies.csv'}, {out / 'report.html'}")
 
 

@@ -55,8 +55,9 @@ def infer(args):
 @command("evaluate", "measure a model bundle on labelled external studies (paper 004's table with 95% CIs)",
          MODEL, flag("--labels", required=True, help="CSV keyed by SOPInstanceUID, SeriesInstanceUID or "
                                                      "StudyInstanceUID with 0/1 subtype columns, or CQ500's reads.csv"),
-         flag("--out", required=True, help="folder for the results"), INPUTS)
+         flag("--out", required=True, help="folder for the results"),
+         flag("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"), INPUTS)
 def evaluate(args):
     from ..apply.evaluate import evaluate as run
 
-    run(Path(args.model), Path(args.labels), [Path(p) for p in args.inputs], Path(args.out))
+    run(Path(args.model), Path(args.labels), [Path(p) for p in args.inputs], Path(args.out), n_boot=args.bootstrap)

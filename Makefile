@@ -19,7 +19,8 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip 
 .PHONY: help demo recipe test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
-        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv
+        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv \
+        export infer evaluate
 
 help:
 	@$(PY) -m ich_kaggle --help 2>/dev/null || echo "run 'make demo' first (it creates .venv)"
@@ -153,6 +154,17 @@ kernel-status: $(PY)
 
 gpu-check: $(PY)
 	$(PY) -m ich_kaggle gpu-check $(if $(filter command line environment,$(origin MINI)),--mini $(MINI))
+
+# use your model (docs/use-your-model.md): the bundle, then any DICOM folder / zip; MODEL defaults to bundles/<config>
+MODEL     ?= bundles/$(notdir $(basename $(CONFIG)))
+export: $(PY)
+	$(PY) -m ich_kaggle export $(EXP) --out "$(MODEL)" $(if $(FP16),--fp16)
+
+infer: $(PY)
+	$(PY) -m ich_kaggle infer --model "$(MODEL)" --out "$(OUT)" $(INPUTS)
+
+evaluate: $(PY)
+	$(PY) -m ich_kaggle evaluate --model "$(MODEL)" --labels "$(LABELS)" --out "$(OUT)" $(INPUTS)
 
 clean-venv:
 	rm -rf .venv

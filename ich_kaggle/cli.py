@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .core import config
 from .core.errors import UserError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -51,7 +52,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 def _add_experiment(p: argparse.ArgumentParser) -> None:
     _add_data(p)
-    p.add_argument("--config", default="seresnext50_512", help="shipped config name or path to a YAML file")
+    p.add_argument("--config", default=config.DEFAULT_CONFIG, help="shipped config name or path to a YAML file")
     p.add_argument("--runs", default="runs", help="experiments are written to RUNS/<config>/")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. train.epochs=3 (repeatable; applied in order)")
@@ -59,7 +60,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
 
 def _add_kaggle(p: argparse.ArgumentParser) -> None:
     """What names the datasets and the kernel: the config, the owner and the kernel slug."""
-    p.add_argument("--config", default="seresnext50_512", help="shipped config name or path to a YAML file")
+    p.add_argument("--config", default=config.DEFAULT_CONFIG, help="shipped config name or path to a YAML file")
     p.add_argument("--out", default="kernels", help="folder of the dataset and kernel folders")
     p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
     p.add_argument("--slug", default=None, help="kernel slug (default ich-kaggle-<config>)")
@@ -93,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("folds", help="K folds grouped by patient, balanced on rare labels")
     _add_data(p)
     p.add_argument("--out", default=None, help="default: <work>/folds.csv")
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--k", type=int, default=config.CVConfig.k)
+    p.add_argument("--seed", type=int, default=config.CVConfig.seed)
 
     p = sub.add_parser("preprocess", help="DICOM -> cached images (resumable)")
     _add_data(p)
@@ -171,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("kernel-prepare", help="write (and --push) the kernel that scans headers into meta + folds on Kaggle")
     p.add_argument("--out", default="kernels")
     p.add_argument("--username", default=os.environ.get("KAGGLE_USERNAME"))
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--k", type=int, default=config.CVConfig.k)
+    p.add_argument("--seed", type=int, default=config.CVConfig.seed)
     p.add_argument("--push", action="store_true")
     p = sub.add_parser("kernel-train", help="write (and --push) the kernel that trains one fold on Kaggle's T4 x2")
     _add_experiment(p)
@@ -268,12 +269,12 @@ def _preprocess(args):
 @command("train")
 def _train(args):
     cfg, layout = _config(args), _layout(args)
-    from . import train
-    from .core import config
-    from .data import folds
-
+    config.selected_folds(cfg.cv, args.fold)  # a bad --fold answers at once (members share the ensemble's cv.k)
     members = _members(args, cfg)  # an ensemble trains each member in its own runs/<member>/
     chosen = {m.name: config.selected_folds(m.cv, args.fold) for m in members}  # --fold checked before any work
+    from . import train  # torch: only once the arguments are known to be good
+    from .data import folds
+
     for member in members:  # every fold of every member checked before the first one trains
         folds.check_trainable(folds.fold_table(layout, member.cv), chosen[member.name], layout.folds_csv)
     for member in members:
@@ -293,6 +294,7 @@ def _predict(args):
     from .predict import stage as predict
 
     cfg, layout = _config(args), _layout(args)
+    config.selected_folds(cfg.cv, args.fold)  # a bad --fold answers at once (members share the ensemble's cv.k)
     members = _members(args, cfg)
     if args.finish_training:
         from . import train

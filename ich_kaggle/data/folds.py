@@ -30,7 +30,7 @@ log = get_logger("folds")
 FOLD_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "fold", *LABELS]
 
 
-def assign_folds(frame: pd.DataFrame, k: int = 5, seed: int = 42) -> pd.Series:
+def assign_folds(frame: pd.DataFrame, k: int = CVConfig.k, seed: int = CVConfig.seed) -> pd.Series:
     """Fold (0..k-1) of each row of `frame` (needs patient_id + the six LABELS), constant within a patient."""
     if k < 2:
         raise UserError(f"k must be at least 2 folds, got {k}")
@@ -143,7 +143,7 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def build_folds(layout: Layout, out: str | Path | None = None, k: int = 5, seed: int = 42) -> pd.DataFrame:
+def build_folds(layout: Layout, out: str | Path | None = None, k: int = CVConfig.k, seed: int = CVConfig.seed) -> pd.DataFrame:
     """Write folds.csv: image_id, patient_id, study_id, series_id, fold + LABELS for labelled, readable train slices."""
     layout.require_data()
     labels = labels_mod.read_labels(layout.train_csv)
@@ -212,7 +212,7 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=dtypes)
 
 
-def load_folds(layout: Layout, k: int = 5, seed: int = 42) -> pd.DataFrame:
+def load_folds(layout: Layout, k: int = CVConfig.k, seed: int = CVConfig.seed) -> pd.DataFrame:
     """folds.csv for (k, seed), (re)built when missing or stale (see `_stale`)."""
     if _stale(layout, k, seed):
         return build_folds(layout, k=k, seed=seed)

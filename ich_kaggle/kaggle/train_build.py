@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from ..core.config import Config
+from ..core.config import Config, CVConfig
 from ..core.errors import UserError
 from ..core.io import atomic_open
 from ..core.layout import COMPETITION, Layout, Run
@@ -202,7 +202,7 @@ def _write_kernel(folder: Path, kernel_id: str, script: str, gpu: bool, kernel_s
     return folder
 
 
-def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = 5, seed: int = 42) -> Path:
+def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = CVConfig.k, seed: int = CVConfig.seed) -> Path:
     """kernels/ich-kaggle-prepare/: scans the competition's headers on Kaggle (CPU only), writes meta + folds."""
     user = build.check_username(username)
     script = _script({"username": user, "config_name": "", "mode": "prepare", "k": int(k), "seed": int(seed)})

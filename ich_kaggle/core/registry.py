@@ -133,8 +133,8 @@ class Registry:
 BACKBONES = Registry("backbone", provided_by(
     "ich_kaggle.models.backbones",
     "small_cnn", "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "se_resnet50", "se_resnext50_32x4d",
-    "se_resnext101_32x4d", "tu-tf_efficientnet_lite0", "tu-tf_efficientnet_lite4", "tu-efficientnet_b0",
-    "tu-resnet50", "tu-seresnext50_32x4d", "tu-convnext_tiny", "pm-se_resnext50_32x4d"), open_family=True)
+    "se_resnext101_32x4d", "tu-tf_efficientnet_lite0", "tu-efficientnet_b0", "tu-convnext_tiny",
+    "pm-se_resnext50_32x4d"), open_family=True)
 LOSSES = Registry("loss", provided_by("ich_kaggle.engine.losses", "bce", "focal"))
 OPTIMIZERS = Registry("optimizer", provided_by("ich_kaggle.engine.optim", "adamw", "adam", "sgd"))
 SCHEDULERS = Registry("scheduler", provided_by("ich_kaggle.engine.optim", "onecycle", "cosine", "constant"))

@@ -10,6 +10,7 @@ makes every label carried by >= k patients reach every fold. No patient is ever 
 
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 
@@ -23,9 +24,8 @@ from ..core.config import CVConfig
 from ..core.layout import Layout
 from ..core import labels as labels_mod
 from . import meta as meta_mod
-from ..core.log import get as get_logger
 
-log = get_logger("folds")
+log = logging.getLogger(__name__)
 
 FOLD_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "fold", *LABELS]
 

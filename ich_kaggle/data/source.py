@@ -18,6 +18,7 @@ that keeps failing is raised as such, and the dataset decides (see `SliceDataset
 
 from __future__ import annotations
 
+import logging
 import time
 import typing
 from pathlib import Path
@@ -27,9 +28,8 @@ import pandas as pd
 
 from . import dicom
 from ..core.config import DataSource
-from ..core.log import get as get_logger
 
-log = get_logger("train")
+log = logging.getLogger(__name__)
 
 SOURCES = typing.get_args(DataSource)  # `data.source`: declared once, by the config field
 RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # between the attempts at a transiently unreadable DICOM (~2.6 s in all)

@@ -9,6 +9,7 @@ Kaggle, once) -> `make kernel-train fold=N` per fold -> `make kernel-fetch fold=
 
 from __future__ import annotations
 
+import logging
 import json
 import shutil
 from dataclasses import dataclass
@@ -24,9 +25,8 @@ from ..core.layout import COMPETITION, Layout, Run
 from . import build
 from .run import slugify
 from .train_run import CACHE_BYTES_PER_IMAGE, FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES, SCRATCH_KEEP
-from ..core.log import get as get_logger
 
-log = get_logger("kaggle")
+log = logging.getLogger(__name__)
 
 TRAIN_TEMPLATE = Path(__file__).with_name("train_template.py")
 PREPARE_SLUG = "ich-kaggle-prepare"

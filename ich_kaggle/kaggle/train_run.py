@@ -12,6 +12,7 @@ the previous version's output when that is attached as a kernel source.
 
 from __future__ import annotations
 
+import logging
 import copy
 import json
 import os
@@ -30,9 +31,8 @@ from ..core.io import atomic_open, atomic_path, write_csv
 from ..core.layout import COMPETITION, FoldRun, Layout, Run
 from ..engine.loop import STOP_ENV
 from .run import _walk
-from ..core.log import get as get_logger
 
-log = get_logger("kaggle")
+log = logging.getLogger(__name__)
 
 PREPARE_MANIFEST = "ich_kaggle_prepare.json"  # marks the prepare kernel's output (or a user's own folds dataset)
 FOLD_MANIFEST = "ich_kaggle_fold.json"  # written beside a fold's files by the training kernel

@@ -68,7 +68,7 @@ def _add_kaggle(p: argparse.ArgumentParser) -> None:
 
 
 def _names(args: argparse.Namespace):
-    """Only the config's name matters here: no full load (its validation imports every model library)."""
+    """Only the config's name matters here (the file is not read)."""
     from .core import config
     from .kaggle import build as kernel
 

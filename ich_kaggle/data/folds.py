@@ -252,8 +252,3 @@ def check_trainable(table: pd.DataFrame, folds: list[int], folds_csv: Path) -> N
                             f"(folds present: {sorted(int(f) for f in sizes.index)}); use fewer folds (--set cv.k=...) "
                             f"or more data")
 
-
-def patients_in_several_folds(table: pd.DataFrame) -> list[str]:
-    """Patients whose slices sit in more than one fold (always empty for a patient split)."""
-    n = table.groupby(table["patient_id"].astype(str))["fold"].nunique()
-    return sorted(n[n > 1].index)

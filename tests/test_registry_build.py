@@ -24,7 +24,8 @@ def test_each_provider_registers_what_it_declares(reg):
     (names registered by tests, e.g. train_helpers' backbone, are not the package's)."""
     for name in reg.declared:
         reg.get(name)  # LookupError when the provider registers nothing under a declared name
-    ours = [n for n in reg.registered() if (getattr(reg.find(n), "__module__", None) or "ich_kaggle").startswith("ich_kaggle")]
+    ours = [n for n in reg.registered()
+            if (getattr(reg.find(n), "__module__", None) or "ich_kaggle").startswith("ich_kaggle")]
     assert set(ours) <= set(reg.declared), f"declare {sorted(set(ours) - set(reg.declared))} in core/registry.py"
 
 

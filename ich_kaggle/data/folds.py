@@ -143,7 +143,8 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def build_folds(layout: Layout, out: str | Path | None = None, k: int = CVConfig.k, seed: int = CVConfig.seed) -> pd.DataFrame:
+def build_folds(layout: Layout, out: str | Path | None = None, k: int = CVConfig.k,
+                seed: int = CVConfig.seed) -> pd.DataFrame:
     """Write folds.csv: image_id, patient_id, study_id, series_id, fold + LABELS for labelled, readable train slices."""
     layout.require_data()
     labels = labels_mod.read_labels(layout.train_csv)

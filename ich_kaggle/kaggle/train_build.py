@@ -202,7 +202,8 @@ def _write_kernel(folder: Path, kernel_id: str, script: str, gpu: bool, kernel_s
     return folder
 
 
-def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = CVConfig.k, seed: int = CVConfig.seed) -> Path:
+def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = CVConfig.k,
+                         seed: int = CVConfig.seed) -> Path:
     """kernels/ich-kaggle-prepare/: scans the competition's headers on Kaggle (CPU only), writes meta + folds."""
     user = build.check_username(username)
     script = _script({"username": user, "config_name": "", "mode": "prepare", "k": int(k), "seed": int(seed)})

@@ -6,6 +6,7 @@ from .build import build_model
 from .weights import expected_files, find_weights, read_state_dict
 
 __all__ = [
-    "FREEZE_MODES", "Backbone", "GeM", "Head", "ICHNet", "build_pool", "build_backbone", "build_model", "expected_files",
+    "FREEZE_MODES", "Backbone", "GeM", "Head", "ICHNet", "build_pool", "build_backbone", "build_model",
+    "expected_files",
     "find_weights", "freeze", "input_stats", "list_backbones", "load_pretrained", "read_state_dict", "register",
 ]

@@ -173,8 +173,9 @@ def predict_net(net: SequenceNet, seqs: Sequences, batch_series: int = 256, reve
 
 @dataclass(frozen=True)
 class SequenceStacker:
-    """A stack model (`core.registry.STACK_MODELS`): fit(series, config, #models, fold, curve) and predict(model, series,
-    config) -> (S, L, 6) probabilities. This one trains a `SequenceNet` of one kind, seeded by stack.seed + fold."""
+    """A stack model (`core.registry.STACK_MODELS`): fit(series, config, #models, fold, curve) and
+    predict(model, series, config) -> (S, L, 6) probabilities. This one trains a `SequenceNet` of one kind, seeded
+    by stack.seed + fold."""
 
     kind: str
 

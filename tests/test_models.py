@@ -233,10 +233,10 @@ def test_input_is_normalised_with_the_weights_statistics():
 
 def test_pools():
     x = torch.rand(2, 4, 5, 5) + 0.1
-    assert torch.allclose(models.Pool("avg")(x), x.mean((2, 3)))
-    avgmax = models.Pool("avgmax")(x)
+    assert torch.allclose(models.build_pool("avg")(x), x.mean((2, 3)))
+    avgmax = models.build_pool("avgmax")(x)
     assert torch.allclose(avgmax[:, 4:], x.amax((2, 3)))
-    gem = models.Pool("gem")
+    gem = models.build_pool("gem")
     with torch.no_grad():
         gem.gem.p.fill_(1.0)
     assert torch.allclose(gem(x), x.mean((2, 3)), atol=1e-6)
@@ -245,7 +245,7 @@ def test_pools():
     g = gem(x)
     assert (g > x.mean((2, 3))).all() and (g <= x.amax((2, 3)) + 1e-6).all()
     with pytest.raises(UserError, match="model.pool"):
-        models.Pool("median")
+        models.build_pool("median")
 
 
 # --- the one real ImageNet checkpoint offline: EfficientNet-Lite0 from its package ------------------------------

@@ -10,6 +10,7 @@ makes every label carried by >= k patients reach every fold. No patient is ever 
 
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 
@@ -23,14 +24,13 @@ from ..core.config import CVConfig
 from ..core.layout import Layout
 from ..core import labels as labels_mod
 from . import meta as meta_mod
-from ..core.log import get as get_logger
 
-log = get_logger("folds")
+log = logging.getLogger(__name__)
 
 FOLD_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "fold", *LABELS]
 
 
-def assign_folds(frame: pd.DataFrame, k: int = 5, seed: int = 42) -> pd.Series:
+def assign_folds(frame: pd.DataFrame, k: int = CVConfig.k, seed: int = CVConfig.seed) -> pd.Series:
     """Fold (0..k-1) of each row of `frame` (needs patient_id + the six LABELS), constant within a patient."""
     if k < 2:
         raise UserError(f"k must be at least 2 folds, got {k}")
@@ -143,7 +143,8 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def build_folds(layout: Layout, out: str | Path | None = None, k: int = 5, seed: int = 42) -> pd.DataFrame:
+def build_folds(layout: Layout, out: str | Path | None = None, k: int = CVConfig.k,
+                seed: int = CVConfig.seed) -> pd.DataFrame:
     """Write folds.csv: image_id, patient_id, study_id, series_id, fold + LABELS for labelled, readable train slices."""
     layout.require_data()
     labels = labels_mod.read_labels(layout.train_csv)
@@ -212,7 +213,7 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=dtypes)
 
 
-def load_folds(layout: Layout, k: int = 5, seed: int = 42) -> pd.DataFrame:
+def load_folds(layout: Layout, k: int = CVConfig.k, seed: int = CVConfig.seed) -> pd.DataFrame:
     """folds.csv for (k, seed), (re)built when missing or stale (see `_stale`)."""
     if _stale(layout, k, seed):
         return build_folds(layout, k=k, seed=seed)
@@ -252,8 +253,3 @@ def check_trainable(table: pd.DataFrame, folds: list[int], folds_csv: Path) -> N
                             f"(folds present: {sorted(int(f) for f in sizes.index)}); use fewer folds (--set cv.k=...) "
                             f"or more data")
 
-
-def patients_in_several_folds(table: pd.DataFrame) -> list[str]:
-    """Patients whose slices sit in more than one fold (always empty for a patient split)."""
-    n = table.groupby(table["patient_id"].astype(str))["fold"].nunique()
-    return sorted(n[n > 1].index)

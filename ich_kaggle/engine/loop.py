@@ -39,7 +39,7 @@ from .logs import close_log, open_log, plot_curves, write_log_csv
 from . import ema
 from .plan import epoch_indices, eval_loader, image_size, label_matrix, train_loader
 
-_LOG = logging.getLogger("ich_kaggle.engine")
+_LOG = logging.getLogger(__name__)
 STOP_ENV = "ICH_STOP_AFTER_EPOCHS"  # stop (resumably) once this many epochs are done: for tests and time-boxed jobs
 # A recipe's per-batch loss: factory(cfg, train_ds=, meta=, loss_fn=, net=, info=) -> object with
 # start_epoch(epoch, size) and __call__(model, x, y, idx) -> loss (see `recipes.mil.MILBatchLoss`).
@@ -288,7 +288,7 @@ def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs"
             return _train_fold(cfg, layout, int(fold), Path(runs), force, _stop_after(stop_after_epochs), info,
                                batch_loss)
     finally:
-        close_log(logging.getLogger("ich_kaggle.train"))
+        close_log(_LOG)
         D.teardown(info)
 
 
@@ -329,7 +329,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
             if path != files.lock and (force or (path.name.startswith(".") and path.name.endswith(".tmp"))):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     D.barrier(info)
-    log = open_log(files.train_log, info.is_main)
+    log = open_log(files.train_log, info.is_main, _LOG)
     if info.is_main:  # rank 0 builds folds.csv if it is missing; the others read it after
         table = folds_mod.fold_table(layout, cfg.cv)
     D.barrier(info)

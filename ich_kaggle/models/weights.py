@@ -34,7 +34,6 @@ LUKEMELAS_FILES = {
 }
 KAGGLE_INPUT = Path("/kaggle/input")
 MAX_SEARCH_DEPTH = 3  # folders below a searched folder: <dataset>/<version or subfolder>/<file>
-CLASSIFIER_PREFIXES = ("last_linear.", "fc.", "classifier.", "_fc.", "head.fc.")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 

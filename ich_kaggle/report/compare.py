@@ -15,7 +15,7 @@ from ..core.io import write_csv
 from ..core.layout import Run
 from .runs import SUMMARY, fold_dirs, fold_done, read_done, read_logs
 
-log = logging.getLogger("ich_kaggle.report.stage")
+log = logging.getLogger(__name__)
 
 
 def find_experiments(runs: Path, depth: int = 3) -> list[Path]:

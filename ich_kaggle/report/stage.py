@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..core import metrics
 from ..core.labels import LABELS
 from . import evaluation as ev
 from ..core.config import Config
@@ -31,7 +32,7 @@ from .compare import compare, experiment_row, find_experiments
 from .html import Page, Section
 from .runs import SUMMARY, _read_pred, fold_dirs, fold_done, oof_scores, read_labels, read_logs, read_meta, read_oof, trained_cv, weighted_bce
 
-log = logging.getLogger("ich_kaggle.report.stage")
+log = logging.getLogger(__name__)
 
 __all__ = ["make_report", "compare", "experiment_row", "find_experiments", "SECTIONS"]
 
@@ -262,8 +263,8 @@ def _gradcam_section(ctx: Context, sec: Section) -> None:
     ]
     worst = joined.assign(loss=weighted_bce(joined)).nlargest(ctx.n_cam, "loss").copy()
     y = worst[list(LABELS)].to_numpy(float)
-    p = np.clip(worst[[ev.pred_col(label) for label in LABELS]].to_numpy(float), ev.EPS, 1 - ev.EPS)
-    worst["cam_label"] = [LABELS[k] for k in np.argmax(-(y * np.log(p) + (1 - y) * np.log1p(-p)), axis=1)]
+    p = worst[[ev.pred_col(label) for label in LABELS]].to_numpy(float)
+    worst["cam_label"] = [LABELS[k] for k in np.argmax(metrics.bce(y, p), axis=1)]
     sec.text("Grad-CAM (Selvaraju et al.) on the backbone's last feature map of the fold model that did not train "
              "on the slice: red areas raise the explained label's score. Left of each pair the model's input "
              "(brain window, after the black-border crop), right the overlay.")

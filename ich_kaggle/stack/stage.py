@@ -9,6 +9,7 @@ neighbours baseline's `neighbors_{oof,test}.csv`. Extra first-stage models: `--s
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,8 @@ from ..core.errors import UserError
 from ..core.io import write_csv
 from ..core import ensemble, freshness, manifest
 from ..core.layout import Layout, Predictions, Run
-from ..core.log import get as get_logger
 
-log = get_logger("stack")
+log = logging.getLogger(__name__)
 
 LABEL_COLS = list(LABELS)
 

@@ -17,6 +17,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # one thread in every test process and subprocess (see one_torch_thread): the same arithmetic everywhere, so
 # results computed in-process and in a subprocess (kernel vs make submit) agree to the last digit
 os.environ["OMP_NUM_THREADS"] = "1"
+# `make test` exports ICH_KAGGLE_MAKE=1 (messages then name Make variables); tests check the flag forms
+os.environ.pop("ICH_KAGGLE_MAKE", None)
 
 
 def pytest_configure(config):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..core.labels import LABELS
 from ..core.config import Config, dump
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open, write_csv
 from ..models.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
 from ..core.layout import FoldRun, Layout, Run
@@ -80,7 +80,7 @@ def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None
     train = table[table["fold"] != fold].reset_index(drop=True)
     if val.empty or train.empty:
         raise UserError(f"{layout.folds_csv}: fold {fold} leaves an empty {'validation' if val.empty else 'training'} "
-                        f"set; use fewer folds (--set cv.k=...) or more data")
+                        f"set; use fewer folds ({fix('--set cv.k=...', 'SET_EXTRA=cv.k=...')}) or more data")
     table_meta = meta.load_meta(layout)
     if cfg.data.min_brain_fraction > 0:
         train = drop_empty_slices(train, layout, cfg.data.min_brain_fraction,
@@ -253,7 +253,8 @@ def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
     diff = sorted(k for k in set(old) | set(new) if str(old.get(k)) != str(new.get(k)))
     if diff:
         raise UserError(f"{path} was trained with a different config ({', '.join(diff[:5])}); "
-                        f"rerun with --force to start this fold again, or restore those settings to resume")
+                        f"rerun with {fix('--force', 'FORCE=1')} to start this fold again, "
+                        f"or restore those settings to resume")
 
 
 def _stop_after(stop_after_epochs: int | None) -> int | None:
@@ -302,7 +303,8 @@ def finished(cfg: Config, layout: Layout, files: FoldRun) -> bool:
     check_split(ckpt, folds_mod.fold_table(layout, cfg.cv), files, layout)
     if not ckpt.get("done"):
         return False
-    _LOG.info(f"fold {files.fold} of {cfg.name} is already trained ({files.dir}); pass --force to retrain it")
+    _LOG.info(f"fold {files.fold} of {cfg.name} is already trained ({files.dir}); "
+              f"pass {fix('--force', 'FORCE=1')} to retrain it")
     return True
 
 
@@ -311,7 +313,8 @@ def check_split(ckpt: dict, table: pd.DataFrame, files: FoldRun, layout: Layout)
     split = fold_split_digest(table, files.fold)
     if ckpt.get("split", split) != split:
         raise UserError(f"{files.last} was trained on other images than fold {files.fold} of {layout.folds_csv} has "
-                        f"now (folds.csv was rebuilt or the data changed); retrain with --force, or restore that folds.csv")
+                        f"now (folds.csv was rebuilt or the data changed); retrain with {fix('--force', 'FORCE=1')}, "
+                        f"or restore that folds.csv")
     return split
 
 

@@ -23,7 +23,7 @@ LAYERS = {
     "cli": 9, "__main__": 10,
 }
 # what core may import besides itself: it stays free of torch so scoring and validating are light anywhere
-CORE_THIRD_PARTY = {"numpy", "pandas", "yaml", "tqdm"}  # the light dependencies of pyproject.toml
+CORE_THIRD_PARTY = {"numpy", "pandas", "yaml", "tqdm"}  # the light ones among pyproject.toml's dependencies
 
 
 def module_name(path: Path) -> str:

@@ -19,6 +19,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ["OMP_NUM_THREADS"] = "1"
 # `make test` exports ICH_KAGGLE_MAKE=1 (messages then name Make variables); tests check the flag forms
 os.environ.pop("ICH_KAGGLE_MAKE", None)
+# tests never download: a missing ImageNet weights file is an error naming its URL (models/weights.py)
+os.environ["ICH_KAGGLE_OFFLINE"] = "1"
 
 
 def pytest_configure(config):

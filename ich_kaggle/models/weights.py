@@ -218,7 +218,7 @@ def find_weights(backbone: str, weights: str | os.PathLike | None = None) -> Pat
     others = ", ".join(patterns[1:4])
     raise UserError(
         f"no ImageNet weights for backbone '{backbone}': expected file {patterns[0]} (or {others}) in "
-        f"{', '.join(str(f) for f in folders)}; {why}: download {patterns[0]}{source} into {default_dirs()[0]}, "
+        f"{', '.join(str(f) for f in folders)}; {why}: download {patterns[0]}{source} into {folders[0]}, "
         f"or attach {dataset_hint(backbone)} and set model.weights=<file or folder>, or set model.pretrained=false"
     )
 

@@ -54,7 +54,7 @@ $(PY): requirements.txt
 	python3 -m venv .venv
 	.venv/bin/pip install --quiet --upgrade pip
 	.venv/bin/pip install --quiet -r requirements.txt
-	.venv/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	.venv/bin/pip install --quiet --no-deps -e .
 	@touch $(PY)
 
 install: $(PY) ## create .venv from requirements.txt and install the package into it (every target does this first)

@@ -409,8 +409,10 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
     started = time.time()
     probe = None
     if info.device.type == "cpu" and cfg.train.amp != "none" and info.is_main and start_epoch < cfg.train.epochs:
-        per_epoch = steps_per_epoch * cfg.train.batch_size * cfg.train.accum_steps
-        probe = lambda rate: log.warning(cpu_warning(cfg, rate, per_epoch * (cfg.train.epochs - start_epoch)))  # noqa: E731
+        images_left = steps_per_epoch * cfg.train.batch_size * cfg.train.accum_steps * (cfg.train.epochs - start_epoch)
+
+        def probe(rate: float) -> None:
+            log.warning(cpu_warning(cfg, rate, images_left))
 
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ its URL and the folder to put it in.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.log import get as get_logger
 from ..core.layout import COMPETITION
 from ..core.errors import UserError
 
@@ -38,7 +38,7 @@ LUKEMELAS_FILES = {
 }
 LUKEMELAS_URL = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/"
 KAGGLE_INPUT = Path("/kaggle/input")
-_LOG = get_logger("weights")
+_LOG = logging.getLogger(__name__)
 OFFLINE_ENV = "ICH_KAGGLE_OFFLINE"  # 1: never download (tests set it; Kaggle kernels and CI are offline anyway)
 MAX_SEARCH_DEPTH = 3  # folders below a searched folder: <dataset>/<version or subfolder>/<file>
 CLASSIFIER_PREFIXES = ("last_linear.", "fc.", "classifier.", "_fc.", "head.fc.")

@@ -17,6 +17,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # one thread in every test process and subprocess (see one_torch_thread): the same arithmetic everywhere, so
 # results computed in-process and in a subprocess (kernel vs make submit) agree to the last digit
 os.environ["OMP_NUM_THREADS"] = "1"
+# `make test` exports ICH_KAGGLE_MAKE=1 (messages then name Make variables); tests check the flag forms
+os.environ.pop("ICH_KAGGLE_MAKE", None)
+# tests never download: a missing ImageNet weights file is an error naming its URL (models/weights.py)
+os.environ["ICH_KAGGLE_OFFLINE"] = "1"
 
 
 def pytest_configure(config):

@@ -18,13 +18,13 @@ LAYERS = {
     "engine": 3,
     "recipes": 4,
     "train": 5, "predict": 5, "stack": 5, "submit": 5, "report": 5,
-    "kaggle": 6, "bench": 6,
+    "kaggle": 6, "bench": 6, "docs": 6,  # docs: the README block written from the demo's saved output
     "demo": 7,  # the whole pipeline on the synthetic competition
     "commands": 8,  # each command's flags and handler
     "cli": 9, "__main__": 10,
 }
 # what core may import besides itself: it stays free of torch so scoring and validating are light anywhere
-CORE_THIRD_PARTY = {"numpy", "pandas", "yaml", "tqdm"}  # the light dependencies of pyproject.toml
+CORE_THIRD_PARTY = {"numpy", "pandas", "yaml", "tqdm"}  # the light ones among pyproject.toml's dependencies
 
 
 def module_name(path: Path) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, fix
 from .registry import BACKBONES, LOSSES, OPTIMIZERS, POOLS, RECIPES, SCHEDULERS, STACK_MODELS, TTA, TTA_NEEDS, WINDOWS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -35,7 +35,8 @@ EmbeddingSpace = Literal["per_fold", "mixture"]
 Combine = Literal["mean", "logit"]
 
 def _bad(src: str, key: str, value: Any, want: str) -> UserError:
-    return UserError(f"{src}: {key}={value!r} {want}; fix the config or the --set override")
+    override = fix("--set", "EPOCHS=/BATCH=/LR=/SIZE=/SET_EXTRA=")
+    return UserError(f"{src}: {key}={value!r} {want}; fix the config or the {override} override")
 
 
 def _between(src: str, key: str, value: float, lo: float | None = None, hi: float | None = None,
@@ -189,11 +190,13 @@ def selected_folds(cv: CVConfig, fold: int | str | None = None) -> list[int]:
         try:
             chosen = [int(str(fold).strip())]
         except ValueError:
-            raise UserError(f"--fold {fold!r} is neither a fold number nor 'all'; use --fold 0..{cv.k - 1} or all") from None
+            raise UserError(f"fold {fold!r} is neither a fold number nor 'all'; "
+                            f"use {fix(f'--fold 0..{cv.k - 1}', f'fold=0..{cv.k - 1}')} or all") from None
     bad = [f for f in chosen if not 0 <= f < cv.k]
     if bad:
         where = f"fold {bad[0]}" if len(chosen) == 1 else f"cv.folds has fold(s) {bad}, which"
-        raise UserError(f"{where} does not exist with cv.k={cv.k}; use --fold 0..{cv.k - 1} or all")
+        raise UserError(f"{where} does not exist with cv.k={cv.k}; "
+                        f"use {fix(f'--fold 0..{cv.k - 1}', f'fold=0..{cv.k - 1}')} or all")
     return chosen
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.labels import LABELS
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open, write_csv
 from ..core.config import CVConfig
 from ..core.layout import Layout
@@ -184,9 +184,12 @@ def _stale(layout: Layout, k: int, seed: int) -> bool:
     except (OSError, ValueError):
         return True
     if info.get("k") != k or info.get("seed") != seed:
+        old_set = f"--set cv.k={info.get('k')} cv.seed={info.get('seed')}"
+        old_make = f'SET_EXTRA="cv.k={info.get("k")} cv.seed={info.get("seed")}"'
+        rebuild = f"python -m ich_kaggle folds --data {layout.data} --k {k} --seed {seed}"
         raise UserError(f"{path} was made with k={info.get('k')}, seed={info.get('seed')} but this config asks for "
-                        f"cv.k={k}, cv.seed={seed}; use --set cv.k={info.get('k')} cv.seed={info.get('seed')}, or rebuild "
-                        f"it with `python -m ich_kaggle folds --data {layout.data} --k {k} --seed {seed}` (folds "
+                        f"cv.k={k}, cv.seed={seed}; use {fix(old_set, old_make)}, or rebuild it with "
+                        f"`{fix(rebuild, f'make folds DATA_DIR={layout.data} K={k} SEED={seed}')}` (folds "
                         f"trained on the old split then refuse to resume)")
     if info.get("labels", {}) != _labels_identity(layout):
         return True  # stage_2_train.csv replaced or edited
@@ -250,6 +253,6 @@ def check_trainable(table: pd.DataFrame, folds: list[int], folds_csv: Path) -> N
         n_val = int(sizes.get(fold, 0))
         if n_val == 0 or n_val == len(table):
             raise UserError(f"{folds_csv}: fold {fold} leaves an empty {'validation' if n_val == 0 else 'training'} set "
-                            f"(folds present: {sorted(int(f) for f in sizes.index)}); use fewer folds (--set cv.k=...) "
-                            f"or more data")
+                            f"(folds present: {sorted(int(f) for f in sizes.index)}); "
+                            f"use fewer folds ({fix('--set cv.k=...', 'SET_EXTRA=cv.k=...')}) or more data")
 

@@ -24,7 +24,7 @@ from ..core import metrics
 from ..core.labels import LABELS
 from . import evaluation as ev
 from ..core.config import Config
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open, write_csv
 from ..core.layout import Layout, Run
 from . import plots
@@ -390,14 +390,15 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
     `sections` picks a subset of `SECTIONS` keys (default: all); summary.json is always written.
     """
     if not 0.0 < threshold < 1.0:
-        raise UserError(f"--threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
+        raise UserError(f"{fix('--threshold', 'THRESHOLD')} {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
     keys = [key for key, _, _ in SECTIONS]
     unknown = [key for key in sections or [] if key not in keys]
     if unknown:
         raise UserError(f"unknown report section(s) {unknown}; choose from {', '.join(keys)}")
     run = Run.of(runs, cfg.name).dir
     if not run.is_dir():
-        raise UserError(f"{run} not found; train first (make train CONFIG={cfg.name}) or pass --runs <folder>")
+        raise UserError(f"{run} not found; train first (make train CONFIG={cfg.name}) "
+                        f"or pass {fix('--runs <folder>', 'RUNS=<folder>')}")
     ctx = Context(cfg=cfg, layout=layout, run=run, out=Run(run).report, threshold=threshold, n_cam=gradcam)
     ctx.out.mkdir(parents=True, exist_ok=True)
     ctx.summary.update(name=cfg.name, threshold=threshold)

@@ -169,6 +169,6 @@ def test_a_bad_fold_answers_before_torch_is_imported():
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()
     errors = [line for line in lines if not line.startswith("import time:")]
-    assert errors == ["error: --fold 'abc' is neither a fold number nor 'all'; use --fold 0..4 or all"]
+    assert errors == ["error: fold 'abc' is neither a fold number nor 'all'; use --fold 0..4 or all"]
     imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))

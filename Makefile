@@ -19,7 +19,7 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip 
 .PHONY: help demo recipe test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
-        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv
+        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare serve clean-venv
 
 help:
 	@$(PY) -m ich_kaggle --help 2>/dev/null || echo "run 'make demo' first (it creates .venv)"
@@ -86,6 +86,10 @@ report: $(PY)
 
 compare: $(PY)
 	$(PY) -m ich_kaggle compare --runs "$(RUNS)"
+
+# the model on a local web page: make serve MODEL=<bundle folder> [HOST=127.0.0.1] [PORT=8000]
+serve: $(PY)
+	$(PY) -m ich_kaggle serve $(if $(MODEL),--model "$(MODEL)") $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 # --- Kaggle: offline kernel and its two datasets ---
 kernel-datasets: $(PY)

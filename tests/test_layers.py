@@ -19,6 +19,7 @@ LAYERS = {
     "train": 5, "predict": 5, "stack": 5, "submit": 5, "report": 5,
     "kaggle": 6, "bench": 6,
     "demo": 7,  # the whole pipeline on the synthetic competition
+    "serve": 7,  # the web app
     "commands": 8,  # each command's flags and handler
     "cli": 9, "__main__": 10,
 }

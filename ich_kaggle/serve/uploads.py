@@ -2,27 +2,26 @@
 
 An upload is untrusted: it is streamed to disk under the job's folder (never to the system temp folder, as a
 form library would spool it), under file names made here (the client's names and paths are never used as paths),
-and counted as it arrives so that a too-large upload stops at the limit. A zip is opened only after its directory
-passes the checks (no absolute or `..` names, no links, no encryption, a bounded number of members, bounded total
-and per-member expansion), and each member is decompressed with a byte budget, since a zip's declared sizes can
-lie; members are written flat into one folder per zip under names made here. What is left in `upload/` are files
-that start like DICOM files: the grouping by study and series is done from their headers later, so their names and
-layout do not matter.
+and counted as it arrives so that a too-large upload stops at the limit. Zips are extracted inside the job's folder
+by `data.studies.safe_extract` (no absolute or `..` names, no links, bounded entries, ratio and bytes written), the
+one extractor `infer` uses too. What is left in `upload/` are files that start like DICOM files: the grouping by
+study and series is done from their headers later, so their names and layout do not matter.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from ..core.errors import UserError
+from ..data import studies
+
 MiB = 1 << 20
-CHUNK = 1 << 20
 
 
 class Rejected(Exception):
@@ -35,13 +34,10 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Why these sizes: a head CT study is ~30-600 slices of ~0.5 MB; a few studies fit in 2 GiB. CT slices compress
-    2-10x in a zip (the air around the head is constant), so a member expanding 200x is a bomb, not a scan."""
+    """A head CT study is ~30-600 slices of ~0.5 MB: a few studies fit in 2 GiB. What a zip may expand to is
+    `data.studies`' limit, the same for `infer` on the command line."""
 
     max_upload_bytes: int = 2048 * MiB
-    max_unzipped_bytes: int = 8192 * MiB
-    max_members: int = 50_000
-    max_ratio: float = 200.0
 
 
 @dataclass
@@ -71,13 +67,6 @@ def safe_name(name: str, index: int) -> str:
     base = PureWindowsPath(PurePosixPath(name).name).name  # browsers may send 'folder/a.dcm' or 'C:\\x\\a.dcm'
     base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")[:80] or "file"
     return f"{index:05d}_{base}"
-
-
-def unsafe_member(name: str) -> bool:
-    """A zip name that would land outside the folder it is extracted into if a tool used it as a path."""
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return True
-    return any(part == ".." for part in re.split(r"[/\\]", name))
 
 
 class MultipartReceiver:
@@ -149,72 +138,29 @@ class MultipartReceiver:
             self._out = None
 
 
-def _check_zip(zf: zipfile.ZipFile, name: str, limits: Limits) -> list[zipfile.ZipInfo]:
-    members = [i for i in zf.infolist() if not i.is_dir()]
-    if len(members) > limits.max_members:
-        raise Rejected(f"{name} holds {len(members)} files, more than {limits.max_members}: send fewer studies at once")
-    total = 0
-    for info in members:
-        if unsafe_member(info.filename):
-            raise Rejected(f"{name} holds an unsafe name {info.filename!r} (absolute or with '..'): refused; "
-                           "zip the study folder itself")
-        if stat.S_ISLNK(info.external_attr >> 16):
-            raise Rejected(f"{name} holds a symbolic link {info.filename!r}: refused; zip the files themselves")
-        if info.flag_bits & 0x1:
-            raise Rejected(f"{name} is encrypted ({info.filename!r}): send it without a password")
-        if info.file_size > limits.max_ratio * max(info.compress_size, 1) and info.file_size > MiB:
-            ratio = info.file_size // max(info.compress_size, 1)
-            raise Rejected(f"{name} looks like a zip bomb: {info.filename!r} expands {ratio}x; refused")
-        total += info.file_size
-    if total > limits.max_unzipped_bytes:
-        raise Rejected(f"{name} would expand to {total // MiB} MiB, more than {limits.max_unzipped_bytes // MiB} MiB "
-                       "(a zip bomb, or too many studies at once): refused")
-    return members
-
-
-def _extract(zf: zipfile.ZipFile, name: str, members: list[zipfile.ZipInfo], folder: Path, budget: int,
-             limits: Limits) -> tuple[list[Path], int]:
-    """Each member into `folder` under a name made here; decompression stops at the member's declared size and at the
-    upload's remaining budget, whatever the zip's directory says."""
-    out: list[Path] = []
-    for k, info in enumerate(members):
-        path = folder / safe_name(info.filename, k)
-        written = 0
-        with zf.open(info) as src, open(path, "wb") as dst:
-            while chunk := src.read(CHUNK):
-                written += len(chunk)
-                if written > info.file_size or written > budget:
-                    raise Rejected(f"{name} looks like a zip bomb: {info.filename!r} expands past what its "
-                                   f"directory declares or past {limits.max_unzipped_bytes // MiB} MiB; refused")
-                dst.write(chunk)
-        budget -= written
-        out.append(path)
-    return out, budget
-
-
 def prepare(files: list[Path], folder: Path, limits: Limits) -> Received:
     """Unzip the zips (checked first) and keep the files that start like DICOM; refuse an upload with none."""
     got = Received(folder)
-    budget = limits.max_unzipped_bytes
+    budget = [studies.MAX_ZIP_BYTES]  # shared by all the zips of the upload
     if not files:
         raise Rejected("no file was sent: choose a .zip of a study or its DICOM files")
     for path in files:
         shown = path.name.split("_", 1)[1]
         if is_zip(path):
+            into = path.with_name(path.name + ".d")  # its own folder, inside the job's
             try:
-                with zipfile.ZipFile(path) as zf:
-                    members = _check_zip(zf, shown, limits)
-                    into = path.with_name(path.name + ".d")  # its own folder: member names are unique within it
-                    into.mkdir()
-                    extracted, budget = _extract(zf, shown, members, into, budget, limits)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as e:
-                raise Rejected(f"{shown} is not a readable zip ({e}): zip the study folder again") from None
+                extracted = studies.safe_extract(path, into, budget)
+            except UserError as e:  # the rule it broke, named with the user's file name, not the job's path
+                raise Rejected(str(e).replace(str(path), shown)) from None
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError) as e:
+                raise Rejected(f"{shown}: not a zip that can be read here ({e}); zip the study folder again "
+                               "without a password") from None
             path.unlink()
             for member in extracted:
                 if is_dicom(member):
                     got.files.append(member)
                 else:
-                    got.dropped.append(f"{shown}/{member.name.split('_', 1)[1]}: not a DICOM file")
+                    got.dropped.append(f"{shown}/{member.relative_to(into)}: not a DICOM file")
                     member.unlink()
         elif is_dicom(path):
             got.files.append(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -58,6 +59,8 @@ def pull(url: str, study: str, dest: Path) -> list[Path]:
     if not UID.match(study):
         raise UserError(f"--study {study!r} is not a StudyInstanceUID (digits and dots, e.g. 1.2.840.113619.2.55)")
     client = DICOMwebClient(url.rstrip("/"), timeout=(10, 120), permissive_uid=True)
+    # its default retries any failure 5 times over 30 s; 3 tries over 1.5 s still ride out a busy server's 503
+    client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
     try:
         series = client.search_for_series(study_instance_uid=study, get_remaining=True)
     except Exception as e:
@@ -75,15 +78,17 @@ def pull(url: str, study: str, dest: Path) -> list[Path]:
                 continue
             folder = dest / uid
             folder.mkdir(parents=True, exist_ok=True)
-            try:
-                for k, ds in enumerate(client.iter_series(study, uid)):
-                    sop = str(ds.get("SOPInstanceUID", ""))
-                    path = folder / (f"{sop}.dcm" if UID.match(sop) else f"instance{k:05d}.dcm")
-                    ds.save_as(path, enforce_file_format=True)
-                    files.append(path)
-                    bar.update()
-            except Exception as e:
-                raise _fail(url, f"fetching series {uid} (WADO-RS)", e) from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns about every anonymised UID (`ID_...`) it parses
+                try:
+                    for k, ds in enumerate(client.iter_series(study, uid)):
+                        sop = str(ds.get("SOPInstanceUID", ""))
+                        path = folder / (f"{sop}.dcm" if UID.match(sop) else f"instance{k:05d}.dcm")
+                        ds.save_as(path, enforce_file_format=True)
+                        files.append(path)
+                        bar.update()
+                except Exception as e:
+                    raise _fail(url, f"fetching series {uid} (WADO-RS)", e) from None
     log.info("%s: %d files in %d series pulled from %s", study, len(files), len(series), url)
     return files
 

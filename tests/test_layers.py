@@ -17,7 +17,7 @@ LAYERS = {
     "engine": 3,
     "recipes": 4,
     "train": 5, "predict": 5, "stack": 5, "submit": 5, "report": 5,
-    "kaggle": 6, "bench": 6,
+    "kaggle": 6, "bench": 6, "bundle": 6, "apply": 6.5,  # apply runs bundles
     "demo": 7,  # the whole pipeline on the synthetic competition
     "serve": 7,  # the web app
     "commands": 8,  # each command's flags and handler

@@ -1,0 +1,53 @@
+"""Using a trained model: export the bundle, run it on any head CT, measure it on an external labelled set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import EXPERIMENT, command, config_of, flag, layout_of, members_of
+
+MODEL = flag("--model", required=True, help="model bundle folder (made by `export`)")
+INPUTS = flag("inputs", nargs="+", metavar="PATH", help="DICOM files, folders (any depth) or .zip files")
+
+
+@command("export", "write the model bundle: the folds, the stage submit chose, thresholds, bundle.json",
+         EXPERIMENT, flag("--out", required=True, help="bundle folder to write"),
+         flag("--fp16", action="store_true", help="store the weights in float16 (half the size)"))
+def export(args):
+    from .. import bundle
+
+    cfg = config_of(args)
+    bundle.export(cfg, args.runs, args.out, fp16=args.fp16, layout=layout_of(args), members=members_of(args, cfg))
+
+
+def _progress():
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=100, desc="infer", unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(what: str, fraction: float) -> None:
+        bar.n = int(round(100 * fraction))
+        bar.set_postfix_str(what)
+        if fraction >= 1:
+            bar.close()
+
+    return update
+
+
+@command("infer", "run a model bundle on DICOM files, folders or zips: slices/series/studies CSVs and report.html",
+         MODEL, flag("--out", required=True, help="folder for the results"), INPUTS)
+def infer(args):
+    from ..apply.infer import infer as run
+
+    out = run(Path(args.model), [Path(p) for p in args.inputs], Path(args.out), progress=_progress())
+    print(f"wrote {out / 'slices.csv'}, {out / 'series.csv'}, {out / 'studies.csv'}, {out / 'report.html'}")
+
+
+@command("evaluate", "measure a model bundle on labelled external studies (paper 004's table with 95% CIs)",
+         MODEL, flag("--labels", required=True, help="CSV keyed by SOPInstanceUID, SeriesInstanceUID or "
+                                                     "StudyInstanceUID with 0/1 subtype columns, or CQ500's reads.csv"),
+         flag("--out", required=True, help="folder for the results"), INPUTS)
+def evaluate(args):
+    from ..apply.evaluate import evaluate as run
+
+    run(Path(args.model), Path(args.labels), [Path(p) for p in args.inputs], Path(args.out))

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ich_kaggle.core.labels import LABELS
+
 PLUGIN = "libOrthancDicomWeb.so"
 
 
@@ -124,3 +126,31 @@ def test_pull_failures_are_one_line(orthanc, tmp_path, url, study, says):
         dicomweb.pull(url.format(root=orthanc, closed=free_port()), study, tmp_path)
     assert "\n" not in str(e.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_infer_pulls_the_study_from_the_pacs(orthanc, pacs_study, tiny_bundle, tmp_path):
+    """`infer --dicomweb <url> --study <uid>`: the study's every slice scored, as from its files on disk."""
+    import pandas as pd
+
+    from ich_kaggle.cli import main
+
+    uid, files = pacs_study
+    out = tmp_path / "out"
+    assert main(["infer", "--model", str(tiny_bundle), "--out", str(out),
+                 "--dicomweb", f"{orthanc}/dicom-web", "--study", uid]) == 0
+    slices = pd.read_csv(out / "slices.csv")
+    assert set(slices["sop_instance_uid"]) == {f.stem for f in files}
+    assert list(pd.read_csv(out / "studies.csv")["study_id"]) == [uid]
+    assert (out / "report.html").stat().st_size > 0
+    local = tmp_path / "local"
+    assert main(["infer", "--model", str(tiny_bundle), "--out", str(local), *map(str, files)]) == 0
+    by_file = pd.read_csv(local / "slices.csv").set_index("sop_instance_uid")
+    pulled = slices.set_index("sop_instance_uid").loc[by_file.index]
+    assert np.allclose(pulled[list(LABELS)], by_file[list(LABELS)], atol=1e-6)
+
+
+def test_infer_dicomweb_needs_its_study(tmp_path, capsys):
+    from ich_kaggle.cli import main
+
+    assert main(["infer", "--model", str(tmp_path / "bundle"), "--out", str(tmp_path), "--dicomweb", "http://x/dicom-web"]) == 2
+    assert "--dicomweb and --study go together" in capsys.readouterr().err

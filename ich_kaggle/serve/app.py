@@ -36,19 +36,19 @@ def page() -> str:
 
 
 def table(out: Path) -> list[dict]:
-    """studies.csv as the page shows it: per study, one row per subtype with its probability and any other column
-    infer wrote for that subtype (e.g. the slices above its threshold)."""
-    studies = pd.read_csv(out / "studies.csv")
-    key = next((c for c in ("study", "StudyInstanceUID", "study_id") if c in studies.columns), studies.columns[0])
+    """studies.csv as the page shows it: per study, per subtype, the probability, whether it is above the bundle's
+    threshold (fixed on the training OOF) and how many slices are above the slice threshold."""
+    studies = pd.read_csv(out / "studies.csv", dtype={"study_id": str})
     rows = []
     for _, r in studies.iterrows():
         subtypes = []
         for label in LABELS:
-            if label not in studies.columns:
-                continue
-            extra = {c[len(label) + 1:]: _plain(r[c]) for c in studies.columns if c.startswith(label + "_")}
-            subtypes.append({"subtype": label, "probability": _plain(r[label]), **extra})
-        rows.append({"study": str(r[key]), "subtypes": subtypes})
+            above = r.get(f"{label}_slices")
+            subtypes.append({"subtype": label, "probability": _plain(r[label]),
+                             "positive": bool(r.get(f"{label}_positive", 0)),
+                             "slices_above": 0 if pd.isna(above) or above == "" else len(str(above).split(";"))})
+        rows.append({"study": r["study_id"], "series": _plain(r.get("n_series")), "slices": _plain(r.get("n_slices")),
+                     "subtypes": subtypes})
     return rows
 
 

@@ -128,8 +128,9 @@ class Jobs:
                     self._set(job, state="failed", message=empty, finished=time.time())
                 else:
                     self._set(job, state="done", stage="done", fraction=1.0, finished=time.time())
-            except UserError as e:
-                self._set(job, state="failed", message=str(e), finished=time.time())
+            except UserError as e:  # said with the user's words, not the server's folders
+                message = str(e).replace(str(job.upload), "the upload").replace(str(job.folder), "the job")
+                self._set(job, state="failed", message=message, finished=time.time())
             except Exception as e:  # one bad upload never stops the server; the log keeps the traceback
                 log.exception("job %s failed", job.id)
                 self._set(job, state="failed", message=f"internal error ({type(e).__name__}: {e})",

@@ -147,12 +147,16 @@ def runner(model: str | Path) -> Runner:
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, jobs_dir: str | Path | None = None,
           limits: uploads.Limits = uploads.Limits()) -> None:
-    """Load the model, then serve until interrupted. Jobs go to `jobs_dir` (default: a new temporary folder)."""
+    """Load the model, then serve until interrupted. Jobs go to `jobs_dir`, kept; without it, to a temporary folder
+    removed when the server stops (scans should not linger in /tmp)."""
+    import shutil
+
     import uvicorn
 
+    run = runner(model)  # a bad bundle stops here, before anything is created
     root = Path(jobs_dir) if jobs_dir else Path(tempfile.mkdtemp(prefix="ich_kaggle-serve-"))
-    jobs = Jobs(root, runner(model))
-    log.info("jobs are kept in %s", root)
+    jobs = Jobs(root, run)
+    log.info("jobs are kept in %s%s", root, "" if jobs_dir else " until the server stops (--jobs DIR keeps them)")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this address can upload scans and read results", host)
     log.info("open http://%s:%d/ (Ctrl-C stops the server)", host if ":" not in host else f"[{host}]", port)
@@ -160,3 +164,5 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, jobs_dir
         uvicorn.run(create_app(jobs, limits), host=host, port=port, log_level="warning")
     finally:
         jobs.close(timeout=5)
+        if not jobs_dir:
+            shutil.rmtree(root, ignore_errors=True)

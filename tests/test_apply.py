@@ -190,3 +190,51 @@ def test_zip_with_parent_names_is_refused(tmp_path):
     with pytest.raises(UserError, match="unsafe name"):
         studies.collect([bad], extract_to=tmp_path / "x")
     assert not (tmp_path / "evil.dcm").exists()
+
+
+def test_evaluate_at_slice_series_study_level_and_cq500_reads(trained, tmp_path):
+    from ich_kaggle.apply.evaluate import METRICS, evaluate
+    from ich_kaggle.core.metrics import read_truth
+    from ich_kaggle.data import studies
+
+    col = studies.collect([trained.data / "stage_2_train"])
+    keep = col.slices[col.slices["study_id"].isin(col.studies[:4])]
+    truth = read_truth(trained.data / "stage_2_train.csv")
+    lab = keep[["image_id", "series_id", "study_id", "path"]].merge(truth, on="image_id")
+    inputs = tmp_path / "in"
+    for i, (study, g) in enumerate(lab.groupby("study_id", sort=False)):
+        d = inputs / f"CQ500CT{i + 1} CQ500CT{i + 1}" / "Unknown Study" / "CT PLAIN THIN"
+        d.mkdir(parents=True)
+        for p in g["path"]:
+            shutil.copy(p, d / Path(p).name)
+    levels = {"SOPInstanceUID": lab.rename(columns={"image_id": "SOPInstanceUID"}),
+              "SeriesInstanceUID": lab.groupby("series_id")[L].max().reset_index().rename(
+                  columns={"series_id": "SeriesInstanceUID"}),
+              "StudyInstanceUID": lab.groupby("study_id")[L].max().reset_index().rename(
+                  columns={"study_id": "StudyInstanceUID"}).drop(columns=["epidural"])}  # a subtype left out
+    for key, frame in levels.items():
+        csv = tmp_path / f"{key}.csv"
+        frame[[key, *[c for c in L if c in frame]]].to_csv(csv, index=False)
+        t = evaluate(trained.bundle, csv, [inputs], tmp_path / key, n_boot=50)
+        assert t["subtype"].tolist() == [c for c in L if c in frame]
+        assert (t["POS"] + t["NEG"] == len(frame)).all()
+        assert ((t["ACC"] >= t["ACC_lo"] - 1e-9) & (t["ACC"] <= t["ACC_hi"] + 1e-9)).all()
+        assert set(METRICS) <= set(t.columns) and t["LOG_LOSS"].notna().all()
+        assert "roc.png" in (tmp_path / key / "report.html").read_text()
+    # CQ500's reads.csv: three readers, the majority decides (reader 3 disagrees on every finding of study 1)
+    studies_y = lab.groupby("study_id", sort=False)[L].max()
+    reads = {"name": [f"CQ500-CT-{i + 1}" for i in range(len(studies_y))], "Category": "B1"}
+    for r in (1, 2, 3):
+        for finding, label in [("ICH", "any"), ("IPH", "intraparenchymal"), ("IVH", "intraventricular"),
+                               ("SDH", "subdural"), ("EDH", "epidural"), ("SAH", "subarachnoid")]:
+            v = studies_y[label].to_numpy().copy()
+            if r == 3:
+                v[0] = 1 - v[0]
+            reads[f"R{r}:{finding}"] = v
+    pd.DataFrame(reads).to_csv(tmp_path / "reads.csv", index=False)
+    out = cli("evaluate", "--model", str(trained.bundle), "--labels", str(tmp_path / "reads.csv"), "--out",
+              str(tmp_path / "cq"), "--bootstrap", "200", str(inputs))
+    assert out.returncode == 0, out.stderr[-3000:]
+    t = pd.read_csv(tmp_path / "cq" / "evaluation.csv").set_index("subtype")
+    assert t.loc["any", "POS"] == int(studies_y["any"].sum()) and t["POS"].add(t["NEG"]).eq(4).all()
+    assert "per study (4 labelled)" in out.stdout and "LOG_LOSS" in out.stdout

@@ -124,6 +124,8 @@ def infer_report(bundle, slices: pd.DataFrame, series: pd.DataFrame, studies: pd
         sec.image(profile_plot(g, th, figs / f"study{n + 1}_profile.png", f"study {n + 1}"), out, "profile")
         if maker is not None:
             top = g.sort_values("any", ascending=False).head(TOP_SLICES)
+            sec.text(f"The {len(top)} slices of highest 'any' probability in the brain, subdural and bone windows, "
+                     f"and the Grad-CAM heat map ({maker.what}) of the subtype most likely on each.")
             for _, r in top.iterrows():
                 sub = max(L[1:], key=lambda c: r[c])
                 try:

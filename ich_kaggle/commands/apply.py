@@ -20,18 +20,23 @@ def export(args):
     bundle.export(cfg, args.runs, args.out, fp16=args.fp16, layout=layout_of(args), members=members_of(args, cfg))
 
 
-def _progress():
-    from tqdm.auto import tqdm
+class _Progress:
+    """A tqdm bar in percent, opened at the first report (a bundle refused before has no bar), closed at the end."""
 
-    bar = tqdm(total=100, desc="infer", unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    def __init__(self) -> None:
+        self.bar = None
 
-    def update(what: str, fraction: float) -> None:
-        bar.n = int(round(100 * fraction))
-        bar.set_postfix_str(what)
-        if fraction >= 1:
-            bar.close()
+    def __call__(self, what: str, fraction: float) -> None:
+        from tqdm.auto import tqdm
 
-    return update
+        if self.bar is None:
+            self.bar = tqdm(total=100, desc="infer", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+        self.bar.n = int(round(100 * fraction))
+        self.bar.set_postfix_str(what)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @command("infer", "run a model bundle on DICOM files, folders or zips: slices/series/studies CSVs and report.html",
@@ -52,21 +57,24 @@ def infer(args):
     if not args.inputs and not args.dicomweb:
         raise UserError("nothing to run on: give DICOM files, folders or zips, or --dicomweb <url> --study <uid>")
     model = load(args.model)  # a bad bundle is said before a long pull
+    progress = _Progress()
     with contextlib.ExitStack() as stack:
+        stack.callback(progress.close)
         paths = [Path(p) for p in args.inputs]
         if args.dicomweb:
             from ..apply import dicomweb
 
             paths.append(stack.enter_context(dicomweb.pulled(args.dicomweb, args.study)))
-        out = run(model, paths, Path(args.out), progress=_progress())
+        out = run(model, paths, Path(args.out), progress=progress)
     print(f"wrote {out / 'slices.csv'}, {out / 'series.csv'}, {out / 'studies.csv'}, {out / 'report.html'}")
 
 
 @command("evaluate", "measure a model bundle on labelled external studies (paper 004's table with 95% CIs)",
          MODEL, flag("--labels", required=True, help="CSV keyed by SOPInstanceUID, SeriesInstanceUID or "
                                                      "StudyInstanceUID with 0/1 subtype columns, or CQ500's reads.csv"),
-         flag("--out", required=True, help="folder for the results"), INPUTS)
+         flag("--out", required=True, help="folder for the results"),
+         flag("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"), INPUTS)
 def evaluate(args):
     from ..apply.evaluate import evaluate as run
 
-    run(Path(args.model), Path(args.labels), [Path(p) for p in args.inputs], Path(args.out))
+    run(Path(args.model), Path(args.labels), [Path(p) for p in args.inputs], Path(args.out), n_boot=args.bootstrap)

@@ -123,6 +123,8 @@ def test_a_study_zip_gives_the_subtype_table(page, server, study_zip, tmp_path):
     csv = page.request.get(next(u for u in links if u.endswith("/studies.csv")))
     assert csv.ok and csv.text().startswith("study_id")
     page.wait_for_function("document.getElementById('report').contentDocument?.readyState === 'complete'")
+    images = page.frame_locator("#report").locator("img")
+    assert images.count() >= 2 and images.evaluate_all("im => im.every(i => i.complete && i.naturalWidth > 0)")
     shot = ROOT / "docs" / "images" / "serve.png" if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / "serve.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shot))

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 DOWNLOADS = ("studies.csv", "series.csv", "slices.csv", "report.html")
 HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+# a job's files are data: the report has no script, so none may run in it, whatever a DICOM header held
+FILE_HEADERS = {**HEADERS, "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; "
+                                                      "style-src 'unsafe-inline'; frame-ancestors 'self'"}
 
 
 def page() -> str:
@@ -109,7 +112,7 @@ def create_app(jobs: Jobs, limits: uploads.Limits = uploads.Limits()) -> Starlet
         if out not in path.parents or not path.is_file():  # report assets below out/ only, never a path above it
             return _missing()
         download = path.suffix == ".csv"
-        return FileResponse(path, headers=HEADERS, filename=path.name if download else None,
+        return FileResponse(path, headers=FILE_HEADERS, filename=path.name if download else None,
                             content_disposition_type="attachment" if download else "inline")
 
     def _job(request: Request) -> Job | None:

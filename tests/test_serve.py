@@ -78,16 +78,11 @@ def page(browser, server):
 @pytest.fixture(scope="module")
 def study_zip(mini_dir, tmp_path_factory) -> Path:
     """The study as a user might zip it: nested folders with meaningless names, and a stray text file."""
-    import pydicom
-
     path = tmp_path_factory.mktemp("upload") / "my scan.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("export/README.txt", "exported by a viewer")
         for k, f in enumerate(sorted((mini_dir / "stage_2_test").iterdir())):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the competition's anonymised UIDs are not digits and dots
-                uid = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID
-            if uid == STUDY:
+            if _in_study(f):
                 z.write(f, f"export/DICOM/S{k % 3}/IM{k:04d}")
     return path
 
@@ -157,6 +152,25 @@ def test_bad_uploads_show_their_message_and_leave_nothing(page, server, mini_dir
         assert page.is_hidden("#result")
     assert leftovers(root) == before  # refused uploads keep no folder
     assert not list(root.parent.rglob("escaped.dcm"))
+
+
+def test_dicom_files_without_a_series_say_why_in_the_page(page, mini_dir):
+    """DICOM files sent as files (no zip) that hold no series to score: the mini set's 11 single slices of 11
+    studies. The upload is accepted, the job fails, and the page shows the reason."""
+    singles = [str(f) for f in sorted((mini_dir / "stage_2_test").iterdir()) if not _in_study(f)]
+    assert len(singles) == 11
+    upload(page, singles)
+    page.wait_for_selector("#message:not(.hidden)", timeout=60_000)
+    text = page.inner_text("#message")
+    assert "no axial CT series in the upload" in text and "series of one slice" in text, text
+
+
+def _in_study(path: Path) -> bool:
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID == STUDY
 
 
 def test_no_ct_series_fails_the_job_with_its_reason(server, tmp_path):

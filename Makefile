@@ -19,7 +19,8 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip 
 .PHONY: help demo recipe test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
-        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare serve clean-venv
+        kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv \
+        export infer evaluate serve
 
 help:
 	@$(PY) -m ich_kaggle --help 2>/dev/null || echo "run 'make demo' first (it creates .venv)"
@@ -87,10 +88,6 @@ report: $(PY)
 compare: $(PY)
 	$(PY) -m ich_kaggle compare --runs "$(RUNS)"
 
-# the model on a local web page: make serve MODEL=<bundle folder> [HOST=127.0.0.1] [PORT=8000]
-serve: $(PY)
-	$(PY) -m ich_kaggle serve $(if $(MODEL),--model "$(MODEL)") $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
-
 # --- Kaggle: offline kernel and its two datasets ---
 kernel-datasets: $(PY)
 	$(PY) -m ich_kaggle kernel-datasets $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) \
@@ -157,6 +154,22 @@ kernel-status: $(PY)
 
 gpu-check: $(PY)
 	$(PY) -m ich_kaggle gpu-check $(if $(filter command line environment,$(origin MINI)),--mini $(MINI))
+
+# use your model (docs/use-your-model.md): the bundle, then any DICOM folder / zip; MODEL defaults to bundles/<config>
+MODEL     ?= bundles/$(notdir $(basename $(CONFIG)))
+export: $(PY)
+	$(PY) -m ich_kaggle export $(EXP) --out "$(MODEL)" $(if $(FP16),--fp16)
+
+infer: $(PY)
+	$(PY) -m ich_kaggle infer --model "$(MODEL)" --out "$(OUT)" $(INPUTS) \
+	    $(if $(DICOMWEB),--dicomweb "$(DICOMWEB)" --study "$(STUDY)")
+
+evaluate: $(PY)
+	$(PY) -m ich_kaggle evaluate --model "$(MODEL)" --labels "$(LABELS)" --out "$(OUT)" $(INPUTS)
+
+# the model on a local web page: make serve [MODEL=<bundle>] [HOST=127.0.0.1] [PORT=8000]
+serve: $(PY)
+	$(PY) -m ich_kaggle serve --model "$(MODEL)" $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 clean-venv:
 	rm -rf .venv

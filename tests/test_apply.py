@@ -120,6 +120,19 @@ def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
     assert (tmp_path / "out" / "report.html").read_text().count("<img") >= 2
 
 
+def test_saved_second_stage_gives_the_stack_test_predictions_again(trained):
+    """Whatever submit chose, the saved stack applied to the members' test predictions is `stack/test.csv`."""
+    from ich_kaggle.data import studies
+    from ich_kaggle.stack import saved
+
+    frames = [pd.read_csv(trained.runs / m / "predictions" / "test.csv", dtype={"image_id": str})
+              for m in ("tiny", "tiny_bone")]
+    place = studies.collect([trained.data / "stage_2_test"]).slices
+    got = saved.apply(saved.load(trained.runs / "pair" / "stack" / "models.pt"), frames, place).set_index("image_id")
+    want = pd.read_csv(trained.runs / "pair" / "stack" / "test.csv").set_index("image_id")
+    np.testing.assert_allclose(got.loc[want.index, L].to_numpy(), want[L].to_numpy(), atol=1e-6, rtol=0)
+
+
 def _mini_studies(mini_dir: Path, n: int) -> list[pd.DataFrame]:
     from ich_kaggle.data import studies
 

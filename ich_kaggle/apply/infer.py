@@ -118,9 +118,9 @@ def infer(bundle, paths: list[Path], out: Path, progress: Progress | None = None
     from ..data import studies
 
     start = time.perf_counter()
+    b = bundle if isinstance(bundle, Bundle) else load(bundle)  # a refused bundle writes nothing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    b = bundle if isinstance(bundle, Bundle) else load(bundle)
     if progress:
         progress("reading the inputs", 0.0)
     with tempfile.TemporaryDirectory(dir=out, prefix=".extracted-") as tmp:

@@ -293,7 +293,7 @@ def load(path: str | Path, verify: bool = True) -> Bundle:
     index = path / INDEX
     if not index.is_file():
         raise UserError(f"{path}: not a model bundle (no {INDEX}); make one with `make export CONFIG=<config> "
-                        f"OUT={path}`")
+                        f"MODEL={path}`")
     try:
         info = json.loads(index.read_text())
     except (OSError, ValueError) as e:

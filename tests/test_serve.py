@@ -193,7 +193,7 @@ def test_no_ct_series_fails_the_job_with_its_reason(server, tmp_path):
 
 def test_limits_and_forms(tiny_bundle, tmp_path):
     """What a browser never sends but a script may: a body over the size limit, a body that is not a form, ids and
-    file names that try to leave the job's folder."""
+    file names that try to leave the job's folder, a foreign Host header."""
     from starlette.testclient import TestClient
 
     from ich_kaggle.serve import app, jobs, uploads
@@ -208,4 +208,7 @@ def test_limits_and_forms(tiny_bundle, tmp_path):
     assert client.get("/jobs/..%2F..%2Fetc").status_code == 404
     assert client.get("/jobs/" + "0" * 32 + "/files/../../status.json").status_code == 404
     assert leftovers(root) == []
+    on_loopback = TestClient(app.create_app(queue, hosts=list(app.LOOPBACK)))  # as `serve` on 127.0.0.1 makes it
+    assert on_loopback.get("/", headers={"host": "evil.example:8000"}).status_code == 400  # DNS rebinding
+    assert on_loopback.get("/", headers={"host": "localhost:8000"}).status_code == 200
     queue.close(timeout=5)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -61,7 +63,12 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def create_app(jobs: Jobs, limits: uploads.Limits = uploads.Limits()) -> Starlette:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def create_app(jobs: Jobs, limits: uploads.Limits = uploads.Limits(), hosts: list[str] | None = None) -> Starlette:
+    """The app. `hosts`: the Host headers answered (others get 400): on loopback, only loopback names, so a web page
+    elsewhere cannot reach the server through a DNS name that resolves to 127.0.0.1 (DNS rebinding)."""
     async def index(request: Request) -> Response:
         return HTMLResponse(page(), headers=HEADERS)
 
@@ -118,12 +125,13 @@ def create_app(jobs: Jobs, limits: uploads.Limits = uploads.Limits()) -> Starlet
     def _job(request: Request) -> Job | None:
         return jobs.get(request.path_params["job_id"])
 
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts)] if hosts else []
     return Starlette(routes=[
         Route("/", index),
         Route("/jobs", upload, methods=["POST"]),
         Route("/jobs/{job_id}", status),
         Route("/jobs/{job_id}/files/{name:path}", file),
-    ])
+    ], middleware=middleware)
 
 
 def _error(e: uploads.Rejected) -> Response:
@@ -160,11 +168,12 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, jobs_dir
     root = Path(jobs_dir) if jobs_dir else Path(tempfile.mkdtemp(prefix="ich_kaggle-serve-"))
     jobs = Jobs(root, run)
     log.info("jobs are kept in %s%s", root, "" if jobs_dir else " until the server stops (--jobs DIR keeps them)")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         log.warning("serving on %s: anyone who can reach this address can upload scans and read results", host)
     log.info("open http://%s:%d/ (Ctrl-C stops the server)", host if ":" not in host else f"[{host}]", port)
     try:
-        uvicorn.run(create_app(jobs, limits), host=host, port=port, log_level="warning")
+        hosts = [*LOOPBACK, "[::1]"] if host in LOOPBACK else None
+        uvicorn.run(create_app(jobs, limits, hosts), host=host, port=port, log_level="warning")
     finally:
         jobs.close(timeout=5)
         if not jobs_dir:

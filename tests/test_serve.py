@@ -40,7 +40,8 @@ def server(tiny_bundle, tmp_path_factory):
     from ich_kaggle.serve import app, jobs
 
     root = tmp_path_factory.mktemp("serve") / "jobs"
-    queue = jobs.Jobs(root, app.runner(tiny_bundle))
+    run = app.runner(tiny_bundle)
+    queue = jobs.Jobs(root, run)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app.create_app(queue), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -50,7 +51,7 @@ def server(tiny_bundle, tmp_path_factory):
             break
         time.sleep(0.05)
     assert srv.started, "the server did not start"
-    yield f"http://127.0.0.1:{port}/", root
+    yield f"http://127.0.0.1:{port}/", root, run
     srv.should_exit = True
     thread.join(10)
     queue.close(timeout=10)
@@ -97,7 +98,7 @@ def upload(page, files) -> None:
 
 
 def test_a_study_zip_gives_the_subtype_table(page, server, study_zip, tmp_path):
-    url, root = server
+    url, root, run = server
     assert "Not a diagnosis" in page.inner_text("#disclaimer")
     before = set(leftovers(root))
     upload(page, str(study_zip))
@@ -112,6 +113,7 @@ def test_a_study_zip_gives_the_subtype_table(page, server, study_zip, tmp_path):
         assert float(probability) == pytest.approx(truth[subtype], abs=5e-4)
         assert (positive == "yes") == bool(truth[f"{subtype}_positive"])
     assert len(pd.read_csv(root / job / "out" / "slices.csv")) == 32
+    assert set(run.bundle.kept_models) == {"tiny"}  # the fold models stay loaded for the next upload
     assert "README.txt: not a DICOM file" in page.inner_text("#notes")
     links = page.eval_on_selector_all("#downloads a", "as => as.map(a => a.href)")
     assert {u.rsplit("/", 1)[1] for u in links} >= {"slices.csv", "series.csv", "studies.csv", "report.html"}
@@ -135,7 +137,7 @@ def zip_of(tmp_path: Path, name: str, members: dict[str, bytes]) -> Path:
 
 
 def test_bad_uploads_show_their_message_and_leave_nothing(page, server, mini_dir, tmp_path):
-    _, root = server
+    _, root, _ = server
     dicom = next((mini_dir / "stage_2_test").iterdir()).read_bytes()
     cases = [
         (zip_of(tmp_path, "evil.zip", {"ok/a.dcm": dicom, "../../escaped.dcm": dicom}), "unsafe name '../../escaped.dcm'"),
@@ -178,7 +180,7 @@ def test_no_ct_series_fails_the_job_with_its_reason(server, tmp_path):
     import httpx
     from pydicom.data import get_testdata_file
 
-    url, _ = server
+    url, _, _ = server
     mr = Path(get_testdata_file("MR_small.dcm")).read_bytes()
     r = httpx.post(url + "jobs", files=[("files", ("mr.dcm", mr, "application/dicom"))], timeout=30)
     assert r.status_code == 200, r.text

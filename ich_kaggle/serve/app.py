@@ -144,15 +144,17 @@ def _missing() -> Response:
 
 
 def runner(model: str | Path) -> Runner:
-    """Load the bundle once; every job runs `infer` with it."""
+    """Load the bundle once; every job runs `infer` with it, and its fold models, loaded by the first job, stay."""
     from ..apply.infer import infer
     from ..bundle import load
 
     bundle = load(model)
+    bundle.kept_models = {}
 
     def run(paths: list[Path], out: Path, progress) -> Path:
         return infer(bundle, paths, out, progress=progress)
 
+    run.bundle = bundle  # type: ignore[attr-defined]
     return run
 
 

@@ -20,9 +20,19 @@ PLUGIN = "libOrthancDicomWeb.so"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all bound at once, so never the same one twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def dicomweb_plugin() -> Path | None:
@@ -46,9 +56,9 @@ def orthanc(tmp_path_factory):
         pytest.skip("Orthanc or its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; "
                     ".ci/run installs them)")
     tmp = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
+    port, dicom_port = free_ports(2)
     config = {"Name": "ich_kaggle-test", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
-              "HttpPort": port, "DicomPort": free_port(), "RemoteAccessAllowed": False,
+              "HttpPort": port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "Plugins": [str(plugin)],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
     (tmp / "orthanc.json").write_text(json.dumps(config))

@@ -39,7 +39,7 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip 
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
         kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv \
-        install validate docs docs-check
+        install validate docs docs-check export infer evaluate serve
 
 help: ## this list: the targets, then the variables (`make <target> VAR=value ...`)
 	@echo "make <target> [VAR=value ...]   (python -m ich_kaggle --help: the same commands with their flags)"
@@ -203,6 +203,26 @@ kernel-status: $(PY) ## state on Kaggle of every kernel of the project
 
 gpu-check: $(PY) ## a few minutes of real training + inference on the GPU(s) (MINI=)
 	$(PY) -m ich_kaggle gpu-check $(if $(filter command line environment,$(origin MINI)),--mini $(MINI))
+
+# use your model (docs/use-your-model.md): the bundle, then any DICOM folder / zip; MODEL defaults to bundles/<config>
+## MODEL=<bundle>     export, infer, evaluate, serve: the model bundle folder (default bundles/<config>)
+## OUT=<folder> INPUTS="<paths>" LABELS=<csv>  infer, evaluate: output folder, DICOM inputs, external labels
+## DICOMWEB=<url> STUDY=<uid>  infer: pull the study from a PACS instead of INPUTS; FP16=1 export: float16 weights
+## HOST= PORT=          serve: where the page listens (default 127.0.0.1:8000)
+MODEL     ?= bundles/$(notdir $(basename $(CONFIG)))
+export: $(PY) ## the model bundle of CONFIG's finished folds into MODEL (FP16=1: float16 weights)
+	$(PY) -m ich_kaggle export $(EXP) --out "$(MODEL)" $(if $(FP16),--fp16)
+
+infer: $(PY) ## run MODEL on INPUTS (DICOM files, folders, zips) or DICOMWEB= STUDY=; writes OUT
+	$(PY) -m ich_kaggle infer --model "$(MODEL)" --out "$(OUT)" $(INPUTS) \
+	    $(if $(DICOMWEB),--dicomweb "$(DICOMWEB)" --study "$(STUDY)")
+
+evaluate: $(PY) ## measure MODEL on INPUTS against LABELS (slice, series or study level; CQ500 reads.csv)
+	$(PY) -m ich_kaggle evaluate --model "$(MODEL)" --labels "$(LABELS)" --out "$(OUT)" $(INPUTS)
+
+# the model on a local web page: make serve [MODEL=<bundle>] [HOST=127.0.0.1] [PORT=8000]
+serve: $(PY) ## the model on a local web page (MODEL= HOST= PORT=)
+	$(PY) -m ich_kaggle serve --model "$(MODEL)" $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 clean-venv: ## delete .venv (the next target recreates it)
 	rm -rf .venv

@@ -11,7 +11,7 @@ import sys
 
 from .commands import COMMANDS
 # each module registers its commands; imported in pipeline order, the order `--help` lists them
-from .commands import data, train, predict, report, pipeline, kaggle, docs  # noqa: F401, I001
+from .commands import data, train, predict, report, pipeline, apply, serve, kaggle, docs  # noqa: F401, I001
 from .core.errors import UserError
 
 

@@ -19,7 +19,9 @@ LAYERS = {
     "recipes": 4,
     "train": 5, "predict": 5, "stack": 5, "submit": 5, "report": 5,
     "kaggle": 6, "bench": 6, "docs": 6,  # docs: the README block written from the demo's saved output
+    "bundle": 6, "apply": 6.5,  # apply runs bundles
     "demo": 7,  # the whole pipeline on the synthetic competition
+    "serve": 7,  # the web app
     "commands": 8,  # each command's flags and handler
     "cli": 9, "__main__": 10,
 }

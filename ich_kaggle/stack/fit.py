@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -200,6 +200,7 @@ class CrossFit:
     oof: np.ndarray  # (S_train, L, 6) each slice predicted by the model that never saw its fold's labels
     test: np.ndarray  # (S_test, L_test, 6) mean over the fold models
     folds: list[int]
+    models: dict[int, object] = field(default_factory=dict)  # the fitted model of each fold (saved: stack.saved)
 
 
 def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: PredictFn,
@@ -216,6 +217,7 @@ def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: Pre
     if len(folds) < 2:
         raise ValueError(f"stacking needs out-of-fold predictions from at least 2 folds, got {folds}")
     oof = np.full(train.y.shape, np.nan, dtype=np.float32)
+    models: dict[int, object] = {}
     test_sum = np.zeros(test.y.shape, dtype=np.float32) if test is not None and len(test) else None
     for k in folds:
         held = slots == k
@@ -227,6 +229,7 @@ def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: Pre
         else:
             part.loss_mask = others[fit_rows]
         model = fit(part, k)
+        models[k] = model
         pred_rows = held.any(axis=1)
         pred = predict(model, train.subset(pred_rows))
         take = (held | ~train.mask)[pred_rows]  # its fold's slices (and the padding, which predicts 0)
@@ -236,4 +239,4 @@ def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: Pre
         if progress:
             progress(f"fold {k}")
     test_mean = test_sum / len(folds) if test_sum is not None else np.zeros((0, 0, N_LABELS), dtype=np.float32)
-    return CrossFit(oof, test_mean, folds)
+    return CrossFit(oof, test_mean, folds, models)

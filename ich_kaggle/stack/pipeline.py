@@ -33,6 +33,7 @@ class StackResult:
     metrics: pd.DataFrame  # stage, weighted_log_loss, one column per label
     curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # fold, step, epoch, train_loss, val_loss (inner split)
     seconds: dict[str, float] = field(default_factory=dict)
+    models: dict[int, object] = field(default_factory=dict)  # the configured model fitted per fold (`stack.saved`)
 
 
 def merge_sources(frames: list[pd.DataFrame], extra: pd.DataFrame | None = None) -> tuple[pd.DataFrame, int]:
@@ -160,7 +161,7 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
     curve = pd.DataFrame([{"fold": f, **row} for f, rows in sorted(curves.items()) for row in rows],
                          columns=["fold", "step", "epoch", "train_loss", "val_loss"])
     return StackResult(_wide(ids, oof_mean), _wide(ids, stacked_oof), _wide(test_ids, stacked_test),
-                       _wide(ids, nb_oof), _wide(test_ids, nb_test), table, curve, seconds)
+                       _wide(ids, nb_oof), _wide(test_ids, nb_test), table, curve, seconds, main.models)
 
 
 @dataclass

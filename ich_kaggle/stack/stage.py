@@ -145,7 +145,11 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     dirs = prediction_dirs(cfg, runs, sources)
     out = Run.of(runs, cfg.name).stack
     expected = freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
+    from . import saved
+
+    keep = saved.savable(cfg.stack) is None and not per_fold  # the fitted models are saved for the bundle
     if not force and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics)) \
+            and (not keep or freshness.stale_reason(out.models, expected) is None) \
             and freshness.stale_reason(out.test, expected) is None:
         log.info(f"stack: {out.test} is up to date (same first-stage files, folds and settings); reusing")
         return out.dir
@@ -177,6 +181,11 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     write_csv(result.neighbors_test, out.neighbors_test)
     write_csv(result.metrics, out.metrics)
     write_csv(result.curve, out.curve)
+    if keep and result.models:
+        saved.save(out.models, result.models, cfg.stack, len(dirs))
+        manifest.write(out.models, expected)
+    else:
+        out.models.unlink(missing_ok=True)
     manifest.write(out.oof, expected)
     manifest.write(out.test, expected)  # last: what submit checks
     space = f", embeddings {cfg.stack.embedding_space}" if cfg.stack.use_embeddings else ""

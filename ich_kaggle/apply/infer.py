@@ -39,6 +39,20 @@ Progress = Callable[[str, float], None]
 L = list(LABELS)
 
 
+def _fold_models(bundle, entry: dict, devices) -> dict:
+    """A member's fold models: loaded for this call, or once and kept on the bundle when `bundle.kept_models` is a
+    dict (the web app, which runs many uploads with one bundle, sets it)."""
+    from ..predict.stage import load_fold_models
+
+    kept = getattr(bundle, "kept_models", None)
+    if kept is not None and entry["name"] in kept:
+        return kept[entry["name"]]
+    models = load_fold_models(bundle.checkpoints(entry), devices)
+    if kept is not None:
+        kept[entry["name"]] = models
+    return models
+
+
 def run_pipeline(bundle, slices: pd.DataFrame, progress: Progress | None = None
                  ) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """(chosen stage's wide probabilities, first stage's, images that could not be read) for the slices of a
@@ -48,7 +62,7 @@ def run_pipeline(bundle, slices: pd.DataFrame, progress: Progress | None = None
     from ..core.ensemble import combine
     from ..core.config import EnsembleConfig
     from ..data.source import DicomSlices
-    from ..predict.stage import average_folds, inference_devices, load_fold_models, predict_folds
+    from ..predict.stage import average_folds, inference_devices, predict_folds
 
     reader = DicomSlices("/", slices)
     devices = inference_devices()
@@ -58,7 +72,7 @@ def run_pipeline(bundle, slices: pd.DataFrame, progress: Progress | None = None
     done = 0
     for entry in members:
         mcfg = bundle.member_config(entry)
-        models = load_fold_models(bundle.checkpoints(entry), devices)
+        models = _fold_models(bundle, entry, devices)
         if progress:
             progress(f"{entry['name']}: {len(models)} fold model(s) on {len(slices)} slices", 0.1 + 0.7 * done / n_models)
         probs, _, failed = predict_folds(models, slices, mcfg, meta=slices, read_hu=reader, desc=entry["name"])

@@ -23,7 +23,7 @@ import json
 import platform
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -259,6 +259,7 @@ def export(cfg: Config, runs: str | Path, out: str | Path, fp16: bool = False, l
 class Bundle:
     dir: Path
     info: dict
+    kept_models: dict | None = field(default=None, repr=False, compare=False)  # see apply.infer._fold_models
 
     @property
     def name(self) -> str:

@@ -40,15 +40,32 @@ class _Progress:
 
 
 @command("infer", "run a model bundle on DICOM files, folders or zips: slices/series/studies CSVs and report.html",
-         MODEL, flag("--out", required=True, help="folder for the results"), INPUTS)
+         MODEL, flag("--out", required=True, help="folder for the results"),
+         flag("inputs", nargs="*", metavar="PATH", help="DICOM files, folders (any depth) or .zip files"),
+         flag("--dicomweb", default=None, metavar="URL",
+              help="pull --study from this DICOMweb root first (a PACS, e.g. http://host:8042/dicom-web)"),
+         flag("--study", default=None, metavar="UID", help="StudyInstanceUID to pull with --dicomweb"))
 def infer(args):
-    from ..apply.infer import infer as run
+    import contextlib
 
+    from ..apply.infer import infer as run
+    from ..bundle import load
+    from ..core.errors import UserError
+
+    if bool(args.dicomweb) != bool(args.study):
+        raise UserError("--dicomweb and --study go together: infer --dicomweb <url> --study <StudyInstanceUID>")
+    if not args.inputs and not args.dicomweb:
+        raise UserError("nothing to run on: give DICOM files, folders or zips, or --dicomweb <url> --study <uid>")
+    model = load(args.model)  # a bad bundle is said before a long pull
     progress = _Progress()
-    try:
-        out = run(Path(args.model), [Path(p) for p in args.inputs], Path(args.out), progress=progress)
-    finally:
-        progress.close()
+    with contextlib.ExitStack() as stack:
+        stack.callback(progress.close)
+        paths = [Path(p) for p in args.inputs]
+        if args.dicomweb:
+            from ..apply import dicomweb
+
+            paths.append(stack.enter_context(dicomweb.pulled(args.dicomweb, args.study)))
+        out = run(model, paths, Path(args.out), progress=progress)
     print(f"wrote {out / 'slices.csv'}, {out / 'series.csv'}, {out / 'studies.csv'}, {out / 'report.html'}")
 
 

@@ -39,7 +39,7 @@ from . import dicom
 from .source import DicomSlices
 from .windows import jitter, named, window_planes
 
-log = logging.getLogger("ich_kaggle.train")
+log = logging.getLogger(__name__)
 
 AIR_HU = -500.0  # pixels above this are head, headrest or tissue; below it air or scanner padding
 CROP_MARGIN = 0.04  # fraction of the bounding box size added on each side

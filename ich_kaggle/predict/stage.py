@@ -13,6 +13,7 @@ training has not finished is never used: predict names it and stops.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -34,9 +35,8 @@ from ..core.layout import Layout, Predictions, Run
 from ..data.dataset import loader_workers
 from ..core.config import selected_folds
 from .tta import tta_forward
-from ..core.log import get as get_logger
 
-log = get_logger("predict")
+log = logging.getLogger(__name__)
 
 LABEL_COLS = list(LABELS)
 

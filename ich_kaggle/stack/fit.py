@@ -8,6 +8,7 @@ The loss is the competition metric as a masked weighted BCE (any = 2, subtypes =
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,7 +19,8 @@ from torch.nn import functional as F
 
 from ..core.labels import LABEL_WEIGHTS
 from ..core.config import StackConfig
-from .nets import SequenceNet
+from ..core.registry import STACK_MODELS
+from .nets import KINDS, SequenceNet
 from .sequences import N_LABELS, Sequences, reverse_inputs, reverse_values
 
 
@@ -167,6 +169,26 @@ def predict_net(net: SequenceNet, seqs: Sequences, batch_series: int = 256, reve
         p = torch.stack(parts).mean(0) * mask.unsqueeze(-1)
         out[lo:hi, : p.shape[1]] = p.numpy()
     return out
+
+
+@dataclass(frozen=True)
+class SequenceStacker:
+    """A stack model (`core.registry.STACK_MODELS`): fit(series, config, #models, fold, curve) and
+    predict(model, series, config) -> (S, L, 6) probabilities. This one trains a `SequenceNet` of one kind, seeded
+    by stack.seed + fold."""
+
+    kind: str
+
+    def fit(self, seqs: Sequences, scfg: StackConfig, n_models: int, fold: int,
+            curve: list[dict] | None = None) -> SequenceNet:
+        return train_net(seqs, scfg, n_models, seed=scfg.seed + fold, kind=self.kind, curve=curve)
+
+    def predict(self, net: SequenceNet, seqs: Sequences, scfg: StackConfig) -> np.ndarray:
+        return predict_net(net, seqs, batch_series=max(256, scfg.batch_series), reverse_tta=scfg.reverse_tta)
+
+
+for _kind in KINDS:
+    STACK_MODELS.register(_kind, functools.partial(SequenceStacker, _kind))
 
 
 FitFn = Callable[[Sequences, int], object]

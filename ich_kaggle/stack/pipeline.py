@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from ..core.labels import LABELS
 from ..core import metrics
 from ..core.config import StackConfig
-from .fit import cross_fit, predict_net, train_net
-from .neighbors import fit_neighbors
+from ..core.registry import STACK_MODELS
+from .fit import cross_fit
 from .sequences import N_LABELS, Sequences, build_sequences, logit
 
 LABEL_COLS = list(LABELS)
@@ -107,20 +107,17 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
     def tick(_msg: str) -> None:
         bar.update(1)
 
+    def fold_by_fold(name: str, curves: dict[int, list[dict]]):
+        stacker = STACK_MODELS.build(name, key="stack.model")
+        return cross_fit(tr_seqs, te_seqs, lambda s, f: stacker.fit(s, scfg, n_models, f, curves.setdefault(f, [])),
+                         lambda m, s: stacker.predict(m, s, scfg), progress=tick)
+
     t0 = time.perf_counter()
-    k = scfg.neighbors_k
-    nb = cross_fit(tr_seqs, te_seqs, lambda s, f: fit_neighbors(s, k, n_models),
-                   lambda m, s: m.predict(s), progress=tick)
+    nb = fold_by_fold("neighbors", {})  # the baseline every stack model is compared with
     seconds["neighbors"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     curves: dict[int, list[dict]] = {}
-    if scfg.model == "neighbors":
-        main = nb
-    else:
-        main = cross_fit(tr_seqs, te_seqs, lambda s, f: train_net(s, scfg, n_models, seed=scfg.seed + f,
-                                                                  curve=curves.setdefault(f, [])),
-                         lambda m, s: predict_net(m, s, batch_series=max(256, scfg.batch_series),
-                                                  reverse_tta=scfg.reverse_tta), progress=tick)
+    main = nb if scfg.model == "neighbors" else fold_by_fold(scfg.model, curves)  # the baseline is not fitted twice
     seconds["sequence"] = time.perf_counter() - t0
     bar.close()
 

@@ -22,6 +22,7 @@ from .core.labels import LABELS
 from .core import config
 from .core.layout import Layout, Run, work_name
 from .data import synth as synth_mod
+from . import docs
 
 SYNTH_DIR = Path("data/synth")
 DEMO_SYNTH = synth_mod.DEMO  # the demo's synthetic competition (data/synth.py)
@@ -148,6 +149,21 @@ def recipe(data: str, config_name: str = "seresnext_pair", runs: str = "runs", w
     return out
 
 
+def default_runs(layout: Layout) -> str:
+    """One runs folder per data folder: folds trained on one competition must never be reused on another."""
+    return str(Path("runs/demo") / work_name(layout.data))
+
+
+def output_file(run: Run) -> Path:
+    """Where the demo saves the block it printed last (docs.py writes it into the README)."""
+    return run.dir / "demo.txt"
+
+
+def default_output() -> Path:
+    """The saved block of the default `make demo` (synthetic competition, `demo` ensemble): the README's figures."""
+    return output_file(Run.of(default_runs(Layout.of(SYNTH_DIR)), "demo"))
+
+
 def run(data: str | None = None, config_name: str = "demo", runs: str | None = None, work: str | None = None,
         overrides: list[str] | None = None, embeddings: bool = True) -> dict[str, float]:
     from .core import ensemble
@@ -165,8 +181,7 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
         data_dir = Path(data)
     layout = Layout.of(data_dir, work)
     layout.require_data()
-    # one runs folder per data folder: folds trained on one competition must never be reused on another
-    runs = runs or str(Path("runs/demo") / work_name(layout.data))
+    runs = runs or default_runs(layout)
 
     names = ", ".join(m.name for m in members)
     print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name} ({names})  runs {runs}")
@@ -186,7 +201,7 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
     cpu = _cpu_seconds() - cpu_start  # this process, its threads and its finished worker processes
     print(f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s, "
           f"CPU time {cpu:.0f} s (on a shared machine the wall time also measures the neighbours)")
-    for key, value in result.items():
-        print(f"{key}: {value:.5f}")
-    print(f"submit_chose: {chosen}")
+    block = [f"{key}: {value:.5f}" for key, value in result.items()] + [f"submit_chose: {chosen}"]
+    print("\n".join(block))
+    docs.save_output(output_file(run_dir), block, docs.settings_line(data, config_name, overrides))
     return {**result, "submit_chose": chosen}

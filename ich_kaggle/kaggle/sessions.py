@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.config import Config
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from . import rates
 from .rates import INFERENCE_SPEEDUP, TWO_GPU_SCALING
 from .train_run import CACHE_BYTES_PER_IMAGE, SCRATCH_KEEP
@@ -133,7 +133,8 @@ def plan(est: Estimate, cfg: Config, epochs_per_run: int | None = None) -> Plan:
         if est.session_hours(k) > limit:
             raise UserError(f"fold of '{cfg.name}' cannot train EPOCHS_PER_RUN={epochs_per_run} epoch(s) within "
                             f"Kaggle's {SESSION_LIMIT_H:.0f}-hour session ({est.session_hours(k):.1f} h; "
-                            f"{est.describe()}); leave EPOCHS_PER_RUN unset to have the versions planned, or lower it")
+                            f"{est.describe()}); leave {fix('--epochs-per-run', 'EPOCHS_PER_RUN')} unset to have the versions "
+                            f"planned, or lower it")
         return Plan(est, k, -(-epochs // k), given=True)
     if est.session_hours(epochs) <= limit:
         return Plan(est, None, 1)
@@ -142,7 +143,7 @@ def plan(est: Estimate, cfg: Config, epochs_per_run: int | None = None) -> Plan:
         fit = int(est.train_images * (limit - est.setup_hours - est.final_hours) / max(est.epoch_hours, 1e-9))
         raise UserError(f"fold of '{cfg.name}' cannot end even one epoch within Kaggle's {SESSION_LIMIT_H:.0f}-hour "
                         f"session: {est.describe()}; lower train.max_images_per_epoch (about {max(fit, 0):,} "
-                        f"training images per epoch fit) or pass a measured T4_IMAGES_PER_S")
+                        f"training images per epoch fit) or pass a measured {fix('--t4-images-per-s', 'T4_IMAGES_PER_S=')}")
     k = min(k, epochs)
     return Plan(est, k, -(-epochs // k))
 

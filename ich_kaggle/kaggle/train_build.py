@@ -9,6 +9,7 @@ Kaggle, once) -> `make kernel-train fold=N` per fold -> `make kernel-fetch fold=
 
 from __future__ import annotations
 
+import logging
 import json
 import shutil
 from dataclasses import dataclass
@@ -17,16 +18,15 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from ..core.config import Config
-from ..core.errors import UserError
+from ..core.config import Config, CVConfig
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open
 from ..core.layout import COMPETITION, Layout, Run
 from . import build
 from .run import slugify
 from .train_run import FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES
-from ..core.log import get as get_logger
 
-log = get_logger("kaggle")
+log = logging.getLogger(__name__)
 
 TRAIN_TEMPLATE = Path(__file__).with_name("train_template.py")
 PREPARE_SLUG = "ich-kaggle-prepare"
@@ -72,7 +72,8 @@ def members_of(cfg: Config) -> list[Config]:
     return ensemble.load_members(cfg) if cfg.is_ensemble else [cfg]
 
 
-def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = 5, seed: int = 42) -> Path:
+def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = CVConfig.k,
+                         seed: int = CVConfig.seed) -> Path:
     """kernels/ich-kaggle-prepare/: scans the competition's headers on Kaggle (CPU only), writes meta + folds."""
     user = build.check_username(username)
     script = _script({"username": user, "config_name": "", "mode": "prepare", "k": int(k), "seed": int(seed)})

@@ -10,6 +10,7 @@ file serves; a training kernel whose config needs a backbone the built dataset l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,9 +18,8 @@ from pathlib import Path
 from .. import __version__
 from ..core.config import Config
 from ..core.errors import UserError
-from ..core.log import get as get_logger
 
-log = get_logger("kaggle")
+log = logging.getLogger(__name__)
 
 WEIGHTS_SLUG = "ich-kaggle-weights"
 WEIGHTS_MANIFEST = "ich_kaggle_weights.json"

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 
 from ..core.labels import LABELS
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import write_csv
 from ..core.layout import Run
 from .runs import SUMMARY, fold_dirs, fold_done, read_done, read_logs
 
-log = logging.getLogger("ich_kaggle.report.stage")
+log = logging.getLogger(__name__)
 
 
 def find_experiments(runs: Path, depth: int = 3) -> list[Path]:
@@ -116,7 +116,8 @@ def compare(runs: str | Path = "runs") -> pd.DataFrame:
     """Print (and write runs/compare.csv) one table of every experiment with at least one finished fold."""
     runs = Path(runs)
     if not runs.is_dir():
-        raise UserError(f"runs folder {runs} not found; train something first or pass --runs <folder>")
+        raise UserError(f"runs folder {runs} not found; train something first "
+                        f"or pass {fix('--runs <folder>', 'RUNS=<folder>')}")
     rows, unfinished = [], []
     for run in find_experiments(runs):
         name = run.relative_to(runs).as_posix()

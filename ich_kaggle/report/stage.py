@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..core import metrics
 from ..core.labels import LABELS
 from . import evaluation as ev
 from ..core.config import Config
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open, write_csv
 from ..core.layout import Layout, Run
 from . import plots
@@ -31,7 +32,7 @@ from .compare import compare, experiment_row, find_experiments
 from .html import Page, Section
 from .runs import SUMMARY, _read_pred, fold_dirs, fold_done, oof_scores, read_labels, read_logs, read_meta, read_oof, trained_cv, weighted_bce
 
-log = logging.getLogger("ich_kaggle.report.stage")
+log = logging.getLogger(__name__)
 
 __all__ = ["make_report", "compare", "experiment_row", "find_experiments", "SECTIONS"]
 
@@ -262,8 +263,8 @@ def _gradcam_section(ctx: Context, sec: Section) -> None:
     ]
     worst = joined.assign(loss=weighted_bce(joined)).nlargest(ctx.n_cam, "loss").copy()
     y = worst[list(LABELS)].to_numpy(float)
-    p = np.clip(worst[[ev.pred_col(label) for label in LABELS]].to_numpy(float), ev.EPS, 1 - ev.EPS)
-    worst["cam_label"] = [LABELS[k] for k in np.argmax(-(y * np.log(p) + (1 - y) * np.log1p(-p)), axis=1)]
+    p = worst[[ev.pred_col(label) for label in LABELS]].to_numpy(float)
+    worst["cam_label"] = [LABELS[k] for k in np.argmax(metrics.bce(y, p), axis=1)]
     sec.text("Grad-CAM (Selvaraju et al.) on the backbone's last feature map of the fold model that did not train "
              "on the slice: red areas raise the explained label's score. Left of each pair the model's input "
              "(brain window, after the black-border crop), right the overlay.")
@@ -389,14 +390,15 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
     `sections` picks a subset of `SECTIONS` keys (default: all); summary.json is always written.
     """
     if not 0.0 < threshold < 1.0:
-        raise UserError(f"--threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
+        raise UserError(f"{fix('--threshold', 'THRESHOLD')} {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
     keys = [key for key, _, _ in SECTIONS]
     unknown = [key for key in sections or [] if key not in keys]
     if unknown:
         raise UserError(f"unknown report section(s) {unknown}; choose from {', '.join(keys)}")
     run = Run.of(runs, cfg.name).dir
     if not run.is_dir():
-        raise UserError(f"{run} not found; train first (make train CONFIG={cfg.name}) or pass --runs <folder>")
+        raise UserError(f"{run} not found; train first (make train CONFIG={cfg.name}) "
+                        f"or pass {fix('--runs <folder>', 'RUNS=<folder>')}")
     ctx = Context(cfg=cfg, layout=layout, run=run, out=Run(run).report, threshold=threshold, n_cam=gradcam)
     ctx.out.mkdir(parents=True, exist_ok=True)
     ctx.summary.update(name=cfg.name, threshold=threshold)

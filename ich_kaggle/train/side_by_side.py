@@ -8,6 +8,7 @@ from last.pt, skips a finished fold and holds the fold's lock, so a rerun after 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -19,9 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..core.errors import UserError
-from ..core.log import get as get_logger
 
-log = get_logger("train")
+log = logging.getLogger(__name__)
 POLL_S = 2.0
 
 

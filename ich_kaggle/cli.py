@@ -322,7 +322,8 @@ def _submit(args):
     cfg, layout = _config(args), _layout(args)
     if Run.of(args.runs, cfg.name).stack.test.exists():  # a stale stack is recomputed (stacking is cheap)
         stack.stack(cfg, layout, runs=args.runs)
-    out = submission.submit(cfg, layout, runs=args.runs, out_dir=args.out_dir)
+    out = submission.submit(cfg, layout, runs=args.runs, out_dir=args.out_dir,
+                            members=_members(args, cfg) if cfg.is_ensemble else None)
     if args.kaggle_submit:  # checked: a refusal exits non-zero with Kaggle's message
         from .kaggle import api
 

@@ -195,7 +195,7 @@ def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
 
 def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`."""
-    from ..data import cache, preprocess
+    from ..data import cache, preprocess, trained
     from ..data.folds import fold_table
     from ..data.meta import load_meta
     from ..models.checkpoint import load_checkpoint
@@ -212,6 +212,7 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
                         f"run `make train-all CONFIG={cfg.name}` (or `make train FOLD=k`) first")
     if missing:
         log.info(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
+    trained.check(cfg, layout, runs)  # stops where the folds were trained on another split or config
     meta = load_meta(layout)
     folds = fold_table(layout, cfg.cv)  # the folds training used (cv.split)
     preprocess.ensure(layout)
@@ -259,7 +260,8 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
             ids, ((p, e),) = _kept(v["image_id"], [result], failed, f"fold {m.fold} OOF")
             save_embeddings(out.oof_fold_embeddings(m.fold), ids, e)
             write_csv(wide(ids, p), out.oof_fold(m.fold))
-            manifest.write(out.oof_fold(m.fold), expected[m.fold])  # last: marks the fold's four files done
+            manifest.write(out.oof_fold(m.fold), expected[m.fold], also=[  # last: marks the fold's four files done
+                out.test_fold(m.fold), out.test_fold_embeddings(m.fold), out.oof_fold_embeddings(m.fold)])
 
     done = freshness.predictions(run, have, cfg.tta)
     if not todo and all(freshness.stale_reason(f, done) is None for f in (out.test, out.oof)):
@@ -292,8 +294,8 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
         save_embeddings(out.oof_embeddings, np.concatenate([p[0] for p in parts]),
                         np.concatenate([p[1] for p in parts]))
     write_csv(bad, out.unreadable)
-    manifest.write(out.test, done)
-    manifest.write(out.oof, done)
+    manifest.write(out.test, done, also=[out.test_embeddings, out.unreadable])
+    manifest.write(out.oof, done, also=[out.oof_embeddings] if out.oof_embeddings.exists() else [])
     n_oof = sum(len(f) for f in oof_frames)
     log.info(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
           f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}")
@@ -345,7 +347,7 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
     with atomic_open(out.ensemble) as f:
         json.dump(info, f, indent=1)
     manifest.write(out.oof, done)
-    manifest.write(out.test, done)
+    manifest.write(out.test, done, also=[out.ensemble])
     if scores:
         log.info("predict: OOF weighted log loss " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items() if v is not None))
     log.info(f"predict: ensemble of {len(sources)} members ({cfg.ensemble.combine}) -> {out.dir}")

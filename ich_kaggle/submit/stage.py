@@ -267,9 +267,9 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
 
 
 
-def check_sample(sample_csv: Path, pred: pd.DataFrame) -> pd.DataFrame:
+def check_sample(sample_csv: Path, pred: pd.DataFrame, unreadable: set[str] = frozenset()) -> pd.DataFrame:
     """The sample submission, when it is one this experiment can fill: no duplicate ID, at least one row, and at
-    least 99 % of its images predicted (fewer: the sample of another test set, which would be all prior)."""
+    least 99 % of its images predicted or known unreadable (fewer: the sample of another test set, all prior)."""
     sample = _read_sample(sample_csv)
     if not len(sample):
         raise UserError(f"{sample_csv}: header only, no rows; use the competition's stage_2_sample_submission.csv")
@@ -278,7 +278,7 @@ def check_sample(sample_csv: Path, pred: pd.DataFrame) -> pd.DataFrame:
         raise UserError(f"{sample_csv}: {len(dup)} duplicate IDs (e.g. {dup.iloc[0]}); use the competition's "
                         f"stage_2_sample_submission.csv")
     images = pd.unique(split_ids(sample["ID"])[0])
-    known = pd.Index(images).isin(pd.Index(pred["image_id"].astype(str))).mean()
+    known = pd.Index(images).isin(pd.Index(pred["image_id"].astype(str)).union(pd.Index(sorted(unreadable)))).mean()
     if known < 0.99:
         raise UserError(f"{sample_csv}: only {known:.0%} of its {len(images)} images were predicted (the sample of "
                         f"another test set?); use the sample of the data predicted, or rerun `make predict`")
@@ -302,7 +302,9 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
         trained.check(member, layout, runs)
     pred_path, oof_path = choose_stage(cfg, layout, run)
     pred = read_long_or_wide(pred_path)
-    sample = check_sample(layout.sample_csv, pred)
+    unreadable_csv = run.predictions.unreadable
+    unreadable = set(pd.read_csv(unreadable_csv, dtype=str).iloc[:, 0]) if unreadable_csv.exists() else set()
+    sample = check_sample(layout.sample_csv, pred, unreadable)
     train = _train_labels(layout)
     prior = train[list(LABELS)].to_numpy(np.float64).mean(axis=0) if train is not None else None
 
@@ -312,10 +314,8 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
         raise UserError(f"{len(lacking)} test images have no prediction (e.g. {lacking[0]}) and {layout.train_csv} is missing, "
                         f"so there is no training prior to fill them with; add stage_2_train.csv to the data folder")
     if len(lacking):
-        unreadable_csv = run.predictions.unreadable
         note = ""
         if unreadable_csv.exists():
-            unreadable = set(pd.read_csv(unreadable_csv, dtype=str).iloc[:, 0])
             note = f" ({sum(i in unreadable for i in lacking)} listed in {unreadable_csv})"
         log.info(f"{len(lacking)} of {len(sample_images)} test images have no prediction{note}; "
               f"they get the training prior {np.round(prior, 4).tolist()}:")

@@ -243,7 +243,9 @@ def test_submit_without_training_labels(tmp_path, capsys):
     assert submission.validate_file(layout.sample_csv, out) == []
     assert "no expected score" in capsys.readouterr().out
     run = Run(tmp_path / "runs" / "tiny")
-    pd.read_csv(run.predictions.test).iloc[1:].to_csv(run.predictions.test, index=False)  # an image lost at predict
-    manifest.write(run.predictions.test, freshness.predictions(run, list(range(3)), config.load("tiny").tta))
+    lost = pd.read_csv(run.predictions.test)  # an image lost at predict time: left out, listed as unreadable
+    lost.iloc[1:].to_csv(run.predictions.test, index=False)
+    lost.iloc[:1][["image_id"]].to_csv(run.predictions.unreadable, index=False)
+    manifest.write(run.predictions.test, freshness.predictions(run, list(range(5)), config.load("tiny").tta))
     with pytest.raises(UserError, match="no training prior"):
         submission.submit(config.load("tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")

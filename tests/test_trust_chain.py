@@ -169,3 +169,45 @@ def test_submit_keeps_the_previous_file_on_a_bad_sample(exp, capsys, bad):
     err = refused(exp, capsys, "submit")
     assert ("duplicate" in err) if bad == "duplicate" else ("header only" in err)
     assert exp.submission.read_bytes() == before and (exp.subs / "pair.csv.gz").exists()
+
+
+def test_preprocess_rebuilds_a_damaged_cache_entry_from_its_dicom(exp, capsys):
+    from ich_kaggle.core.layout import Layout
+    from ich_kaggle.data import cache
+
+    layout = Layout.of(exp.data, exp.work)
+    victim = pd.read_csv(exp.pred("tiny").test)["image_id"].iloc[0]
+    path = cache.cache_path(layout, victim)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 3])  # cut short
+    assert cli.main(["preprocess", "--data", str(exp.data), "--work", str(exp.work), "--workers", "1"]) == 0
+    assert "1 new" in capsys.readouterr().out
+    assert path.read_bytes() == good
+    cache.load_hu(layout, victim)  # decodes
+
+
+def test_predict_never_gives_a_damaged_cache_entry_the_prior(exp, capsys):
+    from ich_kaggle.core.layout import Layout
+    from ich_kaggle.data import cache
+
+    before = exp.submission.read_bytes()
+    victim = pd.read_csv(exp.pred("tiny").test)["image_id"].iloc[0]
+    cache.cache_path(Layout.of(exp.data, exp.work), victim).write_bytes(b"garbage")
+    assert exp.run("predict") == 0 and exp.run("submit") == 0
+    assert victim in set(pd.read_csv(exp.pred().test)["image_id"])
+    assert exp.submission.read_bytes() == before
+
+
+def test_kernel_datasets_refuses_an_unfinished_fold(exp, capsys):
+    exp.fold("tiny_bone", 1).done.unlink()
+    err = refused(exp, capsys, "kernel-datasets", None, "--out", str(exp.root / "kernels"), "--username", "someone")
+    assert "fold(s) [1] of tiny_bone are not trained to the end" in err and "make train-all" in err
+    assert not (exp.root / "kernels").exists() or not any((exp.root / "kernels").glob("*model*"))
+
+
+def test_config_rejects_duplicate_yaml_keys(tmp_path, capsys):
+    path = tmp_path / "twice.yaml"
+    path.write_text("data:\n  image_size: 64\ntrain:\n  epochs: 1\ndata:\n  num_workers: 0\n")
+    assert cli.main(["train", "--config", str(path), "--data", str(tmp_path)]) == 2
+    err = one_error(capsys)
+    assert "twice.yaml: line 5: key 'data' is given twice" in err

@@ -6,6 +6,7 @@ Stage modules are imported lazily so that `score` and `validate` start fast and 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -538,11 +539,25 @@ def main(argv: list[str] | None = None) -> int:
     from .core import log
 
     log.show()  # the library logs; here its messages become plain lines
+    from .core import interrupt
+
+    previous = interrupt.install()
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        code = int(COMMANDS[args.command](args) or 0)
+        interrupt.check()  # a signal whose KeyboardInterrupt was swallowed still stops the run non-zero
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full or a read-only folder, wherever it happens: one line (writes are atomic)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        from .core.io import cannot_write
+
+        print(f"error: {cannot_write(e.filename or '(a file)', e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + (interrupt.received() or 2)
+    finally:
+        interrupt.restore(previous)

@@ -30,6 +30,7 @@ from ..core.errors import UserError
 from ..core.io import atomic_open, write_csv
 from ..models.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
 from ..core.layout import FoldRun, Layout, Run
+from ..core import interrupt
 from ..core.lock import exclusive
 from ..core.freshness import config_differences, fold_split_digest  # noqa: F401 (fold_split_digest: re-exported)
 from ..data import folds as folds_mod
@@ -376,6 +377,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
     started = time.time()
 
     for epoch in range(start_epoch, cfg.train.epochs):
+        interrupt.check()  # a Ctrl-C swallowed as the fold started (a finaliser) stops it here
         t0 = time.perf_counter()
         D.seed_everything(D.epoch_seed(cfg.train.seed, epoch, info.rank))  # dropout etc.: same on resume
         size = image_size(cfg, epoch)

@@ -17,6 +17,9 @@ import yaml
 
 import train_helpers
 from ich_kaggle import cli
+from ich_kaggle.core import config, manifest
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.layout import Run
 
 SETTINGS = [*train_helpers.FAST, "cv.k=2", "model.backbone=small_cnn", "train.epochs=1", "stack.model=conv",
@@ -106,7 +109,8 @@ def test_predict_refuses_labels_edited_under_trained_folds(exp, capsys):
     folds = (exp.work / "folds.csv").read_bytes()
     labels = exp.data / "stage_2_train.csv"
     frame = pd.read_csv(labels)
-    frame.iloc[: len(frame) // 2].to_csv(labels, index=False)
+    images = frame["ID"].str.rsplit("_", n=1).str[0]
+    frame[images.isin(images.unique()[: len(images.unique()) * 2 // 3])].to_csv(labels, index=False)  # a third gone
     for stage in ("predict", "submit"):
         err = refused(exp, capsys, stage)
         assert "stage_2_train.csv" in err and "FORCE=1" in err and "--force" in err
@@ -193,6 +197,8 @@ def test_predict_never_gives_a_damaged_cache_entry_the_prior(exp, capsys):
     before = exp.submission.read_bytes()
     victim = pd.read_csv(exp.pred("tiny").test)["image_id"].iloc[0]
     cache.cache_path(Layout.of(exp.data, exp.work), victim).write_bytes(b"garbage")
+    for member in ("tiny", "tiny_bone", "pair"):  # predicted from scratch, as on a first predict
+        shutil.rmtree(exp.pred(member).dir)
     assert exp.run("predict") == 0 and exp.run("submit") == 0
     assert victim in set(pd.read_csv(exp.pred().test)["image_id"])
     assert exp.submission.read_bytes() == before
@@ -205,9 +211,175 @@ def test_kernel_datasets_refuses_an_unfinished_fold(exp, capsys):
     assert not (exp.root / "kernels").exists() or not any((exp.root / "kernels").glob("*model*"))
 
 
-def test_config_rejects_duplicate_yaml_keys(tmp_path, capsys):
+def test_config_rejects_duplicate_yaml_keys(tmp_path):
     path = tmp_path / "twice.yaml"
     path.write_text("data:\n  image_size: 64\ntrain:\n  epochs: 1\ndata:\n  num_workers: 0\n")
-    assert cli.main(["train", "--config", str(path), "--data", str(tmp_path)]) == 2
-    err = one_error(capsys)
-    assert "twice.yaml: line 5: key 'data' is given twice" in err
+    with pytest.raises(UserError, match="twice.yaml: line 5: key 'data' is given twice"):
+        config.load(str(path))
+
+
+# --- tracebacks and stuck states -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["[]", '{"inputs": []}', '{"kind": "predictions", "version": "1", "inputs": {}}'])
+def test_a_malformed_manifest_is_treated_as_absent(exp, capsys, text):
+    before = exp.submission.read_bytes()
+    manifest.path_of(exp.pred().test).write_text(text)  # the ensemble's first stage
+    manifest.path_of(exp.pred("tiny").oof_fold(0)).write_text(text)  # a member's fold predictions
+    assert "no manifest" in refused(exp, capsys, "submit")
+    assert exp.run("predict") == 0 and exp.run("submit") == 0  # recomputed, not a traceback
+    assert exp.submission.read_bytes() == before
+
+
+def test_submit_out_dir_that_is_a_file_is_one_line(exp, capsys):
+    (exp.root / "afile").write_text("x")
+    err = refused(exp, capsys, "submit", None, "--out-dir", str(exp.root / "afile"))
+    assert "is a file, not a folder" in err
+
+
+def test_score_rejects_ids_with_trailing_nul_bytes(tmp_path, capsys):
+    truth, sub = tmp_path / "truth.csv", tmp_path / "sub.csv"
+    ids = [f"ID_abc_{label}" for label in LABELS]
+    pd.DataFrame({"ID": ids, "Label": [0] * 6}).to_csv(truth, index=False)
+    sub.write_bytes(("ID,Label\n" + "".join(f"{i}{chr(0) * 2 if n == 0 else ''},0.1\n"
+                                            for n, i in enumerate(ids))).encode())
+    assert cli.main(["validate", "--sample", str(truth), "--submission", str(sub)]) != 0
+    capsys.readouterr()
+    assert cli.main(["score", "--truth", str(truth), "--submission", str(sub)]) == 2
+    assert "NUL" in one_error(capsys)
+
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=inf", "train.seed=-1",
+                                      "train.seed=99999999999999999999", "model.dropout=nan", "ensemble.members=[]"])
+def test_config_rejects_non_finite_and_out_of_range_numbers(override):
+    with pytest.raises(UserError, match=override.split("=")[0].replace(".", r"\.")):
+        config.load("tiny", [override])
+
+
+def test_config_rejects_a_binary_yaml_and_empty_ensemble_members(tmp_path):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe\xfd")
+    with pytest.raises(UserError, match="weights.yaml: not a text file"):
+        config.load(str(binary))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("ensemble:\n  members: []\n")
+    with pytest.raises(UserError, match="ensemble.members is empty"):
+        config.load(str(empty))
+
+
+def _failing_writes(monkeypatch, under: Path, errno_: int) -> None:
+    """Every atomic write under `under` fails as a read-only folder (EACCES) or a full disk (ENOSPC) makes it fail."""
+    import errno
+    import os
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kw):
+        if dir is not None and Path(dir).resolve().is_relative_to(under.resolve()):
+            raise OSError(errno_, os.strerror(errno_), str(dir))
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert errno_ in (errno.EACCES, errno.ENOSPC)
+
+
+def test_read_only_runs_folder_reuses_what_is_fresh(exp, capsys, monkeypatch):
+    import errno
+
+    _failing_writes(monkeypatch, exp.runs, errno.EACCES)
+    exp.submission.unlink()
+    assert exp.run("submit") == 0 and exp.submission.exists()  # nothing to recompute: nothing written in runs/
+    assert cli.main(["compare", "--runs", str(exp.runs)]) == 0
+    for member in ("tiny", "tiny_bone"):
+        manifest.path_of(exp.pred(member).test).unlink()  # now predict must write: one line, no traceback
+    assert "writable" in refused(exp, capsys, "predict")
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_files(exp, capsys, monkeypatch):
+    import errno
+
+    before = exp.submission.read_bytes()
+    pred = exp.pred().test.read_bytes()
+    _failing_writes(monkeypatch, exp.root, errno.ENOSPC)
+    assert "free space" in refused(exp, capsys, "submit")
+    manifest.path_of(exp.pred().test).unlink()  # predict must write the ensemble's first stage again
+    assert "free space" in refused(exp, capsys, "predict")
+    assert exp.pred().test.read_bytes() == pred and exp.submission.read_bytes() == before
+    assert not list(exp.root.rglob("*.tmp"))  # nothing partial
+
+
+def test_report_exits_non_zero_on_stale_predictions(exp, capsys):
+    exp.run("train", "tiny", "--fold", "1", "--force")  # after predict: the member's predictions are stale
+    capsys.readouterr()
+    assert exp.run("report", "tiny", "--gradcam", "0") == 2
+    captured = capsys.readouterr()
+    assert "stale" in captured.out + captured.err and "incomplete" in one_error_of(captured.err)
+
+
+def one_error_of(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_an_empty_train_lock_does_not_block_the_fold(exp):
+    lock = exp.fold("tiny", 0).lock
+    lock.write_text("")  # its taker was killed between creating and writing it
+    assert exp.run("train", "tiny", "--fold", "0", "--force") == 0
+    assert not lock.exists()
+
+
+def _stage_then(monkeypatch, action) -> None:
+    def stage(args):
+        action()
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "compare", stage)
+
+
+def test_sigterm_stops_the_run_with_rerun_to_resume(monkeypatch, tmp_path, capsys):
+    import os
+    import signal
+    import time
+
+    _stage_then(monkeypatch, lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)))
+    assert cli.main(["compare", "--runs", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_ctrl_c_swallowed_in_a_weakref_callback_still_stops_the_run(monkeypatch, tmp_path, capsys):
+    import gc
+    import os
+    import signal
+    import time
+    import weakref
+
+    class Loader:  # a DataLoader's or tqdm's finaliser runs as the fold starts
+        pass
+
+    def start_fold():
+        loader = Loader()
+        weakref.finalize(loader, lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))
+        del loader
+        gc.collect()
+
+    _stage_then(monkeypatch, start_fold)
+    assert cli.main(["compare", "--runs", str(tmp_path)]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_not_called_a_damaged_cache(exp, monkeypatch):
+    from ich_kaggle.core.layout import Layout
+    from ich_kaggle.data.dataset import SliceDataset
+
+    cfg = config.load("tiny", [*SETTINGS, "data.image_size=100000"])
+    frame = pd.read_csv(exp.pred("tiny").test)[["image_id"]].assign(**{label: 0 for label in LABELS})
+    ds = SliceDataset(frame, Layout.of(exp.data, exp.work), cfg, transform=None, train=False)
+
+    def out_of_memory(index):
+        raise MemoryError("Unable to allocate 112. GiB for an array with shape (100000, 100000, 3)")
+
+    monkeypatch.setattr(ds, "_item", out_of_memory)
+    with pytest.raises(UserError, match="out of memory") as e:
+        ds[0]
+    assert "damaged" not in str(e.value) and "delete" not in str(e.value)

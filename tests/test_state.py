@@ -15,7 +15,7 @@ import pytest
 
 import train_helpers
 from ich_kaggle import train
-from ich_kaggle.core import config
+from ich_kaggle.core import config, manifest
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.layout import Layout, Run
 from ich_kaggle.core.lock import exclusive
@@ -128,11 +128,12 @@ def test_submit_chooses_by_oof_and_takes_the_first_stage_when_the_stack_is_worse
     choice = json.loads(run.choice.read_text())
     losses = choice["oof_log_loss"]
     assert choice["stage"] == min(losses, key=losses.get)  # the lower OOF loss wins, whichever it is
-    # the stacker made worse on purpose: its predictions inverted, its manifests untouched (so it is still fresh)
+    # the stacker made worse on purpose: its predictions inverted, its manifests saying so (so it is still fresh)
     for path in (run.stack.oof, run.stack.test):
         frame = pd.read_csv(path)
         frame[list(LABELS)] = 1.0 - frame[list(LABELS)]
         frame.to_csv(path, index=False)
+        manifest.adopt(path)
     submit(cfg, layout, runs=runs, out_dir=runs / "subs")
     printed = capsys.readouterr().out
     assert "using the first stage" in printed and "stacking did not lower the OOF loss" in printed

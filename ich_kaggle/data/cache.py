@@ -2,7 +2,8 @@
 
 `<cache>/<last 2 chars of id>/<image_id>.hu`; `FORMAT` names the codec (a cache in another format is removed and
 rebuilt); `sources.csv` records the DICOM (path, size, mtime) each entry was made from and the entry itself as written
-(size, mtime), so an entry whose DICOM changed, or that was damaged (cut short, overwritten), is made again; `skipped.csv` lists the DICOMs that do not decode (retried once their size or mtime change).
+(size, mtime), so an entry whose DICOM changed, or that was damaged (cut short, overwritten), is made again;
+`skipped.csv` lists the DICOMs that do not decode (retried once their size or mtime change).
 """
 
 from __future__ import annotations

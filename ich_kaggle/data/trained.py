@@ -46,15 +46,17 @@ def check(cfg: Config, layout: Layout, runs: str | Path) -> list[int]:
             trained = yaml.safe_load(files.config.read_text()) if files.config.is_file() else None
             done = json.loads(files.done.read_text())
         except (OSError, ValueError, yaml.YAMLError):
-            raise UserError(f"{files.dir}: config.yaml or done.json is unreadable; retrain the fold with {fix}") from None
+            raise UserError(f"{files.dir}: config.yaml or done.json is unreadable; retrain the fold with "
+                            f"{fix}") from None
         if isinstance(trained, dict):
             diff = freshness.config_differences(trained, cfg.to_dict())
             if diff:
                 now = freshness._comparable(cfg.to_dict())
                 was = freshness._comparable(trained)
                 shown = ", ".join(f"{key} {was.get(key)!r} -> {now.get(key)!r}" for key in diff[:3])
-                raise UserError(f"fold {k} of {cfg.name} was trained with another config ({shown}"
-                                f"{', ...' if len(diff) > 3 else ''}); retrain it with {fix}, or restore those settings")
+                more = ", ..." if len(diff) > 3 else ""
+                raise UserError(f"fold {k} of {cfg.name} was trained with another config ({shown}{more}); retrain "
+                                f"it with {fix}, or restore those settings")
         split = done.get("split") if isinstance(done, dict) else None
         if split is not None and table is not None and split != freshness.fold_split_digest(table, k):
             raise UserError(f"fold {k} of {cfg.name} was trained on other images than fold {k} of {layout.folds_csv} "

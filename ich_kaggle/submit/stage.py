@@ -82,8 +82,8 @@ def write_submission(pred_wide: pd.DataFrame, sample_csv: str | Path, out_path: 
     raw = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
     problems = validate(sample, raw)
     if problems:
-        raise UserError(f"{out_path}: not written, it would fail validation: {problems[0]} ({len(problems)} problem(s));"
-                        f" check {sample_csv}")
+        raise UserError(f"{out_path}: not written, it would fail validation: {problems[0]} "
+                        f"({len(problems)} problem(s)); check {sample_csv}")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         return _write_both(out_path, data)

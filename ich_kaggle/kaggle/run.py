@@ -181,6 +181,7 @@ def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> 
     meta = meta_mod.read_meta(layout.meta_csv)
     train = meta_mod.read_meta(model_dir / TRAIN_META)
     write_csv(pd.concat([meta[meta["split"] != "train"], train], ignore_index=True), layout.meta_csv)
+    manifest_mod.adopt(layout.meta_csv)  # the same scan of the test DICOMs, plus the shipped train rows
 
 
 def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path,

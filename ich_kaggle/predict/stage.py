@@ -185,6 +185,21 @@ def _kept(ids: pd.Series, results: list[tuple[np.ndarray, np.ndarray]], failed: 
     return ids[keep].reset_index(drop=True), [(p[keep], e[keep]) for p, e in results]
 
 
+def _recache(layout: Layout, ids: pd.Series) -> bool:
+    """Cache entries that did not decode at predict time, made again from their DICOMs (a damage their size and mtime
+    did not show); True when something was made again, so the images are predicted instead of given the prior."""
+    from ..data import cache, preprocess
+
+    if not (layout.train_dir.is_dir() or layout.test_dir.is_dir()):
+        return False  # the cache alone (no DICOMs): nothing to make them from
+    for image_id in ids.astype(str):
+        cache.cache_path(layout, image_id).unlink(missing_ok=True)
+    log.info(f"predict: {len(ids)} cache entr{'y' if len(ids) == 1 else 'ies'} did not decode (e.g. {ids.iloc[0]}); "
+             f"making them again from their DICOMs")
+    done = preprocess.ensure(layout)
+    return bool(done and done["cached"])
+
+
 def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
     """Folds that read images the same way (windows, size, 2.5D neighbours) share one pass over the images."""
     groups: dict[str, list[FoldModel]] = {}
@@ -249,6 +264,8 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     for group in _groups(models):
         results, failed = predict_frame(group, test, layout, cfg, meta, desc="test") if len(test) else (
             [empty] * len(group), np.zeros(0, bool))
+        if failed.any() and _recache(layout, test["image_id"][failed]):  # damaged entries made again: once more
+            results, failed = predict_frame(group, test, layout, cfg, meta, desc="test")
         ids, results = _kept(test["image_id"], results, failed, "test")
         for m, (p, e) in zip(group, results):
             save_embeddings(out.test_fold_embeddings(m.fold), ids, e)
@@ -257,6 +274,8 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
             v = val[m.fold]
             (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}") if len(v) else (
                 [empty], np.zeros(0, bool))
+            if failed.any() and _recache(layout, v["image_id"][failed]):
+                (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}")
             ids, ((p, e),) = _kept(v["image_id"], [result], failed, f"fold {m.fold} OOF")
             save_embeddings(out.oof_fold_embeddings(m.fold), ids, e)
             write_csv(wide(ids, p), out.oof_fold(m.fold))

@@ -222,7 +222,7 @@ def test_a_cache_file_damaged_after_preprocess_is_reported_not_predicted_blank(t
     capsys.readouterr()
     out = predict(cfg, work, runs=runs2)
     printed = capsys.readouterr().out
-    assert "making them again from their DICOMs" in printed  # issue 21: rebuilt and predicted, never the prior
+    assert "cache: 2 new" in printed  # issue 21: made again from their DICOMs and predicted, never the prior
     test, oof = pd.read_csv(out / "test.csv"), pd.read_csv(out / "oof.csv")
     assert test_victim in set(test["image_id"]) and oof_victim in set(oof["image_id"])
     shutil.rmtree(out)

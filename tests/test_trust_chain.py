@@ -195,8 +195,13 @@ def test_predict_never_gives_a_damaged_cache_entry_the_prior(exp, capsys):
     from ich_kaggle.data import cache
 
     before = exp.submission.read_bytes()
+    import os
+
     victim = pd.read_csv(exp.pred("tiny").test)["image_id"].iloc[0]
-    cache.cache_path(Layout.of(exp.data, exp.work), victim).write_bytes(b"garbage")
+    path = cache.cache_path(Layout.of(exp.data, exp.work), victim)
+    st = path.stat()
+    path.write_bytes(b"\0" * st.st_size)  # damage that size and mtime do not show (bit rot): found by decoding
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     for member in ("tiny", "tiny_bone", "pair"):  # predicted from scratch, as on a first predict
         shutil.rmtree(exp.pred(member).dir)
     assert exp.run("predict") == 0 and exp.run("submit") == 0

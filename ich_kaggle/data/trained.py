@@ -21,13 +21,11 @@ from ..core.layout import Layout, Run
 from . import folds as folds_mod
 
 
-def retrain_all(cfg: Config) -> str:
-    return f"`make train-all CONFIG={cfg.name} FORCE=1` (--force)"
-
-
-def check(cfg: Config, layout: Layout, runs: str | Path) -> list[int]:
+def check(cfg: Config, layout: Layout, runs: str | Path, via: str | None = None) -> list[int]:
     """The finished folds of `cfg` (one config, not an ensemble); one line (UserError) when one of them was trained
-    on another split or with another config than the current one."""
+    on another split or with another config than the current one. `via`: the ensemble `cfg` is a member of (the
+    commands named then train through it)."""
+    name = via or cfg.name
     run = Run.of(runs, cfg.name)
     finished = run.finished(selected_folds(cfg.cv))
     if not finished:
@@ -35,13 +33,13 @@ def check(cfg: Config, layout: Layout, runs: str | Path) -> list[int]:
     reason = folds_mod.stale_reason(layout, cfg.cv.k, cfg.cv.seed)
     if reason and reason != "is missing":
         raise UserError(f"{layout.folds_csv} {reason}, but fold(s) {finished} of {cfg.name} were trained on it: their "
-                        f"OOF images would leak; retrain them with {retrain_all(cfg)}, or restore {layout.train_csv}")
+                        f"OOF images would leak; retrain them with `make train-all CONFIG={name} FORCE=1` (--force), or restore {layout.train_csv}")
     # no folds.csv and no labels to build it from (a kernel given the test set only): the config check alone
     buildable = layout.folds_csv.exists() or (layout.train_csv.exists() and layout.train_dir.is_dir())
     table = folds_mod.fold_table(layout, cfg.cv) if buildable else None
     for k in finished:
         files = run.fold(k)
-        fix = f"`make train CONFIG={cfg.name} fold={k} FORCE=1` (--force)"
+        fix = f"`make train CONFIG={name} fold={k} FORCE=1` (--force)"
         try:
             trained = yaml.safe_load(files.config.read_text()) if files.config.is_file() else None
             done = json.loads(files.done.read_text())

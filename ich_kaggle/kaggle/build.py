@@ -345,7 +345,7 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
     from ..data import trained
 
     for member in members or [cfg]:  # the folds shipped are still the ones this config and data train
-        trained.check(member, layout, runs)
+        trained.check(member, layout, runs, via=cfg.name)
     final = names.model_dir(out)
     tmp = _fresh_tmp(final)
     sources = [(Run.of(runs, cfg.name).dir, files)] + [(Run.of(runs, m["name"]).dir, m["files"]) for m in listed]

@@ -208,8 +208,9 @@ def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
     return list(groups.values())
 
 
-def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
-    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`."""
+def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | None = None) -> Path:
+    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`. `via`: the ensemble `cfg` is a
+    member of (named in the commands of its messages)."""
     from ..data import cache, preprocess, trained
     from ..data.folds import fold_table
     from ..data.meta import load_meta
@@ -227,7 +228,7 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
                         f"run `make train-all CONFIG={cfg.name}` (or `make train FOLD=k`) first")
     if missing:
         log.info(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
-    trained.check(cfg, layout, runs)  # stops where the folds were trained on another split or config
+    trained.check(cfg, layout, runs, via)  # stops where the folds were trained on another split or config
     meta = load_meta(layout)
     folds = fold_table(layout, cfg.cv)  # the folds training used (cv.split)
     preprocess.ensure(layout)
@@ -376,5 +377,5 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
 def predict_ensemble(cfg: Config, members: list[Config], layout: Layout, runs: str | Path = "runs") -> Path:
     """Predict every member (each reuses what is fresh), then combine them."""
     for member in members:
-        predict(member, layout, runs=runs)
+        predict(member, layout, runs=runs, via=cfg.name)
     return combine_members(cfg, members, layout, runs)

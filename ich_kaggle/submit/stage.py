@@ -299,7 +299,7 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
         raise UserError(f"--out-dir {out_dir} is a file, not a folder; pass a folder (default: submissions)")
     run = Run.of(runs, cfg.name)
     for member in ([cfg] if not cfg.is_ensemble else members or []):  # the folds still the ones the config trains
-        trained.check(member, layout, runs)
+        trained.check(member, layout, runs, via=cfg.name)
     pred_path, oof_path = choose_stage(cfg, layout, run)
     pred = read_long_or_wide(pred_path)
     unreadable_csv = run.predictions.unreadable

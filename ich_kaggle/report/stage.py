@@ -447,7 +447,7 @@ def _stale_inputs(cfg: Config, layout: Layout, runs: str | Path) -> list[str]:
     from ..data import trained
 
     out = []
-    if not cfg.is_ensemble:
+    if not cfg.is_ensemble and (layout.train_dir.is_dir() or layout.test_dir.is_dir()):  # a report may lack the data
         try:
             trained.check(cfg, layout, runs)
         except UserError as e:

@@ -388,3 +388,17 @@ def test_out_of_memory_is_not_called_a_damaged_cache(exp, monkeypatch):
     with pytest.raises(UserError, match="out of memory") as e:
         ds[0]
     assert "damaged" not in str(e.value) and "delete" not in str(e.value)
+
+
+def test_report_exits_non_zero_when_it_skipped_a_section(exp, capsys, monkeypatch):
+    from ich_kaggle.report import plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no space for the figure")
+
+    monkeypatch.setattr(plots, "training_curves", broken)
+    capsys.readouterr()
+    assert exp.run("report", "tiny", "--gradcam", "0") == 2
+    err = one_error_of(capsys.readouterr().err)
+    assert "section(s) skipped" in err and "make report CONFIG=tiny" in err
+    assert (exp.runs / "tiny" / "report" / "index.html").exists()  # the rest of the page is there

@@ -50,7 +50,7 @@ def identity(path: str | Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "manifest": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
-CONTENT_HASH_LIMIT = 1 << 30  # bigger outputs (none today) are identified by size + mtime instead of a digest
+CONTENT_HASH_LIMIT = 256 << 20  # bigger outputs (full-scale embeddings: GBs) by size + mtime, not a digest
 
 
 def content(path: str | Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -47,7 +48,8 @@ def identity(path: str | Path) -> dict[str, Any]:
     text = _manifest_text(path)
     if text is None:
         return raw_identity(path)
-    return {"path": str(path.resolve()), "manifest": hashlib.sha256(text.encode()).hexdigest()[:16]}
+    # the path as given, links not followed: the manifest lives beside the link (the kernel links shipped files in)
+    return {"path": os.path.abspath(path), "manifest": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
 CONTENT_HASH_LIMIT = 256 << 20  # bigger outputs (full-scale embeddings: GBs) by size + mtime, not a digest

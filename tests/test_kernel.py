@@ -35,7 +35,12 @@ def cfg():
 
 
 def fake_run(runs: Path, cfg, folds=(0, 2), stack=True) -> Path:
-    """A finished experiment's files (contents do not matter for packaging)."""
+    """A finished experiment's files (contents do not matter for packaging). `cfg` is set to ship exactly `folds`
+    (cv.folds): a fold the config wants that is not finished is refused (issue 21)."""
+    from ich_kaggle.core import freshness, manifest
+
+    if sorted(folds) != list(range(cfg.cv.k)):
+        cfg.cv.folds = list(folds)
     root = runs / cfg.name
     for k in folds:
         (root / f"fold{k}").mkdir(parents=True)
@@ -46,6 +51,7 @@ def fake_run(runs: Path, cfg, folds=(0, 2), stack=True) -> Path:
     (root / "predictions" / "oof.csv").write_text("image_id,any\n")
     (root / "predictions" / "test.csv").write_text("stale local test predictions\n")
     (root / "predictions" / "oof_embeddings.npz").write_bytes(b"big")
+    manifest.write(root / "predictions" / "oof.csv", freshness.predictions(Run(root), list(folds), cfg.tta))
     if stack:
         (root / "stack").mkdir()
         (root / "stack" / "metrics.csv").write_text("stage\n")

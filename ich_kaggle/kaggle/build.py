@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..core.layout import COMPETITION
 from .. import __version__
-from ..core import config as config_mod
+from ..core import config as config_mod, freshness
 from ..core.config import Config
 from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path, write_csv
@@ -153,6 +153,9 @@ def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, folds: l
     for path in shipped:
         if not path.is_file():
             raise UserError(f"{path} not found but {why}; rerun `make predict CONFIG={cfg.name}`")
+    made = freshness.predictions(Run.of(runs, member.name), folds, member.tta)
+    if stale := freshness.stale_reason(pred.oof, made):  # the OOF of exactly the folds shipped, as predict wrote it
+        raise UserError(f"{pred.oof} is stale ({stale}) but {why}; rerun `make predict CONFIG={cfg.name}`")
     return {f"predictions_{path.name}": path for path in shipped}
 
 
@@ -165,6 +168,12 @@ def _member_files(cfg: Config, member: Config, runs: str | Path, prefix: str, oo
     if not folds:
         raise UserError(f"no finished fold in {run.dir} (fold<k>/best.pt + done.json); train first "
                         f"(make train-all CONFIG={cfg.name})")
+    unfinished = [k for k in selected_folds(member.cv) if k not in folds]
+    if unfinished:
+        raise UserError(f"fold(s) {unfinished} of {member.name} are not trained to the end (no fold<k>/done.json in "
+                        f"{run.dir}): the kernel would ship folds {folds} of cv.k={member.cv.k}; finish them with "
+                        f"`make train-all CONFIG={cfg.name}` (it resumes), or choose the folds to ship with "
+                        f"--set cv.folds=[...] (then predict again)")
     files = {f"fold{k}_{path.name}": path for k in folds for path in (run.fold(k).best, run.fold(k).done)}
     if oof_why:
         files.update(_shipped_predictions(cfg, member, runs, folds, oof_why))
@@ -296,6 +305,10 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
     listed = member_files(cfg, members, runs) if cfg.is_ensemble else []
     stacked = is_stacked(cfg, runs)
     layout = _check_data_inputs(cfg, layout)
+    from ..data import trained
+
+    for member in members or [cfg]:  # the folds shipped are still the ones this config and data train
+        trained.check(member, layout, runs, via=cfg.name)
     final = names.model_dir(out)
     tmp = _fresh_tmp(final)
     sources = [(Run.of(runs, cfg.name).dir, files)] + [(Run.of(runs, m["name"]).dir, m["files"]) for m in listed]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from ..core import manifest as manifest_mod
 from ..core.layout import COMPETITION
 from ..core import config as config_mod
 from ..core.config import Config
@@ -155,9 +156,13 @@ def restore_oof(model_dir: Path, manifest: dict, runs: Path) -> None:
     entries = [(manifest["config"], manifest["files"])] + [(m["name"], m["files"]) for m in manifest.get("members", [])]
     for name, files in entries:
         run = Run.of(runs, name)
+        restored = []
         for flat, rel in files.items():
             if (run.dir / rel).parent == run.predictions.dir:
                 _link(model_dir / flat, run.dir / rel)
+                restored.append(run.dir / rel)
+        for path in restored:  # the shipped files are what the chain now holds (see core.manifest.adopt)
+            manifest_mod.adopt(path)
 
 
 def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> None:
@@ -169,6 +174,7 @@ def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> 
     meta = meta_mod.read_meta(layout.meta_csv)
     train = meta_mod.read_meta(model_dir / TRAIN_META)
     write_csv(pd.concat([meta[meta["split"] != "train"], train], ignore_index=True), layout.meta_csv)
+    manifest_mod.adopt(layout.meta_csv)  # the same scan of the test DICOMs, plus the shipped train rows
 
 
 def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path,

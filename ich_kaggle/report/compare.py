@@ -131,10 +131,15 @@ def compare(runs: str | Path = "runs") -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=columns)
     if len(table):
         table = table.sort_values("oof_wll", na_position="last").reset_index(drop=True)
-        write_csv(table, runs / "compare.csv")
+        try:
+            write_csv(table, runs / "compare.csv")
+            where = f"written to {runs / 'compare.csv'}"
+        except PermissionError:  # a read-only runs folder: the table is printed all the same
+            where = f"{runs} is read-only: not written to compare.csv"
         with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.4f}".format):
             log.info(table.to_string(index=False))
-        log.info(f"(written to {runs / 'compare.csv'}; for an ensemble folds_done counts its members; oof_wll is the out-of-fold weighted log loss, lower is better;"
+        log.info(f"({where}; for an ensemble folds_done counts its members; oof_wll is the out-of-fold weighted log "
+                 f"loss, lower is better;"
               f" make report CONFIG=<name> fills series_auc_any and the pooled OOF metric)")
     else:
         log.info(f"no finished experiment under {runs} (a fold counts once its training finished: done.json)")

@@ -339,7 +339,9 @@ def _stage_then(monkeypatch, action) -> None:
         action()
         return 0
 
-    monkeypatch.setitem(cli.COMMANDS, "compare", stage)
+    import dataclasses
+
+    monkeypatch.setitem(cli.COMMANDS, "compare", dataclasses.replace(cli.COMMANDS["compare"], run=stage))
 
 
 def test_sigterm_stops_the_run_with_rerun_to_resume(monkeypatch, tmp_path, capsys):

@@ -54,7 +54,10 @@ def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig, cv: 
             files += [f for k in folds for f in (src.oof_fold(k), src.test_fold(k), src.oof_fold_embeddings(k),
                                                  src.test_fold_embeddings(k))]
         inputs.update({f"source{i}:{f.name}": M.identity(f) for f in files})
-    settings = {k: v for k, v in dataclasses.asdict(stack).items() if k != "sources"}
+    # embedding_stage adds a second stack beside this one (with its own manifest); threads and the time budget change
+    # the speed, not what is fitted, unless the budget binds (the curve says so)
+    skip = ("sources", "embedding_stage", "threads", "max_seconds")
+    settings = {k: v for k, v in dataclasses.asdict(stack).items() if k not in skip}
     if not stack.use_embeddings:
         settings.pop("embedding_space")  # does not change a probability-level stack
     settings["cv"] = {"k": cv.k, "seed": cv.seed, "split": cv.split, "folds": folds}

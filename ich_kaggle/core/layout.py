@@ -208,6 +208,9 @@ class Run:
     config = property(lambda self: self.dir / "config.yaml")  # the resolved config (written by the kernel)
     predictions = property(lambda self: Predictions(self.dir / "predictions"))
     stack = property(lambda self: Stacked(self.dir / "stack"))
+    # the embedding-level second stage fitted beside the probability one (stack.embedding_stage)
+    embedding_stack = property(lambda self: Stacked(self.dir / "stack_embeddings"))
+    blend = property(lambda self: Stacked(self.dir / "blend"))  # submit's blend of the stages, when it measured better
     report = property(lambda self: self.dir / "report")
     job_logs = property(lambda self: self.dir / "jobs")  # one log per fold trained side by side (`make recipe`)
     choice = property(lambda self: self.dir / "choice.json")  # which stage submit chose, with both OOF scores

@@ -19,7 +19,7 @@ from ..core.config import Config, StackConfig
 from ..core.errors import UserError
 from ..core.io import write_csv
 from ..core import ensemble, freshness, manifest
-from ..core.layout import Layout, Predictions, Run
+from ..core.layout import Layout, Predictions, Run, Stacked
 from ..core.log import get as get_logger
 
 log = get_logger("stack")
@@ -130,9 +130,29 @@ def format_table(table: pd.DataFrame, model: str) -> str:
     return "\n".join(lines)
 
 
+def embedding_config(cfg: Config) -> Config:
+    """The config of the embedding-level second stage fitted beside the probability one (`stack.embedding_stage`)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, stack=cfg.stack.embedding_level())
+
+
 def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
           progress: bool = True, force: bool = False) -> Path:
-    """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`."""
+    """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`.
+
+    With `stack.embedding_stage` (and not `stack.use_embeddings`) the embedding-level second stage is fitted too,
+    into `runs/<cfg>/stack_embeddings/`, on the same sources: `submit` chooses among them by OOF."""
+    run = Run.of(runs, cfg.name)
+    out = _stack_one(cfg, layout, runs, sources, progress, force, run.stack)
+    if cfg.stack.embedding_stage and not cfg.stack.use_embeddings:
+        _stack_one(embedding_config(cfg), layout, runs, sources, progress, force, run.embedding_stack)
+    return out
+
+
+def _stack_one(cfg: Config, layout: Layout, runs: str | Path, sources: list[str | Path] | None, progress: bool,
+               force: bool, out: Stacked) -> Path:
+    """One second stage (probability- or embedding-level, as cfg.stack says) into `out`."""
     from ..core.config import selected_folds
     from ..data.folds import fold_table
     from ..data.meta import load_meta
@@ -143,7 +163,6 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
         raise UserError("stack.embedding_space=per_fold needs cv.split=patient (under a random split a fold model's "
                         "held-out images are scattered slices, not whole series); use stack.embedding_space=mixture")
     dirs = prediction_dirs(cfg, runs, sources)
-    out = Run.of(runs, cfg.name).stack
     expected = freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
     if not force and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics)) \
             and freshness.stale_reason(out.test, expected) is None:
@@ -188,7 +207,8 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     if len(result.curve):
         last = result.curve.groupby("fold")["step"].max()
         best = result.curve.loc[result.curve.groupby("fold")["val_loss"].idxmin(), "step"]
-        log.info(f"stack: stopped by the inner validation split after {last.tolist()} steps per fold "
-              f"(best at {best.tolist()}; curve in {out.curve})")
+        stops = result.curve["stop"][result.curve["stop"].astype(str) != ""].value_counts().to_dict()
+        log.info(f"stack: nets stopped by {stops} after {last.tolist()} steps per fold "
+                 f"(best at {best.tolist()}; curve in {out.curve})")
     log.info(f"wrote {out.oof} ({len(result.oof)} rows), {out.test} ({len(result.test)} rows), {out.metrics}")
     return out.dir

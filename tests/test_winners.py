@@ -1,0 +1,91 @@
+"""Issue 26: submit's choice among every stage (and a blend), a stacker that stops on its own validation, compact
+embeddings written only when a stage reads them, and the competition-scale second-stage bench at a tiny scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ich_kaggle.core.config import StackConfig
+from ich_kaggle.core.io import write_csv
+from ich_kaggle.core.labels import LABELS
+from ich_kaggle.core.layout import Stacked
+from ich_kaggle.stack.fit import train_net
+from ich_kaggle.stack.sequences import build_sequences, logit
+from ich_kaggle.stack.simulate import simulate, synthetic_series_z
+from ich_kaggle.submit.choose import Stage, choose
+
+L = list(LABELS)
+
+
+def _noisy(truth: pd.DataFrame, noise: np.ndarray, bias: float = 0.0) -> pd.DataFrame:
+    """Predictions: the labels' logit signal plus the given noise (and a calibration bias)."""
+    y = truth[L].to_numpy(np.float64)
+    p = 1 / (1 + np.exp(-(np.where(y == 1, 2.0, -3.0) + noise + bias)))
+    return pd.DataFrame(p, columns=L).assign(image_id=truth["image_id"].to_numpy())[["image_id", *L]]
+
+
+def test_submit_chooses_the_lowest_oof_stage_and_a_blend_only_when_it_measures_better(tmp_path):
+    rng = np.random.default_rng(0)
+    sim = simulate(n_series=60, k=3, seed=3, structure=synthetic_series_z(50, rng))
+    truth = sim.folds[["image_id", *L]]
+    shape = (len(truth), len(L))
+    first = _noisy(truth, rng.normal(0, 2.0, shape))
+    a, b = rng.normal(0, 1.2, shape), rng.normal(0, 1.2, shape)  # two stacks with independent errors
+
+    def stages(frames: dict[str, pd.DataFrame]) -> list[Stage]:
+        out = []
+        for name, frame in frames.items():
+            write_csv(frame, tmp_path / f"{name}_oof.csv")
+            write_csv(frame, tmp_path / f"{name}_test.csv")
+            out.append(Stage(name, tmp_path / f"{name}_test.csv", tmp_path / f"{name}_oof.csv"))
+        return out
+
+    blend_dir = Stacked(tmp_path / "blend")
+    # independent errors: their mean beats each, so the blend is chosen and written
+    chosen, losses = choose(stages({"first_stage": first, "stacked": _noisy(truth, a),
+                                    "stacked_embeddings": _noisy(truth, b)}), truth, blend_dir)
+    assert set(losses) == {"first_stage", "stacked", "stacked_embeddings", "blend"}
+    assert chosen.name == "blend" and losses["blend"] == min(losses.values())
+    blended = pd.read_csv(blend_dir.test)
+    stacked = pd.read_csv(tmp_path / "stacked_test.csv")
+    emb = pd.read_csv(tmp_path / "stacked_embeddings_test.csv")
+    np.testing.assert_allclose(blended[L], (stacked[L] + emb[L]) / 2, rtol=1e-6)
+    # the same errors twice (nothing to average away) and one stack far better: that stack, no blend written
+    (blend_dir.test).unlink()
+    good = _noisy(truth, 0.3 * a)
+    chosen, losses = choose(stages({"first_stage": first, "stacked": _noisy(truth, a, bias=1.0),
+                                    "stacked_embeddings": good}), truth, blend_dir)
+    assert chosen.name == "stacked_embeddings" and losses["stacked_embeddings"] == min(losses.values())
+    assert not blend_dir.test.exists()
+    # a stack worse than the first stage: the first stage (the blend of the two is worse than it too)
+    chosen, losses = choose(stages({"first_stage": first, "stacked": _noisy(truth, 3 * a, bias=2.0)}), truth,
+                            blend_dir)
+    assert chosen.name == "first_stage" and losses["first_stage"] == min(losses.values())
+
+
+def _sequences(n_series: int, seed: int):
+    rng = np.random.default_rng(seed)
+    sim = simulate(n_series=n_series, k=5, seed=seed, noise=2.0, structure=synthetic_series_z(80, rng))
+    frame = sim.folds.merge(sim.meta[["image_id", "slice_rank", "z", "series_len"]], on="image_id")
+    frame = frame.merge(sim.oof, on="image_id", suffixes=("", "_p"))
+    values = logit(frame[[f"{c}_p" for c in L]].to_numpy())
+    return build_sequences(frame, values, frame[L].to_numpy(np.float32), frame["fold"].to_numpy())
+
+
+def test_the_stacker_stops_on_its_validation_not_on_a_cap():
+    defaults = StackConfig()
+    assert defaults.max_steps == 0 and defaults.threads == 1  # no step cap; one thread per process
+    seqs = _sequences(120, 5)
+    scfg = StackConfig(hidden=16, layers=1, epochs=200, batch_series=16, lr=5e-3, patience=2)
+    curve: list[dict] = []
+    train_net(seqs, scfg, 1, seed=0, curve=curve)
+    steps_per_epoch = -(-int(round(len(seqs) * (1 - scfg.val_fraction))) // scfg.batch_series)
+    assert curve[-1]["stop"] == "validation" and curve[-1]["step"] < 200 * steps_per_epoch
+    best = min(range(len(curve)), key=lambda i: curve[i]["val_loss"])
+    assert len(curve) - 1 - best == scfg.patience  # stopped `patience` validations after the best one
+    # the time budget is a safety net: a budget of ~0 stops after the first step, and says so
+    curve = []
+    train_net(seqs, StackConfig(hidden=16, layers=1, epochs=200, batch_series=16, max_seconds=1e-9), 1, seed=0,
+              curve=curve)
+    assert curve[-1]["stop"] == "time" and curve[-1]["step"] == 1

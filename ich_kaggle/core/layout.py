@@ -152,6 +152,10 @@ class Predictions:
     def oof_fold_embeddings(self, k: int) -> Path:
         return self.dir / f"oof_fold{k}_embeddings.npz"
 
+    def fold_projection(self, k: int) -> Path:
+        """Fold model k's PCA of its embeddings (predict.compact), fitted on its OOF embeddings."""
+        return self.dir / f"oof_fold{k}_pca.npz"
+
 
 @dataclass(frozen=True)
 class Stacked:

@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="print speed and memory figures")
     p.add_argument("--what", nargs="*", default=["all"])
+    p.add_argument("--scale", type=float, default=None, help="fraction of the competition's size (stack-scale)")
     p.add_argument("--mini", default=None, help="extracted real mini set (default: from ../shared)")
 
     p = sub.add_parser("gpu-check", help="train + predict the real model on the real mini set on the GPU(s), a few minutes")
@@ -506,7 +507,7 @@ def _compare(args):
 def _bench(args):
     from . import bench
 
-    bench.run(args.what, mini=args.mini)
+    bench.run(args.what, mini=args.mini, scale=args.scale)
 
 
 @command("gpu-check")

@@ -89,3 +89,18 @@ def test_the_stacker_stops_on_its_validation_not_on_a_cap():
     train_net(seqs, StackConfig(hidden=16, layers=1, epochs=200, batch_series=16, max_seconds=1e-9), 1, seed=0,
               curve=curve)
     assert curve[-1]["stop"] == "time" and curve[-1]["step"] == 1
+
+
+def test_stack_scale_bench_prints_each_design_and_the_default_figures(capsys):
+    """`make bench --what stack-scale` at a tiny scale (tests are never timed): the lines the issue tracks."""
+    from ich_kaggle.bench.stack_scale import bench_stack_scale
+
+    bench_stack_scale(None, scale=0.004, members=2, designs=("probs", "per_fold"),
+                      scfg=StackConfig(hidden=8, layers=1, epochs=2, embedding_dim=4))
+    out = capsys.readouterr().out
+    for design in ("probs", "per_fold"):
+        for figure in ("wall_s", "cpu_s", "peak_rss_gb", "disk_gb", "oof_log_loss"):
+            assert f"stack_scale[{design}]_{figure}: " in out
+    cpu = float(out.split("stack_scale_cpu_s: ")[1].split()[0])
+    rss = float(out.split("stack_scale_peak_rss_gb: ")[1].split()[0])
+    assert cpu > 0 and 0 < rss < 8

@@ -17,8 +17,11 @@ BENCHES: dict[str, str] = {
     "loader": "ich_kaggle.bench.loader:bench_loader",
     "train": "ich_kaggle.bench.train:bench",
     "stack": "ich_kaggle.bench.stack:bench_stack",
+    "stack-scale": "ich_kaggle.bench.stack_scale:bench_stack_scale",  # every second-stage design, full scale
     "choices": "ich_kaggle.bench.choices:bench_choices",  # quality, not speed: TTA views and weight averaging
 }
+
+EXPLICIT = {"stack-scale"}  # long (tens of CPU-minutes at full scale): only when named
 
 SHARED_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsna-ich-mini.tar.xz"
 
@@ -38,12 +41,19 @@ def mini_set(mini: str | Path | None = None) -> Path | None:
     return out
 
 
-def run(what: list[str], mini: str | Path | None = None) -> None:
-    names = list(BENCHES) if "all" in what else what
+def run(what: list[str], mini: str | Path | None = None, scale: float | None = None) -> None:
+    """`scale`: a fraction of the competition's size for the benches that take one (stack-scale)."""
+    import inspect
+
+    names = [n for n in BENCHES if n not in EXPLICIT] if "all" in what else what
     data = mini_set(mini)
     if data is None:
         print(f"note: {SHARED_MINI} not found; benchmarks that need the real mini set use synthetic data")
     for name in names:
         module, fn = BENCHES[name].split(":")
         print(f"== {name}")
-        getattr(importlib.import_module(module), fn)(data)
+        bench = getattr(importlib.import_module(module), fn)
+        if scale is not None and "scale" in inspect.signature(bench).parameters:
+            bench(data, scale=scale)
+        else:
+            bench(data)

@@ -75,7 +75,7 @@ def scores(layout: Layout, run: Run, members: list[str] | None = None, extra: di
         out["stacked_embeddings_log_loss"] = loss(emb.test if on_test else emb.oof)
     for key, r in (extra or {}).items():
         out[key] = loss(pick(r, True))
-    if run.choice.exists() and json.loads(run.choice.read_text())["stage"] == "blend":
+    if run.choice.exists() and "blend" in (json.loads(run.choice.read_text()).get("oof_log_loss") or {}):
         out["blend_log_loss"] = loss(run.blend.test if on_test else run.blend.oof)
     return out
 

@@ -1,8 +1,8 @@
 """Which stage `submit` sends: the first stage, the probability stack, the embedding stack or a blend, by OOF loss.
 
 Every fresh stage is scored on the same labelled images (those every candidate predicts); the blend (the mean of the
-second stages' probabilities, with the first stage when there is only one second stage) is added as a candidate and
-written to `runs/<cfg>/blend/` only when it measures better than each stage it blends. Why a plain mean and not fitted
+second stages' probabilities, with the first stage when there is only one second stage) is written to
+`runs/<cfg>/blend/` and added as a candidate: chosen only when it measures better than every stage. Why a plain mean and not fitted
 weights: the weights would be chosen on the same OOF rows that then judge them; a mean has nothing to overfit.
 """
 
@@ -102,7 +102,7 @@ def choose(stages: list[Stage], truth: pd.DataFrame | None, blend_dir: Stacked) 
     """The stage with the lowest OOF loss (with a blend among the candidates), and every candidate's loss.
 
     Without labels (or no OOF image in common) the last second stage listed wins: the embedding stack, else the
-    probability stack, else the first stage. The blend is written to `blend_dir` only when it is chosen."""
+    probability stack, else the first stage. The blend is written to `blend_dir` whenever it is a candidate."""
     if truth is None or not all(s.oof.exists() for s in stages):
         return stages[-1], {}
     scored = oof_losses(stages, truth)
@@ -115,9 +115,9 @@ def choose(stages: list[Stage], truth: pd.DataFrame | None, blend_dir: Stacked) 
         t = truth.assign(image_id=truth["image_id"].astype(str)).drop_duplicates("image_id").set_index("image_id")
         on = blend_oof[blend_oof["image_id"].isin(ids)]
         losses["blend"] = score_frames(t.loc[on["image_id"]].reset_index(), on)["weighted_log_loss"]
+        write_csv(_mean([s.test for s in parts]), blend_dir.test)  # kept either way: `make demo` scores it too
+        write_csv(blend_oof, blend_dir.oof)
         if losses["blend"] < min(losses[s.name] for s in stages):
-            write_csv(_mean([s.test for s in parts]), blend_dir.test)
-            write_csv(blend_oof, blend_dir.oof)
             return Stage("blend", blend_dir.test, blend_dir.oof), losses
     best = min(stages, key=lambda s: losses[s.name])
     return best, losses

@@ -103,3 +103,26 @@ def test_stack_scale_bench_prints_each_design_and_the_default_figures(capsys):
     cpu = float(out.split("stack_scale_cpu_s: ")[1].split()[0])
     rss = float(out.split("stack_scale_peak_rss_gb: ")[1].split()[0])
     assert cpu > 0 and 0 < rss < 8
+
+
+def test_embeddings_are_written_only_when_read_and_kept_as_the_components_the_stack_uses(tmp_path):
+    """predict's embedding mode follows the second stage; per_fold keeps a whitened float16 PCA fitted once per fold
+    model (the end-to-end files are checked in test_state's per_fold test and test_predict)."""
+    from ich_kaggle.predict.compact import Projection, fit_projection
+    from ich_kaggle.predict.stage import embedding_mode
+
+    assert embedding_mode(StackConfig()) == "none"  # no stage reads them: none written
+    assert embedding_mode(StackConfig(embedding_stage=True)) == "pca16"
+    assert embedding_mode(StackConfig(use_embeddings=True, embedding_space="mixture")) == "full"
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(3000, 3)) * [5.0, 3.0, 2.0]  # three strong directions in 256-d noise
+    basis = np.linalg.qr(rng.normal(size=(256, 256)))[0][:3]
+    emb = (signal @ basis + rng.normal(0, 0.1, (3000, 256))).astype(np.float16)
+    proj = fit_projection(emb, 8, seed=0)
+    proj.save(tmp_path / "pca.npz")
+    out = Projection.load(tmp_path / "pca.npz").apply(emb)
+    assert out.shape == (3000, 8) and out.dtype == np.float16
+    np.testing.assert_allclose(out.astype(np.float32).std(0), 1.0, atol=0.05)  # whitened
+    # the leading components span the signal's directions
+    overlap = np.linalg.svd(proj.components[:3] @ basis.T, compute_uv=False)
+    assert overlap.min() > 0.99

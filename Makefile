@@ -35,9 +35,9 @@ demo: $(PY)
 	$(PY) -m ich_kaggle demo $(if $(filter command line environment,$(origin DATA_DIR)),--data "$(DATA_DIR)") \
 	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),demo) $(if $(strip $(SET)),--set $(SET))
 
-# the whole recipe, resumable (rerun after an interruption): ENSEMBLE=seresnext_pair or any config / ensemble
+# the whole recipe, resumable (rerun after an interruption): ENSEMBLE=winners (default), seresnext_pair or any config / ensemble
 # GPUS: how many GPUs train folds side by side (default -1: every visible one)
-ENSEMBLE ?= seresnext_pair
+ENSEMBLE ?= winners
 GPUS ?= -1
 recipe: $(PY)
 	$(PY) -m ich_kaggle recipe --config $(ENSEMBLE) --data "$(DATA_DIR)" --runs "$(RUNS)" --gpus $(GPUS) $(if $(strip $(SET)),--set $(SET))

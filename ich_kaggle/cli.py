@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipe", help="the whole recipe in one resumable command: meta, folds, cache, every fold of "
                                       "every member, predict, stack, choose by OOF, submit")
     _add_experiment(p)
-    p.set_defaults(config="seresnext_pair")
+    p.set_defaults(config="winners")
     p.add_argument("--out-dir", default="submissions")
     p.add_argument("--gpus", type=int, default=-1, help="GPUs that train folds side by side, one process each "
                                                         "(default -1: every visible one; 0 or 1: one fold at a time)")

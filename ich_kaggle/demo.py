@@ -130,7 +130,7 @@ def fold_jobs(cfg, config_name: str, overrides: list[str] | None) -> list:
     return [Job(src, int(k), sets, m.name) for (src, sets), m in zip(sources, members) for k in selected_folds(m.cv)]
 
 
-def recipe(data: str, config_name: str = "seresnext_pair", runs: str = "runs", work: str | None = None,
+def recipe(data: str, config_name: str = "winners", runs: str = "runs", work: str | None = None,
            overrides: list[str] | None = None, out_dir: str = "submissions", gpus: int = -1) -> Path:
     """`make recipe`: the whole recipe on a Kaggle download, one resumable command, to `<out_dir>/<config>.csv`.
     `gpus`: how many GPUs train folds side by side (-1: every visible one; 0 or 1: one fold at a time here)."""

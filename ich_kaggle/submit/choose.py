@@ -2,8 +2,9 @@
 
 Every fresh stage is scored on the same labelled images (those every candidate predicts); the blend (the mean of the
 second stages' probabilities, with the first stage when there is only one second stage) is written to
-`runs/<cfg>/blend/` and added as a candidate: chosen only when it measures better than every stage. Why a plain mean and not fitted
-weights: the weights would be chosen on the same OOF rows that then judge them; a mean has nothing to overfit.
+`runs/<cfg>/blend/` and added as a candidate: chosen only when it measures better than every stage. Why a plain
+mean and not fitted weights: the weights would be chosen on the same OOF rows that then judge them; a mean has
+nothing to overfit.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
     """
     first = run.predictions
     if not first.test.exists():
-        raise UserError(f"no test predictions in {first.dir}; run `make predict CONFIG={cfg.name}` (and `make stack`) first")
+        raise UserError(f"no test predictions in {first.dir}; run `make predict CONFIG={cfg.name}` (and `make stack`) "
+                        f"first")
     stale = freshness.stale_reason(first.test, _first_stage_manifest(cfg, run))
     if stale:
         raise UserError(f"{first.test} is stale ({stale}); rerun `make predict CONFIG={cfg.name}` first")

@@ -64,9 +64,9 @@ demo: $(PY) ## the whole pipeline on a synthetic competition, on CPU (~5 min); i
 	$(PY) -m ich_kaggle demo $(if $(filter command line environment,$(origin DATA_DIR)),--data "$(DATA_DIR)") \
 	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),demo) $(if $(strip $(SET)),--set $(SET))
 
-# the whole recipe, resumable (rerun after an interruption): ENSEMBLE=seresnext_pair or any config / ensemble
-## ENSEMBLE=<name>    what `make recipe` trains (default seresnext_pair)
-ENSEMBLE ?= seresnext_pair
+# the whole recipe, resumable (rerun after an interruption): ENSEMBLE=winners (default), seresnext_pair, kaggle_week
+## ENSEMBLE=<name>    what `make recipe` trains (default winners: docs/stacking.md)
+ENSEMBLE ?= winners
 ## GPUS=<n>           recipe: GPUs that train folds side by side (default -1: every visible one; 0: one at a time)
 GPUS ?= -1
 recipe: $(PY) ## the whole recipe on the real data, resumable: ENSEMBLE=, GPUS=, DATA_DIR=

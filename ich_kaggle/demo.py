@@ -3,7 +3,8 @@
 synth -> meta -> folds -> cache -> train every fold of every member -> predict with TTA -> ensemble -> stack ->
 submit (chooses by OOF) -> score. The default is the two-member CPU ensemble `configs/ensembles/demo.yaml` on a
 synthetic competition with 30+ test studies. Ends with one line per figure: the prior, each member's first stage,
-the ensemble, the stack (and the embedding-level stack beside it), and the stage submit chose, scored on the test
+the ensemble, the probability stack, the embedding stack (stack.embedding_stage: in the submitted path), and the
+stage submit chose with the OOF losses it chose by, scored on the test
 labels when the data folder has `stage_2_test_labels.csv`, otherwise on the out-of-fold predictions.
 """
 
@@ -70,8 +71,13 @@ def scores(layout: Layout, run: Run, members: list[str] | None = None, extra: di
     else:
         out["first_stage_log_loss"] = loss(pick(run, False))
     out["stacked_log_loss"] = loss(pick(run, True))
+    emb = run.embedding_stack
+    if (emb.test if on_test else emb.oof).exists():
+        out["stacked_embeddings_log_loss"] = loss(emb.test if on_test else emb.oof)
     for key, r in (extra or {}).items():
         out[key] = loss(pick(r, True))
+    if run.choice.exists() and "blend" in (json.loads(run.choice.read_text()).get("oof_log_loss") or {}):
+        out["blend_log_loss"] = loss(run.blend.test if on_test else run.blend.oof)
     return out
 
 
@@ -125,7 +131,7 @@ def fold_jobs(cfg, config_name: str, overrides: list[str] | None) -> list:
     return [Job(src, int(k), sets, m.name) for (src, sets), m in zip(sources, members) for k in selected_folds(m.cv)]
 
 
-def recipe(data: str, config_name: str = "seresnext_pair", runs: str = "runs", work: str | None = None,
+def recipe(data: str, config_name: str = "winners", runs: str = "runs", work: str | None = None,
            overrides: list[str] | None = None, out_dir: str = "submissions", gpus: int = -1) -> Path:
     """`make recipe`: the whole recipe on a Kaggle download, one resumable command, to `<out_dir>/<config>.csv`.
     `gpus`: how many GPUs train folds side by side (-1: every visible one; 0 or 1: one fold at a time here)."""
@@ -187,8 +193,9 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
     print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name} ({names})  runs {runs}")
     out_file = pipeline(cfg, members, layout, runs)
     extra: dict[str, Run] = {}
-    if embeddings and not cfg.stack.use_embeddings:
-        # the embedding-level second stage beside the probability one: same sources, embeddings added
+    if embeddings and not cfg.stack.use_embeddings and not cfg.stack.embedding_stage:
+        # the embedding-level second stage beside the probability one (outside the submitted path, which has it with
+        # stack.embedding_stage): same sources, embeddings added
         emb = dataclasses.replace(cfg, name=f"{cfg.name}+embeddings",
                                   stack=dataclasses.replace(cfg.stack, use_embeddings=True))
         stack.stack(emb, layout, runs=runs, sources=[str(p.dir) for p in ensemble.stack_sources(cfg, runs)])
@@ -196,12 +203,16 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
 
     run_dir = Run.of(runs, cfg.name)
     result = scores(layout, run_dir, [m.name for m in members] if cfg.is_ensemble else None, extra)
-    chosen = json.loads(run_dir.choice.read_text())["stage"]
+    choice = json.loads(run_dir.choice.read_text())
+    chosen = choice["stage"]
     where = "test labels" if layout.test_labels_csv.exists() else "out-of-fold predictions"
     cpu = _cpu_seconds() - cpu_start  # this process, its threads and its finished worker processes
     print(f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s, "
           f"CPU time {cpu:.0f} s (on a shared machine the wall time also measures the neighbours)")
-    block = [f"{key}: {value:.5f}" for key, value in result.items()] + [f"submit_chose: {chosen}"]
+    oof = choice.get("oof_log_loss") or {}
+    why = ("the lowest OOF loss of " + ", ".join(f"{k} {v:.5f}" for k, v in sorted(oof.items(), key=lambda kv: kv[1]))
+           if oof else "no OOF score to choose by")
+    block = [f"{key}: {value:.5f}" for key, value in result.items()] + [f"submit_chose: {chosen} ({why})"]
     print("\n".join(block))
     docs.save_output(output_file(run_dir), block, docs.settings_line(data, config_name, overrides))
     return {**result, "submit_chose": chosen}

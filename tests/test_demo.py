@@ -34,14 +34,16 @@ def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path)
     data = synth.write_competition(tmp_path / "comp", seed=3, studies=12, slices=8, size=64)
     proc = _demo(tmp_path, data)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()[-7:]
+    lines = proc.stdout.strip().splitlines()[-8:]
     names = [line.split(": ")[0] for line in lines]
     assert names == ["prior_log_loss", "first_stage_log_loss[tiny]", "first_stage_log_loss[tiny_bone]",
-                     "ensemble_log_loss", "stacked_log_loss", "stacked_embeddings_log_loss", "submit_chose"]
+                     "ensemble_log_loss", "stacked_log_loss", "stacked_embeddings_log_loss", "blend_log_loss",
+                     "submit_chose"]
     values = [float(re.match(r"\S+: ([0-9.]+)$", line).group(1)) for line in lines[:-1]]
     assert all(0 < v < 5 for v in values)
-    chose = lines[-1].split(": ")[1]
-    assert chose in ("first_stage", "stacked") and f"submit: using the {'first' if chose == 'first_stage' else 'second'} stage" in proc.stdout
+    chose = lines[-1].split()[1]  # submit_chose: <stage> (the lowest OOF loss of ...)
+    assert chose in ("first_stage", "stacked", "stacked_embeddings", "blend")
+    assert f"submit: using the {chose.replace('_', ' ')}" in proc.stdout and "the lowest OOF loss of" in lines[-1]
     assert "scored on the test labels" in proc.stdout
 
     sub = tmp_path / "submissions" / "demo.csv"
@@ -62,7 +64,7 @@ def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path)
     # a second run reuses everything (trained folds, per-fold predictions, the stack) and prints the same scores
     again = _demo(tmp_path, data)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.strip().splitlines()[-7:] == lines
+    assert again.stdout.strip().splitlines()[-8:] == lines
     printed = again.stdout + again.stderr
     assert printed.count("is already trained") == 6  # 3 folds of each of the two members
     assert "already predicted" in printed and "(same member predictions and combination); reusing" in printed

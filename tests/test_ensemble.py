@@ -45,6 +45,10 @@ def test_ensemble_config_checks_its_members(tmp_path):
     with pytest.raises(UserError, match="ensemble.weights"):
         config.load("demo", ["ensemble.weights=[1.0]"])
     assert [m.name for m in ensemble.load_members(config.load("seresnext_pair"))] == ["seresnext50_512", "seresnext101_480"]
+    winners = config.load("winners")  # the default recipe: three members, the embedding stage submitted
+    assert [m.name for m in ensemble.load_members(winners)] == ["seresnext50_512", "seresnext101_480",
+                                                                "efficientnet_b3_bone"]
+    assert winners.stack.embedding_stage
 
 
 def test_ensemble_round_trips_through_train_predict_stack_submit_compare(tmp_path):

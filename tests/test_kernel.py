@@ -188,9 +188,12 @@ def test_model_dataset_contents(tmp_path, cfg):
     with pytest.raises(UserError, match="oof_fold0.csv not found"):
         kernel.model_files(cfg, runs)
     for k in (0, 2):
-        for name in (f"oof_fold{k}.csv", f"oof_fold{k}_embeddings.npz"):
+        for name in (f"oof_fold{k}.csv", f"oof_fold{k}_embeddings.npz", f"oof_fold{k}_pca.npz"):
             (runs / cfg.name / "predictions" / name).write_text("x")
-    assert kernel.model_files(cfg, runs)["predictions_oof_fold2_embeddings.npz"] == "predictions/oof_fold2_embeddings.npz"
+    shipped = kernel.model_files(cfg, runs)
+    assert shipped["predictions_oof_fold2_embeddings.npz"] == "predictions/oof_fold2_embeddings.npz"
+    assert "predictions_oof_embeddings.npz" not in shipped  # per_fold never reads the mixture's combined file
+    assert shipped["predictions_oof_fold2_pca.npz"] == "predictions/oof_fold2_pca.npz"
     cfg.stack.embedding_space = "mixture"
     (runs / cfg.name / "predictions" / "oof_embeddings.npz").unlink()
     with pytest.raises(UserError, match="oof_embeddings.npz not found .* rerun `make predict CONFIG=tiny`"):

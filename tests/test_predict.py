@@ -140,9 +140,8 @@ def test_predict_writes_every_file(trained, capsys):
     assert not (out / "test_fold2.csv").exists()
     oof = pd.read_csv(out / "oof.csv")
     assert sorted(oof["image_id"]) == sorted(folds.loc[folds["fold"].isin([0, 1]), "image_id"])
-    for name, n in (("test_embeddings.npz", len(test)), ("oof_embeddings.npz", len(oof))):
-        with np.load(out / name) as z:
-            assert z["emb"].shape[0] == n and z["emb"].dtype == np.float16 and len(z["image_id"]) == n
+    # no second stage of this config reads embeddings: none written (issue 26; test_state covers the compact ones)
+    assert not list(out.glob("*embeddings.npz"))
     values = np.concatenate([test[L].to_numpy(), oof[L].to_numpy()])
     assert np.isfinite(values).all() and values.min() > 0 and values.max() < 1
     assert list(pd.read_csv(out / "unreadable_test.csv").columns) == ["image_id", "reason"]

@@ -468,7 +468,7 @@ def test_ensemble_with_random_split_goes_through_predict(comp, tmp_path):
     from ich_kaggle.predict import stage as predict
 
     cfg = _cfg("resnext50_seresnet50", "model.backbone=small_cnn+small_cnn", "cv.split=random",
-               "train.max_images_per_epoch=6")
+               "train.max_images_per_epoch=6", "stack.use_embeddings=true", "stack.embedding_space=mixture")
     for fold in range(cfg.cv.k):
         train.train_fold(cfg, comp, fold, runs=tmp_path)
     out = predict.predict(cfg, comp, runs=tmp_path)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -196,10 +197,13 @@ def test_per_fold_embedding_stack_end_to_end_reused_and_redone_when_the_knob_cha
     run = Run.of(runs, cfg.name)
     if not run.fold(2).done.exists():
         train.train_fold(cfg, layout, 2, runs=runs)
-    predict(cfg, layout, runs=runs)
     per = config.load("tiny", [*SETTINGS, *PER_FOLD])
-    for k in (0, 1, 2):
-        assert run.predictions.test_fold_embeddings(k).exists()  # predict writes each fold model's test embeddings
+    predict(cfg, layout, runs=runs, reads=per.stack)  # as an ensemble's members are predicted for its stack
+    for k in (0, 1, 2):  # predict writes each fold model's embeddings, as the components the stack reads (issue 26)
+        with np.load(run.predictions.test_fold_embeddings(k)) as z:
+            assert z["emb"].shape[1] == 4 and z["emb"].dtype == np.float16
+        assert run.predictions.fold_projection(k).exists()
+    assert not run.predictions.test_embeddings.exists()  # the mixture's combined file: nothing reads it
     stack(per, layout, runs=runs, progress=False, force=True)
     made = run.stack.test.stat().st_mtime_ns
     saved = manifest.read(run.stack.test)
@@ -215,6 +219,7 @@ def test_per_fold_embedding_stack_end_to_end_reused_and_redone_when_the_knob_cha
     assert out.returncode == 0, out.stderr
     assert "OOF weighted log loss: stacked" in out.stdout and run.stack.test.stat().st_mtime_ns == made  # reused
     mixture = [*PER_FOLD[:-2], "stack.embedding_space=mixture", PER_FOLD[-1]]
+    predict(cfg, layout, runs=runs, reads=config.load("tiny", [*SETTINGS, *mixture]).stack)  # its full embeddings
     out = cli("submit", *experiment_args(cfg, layout, runs), *mixture, "--out-dir", str(runs / "subs"))
     assert out.returncode == 0, out.stderr
     assert run.stack.test.stat().st_mtime_ns > made  # the knob changed: the stack was recomputed

@@ -23,9 +23,11 @@ BENCHES: dict[str, str] = {
     "train": "ich_kaggle.bench.train:bench",
     "submission": "ich_kaggle.bench.stack:bench_submission",
     "stack": "ich_kaggle.bench.stack:bench_stack",
+    "stack-scale": "ich_kaggle.bench.stack_scale:bench_stack_scale",  # every second-stage design, full scale
     "choices": "ich_kaggle.bench.choices:bench_choices",  # quality, not speed: TTA views and weight averaging
 }
-EXPLICIT = {"stack", "choices"}  # long (minutes each): only when named with --what
+# long (minutes each; stack-scale tens of CPU-minutes at full scale): only when named with --what
+EXPLICIT = {"stack", "choices", "stack-scale"}
 
 SHARED_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsna-ich-mini.tar.xz"
 SYNTHETIC = "synthetic"  # --mini synthetic: the generated competition even where the real mini set is present
@@ -62,7 +64,10 @@ def bench_data(mini: str | Path | None = None) -> tuple[Path, str]:
                  f"at {BENCH_SYNTH['size']} px: DICOM figures are for synthetic files; real ones: {fix('--mini <folder>', 'MINI=<folder>')})")
 
 
-def run(what: list[str], mini: str | Path | None = None) -> None:
+def run(what: list[str], mini: str | Path | None = None, scale: float | None = None) -> None:
+    """`scale`: a fraction of the competition's size for the benches that take one (stack-scale)."""
+    import inspect
+
     unknown = [n for n in what if n != "all" and n not in BENCHES]
     if unknown:
         from ..core.errors import UserError
@@ -74,4 +79,8 @@ def run(what: list[str], mini: str | Path | None = None) -> None:
     for name in names:
         module, fn = BENCHES[name].split(":")
         print(f"== {name}")
-        getattr(importlib.import_module(module), fn)(data)
+        bench = getattr(importlib.import_module(module), fn)
+        if scale is not None and "scale" in inspect.signature(bench).parameters:
+            bench(data, scale=scale)
+        else:
+            bench(data)

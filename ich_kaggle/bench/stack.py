@@ -36,9 +36,10 @@ def bench_stack(mini: Path | None = None, train_slices: int = COMPETITION_TRAIN_
     slices in 21,225 series + 3,412 test series, 5 folds train+predict in 537 s wall with 2 threads (554 s with 1);
     OOF 0.1308 -> 0.0166 (neighbours baseline 0.0487) on the simulated first stage. Training now stops on an inner
     validation split (stack.val_fraction, stack.patience, at most stack.epochs); `stack_steps_per_fold` prints where
-    it stopped, so the wall time scales with those steps (~0.2 s each at this scale on 2 threads); the default cap
-    stack.max_steps=800 bounds it at an estimated ~15 minutes (not yet measured at full scale with early stopping:
-    a 100k-slice run on the shared box took ~250 s wall for its first GRU fold under a load average of ~7).
+    it stopped, so the wall time scales with those steps (~0.2 s each at this scale on 2 threads). The former cap
+    stack.max_steps=800 is gone (issue 26: it stopped every fold with the validation loss still falling); every
+    second-stage design, with the stacker's own thread count, is measured by `make bench --what stack-scale`
+    (docs/stacking.md).
     """
     torch.set_num_threads(threads)
     structure = real_series_z(HEADERS) if HEADERS.exists() else synthetic_series_z(2000, np.random.default_rng(0))

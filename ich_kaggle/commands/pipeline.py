@@ -7,7 +7,7 @@ from . import EXPERIMENT, MINI, command, defaults, flag
 
 @command("recipe", "the whole recipe in one resumable command: meta, folds, cache, every fold of every member, "
                    "predict, stack, choose by OOF, submit",
-         EXPERIMENT, defaults(config="seresnext_pair"), flag("--out-dir", default="submissions"),
+         EXPERIMENT, defaults(config="winners"), flag("--out-dir", default="submissions"),
          flag("--gpus", type=int, default=-1, help="GPUs that train folds side by side, one process each "
                                                    "(default -1: every visible one; 0 or 1: one fold at a time)"))
 def recipe(args):
@@ -34,13 +34,15 @@ def demo(args):
 @command("bench", "print speed and memory figures as `name: value` lines (a few minutes on 2 cores)",
          flag("--what", nargs="*", default=["all"],
               help="benchmarks to run: all (the quick ones), synth, meta, cache, loader, train, submission, and the "
-                   "long ones, run only when named: stack (competition scale, ~15 min), choices (5-8 min)"),
+                   "long ones, run only when named: stack (competition scale, ~15 min), choices (5-8 min), "
+                   "stack-scale (every second-stage design at competition scale; --scale 0.25 for a quarter)"),
          flag("--mini", default=None, help="the extracted real mini set, or 'synthetic' (default: ../shared's when "
-                                           "present, else a synthetic competition generated into .cache/)"))
+                                           "present, else a synthetic competition generated into .cache/)"),
+         flag("--scale", type=float, default=None, help="fraction of the competition's size (stack-scale)"))
 def bench(args):
     from .. import bench
 
-    bench.run(args.what, mini=args.mini)
+    bench.run(args.what, mini=args.mini, scale=args.scale)
 
 
 @command("gpu-check", "train + predict the real model on the real mini set on the GPU(s), a few minutes", MINI)

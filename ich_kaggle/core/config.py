@@ -230,11 +230,21 @@ class StackConfig:
     #   mixture  0.18608 0.16170 0.17290 0.18473 (mean 0.17635) / 0.19481 0.20376 0.21767 0.29245 (mean 0.22717)
     # per_fold: lower mean test loss, ~14x smaller spread over seeds, lower OOF at every seed (what submit chooses by).
     embedding_space: EmbeddingSpace = "per_fold"
+    # fit the embedding-level second stage (stack.embedding_space) too, beside the probability-level one, into
+    # runs/<cfg>/stack_embeddings/; `submit` then chooses among the first stage, both stacks and their blend by OOF
+    embedding_stage: bool = False
     neighbors_k: int = 2
     epochs: int = 20  # at most; training stops earlier on the inner validation split
-    # per fold, a time cap on optimizer steps (0 = none): ~3 epochs at competition scale (~265 steps per epoch), which
-    # keeps probability-level stacking near the 15-minute budget on 2 cores; smaller data stops on its split first
-    max_steps: int = 800
+    # per net, a cap on optimizer steps (0 = none). The former default 800 bound at competition scale (every fold
+    # stopped at ~3 epochs with its validation loss still falling, issue 26); the early stop below decides now.
+    max_steps: int = 0
+    # per net, a wall-clock safety budget in seconds (0 = none): it only stops a run that is far slower than expected
+    # (e.g. a machine shared by many jobs); at competition scale the early stop ends each net well before it
+    # (docs/stacking.md, `make bench --what stack-scale`)
+    max_seconds: float = 1800.0
+    # torch threads of the stacker's process: one thread was 2.2x faster per step than two at load 2 (issue 26); the
+    # GRU's small matrices do not parallelise, so more threads only contend with the other processes
+    threads: int = 1
     val_fraction: float = 0.1  # share of each fold's training series held out to stop on (0 = train all epochs)
     patience: int = 3  # validations without improvement before stopping
     val_every: int = 0  # optimizer steps between validations (0 = once per epoch)
@@ -244,11 +254,18 @@ class StackConfig:
     seed: int = 42
     sources: list[str] = field(default_factory=list)  # first-stage prediction folders to stack; empty: this config's own
 
+    def embedding_level(self) -> "StackConfig":
+        """The settings of the embedding-level stage fitted beside this one (`embedding_stage`): the same, on
+        embeddings. One place, so the stack stage that writes it and submit that checks its freshness agree."""
+        return dataclasses.replace(self, use_embeddings=True, embedding_stage=False)
+
     def check(self, src: str) -> None:
         STACK_MODELS.check(self.model, "stack.model")
         for key in ("hidden", "layers", "embedding_dim", "neighbors_k", "epochs", "batch_series"):
             _between(src, f"stack.{key}", getattr(self, key), 1)
         _between(src, "stack.max_steps", self.max_steps, 0)
+        _between(src, "stack.max_seconds", self.max_seconds, 0.0)
+        _between(src, "stack.threads", self.threads, 1)
         _between(src, "stack.val_fraction", self.val_fraction, 0.0, 0.5)
         _between(src, "stack.patience", self.patience, 1)
         _between(src, "stack.val_every", self.val_every, 0)

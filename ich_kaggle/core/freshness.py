@@ -26,11 +26,13 @@ def _tta(tta: TTAConfig) -> dict:
     return {"transforms": list(tta.transforms), "average": tta.average}  # batch_size does not change a prediction
 
 
-def prediction_fold(run: Run, fold: int, tta: TTAConfig, test_ids: list[str], oof_ids: list[str]) -> dict:
-    """One fold's test + OOF predictions: its checkpoint, the TTA, the images predicted."""
+def prediction_fold(run: Run, fold: int, tta: TTAConfig, test_ids: list[str], oof_ids: list[str],
+                    embeddings: str = "full") -> dict:
+    """One fold's test + OOF predictions: its checkpoint, the TTA, the images predicted, the embeddings kept
+    (none, full, pca<d>: predict.stage.embedding_mode)."""
     return M.make("predictions_fold", PREDICT_FORMAT, inputs={"checkpoint": M.identity(run.fold(fold).best)},
                   settings={"tta": _tta(tta), "test_ids": M.digest(sorted(test_ids)),
-                            "oof_ids": M.digest(sorted(oof_ids))})
+                            "oof_ids": M.digest(sorted(oof_ids)), "embeddings": embeddings})
 
 
 def predictions(run: Run, folds: list[int], tta: TTAConfig) -> dict:
@@ -54,12 +56,16 @@ def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig, cv: 
     inputs: dict = {"folds": M.identity(layout.folds_csv), "meta": M.identity(layout.meta_csv)}
     per_fold = stack.use_embeddings and stack.embedding_space == "per_fold"
     for i, src in enumerate(sources):
-        files = [src.oof, src.test] + ([src.oof_embeddings, src.test_embeddings] if stack.use_embeddings else [])
+        mixture = stack.use_embeddings and not per_fold  # per_fold reads only each fold model's own files
+        files = [src.oof, src.test] + ([src.oof_embeddings, src.test_embeddings] if mixture else [])
         if per_fold:
             files += [f for k in folds for f in (src.oof_fold(k), src.test_fold(k), src.oof_fold_embeddings(k),
                                                  src.test_fold_embeddings(k))]
         inputs.update({f"source{i}:{f.name}": M.identity(f) for f in files})
-    settings = {k: v for k, v in dataclasses.asdict(stack).items() if k != "sources"}
+    # embedding_stage adds a second stack beside this one (with its own manifest); threads and the time budget change
+    # the speed, not what is fitted, unless the budget binds (the curve says so)
+    skip = ("sources", "embedding_stage", "threads", "max_seconds")
+    settings = {k: v for k, v in dataclasses.asdict(stack).items() if k not in skip}
     if not stack.use_embeddings:
         settings.pop("embedding_space")  # does not change a probability-level stack
     settings["cv"] = {"k": cv.k, "seed": cv.seed, "split": cv.split, "folds": folds}

@@ -152,6 +152,10 @@ class Predictions:
     def oof_fold_embeddings(self, k: int) -> Path:
         return self.dir / f"oof_fold{k}_embeddings.npz"
 
+    def fold_projection(self, k: int) -> Path:
+        """Fold model k's PCA of its embeddings (predict.compact), fitted on its OOF embeddings."""
+        return self.dir / f"oof_fold{k}_pca.npz"
+
 
 @dataclass(frozen=True)
 class Stacked:
@@ -209,6 +213,9 @@ class Run:
     config = property(lambda self: self.dir / "config.yaml")  # the resolved config (written by the kernel)
     predictions = property(lambda self: Predictions(self.dir / "predictions"))
     stack = property(lambda self: Stacked(self.dir / "stack"))
+    # the embedding-level second stage fitted beside the probability one (stack.embedding_stage)
+    embedding_stack = property(lambda self: Stacked(self.dir / "stack_embeddings"))
+    blend = property(lambda self: Stacked(self.dir / "blend"))  # submit's blend of the stages, when it measured better
     report = property(lambda self: self.dir / "report")
     job_logs = property(lambda self: self.dir / "jobs")  # one log per fold trained side by side (`make recipe`)
     choice = property(lambda self: self.dir / "choice.json")  # which stage submit chose, with both OOF scores

@@ -146,10 +146,14 @@ def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, folds: l
     the stacker is refit on them (with `stack.embedding_space=per_fold` on each fold model's own), an ensemble's
     first stage combines them."""
     pred = Run.of(runs, member.name).predictions
-    embeddings = cfg.stack.use_embeddings and is_stacked(cfg, runs)
-    shipped = [pred.oof] + ([pred.oof_embeddings] if embeddings else [])
-    if embeddings and cfg.stack.embedding_space == "per_fold":
-        shipped += [p for k in folds for p in (pred.oof_fold(k), pred.oof_fold_embeddings(k))]
+    # embeddings only when the kernel's second stage reads them: an embedding stack (stack.use_embeddings, or
+    # stack.embedding_stage beside the probability one); per_fold reads each fold model's own (with the PCA that
+    # projects its test embeddings), the mixture the combined ones
+    embeddings = (cfg.stack.use_embeddings or cfg.stack.embedding_stage) and is_stacked(cfg, runs)
+    per_fold = cfg.stack.embedding_space == "per_fold"
+    shipped = [pred.oof] + ([pred.oof_embeddings] if embeddings and not per_fold else [])
+    if embeddings and per_fold:
+        shipped += [p for k in folds for p in (pred.oof_fold(k), pred.oof_fold_embeddings(k), pred.fold_projection(k))]
     for path in shipped:
         if not path.is_file():
             raise UserError(f"{path} not found but {why}; rerun `make predict CONFIG={cfg.name}`")

@@ -198,8 +198,9 @@ def run_inference(model_dir: str | Path, competition: str | Path, working: str |
         c.data.num_workers = -1  # this machine's CPUs (Kaggle: 4), not the training machine's worker count
     layout = Layout.of(data_view(competition, scratch / "data"), scratch / "work")
     prepare_work(layout, model_dir)
+    restore_oof(model_dir, manifest, runs)  # first too: each fold model's shipped PCA projects its test embeddings
     for member in members:
-        predict.predict(member, layout, runs=runs)
+        predict.predict(member, layout, runs=runs, reads=cfg.stack)
     if cfg.is_ensemble:
         restore_oof(model_dir, manifest, runs)
         predict.combine_members(cfg, members, layout, runs=runs)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.labels import LABELS
-from ..core.config import Config
+from ..core.config import Config, StackConfig
 from ..engine.dist import pick_device
 from ..engine.precision import choose as choose_precision
 from ..core.errors import UserError
@@ -34,6 +34,7 @@ from ..core import freshness, manifest
 from ..core.layout import Layout, Predictions, Run
 from ..data.dataset import loader_workers
 from ..core.config import selected_folds
+from .compact import Projection, fit_projection
 from .tta import tta_forward
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,28 @@ def load_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return z["image_id"].astype(str), z["emb"]
 
 
-def _missing(out: Predictions, fold: int) -> str | None:
-    files = [out.test_fold(fold), out.test_fold_embeddings(fold), out.oof_fold(fold), out.oof_fold_embeddings(fold)]
+def embedding_mode(stack: StackConfig) -> str:
+    """Which embedding files the second stage will read, so predict writes only those (issue 26):
+    none (no stage reads embeddings), pca<d> (stack.embedding_space=per_fold: each fold model's own, as its
+    `stack.embedding_dim` principal components, `predict.compact`) or full (mixture: every fold model's full
+    embeddings, averaged over the fold models for the test images, as that design needs)."""
+    if not (stack.use_embeddings or stack.embedding_stage):
+        return "none"
+    return f"pca{stack.embedding_dim}" if stack.embedding_space == "per_fold" else "full"
+
+
+def _fold_files(out: Predictions, fold: int, mode: str) -> list[Path]:
+    """What predicting one fold model writes, beside its OOF file (whose manifest marks them all done)."""
+    files = [out.test_fold(fold)]
+    if mode != "none":
+        files += [out.test_fold_embeddings(fold), out.oof_fold_embeddings(fold)]
+    if mode.startswith("pca"):
+        files.append(out.fold_projection(fold))
+    return files
+
+
+def _missing(out: Predictions, fold: int, mode: str = "full") -> str | None:
+    files = [out.oof_fold(fold), *_fold_files(out, fold, mode)]
     gone = [f.name for f in files if not f.exists()]
     return f"{', '.join(gone)} missing" if gone else None
 
@@ -242,9 +263,13 @@ def predict_folds(models: list[FoldModel], frame: pd.DataFrame, cfg: Config, met
     return dict(sorted(probs.items())), dict(sorted(embs.items())), pd.concat(lost).drop_duplicates()
 
 
-def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | None = None) -> Path:
-    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`. `via`: the ensemble `cfg` is a
-    member of (named in the commands of its messages)."""
+def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | None = None,
+            reads: StackConfig | None = None) -> Path:
+    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`.
+
+    `via`: the ensemble `cfg` is a member of (named in the commands of its messages); `reads`: the second stage that
+    will read them (the ensemble's, for its members; default: cfg.stack), which decides the embedding files written
+    (`embedding_mode`)."""
     from ..data import cache, preprocess, trained
     from ..data.folds import fold_table
     from ..data.meta import load_meta
@@ -271,9 +296,12 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
     test = meta[(meta["split"] == "test") & meta["image_id"].isin(cached)].reset_index(drop=True)
     val = {k: folds[(folds["fold"] == k) & folds["image_id"].isin(cached)].reset_index(drop=True) for k in have}
     out = run.predictions
-    expected = {k: freshness.prediction_fold(run, k, cfg.tta, test["image_id"].tolist(), val[k]["image_id"].tolist())
+    mode = embedding_mode(reads or cfg.stack)
+    dim = int(mode[3:]) if mode.startswith("pca") else 0
+    expected = {k: freshness.prediction_fold(run, k, cfg.tta, test["image_id"].tolist(), val[k]["image_id"].tolist(),
+                                             embeddings=mode)
                 for k in have}
-    stale = {k: freshness.stale_reason(out.oof_fold(k), expected[k]) or _missing(out, k) for k in have}
+    stale = {k: freshness.stale_reason(out.oof_fold(k), expected[k]) or _missing(out, k, mode) for k in have}
     todo = [k for k in have if stale[k]]
     if len(todo) < len(have):
         log.info(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (same checkpoint, TTA and "
@@ -290,14 +318,9 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
 
     empty = (np.zeros((0, len(LABELS))), np.zeros((0, 0)))
     for group in _groups(models):
-        results, failed = predict_frame(group, test, layout, cfg, meta, desc="test") if len(test) else (
-            [empty] * len(group), np.zeros(0, bool))
-        if failed.any() and _recache(layout, test["image_id"][failed]):  # damaged entries made again: once more
-            results, failed = predict_frame(group, test, layout, cfg, meta, desc="test")
-        ids, results = _kept(test["image_id"], results, failed, "test")
-        for m, (p, e) in zip(group, results):
-            save_embeddings(out.test_fold_embeddings(m.fold), ids, e)
-            write_csv(wide(ids, p), out.test_fold(m.fold))
+        # OOF first: with pca<d> each fold model's projection is fitted on its own OOF embeddings, then applied to
+        # its test embeddings (a kernel without training images loads the shipped projection instead)
+        projections = {}
         for m in group:
             v = val[m.fold]
             (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}") if len(v) else (
@@ -305,10 +328,27 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
             if failed.any() and _recache(layout, v["image_id"][failed]):
                 (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}")
             ids, ((p, e),) = _kept(v["image_id"], [result], failed, f"fold {m.fold} OOF")
-            save_embeddings(out.oof_fold_embeddings(m.fold), ids, e)
+            if dim:
+                if len(ids):
+                    projections[m.fold] = fit_projection(e, dim, seed=m.fold)
+                    projections[m.fold].save(out.fold_projection(m.fold))
+                else:
+                    projections[m.fold] = Projection.load(out.fold_projection(m.fold))
+                e = projections[m.fold].apply(e) if len(e) else np.zeros((0, dim), np.float16)
+            if mode != "none":
+                save_embeddings(out.oof_fold_embeddings(m.fold), ids, e)
             write_csv(wide(ids, p), out.oof_fold(m.fold))
-            manifest.write(out.oof_fold(m.fold), expected[m.fold], also=[  # last: marks the fold's four files done
-                out.test_fold(m.fold), out.test_fold_embeddings(m.fold), out.oof_fold_embeddings(m.fold)])
+        results, failed = predict_frame(group, test, layout, cfg, meta, desc="test") if len(test) else (
+            [empty] * len(group), np.zeros(0, bool))
+        if failed.any() and _recache(layout, test["image_id"][failed]):  # damaged entries made again: once more
+            results, failed = predict_frame(group, test, layout, cfg, meta, desc="test")
+        ids, results = _kept(test["image_id"], results, failed, "test")
+        for m, (p, e) in zip(group, results):
+            if mode != "none":
+                save_embeddings(out.test_fold_embeddings(m.fold), ids, projections[m.fold].apply(e) if dim else e)
+            write_csv(wide(ids, p), out.test_fold(m.fold))
+            # last: marks the fold's files done
+            manifest.write(out.oof_fold(m.fold), expected[m.fold], also=_fold_files(out, m.fold, mode))
 
     done = freshness.predictions(run, have, cfg.tta)
     if not todo and all(freshness.stale_reason(f, done) is None for f in (out.test, out.oof)):
@@ -323,26 +363,29 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
     if lost:
         bad = pd.concat([bad, pd.DataFrame({"image_id": lost, "reason": "cache file unreadable at predict time"})],
                         ignore_index=True)
+    full = mode == "full"  # the mixture design's fold-averaged / concatenated embeddings
     if len(common):
         test_frames = [f[f["image_id"].isin(common)] for f in test_frames]
         write_csv(average_folds(test_frames, cfg.tta.average), out.test)
+    if len(common) and full:
         embs = []
         for k in have:
             ids, emb = load_embeddings(out.test_fold_embeddings(k))
             embs.append(pd.DataFrame(emb.astype(np.float32), index=ids).loc[common.to_numpy()].to_numpy())
         save_embeddings(out.test_embeddings, common, np.mean(embs, axis=0))
-    else:
-        write_csv(wide([], np.zeros((0, len(LABELS)))), out.test)
+    elif full:
         save_embeddings(out.test_embeddings, [], np.zeros((0, 0)))
+    if not len(common):
+        write_csv(wide([], np.zeros((0, len(LABELS)))), out.test)
     write_csv(pd.concat(oof_frames, ignore_index=True), out.oof)
-    parts = [load_embeddings(out.oof_fold_embeddings(k)) for k in have]
+    parts = [load_embeddings(out.oof_fold_embeddings(k)) for k in have] if full else []
     parts = [p for p in parts if len(p[0])]
     if parts:
         save_embeddings(out.oof_embeddings, np.concatenate([p[0] for p in parts]),
                         np.concatenate([p[1] for p in parts]))
     write_csv(bad, out.unreadable)
-    manifest.write(out.test, done, also=[out.test_embeddings, out.unreadable])
-    manifest.write(out.oof, done, also=[out.oof_embeddings] if out.oof_embeddings.exists() else [])
+    manifest.write(out.test, done, also=[out.test_embeddings, out.unreadable] if full else [out.unreadable])
+    manifest.write(out.oof, done, also=[out.oof_embeddings] if full and out.oof_embeddings.exists() else [])
     n_oof = sum(len(f) for f in oof_frames)
     log.info(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
           f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}")
@@ -404,5 +447,6 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
 def predict_ensemble(cfg: Config, members: list[Config], layout: Layout, runs: str | Path = "runs") -> Path:
     """Predict every member (each reuses what is fresh), then combine them."""
     for member in members:
-        predict(member, layout, runs=runs, via=cfg.name)
+        # the ensemble's second stage reads their embeddings
+        predict(member, layout, runs=runs, via=cfg.name, reads=cfg.stack)
     return combine_members(cfg, members, layout, runs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -86,9 +87,12 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
 
     `stack.val_fraction` of the series are held out (never the outer held-out fold, which nothing here sees); the
     net is validated every `stack.val_every` steps (default: each epoch), the best weights are kept, and training
-    stops after `stack.patience` validations without improvement, after `stack.epochs` epochs, or at
-    `stack.max_steps` (when set). Each validation is appended to `curve` (step, epoch, train_loss, val_loss).
+    stops after `stack.patience` validations without improvement, after `stack.epochs` epochs, at `stack.max_steps`
+    (when set) or once `stack.max_seconds` of wall time are spent (a safety budget that the early stop is meant to
+    beat). Each validation is appended to `curve` (step, epoch, train_loss, val_loss, stop); the last row's `stop`
+    says what ended training: validation, epochs, max_steps or time.
     """
+    started = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = SequenceNet(seqs.n_features, n_models, kind=kind or scfg.model, hidden=scfg.hidden, layers=scfg.layers,
@@ -99,8 +103,9 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
     data = TorchSeqs.of(seqs.subset(~held) if held.any() else seqs)
     bounds = batch_bounds(len(data.lengths), scfg.batch_series)
     total = max(1, epochs * len(bounds))
-    if scfg.max_steps > 0:
-        total = min(total, scfg.max_steps)
+    stop = "epochs"
+    if 0 < scfg.max_steps < total:
+        total, stop = scfg.max_steps, "max_steps"
     every = scfg.val_every or len(bounds)
     opt = torch.optim.AdamW(net.parameters(), lr=scfg.lr, weight_decay=1e-4)
     warm = max(1, total // 20)
@@ -111,7 +116,7 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
         best_loss = validation_loss(net, val)
         best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         if curve is not None:
-            curve.append({"step": 0, "epoch": 0.0, "train_loss": math.nan, "val_loss": best_loss})
+            curve.append({"step": 0, "epoch": 0.0, "train_loss": math.nan, "val_loss": best_loss, "stop": ""})
     net.train()
     step, running, seen = 0, 0.0, 0
     while step < total:
@@ -129,11 +134,12 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
             opt.step()
             sched.step()
             running, seen = running + float(loss.detach()), seen + 1
-            if val is not None and (step % every == 0 or step == total):
+            out_of_time = scfg.max_seconds > 0 and time.perf_counter() - started > scfg.max_seconds
+            if val is not None and (step % every == 0 or step == total or out_of_time):
                 v = validation_loss(net, val)
                 if curve is not None:
                     curve.append({"step": step, "epoch": step / len(bounds), "train_loss": running / seen,
-                                  "val_loss": v})
+                                  "val_loss": v, "stop": ""})
                 running, seen = 0.0, 0
                 if v < best_loss - 1e-6:
                     best_loss, bad = v, 0
@@ -141,8 +147,13 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
                 else:
                     bad += 1
                 if bad >= scfg.patience:
-                    total = step  # stop: the validation loss stopped improving
+                    total, stop = step, "validation"  # the validation loss stopped improving
                     break
+            if out_of_time:
+                total, stop = step, "time"
+                break
+    if curve:
+        curve[-1]["stop"] = stop
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from ..core.labels import LABELS
@@ -21,6 +22,7 @@ from .fit import cross_fit
 from .sequences import N_LABELS, Sequences, build_sequences, logit
 
 LABEL_COLS = list(LABELS)
+CURVE_COLUMNS = ["fold", "step", "epoch", "train_loss", "val_loss", "stop"]
 
 
 @dataclass
@@ -78,7 +80,21 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
                  test_frames: list[pd.DataFrame], scfg: StackConfig, oof_extra: pd.DataFrame | None = None,
                  test_extra: pd.DataFrame | None = None, source_names: list[str] | None = None,
                  progress: bool = True) -> StackResult:
-    """Fit the configured sequence model and the neighbours baseline fold by fold; score both against the first stage."""
+    """Fit the configured sequence model and the neighbours baseline fold by fold; score both against the first stage.
+
+    Runs on `stack.threads` torch threads (restored after): one thread per process was the fastest per step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(scfg.threads)
+    try:
+        return _run_stacking(meta, folds, oof_frames, test_frames, scfg, oof_extra, test_extra, source_names,
+                             progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.DataFrame],
+                  test_frames: list[pd.DataFrame], scfg: StackConfig, oof_extra: pd.DataFrame | None,
+                  test_extra: pd.DataFrame | None, source_names: list[str] | None, progress: bool) -> StackResult:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     series_cols = [c for c in ("image_id", "series_id", "slice_rank", "z", "series_len") if c in meta.columns]
@@ -159,7 +175,7 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
 
     ids = oof["image_id"].to_numpy()
     curve = pd.DataFrame([{"fold": f, **row} for f, rows in sorted(curves.items()) for row in rows],
-                         columns=["fold", "step", "epoch", "train_loss", "val_loss"])
+                         columns=CURVE_COLUMNS)
     return StackResult(_wide(ids, oof_mean), _wide(ids, stacked_oof), _wide(test_ids, stacked_test),
                        _wide(ids, nb_oof), _wide(test_ids, nb_test), table, curve, seconds, main.models)
 
@@ -248,5 +264,5 @@ def run_per_fold(meta: pd.DataFrame, folds: pd.DataFrame, per_fold: dict[int, Fo
         for key, v in r.seconds.items():
             seconds[key] = seconds.get(key, 0.0) + v
     curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
-        columns=["fold", "step", "epoch", "train_loss", "val_loss"])
+        columns=CURVE_COLUMNS)
     return StackResult(first, stacked, mean("test"), nb, mean("neighbors_test"), pd.DataFrame(rows), curve, seconds)

@@ -20,7 +20,7 @@ from ..core.config import Config, StackConfig
 from ..core.errors import UserError, fix
 from ..core.io import write_csv
 from ..core import ensemble, freshness, manifest
-from ..core.layout import Layout, Predictions, Run
+from ..core.layout import Layout, Predictions, Run, Stacked
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,21 @@ def reduce_embeddings(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarr
     Full 1-2k-dimensional embeddings of 750k slices would not fit in memory as padded series; a few components carry
     what the sequence model can use.
     """
-    both = np.concatenate([train[1], test[1]]) if len(test[1]) else train[1]
+    from sklearn.utils.extmath import randomized_svd
+
+    n_train, n_test = len(train[1]), len(test[1])
     rng = np.random.default_rng(seed)
-    sample = both[rng.choice(len(both), size=min(fit_rows, len(both)), replace=False)].astype(np.float64)
+    pick = rng.choice(n_train + n_test, size=min(fit_rows, n_train + n_test), replace=False)
+    # the sample only (no concatenated copy of both sets: 120k x 2048 floats would be 1 GB at competition scale)
+    parts = [train[1][pick[pick < n_train]]] + ([test[1][pick[pick >= n_train] - n_train]] if n_test else [])
+    sample = np.concatenate(parts).astype(np.float64)
     mean = sample.mean(0)
-    _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
-    comps = vt[: min(dim, vt.shape[0])]
+    k = min(dim, *sample.shape)
+    if k >= min(sample.shape) - 1:  # compact embeddings (predict.compact): already as few columns as asked
+        _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
+    else:  # full embeddings: the leading components only (a full SVD of 50k x 2048 took ~2 minutes)
+        _, _, vt = randomized_svd(sample - mean, k, random_state=seed)
+    comps = vt[:k]
     scale = ((sample - mean) @ comps.T).std(0) + 1e-6
 
     def frame(ids: np.ndarray, emb: np.ndarray) -> pd.DataFrame:
@@ -139,9 +148,29 @@ def check_sources(dirs: list[Predictions], config_name: str) -> None:
                 raise UserError(f"{f} is stale ({reason}); run `make predict CONFIG={config_name}` first")
 
 
+def embedding_config(cfg: Config) -> Config:
+    """The config of the embedding-level second stage fitted beside the probability one (`stack.embedding_stage`)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, stack=cfg.stack.embedding_level())
+
+
 def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
           progress: bool = True, force: bool = False) -> Path:
-    """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`."""
+    """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`.
+
+    With `stack.embedding_stage` (and not `stack.use_embeddings`) the embedding-level second stage is fitted too,
+    into `runs/<cfg>/stack_embeddings/`, on the same sources: `submit` chooses among them by OOF."""
+    run = Run.of(runs, cfg.name)
+    out = _stack_one(cfg, layout, runs, sources, progress, force, run.stack)
+    if cfg.stack.embedding_stage and not cfg.stack.use_embeddings:
+        _stack_one(embedding_config(cfg), layout, runs, sources, progress, force, run.embedding_stack)
+    return out
+
+
+def _stack_one(cfg: Config, layout: Layout, runs: str | Path, sources: list[str | Path] | None, progress: bool,
+               force: bool, out: Stacked) -> Path:
+    """One second stage (probability- or embedding-level, as cfg.stack says) into `out`."""
     from ..core.config import selected_folds
     from ..data.folds import fold_table
     from ..data.meta import load_meta
@@ -157,7 +186,6 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
 
         trained.check(cfg, layout, runs)
     check_sources(dirs, cfg.name)
-    out = Run.of(runs, cfg.name).stack
     expected = freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
     from . import saved
 
@@ -212,7 +240,8 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     if len(result.curve):
         last = result.curve.groupby("fold")["step"].max()
         best = result.curve.loc[result.curve.groupby("fold")["val_loss"].idxmin(), "step"]
-        log.info(f"stack: stopped by the inner validation split after {last.tolist()} steps per fold "
-              f"(best at {best.tolist()}; curve in {out.curve})")
+        stops = result.curve["stop"][result.curve["stop"].astype(str) != ""].value_counts().to_dict()
+        log.info(f"stack: nets stopped by {stops} after {last.tolist()} steps per fold "
+                 f"(best at {best.tolist()}; curve in {out.curve})")
     log.info(f"wrote {out.oof} ({len(result.oof)} rows), {out.test} ({len(result.test)} rows), {out.metrics}")
     return out.dir

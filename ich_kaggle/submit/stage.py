@@ -20,6 +20,7 @@ from ..core.labels import LABELS
 from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path
 from ..core.metrics import read_long_or_wide, read_truth, score_frames, split_ids
+from .choose import choose_stage  # the stage choice by OOF lives in its own module
 
 log = logging.getLogger(__name__)
 
@@ -184,87 +185,6 @@ def _train_labels(layout) -> pd.DataFrame | None:
     """Training labels (wide), or None where the data folder has none (e.g. a kernel given only the test set)."""
     path = Path(layout.train_csv)
     return read_truth(path) if path.exists() else None
-
-
-def _oof_losses(paths: dict[str, Path], truth: pd.DataFrame) -> dict[str, float] | None:
-    """OOF weighted log loss of each file on the labelled images every file predicts (None: none in common)."""
-    frames = {k: read_long_or_wide(p) for k, p in paths.items()}
-    ids = pd.Index(truth["image_id"].astype(str))
-    for frame in frames.values():
-        ids = ids.intersection(pd.Index(frame["image_id"].astype(str)), sort=False)
-    if not len(ids):
-        return None
-    t = truth[truth["image_id"].astype(str).isin(ids)]
-    return {k: score_frames(t, f[f["image_id"].astype(str).isin(ids)])["weighted_log_loss"] for k, f in frames.items()}
-
-
-def _first_stage_manifest(cfg, run: Run) -> dict:
-    from ..core.config import selected_folds
-
-    if cfg.is_ensemble:
-        return freshness.ensemble(ensemble.member_predictions(cfg, run.dir.parent), cfg.ensemble)
-    return freshness.predictions(run, run.finished(selected_folds(cfg.cv)), cfg.tta)
-
-
-def _stack_stale(cfg, layout, run: Run) -> str | None:
-    expected = freshness.stacked(ensemble.stack_sources(cfg, run.dir.parent), layout, cfg.stack, cfg.cv)
-    for path in (run.stack.test, run.stack.oof):
-        if stale := (freshness.stale_reason(path, expected) if path.exists() else f"{path.name} is missing"):
-            return stale
-    return None
-
-
-def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
-    """(test, oof) predictions to submit: of the first stage and a fresh stack, the one with the lower OOF weighted
-    log loss against the training labels (both scored on the same images); the choice and both scores are printed
-    and kept in `run.choice`.
-
-    Fresh means its manifest matches the current inputs (`core.freshness`): the first stage was made from the
-    finished folds' current checkpoints with the config's TTA (an ensemble's: from its members' current
-    predictions); the stack from the current first-stage files. A stale or missing stack leaves the first stage,
-    which must be fresh.
-    """
-    first = run.predictions
-    if not first.test.exists():
-        raise UserError(f"no test predictions in {first.dir}; run `make predict CONFIG={cfg.name}` (and `make stack`) first")
-    expected = _first_stage_manifest(cfg, run)
-    for path in (first.test, first.oof):  # the OOF file chooses the stage and gives the expected score
-        stale = freshness.stale_reason(path, expected) if path.exists() else f"{path.name} is missing"
-        if stale:
-            raise UserError(f"{path} is stale ({stale}); rerun `make predict CONFIG={cfg.name}` first")
-    choice: dict = {"stage": "first_stage", "test": str(first.test), "oof": str(first.oof), "oof_log_loss": {}}
-    if not run.stack.test.exists():
-        log.info(f"submit: using the first stage ({first.test}); no stack")
-    elif stale := _stack_stale(cfg, layout, run):
-        log.info(f"submit: {run.stack.test} is stale ({stale}); using the first stage instead (`make stack` refreshes it)")
-    else:
-        train = _train_labels(layout)
-        losses = _oof_losses({"first_stage": first.oof, "stacked": run.stack.oof}, train) \
-            if train is not None and first.oof.exists() and run.stack.oof.exists() else None
-        if losses is None:
-            log.info(f"submit: using the second stage ({run.stack.test}); no OOF score to choose by (no training labels "
-                  f"in {layout.train_csv} or no OOF image in common)")
-            choice.update(stage="stacked", test=str(run.stack.test), oof=str(run.stack.oof))
-        else:
-            choice["oof_log_loss"] = losses
-            both = f"OOF weighted log loss: stacked {losses['stacked']:.5f}, first stage {losses['first_stage']:.5f}"
-            if losses["stacked"] < losses["first_stage"]:
-                log.info(f"submit: using the second stage ({run.stack.test}); {both}")
-                choice.update(stage="stacked", test=str(run.stack.test), oof=str(run.stack.oof))
-            else:
-                log.info(f"submit: using the first stage ({first.test}): stacking did not lower the OOF loss; {both}")
-    try:
-        with atomic_open(run.choice) as f:
-            json.dump(choice, f, indent=1)
-    except PermissionError:  # a read-only runs folder: the choice is printed above, the submission goes elsewhere
-        log.info(f"submit: {run.dir} is read-only; the choice is not kept in {run.choice.name}")
-    return Path(choice["test"]), Path(choice["oof"])
-
-
-
-
-
-
 
 
 def check_sample(sample_csv: Path, pred: pd.DataFrame, unreadable: set[str] = frozenset()) -> pd.DataFrame:

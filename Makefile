@@ -14,7 +14,9 @@ PYTEST_ARGS ?=
 # Make variables that override config keys: `make train EPOCHS=3 BATCH=16 LR=1e-4 SIZE=256`.
 SET := $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(BATCH),train.batch_size=$(BATCH)) \
        $(if $(LR),train.lr=$(LR)) $(if $(SIZE),data.image_size=$(SIZE)) $(if $(WORKERS),data.num_workers=$(WORKERS)) $(SET_EXTRA)
-EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip $(SET)),--set $(SET))
+# RUN=<name>: the experiment's folder runs/<name>/ (default: the config's name); a changed setting with a new RUN
+# trains beside the old experiment
+EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(RUN),--run "$(RUN)") $(if $(strip $(SET)),--set $(SET))
 
 .PHONY: help demo recipe test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
@@ -33,14 +35,15 @@ $(PY): requirements.txt
 
 demo: $(PY)
 	$(PY) -m ich_kaggle demo $(if $(filter command line environment,$(origin DATA_DIR)),--data "$(DATA_DIR)") \
-	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),demo) $(if $(strip $(SET)),--set $(SET))
+	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),demo) --runs "$(RUNS)" $(if $(RUN),--run "$(RUN)") \
+	    $(if $(strip $(SET)),--set $(SET))
 
 # the whole recipe, resumable (rerun after an interruption): ENSEMBLE=seresnext_pair or any config / ensemble
 # GPUS: how many GPUs train folds side by side (default -1: every visible one)
 ENSEMBLE ?= seresnext_pair
 GPUS ?= -1
 recipe: $(PY)
-	$(PY) -m ich_kaggle recipe --config $(ENSEMBLE) --data "$(DATA_DIR)" --runs "$(RUNS)" --gpus $(GPUS) $(if $(strip $(SET)),--set $(SET))
+	$(PY) -m ich_kaggle recipe --config $(ENSEMBLE) --data "$(DATA_DIR)" --runs "$(RUNS)" --gpus $(GPUS) $(if $(RUN),--run "$(RUN)") $(if $(strip $(SET)),--set $(SET))
 
 test: $(PY)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

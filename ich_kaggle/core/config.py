@@ -8,6 +8,7 @@ Unknown keys and badly typed values are rejected with one line naming the file a
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,8 @@ class EnsembleConfig:
     combine: str = "mean"  # mean (of probabilities) | logit (mean of logits)
     weights: list[float] = field(default_factory=list)  # one per member; empty = equal
     member_set: list[str] = field(default_factory=list)  # key=value overrides applied to every member
+    # the members' experiment folders are runs/<run_prefix>.<member>/ (set by RUN= on the ensemble; empty: <member>)
+    run_prefix: str = ""
 
     def check(self, src: str) -> None:
         _one_of(src, "ensemble.combine", self.combine, ("mean", "logit"))
@@ -429,8 +432,27 @@ def resolve_path(name_or_path: str) -> Path:
     return path
 
 
-def load(name_or_path: str = "seresnext50_512", overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Load a config by shipped name or YAML path, then apply `key=value` overrides."""
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+
+
+def named(cfg: Config, run: str | None) -> Config:
+    """`cfg` as the experiment `run`: its folder runs/<run>/ and its submission file are named so, and an ensemble's
+    members train in runs/<run>.<member>/. The default (None or the config's own name) changes nothing."""
+    if not run or run == cfg.name:
+        return cfg
+    if not RUN_NAME.fullmatch(run) or run.endswith((".new", ".old")):
+        raise UserError(f"RUN={run!r} (--run): a run name is one folder name of letters, digits and . _ + = - "
+                        f"(not ending in .new or .old), e.g. RUN={cfg.name}-lr3e-4")
+    out = dataclasses.replace(cfg, name=run)
+    if out.is_ensemble:
+        out.ensemble = dataclasses.replace(out.ensemble, run_prefix=run)
+    return out
+
+
+def load(name_or_path: str = "seresnext50_512", overrides: list[str] | dict[str, Any] | None = None,
+         run: str | None = None) -> Config:
+    """Load a config by shipped name or YAML path, then apply `key=value` overrides; `run` names the experiment
+    (default: the config's name, see `named`)."""
     path = resolve_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -449,7 +471,7 @@ def load(name_or_path: str = "seresnext50_512", overrides: list[str] | dict[str,
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value.strip(), "command line")
     validate(cfg)
-    return cfg
+    return named(cfg, run)
 
 
 def validate(cfg: Config) -> None:

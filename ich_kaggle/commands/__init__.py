@@ -74,7 +74,7 @@ DATA = group(
 )
 CONFIG = flag("--config", default=DEFAULT_CONFIG, help="shipped config or ensemble name, or path to a YAML file")
 RUNS = flag("--runs", default="runs", help="experiments are written to RUNS/<run>/")
-RUN = flag("--run", default=os.environ.get("RUN") or None,
+RUN = flag("--run", default=None,
            help="the experiment's folder name under RUNS (default: the config's name); a changed setting with a new "
                 "--run trains beside the old experiment")
 SET = flag("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",

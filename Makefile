@@ -88,7 +88,7 @@ report: $(PY)
 	$(PY) -m ich_kaggle report $(EXP) $(if $(THRESHOLD),--threshold $(THRESHOLD))
 
 compare: $(PY)
-	$(PY) -m ich_kaggle compare --runs "$(RUNS)"
+	$(PY) -m ich_kaggle compare --runs "$(RUNS)" $(if $(WIDE),--wide)
 
 # --- Kaggle: offline kernel and its two datasets ---
 kernel-datasets: $(PY)

@@ -282,6 +282,34 @@ def test_compare_table(experiment, capsys):
     assert (runs / "compare.csv").exists() and "tiny" in out
 
 
+def test_compare_fits_120_columns_with_data_and_folds_done(experiment, capsys):
+    """Each run names the data it trained on and its folds done of k; a stack-only experiment (the demo's
+    `demo+embeddings`) is listed with its score; --wide shows every column."""
+    cfg, layout, runs, folds = experiment
+    for k in range(3):
+        fold = runs / cfg.name / f"fold{k}"
+        done = json.loads((fold / "done.json").read_text())
+        (fold / "done.json").write_text(json.dumps({**done, "data": {"path": "/somewhere/synth", "images": "x"}}))
+        (fold / "config.yaml").write_text("cv:\n  k: 5\n")
+    long_name = "an-experiment-with-a-very-long-name-indeed-lr3e-4-size512"
+    fake_run(runs / long_name, folds[folds["fold"] == 0], seed=2)
+    fake_stack(runs / "demo+embeddings", folds)
+    table = report.compare(runs)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    header = lines[0].split()
+    assert header[:3] == ["experiment", "data", "folds"]
+    row = next(line for line in lines if line.startswith("tiny "))
+    assert "synth" in row and "3/5" in row
+    assert any(line.startswith("demo+embeddings") for line in lines)
+    assert set(table["experiment"]) == {"tiny", long_name, "demo+embeddings"}
+    assert table.set_index("experiment").loc["demo+embeddings", "stacked_wll"] == pytest.approx(0.22)
+    report.compare(runs, wide=True)
+    wide = capsys.readouterr().out
+    assert max(len(line) for line in wide.splitlines()) > 120 and "subarachnoid" in wide and long_name in wide
+
+
 def test_compare_errors_and_empty(tmp_path, capsys):
     with pytest.raises(UserError, match="not found"):
         report.compare(tmp_path / "none")

@@ -17,8 +17,9 @@ def report(args):
         report.make_report(member, layout_of(args), runs=args.runs, threshold=args.threshold, gradcam=args.gradcam)
 
 
-@command("compare", "one table of every finished experiment", flag("--runs", default="runs"))
+@command("compare", "one table of every experiment with a score", flag("--runs", default="runs"),
+         flag("--wide", action="store_true", help="every column (default: what fits 120 columns)"))
 def compare(args):
     from ..report import stage as report
 
-    report.compare(args.runs)
+    report.compare(args.runs, wide=args.wide)

@@ -33,7 +33,7 @@ from .runs import SUMMARY, _read_pred, fold_dirs, fold_done, oof_scores, read_la
 
 log = logging.getLogger("ich_kaggle.report.stage")
 
-__all__ = ["make_report", "compare", "experiment_row", "find_experiments", "SECTIONS"]
+__all__ = ["make_report", "compare", "experiment_row", "find_experiments", "true_positives", "SECTIONS"]
 
 
 # --- the report --------------------------------------------------------------------------------------------
@@ -73,10 +73,10 @@ def describe_trained(name: str, cfg: Config | None, run: Path) -> str:
     """One sentence from the config the folds recorded (what was trained, not the config file as it is now)."""
     if cfg is None:
         return f"'{name}': no fold config.yaml under {run} (nothing trained yet)."
-    return (f"'{name}' as trained ({run.name}/fold*/config.yaml): {cfg.description or 'no description'}. Backbone "
-            f"{cfg.model.backbone}, image {cfg.data.image_size}px, windows {', '.join(cfg.data.windows)}, "
-            f"neighbours {cfg.data.neighbors}, {cfg.train.epochs} epoch(s), batch {cfg.train.batch_size}, "
-            f"lr {cfg.train.lr:g}, {cfg.cv.k} folds.")
+    return (f"'{name}' as trained ({run.name}/fold*/config.yaml): backbone {cfg.model.backbone}, image "
+            f"{cfg.data.image_size}px, windows {', '.join(cfg.data.windows)}, neighbours {cfg.data.neighbors}, "
+            f"{cfg.train.epochs} epoch(s), batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, {cfg.cv.k} folds "
+            f"(its config's description: \"{cfg.description or '-'}\").")
 
 
 def provenance_row(run: Path) -> dict:
@@ -132,14 +132,13 @@ def _summary_section(ctx: Context, sec: Section) -> None:
         for name, run in ctx.members:
             trained = ctx.trained.get(name)
             done = sum(1 for d in fold_dirs(run).values() if fold_done(d))
-            rows.append({"member": name, "trained as": "-" if trained is None else (trained.description or "-"),
-                         "backbone": "-" if trained is None else trained.model.backbone,
-                         "image px": "-" if trained is None else trained.data.image_size,
-                         "epochs": "-" if trained is None else trained.train.epochs,
+            rows.append({"member": name, "backbone": "-" if trained is None else trained.model.backbone,
+                         "image px": "-" if trained is None else str(trained.data.image_size),
+                         "epochs": "-" if trained is None else str(trained.train.epochs),
                          "folds done": f"{done}/{'?' if trained is None else trained.cv.k}",
                          "OOF weighted log loss": scores.get(name, float("nan"))})
-        rows.append({"member": "ensemble", "trained as": f"combine={cfg.ensemble.combine}",
-                     "OOF weighted log loss": scores.get("ensemble", float("nan"))})
+        rows.append({"member": "ensemble", "backbone": f"combine={cfg.ensemble.combine}", "image px": "",
+                     "epochs": "", "folds done": "", "OOF weighted log loss": scores.get("ensemble", float("nan"))})
         sec.table(pd.DataFrame(rows), "Members (from each member's recorded fold config) and the ensemble",
                   index=False)
         for name, run in ctx.members:

@@ -102,8 +102,18 @@ def _ensemble_row(run: Path, name: str, info_path: Path) -> dict:
                  "source": f"ensemble of {', '.join(members)} ({info.get('combine', '?')})"}
     if row["oof_wll"] is None:
         row["oof_wll"] = np.nan
+    summary = _summary(run)  # `make report` on the ensemble: its series-level AUC and 'any' loss
+    row["series_auc_any"] = summary.get("series_auc_any", np.nan)
+    row["any"] = (summary.get("per_label") or {}).get("any", np.nan)
     row["stacked_wll"] = _stacked_loss(run)
     return row
+
+
+def _summary(run: Path) -> dict:
+    try:
+        return json.loads((Run(run).report / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _stack_row(run: Path, name: str) -> dict:

@@ -22,6 +22,7 @@ from .core.labels import LABELS
 from .core import config
 from .core.layout import Layout, Run
 from .data import synth as synth_mod
+from . import docs
 
 SYNTH_DIR = Path("data/synth")
 DEMO_SYNTH = synth_mod.DEMO  # the demo's synthetic competition (data/synth.py)
@@ -149,6 +150,16 @@ def recipe(data: str, config_name: str = "seresnext_pair", runs: str = "runs", w
     return out
 
 
+def output_file(run: Run) -> Path:
+    """Where the demo saves the block it printed last (docs.py writes it into the README)."""
+    return run.dir / "demo.txt"
+
+
+def default_output() -> Path:
+    """The saved block of the default `make demo` (synthetic competition, `demo` ensemble): the README's figures."""
+    return output_file(Run.of("runs", "demo"))
+
+
 def report_command(config_name: str, run_name: str, runs: str | Path) -> str:
     """The Make call that writes the demo's report (the report finds the data folder in the run's record)."""
     extra = ("" if run_name == Path(config_name).stem else f" RUN={run_name}") + \
@@ -194,8 +205,9 @@ def run(data: str | None = None, config_name: str = "demo", runs: str = "runs", 
     cpu = _cpu_seconds() - cpu_start  # this process, its threads and its finished worker processes
     print(f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s, "
           f"CPU time {cpu:.0f} s (on a shared machine the wall time also measures the neighbours)")
-    for key, value in result.items():
-        print(f"{key}: {value:.5f}")
-    print(f"submit_chose: {chosen}")
-    print(f"[demo] its report: {report_command(config_name, cfg.name, runs)} && xdg-open {Run.of(runs, cfg.name).report / 'index.html'}")
+    block = [f"{key}: {value:.5f}" for key, value in result.items()] + [f"submit_chose: {chosen}"]
+    print("\n".join(block))
+    docs.save_output(output_file(run_dir), block, docs.settings_line(data, config_name, overrides))
+    print(f"[demo] its report: {report_command(config_name, cfg.name, runs)} "
+          f"&& xdg-open {run_dir.report / 'index.html'}")
     return {**result, "submit_chose": chosen}

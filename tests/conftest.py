@@ -17,6 +17,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # one thread in every test process and subprocess (see one_torch_thread): the same arithmetic everywhere, so
 # results computed in-process and in a subprocess (kernel vs make submit) agree to the last digit
 os.environ["OMP_NUM_THREADS"] = "1"
+# `make test` exports ICH_KAGGLE_MAKE=1 (messages then name Make variables); tests check the flag forms
+os.environ.pop("ICH_KAGGLE_MAKE", None)
+# tests never download: a missing ImageNet weights file is an error naming its URL (models/weights.py)
+os.environ["ICH_KAGGLE_OFFLINE"] = "1"
 
 
 def pytest_configure(config):
@@ -84,3 +88,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A model bundle as a user makes one, at test size: the `tiny` config trained 1 epoch on 2 folds of a small
+    synthetic competition, predicted, submitted, exported (~10 s of CPU, once per session)."""
+    import contextlib
+    import io
+
+    import train_helpers
+    from ich_kaggle.cli import main
+    from ich_kaggle.data import synth
+
+    tmp = tmp_path_factory.mktemp("tiny_bundle")
+    data = synth.write_competition(tmp / "comp", seed=3, studies=6, slices=8, size=64)
+    exp = ["--config", "tiny", "--data", str(data), "--work", str(tmp / "work"), "--runs", str(tmp / "runs"),
+           "--set", *train_helpers.FAST, "cv.k=2", "train.epochs=1"]
+    for step in (["train", *exp, "--fold", "all"], ["predict", *exp], ["submit", *exp, "--out-dir", str(tmp / "subs")],
+                 ["export", *exp, "--out", str(tmp / "bundle")]):
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = main(step)
+        assert code == 0, (step[0], err.getvalue()[-2000:])
+    return tmp / "bundle"

@@ -14,6 +14,8 @@ import pytest
 
 from ich_kaggle.submit import stage as submission
 from ich_kaggle.data import synth
+from ich_kaggle import docs
+from ich_kaggle.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model.pretrained=false", "data.image_size=32", "train.epochs=1", "train.max_images_per_epoch=48",
@@ -50,6 +52,14 @@ def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path)
     # the demo writes where every target does (runs/<run>/); its folds record the data folder they trained on
     assert (tmp_path / "runs" / "tiny" / "fold2" / "best.pt").exists()
     assert (tmp_path / "runs" / "demo" / "choice.json").exists()
+
+    # the printed block is saved for `make docs`, with the settings that made it; this demo is not the default one
+    # (other data, FAST overrides), so it may not stand in the README: docs-check says so
+    (saved,) = (tmp_path / "runs").rglob("demo.txt")  # beside the demo's run, wherever the layout puts it
+    head, *block = saved.read_text().splitlines()
+    assert block == lines and "cv.k=3" in head
+    with pytest.raises(UserError, match="other settings"):
+        docs.check(docs.README, saved)
 
     # a second run reuses everything (trained folds, per-fold predictions, the stack) and prints the same scores
     again = _demo(tmp_path, data)

@@ -4,6 +4,7 @@ inside functions count too)."""
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,13 +18,15 @@ LAYERS = {
     "engine": 3,
     "recipes": 4,
     "train": 5, "predict": 5, "stack": 5, "submit": 5, "report": 5,
-    "kaggle": 6, "bench": 6,
+    "kaggle": 6, "bench": 6, "docs": 6,  # docs: the README block written from the demo's saved output
+    "bundle": 6, "apply": 6.5,  # apply runs bundles
     "demo": 7,  # the whole pipeline on the synthetic competition
+    "serve": 7,  # the web app
     "commands": 8,  # each command's flags and handler
     "cli": 9, "__main__": 10,
 }
 # what core may import besides itself: it stays free of torch so scoring and validating are light anywhere
-CORE_THIRD_PARTY = {"numpy", "pandas", "yaml", "tqdm"}  # the light dependencies of pyproject.toml
+CORE_THIRD_PARTY = {"numpy", "pandas", "yaml", "tqdm"}  # the light ones among pyproject.toml's dependencies
 
 
 def module_name(path: Path) -> str:
@@ -126,3 +129,48 @@ def test_no_import_cycle():
         if node not in state:
             cycle = visit(node)
             assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+HEAVY = ("torch", "timm", "cv2", "albumentations", "segmentation_models_pytorch", "sklearn", "matplotlib")
+LOAD_EVERY_CONFIG = """
+import sys
+from ich_kaggle.core import config, ensemble, freshness, io, labels, layout, lock, manifest, metrics, registry
+for name in config.available() + config.available_ensembles():
+    cfg = config.load(name)
+    if cfg.is_ensemble:
+        ensemble.load_members(cfg, [])
+for bad in ("train.loss=hinge", "stack.model=lstm", "tta.transforms=vflip", "data.source=disk", "model.pool=max"):
+    try:
+        config.load("seresnext50_512", [bad])
+    except Exception as e:
+        assert type(e).__name__ == "UserError", e
+    else:
+        raise AssertionError(bad)
+heavy = sorted(m for m in %r if m in sys.modules)
+stages = sorted(m for m in sys.modules if m.startswith("ich_kaggle.") and not m.startswith("ich_kaggle.core"))
+print(heavy, stages)
+"""
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=PKG.parent)
+
+
+def test_core_runs_without_torch_or_a_stage():
+    """At run time too (the registries name their providers as strings, which the ast test cannot see): every core
+    module imports, every shipped config and ensemble loads and every name check answers, and neither torch (nor
+    any heavy library) nor a module of a higher layer was imported."""
+    proc = _run(["-c", LOAD_EVERY_CONFIG % (HEAVY,)])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[] []", f"core pulled in (heavy libraries, stages): {proc.stdout}"
+
+
+def test_a_bad_fold_answers_before_torch_is_imported():
+    """`train --fold abc` is one line, and nothing heavy was imported to say so (`-X importtime` lists every import)."""
+    proc = _run(["-X", "importtime", "-m", "ich_kaggle", "train", "--fold", "abc"])
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    errors = [line for line in lines if not line.startswith("import time:")]
+    assert errors == ["error: fold 'abc' is neither a fold number nor 'all'; use --fold 0..4 or all"]
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))

@@ -122,6 +122,24 @@ def test_missing_weights_file_names_the_file_folders_dataset_and_way_out(monkeyp
         models.find_weights("resnet18", str(tmp_path / "nowhere"))
 
 
+def test_offline_a_missing_weights_file_is_named_with_its_url_and_folder(monkeypatch, tmp_path):
+    """Offline (tests, Kaggle, CI) nothing is downloaded: the one line says which file, from where, into where."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path / "no_kaggle")
+    monkeypatch.setattr(W, "fetch", lambda backbone: pytest.fail("offline: no download may be tried"))
+    for backbone, url in [("se_resnext50_32x4d", "http://data.lip6.fr/cadene/pretrainedmodels/" + SE_FILE),
+                          ("efficientnet-b0", W.LUKEMELAS_URL + "efficientnet-b0-355c32eb.pth")]:
+        with pytest.raises(UserError) as e:
+            models.find_weights(backbone)
+        msg = str(e.value)
+        assert "\n" not in msg and "offline (ICH_KAGGLE_OFFLINE=1)" in msg
+        assert f"download {url.rsplit('/', 1)[1]} from {url} into {tmp_path / 'th' / 'checkpoints'}" in msg
+    monkeypatch.delenv("ICH_KAGGLE_OFFLINE")
+    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path)  # a folder at /kaggle/input: a Kaggle kernel, offline
+    with pytest.raises(UserError, match=r"offline \(a Kaggle kernel\)"):
+        models.find_weights("se_resnext50_32x4d")
+
+
 def test_mismatched_checkpoint_says_how_many_keys_are_missing(se_backbone, tmp_path):
     import torchvision
 
@@ -233,10 +251,10 @@ def test_input_is_normalised_with_the_weights_statistics():
 
 def test_pools():
     x = torch.rand(2, 4, 5, 5) + 0.1
-    assert torch.allclose(models.Pool("avg")(x), x.mean((2, 3)))
-    avgmax = models.Pool("avgmax")(x)
+    assert torch.allclose(models.build_pool("avg")(x), x.mean((2, 3)))
+    avgmax = models.build_pool("avgmax")(x)
     assert torch.allclose(avgmax[:, 4:], x.amax((2, 3)))
-    gem = models.Pool("gem")
+    gem = models.build_pool("gem")
     with torch.no_grad():
         gem.gem.p.fill_(1.0)
     assert torch.allclose(gem(x), x.mean((2, 3)), atol=1e-6)
@@ -245,7 +263,7 @@ def test_pools():
     g = gem(x)
     assert (g > x.mean((2, 3))).all() and (g <= x.amax((2, 3)) + 1e-6).all()
     with pytest.raises(UserError, match="model.pool"):
-        models.Pool("median")
+        models.build_pool("median")
 
 
 # --- the one real ImageNet checkpoint offline: EfficientNet-Lite0 from its package ------------------------------

@@ -437,14 +437,20 @@ def test_seresnext50_tta_recipe_trains_two_averaged_models(comp, tmp_path):
 
 # --- random vs patient split ------------------------------------------------------------------------------------
 
+def patients_in_several_folds(table: pd.DataFrame) -> list[str]:
+    """Patients whose slices sit in more than one fold (always empty for a patient split)."""
+    n = table.groupby(table["patient_id"].astype(str))["fold"].nunique()
+    return sorted(n[n > 1].index)
+
+
 def test_random_split_puts_a_patient_in_two_folds_patient_split_never(comp, tmp_path):
     from ich_kaggle.data import folds as folds_mod
 
     patient = folds_mod.load_folds(comp, k=3, seed=0)
-    assert split.patients_in_several_folds(patient) == []
+    assert patients_in_several_folds(patient) == []
     cfg = _cfg("small_cnn", "cv.split=random")
     rand = split.fold_table(comp, cfg.cv)
-    assert split.patients_in_several_folds(rand)
+    assert patients_in_several_folds(rand)
     assert sorted(np.bincount(rand["fold"])) == sorted(np.bincount(np.arange(len(rand)) % 3))  # equal sizes
     pd.testing.assert_frame_equal(split.fold_table(comp, cfg.cv), rand)  # deterministic
     assert split.fold_table(comp, _cfg("small_cnn").cv).equals(patient.assign(image_id=patient["image_id"].astype(str)))

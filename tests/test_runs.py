@@ -54,7 +54,7 @@ def test_new_run_trains_beside_the_old_and_force_keeps_the_old_fold_until_the_ne
     assert done["data"]["path"] == str(comp.data.resolve()) and done["data"]["images"]
 
     # a changed setting: refused in the old run (naming RUN=), trained beside it under a new RUN
-    with pytest.raises(UserError, match="different config.*train.lr.*RUN="):
+    with pytest.raises(UserError, match="different config.*train.lr.*--run <new name>.*--force"):
         train.train_fold(_cfg("train.lr=0.5"), comp, 0, runs=runs)
     beside = train.train_fold(_cfg("train.lr=0.5", run="tiny-lr"), comp, 0, runs=runs)
     assert beside == runs / "tiny-lr" / "fold0" and (beside / "done.json").exists()
@@ -93,5 +93,5 @@ def test_runs_of_different_data_are_not_mixed(comp, tmp_path):
     train.train_fold(_cfg(), comp, 1, runs=runs)
     other = Layout.of(synth.write_competition(tmp_path / "other", seed=1, studies=12, slices=8, size=64),
                       tmp_path / "work_other")
-    with pytest.raises(UserError, match="trained on the data folder .*comp.*RUN="):
+    with pytest.raises(UserError, match="trained on the data folder .*comp.*--run <new name>"):
         train.train_fold(_cfg(), other, 1, runs=runs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -264,6 +265,10 @@ def test_amp_channels_last_progressive_sizes_oversampling_freeze(comp, tmp_path)
     assert not torch.equal(init["head.fc.weight"], w0["head.fc.weight"])  # the head trained
     assert (comp.work / "brain_fraction.csv").exists()
     assert np.load(fdir / "oof_embeddings.npz")["emb"].shape[1] == 16
+    # a config that asks for mixed precision is a GPU config: on the CPU one line says how slow it is, once
+    warned = [ln for ln in (fdir / "train.log").read_text().splitlines() if "training on the CPU" in ln]
+    assert len(warned) == 1 and "is a GPU config (train.amp=bf16)" in warned[0], warned
+    assert re.search(r"[0-9.]+ images/s measured, ~[0-9.]+ h for the 64 training images left", warned[0]), warned
 
 
 def test_min_brain_fraction_drops_empty_training_slices(comp):

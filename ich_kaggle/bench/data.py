@@ -98,7 +98,7 @@ def bench_cache(mini: Path | None) -> None:
             paths.append(mini / rel)
         except dicom.DicomError:
             pass
-    print(f"codec table: {len(hus)} slices of the real mini set, CPU seconds of this process (per core)")
+    print(f"codec table: {len(hus)} slices of {mini}, CPU seconds of this process (per core)")
     for name, (enc, dec) in _codecs().items():
         blobs = [enc(h) for h in hus]
         lossless = all(np.array_equal(np.asarray(dec(b)).reshape(h.shape), h) for b, h in zip(blobs, hus))

@@ -63,11 +63,10 @@ def bench_stack(mini: Path | None = None, train_slices: int = COMPETITION_TRAIN_
         print(f"stack_{part}_seconds: {s:.1f}")
     for stage in table.index:
         print(f"stack_oof_{stage.replace(':', '_')}_log_loss: {table.loc[stage, 'weighted_log_loss']:.5f}")
-    bench_submission()
     return {"seconds": seconds, **{f"{s}_log_loss": float(v) for s, v in table["weighted_log_loss"].items()}}
 
 
-def bench_submission() -> None:
+def bench_submission(_data: Path | None = None) -> None:
     """Time writing (and validating) a full stage-2 sized submission: 121,232 images, 727,392 rows."""
     n = 121_232
     rng = np.random.default_rng(0)

@@ -37,10 +37,10 @@ def _child_tiny(data: str | None, device: str) -> dict:
         layout = Layout.of(data, Path(tmp) / "work")
         from ..data import folds, preprocess
 
-        folds.load_folds(layout, k=2, seed=0)  # preparing data is not what this measures
-        preprocess.ensure(layout)
         cfg = config.load("tiny", ["train.epochs=1", "train.max_images_per_epoch=128", "cv.k=2",
                                    "model.pretrained=false"])
+        folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)  # the config's folds; preparing them is not measured
+        preprocess.ensure(layout)
         if device == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         train_fold(cfg, layout, 0, runs=Path(tmp) / "runs")

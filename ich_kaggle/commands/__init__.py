@@ -12,11 +12,12 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from ..core.config import DEFAULT_CONFIG
+
 Flags = Callable[[argparse.ArgumentParser], None]
 Handler = Callable[[argparse.Namespace], "int | None"]
 
 DEFAULT_DATA = "data/rsna-intracranial-hemorrhage-detection"  # the Makefile's DATA_DIR and the README's unzip target
-DEFAULT_CONFIG = "seresnext50_512"
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def members_of(args: argparse.Namespace, cfg):
 
 
 def kaggle_names(args: argparse.Namespace):
-    """Only the config's name matters here: no full load."""
+    """Only the config's name matters here (the file is not read)."""
     from ..core import config
     from ..kaggle import build as kernel
 

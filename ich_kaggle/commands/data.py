@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.config import CVConfig
+
 from . import DATA, WORKERS, command, flag, layout_of
 
 
@@ -29,7 +31,7 @@ def meta(args):
 
 @command("folds", "K folds grouped by patient, balanced on rare labels",
          DATA, flag("--out", default=None, help="default: <work>/folds.csv"),
-         flag("--k", type=int, default=5), flag("--seed", type=int, default=42))
+         flag("--k", type=int, default=CVConfig.k), flag("--seed", type=int, default=CVConfig.seed))
 def folds(args):
     from ..data import folds
 

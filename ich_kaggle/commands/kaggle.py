@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.config import CVConfig
+
 from . import (DATA, EXPERIMENT, KAGGLE, KAGGLE_OUT, PUSH, SLUG, command, config_of, flag, kaggle_names, layout_of,
                members_of)
 
@@ -108,7 +110,7 @@ def kernel_code(args):
 
 
 @command("kernel-prepare", "write (and --push) the kernel that scans headers into meta + folds on Kaggle",
-         KAGGLE_OUT, flag("--k", type=int, default=5), flag("--seed", type=int, default=42), PUSH)
+         KAGGLE_OUT, flag("--k", type=int, default=CVConfig.k), flag("--seed", type=int, default=CVConfig.seed), PUSH)
 def kernel_prepare(args):
     from ..kaggle import api, train_build
 

@@ -31,7 +31,12 @@ def demo(args):
              embeddings=not args.no_embeddings, run=args.run)
 
 
-@command("bench", "print speed and memory figures", flag("--what", nargs="*", default=["all"]), MINI)
+@command("bench", "print speed and memory figures as `name: value` lines (a few minutes on 2 cores)",
+         flag("--what", nargs="*", default=["all"],
+              help="benchmarks to run: all (the quick ones), synth, meta, cache, loader, train, submission, and the "
+                   "long ones, run only when named: stack (competition scale, ~15 min), choices (5-8 min)"),
+         flag("--mini", default=None, help="the extracted real mini set, or 'synthetic' (default: ../shared's when "
+                                           "present, else a synthetic competition generated into .cache/)"))
 def bench(args):
     from .. import bench
 

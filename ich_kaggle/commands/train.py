@@ -9,13 +9,15 @@ from . import EXPERIMENT, command, config_of, flag, layout_of, members_of
          EXPERIMENT, flag("--fold", default="0", help="fold number or 'all'"),
          flag("--force", action="store_true", help="retrain a finished fold from scratch"))
 def train(args):
-    cfg, layout = config_of(args), layout_of(args)
-    from .. import train
     from ..core import config
-    from ..data import folds
 
+    cfg, layout = config_of(args), layout_of(args)
+    config.selected_folds(cfg.cv, args.fold)  # a bad --fold answers at once (members share the ensemble's cv.k)
     members = members_of(args, cfg)  # an ensemble trains each member in its own runs/<member>/
     chosen = {m.name: config.selected_folds(m.cv, args.fold) for m in members}  # --fold checked before any work
+    from .. import train  # torch: only once the arguments are known to be good
+    from ..data import folds
+
     for member in members:  # every fold of every member checked before the first one trains
         folds.check_trainable(folds.fold_table(layout, member.cv), chosen[member.name], layout.folds_csv)
     for member in members:

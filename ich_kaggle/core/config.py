@@ -1,8 +1,9 @@
 """Experiments as data: one typed `Config` per YAML file in `ich_kaggle/configs/`.
 
-A YAML file only lists what differs from the defaults below (the defaults are the proven
-`seresnext50_512` recipe). Command-line overrides use dotted keys: `train.epochs=3`.
-Unknown keys and badly typed values are rejected with one line naming the file and the key.
+The dataclasses below hold every default, once; a YAML file (the default recipe `seresnext50_512` included) lists
+only what differs from them. Command-line overrides use dotted keys: `train.epochs=3`. Unknown keys, badly typed
+values, names no registry knows and values outside a `Literal` field's choices are rejected with one line naming the
+file and the key; names are checked against `core.registry`, which knows them without importing torch.
 """
 
 from __future__ import annotations
@@ -12,18 +13,31 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
-from .registry import BACKBONES, LOSSES, OPTIMIZERS, POOLS, RECIPES, SCHEDULERS, STACK_MODELS, TTA, WINDOWS
+from .errors import UserError, fix
+from .registry import BACKBONES, LOSSES, OPTIMIZERS, POOLS, RECIPES, SCHEDULERS, STACK_MODELS, TTA, TTA_NEEDS, WINDOWS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ENSEMBLE_DIR = CONFIG_DIR / "ensembles"  # configs whose `ensemble.members` list member configs
+DEFAULT_CONFIG = "seresnext50_512"  # the config a command uses when none is named (the Makefile's CONFIG too)
+
+# the closed choices of the config, each checked in one place (`_check_choices`, at load time)
+DataSource = Literal["cache", "dicom"]  # cache (make preprocess first) | dicom (read each slice's DICOM; no cache)
+FreezeMode = Literal["none", "backbone", "partial"]  # see models/backbones.py: freeze
+Amp = Literal["bf16", "fp16", "none"]
+ClassWeights = Literal["metric", "frequency", "balanced"]
+Balance = Literal["none", "oversample"]
+Split = Literal["patient", "random"]
+TTAAverage = Literal["prob", "logit"]
+EmbeddingSpace = Literal["per_fold", "mixture"]
+Combine = Literal["mean", "logit"]
 
 def _bad(src: str, key: str, value: Any, want: str) -> UserError:
-    return UserError(f"{src}: {key}={value!r} {want}; fix the config or the --set override")
+    override = fix("--set", "EPOCHS=/BATCH=/LR=/SIZE=/SET_EXTRA=")
+    return UserError(f"{src}: {key}={value!r} {want}; fix the config or the {override} override")
 
 
 def _between(src: str, key: str, value: float, lo: float | None = None, hi: float | None = None,
@@ -37,11 +51,6 @@ def _between(src: str, key: str, value: float, lo: float | None = None, hi: floa
         else:
             want = f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
         raise _bad(src, key, value, want)
-
-
-def _one_of(src: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise _bad(src, key, value, f"is not one of {', '.join(allowed)}")
 
 
 def _probabilities(src: str, section: str, obj: Any, names: tuple[str, ...]) -> None:
@@ -58,7 +67,7 @@ class DataConfig:
     crop_square: bool = True  # widen the head crop to a square (the resize keeps its aspect); false: stretched
     min_brain_fraction: float = 0.0  # drop near-empty training slices (fraction of pixels in 0..80 HU)
     num_workers: int = -1  # loader processes; -1: one per CPU this process may use
-    source: str = "cache"  # training images: cache (make preprocess first) | dicom (read each slice's DICOM; no cache)
+    source: DataSource = "cache"  # training images
 
     @property
     def in_channels(self) -> int:
@@ -68,12 +77,11 @@ class DataConfig:
         if not self.windows:
             raise _bad(src, "data.windows", self.windows, "must name at least one window")
         for name in self.windows:
-            WINDOWS.get(name, "data.windows")
+            WINDOWS.check(name, "data.windows")
         _between(src, "data.image_size", self.image_size, 8)
         _between(src, "data.neighbors", self.neighbors, 0)
         _between(src, "data.min_brain_fraction", self.min_brain_fraction, 0.0, 1.0)
         _between(src, "data.num_workers", self.num_workers, -1)
-        _one_of(src, "data.source", self.source, ("cache", "dicom"))  # data/source.py: SOURCES
 
 
 @dataclass
@@ -110,14 +118,13 @@ class ModelConfig:
     weights: str | None = None  # file or folder of ImageNet weights; default: $TORCH_HOME/checkpoints
     pool: str = "avg"  # see models/heads.py
     dropout: float = 0.2
-    freeze: str = "none"  # none | backbone (head + BatchNorm train) | partial (last stage + head train)
+    freeze: FreezeMode = "none"  # backbone: head + BatchNorm train; partial: last stage + head train
 
     def check(self, src: str) -> None:
         for member in self.backbone.split("+"):
-            BACKBONES.get(member.strip(), "model.backbone")
-        POOLS.get(self.pool, "model.pool")
+            BACKBONES.check(member.strip(), "model.backbone")
+        POOLS.check(self.pool, "model.pool")
         _between(src, "model.dropout", self.dropout, 0.0, 1.0)
-        _one_of(src, "model.freeze", self.freeze, ("none", "backbone", "partial"))
 
 
 @dataclass
@@ -132,16 +139,16 @@ class TrainConfig:
     scheduler: str = "cosine"  # see engine/optim.py
     warmup_epochs: float = 0.2
     accum_steps: int = 1
-    amp: str = "bf16"  # bf16 | fp16 | none; on CUDA the GPU's capability decides between bf16 and fp16
+    amp: Amp = "bf16"  # on CUDA the GPU's capability decides between bf16 and fp16
     channels_last: bool = True
     compile: bool = False
     loss: str = "bce"  # see engine/losses.py
-    class_weights: str = "metric"  # metric (any=2) | frequency | balanced (per-label 1/#pos, 1/#neg)
+    class_weights: ClassWeights = "metric"  # metric (any=2) | frequency | balanced (per-label 1/#pos, 1/#neg)
     focal_gamma: float = 2.0
     seed: int = 42
     max_images_per_epoch: int = 0  # 0 = all; >0 subsamples each epoch (tiny configs)
     progressive_sizes: list[int] = field(default_factory=list)  # image size per epoch, e.g. [64, 128, 224, 256]
-    balance: str = "none"  # none | oversample (repeat positives of rare subtypes)
+    balance: Balance = "none"  # oversample: repeat positives of rare subtypes
     ema: float = 0.0  # decay per optimizer step of the weights' moving average (engine/ema.py); 0 = off
 
     def check(self, src: str) -> None:
@@ -156,12 +163,9 @@ class TrainConfig:
         _between(src, "train.max_images_per_epoch", self.max_images_per_epoch, 0)
         for size in self.progressive_sizes:
             _between(src, "train.progressive_sizes", size, 8)
-        OPTIMIZERS.get(self.optimizer, "train.optimizer")
-        SCHEDULERS.get(self.scheduler, "train.scheduler")
-        LOSSES.get(self.loss, "train.loss")
-        _one_of(src, "train.amp", self.amp, ("bf16", "fp16", "none"))
-        _one_of(src, "train.class_weights", self.class_weights, ("metric", "frequency", "balanced"))
-        _one_of(src, "train.balance", self.balance, ("none", "oversample"))
+        OPTIMIZERS.check(self.optimizer, "train.optimizer")
+        SCHEDULERS.check(self.scheduler, "train.scheduler")
+        LOSSES.check(self.loss, "train.loss")
 
 
 @dataclass
@@ -169,13 +173,12 @@ class CVConfig:
     k: int = 5
     seed: int = 42
     folds: list[int] = field(default_factory=list)  # which folds to train/predict; empty = all
-    split: str = "patient"  # patient | random (random puts a patient's slices in several folds: leaks; papers only)
+    split: Split = "patient"  # random puts a patient's slices in several folds: leaks; papers only)
 
     def check(self, src: str) -> None:
         _between(src, "cv.k", self.k, 2)
         for fold in self.folds:
             _between(src, "cv.folds", fold, 0, self.k - 1)
-        _one_of(src, "cv.split", self.split, ("patient", "random"))
 
 
 def selected_folds(cv: CVConfig, fold: int | str | None = None) -> list[int]:
@@ -188,24 +191,25 @@ def selected_folds(cv: CVConfig, fold: int | str | None = None) -> list[int]:
         try:
             chosen = [int(str(fold).strip())]
         except ValueError:
-            raise UserError(f"--fold {fold!r} is neither a fold number nor 'all'; use --fold 0..{cv.k - 1} or all") from None
+            raise UserError(f"fold {fold!r} is neither a fold number nor 'all'; "
+                            f"use {fix(f'--fold 0..{cv.k - 1}', f'fold=0..{cv.k - 1}')} or all") from None
     bad = [f for f in chosen if not 0 <= f < cv.k]
     if bad:
         where = f"fold {bad[0]}" if len(chosen) == 1 else f"cv.folds has fold(s) {bad}, which"
-        raise UserError(f"{where} does not exist with cv.k={cv.k}; use --fold 0..{cv.k - 1} or all")
+        raise UserError(f"{where} does not exist with cv.k={cv.k}; "
+                        f"use {fix(f'--fold 0..{cv.k - 1}', f'fold=0..{cv.k - 1}')} or all")
     return chosen
 
 
 @dataclass
 class TTAConfig:
     transforms: list[str] = field(default_factory=lambda: ["identity", "hflip"])  # see predict/tta.py
-    average: str = "prob"  # prob | logit
+    average: TTAAverage = "prob"
     batch_size: int = 64
 
     def check(self, src: str) -> None:
         for name in self.transforms:
-            TTA.get(name, "tta.transforms")
-        _one_of(src, "tta.average", self.average, ("prob", "logit"))
+            TTA.check(name, "tta.transforms")
         _between(src, "tta.batch_size", self.batch_size, 1)
 
 
@@ -225,7 +229,7 @@ class StackConfig:
     #   per_fold 0.17328 0.17285 0.17425 0.17454 (mean 0.17373) / 0.17942 0.18439 0.19539 0.18525 (mean 0.18611)
     #   mixture  0.18608 0.16170 0.17290 0.18473 (mean 0.17635) / 0.19481 0.20376 0.21767 0.29245 (mean 0.22717)
     # per_fold: lower mean test loss, ~14x smaller spread over seeds, lower OOF at every seed (what submit chooses by).
-    embedding_space: str = "per_fold"
+    embedding_space: EmbeddingSpace = "per_fold"
     neighbors_k: int = 2
     epochs: int = 20  # at most; training stops earlier on the inner validation split
     # per fold, a time cap on optimizer steps (0 = none): ~3 epochs at competition scale (~265 steps per epoch), which
@@ -241,7 +245,7 @@ class StackConfig:
     sources: list[str] = field(default_factory=list)  # first-stage prediction folders to stack; empty: this config's own
 
     def check(self, src: str) -> None:
-        STACK_MODELS.get(self.model, "stack.model")
+        STACK_MODELS.check(self.model, "stack.model")
         for key in ("hidden", "layers", "embedding_dim", "neighbors_k", "epochs", "batch_series"):
             _between(src, f"stack.{key}", getattr(self, key), 1)
         _between(src, "stack.max_steps", self.max_steps, 0)
@@ -250,7 +254,6 @@ class StackConfig:
         _between(src, "stack.val_every", self.val_every, 0)
         _between(src, "stack.dropout", self.dropout, 0.0, 1.0)
         _between(src, "stack.lr", self.lr, 0.0, lo_open=True)
-        _one_of(src, "stack.embedding_space", self.embedding_space, ("mixture", "per_fold"))
 
 
 @dataclass
@@ -262,14 +265,13 @@ class EnsembleConfig:
     """
 
     members: list[str] = field(default_factory=list)  # shipped config names or YAML paths; empty: not an ensemble
-    combine: str = "mean"  # mean (of probabilities) | logit (mean of logits)
+    combine: Combine = "mean"  # mean (of probabilities) | logit (mean of logits)
     weights: list[float] = field(default_factory=list)  # one per member; empty = equal
     member_set: list[str] = field(default_factory=list)  # key=value overrides applied to every member
     # the members' experiment folders are runs/<run_prefix>.<member>/ (set by RUN= on the ensemble; empty: <member>)
     run_prefix: str = ""
 
     def check(self, src: str) -> None:
-        _one_of(src, "ensemble.combine", self.combine, ("mean", "logit"))
         if self.weights and len(self.weights) != len(self.members):
             raise _bad(src, "ensemble.weights", self.weights, f"must give one weight per member ({len(self.members)})")
         if self.weights and (min(self.weights) < 0 or sum(self.weights) <= 0):
@@ -306,13 +308,13 @@ class RecipeConfig:
     mil: MILConfig = field(default_factory=MILConfig)
 
     def check(self, src: str) -> None:
-        RECIPES.get(self.kind, "recipe.kind")
+        RECIPES.check(self.kind, "recipe.kind")
         self.mil.check(src)
 
 
 @dataclass
 class Config:
-    name: str = "seresnext50_512"
+    name: str = DEFAULT_CONFIG
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -368,7 +370,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
         except (TypeError, ValueError):
             pass
-    elif tp is str:
+    elif tp is str or origin is Literal:  # a Literal's choices are checked with the config (_check_choices)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif origin in (list, tuple):
@@ -449,7 +451,7 @@ def named(cfg: Config, run: str | None) -> Config:
     return out
 
 
-def load(name_or_path: str = "seresnext50_512", overrides: list[str] | dict[str, Any] | None = None,
+def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | dict[str, Any] | None = None,
          run: str | None = None) -> Config:
     """Load a config by shipped name or YAML path, then apply `key=value` overrides; `run` names the experiment
     (default: the config's name, see `named`)."""
@@ -483,11 +485,12 @@ def validate(cfg: Config) -> None:
         if dataclasses.is_dataclass(section):
             try:
                 section.check(src)
+                _check_choices(src, f.name, section)
             except UserError as e:
                 msg = str(e)
                 raise UserError(msg if msg.startswith(src) else f"{src}: {msg}") from None
     for name in cfg.tta.transforms:  # a view only helps if training showed the model such images
-        unseen = [a for a in getattr(TTA.get(name, "tta.transforms"), "needs", ()) if getattr(cfg.augment, a) <= 0]
+        unseen = [a for a in TTA_NEEDS.get(name, ()) if getattr(cfg.augment, a) <= 0]
         if unseen:
             raise UserError(f"{src}: tta.transforms has '{name}', a view the model never sees in training "
                             f"({', '.join(f'augment.{a}=0' for a in unseen)}); set {unseen[0]} > 0 in augment or "
@@ -495,6 +498,17 @@ def validate(cfg: Config) -> None:
     if cfg.stack.use_embeddings and cfg.stack.embedding_space == "per_fold" and cfg.cv.split == "random":
         raise UserError(f"{src}: stack.embedding_space=per_fold needs cv.split=patient (under a random split a fold "
                         f"model's held-out images are scattered slices, not whole series); use stack.embedding_space=mixture")
+
+
+def _check_choices(src: str, prefix: str, section: Any) -> None:
+    """Every `Literal` field of the section (and of its sub-sections) holds one of its choices."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, tp = getattr(section, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            _check_choices(src, f"{prefix}.{f.name}", value)
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            raise _bad(src, f"{prefix}.{f.name}", value, f"is not one of {', '.join(typing.get_args(tp))}")
 
 
 def dump(cfg: Config, path: str | Path) -> None:

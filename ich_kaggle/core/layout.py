@@ -170,6 +170,7 @@ class Stacked:
     neighbors_test = property(lambda self: self.dir / "neighbors_test.csv")
     metrics = property(lambda self: self.dir / "metrics.csv")
     curve = property(lambda self: self.dir / "curve.csv")  # per fold: the inner validation loss the stacker stopped on
+    models = property(lambda self: self.dir / "models.pt")  # the fitted second stage per fold (`stack.saved`)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .errors import UserError, fix
 
 
 def _holder(path: Path) -> dict:
@@ -51,7 +51,8 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {path.parent} ({e.strerror}); make it writable or choose another --runs folder") from None
+        raise UserError(f"cannot create {path.parent} ({e.strerror}); make it writable or choose another "
+                        f"{fix('--runs', 'RUNS=')} folder") from None
     for _ in range(2):
         try:
             if _take(path):

@@ -1,8 +1,8 @@
-"""The library logs (`logging.getLogger("ich_kaggle.<stage>")`); the CLI shows those messages as plain lines.
+"""The library logs (`logging.getLogger(__name__)` in every module); the CLI shows those messages as plain lines.
 
-`show()` is what `cli.main` calls: INFO and above of every `ich_kaggle.*` logger go to stdout as the message alone,
-through tqdm so a running progress bar is not broken, and to whatever `sys.stdout` is at that moment (so pytest's
-capture sees them too).
+The one console handler of the package: `show()` is what `cli.main` (and the Kaggle kernels) call: INFO and above
+of every `ich_kaggle.*` logger go to stdout as the message alone, through tqdm so a running progress bar is not
+broken, and to whatever `sys.stdout` is at that moment (so pytest's capture sees them too).
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ import logging
 import sys
 
 ROOT = "ich_kaggle"
-
-
-def get(stage: str) -> logging.Logger:
-    return logging.getLogger(f"{ROOT}.{stage}")
 
 
 class _Plain(logging.Handler):

@@ -35,8 +35,8 @@ def _check(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return y_true, y_pred
 
 
-def _bce(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Element-wise binary cross entropy with Kaggle's clipping (soft targets allowed)."""
+def bce(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Element-wise binary cross entropy with Kaggle's clipping (soft targets allowed): the one numpy BCE."""
     p = np.clip(y_pred, EPS, 1.0 - EPS)
     return -(y_true * np.log(p) + (1.0 - y_true) * np.log1p(-p))
 
@@ -44,14 +44,14 @@ def _bce(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 def per_label_log_loss(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """Mean log loss of each label column, in `LABELS` order."""
     y_true, y_pred = _check(y_true, y_pred)
-    losses = _bce(y_true, y_pred).mean(axis=0)
+    losses = bce(y_true, y_pred).mean(axis=0)
     return {label: float(v) for label, v in zip(LABELS, losses)}
 
 
 def weighted_log_loss(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """The competition score on (N, 6) arrays: sum of weighted element losses over the sum of weights."""
     y_true, y_pred = _check(y_true, y_pred)
-    losses = _bce(y_true, y_pred)
+    losses = bce(y_true, y_pred)
     return float((losses * _WEIGHTS).sum() / (_WEIGHTS.sum() * len(losses)))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UserError
+from .errors import UserError, fix
 from .manifest import digest
 
 KEY_PACKAGES = ("torch", "timm", "numpy", "pandas", "pydicom")
@@ -31,8 +31,8 @@ def check_data(recorded: dict | None, current: dict, where: Path, name: str) -> 
     if not recorded or recorded.get("images") == current["images"]:
         return
     raise UserError(f"{where} was trained on the data folder {recorded.get('path')}, not on {current['path']} "
-                    f"(other images); train beside it with RUN=<new name> (--run), or pass the DATA_DIR it was "
-                    f"trained on (FORCE=1 / --force replaces it)")
+                    f"(other images); train beside it with {fix('--run <new name>', 'RUN=<new name>')}, or pass "
+                    f"the {fix('--data', 'DATA_DIR')} it was trained on ({fix('--force', 'FORCE=1')} replaces it)")
 
 
 def code_version(root: str | Path | None = None) -> dict | None:

@@ -7,6 +7,7 @@ changed is made again; `skipped.csv` lists the DICOMs that do not decode (retrie
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -18,9 +19,8 @@ import pandas as pd
 from ..core.io import atomic_path, atomic_open, cannot_write, write_csv
 from ..core.layout import Layout
 from .codec import FORMAT, CacheError, decode
-from ..core.log import get as get_logger
 
-log = get_logger("cache")
+log = logging.getLogger(__name__)
 
 SUFFIX = ".hu"
 STALE_TMP_S = 600  # temp files older than this were left by a killed run (a concurrent run may own newer ones)

@@ -39,7 +39,7 @@ from . import dicom
 from .source import DicomSlices
 from .windows import jitter, named, window_planes
 
-log = logging.getLogger("ich_kaggle.train")
+log = logging.getLogger(__name__)
 
 AIR_HU = -500.0  # pixels above this are head, headrest or tissue; below it air or scanner padding
 CROP_MARGIN = 0.04  # fraction of the bounding box size added on each side
@@ -170,15 +170,16 @@ class SliceDataset(Dataset):
     An image that cannot be loaded is replaced by another one in training; in evaluation it comes back blank with
     NaN labels, the mark by which predict leaves it out and reports it."""
 
-    def __init__(self, frame: pd.DataFrame, layout: Layout, cfg: Config, transform=None, train: bool = False,
-                 meta: pd.DataFrame | None = None) -> None:
+    def __init__(self, frame: pd.DataFrame, layout: Layout | None, cfg: Config, transform=None, train: bool = False,
+                 meta: pd.DataFrame | None = None, read_hu=None) -> None:
         self.frame = frame.reset_index(drop=True)
         self.layout, self.cfg, self.transform, self.train = layout, cfg, transform, train
         self.windows = named(cfg.data.windows)
-        if cfg.data.source == "dicom" and meta is None:
+        if cfg.data.source == "dicom" and meta is None and read_hu is None:
             meta = _load_meta(layout)
         self.source = cfg.data.source
-        self.read_hu = hu_reader(layout, cfg.data.source, meta)
+        # `read_hu`: image_id -> int16 HU given by the caller (`infer` reads any DICOM layout; no layout then)
+        self.read_hu = read_hu if read_hu is not None else hu_reader(layout, cfg.data.source, meta)
         self.epoch = 0
         self.seed = cfg.train.seed
         if all(c in self.frame.columns for c in LABELS):

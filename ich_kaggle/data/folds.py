@@ -10,6 +10,7 @@ makes every label carried by >= k patients reach every fold. No patient is ever 
 
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 
@@ -17,20 +18,19 @@ import numpy as np
 import pandas as pd
 
 from ..core.labels import LABELS
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open, write_csv
 from ..core.config import CVConfig
 from ..core.layout import Layout
 from ..core import labels as labels_mod
 from . import meta as meta_mod
-from ..core.log import get as get_logger
 
-log = get_logger("folds")
+log = logging.getLogger(__name__)
 
 FOLD_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "fold", *LABELS]
 
 
-def assign_folds(frame: pd.DataFrame, k: int = 5, seed: int = 42) -> pd.Series:
+def assign_folds(frame: pd.DataFrame, k: int = CVConfig.k, seed: int = CVConfig.seed) -> pd.Series:
     """Fold (0..k-1) of each row of `frame` (needs patient_id + the six LABELS), constant within a patient."""
     if k < 2:
         raise UserError(f"k must be at least 2 folds, got {k}")
@@ -143,7 +143,8 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def build_folds(layout: Layout, out: str | Path | None = None, k: int = 5, seed: int = 42) -> pd.DataFrame:
+def build_folds(layout: Layout, out: str | Path | None = None, k: int = CVConfig.k,
+                seed: int = CVConfig.seed) -> pd.DataFrame:
     """Write folds.csv: image_id, patient_id, study_id, series_id, fold + LABELS for labelled, readable train slices."""
     layout.require_data()
     labels = labels_mod.read_labels(layout.train_csv)
@@ -183,9 +184,12 @@ def _stale(layout: Layout, k: int, seed: int) -> bool:
     except (OSError, ValueError):
         return True
     if info.get("k") != k or info.get("seed") != seed:
+        old_set = f"--set cv.k={info.get('k')} cv.seed={info.get('seed')}"
+        old_make = f'SET_EXTRA="cv.k={info.get("k")} cv.seed={info.get("seed")}"'
+        rebuild = f"python -m ich_kaggle folds --data {layout.data} --k {k} --seed {seed}"
         raise UserError(f"{path} was made with k={info.get('k')}, seed={info.get('seed')} but this config asks for "
-                        f"cv.k={k}, cv.seed={seed}; use --set cv.k={info.get('k')} cv.seed={info.get('seed')}, or rebuild "
-                        f"it with `python -m ich_kaggle folds --data {layout.data} --k {k} --seed {seed}` (folds "
+                        f"cv.k={k}, cv.seed={seed}; use {fix(old_set, old_make)}, or rebuild it with "
+                        f"`{fix(rebuild, f'make folds DATA_DIR={layout.data} K={k} SEED={seed}')}` (folds "
                         f"trained on the old split then refuse to resume)")
     if info.get("labels", {}) != _labels_identity(layout):
         return True  # stage_2_train.csv replaced or edited
@@ -212,7 +216,7 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=dtypes)
 
 
-def load_folds(layout: Layout, k: int = 5, seed: int = 42) -> pd.DataFrame:
+def load_folds(layout: Layout, k: int = CVConfig.k, seed: int = CVConfig.seed) -> pd.DataFrame:
     """folds.csv for (k, seed), (re)built when missing or stale (see `_stale`)."""
     if _stale(layout, k, seed):
         return build_folds(layout, k=k, seed=seed)
@@ -249,11 +253,6 @@ def check_trainable(table: pd.DataFrame, folds: list[int], folds_csv: Path) -> N
         n_val = int(sizes.get(fold, 0))
         if n_val == 0 or n_val == len(table):
             raise UserError(f"{folds_csv}: fold {fold} leaves an empty {'validation' if n_val == 0 else 'training'} set "
-                            f"(folds present: {sorted(int(f) for f in sizes.index)}); use fewer folds (--set cv.k=...) "
-                            f"or more data")
+                            f"(folds present: {sorted(int(f) for f in sizes.index)}); "
+                            f"use fewer folds ({fix('--set cv.k=...', 'SET_EXTRA=cv.k=...')}) or more data")
 
-
-def patients_in_several_folds(table: pd.DataFrame) -> list[str]:
-    """Patients whose slices sit in more than one fold (always empty for a patient split)."""
-    n = table.groupby(table["patient_id"].astype(str))["fold"].nunique()
-    return sorted(n[n > 1].index)

@@ -10,6 +10,7 @@ header tables from elsewhere (see `frame_from_headers`).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -29,9 +30,8 @@ from ..core.errors import UserError
 from ..core.io import cannot_write, write_csv
 from ..core.layout import Layout
 from . import dicom, inputs
-from ..core.log import get as get_logger
 
-log = get_logger("meta")
+log = logging.getLogger(__name__)
 
 COLUMNS = [
     "image_id", "patient_id", "study_id", "series_id", "split", "path", "z", "slice_rank", "series_len",

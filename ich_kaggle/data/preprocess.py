@@ -8,6 +8,7 @@ cached so far and recording nothing as a bad DICOM; a killed pool worker says to
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -26,9 +27,8 @@ from . import cache, dicom, inputs
 from .source import slice_hu
 from . import meta as meta_mod
 from .codec import encode
-from ..core.log import get as get_logger
 
-log = get_logger("preprocess")
+log = logging.getLogger(__name__)
 
 CHUNK = 64
 IN_PROCESS_BELOW = 1024  # a process pool costs seconds to start

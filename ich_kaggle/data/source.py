@@ -18,18 +18,20 @@ that keeps failing is raised as such, and the dataset decides (see `SliceDataset
 
 from __future__ import annotations
 
+import logging
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import dicom
-from ..core.log import get as get_logger
+from ..core.config import DataSource
 
-log = get_logger("train")
+log = logging.getLogger(__name__)
 
-SOURCES = ("cache", "dicom")
+SOURCES = typing.get_args(DataSource)  # `data.source`: declared once, by the config field
 RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # between the attempts at a transiently unreadable DICOM (~2.6 s in all)
 
 

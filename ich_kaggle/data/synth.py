@@ -22,7 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..core.labels import LABELS
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open, write_csv
 from .phantom import SUBTYPES, Anatomy, Geometry, Lesion, Rendered, render, ventricle_masks
 from .windows import apply_windows, named
@@ -292,7 +292,7 @@ def write_competition(out: str | Path, seed: int = 0, studies: int | None = None
         if json.loads(marker.read_text()) == params:
             return out
     elif out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; give `synth --out` a new or empty folder")
+        raise UserError(f"{out} is a file; give `{fix('synth --out', 'make synth DATA_DIR=')}` a new or empty folder")
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and was not written by `synth`; choose an empty or new folder for the synthetic competition")
     tmp = out.parent / f".{out.name}.synth-tmp"

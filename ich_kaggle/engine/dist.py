@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 
 
 @dataclass
@@ -88,8 +88,10 @@ def gather_objects(info: DistInfo, obj: Any) -> list[Any]:
 
 def per_rank_batch(batch_size: int, info: DistInfo) -> int:
     if batch_size % info.world_size:
+        n = info.world_size
         raise UserError(f"train.batch_size={batch_size} is the global batch and must divide by the "
-                        f"{info.world_size} processes; pass --set train.batch_size=<multiple of {info.world_size}>")
+                        f"{info.world_size} processes; pass "
+                        f"{fix(f'--set train.batch_size=<multiple of {n}>', f'BATCH=<multiple of {n}>')}")
     return batch_size // info.world_size
 
 

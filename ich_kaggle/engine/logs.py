@@ -6,46 +6,48 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
-from ..core.labels import LABELS
 from ..core.io import atomic_path, write_csv
+from ..core.labels import LABELS
+from ..core.log import ROOT
 
-LOGGER = "ich_kaggle.train"
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_weighted_log_loss", *[f"val_{c}" for c in LABELS], "seconds",
                "train_images_per_s"]
 
 
-class _TqdmHandler(logging.Handler):
-    """Console lines that do not break an active progress bar."""
+class _FoldFile(logging.FileHandler):
+    """A fold's train.log, on the package's logger: every module's messages while the fold runs. The console is
+    core/log.py's one handler; this one only remembers the package logger's level to give it back."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record))
+    previous_level = logging.NOTSET
 
 
-def open_log(path: Path, enabled: bool) -> logging.Logger:
-    """Logger writing to `path` (a fold's train.log) and the console (rank 0 only; other ranks stay quiet)."""
-    logger = logging.getLogger(LOGGER)
+def open_log(path: Path, enabled: bool, logger: logging.Logger) -> logging.Logger:
+    """Open the fold's train.log (rank 0); on other ranks quiet `logger` (the loop's), whose lines rank 0 speaks."""
     close_log(logger)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
     if not enabled:
-        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.WARNING)
         return logger
     path.parent.mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(path)
+    fh = _FoldFile(path)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    ch = _TqdmHandler()
-    ch.setFormatter(logging.Formatter("[train] %(message)s"))
-    logger.addHandler(fh)
-    logger.addHandler(ch)
+    package = logging.getLogger(ROOT)
+    fh.previous_level = package.level
+    if package.getEffectiveLevel() > logging.INFO:  # INFO reaches the file even when nothing called log.show()
+        package.setLevel(logging.INFO)
+    package.addHandler(fh)
     return logger
 
 
 def close_log(logger: logging.Logger) -> None:
-    for h in list(logger.handlers):
-        h.close()
-        logger.removeHandler(h)
+    """Close the fold's train.log and give back the levels `open_log` changed."""
+    logger.setLevel(logging.NOTSET)
+    package = logging.getLogger(ROOT)
+    for h in list(package.handlers):
+        if isinstance(h, _FoldFile):
+            h.close()
+            package.removeHandler(h)
+            package.setLevel(h.previous_level)
 
 
 def write_log_csv(rows: list[dict], path: Path) -> None:

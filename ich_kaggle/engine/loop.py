@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..core.labels import LABELS
 from ..core.config import Config, dump
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open, write_csv
 from ..models.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
 from ..core.layout import FoldRun, Layout, Run
@@ -40,7 +40,7 @@ from .logs import close_log, open_log, plot_curves, write_log_csv
 from . import ema
 from .plan import epoch_indices, eval_loader, image_size, label_matrix, train_loader
 
-_LOG = logging.getLogger("ich_kaggle.engine")
+_LOG = logging.getLogger(__name__)
 STOP_ENV = "ICH_STOP_AFTER_EPOCHS"  # stop (resumably) once this many epochs are done: for tests and time-boxed jobs
 # A recipe's per-batch loss: factory(cfg, train_ds=, meta=, loss_fn=, net=, info=) -> object with
 # start_epoch(epoch, size) and __call__(model, x, y, idx) -> loss (see `recipes.mil.MILBatchLoss`).
@@ -81,7 +81,7 @@ def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None
     train = table[table["fold"] != fold].reset_index(drop=True)
     if val.empty or train.empty:
         raise UserError(f"{layout.folds_csv}: fold {fold} leaves an empty {'validation' if val.empty else 'training'} "
-                        f"set; use fewer folds (--set cv.k=...) or more data")
+                        f"set; use fewer folds ({fix('--set cv.k=...', 'SET_EXTRA=cv.k=...')}) or more data")
     table_meta = meta.load_meta(layout)
     if cfg.data.min_brain_fraction > 0:
         train = drop_empty_slices(train, layout, cfg.data.min_brain_fraction,
@@ -150,10 +150,22 @@ def batches(loader):
         raise UserError(last.split("UserError: ", 1)[-1]) from None
 
 
+PROBE_BATCHES = 3  # the speed a CPU warning quotes: batches 2..3 (the first one also starts the loader workers)
+
+
+def cpu_warning(cfg: Config, images_per_s: float, images_left: int) -> str:
+    """One line for a GPU config (it asks for mixed precision) that trains on the CPU: its measured speed and the
+    time the rest of the fold would take at it, before hours go by unnoticed."""
+    hours = images_left / max(images_per_s, 1e-9) / 3600
+    return (f"{cfg.name} is a GPU config (train.amp={cfg.train.amp}) training on the CPU: {images_per_s:.2f} images/s "
+            f"measured, ~{hours:.1f} h for the {images_left} training images left in this fold (validation not "
+            f"counted); use a GPU or Kaggle's (docs/kaggle.md), or a CPU config such as tiny")
+
+
 def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Config, info: D.DistInfo,
-                desc: str, batch_loss=None, after_step=None) -> tuple[float, int, float]:
+                desc: str, batch_loss=None, after_step=None, probe=None) -> tuple[float, int, float]:
     """(mean train loss over all ranks, images seen over all ranks, seconds); `after_step()` after each optimizer
-    step (the weights' moving average)."""
+    step (the weights' moving average); `probe(images/s)` once, after the first PROBE_BATCHES batches."""
     model.train()
     accum, n = cfg.train.accum_steps, len(loader)
     total, seen = torch.zeros(2, dtype=torch.float64), 0
@@ -185,6 +197,10 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Confi
         total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
         seen += len(x)
         elapsed = time.perf_counter() - start
+        if probe is not None and i == 0:
+            probe_from = (elapsed, seen)
+        elif probe is not None and i == PROBE_BATCHES - 1:
+            probe((seen - probe_from[1]) * info.world_size / max(elapsed - probe_from[0], 1e-9))
         bar.set_postfix(loss=f"{total[0] / total[1]:.4f}", img_s=f"{seen * info.world_size / max(elapsed, 1e-9):.1f}")
     if info.distributed:  # NCCL reduces CUDA tensors only
         reduced = total.to(info.device)
@@ -254,8 +270,9 @@ def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
     diff = sorted(k for k in set(old) | set(new) if str(old.get(k)) != str(new.get(k)))
     if diff:
         raise UserError(f"{path} was trained with a different config ({', '.join(diff[:5])}); "
-                        f"train beside it with RUN=<new name> (--run), retrain it with FORCE=1 (--force; the old fold is kept "
-                        f"until the new one finishes), or restore those settings to resume")
+                        f"train beside it with {fix('--run <new name>', 'RUN=<new name>')}, retrain it with "
+                        f"{fix('--force', 'FORCE=1')} (the old fold is kept until the new one finishes), or restore "
+                        f"those settings to resume")
 
 
 def _stop_after(stop_after_epochs: int | None) -> int | None:
@@ -298,7 +315,7 @@ def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs"
             D.barrier(info)
             return out
     finally:
-        close_log(logging.getLogger("ich_kaggle.train"))
+        close_log(_LOG)
         D.teardown(info)
 
 
@@ -325,7 +342,8 @@ def finished(cfg: Config, layout: Layout, files: FoldRun) -> bool:
     check_split(ckpt, table, files, layout)
     if not ckpt.get("done"):
         return False
-    _LOG.info(f"fold {files.fold} of {cfg.name} is already trained ({files.dir}); pass --force to retrain it")
+    _LOG.info(f"fold {files.fold} of {cfg.name} is already trained ({files.dir}); "
+              f"pass {fix('--force', 'FORCE=1')} to retrain it")
     return True
 
 
@@ -334,7 +352,8 @@ def check_split(ckpt: dict, table: pd.DataFrame, files: FoldRun, layout: Layout)
     split = fold_split_digest(table, files.fold)
     if ckpt.get("split", split) != split:
         raise UserError(f"{files.last} was trained on other images than fold {files.fold} of {layout.folds_csv} has "
-                        f"now (folds.csv was rebuilt or the data changed); retrain with --force, or restore that folds.csv")
+                        f"now (folds.csv was rebuilt or the data changed); retrain with {fix('--force', 'FORCE=1')}, "
+                        f"or restore that folds.csv")
     return split
 
 
@@ -352,7 +371,7 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
             if path != files.lock and (force or (path.name.startswith(".") and path.name.endswith(".tmp"))):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     D.barrier(info)
-    log = open_log(files.train_log, info.is_main)
+    log = open_log(files.train_log, info.is_main, _LOG)
     if info.is_main:  # rank 0 builds folds.csv if it is missing; the others read it after
         table = folds_mod.fold_table(layout, cfg.cv)
     D.barrier(info)
@@ -413,6 +432,12 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
                  f"x {cfg.train.accum_steps} accumulation, {steps_per_epoch} steps/epoch")
     del ckpt  # optimizer state of a big model: do not keep a second copy for the whole run
     started = time.time()
+    probe = None
+    if info.device.type == "cpu" and cfg.train.amp != "none" and info.is_main and start_epoch < cfg.train.epochs:
+        images_left = steps_per_epoch * cfg.train.batch_size * cfg.train.accum_steps * (cfg.train.epochs - start_epoch)
+
+        def probe(rate: float) -> None:
+            log.warning(cpu_warning(cfg, rate, images_left))
 
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
@@ -426,7 +451,8 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
         loader = train_loader(train_ds, epoch_indices(cfg, train_labels, epoch), cfg, info, batch, epoch)
         desc = f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} ({size}px)"
         train_loss, seen, train_s = train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg, info, desc,
-                                                batch_loss, None if average is None else lambda: average.update(net))
+                                                batch_loss, None if average is None else lambda: average.update(net),
+                                                probe if epoch == start_epoch else None)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
         row.update(validate(net if average is None else average.module, val_ds, val_labels, cfg, info))
         row.update({"seconds": time.perf_counter() - t0, "train_images_per_s": seen / max(train_s, 1e-9)})
@@ -444,7 +470,8 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
             save_checkpoint(last_path, {**extra,
                 "model": state, "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                "rng": D.rng_state(), "log": rows, "best_metric": best, "best_epoch": best_epoch, "split": split, "data": data_id,
+                "rng": D.rng_state(), "log": rows, "best_metric": best, "best_epoch": best_epoch, "split": split,
+                "data": data_id,
                 "done": epoch + 1 == cfg.train.epochs, "num_classes": len(LABELS), "world_size": info.world_size})
             write_log_csv(rows, files.log_csv)
             plot_curves(rows, files.curves, title=f"{cfg.name} fold {fold}")

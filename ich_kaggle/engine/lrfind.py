@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -14,9 +15,8 @@ from ..core.io import atomic_path, write_csv
 from ..core.layout import Layout, Run
 from . import dist as D
 from .plan import epoch_indices, label_matrix, train_loader
-from ..core.log import get as get_logger
 
-log = get_logger("lrfind")
+log = logging.getLogger(__name__)
 
 
 def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> float:

@@ -11,6 +11,7 @@ kaggle-submit.
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import io
 import json
@@ -20,9 +21,8 @@ from typing import Any, Callable
 
 from ..core.errors import UserError
 from ..core.layout import COMPETITION
-from ..core.log import get as get_logger
 
-log = get_logger("kaggle")
+log = logging.getLogger(__name__)
 
 RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
 CREDENTIALS_FIX = ("put kaggle.json in ~/.kaggle (kaggle.com > Settings > API > Create New Token) or set "

@@ -10,6 +10,7 @@ same submission.
 
 from __future__ import annotations
 
+import logging
 import gzip
 import json
 import os
@@ -29,9 +30,8 @@ from ..core.io import atomic_open, atomic_path, write_csv
 from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
 from ..core.layout import Layout, Run
 from ..core.config import selected_folds
-from ..core.log import get as get_logger
 
-log = get_logger("kaggle")
+log = logging.getLogger(__name__)
 
 # What Kaggle's Python image lacks (or has too old: it ships pydicom 2.x) and the code needs. Kaggle has torch,
 # torchvision, timm, numpy, pandas, opencv, albumentations, scikit-learn, pyyaml, tqdm, huggingface_hub, safetensors.

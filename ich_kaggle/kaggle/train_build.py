@@ -9,6 +9,7 @@ Kaggle, once) -> `make kernel-train fold=N` per fold -> `make kernel-fetch fold=
 
 from __future__ import annotations
 
+import logging
 import json
 import shutil
 from dataclasses import dataclass
@@ -17,16 +18,15 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from ..core.config import Config
-from ..core.errors import UserError
+from ..core.config import Config, CVConfig
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open
 from ..core.layout import COMPETITION, Layout, Run
 from . import build
 from .run import slugify
 from .train_run import CACHE_BYTES_PER_IMAGE, FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES, SCRATCH_KEEP
-from ..core.log import get as get_logger
 
-log = get_logger("kaggle")
+log = logging.getLogger(__name__)
 
 TRAIN_TEMPLATE = Path(__file__).with_name("train_template.py")
 PREPARE_SLUG = "ich-kaggle-prepare"
@@ -154,7 +154,8 @@ def plan(est: Estimate, cfg: Config, epochs_per_run: int | None = None) -> Plan:
         if est.session_hours(k) > limit:
             raise UserError(f"fold of '{cfg.name}' cannot train EPOCHS_PER_RUN={epochs_per_run} epoch(s) within "
                             f"Kaggle's {SESSION_LIMIT_H:.0f}-hour session ({est.session_hours(k):.1f} h; "
-                            f"{est.describe()}); leave EPOCHS_PER_RUN unset to have the versions planned, or lower it")
+                            f"{est.describe()}); leave {fix('--epochs-per-run', 'EPOCHS_PER_RUN')} unset to have the versions "
+                            f"planned, or lower it")
         return Plan(est, k, -(-epochs // k), given=True)
     if est.session_hours(epochs) <= limit:
         return Plan(est, None, 1)
@@ -163,7 +164,7 @@ def plan(est: Estimate, cfg: Config, epochs_per_run: int | None = None) -> Plan:
         fit = int(est.train_images * (limit - est.setup_hours - est.final_hours) / max(est.epoch_hours, 1e-9))
         raise UserError(f"fold of '{cfg.name}' cannot end even one epoch within Kaggle's {SESSION_LIMIT_H:.0f}-hour "
                         f"session: {est.describe()}; lower train.max_images_per_epoch (about {max(fit, 0):,} "
-                        f"training images per epoch fit) or pass a measured T4_IMAGES_PER_S")
+                        f"training images per epoch fit) or pass a measured {fix('--t4-images-per-s', 'T4_IMAGES_PER_S=')}")
     k = min(k, epochs)
     return Plan(est, k, -(-epochs // k))
 
@@ -202,7 +203,8 @@ def _write_kernel(folder: Path, kernel_id: str, script: str, gpu: bool, kernel_s
     return folder
 
 
-def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = 5, seed: int = 42) -> Path:
+def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = CVConfig.k,
+                         seed: int = CVConfig.seed) -> Path:
     """kernels/ich-kaggle-prepare/: scans the competition's headers on Kaggle (CPU only), writes meta + folds."""
     user = build.check_username(username)
     script = _script({"username": user, "config_name": "", "mode": "prepare", "k": int(k), "seed": int(seed)})

@@ -12,6 +12,7 @@ the previous version's output when that is attached as a kernel source.
 
 from __future__ import annotations
 
+import logging
 import copy
 import json
 import os
@@ -24,15 +25,14 @@ from pathlib import Path
 
 from .. import __version__
 from ..core import config as config_mod
-from ..core.config import Config
+from ..core.config import Config, CVConfig
 from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path, write_csv
 from ..core.layout import COMPETITION, FoldRun, Layout, Run
 from ..engine.loop import STOP_ENV
 from .run import _walk
-from ..core.log import get as get_logger
 
-log = get_logger("kaggle")
+log = logging.getLogger(__name__)
 
 PREPARE_MANIFEST = "ich_kaggle_prepare.json"  # marks the prepare kernel's output (or a user's own folds dataset)
 FOLD_MANIFEST = "ich_kaggle_fold.json"  # written beside a fold's files by the training kernel
@@ -59,7 +59,7 @@ def find_competition(root: str | Path) -> Path:
     return Path(min(found)[1])
 
 
-def run_prepare(competition: str | Path, working: str | Path, k: int = 5, seed: int = 42,
+def run_prepare(competition: str | Path, working: str | Path, k: int = CVConfig.k, seed: int = CVConfig.seed,
                 workers: int | None = None) -> Path:
     """meta.csv (every train and test header) and folds.csv for (k, seed) into `working`, with a manifest:
     exactly `make meta` + `make folds` on the same files."""

@@ -7,6 +7,7 @@ local cache, or a wheel re-packed from the installed distribution's files (its d
 
 from __future__ import annotations
 
+import logging
 import base64
 import csv
 import hashlib
@@ -23,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.log import get as get_logger
 
-log = get_logger("kaggle")
+log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PIP_CACHE = Path(os.environ.get("PIP_CACHE_DIR", Path.home() / ".cache" / "pip"))

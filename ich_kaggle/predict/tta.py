@@ -38,20 +38,14 @@ def scale(x: torch.Tensor, factor: float = SCALE_FACTOR) -> torch.Tensor:
     return crop.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-def _view(name: str, fn, needs: tuple[str, ...] = ()) -> None:
-    """Register a view; `needs`: the augmentations (probability > 0) through which training showed the model such
-    images. A view the model never saw only adds noise to the average, so the config check refuses it."""
-    fn.needs = needs
-    TTA.register(name, fn)
-
-
-_view("identity", lambda x: x)
-_view("hflip", lambda x: x.flip(-1), ("hflip",))
-_view("shift", shift, ("shift_scale_rotate",))
-_view("shift_back", lambda x: shift(x, -SHIFT_FRACTION), ("shift_scale_rotate",))
-_view("scale", scale)
-_view("transpose", transpose, ("transpose",))
-_view("hflip_transpose", lambda x: transpose(x.flip(-1)), ("hflip", "transpose"))  # a 90-degree rotation
+# the views declared in core.registry.TTA (which also says, in TTA_NEEDS, what training must show for each)
+TTA.register("identity", lambda x: x)
+TTA.register("hflip", lambda x: x.flip(-1))
+TTA.register("shift", shift)
+TTA.register("shift_back", lambda x: shift(x, -SHIFT_FRACTION))
+TTA.register("scale", scale)
+TTA.register("transpose", transpose)
+TTA.register("hflip_transpose", lambda x: transpose(x.flip(-1)))  # a 90-degree rotation
 
 
 def tta_forward(net: torch.nn.Module, x: torch.Tensor, transforms: list[str], average: str = "prob",

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.config import Config
 from ..data.dataset import SliceDataset, loader_workers
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 
 EPS = 1e-12
 
@@ -79,7 +79,8 @@ def smoothness(emb: torch.Tensor, margin: float = 0.0, reduction: str = "sum") -
 def series_bags(frame: pd.DataFrame, meta: pd.DataFrame) -> tuple[list[np.ndarray], np.ndarray]:
     """(row indices of `frame` per series in z order, series code per row). Needs series_id; z from meta."""
     if "series_id" not in frame.columns:
-        raise UserError("recipe.kind=mil needs a series_id column in folds.csv; rebuild it with `python -m ich_kaggle folds`")
+        raise UserError(f"recipe.kind=mil needs a series_id column in folds.csv; "
+                        f"rebuild it with `{fix('python -m ich_kaggle folds', 'make folds')}`")
     rank = meta.drop_duplicates("image_id").set_index("image_id")["slice_rank"]
     ids = frame["image_id"].astype(str)
     order = pd.DataFrame({"row": np.arange(len(frame)), "series": frame["series_id"].astype(str).to_numpy(),

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 
 from ..core.labels import LABELS
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import write_csv
 from ..core.layout import Run
 from .runs import SUMMARY, fold_dirs, fold_done, read_done, read_logs
 
-log = logging.getLogger("ich_kaggle.report.stage")
+log = logging.getLogger(__name__)
 
 
 def find_experiments(runs: Path, depth: int = 3) -> list[Path]:
@@ -199,7 +199,8 @@ def compare(runs: str | Path = "runs", wide: bool = False) -> pd.DataFrame:
     stage's): 120 columns wide (`wide`: every column)."""
     runs = Path(runs)
     if not runs.is_dir():
-        raise UserError(f"runs folder {runs} not found; train something first or pass --runs <folder>")
+        raise UserError(f"runs folder {runs} not found; train something first "
+                        f"or pass {fix('--runs <folder>', 'RUNS=<folder>')}")
     rows, unfinished = [], []
     for run in find_experiments(runs):
         name = run.relative_to(runs).as_posix()
@@ -218,7 +219,8 @@ def compare(runs: str | Path = "runs", wide: bool = False) -> pd.DataFrame:
         write_csv(table, runs / "compare.csv")
         log.info(_text_table(table, wide))
         log.info(f"(every column: compare.csv in {runs if len(str(runs)) < 30 else 'the runs folder'}, or --wide; "
-                 f"losses: out-of-fold weighted log loss, lower is better)\n(folds: done/k, 'mem': an ensemble's members; `make report CONFIG=<name>` fills auc_any)")
+                 f"losses: out-of-fold weighted log loss, lower is better)\n"
+                 f"(folds: done/k, 'mem': an ensemble's members; `make report CONFIG=<name>` fills auc_any)")
     else:
         log.info(f"no finished experiment under {runs} (a fold counts once its training finished: done.json)")
     if unfinished:

@@ -1,9 +1,9 @@
-"""Threshold and series-level metrics for the report (numpy/pandas only, no torch, no sklearn).
+"""Threshold and series-level metrics for the report (sklearn.metrics, numpy, pandas; no torch).
 
 The competition scores slices with a weighted log loss; clinicians read whole CT series and want counts,
 precision and recall at a decision threshold. This module gives both views from one wide frame:
 
-- `curves` / `roc_auc` / `average_precision` / `best_f1`: per-label ranking metrics on slices.
+- `roc_points` / `pr_points` / `roc_auc` / `average_precision` / `best_f1`: per-label ranking metrics on slices.
 - `threshold_table`: per label POS/NEG, AUC, AP, F1 at a fixed threshold and at the best-F1 threshold.
 - `series_table`: the series-level table of Danilov, Kotik et al. (POS, NEG, ACC, PREC, REC, AUC, LOG_LOSS),
   where a series is positive when any slice is and its probability is the max over its slices.
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from sklearn import metrics as skm
 
+from ..core import metrics
 from ..core.labels import LABELS
 from ..core.errors import UserError
 
-EPS = 1e-15  # probability clip for log loss (the usual sklearn/Kaggle convention)
 PRED_SUFFIX = "_pred"
 
 
@@ -42,40 +43,7 @@ def join_truth_pred(truth: pd.DataFrame, pred: pd.DataFrame, keep: tuple[str, ..
     return left.merge(right, on="image_id", how="inner")
 
 
-# --- binary metrics on one label ---------------------------------------------------------------------------
-
-
-@dataclass
-class Curves:
-    """Every operating point of a scorer, highest threshold first (a point predicts positive when p >= threshold)."""
-
-    thresholds: np.ndarray
-    tp: np.ndarray
-    fp: np.ndarray
-    positives: int
-    negatives: int
-
-    @property
-    def tpr(self) -> np.ndarray:
-        return self.tp / self.positives if self.positives else np.full(len(self.tp), np.nan)
-
-    @property
-    def fpr(self) -> np.ndarray:
-        return self.fp / self.negatives if self.negatives else np.full(len(self.fp), np.nan)
-
-    @property
-    def precision(self) -> np.ndarray:
-        return self.tp / np.maximum(self.tp + self.fp, 1)
-
-    @property
-    def recall(self) -> np.ndarray:
-        return self.tpr
-
-    @property
-    def f1(self) -> np.ndarray:
-        fn = self.positives - self.tp
-        denom = 2 * self.tp + self.fp + fn
-        return np.where(denom > 0, 2 * self.tp / np.maximum(denom, 1), 0.0)
+# --- binary metrics on one label (sklearn.metrics; NaNs dropped, one class present answered with NaN) ---------------
 
 
 def _binary(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
@@ -87,57 +55,54 @@ def _binary(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
     return (y[keep] > 0.5).astype(np.int64), p[keep]
 
 
-def curves(y_true, y_prob) -> Curves:
-    """Cumulative TP/FP at every distinct score, so ties move together (as a threshold would)."""
-    y, p = _binary(y_true, y_prob)
-    order = np.argsort(-p, kind="mergesort")
-    y, p = y[order], p[order]
-    last_of_run = np.r_[np.flatnonzero(np.diff(p)), y.size - 1] if y.size else np.array([], dtype=np.int64)
-    tp = np.cumsum(y)[last_of_run]
-    fp = (np.arange(1, y.size + 1) - np.cumsum(y))[last_of_run]
-    return Curves(thresholds=p[last_of_run], tp=tp.astype(np.int64), fp=fp.astype(np.int64),
-                  positives=int(y.sum()), negatives=int(y.size - y.sum()))
+def _both_classes(y: np.ndarray) -> bool:
+    return 0 < int(y.sum()) < y.size
 
 
 def roc_points(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) from (0, 0) to (1, 1)."""
-    c = curves(y_true, y_prob)
-    return np.r_[0.0, c.fpr], np.r_[0.0, c.tpr]
+    """(fpr, tpr) from (0, 0) to (1, 1), one point per distinct score."""
+    y, p = _binary(y_true, y_prob)
+    if not _both_classes(y):  # no curve (roc_auc is NaN): callers check it first
+        return np.array([0.0, np.nan]), np.array([0.0, np.nan])
+    fpr, tpr, _ = skm.roc_curve(y, p, drop_intermediate=False)
+    return fpr, tpr
 
 
 def pr_points(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision), starting at recall 0 with precision 1 and stopping where recall first reaches 1
     (lower thresholds only add false positives; drawing them is a misleading vertical drop)."""
-    c = curves(y_true, y_prob)
-    stop = int(np.argmax(c.tp >= c.positives)) + 1 if c.positives and c.tp.size else c.tp.size
-    return np.r_[0.0, c.recall[:stop]], np.r_[1.0, c.precision[:stop]]
+    y, p = _binary(y_true, y_prob)
+    if not y.sum():
+        return np.array([0.0]), np.array([1.0])
+    precision, recall, _ = skm.precision_recall_curve(y, p)
+    precision, recall = precision[::-1], recall[::-1]  # sklearn ends at (recall 0, precision 1): start there
+    stop = int(np.argmax(recall >= 1.0)) + 1
+    return recall[:stop], precision[:stop]
 
 
 def roc_auc(y_true, y_prob) -> float:
-    """Area under the ROC curve (trapezoids, ties count half); NaN when only one class is present."""
-    c = curves(y_true, y_prob)
-    if c.positives == 0 or c.negatives == 0:
-        return float("nan")
-    fpr, tpr = np.r_[0.0, c.fpr], np.r_[0.0, c.tpr]
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    """Area under the ROC curve (ties count half); NaN when only one class is present."""
+    y, p = _binary(y_true, y_prob)
+    return float(skm.roc_auc_score(y, p)) if _both_classes(y) else float("nan")
 
 
 def average_precision(y_true, y_prob) -> float:
     """Step-wise area under the precision-recall curve: sum of (R_n - R_{n-1}) * P_n; NaN without positives."""
-    c = curves(y_true, y_prob)
-    if c.positives == 0:
-        return float("nan")
-    recall = np.r_[0.0, c.recall]
-    return float(np.sum(np.diff(recall) * c.precision))
+    y, p = _binary(y_true, y_prob)
+    return float(skm.average_precision_score(y, p)) if y.sum() else float("nan")
 
 
 def best_f1(y_true, y_prob) -> tuple[float, float]:
-    """(threshold, F1) maximising F1 over every distinct score; (NaN, 0) without positives."""
-    c = curves(y_true, y_prob)
-    if c.positives == 0 or c.thresholds.size == 0:
+    """(threshold, F1) maximising F1 over every distinct score (the highest threshold on a tie); (NaN, 0) without
+    positives."""
+    y, p = _binary(y_true, y_prob)
+    if not y.sum():
         return float("nan"), 0.0
-    i = int(np.argmax(c.f1))
-    return float(c.thresholds[i]), float(c.f1[i])
+    precision, recall, thresholds = skm.precision_recall_curve(y, p)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0.0)
+    i = len(f1) - 1 - int(np.argmax(f1[::-1]))  # thresholds rise: the last maximum is the highest threshold
+    return float(thresholds[i]), float(f1[i])
 
 
 @dataclass
@@ -178,19 +143,14 @@ class Confusion:
 def confusion(y_true, y_prob, threshold: float = 0.5) -> Confusion:
     """Counts at `p >= threshold` predicted positive."""
     y, p = _binary(y_true, y_prob)
-    hat = p >= threshold
-    pos = y == 1
-    return Confusion(tp=int(np.sum(hat & pos)), fp=int(np.sum(hat & ~pos)),
-                     tn=int(np.sum(~hat & ~pos)), fn=int(np.sum(~hat & pos)))
+    tn, fp, fn, tp = skm.confusion_matrix(y, (p >= threshold).astype(np.int64), labels=[0, 1]).ravel()
+    return Confusion(tp=int(tp), fp=int(fp), tn=int(tn), fn=int(fn))
 
 
 def log_loss(y_true, y_prob) -> float:
-    """Mean binary cross-entropy with probabilities clipped to [EPS, 1 - EPS]."""
+    """Mean binary cross-entropy, clipped as the competition metric clips (`core.metrics.bce`)."""
     y, p = _binary(y_true, y_prob)
-    if y.size == 0:
-        return float("nan")
-    p = np.clip(p, EPS, 1 - EPS)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+    return float(metrics.bce(y, p).mean()) if y.size else float("nan")
 
 
 # --- tables over the six labels ----------------------------------------------------------------------------

@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..core import metrics
 from ..core.labels import LABEL_WEIGHTS, LABELS
 from . import evaluation as ev
 from ..core.config import Config
 from ..core.errors import UserError
 from ..core.layout import FoldRun, Layout, Run
 
-log = logging.getLogger("ich_kaggle.report.stage")
+log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"  # in runs/<config>/report/
 
@@ -128,16 +129,13 @@ def read_meta(layout: Layout) -> tuple[pd.DataFrame | None, str]:
 def weighted_bce(frame: pd.DataFrame) -> np.ndarray:
     """Per-image competition loss (any x2), to rank the worst errors."""
     y = frame[list(LABELS)].to_numpy(float)
-    p = np.clip(frame[[ev.pred_col(label) for label in LABELS]].to_numpy(float), ev.EPS, 1 - ev.EPS)
-    bce = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+    p = frame[[ev.pred_col(label) for label in LABELS]].to_numpy(float)
     w = np.asarray(LABEL_WEIGHTS)
-    return (bce * w).sum(axis=1) / w.sum()
+    return (metrics.bce(y, p) * w).sum(axis=1) / w.sum()
 
 
 def oof_scores(joined: pd.DataFrame) -> dict:
     """Competition metric on the joined OOF frame through `metrics` (the one scorer everybody uses)."""
-    from ..core import metrics
-
     truth = joined[["image_id", *LABELS]]
     pred = joined[["image_id", *(ev.pred_col(label) for label in LABELS)]].rename(
         columns={ev.pred_col(label): label for label in LABELS})

@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..core import metrics
 from ..core.labels import LABELS
 from . import evaluation as ev
 from ..core.config import Config
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import atomic_open, write_csv
 from ..core.layout import Layout, Run
 from . import plots
@@ -31,7 +32,7 @@ from .compare import compare, experiment_row, find_experiments
 from .html import Page, Section
 from .runs import SUMMARY, _read_pred, fold_dirs, fold_done, oof_scores, read_labels, read_logs, read_meta, read_oof, trained_cv, weighted_bce
 
-log = logging.getLogger("ich_kaggle.report.stage")
+log = logging.getLogger(__name__)
 
 __all__ = ["make_report", "compare", "experiment_row", "find_experiments", "true_positives", "SECTIONS"]
 
@@ -53,7 +54,7 @@ class Context:
     series: pd.DataFrame | None = None
     summary: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    members: list[tuple[str, Path]] = field(default_factory=list)  # (name, run folder): the run itself, or an ensemble's
+    members: list[tuple[str, Path]] = field(default_factory=list)  # (name, run folder): itself, or an ensemble's
     trained: dict[str, Config | None] = field(default_factory=dict)  # per member: the config its folds recorded
 
     @property
@@ -90,7 +91,8 @@ def provenance_row(run: Path) -> dict:
     first = done[0]
     code = first.get("code")
     commits = {(d.get("code") or {}).get("commit") for d in done}
-    code_text = ("not in git" if code is None else f"{str(code.get('commit'))[:10]}{' (dirty)' if code.get('dirty') else ''}"
+    code_text = ("not in git" if code is None
+                 else f"{str(code.get('commit'))[:10]}{' (dirty)' if code.get('dirty') else ''}"
                  + (" (folds differ)" if len(commits) > 1 else ""))
     packages = ", ".join(f"{k} {v}" for k, v in (first.get("packages") or {}).items() if v)
     return {"data": (first.get("data") or {}).get("path", "-"), "code": code_text, "packages": packages or "-"}
@@ -125,8 +127,8 @@ def _summary_section(ctx: Context, sec: Section) -> None:
         sec.text(f"Ensemble '{cfg.name}': {cfg.description or 'no description'}. Members "
                  f"{', '.join(name for name, _ in ctx.members)}, combined by "
                  f"{'the mean of logits' if cfg.ensemble.combine == 'logit' else 'the mean of probabilities'}"
-                 + (f" (weights {', '.join(f'{w:.2f}' for w in weights)})" if weights else "") + "; the second "
-                 f"stage stacks every member's predictions.")
+                 + (f" (weights {', '.join(f'{w:.2f}' for w in weights)})" if weights else "")
+                 + "; the second stage stacks every member's predictions.")
         scores = info.get("oof_weighted_log_loss") or {}
         rows = []
         for name, run in ctx.members:
@@ -190,7 +192,7 @@ def _choice_section(ctx: Context, sec: Section) -> None:
     losses = choice.get("oof_log_loss") or {}
     ctx.summary["submitted"] = stage
     sec.text(f"make submit chose the {'second (stacked)' if stage == 'stacked' else 'first'} stage"
-             + (f" by its out-of-fold weighted log loss: " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items())
+             + (" by its out-of-fold weighted log loss: " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items())
                 if losses else " (no OOF score to choose by)") + f". Submitted predictions: {choice.get('test')}.")
     if losses:
         rows = [{"stage": k, "OOF weighted log loss": v, "submitted": "yes" if k == stage else ""}
@@ -360,7 +362,6 @@ def _cam_examples(ctx: Context, rows: pd.DataFrame) -> tuple[dict[str, list[plot
             maps, probs = cam(x, idx)
         windows = list(mcfg.data.windows)
         channel = mcfg.data.neighbors * len(windows) + (windows.index("brain") if "brain" in windows else 0)
-        shown = "brain" if "brain" in windows else windows[0]
         for i, (row_id, row) in enumerate(group.iterrows()):
             if row["image_id"] in unreadable:
                 problems.append(f"{row['image_id']}: cached image unreadable, no Grad-CAM")
@@ -414,8 +415,8 @@ def _gradcam_section(ctx: Context, sec: Section) -> None:
     pos = true_positives(joined, ctx.threshold, ctx.n_cam)
     worst = joined.assign(loss=weighted_bce(joined)).nlargest(ctx.n_cam, "loss").copy()
     y = worst[list(LABELS)].to_numpy(float)
-    p = np.clip(worst[[ev.pred_col(label) for label in LABELS]].to_numpy(float), ev.EPS, 1 - ev.EPS)
-    worst["cam_label"] = [LABELS[k] for k in np.argmax(-(y * np.log(p) + (1 - y) * np.log1p(-p)), axis=1)]
+    p = worst[[ev.pred_col(label) for label in LABELS]].to_numpy(float)
+    worst["cam_label"] = [LABELS[k] for k in np.argmax(metrics.bce(y, p), axis=1)]
     whose = f" of member '{ctx.members[0][0]}'" if ctx.is_ensemble and ctx.members else ""
     sec.text(f"Grad-CAM (Selvaraju et al.) on the backbone's last feature map of the fold model{whose} that did not "
              f"train on the slice: red areas raise the explained label's score. Left of each pair the model's input "
@@ -586,14 +587,15 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
     all); summary.json is always written.
     """
     if not 0.0 < threshold < 1.0:
-        raise UserError(f"--threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
+        raise UserError(f"{fix('--threshold', 'THRESHOLD')} {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
     keys = [key for key, _, _ in SECTIONS]
     unknown = [key for key in sections or [] if key not in keys]
     if unknown:
         raise UserError(f"unknown report section(s) {unknown}; choose from {', '.join(keys)}")
     run = Run.of(runs, cfg.name).dir
     if not run.is_dir():
-        raise UserError(f"{run} not found; train first (make train CONFIG={cfg.name}) or pass --runs <folder>")
+        raise UserError(f"{run} not found; train first (make train CONFIG={cfg.name}) "
+                        f"or pass {fix('--runs <folder>', 'RUNS=<folder>')}")
     if cfg.is_ensemble:
         from ..core.ensemble import member_names
 

@@ -8,8 +8,9 @@ The loss is the competition metric as a masked weighted BCE (any = 2, subtypes =
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -18,7 +19,8 @@ from torch.nn import functional as F
 
 from ..core.labels import LABEL_WEIGHTS
 from ..core.config import StackConfig
-from .nets import SequenceNet
+from ..core.registry import STACK_MODELS
+from .nets import KINDS, SequenceNet
 from .sequences import N_LABELS, Sequences, reverse_inputs, reverse_values
 
 
@@ -169,6 +171,26 @@ def predict_net(net: SequenceNet, seqs: Sequences, batch_series: int = 256, reve
     return out
 
 
+@dataclass(frozen=True)
+class SequenceStacker:
+    """A stack model (`core.registry.STACK_MODELS`): fit(series, config, #models, fold, curve) and
+    predict(model, series, config) -> (S, L, 6) probabilities. This one trains a `SequenceNet` of one kind, seeded
+    by stack.seed + fold."""
+
+    kind: str
+
+    def fit(self, seqs: Sequences, scfg: StackConfig, n_models: int, fold: int,
+            curve: list[dict] | None = None) -> SequenceNet:
+        return train_net(seqs, scfg, n_models, seed=scfg.seed + fold, kind=self.kind, curve=curve)
+
+    def predict(self, net: SequenceNet, seqs: Sequences, scfg: StackConfig) -> np.ndarray:
+        return predict_net(net, seqs, batch_series=max(256, scfg.batch_series), reverse_tta=scfg.reverse_tta)
+
+
+for _kind in KINDS:
+    STACK_MODELS.register(_kind, functools.partial(SequenceStacker, _kind))
+
+
 FitFn = Callable[[Sequences, int], object]
 PredictFn = Callable[[object, Sequences], np.ndarray]
 
@@ -178,6 +200,7 @@ class CrossFit:
     oof: np.ndarray  # (S_train, L, 6) each slice predicted by the model that never saw its fold's labels
     test: np.ndarray  # (S_test, L_test, 6) mean over the fold models
     folds: list[int]
+    models: dict[int, object] = field(default_factory=dict)  # the fitted model of each fold (saved: stack.saved)
 
 
 def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: PredictFn,
@@ -194,6 +217,7 @@ def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: Pre
     if len(folds) < 2:
         raise ValueError(f"stacking needs out-of-fold predictions from at least 2 folds, got {folds}")
     oof = np.full(train.y.shape, np.nan, dtype=np.float32)
+    models: dict[int, object] = {}
     test_sum = np.zeros(test.y.shape, dtype=np.float32) if test is not None and len(test) else None
     for k in folds:
         held = slots == k
@@ -205,6 +229,7 @@ def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: Pre
         else:
             part.loss_mask = others[fit_rows]
         model = fit(part, k)
+        models[k] = model
         pred_rows = held.any(axis=1)
         pred = predict(model, train.subset(pred_rows))
         take = (held | ~train.mask)[pred_rows]  # its fold's slices (and the padding, which predicts 0)
@@ -214,4 +239,4 @@ def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: Pre
         if progress:
             progress(f"fold {k}")
     test_mean = test_sum / len(folds) if test_sum is not None else np.zeros((0, 0, N_LABELS), dtype=np.float32)
-    return CrossFit(oof, test_mean, folds)
+    return CrossFit(oof, test_mean, folds, models)

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..core.config import StackConfig
 from ..core.labels import LABEL_WEIGHTS
 from ..core.registry import STACK_MODELS
 from .sequences import N_LABELS, N_POS, Sequences
 
-STACK_MODELS.register("neighbors", "neighbors")  # fit_neighbors below; stack.model=neighbors submits it
 
 
 def neighbor_features(seqs: Sequences, k: int, n_models: int) -> np.ndarray:
@@ -117,3 +117,15 @@ def _fit(seqs: Sequences, k: int, n_models: int, l2: float, iters: int = 40) -> 
 
     opt.step(closure)
     return NeighborModel(mean.astype(np.float32), std.astype(np.float32), w.detach(), b.detach(), k, n_models)
+
+
+@STACK_MODELS.register("neighbors")
+class NeighborStacker:
+    """The stack model `neighbors` (the interface of stack/fit.py's SequenceStacker): `fit_neighbors` per fold."""
+
+    def fit(self, seqs: Sequences, scfg: StackConfig, n_models: int, fold: int,
+            curve: list[dict] | None = None) -> NeighborModel:
+        return fit_neighbors(seqs, scfg.neighbors_k, n_models)
+
+    def predict(self, model: NeighborModel, seqs: Sequences, scfg: StackConfig) -> np.ndarray:
+        return model.predict(seqs)

@@ -13,12 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.registry import STACK_MODELS
 from .sequences import N_LABELS, N_POS, reverse_values
 
-KINDS = ("gru", "conv", "gru_conv")
-for _kind in KINDS:  # SequenceNet(kind=...) builds each
-    STACK_MODELS.register(_kind, _kind)
+KINDS = ("gru", "conv", "gru_conv")  # each registered as a stack model by stack/fit.py
 
 
 def _mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

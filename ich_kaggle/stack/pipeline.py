@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from ..core.labels import LABELS
 from ..core import metrics
 from ..core.config import StackConfig
-from .fit import cross_fit, predict_net, train_net
-from .neighbors import fit_neighbors
+from ..core.registry import STACK_MODELS
+from .fit import cross_fit
 from .sequences import N_LABELS, Sequences, build_sequences, logit
 
 LABEL_COLS = list(LABELS)
@@ -33,6 +33,7 @@ class StackResult:
     metrics: pd.DataFrame  # stage, weighted_log_loss, one column per label
     curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # fold, step, epoch, train_loss, val_loss (inner split)
     seconds: dict[str, float] = field(default_factory=dict)
+    models: dict[int, object] = field(default_factory=dict)  # the configured model fitted per fold (`stack.saved`)
 
 
 def merge_sources(frames: list[pd.DataFrame], extra: pd.DataFrame | None = None) -> tuple[pd.DataFrame, int]:
@@ -106,20 +107,17 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
     def tick(_msg: str) -> None:
         bar.update(1)
 
+    def fold_by_fold(name: str, curves: dict[int, list[dict]]):
+        stacker = STACK_MODELS.build(name, key="stack.model")
+        return cross_fit(tr_seqs, te_seqs, lambda s, f: stacker.fit(s, scfg, n_models, f, curves.setdefault(f, [])),
+                         lambda m, s: stacker.predict(m, s, scfg), progress=tick)
+
     t0 = time.perf_counter()
-    k = scfg.neighbors_k
-    nb = cross_fit(tr_seqs, te_seqs, lambda s, f: fit_neighbors(s, k, n_models),
-                   lambda m, s: m.predict(s), progress=tick)
+    nb = fold_by_fold("neighbors", {})  # the baseline every stack model is compared with
     seconds["neighbors"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     curves: dict[int, list[dict]] = {}
-    if scfg.model == "neighbors":
-        main = nb
-    else:
-        main = cross_fit(tr_seqs, te_seqs, lambda s, f: train_net(s, scfg, n_models, seed=scfg.seed + f,
-                                                                  curve=curves.setdefault(f, [])),
-                         lambda m, s: predict_net(m, s, batch_series=max(256, scfg.batch_series),
-                                                  reverse_tta=scfg.reverse_tta), progress=tick)
+    main = nb if scfg.model == "neighbors" else fold_by_fold(scfg.model, curves)  # the baseline is not fitted twice
     seconds["sequence"] = time.perf_counter() - t0
     bar.close()
 
@@ -163,7 +161,7 @@ def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.Da
     curve = pd.DataFrame([{"fold": f, **row} for f, rows in sorted(curves.items()) for row in rows],
                          columns=["fold", "step", "epoch", "train_loss", "val_loss"])
     return StackResult(_wide(ids, oof_mean), _wide(ids, stacked_oof), _wide(test_ids, stacked_test),
-                       _wide(ids, nb_oof), _wide(test_ids, nb_test), table, curve, seconds)
+                       _wide(ids, nb_oof), _wide(test_ids, nb_test), table, curve, seconds, main.models)
 
 
 @dataclass

@@ -9,6 +9,7 @@ neighbours baseline's `neighbors_{oof,test}.csv`. Extra first-stage models: `--s
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,12 @@ import pandas as pd
 
 from ..core.labels import LABELS
 from ..core.config import Config, StackConfig
-from ..core.errors import UserError
+from ..core.errors import UserError, fix
 from ..core.io import write_csv
 from ..core import ensemble, freshness, manifest
 from ..core.layout import Layout, Predictions, Run
-from ..core.log import get as get_logger
 
-log = get_logger("stack")
+log = logging.getLogger(__name__)
 
 LABEL_COLS = list(LABELS)
 
@@ -149,7 +149,8 @@ def recommend_neighbors(losses: pd.Series, model: str, prior: float | None = Non
     floor = min(losses["first_stage"], losses["stacked"], prior if prior is not None else np.inf)
     if model == "neighbors" or nb is None or not nb < floor:
         return ""
-    return f"; the neighbours baseline scored {nb:.5f} out of fold: try --set stack.model=neighbors"
+    return (f"; the neighbours baseline scored {nb:.5f} out of fold: try "
+            f"{fix('--set stack.model=neighbors', 'SET_EXTRA=stack.model=neighbors')}")
 
 
 def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
@@ -167,7 +168,11 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     dirs = prediction_dirs(cfg, runs, sources)
     out = Run.of(runs, cfg.name).stack
     expected = freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
+    from . import saved
+
+    keep = saved.savable(cfg.stack) is None and not per_fold  # the fitted models are saved for the bundle
     if not force and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics)) \
+            and (not keep or freshness.stale_reason(out.models, expected) is None) \
             and freshness.stale_reason(out.test, expected) is None:
         log.info(f"stack: {out.test} is up to date (same first-stage files, folds and settings); reusing")
         return out.dir
@@ -183,7 +188,7 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     known = set(folds["image_id"])
     if not any(f["image_id"].isin(known).any() for f in oof):
         raise UserError(f"{dirs[0].oof}: no image is in {layout.folds_csv}; predictions and folds come from "
-                        f"different data folders (pass the same --data to predict and stack)")
+                        f"different data folders (pass the same {fix('--data', 'DATA_DIR=')} to predict and stack)")
     names = [d.dir.parent.name if d.dir.name == "predictions" else d.dir.name for d in dirs]
     try:
         if per_fold:
@@ -199,6 +204,11 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     write_csv(result.neighbors_test, out.neighbors_test)
     write_csv(result.metrics, out.metrics)
     write_csv(result.curve, out.curve)
+    if keep and result.models:
+        saved.save(out.models, result.models, cfg.stack, len(dirs))
+        manifest.write(out.models, expected)
+    else:
+        out.models.unlink(missing_ok=True)
     manifest.write(out.oof, expected)
     manifest.write(out.test, expected)  # last: what submit checks
     space = f", embeddings {cfg.stack.embedding_space}" if cfg.stack.use_embeddings else ""

@@ -6,6 +6,7 @@ one confident mistake then costs at most ~13.8 nats instead of ~34.5.
 
 from __future__ import annotations
 
+import logging
 import gzip
 import json
 from pathlib import Path
@@ -19,9 +20,8 @@ from ..core.labels import LABELS
 from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path
 from ..core.metrics import read_long_or_wide, read_truth, score_frames, split_ids
-from ..core.log import get as get_logger
 
-log = get_logger("submit")
+log = logging.getLogger(__name__)
 
 CLIP = 1e-6
 _NA_STRINGS = {"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "none", "<NA>"}

@@ -8,6 +8,7 @@ from last.pt, skips a finished fold and holds the fold's lock, so a rerun after 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -19,9 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..core.errors import UserError
-from ..core.log import get as get_logger
 
-log = get_logger("train")
+log = logging.getLogger(__name__)
 POLL_S = 2.0
 
 
@@ -37,7 +37,8 @@ class Job:
     def command(self, data: str | Path, work: str | Path, runs: str | Path) -> list[str]:
         cmd = [sys.executable, "-m", "ich_kaggle", "train", "--config", self.config, "--fold", str(self.fold),
                "--data", str(data), "--work", str(work), "--runs", str(runs)]
-        return cmd + (["--run", self.name] if self.name else []) + (["--set", *self.overrides] if self.overrides else [])
+        cmd += ["--run", self.name] if self.name else []
+        return cmd + (["--set", *self.overrides] if self.overrides else [])
 
 
 def visible_gpus() -> list[str]:

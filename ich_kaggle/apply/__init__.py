@@ -1,0 +1,1 @@
+"""A model bundle applied to any head CT: `infer`, `evaluate`, and pulling a study from a PACS (`dicomweb`)."""

@@ -1,0 +1,253 @@
+"""Use the trained model on any head CT (issue 23): export a bundle from a two-member ensemble (tiny + tiny_bone,
+1 epoch, 2 folds, the synthetic competition, trained once for the module), load it, refuse a damaged one, run
+`infer` on the real mini set's studies hidden in nested folders and a zip, match `make submit`'s predictions on the
+competition's test folder, report skipped inputs, and `evaluate` against slice-, series-, study-level labels and a
+CQ500-style reads.csv."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import train_helpers
+from ich_kaggle.cli import main
+from ich_kaggle.core.errors import UserError
+from ich_kaggle.core.labels import LABELS
+
+L = list(LABELS)
+SETTINGS = [*train_helpers.FAST, "cv.k=2", "train.epochs=1", "stack.model=conv", "stack.epochs=2", "stack.hidden=8",
+            "stack.batch_series=4"]
+
+
+def cli(*args: str) -> SimpleNamespace:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """The synthetic competition, a two-member ensemble trained, predicted, stacked and submitted, and its bundle."""
+    from ich_kaggle.data import synth
+
+    tmp = tmp_path_factory.mktemp("apply")
+    data = synth.write_competition(tmp / "comp", seed=3, studies=10, slices=8, size=64)
+    ens = tmp / "pair.yaml"
+    ens.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit"},
+                                   "cv": {"k": 2}}))
+    runs = tmp / "runs"
+    exp = ["--config", str(ens), "--data", str(data), "--work", str(tmp / "work"), "--runs", str(runs),
+           "--set", *SETTINGS]
+    for step in (["train", *exp, "--fold", "all"], ["predict", *exp], ["stack", *exp],
+                 ["submit", *exp, "--out-dir", str(tmp / "subs")], ["export", *exp, "--out", str(tmp / "bundle")]):
+        out = cli(*step)
+        assert out.returncode == 0, (step[0], out.stderr[-3000:])
+    return SimpleNamespace(tmp=tmp, data=data, runs=runs, exp=exp, bundle=tmp / "bundle", name="pair")
+
+
+def test_bundle_holds_the_chosen_pipeline_and_loads(trained):
+    from ich_kaggle import bundle
+
+    b = bundle.load(trained.bundle)
+    info = b.info
+    choice = json.loads((trained.runs / "pair" / "choice.json").read_text())
+    assert info["stage"] == choice["stage"] and info["format"] == bundle.FORMAT
+    assert [m["name"] for m in info["members"]] == ["tiny", "tiny_bone"]
+    assert all(m["folds"] == [0, 1] for m in info["members"])
+    assert set(info["thresholds"]["slice"]) == set(L) and set(info["thresholds"]["series"]) == set(L)
+    assert info["packages"]["torch"] and info["code"]["ich_kaggle"]
+    assert (trained.runs / "pair" / "stack" / "models.pt").exists()  # the stack stage saves its fitted nets
+    assert all((trained.bundle / n).is_file() for n in info["files"])
+
+
+def test_damaged_bundle_is_refused_in_one_line(trained, tmp_path):
+    from ich_kaggle import bundle
+
+    broken = tmp_path / "b1"
+    shutil.copytree(trained.bundle, broken)
+    (broken / "members" / "tiny" / "fold1.pt").unlink()
+    with pytest.raises(UserError, match="1 file\\(s\\) missing: members/tiny/fold1.pt") as e:
+        bundle.load(broken)
+    assert "\n" not in str(e.value)
+    edited = tmp_path / "b2"
+    shutil.copytree(trained.bundle, edited)
+    info = json.loads((edited / "bundle.json").read_text())
+    info["files"]["config.yaml"]["sha256"] = "0" * 64
+    (edited / "bundle.json").write_text(json.dumps(info))
+    out = cli("infer", "--model", str(edited), "--out", str(tmp_path / "o"), str(trained.data / "stage_2_test"))
+    assert out.returncode == 2 and "checksum mismatch for config.yaml" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_export_refuses_stale_predictions(trained, tmp_path):
+    best = trained.runs / "tiny" / "fold0" / "best.pt"
+    best.touch()  # a newer checkpoint than the predictions were made from
+    try:
+        out = cli("export", *trained.exp, "--out", str(tmp_path / "b"))
+        assert out.returncode == 2 and "stale" in out.stderr and "make predict" in out.stderr
+        assert not (tmp_path / "b").exists()
+    finally:
+        import os
+        from ich_kaggle.core import manifest
+        m = manifest.read(trained.runs / "tiny" / "predictions" / "test.csv")
+        os.utime(best, ns=(m["inputs"]["fold0"]["mtime_ns"], m["inputs"]["fold0"]["mtime_ns"]))
+
+
+def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
+    """The slice probabilities of infer are those `make submit` wrote from (the chosen stage's test.csv)."""
+    out = cli("infer", "--model", str(trained.bundle), "--out", str(tmp_path / "out"),
+              str(trained.data / "stage_2_test"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    choice = json.loads((trained.runs / "pair" / "choice.json").read_text())
+    submitted = pd.read_csv(choice["test"]).set_index("image_id")
+    slices = pd.read_csv(tmp_path / "out" / "slices.csv").set_index("sop_instance_uid")
+    assert len(slices) == len(submitted)
+    np.testing.assert_allclose(slices[L].to_numpy(), submitted.loc[slices.index, L].to_numpy(), atol=1e-6, rtol=0)
+    series = pd.read_csv(tmp_path / "out" / "series.csv")
+    top = slices.groupby("series_id")[L].max()
+    np.testing.assert_allclose(series.set_index("series_id").loc[top.index, L].to_numpy(), top.to_numpy())
+    assert (tmp_path / "out" / "report.html").read_text().count("<img") >= 2
+
+
+def test_saved_second_stage_gives_the_stack_test_predictions_again(trained):
+    """Whatever submit chose, the saved stack applied to the members' test predictions is `stack/test.csv`."""
+    from ich_kaggle.data import studies
+    from ich_kaggle.stack import saved
+
+    frames = [pd.read_csv(trained.runs / m / "predictions" / "test.csv", dtype={"image_id": str})
+              for m in ("tiny", "tiny_bone")]
+    place = studies.collect([trained.data / "stage_2_test"]).slices
+    got = saved.apply(saved.load(trained.runs / "pair" / "stack" / "models.pt"), frames, place).set_index("image_id")
+    want = pd.read_csv(trained.runs / "pair" / "stack" / "test.csv").set_index("image_id")
+    np.testing.assert_allclose(got.loc[want.index, L].to_numpy(), want[L].to_numpy(), atol=1e-6, rtol=0)
+
+
+def _mini_studies(mini_dir: Path, n: int) -> list[pd.DataFrame]:
+    from ich_kaggle.data import studies
+
+    col = studies.collect([mini_dir / "stage_2_train"])
+    return [g for _, g in list(col.slices.groupby("study_id", sort=False))[:n]]
+
+
+def test_infer_on_mini_studies_in_nested_folders_and_a_zip(trained, mini_dir, tmp_path):
+    from ich_kaggle.data import studies
+    from ich_kaggle.apply.infer import infer
+    import dicom_factory
+
+    two = _mini_studies(mini_dir, 2)
+    nested = tmp_path / "export"
+    for i, g in enumerate(two[:1]):
+        for j, p in enumerate(g["path"]):
+            d = nested / f"x{i}" / f"y{j % 3}" / "z"
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, d / f"IM{j:04d}")
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for j, p in enumerate(two[1]["path"]):
+            z.write(p, f"DICOM/S1/{j:05d}")
+    # what must be skipped, each with its reason
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a dicom")
+    dicom_factory.write_ct(junk / "mr.dcm", np.zeros((8, 8), np.int16), modality="MR", series="ID_mr")
+    dicom_factory.write_ct(junk / "one.dcm", np.zeros((8, 8), np.int16), series="ID_single")
+    dicom_factory.write_ct(junk / "sag.dcm", np.zeros((8, 8), np.int16), series="ID_sag", iop=(0, 1, 0, 0, 0, -1))
+    import pydicom
+    src = pydicom.dcmread(two[0]["path"].iloc[0])
+    src.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    src.SOPInstanceUID = "ID_localizer"
+    src.save_as(junk / "scout.dcm")
+
+    col = studies.collect([nested, archive, junk], extract_to=tmp_path / "x")
+    assert col.studies == [g["study_id"].iloc[0] for g in two] or set(col.studies) == {g["study_id"].iloc[0] for g in two}
+    for g in two:  # same slices in the same order as the competition layout gives
+        got = col.slices[col.slices["study_id"] == g["study_id"].iloc[0]]
+        assert got["image_id"].tolist() == g["image_id"].tolist()
+    reasons = dict(zip(col.skipped["path"].map(lambda p: Path(p).name), col.skipped["reason"]))
+    assert reasons["notes.txt"].startswith("unreadable")
+    assert "not a CT image" in reasons["mr.dcm"]
+    assert "series of one slice" in reasons["one.dcm"]
+    assert "not an axial image" in reasons["sag.dcm"]
+    assert "localizer" in reasons["scout.dcm"]
+
+    calls = []
+    out = infer(trained.bundle, [nested, archive, junk], tmp_path / "out", progress=lambda w, f: calls.append(f))
+    assert calls[0] == 0.0 and calls[-1] == 1.0 and calls == sorted(calls)
+    slices = pd.read_csv(out / "slices.csv")
+    assert len(slices) == sum(len(g) for g in two) and slices["sop_instance_uid"].is_unique
+    assert ((slices[L] >= 0) & (slices[L] <= 1)).all().all()
+    assert len(pd.read_csv(out / "studies.csv")) == 2 and len(pd.read_csv(out / "series.csv")) == 2
+    assert len(pd.read_csv(out / "skipped.csv")) == 5
+    assert not any(p.name.startswith(".extracted") for p in out.iterdir())  # the zip's files are gone
+    page = (out / "report.html").read_text()
+    assert "not a diagnosis" in page and "Grad-CAM" in page
+
+
+def test_zip_with_parent_names_is_refused(tmp_path):
+    from ich_kaggle.data import studies
+
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("../evil.dcm", b"x")
+    with pytest.raises(UserError, match="unsafe name"):
+        studies.collect([bad], extract_to=tmp_path / "x")
+    assert not (tmp_path / "evil.dcm").exists()
+
+
+def test_evaluate_at_slice_series_study_level_and_cq500_reads(trained, tmp_path):
+    from ich_kaggle.apply.evaluate import METRICS, evaluate
+    from ich_kaggle.core.metrics import read_truth
+    from ich_kaggle.data import studies
+
+    col = studies.collect([trained.data / "stage_2_train"])
+    keep = col.slices[col.slices["study_id"].isin(col.studies[:4])]
+    truth = read_truth(trained.data / "stage_2_train.csv")
+    lab = keep[["image_id", "series_id", "study_id", "path"]].merge(truth, on="image_id")
+    inputs = tmp_path / "in"
+    for i, (study, g) in enumerate(lab.groupby("study_id", sort=False)):
+        d = inputs / f"CQ500CT{i + 1} CQ500CT{i + 1}" / "Unknown Study" / "CT PLAIN THIN"
+        d.mkdir(parents=True)
+        for p in g["path"]:
+            shutil.copy(p, d / Path(p).name)
+    levels = {"SOPInstanceUID": lab.rename(columns={"image_id": "SOPInstanceUID"}),
+              "SeriesInstanceUID": lab.groupby("series_id")[L].max().reset_index().rename(
+                  columns={"series_id": "SeriesInstanceUID"}),
+              "StudyInstanceUID": lab.groupby("study_id")[L].max().reset_index().rename(
+                  columns={"study_id": "StudyInstanceUID"}).drop(columns=["epidural"])}  # a subtype left out
+    for key, frame in levels.items():
+        csv = tmp_path / f"{key}.csv"
+        frame[[key, *[c for c in L if c in frame]]].to_csv(csv, index=False)
+        t = evaluate(trained.bundle, csv, [inputs], tmp_path / key, n_boot=50)
+        assert t["subtype"].tolist() == [c for c in L if c in frame]
+        assert (t["POS"] + t["NEG"] == len(frame)).all()
+        assert ((t["ACC"] >= t["ACC_lo"] - 1e-9) & (t["ACC"] <= t["ACC_hi"] + 1e-9)).all()
+        assert set(METRICS) <= set(t.columns) and t["LOG_LOSS"].notna().all()
+        assert "roc.png" in (tmp_path / key / "report.html").read_text()
+    # CQ500's reads.csv: three readers, the majority decides (reader 3 disagrees on every finding of study 1)
+    studies_y = lab.groupby("study_id", sort=False)[L].max()
+    reads = {"name": [f"CQ500-CT-{i + 1}" for i in range(len(studies_y))], "Category": "B1"}
+    for r in (1, 2, 3):
+        for finding, label in [("ICH", "any"), ("IPH", "intraparenchymal"), ("IVH", "intraventricular"),
+                               ("SDH", "subdural"), ("EDH", "epidural"), ("SAH", "subarachnoid")]:
+            v = studies_y[label].to_numpy().copy()
+            if r == 3:
+                v[0] = 1 - v[0]
+            reads[f"R{r}:{finding}"] = v
+    pd.DataFrame(reads).to_csv(tmp_path / "reads.csv", index=False)
+    out = cli("evaluate", "--model", str(trained.bundle), "--labels", str(tmp_path / "reads.csv"), "--out",
+              str(tmp_path / "cq"), "--bootstrap", "200", str(inputs))
+    assert out.returncode == 0, out.stderr[-3000:]
+    t = pd.read_csv(tmp_path / "cq" / "evaluation.csv").set_index("subtype")
+    assert t.loc["any", "POS"] == int(studies_y["any"].sum()) and t["POS"].add(t["NEG"]).eq(4).all()
+    assert "per study (4 labelled)" in out.stdout and "LOG_LOSS" in out.stdout

@@ -553,6 +553,11 @@ def test_ensemble_report_is_one_page_with_members_ensemble_stack_and_choice(tmp_
     assert summary["submitted"] == "stacked" and summary["members"] == {"tiny": 3, "tiny_bone": 3}
     lo, hi = summary["series_auc_any_ci"]
     assert lo <= summary["series_auc_any"] <= hi
+    from ich_kaggle.report import intervals
+
+    rng = np.random.default_rng(1)
+    y, p = rng.random(60) < 0.3, np.round(rng.random(60), 1)  # ties: the bootstrap's fast AUC is the report's AUC
+    assert intervals.rank_auc(y, p) == pytest.approx(ev.roc_auc(y, p))
 
 
 def test_gradcam_captions_are_set_at_page_size():

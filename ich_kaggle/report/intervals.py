@@ -18,7 +18,21 @@ N_BOOT = 1000
 FEW = 2000  # below this many samples a point estimate is shown with its 95 % interval
 
 
-def bootstrap_ci(y_true, y_prob, metric: Callable = ev.roc_auc, n_boot: int = N_BOOT, seed: int = 0,
+def rank_auc(y_true, y_prob) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count half, as `evaluation.roc_auc`): one sort, so a thousand
+    bootstrap resamples of a series table take milliseconds; NaN when only one class is present."""
+    y, p = np.asarray(y_true, float) > 0.5, np.asarray(y_prob, float)
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    values, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
+    below = np.cumsum(counts) - counts
+    ranks = (below + (counts + 1) / 2)[inverse]  # average rank of tied scores
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def bootstrap_ci(y_true, y_prob, metric: Callable = rank_auc, n_boot: int = N_BOOT, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric` over resampled (truth, probability) pairs; resamples with a single
     class (no AUC) are left out; (NaN, NaN) when the metric is undefined on the data itself."""
@@ -43,7 +57,7 @@ def series_auc_intervals(series: pd.DataFrame, n_boot: int = N_BOOT, seed: int =
     rows = []
     for label in LABELS:
         y, p = series[label].to_numpy(float), series[ev.pred_col(label)].to_numpy(float)
-        lo, hi = bootstrap_ci(y, p, ev.roc_auc, n_boot, seed)
+        lo, hi = bootstrap_ci(y, p, rank_auc, n_boot, seed)
         rows.append({"label": label, "AUC": ev.roc_auc(y, p), "AUC_LO": lo, "AUC_HI": hi, "n": len(y),
                      "positives": int(y.sum())})
     return pd.DataFrame(rows).set_index("label")

@@ -42,7 +42,8 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(RUN),-
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
         kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv \
-        install validate docs docs-check export infer evaluate serve
+        install validate docs docs-check export infer evaluate serve \
+        kernel-weights kaggle-plan kernel-gpu-check kernel-gpu-check-fetch kernel-combine
 
 help: ## this list: the targets, then the variables (`make <target> VAR=value ...`)
 	@echo "make <target> [VAR=value ...]   (python -m ich_kaggle --help: the same commands with their flags)"
@@ -182,12 +183,25 @@ KUSER = $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME))
 kernel-code: $(PY) ## build and upload the code dataset (training on Kaggle)
 	$(PY) -m ich_kaggle kernel-code $(KUSER)
 
+kernel-weights: $(PY) ## build and upload the ImageNet weights dataset every training kernel attaches (CONFIG=)
+	$(PY) -m ich_kaggle kernel-weights $(KUSER) $(if $(filter command line,$(origin CONFIG)),--config $(CONFIG))
+
+kaggle-plan: $(PY) ## what CONFIG (config or ensemble) costs on T4 x2, per member and fold, and the weekly quota left
+	$(PY) -m ich_kaggle kaggle-plan $(EXP) $(KUSER)
+
+kernel-gpu-check: $(PY) ## push a short T4 x2 kernel measuring every shipped backbone and size's img/s
+	$(PY) -m ich_kaggle kernel-gpu-check $(KUSER) --push
+
+kernel-gpu-check-fetch: $(PY) ## its measured rates into kaggle_rates.yaml (commit it; kaggle-plan reads it)
+	$(PY) -m ich_kaggle kernel-gpu-check-fetch $(KUSER)
+
 kernel-prepare: $(PY) ## push the kernel that makes meta.csv + folds.csv on Kaggle (K=, SEED=)
 	$(PY) -m ich_kaggle kernel-prepare $(KUSER) $(if $(K),--k $(K)) $(if $(SEED),--seed $(SEED)) --push
 
 ## RESUME=1 EPOCHS_PER_RUN=<n> T4_IMAGES_PER_S=<img/s>  kernel-train: resume, split the fold, measured T4 rate
-# prints the estimated wall time on T4 x2 and refuses a fold that cannot end within the 12-hour session
-kernel-train: $(PY) ## push the kernel that trains one fold on Kaggle's T4 x2 (fold=, RESUME=1)
+# prints each kernel's line of the plan (an ensemble: one kernel per member) and refuses a fold that cannot end an
+# epoch within the 12-hour session
+kernel-train: $(PY) ## push the kernels that train one fold on Kaggle's T4 x2, one per member (fold=, RESUME=1)
 	$(PY) -m ich_kaggle kernel-train $(EXP) --fold $(FOLD) $(KUSER) $(if $(RESUME),--resume) \
 	    $(if $(EPOCHS_PER_RUN),--epochs-per-run $(EPOCHS_PER_RUN)) $(if $(T4_IMAGES_PER_S),--t4-images-per-s $(T4_IMAGES_PER_S)) --push
 
@@ -198,6 +212,9 @@ kernel-fetch: $(PY) ## download a training kernel's fold into RUNS/<config>/fold
 ## FOLDS="0 1 ..."    kernel-from-folds: which folds (default: every fold of the config)
 kernel-from-folds: $(PY) ## push the inference kernel on the training kernels' outputs
 	$(PY) -m ich_kaggle kernel-from-folds $(EXP) $(KUSER) $(if $(FOLDS),--folds $(FOLDS)) --push
+
+kernel-combine: $(PY) ## an ensemble split into one from-folds kernel per member: fetch and combine their submissions
+	$(PY) -m ich_kaggle kernel-combine $(EXP) $(KUSER)
 
 kernel-fetch-prepare: $(PY) ## download the prepare kernel's meta.csv + folds.csv
 	$(PY) -m ich_kaggle kernel-fetch-prepare --data $(DATA_DIR) $(KUSER)

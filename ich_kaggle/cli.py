@@ -7,6 +7,7 @@ imports no stage, so argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from .commands import COMMANDS
@@ -27,14 +28,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .core import log
+    from .core import interrupt, log
 
     log.show()  # the library logs; here its messages become plain lines
+    previous = interrupt.install()
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        interrupt.check()  # a signal whose KeyboardInterrupt was swallowed still stops the run non-zero
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full or a read-only folder, wherever it happens: one line (writes are atomic)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        from .core.io import cannot_write
+
+        print(f"error: {cannot_write(e.filename or '(a file)', e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + (interrupt.received() or 2)
+    finally:
+        interrupt.restore(previous)

@@ -251,3 +251,21 @@ def test_evaluate_at_slice_series_study_level_and_cq500_reads(trained, tmp_path)
     t = pd.read_csv(tmp_path / "cq" / "evaluation.csv").set_index("subtype")
     assert t.loc["any", "POS"] == int(studies_y["any"].sum()) and t["POS"].add(t["NEG"]).eq(4).all()
     assert "per study (4 labelled)" in out.stdout and "LOG_LOSS" in out.stdout
+
+
+def test_fp16_bundle_halves_the_weights_and_still_loads(trained, tmp_path):
+    import torch
+
+    from ich_kaggle import bundle
+    from ich_kaggle.models.checkpoint import load_checkpoint
+
+    out = cli("export", *trained.exp, "--fp16", "--out", str(tmp_path / "half"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    b = bundle.load(tmp_path / "half")
+    assert b.info["float16"] is True
+    full, half = trained.bundle / "members/tiny/fold0.pt", tmp_path / "half/members/tiny/fold0.pt"
+    state = torch.load(half, weights_only=False)["model"]
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert half.stat().st_size < 0.7 * full.stat().st_size
+    net, _ = load_checkpoint(half)
+    assert next(net.parameters()).dtype == torch.float32

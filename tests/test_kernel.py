@@ -35,7 +35,12 @@ def cfg():
 
 
 def fake_run(runs: Path, cfg, folds=(0, 2), stack=True) -> Path:
-    """A finished experiment's files (contents do not matter for packaging)."""
+    """A finished experiment's files (contents do not matter for packaging). `cfg` is set to ship exactly `folds`
+    (cv.folds): a fold the config wants that is not finished is refused (issue 21)."""
+    from ich_kaggle.core import freshness, manifest
+
+    if sorted(folds) != list(range(cfg.cv.k)):
+        cfg.cv.folds = list(folds)
     root = runs / cfg.name
     for k in folds:
         (root / f"fold{k}").mkdir(parents=True)
@@ -46,6 +51,7 @@ def fake_run(runs: Path, cfg, folds=(0, 2), stack=True) -> Path:
     (root / "predictions" / "oof.csv").write_text("image_id,any\n")
     (root / "predictions" / "test.csv").write_text("stale local test predictions\n")
     (root / "predictions" / "oof_embeddings.npz").write_bytes(b"big")
+    manifest.write(root / "predictions" / "oof.csv", freshness.predictions(Run(root), list(folds), cfg.tta))
     if stack:
         (root / "stack").mkdir()
         (root / "stack" / "metrics.csv").write_text("stage\n")
@@ -452,7 +458,9 @@ def test_datasets_create_wait_version(built, kaggle_home):
 
 def test_kernel_wait_output_submit(built, kaggle_home):
     names, out = built
-    sub = b"ID,Label\nID_a_any,0.1\n"
+    from ich_kaggle.core.labels import LABELS
+
+    sub = ("ID,Label\n" + "".join(f"ID_a_{label},0.1\n" for label in LABELS)).encode()
     with FakeKaggle(max_seconds=60, kernel_statuses=["QUEUED", "RUNNING", "COMPLETE"],
                     kernel_output={"submission.csv": sub}, kernel_log="[12:00:00] wrote submission.csv") as fk:
         waited = _ich(fk, out, "kernel-wait", "--poll", "0.05")
@@ -475,6 +483,12 @@ def test_kernel_wait_output_submit(built, kaggle_home):
     assert "ended with error: Your notebook tried to allocate more memory" in _one_line_error(failed)
     assert "no submission.csv" in _one_line_error(empty) and not got.exists()  # the old run's file is gone
     assert "fetch the kernel's output first" in _one_line_error(_ich(fk, out, "kaggle-submit"))
+    # an expired download URL's error page saved under the submission's name is never sent
+    with FakeKaggle(max_seconds=60, kernel_output={"submission.csv": b"<html><body>Error 403</body></html>\n"}) as fk:
+        page = _ich(fk, out, "kernel-output")
+    assert "is not a submission" in _one_line_error(page)
+    got.write_bytes(b"<html><body>Error 403</body></html>\n")
+    assert "is not a submission" in _one_line_error(_ich(fk, out, "kaggle-submit")) and not fk.submissions
     got.write_bytes(sub)
     rules = "You must accept this competition's rules before you'll be able to submit"
     with FakeKaggle(max_seconds=60, submit_error=rules) as fk:
@@ -517,48 +531,55 @@ def test_kernel_predict_uses_every_visible_gpu(monkeypatch):
     assert predict.inference_devices() == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
-def _python312() -> str:
-    """A working python3.12 (Kaggle's image moved to 3.12); pyenv's shim may exist but refuse to run."""
-    candidates = [shutil.which("python3.12") or ""] + [str(p) for p in sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+def _python(version: str) -> str | None:
+    """A working python<version> (Kaggle's image: 3.12; Colab's, its base: 3.13); pyenv's shim may exist but refuse
+    to run."""
+    candidates = [shutil.which(f"python{version}") or ""] + [
+        str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}"))]
     for exe in filter(None, candidates):
         if subprocess.run([exe, "-c", "import ensurepip"], capture_output=True).returncode == 0:
             return exe
-    pytest.skip("no working python3.12 on this machine")
+    return None
 
 
 @pytest.mark.slow
-def test_install_step_on_python312(tmp_path, cfg):
-    """The kernel's install step on Kaggle's Python 3.12 with a code dataset built here (3.11): every required
-    package installs (binary ones through wheels fetched for 3.12 at build time); an optional one without a 3.12
-    wheel (a pylibjpeg codec) is named in the log and the run goes on."""
-    python = _python312()
+def test_install_step_on_python312_and_313(tmp_path, cfg):
+    """The kernel's install step on Kaggle's Python 3.12 and Colab's 3.13, with no network, from a code dataset
+    built here (3.11): every package installs, the binary ones through wheels fetched for 3.12 and 3.13 at build
+    time (pylibjpeg-libjpeg: 2.4.0, the newest with such wheels, beside this machine's 2.5.0)."""
+    pythons = {v: _python(v) for v in ("3.12", "3.13")}
+    if not any(pythons.values()):
+        pytest.skip("neither python3.12 nor python3.13 on this machine")
     names = kernel.names_for(cfg, "testuser")
     code = kernel.build_code_dataset(names, tmp_path / "kernels")
     listing = json.loads((code / "wheels.json").read_text())
     optional = {w["name"] for w in listing["wheels"] if w["optional"]}
     assert optional == set(kernel.OPTIONAL_PACKAGES)
-    binary_optional = {w["name"] for w in listing["wheels"] if w["optional"] and not w["pure"]}
-    assert binary_optional == {"pylibjpeg-libjpeg", "pylibjpeg-openjpeg"}  # built here for cp311
-    for_312 = {w["name"] for w in listing["wheels"] if "-cp312-" in w["file"] or "-abi3-" in w["file"]}
-    assert {"blosc2", "ndindex"} <= for_312  # the required binary ones: fetched for the kernel's Python
-    not_for_312 = sorted(binary_optional - for_312)  # pylibjpeg-libjpeg 2.5.0 publishes no cp312 wheel
-    venv = tmp_path / "venv312"
-    subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
-    script = (f"import runpy; from pathlib import Path; "
-              f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'kernel_install.py')!r}); "
-              f"print('missing', sorted(w['name'] for w in ns['pip_install'](Path({str(code)!r}))))")
-    env = {**_env(), "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    for name in not_for_312:
-        assert f"optional package {name} " in result.stdout and "compressed DICOMs" in result.stdout
-    assert f"missing {not_for_312}" in result.stdout
-    required = [w["name"] for w in listing["wheels"] if not w["optional"]] + ["pylibjpeg"]
-    check = "import importlib.metadata as m, sys; print(sys.version_info[:2], [m.version(n) for n in sys.argv[1:]])"
-    versions = subprocess.run([str(venv / "bin" / "python"), "-c", check, *required], capture_output=True, text=True)
-    assert versions.returncode == 0, versions.stderr  # every required package is installed on 3.12
-    assert versions.stdout.startswith("(3, 12)")
+    binary = {w["name"] for w in listing["wheels"] if not w["pure"]}
+    assert {"blosc2", "ndindex", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"} <= binary
+    for version, python in pythons.items():
+        if python is None:
+            continue
+        tag = "cp" + version.replace(".", "")
+        fitting = {w["name"] for w in listing["wheels"] if f"-{tag}-" in w["file"] or "-abi3-" in w["file"]}
+        assert binary <= fitting, (version, binary - fitting)  # every binary package has a wheel for it
+        assert any(w["name"] == "pylibjpeg-libjpeg" and w["version"] == "2.4.0" for w in listing["wheels"])
+        venv = tmp_path / f"venv{tag}"
+        subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
+        script = (f"import runpy; from pathlib import Path; "
+                  f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'kernel_install.py')!r}); "
+                  f"print('missing', sorted(w['name'] for w in ns['pip_install'](Path({str(code)!r}))))")
+        env = {**_env(), "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+        result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "missing []" in result.stdout, result.stdout
+        names_all = sorted({w["name"] for w in listing["wheels"]} - {"ich_kaggle"})
+        check = "import importlib.metadata as m, sys; print(sys.version_info[:2], [m.version(n) for n in sys.argv[1:]])"
+        versions = subprocess.run([str(venv / "bin" / "python"), "-c", check, *names_all], capture_output=True,
+                                  text=True)
+        assert versions.returncode == 0, versions.stderr  # every package is installed
+        assert versions.stdout.startswith(str(tuple(int(x) for x in version.split("."))))
 
 
 # --- end to end: train a tiny model, build the kernel, run its script offline in a fresh venv ----------------------

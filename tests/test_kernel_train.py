@@ -1,6 +1,6 @@
-"""Training on Kaggle: the prepare and training kernel scripts run locally on a fake /kaggle/input (CPU), equal to
-`make folds` and a local `make train`; a stopped run resumes in the next version; the folders pushed with the real
-kaggle CLI against the fake API; the wall-time estimate refuses a fold too long for one session; fetch and status."""
+"""Training on Kaggle: the kernel folders pushed with the real kaggle CLI against the fake API; the wall-time estimate
+and the plan (kaggle-plan) refuse a fold too long for one session; ensembles per member; fetch and status. The
+journey itself, kernel by kernel on fake mounts, is tests/test_kaggle_journey.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ich_kaggle.core import config
 from ich_kaggle.core.errors import UserError
@@ -22,7 +23,7 @@ from ich_kaggle.kaggle import build, train_build, train_run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_kaggle import FakeKaggle  # noqa: E402
-from test_kernel import KAGGLE, _fresh_venv  # noqa: E402
+from test_kernel import KAGGLE  # noqa: E402
 from train_helpers import FAST  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,45 +37,24 @@ def _cfg():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The synthetic competition, the code dataset (the ich_kaggle wheel only: the rest comes from .venv) and a
-    venv that sees .venv's packages but not the repository, so the kernels use the wheel they installed."""
+    """The synthetic competition."""
     from ich_kaggle.data import synth
 
     base = tmp_path_factory.mktemp("ktrain")
     comp = synth.write_competition(base / "comp", seed=0, studies=9, slices=6, size=48)
-    names = build.KernelNames(USER, "code", "ich-kaggle-code")
-    code = build.build_code_dataset(names, base / "kernels", packages=())
-    python = _fresh_venv(base / "venv")
-    return {"base": base, "comp": comp, "code": code, "python": python}
+    return {"base": base, "comp": comp}
 
 
 def _input(root: Path, world: dict, notebooks: dict[str, Path]) -> Path:
-    """/kaggle/input of a new-style kernel: the competition nested one level deeper, datasets and kernel outputs
-    under their owner."""
+    """/kaggle/input of a new-style kernel: the competition nested one level deeper, kernel outputs under their
+    owner."""
     nested = root / COMPETITION / COMPETITION
     nested.mkdir(parents=True)
     for item in world["comp"].iterdir():
         (nested / item.name).symlink_to(item.resolve())
-    shutil.copytree(world["code"], root / "datasets" / USER / world["code"].name)
     for slug, output in notebooks.items():
         shutil.copytree(output, root / "notebooks" / USER / slug)
     return root
-
-
-def _run_script(world: dict, script: Path, root: Path, name: str, **env_extra: str) -> tuple[str, Path]:
-    base = world["base"]
-    working, scratch = base / f"working_{name}", base / f"scratch_{name}"
-    working.mkdir()
-    dead = "http://127.0.0.1:9"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy", "ICH_STOP_AFTER_EPOCHS")}
-    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), ICH_KAGGLE_SCRATCH=str(scratch),
-               HOME=str(base / "home"), HTTP_PROXY=dead, HTTPS_PROXY=dead, PIP_NO_INDEX="1", **env_extra)
-    result = subprocess.run([str(world["python"]), str(script)], cwd=working, env=env, capture_output=True,
-                            text=True, timeout=600)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-4000:]
-    assert f"from {base / 'venv'}" in out  # ich_kaggle came from the code dataset's wheel
-    return out, working
 
 
 def _weights(path: Path) -> dict:
@@ -88,71 +68,6 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
-@pytest.mark.slow
-def test_prepare_and_train_kernels_offline(world, tmp_path):
-    from ich_kaggle import train
-
-    cfg, base = _cfg(), world["base"]
-    out = base / "kernels"
-    # what the user runs locally: make folds, make train fold=0
-    local = Layout.of(world["comp"], base / "work_local")
-    subprocess.run([sys.executable, "-m", "ich_kaggle", "folds", "--data", str(world["comp"]), "--work",
-                    str(local.work), "--k", str(cfg.cv.k), "--seed", str(cfg.cv.seed)], cwd=ROOT, check=True,
-                   capture_output=True)
-    local_fold = train.train_fold(cfg, local, 0, runs=base / "runs_local")
-
-    # the prepare kernel: the same folds as make folds
-    prep = train_build.build_prepare_kernel(USER, out, k=cfg.cv.k, seed=cfg.cv.seed)
-    log, prepared = _run_script(world, prep / "kernel.py", _input(base / "in_prep", world, {}), "prep")
-    assert (prepared / "folds.csv").read_bytes() == local.folds_csv.read_bytes()
-    assert json.loads((prepared / train_run.PREPARE_MANIFEST).read_text())["k"] == cfg.cv.k
-
-    # the training kernel, stopped after one epoch (ICH_STOP_AFTER_EPOCHS=1, as a killed session), then its next
-    # version with the previous output attached: the fold of an uninterrupted local train, bit for bit
-    folder = train_build.build_train_kernel(cfg, 0, USER, out, resume=True)
-    meta = json.loads((folder / "kernel-metadata.json").read_text())
-    assert meta["kernel_sources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
-    log, first = _run_script(world, folder / "kernel.py", _input(base / "in_v1", world,
-                             {"ich-kaggle-prepare": prepared}), "v1", ICH_STOP_AFTER_EPOCHS="1")
-    assert "1 CPU process(es)" in log and "torch.distributed.run" not in log
-    part = Run.of(first / "runs", cfg.name).fold(0)
-    assert part.last.is_file() and not part.done.is_file()
-    assert json.loads((part.dir / train_run.FOLD_MANIFEST).read_text())["done"] is False
-    log, second = _run_script(world, folder / "kernel.py", _input(base / "in_v2", world, {
-        "ich-kaggle-prepare": prepared, "ich-kaggle-tiny-fold0": first}), "v2")
-    assert "resuming from the previous version's output" in log and "from epoch 1/2" in log
-    fold = Run.of(second / "runs", cfg.name).fold(0)
-    for name in ("best.pt", "last.pt", "log.csv", "oof.csv", "done.json", "train.log", train_run.FOLD_MANIFEST):
-        assert (fold.dir / name).is_file(), name
-    assert sorted(p.name for p in second.iterdir()) == ["runs"]  # the cache stayed on the scratch disk
-    assert (base / "scratch_v2" / "work" / "cache").is_dir()  # the synthetic train images' cache fits: cached
-    assert "images: caching" in log and json.loads((fold.dir / train_run.FOLD_MANIFEST).read_text())["images"] == "cache"
-    _same_weights(fold.last, Path(local_fold) / "last.pt")
-    _same_weights(fold.best, Path(local_fold) / "best.pt")
-    assert fold.oof.read_bytes() == (Path(local_fold) / "oof.csv").read_bytes()  # the checkpoints predict the same
-
-    # the inference kernel on the training kernel's output (kernel sources, no model dataset) == local make submit
-    from ich_kaggle.predict import stage as predict
-    from ich_kaggle.submit import stage as submission
-
-    predict.predict(cfg, local, runs=base / "runs_local")
-    expected = submission.submit(cfg, local, runs=base / "runs_local", out_dir=base / "submissions")
-    infer = train_build.build_infer_kernel(cfg, USER, out, folds=[0])
-    meta = json.loads((infer / "kernel-metadata.json").read_text())
-    assert meta["kernel_sources"] == [f"{USER}/ich-kaggle-prepare", f"{USER}/ich-kaggle-tiny-fold0"]
-    assert meta["dataset_sources"] == [f"{USER}/ich-kaggle-code"] and meta["machine_shape"] == "NvidiaTeslaT4"
-    log, sub = _run_script(world, infer / "kernel.py", _input(base / "in_infer", world, {
-        "ich-kaggle-prepare": prepared, "ich-kaggle-tiny-fold0": second}), "infer")
-    assert sorted(p.name for p in sub.iterdir()) == ["submission.csv"]
-    assert (sub / "submission.csv").read_bytes() == expected.read_bytes()
-
-    # make kernel-fetch: the fold's output into runs/<config>/fold0/, usable as if trained locally
-    runs = tmp_path / "runs"
-    dest = train_build.install_fold(second, cfg.name, 0, runs)
-    assert dest == runs / cfg.name / "fold0" and (dest / "best.pt").is_file()
-    assert build.trained_folds(cfg, runs) == [0]
-
-
 def test_every_kernel_script_embeds_the_one_install_step(tmp_path):
     """kernel_install.py is the only copy of the install step: the templates import it (valid Python, linted), and
     the inference, prepare, training and from-folds scripts all carry its text, placeholders filled."""
@@ -163,8 +78,8 @@ def test_every_kernel_script_embeds_the_one_install_step(tmp_path):
     cfg = _cfg()
     scripts = {
         "prepare": train_build.build_prepare_kernel(USER, tmp_path) / "kernel.py",
-        "train": train_build.build_train_kernel(cfg, 0, USER, tmp_path) / "kernel.py",
-        "from-folds": train_build.build_infer_kernel(cfg, USER, tmp_path, folds=[0]) / "kernel.py",
+        "train": train_build.build_train_kernel(cfg, 0, USER, tmp_path)[0] / "kernel.py",
+        "from-folds": train_build.build_infer_kernel(cfg, USER, tmp_path, folds=[0])[0] / "kernel.py",
     }
     body = install[install.index("def log("):]  # below the placeholders: the same text in every script
     for name, path in scripts.items():
@@ -196,7 +111,7 @@ def test_estimate_and_refusal(tmp_path):
     assert est.train_images == train_build.COMPETITION_TRAIN_IMAGES - est.val_images
     assert est.images == "dicom" and est.setup_hours == 0  # ~120 GB of cache cannot fit: no caching pass
     line = est.describe()
-    assert "estimate, not a measurement" in line
+    assert "rates are ESTIMATES until measured (make kernel-gpu-check)" in line
     assert (f"for 3 epoch(s) x {est.train_images:,} training images at {est.train_images_per_s:.0f} img/s" in line
             and "no caching" in line)
     one = train_build.estimate(big, epochs=1)
@@ -205,7 +120,12 @@ def test_estimate_and_refusal(tmp_path):
     assert fast.hours < 2 and "T4_IMAGES_PER_S=1000" in fast.source
     small = config.load("seresnext50_512", ["train.max_images_per_epoch=100000"])
     assert train_build.estimate(small).train_images == 100000
-    folder = train_build.build_train_kernel(small, 2, USER, tmp_path)
+    with pytest.raises(UserError, match=r"^config 'seresnext50_512' starts from ImageNet weights of 'se_resnext50_32x4d' "
+                                        r"but no attached dataset holds them .*make kernel-weights CONFIG=seresnext50_512"):
+        train_build.build_train_kernel(small, 2, USER, tmp_path)  # refused before anything is written
+    assert not (tmp_path / "ich-kaggle-seresnext50-512-fold2").exists()
+    small = config.load("seresnext50_512", ["train.max_images_per_epoch=100000", "model.pretrained=false"])
+    [folder] = train_build.build_train_kernel(small, 2, USER, tmp_path)
     assert folder.name == "ich-kaggle-seresnext50-512-fold2" and "EPOCHS_PER_RUN = None" in (folder / "kernel.py").read_text()
     # a subset whose cache fits the session's disk: cached, once per session
     folds_csv = tmp_path / "folds.csv"
@@ -216,14 +136,14 @@ def test_estimate_and_refusal(tmp_path):
 
 
 def test_a_fold_longer_than_a_session_is_planned_across_versions(tmp_path, caplog):
-    long = config.load("seresnext101_480")  # ~16 h by the documented rate: more than one 12-hour session
+    long = config.load("seresnext101_480", ["model.pretrained=false"])  # ~16 h by the documented rate: > one session
     est = train_build.estimate(long)
     limit = train_build.SESSION_LIMIT_H - train_build.SESSION_MARGIN_H
     assert est.hours > limit
     steps = train_build.plan(est, long)
     assert steps.versions == 2 and steps.epochs_per_run == 2 and est.session_hours(2) <= limit < est.session_hours(3)
     with caplog.at_level("INFO", logger="ich_kaggle"):
-        folder = train_build.build_train_kernel(long, 1, USER, tmp_path)
+        [folder] = train_build.build_train_kernel(long, 1, USER, tmp_path)
     assert "EPOCHS_PER_RUN = 2" in (folder / "kernel.py").read_text()  # each version stops resumably after 2 more
     assert ("2 kernel versions of up to 2 epoch(s) each (EPOCHS_PER_RUN=2" in caplog.text
             and "make kernel-train fold=1 RESUME=1" in caplog.text and "1 more time(s)" in caplog.text)
@@ -243,7 +163,7 @@ def test_a_fold_longer_than_a_session_is_planned_across_versions(tmp_path, caplo
 def test_push_with_the_real_kaggle_cli(tmp_path, kaggle_home):
     cfg = _cfg()
     prep = train_build.build_prepare_kernel(USER, tmp_path, k=3, seed=0)
-    folder = train_build.build_train_kernel(cfg, 1, USER, tmp_path, resume=True)
+    [folder] = train_build.build_train_kernel(cfg, 1, USER, tmp_path, resume=True)
     with FakeKaggle(max_seconds=60) as fk:
         env = fk.env()
         pushed = [subprocess.run([str(KAGGLE), "kernels", "push", "-p", str(f)], env=env, capture_output=True,
@@ -384,3 +304,82 @@ def test_find_train_inputs_and_epochs_done(tmp_path):
         for name, text in (("meta.csv", "image_id\n"), ("folds.csv", "image_id\n"), ("folds.csv.json", '{"k": 5, "seed": 42}')):
             (prep / name).write_text(text)
         train_run.install_prepared(prep, Layout.of(comp, tmp_path / "work"), cfg)
+
+
+def test_kaggle_plan_of_the_recipes_and_measured_rates(tmp_path, monkeypatch):
+    """`make kaggle-plan`: kaggle_week fits a week of free quota by the planner, seresnext_pair does not and its
+    inference is split by member; a measured rates file replaces the estimates and says so."""
+    from ich_kaggle.core import ensemble
+    from ich_kaggle.kaggle import plan, rates
+
+    monkeypatch.setenv(rates.RATES_ENV, str(tmp_path / "kaggle_rates.yaml"))
+
+    def made(name):
+        cfg = config.load(name)
+        return plan.make_plan(cfg, ensemble.load_members(cfg) if cfg.is_ensemble else [cfg])
+
+    week, pair = made("kaggle_week"), made("seresnext_pair")
+    assert week.total_hours <= plan.WEEKLY_GPU_HOURS and len(week.inference) == 1 and not week.measured
+    assert len(week.folds) == 10 and all(f.sessions == 1 for f in week.folds)
+    assert pair.total_hours > 4 * plan.WEEKLY_GPU_HOURS and [k.members for k in pair.inference] == [
+        ["seresnext50_512"], ["seresnext101_480"]]
+    assert {f.sessions for f in pair.folds if f.member == "seresnext101_480"} == {2}
+    lines = week.lines(12.5)
+    assert "ESTIMATES" in lines[-2] and "quota: 12.5 h of GPU left this week: the plan does not fit" in lines[-1]
+    assert any("infer seresnext50_256+seresnext101_256 folds [0, 1, 2, 3, 4]: 121,232 slices x 2 member(s) x 5 "
+               "fold(s) x 3 view(s)" in line for line in lines)
+    (tmp_path / "kaggle_rates.yaml").write_text(yaml.safe_dump({
+        "se_resnext50_32x4d": {256: {"train": 232.0, "infer": 696.0}},
+        "se_resnext101_32x4d": {256: {"train": 136.0, "infer": 408.0}}}))
+    measured = made("kaggle_week")
+    assert measured.measured and "ESTIMATES" not in "\n".join(measured.lines())
+    assert measured.training_hours == pytest.approx(week.training_hours / 2, rel=0.01)  # twice the rate
+
+
+def test_ensemble_kernels_per_member_and_split_inference(tmp_path, caplog):
+    """An ensemble trains one kernel per member and fold; its inference, too long for one session, is one kernel
+    per member, combined locally (make kernel-combine) as the ensemble combines."""
+    from ich_kaggle.core.labels import LABELS
+
+    from ich_kaggle.core import ensemble
+
+    pair = config.load("seresnext_pair")
+    members = ensemble.load_members(pair, ["model.pretrained=false"])
+    with pytest.raises(UserError, match="config 'seresnext50_512' starts from ImageNet weights"):
+        train_build.build_train_kernel(pair, 3, USER, tmp_path)  # the members' weights are not in a dataset
+    folders = train_build.build_train_kernel(pair, 3, USER, tmp_path, members=members)
+    assert [f.name for f in folders] == ["ich-kaggle-seresnext50-512-fold3", "ich-kaggle-seresnext101-480-fold3"]
+    assert "CONFIG_NAME = \"seresnext101_480\"" in (folders[1] / "kernel.py").read_text()
+    assert json.loads((folders[0] / "kernel-metadata.json").read_text())["docker_image_pinning_type"] == "original"
+    with caplog.at_level("INFO", logger="ich_kaggle"):
+        infer = train_build.build_infer_kernel(pair, USER, tmp_path, members=members)
+    assert [f.name for f in infer] == ["ich-kaggle-seresnext50-512-from-folds", "ich-kaggle-seresnext101-480-from-folds"]
+    sources = json.loads((infer[1] / "kernel-metadata.json").read_text())["kernel_sources"]
+    assert sources == [f"{USER}/ich-kaggle-prepare"] + [f"{USER}/ich-kaggle-seresnext101-480-fold{k}" for k in range(5)]
+    assert "make kernel-combine CONFIG=seresnext_pair" in caplog.text
+    probs = {"seresnext50_512": 0.2, "seresnext101_480": 0.4}
+    for name, p in probs.items():
+        dest = tmp_path / "output" / train_build.infer_slug(name)
+        dest.mkdir(parents=True)
+        (dest / "submission.csv").write_text("ID,Label\n" + "".join(
+            f"ID_{i}_{label},{p if label == 'any' else 0.1:.6f}\n" for i in ("a1", "b2") for label in LABELS))
+    combined = train_build.combine_outputs(pair, USER, tmp_path, fetch=False)
+    text = combined.read_text().splitlines()
+    assert text[0] == "ID,Label" and len(text) == 13 and "ID_a1_any,0.300000" in text  # the mean of probabilities
+
+
+def test_every_invalid_source_field_refuses_the_push(tmp_path, kaggle_home, monkeypatch):
+    """Kaggle accepts a kernel whose sources it cannot attach and says so only in invalid*Sources: each is a
+    one-line refusal (the CLI exits 0)."""
+    from types import SimpleNamespace
+
+    from ich_kaggle.kaggle import api
+
+    folder = train_build.build_prepare_kernel(USER, tmp_path)
+    for kind in api.SOURCE_KINDS:
+        answer = SimpleNamespace(error=None, status=None, ref="r", url="u", versionNumber=1,
+                                 **{f"invalid_{k}_sources": [f"{USER}/x"] if k == kind else [] for k in api.SOURCE_KINDS})
+        monkeypatch.setattr(api, "client", lambda: SimpleNamespace(kernels_push=lambda path: answer))
+        with pytest.raises(UserError, match=rf"without its {kind} sources \['{USER}/x'\]") as e:
+            api.push_kernel(folder)
+        assert "\n" not in str(e.value)

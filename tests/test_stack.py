@@ -385,7 +385,7 @@ def test_stack_stage_uses_the_first_stage_folds(tmp_path, sim, monkeypatch):
     assert len(used) == len(sim.folds) and used.equals(want.loc[used.index])
     assert (used != patient.loc[used.index]).mean() > 0.5  # not the patient folds of folds.csv
     dirs = prediction_dirs(cfg, tmp_path / "runs")
-    assert manifest.read(out / "test.csv") == freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
+    assert manifest.check(out / "test.csv", freshness.stacked(dirs, layout, cfg.stack, cfg.cv)) == []
     assert "split" in freshness.stale_reason(out / "test.csv", freshness.stacked(dirs, layout, cfg.stack, CVConfig()))
 
 

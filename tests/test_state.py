@@ -15,7 +15,7 @@ import pytest
 
 import train_helpers
 from ich_kaggle import train
-from ich_kaggle.core import config
+from ich_kaggle.core import config, manifest
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.layout import Layout, Run
 from ich_kaggle.core.lock import exclusive
@@ -128,11 +128,12 @@ def test_submit_chooses_by_oof_and_takes_the_first_stage_when_the_stack_is_worse
     choice = json.loads(run.choice.read_text())
     losses = choice["oof_log_loss"]
     assert choice["stage"] == min(losses, key=losses.get)  # the lower OOF loss wins, whichever it is
-    # the stacker made worse on purpose: its predictions inverted, its manifests untouched (so it is still fresh)
+    # the stacker made worse on purpose: its predictions inverted, its manifests saying so (so it is still fresh)
     for path in (run.stack.oof, run.stack.test):
         frame = pd.read_csv(path)
         frame[list(LABELS)] = 1.0 - frame[list(LABELS)]
         frame.to_csv(path, index=False)
+        manifest.adopt(path)
     submit(cfg, layout, runs=runs, out_dir=runs / "subs")
     printed = capsys.readouterr().out
     assert "using the first stage" in printed and "stacking did not lower the OOF loss" in printed
@@ -202,7 +203,8 @@ def test_per_fold_embedding_stack_end_to_end_reused_and_redone_when_the_knob_cha
     stack(per, layout, runs=runs, progress=False, force=True)
     made = run.stack.test.stat().st_mtime_ns
     saved = manifest.read(run.stack.test)
-    assert saved == freshness.stacked(prediction_dirs(per, runs), layout, per.stack, per.cv)
+    expected = freshness.stacked(prediction_dirs(per, runs), layout, per.stack, per.cv)
+    assert manifest.check(run.stack.test, expected) == []
     assert "source0:test_fold2_embeddings.npz" in saved["inputs"] and saved["settings"]["embedding_space"] == "per_fold"
     test = pd.read_csv(run.stack.test)
     assert len(test) == len(pd.read_csv(run.predictions.test)) and test.drop(columns="image_id").notna().all().all()

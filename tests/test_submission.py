@@ -174,7 +174,8 @@ def _experiment(tmp_path: Path, images: list[str], unreadable: list[str], with_s
         runs.fold(k).dir.mkdir(parents=True)
         runs.fold(k).best.write_bytes(b"weights")
         runs.fold(k).done.write_text("{}")
-    manifest.write(runs.predictions.test, freshness.predictions(runs, list(range(cfg.cv.k)), cfg.tta))
+    for path in (runs.predictions.test, runs.predictions.oof):
+        manifest.write(path, freshness.predictions(runs, list(range(cfg.cv.k)), cfg.tta))
     if with_stack:
         (run / "stack").mkdir()
         stacked = wide_preds(readable, seed=3)
@@ -182,7 +183,8 @@ def _experiment(tmp_path: Path, images: list[str], unreadable: list[str], with_s
         better = oof.copy()  # the stack's OOF closer to the labels: submit chooses it by its OOF score
         better[list(LABELS)] = np.clip(train[list(LABELS)].to_numpy() * 0.9 + 0.05, 0, 1)
         better.iloc[:40].to_csv(run / "stack" / "oof.csv", index=False)
-        manifest.write(runs.stack.test, freshness.stacked(runs.prediction_sources([]), layout, cfg.stack, cfg.cv))
+        for path in (runs.stack.oof, runs.stack.test):
+            manifest.write(path, freshness.stacked(runs.prediction_sources([]), layout, cfg.stack, cfg.cv))
     return layout, train, oof.iloc[:40]
 
 
@@ -209,15 +211,11 @@ def test_submit_fills_unreadable_with_prior_and_reports_oof(tmp_path, capsys):
     runs.fold(1).best.write_bytes(b"retrained weights")
     with pytest.raises(UserError, match=r"predictions/test.csv is stale \(input fold1 changed\); rerun `make predict"):
         submission.submit(cfg, layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
-    manifest.write(runs.predictions.test, freshness.predictions(runs, list(range(cfg.cv.k)), cfg.tta))  # predicted again
+    for path in (runs.predictions.test, runs.predictions.oof):  # predicted again: a new first stage (issue 21)
+        manifest.write(path, freshness.predictions(runs, list(range(cfg.cv.k)), cfg.tta))
     submission.submit(cfg, layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
     text = capsys.readouterr().out
-    assert "stack/test.csv is stale (input source0:test.csv changed" not in text  # predict rewrote only the manifest
-    assert "using the second stage" in text
-    (runs.predictions.test).write_text((runs.predictions.test).read_text())  # new first-stage file: stack is stale
-    submission.submit(cfg, layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
-    text = capsys.readouterr().out
-    assert "stack/test.csv is stale (input source0:test.csv changed)" in text and "using the first stage" in text
+    assert "stack/test.csv is stale (input source0:oof.csv changed" in text and "using the first stage" in text
 
 
 def test_submit_without_predictions_says_run_predict(tmp_path):
@@ -244,7 +242,10 @@ def test_submit_without_training_labels(tmp_path, capsys):
     out = submission.submit(config.load("tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")
     assert submission.validate_file(layout.sample_csv, out) == []
     assert "no expected score" in capsys.readouterr().out
-    pd.read_csv(tmp_path / "runs" / "tiny" / "predictions" / "test.csv").iloc[1:].to_csv(
-        tmp_path / "runs" / "tiny" / "predictions" / "test.csv", index=False)
+    run = Run(tmp_path / "runs" / "tiny")
+    lost = pd.read_csv(run.predictions.test)  # an image lost at predict time: left out, listed as unreadable
+    lost.iloc[1:].to_csv(run.predictions.test, index=False)
+    lost.iloc[:1][["image_id"]].to_csv(run.predictions.unreadable, index=False)
+    manifest.write(run.predictions.test, freshness.predictions(run, list(range(5)), config.load("tiny").tta))
     with pytest.raises(UserError, match="no training prior"):
         submission.submit(config.load("tiny"), layout, runs=tmp_path / "runs", out_dir=tmp_path / "subs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -150,15 +151,21 @@ def test_corrupt_cache_file_is_skipped_not_fatal(comp, tmp_path):
     preprocess.ensure(layout)
     folds = load_folds(layout, k=3, seed=0)
     victims = folds[folds["fold"] != 0]["image_id"].astype(str).head(3).tolist()
+    def damage(image_id: str, data: bytes) -> None:  # as bit rot: size and mtime kept, so preprocess does not see it
+        path = cache.cache_path(layout, image_id)
+        st = path.stat()
+        path.write_bytes((data * (st.st_size // len(data) + 1))[: st.st_size])
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
     for image_id in victims:
-        cache.cache_path(layout, image_id).write_bytes(b"this is not a cached slice")
+        damage(image_id, b"this is not a cached slice")
     fdir = train.train_fold(_cfg("train.epochs=1", "train.max_images_per_epoch=0"), layout, 0, runs=tmp_path / "runs")
     assert (fdir / "oof.csv").exists()
     text = (fdir / "train.log").read_text()
     assert all(v in text for v in victims) and "replaced by another training image" in text
     # a cache that is broken throughout ends the run with one line saying what to do, even from a worker process
     for image_id in folds["image_id"].astype(str):
-        cache.cache_path(layout, image_id).write_bytes(b"garbage")
+        damage(image_id, b"garbage")
     with pytest.raises(UserError, match="unreadable images in a row") as err:
         train.train_fold(_cfg("train.epochs=1", "data.num_workers=1"), layout, 0, runs=tmp_path / "runs2")
     assert "\n" not in str(err.value)

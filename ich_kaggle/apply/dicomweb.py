@@ -10,6 +10,7 @@ DICOM part-10 file named by its SOPInstanceUID, and `infer` then reads the folde
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import tempfile
 import warnings
@@ -19,9 +20,8 @@ from typing import Iterator
 from tqdm import tqdm
 
 from ..core.errors import UserError
-from ..core.log import get as get_logger
 
-log = get_logger("dicomweb")
+log = logging.getLogger(__name__)
 
 # a DICOM UID is digits and dots, but anonymised sets use others (the competition's are `ID_<hex>`): any name that is
 # safe in a URL path and as a file name is accepted

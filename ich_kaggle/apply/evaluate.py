@@ -16,6 +16,7 @@ bootstrap interval (resampling the labelled units). report.html adds the ROC cur
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -25,9 +26,8 @@ import pandas as pd
 from ..core.errors import UserError
 from ..core.io import write_csv
 from ..core.labels import LABELS
-from ..core.log import get as get_logger
 
-log = get_logger("evaluate")
+log = logging.getLogger(__name__)
 
 L = list(LABELS)
 KEYS = {"SOPInstanceUID": ("slice", "sop_instance_uid"), "SeriesInstanceUID": ("series", "series_id"),

@@ -21,6 +21,7 @@ Outputs in `out/`:
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +32,8 @@ import pandas as pd
 
 from ..core.io import write_csv
 from ..core.labels import LABELS
-from ..core.log import get as get_logger
 
-log = get_logger("infer")
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 L = list(LABELS)

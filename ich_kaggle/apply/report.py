@@ -7,17 +7,17 @@ map), for the subtype with the highest probability on that slice; the page says 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..core.labels import LABELS
-from ..core.log import get as get_logger
 from ..report.html import Page
 from ..report.plots import COLORS, new_figure, save
 
-log = get_logger("infer")
+log = logging.getLogger(__name__)
 
 L = list(LABELS)
 TOP_SLICES = 3

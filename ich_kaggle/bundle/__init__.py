@@ -16,6 +16,7 @@ against the training labels: the threshold of best F1 (ties: the lowest). They a
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import json
@@ -37,9 +38,8 @@ from ..core.errors import UserError
 from ..core.io import atomic_open
 from ..core.labels import LABELS
 from ..core.layout import Layout, Run
-from ..core.log import get as get_logger
 
-log = get_logger("bundle")
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 INDEX = "bundle.json"

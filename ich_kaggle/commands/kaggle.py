@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..core.config import CVConfig
 
-from . import (DATA, EXPERIMENT, KAGGLE, KAGGLE_OUT, PUSH, SLUG, command, config_of, flag, kaggle_names, layout_of,
+from . import (DATA, EXPERIMENT, defaults, KAGGLE, KAGGLE_OUT, PUSH, SLUG, command, config_of, flag, kaggle_names, layout_of,
                members_of)
 
 MESSAGE = flag("--message", default=None, help="version notes / submission message")
@@ -70,7 +70,8 @@ def kernel_push(args):
     api.push_kernel(kaggle_names(args).kernel_dir(args.out))
 
 
-@command("kernel-wait", "follow the kernel's run until it ends", KAGGLE, *_wait(9 * 3600, 60))
+@command("kernel-wait", "follow the kernel's run until it ends (default: as long as a 12-hour session can last)",
+         KAGGLE, *_wait(12.5 * 3600, 60))
 def kernel_wait(args):
     from ..kaggle import api
 
@@ -99,6 +100,55 @@ def kaggle_submit(args):
 
 
 # --- training on Kaggle's GPUs (kaggle.train_build): code dataset, prepare kernel, one kernel per fold ---
+@command("kernel-weights", "build kernels/ich-kaggle-weights/ (the ImageNet weights files the configs start from) "
+         "and upload it", KAGGLE_OUT, defaults(set=[]),
+         flag("--config", default=None, help="only this config's (or ensemble's) backbones; default: every shipped "
+                                             "config's that are found here"),
+         flag("--no-upload", action="store_true", help="only build the folder"))
+def kernel_weights(args):
+    from ..kaggle import build, train_build, weights_dataset
+
+    cfgs = None
+    if args.config:
+        cfg = config_of(args)
+        cfgs = members_of(args, cfg)
+    folder = weights_dataset.build(build.check_username(args.username), args.out, cfgs)
+    if not args.no_upload:
+        train_build.upload_code(folder, "ich_kaggle weights")
+
+
+@command("kaggle-plan", "what a config or ensemble costs on Kaggle's T4 x2: per member and fold, inference, total "
+         "GPU-hours and weeks of quota", EXPERIMENT, KAGGLE_OUT,
+         flag("--no-quota", action="store_true", help="do not ask Kaggle for the remaining weekly quota"))
+def kaggle_plan(args):
+    from ..kaggle import plan
+
+    cfg = config_of(args)
+    folds_csv = layout_of(args).folds_csv
+    made = plan.make_plan(cfg, members_of(args, cfg), folds_csv if folds_csv.is_file() else None)
+    left, note = (None, "not asked (--no-quota)") if args.no_quota else plan.quota_left()
+    print("\n".join(made.lines(left, note)))
+
+
+@command("kernel-gpu-check", "write (and --push) a short T4 x2 kernel that runs make gpu-check and measures each "
+         "shipped backbone and size (its rates.yaml goes to kaggle_rates.yaml: make kernel-gpu-check-fetch)",
+         KAGGLE_OUT, PUSH)
+def kernel_gpu_check(args):
+    from ..kaggle import api, train_build
+
+    folder = train_build.build_gpu_check_kernel(args.username, args.out)
+    if args.push:
+        api.push_kernel(folder)
+
+
+@command("kernel-gpu-check-fetch", "download the GPU-check kernel's measured rates into kaggle_rates.yaml",
+         KAGGLE_OUT, flag("--rates", default=None, help="default: kaggle_rates.yaml ($ICH_KAGGLE_RATES)"))
+def kernel_gpu_check_fetch(args):
+    from ..kaggle import train_build
+
+    train_build.fetch_rates(args.username, args.out, args.rates)
+
+
 @command("kernel-code", "build kernels/ich-kaggle-code/ and upload it (create or new version)",
          KAGGLE_OUT, flag("--no-upload", action="store_true", help="only build the folder"))
 def kernel_code(args):
@@ -128,20 +178,22 @@ def kernel_prepare(args):
 def kernel_train(args):
     from ..kaggle import api, train_build
 
-    folder = train_build.build_train_kernel(config_of(args), args.fold, args.username, args.out, resume=args.resume,
-                                            epochs_per_run=args.epochs_per_run, folds_csv=layout_of(args).folds_csv,
-                                            t4_images_per_s=args.t4_images_per_s)
+    cfg = config_of(args)
+    folders = train_build.build_train_kernel(cfg, args.fold, args.username, args.out, resume=args.resume,
+                                             epochs_per_run=args.epochs_per_run, folds_csv=layout_of(args).folds_csv,
+                                             t4_images_per_s=args.t4_images_per_s, members=members_of(args, cfg))
     if args.push:
-        api.push_kernel(folder)
+        for folder in folders:
+            api.push_kernel(folder)
 
 
-@command("kernel-fetch", "download a training kernel's fold into RUNS/<config>/fold<N>/",
+@command("kernel-fetch", "download a training kernel's fold into RUNS/<config>/fold<N>/ (an ensemble: each member's)",
          EXPERIMENT, flag("--fold", type=int, default=0), KAGGLE_OUT)
 def kernel_fetch(args):
-    from ..core import config
     from ..kaggle import train_build
 
-    train_build.fetch_fold(config.resolve_path(args.config).stem, args.fold, args.username, runs=args.runs, out=args.out)
+    for member in members_of(args, config_of(args)):
+        train_build.fetch_fold(member.name, args.fold, args.username, runs=args.runs, out=args.out)
 
 
 @command("kernel-from-folds", "write (and --push) the inference kernel on the training kernels' outputs",
@@ -150,9 +202,21 @@ def kernel_fetch(args):
 def kernel_from_folds(args):
     from ..kaggle import api, train_build
 
-    folder = train_build.build_infer_kernel(config_of(args), args.username, args.out, folds=args.folds)
+    cfg = config_of(args)
+    folders = train_build.build_infer_kernel(cfg, args.username, args.out, folds=args.folds,
+                                             members=members_of(args, cfg))
     if args.push:
-        api.push_kernel(folder)
+        for folder in folders:
+            api.push_kernel(folder)
+
+
+@command("kernel-combine", "an ensemble's submission from its members' from-folds kernels (when its inference was "
+         "split by member): fetched, combined, checked", EXPERIMENT, KAGGLE_OUT)
+def kernel_combine(args):
+    from ..kaggle import train_build
+
+    cfg = config_of(args)
+    train_build.combine_outputs(cfg, args.username, args.out, members=members_of(args, cfg))
 
 
 @command("kernel-fetch-prepare", "download the prepare kernel's meta.csv + folds.csv into the work folder",

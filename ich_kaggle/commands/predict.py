@@ -48,7 +48,8 @@ def submit(args):
     cfg, layout = config_of(args), layout_of(args)
     if Run.of(args.runs, cfg.name).stack.test.exists():  # a stale stack is recomputed (stacking is cheap)
         stack.stack(cfg, layout, runs=args.runs)
-    out = submission.submit(cfg, layout, runs=args.runs, out_dir=args.out_dir)
+    out = submission.submit(cfg, layout, runs=args.runs, out_dir=args.out_dir,
+                            members=members_of(args, cfg) if cfg.is_ensemble else None)
     if args.kaggle_submit:  # checked: a refusal exits non-zero with Kaggle's message
         from ..kaggle import api
 

@@ -9,6 +9,7 @@ file and the key; names are checked against `core.registry`, which knows them wi
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -361,14 +362,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"{where}: expected an integer, got {value!r}")
         try:
             if isinstance(value, (int, str)) or (isinstance(value, float) and value.is_integer()):
-                return int(value)
-        except ValueError:
+                number = int(value)
+                if not -INT_LIMIT <= number < INT_LIMIT:
+                    raise UserError(f"{where}: {value!r} is out of range (at most {INT_LIMIT - 1})")
+                return number
+        except (ValueError, OverflowError):
             pass
     elif tp is float:
         try:
             if not isinstance(value, bool):
-                return float(value)
-        except (TypeError, ValueError):
+                number = float(value)
+                if not math.isfinite(number):
+                    raise UserError(f"{where}: expected a finite number, got {value!r}")
+                return number
+        except (TypeError, ValueError, OverflowError):
             pass
     elif tp is str or origin is Literal:  # a Literal's choices are checked with the config (_check_choices)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -403,7 +410,10 @@ def _set(obj: Any, key: str, value: Any, source: str) -> None:
             hints = typing.get_type_hints(type(target))
             if dataclasses.is_dataclass(hints[part]):
                 raise UserError(f"{source}: '{key}' is a section; set one of its keys, e.g. '{key}.{next(iter(dataclasses.fields(hints[part]))).name}'")
-            setattr(target, part, _coerce(value, hints[part], f"{source}: {key}"))
+            coerced = _coerce(value, hints[part], f"{source}: {key}")
+            if part == "seed" and not 0 <= coerced < SEED_LIMIT:  # numpy and torch take seeds in [0, 2**32)
+                raise UserError(f"{source}: {key}={value!r} is out of range; use a seed in [0, {SEED_LIMIT - 1}]")
+            setattr(target, part, coerced)
         else:
             target = getattr(target, part)
 
@@ -434,6 +444,31 @@ def resolve_path(name_or_path: str) -> Path:
     return path
 
 
+INT_LIMIT = 2 ** 63  # an integer setting must fit in 64 bits
+SEED_LIMIT = 2 ** 32
+
+
+def _check_members(cfg: Config, key: str, source: str) -> None:
+    """`ensemble.members: []` written by the user is a mistake, not a single config (dumped configs have it empty)."""
+    if key == "ensemble.members" and not cfg.ensemble.members:
+        raise UserError(f"{source}: ensemble.members is empty; list the member configs, or drop the ensemble section "
+                        f"for a single config")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (a second `data:` would silently replace the
+    first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice; keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 
 
@@ -457,7 +492,11 @@ def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | dict[str, An
     (default: the config's name, see `named`)."""
     path = resolve_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UserError as e:
+        raise UserError(f"{path}: {e}; fix the file") from None
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"{path}: not a text file (a YAML config is UTF-8 text); give the .yaml config") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(raw, dict):
@@ -465,6 +504,8 @@ def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | dict[str, An
     cfg = Config(name=path.stem)
     for key, value in _flatten(raw).items():
         _set(cfg, key, value, str(path))
+        if "name" not in raw:  # a resolved config (`dump`, with its name) lists no members for a single config
+            _check_members(cfg, key, str(path))
     if isinstance(overrides, dict):
         overrides = [f"{k}={v}" for k, v in overrides.items()]
     for item in overrides or []:
@@ -472,6 +513,7 @@ def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | dict[str, An
             raise UserError(f"override '{item}' must look like key=value, e.g. train.epochs=3")
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value.strip(), "command line")
+        _check_members(cfg, key.strip(), "command line")
     validate(cfg)
     return named(cfg, run)
 

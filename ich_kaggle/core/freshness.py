@@ -7,11 +7,16 @@ with the one these functions build from the current inputs (`core.manifest.diffe
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+
+import pandas as pd
 
 from . import manifest as M
 from .config import selected_folds, CVConfig, EnsembleConfig, StackConfig, TTAConfig
 from .layout import Layout, Predictions, Run
+
+IGNORED_FOR_RESUME = ("description", "data.num_workers", "data.source", "tta", "stack")  # never change a fold's weights
 
 PREDICT_FORMAT = 1  # bump when predict's files change meaning
 STACK_FORMAT = 3  # 2: early stopping on an inner split, curve.csv; 3: the first stage's folds (cv.split), per_fold
@@ -63,5 +68,32 @@ def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig, cv: 
 
 def stale_reason(output: Path, expected: dict) -> str | None:
     """None when `output` is fresh, else what differs, in one line."""
-    diffs = M.differences(expected, M.read(output))
+    diffs = M.check(output, expected)
     return M.describe(diffs) if diffs else None
+
+
+def chain_reason(output: Path) -> str | None:
+    """None when `output` exists and its whole chain holds (see `core.manifest.chain`), else what broke, in one line."""
+    if not output.exists():
+        return f"{output} is missing"
+    diffs = M.chain(output)
+    return M.describe(diffs) if diffs else None
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    """A config as flat dotted keys without those that never change a fold's weights (tuples as YAML writes them)."""
+    flat = pd.json_normalize(json.loads(json.dumps(cfg_dict, default=str)), sep=".").iloc[0].to_dict()
+    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_RESUME)}
+
+
+def config_differences(trained: dict, now: dict) -> list[str]:
+    """The settings (dotted keys) that differ between the config a fold was trained with and the current one."""
+    old, new = _comparable(trained), _comparable(now)
+    return sorted(k for k in set(old) | set(new) if str(old.get(k)) != str(new.get(k)))
+
+
+def fold_split_digest(table: pd.DataFrame, fold: int) -> str:
+    """What a fold trains and validates on, as a digest of its image ids: a rebuilt folds.csv shows up here."""
+    val = table["fold"] == fold
+    return M.digest(["val", *sorted(table.loc[val, "image_id"].astype(str)), "train",
+                     *sorted(table.loc[~val, "image_id"].astype(str))])

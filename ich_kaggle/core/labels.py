@@ -104,6 +104,10 @@ def _split_ids(ids: np.ndarray, path: Path) -> tuple[np.ndarray, list[str], np.n
 
     pandas' str.rpartition is a Python loop (~12 s on 4 M rows); this works on the bytes as a uint8 matrix.
     """
+    nul = next((i for i, x in enumerate(ids) if isinstance(x, str) and "\0" in x), None)
+    if nul is not None:  # numpy's bytes strip trailing NULs: found here, as `validate` finds them
+        raise UserError(f"{path}: ID {ids[nul]!r} (row {nul + 2}) contains NUL bytes; IDs look like "
+                        f"ID_12cadc6af_epidural")
     try:
         raw = ids.astype("S")
     except UnicodeEncodeError:

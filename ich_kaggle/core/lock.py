@@ -13,11 +13,15 @@ from typing import Iterator
 from .errors import UserError, fix
 
 
+EMPTY_WAIT_STEPS = 8  # 2 s
+
+
 def _holder(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _alive(pid: int) -> bool:
@@ -60,6 +64,14 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
         except OSError as e:
             raise UserError(f"cannot write the lock {path} ({e.strerror}); make {path.parent} writable") from None
         holder = _holder(path)
+        for _ in range(EMPTY_WAIT_STEPS):  # a taker writes its pid microseconds after creating the file
+            if holder:
+                break
+            time.sleep(0.25)
+            holder = _holder(path)
+        if not holder and path.exists():  # still empty or unreadable: its taker was killed in between; stale
+            path.unlink(missing_ok=True)
+            continue
         same_host = holder.get("host") == socket.gethostname()
         if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
             path.unlink(missing_ok=True)  # stale: its process died without releasing it

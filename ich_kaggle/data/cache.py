@@ -1,8 +1,9 @@
 """The HU cache store: one lossless int16 file per slice (`data.codec`), its format marker and its source manifest.
 
 `<cache>/<last 2 chars of id>/<image_id>.hu`; `FORMAT` names the codec (a cache in another format is removed and
-rebuilt); `sources.csv` records the DICOM (path, size, mtime) each entry was made from, so an entry whose DICOM
-changed is made again; `skipped.csv` lists the DICOMs that do not decode (retried once their size or mtime change).
+rebuilt); `sources.csv` records the DICOM (path, size, mtime) each entry was made from and the entry itself as written
+(size, mtime), so an entry whose DICOM changed, or that was damaged (cut short, overwritten), is made again;
+`skipped.csv` lists the DICOMs that do not decode (retried once their size or mtime change).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SUFFIX = ".hu"
 STALE_TMP_S = 600  # temp files older than this were left by a killed run (a concurrent run may own newer ones)
 SOURCE_COLUMNS = ["image_id", "path", "size", "mtime_ns"]
 SKIPPED_COLUMNS = ["path", "reason", "size", "mtime_ns"]
+ENTRY_COLUMNS = ["entry_size", "entry_mtime_ns"]  # the cache file as written: a damaged entry is made again
 
 __all__ = ["CacheError", "cache_path", "load_hu", "write_entry", "cached_ids", "format_ok", "reset_if_foreign",
            "read_sources", "write_sources", "read_skipped", "write_skipped"]
@@ -128,12 +130,40 @@ def _write(df: pd.DataFrame, path: Path) -> None:
 
 
 def read_sources(layout: Layout) -> pd.DataFrame:
-    """image_id, path, size, mtime_ns of the DICOM each entry was cached from."""
-    return _read(layout.cache_sources, SOURCE_COLUMNS)
+    """image_id, path, size, mtime_ns of the DICOM each entry was cached from, and entry_size, entry_mtime_ns of the
+    entry as written (empty for entries cached by an older version: those are trusted as before)."""
+    sources = _read(layout.cache_sources, SOURCE_COLUMNS)
+    if layout.cache_sources.exists() and len(sources):
+        try:
+            extra = pd.read_csv(layout.cache_sources, usecols=lambda c: c in ENTRY_COLUMNS,
+                                dtype={c: "Int64" for c in ENTRY_COLUMNS})  # ns do not fit a float exactly
+        except (OSError, ValueError):
+            extra = pd.DataFrame()
+        for col in ENTRY_COLUMNS:
+            sources[col] = (extra[col].to_numpy() if col in extra and len(extra) == len(sources)
+                            else pd.array([pd.NA] * len(sources), dtype="Int64"))
+    else:
+        sources = sources.assign(**{c: pd.Series(dtype="Int64") for c in ENTRY_COLUMNS})
+    return sources
 
 
 def write_sources(layout: Layout, sources: pd.DataFrame) -> None:
-    _write(sources[SOURCE_COLUMNS], layout.cache_sources)
+    _write(sources[SOURCE_COLUMNS + ENTRY_COLUMNS], layout.cache_sources)
+
+
+def damaged(layout: Layout, sources: pd.DataFrame) -> set[str]:
+    """Image ids whose cache file is no longer the one written (another size or mtime: cut short, overwritten,
+    replaced) or was removed. One stat per entry: cheap next to decoding them all."""
+    known = sources.dropna(subset=ENTRY_COLUMNS)
+    out = set()
+    for image_id, size, mtime in zip(known["image_id"].astype(str), known["entry_size"], known["entry_mtime_ns"]):
+        try:
+            st = os.stat(cache_path(layout, image_id))
+        except OSError:
+            continue  # not cached: planned anyway
+        if st.st_size != int(size) or st.st_mtime_ns != int(mtime):
+            out.add(image_id)
+    return out
 
 
 def read_skipped(layout: Layout) -> pd.DataFrame:

@@ -268,6 +268,10 @@ class SliceDataset(Dataset):
                 rng = rng or self._rng(index)
                 current = int(rng.integers(len(self)))
             except Exception as e:  # a corrupt cache file must not end a long run
+                if isinstance(e, MemoryError) or "memory" in str(e).lower():  # not the image's fault: say so
+                    raise UserError(f"out of memory making image {self.image_ids[current]} at data.image_size="
+                                    f"{getattr(self.cfg.data, 'image_size', '?')} ({type(e).__name__}); lower "
+                                    f"data.image_size or train.batch_size") from None
                 image_id = self.image_ids[current]
                 if image_id not in self.failed:  # warn once per image (per worker)
                     self.failed.add(image_id)
@@ -283,8 +287,8 @@ class SliceDataset(Dataset):
                             f"data folder is mounted and readable")
         cache_dir = getattr(self.layout, "cache_dir", "the cache")
         raise UserError(f"{MAX_REPLACEMENTS} unreadable images in a row under {cache_dir} (last: "
-                        f"{self.image_ids[current]}); the cache is damaged: delete it and rerun "
-                        f"`python -m ich_kaggle preprocess`")
+                        f"{self.image_ids[current]}); rerun `python -m ich_kaggle preprocess` (it makes damaged "
+                        f"entries again from their DICOMs), or check that the work folder is readable")
 
     def _unreadable(self, index: int, e: BaseException) -> None:
         image_id = self.image_ids[index]

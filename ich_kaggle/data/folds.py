@@ -176,13 +176,24 @@ def _stale(layout: Layout, k: int, seed: int) -> bool:
     """Whether folds.csv must be (re)built: missing, made from another label file, or lacking labelled train images
     that the data folder now has. Made with another (k, seed), it is not rebuilt behind the user's back (trained
     folds depend on it): one line says how to go on."""
+    reason = stale_reason(layout, k, seed)
+    if reason and reason != "is missing":
+        log.info(f"{layout.folds_csv}: {reason}; rebuilding it")
+    return reason is not None
+
+
+def stale_reason(layout: Layout, k: int, seed: int) -> str | None:
+    """Why folds.csv must be (re)built (see `_stale`), or None; reads only, so a stage with trained folds can stop
+    instead of rebuilding the split under them."""
     path = layout.folds_csv
     if not path.exists() or not _sidecar(path).exists():
-        return True
+        return "is missing"
     try:
         info = json.loads(_sidecar(path).read_text())
     except (OSError, ValueError):
-        return True
+        return "is missing"
+    if not isinstance(info, dict):
+        return "is missing"
     if info.get("k") != k or info.get("seed") != seed:
         old_set = f"--set cv.k={info.get('k')} cv.seed={info.get('seed')}"
         old_make = f'SET_EXTRA="cv.k={info.get("k")} cv.seed={info.get("seed")}"'
@@ -192,15 +203,14 @@ def _stale(layout: Layout, k: int, seed: int) -> bool:
                         f"`{fix(rebuild, f'make folds DATA_DIR={layout.data} K={k} SEED={seed}')}` (folds "
                         f"trained on the old split then refuse to resume)")
     if info.get("labels", {}) != _labels_identity(layout):
-        return True  # stage_2_train.csv replaced or edited
+        return f"was made from another {layout.train_csv.name} (replaced or edited since)"
     # only labelled train images that folds.csv lacks make it stale: new test DICOMs (meta.csv rewritten) do not,
     # and neither does a meta.csv without train rows (a kernel's, which predicts the test set only)
     train_ids = set(meta_mod.load_meta(layout).query("split == 'train'")["image_id"].astype(str))
     new = train_ids - set(pd.read_csv(path, usecols=["image_id"], dtype=str)["image_id"])
     if new and new & set(labels_mod.read_labels(layout.train_csv)["image_id"]):
-        log.info(f"{path}: {len(new)} labelled train image(s) added since it was made; rebuilding it")
-        return True
-    return False
+        return f"lacks {len(new)} labelled train image(s) added since it was made"
+    return None
 
 
 def _labels_identity(layout: Layout) -> dict:

@@ -36,6 +36,7 @@ RECORD_EVERY_S = 60.0  # sources.csv is rewritten this often during a run, so ev
 _KEY = ["image_id", "path", "size", "mtime_ns"]
 
 Item = tuple[str, str, int, int]  # image_id, path relative to the data folder, size, mtime_ns
+Done = tuple[str, str, int, int, int, int]  # an Item + the cache file's size and mtime_ns as written
 
 
 def cache_one(src: str | Path, dst: Path) -> int:
@@ -46,11 +47,11 @@ def cache_one(src: str | Path, dst: Path) -> int:
     return len(data)
 
 
-def _cache_chunk(args: tuple[str, str, list[Item]]) -> tuple[list[Item], list[tuple], int, tuple | None]:
+def _cache_chunk(args: tuple[str, str, list[Item]]) -> tuple[list[Done], list[tuple], int, tuple | None]:
     """-> (cached items, skipped (path, reason, size, mtime_ns), bytes written, the first write failure or None)."""
     data_dir, work, items = args
     layout = Layout(data=Path(data_dir), work=Path(work))
-    done: list[Item] = []
+    done: list[Done] = []
     skipped: list[tuple] = []
     written = 0
     for image_id, rel, size, mtime in items:
@@ -68,7 +69,8 @@ def _cache_chunk(args: tuple[str, str, list[Item]]) -> tuple[list[Item], list[tu
         except (ValueError, ArithmeticError, KeyError, IndexError) as e:  # one odd file never sinks the run
             skipped.append((rel, f"cannot decode ({type(e).__name__}: {e})", size, mtime))
             continue
-        done.append((image_id, rel, size, mtime))
+        st = os.stat(dst)
+        done.append((image_id, rel, size, mtime, st.st_size, st.st_mtime_ns))
     return done, skipped, written, None
 
 
@@ -90,7 +92,9 @@ def _matches(rows: pd.DataFrame, table: pd.DataFrame, key: list[str]) -> np.ndar
 def _plan(layout: Layout, splits: tuple[str, ...] | None, retry_skipped: bool) -> tuple[pd.DataFrame, int]:
     """(slices to cache, how many are already cached from their current DICOM)."""
     rows = _rows(layout, splits)
-    fresh = _matches(rows, cache.read_sources(layout), _KEY) & rows["image_id"].isin(cache.cached_ids(layout)).to_numpy()
+    sources = cache.read_sources(layout)
+    cached = cache.cached_ids(layout) - cache.damaged(layout, sources)
+    fresh = _matches(rows, sources, _KEY) & rows["image_id"].isin(cached).to_numpy()
     todo = rows.loc[~fresh]
     if not retry_skipped:  # known-bad files are retried only once they change
         todo = todo.loc[~_matches(todo, cache.read_skipped(layout), ["path", "size", "mtime_ns"])]
@@ -109,7 +113,7 @@ def preprocess(layout: Layout, workers: int | None = None, splits: tuple[str, ..
     items: list[Item] = list(todo[_KEY].itertuples(index=False, name=None))
     workers = max(1, workers or os.cpu_count() or 1)
     chunks = [(str(layout.data), str(layout.work), items[i:i + CHUNK]) for i in range(0, len(items), CHUNK)]
-    done: list[Item] = []
+    done: list[Done] = []
     skipped: list[tuple] = []
     written = recorded = 0  # done[:recorded] and skipped[:recorded_skipped] are in sources.csv / skipped.csv
     recorded_skipped = 0
@@ -158,11 +162,11 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
 
 
-def _record(layout: Layout, done: list[Item], skipped: list[tuple]) -> None:
+def _record(layout: Layout, done: list[Done], skipped: list[tuple]) -> None:
     """Add this run's entries to sources.csv and its bad files to skipped.csv (earlier findings on other files stay)."""
     if not done and not skipped:
         return
-    new = pd.DataFrame(done, columns=cache.SOURCE_COLUMNS)
+    new = pd.DataFrame(done, columns=cache.SOURCE_COLUMNS + cache.ENTRY_COLUMNS)
     sources = cache.read_sources(layout)
     cache.write_sources(layout, pd.concat([sources.loc[~sources["image_id"].isin(new["image_id"])], new],
                                           ignore_index=True))

@@ -17,6 +17,7 @@ limits below (zip bombs); the extracted bytes are counted as they are written, w
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import zipfile
@@ -27,11 +28,10 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import UserError
-from ..core.log import get as get_logger
 from . import dicom
 from .meta import header_row, order_slices
 
-log = get_logger("studies")
+log = logging.getLogger(__name__)
 
 MAX_ZIP_BYTES = 8 * 2**30  # extracted size of all zips together (a head CT study is 50-500 MB)
 MAX_ZIP_ENTRIES = 100_000

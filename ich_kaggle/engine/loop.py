@@ -30,8 +30,9 @@ from ..core.errors import UserError, fix
 from ..core.io import atomic_open, write_csv
 from ..models.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
 from ..core.layout import FoldRun, Layout, Run
+from ..core import interrupt
 from ..core.lock import exclusive
-from ..core.manifest import digest
+from ..core.freshness import config_differences, fold_split_digest  # noqa: F401 (fold_split_digest: re-exported)
 from ..core import provenance
 from ..data import folds as folds_mod
 from . import dist as D
@@ -46,7 +47,6 @@ STOP_ENV = "ICH_STOP_AFTER_EPOCHS"  # stop (resumably) once this many epochs are
 # start_epoch(epoch, size) and __call__(model, x, y, idx) -> loss (see `recipes.mil.MILBatchLoss`).
 BatchLossFactory = Callable[..., Any]
 # keys that do not change training (data.source: the cache and the DICOMs give the same HU, `data.source`)
-IGNORED_FOR_RESUME = ("description", "data.num_workers", "data.source", "tta", "stack")
 
 
 @dataclass
@@ -253,21 +253,8 @@ def validate(net, ds, labels: np.ndarray, cfg: Config, info: D.DistInfo) -> dict
     return row
 
 
-def _comparable(cfg_dict: dict) -> dict:
-    flat = pd.json_normalize(cfg_dict, sep=".").iloc[0].to_dict()
-    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_RESUME)}
-
-
-def fold_split_digest(table: pd.DataFrame, fold: int) -> str:
-    """What a fold trains and validates on, as a digest of its image ids: a rebuilt folds.csv shows up here."""
-    val = table["fold"] == fold
-    return digest(["val", *sorted(table.loc[val, "image_id"].astype(str)), "train",
-                   *sorted(table.loc[~val, "image_id"].astype(str))])
-
-
 def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
-    old, new = _comparable(ckpt["config"]), _comparable(cfg.to_dict())
-    diff = sorted(k for k in set(old) | set(new) if str(old.get(k)) != str(new.get(k)))
+    diff = config_differences(ckpt["config"], cfg.to_dict())
     if diff:
         raise UserError(f"{path} was trained with a different config ({', '.join(diff[:5])}); "
                         f"train beside it with {fix('--run <new name>', 'RUN=<new name>')}, retrain it with "
@@ -440,6 +427,7 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
             log.warning(cpu_warning(cfg, rate, images_left))
 
     for epoch in range(start_epoch, cfg.train.epochs):
+        interrupt.check()  # a Ctrl-C swallowed as the fold started (a finaliser) stops it here
         t0 = time.perf_counter()
         D.seed_everything(D.epoch_seed(cfg.train.seed, epoch, info.rank))  # dropout etc.: same on resume
         size = image_size(cfg, epoch)

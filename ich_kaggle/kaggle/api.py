@@ -25,8 +25,9 @@ from ..core.layout import COMPETITION
 log = logging.getLogger(__name__)
 
 RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
-CREDENTIALS_FIX = ("put kaggle.json in ~/.kaggle (kaggle.com > Settings > API > Create New Token) or set "
-                   "KAGGLE_USERNAME and KAGGLE_KEY")
+CREDENTIALS_FIX = ("create an API token (kaggle.com > Settings > API > Create New Token) and set KAGGLE_API_TOKEN "
+                   "to it, or save it as ~/.kaggle/access_token, or run `kaggle auth login`; a legacy kaggle.json in "
+                   "~/.kaggle (or KAGGLE_USERNAME + KAGGLE_KEY) still works")
 SUBMISSION = "submission.csv"
 # kernel session states (kagglesdk KernelWorkerStatus names) that end a run
 KERNEL_DONE = {"COMPLETE"}
@@ -168,6 +169,21 @@ def wait_datasets(refs: list[str], timeout: float = 1800, poll: float = 15) -> N
             time.sleep(poll)
 
 
+SOURCE_KINDS = ("dataset", "competition", "kernel", "model")
+
+
+def invalid_sources(result: Any) -> list[tuple[str, list[str]]]:
+    """Every `invalid*Sources` field of a push's answer that is not empty: (kind, names). Kaggle accepts a kernel
+    whose sources it cannot attach and says so only there."""
+    out = []
+    for kind in SOURCE_KINDS:
+        camel = f"invalid{kind.capitalize()}Sources"
+        names = getattr(result, f"invalid_{kind}_sources", None) or getattr(result, camel, None)
+        if names:
+            out.append((kind, [str(n) for n in names]))
+    return out
+
+
 def push_kernel(folder: Path) -> str:
     """`kaggle kernels push`; Kaggle's refusal (the CLI prints it and exits 0) is a UserError."""
     if not (folder / "kernel-metadata.json").is_file():
@@ -177,17 +193,21 @@ def push_kernel(folder: Path) -> str:
     refused = _refused(result)
     if refused:
         raise UserError(f"Kaggle refused the kernel in {folder}: {refused}")
-    for field in ("invalidDatasetSources", "invalidCompetitionSources"):
-        bad = getattr(result, field, None)
-        if bad:
-            fix = (f"accept the competition rules at {RULES_URL}" if "Competition" in field
-                   else "upload them first (make datasets-create) and wait until they are ready (make datasets-wait)")
-            raise UserError(f"Kaggle accepted the kernel in {folder} without its sources {list(bad)}; {fix}")
+    bad = invalid_sources(result)
+    if bad:
+        kind, names = bad[0]
+        fix = {"competition": f"accept the competition rules at {RULES_URL}",
+               "kernel": "push those kernels first and let them complete (make kernel-status); an ensemble's kernels "
+                         "are its members' (make kernel-train CONFIG=<ensemble> fold=N pushes them)",
+               "model": "check the model sources in kernel-metadata.json"}.get(
+            kind, "upload them first (make kernel-code, make kernel-weights, make datasets-create) and wait until "
+                  "they are ready (make datasets-wait)")
+        raise UserError(f"Kaggle accepted the kernel in {folder} without its {kind} sources {list(names)}; {fix}")
     log.info(f"pushed {result.ref or folder} version {result.versionNumber}: {result.url} (follow it: make kernel-wait)")
     return str(result.url or "")
 
 
-def wait_kernel(kernel: str, timeout: float = 9 * 3600, poll: float = 60) -> str:
+def wait_kernel(kernel: str, timeout: float = 12.5 * 3600, poll: float = 60) -> str:
     """Until the kernel's run ends; a failed run is a UserError with Kaggle's failure message."""
     api = client()
     deadline = time.monotonic() + timeout
@@ -222,14 +242,50 @@ def fetch_output(kernel: str, dest: Path) -> Path:
         logs = [f for f in files if str(f).endswith(".log")]
         raise UserError(f"kernel {kernel} has no {SUBMISSION} in its output"
                         + (f"; read its log {logs[0]}" if logs else "; did its last run finish (make kernel-wait)?"))
+    check_submission(path)
     log.info(f"fetched {path}" + "".join(f" and {f}" for f in files if str(f).endswith(".log")))
     return path
 
 
+def check_submission(path: Path) -> None:
+    """A downloaded (or local) submission is what Kaggle scores, not an error page saved under its name: the header
+    `ID,Label`, IDs `ID_<image>_<subtype>` with all six subtypes of each image, labels finite in [0, 1].
+    (The sample submission is not needed: the GPU-less journey has no competition files here.)"""
+    import numpy as np
+    import pandas as pd
+
+    from ..core.labels import LABELS
+
+    fix = "fetch it again (make kernel-output) or rebuild it (make submit)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        sub = pd.read_csv(path, compression="gzip" if head == b"\x1f\x8b" else None, dtype={"ID": str})
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a submission CSV ({type(e).__name__}); {fix}") from None
+    if list(sub.columns) != ["ID", "Label"] or sub.empty:
+        raise UserError(f"{path} is not a submission: columns {list(sub.columns)[:4]} with {len(sub)} rows, expected "
+                        f"ID,Label; {fix}")
+    parts = sub["ID"].str.rsplit("_", n=1)
+    subtype = parts.str[1]
+    bad_type = ~subtype.isin(LABELS)
+    if bad_type.any():
+        raise UserError(f"{path}: ID {sub['ID'][bad_type].iloc[0]!r} is not ID_<image>_<subtype>; {fix}")
+    labels = pd.to_numeric(sub["Label"], errors="coerce").to_numpy(np.float64)
+    if not np.isfinite(labels).all() or (labels < 0).any() or (labels > 1).any():
+        raise UserError(f"{path}: Label values must be probabilities in [0, 1]; {fix}")
+    counts = parts.str[0].value_counts()
+    if (counts != len(LABELS)).any() or sub["ID"].duplicated().any():
+        raise UserError(f"{path}: every image needs its {len(LABELS)} subtypes exactly once "
+                        f"({counts.index[(counts != len(LABELS)).to_numpy()][0] if (counts != len(LABELS)).any() else 'a duplicated ID'}); {fix}")
+
+
 def submit_file(path: Path, message: str) -> str:
-    """`kaggle competitions submit` of a CSV; a refusal (rules not accepted, daily limit) is a UserError."""
+    """`kaggle competitions submit` of a CSV, checked first (`check_submission`); a refusal (rules not accepted,
+    daily limit) is a UserError."""
     if not path.is_file():
         raise UserError(f"{path} not found; fetch the kernel's output first (make kernel-output)")
+    check_submission(path)
     api = client()
     fix = f"accept the competition rules at {RULES_URL} (late submissions are scored)"
     result = call(f"submitting {path} to {COMPETITION}",

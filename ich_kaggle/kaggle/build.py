@@ -23,10 +23,12 @@ from pathlib import Path
 
 from ..core.layout import COMPETITION
 from .. import __version__
-from ..core import config as config_mod
+from ..core import config as config_mod, freshness
 from ..core.config import Config
 from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path, write_csv
+from . import metadata
+from .metadata import DATASET_META, KERNEL_FILE, KERNEL_META, LICENSE, MACHINE_SHAPE, title_for  # noqa: F401
 from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
 from ..core.layout import Layout, Run
 from ..core.config import selected_folds
@@ -46,11 +48,6 @@ OPTIONAL_PACKAGES: dict[str, str] = {
     for name in ("pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg")
 }
 CODE_SLUG = "ich-kaggle-code"
-MACHINE_SHAPE = "NvidiaTeslaT4"  # the API's name for "GPU T4 x2" (kaggle-cli PR 1198)
-DATASET_META = "dataset-metadata.json"
-KERNEL_META = "kernel-metadata.json"
-KERNEL_FILE = "kernel.py"
-LICENSE = "CC0-1.0"
 TEMPLATE = Path(__file__).with_name("template.py")
 INSTALL = Path(__file__).with_name("kernel_install.py")  # the install step every kernel script embeds
 _INSTALL_LINE = re.compile(r"^from ich_kaggle\.kaggle\.kernel_install import \(  # __INSTALL__[^\n]*\n[^)]*\)$", re.M)
@@ -131,14 +128,6 @@ def names_for(cfg: Config, username: str | None, slug: str | None = None) -> Ker
     return names
 
 
-def title_for(slug: str) -> str:
-    """A title Kaggle resolves back to the same slug (else it warns and may rename the kernel)."""
-    title = slug.replace("-", " ")
-    title = "ICH" + title[3:] if title.startswith("ich") else title
-    assert slugify(title) == slug
-    return title
-
-
 # --- what the model dataset carries -------------------------------------------------------------------------------
 def trained_folds(cfg: Config, runs: str | Path) -> list[int]:
     """Finished folds: a best checkpoint and done.json (restricted to cfg.cv.folds when set)."""
@@ -164,6 +153,9 @@ def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, folds: l
     for path in shipped:
         if not path.is_file():
             raise UserError(f"{path} not found but {why}; rerun `make predict CONFIG={cfg.name}`")
+    made = freshness.predictions(Run.of(runs, member.name), folds, member.tta)
+    if stale := freshness.stale_reason(pred.oof, made):  # the OOF of exactly the folds shipped, as predict wrote it
+        raise UserError(f"{pred.oof} is stale ({stale}) but {why}; rerun `make predict CONFIG={cfg.name}`")
     return {f"predictions_{path.name}": path for path in shipped}
 
 
@@ -176,6 +168,12 @@ def _member_files(cfg: Config, member: Config, runs: str | Path, prefix: str, oo
     if not folds:
         raise UserError(f"no finished fold in {run.dir} (fold<k>/best.pt + done.json); train first "
                         f"(make train-all CONFIG={cfg.name})")
+    unfinished = [k for k in selected_folds(member.cv) if k not in folds]
+    if unfinished:
+        raise UserError(f"fold(s) {unfinished} of {member.name} are not trained to the end (no fold<k>/done.json in "
+                        f"{run.dir}): the kernel would ship folds {folds} of cv.k={member.cv.k}; finish them with "
+                        f"`make train-all CONFIG={cfg.name}` (it resumes), or choose the folds to ship with "
+                        f"--set cv.folds=[...] (then predict again)")
     files = {f"fold{k}_{path.name}": path for k in folds for path in (run.fold(k).best, run.fold(k).done)}
     if oof_why:
         files.update(_shipped_predictions(cfg, member, runs, folds, oof_why))
@@ -235,34 +233,8 @@ def _half_checkpoint(src: Path, dst: Path) -> None:
     save_checkpoint(dst, ckpt)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with atomic_open(path) as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-
-
-def _dataset_metadata(title: str, dataset_id: str, description: str) -> dict:
-    return {"title": title, "id": dataset_id, "licenses": [{"name": LICENSE}], "description": description}
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace a dataset folder in one step so a failed build never leaves a half-updated one (stale wheels)."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _fresh_tmp(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+_write_json, _dataset_metadata, _fresh_tmp, _swap_in = (metadata.write_json, metadata.dataset_metadata,
+                                                       metadata.fresh_tmp, metadata.swap_in)
 
 
 def _wheel_entry(w) -> dict:
@@ -333,6 +305,10 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
     listed = member_files(cfg, members, runs) if cfg.is_ensemble else []
     stacked = is_stacked(cfg, runs)
     layout = _check_data_inputs(cfg, layout)
+    from ..data import trained
+
+    for member in members or [cfg]:  # the folds shipped are still the ones this config and data train
+        trained.check(member, layout, runs, via=cfg.name)
     final = names.model_dir(out)
     tmp = _fresh_tmp(final)
     sources = [(Run.of(runs, cfg.name).dir, files)] + [(Run.of(runs, m["name"]).dir, m["files"]) for m in listed]
@@ -442,25 +418,11 @@ def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kern
         "CONFIG_NAME": cfg.name, "CODE_DATASET": names.code_id, "MODEL_DATASET": names.model_id,
         "ICH_KAGGLE_VERSION": __version__})
     compile(script, KERNEL_FILE, "exec")
-    folder = names.kernel_dir(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_open(folder / KERNEL_FILE) as f:
-        f.write(script)
-    _write_json(folder / KERNEL_META, {
-        "id": names.kernel_id,
-        "title": title_for(names.kernel_slug),
-        "code_file": KERNEL_FILE,
-        "language": "python",
-        "kernel_type": "script",
-        "is_private": True,
-        "enable_gpu": True,
-        "machine_shape": MACHINE_SHAPE,  # without it a CLI push lands on a P100, which Kaggle's torch cannot run
-        "enable_tpu": False,
-        "enable_internet": False,
-        "dataset_sources": [names.code_id, names.model_id],
-        "competition_sources": [COMPETITION],
-        "kernel_sources": [],
-        "model_sources": [],
-    })
+    from . import weights_dataset
+
+    # the inference kernel loads its checkpoints (no ImageNet weights): the weights dataset rides along when built
+    weights = weights_dataset.attach([], names.username, out, required=False)
+    folder = metadata.write_kernel(names.kernel_dir(out), names.kernel_id, script, gpu=True,
+                                   datasets=[names.code_id, names.model_id, *weights])
     log.info(f"wrote {folder} ({names.kernel_id}); push with: kaggle kernels push -p {folder}")
     return folder

@@ -50,24 +50,46 @@ def _pip(args):
     return result.returncode == 0, lines[-1] if lines else ""
 
 
+def _installed(name):
+    """The version of `name` already in this image, or None."""
+    import importlib.metadata as md
+
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
 def pip_install(code_dir):
-    """Required packages in one pip call (a failure stops the kernel, naming them); optional ones (wheels.json says
-    which and why) one by one: one that does not install on this Python is named in the log and the run goes on.
-    By name and version, so pip picks the wheel built for this interpreter when the dataset has several."""
+    """Required packages in one pip call; optional ones (wheels.json says which and why) one by one: one that does
+    not install on this Python is named in the log and the run goes on. By name, not version: pip picks, among the
+    dataset's wheels, the newest built for this interpreter (an older version where the newest has no wheel for
+    it). A required package the image already ships is kept as it is when the dataset has no wheel for this
+    Python (no exact pin on what the image ships)."""
     listing = json.loads((code_dir / "wheels.json").read_text())
     wheels = listing["wheels"]
-    required = [w for w in wheels if not w.get("optional")]
-    ok, last = _pip([code_dir] + [f"{w['name']}=={w['version']}" for w in required])
+    names = list(dict.fromkeys(w["name"] for w in wheels))
+    optional = {w["name"]: w for w in wheels if w.get("optional")}
+    required = [n for n in names if n not in optional]
+    ok, last = _pip([code_dir] + required)
     if not ok:
-        sys.exit(f"error: pip could not install the required packages {', '.join(w['name'] for w in required)} "
-                 f"from {code_dir} on Python {sys.version.split()[0]}: {last}")
+        for name in required:
+            ok, last = _pip([code_dir, name])
+            if ok:
+                continue
+            have = _installed(name)
+            if have is None:
+                sys.exit(f"error: pip could not install the required package {name} from {code_dir} on Python "
+                         f"{sys.version.split()[0]}: {last}")
+            log(f"keeping the image's {name} {have}: the code dataset has no wheel of it for Python "
+                f"{sys.version.split()[0]} ({last})")
     missing = []
-    for w in (w for w in wheels if w.get("optional")):
-        ok, last = _pip([code_dir, f"{w['name']}=={w['version']}"])
+    for name, w in optional.items():
+        ok, last = _pip([code_dir, name])
         if not ok:
             missing.append(w)
-            log(f"optional package {w['name']} {w['version']} not installed on Python {sys.version.split()[0]} "
+            log(f"optional package {name} not installed on Python {sys.version.split()[0]} "
                 f"({w.get('why', 'optional')}): {last}")
-    log(f"installed {len(wheels) - len(missing)} of {len(wheels)} packages"
+    log(f"installed {len(names) - len(missing)} of {len(names)} packages"
         + (f"; going on without {', '.join(w['name'] for w in missing)}" if missing else ""))
     return missing

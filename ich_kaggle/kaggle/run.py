@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from ..core import manifest as manifest_mod
 from ..core.layout import COMPETITION
 from ..core import config as config_mod
 from ..core.config import Config
@@ -43,41 +44,34 @@ class KernelInputs:
     code: Path | None  # folder holding the ich_kaggle wheel
 
 
-_SKIP = {"stage_2_train", "stage_2_test", "stage_1_train_images", "stage_1_test_images"}
-
-
-def _walk(root: Path, max_depth: int = 5):
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        depth = len(Path(dirpath).relative_to(root).parts)
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP and depth < max_depth)
-        yield Path(dirpath), depth, filenames
-
-
 def find_inputs(root: str | Path, config_name: str | None = None) -> KernelInputs:
-    """Search the input root: mount paths differ between old and new kernels (e.g. <comp>/<comp>/stage_2_test)."""
+    """The competition, the model dataset (of `config_name` when given) and the code dataset under the input root,
+    at any depth (`core.kaggle_input`: mount paths differ between old and new kernels)."""
+    from ..core import kaggle_input
+
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"input folder {root} not found; set ICH_KAGGLE_INPUT to the folder in the /kaggle/input layout")
-    comps, models, codes = [], [], []
-    for path, depth, files in _walk(root):
-        if SAMPLE_NAME in files and (path / "stage_2_test").is_dir():
-            comps.append((depth, str(path)))
-        if MODEL_MANIFEST in files:
-            models.append((depth, str(path)))
-        if any(f.startswith("ich_kaggle-") and f.endswith(".whl") for f in files):
-            codes.append((depth, str(path)))
-    if not comps:
-        raise UserError(f"no {SAMPLE_NAME} beside a stage_2_test/ folder under {root}; add the competition "
-                        f"'{COMPETITION}' as a data source of the kernel")
+    competition = find_test_competition(root)
+    models = kaggle_input.find_all(root, kaggle_input.holding(MODEL_MANIFEST))
+    codes = kaggle_input.find_all(root, lambda p, files: any(f.startswith("ich_kaggle-") and f.endswith(".whl")
+                                                             for f in files))
     if config_name is not None:
-        matching = [m for m in models if json.loads((Path(m[1]) / MODEL_MANIFEST).read_text()).get("config") == config_name]
+        matching = [m for m in models if json.loads((m / MODEL_MANIFEST).read_text()).get("config") == config_name]
         if models and not matching:
             raise UserError(f"model datasets under {root} hold other configs than '{config_name}'; attach "
                             f"ich-kaggle-model-{slugify(config_name)}")
         models = matching
     if not models:
         raise UserError(f"no {MODEL_MANIFEST} under {root}; attach the model dataset built by `make kernel-datasets`")
-    return KernelInputs(Path(min(comps)[1]), Path(min(models)[1]), Path(min(codes)[1]) if codes else None)
+    return KernelInputs(competition, models[0], codes[0] if codes else None)
+
+
+def find_test_competition(root: str | Path) -> Path:
+    """The competition folder with the sample submission and the test images."""
+    from ..core import kaggle_input
+
+    return kaggle_input.find(root, lambda p, files: SAMPLE_NAME in files and (p / "stage_2_test").is_dir(),
+                             f"no {SAMPLE_NAME} beside a stage_2_test/ folder under {root}; add the competition "
+                             f"'{COMPETITION}' as a data source of the kernel")
 
 
 def read_manifest(model_dir: str | Path) -> dict:
@@ -162,9 +156,13 @@ def restore_oof(model_dir: Path, manifest: dict, runs: Path) -> None:
     entries = [(manifest["config"], manifest["files"])] + [(m["name"], m["files"]) for m in manifest.get("members", [])]
     for name, files in entries:
         run = Run.of(runs, name)
+        restored = []
         for flat, rel in files.items():
             if (run.dir / rel).parent == run.predictions.dir:
                 _link(model_dir / flat, run.dir / rel)
+                restored.append(run.dir / rel)
+        for path in restored:  # the shipped files are what the chain now holds (see core.manifest.adopt)
+            manifest_mod.adopt(path)
 
 
 def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> None:
@@ -176,6 +174,7 @@ def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> 
     meta = meta_mod.read_meta(layout.meta_csv)
     train = meta_mod.read_meta(model_dir / TRAIN_META)
     write_csv(pd.concat([meta[meta["split"] != "train"], train], ignore_index=True), layout.meta_csv)
+    manifest_mod.adopt(layout.meta_csv)  # the same scan of the test DICOMs, plus the shipped train rows
 
 
 def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path,

@@ -24,149 +24,17 @@ from ..core.io import atomic_open
 from ..core.layout import COMPETITION, Layout, Run
 from . import build
 from .run import slugify
-from .train_run import CACHE_BYTES_PER_IMAGE, FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES, SCRATCH_KEEP
+from .train_run import FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES
 
 log = logging.getLogger(__name__)
 
 TRAIN_TEMPLATE = Path(__file__).with_name("train_template.py")
 PREPARE_SLUG = "ich-kaggle-prepare"
-SESSION_LIMIT_H = 12.0  # Kaggle's limit on one GPU session (a run past it is killed)
-SESSION_MARGIN_H = 0.5  # install, header checks, OOF and output saving
-
-# Images per second on ONE T4 (fp16, channels_last) at 512 px, training / inference. ESTIMATES, not measurements
-# (no T4 was available to this work): ResNet-50 mixed-precision training on one T4 is about 250 img/s at 224 px in
-# NVIDIA's DeepLearningExamples (PyTorch ConvNets) tables; scaled by pixel count to 512 px (/5.2) that is ~48 img/s,
-# and SE-ResNeXt-50's grouped convolutions and SE blocks run at about 0.6x ResNet-50's speed -> ~29 img/s. Inference
-# runs about 3x the training rate. Two T4s under DDP are taken as 1.8x one. Other sizes scale by pixel count.
-# Replace them with a measured figure: make kernel-train T4_IMAGES_PER_S=<train img/s of one T4 at the config's size>.
-T4_TRAIN_IMAGES_PER_S_512 = {"se_resnext50_32x4d": 29.0, "se_resnext101_32x4d": 17.0, "resnet50": 48.0,
-                             "resnet18": 140.0, "tu-tf_efficientnet_lite0": 110.0, "small_cnn": 2000.0}
-DEFAULT_BACKBONE = "se_resnext50_32x4d"
-INFERENCE_SPEEDUP = 3.0
-TWO_GPU_SCALING = 1.8
-CACHE_IMAGES_PER_S = 250.0  # DICOM -> cache on Kaggle's 4 CPUs: an estimate from `make bench`'s per-core rate
-# Disk a Kaggle session has outside /kaggle/working (~73 GB in all, ~20 GB of it the working folder): Kaggle's
-# stated figures, not measured here. The training kernel caches the train images only where they fit (see
-# train_run.choose_source, which judges the real free space); else it reads the DICOMs and caches nothing.
-KAGGLE_SCRATCH_BYTES = 53e9
-# stage_2_train.csv's images (752,803 slices); the labelled, readable ones make up folds.csv
-COMPETITION_TRAIN_IMAGES = 752_803
-
-
-def expected_source(cfg: Config, images: int) -> str:
-    """Where the training kernel will read the images from, as `train_run.choose_source` decides on Kaggle."""
-    if cfg.data.source == "dicom":
-        return "dicom"
-    fits = images * CACHE_BYTES_PER_IMAGE <= KAGGLE_SCRATCH_BYTES * (1 - SCRATCH_KEEP)
-    return "cache" if fits else "dicom"
-
-
-@dataclass(frozen=True)
-class Estimate:
-    train_images: int  # per epoch
-    val_images: int
-    epochs: int
-    train_images_per_s: float  # on T4 x2
-    hours: float  # setup + epochs x epoch_hours + final_hours
-    source: str  # where the rate comes from
-    epoch_hours: float = 0.0  # one epoch: training and validation
-    setup_hours: float = 0.0  # per session: caching the train images (none when read from the DICOMs)
-    final_hours: float = 0.0  # the OOF predictions of best.pt, once at the end
-    images: str = "cache"  # "cache" | "dicom": where the kernel reads the train images from
-
-    def session_hours(self, epochs: int) -> float:
-        """One kernel version that trains `epochs` epochs (and, to be safe, ends the fold)."""
-        return self.setup_hours + epochs * self.epoch_hours + self.final_hours
-
-    def describe(self) -> str:
-        setup = (f"{self.setup_hours:.1f} h caching the train images per session" if self.images == "cache" else
-                 "no caching (images read from their DICOMs)")
-        return (f"estimated wall time on T4 x2: {self.hours:.1f} h for {self.epochs} epoch(s) x {self.train_images:,} "
-                f"training images at {self.train_images_per_s:.0f} img/s, {self.epoch_hours:.1f} h per epoch with "
-                f"{self.val_images:,} validation images at {self.train_images_per_s * INFERENCE_SPEEDUP:.0f} img/s, "
-                f"{setup} [{self.source}]; an estimate, not a measurement")
-
-
-def estimate(cfg: Config, epochs: int | None = None, folds_csv: Path | None = None,
-             t4_images_per_s: float | None = None) -> Estimate:
-    """Wall time of one fold (or of `epochs` of it) on T4 x2 from the config's images per epoch and images/s."""
-    if folds_csv is not None and folds_csv.is_file():
-        with open(folds_csv) as f:
-            n = sum(1 for _ in f) - 1
-        where = f"{n:,} images in {folds_csv}"
-    else:
-        n = COMPETITION_TRAIN_IMAGES
-        where = f"{n:,} competition train images"
-    val = n // cfg.cv.k
-    train = n - val
-    if cfg.train.max_images_per_epoch:
-        train = min(train, int(cfg.train.max_images_per_epoch))
-    backbones = cfg.model.backbone.split("+")  # an ensemble of backbones runs each
-    if t4_images_per_s:
-        per_t4, source = float(t4_images_per_s), f"T4_IMAGES_PER_S={t4_images_per_s:g} as given"
-    else:
-        scale = (512 / cfg.data.image_size) ** 2
-        rates = [T4_TRAIN_IMAGES_PER_S_512.get(b, T4_TRAIN_IMAGES_PER_S_512[DEFAULT_BACKBONE]) for b in backbones]
-        per_t4 = scale / sum(1 / r for r in rates)
-        source = (f"documented rate for {cfg.model.backbone} at {cfg.data.image_size} px, see "
-                  f"ich_kaggle/kaggle/train_build.py; {where}")
-    ips = per_t4 * TWO_GPU_SCALING
-    epochs = cfg.train.epochs if epochs is None else min(epochs, cfg.train.epochs)
-    images = expected_source(cfg, n)
-    epoch_s = train / ips + val / (ips * INFERENCE_SPEEDUP)
-    final_s = val / (ips * INFERENCE_SPEEDUP)
-    setup_s = n / CACHE_IMAGES_PER_S if images == "cache" else 0.0
-    hours = (setup_s + epochs * epoch_s + final_s) / 3600
-    return Estimate(train, val, epochs, ips, hours, source, epoch_s / 3600, setup_s / 3600, final_s / 3600, images)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How a fold trains on Kaggle: in one version, or in `versions` versions of `epochs_per_run` epochs each,
-    every one resuming from the previous one's output (make kernel-train RESUME=1)."""
-
-    estimate: Estimate
-    epochs_per_run: int | None  # None: the whole fold in one version
-    versions: int
-    given: bool = False  # EPOCHS_PER_RUN was set by hand
-
-    def describe(self, fold: int) -> str:
-        limit = SESSION_LIMIT_H - SESSION_MARGIN_H
-        if self.versions == 1:
-            run = (f"EPOCHS_PER_RUN={self.epochs_per_run}: " if self.epochs_per_run else "")
-            return f"{run}fits one {SESSION_LIMIT_H:.0f}-hour session ({limit:.1f} h usable)"
-        k = self.epochs_per_run
-        why = "as EPOCHS_PER_RUN asks" if self.given else f"more than one {SESSION_LIMIT_H:.0f}-hour session"
-        return (f"{why}: {self.versions} kernel versions of up to {k} "
-                f"epoch(s) each (EPOCHS_PER_RUN={k}, up to {self.estimate.session_hours(k):.1f} h of the "
-                f"{limit:.1f} h usable); push this one, then once each version is complete (make kernel-status) "
-                f"`make kernel-train fold={fold} RESUME=1` with the same settings, {self.versions - 1} more time(s)")
-
-
-def plan(est: Estimate, cfg: Config, epochs_per_run: int | None = None) -> Plan:
-    """One version when the fold fits a session; else as many epochs per version as fit (each version resumes
-    the previous one at an epoch boundary). Refuses a plan that cannot work: EPOCHS_PER_RUN too long for a session,
-    or one epoch alone longer than a session."""
-    limit = SESSION_LIMIT_H - SESSION_MARGIN_H
-    epochs = est.epochs
-    if epochs_per_run:
-        k = min(int(epochs_per_run), epochs)
-        if est.session_hours(k) > limit:
-            raise UserError(f"fold of '{cfg.name}' cannot train EPOCHS_PER_RUN={epochs_per_run} epoch(s) within "
-                            f"Kaggle's {SESSION_LIMIT_H:.0f}-hour session ({est.session_hours(k):.1f} h; "
-                            f"{est.describe()}); leave {fix('--epochs-per-run', 'EPOCHS_PER_RUN')} unset to have the versions "
-                            f"planned, or lower it")
-        return Plan(est, k, -(-epochs // k), given=True)
-    if est.session_hours(epochs) <= limit:
-        return Plan(est, None, 1)
-    k = int((limit - est.setup_hours - est.final_hours) // est.epoch_hours) if est.epoch_hours > 0 else epochs
-    if k < 1:
-        fit = int(est.train_images * (limit - est.setup_hours - est.final_hours) / max(est.epoch_hours, 1e-9))
-        raise UserError(f"fold of '{cfg.name}' cannot end even one epoch within Kaggle's {SESSION_LIMIT_H:.0f}-hour "
-                        f"session: {est.describe()}; lower train.max_images_per_epoch (about {max(fit, 0):,} "
-                        f"training images per epoch fit) or pass a measured {fix('--t4-images-per-s', 'T4_IMAGES_PER_S=')}")
-    k = min(k, epochs)
-    return Plan(est, k, -(-epochs // k))
+# The time on Kaggle of a fold (estimate, plan of versions) lives in sessions.py; named here for the callers.
+from .sessions import (  # noqa: E402,F401
+    CACHE_IMAGES_PER_S, COMPETITION_TRAIN_IMAGES, KAGGLE_SCRATCH_BYTES, SESSION_LIMIT_H, SESSION_MARGIN_H, Estimate,
+    Plan, estimate, expected_source, plan,
+)
 
 
 # --- kernel folders -----------------------------------------------------------------------------------------------
@@ -188,19 +56,20 @@ def _script(values: dict) -> str:
     return script
 
 
-def _write_kernel(folder: Path, kernel_id: str, script: str, gpu: bool, kernel_sources: list[str]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_open(folder / build.KERNEL_FILE) as f:
-        f.write(script)
-    slug = kernel_id.split("/", 1)[1]
-    meta = {"id": kernel_id, "title": build.title_for(slug), "code_file": build.KERNEL_FILE, "language": "python",
-            "kernel_type": "script", "is_private": True, "enable_gpu": gpu, "enable_tpu": False,
-            "enable_internet": False, "dataset_sources": [kernel_id.split("/")[0] + "/" + build.CODE_SLUG],
-            "competition_sources": [COMPETITION], "kernel_sources": kernel_sources, "model_sources": []}
-    if gpu:
-        meta["machine_shape"] = build.MACHINE_SHAPE  # T4 x2; a CLI push without it lands on a P100
-    build._write_json(folder / build.KERNEL_META, meta)
-    return folder
+def _write_kernel(folder: Path, kernel_id: str, script: str, gpu: bool, kernel_sources: list[str],
+                  datasets: list[str] = ()) -> Path:
+    from . import metadata
+
+    user = kernel_id.split("/")[0]
+    return metadata.write_kernel(folder, kernel_id, script, gpu=gpu, datasets=[f"{user}/{build.CODE_SLUG}", *datasets],
+                                 kernel_sources=kernel_sources)
+
+
+def members_of(cfg: Config) -> list[Config]:
+    """An ensemble's member configs (each trains in its own kernels), or [cfg]."""
+    from ..core import ensemble
+
+    return ensemble.load_members(cfg) if cfg.is_ensemble else [cfg]
 
 
 def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = CVConfig.k,
@@ -215,29 +84,41 @@ def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: i
 
 def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | Path = "kernels",
                        resume: bool = False, epochs_per_run: int | None = None,
-                       folds_csv: Path | None = None, t4_images_per_s: float | None = None) -> Path:
-    """kernels/ich-kaggle-<config>-fold<N>/: trains one fold on T4 x2. Prints the wall-time estimate and the plan:
-    one version, or several of EPOCHS_PER_RUN epochs each where the fold is longer than a session (refused only
-    where one version cannot end an epoch). `resume` attaches this kernel's own output (its previous version)."""
+                       folds_csv: Path | None = None, t4_images_per_s: float | None = None,
+                       members: list[Config] | None = None) -> list[Path]:
+    """kernels/ich-kaggle-<config>-fold<N>/: trains one fold on T4 x2; an ensemble writes one such kernel per member
+    (each its own config, estimate and plan). Prints each kernel's line of the plan: one version, or several of
+    EPOCHS_PER_RUN epochs each where the fold is longer than a session (refused only where one version cannot end
+    an epoch). `resume` attaches this kernel's own output (its previous version). Refused before anything is
+    written when the weights dataset lacks an ImageNet file a member starts from."""
     from ..core.config import selected_folds
+    from . import weights_dataset
 
     user = build.check_username(username)
     selected_folds(cfg.cv, fold)
-    est = estimate(cfg, None, folds_csv, t4_images_per_s)
-    steps = plan(est, cfg, epochs_per_run)
-    log.info(f"{est.describe()}; {steps.describe(fold)}")
-    epochs_per_run = steps.epochs_per_run
-    slug = train_slug(cfg.name, fold)
-    data = cfg.to_dict()
-    data["augment"]["crop_scale"] = list(data["augment"]["crop_scale"])
-    values = {"username": user, "config_name": cfg.name, "mode": "train", "fold": int(fold), "k": cfg.cv.k,
-              "seed": cfg.cv.seed, "config_yaml": yaml.safe_dump(data, sort_keys=False),
-              "epochs_per_run": epochs_per_run}
-    kernel_id = f"{user}/{slug}"
-    sources = [prepare_id(user)] + ([kernel_id] if resume else [])
-    folder = _write_kernel(Path(out) / slug, kernel_id, _script(values), gpu=True, kernel_sources=sources)
-    log.info(f"wrote {folder} ({kernel_id}{', resuming from its previous output' if resume else ''})")
-    return folder
+    members = members or members_of(cfg)  # the CLI's: with its --set overrides
+    weights = weights_dataset.attach(members, user, out)
+    planned = []
+    for member in members:
+        est = estimate(member, None, folds_csv, t4_images_per_s)
+        steps = plan(est, member, epochs_per_run)
+        planned.append((member, est, steps))
+    folders = []
+    for member, est, steps in planned:
+        log.info(f"plan: train {member.name} fold {fold}: {est.describe()}; {steps.describe(fold)}")
+        slug = train_slug(member.name, fold)
+        data = member.to_dict()
+        data["augment"]["crop_scale"] = list(data["augment"]["crop_scale"])
+        values = {"username": user, "config_name": member.name, "mode": "train", "fold": int(fold),
+                  "k": member.cv.k, "seed": member.cv.seed, "config_yaml": yaml.safe_dump(data, sort_keys=False),
+                  "epochs_per_run": steps.epochs_per_run}
+        kernel_id = f"{user}/{slug}"
+        sources = [prepare_id(user)] + ([kernel_id] if resume else [])
+        folder = _write_kernel(Path(out) / slug, kernel_id, _script(values), gpu=True, kernel_sources=sources,
+                               datasets=weights)
+        log.info(f"wrote {folder} ({kernel_id}{', resuming from its previous output' if resume else ''})")
+        folders.append(folder)
+    return folders
 
 
 def infer_slug(cfg_name: str) -> str:
@@ -245,19 +126,94 @@ def infer_slug(cfg_name: str) -> str:
 
 
 def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "kernels",
-                       folds: list[int] | None = None) -> Path:
+                       folds: list[int] | None = None, members: list[Config] | None = None) -> list[Path]:
     """kernels/ich-kaggle-<config>-from-folds/: the inference kernel on the training kernels' outputs (attached as
-    kernel sources, no model dataset): TTA over their folds, first stage only, submission.csv."""
+    kernel sources, no model dataset; an ensemble's every member's): TTA over their folds, first stage only,
+    submission.csv. Prints its line of the plan. An ensemble whose inference cannot end within one session gets one
+    such kernel per member (their submissions are combined here: make kernel-combine); a member whose folds alone
+    take longer than a session is refused, naming the FOLDS that fit."""
     from ..core.config import selected_folds
+    from . import sessions
 
     user = build.check_username(username)
     folds = selected_folds(cfg.cv) if folds is None else [selected_folds(cfg.cv, k)[0] for k in folds]
+    members = members or members_of(cfg)
+    kernels = sessions.split_inference(members, folds)
+    for k in kernels:
+        log.info(f"plan: {k.describe()}")
+    if len(kernels) == 1:
+        return [_infer_kernel(cfg, members, user, out, folds)]
+    split_folds = [k for k in kernels if k.folds != folds]
+    if split_folds or not cfg.is_ensemble:
+        part = split_folds[0] if split_folds else kernels[0]
+        whole = sum(k.hours for k in kernels)
+        raise UserError(f"the inference kernel of '{part.members[0]}' over folds {folds} needs about {whole:.1f} h, "
+                        f"more than one {SESSION_LIMIT_H:.0f}-hour session; push it in parts that fit (make kaggle-plan "
+                        f"CONFIG={cfg.name} shows them), e.g. make kernel-from-folds CONFIG={part.members[0]} "
+                        f"FOLDS=\"{' '.join(map(str, part.folds))}\"")
+    log.info(f"plan: the inference of '{cfg.name}' is longer than one session: one kernel per member; combine their "
+             f"submissions with make kernel-combine CONFIG={cfg.name} once they are complete")
+    return [_infer_kernel(m, [m], user, out, folds) for m in members]
+
+
+def _infer_kernel(cfg: Config, members: list[Config], user: str, out: str | Path, folds: list[int]) -> Path:
+    from . import weights_dataset
+
     slug = infer_slug(cfg.name)
-    sources = [prepare_id(user)] + [f"{user}/{train_slug(cfg.name, k)}" for k in folds]
-    script = _script({"username": user, "config_name": cfg.name, "mode": "infer", "folds": folds})
-    folder = _write_kernel(Path(out) / slug, f"{user}/{slug}", script, gpu=True, kernel_sources=sources)
-    log.info(f"wrote {folder} ({user}/{slug}: folds {folds} from their training kernels)")
+    sources = [prepare_id(user)] + [f"{user}/{train_slug(m.name, k)}" for m in members for k in folds]
+    data = cfg.to_dict()
+    if "augment" in data:
+        data["augment"]["crop_scale"] = list(data["augment"]["crop_scale"])
+    script = _script({"username": user, "config_name": cfg.name, "mode": "infer", "folds": folds,
+                      "config_yaml": yaml.safe_dump(data, sort_keys=False)})
+    weights = weights_dataset.attach([], user, out, required=False)
+    folder = _write_kernel(Path(out) / slug, f"{user}/{slug}", script, gpu=True, kernel_sources=sources,
+                           datasets=weights)
+    log.info(f"wrote {folder} ({user}/{slug}: folds {folds} of {', '.join(m.name for m in members)} from their "
+             f"training kernels)")
     return folder
+
+
+def combine_outputs(cfg: Config, username: str | None, out: str | Path = "kernels", fetch: bool = True,
+                    members: list[Config] | None = None) -> Path:
+    """`make kernel-combine`: an ensemble's submission from its members' from-folds kernels (each fetched into
+    kernels/output/<slug>/), combined as `ensemble.combine` says, into kernels/output/ich-kaggle-<ensemble>-from-folds/
+    submission.csv (the members' 6-decimal probabilities combined: within 1e-6 of one kernel over all members)."""
+    import numpy as np
+    import pandas as pd
+
+    from ..core import ensemble
+    from ..core.labels import LABELS
+    from . import api
+
+    if not cfg.is_ensemble:
+        raise UserError(f"'{cfg.name}' is not an ensemble; its from-folds kernel writes the submission itself")
+    user = build.check_username(username)
+    frames = []
+    for member in members or members_of(cfg):
+        slug = infer_slug(member.name)
+        path = Path(out) / "output" / slug / api.SUBMISSION
+        if fetch:
+            path = api.fetch_output(f"{user}/{slug}", path.parent)
+        api.check_submission(path)
+        long = pd.read_csv(path, dtype={"ID": str})
+        parts = long["ID"].str.rsplit("_", n=1)
+        wide = (long.assign(image_id=parts.str[0], label=parts.str[1])
+                .pivot(index="image_id", columns="label", values="Label")[list(LABELS)].reset_index())
+        frames.append(wide)
+    combined = ensemble.combine(frames, cfg.ensemble)
+    rows = combined.melt(id_vars="image_id", value_vars=list(LABELS), var_name="label", value_name="Label")
+    rows["ID"] = rows["image_id"] + "_" + rows["label"]
+    order = {label: i for i, label in enumerate(LABELS)}
+    rows = rows.assign(o=rows["label"].map(order)).sort_values(["image_id", "o"])
+    dest = Path(out) / "output" / infer_slug(cfg.name) / api.SUBMISSION
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(dest) as f:
+        f.write("ID,Label\n" + "".join(f"{i},{p:.6f}\n" for i, p in zip(rows["ID"], np.asarray(rows["Label"]))))
+    api.check_submission(dest)
+    log.info(f"wrote {dest}: {len(frames)} members' submissions combined ({cfg.ensemble.combine}); send it with "
+             f"make kernel-submit CONFIG={cfg.name} SLUG={infer_slug(cfg.name)}")
+    return dest
 
 
 def build_code_only(username: str | None, out: str | Path = "kernels") -> Path:
@@ -376,3 +332,83 @@ def upload_code(folder: Path, message: str) -> str:
         api.version_datasets([folder], message)
     api.wait_datasets([ref])
     return ref
+
+
+# --- measuring the rates on Kaggle's T4 x2 -------------------------------------------------------------------------
+GPU_CHECK_SLUG = "ich-kaggle-gpu-check"
+RATES_OUTPUT = "rates.yaml"
+
+
+def shipped_rate_pairs() -> list[tuple[str, int, int]]:
+    """(backbone, image size, input channels) of every shipped config that trains on a GPU."""
+    from . import weights_dataset
+
+    pairs = {}
+    for cfg in weights_dataset.shipped_configs():
+        if cfg.model.backbone == "small_cnn" or cfg.data.image_size < 128:
+            continue  # the CPU-sized configs
+        for name in cfg.model.backbone.split("+"):
+            pairs.setdefault((name, cfg.data.image_size), cfg.data.in_channels)
+    return [(b, s, c) for (b, s), c in sorted(pairs.items())]
+
+
+def build_gpu_check_kernel(username: str | None, out: str | Path = "kernels") -> Path:
+    """kernels/ich-kaggle-gpu-check/: on T4 x2, measures the training and inference images/s of one T4 for every
+    shipped backbone and size (random weights and inputs: a few minutes of GPU) into rates.yaml in its output,
+    which `make kernel-gpu-check-fetch` turns into kaggle_rates.yaml for `make kaggle-plan`."""
+    user = build.check_username(username)
+    pairs = shipped_rate_pairs()
+    script = _script({"username": user, "config_name": "", "mode": "gpu-check",
+                      "folds": [list(p) for p in pairs]})
+    folder = _write_kernel(Path(out) / GPU_CHECK_SLUG, f"{user}/{GPU_CHECK_SLUG}", script, gpu=True,
+                           kernel_sources=[])
+    log.info(f"wrote {folder} ({user}/{GPU_CHECK_SLUG}: {len(pairs)} backbone/size pairs, a few minutes on T4 x2)")
+    return folder
+
+
+def run_gpu_check(pairs: list[list], working: str | Path) -> Path:
+    """Inside the GPU-check kernel: rates.yaml (backbone -> size -> {train, infer, ...}) in the working folder,
+    written after each pair so a cut session keeps what it measured."""
+    from . import rates
+
+    out = Path(working) / RATES_OUTPUT
+    measured: dict[str, dict[int, dict]] = rates.measured_rates(out)
+    for backbone, size, channels in pairs:
+        if size in measured.get(backbone, {}):
+            continue
+        try:
+            measured.setdefault(backbone, {})[int(size)] = rates.measure(backbone, int(size), int(channels))
+        except Exception as e:  # one backbone that does not fit never sinks the others
+            log.warning(f"gpu-check: {backbone} at {size} px failed: {type(e).__name__}: {e}")
+            continue
+        log.info(f"gpu-check: {backbone} at {size} px: {measured[backbone][int(size)]}")
+        with atomic_open(out) as f:
+            yaml.safe_dump(measured, f, sort_keys=True)
+    return out
+
+
+def fetch_rates(username: str | None, out: str | Path = "kernels", rates_file: str | Path | None = None) -> Path:
+    """The GPU-check kernel's rates.yaml into kaggle_rates.yaml (merged over what is there), for `make kaggle-plan`."""
+    from . import api, rates
+
+    user = build.check_username(username)
+    dest = Path(out) / "output" / GPU_CHECK_SLUG
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    client = api.client()
+    kid = f"{user}/{GPU_CHECK_SLUG}"
+    api.call(f"output of kernel {kid}", lambda: client.kernels_output(kid, str(dest), force=True),
+             fix="push it first (make kernel-gpu-check) and wait until it is complete (make kernel-status)")
+    found = sorted(dest.rglob(RATES_OUTPUT))
+    if not found:
+        raise UserError(f"the output of {kid} in {dest} holds no {RATES_OUTPUT}; read its log there")
+    target = Path(rates_file) if rates_file else rates.rates_path()
+    merged = rates.measured_rates(target)
+    for backbone, sizes in rates.measured_rates(found[0]).items():
+        merged.setdefault(backbone, {}).update(sizes)
+    with atomic_open(target) as f:
+        f.write(f"# Measured by make kernel-gpu-check ({kid}): images/s of one T4; make kaggle-plan reads it. Commit it.\n")
+        yaml.safe_dump(merged, f, sort_keys=True)
+    log.info(f"wrote {target}: {sum(len(v) for v in merged.values())} measured backbone/size pair(s)")
+    return target

@@ -30,7 +30,8 @@ from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path, write_csv
 from ..core.layout import COMPETITION, FoldRun, Layout, Run
 from ..engine.loop import STOP_ENV
-from .run import _walk
+from ..core import kaggle_input
+from .run import find_test_competition  # noqa: F401  (the inference kernel calls it here)
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,9 @@ def _write_json(path: Path, data: dict) -> None:
 # --- the prepare kernel --------------------------------------------------------------------------------------------
 def find_competition(root: str | Path) -> Path:
     """The competition folder with the train labels and images (mounts nest differently in old and new kernels)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"input folder {root} not found; set ICH_KAGGLE_INPUT to the folder in the /kaggle/input layout")
-    found = [(depth, str(path)) for path, depth, files in _walk(root)
-             if "stage_2_train.csv" in files and (path / "stage_2_train").is_dir()]
-    if not found:
-        raise UserError(f"no stage_2_train.csv beside a stage_2_train/ folder under {root}; add the competition "
-                        f"'{COMPETITION}' as a data source of the kernel")
-    return Path(min(found)[1])
+    return kaggle_input.find(root, lambda p, files: "stage_2_train.csv" in files and (p / "stage_2_train").is_dir(),
+                             f"no stage_2_train.csv beside a stage_2_train/ folder under {root}; add the competition "
+                             f"'{COMPETITION}' as a data source of the kernel")
 
 
 def run_prepare(competition: str | Path, working: str | Path, k: int = CVConfig.k, seed: int = CVConfig.seed,
@@ -88,17 +83,14 @@ class TrainInputs:
 def find_train_inputs(root: str | Path, config_name: str, fold: int) -> TrainInputs:
     root = Path(root)
     competition = find_competition(root)
-    prepared, previous = [], []
     tail = ("runs", config_name, f"fold{int(fold)}")
-    for path, depth, files in _walk(root, max_depth=8):  # /kaggle/input/notebooks/<user>/<slug>/runs/<cfg>/fold<N>
-        if PREPARE_MANIFEST in files:
-            prepared.append((depth, str(path)))
-        if path.parts[-3:] == tail and FoldRun(path, int(fold)).last.name in files:
-            previous.append((depth, str(path)))
+    prepared = kaggle_input.find_all(root, kaggle_input.holding(PREPARE_MANIFEST))
+    # /kaggle/input/notebooks/<user>/<slug>/runs/<cfg>/fold<N>: this kernel's previous version
+    previous = kaggle_input.find_all(root, lambda p, files: p.parts[-3:] == tail and FoldRun(p, int(fold)).last.name in files)
     if not prepared:
         raise UserError(f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output (make kernel-prepare, "
                         f"then make kernel-train) or a dataset holding your own meta.csv, folds.csv and that file")
-    return TrainInputs(competition, Path(min(prepared)[1]), Path(min(previous)[1]) if previous else None)
+    return TrainInputs(competition, prepared[0], previous[0] if previous else None)
 
 
 def install_prepared(prepared: Path, layout: Layout, cfg: Config) -> None:
@@ -115,11 +107,32 @@ def install_prepared(prepared: Path, layout: Layout, cfg: Config) -> None:
                         f"'{cfg.name}' wants cv.k={cfg.cv.k}, cv.seed={cfg.cv.seed}; rerun make kernel-prepare "
                         f"K={cfg.cv.k} SEED={cfg.cv.seed}")
     layout.work.mkdir(parents=True, exist_ok=True)
-    table = meta_mod.read_meta(prepared / "meta.csv")
-    write_csv(table[table["split"] == "train"], layout.meta_csv)
+    adopted = adopt_meta(prepared, layout)
+    if not adopted:  # an older prepare output without the scan's manifest: its train rows (load_meta rescans)
+        table = meta_mod.read_meta(prepared / "meta.csv")
+        write_csv(table[table["split"] == "train"], layout.meta_csv)
     from ..data import folds as folds_mod
 
     folds_mod.write_folds(layout, folds_mod.read_folds(prepared / "folds.csv"), info["k"], info["seed"])
+
+
+def adopt_meta(prepared: Path, layout: Layout) -> bool:
+    """The prepare kernel's meta.csv with its manifest, skipped.csv and DICOM listing into the work folder, so
+    `load_meta` finds it fresh (the same competition files, sizes and mtimes) and scans no header again; only files
+    that differ are rescanned. False where the prepare output predates its manifest."""
+    from ..core import manifest
+
+    there = Layout.of(prepared, prepared)
+    pairs = [(there.meta_csv, layout.meta_csv), (manifest.path_of(there.meta_csv), manifest.path_of(layout.meta_csv)),
+             (there.skipped_csv, layout.skipped_csv), (there.meta_inputs, layout.meta_inputs)]
+    if not all(src.is_file() for src, _ in pairs):
+        log.info(f"{prepared} has no manifest of its meta.csv (an older prepare kernel): the headers are rescanned; "
+                 f"rerun make kernel-prepare to skip that")
+        return False
+    for src, dst in pairs[2:] + pairs[:1] + pairs[1:2]:  # the manifest last: an interrupted copy reads as stale
+        shutil.copyfile(src, dst)
+    log.info(f"meta: adopted {there.meta_csv} with its manifest (no rescan of the headers)")
+    return True
 
 
 def restore_previous(previous: Path, fold_run: FoldRun) -> list[str]:
@@ -159,7 +172,8 @@ def choose_source(layout: Layout, cfg: Config) -> str:
     if cfg.data.source == "dicom":
         log.info(f"images: read from their DICOMs under {layout.data} (data.source=dicom in the config); no cache")
         return "dicom"
-    todo = len(meta_mod.read_meta(layout.meta_csv)) - len(cache.cached_ids(layout))
+    table = meta_mod.read_meta(layout.meta_csv)
+    todo = int((table["split"] == "train").sum()) - len(cache.cached_ids(layout))
     need = todo * CACHE_BYTES_PER_IMAGE
     layout.work.mkdir(parents=True, exist_ok=True)
     free = scratch_free_bytes(layout.work)
@@ -212,7 +226,8 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
         log.info(f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})")
     source = choose_source(layout, cfg)
     if source == "cache":
-        preprocess.ensure(layout, workers=usable_cpus())  # here, with every CPU, before the training processes start
+        # here, once, with every CPU, before the training processes start (under torchrun no rank repeats it)
+        preprocess.ensure(layout, workers=usable_cpus(), splits=("train",))
     if gpus is None:
         from ..train.side_by_side import visible_gpus
 
@@ -242,55 +257,91 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
 
 
 # --- the inference kernel on the training kernels' outputs (no model dataset) -------------------------------------
-def find_test_competition(root: str | Path) -> Path:
-    from .run import SAMPLE_NAME
-
-    found = [(depth, str(path)) for path, depth, files in _walk(Path(root))
-             if SAMPLE_NAME in files and (path / "stage_2_test").is_dir()]
-    if not found:
-        raise UserError(f"no {SAMPLE_NAME} beside a stage_2_test/ folder under {root}; add the competition "
-                        f"'{COMPETITION}' as a data source of the kernel")
-    return Path(min(found)[1])
-
-
-def assemble_model(root: str | Path, config_name: str, folds: list[int], dest: str | Path) -> Path:
-    """A model-dataset folder (the layout `run.run_inference` reads) from the attached training kernels' finished
-    folds and the prepare kernel's folds: first-stage predictions only (the stacker is refit on TTA OOF
-    predictions, which only a local `make predict` over the train images makes)."""
-    import gzip
-
-    from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, _link
-
-    root, dest = Path(root), Path(dest)
-    found: dict[int, Path] = {}
-    prepared = []
-    for path, depth, files in _walk(root, max_depth=8):
-        if PREPARE_MANIFEST in files:
-            prepared.append((depth, str(path)))
+def _finished_folds(root: Path, name: str) -> dict[int, Path]:
+    """fold -> the nearest attached runs/<name>/fold<k>/ that holds best.pt and done.json."""
+    def finished(path: Path, files: list[str]) -> bool:
         parts = path.parts
-        if (len(parts) >= 3 and parts[-3] == "runs" and parts[-2] == config_name and parts[-1][4:].isdigit()
-                and parts[-1].startswith("fold") and {FoldRun(path, 0).best.name, FoldRun(path, 0).done.name} <= set(files)):
-            found.setdefault(int(parts[-1][4:]), path)
+        return (len(parts) >= 3 and parts[-3] == "runs" and parts[-2] == name and parts[-1].startswith("fold")
+                and parts[-1][4:].isdigit() and {FoldRun(path, 0).best.name, FoldRun(path, 0).done.name} <= set(files))
+
+    found: dict[int, Path] = {}
+    for path in kaggle_input.find_all(root, finished):
+        found.setdefault(int(path.name[4:]), path)
+    return found
+
+
+def _member_entry(root: Path, name: str, folds: list[int], dest: Path, prefix: str) -> tuple[dict[str, str], Path]:
+    """Link one config's finished folds into the flat model folder; (flat name -> path inside runs/<name>/, the
+    config.yaml of its first fold)."""
+    from .run import _link
+
+    found = _finished_folds(root, name)
     missing = [k for k in folds if k not in found]
     if missing:
-        raise UserError(f"no finished runs/{config_name}/fold<k>/ (best.pt + done.json) under {root} for fold(s) "
+        raise UserError(f"no finished runs/{name}/fold<k>/ (best.pt + done.json) under {root} for fold(s) "
                         f"{missing}; attach their training kernels once they are complete (make kernel-status)")
-    if not prepared:
-        raise UserError(f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output")
-    prep = Path(min(prepared)[1])
-    dest.mkdir(parents=True, exist_ok=True)
     files = {}
     for k in folds:
         fold_run = FoldRun(found[k], k)
         for path in (fold_run.best, fold_run.done):
-            _link(path, dest / f"fold{k}_{path.name}")
-            files[f"fold{k}_{path.name}"] = f"fold{k}/{path.name}"
-    shutil.copyfile(FoldRun(found[folds[0]], folds[0]).config, dest / "config.yaml")
+            _link(path, dest / f"{prefix}fold{k}_{path.name}")
+            files[f"{prefix}fold{k}_{path.name}"] = f"fold{k}/{path.name}"
+    return files, FoldRun(found[folds[0]], folds[0]).config
+
+
+def _oof_of_folds(root: Path, name: str, folds: list[int], path: Path) -> None:
+    """A member's OOF predictions from its folds' own oof.csv (best.pt on each fold's validation images, no TTA):
+    what the kernel's ensemble step reads for its OOF scores (its test predictions do not depend on them)."""
+    import pandas as pd
+
+    found = _finished_folds(root, name)
+    frames = [pd.read_csv(FoldRun(found[k], k).oof, dtype={"image_id": str}) for k in folds
+              if FoldRun(found[k], k).oof.is_file()]
+    if not frames:
+        raise UserError(f"runs/{name}/fold{folds[0]}/ under {root} holds no oof.csv; retrain it with this ich_kaggle")
+    write_csv(pd.concat(frames, ignore_index=True), path)
+
+
+def assemble_model(root: str | Path, config_name: str, folds: list[int], dest: str | Path,
+                   cfg: Config | None = None) -> Path:
+    """A model-dataset folder (the layout `run.run_inference` reads) from the attached training kernels' finished
+    folds and the prepare kernel's folds: first-stage predictions only (the stacker is refit on TTA OOF
+    predictions, which only a local `make predict` over the train images makes). An ensemble (`cfg`) lists each
+    member with the folds of its own training kernels."""
+    import gzip
+
+    from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST
+
+    root, dest = Path(root), Path(dest)
+    prepared = kaggle_input.find_all(root, kaggle_input.holding(PREPARE_MANIFEST))
+    if not prepared:
+        raise UserError(f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output")
+    prep = prepared[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    members = []
+    if cfg is not None and cfg.is_ensemble:
+        from ..core import ensemble
+
+        config_mod.dump(cfg, dest / "config.yaml")
+        for name in ensemble.member_names(cfg):
+            prefix = f"{name}__"
+            member_files, config = _member_entry(root, name, folds, dest, prefix)
+            shutil.copyfile(config, dest / f"{prefix}config.yaml")
+            _oof_of_folds(root, name, folds, dest / f"{prefix}predictions_oof.csv")
+            member_files[f"{prefix}predictions_oof.csv"] = "predictions/oof.csv"
+            members.append({"name": name, "folds": list(folds), "config": f"{prefix}config.yaml",
+                            "files": member_files})
+    else:
+        files, config = _member_entry(root, config_name, folds, dest, "")
+        shutil.copyfile(config, dest / "config.yaml")
     with atomic_path(dest / FOLDS) as tmp:
         with open(prep / "folds.csv", "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
             shutil.copyfileobj(src, dst)
     shutil.copyfile(prep / "folds.csv.json", dest / FOLDS_INFO)
-    _write_json(dest / MODEL_MANIFEST, {"format": MANIFEST_FORMAT, "config": config_name, "ich_kaggle": __version__,
-                                        "folds": list(folds), "stack": False, "files": files, "weights": "fp32",
-                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    manifest = {"format": MANIFEST_FORMAT, "config": config_name, "ich_kaggle": __version__, "folds": list(folds),
+                "stack": False, "files": files, "weights": "fp32", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if members:
+        manifest["members"] = members
+    _write_json(dest / MODEL_MANIFEST, manifest)
     return dest

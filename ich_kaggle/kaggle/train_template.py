@@ -3,6 +3,8 @@
 
 It runs without internet: installs ich_kaggle from the attached code dataset, finds the competition under the input
 root, and then
+- gpu-check: measures one T4's training and inference images/s for each backbone and size in FOLDS into
+  rates.yaml (make kernel-gpu-check-fetch turns it into kaggle_rates.yaml);
 - prepare: scans every DICOM header and writes meta.csv + folds.csv (patient-grouped, K and SEED below) to the
   working folder, the output every training kernel attaches;
 - infer: predicts the test images (TTA) with the attached training kernels' folds (FOLDS), first stage only, and
@@ -52,12 +54,18 @@ def main():
 
     log(f"using ich_kaggle {ich_kaggle.__version__} from {Path(ich_kaggle.__file__).parent}")
     try:
-        if MODE == "prepare":
+        if MODE == "gpu-check":
+            out = train_run_gpu_check(FOLDS)
+        elif MODE == "prepare":
             out = train_run.run_prepare(train_run.find_competition(INPUT), WORKING, k=K, seed=SEED)
         elif MODE == "infer":
             from ich_kaggle.kaggle import run as kernel_run
 
-            model = train_run.assemble_model(INPUT, CONFIG_NAME, FOLDS, SCRATCH / "model")
+            import yaml
+            from ich_kaggle.core import config
+
+            cfg = config.from_dict(yaml.safe_load(CONFIG_YAML), source="kernel.py CONFIG_YAML") if CONFIG_YAML else None
+            model = train_run.assemble_model(INPUT, CONFIG_NAME, FOLDS, SCRATCH / "model", cfg=cfg)
             out = kernel_run.run_inference(model, train_run.find_test_competition(INPUT), WORKING, scratch=SCRATCH)
         else:
             import yaml
@@ -71,6 +79,12 @@ def main():
     except UserError as e:
         sys.exit(f"error: {e}")
     log(f"wrote {out} in {time.time() - started:.0f} s")
+
+
+def train_run_gpu_check(pairs):
+    from ich_kaggle.kaggle import train_build
+
+    return train_build.run_gpu_check(pairs, WORKING)
 
 
 if __name__ == "__main__":

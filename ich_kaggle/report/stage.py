@@ -9,6 +9,7 @@ The readers live in `report.runs`, the figures in `report.plots`, `compare` in `
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from ..core.labels import LABELS
 from . import evaluation as ev
 from ..core.config import Config
 from ..core.errors import UserError, fix
-from ..core.io import atomic_open, write_csv
+from ..core.io import atomic_open, cannot_write, write_csv
 from ..core.layout import Layout, Run
 from . import plots
 from .compare import compare, experiment_row, find_experiments
@@ -614,14 +615,26 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
         _prepare(ctx)
     except UserError as e:  # e.g. an OOF file without the label columns: the page says which file
         ctx.notes.append(str(e))
+    stale = _stale_inputs(cfg, layout, runs)
+    ctx.notes += [f"Warning: {why}" for why in stale]
+    for why in stale:
+        log.warning(f"report: {why}")
     page = Page(f"ich_kaggle report: {cfg.name}")
     chosen = [(key, title, build) for key, title, build in SECTIONS if sections is None or key in sections]
+    skipped: list[str] = []
     for key, title, build in tqdm(chosen, desc="report", unit="section", leave=False):
         sec = page.section(title)
         start = time.time()
         try:
             build(ctx, sec)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+                raise cannot_write(e.filename or ctx.out, e) from None  # every later section would fail the same
+            skipped.append(title)
+            log.warning(f"report section '{title}' skipped: {type(e).__name__}: {e}")
+            sec.note(f"Section failed: {type(e).__name__}: {e}")
         except Exception as e:  # one broken input must not cost the other sections
+            skipped.append(title)
             log.warning(f"report section '{title}' skipped: {type(e).__name__}: {e}")
             sec.note(f"Section failed: {type(e).__name__}: {e}")
         log.debug("section %s: %.1f s", title, time.time() - start)
@@ -630,4 +643,27 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
         json.dump(ctx.summary, f, indent=2, default=float)
     index = page.write(ctx.out / "index.html")
     log.info(f"report: {index}")
+    if skipped or stale:  # the page is written, but it is not the whole report of fresh inputs: not exit 0
+        what = (f"{len(skipped)} section(s) skipped ({', '.join(skipped)}; see the warnings above)" if skipped
+                else f"made from stale inputs ({stale[0]})")
+        raise UserError(f"report {index} is incomplete: {what}; fix that and rerun `make report CONFIG={cfg.name}`")
     return index
+
+
+def _stale_inputs(cfg: Config, layout: Layout, runs: str | Path) -> list[str]:
+    """What `predict`/`submit` would refuse among the files the report reads: folds trained on another split or
+    config, predictions whose chain no longer holds (a fold retrained, a file cut short)."""
+    from ..core import freshness, manifest
+    from ..data import trained
+
+    out = []
+    if not cfg.is_ensemble and (layout.train_dir.is_dir() or layout.test_dir.is_dir()):  # a report may lack the data
+        try:
+            trained.check(cfg, layout, runs)
+        except UserError as e:
+            out.append(str(e))
+    pred = Run.of(runs, cfg.name).predictions
+    for path in (pred.oof, pred.test):
+        if manifest.read(path) is not None and (why := freshness.chain_reason(path)):
+            out.append(f"{path} is stale ({why}); rerun `make predict CONFIG={cfg.name}`")
+    return out

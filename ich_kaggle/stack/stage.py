@@ -153,6 +153,15 @@ def recommend_neighbors(losses: pd.Series, model: str, prior: float | None = Non
             f"{fix('--set stack.model=neighbors', 'SET_EXTRA=stack.model=neighbors')}")
 
 
+def check_sources(dirs: list[Predictions], config_name: str) -> None:
+    """One line when a first-stage file was cut short or edited, or what made it changed (a fold retrained, a member
+    predicted again): the stack is never fitted on, nor reused over, predictions that `submit` would refuse."""
+    for d in dirs:
+        for f in (d.oof, d.test):
+            if manifest.read(f) is not None and (reason := freshness.chain_reason(f)):
+                raise UserError(f"{f} is stale ({reason}); run `make predict CONFIG={config_name}` first")
+
+
 def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
           progress: bool = True, force: bool = False) -> Path:
     """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`."""
@@ -166,6 +175,11 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
         raise UserError("stack.embedding_space=per_fold needs cv.split=patient (under a random split a fold model's "
                         "held-out images are scattered slices, not whole series); use stack.embedding_space=mixture")
     dirs = prediction_dirs(cfg, runs, sources)
+    if not sources and not cfg.is_ensemble:
+        from ..data import trained
+
+        trained.check(cfg, layout, runs)
+    check_sources(dirs, cfg.name)
     out = Run.of(runs, cfg.name).stack
     expected = freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
     from . import saved

@@ -74,8 +74,26 @@ def write_submission(pred_wide: pd.DataFrame, sample_csv: str | Path, out_path: 
     out_path = Path(out_path)
     if out_path.suffix == ".gz":
         out_path = out_path.with_suffix("")
-    long = _to_long(pred_wide, _read_sample(sample_csv), source=str(out_path))
+    sample = _read_sample(sample_csv)
+    long = _to_long(pred_wide, sample, source=str(out_path))
     data = _format_csv(long)
+    import io  # validated in memory, then written: a bad submission never replaces a good one
+
+    raw = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    problems = validate(sample, raw)
+    if problems:
+        raise UserError(f"{out_path}: not written, it would fail validation: {problems[0]} "
+                        f"({len(problems)} problem(s)); check {sample_csv}")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        return _write_both(out_path, data)
+    except OSError as e:
+        from ..core.io import cannot_write
+
+        raise cannot_write(out_path, e) from None
+
+
+def _write_both(out_path: Path, data: bytes) -> Path:
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(data)
     gz_path = out_path.with_name(out_path.name + ".gz")
@@ -188,6 +206,14 @@ def _first_stage_manifest(cfg, run: Run) -> dict:
     return freshness.predictions(run, run.finished(selected_folds(cfg.cv)), cfg.tta)
 
 
+def _stack_stale(cfg, layout, run: Run) -> str | None:
+    expected = freshness.stacked(ensemble.stack_sources(cfg, run.dir.parent), layout, cfg.stack, cfg.cv)
+    for path in (run.stack.test, run.stack.oof):
+        if stale := (freshness.stale_reason(path, expected) if path.exists() else f"{path.name} is missing"):
+            return stale
+    return None
+
+
 def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
     """(test, oof) predictions to submit: of the first stage and a fresh stack, the one with the lower OOF weighted
     log loss against the training labels (both scored on the same images); the choice and both scores are printed
@@ -201,14 +227,15 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
     first = run.predictions
     if not first.test.exists():
         raise UserError(f"no test predictions in {first.dir}; run `make predict CONFIG={cfg.name}` (and `make stack`) first")
-    stale = freshness.stale_reason(first.test, _first_stage_manifest(cfg, run))
-    if stale:
-        raise UserError(f"{first.test} is stale ({stale}); rerun `make predict CONFIG={cfg.name}` first")
+    expected = _first_stage_manifest(cfg, run)
+    for path in (first.test, first.oof):  # the OOF file chooses the stage and gives the expected score
+        stale = freshness.stale_reason(path, expected) if path.exists() else f"{path.name} is missing"
+        if stale:
+            raise UserError(f"{path} is stale ({stale}); rerun `make predict CONFIG={cfg.name}` first")
     choice: dict = {"stage": "first_stage", "test": str(first.test), "oof": str(first.oof), "oof_log_loss": {}}
     if not run.stack.test.exists():
         log.info(f"submit: using the first stage ({first.test}); no stack")
-    elif stale := freshness.stale_reason(run.stack.test, freshness.stacked(
-            ensemble.stack_sources(cfg, run.dir.parent), layout, cfg.stack, cfg.cv)):
+    elif stale := _stack_stale(cfg, layout, run):
         log.info(f"submit: {run.stack.test} is stale ({stale}); using the first stage instead (`make stack` refreshes it)")
     else:
         train = _train_labels(layout)
@@ -226,8 +253,11 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
                 choice.update(stage="stacked", test=str(run.stack.test), oof=str(run.stack.oof))
             else:
                 log.info(f"submit: using the first stage ({first.test}): stacking did not lower the OOF loss; {both}")
-    with atomic_open(run.choice) as f:
-        json.dump(choice, f, indent=1)
+    try:
+        with atomic_open(run.choice) as f:
+            json.dump(choice, f, indent=1)
+    except PermissionError:  # a read-only runs folder: the choice is printed above, the submission goes elsewhere
+        log.info(f"submit: {run.dir} is read-only; the choice is not kept in {run.choice.name}")
     return Path(choice["test"]), Path(choice["oof"])
 
 
@@ -237,16 +267,44 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
 
 
 
-def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submissions") -> Path:
+def check_sample(sample_csv: Path, pred: pd.DataFrame, unreadable: set[str] = frozenset()) -> pd.DataFrame:
+    """The sample submission, when it is one this experiment can fill: no duplicate ID, at least one row, and at
+    least 99 % of its images predicted or known unreadable (fewer: the sample of another test set, all prior)."""
+    sample = _read_sample(sample_csv)
+    if not len(sample):
+        raise UserError(f"{sample_csv}: header only, no rows; use the competition's stage_2_sample_submission.csv")
+    dup = sample["ID"][sample["ID"].duplicated()]
+    if len(dup):
+        raise UserError(f"{sample_csv}: {len(dup)} duplicate IDs (e.g. {dup.iloc[0]}); use the competition's "
+                        f"stage_2_sample_submission.csv")
+    images = pd.unique(split_ids(sample["ID"])[0])
+    known = pd.Index(images).isin(pd.Index(pred["image_id"].astype(str)).union(pd.Index(sorted(unreadable)))).mean()
+    if known < 0.99:
+        raise UserError(f"{sample_csv}: only {known:.0%} of its {len(images)} images were predicted (the sample of "
+                        f"another test set?); use the sample of the data predicted, or rerun `make predict`")
+    return sample
+
+
+def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submissions",
+           members: list | None = None) -> Path:
     """Best predictions of an experiment -> validated `<out_dir>/<cfg.name>.csv` (+ .gz); `kaggle-submit` uploads it.
 
     Sample images without a prediction (unreadable DICOMs) get the training prior: the label means of
     `layout.train_csv`, the best constant guess, so one bad file costs little and never blocks a submission.
     """
+    from ..data import trained
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder; pass a folder (default: submissions)")
     run = Run.of(runs, cfg.name)
+    for member in ([cfg] if not cfg.is_ensemble else members or []):  # the folds still the ones the config trains
+        trained.check(member, layout, runs, via=cfg.name)
     pred_path, oof_path = choose_stage(cfg, layout, run)
     pred = read_long_or_wide(pred_path)
-    sample = _read_sample(layout.sample_csv)
+    unreadable_csv = run.predictions.unreadable
+    unreadable = set(pd.read_csv(unreadable_csv, dtype=str).iloc[:, 0]) if unreadable_csv.exists() else set()
+    sample = check_sample(layout.sample_csv, pred, unreadable)
     train = _train_labels(layout)
     prior = train[list(LABELS)].to_numpy(np.float64).mean(axis=0) if train is not None else None
 
@@ -256,10 +314,8 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
         raise UserError(f"{len(lacking)} test images have no prediction (e.g. {lacking[0]}) and {layout.train_csv} is missing, "
                         f"so there is no training prior to fill them with; add stage_2_train.csv to the data folder")
     if len(lacking):
-        unreadable_csv = run.predictions.unreadable
         note = ""
         if unreadable_csv.exists():
-            unreadable = set(pd.read_csv(unreadable_csv, dtype=str).iloc[:, 0])
             note = f" ({sum(i in unreadable for i in lacking)} listed in {unreadable_csv})"
         log.info(f"{len(lacking)} of {len(sample_images)} test images have no prediction{note}; "
               f"they get the training prior {np.round(prior, 4).tolist()}:")
@@ -268,10 +324,7 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
         fill.insert(0, "image_id", np.asarray(lacking, dtype=object))
         pred = pd.concat([pred, fill], ignore_index=True)
 
-    out = write_submission(pred, layout.sample_csv, Path(out_dir) / f"{cfg.name}.csv")
-    problems = validate_file(layout.sample_csv, out)
-    if problems:
-        raise UserError(f"{out} failed validation: {problems[0]} ({len(problems)} problems); this is a bug, please report it")
+    out = write_submission(pred, layout.sample_csv, out_dir / f"{cfg.name}.csv")
     log.info(f"wrote {out} and {out}.gz from {pred_path} ({len(sample)} rows, valid)")
 
     _print_oof_score(run, oof_path, train)

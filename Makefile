@@ -6,6 +6,7 @@ CONFIG    ?= seresnext50_512
 ## DATA_DIR=<folder>  competition folder in the Kaggle layout (default data/rsna-intracranial-hemorrhage-detection)
 DATA_DIR  ?= data/rsna-intracranial-hemorrhage-detection
 ## RUNS=<folder>      where experiments are written (default runs)
+## RUN=<name>         the experiment's folder RUNS/<name>/ (default: the config's name): a new RUN trains beside
 RUNS      ?= runs
 ## fold=<k>           the fold of train, lr-find, kernel-train, kernel-fetch (default 0; FOLD= works too)
 fold      ?= 0
@@ -33,7 +34,9 @@ export ICH_KAGGLE_MAKE := 1
 ## SET_EXTRA="key=value ..."  override any other config key, e.g. SET_EXTRA="model.dropout=0.3 cv.k=3"
 SET := $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(BATCH),train.batch_size=$(BATCH)) \
        $(if $(LR),train.lr=$(LR)) $(if $(SIZE),data.image_size=$(SIZE)) $(if $(WORKERS),data.num_workers=$(WORKERS)) $(SET_EXTRA)
-EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(strip $(SET)),--set $(SET))
+# RUN=<name>: the experiment's folder runs/<name>/ (default: the config's name); a changed setting with a new RUN
+# trains beside the old experiment
+EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(RUN),--run "$(RUN)") $(if $(strip $(SET)),--set $(SET))
 
 .PHONY: help demo recipe test bench synth meta folds preprocess train train-all lr-find predict stack submit score \
         kernel kernel-datasets datasets-create datasets-version datasets-wait kernel-push kernel-wait \
@@ -62,15 +65,16 @@ install: $(PY) ## create .venv from requirements.txt and install the package int
 
 demo: $(PY) ## the whole pipeline on a synthetic competition, on CPU (~5 min); its figures are the README's
 	$(PY) -m ich_kaggle demo $(if $(filter command line environment,$(origin DATA_DIR)),--data "$(DATA_DIR)") \
-	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),demo) $(if $(strip $(SET)),--set $(SET))
+	    --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),demo) --runs "$(RUNS)" $(if $(RUN),--run "$(RUN)") \
+	    $(if $(strip $(SET)),--set $(SET))
 
 # the whole recipe, resumable (rerun after an interruption): ENSEMBLE=winners (default), seresnext_pair, kaggle_week
 ## ENSEMBLE=<name>    what `make recipe` trains (default winners: docs/stacking.md)
 ENSEMBLE ?= winners
 ## GPUS=<n>           recipe: GPUs that train folds side by side (default -1: every visible one; 0: one at a time)
 GPUS ?= -1
-recipe: $(PY) ## the whole recipe on the real data, resumable: ENSEMBLE=, GPUS=, DATA_DIR=
-	$(PY) -m ich_kaggle recipe --config $(ENSEMBLE) --data "$(DATA_DIR)" --runs "$(RUNS)" --gpus $(GPUS) $(if $(strip $(SET)),--set $(SET))
+recipe: $(PY) ## the whole recipe on the real data, resumable: ENSEMBLE=, GPUS=, DATA_DIR=, RUN=
+	$(PY) -m ich_kaggle recipe --config $(ENSEMBLE) --data "$(DATA_DIR)" --runs "$(RUNS)" --gpus $(GPUS) $(if $(RUN),--run "$(RUN)") $(if $(strip $(SET)),--set $(SET))
 
 test: $(PY) ## the test suite on CPU (CI runs exactly this)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -134,8 +138,8 @@ validate: $(PY) ## check a submission against the sample: SAMPLE=<sample.csv> SU
 report: $(PY) ## plots and index.html of an experiment (CONFIG=)
 	$(PY) -m ich_kaggle report $(EXP) $(if $(THRESHOLD),--threshold $(THRESHOLD))
 
-compare: $(PY) ## one table of every finished experiment under RUNS
-	$(PY) -m ich_kaggle compare --runs "$(RUNS)"
+compare: $(PY) ## one table of every experiment with a score under RUNS, 120 columns (WIDE=1: every column)
+	$(PY) -m ich_kaggle compare --runs "$(RUNS)" $(if $(WIDE),--wide)
 
 # --- Kaggle: offline kernel and its two datasets ---
 ## FP16_WEIGHTS=1     kernel-datasets: ship the checkpoints in float16 (half the size)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .core.labels import LABELS
 from .core import config
-from .core.layout import Layout, Run, work_name
+from .core.layout import Layout, Run
 from .data import synth as synth_mod
 from . import docs
 
@@ -125,21 +125,22 @@ def fold_jobs(cfg, config_name: str, overrides: list[str] | None) -> list:
     extra = [o for o in (overrides or []) if not o.strip().startswith("ensemble.")]
     if cfg.is_ensemble:
         sources = [(src, [*cfg.ensemble.member_set, *extra]) for src in cfg.ensemble.members]
-        members = ensemble.load_members(cfg, overrides)
+        members = ensemble.load_members(cfg, overrides)  # named as `cfg` names them (RUN= prefixes them)
     else:
         sources, members = [(config_name, list(overrides or []))], [cfg]
     return [Job(src, int(k), sets, m.name) for (src, sets), m in zip(sources, members) for k in selected_folds(m.cv)]
 
 
 def recipe(data: str, config_name: str = "winners", runs: str = "runs", work: str | None = None,
-           overrides: list[str] | None = None, out_dir: str = "submissions", gpus: int = -1) -> Path:
+           overrides: list[str] | None = None, out_dir: str = "submissions", gpus: int = -1,
+           run: str | None = None) -> Path:
     """`make recipe`: the whole recipe on a Kaggle download, one resumable command, to `<out_dir>/<config>.csv`.
     `gpus`: how many GPUs train folds side by side (-1: every visible one; 0 or 1: one fold at a time here)."""
     from .core import ensemble
     from .train.side_by_side import visible_gpus
 
     start = time.time()
-    cfg = config.load(config_name, overrides)
+    cfg = config.load(config_name, overrides, run=run)
     members = ensemble.load_members(cfg, overrides) if cfg.is_ensemble else [cfg]
     layout = Layout.of(data, work)
     layout.require_data()
@@ -155,11 +156,6 @@ def recipe(data: str, config_name: str = "winners", runs: str = "runs", work: st
     return out
 
 
-def default_runs(layout: Layout) -> str:
-    """One runs folder per data folder: folds trained on one competition must never be reused on another."""
-    return str(Path("runs/demo") / work_name(layout.data))
-
-
 def output_file(run: Run) -> Path:
     """Where the demo saves the block it printed last (docs.py writes it into the README)."""
     return run.dir / "demo.txt"
@@ -167,17 +163,26 @@ def output_file(run: Run) -> Path:
 
 def default_output() -> Path:
     """The saved block of the default `make demo` (synthetic competition, `demo` ensemble): the README's figures."""
-    return output_file(Run.of(default_runs(Layout.of(SYNTH_DIR)), "demo"))
+    return output_file(Run.of("runs", "demo"))
 
 
-def run(data: str | None = None, config_name: str = "demo", runs: str | None = None, work: str | None = None,
-        overrides: list[str] | None = None, embeddings: bool = True) -> dict[str, float]:
+def report_command(config_name: str, run_name: str, runs: str | Path) -> str:
+    """The Make call that writes the demo's report (the report finds the data folder in the run's record)."""
+    extra = ("" if run_name == Path(config_name).stem else f" RUN={run_name}") + \
+        ("" if str(runs) == "runs" else f" RUNS={runs}")
+    return f"make report CONFIG={config_name}{extra}"
+
+
+def run(data: str | None = None, config_name: str = "demo", runs: str = "runs", work: str | None = None,
+        overrides: list[str] | None = None, embeddings: bool = True, run: str | None = None) -> dict[str, float]:
+    """The demo writes where every target does, runs/<run>/ (default: the config's name); its folds record the data
+    folder they trained on, so a demo on another folder is refused with one line (RUN=<name> trains beside it)."""
     from .core import ensemble
     from .stack import stage as stack
     from .data import synth
 
     start, cpu_start = time.time(), _cpu_seconds()
-    cfg = config.load(config_name, overrides)
+    cfg = config.load(config_name, overrides, run=run)
     members = ensemble.load_members(cfg, overrides) if cfg.is_ensemble else [cfg]
     if data is None:
         data_dir = SYNTH_DIR
@@ -187,7 +192,6 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
         data_dir = Path(data)
     layout = Layout.of(data_dir, work)
     layout.require_data()
-    runs = runs or default_runs(layout)
 
     names = ", ".join(m.name for m in members)
     print(f"[demo] data {layout.data}  work {layout.work}  config {cfg.name} ({names})  runs {runs}")
@@ -215,4 +219,6 @@ def run(data: str | None = None, config_name: str = "demo", runs: str | None = N
     block = [f"{key}: {value:.5f}" for key, value in result.items()] + [f"submit_chose: {chosen} ({why})"]
     print("\n".join(block))
     docs.save_output(output_file(run_dir), block, docs.settings_line(data, config_name, overrides))
+    print(f"[demo] its report: {report_command(config_name, cfg.name, runs)} "
+          f"&& xdg-open {run_dir.report / 'index.html'}")
     return {**result, "submit_chose": chosen}

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 
 from ich_kaggle.submit import stage as submission
-from ich_kaggle.core.layout import work_name
 from ich_kaggle.data import synth
 from ich_kaggle import docs
 from ich_kaggle.core.errors import UserError
@@ -34,7 +33,9 @@ def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path)
     data = synth.write_competition(tmp_path / "comp", seed=3, studies=12, slices=8, size=64)
     proc = _demo(tmp_path, data)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()[-8:]
+    *lines, opens = proc.stdout.strip().splitlines()[-9:]
+    # the last line is the command that writes and opens its report (the report finds the demo's data folder)
+    assert opens == "[demo] its report: make report CONFIG=demo && xdg-open runs/demo/report/index.html"
     names = [line.split(": ")[0] for line in lines]
     assert names == ["prior_log_loss", "first_stage_log_loss[tiny]", "first_stage_log_loss[tiny_bone]",
                      "ensemble_log_loss", "stacked_log_loss", "stacked_embeddings_log_loss", "blend_log_loss",
@@ -50,8 +51,9 @@ def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path)
     sample = data / "stage_2_sample_submission.csv"
     assert submission.validate_file(sample, sub) == []
     assert len(pd.read_csv(sub)) == len(pd.read_csv(sample))
-    # the demo's runs are kept per data folder (name + path hash), so another competition never reuses these folds
-    assert (tmp_path / "runs" / "demo" / work_name(data) / "tiny" / "fold2" / "best.pt").exists()
+    # the demo writes where every target does (runs/<run>/); its folds record the data folder they trained on
+    assert (tmp_path / "runs" / "tiny" / "fold2" / "best.pt").exists()
+    assert (tmp_path / "runs" / "demo" / "choice.json").exists()
 
     # the printed block is saved for `make docs`, with the settings that made it; this demo is not the default one
     # (other data, FAST overrides), so it may not stand in the README: docs-check says so
@@ -64,7 +66,7 @@ def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path)
     # a second run reuses everything (trained folds, per-fold predictions, the stack) and prints the same scores
     again = _demo(tmp_path, data)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.strip().splitlines()[-8:] == lines
+    assert again.stdout.strip().splitlines()[-9:] == [*lines, opens]
     printed = again.stdout + again.stderr
     assert printed.count("is already trained") == 6  # 3 folds of each of the two members
     assert "already predicted" in printed and "(same member predictions and combination); reusing" in printed

@@ -90,6 +90,9 @@ def test_ensemble_round_trips_through_train_predict_stack_submit_compare(tmp_pat
     out = cli("compare", "--runs", str(runs))
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("pair"))
+    assert "2 mem" in row  # its members (120 columns; --wide names them)
+    out = cli("compare", "--runs", str(runs), "--wide")
+    row = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("pair"))
     assert "ensemble of tiny, tiny_bone" in row
 
     # a member predicted again with another TTA: the ensemble's first stage is stale until predict recombines it

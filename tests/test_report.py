@@ -282,6 +282,34 @@ def test_compare_table(experiment, capsys):
     assert (runs / "compare.csv").exists() and "tiny" in out
 
 
+def test_compare_fits_120_columns_with_data_and_folds_done(experiment, capsys):
+    """Each run names the data it trained on and its folds done of k; a stack-only experiment (the demo's
+    `demo+embeddings`) is listed with its score; --wide shows every column."""
+    cfg, layout, runs, folds = experiment
+    for k in range(3):
+        fold = runs / cfg.name / f"fold{k}"
+        done = json.loads((fold / "done.json").read_text())
+        (fold / "done.json").write_text(json.dumps({**done, "data": {"path": "/somewhere/synth", "images": "x"}}))
+        (fold / "config.yaml").write_text("cv:\n  k: 5\n")
+    long_name = "an-experiment-with-a-very-long-name-indeed-lr3e-4-size512"
+    fake_run(runs / long_name, folds[folds["fold"] == 0], seed=2)
+    fake_stack(runs / "demo+embeddings", folds)
+    table = report.compare(runs)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    header = lines[0].split()
+    assert header[:3] == ["experiment", "data", "folds"]
+    row = next(line for line in lines if line.startswith("tiny "))
+    assert "synth" in row and "3/5" in row
+    assert any(line.startswith("demo+embeddings") for line in lines)
+    assert set(table["experiment"]) == {"tiny", long_name, "demo+embeddings"}
+    assert table.set_index("experiment").loc["demo+embeddings", "stacked_wll"] == pytest.approx(0.22)
+    report.compare(runs, wide=True)
+    wide = capsys.readouterr().out
+    assert max(len(line) for line in wide.splitlines()) > 120 and "subarachnoid" in wide and long_name in wide
+
+
 def test_compare_errors_and_empty(tmp_path, capsys):
     with pytest.raises(UserError, match="not found"):
         report.compare(tmp_path / "none")
@@ -481,3 +509,77 @@ def test_curves_with_a_label_without_positives(tmp_path):
         img = cv2.imread(str(path))
         assert img is not None and img.std() > 10
     assert np.isnan(ev.threshold_table(joined).loc["epidural", "BEST_THR"])
+
+
+# --- an ensemble's one page, readable figures, galleries -----------------------------------------------------
+
+
+def test_ensemble_report_is_one_page_with_members_ensemble_stack_and_choice(tmp_path):
+    """`make report CONFIG=demo`: one page for what was submitted, each member described as its folds recorded it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    layout = Layout.of(data, tmp_path / "work")
+    folds = fake_data(layout.work)
+    cfg = config.load("demo")
+    runs = tmp_path / "runs"
+    for seed, name in enumerate(("tiny", "tiny_bone")):
+        fake_run(runs / name, folds, seed=seed, epochs=1)
+        for k in range(3):  # the config each fold trained with: 1 epoch, not the shipped file's
+            trained = config.load(name, ["cv.k=3", "train.epochs=1"])
+            config.dump(trained, runs / name / f"fold{k}" / "config.yaml")
+    ens = runs / cfg.name
+    oof = pd.concat([pd.read_csv(runs / "tiny" / f"fold{k}" / "oof.csv") for k in range(3)])
+    (ens / "predictions").mkdir(parents=True)
+    oof.to_csv(ens / "predictions" / "oof.csv", index=False)
+    (ens / "predictions" / "ensemble.json").write_text(json.dumps({
+        "members": [{"name": "tiny", "run": "tiny"}, {"name": "tiny_bone", "run": "tiny_bone"}], "combine": "logit",
+        "weights": [0.5, 0.5], "oof_weighted_log_loss": {"tiny": 0.2, "tiny_bone": 0.25, "ensemble": 0.19}}))
+    fake_stack(ens, folds)
+    (ens / "choice.json").write_text(json.dumps({"stage": "stacked", "test": "x", "oof": "y",
+                                                 "oof_log_loss": {"first_stage": 0.19, "stacked": 0.17}}))
+    index = report.make_report(cfg, layout, runs=runs, sections=["summary", "choice", "series"])
+    assert index == ens / "report" / "index.html"
+    assert not (runs / "tiny" / "report").exists() and not (runs / "tiny_bone" / "report").exists()
+    page = index.read_text().replace("&#x27;", "'")
+    assert "Ensemble 'demo'" in page and "combined by the mean of logits" in page
+    for name in ("tiny", "tiny_bone"):
+        assert f"'{name}' as trained" in page
+    assert "1 epoch(s)" in page and "2 epoch(s)" not in page  # as trained, not the shipped config (2 epochs)
+    assert re.search(r"<td>tiny</td>\s*<td>[^<]+</td>\s*<td>64</td>\s*<td>1</td>\s*<td>3/3</td>", page)
+    assert "Second stage (" in page and "make submit chose the second (stacked) stage" in page
+    assert "first_stage 0.19000, stacked 0.17000" in page
+    assert "AUC (95% CI)" in page and re.search(r"0\.\d{3} \[0\.\d{3}, [01]\.\d{3}\]", page)
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert summary["submitted"] == "stacked" and summary["members"] == {"tiny": 3, "tiny_bone": 3}
+    lo, hi = summary["series_auc_any_ci"]
+    assert lo <= summary["series_auc_any"] <= hi
+    from ich_kaggle.report import intervals
+
+    rng = np.random.default_rng(1)
+    y, p = rng.random(60) < 0.3, np.round(rng.random(60), 1)  # ties: the bootstrap's fast AUC is the report's AUC
+    assert intervals.rank_auc(y, p) == pytest.approx(ev.roc_auc(y, p))
+
+
+def test_gradcam_captions_are_set_at_page_size():
+    from ich_kaggle.report import plots
+
+    image = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    examples = [plots.CamExample(image, (np.dstack([image] * 3) * 255).astype(np.uint8),
+                                 f"ID_{i:09d}, fold 0\nany p 0.9{i}\nsubdural: truth 1, p 0.8{i}",
+                                 "Grad-CAM, model p 0.91\nred raises the score") for i in range(8)]
+    fig = plots.gallery_figure(examples, "Most confident true positives")
+    sizes = plots.displayed_text_px(fig)
+    assert len(sizes) >= 17 and min(sizes) >= plots.MIN_TEXT_PX  # 16 captions + the title, none shrunk below
+
+
+def test_true_positive_gallery_holds_only_positives_above_the_threshold():
+    rng = np.random.default_rng(0)
+    n = 200
+    truth = (rng.random(n) < 0.2).astype(int)
+    p = np.where(truth == 1, rng.random(n) * 0.6, rng.random(n) * 0.9)  # many positives predicted low
+    joined = pd.DataFrame({"image_id": [f"ID_{i}" for i in range(n)], "any": truth, ev.pred_col("any"): p,
+                           **{label: 0 for label in SUBTYPES}, **{ev.pred_col(label): 0.1 for label in SUBTYPES}})
+    chosen = report.true_positives(joined, 0.5, 8)
+    assert len(chosen) and (chosen["any"] == 1).all() and (chosen[ev.pred_col("any")] >= 0.5).all()
+    assert len(chosen) == min(8, int(((truth == 1) & (p >= 0.5)).sum()))
+    assert report.true_positives(joined, 0.99, 8).empty  # no positive that sure: an empty gallery, not low ones

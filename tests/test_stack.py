@@ -412,3 +412,38 @@ def test_bench_prints_the_scale_figure(capsys, monkeypatch):
     bench_stack.bench_stack(None, train_slices=2000, test_slices=200)
     out = capsys.readouterr().out
     assert "stack_competition_scale_seconds:" in out and "stack_oof_stacked_log_loss:" in out
+
+
+def test_neighbors_is_recommended_only_when_it_scores_best():
+    from ich_kaggle.stack.stage import recommend_neighbors
+
+    losses = pd.Series({"first_stage": 0.21, "stacked": 0.22, "neighbors": 0.20})
+    assert "stack.model=neighbors" in recommend_neighbors(losses, "gru", prior=0.23)
+    assert recommend_neighbors(losses, "gru", prior=0.19) == ""  # worse than the constant prior
+    assert recommend_neighbors(losses.replace(0.20, 0.393), "gru", prior=0.237) == ""  # the demo's old row
+    assert recommend_neighbors(losses, "neighbors", prior=0.23) == ""
+
+
+def test_neighbors_baseline_falls_back_towards_the_prior_where_logits_do_not_transfer():
+    """Fold models of different scale (each fold's OOF logits scaled differently, as undertrained fold models are)
+    and a label with no positive in some folds: the penalty chosen by cross-fitting keeps the baseline near the
+    prior instead of far above it (the fixed weak penalty scored 0.393 against a prior of 0.226 on the demo)."""
+    from ich_kaggle.core import metrics
+    from ich_kaggle.stack.fit import cross_fit
+
+    rng = np.random.default_rng(0)
+    sim = simulate(n_series=45, seed=5, noise=6.0, k=3, structure=synthetic_series_z(45, np.random.default_rng(2)))
+    frame = sim.folds.merge(sim.meta[["image_id", "slice_rank", "z", "series_len"]], on="image_id")
+    frame = frame.merge(sim.oof, on="image_id", suffixes=("", "_p"))
+    scale = np.array([0.3, 3.0, -1.0])[frame["fold"].to_numpy()][:, None]  # fold 2's model even ranks backwards
+    values = logit(frame[[f"{c}_p" for c in L]].to_numpy()) * scale + rng.normal(0, 1, (len(frame), len(L)))
+    seqs = build_sequences(frame, values.astype(np.float32), frame[L].to_numpy(np.float32), frame["fold"].to_numpy())
+    y = frame[L].to_numpy(np.float64)
+    prior = metrics.weighted_log_loss(y, np.repeat(y.mean(0, keepdims=True), len(y), 0))
+
+    def oof_loss(l2):
+        cf = cross_fit(seqs, None, lambda s, f: fit_neighbors(s, 2, 1, l2=l2), lambda m, s: m.predict(s))
+        return metrics.weighted_log_loss(y, seqs.scatter(cf.oof, len(frame)))
+
+    weak, chosen = oof_loss(1e-4), oof_loss(None)
+    assert chosen < weak / 2 and chosen < prior * 1.1, (chosen, weak, prior)  # in-sample prior: a hair below

@@ -74,10 +74,13 @@ DATA = group(
     flag("--work", default=None, help="folder for derived files (default: work/<data folder name>-<hash of its path>)"),
 )
 CONFIG = flag("--config", default=DEFAULT_CONFIG, help="shipped config or ensemble name, or path to a YAML file")
-RUNS = flag("--runs", default="runs", help="experiments are written to RUNS/<config>/")
+RUNS = flag("--runs", default="runs", help="experiments are written to RUNS/<run>/")
+RUN = flag("--run", default=None,
+           help="the experiment's folder name under RUNS (default: the config's name); a changed setting with a new "
+                "--run trains beside the old experiment")
 SET = flag("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
            help="override config keys, e.g. train.epochs=3 (repeatable; applied in order)")
-EXPERIMENT = group(DATA, CONFIG, RUNS, SET)
+EXPERIMENT = group(DATA, CONFIG, RUNS, RUN, SET)
 USERNAME = flag("--username", default=os.environ.get("KAGGLE_USERNAME"), help="Kaggle user name (default: $KAGGLE_USERNAME)")
 KERNELS_OUT = flag("--out", default="kernels", help="folder of the dataset and kernel folders")
 KAGGLE_OUT = group(KERNELS_OUT, USERNAME)
@@ -98,7 +101,7 @@ def layout_of(args: argparse.Namespace):
 def config_of(args: argparse.Namespace):
     from ..core import config
 
-    return config.load(args.config, args.set)
+    return config.load(args.config, args.set, run=getattr(args, "run", None))
 
 
 def members_of(args: argparse.Namespace, cfg):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import EXPERIMENT, MINI, command, defaults, flag
+from . import EXPERIMENT, MINI, RUN, RUNS, command, defaults, flag
 
 
 @command("recipe", "the whole recipe in one resumable command: meta, folds, cache, every fold of every member, "
@@ -14,13 +14,13 @@ def recipe(args):
     from .. import demo
 
     demo.recipe(args.data, config_name=args.config, runs=args.runs, work=args.work, overrides=args.set,
-                out_dir=args.out_dir, gpus=args.gpus)
+                out_dir=args.out_dir, gpus=args.gpus, run=args.run)
 
 
 @command("demo", "the whole pipeline on the synthetic (or any) competition",
          flag("--data", default=None, help="data folder; default: generate the synthetic competition"),
          flag("--config", default="demo", help="a config or ensemble (default: the two-member CPU ensemble)"),
-         flag("--runs", default=None, help="default: runs/demo/<data folder name>-<path hash>"),
+         RUNS, RUN,
          flag("--no-embeddings", action="store_true", help="skip the embedding-level stack shown beside the other"),
          flag("--work", default=None),
          flag("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE"))
@@ -28,7 +28,7 @@ def demo(args):
     from .. import demo
 
     demo.run(data=args.data, config_name=args.config, runs=args.runs, work=args.work, overrides=args.set,
-             embeddings=not args.no_embeddings)
+             embeddings=not args.no_embeddings, run=args.run)
 
 
 @command("bench", "print speed and memory figures as `name: value` lines (a few minutes on 2 cores)",

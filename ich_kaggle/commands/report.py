@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import EXPERIMENT, command, config_of, flag, layout_of, members_of
+from . import EXPERIMENT, command, config_of, flag, layout_of
 
 
 @command("report", "plots and index.html for an experiment",
@@ -12,13 +12,14 @@ from . import EXPERIMENT, command, config_of, flag, layout_of, members_of
 def report(args):
     from ..report import stage as report
 
-    cfg = config_of(args)
-    for member in members_of(args, cfg):  # an ensemble: one report per member; `compare` lists the ensemble itself
-        report.make_report(member, layout_of(args), runs=args.runs, threshold=args.threshold, gradcam=args.gradcam)
+    # an ensemble: one page (members, the ensemble, the second stage, the choice by OOF)
+    report.make_report(config_of(args), layout_of(args), runs=args.runs, threshold=args.threshold,
+                       gradcam=args.gradcam)
 
 
-@command("compare", "one table of every finished experiment", flag("--runs", default="runs"))
+@command("compare", "one table of every experiment with a score", flag("--runs", default="runs"),
+         flag("--wide", action="store_true", help="every column (default: what fits 120 columns)"))
 def compare(args):
     from ..report import stage as report
 
-    report.compare(args.runs)
+    report.compare(args.runs, wide=args.wide)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,6 +286,8 @@ class EnsembleConfig:
     combine: Combine = "mean"  # mean (of probabilities) | logit (mean of logits)
     weights: list[float] = field(default_factory=list)  # one per member; empty = equal
     member_set: list[str] = field(default_factory=list)  # key=value overrides applied to every member
+    # the members' experiment folders are runs/<run_prefix>.<member>/ (set by RUN= on the ensemble; empty: <member>)
+    run_prefix: str = ""
 
     def check(self, src: str) -> None:
         if self.weights and len(self.weights) != len(self.members):
@@ -483,8 +486,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Load a config by shipped name or YAML path, then apply `key=value` overrides."""
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+
+
+def named(cfg: Config, run: str | None) -> Config:
+    """`cfg` as the experiment `run`: its folder runs/<run>/ and its submission file are named so, and an ensemble's
+    members train in runs/<run>.<member>/. The default (None or the config's own name) changes nothing."""
+    if not run or run == cfg.name:
+        return cfg
+    if not RUN_NAME.fullmatch(run) or run.endswith((".new", ".old")):
+        raise UserError(f"RUN={run!r} (--run): a run name is one folder name of letters, digits and . _ + = - "
+                        f"(not ending in .new or .old), e.g. RUN={cfg.name}-lr3e-4")
+    out = dataclasses.replace(cfg, name=run)
+    if out.is_ensemble:
+        out.ensemble = dataclasses.replace(out.ensemble, run_prefix=run)
+    return out
+
+
+def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | dict[str, Any] | None = None,
+         run: str | None = None) -> Config:
+    """Load a config by shipped name or YAML path, then apply `key=value` overrides; `run` names the experiment
+    (default: the config's name, see `named`)."""
     path = resolve_path(name_or_path)
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
@@ -510,7 +532,7 @@ def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | dict[str, An
         _set(cfg, key.strip(), value.strip(), "command line")
         _check_members(cfg, key.strip(), "command line")
     validate(cfg)
-    return cfg
+    return named(cfg, run)
 
 
 def validate(cfg: Config) -> None:

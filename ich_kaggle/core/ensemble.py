@@ -20,8 +20,10 @@ from .layout import Predictions, Run
 
 
 def member_names(cfg: Config) -> list[str]:
-    """The run folder name of each member (a YAML path's stem, as `config.load` names it)."""
-    return [Path(m).stem for m in cfg.ensemble.members]
+    """The run folder name of each member: a YAML path's stem, as `config.load` names it, after `<run>.` when the
+    ensemble was given a RUN name (`config.named`)."""
+    prefix = cfg.ensemble.run_prefix
+    return [f"{prefix}.{Path(m).stem}" if prefix else Path(m).stem for m in cfg.ensemble.members]
 
 
 def load_members(cfg: Config, overrides: list[str] | None = None) -> list[Config]:
@@ -31,8 +33,8 @@ def load_members(cfg: Config, overrides: list[str] | None = None) -> list[Config
     predictions fold by fold, so the folds have to be the same ones."""
     extra = [o for o in (overrides or []) if not o.strip().startswith("ensemble.")]
     members = []
-    for name in cfg.ensemble.members:
-        member = C.load(name, [*cfg.ensemble.member_set, *extra])
+    for name, run in zip(cfg.ensemble.members, member_names(cfg)):
+        member = C.load(name, [*cfg.ensemble.member_set, *extra], run=run)
         if member.is_ensemble:
             raise UserError(f"config '{cfg.name}': ensemble.members lists '{name}', itself an ensemble; list its members instead")
         for key in ("k", "seed", "split"):

@@ -121,6 +121,11 @@ class FoldRun:
     lr_find_png = property(lambda self: self.dir / "lr_find.png")
 
     @property
+    def staging(self) -> "FoldRun":
+        """fold<k>.new/: where --force retrains a finished fold, which it replaces only once the new one is done."""
+        return FoldRun(self.dir.with_name(self.dir.name + ".new"), self.fold)
+
+    @property
     def outputs(self) -> tuple[Path, ...]:
         """Everything training leaves in the folder (what a training kernel ships and a next version resumes from)."""
         return (self.best, self.last, self.config, self.log_csv, self.curves, self.train_log, self.oof,

@@ -33,6 +33,7 @@ from ..core.layout import FoldRun, Layout, Run
 from ..core import interrupt
 from ..core.lock import exclusive
 from ..core.freshness import config_differences, fold_split_digest  # noqa: F401 (fold_split_digest: re-exported)
+from ..core import provenance
 from ..data import folds as folds_mod
 from . import dist as D
 from .precision import choose as choose_precision
@@ -256,8 +257,9 @@ def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
     diff = config_differences(ckpt["config"], cfg.to_dict())
     if diff:
         raise UserError(f"{path} was trained with a different config ({', '.join(diff[:5])}); "
-                        f"rerun with {fix('--force', 'FORCE=1')} to start this fold again, "
-                        f"or restore those settings to resume")
+                        f"train beside it with {fix('--run <new name>', 'RUN=<new name>')}, retrain it with "
+                        f"{fix('--force', 'FORCE=1')} (the old fold is kept until the new one finishes), or restore "
+                        f"those settings to resume")
 
 
 def _stop_after(stop_after_epochs: int | None) -> int | None:
@@ -286,14 +288,33 @@ def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs"
     files = Run.of(runs, cfg.name).fold(int(fold))
     if not force and finished(cfg, layout, files):  # read-only: works in a read-only runs folder too
         return files.dir
+    # --force on a finished fold trains beside it in fold<k>.new/ and swaps at the end: until the new fold is done
+    # (an interruption included) the old one stays where it was, whole and usable
+    staged = force and files.done.exists()
+    target = files.staging if staged else files
     info = D.setup()
     try:  # rank 0 holds the fold's lock: a second run on the same fold stops with one line
         with exclusive(files.lock, f"fold {fold} of {cfg.name}") if info.is_main else contextlib.nullcontext():
-            return _train_fold(cfg, layout, int(fold), Path(runs), force, _stop_after(stop_after_epochs), info,
-                               batch_loss)
+            out = _train_fold(cfg, layout, target, force, _stop_after(stop_after_epochs), info, batch_loss)
+            if staged and info.is_main and target.done.exists():
+                replace_fold(files, target)
+                out = files.dir
+            D.barrier(info)
+            return out
     finally:
         close_log(_LOG)
         D.teardown(info)
+
+
+def replace_fold(files: FoldRun, new: FoldRun) -> None:
+    """The finished `new` fold takes the place of `files` (renames only: the old one is removed last)."""
+    old = files.dir.with_name(files.dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    files.dir.rename(old)
+    new.dir.rename(files.dir)
+    shutil.rmtree(old)
+    _LOG.info(f"fold {files.fold}: the retrained fold replaced the old one in {files.dir}")
 
 
 def finished(cfg: Config, layout: Layout, files: FoldRun) -> bool:
@@ -303,7 +324,9 @@ def finished(cfg: Config, layout: Layout, files: FoldRun) -> bool:
         return False
     ckpt = read_checkpoint(files.last)
     check_resumable(ckpt, cfg, files.last)
-    check_split(ckpt, folds_mod.fold_table(layout, cfg.cv), files, layout)
+    table = folds_mod.fold_table(layout, cfg.cv)
+    provenance.check_data(ckpt.get("data"), provenance.data_identity(layout.data, table), files.dir, cfg.name)
+    check_split(ckpt, table, files, layout)
     if not ckpt.get("done"):
         return False
     _LOG.info(f"fold {files.fold} of {cfg.name} is already trained ({files.dir}); "
@@ -321,14 +344,14 @@ def check_split(ckpt: dict, table: pd.DataFrame, files: FoldRun, layout: Layout)
     return split
 
 
-def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool, stop_after: int | None,
+def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_after: int | None,
                 info: D.DistInfo, batch_loss_factory: BatchLossFactory | None) -> Path:
     from ..data.dataset import SliceDataset
     from ..data.transforms import build_eval_transforms, build_train_transforms
     from .losses import build_loss
     from .optim import build_optimizer, build_scheduler
 
-    files = Run.of(runs, cfg.name).fold(fold)
+    fold = files.fold
     fdir, last_path, best_path = files.dir, files.last, files.best
     if info.is_main and fdir.exists():
         for path in fdir.iterdir():  # --force: everything but the lock this run holds; always: debris of killed saves
@@ -342,8 +365,10 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
     table = table if info.is_main else folds_mod.fold_table(layout, cfg.cv)
     ckpt = read_checkpoint(last_path) if last_path.exists() else None
     split = fold_split_digest(table, fold)
+    data_id = provenance.data_identity(layout.data, table)
     if ckpt is not None:
         check_resumable(ckpt, cfg, last_path)
+        provenance.check_data(ckpt.get("data"), data_id, fdir, cfg.name)
         check_split(ckpt, table, files, layout)
 
     D.seed_everything(cfg.train.seed)
@@ -434,6 +459,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
                 "model": state, "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                 "rng": D.rng_state(), "log": rows, "best_metric": best, "best_epoch": best_epoch, "split": split,
+                "data": data_id,
                 "done": epoch + 1 == cfg.train.epochs, "num_classes": len(LABELS), "world_size": info.world_size})
             write_log_csv(rows, files.log_csv)
             plot_curves(rows, files.curves, title=f"{cfg.name} fold {fold}")
@@ -459,7 +485,7 @@ def _train_fold(cfg: Config, layout: Layout, fold: int, runs: Path, force: bool,
                    "best_val_weighted_log_loss": best,
                    "oof_weighted_log_loss": metrics.weighted_log_loss(val_labels, probs), "epochs": cfg.train.epochs,
                    "n_train": len(data.train), "n_val": len(data.val), "world_size": info.world_size,
-                   "seconds_this_run": round(time.time() - started, 1)}
+                   "seconds_this_run": round(time.time() - started, 1), **provenance.record(layout.data, table)}
         with atomic_open(files.done) as f:
             json.dump(summary, f, indent=2)
         log.info(f"fold {fold} done: best epoch {best_epoch}, val weighted log loss {best:.4f}; "

@@ -30,7 +30,7 @@ from ..engine.dist import pick_device
 from ..engine.precision import choose as choose_precision
 from ..core.errors import UserError
 from ..core.io import atomic_open, write_csv
-from ..core import freshness, manifest
+from ..core import freshness, manifest, provenance
 from ..core.layout import Layout, Predictions, Run
 from ..data.dataset import loader_workers
 from ..core.config import selected_folds
@@ -289,6 +289,9 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
     trained.check(cfg, layout, runs, via)  # stops where the folds were trained on another split or config
     meta = load_meta(layout)
     folds = fold_table(layout, cfg.cv)  # the folds training used (cv.split)
+    current = provenance.data_identity(layout.data, folds)
+    for k in have:  # a fold trained on other data is never mixed into these predictions
+        provenance.check_data(provenance.recorded(run.fold(k).done).get("data"), current, run.fold(k).dir, cfg.name)
     preprocess.ensure(layout)
     cached = cache.cached_ids(layout)
     meta = meta.assign(image_id=meta["image_id"].astype(str))

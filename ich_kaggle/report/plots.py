@@ -12,12 +12,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from ..core.labels import LABELS
 from . import evaluation as ev
 from ..core.io import atomic_path
 
 DPI = 100
+PAGE_PX = 1400  # the report page's max-width (html.CSS): a wider figure is shown scaled down
+SMALL = 10  # points: the smallest text in a figure (legends, bar labels, captions) -- 14 px at DPI 100
+MIN_TEXT_PX = 12.5  # no figure text is displayed smaller than this (the page's own text is ~14-16 px)
 COLORS = dict(zip(LABELS, ("#222222", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")))
 
 
@@ -54,13 +58,13 @@ def training_curves(log: pd.DataFrame, fold: int, path: str | Path) -> Path:
             ax_loss.scatter([epochs[best]], [val[best]], s=140, facecolors="none", edgecolors="k", zorder=5,
                             label=f"best: epoch {epochs[best]}, {val[best]:.4f}")
     ax_loss.set(title=f"Fold {fold}: loss per epoch", xlabel="epoch", ylabel="log loss")
-    ax_loss.legend(fontsize=8)
+    ax_loss.legend(fontsize=SMALL)
     for label in LABELS:
         col = f"val_{label}"
         if col in log:
             ax_labels.plot(epochs, log[col], "o-", label=label, color=COLORS[label], markersize=4)
     ax_labels.set(title=f"Fold {fold}: validation log loss per label", xlabel="epoch", ylabel="log loss")
-    ax_labels.legend(fontsize=8, ncol=2)
+    ax_labels.legend(fontsize=SMALL, ncol=2)
     if "lr" in log:
         ax_lr.plot(epochs, log["lr"], "o-", color="#17becf")
         if (log["lr"] > 0).all():
@@ -86,7 +90,7 @@ def stack_curve(curve: pd.DataFrame, path: str | Path) -> Path:
     ax.set_xlabel("epoch")
     ax.set_ylabel("inner validation weighted log loss")
     ax.set_title("second stage: stopped on its inner validation split (star: weights kept)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=SMALL)
     return save(fig, path)
 
 
@@ -115,7 +119,7 @@ def roc_grid(slices: pd.DataFrame, series: pd.DataFrame | None, path: str | Path
         ax.plot([0, 1], [0, 1], ":", color="#aaaaaa", label="chance")
         ax.set(title=label, xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (recall)",
                xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=SMALL, loc="lower right")
         ax.grid(alpha=0.3)
     return save(fig, path)
 
@@ -142,7 +146,7 @@ def pr_grid(slices: pd.DataFrame, series: pd.DataFrame | None, threshold: float,
             fixed = ev.confusion(y, p, threshold)
             ax.plot(fixed.recall, fixed.precision, "x", color=line.get_color(), markersize=9, mew=2)
         ax.set(title=label, xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(-0.01, 1.01), ylim=(0, 1.03))
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=SMALL, loc="lower left")
         ax.grid(alpha=0.3)
     return save(fig, path)
 
@@ -174,12 +178,12 @@ def f1_bars(table: pd.DataFrame, threshold: float, path: str | Path, level: str 
     x = np.arange(len(table))
     fixed = ax.bar(x - 0.2, table["F1"], 0.4, label=f"F1 at threshold {threshold:g}", color="#1f77b4")
     best = ax.bar(x + 0.2, table["BEST_F1"], 0.4, label="best F1 (threshold chosen on these OOF)", color="#ff7f0e")
-    ax.bar_label(fixed, fmt="%.2f", fontsize=8)
+    ax.bar_label(fixed, fmt="%.2f", fontsize=SMALL)
     ax.bar_label(best, labels=[f"{f:.2f}\n@{t:.2f}" if np.isfinite(t) else "-" for f, t in
-                                zip(table["BEST_F1"], table["BEST_THR"])], fontsize=8)
+                                zip(table["BEST_F1"], table["BEST_THR"])], fontsize=SMALL)
     ax.set_xticks(x, list(table.index))
     ax.set(ylim=(0, 1.18), ylabel="F1", title=f"Thresholded F1 per label ({level} level, out-of-fold)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=SMALL, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     return save(fig, path)
 
@@ -198,7 +202,7 @@ def label_counts(labels: pd.DataFrame, path: str | Path) -> Path:
     for ax, (name, frame) in zip(axes, views):
         counts = frame.sum().astype(int)
         bars = ax.bar(list(LABELS), counts, color=[COLORS[label] for label in LABELS])
-        ax.bar_label(bars, labels=[f"{c}\n({c / max(len(frame), 1):.1%})" for c in counts], fontsize=8)
+        ax.bar_label(bars, labels=[f"{c}\n({c / max(len(frame), 1):.1%})" for c in counts], fontsize=SMALL)
         ax.set(title=f"Positive {name} per label (of {len(frame)} labelled {name})", ylabel=f"positive {name}",
                ylim=(0, max(counts.max(), 1) * 1.25))
         ax.tick_params(axis="x", rotation=20)
@@ -215,7 +219,7 @@ def cooccurrence(labels: pd.DataFrame, path: str | Path) -> Path:
     im = ax.imshow(np.log1p(m), cmap="viridis")
     for i in range(len(LABELS)):
         for j in range(len(LABELS)):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=9,
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=SMALL,
                     color="black" if np.log1p(m[i, j]) > 0.6 * np.log1p(m.max()) else "white")
     ax.set_xticks(range(len(LABELS)), LABELS, rotation=35, ha="right")
     ax.set_yticks(range(len(LABELS)), LABELS)
@@ -239,10 +243,10 @@ def dicom_values(meta: pd.DataFrame, path: str | Path) -> Path:
         width = 0.8 / max(len(table.columns), 1)
         for k, name in enumerate(table.columns):
             bars = ax.bar(x + (k - (len(table.columns) - 1) / 2) * width, table[name], width, label=str(name))
-            ax.bar_label(bars, fontsize=8)
+            ax.bar_label(bars, fontsize=SMALL)
         ax.set_xticks(x, [f"{v:g}" if isinstance(v, (int, float, np.number)) else str(v) for v in table.index])
         ax.set(title=f"{title} per image", xlabel=title, ylabel="images", ylim=(0, table.to_numpy().max() * 1.18))
-        ax.legend(title="split", fontsize=8)
+        ax.legend(title="split", fontsize=SMALL)
         ax.grid(axis="y", alpha=0.3)
     return save(fig, path)
 
@@ -260,7 +264,7 @@ def series_lengths(meta: pd.DataFrame, path: str | Path) -> Path:
     ax.hist([g for _, g in groups], bins=bins, stacked=True, label=[f"{n} ({len(g)} series)" for n, g in groups])
     ax.set(title=f"Slices per series (median {per_series['length'].median():g}, range {lo}-{hi})",
            xlabel="slices in the series", ylabel="series")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=SMALL)
     ax.grid(axis="y", alpha=0.3)
     return save(fig, path)
 
@@ -276,11 +280,12 @@ class CamExample:
     cam_title: str = "Grad-CAM (red = raises the score)"
 
 
-def gradcam_gallery(examples: list[CamExample], title: str, path: str | Path, per_row: int = 4) -> Path:
-    """Each example as a pair: the input (brain window) and the Grad-CAM overlay for the explained label."""
+def gallery_figure(examples: list[CamExample], title: str, per_row: int = 2) -> Figure:
+    """Each example as a pair: the input (brain window) and the Grad-CAM overlay for the explained label; two pairs
+    a row, so that captions are set at page size (11 pt, ~15 px) without being shrunk to fit the page."""
     rows = (len(examples) + per_row - 1) // per_row
     cols = 2 * min(per_row, len(examples))
-    fig = new_figure(2.3 * cols, 2.75 * rows + 0.5)
+    fig = new_figure(3.2 * cols, 3.9 * rows + 0.6)
     axes = np.atleast_2d(fig.subplots(rows, cols))
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -288,10 +293,45 @@ def gradcam_gallery(examples: list[CamExample], title: str, path: str | Path, pe
         r, c = divmod(i, per_row)
         a, b = axes[r, 2 * c], axes[r, 2 * c + 1]
         a.imshow(ex.image, cmap="gray", vmin=0, vmax=1)
-        a.set_title(ex.title, fontsize=7.5)
+        a.set_title(ex.title, fontsize=11)
         b.imshow(ex.overlay)
-        b.set_title(ex.cam_title, fontsize=7.5)
-    fig.suptitle(title, fontsize=12)
+        b.set_title(ex.cam_title, fontsize=11)
+    fig.suptitle(title, fontsize=14)
+    return fig
+
+
+def gradcam_gallery(examples: list[CamExample], title: str, path: str | Path, per_row: int = 2) -> Path:
+    return save(gallery_figure(examples, title, per_row), path)
+
+
+def displayed_text_px(fig: Figure) -> list[float]:
+    """The height in page pixels of every text in `fig` (font size at DPI, times the page's scaling of a figure
+    wider than the page): what a reader sees."""
+    width_px = fig.get_figwidth() * DPI
+    scale = min(1.0, PAGE_PX / width_px)
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return [t.get_fontsize() * DPI / 72 * scale for t in texts]
+
+
+# --- calibration -------------------------------------------------------------------------------------------
+
+
+def calibration(curves: dict[str, pd.DataFrame], path: str | Path, title: str) -> Path:
+    """Reliability diagram: per stage, observed frequency against mean predicted probability per bin (marker area
+    ~ images in the bin); the diagonal is perfect calibration."""
+    fig = new_figure(7.5, 5.6)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", label="perfectly calibrated")
+    for name, table in curves.items():
+        if not len(table):
+            continue
+        size = 20 + 180 * np.sqrt(table["n"] / table["n"].max())
+        line = ax.plot(table["predicted"], table["observed"], marker="", label=name)[0]
+        ax.scatter(table["predicted"], table["observed"], s=size, color=line.get_color(), alpha=0.7)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability (bin)", ylabel="observed frequency",
+           title=title)
+    ax.legend(fontsize=SMALL, loc="upper left")
+    ax.grid(alpha=0.3)
     return save(fig, path)
 
 
@@ -306,11 +346,11 @@ def stage_bars(metrics: pd.DataFrame, path: str | Path) -> Path:
     for k, (_, row) in enumerate(metrics.iterrows()):
         bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, row[cols].to_numpy(float), width,
                       label=str(row[stage_col]))
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+        ax.bar_label(bars, fmt="%.3f", fontsize=SMALL, rotation=90, padding=2)
     ax.set_xticks(x, ["weighted\n(competition)", *cols[1:]])
     top = float(np.nanmax(metrics[cols].to_numpy(float))) if len(metrics) else 1.0
     ax.set(ylabel="out-of-fold log loss (lower is better)", ylim=(0, top * 1.25),
            title="First stage vs second stage (sequence model over each series), out-of-fold")
-    ax.legend(fontsize=8, title="stage")
+    ax.legend(fontsize=SMALL, title="stage")
     ax.grid(axis="y", alpha=0.3)
     return save(fig, path)

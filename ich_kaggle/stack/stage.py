@@ -139,6 +139,29 @@ def format_table(table: pd.DataFrame, model: str) -> str:
     return "\n".join(lines)
 
 
+def prior_loss(folds: pd.DataFrame, first_oof: pd.DataFrame) -> float | None:
+    """The weighted log loss of the constant label prior (the labels' mean) on the labelled OOF images: the floor
+    every stage must beat."""
+    from ..core import metrics
+
+    rows = folds[folds["image_id"].isin(set(first_oof["image_id"]))]
+    if not len(rows):
+        return None
+    y = rows[list(LABELS)].to_numpy(np.float64)
+    return metrics.weighted_log_loss(y, np.repeat(y.mean(0, keepdims=True), len(y), axis=0))
+
+
+def recommend_neighbors(losses: pd.Series, model: str, prior: float | None = None) -> str:
+    """The neighbours baseline is suggested only where it scored best out of fold (below the first stage, the
+    configured stacker and the constant prior); never when it is worse."""
+    nb = losses.get("neighbors")
+    floor = min(losses["first_stage"], losses["stacked"], prior if prior is not None else np.inf)
+    if model == "neighbors" or nb is None or not nb < floor:
+        return ""
+    return (f"; the neighbours baseline scored {nb:.5f} out of fold: try "
+            f"{fix('--set stack.model=neighbors', 'SET_EXTRA=stack.model=neighbors')}")
+
+
 def check_sources(dirs: list[Predictions], config_name: str) -> None:
     """One line when a first-stage file was cut short or edited, or what made it changed (a fold retrained, a member
     predicted again): the stack is never fitted on, nor reused over, predictions that `submit` would refuse."""
@@ -233,10 +256,14 @@ def _stack_one(cfg: Config, layout: Layout, runs: str | Path, sources: list[str 
     space = f", embeddings {cfg.stack.embedding_space}" if cfg.stack.use_embeddings else ""
     log.info(format_table(result.metrics, cfg.stack.model + space))
     losses = result.metrics.set_index("stage")["weighted_log_loss"]
+    prior = prior_loss(folds, result.first_oof)
     if losses["stacked"] >= losses["first_stage"]:
         log.info(f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
-              f"`make submit` will choose the first stage by its OOF score; or try "
-              f"{fix('--set stack.model=neighbors', 'SET_EXTRA=stack.model=neighbors')}")
+              f"`make submit` will choose the first stage by its OOF score"
+              + recommend_neighbors(losses, cfg.stack.model, prior))
+    if "neighbors" in losses and prior is not None and losses["neighbors"] >= prior:
+        log.info(f"note: the neighbours baseline ({losses['neighbors']:.5f}) is no better than the constant label "
+                 f"prior ({prior:.5f}) out of fold: the first-stage logits carry little that transfers between folds")
     if len(result.curve):
         last = result.curve.groupby("fold")["step"].max()
         best = result.curve.loc[result.curve.groupby("fold")["val_loss"].idxmin(), "step"]

@@ -32,11 +32,12 @@ class Job:
     config: str  # a shipped config name or a YAML path
     fold: int
     overrides: list[str] = field(default_factory=list)
-    name: str = ""  # the run folder's name, for messages
+    name: str = ""  # the run folder's name (passed as --run: a RUN-named ensemble's member trains where it is read)
 
     def command(self, data: str | Path, work: str | Path, runs: str | Path) -> list[str]:
         cmd = [sys.executable, "-m", "ich_kaggle", "train", "--config", self.config, "--fold", str(self.fold),
                "--data", str(data), "--work", str(work), "--runs", str(runs)]
+        cmd += ["--run", self.name] if self.name else []
         return cmd + (["--set", *self.overrides] if self.overrides else [])
 
 

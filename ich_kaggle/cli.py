@@ -28,12 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .core import interrupt, log
+    from .core import interrupt, log, scope
 
     log.show()  # the library logs; here its messages become plain lines
     previous = interrupt.install()
     try:
-        code = int(args.handler(args) or 0)
+        with scope.command_scope():  # the DICOM listing, meta.csv and the folds resolved once per command
+            code = int(args.handler(args) or 0)
         interrupt.check()  # a signal whose KeyboardInterrupt was swallowed still stops the run non-zero
         return code
     except UserError as e:

@@ -23,6 +23,7 @@ from ..core.io import atomic_open, write_csv
 from ..core.config import CVConfig
 from ..core.layout import Layout
 from ..core import labels as labels_mod
+from ..core import scope
 from . import meta as meta_mod
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def build_folds(layout: Layout, out: str | Path | None = None, k: int = CVConfig
 def write_folds(layout: Layout, folds: pd.DataFrame, k: int, seed: int, out: str | Path | None = None) -> Path:
     """folds.csv + the sidecar that says what made it (k, seed, the label file): built here or shipped (a kernel)."""
     out = Path(out) if out else layout.folds_csv
+    scope.forget("folds")  # what this command resolved from the former folds.csv
     write_csv(folds, out)
     with atomic_open(_sidecar(out)) as f:
         json.dump({"k": k, "seed": seed, "images": len(folds), "labels": _labels_identity(layout)}, f)
@@ -249,7 +251,12 @@ def random_folds(frame: pd.DataFrame, k: int, seed: int) -> pd.Series:
 
 def fold_table(layout: Layout, cv: CVConfig) -> pd.DataFrame:
     """The folds every stage of an experiment uses: folds.csv for (cv.k, cv.seed), re-split per image when
-    cv.split == 'random'. The one place that decides which image is in which fold."""
+    cv.split == 'random'. The one place that decides which image is in which fold; once per command (`core.scope`)."""
+    key = ("folds", str(layout.work.resolve()), cv.k, cv.seed, cv.split)
+    return scope.resolved(key, lambda: _fold_table(layout, cv))
+
+
+def _fold_table(layout: Layout, cv: CVConfig) -> pd.DataFrame:
     table = load_folds(layout, k=cv.k, seed=cv.seed)
     if cv.split == "random":
         table = table.assign(fold=random_folds(table, cv.k, cv.seed))

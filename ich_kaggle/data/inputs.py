@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..core import manifest
+from ..core import manifest, scope
 from ..core.errors import UserError
 from ..core.layout import Layout
 
@@ -21,7 +21,12 @@ COLUMNS = ["path", "split", "size", "mtime_ns"]
 
 def list_inputs(layout: Layout) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """(listing of the regular files in stage_2_train/ and stage_2_test/, sorted by path; entries that cannot be
-    read as files, e.g. a symlink loop or a dangling link, as (path, reason): skipped, never fatal)."""
+    read as files, e.g. a symlink loop or a dangling link, as (path, reason): skipped, never fatal). Once per
+    command (`core.scope`)."""
+    return scope.resolved(("listing", str(layout.data.resolve())), lambda: _list(layout))
+
+
+def _list(layout: Layout) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     rows: list[tuple[str, str, int, int]] = []
     bad: list[tuple[str, str]] = []
     for split, folder in (("train", layout.train_dir), ("test", layout.test_dir)):

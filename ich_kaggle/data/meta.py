@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..core import manifest
+from ..core import manifest, scope
 from ..core.errors import UserError
 from ..core.io import cannot_write, write_csv
 from ..core.layout import Layout
@@ -298,8 +298,13 @@ def build_meta(layout: Layout, out: str | Path | None = None, workers: int | Non
 def load_meta(layout: Layout, workers: int | None = None) -> pd.DataFrame:
     """meta.csv of this layout; scanned first where DICOMs were added, removed or changed since it was made.
 
-    Without the DICOM folders (a work folder copied elsewhere) an existing meta.csv is used as it is.
+    Without the DICOM folders (a work folder copied elsewhere) an existing meta.csv is used as it is. Once per
+    command (`core.scope`).
     """
+    return scope.resolved(("meta", str(layout.work.resolve())), lambda: _load_meta(layout, workers))
+
+
+def _load_meta(layout: Layout, workers: int | None) -> pd.DataFrame:
     has_dicoms = layout.train_dir.is_dir() or layout.test_dir.is_dir()
     if layout.meta_csv.exists() and not has_dicoms:
         return read_meta(layout.meta_csv)
@@ -353,6 +358,7 @@ def _refresh(layout: Layout, workers: int | None, reuse: bool,
         kept_meta = old_meta.loc[old_meta["path"].isin(kept)]
         kept_skipped = old_skipped.loc[old_skipped["path"].isin(kept)]
     meta, skipped = _scan(layout, todo, unreadable, workers, kept_meta, kept_skipped)
+    scope.forget("meta", "folds")  # what this command resolved from the former meta.csv
     _write(meta, layout.meta_csv)
     _write(skipped, layout.skipped_csv)
     _write(files, layout.meta_inputs)

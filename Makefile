@@ -138,6 +138,7 @@ validate: $(PY) ## check a submission against the sample: SAMPLE=<sample.csv> SU
 report: $(PY) ## plots and index.html of an experiment (CONFIG=)
 	$(PY) -m ich_kaggle report $(EXP) $(if $(THRESHOLD),--threshold $(THRESHOLD))
 
+## WIDE=1             compare: every column instead of the 120-column table
 compare: $(PY) ## one table of every experiment with a score under RUNS, 120 columns (WIDE=1: every column)
 	$(PY) -m ich_kaggle compare --runs "$(RUNS)" $(if $(WIDE),--wide)
 

@@ -204,7 +204,7 @@ def test_submit_fills_unreadable_with_prior_and_reports_oof(tmp_path, capsys):
     assert "2 of 12 test images have no prediction (2 listed in" in text and images[0] in text
     expected = metrics.score_frames(train.iloc[:40], oof)["weighted_log_loss"]
     assert f"{expected:.5f}" in text and "stack/oof.csv" in text
-    assert "using the second stage" in text
+    assert "submit: using the stacked (" in text  # the probability stack, chosen by OOF
 
     # a fold retrained since predict ran: the first stage is stale, and so is everything made from it
     runs = Run(tmp_path / "runs" / "tiny")

@@ -133,7 +133,7 @@ class Registry:
 BACKBONES = Registry("backbone", provided_by(
     "ich_kaggle.models.backbones",
     "small_cnn", "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "se_resnet50", "se_resnext50_32x4d",
-    "se_resnext101_32x4d", "tu-tf_efficientnet_lite0", "tu-efficientnet_b0", "tu-convnext_tiny",
+    "se_resnext101_32x4d", "efficientnet-b3", "tu-tf_efficientnet_lite0", "tu-efficientnet_b0", "tu-convnext_tiny",
     "pm-se_resnext50_32x4d"), open_family=True)
 LOSSES = Registry("loss", provided_by("ich_kaggle.engine.losses", "bce", "focal"))
 OPTIMIZERS = Registry("optimizer", provided_by("ich_kaggle.engine.optim", "adamw", "adam", "sgd"))

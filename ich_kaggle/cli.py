@@ -11,15 +11,19 @@ import errno
 import sys
 
 from .commands import COMMANDS
+
 # each module registers its commands; imported in pipeline order, the order `--help` lists them
 from .commands import data, train, predict, report, pipeline, apply, serve, kaggle, docs  # noqa: F401, I001
 from .core.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ich_kaggle", description=__doc__.splitlines()[0],
-                                     epilog="`make help` lists the same steps as Make targets and variables; "
-                                            "`python -m ich_kaggle <command> --help` gives a command's flags.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ich_kaggle",
+        description=__doc__.splitlines()[0],
+        epilog="`make help` lists the same steps as Make targets and variables; "
+        "`python -m ich_kaggle <command> --help` gives a command's flags.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
         cmd.add_to(sub)

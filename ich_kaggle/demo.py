@@ -40,8 +40,9 @@ def _prior_frame(ids: pd.Series, prior: np.ndarray) -> pd.DataFrame:
     return frame
 
 
-def scores(layout: Layout, run: Run, members: list[str] | None = None, extra: dict[str, Run] | None = None
-           ) -> dict[str, float]:
+def scores(
+    layout: Layout, run: Run, members: list[str] | None = None, extra: dict[str, Run] | None = None
+) -> dict[str, float]:
     """Weighted log loss of the prior, each member's first stage, the ensemble (or the single first stage) and the
     stack, on the test labels if present, else on the OOF predictions. `extra`: more stacked runs to score."""
     from .core import metrics
@@ -81,8 +82,16 @@ def scores(layout: Layout, run: Run, members: list[str] | None = None, extra: di
     return out
 
 
-def pipeline(cfg, members: list, layout: Layout, runs: str | Path, out_dir: str | Path = "submissions",
-             tag: str = "demo", jobs: list | None = None, devices: list[str] | None = None) -> Path:
+def pipeline(
+    cfg,
+    members: list,
+    layout: Layout,
+    runs: str | Path,
+    out_dir: str | Path = "submissions",
+    tag: str = "demo",
+    jobs: list | None = None,
+    devices: list[str] | None = None,
+) -> Path:
     """meta -> folds -> cache -> every fold of every member -> predict (+ ensemble) -> stack -> choose -> submit.
 
     Resumable: each step reuses what its manifest says is current (finished folds are skipped, an interrupted
@@ -131,9 +140,16 @@ def fold_jobs(cfg, config_name: str, overrides: list[str] | None) -> list:
     return [Job(src, int(k), sets, m.name) for (src, sets), m in zip(sources, members) for k in selected_folds(m.cv)]
 
 
-def recipe(data: str, config_name: str = "winners", runs: str = "runs", work: str | None = None,
-           overrides: list[str] | None = None, out_dir: str = "submissions", gpus: int = -1,
-           run: str | None = None) -> Path:
+def recipe(
+    data: str,
+    config_name: str = "winners",
+    runs: str = "runs",
+    work: str | None = None,
+    overrides: list[str] | None = None,
+    out_dir: str = "submissions",
+    gpus: int = -1,
+    run: str | None = None,
+) -> Path:
     """`make recipe`: the whole recipe on a Kaggle download, one resumable command, to `<out_dir>/<config>.csv`.
     `gpus`: how many GPUs train folds side by side (-1: every visible one; 0 or 1: one fold at a time here)."""
     from .core import ensemble
@@ -146,11 +162,21 @@ def recipe(data: str, config_name: str = "winners", runs: str = "runs", work: st
     layout.require_data()
     devices = visible_gpus()
     devices = devices if gpus < 0 else devices[:gpus]
-    print(f"[recipe] data {layout.data}  work {layout.work}  config {cfg.name} "
-          f"({', '.join(m.name for m in members)})  runs {runs}  "
-          + (f"folds side by side on GPUs {', '.join(devices)}" if len(devices) > 1 else "one fold at a time"))
-    out = pipeline(cfg, members, layout, runs, out_dir=out_dir, tag="recipe",
-                   jobs=fold_jobs(cfg, config_name, overrides), devices=devices)
+    print(
+        f"[recipe] data {layout.data}  work {layout.work}  config {cfg.name} "
+        f"({', '.join(m.name for m in members)})  runs {runs}  "
+        + (f"folds side by side on GPUs {', '.join(devices)}" if len(devices) > 1 else "one fold at a time")
+    )
+    out = pipeline(
+        cfg,
+        members,
+        layout,
+        runs,
+        out_dir=out_dir,
+        tag="recipe",
+        jobs=fold_jobs(cfg, config_name, overrides),
+        devices=devices,
+    )
     choice = json.loads(Run.of(runs, cfg.name).choice.read_text())
     print(f"[recipe] {out} from the {choice['stage']} stage; wall time {time.time() - start:.0f} s")
     return out
@@ -168,13 +194,21 @@ def default_output() -> Path:
 
 def report_command(config_name: str, run_name: str, runs: str | Path) -> str:
     """The Make call that writes the demo's report (the report finds the data folder in the run's record)."""
-    extra = ("" if run_name == Path(config_name).stem else f" RUN={run_name}") + \
-        ("" if str(runs) == "runs" else f" RUNS={runs}")
+    extra = ("" if run_name == Path(config_name).stem else f" RUN={run_name}") + (
+        "" if str(runs) == "runs" else f" RUNS={runs}"
+    )
     return f"make report CONFIG={config_name}{extra}"
 
 
-def run(data: str | None = None, config_name: str = "demo", runs: str = "runs", work: str | None = None,
-        overrides: list[str] | None = None, embeddings: bool = True, run: str | None = None) -> dict[str, float]:
+def run(
+    data: str | None = None,
+    config_name: str = "demo",
+    runs: str = "runs",
+    work: str | None = None,
+    overrides: list[str] | None = None,
+    embeddings: bool = True,
+    run: str | None = None,
+) -> dict[str, float]:
     """The demo writes where every target does, runs/<run>/ (default: the config's name); its folds record the data
     folder they trained on, so a demo on another folder is refused with one line (RUN=<name> trains beside it)."""
     from .core import ensemble
@@ -200,8 +234,9 @@ def run(data: str | None = None, config_name: str = "demo", runs: str = "runs", 
     if embeddings and not cfg.stack.use_embeddings and not cfg.stack.embedding_stage:
         # the embedding-level second stage beside the probability one (outside the submitted path, which has it with
         # stack.embedding_stage): same sources, embeddings added
-        emb = dataclasses.replace(cfg, name=f"{cfg.name}+embeddings",
-                                  stack=dataclasses.replace(cfg.stack, use_embeddings=True))
+        emb = dataclasses.replace(
+            cfg, name=f"{cfg.name}+embeddings", stack=dataclasses.replace(cfg.stack, use_embeddings=True)
+        )
         stack.stack(emb, layout, runs=runs, sources=[str(p.dir) for p in ensemble.stack_sources(cfg, runs)])
         extra["stacked_embeddings_log_loss"] = Run.of(runs, emb.name)
 
@@ -211,14 +246,20 @@ def run(data: str | None = None, config_name: str = "demo", runs: str = "runs", 
     chosen = choice["stage"]
     where = "test labels" if layout.test_labels_csv.exists() else "out-of-fold predictions"
     cpu = _cpu_seconds() - cpu_start  # this process, its threads and its finished worker processes
-    print(f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s, "
-          f"CPU time {cpu:.0f} s (on a shared machine the wall time also measures the neighbours)")
+    print(
+        f"[demo] submission {out_file}; scored on the {where}; wall time {time.time() - start:.0f} s, "
+        f"CPU time {cpu:.0f} s (on a shared machine the wall time also measures the neighbours)"
+    )
     oof = choice.get("oof_log_loss") or {}
-    why = ("the lowest OOF loss of " + ", ".join(f"{k} {v:.5f}" for k, v in sorted(oof.items(), key=lambda kv: kv[1]))
-           if oof else "no OOF score to choose by")
+    why = (
+        "the lowest OOF loss of " + ", ".join(f"{k} {v:.5f}" for k, v in sorted(oof.items(), key=lambda kv: kv[1]))
+        if oof
+        else "no OOF score to choose by"
+    )
     block = [f"{key}: {value:.5f}" for key, value in result.items()] + [f"submit_chose: {chosen} ({why})"]
     print("\n".join(block))
     docs.save_output(output_file(run_dir), block, docs.settings_line(data, config_name, overrides))
-    print(f"[demo] its report: {report_command(config_name, cfg.name, runs)} "
-          f"&& xdg-open {run_dir.report / 'index.html'}")
+    print(
+        f"[demo] its report: {report_command(config_name, cfg.name, runs)} && xdg-open {run_dir.report / 'index.html'}"
+    )
     return {**result, "submit_chose": chosen}

@@ -35,8 +35,10 @@ def read_output(path: Path) -> list[str]:
         raise UserError(f"no demo output at {path}; run `make demo` first (about 5 minutes on 2 CPUs)")
     head, *lines = path.read_text().splitlines()
     if head != f"# {DEFAULT_SETTINGS}":
-        raise UserError(f"{path} was written by a demo with other settings ({head.lstrip('# ')}), not the default "
-                        f"`make demo` ({DEFAULT_SETTINGS}); rerun `make demo` without DATA_DIR/CONFIG/overrides")
+        raise UserError(
+            f"{path} was written by a demo with other settings ({head.lstrip('# ')}), not the default "
+            f"`make demo` ({DEFAULT_SETTINGS}); rerun `make demo` without DATA_DIR/CONFIG/overrides"
+        )
     return lines
 
 
@@ -63,8 +65,10 @@ def check(readme: Path, output: Path) -> str | None:
     where = f"line {first + i + 1}"
     got = have[i] if i < len(have) else "(nothing)"
     new = want[i] if i < len(want) else "(nothing)"
-    return (f"{readme}'s demo block differs from the last `make demo` output ({output}) at {where}: "
-            f"{got!r} in the README, {new!r} printed; run `make docs` to write it in")
+    return (
+        f"{readme}'s demo block differs from the last `make demo` output ({output}) at {where}: "
+        f"{got!r} in the README, {new!r} printed; run `make docs` to write it in"
+    )
 
 
 def update(readme: Path, output: Path) -> bool:

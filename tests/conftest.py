@@ -30,7 +30,9 @@ def pytest_configure(config):
 def shared_file(name: str) -> Path:
     path = SHARED / name
     if not path.exists():
-        pytest.skip(f"{path} is absent: tests on real competition data need the ../shared folder beside the project (CI has it)")
+        pytest.skip(
+            f"{path} is absent: tests on real competition data need the ../shared folder beside the project (CI has it)"
+        )
     return path
 
 
@@ -103,10 +105,26 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("tiny_bundle")
     data = synth.write_competition(tmp / "comp", seed=3, studies=6, slices=8, size=64)
-    exp = ["--config", "tiny", "--data", str(data), "--work", str(tmp / "work"), "--runs", str(tmp / "runs"),
-           "--set", *train_helpers.FAST, "cv.k=2", "train.epochs=1"]
-    for step in (["train", *exp, "--fold", "all"], ["predict", *exp], ["submit", *exp, "--out-dir", str(tmp / "subs")],
-                 ["export", *exp, "--out", str(tmp / "bundle")]):
+    exp = [
+        "--config",
+        "tiny",
+        "--data",
+        str(data),
+        "--work",
+        str(tmp / "work"),
+        "--runs",
+        str(tmp / "runs"),
+        "--set",
+        *train_helpers.FAST,
+        "cv.k=2",
+        "train.epochs=1",
+    ]
+    for step in (
+        ["train", *exp, "--fold", "all"],
+        ["predict", *exp],
+        ["submit", *exp, "--out-dir", str(tmp / "subs")],
+        ["export", *exp, "--out", str(tmp / "bundle")],
+    ):
         err = io.StringIO()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
             code = main(step)

@@ -26,13 +26,27 @@ def _quiet(fn):
 
 
 @_quiet
-def write_ct(path: Path, pixels: np.ndarray | None, *, bits_stored: int = 16, pixel_representation: int = 1,
-             intercept: float | None = -1024.0, slope: float | None = 1.0, implicit: bool = False,
-             patient: str | None = "ID_p0", study: str = "ID_s0", series: str = "ID_r0",
-             ipp: tuple[float, float, float] | None = (0.0, 0.0, 0.0),
-             iop: tuple[float, ...] | None = (1, 0, 0, 0, 1, 0), instance: int | None = None,
-             modality: str = "CT", samples: int = 1, photometric: str = "MONOCHROME2",
-             extra_bytes: int = 0, sequence: bool = False) -> Path:
+def write_ct(
+    path: Path,
+    pixels: np.ndarray | None,
+    *,
+    bits_stored: int = 16,
+    pixel_representation: int = 1,
+    intercept: float | None = -1024.0,
+    slope: float | None = 1.0,
+    implicit: bool = False,
+    patient: str | None = "ID_p0",
+    study: str = "ID_s0",
+    series: str = "ID_r0",
+    ipp: tuple[float, float, float] | None = (0.0, 0.0, 0.0),
+    iop: tuple[float, ...] | None = (1, 0, 0, 0, 1, 0),
+    instance: int | None = None,
+    modality: str = "CT",
+    samples: int = 1,
+    photometric: str = "MONOCHROME2",
+    extra_bytes: int = 0,
+    sequence: bool = False,
+) -> Path:
     """A single-frame little-endian DICOM; `pixels=None` writes no PixelData element."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_STORAGE

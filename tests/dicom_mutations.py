@@ -19,12 +19,54 @@ INTERCEPT, SLOPE, INSTANCE, IPP, PATIENT = 0x00281052, 0x00281053, 0x00200013, 0
 NUMBER_TAGS = [INTERCEPT, SLOPE, INSTANCE, IPP, 0x00180050, 0x00280030, 0x00281050]
 PIXEL_TAGS = [ROWS, COLS, SAMPLES, PHOTOMETRIC, BITS, STORED, HIGH, SIGNED, INTERCEPT, SLOPE]
 # the VR each tag needs, to encode inserted elements in explicit VR
-VR_OF = {FRAMES: b"IS", CHARSET: b"CS", SAMPLES: b"US", PHOTOMETRIC: b"CS", ROWS: b"US", COLS: b"US",
-         BITS: b"US", STORED: b"US", HIGH: b"US", SIGNED: b"US", INTERCEPT: b"DS", SLOPE: b"DS", INSTANCE: b"IS",
-         PIXELS: b"OW", 0xFFFCFFFC: b"OB", 0x00081030: b"LO"}
-NUMBERS = [b"inf", b"-inf", b"nan", b"1e999", b"-1e999", b"", b" ", b"-1024\\", b"\\1", b"1\\\\2", b" 12 ", b"1e12",
-           b"-40000", b"40000", b"2147483648", b"-2147483649", b"99999999999", b"1.5", b"0x10", b"1_0", b"+3",
-           b"0", b"-0.5", b"2.0", b"1e300", b"3\\4", b"12\x00", b"\x00"]
+VR_OF = {
+    FRAMES: b"IS",
+    CHARSET: b"CS",
+    SAMPLES: b"US",
+    PHOTOMETRIC: b"CS",
+    ROWS: b"US",
+    COLS: b"US",
+    BITS: b"US",
+    STORED: b"US",
+    HIGH: b"US",
+    SIGNED: b"US",
+    INTERCEPT: b"DS",
+    SLOPE: b"DS",
+    INSTANCE: b"IS",
+    PIXELS: b"OW",
+    0xFFFCFFFC: b"OB",
+    0x00081030: b"LO",
+}
+NUMBERS = [
+    b"inf",
+    b"-inf",
+    b"nan",
+    b"1e999",
+    b"-1e999",
+    b"",
+    b" ",
+    b"-1024\\",
+    b"\\1",
+    b"1\\\\2",
+    b" 12 ",
+    b"1e12",
+    b"-40000",
+    b"40000",
+    b"2147483648",
+    b"-2147483649",
+    b"99999999999",
+    b"1.5",
+    b"0x10",
+    b"1_0",
+    b"+3",
+    b"0",
+    b"-0.5",
+    b"2.0",
+    b"1e300",
+    b"3\\4",
+    b"12\x00",
+    b"\x00",
+]
 
 
 @dataclass
@@ -73,7 +115,7 @@ def parse(data: bytes) -> Slice:
         tag = (group << 16) | elem
         in_meta = group == 2
         if in_meta or explicit:
-            vr = data[pos + 4:pos + 6]
+            vr = data[pos + 4 : pos + 6]
             if vr in LONG:
                 (length,) = struct.unpack_from("<I", data, pos + 8)
                 pos += 12
@@ -84,7 +126,7 @@ def parse(data: bytes) -> Slice:
             vr = None
             (length,) = struct.unpack_from("<I", data, pos + 4)
             pos += 8
-        value = data[pos:pos + length]
+        value = data[pos : pos + length]
         pos += length
         if in_meta:
             meta.append((tag, vr, value))
@@ -128,6 +170,7 @@ def _image(s: Slice) -> np.ndarray:
 
 
 # --- the mutation kinds: each edits a copy of a slice and returns the bytes -----------------------------------
+
 
 def truncate(rng, s: Slice) -> bytes:
     data = build(s)
@@ -180,8 +223,11 @@ def bit_depth(rng, s: Slice) -> bytes:
         s.set(SIGNED, _u16(_pick(rng, [0, 1, 2])))
     px = _image(s)
     if rng.random() < 0.8:  # pixel data to match the new depth (else: a length mismatch)
-        data = {8: px.astype(np.uint8).tobytes(), 32: px.astype(np.uint32).tobytes(),
-                12: s.pixels()[: len(s.pixels()) * 3 // 4]}.get(bits, s.pixels())
+        data = {
+            8: px.astype(np.uint8).tobytes(),
+            32: px.astype(np.uint32).tobytes(),
+            12: s.pixels()[: len(s.pixels()) * 3 // 4],
+        }.get(bits, s.pixels())
         s.set(PIXELS, data)
     return build(s)
 
@@ -201,7 +247,7 @@ def high_bits(rng, s: Slice) -> bytes:
 def duplicate(rng, s: Slice) -> bytes:
     choice = rng.integers(0, 3)
     if choice == 0:  # a second PixelData after the first
-        second = (rng.permutation(_image(s)) if rng.random() < 0.5 else _image(s)[: 100]).tobytes()
+        second = (rng.permutation(_image(s)) if rng.random() < 0.5 else _image(s)[:100]).tobytes()
         return build(s) + element(PIXELS, b"OW" if s.explicit else None, second)
     i = int(rng.integers(0, len(s.body) - 1))
     tag, vr, value = s.body[i]
@@ -219,8 +265,12 @@ def geometry(rng, s: Slice) -> bytes:
     if rng.random() < 0.3:
         s.set(SAMPLES, _u16(_pick(rng, [0, 2, 3])))
     if rng.random() < 0.3:
-        s.set(PHOTOMETRIC, _pick(rng, [b"MONOCHROME1", b"RGB", b"PALETTE COLOR", b"", b"monochrome2",
-                                       b"MONOCHROME2\\RGB", b"YBR_FULL"]))
+        s.set(
+            PHOTOMETRIC,
+            _pick(
+                rng, [b"MONOCHROME1", b"RGB", b"PALETTE COLOR", b"", b"monochrome2", b"MONOCHROME2\\RGB", b"YBR_FULL"]
+            ),
+        )
     return build(s)
 
 
@@ -245,25 +295,70 @@ def preamble(rng, s: Slice) -> bytes:
 
 
 def charset(rng, s: Slice) -> bytes:
-    s.set(CHARSET, _pick(rng, [b"ISO_IR 100", b"ISO_IR 192", b"ISO 2022 IR 87", b"GB18030", b"ISO_IR 13",
-                              b"", b"ISO_IR 6", b"\\ISO 2022 IR 87", b"ISO_IR 144"]))
+    s.set(
+        CHARSET,
+        _pick(
+            rng,
+            [
+                b"ISO_IR 100",
+                b"ISO_IR 192",
+                b"ISO 2022 IR 87",
+                b"GB18030",
+                b"ISO_IR 13",
+                b"",
+                b"ISO_IR 6",
+                b"\\ISO 2022 IR 87",
+                b"ISO_IR 144",
+            ],
+        ),
+    )
     if rng.random() < 0.5:
-        s.set(PATIENT, _pick(rng, [b"ID_\xe9\xe8", b"ID_\x1b$B", b"ID_a\\ID_b", b" ID_lead", b"ID_\x00x",
-                                  b"ID_\xc3\xa9"]))
+        s.set(
+            PATIENT, _pick(rng, [b"ID_\xe9\xe8", b"ID_\x1b$B", b"ID_a\\ID_b", b" ID_lead", b"ID_\x00x", b"ID_\xc3\xa9"])
+        )
     return build(s)
 
 
 def text(rng, s: Slice) -> bytes:
     """Odd ids and modality: padding, several values, control or non-ASCII bytes."""
     tag = _pick(rng, [PATIENT, 0x0020000D, 0x0020000E, 0x00080018, 0x00080060])
-    s.set(tag, _pick(rng, [b" ID_lead", b"ID_trail \x00", b"ID_a\\ID_b", b"ID_\tx", b"ID_\xe9", b"", b" ", b"CT ",
-                           b" CT", b"MR", b"\x00ID", b"ID_" + b"x" * 70]))
+    s.set(
+        tag,
+        _pick(
+            rng,
+            [
+                b" ID_lead",
+                b"ID_trail \x00",
+                b"ID_a\\ID_b",
+                b"ID_\tx",
+                b"ID_\xe9",
+                b"",
+                b" ",
+                b"CT ",
+                b" CT",
+                b"MR",
+                b"\x00ID",
+                b"ID_" + b"x" * 70,
+            ],
+        ),
+    )
     return build(s)
 
 
 def transfer_syntax(rng, s: Slice) -> bytes:
-    uid = _pick(rng, [b"1.2.840.10008.1.2.2\x00", b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.1.99",
-                      b"1.2.3\x00", b"", IMPLICIT, EXPLICIT, b"1.2.840.10008.1.2.5\x00"])
+    uid = _pick(
+        rng,
+        [
+            b"1.2.840.10008.1.2.2\x00",
+            b"1.2.840.10008.1.2.4.50",
+            b"1.2.840.10008.1.2.1.99",
+            b"1.2.3\x00",
+            b"",
+            IMPLICIT,
+            EXPLICIT,
+            b"1.2.840.10008.1.2.5\x00",
+        ],
+    )
     s.meta = [(t, vr, uid if t == TS else v) for t, vr, v in s.meta]
     return build(s)
 
@@ -287,9 +382,29 @@ def garbage(rng, s: Slice) -> bytes:
     return build(s)[:keep] + rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8).tobytes()
 
 
-KINDS: dict[str, Callable] = {f.__name__: f for f in (
-    truncate, overlong, wrong_vr, missing_tag, bad_number, frames, bit_depth, high_bits, duplicate, geometry,
-    surplus, preamble, charset, text, transfer_syntax, undefined_length, flips, garbage)}
+KINDS: dict[str, Callable] = {
+    f.__name__: f
+    for f in (
+        truncate,
+        overlong,
+        wrong_vr,
+        missing_tag,
+        bad_number,
+        frames,
+        bit_depth,
+        high_bits,
+        duplicate,
+        geometry,
+        surplus,
+        preamble,
+        charset,
+        text,
+        transfer_syntax,
+        undefined_length,
+        flips,
+        garbage,
+    )
+}
 
 
 def mutants(slices: list[bytes], per_kind: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:

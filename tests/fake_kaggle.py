@@ -31,7 +31,7 @@ class Recorded:
     @property
     def endpoint(self) -> str:
         """`service/Method` for API calls, e.g. `kernels.KernelsApiService/SaveKernel`."""
-        return self.path[len(API):] if self.path.startswith(API) else self.path
+        return self.path[len(API) :] if self.path.startswith(API) else self.path
 
     def json(self) -> Any:
         return json.loads(self.body or b"{}")
@@ -110,18 +110,23 @@ class FakeKaggle:
                 self.uploads[token] = body
             return 200, {}
         if method == "GET" and path.startswith("/files/"):
-            name = path[len("/files/"):]
+            name = path[len("/files/") :]
             if name in self.kernel_output:
                 return 200, self.kernel_output[name]
         if method != "POST" or not path.startswith(API):
             return 404, {"code": 404, "message": f"fake kaggle: no route for {method} {path}"}
-        endpoint = path[len(API):]
+        endpoint = path[len(API) :]
         data = json.loads(body or b"{}")
         if endpoint == "kernels.KernelsApiService/SaveKernel":
             slug = data.get("slug") or ""
             if self.kernel_error:
                 return 200, {"error": self.kernel_error}
-            return 200, {"ref": f"/code/{slug}", "url": f"http://localhost/code/{slug}", "versionNumber": 1, "kernelId": 7}
+            return 200, {
+                "ref": f"/code/{slug}",
+                "url": f"http://localhost/code/{slug}",
+                "versionNumber": 1,
+                "kernelId": 7,
+            }
         if endpoint == "datasets.DatasetApiService/GetDatasetStatus":
             ref = f"{data.get('ownerSlug')}/{data.get('datasetSlug')}"
             if ref in self.existing_datasets:

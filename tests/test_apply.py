@@ -25,8 +25,15 @@ from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.labels import LABELS
 
 L = list(LABELS)
-SETTINGS = [*train_helpers.FAST, "cv.k=2", "train.epochs=1", "stack.model=conv", "stack.epochs=2", "stack.hidden=8",
-            "stack.batch_series=4"]
+SETTINGS = [
+    *train_helpers.FAST,
+    "cv.k=2",
+    "train.epochs=1",
+    "stack.model=conv",
+    "stack.epochs=2",
+    "stack.hidden=8",
+    "stack.batch_series=4",
+]
 
 
 def cli(*args: str) -> SimpleNamespace:
@@ -44,13 +51,27 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("apply")
     data = synth.write_competition(tmp / "comp", seed=3, studies=10, slices=8, size=64)
     ens = tmp / "pair.yaml"
-    ens.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit"},
-                                   "cv": {"k": 2}}))
+    ens.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit"}, "cv": {"k": 2}}))
     runs = tmp / "runs"
-    exp = ["--config", str(ens), "--data", str(data), "--work", str(tmp / "work"), "--runs", str(runs),
-           "--set", *SETTINGS]
-    for step in (["train", *exp, "--fold", "all"], ["predict", *exp], ["stack", *exp],
-                 ["submit", *exp, "--out-dir", str(tmp / "subs")], ["export", *exp, "--out", str(tmp / "bundle")]):
+    exp = [
+        "--config",
+        str(ens),
+        "--data",
+        str(data),
+        "--work",
+        str(tmp / "work"),
+        "--runs",
+        str(runs),
+        "--set",
+        *SETTINGS,
+    ]
+    for step in (
+        ["train", *exp, "--fold", "all"],
+        ["predict", *exp],
+        ["stack", *exp],
+        ["submit", *exp, "--out-dir", str(tmp / "subs")],
+        ["export", *exp, "--out", str(tmp / "bundle")],
+    ):
         out = cli(*step)
         assert out.returncode == 0, (step[0], out.stderr[-3000:])
     return SimpleNamespace(tmp=tmp, data=data, runs=runs, exp=exp, bundle=tmp / "bundle", name="pair")
@@ -100,14 +121,16 @@ def test_export_refuses_stale_predictions(trained, tmp_path):
     finally:
         import os
         from ich_kaggle.core import manifest
+
         m = manifest.read(trained.runs / "tiny" / "predictions" / "test.csv")
         os.utime(best, ns=(m["inputs"]["fold0"]["mtime_ns"], m["inputs"]["fold0"]["mtime_ns"]))
 
 
 def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
     """The slice probabilities of infer are those `make submit` wrote from (the chosen stage's test.csv)."""
-    out = cli("infer", "--model", str(trained.bundle), "--out", str(tmp_path / "out"),
-              str(trained.data / "stage_2_test"))
+    out = cli(
+        "infer", "--model", str(trained.bundle), "--out", str(tmp_path / "out"), str(trained.data / "stage_2_test")
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     choice = json.loads((trained.runs / "pair" / "choice.json").read_text())
     submitted = pd.read_csv(choice["test"]).set_index("image_id")
@@ -125,8 +148,10 @@ def test_saved_second_stage_gives_the_stack_test_predictions_again(trained):
     from ich_kaggle.data import studies
     from ich_kaggle.stack import saved
 
-    frames = [pd.read_csv(trained.runs / m / "predictions" / "test.csv", dtype={"image_id": str})
-              for m in ("tiny", "tiny_bone")]
+    frames = [
+        pd.read_csv(trained.runs / m / "predictions" / "test.csv", dtype={"image_id": str})
+        for m in ("tiny", "tiny_bone")
+    ]
     place = studies.collect([trained.data / "stage_2_test"]).slices
     got = saved.apply(saved.load(trained.runs / "pair" / "stack" / "models.pt"), frames, place).set_index("image_id")
     want = pd.read_csv(trained.runs / "pair" / "stack" / "test.csv").set_index("image_id")
@@ -164,13 +189,16 @@ def test_infer_on_mini_studies_in_nested_folders_and_a_zip(trained, mini_dir, tm
     dicom_factory.write_ct(junk / "one.dcm", np.zeros((8, 8), np.int16), series="ID_single")
     dicom_factory.write_ct(junk / "sag.dcm", np.zeros((8, 8), np.int16), series="ID_sag", iop=(0, 1, 0, 0, 0, -1))
     import pydicom
+
     src = pydicom.dcmread(two[0]["path"].iloc[0])
     src.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     src.SOPInstanceUID = "ID_localizer"
     src.save_as(junk / "scout.dcm")
 
     col = studies.collect([nested, archive, junk], extract_to=tmp_path / "x")
-    assert col.studies == [g["study_id"].iloc[0] for g in two] or set(col.studies) == {g["study_id"].iloc[0] for g in two}
+    assert col.studies == [g["study_id"].iloc[0] for g in two] or set(col.studies) == {
+        g["study_id"].iloc[0] for g in two
+    }
     for g in two:  # same slices in the same order as the competition layout gives
         got = col.slices[col.slices["study_id"] == g["study_id"].iloc[0]]
         assert got["image_id"].tolist() == g["image_id"].tolist()
@@ -220,11 +248,18 @@ def test_evaluate_at_slice_series_study_level_and_cq500_reads(trained, tmp_path)
         d.mkdir(parents=True)
         for p in g["path"]:
             shutil.copy(p, d / Path(p).name)
-    levels = {"SOPInstanceUID": lab.rename(columns={"image_id": "SOPInstanceUID"}),
-              "SeriesInstanceUID": lab.groupby("series_id")[L].max().reset_index().rename(
-                  columns={"series_id": "SeriesInstanceUID"}),
-              "StudyInstanceUID": lab.groupby("study_id")[L].max().reset_index().rename(
-                  columns={"study_id": "StudyInstanceUID"}).drop(columns=["epidural"])}  # a subtype left out
+    levels = {
+        "SOPInstanceUID": lab.rename(columns={"image_id": "SOPInstanceUID"}),
+        "SeriesInstanceUID": lab.groupby("series_id")[L]
+        .max()
+        .reset_index()
+        .rename(columns={"series_id": "SeriesInstanceUID"}),
+        "StudyInstanceUID": lab.groupby("study_id")[L]
+        .max()
+        .reset_index()
+        .rename(columns={"study_id": "StudyInstanceUID"})
+        .drop(columns=["epidural"]),
+    }  # a subtype left out
     for key, frame in levels.items():
         csv = tmp_path / f"{key}.csv"
         frame[[key, *[c for c in L if c in frame]]].to_csv(csv, index=False)
@@ -238,15 +273,31 @@ def test_evaluate_at_slice_series_study_level_and_cq500_reads(trained, tmp_path)
     studies_y = lab.groupby("study_id", sort=False)[L].max()
     reads = {"name": [f"CQ500-CT-{i + 1}" for i in range(len(studies_y))], "Category": "B1"}
     for r in (1, 2, 3):
-        for finding, label in [("ICH", "any"), ("IPH", "intraparenchymal"), ("IVH", "intraventricular"),
-                               ("SDH", "subdural"), ("EDH", "epidural"), ("SAH", "subarachnoid")]:
+        for finding, label in [
+            ("ICH", "any"),
+            ("IPH", "intraparenchymal"),
+            ("IVH", "intraventricular"),
+            ("SDH", "subdural"),
+            ("EDH", "epidural"),
+            ("SAH", "subarachnoid"),
+        ]:
             v = studies_y[label].to_numpy().copy()
             if r == 3:
                 v[0] = 1 - v[0]
             reads[f"R{r}:{finding}"] = v
     pd.DataFrame(reads).to_csv(tmp_path / "reads.csv", index=False)
-    out = cli("evaluate", "--model", str(trained.bundle), "--labels", str(tmp_path / "reads.csv"), "--out",
-              str(tmp_path / "cq"), "--bootstrap", "200", str(inputs))
+    out = cli(
+        "evaluate",
+        "--model",
+        str(trained.bundle),
+        "--labels",
+        str(tmp_path / "reads.csv"),
+        "--out",
+        str(tmp_path / "cq"),
+        "--bootstrap",
+        "200",
+        str(inputs),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     t = pd.read_csv(tmp_path / "cq" / "evaluation.csv").set_index("subtype")
     assert t.loc["any", "POS"] == int(studies_y["any"].sum()) and t["POS"].add(t["NEG"]).eq(4).all()

@@ -56,8 +56,20 @@ def comp(tmp_path_factory):
 
 
 def args_for(layout: Layout, runs: Path) -> list[str]:
-    return ["--config", "tiny", "--data", str(layout.data), "--work", str(layout.work), "--runs", str(runs),
-            "--set", *train_helpers.FAST, "model.backbone=small_cnn", "train.epochs=1"]
+    return [
+        "--config",
+        "tiny",
+        "--data",
+        str(layout.data),
+        "--work",
+        str(layout.work),
+        "--runs",
+        str(runs),
+        "--set",
+        *train_helpers.FAST,
+        "model.backbone=small_cnn",
+        "train.epochs=1",
+    ]
 
 
 def test_fold_words_and_numbers(comp, tmp_path):
@@ -92,8 +104,9 @@ def test_synth_out_is_a_file(tmp_path):
 
 def test_makefile_quotes_paths_with_spaces(tmp_path):
     data, runs = tmp_path / "my data", tmp_path / "my runs"
-    out = subprocess.run(["make", "-n", "train", f"DATA_DIR={data}", f"RUNS={runs}", "PY=true"], capture_output=True,
-                         text=True, cwd=ROOT)
+    out = subprocess.run(
+        ["make", "-n", "train", f"DATA_DIR={data}", f"RUNS={runs}", "PY=true"], capture_output=True, text=True, cwd=ROOT
+    )
     line = [ln for ln in out.stdout.splitlines() if "ich_kaggle train" in ln][0]
     words = shlex.split(line)
     assert words[words.index("--data") + 1] == str(data) and words[words.index("--runs") + 1] == str(runs)
@@ -107,7 +120,9 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_leaves_no_debris(co
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
-    with pytest.raises(UserError, match=r"cannot write the checkpoint .*best.pt \(No space left on device\); free disk"):
+    with pytest.raises(
+        UserError, match=r"cannot write the checkpoint .*best.pt \(No space left on device\); free disk"
+    ):
         train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")
     assert not [p for p in fold.dir.iterdir() if p.name.endswith(".tmp")]
     assert not fold.lock.exists()  # the lock goes with the failed run

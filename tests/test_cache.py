@@ -25,8 +25,11 @@ from ich_kaggle.data import cache, codec, dicom, meta, preprocess, synth
 def test_codec_is_lossless(mini_dir):
     rng = np.random.default_rng(0)
     cases = [
-        rng.integers(-1100, 3000, size=(512, 512)), rng.integers(-32768, 32768, size=(37, 53)),
-        np.full((7, 9), -3024), np.array([[32767, -32768, 0]]), np.zeros((0, 4)),
+        rng.integers(-1100, 3000, size=(512, 512)),
+        rng.integers(-32768, 32768, size=(37, 53)),
+        np.full((7, 9), -3024),
+        np.array([[32767, -32768, 0]]),
+        np.zeros((0, 4)),
     ]
     for path in sorted((mini_dir / "stage_2_train").glob("*.dcm"))[:5]:
         cases.append(dicom.read_hu(path, dtype=np.int16))
@@ -52,7 +55,7 @@ def _small_comp(mini_dir, tmp_path, n=12):
     data = tmp_path / "comp"
     for split in ("train", "test"):
         (data / f"stage_2_{split}").mkdir(parents=True)
-        for f in sorted((mini_dir / f"stage_2_{split}").glob("*.dcm"))[:n // 2]:
+        for f in sorted((mini_dir / f"stage_2_{split}").glob("*.dcm"))[: n // 2]:
             shutil.copy(f, data / f"stage_2_{split}" / f.name)
     shutil.copy(mini_dir / "stage_2_train.csv", data / "stage_2_train.csv")
     return data
@@ -73,7 +76,9 @@ def _damage_unnoticed(path):
 
 def _same_as_dicoms(layout):
     for row in meta.load_meta(layout).itertuples():
-        np.testing.assert_array_equal(cache.load_hu(layout, row.image_id), dicom.read_hu(layout.data / row.path, dtype=np.int16))
+        np.testing.assert_array_equal(
+            cache.load_hu(layout, row.image_id), dicom.read_hu(layout.data / row.path, dtype=np.int16)
+        )
 
 
 def test_preprocess_resumes_and_matches_dicom(mini_dir, tmp_path, capsys):
@@ -198,7 +203,7 @@ def test_failed_write_stops_with_one_line_and_no_debris(tmp_path, monkeypatch, c
     def failing(path, blob):  # the third write runs out of space (or permission) halfway through
         calls.append(path)
         if len(calls) >= 3:
-            path.write_bytes(blob[:len(blob) // 2])
+            path.write_bytes(blob[: len(blob) // 2])
             raise OSError(code, os.strerror(code), str(path))
         real(path, blob)
 
@@ -278,8 +283,14 @@ def test_a_cache_file_of_the_previous_blosc2_format_is_not_misread():
     import blosc2
 
     hu = np.arange(-1024, 1024, dtype=np.int16).reshape(32, 64)
-    cp = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=1, typesize=2, nthreads=1,
-                        filters=[blosc2.Filter.SHUFFLE, blosc2.Filter.BYTEDELTA], filters_meta=[0, 0])
+    cp = blosc2.CParams(
+        codec=blosc2.Codec.ZSTD,
+        clevel=1,
+        typesize=2,
+        nthreads=1,
+        filters=[blosc2.Filter.SHUFFLE, blosc2.Filter.BYTEDELTA],
+        filters_meta=[0, 0],
+    )
     old = struct.pack("<4sII", b"IHU3", 32, 64) + blosc2.compress2(hu, cparams=cp)
     with pytest.raises(codec.CacheError, match="version"):
         codec.decode(old)

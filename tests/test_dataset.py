@@ -25,8 +25,13 @@ def _meta() -> pd.DataFrame:
 def test_neighbor_ids_follow_slice_rank_and_clamp_at_series_ends():
     frame = pd.DataFrame({"image_id": ["a0", "a1", "a3", "b0", "b1"]})
     nb = D.neighbor_ids(frame, _meta(), 1)
-    assert nb.tolist() == [["a0", "a0", "a1"], ["a0", "a1", "a2"], ["a2", "a3", "a3"], ["b0", "b0", "b1"],
-                           ["b0", "b1", "b1"]]
+    assert nb.tolist() == [
+        ["a0", "a0", "a1"],
+        ["a0", "a1", "a2"],
+        ["a2", "a3", "a3"],
+        ["b0", "b0", "b1"],
+        ["b0", "b1", "b1"],
+    ]
     nb2 = D.neighbor_ids(pd.DataFrame({"image_id": ["a1"]}), _meta(), 2)
     assert nb2.tolist() == [["a0", "a0", "a1", "a2", "a3"]]  # never crosses into series S2
 
@@ -73,9 +78,18 @@ def test_train_transforms_compose_only_enabled_steps():
     names = [type(t).__name__ for t in build_train_transforms(cfg, 48).transforms]
     assert names[0] == "Resize" and "HorizontalFlip" in names and "Affine" in names
     assert "Transpose" not in names and "GaussianBlur" not in names  # probability 0 in the defaults
-    cfg2 = config.load("tiny", ["augment.hflip=0", "augment.shift_scale_rotate=0", "augment.brightness_contrast=0",
-                                "augment.blur=0.5", "augment.transpose=0.5", "augment.random_resized_crop=0.5",
-                                "tta.transforms=identity"])  # no flip in training: no flip view
+    cfg2 = config.load(
+        "tiny",
+        [
+            "augment.hflip=0",
+            "augment.shift_scale_rotate=0",
+            "augment.brightness_contrast=0",
+            "augment.blur=0.5",
+            "augment.transpose=0.5",
+            "augment.random_resized_crop=0.5",
+            "tta.transforms=identity",
+        ],
+    )  # no flip in training: no flip view
     names2 = [type(t).__name__ for t in build_train_transforms(cfg2).transforms]
     assert names2 == ["Resize", "RandomResizedCrop", "Transpose", "GaussianBlur"]
     hu = [np.random.default_rng(k).normal(40, 300, (90, 70)).astype(np.float32) for k in range(3)]  # 2.5D slices
@@ -148,8 +162,9 @@ def test_slice_dataset_stacks_neighbours_in_series_order(monkeypatch):
         return hu
 
     monkeypatch.setattr(D, "_load_hu", fake_hu)
-    cfg = config.load("tiny", ["data.neighbors=1", "data.windows=[brain]", "data.image_size=30",
-                               "data.crop_black_border=false"])
+    cfg = config.load(
+        "tiny", ["data.neighbors=1", "data.windows=[brain]", "data.image_size=30", "data.crop_black_border=false"]
+    )
     frame = pd.DataFrame({"image_id": ["a0", "a2", "b1"], "any": [0, 1, 0]})
     for c in LABELS[1:]:
         frame[c] = 0
@@ -172,8 +187,9 @@ def test_slice_dataset_stacks_neighbours_in_series_order(monkeypatch):
 
 
 def test_training_augmentation_is_seeded_by_epoch_and_index(monkeypatch):
-    monkeypatch.setattr(D, "_load_hu", lambda layout, i: np.random.default_rng(hash(i) % 97).normal(40, 60, (48, 48))
-                        .astype(np.float32))
+    monkeypatch.setattr(
+        D, "_load_hu", lambda layout, i: np.random.default_rng(hash(i) % 97).normal(40, 60, (48, 48)).astype(np.float32)
+    )
     cfg = config.load("tiny", ["data.image_size=32", "augment.window_jitter=1.0", "augment.hflip=0.5"])
     frame = pd.DataFrame({"image_id": ["a0", "a1"]})
     ds = D.SliceDataset(frame, None, cfg, transform=build_train_transforms(cfg), train=True, meta=_meta())
@@ -189,8 +205,9 @@ def test_unreadable_image_in_eval_gives_blank_and_is_recorded(monkeypatch):
 
     monkeypatch.setattr(D, "_load_hu", broken)
     cfg = config.load("tiny", ["data.image_size=16"])
-    ds = D.SliceDataset(pd.DataFrame({"image_id": ["a0"]}), None, cfg, transform=build_eval_transforms(cfg),
-                        meta=_meta())
+    ds = D.SliceDataset(
+        pd.DataFrame({"image_id": ["a0"]}), None, cfg, transform=build_eval_transforms(cfg), meta=_meta()
+    )
     x, y, i = ds[0]
     assert x.shape == (3, 16, 16) and float(x.abs().sum()) == 0 and ds.failed == {"a0"}
     assert torch.isnan(y).all()  # the mark by which predict leaves it out instead of predicting a blank image
@@ -214,8 +231,9 @@ def test_a_broken_cache_is_one_clear_error_not_an_endless_loop(monkeypatch):
 def test_blank_eval_image_follows_the_transform_size(monkeypatch):
     monkeypatch.setattr(D, "_load_hu", lambda layout, i: (_ for _ in ()).throw(OSError("gone")))
     cfg = config.load("tiny", ["data.image_size=64", "data.neighbors=1"])
-    ds = D.SliceDataset(pd.DataFrame({"image_id": ["a1"]}), None, cfg, transform=build_eval_transforms(cfg, 24),
-                        meta=_meta())
+    ds = D.SliceDataset(
+        pd.DataFrame({"image_id": ["a1"]}), None, cfg, transform=build_eval_transforms(cfg, 24), meta=_meta()
+    )
     assert ds[0][0].shape == (9, 24, 24)
 
 
@@ -237,7 +255,9 @@ def test_the_head_crop_keeps_the_heads_aspect_ratio(monkeypatch):
     frame = pd.DataFrame({"image_id": ["a1"]})
     in_h, in_w = _extent(hu > -500)
     assert in_w / in_h == pytest.approx(1.5, rel=0.01)
-    no_aug = [f"augment.{k}=0" for k in ("hflip", "shift_scale_rotate", "brightness_contrast")] + ["tta.transforms=identity"]
+    no_aug = [f"augment.{k}=0" for k in ("hflip", "shift_scale_rotate", "brightness_contrast")] + [
+        "tta.transforms=identity"
+    ]
     for square in (True, False):
         overrides = ["data.image_size=96", "data.neighbors=1", f"data.crop_square={str(square).lower()}"]
         cfg = config.load("tiny", overrides)
@@ -255,8 +275,9 @@ def test_the_head_crop_keeps_the_heads_aspect_ratio(monkeypatch):
         assert w > 0.85 * 96  # still cropped to the head: it spans the output's width (less the margin)
         assert float(x[:, :8].max()) == 0.0  # the part of the square above the image's edge is black
         cfg_train = config.load("tiny", [*overrides, *no_aug])
-        train = D.SliceDataset(frame, None, cfg_train, transform=build_train_transforms(cfg_train), train=True,
-                               meta=_meta())
+        train = D.SliceDataset(
+            frame, None, cfg_train, transform=build_train_transforms(cfg_train), train=True, meta=_meta()
+        )
         np.testing.assert_array_equal(train[0][0].numpy(), x)  # training without augmentation = eval geometry
 
 

@@ -27,9 +27,20 @@ from ich_kaggle.core.layout import Layout
 from train_helpers import NAME as NONORM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = [f"model.backbone={NONORM}", "model.pretrained=false", "model.dropout=0", "data.image_size=32",
-             "data.num_workers=0", "train.batch_size=8", "train.max_images_per_epoch=32", "train.epochs=2",
-             "train.lr=0.003", "cv.k=3", "cv.seed=0", "augment.window_jitter=0.5"]
+OVERRIDES = [
+    f"model.backbone={NONORM}",
+    "model.pretrained=false",
+    "model.dropout=0",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.max_images_per_epoch=32",
+    "train.epochs=2",
+    "train.lr=0.003",
+    "cv.k=3",
+    "cv.seed=0",
+    "augment.window_jitter=0.5",
+]
 
 
 def _free_port() -> int:
@@ -39,10 +50,17 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, data: str, work: str, runs: str, overrides: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        CUDA_VISIBLE_DEVICES="",
+    )
     torch.set_num_threads(1)
     train.train_fold(config.load("tiny", overrides), Layout.of(data, work), 0, runs=runs)
+
 
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory) -> Layout:
@@ -58,8 +76,12 @@ def comp(tmp_path_factory) -> Layout:
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(comp, tmp_path):
     single = train.train_fold(config.load("tiny", OVERRIDES), comp, 0, runs=tmp_path / "single")
-    mp.spawn(_worker, args=(2, _free_port(), str(comp.data), str(comp.work), str(tmp_path / "ddp"), OVERRIDES),
-             nprocs=2, join=True)
+    mp.spawn(
+        _worker,
+        args=(2, _free_port(), str(comp.data), str(comp.work), str(tmp_path / "ddp"), OVERRIDES),
+        nprocs=2,
+        join=True,
+    )
     ddp = tmp_path / "ddp" / "tiny" / "fold0"
     assert json.loads((ddp / "done.json").read_text())["world_size"] == 2
     ws, wd = read_checkpoint(single / "last.pt")["model"], read_checkpoint(ddp / "last.pt")["model"]
@@ -90,10 +112,35 @@ def test_global_batch_must_divide_by_world_size():
 @pytest.mark.slow
 def test_torchrun_cli_trains_tiny_config(comp, tmp_path):
     """The documented command: torchrun --nproc_per_node=2 -m ich_kaggle train (BatchNorm model, gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "ich_kaggle", "train", "--config", "tiny", "--data", str(comp.data), "--work", str(comp.work),
-           "--runs", str(tmp_path), "--fold", "1", "--set", "model.pretrained=false", "data.image_size=32",
-           "train.epochs=1", "train.batch_size=8", "train.max_images_per_epoch=32", "cv.k=3", "cv.seed=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "ich_kaggle",
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        str(comp.data),
+        "--work",
+        str(comp.work),
+        "--runs",
+        str(tmp_path),
+        "--fold",
+        "1",
+        "--set",
+        "model.pretrained=false",
+        "data.image_size=32",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.max_images_per_epoch=32",
+        "cv.k=3",
+        "cv.seed=0",
+    ]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -18,14 +18,28 @@ from ich_kaggle import docs
 from ich_kaggle.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["model.pretrained=false", "data.image_size=32", "train.epochs=1", "train.max_images_per_epoch=48",
-        "cv.k=3", "stack.epochs=3", "stack.max_steps=30", "tta.transforms=[identity,hflip]"]
+FAST = [
+    "model.pretrained=false",
+    "data.image_size=32",
+    "train.epochs=1",
+    "train.max_images_per_epoch=48",
+    "cv.k=3",
+    "stack.epochs=3",
+    "stack.max_steps=30",
+    "tta.transforms=[identity,hflip]",
+]
 
 
 def _demo(cwd: Path, data: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "ich_kaggle", "demo", "--data", str(data), "--set", *FAST],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "ich_kaggle", "demo", "--data", str(data), "--set", *FAST],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
@@ -37,9 +51,16 @@ def test_demo_prints_the_ensemble_scores_and_writes_a_valid_submission(tmp_path)
     # the last line is the command that writes and opens its report (the report finds the demo's data folder)
     assert opens == "[demo] its report: make report CONFIG=demo && xdg-open runs/demo/report/index.html"
     names = [line.split(": ")[0] for line in lines]
-    assert names == ["prior_log_loss", "first_stage_log_loss[tiny]", "first_stage_log_loss[tiny_bone]",
-                     "ensemble_log_loss", "stacked_log_loss", "stacked_embeddings_log_loss", "blend_log_loss",
-                     "submit_chose"]
+    assert names == [
+        "prior_log_loss",
+        "first_stage_log_loss[tiny]",
+        "first_stage_log_loss[tiny_bone]",
+        "ensemble_log_loss",
+        "stacked_log_loss",
+        "stacked_embeddings_log_loss",
+        "blend_log_loss",
+        "submit_chose",
+    ]
     values = [float(re.match(r"\S+: ([0-9.]+)$", line).group(1)) for line in lines[:-1]]
     assert all(0 < v < 5 for v in values)
     chose = lines[-1].split()[1]  # submit_chose: <stage> (the lowest OOF loss of ...)

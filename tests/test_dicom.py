@@ -76,8 +76,15 @@ def test_broken_files_give_reasons(tmp_path, mini_dir):
     colour = write_ct(tmp_path / "ID_rgb.dcm", np.zeros((4, 4, 3), np.uint8), samples=3, photometric="RGB")
     no_pixels = write_ct(tmp_path / "ID_nopix.dcm", None)
     mr = write_ct(tmp_path / "ID_mr.dcm", np.zeros((4, 4), np.int16), modality="MR")
-    expect = {truncated: "truncated", cut_header: "truncated", text: "not a DICOM", empty: "not a DICOM", colour: "colour",
-              no_pixels: "no PixelData", mr: "not a CT"}
+    expect = {
+        truncated: "truncated",
+        cut_header: "truncated",
+        text: "not a DICOM",
+        empty: "not a DICOM",
+        colour: "colour",
+        no_pixels: "no PixelData",
+        mr: "not a CT",
+    }
     for path, words in expect.items():
         with pytest.raises(dicom.DicomError) as err:
             dicom.read_hu(path)
@@ -99,12 +106,15 @@ def test_pydicom_colour_test_file_is_rejected():
         dicom.read_hu(get_testdata_file("SC_rgb_rle.dcm"))
 
 
-@pytest.mark.parametrize("compressed,twin", [
-    ("MR_small_RLE.dcm", "MR_small.dcm"),
-    ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),
-    ("JPEG2000.dcm", "JPEG2000_UNC.dcm"),
-    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
-])
+@pytest.mark.parametrize(
+    "compressed,twin",
+    [
+        ("MR_small_RLE.dcm", "MR_small.dcm"),
+        ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),
+        ("JPEG2000.dcm", "JPEG2000_UNC.dcm"),
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+    ],
+)
 def test_compressed_equals_uncompressed_twin(compressed, twin):
     a, ha = dicom.read_pixels(get_testdata_file(compressed))
     b, hb = dicom.read_pixels(get_testdata_file(twin))

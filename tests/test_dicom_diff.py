@@ -144,8 +144,10 @@ def test_reader_agrees_with_pydicom(tmp_path, mini_dir):
             problems.append(f"{name}: the reader raised {e}")
             continue
         if (ref16 is None) != (got16 is None):
-            problems.append(f"{name}: pydicom {'rejects (' + why + ')' if ref16 is None else 'accepts'}, "
-                            f"reader {'rejects (' + reason + ')' if got16 is None else 'accepts'}")
+            problems.append(
+                f"{name}: pydicom {'rejects (' + why + ')' if ref16 is None else 'accepts'}, "
+                f"reader {'rejects (' + reason + ')' if got16 is None else 'accepts'}"
+            )
             continue
         try:  # the header scan (meta.csv) must give the verdict of the pixel reader (the cache)
             parsed, why_not = dicom.scan(path)
@@ -170,12 +172,15 @@ def test_reader_agrees_with_pydicom(tmp_path, mini_dir):
             h, ref_h = parsed.header if parsed else {}, reference_header(data)
             differ = [kw for kw in ref_h if h.get(kw) != ref_h[kw]]
             if differ:
-                problems.append(f"{name}: header fields differ from pydicom's: "
-                                + ", ".join(f"{kw} {h.get(kw)!r} vs {ref_h[kw]!r}" for kw in differ))
+                problems.append(
+                    f"{name}: header fields differ from pydicom's: "
+                    + ", ".join(f"{kw} {h.get(kw)!r} vs {ref_h[kw]!r}" for kw in differ)
+                )
             counts[f"accepted via the {'fast path' if scan_fast else 'pydicom path'}"] += 1
         if scanned != cached:
-            problems.append(f"{name}: scan {'accepts' if scanned else 'rejects'}, read_hu "
-                            f"{'accepts' if cached else 'rejects'}")
+            problems.append(
+                f"{name}: scan {'accepts' if scanned else 'rejects'}, read_hu {'accepts' if cached else 'rejects'}"
+            )
         counts[f"group {group}"] += 1
     lines = [f"differential reader test: {time.perf_counter() - t0:.1f}s ({time.process_time() - c0:.1f}s CPU)"]
     lines += [f"  {k}: {v}" for k, v in sorted(counts.items())]

@@ -71,7 +71,9 @@ def test_a_fold_from_the_dicoms_is_the_fold_from_the_cache(data, tmp_path):
     for name in ("last.pt", "best.pt"):
         _same_weights(a / name, b / name)
     assert (a / "oof.csv").read_bytes() == (b / "oof.csv").read_bytes()  # the checkpoints predict the same
-    assert pd.read_csv(a / "log.csv")["val_weighted_log_loss"].equals(pd.read_csv(b / "log.csv")["val_weighted_log_loss"])
+    assert pd.read_csv(a / "log.csv")["val_weighted_log_loss"].equals(
+        pd.read_csv(b / "log.csv")["val_weighted_log_loss"]
+    )
     assert "images from their DICOMs under" in (b / "train.log").read_text()
     assert "images from the cache" in (a / "train.log").read_text()
     assert config.load(str(b / "config.yaml")).data.source == "dicom"  # the fold says what it read

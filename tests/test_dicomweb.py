@@ -53,14 +53,23 @@ def orthanc(tmp_path_factory):
     exe = shutil.which("Orthanc")
     plugin = dicomweb_plugin()
     if exe is None or plugin is None:
-        pytest.skip("Orthanc or its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; "
-                    ".ci/run installs them)")
+        pytest.skip(
+            "Orthanc or its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; "
+            ".ci/run installs them)"
+        )
     tmp = tmp_path_factory.mktemp("orthanc")
     port, dicom_port = free_ports(2)
-    config = {"Name": "ich_kaggle-test", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
-              "HttpPort": port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "Plugins": [str(plugin)],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    config = {
+        "Name": "ich_kaggle-test",
+        "StorageDirectory": str(tmp / "db"),
+        "IndexDirectory": str(tmp / "db"),
+        "HttpPort": port,
+        "DicomPort": dicom_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(plugin)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
     (tmp / "orthanc.json").write_text(json.dumps(config))
     log = open(tmp / "orthanc.log", "wb")
     proc = subprocess.Popen([exe, str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
@@ -122,12 +131,15 @@ def test_pull_gives_the_study_pixel_for_pixel(orthanc, pacs_study, tmp_path):
         assert np.array_equal(dicom.read_hu(path), dicom.read_hu(original[path.stem]))
 
 
-@pytest.mark.parametrize("url, study, says", [
-    ("{root}/dicom-web", "1.2.3.4", "has no study 1.2.3.4"),
-    ("{root}/not-dicomweb", "1.2.3.4", "answered HTTP 404"),
-    ("http://user:secret@127.0.0.1:{closed}/dicom-web", "1.2.3.4", "cannot reach http://127.0.0.1"),
-    ("{root}/dicom-web", "1.2/../3", "is not a StudyInstanceUID"),
-])
+@pytest.mark.parametrize(
+    "url, study, says",
+    [
+        ("{root}/dicom-web", "1.2.3.4", "has no study 1.2.3.4"),
+        ("{root}/not-dicomweb", "1.2.3.4", "answered HTTP 404"),
+        ("http://user:secret@127.0.0.1:{closed}/dicom-web", "1.2.3.4", "cannot reach http://127.0.0.1"),
+        ("{root}/dicom-web", "1.2/../3", "is not a StudyInstanceUID"),
+    ],
+)
 def test_pull_failures_are_one_line(orthanc, tmp_path, url, study, says):
     from ich_kaggle.apply import dicomweb
     from ich_kaggle.core.errors import UserError
@@ -146,8 +158,22 @@ def test_infer_pulls_the_study_from_the_pacs(orthanc, pacs_study, tiny_bundle, t
 
     uid, files = pacs_study
     out = tmp_path / "out"
-    assert main(["infer", "--model", str(tiny_bundle), "--out", str(out),
-                 "--dicomweb", f"{orthanc}/dicom-web", "--study", uid]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                str(tiny_bundle),
+                "--out",
+                str(out),
+                "--dicomweb",
+                f"{orthanc}/dicom-web",
+                "--study",
+                uid,
+            ]
+        )
+        == 0
+    )
     slices = pd.read_csv(out / "slices.csv")
     assert set(slices["sop_instance_uid"]) == {f.stem for f in files}
     assert list(pd.read_csv(out / "studies.csv")["study_id"]) == [uid]
@@ -162,5 +188,8 @@ def test_infer_pulls_the_study_from_the_pacs(orthanc, pacs_study, tiny_bundle, t
 def test_infer_dicomweb_needs_its_study(tmp_path, capsys):
     from ich_kaggle.cli import main
 
-    assert main(["infer", "--model", str(tmp_path / "bundle"), "--out", str(tmp_path), "--dicomweb", "http://x/dicom-web"]) == 2
+    assert (
+        main(["infer", "--model", str(tmp_path / "bundle"), "--out", str(tmp_path), "--dicomweb", "http://x/dicom-web"])
+        == 2
+    )
     assert "--dicomweb and --study go together" in capsys.readouterr().err

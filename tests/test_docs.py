@@ -14,15 +14,18 @@ PRINTED = ["prior_log_loss: 0.23740", "ensemble_log_loss: 0.20610", "submit_chos
 
 
 def _readme(path: Path, block: list[str]) -> Path:
-    path.write_text("\n".join(["# project", "", "the demo prints", docs.BEGIN, "```", *block, "```", docs.END,
-                               "", "and more text"]) + "\n")
+    path.write_text(
+        "\n".join(["# project", "", "the demo prints", docs.BEGIN, "```", *block, "```", docs.END, "", "and more text"])
+        + "\n"
+    )
     return path
 
 
 def test_a_stale_block_is_reported_in_one_line_and_make_docs_writes_it(tmp_path, capsys):
     output = docs.save_output(tmp_path / "demo.txt", PRINTED, docs.DEFAULT_SETTINGS)
-    readme = _readme(tmp_path / "README.md", ["prior_log_loss: 0.23740", "ensemble_log_loss: 0.19881",
-                                              "submit_chose: stacked"])
+    readme = _readme(
+        tmp_path / "README.md", ["prior_log_loss: 0.23740", "ensemble_log_loss: 0.19881", "submit_chose: stacked"]
+    )
     args = ["--readme", str(readme), "--demo-output", str(output)]
     assert cli.main(["docs-check", *args]) == 1
     err = capsys.readouterr().err.strip()

@@ -23,8 +23,15 @@ from ich_kaggle.submit import stage as submission
 
 ROOT = Path(__file__).resolve().parents[1]
 L = list(LABELS)
-SETTINGS = [*train_helpers.FAST, "model.backbone=small_cnn", "train.epochs=1", "stack.model=conv", "stack.epochs=2",
-            "stack.hidden=8", "stack.batch_series=4"]
+SETTINGS = [
+    *train_helpers.FAST,
+    "model.backbone=small_cnn",
+    "train.epochs=1",
+    "stack.model=conv",
+    "stack.epochs=2",
+    "stack.hidden=8",
+    "stack.batch_series=4",
+]
 
 
 def cli(*args: str) -> SimpleNamespace:
@@ -44,10 +51,16 @@ def test_ensemble_config_checks_its_members(tmp_path):
         ensemble.load_members(config.load("demo", ["ensemble.member_set=[]"]))
     with pytest.raises(UserError, match="ensemble.weights"):
         config.load("demo", ["ensemble.weights=[1.0]"])
-    assert [m.name for m in ensemble.load_members(config.load("seresnext_pair"))] == ["seresnext50_512", "seresnext101_480"]
+    assert [m.name for m in ensemble.load_members(config.load("seresnext_pair"))] == [
+        "seresnext50_512",
+        "seresnext101_480",
+    ]
     winners = config.load("winners")  # the default recipe: three members, the embedding stage submitted
-    assert [m.name for m in ensemble.load_members(winners)] == ["seresnext50_512", "seresnext101_480",
-                                                                "efficientnet_b3_bone"]
+    assert [m.name for m in ensemble.load_members(winners)] == [
+        "seresnext50_512",
+        "seresnext101_480",
+        "efficientnet_b3_bone",
+    ]
     assert winners.stack.embedding_stage
 
 
@@ -56,11 +69,27 @@ def test_ensemble_round_trips_through_train_predict_stack_submit_compare(tmp_pat
 
     data = synth.write_competition(tmp_path / "comp", seed=2, studies=12, slices=8, size=64)
     ens = tmp_path / "pair.yaml"
-    ens.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "mean",
-                                                "member_set": ["train.seed=1"]}, "cv": {"k": 3}}))
+    ens.write_text(
+        yaml.safe_dump(
+            {
+                "ensemble": {"members": ["tiny", "tiny_bone"], "combine": "mean", "member_set": ["train.seed=1"]},
+                "cv": {"k": 3},
+            }
+        )
+    )
     runs = tmp_path / "runs"
-    exp = ["--config", str(ens), "--data", str(data), "--work", str(tmp_path / "work"), "--runs", str(runs),
-           "--set", *SETTINGS]
+    exp = [
+        "--config",
+        str(ens),
+        "--data",
+        str(data),
+        "--work",
+        str(tmp_path / "work"),
+        "--runs",
+        str(runs),
+        "--set",
+        *SETTINGS,
+    ]
     for step in (["train", *exp, "--fold", "all"], ["predict", *exp], ["stack", *exp]):
         out = cli(*step)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -73,8 +102,9 @@ def test_ensemble_round_trips_through_train_predict_stack_submit_compare(tmp_pat
     members = [pd.read_csv(runs / m / "predictions" / "test.csv").set_index("image_id") for m in ("tiny", "tiny_bone")]
     combined = pd.read_csv(pred / "test.csv").set_index("image_id")
     assert not np.allclose(members[0][L], members[1].loc[members[0].index, L])  # two different members
-    np.testing.assert_allclose(combined.loc[members[0].index, L],
-                               (members[0][L] + members[1].loc[members[0].index, L]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        combined.loc[members[0].index, L], (members[0][L] + members[1].loc[members[0].index, L]) / 2, rtol=1e-6
+    )
     metrics = pd.read_csv(runs / "pair" / "stack" / "metrics.csv")
     assert {"first_stage:tiny", "first_stage:tiny_bone", "stacked"} <= set(metrics["stage"])
 

@@ -134,8 +134,9 @@ def test_series_frame_and_threshold_table():
 
 
 def test_join_and_missing_columns():
-    truth = pd.DataFrame({"image_id": ["a", "b", "c"], "series_id": ["s", "s", "t"],
-                          **{label: [1, 0, 0] for label in LABELS}})
+    truth = pd.DataFrame(
+        {"image_id": ["a", "b", "c"], "series_id": ["s", "s", "t"], **{label: [1, 0, 0] for label in LABELS}}
+    )
     pred = pd.DataFrame({"image_id": ["b", "a"], **{label: [0.2, 0.9] for label in LABELS}})
     joined = ev.join_truth_pred(truth, pred)
     assert len(joined) == 2 and joined.set_index("image_id").loc["a", "any_pred"] == 0.9

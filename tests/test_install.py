@@ -19,10 +19,15 @@ def test_pyproject_lists_every_locked_package_and_nothing_else():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = {_name(r) for r in project["dependencies"]}
     test = {_name(r) for r in project["optional-dependencies"]["test"]}
-    lock = {_name(line) for line in (ROOT / "requirements.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")}
+    lock = {
+        _name(line)
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert not runtime & test
-    assert runtime | test == lock, f"only in the lock: {lock - runtime - test}; only in pyproject: {runtime | test - lock}"
+    assert runtime | test == lock, (
+        f"only in the lock: {lock - runtime - test}; only in pyproject: {runtime | test - lock}"
+    )
 
 
 def test_console_script_is_the_cli():

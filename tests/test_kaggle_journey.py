@@ -38,8 +38,16 @@ from test_kernel import _fresh_venv, kaggle_packages  # noqa: E402
 
 USER = "testuser"
 # the real tiny configs (pretrained Lite0), CPU-sized: 2 folds, 2 short epochs (one kernel is cut after the first)
-MEMBER_SET = ["cv.k=2", "cv.seed=0", "train.epochs=2", "train.max_images_per_epoch=16", "train.batch_size=8",
-              "data.image_size=32", "data.num_workers=0", "tta.batch_size=16"]
+MEMBER_SET = [
+    "cv.k=2",
+    "cv.seed=0",
+    "train.epochs=2",
+    "train.max_images_per_epoch=16",
+    "train.batch_size=8",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "tta.batch_size=16",
+]
 
 
 def _read_only(root: Path) -> None:
@@ -92,14 +100,32 @@ class Kaggle:
         working = self.base / f"working_{name}"
         working.mkdir()
         dead = "http://127.0.0.1:9"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy", "ICH_STOP_AFTER_EPOCHS", "TORCH_HOME")}
-        env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working),
-                   ICH_KAGGLE_SCRATCH=str(self.base / f"scratch_{name}"), HOME=str(self.base / "home"),
-                   TORCH_HOME=str(self.base / "no_torch_home"), HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead,
-                   https_proxy=dead, PIP_NO_INDEX="1", **env_extra)
-        result = subprocess.run([str(self.python), str(kernel / "kernel.py")], cwd=working, env=env,
-                                capture_output=True, text=True, timeout=600)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy", "ICH_STOP_AFTER_EPOCHS", "TORCH_HOME")
+        }
+        env.update(
+            ICH_KAGGLE_INPUT=str(root),
+            ICH_KAGGLE_WORKING=str(working),
+            ICH_KAGGLE_SCRATCH=str(self.base / f"scratch_{name}"),
+            HOME=str(self.base / "home"),
+            TORCH_HOME=str(self.base / "no_torch_home"),
+            HTTP_PROXY=dead,
+            HTTPS_PROXY=dead,
+            http_proxy=dead,
+            https_proxy=dead,
+            PIP_NO_INDEX="1",
+            **env_extra,
+        )
+        result = subprocess.run(
+            [str(self.python), str(kernel / "kernel.py")],
+            cwd=working,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         out = result.stdout + result.stderr
         assert result.returncode == 0, out[-4000:]
         assert f"from {self.python.parent.parent}" in out  # ich_kaggle came from the code dataset's wheel
@@ -128,8 +154,14 @@ def test_the_gpu_less_journey_for_a_config_and_an_ensemble(tmp_path, kernel_pyth
 
     comp = synth.write_competition(tmp_path / "comp", seed=0, studies=8, slices=5, size=32)
     duo_yaml = tmp_path / "duo.yaml"
-    duo_yaml.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit",
-                                                     "member_set": MEMBER_SET}, "cv": {"k": 2, "seed": 0}}))
+    duo_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit", "member_set": MEMBER_SET},
+                "cv": {"k": 2, "seed": 0},
+            }
+        )
+    )
     duo = config.load(str(duo_yaml))
     tiny, bone = ensemble.load_members(duo)
     assert tiny.model.pretrained and tiny.model.backbone == "tu-tf_efficientnet_lite0" and tiny.name == "tiny"
@@ -170,8 +202,9 @@ def test_the_gpu_less_journey_for_a_config_and_an_ensemble(tmp_path, kernel_pyth
                 assert "adopted" in log and "rescanning" not in log  # the prepare kernel's meta.csv, no rescan
                 trained[folder.name] = folder
         bodies = _pushed(fk)
-        assert all(b["datasetDataSources"] == [f"{USER}/ich-kaggle-code", f"{USER}/ich-kaggle-weights"]
-                   for b in bodies[1:])
+        assert all(
+            b["datasetDataSources"] == [f"{USER}/ich-kaggle-code", f"{USER}/ich-kaggle-weights"] for b in bodies[1:]
+        )
         assert all(b["kernelDataSources"] == [f"{USER}/ich-kaggle-prepare"] for b in bodies[1:])
 
         # the cut session: its output holds a resumable fold; the next version (RESUME=1) ends it
@@ -208,7 +241,8 @@ def test_the_gpu_less_journey_for_a_config_and_an_ensemble(tmp_path, kernel_pyth
         assert "predict: ensemble of 2 members (logit)" in log
         assert len(fk.submissions) == 2
         assert _pushed(fk)[-1]["kernelDataSources"] == [f"{USER}/ich-kaggle-prepare"] + [
-            f"{USER}/ich-kaggle-{m}-fold{k}" for m in ("tiny", "tiny-bone") for k in (0, 1)]
+            f"{USER}/ich-kaggle-{m}-fold{k}" for m in ("tiny", "tiny-bone") for k in (0, 1)
+        ]
 
     # what a user with the data runs on the same fetched folds: make predict + make submit (first stage)
     assert build.trained_folds(tiny, runs) == [0, 1] and build.trained_folds(bone, runs) == [0, 1]

@@ -64,19 +64,29 @@ def fake_layout(base: Path) -> Layout:
     """meta.csv / folds.csv of the data the fake run was trained on (the stacker's inputs)."""
     layout = Layout.of(base / "comp", base / "work")
     layout.work.mkdir(parents=True)
-    layout.meta_csv.write_text("image_id,patient_id,study_id,series_id,split,path,z,slice_rank,series_len\n"
-                               "ID_a,P1,S1,R1,train,stage_2_train/ID_a.dcm,1.0,0,1\n"
-                               "ID_t,P2,S2,R2,test,stage_2_test/ID_t.dcm,1.0,0,1\n")
+    layout.meta_csv.write_text(
+        "image_id,patient_id,study_id,series_id,split,path,z,slice_rank,series_len\n"
+        "ID_a,P1,S1,R1,train,stage_2_train/ID_a.dcm,1.0,0,1\n"
+        "ID_t,P2,S2,R2,test,stage_2_test/ID_t.dcm,1.0,0,1\n"
+    )
     layout.folds_csv.write_text("image_id,patient_id,study_id,series_id,fold,any\nID_a,P1,S1,R1,0,1\n")
     layout.folds_csv.with_name("folds.csv.json").write_text('{"k": 5, "seed": 42, "images": 1}')
     return layout
 
 
 # --- names and metadata errors ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("slug, words", [
-    ("ich", "3 characters"), ("a" * 51, "51 characters"), ("ICH-kernel", "lower-case"), ("ich_kernel", "lower-case"),
-    ("ich--kernel", "single hyphens"), ("-ichkernel", "lower-case"), ("ich kernel", "lower-case"),
-])
+@pytest.mark.parametrize(
+    "slug, words",
+    [
+        ("ich", "3 characters"),
+        ("a" * 51, "51 characters"),
+        ("ICH-kernel", "lower-case"),
+        ("ich_kernel", "lower-case"),
+        ("ich--kernel", "single hyphens"),
+        ("-ichkernel", "lower-case"),
+        ("ich kernel", "lower-case"),
+    ],
+)
 def test_bad_slug_is_one_line_user_error(slug, words):
     with pytest.raises(UserError) as e:
         kernel.check_slug(slug)
@@ -144,12 +154,25 @@ def test_kernel_needs_the_dataset_folders(tmp_path, cfg, monkeypatch):
 
 
 def test_cli_prints_one_line_error(tmp_path):
-    cmd = [sys.executable, "-m", "ich_kaggle", "kernel", "--config", "tiny", "--runs", str(tmp_path / "runs"),
-           "--out", str(tmp_path / "kernels"), "--slug", "ich"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ich_kaggle",
+        "kernel",
+        "--config",
+        "tiny",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "kernels"),
+        "--slug",
+        "ich",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**_env(), "KAGGLE_USERNAME": "alice"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: kernel slug 'ich' has 3 characters; Kaggle needs 5 to 50 (pass --slug / make kernel SLUG=<name>)"]
+        "error: kernel slug 'ich' has 3 characters; Kaggle needs 5 to 50 (pass --slug / make kernel SLUG=<name>)"
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -163,10 +186,20 @@ def test_model_dataset_contents(tmp_path, cfg):
     names = kernel.names_for(cfg, "alice")
     folder = kernel.build_model_dataset(cfg, names, runs, tmp_path / "kernels", fake_layout(tmp_path))
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["config.yaml", "dataset-metadata.json", "fold0_best.pt", "fold0_done.json", "fold2_best.pt",
-                     "fold2_done.json", "folds.csv.gz",
-                     "folds.csv.json", "ich_kaggle_model.json", "predictions_oof.csv", "stack_metrics.csv",
-                     "train_meta.csv.gz"]  # no stale test.csv/png/last.pt
+    assert files == [
+        "config.yaml",
+        "dataset-metadata.json",
+        "fold0_best.pt",
+        "fold0_done.json",
+        "fold2_best.pt",
+        "fold2_done.json",
+        "folds.csv.gz",
+        "folds.csv.json",
+        "ich_kaggle_model.json",
+        "predictions_oof.csv",
+        "stack_metrics.csv",
+        "train_meta.csv.gz",
+    ]  # no stale test.csv/png/last.pt
     assert list(pd.read_csv(folder / "train_meta.csv.gz")["image_id"]) == ["ID_a"]  # train rows only
     assert pd.read_csv(folder / "folds.csv.gz").shape == (1, 6)
     assert (folder / "fold2_best.pt").read_bytes() == b"checkpoint 2"
@@ -199,8 +232,12 @@ def test_model_dataset_contents(tmp_path, cfg):
     with pytest.raises(UserError, match="oof_embeddings.npz not found .* rerun `make predict CONFIG=tiny`"):
         kernel.model_files(cfg, runs)
     (runs / cfg.name / "stack" / "test.csv").unlink()  # not stacked: only the checkpoints travel
-    assert kernel.model_files(cfg, runs) == {"fold0_best.pt": "fold0/best.pt", "fold0_done.json": "fold0/done.json",
-                                             "fold2_best.pt": "fold2/best.pt", "fold2_done.json": "fold2/done.json"}
+    assert kernel.model_files(cfg, runs) == {
+        "fold0_best.pt": "fold0/best.pt",
+        "fold0_done.json": "fold0/done.json",
+        "fold2_best.pt": "fold2/best.pt",
+        "fold2_done.json": "fold2/done.json",
+    }
     cfg.cv.folds = [2]
     assert kernel.trained_folds(cfg, runs) == [2]
     (runs / cfg.name / "fold2" / "done.json").unlink()  # an unfinished fold never travels
@@ -216,10 +253,28 @@ def test_repacked_wheel_installs_and_imports(tmp_path):
     assert "munch/__init__.py" in names and not any("__pycache__" in n for n in names)
     assert "munch/__init__.py,sha256=" in record
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--target", str(target),
-                    str(wheel.path)], check=True)  # pip checks every RECORD hash
-    out = subprocess.run([sys.executable, "-c", "import munch; print(munch.__file__)"], capture_output=True,
-                         text=True, env={"PYTHONPATH": str(target)}, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-deps",
+            "--quiet",
+            "--target",
+            str(target),
+            str(wheel.path),
+        ],
+        check=True,
+    )  # pip checks every RECORD hash
+    out = subprocess.run(
+        [sys.executable, "-c", "import munch; print(munch.__file__)"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(target)},
+        check=True,
+    )
     assert out.stdout.startswith(str(target))
 
 
@@ -230,8 +285,10 @@ def test_code_dataset_and_kernel_folder(tmp_path, cfg):
     (out / "ich-kaggle-code").mkdir(parents=True)
     (out / "ich-kaggle-code" / "ich_kaggle-0.0.1-py3-none-any.whl").write_bytes(b"stale")  # replaced, not mixed in
     code = kernel.build_code_dataset(names, out, packages=("munch",))
-    assert sorted(p.name for p in code.glob("*.whl")) == ["ich_kaggle-0.1.0-py3-none-any.whl",
-                                                          "munch-4.0.0-py2.py3-none-any.whl"]
+    assert sorted(p.name for p in code.glob("*.whl")) == [
+        "ich_kaggle-0.1.0-py3-none-any.whl",
+        "munch-4.0.0-py2.py3-none-any.whl",
+    ]
     with zipfile.ZipFile(code / "ich_kaggle-0.1.0-py3-none-any.whl") as zf:
         packed = zf.namelist()
     assert {"ich_kaggle/kaggle/run.py", "ich_kaggle/kaggle/template.py", "ich_kaggle/configs/tiny.yaml"} <= set(packed)
@@ -299,7 +356,11 @@ def test_kernel_side_work_folder(tmp_path):
     assert got.cv.folds == [0, 1] and got.cv.k == 2
     assert (working / "runs" / "tiny" / "fold1" / "best.pt").read_bytes() == b"checkpoint 1"
     view = kernel_run.data_view(comp, working / "data")
-    assert sorted(p.name for p in view.iterdir()) == ["stage_2_sample_submission.csv", "stage_2_test", "stage_2_train.csv"]
+    assert sorted(p.name for p in view.iterdir()) == [
+        "stage_2_sample_submission.csv",
+        "stage_2_test",
+        "stage_2_train.csv",
+    ]
     kernel_layout = Layout.of(view, working / "work")
     kernel_run.prepare_work(kernel_layout, model)  # before predict: test rows only, so only test images get cached
     key = ["image_id", "series_id", "split", "slice_rank", "series_len"]
@@ -308,7 +369,9 @@ def test_kernel_side_work_folder(tmp_path):
         return frame[key].sort_values("image_id").reset_index(drop=True)
 
     assert set(meta_mod.load_meta(kernel_layout)["split"]) == {"test"}
-    pd.testing.assert_frame_equal(rows(meta_mod.load_meta(kernel_layout)), rows(local_meta[local_meta["split"] == "test"]))
+    pd.testing.assert_frame_equal(
+        rows(meta_mod.load_meta(kernel_layout)), rows(local_meta[local_meta["split"] == "test"])
+    )
     assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
     pd.testing.assert_frame_equal(folds_mod.load_folds(kernel_layout, k=2, seed=cfg.cv.seed), local_folds)
     oof = working / "runs" / "tiny" / "predictions" / "oof.csv"
@@ -379,8 +442,10 @@ def test_kaggle_datasets_create_and_version(built, kaggle_home):
     assert "Your private Dataset is being created" in first.stdout and "Dataset creation error" not in second.stdout
     assert "Dataset version is being created" in again.stdout
     creates = [c.json() for c in fk.calls("datasets.DatasetApiService/CreateDataset")]
-    assert [(c["ownerSlug"], c["slug"]) for c in creates] == [("testuser", "ich-kaggle-code"),
-                                                              ("testuser", "ich-kaggle-model-tiny")]
+    assert [(c["ownerSlug"], c["slug"]) for c in creates] == [
+        ("testuser", "ich-kaggle-code"),
+        ("testuser", "ich-kaggle-model-tiny"),
+    ]
     assert all(c["isPrivate"] and c["licenseName"] == "CC0-1.0" for c in creates)
     # every file went up as a blob whose bytes arrived intact, and the create request lists each blob's token
     uploaded = {fk.blob_names[c["token"]]: fk.uploads[c["token"]] for c in creates[0]["files"]}
@@ -431,7 +496,10 @@ def test_refused_datasets_exit_nonzero(built, kaggle_home):
         refused = _ich(fk, out, "datasets-create")
         fk.existing_datasets.update({names.code_id, names.model_id})
         refused_version = _ich(fk, out, "datasets-version")
-    assert verify in _one_line_error(refused) and "Kaggle refused to create dataset testuser/ich-kaggle-code" in refused.stderr
+    assert (
+        verify in _one_line_error(refused)
+        and "Kaggle refused to create dataset testuser/ich-kaggle-code" in refused.stderr
+    )
     assert verify in _one_line_error(refused_version)
     with FakeKaggle(max_seconds=60) as fk:
         missing = _ich(fk, out, "datasets-version")
@@ -450,7 +518,9 @@ def test_datasets_create_wait_version(built, kaggle_home):
     for result in (created, waited, version):
         assert result.returncode == 0, result.stderr
     assert [(c.json()["slug"]) for c in fk.calls("datasets.DatasetApiService/CreateDataset")] == [
-        "ich-kaggle-code", "ich-kaggle-model-tiny"]
+        "ich-kaggle-code",
+        "ich-kaggle-model-tiny",
+    ]
     assert "dataset testuser/ich-kaggle-model-tiny: ready" in waited.stdout
     polls = [c.json()["datasetSlug"] for c in fk.calls("datasets.DatasetApiService/GetDatasetStatus")]
     assert polls.count("ich-kaggle-model-tiny") >= 4  # create's check, then polled until READY
@@ -464,8 +534,12 @@ def test_kernel_wait_output_submit(built, kaggle_home):
     from ich_kaggle.core.labels import LABELS
 
     sub = ("ID,Label\n" + "".join(f"ID_a_{label},0.1\n" for label in LABELS)).encode()
-    with FakeKaggle(max_seconds=60, kernel_statuses=["QUEUED", "RUNNING", "COMPLETE"],
-                    kernel_output={"submission.csv": sub}, kernel_log="[12:00:00] wrote submission.csv") as fk:
+    with FakeKaggle(
+        max_seconds=60,
+        kernel_statuses=["QUEUED", "RUNNING", "COMPLETE"],
+        kernel_output={"submission.csv": sub},
+        kernel_log="[12:00:00] wrote submission.csv",
+    ) as fk:
         waited = _ich(fk, out, "kernel-wait", "--poll", "0.05")
         fetched = _ich(fk, out, "kernel-output")
         submitted = _ich(fk, out, "kaggle-submit", "--message", "first kernel")
@@ -479,8 +553,11 @@ def test_kernel_wait_output_submit(built, kaggle_home):
     (token,) = [t for t, n in fk.blob_names.items() if n == "submission.csv"]
     assert fk.uploads[token] == sub and "Successfully submitted" in submitted.stdout
 
-    with FakeKaggle(max_seconds=60, kernel_statuses=["RUNNING", "ERROR"],
-                    kernel_failure="Your notebook tried to allocate more memory than is available") as fk:
+    with FakeKaggle(
+        max_seconds=60,
+        kernel_statuses=["RUNNING", "ERROR"],
+        kernel_failure="Your notebook tried to allocate more memory than is available",
+    ) as fk:
         failed = _ich(fk, out, "kernel-wait", "--poll", "0.05")
         empty = _ich(fk, out, "kernel-output")
     assert "ended with error: Your notebook tried to allocate more memory" in _one_line_error(failed)
@@ -504,7 +581,18 @@ def test_kaggle_steps_without_credentials(built, tmp_path):
     names, out = built
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
     env["HOME"] = str(tmp_path)
-    cmd = [sys.executable, "-m", "ich_kaggle", "kernel-push", "--config", "tiny", "--out", str(out), "--username", "testuser"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ich_kaggle",
+        "kernel-push",
+        "--config",
+        "tiny",
+        "--out",
+        str(out),
+        "--username",
+        "testuser",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert "no Kaggle credentials" in _one_line_error(result) and "KAGGLE_KEY" in result.stderr
 
@@ -538,7 +626,8 @@ def _python(version: str) -> str | None:
     """A working python<version> (Kaggle's image: 3.12; Colab's, its base: 3.13); pyenv's shim may exist but refuse
     to run."""
     candidates = [shutil.which(f"python{version}") or ""] + [
-        str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}"))]
+        str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}"))
+    ]
     for exe in filter(None, candidates):
         if subprocess.run([exe, "-c", "import ensurepip"], capture_output=True).returncode == 0:
             return exe
@@ -569,18 +658,22 @@ def test_install_step_on_python312_and_313(tmp_path, cfg):
         assert any(w["name"] == "pylibjpeg-libjpeg" and w["version"] == "2.4.0" for w in listing["wheels"])
         venv = tmp_path / f"venv{tag}"
         subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
-        script = (f"import runpy; from pathlib import Path; "
-                  f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'kernel_install.py')!r}); "
-                  f"print('missing', sorted(w['name'] for w in ns['pip_install'](Path({str(code)!r}))))")
+        script = (
+            f"import runpy; from pathlib import Path; "
+            f"ns = runpy.run_path({str(ROOT / 'ich_kaggle' / 'kaggle' / 'kernel_install.py')!r}); "
+            f"print('missing', sorted(w['name'] for w in ns['pip_install'](Path({str(code)!r}))))"
+        )
         env = {**_env(), "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-        result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
-                                timeout=600)
+        result = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env, timeout=600
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "missing []" in result.stdout, result.stdout
         names_all = sorted({w["name"] for w in listing["wheels"]} - {"ich_kaggle"})
         check = "import importlib.metadata as m, sys; print(sys.version_info[:2], [m.version(n) for n in sys.argv[1:]])"
-        versions = subprocess.run([str(venv / "bin" / "python"), "-c", check, *names_all], capture_output=True,
-                                  text=True)
+        versions = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", check, *names_all], capture_output=True, text=True
+        )
         assert versions.returncode == 0, versions.stderr  # every package is installed
         assert versions.stdout.startswith(str(tuple(int(x) for x in version.split("."))))
 
@@ -590,8 +683,14 @@ def _fresh_venv(folder: Path, first: list[Path] = ()) -> Path:
     """A venv that sees the heavy packages of .venv (torch, timm, ...) through a .pth file but not the repository;
     folders in `first` come before them on sys.path (Kaggle's own numpy and pandas)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
-    site = Path(subprocess.run([str(folder / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(folder / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     paths = [str(p) for p in first] + [sysconfig.get_paths()["purelib"]]
     (site / "_ich_kaggle_test_parent.pth").write_text("\n".join(paths) + "\n")
     return folder / "bin" / "python"
@@ -610,7 +709,17 @@ def kaggle_packages() -> Path:
     done = folder / ".installed"
     if not done.exists():
         local = [x for d in LOCAL_WHEELS if d.is_dir() for x in ("--find-links", str(d))]
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(folder), *KAGGLE_VERSIONS]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(folder),
+            *KAGGLE_VERSIONS,
+        ]
         if subprocess.run(cmd[:4] + ["--no-index", *local] + cmd[4:], capture_output=True).returncode != 0:
             subprocess.run(cmd, check=True, capture_output=True, timeout=600)  # from the package index
         done.touch()
@@ -629,18 +738,28 @@ def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
     return root
 
 
-def _run_kernel(python: Path, script: Path, root: Path, tmp_path: Path, name: str,
-                stacked: str = "tiny") -> tuple[subprocess.CompletedProcess, Path]:
+def _run_kernel(
+    python: Path, script: Path, root: Path, tmp_path: Path, name: str, stacked: str = "tiny"
+) -> tuple[subprocess.CompletedProcess, Path]:
     """kernel.py offline in the venv `tmp_path/name`; (its result, the submission.csv it wrote)."""
     working = tmp_path / f"working_{name}"
     working.mkdir()
     dead = "http://127.0.0.1:9"  # any network access fails fast
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy")}
-    env.update(ICH_KAGGLE_INPUT=str(root), ICH_KAGGLE_WORKING=str(working), ICH_KAGGLE_SCRATCH=str(tmp_path / f"scratch_{name}"),
-               HOME=str(tmp_path / "home"),
-               HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, PIP_NO_INDEX="1")
-    result = subprocess.run([str(python), str(script)], cwd=working, env=env, capture_output=True,
-                            text=True, timeout=300)
+    env.update(
+        ICH_KAGGLE_INPUT=str(root),
+        ICH_KAGGLE_WORKING=str(working),
+        ICH_KAGGLE_SCRATCH=str(tmp_path / f"scratch_{name}"),
+        HOME=str(tmp_path / "home"),
+        HTTP_PROXY=dead,
+        HTTPS_PROXY=dead,
+        http_proxy=dead,
+        https_proxy=dead,
+        PIP_NO_INDEX="1",
+    )
+    result = subprocess.run(
+        [str(python), str(script)], cwd=working, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"from {tmp_path / name}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
     assert "urlopen error" not in result.stderr  # nothing tried the network (the proxy is a dead port)
@@ -669,9 +788,29 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     predict.predict(cfg, layout, runs=runs)
     stack.stack(cfg, layout, runs=runs)
     # what `make submit` runs
-    subprocess.run([sys.executable, "-m", "ich_kaggle", "submit", "--config", "tiny", "--data", str(comp),
-                    "--work", str(layout.work), "--runs", str(runs), "--out-dir", str(tmp_path / "submissions"),
-                    "--set", *overrides], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ich_kaggle",
+            "submit",
+            "--config",
+            "tiny",
+            "--data",
+            str(comp),
+            "--work",
+            str(layout.work),
+            "--runs",
+            str(runs),
+            "--out-dir",
+            str(tmp_path / "submissions"),
+            "--set",
+            *overrides,
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     expected = tmp_path / "submissions" / "tiny.csv"
 
     out = tmp_path / "kernels"
@@ -698,8 +837,9 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     assert kernel_run.read_manifest(half)["weights"] == "fp16"
     ratios = [(half / f.name).stat().st_size / f.stat().st_size for f in names.model_dir(out).glob("fold*_best.pt")]
     assert len(ratios) == cfg.cv.k and max(ratios) < 0.6
-    got = kernel_run.run_inference(half, root / COMPETITION / COMPETITION, tmp_path / "working_half",
-                                   scratch=tmp_path / "scratch_half")
+    got = kernel_run.run_inference(
+        half, root / COMPETITION / COMPETITION, tmp_path / "working_half", scratch=tmp_path / "scratch_half"
+    )
     gap = np.abs(pd.read_csv(got)["Label"].to_numpy() - a["Label"].to_numpy()).max()
     print(f"fp16 weights: checkpoints x{max(ratios):.2f} the size, submission max |difference| {gap:.1e}")
     # float16 rounding, nothing worse: a wrong tensor moves it by far more (measured 4.9e-4 with the old loader,
@@ -711,8 +851,9 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     first = submission.submit(cfg, layout, runs=runs, out_dir=tmp_path / "first_stage")
     plain = kernel.build_model_dataset(cfg, names, runs, tmp_path / "plain", layout)
     assert not kernel_run.read_manifest(plain)["stack"] and not (plain / "train_meta.csv.gz").exists()
-    got = kernel_run.run_inference(plain, root / COMPETITION / COMPETITION, tmp_path / "working2",
-                                   scratch=tmp_path / "scratch2")
+    got = kernel_run.run_inference(
+        plain, root / COMPETITION / COMPETITION, tmp_path / "working2", scratch=tmp_path / "scratch2"
+    )
     assert got.read_bytes() == first.read_bytes()
     assert not (tmp_path / "scratch2" / "runs" / "tiny" / "stack").exists()
 
@@ -734,8 +875,11 @@ def test_ensemble_kernel_equals_make_submit(tmp_path):
 
     comp = synth.write_competition(tmp_path / "comp", seed=3, studies=6, slices=5, size=32)
     ens = tmp_path / "duo.yaml"
-    ens.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit"},
-                                   "cv": {"k": 2}, "stack": {"epochs": 3}}))
+    ens.write_text(
+        yaml.safe_dump(
+            {"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit"}, "cv": {"k": 2}, "stack": {"epochs": 3}}
+        )
+    )
     overrides = ["cv.k=2", "train.epochs=1", "data.image_size=32", "data.num_workers=0", "stack.epochs=3"]
     cfg = config.load(str(ens), overrides)
     members = ensemble.load_members(cfg, overrides)
@@ -748,9 +892,29 @@ def test_ensemble_kernel_equals_make_submit(tmp_path):
             train.train_fold(member, layout, fold, runs=runs)
     predict.predict_ensemble(cfg, members, layout, runs=runs)
     stack.stack(cfg, layout, runs=runs)
-    result = subprocess.run([sys.executable, "-m", "ich_kaggle", "submit", "--config", str(ens), "--data", str(comp),
-                             "--work", str(layout.work), "--runs", str(runs), "--out-dir", str(tmp_path / "subs"),
-                             "--set", *overrides], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ich_kaggle",
+            "submit",
+            "--config",
+            str(ens),
+            "--data",
+            str(comp),
+            "--work",
+            str(layout.work),
+            "--runs",
+            str(runs),
+            "--out-dir",
+            str(tmp_path / "subs"),
+            "--set",
+            *overrides,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected = tmp_path / "subs" / "duo.csv"
 
@@ -760,8 +924,14 @@ def test_ensemble_kernel_equals_make_submit(tmp_path):
     manifest = kernel_run.read_manifest(names.model_dir(out))
     assert [(m["name"], m["folds"]) for m in manifest["members"]] == [("tiny", [0, 1]), ("tiny_bone", [0, 1])]
     shipped = sorted(p.name for p in names.model_dir(out).iterdir())
-    assert {"tiny__fold1_best.pt", "tiny_bone__fold0_best.pt", "tiny__predictions_oof.csv",
-            "tiny_bone__predictions_oof.csv", "tiny_bone__config.yaml", "stack_metrics.csv"} <= set(shipped)
+    assert {
+        "tiny__fold1_best.pt",
+        "tiny_bone__fold0_best.pt",
+        "tiny__predictions_oof.csv",
+        "tiny_bone__predictions_oof.csv",
+        "tiny_bone__config.yaml",
+        "stack_metrics.csv",
+    } <= set(shipped)
     assert not any("test" in name for name in shipped)  # test predictions are made in the kernel
     bone = config.load(str(names.model_dir(out) / "tiny_bone__config.yaml"))
     assert bone.to_dict() == members[1].to_dict() and "bone" in bone.data.windows  # each member's own config
@@ -771,7 +941,9 @@ def test_ensemble_kernel_equals_make_submit(tmp_path):
     kaggle_python = _fresh_venv(tmp_path / "kaggle_venv", first=[kaggle_packages()])
     result, got = _run_kernel(kaggle_python, folder / "kernel.py", root, tmp_path, "kaggle_venv", stacked="duo")
     check = "import numpy, pandas; print(numpy.__version__, pandas.__version__)"
-    versions = subprocess.run([str(kaggle_python), "-c", check], capture_output=True, text=True, check=True).stdout.split()
+    versions = subprocess.run(
+        [str(kaggle_python), "-c", check], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert versions == ["2.0.2", "2.2.3"]
     assert "predict: ensemble of 2 members (logit)" in result.stdout
     assert "OOF weighted log loss: stacked" in result.stdout  # the same choice by OOF as `make submit`

@@ -14,7 +14,14 @@ from ich_kaggle.core import labels
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.layout import Layout
 
-MINI_COUNTS = {"any": 51, "epidural": 0, "intraparenchymal": 35, "intraventricular": 3, "subarachnoid": 14, "subdural": 6}
+MINI_COUNTS = {
+    "any": 51,
+    "epidural": 0,
+    "intraparenchymal": 35,
+    "intraventricular": 3,
+    "subarachnoid": 14,
+    "subdural": 6,
+}
 
 
 def test_mini_labels(mini_dir):
@@ -35,8 +42,13 @@ GOOD = "".join(f"ID_abc_{label},{int(label in ('any', 'subdural'))}\n" for label
 
 
 def test_duplicates_and_roundtrip(tmp_path):
-    path = _write(tmp_path, "ID,Label\n" + GOOD + GOOD.splitlines(keepends=True)[2] + "".join(
-        f"ID_def_{label},0\n" for label in reversed(LABELS)))
+    path = _write(
+        tmp_path,
+        "ID,Label\n"
+        + GOOD
+        + GOOD.splitlines(keepends=True)[2]
+        + "".join(f"ID_def_{label},0\n" for label in reversed(LABELS)),
+    )
     wide = labels.read_labels(path)
     assert wide["image_id"].tolist() == ["ID_abc", "ID_def"]
     assert wide.iloc[0][list(LABELS)].tolist() == [1, 0, 0, 0, 0, 1] and wide.iloc[1][list(LABELS)].sum() == 0
@@ -44,15 +56,24 @@ def test_duplicates_and_roundtrip(tmp_path):
     pd.testing.assert_frame_equal(labels.read_labels(tmp_path / "again.csv"), wide)
 
 
-@pytest.mark.parametrize("text,words", [
-    ("Image,Label\nID_abc_any,1\n", "expected the header ID,Label (the competition's long format), found Image,Label"),
-    ("ID,Label\n", "has no rows"),
-    ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0", "ID_abc_epidural,2"), "Label must be 0 or 1"),
-    ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0", "ID_abc_epidural,"), "Label must be 0 or 1; row 3 (ID ID_abc_epidural) has an empty cell"),
-    ("ID,Label\n" + GOOD.replace("epidural", "epiduralx"), "does not end in one of"),
-    ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0\n", ""), "has no row for subtype epidural"),
-    ("ID,Label\n" + GOOD + "ID_abc_any,0\n", "appears twice with different values"),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        (
+            "Image,Label\nID_abc_any,1\n",
+            "expected the header ID,Label (the competition's long format), found Image,Label",
+        ),
+        ("ID,Label\n", "has no rows"),
+        ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0", "ID_abc_epidural,2"), "Label must be 0 or 1"),
+        (
+            "ID,Label\n" + GOOD.replace("ID_abc_epidural,0", "ID_abc_epidural,"),
+            "Label must be 0 or 1; row 3 (ID ID_abc_epidural) has an empty cell",
+        ),
+        ("ID,Label\n" + GOOD.replace("epidural", "epiduralx"), "does not end in one of"),
+        ("ID,Label\n" + GOOD.replace("ID_abc_epidural,0\n", ""), "has no row for subtype epidural"),
+        ("ID,Label\n" + GOOD + "ID_abc_any,0\n", "appears twice with different values"),
+    ],
+)
 def test_bad_label_files(tmp_path, text, words):
     path = _write(tmp_path, text)
     with pytest.raises(UserError) as err:
@@ -100,7 +121,10 @@ def _check_folds(frame: pd.DataFrame, fold: pd.Series, k: int) -> None:
 def test_mini_folds_cli_and_determinism(mini_dir, tmp_path, capsys):
     work = tmp_path / "w"
     out = tmp_path / "f.csv"
-    assert cli.main(["folds", "--data", str(mini_dir), "--work", str(work), "--out", str(out), "--k", "3", "--seed", "7"]) == 0
+    assert (
+        cli.main(["folds", "--data", str(mini_dir), "--work", str(work), "--out", str(out), "--k", "3", "--seed", "7"])
+        == 0
+    )
     assert "616 labelled train slices of 18 patients in 3 folds" in capsys.readouterr().out
     f = folds.read_folds(out)
     assert list(f.columns) == folds.FOLD_COLUMNS and len(f) == 616
@@ -146,7 +170,13 @@ def test_folds_at_competition_scale():
     frame = meta.frame_from_headers(headers)
     rng = np.random.default_rng(0)
     # random labels with the competition's rates, clustered by series like real bleeds
-    rates = {"epidural": 0.004, "intraparenchymal": 0.048, "intraventricular": 0.035, "subarachnoid": 0.047, "subdural": 0.063}
+    rates = {
+        "epidural": 0.004,
+        "intraparenchymal": 0.048,
+        "intraventricular": 0.035,
+        "subarachnoid": 0.047,
+        "subdural": 0.063,
+    }
     series = frame["series_id"].unique()
     for label, rate in rates.items():
         bleeding = set(rng.choice(series, size=max(1, int(len(series) * rate * 3)), replace=False))

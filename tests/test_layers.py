@@ -17,13 +17,21 @@ LAYERS = {
     "models": 2,
     "engine": 3,
     "recipes": 4,
-    "train": 5, "predict": 5, "stack": 5, "submit": 5, "report": 5,
-    "kaggle": 6, "bench": 6, "docs": 6,  # docs: the README block written from the demo's saved output
-    "bundle": 6, "apply": 6.5,  # apply runs bundles
+    "train": 5,
+    "predict": 5,
+    "stack": 5,
+    "submit": 5,
+    "report": 5,
+    "kaggle": 6,
+    "bench": 6,
+    "docs": 6,  # docs: the README block written from the demo's saved output
+    "bundle": 6,
+    "apply": 6.5,  # apply runs bundles
     "demo": 7,  # the whole pipeline on the synthetic competition
     "serve": 7,  # the web app
     "commands": 8,  # each command's flags and handler
-    "cli": 9, "__main__": 10,
+    "cli": 9,
+    "__main__": 10,
 }
 # what core may import besides itself: it stays free of torch so scoring and validating are light anywhere
 CORE_THIRD_PARTY = {"numpy", "pandas", "yaml", "tqdm"}  # the light ones among pyproject.toml's dependencies
@@ -51,8 +59,9 @@ def imports(path: Path) -> list[tuple[str, int]]:
             out.append((mod, node.lineno))
             for a in node.names:  # `from . import x` imports the submodule x
                 sub = f"{mod}.{a.name}"
-                if (PKG.parent / Path(*sub.split("."))).with_suffix(".py").exists() or \
-                        (PKG.parent / Path(*sub.split(".")) / "__init__.py").exists():
+                if (PKG.parent / Path(*sub.split("."))).with_suffix(".py").exists() or (
+                    PKG.parent / Path(*sub.split(".")) / "__init__.py"
+                ).exists():
                     out.append((sub, node.lineno))
     return out
 
@@ -82,8 +91,10 @@ def test_imports_point_down_only():
             if other is None or me is None or other == me:
                 continue
             if LAYERS[other] >= LAYERS[me]:
-                bad.append(f"{f.relative_to(PKG.parent)}:{line} ({me}, layer {LAYERS[me]}) imports {mod} "
-                           f"({other}, layer {LAYERS[other]})")
+                bad.append(
+                    f"{f.relative_to(PKG.parent)}:{line} ({me}, layer {LAYERS[me]}) imports {mod} "
+                    f"({other}, layer {LAYERS[other]})"
+                )
     assert not bad, "imports that point up or sideways:\n" + "\n".join(bad)
 
 
@@ -116,7 +127,7 @@ def test_no_import_cycle():
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state:
                 found = visit(dep)
                 if found:

@@ -19,9 +19,15 @@ from ich_kaggle.data.dataset import SliceDataset
 from ich_kaggle.data.transforms import build_eval_transforms, build_train_transforms
 from ich_kaggle.data.windows import apply_windows, named
 
-ALL_AUGMENTS = ["augment.hflip=0.5", "augment.transpose=0.5", "augment.random_resized_crop=0.5",
-                "augment.shift_scale_rotate=0.8", "augment.rotate_limit=20", "augment.brightness_contrast=0.5",
-                "augment.blur=0.3"]
+ALL_AUGMENTS = [
+    "augment.hflip=0.5",
+    "augment.transpose=0.5",
+    "augment.random_resized_crop=0.5",
+    "augment.shift_scale_rotate=0.8",
+    "augment.rotate_limit=20",
+    "augment.brightness_contrast=0.5",
+    "augment.blur=0.3",
+]
 
 
 def _old_compose(cfg, size: int, train: bool) -> A.Compose:
@@ -31,17 +37,26 @@ def _old_compose(cfg, size: int, train: bool) -> A.Compose:
     if not train:
         return A.Compose(steps)
     if aug.random_resized_crop > 0:
-        steps.append(A.RandomResizedCrop(size=(size, size), scale=tuple(aug.crop_scale), ratio=(0.9, 1.1),
-                                         p=aug.random_resized_crop))
+        steps.append(
+            A.RandomResizedCrop(
+                size=(size, size), scale=tuple(aug.crop_scale), ratio=(0.9, 1.1), p=aug.random_resized_crop
+            )
+        )
     if aug.hflip > 0:
         steps.append(A.HorizontalFlip(p=aug.hflip))
     if aug.transpose > 0:
         steps.append(A.Transpose(p=aug.transpose))
     if aug.shift_scale_rotate > 0:
-        steps.append(A.Affine(translate_percent=(-aug.shift_limit, aug.shift_limit),
-                              scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
-                              rotate=(-aug.rotate_limit, aug.rotate_limit), border_mode=cv2.BORDER_CONSTANT, fill=0,
-                              p=aug.shift_scale_rotate))
+        steps.append(
+            A.Affine(
+                translate_percent=(-aug.shift_limit, aug.shift_limit),
+                scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
+                rotate=(-aug.rotate_limit, aug.rotate_limit),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                p=aug.shift_scale_rotate,
+            )
+        )
     if aug.brightness_contrast > 0:
         steps.append(A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=aug.brightness_contrast))
     if aug.blur > 0:
@@ -99,7 +114,7 @@ def test_same_seed_gives_the_same_geometry_and_pixels_as_the_old_path(real):
         planes = ds.load_planes(seed % len(rows))
         marker = np.full(planes[0].shape, -1000, dtype=np.int16)
         y, x = planes[0].shape[0] // 3, planes[0].shape[1] // 4
-        marker[y:y + 4, x:x + 4] = 1000
+        marker[y : y + 4, x : x + 4] = 1000
         old = _old(planes + [marker], windows, old_t, seed)
         new = _new(planes + [marker], windows, new_t, seed)
         assert new.shape == old.shape == (6, size, size)

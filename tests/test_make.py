@@ -20,8 +20,9 @@ INTERNAL = {"PY", "EXP", "SET", "KAGGLE_ARGS", "KUSER", "MODEL_DS", "MAKEFILE_LI
 
 def _make(*args: str) -> subprocess.CompletedProcess:
     # -o: never (re)build .venv here; -n where only the command line matters
-    return subprocess.run(["make", "-s", "-o", ".venv/bin/python", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        ["make", "-s", "-o", ".venv/bin/python", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_help_lists_every_target_and_variable():

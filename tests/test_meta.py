@@ -36,9 +36,18 @@ def test_mini_meta_counts_and_labels(mini_meta):
     assert m["image_id"].is_unique and m["path"].str.match(r"stage_2_(train|test)/ID_[0-9a-f]+\.dcm").all()
     joined = m.merge(labels.read_labels(layout.train_csv), on="image_id")
     assert len(joined) == 616
-    assert joined[list(LABELS)].sum().to_dict() == {"any": 51, "epidural": 0, "intraparenchymal": 35,
-                                                     "intraventricular": 3, "subarachnoid": 14, "subdural": 6}
-    assert set(m["bits_stored"]) == {12, 16} and set(m["transfer_syntax"]) == {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+    assert joined[list(LABELS)].sum().to_dict() == {
+        "any": 51,
+        "epidural": 0,
+        "intraparenchymal": 35,
+        "intraventricular": 3,
+        "subarachnoid": 14,
+        "subdural": 6,
+    }
+    assert set(m["bits_stored"]) == {12, 16} and set(m["transfer_syntax"]) == {
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+    }
     assert m.loc[m["study_id"] == "ID_1f6d1e8aeb", "series_len"].tolist() == [32] * 32
     again = meta.load_meta(layout)  # reads the CSV back with the same content
     pd.testing.assert_frame_equal(again[["image_id", "slice_rank"]], m[["image_id", "slice_rank"]])
@@ -87,8 +96,13 @@ def test_cli_meta_lists_skipped_files(mini_dir, tmp_path, capsys):
     out = tmp_path / "m.csv"
     assert cli.main(["meta", "--data", str(data), "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for name, words in [("ID_6431af929", "truncated"), ("ID_notdicom", "not a DICOM"), ("ID_rgb", "colour"),
-                        ("ID_nopix", "no PixelData"), ("ID_nopatient", "missing tag PatientID")]:
+    for name, words in [
+        ("ID_6431af929", "truncated"),
+        ("ID_notdicom", "not a DICOM"),
+        ("ID_rgb", "colour"),
+        ("ID_nopix", "no PixelData"),
+        ("ID_nopatient", "missing tag PatientID"),
+    ]:
         assert any(name in line and words in line for line in printed.splitlines()), (name, printed)
     m = meta.read_meta(out)
     assert sorted(m["image_id"]) == sorted(f.stem for f in good)
@@ -110,21 +124,28 @@ def _frame(rows):
 def test_order_slices_fallbacks_and_ties():
     axial = [1, 0, 0, 0, 1, 0]
     nan6 = [np.nan] * 6
-    df = _frame([
-        ["ID_c", "A", 0, 0, 5.0, 3] + axial,
-        ["ID_b", "A", 0, 0, 5.0, 1] + axial,   # same z: InstanceNumber decides
-        ["ID_a", "A", 0, 0, 5.0, np.nan] + axial,  # same z, no InstanceNumber: after those that have one
-        ["ID_d", "A", 0, 0, -2.0, 9] + axial,
-        ["ID_e", "B", 0, 0, 10.0, 1] + nan6,   # no orientation: IPP z
-        ["ID_f", "B", 0, 0, 2.0, 2] + nan6,
-        ["ID_g", "C", np.nan, np.nan, np.nan, 2] + nan6,  # no position: InstanceNumber
-        ["ID_h", "C", np.nan, np.nan, np.nan, 1] + nan6,
-        ["ID_j", "D", np.nan, np.nan, np.nan, np.nan] + nan6,  # nothing at all: image_id
-        ["ID_i", "D", np.nan, np.nan, np.nan, np.nan] + nan6,
-    ])
+    df = _frame(
+        [
+            ["ID_c", "A", 0, 0, 5.0, 3] + axial,
+            ["ID_b", "A", 0, 0, 5.0, 1] + axial,  # same z: InstanceNumber decides
+            ["ID_a", "A", 0, 0, 5.0, np.nan] + axial,  # same z, no InstanceNumber: after those that have one
+            ["ID_d", "A", 0, 0, -2.0, 9] + axial,
+            ["ID_e", "B", 0, 0, 10.0, 1] + nan6,  # no orientation: IPP z
+            ["ID_f", "B", 0, 0, 2.0, 2] + nan6,
+            ["ID_g", "C", np.nan, np.nan, np.nan, 2] + nan6,  # no position: InstanceNumber
+            ["ID_h", "C", np.nan, np.nan, np.nan, 1] + nan6,
+            ["ID_j", "D", np.nan, np.nan, np.nan, np.nan] + nan6,  # nothing at all: image_id
+            ["ID_i", "D", np.nan, np.nan, np.nan, np.nan] + nan6,
+        ]
+    )
     out = meta.order_slices(df)
     order = {s: g.sort_values("slice_rank")["image_id"].tolist() for s, g in out.groupby("series_id")}
-    assert order == {"A": ["ID_d", "ID_b", "ID_c", "ID_a"], "B": ["ID_f", "ID_e"], "C": ["ID_h", "ID_g"], "D": ["ID_i", "ID_j"]}
+    assert order == {
+        "A": ["ID_d", "ID_b", "ID_c", "ID_a"],
+        "B": ["ID_f", "ID_e"],
+        "C": ["ID_h", "ID_g"],
+        "D": ["ID_i", "ID_j"],
+    }
     assert out.groupby("series_id")["series_len"].first().to_dict() == {"A": 4, "B": 2, "C": 2, "D": 2}
     shuffled = meta.order_slices(df.sample(frac=1, random_state=3))
     pd.testing.assert_frame_equal(shuffled, out)  # independent of input order
@@ -139,8 +160,11 @@ def test_tilted_gantry_uses_the_normal():
     for i, r in enumerate(rows):
         r[2:5] = list(np.array([0, 30.0 - 9 * i, 0]) + 5.0 * i * normal)
     out = meta.order_slices(_frame(rows))
-    np.testing.assert_allclose(out.sort_values("slice_rank")["z"], 5.0 * np.arange(4) + np.dot([0, 30.0, 0], normal)
-                               - 9 * np.arange(4) * normal[1], atol=1e-9)
+    np.testing.assert_allclose(
+        out.sort_values("slice_rank")["z"],
+        5.0 * np.arange(4) + np.dot([0, 30.0, 0], normal) - 9 * np.arange(4) * normal[1],
+        atol=1e-9,
+    )
     assert out.sort_values("slice_rank")["image_id"].tolist() == ["ID_0", "ID_1", "ID_2", "ID_3"]
 
 
@@ -151,7 +175,9 @@ def test_series_order_at_competition_scale():
     assert len(out) == 78545 and out["image_id"].is_unique
     g = out.groupby("series_id")
     assert (g["slice_rank"].min() == 0).all() and (g["slice_rank"].max() == g.size() - 1).all()
-    assert (g["slice_rank"].nunique() == g.size()).all() and (out["series_len"] == g["image_id"].transform("size")).all()
+    assert (g["slice_rank"].nunique() == g.size()).all() and (
+        out["series_len"] == g["image_id"].transform("size")
+    ).all()
     assert out["z"].notna().all()
     ranked = out.sort_values(["series_id", "slice_rank"])
     assert (ranked.groupby("series_id")["z"].diff().dropna() >= 0).all()
@@ -168,7 +194,6 @@ def test_parallel_scan_equals_sequential(mini_dir, mini_meta, tmp_path, monkeypa
     monkeypatch.setattr(meta, "CHUNK", 64)
     parallel = meta.build_meta(Layout.of(mini_dir, tmp_path / "w"), workers=2)
     pd.testing.assert_frame_equal(parallel, mini_meta[1])
-
 
 
 def _items(layout: Layout) -> list[tuple[str, str]]:
@@ -261,7 +286,10 @@ def test_symlink_loop_does_not_abort_the_scan(tmp_path, capsys):
     layout = Layout.of(data, tmp_path / "work")
     assert len(meta.load_meta(layout)) == 16
     skipped = pd.read_csv(layout.skipped_csv).set_index("path")["reason"]
-    assert "symbolic links" in skipped["stage_2_train/ID_loop_a.dcm"] and "symbolic links" in skipped["stage_2_train/ID_loop_b.dcm"]
+    assert (
+        "symbolic links" in skipped["stage_2_train/ID_loop_a.dcm"]
+        and "symbolic links" in skipped["stage_2_train/ID_loop_b.dcm"]
+    )
     assert "No such file" in skipped["stage_2_train/ID_dangling.dcm"]
 
 

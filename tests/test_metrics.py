@@ -142,8 +142,12 @@ def test_score_rejects_what_validate_rejects(tmp_path):
     for name, frame in cases.items():
         sub = tmp_path / f"{name}.csv"
         frame.to_csv(sub, index=False)
-        out = subprocess.run([sys.executable, "-m", "ich_kaggle", "score", "--truth", str(truth_csv),
-                              "--submission", str(sub)], capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-m", "ich_kaggle", "score", "--truth", str(truth_csv), "--submission", str(sub)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert out.returncode == 2, (name, out.stdout, out.stderr)
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and str(sub) in out.stderr, name
         assert "np." not in out.stderr and "Traceback" not in out.stderr, name
@@ -158,7 +162,9 @@ def test_score_rejects_what_validate_rejects(tmp_path):
     with pytest.raises(UserError, match="must be 0 or 1"):
         metrics.score_files(bad_truth, truth_csv)
     trailing = tmp_path / "trailing.csv"
-    trailing.write_text("ID,Label\n" + "".join(f"{i},{v},\n" for i, v in zip(to_long(truth)["ID"], to_long(truth)["Label"])))
+    trailing.write_text(
+        "ID,Label\n" + "".join(f"{i},{v},\n" for i, v in zip(to_long(truth)["ID"], to_long(truth)["Label"]))
+    )
     assert metrics.read_truth(trailing).equals(metrics.read_truth(truth_csv))  # a trailing comma is harmless
 
 
@@ -171,18 +177,28 @@ def test_score_files_and_cli(tmp_path):
     assert metrics.score_files(truth_csv, sub_csv)["weighted_log_loss"] == pytest.approx(expected, rel=1e-12)
     # wide predictions (oof.csv form) score the same
     pred.to_csv(tmp_path / "wide.csv", index=False)
-    assert metrics.score_files(truth_csv, tmp_path / "wide.csv")["weighted_log_loss"] == pytest.approx(expected, rel=1e-12)
+    assert metrics.score_files(truth_csv, tmp_path / "wide.csv")["weighted_log_loss"] == pytest.approx(
+        expected, rel=1e-12
+    )
 
-    out = subprocess.run([sys.executable, "-m", "ich_kaggle", "score", "--truth", str(truth_csv), "--submission", str(sub_csv)],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "ich_kaggle", "score", "--truth", str(truth_csv), "--submission", str(sub_csv)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == f"weighted_log_loss: {expected:.6f}"
     assert [line.split(":")[0] for line in lines[1:]] == list(LABELS)
 
     to_long(pred.iloc[3:]).to_csv(sub_csv, index=False)
-    out = subprocess.run([sys.executable, "-m", "ich_kaggle", "score", "--truth", str(truth_csv), "--submission", str(sub_csv)],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "ich_kaggle", "score", "--truth", str(truth_csv), "--submission", str(sub_csv)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "lacks predictions for 3 of 25" in out.stderr
 
@@ -194,7 +210,9 @@ def test_real_labels_prior_score():
     wide = pd.read_csv(shared_file("stage_1_train_labels_wide.csv.gz")).rename(columns={"Image": "image_id"})
     score = metrics.prior_log_loss(wide, wide)
     assert score == pytest.approx(0.2320, abs=5e-4)
-    assert metrics.weighted_log_loss(wide[list(LABELS)].to_numpy(), np.full((len(wide), 6), 0.5)) == pytest.approx(np.log(2))
+    assert metrics.weighted_log_loss(wide[list(LABELS)].to_numpy(), np.full((len(wide), 6), 0.5)) == pytest.approx(
+        np.log(2)
+    )
 
 
 def test_mini_set_long_labels(mini_dir):

@@ -127,8 +127,10 @@ def test_offline_a_missing_weights_file_is_named_with_its_url_and_folder(monkeyp
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     monkeypatch.setenv("ICH_KAGGLE_INPUT", str(tmp_path / "no_kaggle"))
     monkeypatch.setattr(W, "fetch", lambda backbone: pytest.fail("offline: no download may be tried"))
-    for backbone, url in [("se_resnext50_32x4d", "http://data.lip6.fr/cadene/pretrainedmodels/" + SE_FILE),
-                          ("efficientnet-b0", W.LUKEMELAS_URL + "efficientnet-b0-355c32eb.pth")]:
+    for backbone, url in [
+        ("se_resnext50_32x4d", "http://data.lip6.fr/cadene/pretrainedmodels/" + SE_FILE),
+        ("efficientnet-b0", W.LUKEMELAS_URL + "efficientnet-b0-355c32eb.pth"),
+    ]:
         with pytest.raises(UserError) as e:
             models.find_weights(backbone)
         msg = str(e.value)
@@ -171,8 +173,19 @@ def test_unknown_backbone_suggests_close_names():
 
 def test_list_backbones_covers_every_family():
     names = models.list_backbones()
-    for name in ("se_resnext50_32x4d", "se_resnext101_32x4d", "resnet18", "resnet34", "resnet50", "resnext50_32x4d",
-                 "efficientnet-b0", "tu-tf_efficientnet_lite0", "pm-se_resnet50", "pm-se_resnext50_32x4d", "small_cnn"):
+    for name in (
+        "se_resnext50_32x4d",
+        "se_resnext101_32x4d",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnext50_32x4d",
+        "efficientnet-b0",
+        "tu-tf_efficientnet_lite0",
+        "pm-se_resnet50",
+        "pm-se_resnext50_32x4d",
+        "small_cnn",
+    ):
         assert name in names
     assert not any(n.startswith("timm-") for n in names)  # deprecated smp aliases of tu- encoders
 
@@ -203,8 +216,9 @@ def test_nine_channel_pretrainedmodels_backbone_adapts_first_conv(tmp_path):
 
     state = perturbed(torchvision.models.resnet18().state_dict())  # pretrainedmodels' resnet18 is torchvision's
     torch.save(state, tmp_path / "resnet18-5c106cde.pth")
-    model = models.build_model(ModelConfig(backbone="pm-resnet18", weights=str(tmp_path / "resnet18-5c106cde.pth")),
-                               in_channels=9)
+    model = models.build_model(
+        ModelConfig(backbone="pm-resnet18", weights=str(tmp_path / "resnet18-5c106cde.pth")), in_channels=9
+    )
     conv = model.backbone.net.conv1
     assert conv.in_channels == 9
     assert torch.allclose(conv.weight[:, 3:6], state["conv1.weight"] / 3)
@@ -215,13 +229,16 @@ def test_nine_channel_pretrainedmodels_backbone_adapts_first_conv(tmp_path):
 # --- shapes and the head ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backbone,in_channels,pool,dim", [
-    ("small_cnn", 3, "avg", 64),
-    ("small_cnn", 9, "avgmax", 128),
-    ("resnet18", 9, "gem", 512),
-    ("tu-tf_efficientnet_lite0", 9, "avg", 320),
-    ("pm-resnet18", 3, "avgmax", 1024),
-])
+@pytest.mark.parametrize(
+    "backbone,in_channels,pool,dim",
+    [
+        ("small_cnn", 3, "avg", 64),
+        ("small_cnn", 9, "avgmax", 128),
+        ("resnet18", 9, "gem", 512),
+        ("tu-tf_efficientnet_lite0", 9, "avg", 320),
+        ("pm-resnet18", 3, "avgmax", 1024),
+    ],
+)
 def test_output_shapes(backbone, in_channels, pool, dim):
     model = models.build_model(ModelConfig(backbone=backbone, pretrained=False, pool=pool, dropout=0.5), in_channels)
     assert isinstance(model, models.ICHNet) and model.num_features == dim
@@ -269,8 +286,15 @@ def test_pools():
 # --- the one real ImageNet checkpoint offline: EfficientNet-Lite0 from its package ------------------------------
 
 # (repeats, kernel, stride, expand, out) of EfficientNet-Lite0; its state dict holds no strides.
-LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
-                (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+LITE0_STAGES = [
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+]
 
 
 def _same_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
@@ -287,9 +311,17 @@ def package_lite0(sd: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.T
 
     Returns (last block's feature map, ImageNet logits).
     """
+
     def bn(t, name):
-        return F.batch_norm(t, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
-                            sd[f"{name}.bias"], training=False, eps=1e-3)
+        return F.batch_norm(
+            t,
+            sd[f"{name}.running_mean"],
+            sd[f"{name}.running_var"],
+            sd[f"{name}.weight"],
+            sd[f"{name}.bias"],
+            training=False,
+            eps=1e-3,
+        )
 
     def conv(t, name, stride=1, groups=1):
         w = sd[f"{name}.weight"]

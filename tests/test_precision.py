@@ -15,30 +15,40 @@ from ich_kaggle.predict import stage as predict
 
 # what Kaggle's CUDA 12.8 torch wheel is built for (no sm_60: Pascal is gone)
 KAGGLE_ARCHES = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
-GPUS = {(7, 5): "Tesla T4", (8, 0): "NVIDIA A100-SXM4-80GB", (6, 0): "Tesla P100-PCIE-16GB", (8, 6): "RTX 3090",
-        (7, 0): "Tesla V100"}
+GPUS = {
+    (7, 5): "Tesla T4",
+    (8, 0): "NVIDIA A100-SXM4-80GB",
+    (6, 0): "Tesla P100-PCIE-16GB",
+    (8, 6): "RTX 3090",
+    (7, 0): "Tesla V100",
+}
 CUDA = torch.device("cuda", 0)
 
 
 @pytest.fixture
 def gpu(monkeypatch):
     """Pretend a GPU of the given capability is device 0."""
+
     def set_cap(cap, arches=KAGGLE_ARCHES):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: GPUS[cap])
         monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(arches))
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 answers (emulation)
+
     return set_cap
 
 
-@pytest.mark.parametrize("cap, requested, amp, scaler", [
-    ((7, 5), "bf16", "fp16", True),  # T4: is_bf16_supported() says True, cuDNN has no bf16 convolutions
-    ((7, 0), "bf16", "fp16", True),
-    ((8, 0), "bf16", "bf16", False),
-    ((8, 6), "bf16", "bf16", False),
-    ((8, 0), "fp16", "fp16", True),  # asked for fp16: kept
-    ((7, 5), "none", "none", False),
-])
+@pytest.mark.parametrize(
+    "cap, requested, amp, scaler",
+    [
+        ((7, 5), "bf16", "fp16", True),  # T4: is_bf16_supported() says True, cuDNN has no bf16 convolutions
+        ((7, 0), "bf16", "fp16", True),
+        ((8, 0), "bf16", "bf16", False),
+        ((8, 6), "bf16", "bf16", False),
+        ((8, 0), "fp16", "fp16", True),  # asked for fp16: kept
+        ((7, 5), "none", "none", False),
+    ],
+)
 def test_precision_from_capability(gpu, cap, requested, amp, scaler):
     gpu(cap)
     got = precision.choose(requested, CUDA)
@@ -89,12 +99,19 @@ def test_gpu_check_without_cuda_is_one_line():
     from pathlib import Path
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "ich_kaggle", "gpu-check"], capture_output=True, text=True, env=env,
-                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "ich_kaggle", "gpu-check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: no CUDA device visible (CUDA_VISIBLE_DEVICES=''): torch {torch.__version__} sees none, and make "
-        f"gpu-check checks the GPU paths; run it on a machine with an NVIDIA GPU"]
+        f"gpu-check checks the GPU paths; run it on a machine with an NVIDIA GPU"
+    ]
 
 
 def test_gpu_check_verdict_on_the_loss():

@@ -21,7 +21,6 @@ L = list(LABELS)
 FAST = train_helpers.FAST
 
 
-
 class FlipInvariant(nn.Module):
     """features(x) = conv(x + hflip(x)): exactly invariant to horizontal flips."""
 
@@ -82,8 +81,11 @@ def test_tta_ops_keep_shape_and_move_content():
 def test_a_tta_view_the_model_never_saw_is_refused():
     from ich_kaggle.core.errors import UserError
 
-    with pytest.raises(UserError, match=r"tta.transforms has 'transpose', a view the model never sees in training "
-                                        r"\(augment.transpose=0\)"):
+    with pytest.raises(
+        UserError,
+        match=r"tta.transforms has 'transpose', a view the model never sees in training "
+        r"\(augment.transpose=0\)",
+    ):
         config.load("tiny", ["tta.transforms=identity,transpose"])
     cfg = config.load("tiny", ["augment.transpose=0.5", "tta.transforms=identity,hflip,transpose,hflip_transpose"])
     assert cfg.tta.transforms[-1] == "hflip_transpose"
@@ -94,8 +96,10 @@ def test_fold_averaging_beats_single_folds():
     rng = np.random.default_rng(0)
     y = (rng.random((2000, 6)) < 0.2).astype(np.float64)
     signal = np.where(y == 1, 1.0, -2.0)
-    folds = [wide([f"ID_{i}" for i in range(2000)], 1 / (1 + np.exp(-(signal + rng.normal(0, 1.5, y.shape)))))
-             for _ in range(5)]
+    folds = [
+        wide([f"ID_{i}" for i in range(2000)], 1 / (1 + np.exp(-(signal + rng.normal(0, 1.5, y.shape)))))
+        for _ in range(5)
+    ]
     single = [metrics.weighted_log_loss(y, f[L].to_numpy()) for f in folds]
     for average in ("prob", "logit"):
         mean = average_folds([folds[0]] + [f.sample(frac=1, random_state=1) for f in folds[1:]], average)
@@ -107,6 +111,7 @@ def test_fold_averaging_beats_single_folds():
 
 # --- the stage on a tiny trained model ---
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from ich_kaggle import train
@@ -115,9 +120,19 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     data = synth.write_competition(root / "comp", seed=0, studies=12, slices=8, size=64)
     layout = Layout.of(data, root / "work")
-    cfg = config.load("tiny", [*FAST, f"model.backbone={train_helpers.NAME}", "train.epochs=1",
-                               "tta.transforms=identity,hflip,shift,scale", "stack.model=conv", "stack.epochs=2",
-                               "stack.hidden=8", "stack.batch_series=4"])
+    cfg = config.load(
+        "tiny",
+        [
+            *FAST,
+            f"model.backbone={train_helpers.NAME}",
+            "train.epochs=1",
+            "tta.transforms=identity,hflip,shift,scale",
+            "stack.model=conv",
+            "stack.epochs=2",
+            "stack.hidden=8",
+            "stack.batch_series=4",
+        ],
+    )
     runs = root / "runs"
     for fold in (0, 1):  # fold 2 stays untrained: reported, not fatal
         train.train_fold(cfg, layout, fold, runs=runs)
@@ -188,7 +203,8 @@ def test_unreadable_test_images_are_listed(trained, tmp_path):
     test_ids = meta.loc[meta["split"] == "test", "image_id"].astype(str).tolist()
     sample = tmp_path / "sample.csv"
     pd.DataFrame({"ID": [f"{i}_{lab}" for i in [*test_ids, "ID_gone"] for lab in L], "Label": 0.5}).to_csv(
-        sample, index=False)
+        sample, index=False
+    )
     bad = unreadable_test(meta, set(test_ids[1:]), sample)
     assert set(bad["image_id"]) == {test_ids[0], "ID_gone"}
 

@@ -27,12 +27,28 @@ from ich_kaggle.models import ensemble
 from ich_kaggle.recipes import mil
 from ich_kaggle.data import folds as split
 
-RECIPES = ["mil_resnet18", "tricks_resnet18", "small_cnn", "resnet50_partial", "resnext50_seresnet50", "seresnext50_tta"]
+RECIPES = [
+    "mil_resnet18",
+    "tricks_resnet18",
+    "small_cnn",
+    "resnet50_partial",
+    "resnext50_seresnet50",
+    "seresnext50_tta",
+]
 # CPU-tiny: random init, 32 px, a handful of images per epoch, fp32
-FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=6", "train.max_images_per_epoch=12",
-        "cv.k=3", "cv.seed=0", "data.num_workers=0", "train.epochs=1", "train.amp=none", "train.channels_last=false",
-        "train.warmup_epochs=0"]
-
+FAST = [
+    "model.pretrained=false",
+    "data.image_size=32",
+    "train.batch_size=6",
+    "train.max_images_per_epoch=12",
+    "cv.k=3",
+    "cv.seed=0",
+    "data.num_workers=0",
+    "train.epochs=1",
+    "train.amp=none",
+    "train.channels_last=false",
+    "train.warmup_epochs=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +93,11 @@ class Spy:
 
     def changed(self, fdir) -> dict[str, bool]:
         final = read_checkpoint(fdir / "last.pt")["model"]
-        return {k: not torch.equal(v, final[k]) for k, v in self.initial.items() if v.is_floating_point()
-                and "running_" not in k}
+        return {
+            k: not torch.equal(v, final[k])
+            for k, v in self.initial.items()
+            if v.is_floating_point() and "running_" not in k
+        }
 
 
 def test_every_recipe_config_loads():
@@ -89,7 +108,10 @@ def test_every_recipe_config_loads():
     assert config.load("tricks_resnet18").train.progressive_sizes == [64, 128, 224, 256]
     assert config.load("tricks_resnet18").data.min_brain_fraction == pytest.approx(0.2)
     assert config.load("resnet50_partial").model.freeze == "partial"
-    assert ensemble.member_names(config.load("resnext50_seresnet50").model.backbone) == ["resnext50_32x4d", "se_resnet50"]
+    assert ensemble.member_names(config.load("resnext50_seresnet50").model.backbone) == [
+        "resnext50_32x4d",
+        "se_resnet50",
+    ]
     tta = config.load("seresnext50_tta")
     assert named(tta.data.windows) == [(40, 80), (80, 200), (40, 380)]
     assert tta.train.epochs == 3 and tta.train.optimizer == "adam" and "hflip" in tta.tta.transforms
@@ -104,6 +126,7 @@ def test_every_recipe_config_loads():
 
 
 # --- MIL -------------------------------------------------------------------------------------------------------
+
 
 def test_mil_loss_gradient_flows_only_through_the_max_slice():
     torch.manual_seed(0)
@@ -169,7 +192,9 @@ def test_mil_recipe_trains_with_scan_bags_and_writes_per_slice_oof(comp, tmp_pat
 
     monkeypatch.setattr(mil.MILBatchLoss, "__call__", spy)
     shapes = Spy(monkeypatch)
-    cfg = _cfg("mil_resnet18", "recipe.mil.bag_size=4", "recipe.mil.scan_only_fraction=0.5", "train.max_images_per_epoch=6")
+    cfg = _cfg(
+        "mil_resnet18", "recipe.mil.bag_size=4", "recipe.mil.scan_only_fraction=0.5", "train.max_images_per_epoch=6"
+    )
     fdir = train.train_fold(cfg, comp, 0, runs=tmp_path)
     assert calls, "the MIL batch loss was not used"
     assert all(c["bag"] == 4 and np.isfinite(c["mil"]) and c["smooth"] >= 0 for c in calls)
@@ -212,8 +237,9 @@ def test_mil_oversamples_bags_of_rare_subtypes(comp):
     frame.loc[frame["series_id"].isin(series[1:5]), ["any", "subdural"]] = 1
     ds = SliceDataset(frame, comp, cfg, train=True, meta=meta)
     net = build_model(ModelConfig(backbone="small_cnn", pretrained=False))
-    bl = mil.MILBatchLoss(cfg, train_ds=ds, meta=meta, loss_fn=losses.build_loss(cfg, ds.labels), net=net,
-                          info=DistInfo())
+    bl = mil.MILBatchLoss(
+        cfg, train_ds=ds, meta=meta, loss_fn=losses.build_loss(cfg, ds.labels), net=net, info=DistInfo()
+    )
     bl.start_epoch(0, 32)
     counts = np.bincount(bl.plan, minlength=len(bl.bags))
     epidural = bl.scan_labels[:, 1] > 0
@@ -231,10 +257,16 @@ def test_mil_oversamples_bags_of_rare_subtypes(comp):
 
 # --- bag of tricks ----------------------------------------------------------------------------------------------
 
+
 def test_tricks_freeze_backbone_progressive_sizes_and_brain_filter(comp, tmp_path, monkeypatch):
     spy = Spy(monkeypatch)
-    cfg = _cfg("tricks_resnet18", "train.epochs=3", "train.progressive_sizes=[24,32]", "data.image_size=40",
-               "train.max_images_per_epoch=6")
+    cfg = _cfg(
+        "tricks_resnet18",
+        "train.epochs=3",
+        "train.progressive_sizes=[24,32]",
+        "data.image_size=40",
+        "train.max_images_per_epoch=6",
+    )
     fdir = train.train_fold(cfg, comp, 1, runs=tmp_path)
     # progressive resizing: epoch 1 at 24 px, epoch 2 at 32 px, then data.image_size
     assert [{s[-1] for s in epoch} for epoch in spy.shapes] == [{24}, {32}, {40}]
@@ -268,6 +300,7 @@ def test_tricks_lr_finder_plots_loss_against_lr(comp, tmp_path):
 
 
 # --- small CNN vs ResNet-50 (Foo) -------------------------------------------------------------------------------
+
 
 def test_small_cnn_trains_with_inverse_frequency_weights_from_the_fold(comp, tmp_path, monkeypatch):
     seen: list[np.ndarray] = []
@@ -330,6 +363,7 @@ def test_resnet50_partial_trains_only_last_stage_and_head(comp, tmp_path, monkey
 
 # --- ensembles (Huang & Chen; Kotik) ----------------------------------------------------------------------------
 
+
 def test_ensemble_averages_member_sigmoids_and_trains_members_separately():
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="small_cnn+small_cnn", pretrained=False, dropout=0.0))
@@ -391,7 +425,8 @@ def test_ensemble_freeze_and_gradcam_apply_to_every_member():
     model = build_model(ModelConfig(backbone="small_cnn+small_cnn", pretrained=False, freeze="partial"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n in trainable if n.startswith("backbone.")} == {
-        n for n, _ in model.named_parameters() if n.startswith("backbone.") and ".layers.1." in n}
+        n for n, _ in model.named_parameters() if n.startswith("backbone.") and ".layers.1." in n
+    }
     assert {n for n, _ in model.named_parameters() if n.startswith("head.")} <= trainable
     with GradCAM(model) as cam:
         maps, probs = cam(torch.rand(2, 3, 32, 32), 0)
@@ -418,8 +453,9 @@ def test_resnext50_seresnet50_recipe_trains_and_predicts_mean_probabilities(comp
     # the paper's evaluation: thresholded F1 per subtype and Grad-CAM maps, through the ensemble
     from ich_kaggle.report import stage as report
 
-    page = report.make_report(cfg, comp, runs=tmp_path, threshold=0.5, gradcam=2,
-                              sections=["thresholds", "series", "gradcam"])
+    page = report.make_report(
+        cfg, comp, runs=tmp_path, threshold=0.5, gradcam=2, sections=["thresholds", "series", "gradcam"]
+    )
     assert (page.parent / "f1.png").exists() and (page.parent / "gradcam_errors.png").exists()
     # true positives only at p >= threshold: a gallery, or a note that this barely trained pair has none
     assert (page.parent / "gradcam_positives.png").exists() or "No Grad-CAM positives to show" in page.read_text()
@@ -438,6 +474,7 @@ def test_seresnext50_tta_recipe_trains_two_averaged_models(comp, tmp_path):
 
 
 # --- random vs patient split ------------------------------------------------------------------------------------
+
 
 def patients_in_several_folds(table: pd.DataFrame) -> list[str]:
     """Patients whose slices sit in more than one fold (always empty for a patient split)."""
@@ -469,8 +506,14 @@ def test_ensemble_with_random_split_goes_through_predict(comp, tmp_path):
     """predict/stack need no change for an ensemble; predict's OOF follows the random folds training used."""
     from ich_kaggle.predict import stage as predict
 
-    cfg = _cfg("resnext50_seresnet50", "model.backbone=small_cnn+small_cnn", "cv.split=random",
-               "train.max_images_per_epoch=6", "stack.use_embeddings=true", "stack.embedding_space=mixture")
+    cfg = _cfg(
+        "resnext50_seresnet50",
+        "model.backbone=small_cnn+small_cnn",
+        "cv.split=random",
+        "train.max_images_per_epoch=6",
+        "stack.use_embeddings=true",
+        "stack.embedding_space=mixture",
+    )
     for fold in range(cfg.cv.k):
         train.train_fold(cfg, comp, fold, runs=tmp_path)
     out = predict.predict(cfg, comp, runs=tmp_path)

@@ -12,8 +12,18 @@ import torch
 from ich_kaggle.core import config, registry
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.labels import LABELS
-from ich_kaggle.core.registry import (BACKBONES, LOSSES, OPTIMIZERS, POOLS, RECIPES, SCHEDULERS, STACK_MODELS, TTA,
-                                      TTA_NEEDS, WINDOWS)
+from ich_kaggle.core.registry import (
+    BACKBONES,
+    LOSSES,
+    OPTIMIZERS,
+    POOLS,
+    RECIPES,
+    SCHEDULERS,
+    STACK_MODELS,
+    TTA,
+    TTA_NEEDS,
+    WINDOWS,
+)
 
 REGISTRIES = [BACKBONES, LOSSES, OPTIMIZERS, SCHEDULERS, POOLS, STACK_MODELS, TTA, WINDOWS, RECIPES]
 
@@ -24,8 +34,11 @@ def test_each_provider_registers_what_it_declares(reg):
     (names registered by tests, e.g. train_helpers' backbone, are not the package's)."""
     for name in reg.declared:
         reg.get(name)  # LookupError when the provider registers nothing under a declared name
-    ours = [n for n in reg.registered()
-            if (getattr(reg.find(n), "__module__", None) or "ich_kaggle").startswith("ich_kaggle")]
+    ours = [
+        n
+        for n in reg.registered()
+        if (getattr(reg.find(n), "__module__", None) or "ich_kaggle").startswith("ich_kaggle")
+    ]
     assert set(ours) <= set(reg.declared), f"declare {sorted(set(ours) - set(reg.declared))} in core/registry.py"
 
 
@@ -114,7 +127,7 @@ def test_tta_view_keeps_the_shape_and_moves_pixels(name):
 def test_window_maps_its_range_to_0_1(name):
     from ich_kaggle.data.windows import apply_windows, named
 
-    (center, width), = named([name])
+    ((center, width),) = named([name])
     hu = np.array([[center - width, center, center + width]], dtype=np.float32)
     np.testing.assert_allclose(apply_windows(hu, [(center, width)])[0, :, 0], [0.0, 0.5, 1.0], atol=1e-6)
 

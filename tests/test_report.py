@@ -40,20 +40,58 @@ def fake_data(work: Path, seed: int = 0, series: int = 14, slices: int = 12, k: 
                 for kind in kinds:
                     lab[kind] = 1
                 lab["any"] = 1
-            rows.append({"image_id": iid, "patient_id": patient, "study_id": f"ID_stu{s:03d}", "series_id": sid,
-                         "fold": (s // 2) % k, **lab})
-            meta.append({"image_id": iid, "patient_id": patient, "study_id": f"ID_stu{s:03d}", "series_id": sid,
-                         "split": "train", "path": f"stage_2_train/{iid}.dcm", "z": 5.0 * r, "slice_rank": r,
-                         "series_len": n, "rows": 512, "cols": 512, "pixel_spacing": 0.45,
-                         "bits_stored": 12 if s % 5 else 16, "pixel_representation": 0 if s % 5 else 1,
-                         "intercept": -1024.0 if s % 4 else -1000.0, "slope": 1.0})
+            rows.append(
+                {
+                    "image_id": iid,
+                    "patient_id": patient,
+                    "study_id": f"ID_stu{s:03d}",
+                    "series_id": sid,
+                    "fold": (s // 2) % k,
+                    **lab,
+                }
+            )
+            meta.append(
+                {
+                    "image_id": iid,
+                    "patient_id": patient,
+                    "study_id": f"ID_stu{s:03d}",
+                    "series_id": sid,
+                    "split": "train",
+                    "path": f"stage_2_train/{iid}.dcm",
+                    "z": 5.0 * r,
+                    "slice_rank": r,
+                    "series_len": n,
+                    "rows": 512,
+                    "cols": 512,
+                    "pixel_spacing": 0.45,
+                    "bits_stored": 12 if s % 5 else 16,
+                    "pixel_representation": 0 if s % 5 else 1,
+                    "intercept": -1024.0 if s % 4 else -1000.0,
+                    "slope": 1.0,
+                }
+            )
     for t in range(3):  # unlabelled test series
         for r in range(10):
-            meta.append({"image_id": f"ID_t{t}{r:02d}", "patient_id": f"ID_tp{t}", "study_id": f"ID_ts{t}",
-                         "series_id": f"ID_tser{t}", "split": "test", "path": f"stage_2_test/ID_t{t}{r:02d}.dcm",
-                         "z": 5.0 * r, "slice_rank": r, "series_len": 10, "rows": 512, "cols": 512,
-                         "pixel_spacing": 0.45, "bits_stored": 12, "pixel_representation": 0, "intercept": -1024.0,
-                         "slope": 1.0})
+            meta.append(
+                {
+                    "image_id": f"ID_t{t}{r:02d}",
+                    "patient_id": f"ID_tp{t}",
+                    "study_id": f"ID_ts{t}",
+                    "series_id": f"ID_tser{t}",
+                    "split": "test",
+                    "path": f"stage_2_test/ID_t{t}{r:02d}.dcm",
+                    "z": 5.0 * r,
+                    "slice_rank": r,
+                    "series_len": 10,
+                    "rows": 512,
+                    "cols": 512,
+                    "pixel_spacing": 0.45,
+                    "bits_stored": 12,
+                    "pixel_representation": 0,
+                    "intercept": -1024.0,
+                    "slope": 1.0,
+                }
+            )
     work.mkdir(parents=True, exist_ok=True)
     folds = pd.DataFrame(rows)
     folds.to_csv(work / "folds.csv", index=False)
@@ -61,8 +99,9 @@ def fake_data(work: Path, seed: int = 0, series: int = 14, slices: int = 12, k: 
     return folds
 
 
-def fake_run(run: Path, folds: pd.DataFrame, seed: int = 0, epochs: int = 3, skill: float = 1.6,
-             best_pt: bool = True) -> None:
+def fake_run(
+    run: Path, folds: pd.DataFrame, seed: int = 0, epochs: int = 3, skill: float = 1.6, best_pt: bool = True
+) -> None:
     """fold<k>/{log.csv, oof.csv[, best.pt]} with numbers shaped like a real CPU run."""
     rng = np.random.default_rng(seed)
     for fold in sorted(folds["fold"].unique()):
@@ -74,9 +113,12 @@ def fake_run(run: Path, folds: pd.DataFrame, seed: int = 0, epochs: int = 3, ski
         oof = pd.DataFrame(1 / (1 + np.exp(-logit)), columns=list(LABELS))
         oof.insert(0, "image_id", val["image_id"].to_numpy())
         oof.to_csv(d / "oof.csv", index=False)
-        log = {"epoch": np.arange(epochs), "lr": np.geomspace(1e-3, 1e-5, epochs),
-               "train_loss": np.linspace(0.35, 0.12, epochs) + rng.normal(0, 0.01, epochs),
-               "val_weighted_log_loss": np.linspace(0.30, 0.16, epochs) + rng.normal(0, 0.01, epochs)}
+        log = {
+            "epoch": np.arange(epochs),
+            "lr": np.geomspace(1e-3, 1e-5, epochs),
+            "train_loss": np.linspace(0.35, 0.12, epochs) + rng.normal(0, 0.01, epochs),
+            "val_weighted_log_loss": np.linspace(0.30, 0.16, epochs) + rng.normal(0, 0.01, epochs),
+        }
         for i, label in enumerate(LABELS):
             log[f"val_{label}"] = np.linspace(0.35, 0.1, epochs) * (1 + 0.1 * i)
         log["seconds"] = 40 + rng.normal(0, 2, epochs)
@@ -85,8 +127,12 @@ def fake_run(run: Path, folds: pd.DataFrame, seed: int = 0, epochs: int = 3, ski
         if best_pt:
             (d / "best.pt").write_bytes(b"not a real checkpoint")  # Grad-CAM must report it, not crash
             bce = -(y * np.log(oof[list(LABELS)].to_numpy()) + (1 - y) * np.log1p(-oof[list(LABELS)].to_numpy()))
-            done = {"fold": int(fold), "best_epoch": epochs - 1, "n_val": len(val),
-                    "oof_weighted_log_loss": float((bce * [2, 1, 1, 1, 1, 1]).sum(axis=1).mean() / 7)}
+            done = {
+                "fold": int(fold),
+                "best_epoch": epochs - 1,
+                "n_val": len(val),
+                "oof_weighted_log_loss": float((bce * [2, 1, 1, 1, 1, 1]).sum(axis=1).mean() / 7),
+            }
             (d / "done.json").write_text(json.dumps(done))
 
 
@@ -114,23 +160,54 @@ def fake_stack(run: Path, folds: pd.DataFrame) -> pd.DataFrame:
     oof.insert(0, "image_id", folds["image_id"].to_numpy())
     (run / "stack").mkdir(parents=True, exist_ok=True)
     oof.to_csv(run / "stack" / "oof.csv", index=False)
-    metrics = pd.DataFrame([
-        {"stage": "first_stage", "weighted_log_loss": 0.31, **{label: 0.3 + 0.01 * i for i, label in enumerate(LABELS)}},
-        {"stage": "stacked", "weighted_log_loss": 0.22, **{label: 0.2 + 0.01 * i for i, label in enumerate(LABELS)}},
-        {"stage": "neighbors", "weighted_log_loss": 0.27, **{label: 0.25 + 0.01 * i for i, label in enumerate(LABELS)}},
-    ])
+    metrics = pd.DataFrame(
+        [
+            {
+                "stage": "first_stage",
+                "weighted_log_loss": 0.31,
+                **{label: 0.3 + 0.01 * i for i, label in enumerate(LABELS)},
+            },
+            {
+                "stage": "stacked",
+                "weighted_log_loss": 0.22,
+                **{label: 0.2 + 0.01 * i for i, label in enumerate(LABELS)},
+            },
+            {
+                "stage": "neighbors",
+                "weighted_log_loss": 0.27,
+                **{label: 0.25 + 0.01 * i for i, label in enumerate(LABELS)},
+            },
+        ]
+    )
     metrics.to_csv(run / "stack" / "metrics.csv", index=False)
     from ich_kaggle.core import freshness, manifest
     from ich_kaggle.core.config import CVConfig, StackConfig
     from ich_kaggle.core.layout import Layout, Predictions
 
     oof.to_csv(run / "stack" / "test.csv", index=False)  # stands in for the test predictions; its manifest matters
-    manifest.write(run / "stack" / "test.csv", freshness.stacked([Predictions(run / "predictions")],
-                                                                 Layout.of(run, run / "work"),
-                                                                 StackConfig(use_embeddings=True), CVConfig(k=3)))
+    manifest.write(
+        run / "stack" / "test.csv",
+        freshness.stacked(
+            [Predictions(run / "predictions")],
+            Layout.of(run, run / "work"),
+            StackConfig(use_embeddings=True),
+            CVConfig(k=3),
+        ),
+    )
     steps = np.arange(0, 40, 5)  # the inner validation curve the stacker stopped on (stack/curve.csv)
-    pd.DataFrame([{"fold": f, "step": s, "epoch": s / 5, "train_loss": 0.3, "val_loss": 0.3 - 0.1 * np.exp(-s / 8) + 0.001 * s}
-                  for f in range(3) for s in steps]).to_csv(run / "stack" / "curve.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "fold": f,
+                "step": s,
+                "epoch": s / 5,
+                "train_loss": 0.3,
+                "val_loss": 0.3 - 0.1 * np.exp(-s / 8) + 0.001 * s,
+            }
+            for f in range(3)
+            for s in steps
+        ]
+    ).to_csv(run / "stack" / "curve.csv", index=False)
     return oof
 
 
@@ -165,9 +242,21 @@ def test_report_on_fake_experiment(full_report):
     index, (cfg, layout, runs, folds) = full_report
     assert index == runs / cfg.name / "report" / "index.html"
     names = {p.name for p in check_page(index)}
-    expected = {"curves_fold0.png", "curves_fold1.png", "curves_fold2.png", "roc.png", "pr.png", "confusion_any.png",
-                "f1.png", "label_counts.png", "cooccurrence.png", "dicom_values.png", "series_lengths.png",
-                "stages.png", "stack_curve.png"}
+    expected = {
+        "curves_fold0.png",
+        "curves_fold1.png",
+        "curves_fold2.png",
+        "roc.png",
+        "pr.png",
+        "confusion_any.png",
+        "f1.png",
+        "label_counts.png",
+        "cooccurrence.png",
+        "dicom_values.png",
+        "series_lengths.png",
+        "stages.png",
+        "stack_curve.png",
+    }
     assert expected <= names, expected - names
     page = index.read_text()
     assert "Section failed" not in page
@@ -175,8 +264,10 @@ def test_report_on_fake_experiment(full_report):
     assert "best.pt" in page and "unreadable" in page
     assert "stage_2_test_labels.csv: the real competition keeps test labels on Kaggle" in page
     # the stack's design, from its manifest
-    assert ("Second stage: gru, embeddings: per_fold (16 components per model); fitted on the first stage's folds "
-            "(cv.split=patient, folds [0, 1, 2])") in page.replace("&#x27;", "'")
+    assert (
+        "Second stage: gru, embeddings: per_fold (16 components per model); fitted on the first stage's folds "
+        "(cv.split=patient, folds [0, 1, 2])"
+    ) in page.replace("&#x27;", "'")
 
     # the numbers in the page are the numbers of the files
     oof = pd.concat([pd.read_csv(runs / cfg.name / f"fold{k}" / "oof.csv") for k in range(3)])
@@ -197,7 +288,9 @@ def test_report_on_fake_experiment(full_report):
     assert "0 (0%)" not in ev.format_series_table(expected_series).loc["any", "POS"]
     stacked = pd.read_csv(runs / cfg.name / "stack" / "oof.csv")
     stacked_series = pd.read_csv(index.parent / "series_table_stacked.csv").set_index("Hemorrhage subtype")
-    pd.testing.assert_frame_equal(stacked_series, ev.series_table(ev.join_truth_pred(folds, stacked)), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        stacked_series, ev.series_table(ev.join_truth_pred(folds, stacked)), check_dtype=False
+    )
 
 
 def test_report_threshold_changes_confusion(experiment):
@@ -348,7 +441,7 @@ class TinyNet(nn.Module):
 def _square(size: int = 32, at: tuple[int, int] = (4, 20)) -> torch.Tensor:
     x = torch.full((1, 1, size, size), -0.2)
     y0, x0 = at
-    x[..., y0:y0 + 8, x0:x0 + 8] = 1.0
+    x[..., y0 : y0 + 8, x0 : x0 + 8] = 1.0
     return x
 
 
@@ -363,7 +456,7 @@ def test_gradcam_points_at_the_evidence():
     assert 0.0 <= maps.min() and maps.max() == pytest.approx(1.0)
     for m, (y0, x0) in zip(maps, [(4, 20), (20, 2)]):
         mask = np.zeros(m.shape, bool)
-        mask[y0:y0 + 8, x0:x0 + 8] = True
+        mask[y0 : y0 + 8, x0 : x0 + 8] = True
         assert m[mask].mean() > 0.8 and m[mask].mean() > 3 * m[~mask].mean()
         yy, xx = np.unravel_index(np.argmax(m), m.shape)
         assert y0 <= yy < y0 + 8 and x0 <= xx < x0 + 8
@@ -460,8 +553,10 @@ def test_gradcam_section_with_real_checkpoint_and_dataset(tmp_path):
         config.dump(cfg, d / "config.yaml")
         val = folds[folds["fold"] == fold]
         rng = np.random.default_rng(fold)
-        oof = pd.DataFrame(np.clip(val[list(LABELS)].to_numpy(float) * 0.6 + rng.random((len(val), 6)) * 0.4,
-                                   0.01, 0.99), columns=list(LABELS))
+        oof = pd.DataFrame(
+            np.clip(val[list(LABELS)].to_numpy(float) * 0.6 + rng.random((len(val), 6)) * 0.4, 0.01, 0.99),
+            columns=list(LABELS),
+        )
         oof.insert(0, "image_id", val["image_id"].to_numpy())
         oof.to_csv(d / "oof.csv", index=False)
     index = report.make_report(cfg, layout, runs=runs, gradcam=3, sections=["gradcam"])
@@ -480,8 +575,16 @@ def test_cli_report_and_compare(tmp_path, capsys):
     runs = tmp_path / "runs"
     folds = fake_data(tmp_path / "unused")
     fake_run(runs / cfg.name, folds[folds["fold"] == 0])
-    common = ["--config", "tiny", "--data", str(tmp_path / "nodata"), "--work", str(tmp_path / "nowork"),
-              "--runs", str(runs)]
+    common = [
+        "--config",
+        "tiny",
+        "--data",
+        str(tmp_path / "nodata"),
+        "--work",
+        str(tmp_path / "nowork"),
+        "--runs",
+        str(runs),
+    ]
     assert cli.main(["report", *common, "--threshold", "0.3", "--gradcam", "0"]) == 0
     summary = json.loads((runs / cfg.name / "report" / "summary.json").read_text())
     assert summary["threshold"] == 0.3 and summary["folds_done"] == 1
@@ -503,9 +606,11 @@ def test_curves_with_a_label_without_positives(tmp_path):
     pred = folds[["image_id"]].assign(**{label: rng.random(len(folds)) for label in LABELS})
     joined = ev.join_truth_pred(folds, pred)
     series = ev.series_frame(joined)
-    for path in (plots.roc_grid(joined, series, tmp_path / "roc.png"),
-                 plots.pr_grid(joined, series, 0.5, tmp_path / "pr.png"),
-                 plots.f1_bars(ev.threshold_table(joined), 0.5, tmp_path / "f1.png")):
+    for path in (
+        plots.roc_grid(joined, series, tmp_path / "roc.png"),
+        plots.pr_grid(joined, series, 0.5, tmp_path / "pr.png"),
+        plots.f1_bars(ev.threshold_table(joined), 0.5, tmp_path / "f1.png"),
+    ):
         img = cv2.imread(str(path))
         assert img is not None and img.std() > 10
     assert np.isnan(ev.threshold_table(joined).loc["epidural", "BEST_THR"])
@@ -531,12 +636,22 @@ def test_ensemble_report_is_one_page_with_members_ensemble_stack_and_choice(tmp_
     oof = pd.concat([pd.read_csv(runs / "tiny" / f"fold{k}" / "oof.csv") for k in range(3)])
     (ens / "predictions").mkdir(parents=True)
     oof.to_csv(ens / "predictions" / "oof.csv", index=False)
-    (ens / "predictions" / "ensemble.json").write_text(json.dumps({
-        "members": [{"name": "tiny", "run": "tiny"}, {"name": "tiny_bone", "run": "tiny_bone"}], "combine": "logit",
-        "weights": [0.5, 0.5], "oof_weighted_log_loss": {"tiny": 0.2, "tiny_bone": 0.25, "ensemble": 0.19}}))
+    (ens / "predictions" / "ensemble.json").write_text(
+        json.dumps(
+            {
+                "members": [{"name": "tiny", "run": "tiny"}, {"name": "tiny_bone", "run": "tiny_bone"}],
+                "combine": "logit",
+                "weights": [0.5, 0.5],
+                "oof_weighted_log_loss": {"tiny": 0.2, "tiny_bone": 0.25, "ensemble": 0.19},
+            }
+        )
+    )
     fake_stack(ens, folds)
-    (ens / "choice.json").write_text(json.dumps({"stage": "stacked", "test": "x", "oof": "y",
-                                                 "oof_log_loss": {"first_stage": 0.19, "stacked": 0.17}}))
+    (ens / "choice.json").write_text(
+        json.dumps(
+            {"stage": "stacked", "test": "x", "oof": "y", "oof_log_loss": {"first_stage": 0.19, "stacked": 0.17}}
+        )
+    )
     index = report.make_report(cfg, layout, runs=runs, sections=["summary", "choice", "series"])
     assert index == ens / "report" / "index.html"
     assert not (runs / "tiny" / "report").exists() and not (runs / "tiny_bone" / "report").exists()
@@ -564,9 +679,15 @@ def test_gradcam_captions_are_set_at_page_size():
     from ich_kaggle.report import plots
 
     image = np.linspace(0, 1, 64 * 64).reshape(64, 64)
-    examples = [plots.CamExample(image, (np.dstack([image] * 3) * 255).astype(np.uint8),
-                                 f"ID_{i:09d}, fold 0\nany p 0.9{i}\nsubdural: truth 1, p 0.8{i}",
-                                 "Grad-CAM, model p 0.91\nred raises the score") for i in range(8)]
+    examples = [
+        plots.CamExample(
+            image,
+            (np.dstack([image] * 3) * 255).astype(np.uint8),
+            f"ID_{i:09d}, fold 0\nany p 0.9{i}\nsubdural: truth 1, p 0.8{i}",
+            "Grad-CAM, model p 0.91\nred raises the score",
+        )
+        for i in range(8)
+    ]
     fig = plots.gallery_figure(examples, "Most confident true positives")
     sizes = plots.displayed_text_px(fig)
     assert len(sizes) >= 17 and min(sizes) >= plots.MIN_TEXT_PX  # 16 captions + the title, none shrunk below
@@ -577,8 +698,15 @@ def test_true_positive_gallery_holds_only_positives_above_the_threshold():
     n = 200
     truth = (rng.random(n) < 0.2).astype(int)
     p = np.where(truth == 1, rng.random(n) * 0.6, rng.random(n) * 0.9)  # many positives predicted low
-    joined = pd.DataFrame({"image_id": [f"ID_{i}" for i in range(n)], "any": truth, ev.pred_col("any"): p,
-                           **{label: 0 for label in SUBTYPES}, **{ev.pred_col(label): 0.1 for label in SUBTYPES}})
+    joined = pd.DataFrame(
+        {
+            "image_id": [f"ID_{i}" for i in range(n)],
+            "any": truth,
+            ev.pred_col("any"): p,
+            **{label: 0 for label in SUBTYPES},
+            **{ev.pred_col(label): 0.1 for label in SUBTYPES},
+        }
+    )
     chosen = report.true_positives(joined, 0.5, 8)
     assert len(chosen) and (chosen["any"] == 1).all() and (chosen[ev.pred_col("any")] >= 0.5).all()
     assert len(chosen) == min(8, int(((truth == 1) & (p >= 0.5)).sum()))

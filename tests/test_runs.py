@@ -91,7 +91,8 @@ def test_runs_of_different_data_are_not_mixed(comp, tmp_path):
 
     runs = tmp_path / "runs"
     train.train_fold(_cfg(), comp, 1, runs=runs)
-    other = Layout.of(synth.write_competition(tmp_path / "other", seed=1, studies=12, slices=8, size=64),
-                      tmp_path / "work_other")
+    other = Layout.of(
+        synth.write_competition(tmp_path / "other", seed=1, studies=12, slices=8, size=64), tmp_path / "work_other"
+    )
     with pytest.raises(UserError, match="trained on the data folder .*comp.*--run <new name>"):
         train.train_fold(_cfg(), other, 1, runs=runs)

@@ -23,8 +23,22 @@ sys.addaudithook(_audit)  # audit hooks cannot be removed: this one records only
 def test_one_train_lists_the_dicom_folder_once(synth_dir, tmp_path):
     global _LISTED
     work, runs = tmp_path / "work", tmp_path / "runs"
-    argv = ["train", "--config", "tiny", "--data", str(synth_dir), "--work", str(work), "--runs", str(runs),
-            "--fold", "0", "--set", *FAST, "train.epochs=1"]
+    argv = [
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        str(synth_dir),
+        "--work",
+        str(work),
+        "--runs",
+        str(runs),
+        "--fold",
+        "0",
+        "--set",
+        *FAST,
+        "train.epochs=1",
+    ]
     _LISTED = []
     try:
         assert cli.main(argv) == 0  # meta scan, folds, cache, training and OOF, all in one command

@@ -21,8 +21,14 @@ from ich_kaggle.core.labels import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 STUDY = "ID_1f6d1e8aeb"  # the mini set's whole test study (32 slices)
 
 
@@ -104,7 +110,8 @@ def test_a_study_zip_gives_the_subtype_table(page, server, study_zip, tmp_path):
     upload(page, str(study_zip))
     page.wait_for_selector("table.subtypes", timeout=120_000)
     rows = page.eval_on_selector_all(
-        "table.subtypes tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+        "table.subtypes tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+    )
     assert page.inner_text("#studies h3") == f"Study {STUDY}"
     (job,) = set(leftovers(root)) - before
     truth = pd.read_csv(root / job / "out" / "studies.csv").iloc[0]
@@ -140,7 +147,10 @@ def test_bad_uploads_show_their_message_and_leave_nothing(page, server, mini_dir
     _, root, _ = server
     dicom = next((mini_dir / "stage_2_test").iterdir()).read_bytes()
     cases = [
-        (zip_of(tmp_path, "evil.zip", {"ok/a.dcm": dicom, "../../escaped.dcm": dicom}), "unsafe name '../../escaped.dcm'"),
+        (
+            zip_of(tmp_path, "evil.zip", {"ok/a.dcm": dicom, "../../escaped.dcm": dicom}),
+            "unsafe name '../../escaped.dcm'",
+        ),
         (tmp_path / "notes.txt", "nothing in the upload is a DICOM file: notes.txt"),
         (zip_of(tmp_path, "bomb.zip", {"a.dcm": b"\0" * (64 << 20)}), "refused as a zip bomb"),
     ]
@@ -172,7 +182,9 @@ def _in_study(path: Path) -> bool:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID == STUDY
+        return (
+            pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID == STUDY
+        )
 
 
 def test_no_ct_series_fails_the_job_with_its_reason(server, tmp_path):

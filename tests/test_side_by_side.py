@@ -39,8 +39,11 @@ def test_folds_side_by_side_equal_folds_trained_here(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"1 of 3 fold\(s\) failed: broken fold 0 \(.*broken_fold0.log\); read the"):
         run_jobs([broken, *jobs], ["0", "1"], data, layout.work, runs, tmp_path / "logs")
     assert "train.lr" in (tmp_path / "logs" / "broken_fold0.log").read_text()
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["broken_fold0.log", "tiny_fold0.log",
-                                                                     "tiny_fold1.log"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+        "broken_fold0.log",
+        "tiny_fold0.log",
+        "tiny_fold1.log",
+    ]
     assert Run.of(runs, "tiny").finished([0, 1]) == [0, 1]  # the failure stopped neither of the others
     here = train.train_fold(cfg, layout, 1, runs=tmp_path / "here")
     a = read_checkpoint(runs / "tiny" / "fold1" / "best.pt")["model"]

@@ -26,7 +26,6 @@ HEADERS = SHARED / "stage_1_test_dicom_headers.csv.gz"
 FAST = dict(hidden=16, layers=1, epochs=6, batch_series=16, lr=5e-3, max_steps=0)
 
 
-
 @pytest.fixture(scope="module")
 def structure():
     """Real series lengths and z spacing (stage-1 test headers) when ../shared is present, else a stand-in."""
@@ -66,8 +65,14 @@ def test_real_series_structure(structure):
 
 
 def test_build_sequences_orders_pads_and_maps_back():
-    frame = pd.DataFrame({"series_id": ["b", "a", "b", "a", "a", "b", "b"], "slice_rank": [3, 2, 0, 0, 1, 1, 2],
-                          "z": [15.0, 10.0, 0.0, 0.0, 5.0, 5.0, 10.0], "series_len": [4, 4, 4, 4, 4, 4, 4]})
+    frame = pd.DataFrame(
+        {
+            "series_id": ["b", "a", "b", "a", "a", "b", "b"],
+            "slice_rank": [3, 2, 0, 0, 1, 1, 2],
+            "z": [15.0, 10.0, 0.0, 0.0, 5.0, 5.0, 10.0],
+            "series_len": [4, 4, 4, 4, 4, 4, 4],
+        }
+    )
     values = np.arange(7, dtype=np.float32)[:, None]
     seqs = build_sequences(frame, values, group=np.array([1, 0, 1, 0, 0, 1, 1]))
     assert list(seqs.series_id) == ["a", "b"] and list(seqs.lengths) == [3, 4]  # sorted by length
@@ -86,8 +91,9 @@ def test_build_sequences_orders_pads_and_maps_back():
 
 
 def test_position_features_show_gaps_and_mirror_under_reversal():
-    frame = pd.DataFrame({"series_id": ["s"] * 5, "slice_rank": range(5), "z": [0.0, 5.0, 10.0, 20.0, 25.0],
-                          "series_len": 5})
+    frame = pd.DataFrame(
+        {"series_id": ["s"] * 5, "slice_rank": range(5), "z": [0.0, 5.0, 10.0, 20.0, 25.0], "series_len": 5}
+    )
     seqs = build_sequences(frame, np.zeros((5, 6), np.float32))
     pos = seqs.x[0, :, :N_POS]
     assert pos[3, 1] == pytest.approx(2.0) and pos[2, 2] == pytest.approx(2.0)  # the 10 mm gap, seen from both sides
@@ -165,8 +171,13 @@ def test_the_stacker_stops_on_its_inner_validation_split(sim):
     assert vals[best] < vals[0]  # and it did learn something before stopping
     # without a split it trains the epochs it is given
     curve = []
-    train_net(seqs.subset(np.arange(30)), StackConfig(model="conv", **{**FAST, "epochs": 2, "val_fraction": 0.0}),
-              1, seed=0, curve=curve)
+    train_net(
+        seqs.subset(np.arange(30)),
+        StackConfig(model="conv", **{**FAST, "epochs": 2, "val_fraction": 0.0}),
+        1,
+        seed=0,
+        curve=curve,
+    )
     assert curve == []
 
 
@@ -201,11 +212,13 @@ def test_random_split_stacker_folds_are_the_image_folds_and_never_seen(sim):
     folds = sim.folds.assign(fold=random_folds(sim.folds, 5, 0))
     frame = folds.merge(sim.meta[["image_id", "slice_rank", "z", "series_len"]], on="image_id")
     frame = frame.merge(sim.oof, on="image_id", suffixes=("", "_p"))
-    seqs = build_sequences(frame, logit(frame[[f"{c}_p" for c in L]].to_numpy()), frame[L].to_numpy(np.float32),
-                           frame["fold"].to_numpy())
+    seqs = build_sequences(
+        frame, logit(frame[[f"{c}_p" for c in L]].to_numpy()), frame[L].to_numpy(np.float32), frame["fold"].to_numpy()
+    )
     assert (seqs.group == -2).all()  # every series spans several folds
     back = seqs.scatter(seqs.slots[..., None].astype(np.float32), len(frame))[:, 0]
     assert np.array_equal(back, frame["fold"].to_numpy())  # each slice keeps its own fold
+
     def fit(s, fold):
         assert s.loss_mask is not None and not (s.loss_mask & (s.slots == fold)).any()
         return _conv_fit(s, fold)
@@ -220,8 +233,9 @@ def test_random_split_stacker_folds_are_the_image_folds_and_never_seen(sim):
     assert not np.allclose(clean.oof[~held & seqs.mask], noisy.oof[~held & seqs.mask], atol=1e-4)
     assert clean.folds == [0, 1, 2, 3, 4] and np.isfinite(clean.oof[seqs.mask]).all()
     # the whole stacker (net and neighbours baseline) runs on such folds
-    result = run_stacking(sim.meta, folds, [sim.oof], [sim.test], StackConfig(model="conv", **{**FAST, "epochs": 2}),
-                          progress=False)
+    result = run_stacking(
+        sim.meta, folds, [sim.oof], [sim.test], StackConfig(model="conv", **{**FAST, "epochs": 2}), progress=False
+    )
     table = result.metrics.set_index("stage")["weighted_log_loss"]
     assert table["neighbors"] < table["first_stage"] and sorted(result.oof["image_id"]) == sorted(sim.oof["image_id"])
 
@@ -265,8 +279,7 @@ def test_per_fold_second_stages_each_see_only_their_fold_model(sim):
 
 def test_stacking_beats_the_single_slice_first_stage(sim):
     """Labels span neighbouring slices, first-stage noise is per slice: both context models must win clearly."""
-    result = run_stacking(sim.meta, sim.folds, [sim.oof], [sim.test], StackConfig(model="gru", **FAST),
-                          progress=False)
+    result = run_stacking(sim.meta, sim.folds, [sim.oof], [sim.test], StackConfig(model="gru", **FAST), progress=False)
     table = result.metrics.set_index("stage")["weighted_log_loss"]
     assert list(table.index) == ["first_stage", "stacked", "neighbors"]
     assert table["stacked"] < 0.8 * table["first_stage"]
@@ -288,8 +301,8 @@ def test_neighbors_model_uses_context():
     seqs = build_sequences(frame, logit(frame[[f"{c}_p" for c in L]].to_numpy()), frame[L].to_numpy(np.float32))
     model = fit_neighbors(seqs, k=2, n_models=1)
     w = model.weight.numpy()  # rows: offsets -2..2 x 6 labels, then 4 presence flags
-    own = w[2 * 6: 3 * 6].diagonal()
-    prev = w[1 * 6: 2 * 6].diagonal()
+    own = w[2 * 6 : 3 * 6].diagonal()
+    prev = w[1 * 6 : 2 * 6].diagonal()
     seen = seqs.y[seqs.mask].max(0) > 0  # a label without positives gets no weights at all
     assert seen.sum() >= 4 and (own[seen] > 0).all() and (prev[seen] > 0).all()
     probs = model.predict(seqs)
@@ -299,8 +312,14 @@ def test_neighbors_model_uses_context():
 def test_pass_through_for_images_without_series(sim):
     """OOF/test images missing from the meta table keep their first-stage probabilities."""
     extra = pd.DataFrame({"image_id": ["ID_orphan"], **{c: [0.3] for c in L}})
-    result = run_stacking(sim.meta, sim.folds, [pd.concat([sim.oof, extra])], [pd.concat([sim.test, extra])],
-                          StackConfig(model="neighbors"), progress=False)
+    result = run_stacking(
+        sim.meta,
+        sim.folds,
+        [pd.concat([sim.oof, extra])],
+        [pd.concat([sim.test, extra])],
+        StackConfig(model="neighbors"),
+        progress=False,
+    )
     for frame in (result.oof, result.test):
         row = frame.set_index("image_id").loc["ID_orphan"]
         assert np.allclose(row[L].to_numpy(float), 0.3)
@@ -310,12 +329,20 @@ def test_two_first_stage_models_are_stacked_together(sim):
     other = sim.oof.copy()
     other[L] = np.clip(other[L].to_numpy() * 0.9 + 0.05, 0, 1)
     other_test = sim.test.copy()
-    result = run_stacking(sim.meta, sim.folds, [sim.oof, other], [sim.test, other_test],
-                          StackConfig(model="conv", **{**FAST, "epochs": 2}), source_names=["a", "b"], progress=False)
+    result = run_stacking(
+        sim.meta,
+        sim.folds,
+        [sim.oof, other],
+        [sim.test, other_test],
+        StackConfig(model="conv", **{**FAST, "epochs": 2}),
+        source_names=["a", "b"],
+        progress=False,
+    )
     assert list(result.metrics["stage"]) == ["first_stage", "first_stage:a", "first_stage:b", "stacked", "neighbors"]
 
 
 # --- the stage: files in, files out ---
+
 
 def _write_layout(tmp_path, sim) -> Layout:
     layout = Layout.of(tmp_path / "data", tmp_path / "work")
@@ -329,8 +356,14 @@ def _write_layout(tmp_path, sim) -> Layout:
 def test_stack_stage_writes_its_files(tmp_path, sim, capsys):
     layout = _write_layout(tmp_path, sim)
     cfg = Config(name="exp")
-    for key, value in {**FAST, "model": "conv", "epochs": 2, "use_embeddings": True, "embedding_dim": 4,
-                       "embedding_space": "mixture"}.items():
+    for key, value in {
+        **FAST,
+        "model": "conv",
+        "epochs": 2,
+        "use_embeddings": True,
+        "embedding_dim": 4,
+        "embedding_space": "mixture",
+    }.items():
         setattr(cfg.stack, key, value)
     pred = tmp_path / "runs" / "exp" / "predictions"
     pred.mkdir(parents=True)
@@ -338,8 +371,11 @@ def test_stack_stage_writes_its_files(tmp_path, sim, capsys):
     sim.test.to_csv(pred / "test.csv", index=False)
     rng = np.random.default_rng(0)
     for name, frame in (("oof", sim.oof), ("test", sim.test)):
-        np.savez(pred / f"{name}_embeddings.npz", image_id=frame["image_id"].to_numpy(str),
-                 emb=rng.normal(size=(len(frame), 24)).astype(np.float16))
+        np.savez(
+            pred / f"{name}_embeddings.npz",
+            image_id=frame["image_id"].to_numpy(str),
+            emb=rng.normal(size=(len(frame), 24)).astype(np.float16),
+        )
     out = pytest.importorskip("ich_kaggle.stack.stage").stack(cfg, layout, runs=tmp_path / "runs", progress=False)
     assert out == tmp_path / "runs" / "exp" / "stack"
     oof, test, metrics = (pd.read_csv(out / f) for f in ("oof.csv", "test.csv", "metrics.csv"))

@@ -23,8 +23,15 @@ from ich_kaggle.core.lock import exclusive
 from ich_kaggle.predict.stage import predict
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = [*train_helpers.FAST, "model.backbone=small_cnn", "train.epochs=2", "stack.model=conv",
-            "stack.epochs=2", "stack.hidden=8", "stack.batch_series=4"]
+SETTINGS = [
+    *train_helpers.FAST,
+    "model.backbone=small_cnn",
+    "train.epochs=2",
+    "stack.model=conv",
+    "stack.epochs=2",
+    "stack.hidden=8",
+    "stack.batch_series=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +51,29 @@ def exp(tmp_path_factory):
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ich_kaggle", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ich_kaggle", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def experiment_args(cfg, layout, runs) -> list[str]:
-    return ["--config", "tiny", "--data", str(layout.data), "--work", str(layout.work), "--runs", str(runs),
-            "--set", *SETTINGS]
+    return [
+        "--config",
+        "tiny",
+        "--data",
+        str(layout.data),
+        "--work",
+        str(layout.work),
+        "--runs",
+        str(runs),
+        "--set",
+        *SETTINGS,
+    ]
 
 
 def test_unfinished_fold_is_never_used_for_prediction(exp):
@@ -139,7 +162,9 @@ def test_submit_chooses_by_oof_and_takes_the_first_stage_when_the_stack_is_worse
     printed = capsys.readouterr().out
     assert "using the first stage" in printed and "stacking did not lower the OOF loss" in printed
     choice = json.loads(run.choice.read_text())
-    assert choice["stage"] == "first_stage" and choice["oof_log_loss"]["stacked"] > choice["oof_log_loss"]["first_stage"]
+    assert (
+        choice["stage"] == "first_stage" and choice["oof_log_loss"]["stacked"] > choice["oof_log_loss"]["first_stage"]
+    )
     assert f"from {run.predictions.test}" in printed  # the submission was written from the first stage
     stack(cfg, layout, runs=runs, progress=False, force=True)  # leave a real stack for the other tests
 

@@ -99,11 +99,17 @@ def test_validator_names_each_problem(sample):
 
     cases = {
         "missing": (good.iloc[6:], r"^6 IDs of the sample submission are missing"),
-        "extra": (pd.concat([good, pd.DataFrame({"ID": ["ID_zzz_any"], "Label": ["0.1"]})]), r"^1 IDs are not in the sample"),
+        "extra": (
+            pd.concat([good, pd.DataFrame({"ID": ["ID_zzz_any"], "Label": ["0.1"]})]),
+            r"^1 IDs are not in the sample",
+        ),
         "duplicate": (pd.concat([good, good.iloc[:2]]), r"^2 duplicate IDs"),
         "nan": (good.assign(Label=["nan"] + [""] + ["0.2"] * (len(good) - 2)), r"^2 labels are NaN/empty"),
         "non-numeric": (good.assign(Label=["abc"] + ["0.2"] * (len(good) - 1)), r"^1 labels are not numbers: .*'abc'"),
-        "range": (good.assign(Label=["1.5", "-0.1", "inf"] + ["0.2"] * (len(good) - 3)), r"^3 labels are outside \[0, 1\]"),
+        "range": (
+            good.assign(Label=["1.5", "-0.1", "inf"] + ["0.2"] * (len(good) - 3)),
+            r"^3 labels are outside \[0, 1\]",
+        ),
         "header": (good.rename(columns={"Label": "label"}), r"^bad header 'ID,label'"),
     }
     for name, (df, pattern) in cases.items():
@@ -115,7 +121,9 @@ def test_validator_names_each_problem(sample):
 
 def test_validator_reports_several_problems_at_once(sample):
     sample_csv, _ = sample
-    bad = pd.concat([_good(sample_csv).iloc[1:], pd.DataFrame({"ID": ["ID_x_any", "ID_x_any"], "Label": ["2", "oops"]})])
+    bad = pd.concat(
+        [_good(sample_csv).iloc[1:], pd.DataFrame({"ID": ["ID_x_any", "ID_x_any"], "Label": ["2", "oops"]})]
+    )
     problems = _problems(sample_csv, bad.reset_index(drop=True))
     kinds = ["duplicate IDs", "are missing", "not in the sample", "not numbers", "outside [0, 1]"]
     assert len(problems) == len(kinds)
@@ -127,7 +135,9 @@ def test_validate_file_and_cli(tmp_path, sample):
     sample_csv, images = sample
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    assert submission.validate_file(sample_csv, empty) == [f"{empty}: empty file; expected 'ID,Label' then six rows per test image"]
+    assert submission.validate_file(sample_csv, empty) == [
+        f"{empty}: empty file; expected 'ID,Label' then six rows per test image"
+    ]
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("ID,Label\nID_a_any,0.1,7,8\n")
     (problem,) = submission.validate_file(sample_csv, ragged)
@@ -157,8 +167,12 @@ def _experiment(tmp_path: Path, images: list[str], unreadable: list[str], with_s
     train = pd.DataFrame((rng.random((60, 6)) < 0.25).astype(int), columns=list(LABELS))
     train["any"] = train[list(LABELS[1:])].max(axis=1)
     train.insert(0, "image_id", train_images)
-    long = pd.DataFrame({"ID": [f"{i}_{lab}" for i in train_images for lab in ORDER],
-                         "Label": train.set_index("image_id")[ORDER].to_numpy().ravel()})
+    long = pd.DataFrame(
+        {
+            "ID": [f"{i}_{lab}" for i in train_images for lab in ORDER],
+            "Label": train.set_index("image_id")[ORDER].to_numpy().ravel(),
+        }
+    )
     long.to_csv(data / "stage_2_train.csv", index=False)
     run = tmp_path / "runs" / "tiny"
     (run / "predictions").mkdir(parents=True)
@@ -199,7 +213,9 @@ def test_submit_fills_unreadable_with_prior_and_reports_oof(tmp_path, capsys):
     prior = train[list(LABELS)].mean().to_numpy()
     np.testing.assert_allclose(wide.loc[images[0]].to_numpy(), np.clip(prior, 1e-6, 1 - 1e-6), atol=1e-6)
     stacked = pd.read_csv(tmp_path / "runs" / "tiny" / "stack" / "test.csv").set_index("image_id")
-    np.testing.assert_allclose(wide.loc[images[5]].to_numpy(), stacked.loc[images[5], list(LABELS)].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        wide.loc[images[5]].to_numpy(), stacked.loc[images[5], list(LABELS)].to_numpy(), atol=1e-6
+    )
     text = capsys.readouterr().out
     assert "2 of 12 test images have no prediction (2 listed in" in text and images[0] in text
     expected = metrics.score_frames(train.iloc[:40], oof)["weighted_log_loss"]

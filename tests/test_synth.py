@@ -43,13 +43,21 @@ def test_every_file_reads_back_with_the_intended_hu(small, truth):
     for study, r in truth:
         for k, image_id in enumerate(study.image_ids):
             path = _path(small, study, image_id)
-            np.testing.assert_array_equal(dicom.read_hu(path, dtype=np.int16), r.hu[k], err_msg=f"{path} ({study.variant})")
+            np.testing.assert_array_equal(
+                dicom.read_hu(path, dtype=np.int16), r.hu[k], err_msg=f"{path} ({study.variant})"
+            )
         header = dicom.read_header(_path(small, study, study.image_ids[0]))
         bits, rep, intercept = synth.VARIANTS[study.variant]
-        assert (header["BitsStored"], header["PixelRepresentation"], header["RescaleIntercept"]) == (bits, rep, intercept)
+        assert (header["BitsStored"], header["PixelRepresentation"], header["RescaleIntercept"]) == (
+            bits,
+            rep,
+            intercept,
+        )
         assert header["Modality"] == "CT" and header["SOPInstanceUID"] == study.image_ids[0]
         assert header["PatientID"].startswith("ID_") and len(header["PatientID"]) == 11
-        assert len(header["StudyInstanceUID"]) == len(header["SeriesInstanceUID"]) == 13 and len(study.image_ids[0]) == 12
+        assert (
+            len(header["StudyInstanceUID"]) == len(header["SeriesInstanceUID"]) == 13 and len(study.image_ids[0]) == 12
+        )
         syntaxes.add(header["TransferSyntaxUID"])
         seen[study.variant] += 1
         if study.variant == "corrupt12":  # the fix matters: without it, brain and air would read as nonsense
@@ -125,7 +133,9 @@ def test_series_positions_are_consistent(small, truth, tmp_path):
     tilted = 0
     for study, r in truth:
         rows = frame.loc[study.image_ids]
-        np.testing.assert_array_equal(rows["slice_rank"].to_numpy(), np.arange(len(study.image_ids)))  # order from positions
+        np.testing.assert_array_equal(
+            rows["slice_rank"].to_numpy(), np.arange(len(study.image_ids))
+        )  # order from positions
         z = rows["z"].to_numpy()
         assert (np.diff(z) > 0).all()
         np.testing.assert_allclose(np.diff(z), study.geometry.dz, atol=2e-5)  # constant spacing along the normal
@@ -133,8 +143,11 @@ def test_series_positions_are_consistent(small, truth, tmp_path):
         if study.geometry.tilt_deg:
             tilted += 1
             assert not np.allclose(z, rows["ipp_z"].to_numpy(), atol=1.0)  # z along the normal differs from IPP[2]
-            np.testing.assert_allclose(np.diff(rows["ipp_z"].to_numpy()),
-                                       study.geometry.dz * np.cos(np.deg2rad(study.geometry.tilt_deg)), atol=2e-5)
+            np.testing.assert_allclose(
+                np.diff(rows["ipp_z"].to_numpy()),
+                study.geometry.dz * np.cos(np.deg2rad(study.geometry.tilt_deg)),
+                atol=2e-5,
+            )
     assert tilted >= 1
     # files are on disk in random order: their names do not follow the slice order
     assert any(sorted(s.image_ids) != s.image_ids for s, _ in truth)
@@ -154,9 +167,12 @@ def test_competition_layout_and_splits(small, truth):
     assert (sample["Label"] == 0.5).all()
     assert [i.rsplit("_", 1)[1] for i in sample["ID"][:6]] == list(synth.SAMPLE_ORDER)
     from ich_kaggle.submit.stage import validate_file
+
     assert validate_file(small / "stage_2_sample_submission.csv", small / "stage_2_sample_submission.csv") == []
     # patients: disjoint between train and test, some with two studies
-    split_of = pd.DataFrame([(s.patient_id, s.study_id, s.split) for s, _ in truth], columns=["patient", "study", "split"])
+    split_of = pd.DataFrame(
+        [(s.patient_id, s.study_id, s.split) for s, _ in truth], columns=["patient", "study", "split"]
+    )
     assert split_of.groupby("patient")["split"].nunique().max() == 1
     assert split_of.groupby("patient")["study"].nunique().max() == 2
     n = SMALL["slices"]
@@ -176,7 +192,20 @@ def test_deterministic_for_a_seed(tmp_path, small):
 
 
 def test_cli_rerun_is_instant_and_foreign_folders_are_safe(tmp_path):
-    cmd = [sys.executable, "-m", "ich_kaggle", "synth", "--out", str(tmp_path / "s"), "--studies", "3", "--slices", "2", "--size", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ich_kaggle",
+        "synth",
+        "--out",
+        str(tmp_path / "s"),
+        "--studies",
+        "3",
+        "--slices",
+        "2",
+        "--size",
+        "32",
+    ]
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).returncode == 0
     stamp = (tmp_path / "s" / "stage_2_train.csv").stat().st_mtime_ns
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).returncode == 0

@@ -41,8 +41,17 @@ def test_one_epoch_writes_every_output(comp, tmp_path, caplog):
     cfg = _cfg("train.epochs=1")
     fdir = train.train_fold(cfg, comp, 0, runs=tmp_path / "runs")
     assert fdir == tmp_path / "runs" / "tiny" / "fold0"
-    for name in ("best.pt", "last.pt", "log.csv", "curves.png", "oof.csv", "oof_embeddings.npz", "config.yaml",
-                 "train.log", "done.json"):
+    for name in (
+        "best.pt",
+        "last.pt",
+        "log.csv",
+        "curves.png",
+        "oof.csv",
+        "oof_embeddings.npz",
+        "config.yaml",
+        "train.log",
+        "done.json",
+    ):
         assert (fdir / name).exists(), name
     log = pd.read_csv(fdir / "log.csv")
     assert list(log.columns) == LOG_COLUMNS and len(log) == 1
@@ -151,6 +160,7 @@ def test_corrupt_cache_file_is_skipped_not_fatal(comp, tmp_path):
     preprocess.ensure(layout)
     folds = load_folds(layout, k=3, seed=0)
     victims = folds[folds["fold"] != 0]["image_id"].astype(str).head(3).tolist()
+
     def damage(image_id: str, data: bytes) -> None:  # as bit rot: size and mtime kept, so preprocess does not see it
         path = cache.cache_path(layout, image_id)
         st = path.stat()
@@ -178,8 +188,16 @@ def test_schedules_and_optimizers():
     assert warmup_cosine(100, 100, 10) == pytest.approx(0.01)
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 6))
     for opt, sched in (("adamw", "cosine"), ("adam", "onecycle"), ("sgd", "constant")):
-        cfg = config.load("tiny", [f"train.optimizer={opt}", f"train.scheduler={sched}", "train.nesterov=true",
-                                   "train.warmup_epochs=1", "train.epochs=2"])
+        cfg = config.load(
+            "tiny",
+            [
+                f"train.optimizer={opt}",
+                f"train.scheduler={sched}",
+                "train.nesterov=true",
+                "train.warmup_epochs=1",
+                "train.epochs=2",
+            ],
+        )
         o = build_optimizer(cfg, net)
         assert [g["weight_decay"] for g in o.param_groups] == [cfg.train.weight_decay, 0.0]  # no decay on norm/bias
         s = build_scheduler(cfg, o, steps_per_epoch=5)
@@ -229,8 +247,9 @@ def test_real_mini_fold_oof_covers_the_fold(mini_dir, tmp_path):
 def test_real_mini_all_folds_cover_all_616_slices(mini_dir, tmp_path):
     layout = Layout.of(mini_dir, tmp_path / "work")
     cfg = _cfg("train.epochs=1", "train.max_images_per_epoch=16", "cv.k=3", "data.image_size=24")
-    oof = pd.concat([pd.read_csv(train.train_fold(cfg, layout, k, runs=tmp_path / "runs") / "oof.csv")
-                     for k in range(3)])
+    oof = pd.concat(
+        [pd.read_csv(train.train_fold(cfg, layout, k, runs=tmp_path / "runs") / "oof.csv") for k in range(3)]
+    )
     assert len(oof) == oof["image_id"].nunique() == 616
 
 
@@ -256,10 +275,21 @@ def test_amp_channels_last_progressive_sizes_oversampling_freeze(comp, tmp_path)
     """The optional paths run together: bf16 autocast on CPU, channels_last, 16 -> 32 px, oversampling, frozen body."""
     from train_helpers import NAME
 
-    cfg = _cfg(f"model.backbone={NAME}", "train.epochs=2", "train.amp=bf16", "train.channels_last=true",
-               "train.progressive_sizes=[16]", "train.balance=oversample", "model.freeze=backbone",
-               "train.optimizer=sgd", "train.nesterov=true", "train.loss=focal", "train.class_weights=frequency",
-               "data.min_brain_fraction=0.05", "data.neighbors=1")
+    cfg = _cfg(
+        f"model.backbone={NAME}",
+        "train.epochs=2",
+        "train.amp=bf16",
+        "train.channels_last=true",
+        "train.progressive_sizes=[16]",
+        "train.balance=oversample",
+        "model.freeze=backbone",
+        "train.optimizer=sgd",
+        "train.nesterov=true",
+        "train.loss=focal",
+        "train.class_weights=frequency",
+        "data.min_brain_fraction=0.05",
+        "data.neighbors=1",
+    )
     fdir = train.train_fold(cfg, comp, 2, runs=tmp_path)
     log = pd.read_csv(fdir / "log.csv")
     assert len(log) == 2 and np.isfinite(log["train_loss"]).all()
@@ -293,8 +323,23 @@ def test_min_brain_fraction_drops_empty_training_slices(comp):
 def test_cli_train_reports_user_errors_in_one_line(comp, tmp_path, capsys):
     from ich_kaggle.cli import main
 
-    rc = main(["train", "--config", "tiny", "--data", str(comp.data), "--work", str(comp.work), "--runs",
-               str(tmp_path), "--fold", "9", "--set", "cv.k=3"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--data",
+            str(comp.data),
+            "--work",
+            str(comp.work),
+            "--runs",
+            str(tmp_path),
+            "--fold",
+            "9",
+            "--set",
+            "cv.k=3",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "fold 9 does not exist" in err
     assert not (tmp_path / "tiny" / "fold9").exists()

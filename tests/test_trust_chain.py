@@ -22,8 +22,16 @@ from ich_kaggle.core.labels import LABELS
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.layout import Run
 
-SETTINGS = [*train_helpers.FAST, "cv.k=2", "model.backbone=small_cnn", "train.epochs=1", "stack.model=conv",
-            "stack.epochs=2", "stack.hidden=8", "stack.batch_series=4"]
+SETTINGS = [
+    *train_helpers.FAST,
+    "cv.k=2",
+    "model.backbone=small_cnn",
+    "train.epochs=1",
+    "stack.model=conv",
+    "stack.epochs=2",
+    "stack.hidden=8",
+    "stack.batch_series=4",
+]
 
 
 class Exp:
@@ -34,10 +42,28 @@ class Exp:
         self.data, self.work, self.runs, self.subs = root / "comp", root / "work", root / "runs", root / "subs"
         self.ens = root / "pair.yaml"
 
-    def args(self, config: str | None = None, *extra: str, sets: tuple[str, ...] = (), data: Path | None = None,
-             work: Path | None = None) -> list[str]:
-        return ["--config", config or str(self.ens), "--data", str(data or self.data), "--work", str(work or self.work),
-                "--runs", str(self.runs), *extra, "--set", *SETTINGS, *sets]
+    def args(
+        self,
+        config: str | None = None,
+        *extra: str,
+        sets: tuple[str, ...] = (),
+        data: Path | None = None,
+        work: Path | None = None,
+    ) -> list[str]:
+        return [
+            "--config",
+            config or str(self.ens),
+            "--data",
+            str(data or self.data),
+            "--work",
+            str(work or self.work),
+            "--runs",
+            str(self.runs),
+            *extra,
+            "--set",
+            *SETTINGS,
+            *sets,
+        ]
 
     def run(self, stage: str, config: str | None = None, *extra: str, **kw) -> int:
         if stage == "submit":
@@ -64,8 +90,9 @@ def pristine(tmp_path_factory) -> tuple[Path, Path]:
     exp = Exp(base / "exp")
     exp.root.mkdir()
     synth.write_competition(exp.data, seed=3, studies=8, slices=6, size=48)
-    exp.ens.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "mean"},
-                                       "cv": {"k": 2}}))
+    exp.ens.write_text(
+        yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "mean"}, "cv": {"k": 2}})
+    )
     for stage in ("train", "predict", "submit"):
         extra = ("--fold", "all") if stage == "train" else ()
         assert exp.run(stage, None, *extra) == 0
@@ -95,6 +122,7 @@ def refused(exp: Exp, capsys, stage: str, config: str | None = None, *extra: str
 
 
 # --- the nine silent cases -------------------------------------------------------------------------------------------
+
 
 def test_submit_refuses_member_fold_retrained_after_predict(exp, capsys):
     before = exp.submission.read_bytes()
@@ -225,6 +253,7 @@ def test_config_rejects_duplicate_yaml_keys(tmp_path):
 
 # --- tracebacks and stuck states -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("text", ["[]", '{"inputs": []}', '{"kind": "predictions", "version": "1", "inputs": {}}'])
 def test_a_malformed_manifest_is_treated_as_absent(exp, capsys, text):
     before = exp.submission.read_bytes()
@@ -245,16 +274,26 @@ def test_score_rejects_ids_with_trailing_nul_bytes(tmp_path, capsys):
     truth, sub = tmp_path / "truth.csv", tmp_path / "sub.csv"
     ids = [f"ID_abc_{label}" for label in LABELS]
     pd.DataFrame({"ID": ids, "Label": [0] * 6}).to_csv(truth, index=False)
-    sub.write_bytes(("ID,Label\n" + "".join(f"{i}{chr(0) * 2 if n == 0 else ''},0.1\n"
-                                            for n, i in enumerate(ids))).encode())
+    sub.write_bytes(
+        ("ID,Label\n" + "".join(f"{i}{chr(0) * 2 if n == 0 else ''},0.1\n" for n, i in enumerate(ids))).encode()
+    )
     assert cli.main(["validate", "--sample", str(truth), "--submission", str(sub)]) != 0
     capsys.readouterr()
     assert cli.main(["score", "--truth", str(truth), "--submission", str(sub)]) == 2
     assert "NUL" in one_error(capsys)
 
 
-@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=inf", "train.seed=-1",
-                                      "train.seed=99999999999999999999", "model.dropout=nan", "ensemble.members=[]"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=nan",
+        "train.lr=inf",
+        "train.seed=-1",
+        "train.seed=99999999999999999999",
+        "model.dropout=nan",
+        "ensemble.members=[]",
+    ],
+)
 def test_config_rejects_non_finite_and_out_of_range_numbers(override):
     with pytest.raises(UserError, match=override.split("=")[0].replace(".", r"\.")):
         config.load("tiny", [override])

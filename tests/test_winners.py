@@ -43,8 +43,11 @@ def test_submit_chooses_the_lowest_oof_stage_and_a_blend_only_when_it_measures_b
 
     blend_dir = Stacked(tmp_path / "blend")
     # independent errors: their mean beats each, so the blend is chosen and written
-    chosen, losses = choose(stages({"first_stage": first, "stacked": _noisy(truth, a),
-                                    "stacked_embeddings": _noisy(truth, b)}), truth, blend_dir)
+    chosen, losses = choose(
+        stages({"first_stage": first, "stacked": _noisy(truth, a), "stacked_embeddings": _noisy(truth, b)}),
+        truth,
+        blend_dir,
+    )
     assert set(losses) == {"first_stage", "stacked", "stacked_embeddings", "blend"}
     assert chosen.name == "blend" and losses["blend"] == min(losses.values())
     blended = pd.read_csv(blend_dir.test)
@@ -53,13 +56,15 @@ def test_submit_chooses_the_lowest_oof_stage_and_a_blend_only_when_it_measures_b
     np.testing.assert_allclose(blended[L], (stacked[L] + emb[L]) / 2, rtol=1e-6)
     # one stack far better than the other: that stack, not their blend
     good = _noisy(truth, 0.3 * a)
-    chosen, losses = choose(stages({"first_stage": first, "stacked": _noisy(truth, a, bias=1.0),
-                                    "stacked_embeddings": good}), truth, blend_dir)
+    chosen, losses = choose(
+        stages({"first_stage": first, "stacked": _noisy(truth, a, bias=1.0), "stacked_embeddings": good}),
+        truth,
+        blend_dir,
+    )
     assert chosen.name == "stacked_embeddings" and losses["stacked_embeddings"] == min(losses.values())
     assert losses["blend"] > losses["stacked_embeddings"]  # measured, written, not chosen
     # a stack worse than the first stage: the first stage (the blend of the two is worse than it too)
-    chosen, losses = choose(stages({"first_stage": first, "stacked": _noisy(truth, 3 * a, bias=2.0)}), truth,
-                            blend_dir)
+    chosen, losses = choose(stages({"first_stage": first, "stacked": _noisy(truth, 3 * a, bias=2.0)}), truth, blend_dir)
     assert chosen.name == "first_stage" and losses["first_stage"] == min(losses.values())
 
 
@@ -85,8 +90,9 @@ def test_the_stacker_stops_on_its_validation_not_on_a_cap():
     assert len(curve) - 1 - best == scfg.patience  # stopped `patience` validations after the best one
     # the time budget is a safety net: a budget of ~0 stops after the first step, and says so
     curve = []
-    train_net(seqs, StackConfig(hidden=16, layers=1, epochs=200, batch_series=16, max_seconds=1e-9), 1, seed=0,
-              curve=curve)
+    train_net(
+        seqs, StackConfig(hidden=16, layers=1, epochs=200, batch_series=16, max_seconds=1e-9), 1, seed=0, curve=curve
+    )
     assert curve[-1]["stop"] == "time" and curve[-1]["step"] == 1
 
 
@@ -94,8 +100,13 @@ def test_stack_scale_bench_prints_each_design_and_the_default_figures(capsys):
     """`make bench --what stack-scale` at a tiny scale (tests are never timed): the lines the issue tracks."""
     from ich_kaggle.bench.stack_scale import bench_stack_scale
 
-    bench_stack_scale(None, scale=0.004, members=2, designs=("probs", "per_fold"),
-                      scfg=StackConfig(hidden=8, layers=1, epochs=2, embedding_dim=4))
+    bench_stack_scale(
+        None,
+        scale=0.004,
+        members=2,
+        designs=("probs", "per_fold"),
+        scfg=StackConfig(hidden=8, layers=1, epochs=2, embedding_dim=4),
+    )
     out = capsys.readouterr().out
     for design in ("probs", "per_fold"):
         for figure in ("wall_s", "cpu_s", "peak_rss_gb", "disk_gb", "oof_log_loss"):

@@ -9,8 +9,15 @@ from ich_kaggle import models
 NAME = "test_nonorm_cnn"
 
 # tiny and fast training overrides shared by the train and predict tests: random init, 32 px, few images, 3 folds
-FAST = ["model.pretrained=false", "data.image_size=32", "train.batch_size=8", "train.max_images_per_epoch=32",
-        "cv.k=3", "cv.seed=0", "data.num_workers=0"]
+FAST = [
+    "model.pretrained=false",
+    "data.image_size=32",
+    "train.batch_size=8",
+    "train.max_images_per_epoch=32",
+    "cv.k=3",
+    "cv.seed=0",
+    "data.num_workers=0",
+]
 
 
 class NoNormCNN(models.Backbone):
@@ -18,8 +25,12 @@ class NoNormCNN(models.Backbone):
 
     def __init__(self, in_channels: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_channels, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                 nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
         self.out_channels = 16
 
     def forward(self, x):

@@ -47,12 +47,17 @@ def _fail(url: str, what: str, e: Exception) -> UserError:
     raw, url = url, shown(url)
     if isinstance(e, requests.HTTPError) and e.response is not None:
         code = e.response.status_code
-        fix = ("check the login in the URL (https://user:password@host/...)" if code in (401, 403) else
-               "check the address: it is the DICOMweb root, e.g. http://host:8042/dicom-web for Orthanc")
+        fix = (
+            "check the login in the URL (https://user:password@host/...)"
+            if code in (401, 403)
+            else "check the address: it is the DICOMweb root, e.g. http://host:8042/dicom-web for Orthanc"
+        )
         return UserError(f"{url}: {what} answered HTTP {code}; {fix}")
     if isinstance(e, requests.RequestException):
-        return UserError(f"cannot reach {url} ({type(e).__name__}); check that the server runs and the address "
-                         "is its DICOMweb root, e.g. http://host:8042/dicom-web")
+        return UserError(
+            f"cannot reach {url} ({type(e).__name__}); check that the server runs and the address "
+            "is its DICOMweb root, e.g. http://host:8042/dicom-web"
+        )
     return UserError(f"{url}: {what} failed ({type(e).__name__}: {str(e).replace(raw, url)})")
 
 
@@ -61,7 +66,9 @@ def pull(url: str, study: str, dest: Path) -> list[Path]:
     from dicomweb_client.api import DICOMwebClient
 
     if not url.startswith(("http://", "https://")):
-        raise UserError(f"--dicomweb {shown(url)}: give the DICOMweb root as an http(s) URL, e.g. http://host:8042/dicom-web")
+        raise UserError(
+            f"--dicomweb {shown(url)}: give the DICOMweb root as an http(s) URL, e.g. http://host:8042/dicom-web"
+        )
     if not UID.match(study):
         raise UserError(f"--study {study!r} is not a StudyInstanceUID (digits and dots, e.g. 1.2.840.113619.2.55)")
     client = DICOMwebClient(url.rstrip("/"), timeout=(10, 120), permissive_uid=True)
@@ -72,8 +79,10 @@ def pull(url: str, study: str, dest: Path) -> list[Path]:
     except Exception as e:
         raise _fail(url, "the series search (QIDO-RS)", e) from None
     if not series:
-        raise UserError(f"{shown(url)} has no study {study}: check the StudyInstanceUID (the archive's study list "
-                        f"is at {shown(url).rstrip('/')}/studies)")
+        raise UserError(
+            f"{shown(url)} has no study {study}: check the StudyInstanceUID (the archive's study list "
+            f"is at {shown(url).rstrip('/')}/studies)"
+        )
     total = sum(int(_value(s, N_INSTANCES) or 0) for s in series) or None
     files: list[Path] = []
     with tqdm(total=total, desc="dicomweb", unit="file") as bar:

@@ -30,10 +30,19 @@ from ..core.labels import LABELS
 log = logging.getLogger(__name__)
 
 L = list(LABELS)
-KEYS = {"SOPInstanceUID": ("slice", "sop_instance_uid"), "SeriesInstanceUID": ("series", "series_id"),
-        "StudyInstanceUID": ("study", "study_id")}
-CQ500 = {"ICH": "any", "IPH": "intraparenchymal", "IVH": "intraventricular", "SDH": "subdural", "EDH": "epidural",
-         "SAH": "subarachnoid"}
+KEYS = {
+    "SOPInstanceUID": ("slice", "sop_instance_uid"),
+    "SeriesInstanceUID": ("series", "series_id"),
+    "StudyInstanceUID": ("study", "study_id"),
+}
+CQ500 = {
+    "ICH": "any",
+    "IPH": "intraparenchymal",
+    "IVH": "intraventricular",
+    "SDH": "subdural",
+    "EDH": "epidural",
+    "SAH": "subarachnoid",
+}
 METRICS = ["ACC", "PREC", "REC", "AUC", "LOG_LOSS"]
 
 
@@ -53,8 +62,9 @@ def read_labels(path: Path, slices: pd.DataFrame) -> tuple[str, pd.DataFrame]:
         return "study", _cq500(path, raw, slices)
     key = next((k for k in KEYS if k in cols), None)
     if key is None:
-        raise UserError(f"{path}: no key column; expected one of {', '.join(KEYS)} (or CQ500's reads.csv with "
-                        f"name, R1:ICH, ...)")
+        raise UserError(
+            f"{path}: no key column; expected one of {', '.join(KEYS)} (or CQ500's reads.csv with name, R1:ICH, ...)"
+        )
     subtypes = [c for c in L if c in cols]
     if not subtypes:
         raise UserError(f"{path}: no subtype column; expected 0/1 columns named {', '.join(L)}")
@@ -63,8 +73,10 @@ def read_labels(path: Path, slices: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     for c in subtypes:
         bad = ~frame[c].str.strip().isin(["0", "1", "0.0", "1.0"])
         if bad.any():
-            raise UserError(f"{path}: column {c} must hold 0/1, row {int(np.argmax(bad.to_numpy())) + 2} has "
-                            f"{frame[c][bad].iloc[0]!r}")
+            raise UserError(
+                f"{path}: column {c} must hold 0/1, row {int(np.argmax(bad.to_numpy())) + 2} has "
+                f"{frame[c][bad].iloc[0]!r}"
+            )
         frame[c] = frame[c].astype(float).astype(int)
     return level, frame
 
@@ -86,8 +98,10 @@ def _cq500(path: Path, raw: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
     out["study_id"] = out["key"].map(keys)
     matched = out.dropna(subset=["study_id"])
     if not len(matched):
-        raise UserError(f"{path}: no study folder named like CQ500CT<n> among the inputs; give the study folders "
-                        f"(e.g. 'CQ500CT1 CQ500CT1') as they were unpacked")
+        raise UserError(
+            f"{path}: no study folder named like CQ500CT<n> among the inputs; give the study folders "
+            f"(e.g. 'CQ500CT1 CQ500CT1') as they were unpacked"
+        )
     return matched[["study_id", *[c for c in L if c in matched.columns]]]
 
 
@@ -103,10 +117,13 @@ def _scores(y: np.ndarray, p: np.ndarray, t: float) -> dict:
 
     pred = (p >= t).astype(int)
     both = len(np.unique(y)) == 2
-    return {"ACC": M.accuracy_score(y, pred), "PREC": M.precision_score(y, pred, zero_division=0),
-            "REC": M.recall_score(y, pred, zero_division=0),
-            "AUC": M.roc_auc_score(y, p) if both else np.nan,
-            "LOG_LOSS": M.log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])}
+    return {
+        "ACC": M.accuracy_score(y, pred),
+        "PREC": M.precision_score(y, pred, zero_division=0),
+        "REC": M.recall_score(y, pred, zero_division=0),
+        "AUC": M.roc_auc_score(y, p) if both else np.nan,
+        "LOG_LOSS": M.log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]),
+    }
 
 
 def _boot_scores(y: np.ndarray, p: np.ndarray, t: float, draws: np.ndarray) -> dict[str, np.ndarray]:
@@ -123,9 +140,13 @@ def _boot_scores(y: np.ndarray, p: np.ndarray, t: float, draws: np.ndarray) -> d
     neg = n - pos
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = ((ranks * yb).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
-        return {"ACC": (pred == yb).mean(1), "PREC": np.where(pred.sum(1) > 0, tp / pred.sum(1), 0.0),
-                "REC": np.where(pos > 0, tp / pos, 0.0), "AUC": np.where((pos > 0) & (neg > 0), auc, np.nan),
-                "LOG_LOSS": -(yb * np.log(q) + ~yb * np.log(1 - q)).mean(1)}
+        return {
+            "ACC": (pred == yb).mean(1),
+            "PREC": np.where(pred.sum(1) > 0, tp / pred.sum(1), 0.0),
+            "REC": np.where(pos > 0, tp / pos, 0.0),
+            "AUC": np.where((pos > 0) & (neg > 0), auc, np.nan),
+            "LOG_LOSS": -(yb * np.log(q) + ~yb * np.log(1 - q)).mean(1),
+        }
 
 
 def table(y: pd.DataFrame, p: pd.DataFrame, thresholds: dict, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -138,8 +159,13 @@ def table(y: pd.DataFrame, p: pd.DataFrame, thresholds: dict, n_boot: int = 1000
         yc, pc = y[c].to_numpy(int), p[c].to_numpy(np.float64)
         point = _scores(yc, pc, thresholds[c])
         boot = _boot_scores(yc, pc, thresholds[c], draws)
-        row = {"subtype": c, "POS": int(yc.sum()), "NEG": int(n - yc.sum()),
-               "POS_%": 100 * yc.mean(), "threshold": thresholds[c]}
+        row = {
+            "subtype": c,
+            "POS": int(yc.sum()),
+            "NEG": int(n - yc.sum()),
+            "POS_%": 100 * yc.mean(),
+            "threshold": thresholds[c],
+        }
         for m in METRICS:
             row[m] = point[m]
             ok = np.isfinite(boot[m])
@@ -150,8 +176,10 @@ def table(y: pd.DataFrame, p: pd.DataFrame, thresholds: dict, n_boot: int = 1000
 
 
 def format_table(t: pd.DataFrame, level: str) -> str:
-    lines = [f"per {level} ({int(t['POS'].iloc[0] + t['NEG'].iloc[0])} labelled), 95% bootstrap intervals",
-             f"{'subtype':<18}{'POS':>11}{'NEG':>11}" + "".join(f"{m:>22}" for m in METRICS)]
+    lines = [
+        f"per {level} ({int(t['POS'].iloc[0] + t['NEG'].iloc[0])} labelled), 95% bootstrap intervals",
+        f"{'subtype':<18}{'POS':>11}{'NEG':>11}" + "".join(f"{m:>22}" for m in METRICS),
+    ]
     for _, r in t.iterrows():
         pos = f"{r['POS']} ({r['POS_%']:.0f}%)"
         neg = f"{r['NEG']} ({100 - r['POS_%']:.0f}%)"
@@ -207,8 +235,10 @@ def evaluate(bundle, labels_csv: Path, paths: list[Path], out: Path, n_boot: int
     preds = predictions_at(level, slices)
     both = labels.merge(preds, on=key, suffixes=("", "_p"))
     if not len(both):
-        raise UserError(f"{labels_csv}: none of its {len(labels)} {level}(s) is among the inputs' {len(preds)}; "
-                        f"check that the labels and the DICOMs are of the same studies")
+        raise UserError(
+            f"{labels_csv}: none of its {len(labels)} {level}(s) is among the inputs' {len(preds)}; "
+            f"check that the labels and the DICOMs are of the same studies"
+        )
     missing = len(labels) - len(both)
     subtypes = [c for c in L if c in labels.columns]
     y = both[subtypes]
@@ -223,9 +253,11 @@ def evaluate(bundle, labels_csv: Path, paths: list[Path], out: Path, n_boot: int
     roc, cal = _plots(y, p, out)
     page = Page(f"ich_kaggle evaluate: {b.name} on {Path(labels_csv).name}")
     sec = page.section("Per-subtype table")
-    sec.text(f"{len(both)} labelled {level}(s); predictions of the bundle's stage '{b.stage}' "
-             f"({'slice probabilities' if level == 'slice' else 'max over the slices'}); thresholds fixed on the "
-             f"bundle's OOF predictions. Intervals: 95 % bootstrap over the {level}s ({n_boot} resamples).")
+    sec.text(
+        f"{len(both)} labelled {level}(s); predictions of the bundle's stage '{b.stage}' "
+        f"({'slice probabilities' if level == 'slice' else 'max over the slices'}); thresholds fixed on the "
+        f"bundle's OOF predictions. Intervals: 95 % bootstrap over the {level}s ({n_boot} resamples)."
+    )
     shown = t.copy()
     for m in METRICS:
         shown[m] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(t[m], t[f"{m}_lo"], t[f"{m}_hi"])]

@@ -53,8 +53,9 @@ def _fold_models(bundle, entry: dict, devices) -> dict:
     return models
 
 
-def run_pipeline(bundle, slices: pd.DataFrame, progress: Progress | None = None
-                 ) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+def run_pipeline(
+    bundle, slices: pd.DataFrame, progress: Progress | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """(chosen stage's wide probabilities, first stage's, images that could not be read) for the slices of a
     collection (absolute paths), through the bundle's pipeline."""
     import torch
@@ -74,7 +75,9 @@ def run_pipeline(bundle, slices: pd.DataFrame, progress: Progress | None = None
         mcfg = bundle.member_config(entry)
         models = _fold_models(bundle, entry, devices)
         if progress:
-            progress(f"{entry['name']}: {len(models)} fold model(s) on {len(slices)} slices", 0.1 + 0.7 * done / n_models)
+            progress(
+                f"{entry['name']}: {len(models)} fold model(s) on {len(slices)} slices", 0.1 + 0.7 * done / n_models
+            )
         probs, _, failed = predict_folds(models, slices, mcfg, meta=slices, read_hu=reader, desc=entry["name"])
         lost += failed.tolist()
         frames.append(average_folds(list(probs.values()), mcfg.tta.average))
@@ -84,8 +87,10 @@ def run_pipeline(bundle, slices: pd.DataFrame, progress: Progress | None = None
             torch.cuda.empty_cache()
     if bundle.info.get("ensemble"):
         ens = bundle.info["ensemble"]
-        first = combine(frames, EnsembleConfig(members=[m["name"] for m in members], combine=ens["combine"],
-                                               weights=list(ens["weights"])))
+        first = combine(
+            frames,
+            EnsembleConfig(members=[m["name"] for m in members], combine=ens["combine"], weights=list(ens["weights"])),
+        )
     else:
         first = frames[0]
     chosen = first
@@ -115,9 +120,15 @@ def summarise(slices: pd.DataFrame, thresholds: dict, level: str) -> pd.DataFram
             p = float(g[c].max())
             row[c] = p
             row[f"{c}_positive"] = int(p >= thresholds["series"][c])
-            row[f"{c}_slices"] = _above(g["slice_rank"], g[c], thresholds["slice"][c]) if level == "series_id" else \
-                ";".join(f"{s[-8:]}:{r}" for s, r, p in zip(g["series_id"], g["slice_rank"], g[c])
-                         if p >= thresholds["slice"][c])
+            row[f"{c}_slices"] = (
+                _above(g["slice_rank"], g[c], thresholds["slice"][c])
+                if level == "series_id"
+                else ";".join(
+                    f"{s[-8:]}:{r}"
+                    for s, r, p in zip(g["series_id"], g["slice_rank"], g[c])
+                    if p >= thresholds["slice"][c]
+                )
+            )
         rows.append(row)
     out = pd.DataFrame(rows)
     if level == "series_id":
@@ -125,8 +136,9 @@ def summarise(slices: pd.DataFrame, thresholds: dict, level: str) -> pd.DataFram
     return out
 
 
-def infer(bundle, paths: list[Path], out: Path, progress: Progress | None = None, report: bool = True,
-          collection=None) -> Path:
+def infer(
+    bundle, paths: list[Path], out: Path, progress: Progress | None = None, report: bool = True, collection=None
+) -> Path:
     """Run the bundle on `paths`; write slices.csv, series.csv, studies.csv, skipped.csv, report.html in `out`."""
     from ..bundle import Bundle, load
     from ..data import studies
@@ -144,14 +156,21 @@ def infer(bundle, paths: list[Path], out: Path, progress: Progress | None = None
         skipped = col.skipped
         if lost:
             gone = frame[frame["image_id"].isin(lost)]
-            skipped = pd.concat([skipped, pd.DataFrame({"path": gone["path"], "reason": "pixels unreadable"})],
-                                ignore_index=True)
+            skipped = pd.concat(
+                [skipped, pd.DataFrame({"path": gone["path"], "reason": "pixels unreadable"})], ignore_index=True
+            )
             frame = frame[~frame["image_id"].isin(lost)]
         probs = chosen.set_index("image_id").loc[frame["image_id"], L].to_numpy(np.float64)
-        table = pd.DataFrame({"study_id": frame["study_id"].to_numpy(), "series_id": frame["series_id"].to_numpy(),
-                              "sop_instance_uid": frame["image_id"].to_numpy(),
-                              "slice_rank": frame["slice_rank"].to_numpy(), "position": frame["z"].to_numpy(),
-                              "file": frame["path"].to_numpy()})
+        table = pd.DataFrame(
+            {
+                "study_id": frame["study_id"].to_numpy(),
+                "series_id": frame["series_id"].to_numpy(),
+                "sop_instance_uid": frame["image_id"].to_numpy(),
+                "slice_rank": frame["slice_rank"].to_numpy(),
+                "position": frame["z"].to_numpy(),
+                "file": frame["path"].to_numpy(),
+            }
+        )
         table[L] = probs
         write_csv(table, out / "slices.csv")
         th = b.thresholds
@@ -169,6 +188,8 @@ def infer(bundle, paths: list[Path], out: Path, progress: Progress | None = None
             infer_report(b, table, series, study, skipped, out, seconds)
     if progress:
         progress("done", 1.0)
-    log.info(f"infer: {len(table)} slices, {len(series)} series, {len(study)} studies in {seconds:.1f}s "
-             f"({len(table) / max(seconds, 1e-9):.1f} slices/s); {len(skipped)} input(s) skipped -> {out}")
+    log.info(
+        f"infer: {len(table)} slices, {len(series)} series, {len(study)} studies in {seconds:.1f}s "
+        f"({len(table) / max(seconds, 1e-9):.1f} slices/s); {len(skipped)} input(s) skipped -> {out}"
+    )
     return out

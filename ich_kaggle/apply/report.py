@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 L = list(LABELS)
 TOP_SLICES = 3
 SHOW_WINDOWS = ("brain", "subdural", "bone")
-DISCLAIMER = ("Research software: these probabilities come from a model trained on a Kaggle competition set. They "
-              "are not a diagnosis and must not guide the care of a patient.")
+DISCLAIMER = (
+    "Research software: these probabilities come from a model trained on a Kaggle competition set. They "
+    "are not a diagnosis and must not guide the care of a patient."
+)
 
 
 def profile_plot(g: pd.DataFrame, thresholds: dict, path: Path, title: str) -> Path:
@@ -59,8 +61,15 @@ class CamMaker:
         self.net, self.cfg = load_checkpoint(path, map_location="cpu")
         self.net.float()
         self.what = f"{entry['name']} fold {fold}"
-        self.ds = SliceDataset(slices, None, self.cfg, transform=build_eval_transforms(self.cfg), train=False,
-                               meta=slices, read_hu=DicomSlices("/", slices))
+        self.ds = SliceDataset(
+            slices,
+            None,
+            self.cfg,
+            transform=build_eval_transforms(self.cfg),
+            train=False,
+            meta=slices,
+            read_hu=DicomSlices("/", slices),
+        )
         self.index = pd.Index(slices["image_id"])
 
     def figure(self, image_id: str, label: str, path: Path, title: str) -> Path:
@@ -92,18 +101,28 @@ class CamMaker:
         return save(fig, path)
 
 
-def infer_report(bundle, slices: pd.DataFrame, series: pd.DataFrame, studies: pd.DataFrame, skipped: pd.DataFrame,
-                 out: Path, seconds: float, cams: bool = True) -> Path:
+def infer_report(
+    bundle,
+    slices: pd.DataFrame,
+    series: pd.DataFrame,
+    studies: pd.DataFrame,
+    skipped: pd.DataFrame,
+    out: Path,
+    seconds: float,
+    cams: bool = True,
+) -> Path:
     page = Page(f"ich_kaggle infer: {bundle.name}")
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     th = bundle.thresholds
     about = page.section("About")
     about.note(DISCLAIMER)
-    about.text(f"Model bundle {bundle.dir} ({bundle.name}, stage: {bundle.stage}; "
-               f"{sum(len(m['folds']) for m in bundle.info['members'])} fold model(s)). {len(slices)} slices of "
-               f"{len(series)} series in {len(studies)} studies, {seconds:.1f} s. A series' probability is the max over "
-               f"its slices; 'positive' means at or above the threshold fixed on the bundle's OOF predictions.")
+    about.text(
+        f"Model bundle {bundle.dir} ({bundle.name}, stage: {bundle.stage}; "
+        f"{sum(len(m['folds']) for m in bundle.info['members'])} fold model(s)). {len(slices)} slices of "
+        f"{len(series)} series in {len(studies)} studies, {seconds:.1f} s. A series' probability is the max over "
+        f"its slices; 'positive' means at or above the threshold fixed on the bundle's OOF predictions."
+    )
     thr = pd.DataFrame({"slice threshold": th["slice"], "series threshold": th["series"]}).T
     about.table(thr, index=True)
     maker = None
@@ -119,19 +138,28 @@ def infer_report(bundle, slices: pd.DataFrame, series: pd.DataFrame, studies: pd
         shown["positive"] = ["yes" if srow[f"{c}_positive"].iloc[0] else "no" for c in shown["subtype"]]
         shown["series threshold"] = [th["series"][c] for c in shown["subtype"]]
         sec.table(shown.drop(columns="study_id"), index=False, caption="Study: max over its series")
-        sec.table(series[series["study_id"] == study_id][["series_id", "n_slices", *L]], index=False,
-                  caption="Series: max over slices")
+        sec.table(
+            series[series["study_id"] == study_id][["series_id", "n_slices", *L]],
+            index=False,
+            caption="Series: max over slices",
+        )
         sec.image(profile_plot(g, th, figs / f"study{n + 1}_profile.png", f"study {n + 1}"), out, "profile")
         if maker is not None:
             top = g.sort_values("any", ascending=False).head(TOP_SLICES)
-            sec.text(f"The {len(top)} slices of highest 'any' probability in the brain, subdural and bone windows, "
-                     f"and the Grad-CAM heat map ({maker.what}) of the subtype most likely on each.")
+            sec.text(
+                f"The {len(top)} slices of highest 'any' probability in the brain, subdural and bone windows, "
+                f"and the Grad-CAM heat map ({maker.what}) of the subtype most likely on each."
+            )
             for _, r in top.iterrows():
                 sub = max(L[1:], key=lambda c: r[c])
                 try:
-                    p = maker.figure(r["sop_instance_uid"], sub, figs / f"study{n + 1}_rank{int(r['slice_rank'])}.png",
-                                     f"slice {int(r['slice_rank'])} of series ...{r['series_id'][-12:]}: any "
-                                     f"{r['any']:.3f}, {sub} {r[sub]:.3f}")
+                    p = maker.figure(
+                        r["sop_instance_uid"],
+                        sub,
+                        figs / f"study{n + 1}_rank{int(r['slice_rank'])}.png",
+                        f"slice {int(r['slice_rank'])} of series ...{r['series_id'][-12:]}: any "
+                        f"{r['any']:.3f}, {sub} {r[sub]:.3f}",
+                    )
                     sec.image(p, out, f"slice {int(r['slice_rank'])}")
                 except Exception as e:
                     sec.note(f"no Grad-CAM for slice {r['sop_instance_uid']} ({type(e).__name__}: {e})")

@@ -60,8 +60,10 @@ def bench_data(mini: str | Path | None = None) -> tuple[Path, str]:
 
     out = synth.write_competition(Path(".cache") / "bench-synth", **BENCH_SYNTH)  # instant once written
     why = "--mini synthetic" if str(mini) == SYNTHETIC else f"{SHARED_MINI} not found"
-    return out, (f"data: synthetic competition {out} ({why}; {BENCH_SYNTH['studies'] * BENCH_SYNTH['slices']} slices "
-                 f"at {BENCH_SYNTH['size']} px: DICOM figures are for synthetic files; real ones: {fix('--mini <folder>', 'MINI=<folder>')})")
+    return out, (
+        f"data: synthetic competition {out} ({why}; {BENCH_SYNTH['studies'] * BENCH_SYNTH['slices']} slices "
+        f"at {BENCH_SYNTH['size']} px: DICOM figures are for synthetic files; real ones: {fix('--mini <folder>', 'MINI=<folder>')})"
+    )
 
 
 def run(what: list[str], mini: str | Path | None = None, scale: float | None = None) -> None:

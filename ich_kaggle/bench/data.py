@@ -47,10 +47,18 @@ def _codecs() -> dict[str, tuple[Callable[[np.ndarray], bytes], Callable[[bytes]
         import blosc2
 
         def b2(name: str, clevel: int, *filters: str):
-            cp = blosc2.CParams(codec=getattr(blosc2.Codec, name), clevel=clevel, typesize=2, nthreads=1,
-                                filters=[getattr(blosc2.Filter, f) for f in filters], filters_meta=[0] * len(filters))
-            return (lambda h: blosc2.compress2(h, cparams=cp),
-                    lambda b: np.frombuffer(blosc2.decompress2(b, dparams=blosc2.DParams(nthreads=1)), np.int16))
+            cp = blosc2.CParams(
+                codec=getattr(blosc2.Codec, name),
+                clevel=clevel,
+                typesize=2,
+                nthreads=1,
+                filters=[getattr(blosc2.Filter, f) for f in filters],
+                filters_meta=[0] * len(filters),
+            )
+            return (
+                lambda h: blosc2.compress2(h, cparams=cp),
+                lambda b: np.frombuffer(blosc2.decompress2(b, dparams=blosc2.DParams(nthreads=1)), np.int16),
+            )
 
         out["blosc2_zstd1_shuffle_bytedelta (the former cache, IHU3)"] = b2("ZSTD", 1, "SHUFFLE", "BYTEDELTA")
         out["blosc2_zstd1_bitshuffle"] = b2("ZSTD", 1, "BITSHUFFLE")
@@ -70,12 +78,15 @@ def _codecs() -> dict[str, tuple[Callable[[np.ndarray], bytes], Callable[[bytes]
             return (u.astype(np.int32) - 32768).astype(np.int16)
 
         if imagecodecs.JPEGLS.available:
-            out["imagecodecs_jpegls"] = (lambda h: imagecodecs.jpegls_encode(unsigned(h)),
-                                         lambda b: signed(imagecodecs.jpegls_decode(b)))
+            out["imagecodecs_jpegls"] = (
+                lambda h: imagecodecs.jpegls_encode(unsigned(h)),
+                lambda b: signed(imagecodecs.jpegls_decode(b)),
+            )
         if imagecodecs.JPEGXL.available:
             out["imagecodecs_jpegxl_lossless_effort1"] = (
                 lambda h: imagecodecs.jpegxl_encode(unsigned(h), lossless=True, effort=1, numthreads=1),
-                lambda b: signed(imagecodecs.jpegxl_decode(b, numthreads=1)))
+                lambda b: signed(imagecodecs.jpegxl_decode(b, numthreads=1)),
+            )
     except ImportError:
         pass
     return out
@@ -103,9 +114,11 @@ def bench_cache(mini: Path | None) -> None:
         blobs = [enc(h) for h in hus]
         lossless = all(np.array_equal(np.asarray(dec(b)).reshape(h.shape), h) for b, h in zip(blobs, hus))
         kb = np.mean([len(b) for b in blobs]) / 1024
-        print(f"codec_{name}: encode {_rate(hus, enc):.0f}/s, decode {_rate(blobs, dec):.0f}/s, {kb:.0f} kB/slice, "
-              f"full cache ~{kb * N_COMPETITION / 1e6:.0f} GB, test cache ~{kb * N_TEST / 1e6:.1f} GB, "
-              f"lossless {'yes' if lossless else 'NO'}")
+        print(
+            f"codec_{name}: encode {_rate(hus, enc):.0f}/s, decode {_rate(blobs, dec):.0f}/s, {kb:.0f} kB/slice, "
+            f"full cache ~{kb * N_COMPETITION / 1e6:.0f} GB, test cache ~{kb * N_TEST / 1e6:.1f} GB, "
+            f"lossless {'yes' if lossless else 'NO'}"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         files = [out / f"{p.stem}{cache.SUFFIX}" for p in paths]
@@ -116,10 +129,14 @@ def bench_cache(mini: Path | None) -> None:
         dec = _rate(files, lambda f: codec.decode(f.read_bytes()))
         print(f"dicom_to_cache_images_per_s_per_core: {enc:.0f}  (read + HU + encode + atomic write; target >= 300)")
         print(f"dicom_to_cache_without_write_images_per_s_per_core: {no_write:.0f}  (read + HU + encode)")
-        print(f"cache_file_write_images_per_s_per_core: {write:.0f}  (the atomic write alone: this machine's file system)")
+        print(
+            f"cache_file_write_images_per_s_per_core: {write:.0f}  (the atomic write alone: this machine's file system)"
+        )
         print(f"cache_decode_images_per_s_per_core: {dec:.0f}  (file read + decode; target >= 65, x3 for 2.5D)")
         print(f"cache_bytes_per_image: {np.mean([f.stat().st_size for f in files]):.0f}")
-    print(f"plain_file_read_images_per_s_per_core: {_rate(paths, lambda p: p.read_bytes()):.0f}  (reference for this machine's speed)")
+    print(
+        f"plain_file_read_images_per_s_per_core: {_rate(paths, lambda p: p.read_bytes()):.0f}  (reference for this machine's speed)"
+    )
 
 
 def _rate(items: list, fn, repeats: int = 2) -> float:

@@ -20,8 +20,15 @@ from pathlib import Path
 from ..core.errors import UserError
 
 CONFIG = "seresnext50_512"
-SETTINGS = ["model.pretrained=false", "cv.k=2", "cv.folds=[0]", "train.epochs=4", "train.batch_size=16",
-            "data.num_workers=-1", "train.channels_last=true"]
+SETTINGS = [
+    "model.pretrained=false",
+    "cv.k=2",
+    "cv.folds=[0]",
+    "train.epochs=4",
+    "train.batch_size=16",
+    "data.num_workers=-1",
+    "train.channels_last=true",
+]
 
 
 def require_cuda() -> None:
@@ -31,8 +38,10 @@ def require_cuda() -> None:
     if not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-        raise UserError(f"no CUDA device visible{where}: torch {torch.__version__} sees none, and make gpu-check "
-                        f"checks the GPU paths; run it on a machine with an NVIDIA GPU")
+        raise UserError(
+            f"no CUDA device visible{where}: torch {torch.__version__} sees none, and make gpu-check "
+            f"checks the GPU paths; run it on a machine with an NVIDIA GPU"
+        )
 
 
 def loss_problem(losses: list[float]) -> str | None:
@@ -63,13 +72,18 @@ def check(mini: str | Path | None = None) -> dict[str, float | str]:
 
     data = mini_set(mini)
     if data is None:
-        raise UserError("the real mini set is missing: put rsna-ich-mini.tar.xz in ../shared/data or pass "
-                        "--mini <extracted folder> (make gpu-check MINI=<folder>)")
+        raise UserError(
+            "the real mini set is missing: put rsna-ich-mini.tar.xz in ../shared/data or pass "
+            "--mini <extracted folder> (make gpu-check MINI=<folder>)"
+        )
     cfg = config.load(CONFIG, SETTINGS)
     device = torch.device("cuda", 0)
     precision = choose(cfg.train.amp, device)
-    figures: dict[str, float | str] = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-                                       "precision": precision.describe()}
+    figures: dict[str, float | str] = {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "precision": precision.describe(),
+    }
     print(f"gpu-check: {figures['gpus']} x {figures['gpu']}, {figures['precision']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="ich-gpu-check-") as tmp:
         layout, runs = Layout.of(data, Path(tmp) / "work"), Path(tmp) / "runs"
@@ -80,8 +94,9 @@ def check(mini: str | Path | None = None) -> dict[str, float | str]:
         train.train_fold(cfg, layout, 0, runs=runs)
         figures["train_s"] = time.perf_counter() - start
         log = pd.read_csv(Run.of(runs, cfg.name).fold(0).log_csv)
-        figures["train_images_per_s"] = float(log["train_images_per_s"].iloc[1:].mean() if len(log) > 1
-                                              else log["train_images_per_s"].iloc[0])
+        figures["train_images_per_s"] = float(
+            log["train_images_per_s"].iloc[1:].mean() if len(log) > 1 else log["train_images_per_s"].iloc[0]
+        )
         figures["train_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         problem = loss_problem([float(v) for v in log["train_loss"]])
         torch.cuda.reset_peak_memory_stats()
@@ -103,10 +118,30 @@ def check(mini: str | Path | None = None) -> dict[str, float | str]:
 
 def _torchrun(data: Path, tmp: Path) -> str:
     """One epoch of fold 1 with DDP over two GPUs (NCCL, SyncBatchNorm)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ich_kaggle",
-           "train", "--config", CONFIG, "--data", str(data), "--work", str(tmp / "work"), "--runs", str(tmp / "ddp"),
-           "--fold", "1", "--set", *[s for s in SETTINGS if not s.startswith(("train.epochs", "cv.folds"))],
-           "train.epochs=1", "cv.folds=[1]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "ich_kaggle",
+        "train",
+        "--config",
+        CONFIG,
+        "--data",
+        str(data),
+        "--work",
+        str(tmp / "work"),
+        "--runs",
+        str(tmp / "ddp"),
+        "--fold",
+        "1",
+        "--set",
+        *[s for s in SETTINGS if not s.startswith(("train.epochs", "cv.folds"))],
+        "train.epochs=1",
+        "cv.folds=[1]",
+    ]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:

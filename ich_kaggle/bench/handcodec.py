@@ -54,7 +54,7 @@ def _pack_low(u: np.ndarray) -> bytes:
     order = np.argsort(code, kind="stable")
     counts = np.bincount(code, minlength=4)
     rows = blocks.astype(np.uint8).view(f"V{BLOCK}").ravel()  # one opaque item per block: a cheap gather
-    low = rows[order[counts[0]:]].view(np.uint8).reshape(-1, BLOCK)  # non-zero blocks, grouped by width
+    low = rows[order[counts[0] :]].view(np.uint8).reshape(-1, BLOCK)  # non-zero blocks, grouped by width
     b2, b4, b8 = np.split(low, [counts[1], counts[1] + counts[2]])
     p2 = b2[:, 0::4] | (b2[:, 1::4] << 2) | (b2[:, 2::4] << 4) | (b2[:, 3::4] << 6)
     p4 = b4[:, 0::2] | (b4[:, 1::2] << 4)
@@ -76,11 +76,13 @@ def _unpack_low(data: bytes | memoryview, n: int) -> np.ndarray:
         raise CacheError("packed pixel plane has the wrong length")
     p2, p4, p8 = np.split(packed[n_codes:], [sizes[0], sizes[0] + sizes[1]])
     p2, p4 = p2.reshape(-1, BLOCK // 4), p4.reshape(-1, BLOCK // 2)
-    values = np.concatenate([
-        np.stack([p2 & 3, (p2 >> 2) & 3, (p2 >> 4) & 3, p2 >> 6], axis=2).reshape(-1, BLOCK),
-        np.stack([p4 & 15, p4 >> 4], axis=2).reshape(-1, BLOCK),
-        p8.reshape(-1, BLOCK),
-    ])
+    values = np.concatenate(
+        [
+            np.stack([p2 & 3, (p2 >> 2) & 3, (p2 >> 4) & 3, p2 >> 6], axis=2).reshape(-1, BLOCK),
+            np.stack([p4 & 15, p4 >> 4], axis=2).reshape(-1, BLOCK),
+            p8.reshape(-1, BLOCK),
+        ]
+    )
     out = np.zeros((n_blocks, BLOCK), dtype=np.uint8)
     where = np.concatenate([np.flatnonzero(code == 1), np.flatnonzero(code == 2), np.flatnonzero(code == 3)])
     out.view(f"V{BLOCK}").ravel()[where] = values.view(f"V{BLOCK}").ravel()
@@ -120,7 +122,7 @@ def decode(data: bytes) -> np.ndarray:
     magic, flags, _, rows, cols, n_low, n_high = _HEAD.unpack_from(data)
     if magic != MAGIC or len(data) != _HEAD.size + n_low + n_high:
         raise CacheError("not an ich_kaggle HU cache file or cut short")
-    low = memoryview(data)[_HEAD.size:_HEAD.size + n_low]
+    low = memoryview(data)[_HEAD.size : _HEAD.size + n_low]
     if flags & FLAG_LOW_DEFLATED:
         low = zlib.decompress(low)
     low8 = _unpack_low(low, rows * cols) if flags & FLAG_LOW_PACKED else np.frombuffer(low, dtype=np.uint8)

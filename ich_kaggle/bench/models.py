@@ -19,9 +19,15 @@ def _peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def bench_forward_backward(backbone: str = "se_resnext50_32x4d", size: int = 512, batch: int = 4,
-                           in_channels: int = 3, steps: int = 3, warmup: int = 1,
-                           device: str | None = None) -> dict:
+def bench_forward_backward(
+    backbone: str = "se_resnext50_32x4d",
+    size: int = 512,
+    batch: int = 4,
+    in_channels: int = 3,
+    steps: int = 3,
+    warmup: int = 1,
+    device: str | None = None,
+) -> dict:
     """images/s of forward+backward (no optimizer step) with random weights, plus peak RSS / CUDA memory.
 
     On CUDA it runs as training does: bf16 autocast and channels_last. Warm-up steps are not timed.
@@ -54,8 +60,13 @@ def bench_forward_backward(backbone: str = "se_resnext50_32x4d", size: int = 512
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
     return {
-        "backbone": backbone, "size": size, "batch": batch, "in_channels": in_channels, "device": dev.type,
-        "images_per_s": steps * batch / seconds, "seconds_per_step": seconds / steps,
+        "backbone": backbone,
+        "size": size,
+        "batch": batch,
+        "in_channels": in_channels,
+        "device": dev.type,
+        "images_per_s": steps * batch / seconds,
+        "seconds_per_step": seconds / steps,
         "peak_rss_mb": _peak_rss_mb(),
         "cuda_peak_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else 0.0,
     }

@@ -27,8 +27,12 @@ COMPETITION_TRAIN_SLICES = 752_803  # stage 2 train
 COMPETITION_TEST_SLICES = 121_232  # stage 2 test
 
 
-def bench_stack(mini: Path | None = None, train_slices: int = COMPETITION_TRAIN_SLICES,
-          test_slices: int = COMPETITION_TEST_SLICES, threads: int = 2) -> dict[str, float]:
+def bench_stack(
+    mini: Path | None = None,
+    train_slices: int = COMPETITION_TRAIN_SLICES,
+    test_slices: int = COMPETITION_TEST_SLICES,
+    threads: int = 2,
+) -> dict[str, float]:
     """Competition-scale stacking on 2 CPU threads: series structure from the real stage-1 test headers.
 
     Prints wall and CPU seconds: on a machine whose cores are shared, wall time measures the neighbours too.
@@ -44,8 +48,9 @@ def bench_stack(mini: Path | None = None, train_slices: int = COMPETITION_TRAIN_
     torch.set_num_threads(threads)
     structure = real_series_z(HEADERS) if HEADERS.exists() else synthetic_series_z(2000, np.random.default_rng(0))
     mean_len = float(np.mean([len(s) for s in structure]))
-    sim = simulate(int(round(train_slices / mean_len)), int(round(test_slices / mean_len)), k=5, seed=0,
-                   structure=structure)
+    sim = simulate(
+        int(round(train_slices / mean_len)), int(round(test_slices / mean_len)), k=5, seed=0, structure=structure
+    )
     scfg = Config().stack
     start, cpu = time.perf_counter(), time.process_time()
     result = run_stacking(sim.meta, sim.folds, [sim.oof], [sim.test], scfg, progress=True)
@@ -54,9 +59,11 @@ def bench_stack(mini: Path | None = None, train_slices: int = COMPETITION_TRAIN_
     print(f"stack_train_slices: {len(sim.oof)}")
     print(f"stack_series: {sim.meta['series_id'].nunique()}")
     print(f"stack_competition_scale_seconds: {seconds:.1f}")
-    print(f"stack_competition_scale_cpu_seconds: {cpu:.1f} ({threads} threads, model {scfg.model}, "
-          f"hidden {scfg.hidden}, epochs <= {scfg.epochs}, max_steps {scfg.max_steps}, val_fraction {scfg.val_fraction}, "
-          f"patience {scfg.patience})")
+    print(
+        f"stack_competition_scale_cpu_seconds: {cpu:.1f} ({threads} threads, model {scfg.model}, "
+        f"hidden {scfg.hidden}, epochs <= {scfg.epochs}, max_steps {scfg.max_steps}, val_fraction {scfg.val_fraction}, "
+        f"patience {scfg.patience})"
+    )
     if len(result.curve):
         print(f"stack_steps_per_fold: {result.curve.groupby('fold')['step'].max().tolist()}")
         print(f"stack_epochs_per_fold: {[round(e, 1) for e in result.curve.groupby('fold')['epoch'].max()]}")
@@ -72,8 +79,10 @@ def bench_submission(_data: Path | None = None) -> None:
     n = 121_232
     rng = np.random.default_rng(0)
     image_ids = np.char.add("ID_", np.char.mod("%09x", rng.choice(16**9, size=n, replace=False)))
-    sample_ids = np.char.add(np.char.add(np.repeat(image_ids, 6), "_"),
-                             np.tile(np.array(["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]), n))
+    sample_ids = np.char.add(
+        np.char.add(np.repeat(image_ids, 6), "_"),
+        np.tile(np.array(["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]), n),
+    )
     pred = pd.DataFrame(rng.random((n, len(LABELS))), columns=list(LABELS))
     pred.insert(0, "image_id", image_ids[rng.permutation(n)])
     with tempfile.TemporaryDirectory() as tmp:

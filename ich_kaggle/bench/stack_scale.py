@@ -68,8 +68,12 @@ def _simulated(scale: float, members: int, dim: int, seed: int = 0):
             oof_e = (latent_train[held] @ rot + rng.normal(0, 0.5, (held.sum(), dim))).astype(np.float16)
             test_e = (latent_test @ rot + rng.normal(0, 0.5, (len(base_test), dim))).astype(np.float16)
             ids = sim.oof["image_id"].to_numpy()[held]
-            out[m, k] = (_frame(ids, oof_p), _frame(sim.test["image_id"].to_numpy(), test_p),
-                         (ids.astype(str), oof_e), (sim.test["image_id"].to_numpy().astype(str), test_e))
+            out[m, k] = (
+                _frame(ids, oof_p),
+                _frame(sim.test["image_id"].to_numpy(), test_p),
+                (ids.astype(str), oof_e),
+                (sim.test["image_id"].to_numpy().astype(str), test_e),
+            )
     return sim, out
 
 
@@ -121,8 +125,13 @@ def _design(design: str, scale: float, members: int, scfg: StackConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         disk = _disk(design, parts, members, Path(tmp))
     oof = [pd.concat([parts[m, k][0] for k in range(5)], ignore_index=True) for m in range(members)]
-    test = [pd.concat([parts[m, k][1].set_index("image_id")[list(LABELS)] for k in range(5)]).groupby(level=0).mean()
-            .reset_index() for m in range(members)]
+    test = [
+        pd.concat([parts[m, k][1].set_index("image_id")[list(LABELS)] for k in range(5)])
+        .groupby(level=0)
+        .mean()
+        .reset_index()
+        for m in range(members)
+    ]
     names = [f"member{m}" for m in range(members)]
     start, cpu = time.perf_counter(), time.process_time()
     if design == "probs":
@@ -132,45 +141,76 @@ def _design(design: str, scale: float, members: int, scfg: StackConfig) -> dict:
         for k in range(5):
             ox, tx = [], []
             for m in range(members):
-                o, t = reduce_embeddings(parts[m, k][2], parts[m, k][3], scfg.embedding_dim, prefix=f"m{m}",
-                                         seed=scfg.seed)
+                o, t = reduce_embeddings(
+                    parts[m, k][2], parts[m, k][3], scfg.embedding_dim, prefix=f"m{m}", seed=scfg.seed
+                )
                 ox.append(o.set_index("image_id"))
                 tx.append(t.set_index("image_id"))
-            inputs[k] = FoldInputs([parts[m, k][0] for m in range(members)], [parts[m, k][1] for m in range(members)],
-                                   pd.concat(ox, axis=1).reset_index(), pd.concat(tx, axis=1).reset_index())
+            inputs[k] = FoldInputs(
+                [parts[m, k][0] for m in range(members)],
+                [parts[m, k][1] for m in range(members)],
+                pd.concat(ox, axis=1).reset_index(),
+                pd.concat(tx, axis=1).reset_index(),
+            )
         result = run_per_fold(sim.meta, sim.folds, inputs, scfg.embedding_level(), source_names=names, progress=False)
     else:
         ox, tx = [], []
         for m in range(members):
-            oof_e = (np.concatenate([parts[m, k][2][0] for k in range(5)]),
-                     np.concatenate([parts[m, k][2][1] for k in range(5)]))
+            oof_e = (
+                np.concatenate([parts[m, k][2][0] for k in range(5)]),
+                np.concatenate([parts[m, k][2][1] for k in range(5)]),
+            )
             test_e = (parts[m, 0][3][0], np.mean([parts[m, k][3][1].astype(np.float32) for k in range(5)], axis=0))
             o, t = reduce_embeddings(oof_e, test_e, scfg.embedding_dim, prefix=f"m{m}", seed=scfg.seed)
             ox.append(o.set_index("image_id"))
             tx.append(t.set_index("image_id"))
         mixture = replace(scfg.embedding_level(), embedding_space="mixture")
-        result = run_stacking(sim.meta, sim.folds, oof, test, mixture, pd.concat(ox, axis=1).reset_index(),
-                              pd.concat(tx, axis=1).reset_index(), source_names=names, progress=False)
+        result = run_stacking(
+            sim.meta,
+            sim.folds,
+            oof,
+            test,
+            mixture,
+            pd.concat(ox, axis=1).reset_index(),
+            pd.concat(tx, axis=1).reset_index(),
+            source_names=names,
+            progress=False,
+        )
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     losses = result.metrics.set_index("stage")["weighted_log_loss"]
     stops = result.curve["stop"][result.curve["stop"].astype(str) != ""].value_counts().to_dict()
-    return {"design": design, "wall_s": wall, "cpu_s": cpu, "disk_gb": disk / 1e9,
-               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # KiB on Linux
-               "first_stage": float(losses["first_stage"]), "stacked": float(losses["stacked"]),
-               "steps": result.curve.groupby("fold")["step"].max().tolist() if len(result.curve) else [],
-               "stops": stops, "train_slices": len(sim.oof), "series": int(sim.meta["series_id"].nunique()),
-               "test_slices": len(sim.test)}
+    return {
+        "design": design,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "disk_gb": disk / 1e9,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # KiB on Linux
+        "first_stage": float(losses["first_stage"]),
+        "stacked": float(losses["stacked"]),
+        "steps": result.curve.groupby("fold")["step"].max().tolist() if len(result.curve) else [],
+        "stops": stops,
+        "train_slices": len(sim.oof),
+        "series": int(sim.meta["series_id"].nunique()),
+        "test_slices": len(sim.test),
+    }
 
 
-def bench_stack_scale(mini: Path | None = None, scale: float = 1.0, members: int = 2,
-                      designs: tuple[str, ...] = DESIGNS, scfg: StackConfig | None = None) -> dict[str, dict]:
+def bench_stack_scale(
+    mini: Path | None = None,
+    scale: float = 1.0,
+    members: int = 2,
+    designs: tuple[str, ...] = DESIGNS,
+    scfg: StackConfig | None = None,
+) -> dict[str, dict]:
     """Each design in a fresh process, one after the other; prints `stack_scale[<design>]_<figure>: value` lines."""
     scfg = scfg or StackConfig()
     ctx = mp.get_context("fork")  # the child inherits the imports, not a copy of any data (none is loaded yet)
     results = {}
     if scale < 1:
-        print(f"stack_scale_note: scaled down to {scale:g} of the competition's slices (`--scale`); CPU and disk "
-              f"grow about linearly with it")
+        print(
+            f"stack_scale_note: scaled down to {scale:g} of the competition's slices (`--scale`); CPU and disk "
+            f"grow about linearly with it"
+        )
     for design in designs:
         queue = ctx.Queue()
         proc = ctx.Process(target=_run_design, args=(design, scale, members, scfg, queue))
@@ -194,8 +234,10 @@ def bench_stack_scale(mini: Path | None = None, scale: float = 1.0, members: int
         print(f"{tag}_oof_log_loss: {r['stacked']:.5f} (first stage {r['first_stage']:.5f})")
         print(f"{tag}_steps_per_net: {r['steps']}  stopped by: {r['stops']}")
     r0 = next(iter(results.values()))
-    print(f"stack_scale_data: {r0['train_slices']} train slices in {r0['series']} series, {r0['test_slices']} test "
-          f"slices, 5 folds, {members} members, {scfg.threads} thread(s), model {scfg.model} hidden {scfg.hidden}")
+    print(
+        f"stack_scale_data: {r0['train_slices']} train slices in {r0['series']} series, {r0['test_slices']} test "
+        f"slices, 5 folds, {members} members, {scfg.threads} thread(s), model {scfg.model} hidden {scfg.hidden}"
+    )
     chosen = [d for d in DEFAULT_DESIGN if d in results]
     if chosen:
         print(f"stack_scale_design: {' + '.join(chosen)} (the default: stack.embedding_stage)")

@@ -37,8 +37,9 @@ def _child_tiny(data: str | None, device: str) -> dict:
         layout = Layout.of(data, Path(tmp) / "work")
         from ..data import folds, preprocess
 
-        cfg = config.load("tiny", ["train.epochs=1", "train.max_images_per_epoch=128", "cv.k=2",
-                                   "model.pretrained=false"])
+        cfg = config.load(
+            "tiny", ["train.epochs=1", "train.max_images_per_epoch=128", "cv.k=2", "model.pretrained=false"]
+        )
         folds.load_folds(layout, k=cfg.cv.k, seed=cfg.cv.seed)  # the config's folds; preparing them is not measured
         preprocess.ensure(layout)
         if device == "cpu":
@@ -53,8 +54,9 @@ def _child_seresnext(device: str) -> dict:
     from .models import bench_forward_backward
 
     cfg = config.load("seresnext50_512", ["model.pretrained=false"])
-    result = bench_forward_backward(cfg.model.backbone, size=512, batch=2, in_channels=cfg.data.in_channels,
-                                    steps=2, warmup=1, device=device)
+    result = bench_forward_backward(
+        cfg.model.backbone, size=512, batch=2, in_channels=cfg.data.in_channels, steps=2, warmup=1, device=device
+    )
     out = {"images_per_s": float(result["images_per_s"]), "peak_rss_mb": _peak_rss_mb()}
     if device == "cuda":
         out["cuda_max_memory_allocated_mb"] = float(result["cuda_peak_mb"])
@@ -65,8 +67,9 @@ def _run_child(*args: str) -> dict:
     env = dict(os.environ)
     if args[-1] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, "-m", "ich_kaggle.bench.train", *args], capture_output=True, text=True,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ich_kaggle.bench.train", *args], capture_output=True, text=True, env=env
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -48,6 +48,7 @@ PACKAGES = ("torch", "timm", "numpy", "pandas", "pydicom", "albumentations", "op
 
 # --- thresholds from OOF ---
 
+
 def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """The probability threshold of best F1 on (y, p) (predict positive when p >= t); 0.5 without positives."""
     y = np.asarray(y, dtype=np.float64) > 0.5
@@ -83,6 +84,7 @@ def oof_thresholds(oof: pd.DataFrame, truth: pd.DataFrame, meta: pd.DataFrame | 
 
 # --- files ---
 
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -97,8 +99,9 @@ def _code_version() -> dict:
     out = {"ich_kaggle": __version__}
     try:
         root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5)
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         if commit.returncode == 0:
             out["git_commit"] = commit.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -141,8 +144,15 @@ def _write_checkpoint(src: Path, dst: Path, fp16: bool) -> None:
 
 # --- export ---
 
-def export(cfg: Config, runs: str | Path, out: str | Path, fp16: bool = False, layout: Layout | None = None,
-           members: list[Config] | None = None) -> Path:
+
+def export(
+    cfg: Config,
+    runs: str | Path,
+    out: str | Path,
+    fp16: bool = False,
+    layout: Layout | None = None,
+    members: list[Config] | None = None,
+) -> Path:
     """Write the bundle of `cfg` (a config or an ensemble) trained under `runs` into the folder `out`.
 
     `layout`: the data folder the runs were trained on (its labels choose the stage and the thresholds)."""
@@ -162,18 +172,23 @@ def export(cfg: Config, runs: str | Path, out: str | Path, fp16: bool = False, l
         finished = mrun.finished(wanted)
         unfinished = [k for k in wanted if mrun.fold(k).best.exists() and k not in finished]
         if unfinished:
-            raise UserError(f"fold(s) {unfinished} of {member.name} did not finish training (no done.json in "
-                            f"{mrun.fold(unfinished[0]).dir}); finish them (`make train FOLD={unfinished[0]} "
-                            f"CONFIG={member.name}`) or export after `make predict FINISH=1`")
+            raise UserError(
+                f"fold(s) {unfinished} of {member.name} did not finish training (no done.json in "
+                f"{mrun.fold(unfinished[0]).dir}); finish them (`make train FOLD={unfinished[0]} "
+                f"CONFIG={member.name}`) or export after `make predict FINISH=1`"
+            )
         if not finished:
             raise UserError(f"no finished fold under {mrun.dir}; run `make train-all CONFIG={member.name}` first")
         stale = freshness.stale_reason(mrun.predictions.test, freshness.predictions(mrun, finished, member.tta))
         if stale:
-            raise UserError(f"{mrun.predictions.test} is stale or missing ({stale}); run `make predict "
-                            f"CONFIG={cfg.name}` (then `make submit`) before exporting")
+            raise UserError(
+                f"{mrun.predictions.test} is stale or missing ({stale}); run `make predict "
+                f"CONFIG={cfg.name}` (then `make submit`) before exporting"
+            )
         info_members.append((member, mrun, finished))
-        made_from[f"{member.name}/predictions"] = manifest.digest([json.dumps(manifest.read(mrun.predictions.test),
-                                                                              sort_keys=True)])
+        made_from[f"{member.name}/predictions"] = manifest.digest(
+            [json.dumps(manifest.read(mrun.predictions.test), sort_keys=True)]
+        )
     test_path, oof_path = choose_stage(cfg, layout, run)  # refuses a stale first stage; a stale stack is not chosen
     choice = json.loads(run.choice.read_text())
     stage = choice["stage"]
@@ -181,10 +196,15 @@ def export(cfg: Config, runs: str | Path, out: str | Path, fp16: bool = False, l
         from ..stack import saved
 
         why = saved.savable(cfg.stack)
-        if why is None and cfg.stack.use_embeddings is False and freshness.stale_reason(
-                run.stack.models, manifest.read(run.stack.test) or {}) is not None:
-            why = f"{run.stack.models} is missing or older than {run.stack.test} (run `make stack CONFIG={cfg.name} " \
-                  f"FORCE=1` to fit and save it)"
+        if (
+            why is None
+            and cfg.stack.use_embeddings is False
+            and freshness.stale_reason(run.stack.models, manifest.read(run.stack.test) or {}) is not None
+        ):
+            why = (
+                f"{run.stack.models} is missing or older than {run.stack.test} (run `make stack CONFIG={cfg.name} "
+                f"FORCE=1` to fit and save it)"
+            )
         if why is not None:
             raise UserError(f"submit chose the second stage of {cfg.name}, which cannot be exported: {why}")
         made_from["stack"] = manifest.digest([json.dumps(manifest.read(run.stack.test), sort_keys=True)])
@@ -201,8 +221,11 @@ def export(cfg: Config, runs: str | Path, out: str | Path, fp16: bool = False, l
     if truth is not None:
         t = truth[truth["image_id"].isin(oof["image_id"])]
         scores = score_frames(t, oof[oof["image_id"].isin(t["image_id"])])
-        scores = {"weighted_log_loss": float(scores["weighted_log_loss"]),
-                  "per_label": {k: float(v) for k, v in scores["per_label"].items()}, "n_images": int(len(t))}
+        scores = {
+            "weighted_log_loss": float(scores["weighted_log_loss"]),
+            "per_label": {k: float(v) for k, v in scores["per_label"].items()},
+            "n_images": int(len(t)),
+        }
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -215,28 +238,49 @@ def export(cfg: Config, runs: str | Path, out: str | Path, fp16: bool = False, l
         _dump_yaml(member.to_dict(), d / "config.yaml")
         for k in finished:
             _write_checkpoint(mrun.fold(k).best, d / f"fold{k}.pt", fp16)
-        entries.append({"name": member.name, "folds": finished, "config": f"members/{member.name}/config.yaml",
-                        "weights": [f"members/{member.name}/fold{k}.pt" for k in finished],
-                        "windows": list(member.data.windows), "image_size": member.data.image_size,
-                        "neighbors": member.data.neighbors,
-                        "tta": {"transforms": list(member.tta.transforms), "average": member.tta.average}})
+        entries.append(
+            {
+                "name": member.name,
+                "folds": finished,
+                "config": f"members/{member.name}/config.yaml",
+                "weights": [f"members/{member.name}/fold{k}.pt" for k in finished],
+                "windows": list(member.data.windows),
+                "image_size": member.data.image_size,
+                "neighbors": member.data.neighbors,
+                "tta": {"transforms": list(member.tta.transforms), "average": member.tta.average},
+            }
+        )
     if stage == "stacked":
         (tmp / "stack").mkdir()
         shutil.copy2(run.stack.models, tmp / "stack" / "models.pt")
-    files = {str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
     index = {
-        "format": FORMAT, "name": cfg.name, "kind": "ensemble" if cfg.is_ensemble else "config",
+        "format": FORMAT,
+        "name": cfg.name,
+        "kind": "ensemble" if cfg.is_ensemble else "config",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "stage": stage, "stage_files": {"test": str(test_path), "oof": str(oof_path)},
-        "oof_log_loss_by_stage": choice.get("oof_log_loss", {}), "oof_scores": scores,
+        "stage": stage,
+        "stage_files": {"test": str(test_path), "oof": str(oof_path)},
+        "oof_log_loss_by_stage": choice.get("oof_log_loss", {}),
+        "oof_scores": scores,
         "members": entries,
-        "ensemble": ({"combine": cfg.ensemble.combine, "weights": E.weights(cfg.ensemble, len(members)).tolist()}
-                     if cfg.is_ensemble else None),
+        "ensemble": (
+            {"combine": cfg.ensemble.combine, "weights": E.weights(cfg.ensemble, len(members)).tolist()}
+            if cfg.is_ensemble
+            else None
+        ),
         "stack": "stack/models.pt" if stage == "stacked" else None,
-        "labels": list(LABELS), "thresholds": thresholds,
+        "labels": list(LABELS),
+        "thresholds": thresholds,
         "series_probability": "max over the series' slices of the chosen stage's slice probabilities",
-        "float16": bool(fp16), "made_from": made_from, "code": _code_version(), "packages": _packages(),
+        "float16": bool(fp16),
+        "made_from": made_from,
+        "code": _code_version(),
+        "packages": _packages(),
         "files": files,
     }
     with atomic_open(tmp / INDEX) as f:
@@ -248,12 +292,15 @@ def export(cfg: Config, runs: str | Path, out: str | Path, fp16: bool = False, l
         shutil.rmtree(out)
     tmp.rename(out)
     size = sum(v["bytes"] for v in files.values())
-    log.info(f"export: {cfg.name} ({stage}, {sum(len(e['folds']) for e in entries)} fold model(s), "
-             f"{size / 2**20:.1f} MB) -> {out}")
+    log.info(
+        f"export: {cfg.name} ({stage}, {sum(len(e['folds']) for e in entries)} fold model(s), "
+        f"{size / 2**20:.1f} MB) -> {out}"
+    )
     return out
 
 
 # --- load ---
+
 
 @dataclass
 class Bundle:
@@ -272,12 +319,17 @@ class Bundle:
     @property
     def thresholds(self) -> dict:
         t = self.info.get("thresholds") or {}
-        return {"slice": t.get("slice") or {c: 0.5 for c in LABELS}, "series": t.get("series") or {c: 0.5 for c in LABELS}}
+        return {
+            "slice": t.get("slice") or {c: 0.5 for c in LABELS},
+            "series": t.get("series") or {c: 0.5 for c in LABELS},
+        }
 
     def member_config(self, entry: dict) -> Config:
         import yaml
 
-        return C.from_dict(yaml.safe_load((self.dir / entry["config"]).read_text()), source=str(self.dir / entry["config"]))
+        return C.from_dict(
+            yaml.safe_load((self.dir / entry["config"]).read_text()), source=str(self.dir / entry["config"])
+        )
 
     def config(self) -> Config:
         import yaml
@@ -293,26 +345,34 @@ def load(path: str | Path, verify: bool = True) -> Bundle:
     path = Path(path)
     index = path / INDEX
     if not index.is_file():
-        raise UserError(f"{path}: not a model bundle (no {INDEX}); make one with `make export CONFIG=<config> "
-                        f"MODEL={path}`")
+        raise UserError(
+            f"{path}: not a model bundle (no {INDEX}); make one with `make export CONFIG=<config> MODEL={path}`"
+        )
     try:
         info = json.loads(index.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{index}: unreadable ({type(e).__name__}); export the bundle again") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         got = info.get("format") if isinstance(info, dict) else None
-        raise UserError(f"{index}: bundle format {got!r}, this version reads format {FORMAT}; export it again "
-                        f"with this version")
+        raise UserError(
+            f"{index}: bundle format {got!r}, this version reads format {FORMAT}; export it again with this version"
+        )
     files = info.get("files") or {}
     missing = [n for n in files if not (path / n).is_file()]
     if missing:
-        raise UserError(f"{path}: bundle incomplete, {len(missing)} file(s) missing: {', '.join(missing[:3])}"
-                        f"{' ...' if len(missing) > 3 else ''}; copy the whole folder again or re-export")
+        raise UserError(
+            f"{path}: bundle incomplete, {len(missing)} file(s) missing: {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}; copy the whole folder again or re-export"
+        )
     if verify:
-        bad = [n for n, v in files.items() if (path / n).stat().st_size != v["bytes"] or sha256(path / n) != v["sha256"]]
+        bad = [
+            n for n, v in files.items() if (path / n).stat().st_size != v["bytes"] or sha256(path / n) != v["sha256"]
+        ]
         if bad:
-            raise UserError(f"{path}: checksum mismatch for {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: "
-                            f"the bundle was edited or damaged; copy it again or re-export")
+            raise UserError(
+                f"{path}: checksum mismatch for {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: "
+                f"the bundle was edited or damaged; copy it again or re-export"
+            )
     needed = {w for m in info.get("members", []) for w in (m["config"], *m["weights"])} | {"config.yaml"}
     if info.get("stack"):
         needed.add(info["stack"])

@@ -75,13 +75,24 @@ DATA = group(
 )
 CONFIG = flag("--config", default=DEFAULT_CONFIG, help="shipped config or ensemble name, or path to a YAML file")
 RUNS = flag("--runs", default="runs", help="experiments are written to RUNS/<run>/")
-RUN = flag("--run", default=None,
-           help="the experiment's folder name under RUNS (default: the config's name); a changed setting with a new "
-                "--run trains beside the old experiment")
-SET = flag("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-           help="override config keys, e.g. train.epochs=3 (repeatable; applied in order)")
+RUN = flag(
+    "--run",
+    default=None,
+    help="the experiment's folder name under RUNS (default: the config's name); a changed setting with a new "
+    "--run trains beside the old experiment",
+)
+SET = flag(
+    "--set",
+    nargs="*",
+    action="extend",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override config keys, e.g. train.epochs=3 (repeatable; applied in order)",
+)
 EXPERIMENT = group(DATA, CONFIG, RUNS, RUN, SET)
-USERNAME = flag("--username", default=os.environ.get("KAGGLE_USERNAME"), help="Kaggle user name (default: $KAGGLE_USERNAME)")
+USERNAME = flag(
+    "--username", default=os.environ.get("KAGGLE_USERNAME"), help="Kaggle user name (default: $KAGGLE_USERNAME)"
+)
 KERNELS_OUT = flag("--out", default="kernels", help="folder of the dataset and kernel folders")
 KAGGLE_OUT = group(KERNELS_OUT, USERNAME)
 SLUG = flag("--slug", default=None, help="kernel slug (default ich-kaggle-<config>)")

@@ -10,9 +10,13 @@ MODEL = flag("--model", required=True, help="model bundle folder (made by `expor
 INPUTS = flag("inputs", nargs="+", metavar="PATH", help="DICOM files, folders (any depth) or .zip files")
 
 
-@command("export", "write the model bundle: the folds, the stage submit chose, thresholds, bundle.json",
-         EXPERIMENT, flag("--out", required=True, help="bundle folder to write"),
-         flag("--fp16", action="store_true", help="store the weights in float16 (half the size)"))
+@command(
+    "export",
+    "write the model bundle: the folds, the stage submit chose, thresholds, bundle.json",
+    EXPERIMENT,
+    flag("--out", required=True, help="bundle folder to write"),
+    flag("--fp16", action="store_true", help="store the weights in float16 (half the size)"),
+)
 def export(args):
     from .. import bundle
 
@@ -39,12 +43,20 @@ class _Progress:
             self.bar.close()
 
 
-@command("infer", "run a model bundle on DICOM files, folders or zips: slices/series/studies CSVs and report.html",
-         MODEL, flag("--out", required=True, help="folder for the results"),
-         flag("inputs", nargs="*", metavar="PATH", help="DICOM files, folders (any depth) or .zip files"),
-         flag("--dicomweb", default=None, metavar="URL",
-              help="pull --study from this DICOMweb root first (a PACS, e.g. http://host:8042/dicom-web)"),
-         flag("--study", default=None, metavar="UID", help="StudyInstanceUID to pull with --dicomweb"))
+@command(
+    "infer",
+    "run a model bundle on DICOM files, folders or zips: slices/series/studies CSVs and report.html",
+    MODEL,
+    flag("--out", required=True, help="folder for the results"),
+    flag("inputs", nargs="*", metavar="PATH", help="DICOM files, folders (any depth) or .zip files"),
+    flag(
+        "--dicomweb",
+        default=None,
+        metavar="URL",
+        help="pull --study from this DICOMweb root first (a PACS, e.g. http://host:8042/dicom-web)",
+    ),
+    flag("--study", default=None, metavar="UID", help="StudyInstanceUID to pull with --dicomweb"),
+)
 def infer(args):
     import contextlib
 
@@ -69,11 +81,20 @@ def infer(args):
     print(f"wrote {out / 'slices.csv'}, {out / 'series.csv'}, {out / 'studies.csv'}, {out / 'report.html'}")
 
 
-@command("evaluate", "measure a model bundle on labelled external studies (paper 004's table with 95% CIs)",
-         MODEL, flag("--labels", required=True, help="CSV keyed by SOPInstanceUID, SeriesInstanceUID or "
-                                                     "StudyInstanceUID with 0/1 subtype columns, or CQ500's reads.csv"),
-         flag("--out", required=True, help="folder for the results"),
-         flag("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"), INPUTS)
+@command(
+    "evaluate",
+    "measure a model bundle on labelled external studies (paper 004's table with 95% CIs)",
+    MODEL,
+    flag(
+        "--labels",
+        required=True,
+        help="CSV keyed by SOPInstanceUID, SeriesInstanceUID or "
+        "StudyInstanceUID with 0/1 subtype columns, or CQ500's reads.csv",
+    ),
+    flag("--out", required=True, help="folder for the results"),
+    flag("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"),
+    INPUTS,
+)
 def evaluate(args):
     from ..apply.evaluate import evaluate as run
 

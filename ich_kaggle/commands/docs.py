@@ -25,8 +25,7 @@ def write_docs(args):
     print(f"{readme}: demo block {'updated' if docs.update(readme, output) else 'already current'} from {output}")
 
 
-@command("docs-check", "exit 1 where the README's demo block is not what the last `make demo` printed",
-         README, OUTPUT)
+@command("docs-check", "exit 1 where the README's demo block is not what the last `make demo` printed", README, OUTPUT)
 def docs_check(args):
     from .. import docs
 

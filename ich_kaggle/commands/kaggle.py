@@ -9,27 +9,53 @@ from pathlib import Path
 
 from ..core.config import CVConfig
 
-from . import (DATA, EXPERIMENT, defaults, KAGGLE, KAGGLE_OUT, PUSH, SLUG, command, config_of, flag, kaggle_names, layout_of,
-               members_of)
+from . import (
+    DATA,
+    EXPERIMENT,
+    defaults,
+    KAGGLE,
+    KAGGLE_OUT,
+    PUSH,
+    SLUG,
+    command,
+    config_of,
+    flag,
+    kaggle_names,
+    layout_of,
+    members_of,
+)
 
 MESSAGE = flag("--message", default=None, help="version notes / submission message")
 
 
 def _wait(timeout: float, poll: float):
-    return (flag("--timeout", type=float, default=timeout, help="seconds before giving up"),
-            flag("--poll", type=float, default=poll, help="seconds between checks"))
+    return (
+        flag("--timeout", type=float, default=timeout, help="seconds before giving up"),
+        flag("--poll", type=float, default=poll, help="seconds between checks"),
+    )
 
 
 # --- the inference kernel on local folds: two datasets (code, model) and the kernel ---
-@command("kernel-datasets", "build the code and model dataset folders under kernels/",
-         EXPERIMENT, KAGGLE_OUT,
-         flag("--fp16-weights", action="store_true", help="ship the checkpoints' weights in float16 (half the size)"))
+@command(
+    "kernel-datasets",
+    "build the code and model dataset folders under kernels/",
+    EXPERIMENT,
+    KAGGLE_OUT,
+    flag("--fp16-weights", action="store_true", help="ship the checkpoints' weights in float16 (half the size)"),
+)
 def kernel_datasets(args):
     from ..kaggle import build as kernel
 
     cfg = config_of(args)
-    kernel.build_datasets(cfg, runs=args.runs, out=args.out, username=args.username, layout=layout_of(args),
-                          fp16_weights=args.fp16_weights, members=members_of(args, cfg) if cfg.is_ensemble else None)
+    kernel.build_datasets(
+        cfg,
+        runs=args.runs,
+        out=args.out,
+        username=args.username,
+        layout=layout_of(args),
+        fp16_weights=args.fp16_weights,
+        members=members_of(args, cfg) if cfg.is_ensemble else None,
+    )
 
 
 @command("kernel", "write kernels/<slug>/ ready for `kaggle kernels push`", EXPERIMENT, KAGGLE_OUT, SLUG)
@@ -52,7 +78,9 @@ def datasets_version(args):
     from ..kaggle import api
 
     names = kaggle_names(args)
-    api.version_datasets([names.code_dir(args.out), names.model_dir(args.out)], args.message or f"ich_kaggle {args.config}")
+    api.version_datasets(
+        [names.code_dir(args.out), names.model_dir(args.out)], args.message or f"ich_kaggle {args.config}"
+    )
 
 
 @command("datasets-wait", "wait until Kaggle has processed both datasets", KAGGLE, *_wait(1800, 15))
@@ -70,8 +98,12 @@ def kernel_push(args):
     api.push_kernel(kaggle_names(args).kernel_dir(args.out))
 
 
-@command("kernel-wait", "follow the kernel's run until it ends (default: as long as a 12-hour session can last)",
-         KAGGLE, *_wait(12.5 * 3600, 60))
+@command(
+    "kernel-wait",
+    "follow the kernel's run until it ends (default: as long as a 12-hour session can last)",
+    KAGGLE,
+    *_wait(12.5 * 3600, 60),
+)
 def kernel_wait(args):
     from ..kaggle import api
 
@@ -86,8 +118,13 @@ def kernel_output(args):
     api.fetch_output(names.kernel_id, Path(args.out) / "output" / names.kernel_slug)
 
 
-@command("kaggle-submit", "submit the kernel's submission.csv to the competition",
-         KAGGLE, flag("--file", default=None, help="default: kernels/output/<slug>/submission.csv"), MESSAGE)
+@command(
+    "kaggle-submit",
+    "submit the kernel's submission.csv to the competition",
+    KAGGLE,
+    flag("--file", default=None, help="default: kernels/output/<slug>/submission.csv"),
+    MESSAGE,
+)
 def kaggle_submit(args):
     from ..kaggle import api
 
@@ -100,11 +137,18 @@ def kaggle_submit(args):
 
 
 # --- training on Kaggle's GPUs (kaggle.train_build): code dataset, prepare kernel, one kernel per fold ---
-@command("kernel-weights", "build kernels/ich-kaggle-weights/ (the ImageNet weights files the configs start from) "
-         "and upload it", KAGGLE_OUT, defaults(set=[]),
-         flag("--config", default=None, help="only this config's (or ensemble's) backbones; default: every shipped "
-                                             "config's that are found here"),
-         flag("--no-upload", action="store_true", help="only build the folder"))
+@command(
+    "kernel-weights",
+    "build kernels/ich-kaggle-weights/ (the ImageNet weights files the configs start from) and upload it",
+    KAGGLE_OUT,
+    defaults(set=[]),
+    flag(
+        "--config",
+        default=None,
+        help="only this config's (or ensemble's) backbones; default: every shipped config's that are found here",
+    ),
+    flag("--no-upload", action="store_true", help="only build the folder"),
+)
 def kernel_weights(args):
     from ..kaggle import build, train_build, weights_dataset
 
@@ -117,9 +161,14 @@ def kernel_weights(args):
         train_build.upload_code(folder, "ich_kaggle weights")
 
 
-@command("kaggle-plan", "what a config or ensemble costs on Kaggle's T4 x2: per member and fold, inference, total "
-         "GPU-hours and weeks of quota", EXPERIMENT, KAGGLE_OUT,
-         flag("--no-quota", action="store_true", help="do not ask Kaggle for the remaining weekly quota"))
+@command(
+    "kaggle-plan",
+    "what a config or ensemble costs on Kaggle's T4 x2: per member and fold, inference, total "
+    "GPU-hours and weeks of quota",
+    EXPERIMENT,
+    KAGGLE_OUT,
+    flag("--no-quota", action="store_true", help="do not ask Kaggle for the remaining weekly quota"),
+)
 def kaggle_plan(args):
     from ..kaggle import plan
 
@@ -130,9 +179,13 @@ def kaggle_plan(args):
     print("\n".join(made.lines(left, note)))
 
 
-@command("kernel-gpu-check", "write (and --push) a short T4 x2 kernel that runs make gpu-check and measures each "
-         "shipped backbone and size (its rates.yaml goes to kaggle_rates.yaml: make kernel-gpu-check-fetch)",
-         KAGGLE_OUT, PUSH)
+@command(
+    "kernel-gpu-check",
+    "write (and --push) a short T4 x2 kernel that runs make gpu-check and measures each "
+    "shipped backbone and size (its rates.yaml goes to kaggle_rates.yaml: make kernel-gpu-check-fetch)",
+    KAGGLE_OUT,
+    PUSH,
+)
 def kernel_gpu_check(args):
     from ..kaggle import api, train_build
 
@@ -141,16 +194,24 @@ def kernel_gpu_check(args):
         api.push_kernel(folder)
 
 
-@command("kernel-gpu-check-fetch", "download the GPU-check kernel's measured rates into kaggle_rates.yaml",
-         KAGGLE_OUT, flag("--rates", default=None, help="default: kaggle_rates.yaml ($ICH_KAGGLE_RATES)"))
+@command(
+    "kernel-gpu-check-fetch",
+    "download the GPU-check kernel's measured rates into kaggle_rates.yaml",
+    KAGGLE_OUT,
+    flag("--rates", default=None, help="default: kaggle_rates.yaml ($ICH_KAGGLE_RATES)"),
+)
 def kernel_gpu_check_fetch(args):
     from ..kaggle import train_build
 
     train_build.fetch_rates(args.username, args.out, args.rates)
 
 
-@command("kernel-code", "build kernels/ich-kaggle-code/ and upload it (create or new version)",
-         KAGGLE_OUT, flag("--no-upload", action="store_true", help="only build the folder"))
+@command(
+    "kernel-code",
+    "build kernels/ich-kaggle-code/ and upload it (create or new version)",
+    KAGGLE_OUT,
+    flag("--no-upload", action="store_true", help="only build the folder"),
+)
 def kernel_code(args):
     from ..kaggle import train_build
 
@@ -159,8 +220,14 @@ def kernel_code(args):
         train_build.upload_code(folder, "ich_kaggle code")
 
 
-@command("kernel-prepare", "write (and --push) the kernel that scans headers into meta + folds on Kaggle",
-         KAGGLE_OUT, flag("--k", type=int, default=CVConfig.k), flag("--seed", type=int, default=CVConfig.seed), PUSH)
+@command(
+    "kernel-prepare",
+    "write (and --push) the kernel that scans headers into meta + folds on Kaggle",
+    KAGGLE_OUT,
+    flag("--k", type=int, default=CVConfig.k),
+    flag("--seed", type=int, default=CVConfig.seed),
+    PUSH,
+)
 def kernel_prepare(args):
     from ..kaggle import api, train_build
 
@@ -169,26 +236,44 @@ def kernel_prepare(args):
         api.push_kernel(folder)
 
 
-@command("kernel-train", "write (and --push) the kernel that trains one fold on Kaggle's T4 x2",
-         EXPERIMENT, flag("--fold", type=int, default=0), KAGGLE_OUT,
-         flag("--resume", action="store_true", help="attach this kernel's previous output and resume from it"),
-         flag("--epochs-per-run", type=int, default=None, help="stop resumably after this many more epochs"),
-         flag("--t4-images-per-s", type=float, default=None, help="measured training img/s of one T4 (estimate)"),
-         PUSH)
+@command(
+    "kernel-train",
+    "write (and --push) the kernel that trains one fold on Kaggle's T4 x2",
+    EXPERIMENT,
+    flag("--fold", type=int, default=0),
+    KAGGLE_OUT,
+    flag("--resume", action="store_true", help="attach this kernel's previous output and resume from it"),
+    flag("--epochs-per-run", type=int, default=None, help="stop resumably after this many more epochs"),
+    flag("--t4-images-per-s", type=float, default=None, help="measured training img/s of one T4 (estimate)"),
+    PUSH,
+)
 def kernel_train(args):
     from ..kaggle import api, train_build
 
     cfg = config_of(args)
-    folders = train_build.build_train_kernel(cfg, args.fold, args.username, args.out, resume=args.resume,
-                                             epochs_per_run=args.epochs_per_run, folds_csv=layout_of(args).folds_csv,
-                                             t4_images_per_s=args.t4_images_per_s, members=members_of(args, cfg))
+    folders = train_build.build_train_kernel(
+        cfg,
+        args.fold,
+        args.username,
+        args.out,
+        resume=args.resume,
+        epochs_per_run=args.epochs_per_run,
+        folds_csv=layout_of(args).folds_csv,
+        t4_images_per_s=args.t4_images_per_s,
+        members=members_of(args, cfg),
+    )
     if args.push:
         for folder in folders:
             api.push_kernel(folder)
 
 
-@command("kernel-fetch", "download a training kernel's fold into RUNS/<config>/fold<N>/ (an ensemble: each member's)",
-         EXPERIMENT, flag("--fold", type=int, default=0), KAGGLE_OUT)
+@command(
+    "kernel-fetch",
+    "download a training kernel's fold into RUNS/<config>/fold<N>/ (an ensemble: each member's)",
+    EXPERIMENT,
+    flag("--fold", type=int, default=0),
+    KAGGLE_OUT,
+)
 def kernel_fetch(args):
     from ..kaggle import train_build
 
@@ -196,22 +281,33 @@ def kernel_fetch(args):
         train_build.fetch_fold(member.name, args.fold, args.username, runs=args.runs, out=args.out)
 
 
-@command("kernel-from-folds", "write (and --push) the inference kernel on the training kernels' outputs",
-         EXPERIMENT, flag("--folds", type=int, nargs="*", default=None, help="default: every fold of the config"),
-         KAGGLE_OUT, PUSH)
+@command(
+    "kernel-from-folds",
+    "write (and --push) the inference kernel on the training kernels' outputs",
+    EXPERIMENT,
+    flag("--folds", type=int, nargs="*", default=None, help="default: every fold of the config"),
+    KAGGLE_OUT,
+    PUSH,
+)
 def kernel_from_folds(args):
     from ..kaggle import api, train_build
 
     cfg = config_of(args)
-    folders = train_build.build_infer_kernel(cfg, args.username, args.out, folds=args.folds,
-                                             members=members_of(args, cfg))
+    folders = train_build.build_infer_kernel(
+        cfg, args.username, args.out, folds=args.folds, members=members_of(args, cfg)
+    )
     if args.push:
         for folder in folders:
             api.push_kernel(folder)
 
 
-@command("kernel-combine", "an ensemble's submission from its members' from-folds kernels (when its inference was "
-         "split by member): fetched, combined, checked", EXPERIMENT, KAGGLE_OUT)
+@command(
+    "kernel-combine",
+    "an ensemble's submission from its members' from-folds kernels (when its inference was "
+    "split by member): fetched, combined, checked",
+    EXPERIMENT,
+    KAGGLE_OUT,
+)
 def kernel_combine(args):
     from ..kaggle import train_build
 
@@ -219,8 +315,9 @@ def kernel_combine(args):
     train_build.combine_outputs(cfg, args.username, args.out, members=members_of(args, cfg))
 
 
-@command("kernel-fetch-prepare", "download the prepare kernel's meta.csv + folds.csv into the work folder",
-         DATA, KAGGLE_OUT)
+@command(
+    "kernel-fetch-prepare", "download the prepare kernel's meta.csv + folds.csv into the work folder", DATA, KAGGLE_OUT
+)
 def kernel_fetch_prepare(args):
     from ..kaggle import train_build
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from . import EXPERIMENT, command, config_of, flag, layout_of, members_of
 
 
-@command("predict", "TTA inference of every trained fold on test and OOF images",
-         EXPERIMENT, flag("--finish-training", action="store_true",
-                          help="resume and finish folds whose training stopped early, then predict "
-                               "(default: name them and stop)"))
+@command(
+    "predict",
+    "TTA inference of every trained fold on test and OOF images",
+    EXPERIMENT,
+    flag(
+        "--finish-training",
+        action="store_true",
+        help="resume and finish folds whose training stopped early, then predict (default: name them and stop)",
+    ),
+)
 def predict(args):
     from ..predict import stage as predict
 
@@ -28,18 +33,26 @@ def predict(args):
         predict.predict(cfg, layout, runs=args.runs)
 
 
-@command("stack", "second-stage sequence model over each series' slices",
-         EXPERIMENT, flag("--force", action="store_true", help="recompute even when the stack is up to date"))
+@command(
+    "stack",
+    "second-stage sequence model over each series' slices",
+    EXPERIMENT,
+    flag("--force", action="store_true", help="recompute even when the stack is up to date"),
+)
 def stack(args):
     from ..stack import stage as stack
 
     stack.stack(config_of(args), layout_of(args), runs=args.runs, force=args.force)
 
 
-@command("submit", "write submissions/<config>.csv through the validator",
-         EXPERIMENT, flag("--out-dir", default="submissions"),
-         flag("--kaggle-submit", action="store_true", help="upload with `kaggle competitions submit`"),
-         flag("--message", default=None))
+@command(
+    "submit",
+    "write submissions/<config>.csv through the validator",
+    EXPERIMENT,
+    flag("--out-dir", default="submissions"),
+    flag("--kaggle-submit", action="store_true", help="upload with `kaggle competitions submit`"),
+    flag("--message", default=None),
+)
 def submit(args):
     from ..core.layout import Run
     from ..stack import stage as stack
@@ -48,16 +61,21 @@ def submit(args):
     cfg, layout = config_of(args), layout_of(args)
     if Run.of(args.runs, cfg.name).stack.test.exists():  # a stale stack is recomputed (stacking is cheap)
         stack.stack(cfg, layout, runs=args.runs)
-    out = submission.submit(cfg, layout, runs=args.runs, out_dir=args.out_dir,
-                            members=members_of(args, cfg) if cfg.is_ensemble else None)
+    out = submission.submit(
+        cfg, layout, runs=args.runs, out_dir=args.out_dir, members=members_of(args, cfg) if cfg.is_ensemble else None
+    )
     if args.kaggle_submit:  # checked: a refusal exits non-zero with Kaggle's message
         from ..kaggle import api
 
         api.submit_file(out.with_name(out.name + ".gz"), args.message or f"ich_kaggle {cfg.name}")
 
 
-@command("score", "weighted multi-label log loss of a submission",
-         flag("--truth", required=True, help="labels in the stage_2_train.csv form"), flag("--submission", required=True))
+@command(
+    "score",
+    "weighted multi-label log loss of a submission",
+    flag("--truth", required=True, help="labels in the stage_2_train.csv form"),
+    flag("--submission", required=True),
+)
 def score(args):
     from ..core import metrics
 
@@ -67,8 +85,12 @@ def score(args):
         print(f"{label}: {value:.6f}")
 
 
-@command("validate", "check a submission against the sample submission",
-         flag("--sample", required=True), flag("--submission", required=True))
+@command(
+    "validate",
+    "check a submission against the sample submission",
+    flag("--sample", required=True),
+    flag("--submission", required=True),
+)
 def validate(args):
     from ..submit import stage as submission
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 from . import command, flag
 
 
-@command("serve", "a local web page: upload a head CT (zip or DICOM files), get the model's report and CSVs",
-         flag("--model", required=True, help="model bundle folder (written by `export`)"),
-         flag("--host", default="127.0.0.1", help="address to listen on (default loopback: this computer only)"),
-         flag("--port", type=int, default=8000),
-         flag("--jobs", default=None, help="folder of the jobs, one subfolder per upload (default: a new temp folder)"),
-         flag("--max-upload-mb", type=int, default=None, help="largest upload accepted (default 2048)"))
+@command(
+    "serve",
+    "a local web page: upload a head CT (zip or DICOM files), get the model's report and CSVs",
+    flag("--model", required=True, help="model bundle folder (written by `export`)"),
+    flag("--host", default="127.0.0.1", help="address to listen on (default loopback: this computer only)"),
+    flag("--port", type=int, default=8000),
+    flag("--jobs", default=None, help="folder of the jobs, one subfolder per upload (default: a new temp folder)"),
+    flag("--max-upload-mb", type=int, default=None, help="largest upload accepted (default 2048)"),
+)
 def serve(args):
     from dataclasses import replace
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 from . import EXPERIMENT, command, config_of, flag, layout_of, members_of
 
 
-@command("train", "train one fold (or every fold with --fold all)",
-         EXPERIMENT, flag("--fold", default="0", help="fold number or 'all'"),
-         flag("--force", action="store_true", help="retrain a finished fold from scratch"))
+@command(
+    "train",
+    "train one fold (or every fold with --fold all)",
+    EXPERIMENT,
+    flag("--fold", default="0", help="fold number or 'all'"),
+    flag("--force", action="store_true", help="retrain a finished fold from scratch"),
+)
 def train(args):
     from ..core import config
 
@@ -25,8 +29,12 @@ def train(args):
             train.train_fold(member, layout, fold, runs=args.runs, force=args.force)
 
 
-@command("lr-find", "plot loss against learning rate (one fold, one short sweep)",
-         EXPERIMENT, flag("--fold", type=int, default=0))
+@command(
+    "lr-find",
+    "plot loss against learning rate (one fold, one short sweep)",
+    EXPERIMENT,
+    flag("--fold", type=int, default=0),
+)
 def lr_find(args):
     from .. import train
 

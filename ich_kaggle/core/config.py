@@ -36,13 +36,15 @@ TTAAverage = Literal["prob", "logit"]
 EmbeddingSpace = Literal["per_fold", "mixture"]
 Combine = Literal["mean", "logit"]
 
+
 def _bad(src: str, key: str, value: Any, want: str) -> UserError:
     override = fix("--set", "EPOCHS=/BATCH=/LR=/SIZE=/SET_EXTRA=")
     return UserError(f"{src}: {key}={value!r} {want}; fix the config or the {override} override")
 
 
-def _between(src: str, key: str, value: float, lo: float | None = None, hi: float | None = None,
-             lo_open: bool = False) -> None:
+def _between(
+    src: str, key: str, value: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> None:
     """lo <= value <= hi (lo < value with lo_open), as one line naming the key."""
     if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
         if hi is None:
@@ -101,15 +103,29 @@ class AugmentConfig:
     window_jitter_hu: float = 10.0
 
     def check(self, src: str) -> None:
-        _probabilities(src, "augment", self, ("hflip", "shift_scale_rotate", "transpose", "random_resized_crop",
-                                              "brightness_contrast", "blur", "window_jitter"))
+        _probabilities(
+            src,
+            "augment",
+            self,
+            (
+                "hflip",
+                "shift_scale_rotate",
+                "transpose",
+                "random_resized_crop",
+                "brightness_contrast",
+                "blur",
+                "window_jitter",
+            ),
+        )
         _between(src, "augment.shift_limit", self.shift_limit, 0.0, 1.0)
         _between(src, "augment.scale_limit", self.scale_limit, 0.0, 1.0)
         _between(src, "augment.rotate_limit", self.rotate_limit, 0.0, 180.0)
         _between(src, "augment.window_jitter_hu", self.window_jitter_hu, 0.0)
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise _bad(src, "augment.crop_scale", list(self.crop_scale), "must be [low, high] with 0 < low <= high <= 1")
+            raise _bad(
+                src, "augment.crop_scale", list(self.crop_scale), "must be [low, high] with 0 < low <= high <= 1"
+            )
 
 
 @dataclass
@@ -192,13 +208,16 @@ def selected_folds(cv: CVConfig, fold: int | str | None = None) -> list[int]:
         try:
             chosen = [int(str(fold).strip())]
         except ValueError:
-            raise UserError(f"fold {fold!r} is neither a fold number nor 'all'; "
-                            f"use {fix(f'--fold 0..{cv.k - 1}', f'fold=0..{cv.k - 1}')} or all") from None
+            raise UserError(
+                f"fold {fold!r} is neither a fold number nor 'all'; "
+                f"use {fix(f'--fold 0..{cv.k - 1}', f'fold=0..{cv.k - 1}')} or all"
+            ) from None
     bad = [f for f in chosen if not 0 <= f < cv.k]
     if bad:
         where = f"fold {bad[0]}" if len(chosen) == 1 else f"cv.folds has fold(s) {bad}, which"
-        raise UserError(f"{where} does not exist with cv.k={cv.k}; "
-                        f"use {fix(f'--fold 0..{cv.k - 1}', f'fold=0..{cv.k - 1}')} or all")
+        raise UserError(
+            f"{where} does not exist with cv.k={cv.k}; use {fix(f'--fold 0..{cv.k - 1}', f'fold=0..{cv.k - 1}')} or all"
+        )
     return chosen
 
 
@@ -253,7 +272,9 @@ class StackConfig:
     batch_series: int = 64
     reverse_tta: bool = True
     seed: int = 42
-    sources: list[str] = field(default_factory=list)  # first-stage prediction folders to stack; empty: this config's own
+    sources: list[str] = field(
+        default_factory=list
+    )  # first-stage prediction folders to stack; empty: this config's own
 
     def embedding_level(self) -> "StackConfig":
         """The settings of the embedding-level stage fitted beside this one (`embedding_stage`): the same, on
@@ -421,12 +442,14 @@ def _set(obj: Any, key: str, value: Any, source: str) -> None:
         names = {f.name: f for f in dataclasses.fields(target)}
         if part not in names:
             raise UserError(
-                f"{source}: unknown config key '{'.'.join(parts[:i + 1])}'; known keys here: {', '.join(names)}"
+                f"{source}: unknown config key '{'.'.join(parts[: i + 1])}'; known keys here: {', '.join(names)}"
             )
         if i == len(parts) - 1:
             hints = typing.get_type_hints(type(target))
             if dataclasses.is_dataclass(hints[part]):
-                raise UserError(f"{source}: '{key}' is a section; set one of its keys, e.g. '{key}.{next(iter(dataclasses.fields(hints[part]))).name}'")
+                raise UserError(
+                    f"{source}: '{key}' is a section; set one of its keys, e.g. '{key}.{next(iter(dataclasses.fields(hints[part]))).name}'"
+                )
             coerced = _coerce(value, hints[part], f"{source}: {key}")
             if part == "seed" and not 0 <= coerced < SEED_LIMIT:  # numpy and torch take seeds in [0, 2**32)
                 raise UserError(f"{source}: {key}={value!r} is out of range; use a seed in [0, {SEED_LIMIT - 1}]")
@@ -456,20 +479,24 @@ def resolve_path(name_or_path: str) -> Path:
     if not path.exists():
         path = ENSEMBLE_DIR / f"{name_or_path}.yaml"
     if not path.exists():
-        raise UserError(f"unknown config '{name_or_path}'; shipped configs: {', '.join(available())}; ensembles: "
-                        f"{', '.join(available_ensembles())} (or give a .yaml path)")
+        raise UserError(
+            f"unknown config '{name_or_path}'; shipped configs: {', '.join(available())}; ensembles: "
+            f"{', '.join(available_ensembles())} (or give a .yaml path)"
+        )
     return path
 
 
-INT_LIMIT = 2 ** 63  # an integer setting must fit in 64 bits
-SEED_LIMIT = 2 ** 32
+INT_LIMIT = 2**63  # an integer setting must fit in 64 bits
+SEED_LIMIT = 2**32
 
 
 def _check_members(cfg: Config, key: str, source: str) -> None:
     """`ensemble.members: []` written by the user is a mistake, not a single config (dumped configs have it empty)."""
     if key == "ensemble.members" and not cfg.ensemble.members:
-        raise UserError(f"{source}: ensemble.members is empty; list the member configs, or drop the ensemble section "
-                        f"for a single config")
+        raise UserError(
+            f"{source}: ensemble.members is empty; list the member configs, or drop the ensemble section "
+            f"for a single config"
+        )
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -495,16 +522,19 @@ def named(cfg: Config, run: str | None) -> Config:
     if not run or run == cfg.name:
         return cfg
     if not RUN_NAME.fullmatch(run) or run.endswith((".new", ".old")):
-        raise UserError(f"RUN={run!r} (--run): a run name is one folder name of letters, digits and . _ + = - "
-                        f"(not ending in .new or .old), e.g. RUN={cfg.name}-lr3e-4")
+        raise UserError(
+            f"RUN={run!r} (--run): a run name is one folder name of letters, digits and . _ + = - "
+            f"(not ending in .new or .old), e.g. RUN={cfg.name}-lr3e-4"
+        )
     out = dataclasses.replace(cfg, name=run)
     if out.is_ensemble:
         out.ensemble = dataclasses.replace(out.ensemble, run_prefix=run)
     return out
 
 
-def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | dict[str, Any] | None = None,
-         run: str | None = None) -> Config:
+def load(
+    name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | dict[str, Any] | None = None, run: str | None = None
+) -> Config:
     """Load a config by shipped name or YAML path, then apply `key=value` overrides; `run` names the experiment
     (default: the config's name, see `named`)."""
     path = resolve_path(name_or_path)
@@ -551,12 +581,16 @@ def validate(cfg: Config) -> None:
     for name in cfg.tta.transforms:  # a view only helps if training showed the model such images
         unseen = [a for a in TTA_NEEDS.get(name, ()) if getattr(cfg.augment, a) <= 0]
         if unseen:
-            raise UserError(f"{src}: tta.transforms has '{name}', a view the model never sees in training "
-                            f"({', '.join(f'augment.{a}=0' for a in unseen)}); set {unseen[0]} > 0 in augment or "
-                            f"drop '{name}'")
+            raise UserError(
+                f"{src}: tta.transforms has '{name}', a view the model never sees in training "
+                f"({', '.join(f'augment.{a}=0' for a in unseen)}); set {unseen[0]} > 0 in augment or "
+                f"drop '{name}'"
+            )
     if cfg.stack.use_embeddings and cfg.stack.embedding_space == "per_fold" and cfg.cv.split == "random":
-        raise UserError(f"{src}: stack.embedding_space=per_fold needs cv.split=patient (under a random split a fold "
-                        f"model's held-out images are scattered slices, not whole series); use stack.embedding_space=mixture")
+        raise UserError(
+            f"{src}: stack.embedding_space=per_fold needs cv.split=patient (under a random split a fold "
+            f"model's held-out images are scattered slices, not whole series); use stack.embedding_space=mixture"
+        )
 
 
 def _check_choices(src: str, prefix: str, section: Any) -> None:

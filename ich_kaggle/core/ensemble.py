@@ -36,11 +36,15 @@ def load_members(cfg: Config, overrides: list[str] | None = None) -> list[Config
     for name, run in zip(cfg.ensemble.members, member_names(cfg)):
         member = C.load(name, [*cfg.ensemble.member_set, *extra], run=run)
         if member.is_ensemble:
-            raise UserError(f"config '{cfg.name}': ensemble.members lists '{name}', itself an ensemble; list its members instead")
+            raise UserError(
+                f"config '{cfg.name}': ensemble.members lists '{name}', itself an ensemble; list its members instead"
+            )
         for key in ("k", "seed", "split"):
             if getattr(member.cv, key) != getattr(cfg.cv, key):
-                raise UserError(f"config '{cfg.name}': member '{name}' has cv.{key}={getattr(member.cv, key)!r} but the "
-                                f"ensemble has {getattr(cfg.cv, key)!r}; set the same cv.{key} in both (members must share folds)")
+                raise UserError(
+                    f"config '{cfg.name}': member '{name}' has cv.{key}={getattr(member.cv, key)!r} but the "
+                    f"ensemble has {getattr(cfg.cv, key)!r}; set the same cv.{key} in both (members must share folds)"
+                )
         members.append(member)
     return members
 
@@ -70,8 +74,16 @@ def combine(frames: list[pd.DataFrame], ens: EnsembleConfig) -> pd.DataFrame:
     ids = pd.Index(frames[0]["image_id"].astype(str))
     for f in frames[1:]:
         ids = ids.intersection(pd.Index(f["image_id"].astype(str)), sort=False)
-    arr = np.stack([f.assign(image_id=f["image_id"].astype(str)).drop_duplicates("image_id").set_index("image_id")
-                    .loc[ids, cols].to_numpy(np.float64) for f in frames])
+    arr = np.stack(
+        [
+            f.assign(image_id=f["image_id"].astype(str))
+            .drop_duplicates("image_id")
+            .set_index("image_id")
+            .loc[ids, cols]
+            .to_numpy(np.float64)
+            for f in frames
+        ]
+    )
     w = weights(ens, len(frames))[:, None, None]
     if ens.combine == "logit":
         p = np.clip(arr, 1e-7, 1 - 1e-7)

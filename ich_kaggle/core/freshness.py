@@ -26,27 +26,43 @@ def _tta(tta: TTAConfig) -> dict:
     return {"transforms": list(tta.transforms), "average": tta.average}  # batch_size does not change a prediction
 
 
-def prediction_fold(run: Run, fold: int, tta: TTAConfig, test_ids: list[str], oof_ids: list[str],
-                    embeddings: str = "full") -> dict:
+def prediction_fold(
+    run: Run, fold: int, tta: TTAConfig, test_ids: list[str], oof_ids: list[str], embeddings: str = "full"
+) -> dict:
     """One fold's test + OOF predictions: its checkpoint, the TTA, the images predicted, the embeddings kept
     (none, full, pca<d>: predict.stage.embedding_mode)."""
-    return M.make("predictions_fold", PREDICT_FORMAT, inputs={"checkpoint": M.identity(run.fold(fold).best)},
-                  settings={"tta": _tta(tta), "test_ids": M.digest(sorted(test_ids)),
-                            "oof_ids": M.digest(sorted(oof_ids)), "embeddings": embeddings})
+    return M.make(
+        "predictions_fold",
+        PREDICT_FORMAT,
+        inputs={"checkpoint": M.identity(run.fold(fold).best)},
+        settings={
+            "tta": _tta(tta),
+            "test_ids": M.digest(sorted(test_ids)),
+            "oof_ids": M.digest(sorted(oof_ids)),
+            "embeddings": embeddings,
+        },
+    )
 
 
 def predictions(run: Run, folds: list[int], tta: TTAConfig) -> dict:
     """The fold-averaged test.csv / concatenated oof.csv: which folds, from which checkpoints, with which TTA."""
-    return M.make("predictions", PREDICT_FORMAT,
-                  inputs={f"fold{k}": M.identity(run.fold(k).best) for k in folds},
-                  settings={"folds": list(folds), "tta": _tta(tta)})
+    return M.make(
+        "predictions",
+        PREDICT_FORMAT,
+        inputs={f"fold{k}": M.identity(run.fold(k).best) for k in folds},
+        settings={"folds": list(folds), "tta": _tta(tta)},
+    )
 
 
 def ensemble(members: list[Predictions], ens: EnsembleConfig) -> dict:
     """An ensemble's combined first stage: the members' prediction files and how they are combined."""
     inputs = {f"member{i}:{f.name}": M.identity(f) for i, m in enumerate(members) for f in (m.oof, m.test)}
-    return M.make("ensemble", PREDICT_FORMAT, inputs=inputs,
-                  settings={"members": list(ens.members), "combine": ens.combine, "weights": list(ens.weights)})
+    return M.make(
+        "ensemble",
+        PREDICT_FORMAT,
+        inputs=inputs,
+        settings={"members": list(ens.members), "combine": ens.combine, "weights": list(ens.weights)},
+    )
 
 
 def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig, cv: CVConfig) -> dict:
@@ -59,8 +75,11 @@ def stacked(sources: list[Predictions], layout: Layout, stack: StackConfig, cv: 
         mixture = stack.use_embeddings and not per_fold  # per_fold reads only each fold model's own files
         files = [src.oof, src.test] + ([src.oof_embeddings, src.test_embeddings] if mixture else [])
         if per_fold:
-            files += [f for k in folds for f in (src.oof_fold(k), src.test_fold(k), src.oof_fold_embeddings(k),
-                                                 src.test_fold_embeddings(k))]
+            files += [
+                f
+                for k in folds
+                for f in (src.oof_fold(k), src.test_fold(k), src.oof_fold_embeddings(k), src.test_fold_embeddings(k))
+            ]
         inputs.update({f"source{i}:{f.name}": M.identity(f) for f in files})
     # embedding_stage adds a second stack beside this one (with its own manifest); threads and the time budget change
     # the speed, not what is fitted, unless the budget binds (the curve says so)
@@ -101,5 +120,11 @@ def config_differences(trained: dict, now: dict) -> list[str]:
 def fold_split_digest(table: pd.DataFrame, fold: int) -> str:
     """What a fold trains and validates on, as a digest of its image ids: a rebuilt folds.csv shows up here."""
     val = table["fold"] == fold
-    return M.digest(["val", *sorted(table.loc[val, "image_id"].astype(str)), "train",
-                     *sorted(table.loc[~val, "image_id"].astype(str))])
+    return M.digest(
+        [
+            "val",
+            *sorted(table.loc[val, "image_id"].astype(str)),
+            "train",
+            *sorted(table.loc[~val, "image_id"].astype(str)),
+        ]
+    )

@@ -33,15 +33,16 @@ def walk(top: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple[Path, in
     top = Path(top)
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         depth = len(Path(dirpath).relative_to(top).parts)
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in SKIP_DIRS and not d.startswith(".") and depth < max_depth)
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".") and depth < max_depth)
         yield Path(dirpath), depth, filenames
 
 
 def find_all(top: str | Path, holds: Callable[[Path, list[str]], bool]) -> list[Path]:
     """Every folder under `top` for which `holds(folder, file names)` is true, nearest the root first."""
-    return [path for _, _, path in sorted((depth, str(path), path) for path, depth, files in walk(top)
-                                          if holds(path, files))]
+    return [
+        path
+        for _, _, path in sorted((depth, str(path), path) for path, depth, files in walk(top) if holds(path, files))
+    ]
 
 
 def find(top: str | Path, holds: Callable[[Path, list[str]], bool], missing: str) -> Path:
@@ -62,8 +63,12 @@ def holding(*names: str) -> Callable[[Path, list[str]], bool]:
 
 def files_matching(top: str | Path, match: Callable[[str], bool]) -> list[Path]:
     """Every file under `top` whose name matches, nearest the root first, then by path."""
-    return [path / f for path in find_all(top, lambda p, files: any(match(f) for f in files))
-            for f in sorted(files_in(path)) if match(f)]
+    return [
+        path / f
+        for path in find_all(top, lambda p, files: any(match(f) for f in files))
+        for f in sorted(files_in(path))
+        if match(f)
+    ]
 
 
 def files_in(folder: Path) -> list[str]:

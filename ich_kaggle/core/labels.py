@@ -34,9 +34,14 @@ def read_long(csv_path: str | Path, values: str = "labels") -> pd.DataFrame:
     path = Path(csv_path)
     what = "label file" if values == "labels" else "submission"
     if not path.is_file():
-        raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'not found'}; "
-                        + ("it is stage_2_train.csv of the competition download" if values == "labels"
-                           else "give the CSV file written by `make submit`"))
+        raise UserError(
+            f"{what} {path} {'is a folder' if path.is_dir() else 'not found'}; "
+            + (
+                "it is stage_2_train.csv of the competition download"
+                if values == "labels"
+                else "give the CSV file written by `make submit`"
+            )
+        )
     try:  # index_col=False: a trailing comma must not turn the ID column into the index
         raw = pd.read_csv(path, dtype={"ID": str}, index_col=False)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as e:
@@ -56,8 +61,10 @@ def parse_long(raw: pd.DataFrame, path: str | Path, values: str = "labels") -> p
     if values not in ("labels", "probabilities"):
         raise ValueError(f"values must be 'labels' or 'probabilities', got {values!r}")
     if list(map(str, raw.columns[:2])) != ["ID", "Label"]:
-        raise UserError(f"{path}: expected the header ID,Label (the competition's long format), "
-                        f"found {','.join(map(str, raw.columns[:8]))}")
+        raise UserError(
+            f"{path}: expected the header ID,Label (the competition's long format), "
+            f"found {','.join(map(str, raw.columns[:8]))}"
+        )
     raw = raw[["ID", "Label"]]
     if raw.empty:
         raise UserError(f"{path}: has no rows")
@@ -75,8 +82,10 @@ def parse_long(raw: pd.DataFrame, path: str | Path, values: str = "labels") -> p
         i = int(np.flatnonzero(bad.to_numpy())[0])
         cell = raw["Label"].iloc[i]
         shown = "an empty cell" if pd.isna(cell) else _show(cell)
-        raise UserError(f"{path}: Label {want}; row {i + 2} (ID {raw['ID'].iloc[i]}) has {shown}"
-                        + (f" ({int(bad.sum())} bad rows)" if bad.sum() > 1 else ""))
+        raise UserError(
+            f"{path}: Label {want}; row {i + 2} (ID {raw['ID'].iloc[i]}) has {shown}"
+            + (f" ({int(bad.sum())} bad rows)" if bad.sum() > 1 else "")
+        )
     img_codes, images, codes = _split_ids(raw["ID"].to_numpy(dtype=object), path)
     dtype = np.int8 if values == "labels" else np.float64
     vals = number.to_numpy(dtype=dtype)
@@ -86,13 +95,17 @@ def parse_long(raw: pd.DataFrame, path: str | Path, values: str = "labels") -> p
     conflict = out[img_codes, codes] != vals
     if conflict.any():
         i = int(np.flatnonzero(conflict)[0])
-        raise UserError(f"{path}: ID {raw['ID'].iloc[i]} appears twice with different values "
-                        f"({_show(vals[i])} and {_show(out[img_codes[i], codes[i]])}); keep one row")
+        raise UserError(
+            f"{path}: ID {raw['ID'].iloc[i]} appears twice with different values "
+            f"({_show(vals[i])} and {_show(out[img_codes[i], codes[i]])}); keep one row"
+        )
     missing = np.isnan(out) if values == "probabilities" else out < 0
     if missing.any():
         r, c = np.argwhere(missing)[0]
-        raise UserError(f"{path}: image {images[r]} has no row for subtype {LABELS[c]} "
-                        f"({int(missing.any(axis=1).sum())} image(s) incomplete); the file is cut short or edited")
+        raise UserError(
+            f"{path}: image {images[r]} has no row for subtype {LABELS[c]} "
+            f"({int(missing.any(axis=1).sum())} image(s) incomplete); the file is cut short or edited"
+        )
     frame = pd.DataFrame(out, columns=list(LABELS))
     frame.insert(0, "image_id", np.asarray(images, dtype=object))
     frame["image_id"] = frame["image_id"].astype(str)
@@ -106,8 +119,9 @@ def _split_ids(ids: np.ndarray, path: Path) -> tuple[np.ndarray, list[str], np.n
     """
     nul = next((i for i, x in enumerate(ids) if isinstance(x, str) and "\0" in x), None)
     if nul is not None:  # numpy's bytes strip trailing NULs: found here, as `validate` finds them
-        raise UserError(f"{path}: ID {ids[nul]!r} (row {nul + 2}) contains NUL bytes; IDs look like "
-                        f"ID_12cadc6af_epidural")
+        raise UserError(
+            f"{path}: ID {ids[nul]!r} (row {nul + 2}) contains NUL bytes; IDs look like ID_12cadc6af_epidural"
+        )
     try:
         raw = ids.astype("S")
     except UnicodeEncodeError:
@@ -148,7 +162,9 @@ def to_long(wide: pd.DataFrame) -> pd.DataFrame:
     """Wide (image_id + LABELS) -> the competition's long `ID,Label` form, image-major, LABELS order."""
     ids = wide["image_id"].astype(str).to_numpy()
     values = wide[list(LABELS)].to_numpy()
-    long_ids = (np.repeat(ids.astype(object), len(LABELS)) + np.tile(np.array([f"_{l}" for l in LABELS], dtype=object), len(ids)))
+    long_ids = np.repeat(ids.astype(object), len(LABELS)) + np.tile(
+        np.array([f"_{l}" for l in LABELS], dtype=object), len(ids)
+    )
     return pd.DataFrame({"ID": long_ids, "Label": values.reshape(-1)})
 
 

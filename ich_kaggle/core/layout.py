@@ -89,7 +89,9 @@ class Layout:
                 f"rsna-intracranial-hemorrhage-detection` and unzip, or pass DATA_DIR=<folder> (make demo makes a synthetic one)"
             )
         if not self.train_dir.is_dir() and not self.test_dir.is_dir():
-            raise UserError(f"{self.data} has neither stage_2_train/ nor stage_2_test/; point DATA_DIR at the unzipped competition folder")
+            raise UserError(
+                f"{self.data} has neither stage_2_train/ nor stage_2_test/; point DATA_DIR at the unzipped competition folder"
+            )
 
 
 def work_name(data: str | Path) -> str:
@@ -99,6 +101,7 @@ def work_name(data: str | Path) -> str:
 
 
 # --- the run layout: every file an experiment writes under runs/<config>/ is named here and nowhere else ---
+
 
 @dataclass(frozen=True)
 class FoldRun:
@@ -128,8 +131,17 @@ class FoldRun:
     @property
     def outputs(self) -> tuple[Path, ...]:
         """Everything training leaves in the folder (what a training kernel ships and a next version resumes from)."""
-        return (self.best, self.last, self.config, self.log_csv, self.curves, self.train_log, self.oof,
-                self.oof_embeddings, self.done)
+        return (
+            self.best,
+            self.last,
+            self.config,
+            self.log_csv,
+            self.curves,
+            self.train_log,
+            self.oof,
+            self.oof_embeddings,
+            self.done,
+        )
 
 
 @dataclass(frozen=True)
@@ -204,7 +216,9 @@ class Run:
         out = []
         for src in sources or [self.predictions.dir]:
             inside = Run(Path(src)).predictions
-            out.append(inside if inside.dir.is_dir() and not Predictions(Path(src)).oof.exists() else Predictions(Path(src)))
+            out.append(
+                inside if inside.dir.is_dir() and not Predictions(Path(src)).oof.exists() else Predictions(Path(src))
+            )
         return out
 
     def folds(self) -> dict[int, FoldRun]:

@@ -55,8 +55,10 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {path.parent} ({e.strerror}); make it writable or choose another "
-                        f"{fix('--runs', 'RUNS=')} folder") from None
+        raise UserError(
+            f"cannot create {path.parent} ({e.strerror}); make it writable or choose another "
+            f"{fix('--runs', 'RUNS=')} folder"
+        ) from None
     for _ in range(2):
         try:
             if _take(path):
@@ -76,9 +78,11 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
         if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
             path.unlink(missing_ok=True)  # stale: its process died without releasing it
             continue
-        raise UserError(f"{what} is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} since "
-                        f"{holder.get('since', '?')} ({path}); wait for it to finish"
-                        + ("" if same_host else ", or delete the lock file if that run is gone"))
+        raise UserError(
+            f"{what} is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} since "
+            f"{holder.get('since', '?')} ({path}); wait for it to finish"
+            + ("" if same_host else ", or delete the lock file if that run is gone")
+        )
     else:
         raise UserError(f"{what}: could not take the lock {path}; delete it if no other run uses this folder")
     try:

@@ -83,8 +83,13 @@ def digest(values: Iterable[Any]) -> str:
 
 def make(kind: str, version: int, inputs: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> dict:
     """A manifest: kind and format version of the producer, input identities, settings (JSON-normalised)."""
-    return json.loads(json.dumps({"kind": kind, "version": version, "inputs": inputs or {},
-                                  "settings": settings or {}}, sort_keys=True, default=str))
+    return json.loads(
+        json.dumps(
+            {"kind": kind, "version": version, "inputs": inputs or {}, "settings": settings or {}},
+            sort_keys=True,
+            default=str,
+        )
+    )
 
 
 def write(output: str | Path, manifest: dict, also: Iterable[str | Path] = ()) -> None:
@@ -102,15 +107,22 @@ def adopt(output: str | Path) -> None:
     found = read(output)
     if found is not None:
         output = Path(output)
-        write(output, {k: v for k, v in found.items() if k not in ("output", "also")},
-              also=[output.with_name(n) for n in found["also"] if output.with_name(n).exists()])
+        write(
+            output,
+            {k: v for k, v in found.items() if k not in ("output", "also")},
+            also=[output.with_name(n) for n in found["also"] if output.with_name(n).exists()],
+        )
 
 
 def _valid(found: Any) -> bool:
     """A manifest this code could have written: an object whose sections have the right types."""
-    return (isinstance(found, dict) and isinstance(found.get("kind"), str) and isinstance(found.get("version"), int)
-            and all(isinstance(found.get(k, {}), dict) for k in ("inputs", "settings", "output", "also"))
-            and all(isinstance(v, dict) for v in found.get("also", {}).values()))
+    return (
+        isinstance(found, dict)
+        and isinstance(found.get("kind"), str)
+        and isinstance(found.get("version"), int)
+        and all(isinstance(found.get(k, {}), dict) for k in ("inputs", "settings", "output", "also"))
+        and all(isinstance(v, dict) for v in found.get("also", {}).values())
+    )
 
 
 def _manifest_text(output: Path) -> str | None:
@@ -146,8 +158,11 @@ def chain(output: str | Path, found: dict | None = None, _seen: set | None = Non
     for path, want in [(output, found.get("output")), *[(output.with_name(n), c) for n, c in found["also"].items()]]:
         if want and content(path) != want:
             now = content(path)
-            rows = f" ({now.get('lines')} lines now, {want.get('lines')} when written)" if now.get("lines") != want.get(
-                "lines") else ""
+            rows = (
+                f" ({now.get('lines')} lines now, {want.get('lines')} when written)"
+                if now.get("lines") != want.get("lines")
+                else ""
+            )
             out.append(f"{path.parent.name}/{path.name} changed since it was written{rows}")
     for name, ident in found["inputs"].items():
         if not (isinstance(ident, dict) and isinstance(ident.get("path"), str)):
@@ -180,8 +195,11 @@ def differences(expected: dict, found: dict | None) -> list[str]:
         want, have = expected.get(section, {}), found.get(section, {})
         for name in sorted(set(want) | set(have)):
             if want.get(name) != have.get(name):
-                out.append(f"{section[:-1]} {name} changed" if section == "inputs" else
-                           f"{name} {have.get(name)!r} -> {want.get(name)!r}")
+                out.append(
+                    f"{section[:-1]} {name} changed"
+                    if section == "inputs"
+                    else f"{name} {have.get(name)!r} -> {want.get(name)!r}"
+                )
     return out
 
 

@@ -96,15 +96,19 @@ def _check_wide(df: pd.DataFrame, path: Path, values: str) -> pd.DataFrame:
         cell = df[LABELS[c]].iloc[r]
         shown = "an empty cell" if pd.isna(cell) else repr(cell.item() if isinstance(cell, np.generic) else cell)
         want = "0 or 1" if values == "labels" else "a probability in [0, 1]"
-        raise UserError(f"{path}: every {'/'.join(LABELS)} value must be {want}; image {df['image_id'].iloc[r]} "
-                        f"has {shown} for {LABELS[c]} ({int((~ok).any(axis=1).sum())} bad rows)")
+        raise UserError(
+            f"{path}: every {'/'.join(LABELS)} value must be {want}; image {df['image_id'].iloc[r]} "
+            f"has {shown} for {LABELS[c]} ({int((~ok).any(axis=1).sum())} bad rows)"
+        )
     out = pd.concat([df[["image_id"]], numbers], axis=1)
     dup = out.duplicated("image_id", keep=False)
     if dup.any():
         same = out[dup].drop_duplicates()
         if same["image_id"].duplicated().any():
-            raise UserError(f"{path}: image {same.loc[same['image_id'].duplicated(), 'image_id'].iloc[0]} appears "
-                            f"twice with different values; keep one row")
+            raise UserError(
+                f"{path}: image {same.loc[same['image_id'].duplicated(), 'image_id'].iloc[0]} appears "
+                f"twice with different values; keep one row"
+            )
     return out.drop_duplicates("image_id").reset_index(drop=True)
 
 
@@ -116,14 +120,18 @@ def score_frames(truth_df: pd.DataFrame, pred_df: pd.DataFrame) -> dict:
     pred_cols = [f"{label}_p" for label in LABELS]
     missing = merged[pred_cols].isna().any(axis=1).to_numpy()
     if missing.any():
-        raise UserError(f"the submission lacks predictions for {int(missing.sum())} of {len(merged)} scored images "
-                        f"(e.g. {merged['image_id'].iloc[int(np.argmax(missing))]}); predict every image of the truth file")
+        raise UserError(
+            f"the submission lacks predictions for {int(missing.sum())} of {len(merged)} scored images "
+            f"(e.g. {merged['image_id'].iloc[int(np.argmax(missing))]}); predict every image of the truth file"
+        )
     y_true = merged[[f"{label}_t" for label in LABELS]].to_numpy(np.float64)
     y_pred = merged[pred_cols].to_numpy(np.float64)
     bad = ~np.isfinite(y_pred).all(axis=1)
     if bad.any():
-        raise UserError(f"the submission has infinite predictions for {int(bad.sum())} images "
-                        f"(e.g. {merged['image_id'].iloc[int(np.argmax(bad))]}); probabilities must lie in [0, 1]")
+        raise UserError(
+            f"the submission has infinite predictions for {int(bad.sum())} images "
+            f"(e.g. {merged['image_id'].iloc[int(np.argmax(bad))]}); probabilities must lie in [0, 1]"
+        )
     return {"weighted_log_loss": weighted_log_loss(y_true, y_pred), "per_label": per_label_log_loss(y_true, y_pred)}
 
 

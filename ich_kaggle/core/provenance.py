@@ -30,21 +30,28 @@ def check_data(recorded: dict | None, current: dict, where: Path, name: str) -> 
     before this existed carry no identity: they pass (their split digest is still checked)."""
     if not recorded or recorded.get("images") == current["images"]:
         return
-    raise UserError(f"{where} was trained on the data folder {recorded.get('path')}, not on {current['path']} "
-                    f"(other images); train beside it with {fix('--run <new name>', 'RUN=<new name>')}, or pass "
-                    f"the {fix('--data', 'DATA_DIR')} it was trained on ({fix('--force', 'FORCE=1')} replaces it)")
+    raise UserError(
+        f"{where} was trained on the data folder {recorded.get('path')}, not on {current['path']} "
+        f"(other images); train beside it with {fix('--run <new name>', 'RUN=<new name>')}, or pass "
+        f"the {fix('--data', 'DATA_DIR')} it was trained on ({fix('--force', 'FORCE=1')} replaces it)"
+    )
 
 
 def code_version(root: str | Path | None = None) -> dict | None:
     """The git commit of the package's source and whether the tree had uncommitted changes; None outside git."""
     root = Path(root) if root else Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if commit.returncode != 0:
             return None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=30)
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}

@@ -92,8 +92,10 @@ class Registry:
             if found is not None:
                 return True, found
         if name in self.declared:
-            raise LookupError(f"{self.kind} {name!r} is declared in core/registry.py but {self.declared[name]} "
-                              "registers no object for it")
+            raise LookupError(
+                f"{self.kind} {name!r} is declared in core/registry.py but {self.declared[name]} "
+                "registers no object for it"
+            )
         return False, None
 
     def check(self, name: str, key: str | None = None) -> None:
@@ -130,24 +132,51 @@ class Registry:
 # Backbones: the names the shipped configs use and a few worth listing, all built by models/backbones.py (its family
 # finder: any segmentation-models-pytorch encoder, `tu-<any timm model>`, `pm-<pretrainedmodels name>`; those are
 # accepted too, checked by importing the libraries when the name is not declared here).
-BACKBONES = Registry("backbone", provided_by(
-    "ich_kaggle.models.backbones",
-    "small_cnn", "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "se_resnet50", "se_resnext50_32x4d",
-    "se_resnext101_32x4d", "efficientnet-b3", "tu-tf_efficientnet_lite0", "tu-efficientnet_b0", "tu-convnext_tiny",
-    "pm-se_resnext50_32x4d"), open_family=True)
+BACKBONES = Registry(
+    "backbone",
+    provided_by(
+        "ich_kaggle.models.backbones",
+        "small_cnn",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnext50_32x4d",
+        "se_resnet50",
+        "se_resnext50_32x4d",
+        "se_resnext101_32x4d",
+        "efficientnet-b3",
+        "tu-tf_efficientnet_lite0",
+        "tu-efficientnet_b0",
+        "tu-convnext_tiny",
+        "pm-se_resnext50_32x4d",
+    ),
+    open_family=True,
+)
 LOSSES = Registry("loss", provided_by("ich_kaggle.engine.losses", "bce", "focal"))
 OPTIMIZERS = Registry("optimizer", provided_by("ich_kaggle.engine.optim", "adamw", "adam", "sgd"))
 SCHEDULERS = Registry("scheduler", provided_by("ich_kaggle.engine.optim", "onecycle", "cosine", "constant"))
 POOLS = Registry("pooling", provided_by("ich_kaggle.models.heads", "avg", "gem", "avgmax"))
-STACK_MODELS = Registry("stack model", {**provided_by("ich_kaggle.stack.fit", "gru", "conv", "gru_conv"),
-                                        **provided_by("ich_kaggle.stack.neighbors", "neighbors")})
-TTA = Registry("TTA transform", provided_by("ich_kaggle.predict.tta", "identity", "hflip", "shift", "shift_back",
-                                            "scale", "transpose", "hflip_transpose"))
+STACK_MODELS = Registry(
+    "stack model",
+    {
+        **provided_by("ich_kaggle.stack.fit", "gru", "conv", "gru_conv"),
+        **provided_by("ich_kaggle.stack.neighbors", "neighbors"),
+    },
+)
+TTA = Registry(
+    "TTA transform",
+    provided_by(
+        "ich_kaggle.predict.tta", "identity", "hflip", "shift", "shift_back", "scale", "transpose", "hflip_transpose"
+    ),
+)
 # the augmentations (probability > 0) through which training shows the model each view's kind of image: a view the
 # model never saw only adds noise to the average, so the config check refuses it
 TTA_NEEDS: dict[str, tuple[str, ...]] = {
-    "hflip": ("hflip",), "shift": ("shift_scale_rotate",), "shift_back": ("shift_scale_rotate",),
-    "transpose": ("transpose",), "hflip_transpose": ("hflip", "transpose"),
+    "hflip": ("hflip",),
+    "shift": ("shift_scale_rotate",),
+    "shift_back": ("shift_scale_rotate",),
+    "transpose": ("transpose",),
+    "hflip_transpose": ("hflip", "transpose"),
 }
 WINDOWS = Registry("window", provided_by("ich_kaggle.data.windows", "brain", "subdural", "soft_tissue", "bone"))
 RECIPES = Registry("recipe", provided_by("ich_kaggle.recipes", "standard", "mil"))

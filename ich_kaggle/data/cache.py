@@ -29,8 +29,19 @@ SOURCE_COLUMNS = ["image_id", "path", "size", "mtime_ns"]
 SKIPPED_COLUMNS = ["path", "reason", "size", "mtime_ns"]
 ENTRY_COLUMNS = ["entry_size", "entry_mtime_ns"]  # the cache file as written: a damaged entry is made again
 
-__all__ = ["CacheError", "cache_path", "load_hu", "write_entry", "cached_ids", "format_ok", "reset_if_foreign",
-           "read_sources", "write_sources", "read_skipped", "write_skipped"]
+__all__ = [
+    "CacheError",
+    "cache_path",
+    "load_hu",
+    "write_entry",
+    "cached_ids",
+    "format_ok",
+    "reset_if_foreign",
+    "read_sources",
+    "write_sources",
+    "read_skipped",
+    "write_skipped",
+]
 
 
 def cache_path(layout: Layout, image_id: str) -> Path:
@@ -76,8 +87,10 @@ def reset_if_foreign(layout: Layout) -> None:
         old = [p for p in layout.cache_dir.iterdir() if p.is_dir()] if layout.cache_dir.is_dir() else []
         if old:  # unreadable by this version: remove, so a killed re-run never mixes formats
             was = layout.cache_format.read_text().strip() if layout.cache_format.exists() else "no FORMAT marker"
-            log.info(f"cache: {layout.cache_dir} holds an older cache format ({was}); removing it and caching every slice "
-                  f"again as {FORMAT}")
+            log.info(
+                f"cache: {layout.cache_dir} holds an older cache format ({was}); removing it and caching every slice "
+                f"again as {FORMAT}"
+            )
             for shard in old:
                 shutil.rmtree(shard)
         for stale in (layout.cache_sources, layout.cache_skipped):
@@ -101,7 +114,7 @@ def cached_ids(layout: Layout) -> set[str]:
             with os.scandir(shard.path) as files:
                 for f in files:
                     if f.name.endswith(SUFFIX):
-                        ids.add(f.name[:-len(SUFFIX)])
+                        ids.add(f.name[: -len(SUFFIX)])
                     elif f.name.endswith(".tmp") and f.stat().st_mtime < stale_before:
                         try:
                             os.unlink(f.path)  # left by a killed run (a live writer keeps one for milliseconds)
@@ -135,13 +148,17 @@ def read_sources(layout: Layout) -> pd.DataFrame:
     sources = _read(layout.cache_sources, SOURCE_COLUMNS)
     if layout.cache_sources.exists() and len(sources):
         try:
-            extra = pd.read_csv(layout.cache_sources, usecols=lambda c: c in ENTRY_COLUMNS,
-                                dtype={c: "Int64" for c in ENTRY_COLUMNS})  # ns do not fit a float exactly
+            extra = pd.read_csv(
+                layout.cache_sources, usecols=lambda c: c in ENTRY_COLUMNS, dtype={c: "Int64" for c in ENTRY_COLUMNS}
+            )  # ns do not fit a float exactly
         except (OSError, ValueError):
             extra = pd.DataFrame()
         for col in ENTRY_COLUMNS:
-            sources[col] = (extra[col].to_numpy() if col in extra and len(extra) == len(sources)
-                            else pd.array([pd.NA] * len(sources), dtype="Int64"))
+            sources[col] = (
+                extra[col].to_numpy()
+                if col in extra and len(extra) == len(sources)
+                else pd.array([pd.NA] * len(sources), dtype="Int64")
+            )
     else:
         sources = sources.assign(**{c: pd.Series(dtype="Int64") for c in ENTRY_COLUMNS})
     return sources

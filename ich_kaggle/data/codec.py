@@ -18,8 +18,9 @@ MAGIC = b"IHU4"
 FORMAT = "IHU4 blosc2 lz4-9 shuffle"  # the cache folder's marker: another value means another format
 _HEAD = struct.Struct("<4sII")  # magic, rows, cols
 # one thread: the cache is written by a process pool and read by loader workers, already one per core
-_CPARAMS = blosc2.CParams(codec=blosc2.Codec.LZ4, clevel=9, typesize=2, nthreads=1,
-                          filters=[blosc2.Filter.SHUFFLE], filters_meta=[0])
+_CPARAMS = blosc2.CParams(
+    codec=blosc2.Codec.LZ4, clevel=9, typesize=2, nthreads=1, filters=[blosc2.Filter.SHUFFLE], filters_meta=[0]
+)
 _DPARAMS = blosc2.DParams(nthreads=1)
 
 
@@ -42,7 +43,7 @@ def decode(data: bytes) -> np.ndarray:
     magic, rows, cols = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise CacheError("not an ich_kaggle HU cache file of this version")
-    body = memoryview(data)[_HEAD.size:]
+    body = memoryview(data)[_HEAD.size :]
     try:
         nbytes, cbytes, _ = blosc2.get_cbuffer_sizes(body) if len(body) >= 32 else (-1, -1, -1)
         if nbytes != rows * cols * 2 or cbytes != len(body):

@@ -89,7 +89,7 @@ def crop(hu: np.ndarray, box: tuple[int, int, int, int], fill: float) -> np.ndar
         return hu[y0:y1, x0:x1]
     out = np.full((y1 - y0, x1 - x0), fill, dtype=hu.dtype)
     iy0, iy1, ix0, ix1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
-    out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = hu[iy0:iy1, ix0:ix1]
+    out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = hu[iy0:iy1, ix0:ix1]
     return out
 
 
@@ -105,13 +105,17 @@ def brain_fraction(hu: np.ndarray) -> float:
 cv2.setNumThreads(1)
 
 
-def jitter_windows(windows: list[tuple[float, float]], prob: float, max_hu: float,
-                   rng: np.random.Generator) -> list[tuple[float, float]]:
+def jitter_windows(
+    windows: list[tuple[float, float]], prob: float, max_hu: float, rng: np.random.Generator
+) -> list[tuple[float, float]]:
     """With probability `prob` per window, shift its center and width each by U(-max_hu, max_hu)."""
     out = []
     for window in windows:
-        out.append(jitter([window], rng, max_hu)[0] if prob > 0 and rng.random() < prob
-                   else (float(window[0]), float(window[1])))
+        out.append(
+            jitter([window], rng, max_hu)[0]
+            if prob > 0 and rng.random() < prob
+            else (float(window[0]), float(window[1]))
+        )
     return out
 
 
@@ -170,8 +174,16 @@ class SliceDataset(Dataset):
     An image that cannot be loaded is replaced by another one in training; in evaluation it comes back blank with
     NaN labels, the mark by which predict leaves it out and reports it."""
 
-    def __init__(self, frame: pd.DataFrame, layout: Layout | None, cfg: Config, transform=None, train: bool = False,
-                 meta: pd.DataFrame | None = None, read_hu=None) -> None:
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        layout: Layout | None,
+        cfg: Config,
+        transform=None,
+        train: bool = False,
+        meta: pd.DataFrame | None = None,
+        read_hu=None,
+    ) -> None:
         self.frame = frame.reset_index(drop=True)
         self.layout, self.cfg, self.transform, self.train = layout, cfg, transform, train
         self.windows = named(cfg.data.windows)
@@ -262,33 +274,45 @@ class SliceDataset(Dataset):
                 return self._item(current), torch.from_numpy(self.labels[current]), current
             except dicom.SourceUnreadable as e:  # still unreadable after the retries (source.DicomSlices)
                 if not self.train:  # a blank validation or test image would be a wrong prediction: stop
-                    raise UserError(f"cannot read {e.filename} ({e.strerror}) after retries; fix the disk or its "
-                                    f"permissions and rerun (training resumes from last.pt)") from None
+                    raise UserError(
+                        f"cannot read {e.filename} ({e.strerror}) after retries; fix the disk or its "
+                        f"permissions and rerun (training resumes from last.pt)"
+                    ) from None
                 self._unreadable(current, e)
                 rng = rng or self._rng(index)
                 current = int(rng.integers(len(self)))
             except Exception as e:  # a corrupt cache file must not end a long run
                 if isinstance(e, MemoryError) or "memory" in str(e).lower():  # not the image's fault: say so
-                    raise UserError(f"out of memory making image {self.image_ids[current]} at data.image_size="
-                                    f"{getattr(self.cfg.data, 'image_size', '?')} ({type(e).__name__}); lower "
-                                    f"data.image_size or train.batch_size") from None
+                    raise UserError(
+                        f"out of memory making image {self.image_ids[current]} at data.image_size="
+                        f"{getattr(self.cfg.data, 'image_size', '?')} ({type(e).__name__}); lower "
+                        f"data.image_size or train.batch_size"
+                    ) from None
                 image_id = self.image_ids[current]
                 if image_id not in self.failed:  # warn once per image (per worker)
                     self.failed.add(image_id)
-                    log.warning("image %s unreadable (%s); %s", image_id, e,
-                                "replaced by another training image" if self.train else "left out of the predictions")
+                    log.warning(
+                        "image %s unreadable (%s); %s",
+                        image_id,
+                        e,
+                        "replaced by another training image" if self.train else "left out of the predictions",
+                    )
                 if not self.train:  # NaN labels mark it: predict leaves it out and lists it as unreadable
                     return self._blank(), torch.full((len(LABELS),), float("nan")), index
                 rng = rng or self._rng(index)
                 current = int(rng.integers(len(self)))
         if self.source == "dicom":
-            raise UserError(f"{MAX_REPLACEMENTS} unreadable images in a row under {self.layout.data} (last: "
-                            f"{self.image_ids[current]}, read from its DICOM: data.source=dicom); check that the "
-                            f"data folder is mounted and readable")
+            raise UserError(
+                f"{MAX_REPLACEMENTS} unreadable images in a row under {self.layout.data} (last: "
+                f"{self.image_ids[current]}, read from its DICOM: data.source=dicom); check that the "
+                f"data folder is mounted and readable"
+            )
         cache_dir = getattr(self.layout, "cache_dir", "the cache")
-        raise UserError(f"{MAX_REPLACEMENTS} unreadable images in a row under {cache_dir} (last: "
-                        f"{self.image_ids[current]}); rerun `python -m ich_kaggle preprocess` (it makes damaged "
-                        f"entries again from their DICOMs), or check that the work folder is readable")
+        raise UserError(
+            f"{MAX_REPLACEMENTS} unreadable images in a row under {cache_dir} (last: "
+            f"{self.image_ids[current]}); rerun `python -m ich_kaggle preprocess` (it makes damaged "
+            f"entries again from their DICOMs), or check that the work folder is readable"
+        )
 
     def _unreadable(self, index: int, e: BaseException) -> None:
         image_id = self.image_ids[index]

@@ -77,8 +77,12 @@ MULTI = {"ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Win
 US_KEYWORDS = {kw for kw, vr in TAGS.values() if vr == "US"}
 RESCALE = ("RescaleSlope", "RescaleIntercept")
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
-VRS = {vr.encode() for vr in ("AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
-                              "UL UN UR US UT UV").split()}
+VRS = {
+    vr.encode()
+    for vr in (
+        "AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV"
+    ).split()
+}
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 ASCII_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}  # plain ASCII bytes decode to the same text
 _DS = rb" *[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *"
@@ -92,8 +96,17 @@ _TAG = struct.Struct("<HH")
 
 
 # read errors that say nothing about the file itself: a stage stops on them instead of skipping the file as bad
-TRANSIENT = {errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
-             errno.ESTALE, errno.ETIMEDOUT}
+TRANSIENT = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENOMEM,
+    errno.EAGAIN,
+    errno.ESTALE,
+    errno.ETIMEDOUT,
+}
 
 
 class SourceUnreadable(OSError):
@@ -128,6 +141,7 @@ class Parsed:
 
 
 # --- the fast path: walk, then validate every value the pixels depend on -------------------------------------
+
 
 def _text(raw: bytes) -> str:
     raw = raw.rstrip(b"\x00 ")  # pydicom strips trailing padding only
@@ -186,7 +200,7 @@ def _walk(buf: bytes, file_size: int) -> Parsed:
             raise _Fallback
         last = tag
         if elem == 0x0010:
-            ts = _text(buf[pos:pos + length])
+            ts = _text(buf[pos : pos + length])
         pos += length
     if ts not in UNCOMPRESSED:
         raise _Fallback  # compressed, big endian, deflated, or no transfer syntax
@@ -216,7 +230,7 @@ def _walk(buf: bytes, file_size: int) -> Parsed:
             expected = TAGS[tag][1].encode() if tag in TAGS else b"CS"
             if vr is not None and vr != expected:
                 raise _Fallback  # another VR changes how pydicom reads the value
-            raw[tag] = buf[pos:pos + length]
+            raw[tag] = buf[pos : pos + length]
         pos += length
     charset = raw.pop(CHARSET, None)
     if charset is not None and _text(charset) not in ASCII_CHARSETS:
@@ -233,7 +247,7 @@ def _element_head(buf: bytes, pos: int, explicit: bool) -> tuple[int, int, bytes
         vr = None
         pos += 8
     else:
-        vr = buf[pos + 4:pos + 6]
+        vr = buf[pos + 4 : pos + 6]
         if vr not in VRS:
             raise _Fallback
         if vr in LONG_VRS:
@@ -253,9 +267,17 @@ def _validate(parsed: Parsed, file_size: int) -> None:
     """The image description must be complete and consistent, and PixelData exactly one frame ending the file."""
     h = parsed.header
     rows, cols, bits, stored = h.get("Rows"), h.get("Columns"), h.get("BitsAllocated"), h.get("BitsStored")
-    if (h.get("SamplesPerPixel") != 1 or h.get("PhotometricInterpretation") not in MONOCHROME
-            or not rows or not cols or bits not in (8, 16, 32) or stored is None or not 1 <= stored <= bits
-            or h.get("PixelRepresentation") not in (0, 1) or h.get("NumberOfFrames", 1) != 1):
+    if (
+        h.get("SamplesPerPixel") != 1
+        or h.get("PhotometricInterpretation") not in MONOCHROME
+        or not rows
+        or not cols
+        or bits not in (8, 16, 32)
+        or stored is None
+        or not 1 <= stored <= bits
+        or h.get("PixelRepresentation") not in (0, 1)
+        or h.get("NumberOfFrames", 1) != 1
+    ):
         raise _Fallback
     need = rows * cols * (bits // 8)
     assert parsed.pixel_offset is not None and parsed.pixel_length is not None
@@ -282,6 +304,7 @@ def _fast_pixels(parsed: Parsed, buf: bytes) -> np.ndarray:
 
 # --- the reference path: pydicom -----------------------------------------------------------------------------
 
+
 def _pydicom_read(buf: bytes, hint: str, one_slice: bool) -> tuple[dict[str, Any], np.ndarray]:
     """Header and decoded pixels by pydicom; DicomError when pydicom cannot give them (or, with `one_slice`,
     when the header already says they are not one greyscale slice)."""
@@ -304,8 +327,11 @@ def _pydicom_decode(dcmread: Any, buf: bytes, hint: str, one_slice: bool) -> tup
             has_pixels = "PixelData" in ds
         except Exception as e:  # pydicom raises many types for broken files
             if not hint:
-                hint = (f"not a DICOM file (no DICM marker; {_describe(e)})" if buf[128:132] != b"DICM"
-                        else f"unreadable DICOM ({_describe(e)})")
+                hint = (
+                    f"not a DICOM file (no DICM marker; {_describe(e)})"
+                    if buf[128:132] != b"DICM"
+                    else f"unreadable DICOM ({_describe(e)})"
+                )
             raise DicomError(hint) from None
         h = _pydicom_header(ds)
         h["_has_pixels"] = has_pixels
@@ -367,6 +393,7 @@ def _pydicom_header(ds: Any) -> dict[str, Any]:
 
 
 # --- public API ------------------------------------------------------------------------------------------------
+
 
 def check(h: dict[str, Any], shape: tuple[int, ...] | None = None, require_ct: bool = True) -> str | None:
     """Why this header (and decoded pixel shape) cannot give a CT slice, or None. Shared by `scan` and `read_hu`."""
@@ -471,14 +498,19 @@ def to_hu(px: np.ndarray, h: dict[str, Any], dtype: type = np.float32) -> np.nda
         px[px >= 4096] -= 4096
         intercept = -1000.0
     if dtype is np.int16:
-        if (slope == 1 and intercept.is_integer() and -32768 <= intercept <= 32767
-                and px.dtype in (np.int16, np.uint16)):
+        if slope == 1 and intercept.is_integer() and -32768 <= intercept <= 32767 and px.dtype in (np.int16, np.uint16):
             lo = 0 if px.dtype == np.uint16 else int(px.min(initial=0))
             hi = int(px.max(initial=0))
             if hi <= 32767 and -32768 <= lo + intercept and hi + intercept <= 32767:  # no overflow: stay in int16
                 return (px.view(np.int16) if px.dtype == np.uint16 else px) + np.int16(intercept)
-        if (slope.is_integer() and intercept.is_integer() and abs(slope) < 2**20 and abs(intercept) < 2**40
-                and px.dtype.kind in "iu" and px.dtype.itemsize <= 4):
+        if (
+            slope.is_integer()
+            and intercept.is_integer()
+            and abs(slope) < 2**20
+            and abs(intercept) < 2**40
+            and px.dtype.kind in "iu"
+            and px.dtype.itemsize <= 4
+        ):
             hu = px.astype(np.int64) * int(slope) + int(intercept)  # |px| < 2**32: no int64 overflow
             return np.clip(hu, -32768, 32767).astype(np.int16)
         hu = px.astype(np.float64) * slope + intercept

@@ -37,7 +37,9 @@ def assign_folds(frame: pd.DataFrame, k: int = CVConfig.k, seed: int = CVConfig.
         raise UserError(f"k must be at least 2 folds, got {k}")
     patients, codes = np.unique(frame["patient_id"].astype(str).to_numpy(), return_inverse=True)
     if len(patients) < k:
-        raise UserError(f"only {len(patients)} patient(s) with labels: cannot make {k} patient-grouped folds; use a smaller k")
+        raise UserError(
+            f"only {len(patients)} patient(s) with labels: cannot make {k} patient-grouped folds; use a smaller k"
+        )
     y = frame[list(LABELS)].to_numpy(dtype=np.int64)
     counts = np.zeros((len(patients), len(LABELS)), dtype=np.int64)  # positive images per patient and label
     np.add.at(counts, codes, y)
@@ -73,8 +75,9 @@ def assign_folds(frame: pd.DataFrame, k: int = CVConfig.k, seed: int = CVConfig.
     return pd.Series(assignment[codes].astype(np.int8), index=frame.index, name="fold")
 
 
-def _repair(assignment: np.ndarray, has: np.ndarray, sizes: np.ndarray, fold_carriers: np.ndarray,
-            n_with: np.ndarray, k: int) -> None:
+def _repair(
+    assignment: np.ndarray, has: np.ndarray, sizes: np.ndarray, fold_carriers: np.ndarray, n_with: np.ndarray, k: int
+) -> None:
     """Local search so that every label carried by >= k patients reaches every fold.
 
     The greedy pass can leave a fold without a label when patients carrying several rare labels were placed
@@ -144,22 +147,28 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def build_folds(layout: Layout, out: str | Path | None = None, k: int = CVConfig.k,
-                seed: int = CVConfig.seed) -> pd.DataFrame:
+def build_folds(
+    layout: Layout, out: str | Path | None = None, k: int = CVConfig.k, seed: int = CVConfig.seed
+) -> pd.DataFrame:
     """Write folds.csv: image_id, patient_id, study_id, series_id, fold + LABELS for labelled, readable train slices."""
     layout.require_data()
     labels = labels_mod.read_labels(layout.train_csv)
     meta = meta_mod.load_meta(layout)
     frame = labelled_frame(meta, labels)
     if frame.empty:
-        raise UserError(f"{layout.train_csv}: none of its images is among the readable train DICOMs in {layout.train_dir}; "
-                        f"check that they come from the same download (or delete {layout.meta_csv} to rescan)")
+        raise UserError(
+            f"{layout.train_csv}: none of its images is among the readable train DICOMs in {layout.train_dir}; "
+            f"check that they come from the same download (or delete {layout.meta_csv} to rescan)"
+        )
     frame["fold"] = assign_folds(frame, k=k, seed=seed)
     folds = frame[FOLD_COLUMNS].reset_index(drop=True)
     out = write_folds(layout, folds, k, seed, out)
     unlabelled = int((meta["split"] == "train").sum()) - len(folds)
-    log.info(f"folds: {len(folds)} labelled train slices of {folds['patient_id'].nunique()} patients in {k} folds (seed {seed})"
-          + (f"; {unlabelled} train slice(s) without labels left out" if unlabelled else "") + f" -> {out}")
+    log.info(
+        f"folds: {len(folds)} labelled train slices of {folds['patient_id'].nunique()} patients in {k} folds (seed {seed})"
+        + (f"; {unlabelled} train slice(s) without labels left out" if unlabelled else "")
+        + f" -> {out}"
+    )
     log.info(summary(folds).to_string())
     return folds
 
@@ -200,10 +209,12 @@ def stale_reason(layout: Layout, k: int, seed: int) -> str | None:
         old_set = f"--set cv.k={info.get('k')} cv.seed={info.get('seed')}"
         old_make = f'SET_EXTRA="cv.k={info.get("k")} cv.seed={info.get("seed")}"'
         rebuild = f"python -m ich_kaggle folds --data {layout.data} --k {k} --seed {seed}"
-        raise UserError(f"{path} was made with k={info.get('k')}, seed={info.get('seed')} but this config asks for "
-                        f"cv.k={k}, cv.seed={seed}; use {fix(old_set, old_make)}, or rebuild it with "
-                        f"`{fix(rebuild, f'make folds DATA_DIR={layout.data} K={k} SEED={seed}')}` (folds "
-                        f"trained on the old split then refuse to resume)")
+        raise UserError(
+            f"{path} was made with k={info.get('k')}, seed={info.get('seed')} but this config asks for "
+            f"cv.k={k}, cv.seed={seed}; use {fix(old_set, old_make)}, or rebuild it with "
+            f"`{fix(rebuild, f'make folds DATA_DIR={layout.data} K={k} SEED={seed}')}` (folds "
+            f"trained on the old split then refuse to resume)"
+        )
     if info.get("labels", {}) != _labels_identity(layout):
         return f"was made from another {layout.train_csv.name} (replaced or edited since)"
     # only labelled train images that folds.csv lacks make it stale: new test DICOMs (meta.csv rewritten) do not,
@@ -269,7 +280,8 @@ def check_trainable(table: pd.DataFrame, folds: list[int], folds_csv: Path) -> N
     for fold in folds:
         n_val = int(sizes.get(fold, 0))
         if n_val == 0 or n_val == len(table):
-            raise UserError(f"{folds_csv}: fold {fold} leaves an empty {'validation' if n_val == 0 else 'training'} set "
-                            f"(folds present: {sorted(int(f) for f in sizes.index)}); "
-                            f"use fewer folds ({fix('--set cv.k=...', 'SET_EXTRA=cv.k=...')}) or more data")
-
+            raise UserError(
+                f"{folds_csv}: fold {fold} leaves an empty {'validation' if n_val == 0 else 'training'} set "
+                f"(folds present: {sorted(int(f) for f in sizes.index)}); "
+                f"use fewer folds ({fix('--set cv.k=...', 'SET_EXTRA=cv.k=...')}) or more data"
+            )

@@ -34,10 +34,32 @@ from . import dicom, inputs
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "image_id", "patient_id", "study_id", "series_id", "split", "path", "z", "slice_rank", "series_len",
-    "rows", "cols", "pixel_spacing", "bits_stored", "pixel_representation", "intercept", "slope",
-    "instance_number", "ipp_x", "ipp_y", "ipp_z", "window_center", "window_width", "bits_allocated",
-    "slice_thickness", "modality", "transfer_syntax",
+    "image_id",
+    "patient_id",
+    "study_id",
+    "series_id",
+    "split",
+    "path",
+    "z",
+    "slice_rank",
+    "series_len",
+    "rows",
+    "cols",
+    "pixel_spacing",
+    "bits_stored",
+    "pixel_representation",
+    "intercept",
+    "slope",
+    "instance_number",
+    "ipp_x",
+    "ipp_y",
+    "ipp_z",
+    "window_center",
+    "window_width",
+    "bits_allocated",
+    "slice_thickness",
+    "modality",
+    "transfer_syntax",
 ]
 ID_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "split", "path"]
 REQUIRED = {"PatientID": "patient_id", "StudyInstanceUID": "study_id", "SeriesInstanceUID": "series_id"}
@@ -69,15 +91,29 @@ def header_row(rel_path: str, split: str, h: dict[str, Any]) -> tuple[dict[str, 
     iop = _vec(h.get("ImageOrientationPatient"), 6)
     slope, intercept, _ = dicom.rescale_params(h)
     row = {
-        "image_id": Path(rel_path).stem, "patient_id": h["PatientID"], "study_id": h["StudyInstanceUID"],
-        "series_id": h["SeriesInstanceUID"], "split": split, "path": rel_path,
-        "rows": h.get("Rows"), "cols": h.get("Columns"), "pixel_spacing": _first(h.get("PixelSpacing")),
-        "bits_stored": h.get("BitsStored"), "pixel_representation": h.get("PixelRepresentation"),
-        "intercept": intercept, "slope": slope, "instance_number": h.get("InstanceNumber"),
-        "ipp_x": ipp[0], "ipp_y": ipp[1], "ipp_z": ipp[2],
-        "window_center": _first(h.get("WindowCenter")), "window_width": _first(h.get("WindowWidth")),
-        "bits_allocated": h.get("BitsAllocated"), "slice_thickness": h.get("SliceThickness"),
-        "modality": h.get("Modality"), "transfer_syntax": h.get("TransferSyntaxUID"),
+        "image_id": Path(rel_path).stem,
+        "patient_id": h["PatientID"],
+        "study_id": h["StudyInstanceUID"],
+        "series_id": h["SeriesInstanceUID"],
+        "split": split,
+        "path": rel_path,
+        "rows": h.get("Rows"),
+        "cols": h.get("Columns"),
+        "pixel_spacing": _first(h.get("PixelSpacing")),
+        "bits_stored": h.get("BitsStored"),
+        "pixel_representation": h.get("PixelRepresentation"),
+        "intercept": intercept,
+        "slope": slope,
+        "instance_number": h.get("InstanceNumber"),
+        "ipp_x": ipp[0],
+        "ipp_y": ipp[1],
+        "ipp_z": ipp[2],
+        "window_center": _first(h.get("WindowCenter")),
+        "window_width": _first(h.get("WindowWidth")),
+        "bits_allocated": h.get("BitsAllocated"),
+        "slice_thickness": h.get("SliceThickness"),
+        "modality": h.get("Modality"),
+        "transfer_syntax": h.get("TransferSyntaxUID"),
     }
     row.update(zip(_IOP_ROW, iop))
     return row, None
@@ -95,8 +131,10 @@ def _scan_chunk(args: Chunk) -> Result:
         try:
             parsed, reason = reader(os.path.join(data_dir, rel))
         except dicom.SourceUnreadable as e:  # never recorded as a bad DICOM: the stage stops, a rerun retries it
-            raise UserError(f"cannot read {e.filename} ({e.strerror}); fix its permissions or the disk, then rerun "
-                            f"(nothing was recorded as a bad DICOM)") from None
+            raise UserError(
+                f"cannot read {e.filename} ({e.strerror}); fix its permissions or the disk, then rerun "
+                f"(nothing was recorded as a bad DICOM)"
+            ) from None
         except dicom.DicomError as e:
             reason = e.reason
         except Exception as e:  # a reader bug costs one file, never a scan of 874k: skipped, with the error named
@@ -164,14 +202,19 @@ def _isolated(chunks: list[Chunk]) -> Result:
     return rows, skipped
 
 
-def scan_files(data_dir: Path, items: list[tuple[str, str]], workers: int | None = None,
-               desc: str = "headers", reader: Reader | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def scan_files(
+    data_dir: Path,
+    items: list[tuple[str, str]],
+    workers: int | None = None,
+    desc: str = "headers",
+    reader: Reader | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scan headers in parallel -> (meta rows with z, not yet ranked; skipped frame with path, reason).
 
     `reader` (path -> (header, reason)) is the DICOM reader, a module-level function so workers can import it."""
     workers = max(1, workers or os.cpu_count() or 1)
     reader = reader or dicom.scan  # looked up per call, not bound at import
-    chunks = [(str(data_dir), items[i:i + CHUNK], reader) for i in range(0, len(items), CHUNK)]
+    chunks = [(str(data_dir), items[i : i + CHUNK], reader) for i in range(0, len(items), CHUNK)]
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     with tqdm(total=len(items), desc=desc, unit="img", mininterval=1.0) as bar:
@@ -187,7 +230,9 @@ def scan_files(data_dir: Path, items: list[tuple[str, str]], workers: int | None
         else:
             _pooled(chunks, min(workers, len(chunks)), collect)
     skipped.sort()
-    frame = pd.DataFrame(rows, columns=COLUMNS[:6] + [c for c in COLUMNS[6:] if c not in ("z", "slice_rank", "series_len")] + _IOP_ROW)
+    frame = pd.DataFrame(
+        rows, columns=COLUMNS[:6] + [c for c in COLUMNS[6:] if c not in ("z", "slice_rank", "series_len")] + _IOP_ROW
+    )
     return add_z(frame), pd.DataFrame(skipped, columns=["path", "reason"])
 
 
@@ -257,20 +302,32 @@ def _parse_list_column(s: pd.Series, n: int) -> np.ndarray:
 def frame_from_headers(headers: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """A meta-style frame (z, slice_rank, series_len, ...) from a table of DICOM headers written by pydicom
     (columns named by DICOM keyword, e.g. the shared `stage_1_test_dicom_headers.csv.gz`)."""
-    df = pd.DataFrame({
-        "image_id": headers["SOPInstanceUID"].astype(str), "patient_id": headers["PatientID"].astype(str),
-        "study_id": headers["StudyInstanceUID"].astype(str), "series_id": headers["SeriesInstanceUID"].astype(str),
-        "split": split,
-    })
+    df = pd.DataFrame(
+        {
+            "image_id": headers["SOPInstanceUID"].astype(str),
+            "patient_id": headers["PatientID"].astype(str),
+            "study_id": headers["StudyInstanceUID"].astype(str),
+            "series_id": headers["SeriesInstanceUID"].astype(str),
+            "split": split,
+        }
+    )
     df["path"] = f"stage_2_{split}/" + df["image_id"] + ".dcm"
     ipp = _parse_list_column(headers["ImagePositionPatient"], 3)
     df["ipp_x"], df["ipp_y"], df["ipp_z"] = ipp[:, 0], ipp[:, 1], ipp[:, 2]
     iop = _parse_list_column(headers["ImageOrientationPatient"], 6)
     for i, col in enumerate(_IOP_ROW):
         df[col] = iop[:, i]
-    simple = {"Rows": "rows", "Columns": "cols", "BitsStored": "bits_stored", "BitsAllocated": "bits_allocated",
-              "PixelRepresentation": "pixel_representation", "RescaleIntercept": "intercept",
-              "RescaleSlope": "slope", "InstanceNumber": "instance_number", "Modality": "modality"}
+    simple = {
+        "Rows": "rows",
+        "Columns": "cols",
+        "BitsStored": "bits_stored",
+        "BitsAllocated": "bits_allocated",
+        "PixelRepresentation": "pixel_representation",
+        "RescaleIntercept": "intercept",
+        "RescaleSlope": "slope",
+        "InstanceNumber": "instance_number",
+        "Modality": "modality",
+    }
     for src, dst in simple.items():
         if src in headers:
             df[dst] = headers[src].to_numpy()
@@ -327,17 +384,26 @@ def _expected(listing: pd.DataFrame) -> dict:
 def _previous(layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None:
     """(meta, skipped, listing) of the last scan, or None where there is none of this version to build on."""
     found = manifest.read(layout.meta_csv)
-    if found is None or found.get("version") != VERSION or not layout.meta_inputs.exists() or not layout.skipped_csv.exists():
+    if (
+        found is None
+        or found.get("version") != VERSION
+        or not layout.meta_inputs.exists()
+        or not layout.skipped_csv.exists()
+    ):
         return None
     try:
-        return (read_meta(layout.meta_csv), pd.read_csv(layout.skipped_csv, dtype=str),
-                inputs.read_listing(layout.meta_inputs))
+        return (
+            read_meta(layout.meta_csv),
+            pd.read_csv(layout.skipped_csv, dtype=str),
+            inputs.read_listing(layout.meta_inputs),
+        )
     except (OSError, ValueError):
         return None
 
 
-def _refresh(layout: Layout, workers: int | None, reuse: bool,
-             listing: tuple[pd.DataFrame, list[tuple[str, str]]] | None = None) -> pd.DataFrame:
+def _refresh(
+    layout: Layout, workers: int | None, reuse: bool, listing: tuple[pd.DataFrame, list[tuple[str, str]]] | None = None
+) -> pd.DataFrame:
     """Write meta.csv, skipped.csv and their manifest; with `reuse`, rescan only what changed since the last scan."""
     t0 = time.perf_counter()
     files, unreadable = listing if listing is not None else inputs.list_inputs(layout)
@@ -353,8 +419,10 @@ def _refresh(layout: Layout, workers: int | None, reuse: bool,
         kept = set(files.loc[~new, "path"])
         n_changed = int(todo["path"].isin(old_files["path"]).sum())
         n_removed = len(set(old_files["path"]) - set(files["path"]))
-        log.info(f"meta: {len(todo) - n_changed} DICOM(s) added, {n_changed} changed, {n_removed} removed since "
-              f"{layout.meta_csv} was made; scanning {len(todo)}")
+        log.info(
+            f"meta: {len(todo) - n_changed} DICOM(s) added, {n_changed} changed, {n_removed} removed since "
+            f"{layout.meta_csv} was made; scanning {len(todo)}"
+        )
         kept_meta = old_meta.loc[old_meta["path"].isin(kept)]
         kept_skipped = old_skipped.loc[old_skipped["path"].isin(kept)]
     meta, skipped = _scan(layout, todo, unreadable, workers, kept_meta, kept_skipped)
@@ -370,15 +438,29 @@ def _refresh(layout: Layout, workers: int | None, reuse: bool,
     return meta
 
 
-def _scan(layout: Layout, todo: pd.DataFrame, unreadable: list[tuple[str, str]], workers: int | None,
-          kept_meta: pd.DataFrame | None = None, kept_skipped: pd.DataFrame | None = None
-          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _scan(
+    layout: Layout,
+    todo: pd.DataFrame,
+    unreadable: list[tuple[str, str]],
+    workers: int | None,
+    kept_meta: pd.DataFrame | None = None,
+    kept_skipped: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scan `todo`'s headers and rank every series over the new and the kept rows -> (meta, skipped)."""
-    rows, skipped = scan_files(layout.data, list(todo[["path", "split"]].itertuples(index=False, name=None)),
-                               workers=workers)
+    rows, skipped = scan_files(
+        layout.data, list(todo[["path", "split"]].itertuples(index=False, name=None)), workers=workers
+    )
     if kept_meta is not None and len(kept_meta):
-        rows = pd.concat([kept_meta, rows.astype({c: str for c in ID_COLUMNS})], ignore_index=True) if len(rows) else kept_meta
-    parts = [p for p in (kept_skipped, skipped, pd.DataFrame(unreadable, columns=["path", "reason"])) if p is not None and len(p)]
+        rows = (
+            pd.concat([kept_meta, rows.astype({c: str for c in ID_COLUMNS})], ignore_index=True)
+            if len(rows)
+            else kept_meta
+        )
+    parts = [
+        p
+        for p in (kept_skipped, skipped, pd.DataFrame(unreadable, columns=["path", "reason"]))
+        if p is not None and len(p)
+    ]
     skipped = pd.concat(parts, ignore_index=True) if parts else skipped
     return rank_slices(rows), skipped.sort_values("path", kind="mergesort").reset_index(drop=True)
 
@@ -392,8 +474,10 @@ def _write(df: pd.DataFrame, path: Path) -> None:
 
 def _report(meta: pd.DataFrame, skipped: pd.DataFrame, out: Path, skipped_path: Path, seconds: float) -> None:
     n_train = int((meta["split"] == "train").sum())
-    log.info(f"meta: {len(meta)} slices ({n_train} train, {len(meta) - n_train} test) in {meta['series_id'].nunique()} series "
-          f"of {meta['patient_id'].nunique()} patients, {seconds:.1f}s -> {out}")
+    log.info(
+        f"meta: {len(meta)} slices ({n_train} train, {len(meta) - n_train} test) in {meta['series_id'].nunique()} series "
+        f"of {meta['patient_id'].nunique()} patients, {seconds:.1f}s -> {out}"
+    )
     if len(skipped):
         log.info(f"skipped {len(skipped)} file(s) (listed in {skipped_path}):")
         for path, reason in skipped.head(50).itertuples(index=False):

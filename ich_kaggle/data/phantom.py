@@ -179,7 +179,11 @@ def render(geom: Geometry, an: Anatomy, lesions: list[Lesion], noise_seed: int, 
     to_outer = norm_q * (1.0 / np.maximum(r_out, 1e-6) - 1.0)  # mm to the outer skull surface (inside: >0)
     frac = np.clip(-depth / np.maximum(to_outer - depth, 1e-3), 0.0, 1.0)  # 0 at the inner table, 1 at the outer
     del to_outer
-    hu[skull] = 1550.0 - 650.0 * np.sin(np.pi * frac[skull]) + 120.0 * np.sin(0.11 * x[skull] + 0.07 * y[skull] + 0.05 * z[skull])
+    hu[skull] = (
+        1550.0
+        - 650.0 * np.sin(np.pi * frac[skull])
+        + 120.0 * np.sin(0.11 * x[skull] + 0.07 * y[skull] + 0.05 * z[skull])
+    )
 
     brain = r_in < 1.0
     # skull base: below the floor of the anterior/middle fossae only the temporal lobes and the posterior fossa
@@ -187,9 +191,11 @@ def render(geom: Geometry, an: Anatomy, lesions: list[Lesion], noise_seed: int, 
     floor = -0.3 * c
     low = brain & (z < floor)
     ai, bi_, ci = inner_axes
-    fossae = ((_ellipsoid(q, (0.0, 0.4 * bi_, -0.5 * ci), (0.85 * ai, 0.58 * bi_, 0.45 * ci)) < 1)
-              | (_ellipsoid(q, (-0.6 * ai, -0.12 * bi_, floor), (0.42 * ai, 0.5 * bi_, 0.3 * ci)) < 1)
-              | (_ellipsoid(q, (0.6 * ai, -0.12 * bi_, floor), (0.42 * ai, 0.5 * bi_, 0.3 * ci)) < 1))
+    fossae = (
+        (_ellipsoid(q, (0.0, 0.4 * bi_, -0.5 * ci), (0.85 * ai, 0.58 * bi_, 0.45 * ci)) < 1)
+        | (_ellipsoid(q, (-0.6 * ai, -0.12 * bi_, floor), (0.42 * ai, 0.5 * bi_, 0.3 * ci)) < 1)
+        | (_ellipsoid(q, (0.6 * ai, -0.12 * bi_, floor), (0.42 * ai, 0.5 * bi_, 0.3 * ci)) < 1)
+    )
     base = low & ~fossae
     hu[base] = 900.0 + 80.0 * np.sin(0.2 * x[base] + 0.13 * y[base])
     petrous = base & (np.abs(np.abs(x) * 0.6 - (y - 0.12 * bi_)) < 4.0) & (np.abs(x) > 10)
@@ -202,8 +208,15 @@ def render(geom: Geometry, an: Anatomy, lesions: list[Lesion], noise_seed: int, 
     # sulci: thin radial CSF clefts from the surface inward, wavy over z and of varying depth (brain voxels only)
     xb, yb, zb, db = x[brain], y[brain], z[brain], depth[brain]
     theta = np.arctan2(yb / b, xb / a)
-    pattern = np.abs(np.sin(an.sulci * theta + an.sulcus_phase + an.sulcus_twist * np.sin(zb / 9.0)
-                            + 0.8 * np.sin(3 * theta + zb / 23.0) + 1.6 * np.sin(2 * theta + 2.0 * an.sulcus_phase)))
+    pattern = np.abs(
+        np.sin(
+            an.sulci * theta
+            + an.sulcus_phase
+            + an.sulcus_twist * np.sin(zb / 9.0)
+            + 0.8 * np.sin(3 * theta + zb / 23.0)
+            + 1.6 * np.sin(2 * theta + 2.0 * an.sulcus_phase)
+        )
+    )
     sulcus_depth = 11.0 + 6.0 * np.sin(5 * theta + zb / 17.0 + an.sulcus_phase) * np.sin(7 * theta + 1.0)
     sulci = np.zeros_like(brain)
     sulci[brain] = (pattern < 0.3) & (db > 1.0) & (db < sulcus_depth)
@@ -213,8 +226,10 @@ def render(geom: Geometry, an: Anatomy, lesions: list[Lesion], noise_seed: int, 
     del xb, yb, zb, db, theta, pattern, sulcus_depth
     hu[brain] = HU_WHITE
     hu[grey] = HU_GREY
-    deep = brain & ((_ellipsoid(q, (-14.0, 6.0, 0.05 * c), (7.0, 14.0, 10.0)) < 1)
-                    | (_ellipsoid(q, (14.0, 6.0, 0.05 * c), (7.0, 14.0, 10.0)) < 1))
+    deep = brain & (
+        (_ellipsoid(q, (-14.0, 6.0, 0.05 * c), (7.0, 14.0, 10.0)) < 1)
+        | (_ellipsoid(q, (14.0, 6.0, 0.05 * c), (7.0, 14.0, 10.0)) < 1)
+    )
     hu[deep] = HU_DEEP_GREY
     falx = brain & (np.abs(x) < 1.0) & (z > 0.05 * c) & ((np.abs(y) > 30.0) | (z > 0.45 * c))
     hu[falx] = HU_FALX
@@ -237,15 +252,18 @@ def render(geom: Geometry, an: Anatomy, lesions: list[Lesion], noise_seed: int, 
         if les.kind in ("epidural", "subdural"):
             u = np.asarray(les.center, np.float64) / np.asarray(inner_axes)
             u /= np.linalg.norm(u)
-            cos = (x * np.float32(u[0] / inner_axes[0]) + y * np.float32(u[1] / inner_axes[1])
-                   + z * np.float32(u[2] / inner_axes[2])) / np.maximum(r_in, 1e-6)
+            cos = (
+                x * np.float32(u[0] / inner_axes[0])
+                + y * np.float32(u[1] / inner_axes[1])
+                + z * np.float32(u[2] / inner_axes[2])
+            ) / np.maximum(r_in, 1e-6)
             near = cos > np.cos(min(les.radius / tangential_r, np.pi))
             rho = np.arccos(np.clip(cos[near], -1.0, 1.0)) * tangential_r  # distance along the skull from the centre
             s = rho / les.radius
             if les.kind == "epidural":  # biconvex lens: thickest at the centre, tapering to 0 at the rim
-                thick = les.thickness * (1.0 - s ** 2)
+                thick = les.thickness * (1.0 - s**2)
             else:  # crescent: nearly uniform, spread wide, tapering only at its ends
-                thick = les.thickness * (1.0 - s ** 4) * (1.0 + 0.15 * np.sin(3 * s + les.phase))
+                thick = les.thickness * (1.0 - s**4) * (1.0 + 0.15 * np.sin(3 * s + les.phase))
             mask = np.zeros_like(brain)
             mask[near] = brain[near] & (depth[near] < thick)
         elif les.kind == "intraparenchymal":
@@ -254,7 +272,9 @@ def render(geom: Geometry, an: Anatomy, lesions: list[Lesion], noise_seed: int, 
             dx, dy, dz = (x - np.float32(cx)) / ax[0], (y - np.float32(cy)) / ax[1], (z - np.float32(cz)) / ax[2]
             rr = np.sqrt(dx * dx + dy * dy + dz * dz)
             close = rr < 1.35 * 1.18  # the lumps change the radius by at most 18 %
-            lumpy = 1.0 + 0.18 * np.sin(3 * np.arctan2(dy[close], dx[close]) + les.phase) * np.cos(2 * dz[close] + les.phase)
+            lumpy = 1.0 + 0.18 * np.sin(3 * np.arctan2(dy[close], dx[close]) + les.phase) * np.cos(
+                2 * dz[close] + les.phase
+            )
             rr[close] /= lumpy
             edema = brain & (rr >= 1.0) & (rr < 1.35) & ~ventricles
             hu[edema] = HU_EDEMA

@@ -59,8 +59,10 @@ def _cache_chunk(args: tuple[str, str, list[Item]]) -> tuple[list[Done], list[tu
         try:
             written += cache_one(os.path.join(data_dir, rel), dst)
         except dicom.SourceUnreadable as e:  # the DICOM could not be read: stop, record nothing as bad
-            raise UserError(f"cannot read {e.filename} ({e.strerror}); fix its permissions or the disk, then rerun "
-                            f"(the slices cached so far are kept)") from None
+            raise UserError(
+                f"cannot read {e.filename} ({e.strerror}); fix its permissions or the disk, then rerun "
+                f"(the slices cached so far are kept)"
+            ) from None
         except dicom.DicomError as e:
             skipped.append((rel, e.reason, size, mtime))
             continue
@@ -101,8 +103,9 @@ def _plan(layout: Layout, splits: tuple[str, ...] | None, retry_skipped: bool) -
     return todo, int(fresh.sum())
 
 
-def preprocess(layout: Layout, workers: int | None = None, splits: tuple[str, ...] | None = None,
-               retry_skipped: bool = True) -> dict:
+def preprocess(
+    layout: Layout, workers: int | None = None, splits: tuple[str, ...] | None = None, retry_skipped: bool = True
+) -> dict:
     """Cache every readable slice of meta.csv (train and test, or only `splits`); resumable.
 
     Returns {"cached", "existing", "skipped", "bytes_written", "seconds", "images_per_s"}.
@@ -112,7 +115,7 @@ def preprocess(layout: Layout, workers: int | None = None, splits: tuple[str, ..
     todo, existing = _plan(layout, splits, retry_skipped)
     items: list[Item] = list(todo[_KEY].itertuples(index=False, name=None))
     workers = max(1, workers or os.cpu_count() or 1)
-    chunks = [(str(layout.data), str(layout.work), items[i:i + CHUNK]) for i in range(0, len(items), CHUNK)]
+    chunks = [(str(layout.data), str(layout.work), items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
     done: list[Done] = []
     skipped: list[tuple] = []
     written = recorded = 0  # done[:recorded] and skipped[:recorded_skipped] are in sources.csv / skipped.csv
@@ -138,8 +141,10 @@ def preprocess(layout: Layout, workers: int | None = None, splits: tuple[str, ..
                     _record(layout, done[recorded:], skipped[recorded_skipped:])
                     recorded, recorded_skipped, last_record = len(done), len(skipped), time.perf_counter()
     except BrokenProcessPool:
-        raise UserError(f"a preprocess worker process died (killed for memory?) after {len(done)} new slices; rerun "
-                        f"with fewer workers (--workers {max(1, workers // 2)}); the slices cached so far are kept") from None
+        raise UserError(
+            f"a preprocess worker process died (killed for memory?) after {len(done)} new slices; rerun "
+            f"with fewer workers (--workers {max(1, workers // 2)}); the slices cached so far are kept"
+        ) from None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -148,10 +153,18 @@ def preprocess(layout: Layout, workers: int | None = None, splits: tuple[str, ..
         path, code, reason = failure
         raise cannot_write(path, OSError(code, reason), folder=layout.cache_dir)
     seconds = time.perf_counter() - t0
-    result = {"cached": len(done), "existing": existing, "skipped": len(skipped), "bytes_written": written,
-              "seconds": round(seconds, 2), "images_per_s": round(len(done) / seconds, 1) if seconds > 0 else 0.0}
-    log.info(f"cache: {len(done)} new, {existing} already cached, {len(skipped)} skipped, "
-          f"{written / max(len(done), 1) / 1024:.0f} kB/image, {result['images_per_s']} img/s -> {layout.cache_dir}")
+    result = {
+        "cached": len(done),
+        "existing": existing,
+        "skipped": len(skipped),
+        "bytes_written": written,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(len(done) / seconds, 1) if seconds > 0 else 0.0,
+    }
+    log.info(
+        f"cache: {len(done)} new, {existing} already cached, {len(skipped)} skipped, "
+        f"{written / max(len(done), 1) / 1024:.0f} kB/image, {result['images_per_s']} img/s -> {layout.cache_dir}"
+    )
     for path, reason, _, _ in skipped[:50]:
         log.info(f"  skipped {path}: {reason}")
     return result
@@ -168,8 +181,9 @@ def _record(layout: Layout, done: list[Done], skipped: list[tuple]) -> None:
         return
     new = pd.DataFrame(done, columns=cache.SOURCE_COLUMNS + cache.ENTRY_COLUMNS)
     sources = cache.read_sources(layout)
-    cache.write_sources(layout, pd.concat([sources.loc[~sources["image_id"].isin(new["image_id"])], new],
-                                          ignore_index=True))
+    cache.write_sources(
+        layout, pd.concat([sources.loc[~sources["image_id"].isin(new["image_id"])], new], ignore_index=True)
+    )
     bad = pd.DataFrame(skipped, columns=cache.SKIPPED_COLUMNS)
     earlier = cache.read_skipped(layout)
     tried = set(new["path"]) | set(bad["path"])

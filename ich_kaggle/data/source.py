@@ -73,7 +73,9 @@ class DicomSlices:
             except dicom.SourceUnreadable as e:
                 if delay is None:
                     raise
-                log.warning(f"cannot read {path} ({e.strerror}); retrying in {delay:g} s (attempt {attempt + 2} of "
-                            f"{len(self.delays) + 1})")
+                log.warning(
+                    f"cannot read {path} ({e.strerror}); retrying in {delay:g} s (attempt {attempt + 2} of "
+                    f"{len(self.delays) + 1})"
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")

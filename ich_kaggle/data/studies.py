@@ -62,8 +62,9 @@ class Collection:
 
 
 def _is_zip(path: Path) -> bool:
-    return path.suffix.lower() == ".zip" or (path.is_file() and zipfile.is_zipfile(path) and
-                                             not path.name.lower().endswith(".dcm"))
+    return path.suffix.lower() == ".zip" or (
+        path.is_file() and zipfile.is_zipfile(path) and not path.name.lower().endswith(".dcm")
+    )
 
 
 def safe_extract(archive: Path, dest: Path, budget: list[int] | None = None) -> list[Path]:
@@ -83,18 +84,23 @@ def safe_extract(archive: Path, dest: Path, budget: list[int] | None = None) -> 
             raise UserError(f"{archive}: {len(infos)} entries, more than the limit of {MAX_ZIP_ENTRIES}")
         declared = sum(i.file_size for i in infos)
         if declared > budget[0]:
-            raise UserError(f"{archive}: {declared / 2**20:.0f} MB uncompressed, more than the "
-                            f"{budget[0] / 2**20:.0f} MB left of the limit")
+            raise UserError(
+                f"{archive}: {declared / 2**20:.0f} MB uncompressed, more than the "
+                f"{budget[0] / 2**20:.0f} MB left of the limit"
+            )
         for info in infos:
             name = PurePosixPath(info.filename.replace("\\", "/"))
             if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
-                raise UserError(f"{archive}: unsafe name {info.filename!r} (absolute or with '..'); nothing of it "
-                                f"was used")
+                raise UserError(
+                    f"{archive}: unsafe name {info.filename!r} (absolute or with '..'); nothing of it was used"
+                )
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise UserError(f"{archive}: {info.filename!r} is a symbolic link; links are not extracted")
             if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO and info.file_size > 2**20:
-                raise UserError(f"{archive}: {info.filename!r} expands {info.file_size / info.compress_size:.0f}x "
-                                f"(over {MAX_ZIP_RATIO}x): refused as a zip bomb")
+                raise UserError(
+                    f"{archive}: {info.filename!r} expands {info.file_size / info.compress_size:.0f}x "
+                    f"(over {MAX_ZIP_RATIO}x): refused as a zip bomb"
+                )
         for info in infos:
             if info.is_dir():
                 continue
@@ -106,8 +112,10 @@ def safe_extract(archive: Path, dest: Path, budget: list[int] | None = None) -> 
                 while chunk := src.read(1 << 20):
                     budget[0] -= len(chunk)
                     if budget[0] < 0:
-                        raise UserError(f"{archive}: extracts to more than the {MAX_ZIP_BYTES / 2**20:.0f} MB "
-                                        f"limit (it declared less): refused as a zip bomb")
+                        raise UserError(
+                            f"{archive}: extracts to more than the {MAX_ZIP_BYTES / 2**20:.0f} MB "
+                            f"limit (it declared less): refused as a zip bomb"
+                        )
                     dst.write(chunk)
             out.append(target)
     return out
@@ -178,7 +186,9 @@ def _axial_reason(h: dict) -> str | None:
         return None
     cos = abs(normal[2]) / norm
     if cos < AXIAL_MIN_COS:
-        return f"not an axial image (slice normal {np.degrees(np.arccos(min(cos, 1.0))):.0f} degrees from the head's axis)"
+        return (
+            f"not an axial image (slice normal {np.degrees(np.arccos(min(cos, 1.0))):.0f} degrees from the head's axis)"
+        )
     return None
 
 
@@ -195,7 +205,9 @@ def collect(paths: list[Path], extract_to: Path | None = None) -> Collection:
         try:
             parsed, reason = dicom.scan(f)
         except dicom.SourceUnreadable as e:
-            raise UserError(f"cannot read {e.filename} ({e.strerror}); fix its permissions or the disk and rerun") from None
+            raise UserError(
+                f"cannot read {e.filename} ({e.strerror}); fix its permissions or the disk and rerun"
+            ) from None
         except dicom.DicomError as e:
             skipped.append((str(f), f"unreadable: {e.reason}"))
             continue
@@ -236,9 +248,13 @@ def collect(paths: list[Path], extract_to: Path | None = None) -> Collection:
     skipped_frame = pd.DataFrame(skipped, columns=["path", "reason"])
     if not len(frame):
         top = skipped_frame["reason"].value_counts().index[0] if len(skipped_frame) else "no file found"
-        raise UserError(f"no axial CT series in {', '.join(str(p) for p in paths[:3])}"
-                        f"{' ...' if len(paths) > 3 else ''} ({len(skipped_frame)} file(s) skipped, mostly: {top})")
+        raise UserError(
+            f"no axial CT series in {', '.join(str(p) for p in paths[:3])}"
+            f"{' ...' if len(paths) > 3 else ''} ({len(skipped_frame)} file(s) skipped, mostly: {top})"
+        )
     slices = order_slices(frame.reset_index(drop=True))
-    log.info(f"collect: {len(slices)} slices in {slices['series_id'].nunique()} series of "
-             f"{slices['study_id'].nunique()} studies; {len(skipped_frame)} input(s) skipped")
+    log.info(
+        f"collect: {len(slices)} slices in {slices['series_id'].nunique()} series of "
+        f"{slices['study_id'].nunique()} studies; {len(skipped_frame)} input(s) skipped"
+    )
     return Collection(slices, skipped_frame)

@@ -33,12 +33,27 @@ SIZE = 128
 TEST_FRACTION = 1 / 6
 HEMORRHAGE_FRACTION = 0.4
 FOLLOW_UP_FRACTION = 0.12  # share of studies that are a patient's second scan
-SAMPLE_ORDER = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")  # Kaggle's row order
+SAMPLE_ORDER = (
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+    "any",
+)  # Kaggle's row order
 MARKER = ".synth.json"
 
 # header variants: (BitsStored, PixelRepresentation, RescaleIntercept); 'corrupt12' is RSNA's broken intercept
 VARIANTS = {"signed16": (16, 1, -1024.0), "unsigned12": (12, 0, -1024.0), "corrupt12": (12, 0, 0.0)}
-VARIANT_CYCLE = ["signed16", "unsigned12", "corrupt12", "signed16", "unsigned12", "signed16", "unsigned12"]  # 3+ studies: all three
+VARIANT_CYCLE = [
+    "signed16",
+    "unsigned12",
+    "corrupt12",
+    "signed16",
+    "unsigned12",
+    "signed16",
+    "unsigned12",
+]  # 3+ studies: all three
 WINDOW_HEADERS = [("30", "80"), ("40", "80"), (["36", "36"], ["80", "80"]), (["40", "40"], ["150", "150"])]
 
 
@@ -63,14 +78,16 @@ class Study:
 def _hex_ids(rng: np.random.Generator, n: int, digits: int, taken: set[str]) -> list[str]:
     out: list[str] = []
     while len(out) < n:
-        v = f"ID_{int(rng.integers(0, 16 ** digits)):0{digits}x}"
+        v = f"ID_{int(rng.integers(0, 16**digits)):0{digits}x}"
         if v not in taken:
             taken.add(v)
             out.append(v)
     return out
 
 
-def _surface_point(rng: np.random.Generator, inner: tuple[float, float, float], lateral: float, elev: tuple[float, float]):
+def _surface_point(
+    rng: np.random.Generator, inner: tuple[float, float, float], lateral: float, elev: tuple[float, float]
+):
     """A point on the inner skull: azimuth near a side (lateral spread in radians), elevation as sin range."""
     phi = rng.choice([0.0, np.pi]) + rng.uniform(-lateral, lateral)
     se = rng.uniform(*elev)
@@ -82,11 +99,22 @@ def _lesion(kind: str, rng: np.random.Generator, an: Anatomy) -> Lesion:
     a, b, c = an.axes
     inner = (a - an.skull, b - an.skull, c - an.skull)
     if kind == "epidural":
-        return Lesion(kind, _surface_point(rng, inner, 1.0, (-0.1, 0.45)), radius=rng.uniform(18, 28),
-                      thickness=rng.uniform(8, 14), hu=rng.uniform(65, 85))
+        return Lesion(
+            kind,
+            _surface_point(rng, inner, 1.0, (-0.1, 0.45)),
+            radius=rng.uniform(18, 28),
+            thickness=rng.uniform(8, 14),
+            hu=rng.uniform(65, 85),
+        )
     if kind == "subdural":
-        return Lesion(kind, _surface_point(rng, inner, 1.2, (0.0, 0.55)), radius=rng.uniform(38, 60),
-                      thickness=rng.uniform(4, 9), hu=rng.uniform(55, 80), phase=rng.uniform(0, 6.28))
+        return Lesion(
+            kind,
+            _surface_point(rng, inner, 1.2, (0.0, 0.55)),
+            radius=rng.uniform(38, 60),
+            thickness=rng.uniform(4, 9),
+            hu=rng.uniform(55, 80),
+            phase=rng.uniform(0, 6.28),
+        )
     if kind == "intraparenchymal":
         for _ in range(50):  # keep the clot (and its edema) out of the ventricles
             fr, phi, h = rng.uniform(0.35, 0.62), rng.uniform(0, 2 * np.pi), rng.uniform(-0.05, 0.45)
@@ -96,11 +124,23 @@ def _lesion(kind: str, rng: np.random.Generator, an: Anatomy) -> Lesion:
             probe = [np.asarray([center[i] + d[i] * radius * 1.4 for d in _PROBE], np.float32) for i in range(3)]
             if not any(m.any() for m in ventricle_masks(probe, an)):
                 break
-        return Lesion(kind, center, radius=radius, hu=rng.uniform(62, 85),
-                      axes=tuple(rng.uniform(0.85, 1.3, 3).tolist()), phase=rng.uniform(0, 6.28))
+        return Lesion(
+            kind,
+            center,
+            radius=radius,
+            hu=rng.uniform(62, 85),
+            axes=tuple(rng.uniform(0.85, 1.3, 3).tolist()),
+            phase=rng.uniform(0, 6.28),
+        )
     if kind == "intraventricular":
-        return Lesion(kind, (0.0, 0.0, 0.0), radius=float(rng.random() < 0.3), side=int(rng.choice([-1, 1])),
-                      level=rng.uniform(-10, 22), hu=rng.uniform(55, 75))
+        return Lesion(
+            kind,
+            (0.0, 0.0, 0.0),
+            radius=float(rng.random() < 0.3),
+            side=int(rng.choice([-1, 1])),
+            level=rng.uniform(-10, 22),
+            hu=rng.uniform(55, 75),
+        )
     if kind == "subarachnoid":
         if rng.random() < 0.5:
             center = _surface_point(rng, inner, 1.4, (0.1, 0.6))
@@ -110,36 +150,64 @@ def _lesion(kind: str, rng: np.random.Generator, an: Anatomy) -> Lesion:
     raise ValueError(kind)
 
 
-_PROBE = np.concatenate([np.zeros((1, 3)), np.eye(3), -np.eye(3), np.array([[s1, s2, s3] for s1 in (-1, 1) for s2 in (-1, 1)
-                                                                             for s3 in (-1, 1)]) / np.sqrt(3)])
+_PROBE = np.concatenate(
+    [
+        np.zeros((1, 3)),
+        np.eye(3),
+        -np.eye(3),
+        np.array([[s1, s2, s3] for s1 in (-1, 1) for s2 in (-1, 1) for s3 in (-1, 1)]) / np.sqrt(3),
+    ]
+)
 
 
 def _geometry(rng: np.random.Generator, an: Anatomy, slices: int, size: int) -> Geometry:
     c = an.axes[2]
     tilt = rng.uniform(8, 25) if rng.random() < 0.4 else 0.0
-    return Geometry(size=size, slices=slices, spacing=rng.uniform(220, 255) / size,
-                    dz=1.57 * c / max(slices - 1, 1), tilt_deg=tilt, yaw_deg=rng.uniform(-8, 8),
-                    head_center=(rng.uniform(-8, 8), rng.uniform(-15, 25), rng.uniform(40, 200)),
-                    first_offset=-0.55 * c, pan=(rng.uniform(-8, 8), rng.uniform(-8, 8)))
+    return Geometry(
+        size=size,
+        slices=slices,
+        spacing=rng.uniform(220, 255) / size,
+        dz=1.57 * c / max(slices - 1, 1),
+        tilt_deg=tilt,
+        yaw_deg=rng.uniform(-8, 8),
+        head_center=(rng.uniform(-8, 8), rng.uniform(-15, 25), rng.uniform(40, 200)),
+        first_offset=-0.55 * c,
+        pan=(rng.uniform(-8, 8), rng.uniform(-8, 8)),
+    )
 
 
-def plan(seed: int = 0, studies: int | None = None, slices: int | None = None, size: int | None = None,
-         test_fraction: float | None = None) -> list[Study]:
+def plan(
+    seed: int = 0,
+    studies: int | None = None,
+    slices: int | None = None,
+    size: int | None = None,
+    test_fraction: float | None = None,
+) -> list[Study]:
     """Every study of the competition (no pixels yet): ids, split, geometry, anatomy, lesions, header variant.
     `test_fraction` (default 1/6) is the share of patients in the test split: the demo raises it for steadier scores."""
     n = int(studies or STUDIES)
     slices = int(slices or SLICES)
     size = int(size or SIZE)
     if n < 2 or slices < 1 or size < 32:
-        raise UserError(f"synthetic competition needs studies >= 2, slices >= 1 and size >= 32 (got {n}, {slices}, {size})")
+        raise UserError(
+            f"synthetic competition needs studies >= 2, slices >= 1 and size >= 32 (got {n}, {slices}, {size})"
+        )
     rng = np.random.default_rng(seed)
     n_follow = int(round(FOLLOW_UP_FRACTION * n)) if n >= 6 else 0
     n_patients = n - n_follow
     taken: set[str] = set()
     patient_ids = _hex_ids(rng, n_patients, 8, taken)
-    anatomies = [Anatomy(axes=(rng.uniform(66, 76), rng.uniform(84, 96), rng.uniform(80, 90)), skull=rng.uniform(5.5, 8.0),
-                         sulci=int(rng.integers(12, 17)), sulcus_phase=rng.uniform(0, 6.28), sulcus_twist=rng.uniform(0.3, 0.9),
-                         vent_scale=rng.uniform(0.85, 1.25)) for _ in range(n_patients)]
+    anatomies = [
+        Anatomy(
+            axes=(rng.uniform(66, 76), rng.uniform(84, 96), rng.uniform(80, 90)),
+            skull=rng.uniform(5.5, 8.0),
+            sulci=int(rng.integers(12, 17)),
+            sulcus_phase=rng.uniform(0, 6.28),
+            sulcus_twist=rng.uniform(0.3, 0.9),
+            vent_scale=rng.uniform(0.85, 1.25),
+        )
+        for _ in range(n_patients)
+    ]
     # hemorrhage: subtypes cycle so that each appears in several studies; every other bleed has a second subtype
     hem = rng.permutation(n_patients)[: int(round(HEMORRHAGE_FRACTION * n_patients))]
     kinds: dict[int, list[str]] = {int(p): [] for p in hem}
@@ -155,7 +223,7 @@ def plan(seed: int = 0, studies: int | None = None, slices: int | None = None, s
     clean = [p for p in rng.permutation(n_patients).tolist() if p not in kinds]
     n_test_hem = min(len(hem_list), int(round(n_test * HEMORRHAGE_FRACTION)))
     # bleeds 1..k of the subtype cycle: with k >= 4 the test set holds every subtype (primaries 1-4, seconds 3 and 0)
-    test_hem = hem_list[1:1 + n_test_hem] if len(hem_list) > n_test_hem else hem_list[:n_test_hem]
+    test_hem = hem_list[1 : 1 + n_test_hem] if len(hem_list) > n_test_hem else hem_list[:n_test_hem]
     test = set(test_hem) | set(clean[: n_test - n_test_hem])
 
     follow_of = rng.choice(n_patients, size=n_follow, replace=False) if n_follow else np.array([], int)
@@ -169,11 +237,22 @@ def plan(seed: int = 0, studies: int | None = None, slices: int | None = None, s
         if i >= n_patients:  # follow-up scan: same head and bleeds, a little resorbed
             les = [replace(l, radius=l.radius * 0.9, thickness=l.thickness * 0.85, hu=l.hu - 8.0) for l in les]
         study_id, series_id = _hex_ids(rng, 2, 10, taken)
-        out.append(Study(patient_id=patient_ids[p], study_id=study_id, series_id=series_id,
-                         split="test" if p in test else "train", image_ids=_hex_ids(rng, slices, 9, taken),
-                         geometry=_geometry(rng, an, slices, size), anatomy=an, lesions=les, variant=variants[i],
-                         explicit_vr=bool(explicit[i]), window=WINDOW_HEADERS[int(rng.integers(len(WINDOW_HEADERS)))],
-                         noise_seed=int(rng.integers(2**31))))
+        out.append(
+            Study(
+                patient_id=patient_ids[p],
+                study_id=study_id,
+                series_id=series_id,
+                split="test" if p in test else "train",
+                image_ids=_hex_ids(rng, slices, 9, taken),
+                geometry=_geometry(rng, an, slices, size),
+                anatomy=an,
+                lesions=les,
+                variant=variants[i],
+                explicit_vr=bool(explicit[i]),
+                window=WINDOW_HEADERS[int(rng.integers(len(WINDOW_HEADERS)))],
+                noise_seed=int(rng.integers(2**31)),
+            )
+        )
     return out
 
 
@@ -182,8 +261,9 @@ def render_study(study: Study) -> Rendered:
     return render(study.geometry, study.anatomy, study.lesions, study.noise_seed)
 
 
-def generate(seed: int = 0, studies: int | None = None, slices: int | None = None,
-             size: int | None = None) -> Iterator[tuple[Study, Rendered]]:
+def generate(
+    seed: int = 0, studies: int | None = None, slices: int | None = None, size: int | None = None
+) -> Iterator[tuple[Study, Rendered]]:
     """(study, arrays) pairs before anything is written: the ground truth tests compare the files against."""
     for study in plan(seed, studies, slices, size):
         yield study, render_study(study)
@@ -274,15 +354,26 @@ def _long(image_ids: list[str], labels: np.ndarray) -> pd.DataFrame:
 DEMO = {"seed": 0, "studies": 96, "slices": 16, "test_fraction": 0.37}
 
 
-def write_competition(out: str | Path, seed: int = 0, studies: int | None = None, slices: int | None = None,
-                      size: int | None = None, test_fraction: float | None = None) -> Path:
+def write_competition(
+    out: str | Path,
+    seed: int = 0,
+    studies: int | None = None,
+    slices: int | None = None,
+    size: int | None = None,
+    test_fraction: float | None = None,
+) -> Path:
     """Write the synthetic competition to `out` (atomically: built beside it, then moved in place).
 
     Rerunning with the same parameters is instant; a folder that holds other data is never overwritten.
     """
     out = Path(out)
-    params = {"seed": seed, "studies": int(studies or STUDIES), "slices": int(slices or SLICES), "size": int(size or SIZE),
-              "version": 1}
+    params = {
+        "seed": seed,
+        "studies": int(studies or STUDIES),
+        "slices": int(slices or SLICES),
+        "size": int(size or SIZE),
+        "version": 1,
+    }
     if test_fraction is not None:
         if not 0.0 < test_fraction < 1.0:
             raise UserError(f"synthetic competition needs 0 < test_fraction < 1 (got {test_fraction})")
@@ -294,7 +385,9 @@ def write_competition(out: str | Path, seed: int = 0, studies: int | None = None
     elif out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; give `{fix('synth --out', 'make synth DATA_DIR=')}` a new or empty folder")
     elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and was not written by `synth`; choose an empty or new folder for the synthetic competition")
+        raise UserError(
+            f"{out} exists and was not written by `synth`; choose an empty or new folder for the synthetic competition"
+        )
     tmp = out.parent / f".{out.name}.synth-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -314,7 +407,9 @@ def write_competition(out: str | Path, seed: int = 0, studies: int | None = None
         perm = rng.permutation(len(ids))
         long = _long([ids[i] for i in perm], lab[perm])
         if split == "train":
-            long = pd.concat([long, long.iloc[6:12]], ignore_index=True)  # the real stage_2_train.csv has duplicated rows
+            long = pd.concat(
+                [long, long.iloc[6:12]], ignore_index=True
+            )  # the real stage_2_train.csv has duplicated rows
             write_csv(long, tmp / "stage_2_train.csv")
         else:
             write_csv(long, tmp / "stage_2_test_labels.csv")
@@ -339,15 +434,20 @@ def preview_png(data_dir: str | Path, out_png: str | Path, per_row: int = 3) -> 
     from . import dicom
     from ..core.labels import read_labels
 
-
     data_dir = Path(data_dir)
     labels = read_labels(data_dir / "stage_2_train.csv")
     rows = []
     for path in sorted((data_dir / "stage_2_train").glob("*.dcm")):
         h = dicom.read_header(path)
         ipp, iop = np.asarray(h["ImagePositionPatient"]), np.asarray(h["ImageOrientationPatient"])
-        rows.append({"image_id": path.stem, "series": h["SeriesInstanceUID"], "z": float(ipp @ np.cross(iop[:3], iop[3:])),
-                     "path": path})
+        rows.append(
+            {
+                "image_id": path.stem,
+                "series": h["SeriesInstanceUID"],
+                "z": float(ipp @ np.cross(iop[:3], iop[3:])),
+                "path": path,
+            }
+        )
     frame = pd.DataFrame(rows).merge(labels, on="image_id")
     frame["rank"] = frame.groupby("series")["z"].rank(method="first")
     picks: list[tuple[str, list[pd.Series]]] = []
@@ -372,7 +472,7 @@ def preview_png(data_dir: str | Path, out_png: str | Path, per_row: int = 3) -> 
             if not examples or col >= len(examples) and col < per_row:
                 continue
             src = examples[col] if col < per_row else examples[0]
-            window, = named(["subdural" if col == per_row else "brain"])
+            (window,) = named(["subdural" if col == per_row else "brain"])
             img = apply_windows(dicom.read_hu(src["path"]), [window])[..., 0]
             ax.imshow(img, cmap="gray", vmin=0, vmax=1)
             positive = [l for l in LABELS[1:] if src[l] == 1]

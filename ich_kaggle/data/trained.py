@@ -32,8 +32,10 @@ def check(cfg: Config, layout: Layout, runs: str | Path, via: str | None = None)
         return finished
     reason = folds_mod.stale_reason(layout, cfg.cv.k, cfg.cv.seed)
     if reason and reason != "is missing":
-        raise UserError(f"{layout.folds_csv} {reason}, but fold(s) {finished} of {cfg.name} were trained on it: their "
-                        f"OOF images would leak; retrain them with `make train-all CONFIG={name} FORCE=1` (--force), or restore {layout.train_csv}")
+        raise UserError(
+            f"{layout.folds_csv} {reason}, but fold(s) {finished} of {cfg.name} were trained on it: their "
+            f"OOF images would leak; retrain them with `make train-all CONFIG={name} FORCE=1` (--force), or restore {layout.train_csv}"
+        )
     # no folds.csv and no labels to build it from (a kernel given the test set only): the config check alone
     buildable = layout.folds_csv.exists() or (layout.train_csv.exists() and layout.train_dir.is_dir())
     table = folds_mod.fold_table(layout, cfg.cv) if buildable else None
@@ -44,8 +46,9 @@ def check(cfg: Config, layout: Layout, runs: str | Path, via: str | None = None)
             trained = yaml.safe_load(files.config.read_text()) if files.config.is_file() else None
             done = json.loads(files.done.read_text())
         except (OSError, ValueError, yaml.YAMLError):
-            raise UserError(f"{files.dir}: config.yaml or done.json is unreadable; retrain the fold with "
-                            f"{fix}") from None
+            raise UserError(
+                f"{files.dir}: config.yaml or done.json is unreadable; retrain the fold with {fix}"
+            ) from None
         if isinstance(trained, dict):
             diff = freshness.config_differences(trained, cfg.to_dict())
             if diff:
@@ -53,11 +56,15 @@ def check(cfg: Config, layout: Layout, runs: str | Path, via: str | None = None)
                 was = freshness._comparable(trained)
                 shown = ", ".join(f"{key} {was.get(key)!r} -> {now.get(key)!r}" for key in diff[:3])
                 more = ", ..." if len(diff) > 3 else ""
-                raise UserError(f"fold {k} of {cfg.name} was trained with another config ({shown}{more}); retrain "
-                                f"it with {fix}, or restore those settings")
+                raise UserError(
+                    f"fold {k} of {cfg.name} was trained with another config ({shown}{more}); retrain "
+                    f"it with {fix}, or restore those settings"
+                )
         split = done.get("split") if isinstance(done, dict) else None
         if split is not None and table is not None and split != freshness.fold_split_digest(table, k):
-            raise UserError(f"fold {k} of {cfg.name} was trained on other images than fold {k} of {layout.folds_csv} "
-                            f"has now (folds.csv rebuilt, or another data folder); retrain it with {fix}, or use the "
-                            f"data it was trained on")
+            raise UserError(
+                f"fold {k} of {cfg.name} was trained on other images than fold {k} of {layout.folds_csv} "
+                f"has now (folds.csv rebuilt, or another data folder); retrain it with {fix}, or use the "
+                f"data it was trained on"
+            )
     return finished

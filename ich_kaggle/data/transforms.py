@@ -54,8 +54,13 @@ def _rescale(w: float, h: float, out_w: float, out_h: float) -> np.ndarray:
 class SliceTransform:
     """Geometry on HU slices -> windows (with brightness/contrast folded in) -> blur; see the module docstring."""
 
-    def __init__(self, size: int, geometry: list[A.BasicTransform], contrast: A.RandomBrightnessContrast | None = None,
-                 blur: A.GaussianBlur | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        geometry: list[A.BasicTransform],
+        contrast: A.RandomBrightnessContrast | None = None,
+        blur: A.GaussianBlur | None = None,
+    ) -> None:
         if not geometry or not isinstance(geometry[0], A.Resize):
             raise ValueError("the geometry must start with Resize (every later step then sees a size x size image)")
         self.size, self.geometry, self.contrast, self.blur = size, geometry, contrast, blur
@@ -119,8 +124,14 @@ class SliceTransform:
         for plane in planes:
             plane = plane if plane.dtype == np.float32 else plane.astype(np.float32)
             if warp is not None:  # the affine resamples anyway: one warp does every step, from the cropped slice
-                plane = cv2.warpAffine(plane, warp, square[::-1], flags=cv2.INTER_LINEAR,
-                                       borderMode=cv2.BORDER_CONSTANT, borderValue=self.fill)
+                plane = cv2.warpAffine(
+                    plane,
+                    warp,
+                    square[::-1],
+                    flags=cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT,
+                    borderValue=self.fill,
+                )
             else:  # resize, crop, flips: cheaper than a warp, applied by the library
                 for t, params in steps:
                     plane = t.apply(plane, **params)
@@ -140,21 +151,29 @@ def build_train_transforms(cfg: Config, size: int | None = None) -> SliceTransfo
     aug = cfg.augment
     steps: list[A.BasicTransform] = [A.Resize(s, s, interpolation=cv2.INTER_LINEAR)]
     if aug.random_resized_crop > 0:
-        steps.append(A.RandomResizedCrop(size=(s, s), scale=tuple(aug.crop_scale), ratio=(0.9, 1.1),
-                                         p=aug.random_resized_crop))
+        steps.append(
+            A.RandomResizedCrop(size=(s, s), scale=tuple(aug.crop_scale), ratio=(0.9, 1.1), p=aug.random_resized_crop)
+        )
     if aug.hflip > 0:
         steps.append(A.HorizontalFlip(p=aug.hflip))
     if aug.transpose > 0:
         steps.append(A.Transpose(p=aug.transpose))
     if aug.shift_scale_rotate > 0:
-        steps.append(A.Affine(
-            translate_percent=(-aug.shift_limit, aug.shift_limit),
-            scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
-            rotate=(-aug.rotate_limit, aug.rotate_limit),
-            border_mode=cv2.BORDER_CONSTANT, fill=fill_hu(cfg), p=aug.shift_scale_rotate,
-        ))
-    contrast = (A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=aug.brightness_contrast)
-                if aug.brightness_contrast > 0 else None)
+        steps.append(
+            A.Affine(
+                translate_percent=(-aug.shift_limit, aug.shift_limit),
+                scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
+                rotate=(-aug.rotate_limit, aug.rotate_limit),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=fill_hu(cfg),
+                p=aug.shift_scale_rotate,
+            )
+        )
+    contrast = (
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=aug.brightness_contrast)
+        if aug.brightness_contrast > 0
+        else None
+    )
     blur = A.GaussianBlur(blur_limit=(3, 5), p=aug.blur) if aug.blur > 0 else None
     return SliceTransform(s, steps, contrast, blur)
 

@@ -30,8 +30,9 @@ def apply_windows(hu: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.
     return window_planes([hu], windows).transpose(1, 2, 0)
 
 
-def window_planes(planes: Sequence[np.ndarray], windows: Sequence[tuple[float, float]], gain: float = 1.0,
-                  bias: float = 0.0) -> np.ndarray:
+def window_planes(
+    planes: Sequence[np.ndarray], windows: Sequence[tuple[float, float]], gain: float = 1.0, bias: float = 0.0
+) -> np.ndarray:
     """(H, W) HU planes -> (len(planes) * len(windows), H, W) float32, slice-major: the model's channel order.
 
     `gain`/`bias` apply a contrast/brightness change v -> clip(gain * v + bias, 0, 1) to the windowed values v in
@@ -61,7 +62,6 @@ def window_planes(planes: Sequence[np.ndarray], windows: Sequence[tuple[float, f
             cv2.addWeighted(src, scale, src, 0.0, bias - (float(center) - width / 2.0) * scale, dst=ch)
             np.clip(ch, np.float32(lo), np.float32(hi), out=ch)
     return out
-
 
     return out
 

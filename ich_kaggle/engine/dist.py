@@ -58,8 +58,14 @@ def setup() -> DistInfo:
         # long timeout: rank 0 may spend a while writing OOF files while the others wait at a barrier
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=60))
         created = True
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device,
-                    initialized_here=created, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local,
+        device=device,
+        initialized_here=created,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+    )
 
 
 def teardown(info: DistInfo) -> None:
@@ -84,14 +90,14 @@ def gather_objects(info: DistInfo, obj: Any) -> list[Any]:
     return out
 
 
-
-
 def per_rank_batch(batch_size: int, info: DistInfo) -> int:
     if batch_size % info.world_size:
         n = info.world_size
-        raise UserError(f"train.batch_size={batch_size} is the global batch and must divide by the "
-                        f"{info.world_size} processes; pass "
-                        f"{fix(f'--set train.batch_size=<multiple of {n}>', f'BATCH=<multiple of {n}>')}")
+        raise UserError(
+            f"train.batch_size={batch_size} is the global batch and must divide by the "
+            f"{info.world_size} processes; pass "
+            f"{fix(f'--set train.batch_size=<multiple of {n}>', f'BATCH=<multiple of {n}>')}"
+        )
     return batch_size // info.world_size
 
 

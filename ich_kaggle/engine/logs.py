@@ -11,8 +11,15 @@ from ..core.io import atomic_path, write_csv
 from ..core.labels import LABELS
 from ..core.log import ROOT
 
-LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_weighted_log_loss", *[f"val_{c}" for c in LABELS], "seconds",
-               "train_images_per_s"]
+LOG_COLUMNS = [
+    "epoch",
+    "lr",
+    "train_loss",
+    "val_weighted_log_loss",
+    *[f"val_{c}" for c in LABELS],
+    "seconds",
+    "train_images_per_s",
+]
 
 
 class _FoldFile(logging.FileHandler):

@@ -80,12 +80,15 @@ def prepare_data(cfg: Config, layout: Layout, fold: int, info: D.DistInfo | None
     val = table[table["fold"] == fold].reset_index(drop=True)
     train = table[table["fold"] != fold].reset_index(drop=True)
     if val.empty or train.empty:
-        raise UserError(f"{layout.folds_csv}: fold {fold} leaves an empty {'validation' if val.empty else 'training'} "
-                        f"set; use fewer folds ({fix('--set cv.k=...', 'SET_EXTRA=cv.k=...')}) or more data")
+        raise UserError(
+            f"{layout.folds_csv}: fold {fold} leaves an empty {'validation' if val.empty else 'training'} "
+            f"set; use fewer folds ({fix('--set cv.k=...', 'SET_EXTRA=cv.k=...')}) or more data"
+        )
     table_meta = meta.load_meta(layout)
     if cfg.data.min_brain_fraction > 0:
-        train = drop_empty_slices(train, layout, cfg.data.min_brain_fraction,
-                                  hu_reader(layout, cfg.data.source, table_meta))
+        train = drop_empty_slices(
+            train, layout, cfg.data.min_brain_fraction, hu_reader(layout, cfg.data.source, table_meta)
+        )
     return FoldData(train=train, val=val, meta=table_meta)
 
 
@@ -106,8 +109,10 @@ def build_network(cfg: Config, info: D.DistInfo) -> tuple[torch.nn.Module, torch
         model = torch.compile(model)
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-            find_unused_parameters=cfg.model.freeze != "none")
+            model,
+            device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            find_unused_parameters=cfg.model.freeze != "none",
+        )
     return model, net
 
 
@@ -157,13 +162,27 @@ def cpu_warning(cfg: Config, images_per_s: float, images_left: int) -> str:
     """One line for a GPU config (it asks for mixed precision) that trains on the CPU: its measured speed and the
     time the rest of the fold would take at it, before hours go by unnoticed."""
     hours = images_left / max(images_per_s, 1e-9) / 3600
-    return (f"{cfg.name} is a GPU config (train.amp={cfg.train.amp}) training on the CPU: {images_per_s:.2f} images/s "
-            f"measured, ~{hours:.1f} h for the {images_left} training images left in this fold (validation not "
-            f"counted); use a GPU or Kaggle's (docs/kaggle.md), or a CPU config such as tiny")
+    return (
+        f"{cfg.name} is a GPU config (train.amp={cfg.train.amp}) training on the CPU: {images_per_s:.2f} images/s "
+        f"measured, ~{hours:.1f} h for the {images_left} training images left in this fold (validation not "
+        f"counted); use a GPU or Kaggle's (docs/kaggle.md), or a CPU config such as tiny"
+    )
 
 
-def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Config, info: D.DistInfo,
-                desc: str, batch_loss=None, after_step=None, probe=None) -> tuple[float, int, float]:
+def train_epoch(
+    model,
+    loader,
+    loss_fn,
+    optimizer,
+    scheduler,
+    scaler,
+    cfg: Config,
+    info: D.DistInfo,
+    desc: str,
+    batch_loss=None,
+    after_step=None,
+    probe=None,
+) -> tuple[float, int, float]:
     """(mean train loss over all ranks, images seen over all ranks, seconds); `after_step()` after each optimizer
     step (the weights' moving average); `probe(images/s)` once, after the first PROBE_BATCHES batches."""
     model.train()
@@ -171,8 +190,9 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Confi
     total, seen = torch.zeros(2, dtype=torch.float64), 0
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    bar = tqdm(batches(loader), desc=desc, unit="batch", total=n, leave=False, disable=not info.is_main,
-               dynamic_ncols=True)
+    bar = tqdm(
+        batches(loader), desc=desc, unit="batch", total=n, leave=False, disable=not info.is_main, dynamic_ncols=True
+    )
     for i, (x, y, idx) in enumerate(bar):
         x, y = to_device(x, cfg, info.device), y.to(info.device, non_blocking=True)
         group_start = (i // accum) * accum
@@ -210,8 +230,9 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg: Confi
 
 
 @torch.inference_mode()
-def predict_frame(net: torch.nn.Module, ds, cfg: Config, info: D.DistInfo, embeddings: bool = False,
-                  desc: str = "predict") -> tuple[np.ndarray, np.ndarray | None]:
+def predict_frame(
+    net: torch.nn.Module, ds, cfg: Config, info: D.DistInfo, embeddings: bool = False, desc: str = "predict"
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities (len(ds), 6) in dataset order (and pooled embeddings), each rank predicting its share."""
     net.eval()
     loader = eval_loader(ds, cfg, info, batch=max(1, cfg.train.batch_size // info.world_size) * 2)
@@ -225,9 +246,11 @@ def predict_frame(net: torch.nn.Module, ds, cfg: Config, info: D.DistInfo, embed
         prob_parts.append(torch.sigmoid(logits.float()).cpu().numpy())
         if embeddings:
             emb_parts.append(feats.float().cpu().numpy().astype(np.float16))
-    local = (np.concatenate(idx_parts) if idx_parts else np.zeros(0, int),
-             np.concatenate(prob_parts) if prob_parts else np.zeros((0, len(LABELS)), np.float32),
-             np.concatenate(emb_parts) if emb_parts else None)
+    local = (
+        np.concatenate(idx_parts) if idx_parts else np.zeros(0, int),
+        np.concatenate(prob_parts) if prob_parts else np.zeros((0, len(LABELS)), np.float32),
+        np.concatenate(emb_parts) if emb_parts else None,
+    )
     parts = D.gather_objects(info, local)
     order = np.concatenate([p[0] for p in parts])
     probs = np.concatenate([p[1] for p in parts])
@@ -256,10 +279,12 @@ def validate(net, ds, labels: np.ndarray, cfg: Config, info: D.DistInfo) -> dict
 def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
     diff = config_differences(ckpt["config"], cfg.to_dict())
     if diff:
-        raise UserError(f"{path} was trained with a different config ({', '.join(diff[:5])}); "
-                        f"train beside it with {fix('--run <new name>', 'RUN=<new name>')}, retrain it with "
-                        f"{fix('--force', 'FORCE=1')} (the old fold is kept until the new one finishes), or restore "
-                        f"those settings to resume")
+        raise UserError(
+            f"{path} was trained with a different config ({', '.join(diff[:5])}); "
+            f"train beside it with {fix('--run <new name>', 'RUN=<new name>')}, retrain it with "
+            f"{fix('--force', 'FORCE=1')} (the old fold is kept until the new one finishes), or restore "
+            f"those settings to resume"
+        )
 
 
 def _stop_after(stop_after_epochs: int | None) -> int | None:
@@ -277,8 +302,15 @@ def write_oof(files: FoldRun, frame: pd.DataFrame, probs: np.ndarray, emb: np.nd
         np.savez(f, image_id=frame["image_id"].astype(str).to_numpy().astype(str), emb=emb.astype(np.float16))
 
 
-def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", force: bool = False,
-               stop_after_epochs: int | None = None, batch_loss: BatchLossFactory | None = None) -> Path:
+def train_fold(
+    cfg: Config,
+    layout: Layout,
+    fold: int,
+    runs: str | Path = "runs",
+    force: bool = False,
+    stop_after_epochs: int | None = None,
+    batch_loss: BatchLossFactory | None = None,
+) -> Path:
     """Train (or resume, or skip if finished) one fold; returns runs/<cfg.name>/fold<k>/.
 
     batch_loss: a recipe's per-batch loss, built once the fold's data and network exist (see `recipes`);
@@ -329,8 +361,10 @@ def finished(cfg: Config, layout: Layout, files: FoldRun) -> bool:
     check_split(ckpt, table, files, layout)
     if not ckpt.get("done"):
         return False
-    _LOG.info(f"fold {files.fold} of {cfg.name} is already trained ({files.dir}); "
-              f"pass {fix('--force', 'FORCE=1')} to retrain it")
+    _LOG.info(
+        f"fold {files.fold} of {cfg.name} is already trained ({files.dir}); "
+        f"pass {fix('--force', 'FORCE=1')} to retrain it"
+    )
     return True
 
 
@@ -338,14 +372,23 @@ def check_split(ckpt: dict, table: pd.DataFrame, files: FoldRun, layout: Layout)
     """The fold's split digest now; one line when the checkpoint was trained on other images."""
     split = fold_split_digest(table, files.fold)
     if ckpt.get("split", split) != split:
-        raise UserError(f"{files.last} was trained on other images than fold {files.fold} of {layout.folds_csv} has "
-                        f"now (folds.csv was rebuilt or the data changed); retrain with {fix('--force', 'FORCE=1')}, "
-                        f"or restore that folds.csv")
+        raise UserError(
+            f"{files.last} was trained on other images than fold {files.fold} of {layout.folds_csv} has "
+            f"now (folds.csv was rebuilt or the data changed); retrain with {fix('--force', 'FORCE=1')}, "
+            f"or restore that folds.csv"
+        )
     return split
 
 
-def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_after: int | None,
-                info: D.DistInfo, batch_loss_factory: BatchLossFactory | None) -> Path:
+def _train_fold(
+    cfg: Config,
+    layout: Layout,
+    files: FoldRun,
+    force: bool,
+    stop_after: int | None,
+    info: D.DistInfo,
+    batch_loss_factory: BatchLossFactory | None,
+) -> Path:
     from ..data.dataset import SliceDataset
     from ..data.transforms import build_eval_transforms, build_train_transforms
     from .losses import build_loss
@@ -381,17 +424,27 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
     val_ds = SliceDataset(data.val, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=data.meta)
 
     log.info(f"fold {fold}: {choose_precision(cfg.train.amp, info.device).describe()}")  # stops on an unusable GPU
-    log.info(f"fold {fold}: images from " + (f"the cache {layout.cache_dir}" if cfg.data.source == "cache" else
-                                             f"their DICOMs under {layout.data} (data.source=dicom, no cache)"))
+    log.info(
+        f"fold {fold}: images from "
+        + (
+            f"the cache {layout.cache_dir}"
+            if cfg.data.source == "cache"
+            else f"their DICOMs under {layout.data} (data.source=dicom, no cache)"
+        )
+    )
     model, net = build_network(cfg, info)
     average = ema.build(cfg, net)  # train.ema > 0: validated, saved as best.pt and predicted with instead of net
     loss_fn = build_loss(cfg, train_labels).to(info.device)
-    batch_loss = None if batch_loss_factory is None else batch_loss_factory(
-        cfg, train_ds=train_ds, meta=data.meta, loss_fn=loss_fn, net=net, info=info)
+    batch_loss = (
+        None
+        if batch_loss_factory is None
+        else batch_loss_factory(cfg, train_ds=train_ds, meta=data.meta, loss_fn=loss_fn, net=net, info=info)
+    )
     optimizer = build_optimizer(cfg, net)
     batch = D.per_rank_batch(cfg.train.batch_size, info)
-    steps_per_epoch = math.ceil(len(train_loader(train_ds, epoch_indices(cfg, train_labels, 0), cfg, info, batch, 0))
-                                / cfg.train.accum_steps)
+    steps_per_epoch = math.ceil(
+        len(train_loader(train_ds, epoch_indices(cfg, train_labels, 0), cfg, info, batch, 0)) / cfg.train.accum_steps
+    )
     scheduler = build_scheduler(cfg, optimizer, max(1, steps_per_epoch))
     precision = choose_precision(cfg.train.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision.scaler)
@@ -414,9 +467,11 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
         best, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
     else:
         init_head_bias(net, train_labels)
-        log.info(f"fold {fold} of {cfg.name}: {len(data.train)} training / {len(data.val)} validation images, "
-                 f"{info.world_size} process(es) on {info.device}, global batch {cfg.train.batch_size} "
-                 f"x {cfg.train.accum_steps} accumulation, {steps_per_epoch} steps/epoch")
+        log.info(
+            f"fold {fold} of {cfg.name}: {len(data.train)} training / {len(data.val)} validation images, "
+            f"{info.world_size} process(es) on {info.device}, global batch {cfg.train.batch_size} "
+            f"x {cfg.train.accum_steps} accumulation, {steps_per_epoch} steps/epoch"
+        )
     del ckpt  # optimizer state of a big model: do not keep a second copy for the whole run
     started = time.time()
     probe = None
@@ -438,9 +493,20 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
         val_ds.transform = build_eval_transforms(cfg, size)
         loader = train_loader(train_ds, epoch_indices(cfg, train_labels, epoch), cfg, info, batch, epoch)
         desc = f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} ({size}px)"
-        train_loss, seen, train_s = train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, cfg, info, desc,
-                                                batch_loss, None if average is None else lambda: average.update(net),
-                                                probe if epoch == start_epoch else None)
+        train_loss, seen, train_s = train_epoch(
+            model,
+            loader,
+            loss_fn,
+            optimizer,
+            scheduler,
+            scaler,
+            cfg,
+            info,
+            desc,
+            batch_loss,
+            None if average is None else lambda: average.update(net),
+            probe if epoch == start_epoch else None,
+        )
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
         row.update(validate(net if average is None else average.module, val_ds, val_labels, cfg, info))
         row.update({"seconds": time.perf_counter() - t0, "train_images_per_s": seen / max(train_s, 1e-9)})
@@ -452,21 +518,46 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
             state = clean_state_dict(net.state_dict())
             if improved:  # the weights that were validated: the moving average when there is one
                 kept = state if average is None else clean_state_dict(average.module.state_dict())
-                save_checkpoint(best_path, {"model": kept, "config": cfg.to_dict(), "epoch": epoch + 1,
-                                            "val_weighted_log_loss": best, "num_classes": len(LABELS)})
+                save_checkpoint(
+                    best_path,
+                    {
+                        "model": kept,
+                        "config": cfg.to_dict(),
+                        "epoch": epoch + 1,
+                        "val_weighted_log_loss": best,
+                        "num_classes": len(LABELS),
+                    },
+                )
             extra = {} if average is None else {"ema": average.state_dict()}
-            save_checkpoint(last_path, {**extra,
-                "model": state, "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                "rng": D.rng_state(), "log": rows, "best_metric": best, "best_epoch": best_epoch, "split": split,
-                "data": data_id,
-                "done": epoch + 1 == cfg.train.epochs, "num_classes": len(LABELS), "world_size": info.world_size})
+            save_checkpoint(
+                last_path,
+                {
+                    **extra,
+                    "model": state,
+                    "config": cfg.to_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1,
+                    "rng": D.rng_state(),
+                    "log": rows,
+                    "best_metric": best,
+                    "best_epoch": best_epoch,
+                    "split": split,
+                    "data": data_id,
+                    "done": epoch + 1 == cfg.train.epochs,
+                    "num_classes": len(LABELS),
+                    "world_size": info.world_size,
+                },
+            )
             write_log_csv(rows, files.log_csv)
             plot_curves(rows, files.curves, title=f"{cfg.name} fold {fold}")
-            log.info(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {train_loss:.4f}  val weighted log loss "
-                     f"{row['val_weighted_log_loss']:.4f}{' (best)' if improved else ''}  "
-                     + "  ".join(f"{c} {row[f'val_{c}']:.3f}" for c in LABELS)
-                     + f"  {row['train_images_per_s']:.1f} img/s  {row['seconds']:.0f}s")
+            log.info(
+                f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {train_loss:.4f}  val weighted log loss "
+                f"{row['val_weighted_log_loss']:.4f}{' (best)' if improved else ''}  "
+                + "  ".join(f"{c} {row[f'val_{c}']:.3f}" for c in LABELS)
+                + f"  {row['train_images_per_s']:.1f} img/s  {row['seconds']:.0f}s"
+            )
         D.barrier(info)
         if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.train.epochs:
             log.info(f"stopping after epoch {epoch + 1} as requested ({STOP_ENV}); rerun the same command to resume")
@@ -481,14 +572,25 @@ def _train_fold(cfg: Config, layout: Layout, files: FoldRun, force: bool, stop_a
         write_oof(files, data.val, probs, emb)
         from ..core import metrics
 
-        summary = {"fold": fold, "config": cfg.name, "split": split, "best_epoch": best_epoch,
-                   "best_val_weighted_log_loss": best,
-                   "oof_weighted_log_loss": metrics.weighted_log_loss(val_labels, probs), "epochs": cfg.train.epochs,
-                   "n_train": len(data.train), "n_val": len(data.val), "world_size": info.world_size,
-                   "seconds_this_run": round(time.time() - started, 1), **provenance.record(layout.data, table)}
+        summary = {
+            "fold": fold,
+            "config": cfg.name,
+            "split": split,
+            "best_epoch": best_epoch,
+            "best_val_weighted_log_loss": best,
+            "oof_weighted_log_loss": metrics.weighted_log_loss(val_labels, probs),
+            "epochs": cfg.train.epochs,
+            "n_train": len(data.train),
+            "n_val": len(data.val),
+            "world_size": info.world_size,
+            "seconds_this_run": round(time.time() - started, 1),
+            **provenance.record(layout.data, table),
+        }
         with atomic_open(files.done) as f:
             json.dump(summary, f, indent=2)
-        log.info(f"fold {fold} done: best epoch {best_epoch}, val weighted log loss {best:.4f}; "
-                 f"wrote {files.oof} ({len(data.val)} images)")
+        log.info(
+            f"fold {fold} done: best epoch {best_epoch}, val weighted log loss {best:.4f}; "
+            f"wrote {files.oof} ({len(data.val)} images)"
+        )
     D.barrier(info)
     return fdir

@@ -32,7 +32,9 @@ def label_weights(kind: str = "metric", labels: np.ndarray | None = None) -> tor
     if kind != "frequency":
         raise UserError(f"train.class_weights={kind!r} is not one of metric, frequency")
     if labels is None or len(labels) == 0:
-        raise UserError("train.class_weights=frequency needs labelled training images; the fold's training set is empty")
+        raise UserError(
+            "train.class_weights=frequency needs labelled training images; the fold's training set is empty"
+        )
     freq = np.asarray(labels, dtype=np.float64).mean(axis=0)
     freq = np.clip(freq, 1.0 / (len(labels) + 1.0), 1.0)  # a label never seen counts as one positive
     w = metric.numpy().astype(np.float64) / np.sqrt(freq)
@@ -90,8 +92,9 @@ def balanced_weights(labels: np.ndarray | None) -> tuple[torch.Tensor, torch.Ten
 class BalancedBCE(WeightedBCE):
     """-(w1 y log p + w0 (1 - y) log(1 - p)) per label (optionally focal), labels mixed with the metric's weights."""
 
-    def __init__(self, weights: torch.Tensor, pos_weight: torch.Tensor, neg_weight: torch.Tensor,
-                 gamma: float = 0.0) -> None:
+    def __init__(
+        self, weights: torch.Tensor, pos_weight: torch.Tensor, neg_weight: torch.Tensor, gamma: float = 0.0
+    ) -> None:
         super().__init__(weights)
         self.register_buffer("pos_weight", pos_weight.float().clone())
         self.register_buffer("neg_weight", neg_weight.float().clone())
@@ -99,8 +102,9 @@ class BalancedBCE(WeightedBCE):
 
     def per_label(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits, targets = logits.float(), targets.float()
-        loss = -(self.pos_weight * targets * F.logsigmoid(logits)
-                 + self.neg_weight * (1 - targets) * F.logsigmoid(-logits))
+        loss = -(
+            self.pos_weight * targets * F.logsigmoid(logits) + self.neg_weight * (1 - targets) * F.logsigmoid(-logits)
+        )
         if self.gamma > 0:
             p = torch.sigmoid(logits)
             loss = (1 - (p * targets + (1 - p) * (1 - targets))).pow(self.gamma) * loss
@@ -113,7 +117,6 @@ def build_loss(cfg: Config, train_labels: np.ndarray | None = None) -> WeightedB
     For an ensemble backbone (`a+b`) the sum of the members' losses (recipes/ensemble.py).
     """
     if is_ensemble(cfg.model.backbone):
-
         names = member_names(cfg.model.backbone)
         single = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=names[0]))
         return MemberSumLoss(build_loss(single, train_labels), len(names), len(LABELS))

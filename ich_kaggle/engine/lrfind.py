@@ -28,8 +28,16 @@ def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> float:
     return float(lrs[int(np.argmin(grad[: max(stop, 2)]))])
 
 
-def lr_find(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", start_lr: float = 1e-7,
-            end_lr: float = 1.0, steps: int = 200, beta: float = 0.9) -> float:
+def lr_find(
+    cfg: Config,
+    layout: Layout,
+    fold: int,
+    runs: str | Path = "runs",
+    start_lr: float = 1e-7,
+    end_lr: float = 1.0,
+    steps: int = 200,
+    beta: float = 0.9,
+) -> float:
     """Writes runs/<cfg>/fold<k>/lr_find.csv + lr_find.png and returns (and prints) the suggested LR.
 
     Steps: `steps`, capped at four passes over the training fold so tiny data sets finish quickly.

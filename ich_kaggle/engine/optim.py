@@ -59,8 +59,15 @@ def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.01) -> fl
 @SCHEDULERS.register("onecycle")
 def _onecycle(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> LRScheduler:
     pct = min(0.9, max(0.05, warmup / total if warmup else 0.3))
-    return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
-                      pct_start=pct, anneal_strategy="cos", div_factor=25.0, final_div_factor=1e3)
+    return OneCycleLR(
+        optimizer,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=total,
+        pct_start=pct,
+        anneal_strategy="cos",
+        div_factor=25.0,
+        final_div_factor=1e3,
+    )
 
 
 @SCHEDULERS.register("cosine")

@@ -59,15 +59,25 @@ def _loader(ds: Dataset, sampler, batch: int, cfg: Config, info: DistInfo, seed:
     g = torch.Generator()
     g.manual_seed(seed)
     workers = loader_workers(cfg.data.num_workers, info.local_world_size)
-    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=info.device.type == "cuda", worker_init_fn=worker_init_fn, generator=g,
-                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=info.device.type == "cuda",
+        worker_init_fn=worker_init_fn,
+        generator=g,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
 
 
 def train_loader(ds: Dataset, indices: np.ndarray, cfg: Config, info: DistInfo, batch: int, epoch: int) -> DataLoader:
     subset = Subset(ds, indices.tolist())
-    sampler = DistributedSampler(subset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=cfg.train.seed, drop_last=False)
+    sampler = DistributedSampler(
+        subset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.train.seed, drop_last=False
+    )
     sampler.set_epoch(epoch)
     per_rank = len(sampler)
     # drop a ragged last batch (BatchNorm fails on a batch of one) unless that would leave nothing

@@ -71,9 +71,11 @@ def choose(requested: str, device: torch.device) -> Precision:
     name = torch.cuda.get_device_name(device)
     where = f"{name}, compute capability {cap[0]}.{cap[1]}"
     if not _torch_runs(cap):
-        raise UserError(f"{where}: torch {torch.__version__} has no CUDA kernels for it (built for "
-                        f"{' '.join(torch.cuda.get_arch_list())}); use a GPU of compute capability 7.0 or newer "
-                        f"(on Kaggle: GPU T4 x2, machine_shape NvidiaTeslaT4 in kernel-metadata.json)")
+        raise UserError(
+            f"{where}: torch {torch.__version__} has no CUDA kernels for it (built for "
+            f"{' '.join(torch.cuda.get_arch_list())}); use a GPU of compute capability 7.0 or newer "
+            f"(on Kaggle: GPU T4 x2, machine_shape NvidiaTeslaT4 in kernel-metadata.json)"
+        )
     if requested == "none":
         return Precision("none", "cuda", f"{where}; train.amp=none")
     if cap < FP16_FROM:

@@ -25,9 +25,11 @@ from ..core.layout import COMPETITION
 log = logging.getLogger(__name__)
 
 RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
-CREDENTIALS_FIX = ("create an API token (kaggle.com > Settings > API > Create New Token) and set KAGGLE_API_TOKEN "
-                   "to it, or save it as ~/.kaggle/access_token, or run `kaggle auth login`; a legacy kaggle.json in "
-                   "~/.kaggle (or KAGGLE_USERNAME + KAGGLE_KEY) still works")
+CREDENTIALS_FIX = (
+    "create an API token (kaggle.com > Settings > API > Create New Token) and set KAGGLE_API_TOKEN "
+    "to it, or save it as ~/.kaggle/access_token, or run `kaggle auth login`; a legacy kaggle.json in "
+    "~/.kaggle (or KAGGLE_USERNAME + KAGGLE_KEY) still works"
+)
 SUBMISSION = "submission.csv"
 # kernel session states (kagglesdk KernelWorkerStatus names) that end a run
 KERNEL_DONE = {"COMPLETE"}
@@ -41,7 +43,9 @@ def client():
         try:
             from kaggle.api.kaggle_api_extended import KaggleApi
         except ImportError:
-            raise UserError("the kaggle package is not installed; pip install kaggle (it is in requirements.txt)") from None
+            raise UserError(
+                "the kaggle package is not installed; pip install kaggle (it is in requirements.txt)"
+            ) from None
         api = KaggleApi()
         try:
             api.authenticate()
@@ -112,19 +116,28 @@ def create_datasets(folders: list[Path]) -> list[str]:
         if dataset_status(api, ref) is not None:
             existing.append(ref)  # the others are still created, so that datasets-version then finds them all
             continue
-        result = call(f"creating dataset {ref} from {folder}",
-                      lambda: api.dataset_create_new(str(folder), public=False, quiet=True, dir_mode="zip"))
+        result = call(
+            f"creating dataset {ref} from {folder}",
+            lambda: api.dataset_create_new(str(folder), public=False, quiet=True, dir_mode="zip"),
+        )
         refused = _refused(result)
         if refused:
-            hint = ("it exists: use `make datasets-version`" if "already" in refused.lower() or "in use" in refused.lower()
-                    else "check the dataset-metadata.json there and that your account is verified")
+            hint = (
+                "it exists: use `make datasets-version`"
+                if "already" in refused.lower() or "in use" in refused.lower()
+                else "check the dataset-metadata.json there and that your account is verified"
+            )
             raise UserError(f"Kaggle refused to create dataset {ref} from {folder}: {refused}; {hint}")
-        log.info(f"created dataset {ref}: {getattr(result, 'url', '') or ''} (Kaggle processes it for a few minutes: "
-              f"make datasets-wait)")
+        log.info(
+            f"created dataset {ref}: {getattr(result, 'url', '') or ''} (Kaggle processes it for a few minutes: "
+            f"make datasets-wait)"
+        )
         refs.append(ref)
     if existing:
-        raise UserError(f"dataset {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''} on Kaggle; "
-                        f"upload the new files with `make datasets-version` (python -m ich_kaggle datasets-version)")
+        raise UserError(
+            f"dataset {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''} on Kaggle; "
+            f"upload the new files with `make datasets-version` (python -m ich_kaggle datasets-version)"
+        )
     return refs
 
 
@@ -136,8 +149,10 @@ def version_datasets(folders: list[Path], message: str) -> list[str]:
         ref = dataset_id(folder)
         if dataset_status(api, ref) is None:
             raise UserError(f"dataset {ref} does not exist on Kaggle yet; create it with `make datasets-create`")
-        result = call(f"new version of dataset {ref} from {folder}",
-                      lambda: api.dataset_create_version(str(folder), message, quiet=True, dir_mode="zip"))
+        result = call(
+            f"new version of dataset {ref} from {folder}",
+            lambda: api.dataset_create_version(str(folder), message, quiet=True, dir_mode="zip"),
+        )
         refused = _refused(result)
         if refused:
             raise UserError(f"Kaggle refused a new version of dataset {ref}: {refused}")
@@ -160,12 +175,15 @@ def wait_datasets(refs: list[str], timeout: float = 1800, poll: float = 15) -> N
                 log.info(f"dataset {ref}: ready")
                 pending.remove(ref)
             elif status in ("failed", "deleted"):
-                raise UserError(f"dataset {ref} is {status} on Kaggle; see its page, fix it and run "
-                                f"`make datasets-version`")
+                raise UserError(
+                    f"dataset {ref} is {status} on Kaggle; see its page, fix it and run `make datasets-version`"
+                )
         if pending:
             if time.monotonic() > deadline:
-                raise UserError(f"dataset(s) {', '.join(pending)} still not ready after {timeout:.0f} s; rerun "
-                                f"`make datasets-wait` later (Kaggle processes large uploads for a while)")
+                raise UserError(
+                    f"dataset(s) {', '.join(pending)} still not ready after {timeout:.0f} s; rerun "
+                    f"`make datasets-wait` later (Kaggle processes large uploads for a while)"
+                )
             time.sleep(poll)
 
 
@@ -196,14 +214,20 @@ def push_kernel(folder: Path) -> str:
     bad = invalid_sources(result)
     if bad:
         kind, names = bad[0]
-        fix = {"competition": f"accept the competition rules at {RULES_URL}",
-               "kernel": "push those kernels first and let them complete (make kernel-status); an ensemble's kernels "
-                         "are its members' (make kernel-train CONFIG=<ensemble> fold=N pushes them)",
-               "model": "check the model sources in kernel-metadata.json"}.get(
-            kind, "upload them first (make kernel-code, make kernel-weights, make datasets-create) and wait until "
-                  "they are ready (make datasets-wait)")
+        fix = {
+            "competition": f"accept the competition rules at {RULES_URL}",
+            "kernel": "push those kernels first and let them complete (make kernel-status); an ensemble's kernels "
+            "are its members' (make kernel-train CONFIG=<ensemble> fold=N pushes them)",
+            "model": "check the model sources in kernel-metadata.json",
+        }.get(
+            kind,
+            "upload them first (make kernel-code, make kernel-weights, make datasets-create) and wait until "
+            "they are ready (make datasets-wait)",
+        )
         raise UserError(f"Kaggle accepted the kernel in {folder} without its {kind} sources {list(names)}; {fix}")
-    log.info(f"pushed {result.ref or folder} version {result.versionNumber}: {result.url} (follow it: make kernel-wait)")
+    log.info(
+        f"pushed {result.ref or folder} version {result.versionNumber}: {result.url} (follow it: make kernel-wait)"
+    )
     return str(result.url or "")
 
 
@@ -213,8 +237,11 @@ def wait_kernel(kernel: str, timeout: float = 12.5 * 3600, poll: float = 60) -> 
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        response = call(f"status of kernel {kernel}", lambda: api.kernels_status(kernel),
-                        fix="check the kernel id (KAGGLE_USERNAME, SLUG)")
+        response = call(
+            f"status of kernel {kernel}",
+            lambda: api.kernels_status(kernel),
+            fix="check the kernel id (KAGGLE_USERNAME, SLUG)",
+        )
         status = getattr(response.status, "name", str(response.status)).upper()
         if status != last:
             log.info(f"kernel {kernel}: {status.lower()}")
@@ -223,8 +250,10 @@ def wait_kernel(kernel: str, timeout: float = 12.5 * 3600, poll: float = 60) -> 
             return status
         if status in KERNEL_FAILED:
             why = getattr(response, "failure_message", "") or "no message"
-            raise UserError(f"kernel {kernel} ended with {status.lower()}: {why}; read its log with "
-                            f"`make kernel-output` (kernels/output/<slug>.log)")
+            raise UserError(
+                f"kernel {kernel} ended with {status.lower()}: {why}; read its log with "
+                f"`make kernel-output` (kernels/output/<slug>.log)"
+            )
         if time.monotonic() > deadline:
             raise UserError(f"kernel {kernel} still {status.lower()} after {timeout:.0f} s; rerun `make kernel-wait`")
         time.sleep(poll)
@@ -235,13 +264,18 @@ def fetch_output(kernel: str, dest: Path) -> Path:
     api = client()
     dest.mkdir(parents=True, exist_ok=True)
     (dest / SUBMISSION).unlink(missing_ok=True)  # never mistake an earlier run's file for this run's
-    files, _ = call(f"output of kernel {kernel}", lambda: api.kernels_output(kernel, str(dest), force=True, quiet=True),
-                    fix="check the kernel id (KAGGLE_USERNAME, SLUG) and that it finished (make kernel-wait)")
+    files, _ = call(
+        f"output of kernel {kernel}",
+        lambda: api.kernels_output(kernel, str(dest), force=True, quiet=True),
+        fix="check the kernel id (KAGGLE_USERNAME, SLUG) and that it finished (make kernel-wait)",
+    )
     path = dest / SUBMISSION
     if not path.is_file():
         logs = [f for f in files if str(f).endswith(".log")]
-        raise UserError(f"kernel {kernel} has no {SUBMISSION} in its output"
-                        + (f"; read its log {logs[0]}" if logs else "; did its last run finish (make kernel-wait)?"))
+        raise UserError(
+            f"kernel {kernel} has no {SUBMISSION} in its output"
+            + (f"; read its log {logs[0]}" if logs else "; did its last run finish (make kernel-wait)?")
+        )
     check_submission(path)
     log.info(f"fetched {path}" + "".join(f" and {f}" for f in files if str(f).endswith(".log")))
     return path
@@ -264,8 +298,10 @@ def check_submission(path: Path) -> None:
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a submission CSV ({type(e).__name__}); {fix}") from None
     if list(sub.columns) != ["ID", "Label"] or sub.empty:
-        raise UserError(f"{path} is not a submission: columns {list(sub.columns)[:4]} with {len(sub)} rows, expected "
-                        f"ID,Label; {fix}")
+        raise UserError(
+            f"{path} is not a submission: columns {list(sub.columns)[:4]} with {len(sub)} rows, expected "
+            f"ID,Label; {fix}"
+        )
     parts = sub["ID"].str.rsplit("_", n=1)
     subtype = parts.str[1]
     bad_type = ~subtype.isin(LABELS)
@@ -276,8 +312,10 @@ def check_submission(path: Path) -> None:
         raise UserError(f"{path}: Label values must be probabilities in [0, 1]; {fix}")
     counts = parts.str[0].value_counts()
     if (counts != len(LABELS)).any() or sub["ID"].duplicated().any():
-        raise UserError(f"{path}: every image needs its {len(LABELS)} subtypes exactly once "
-                        f"({counts.index[(counts != len(LABELS)).to_numpy()][0] if (counts != len(LABELS)).any() else 'a duplicated ID'}); {fix}")
+        raise UserError(
+            f"{path}: every image needs its {len(LABELS)} subtypes exactly once "
+            f"({counts.index[(counts != len(LABELS)).to_numpy()][0] if (counts != len(LABELS)).any() else 'a duplicated ID'}); {fix}"
+        )
 
 
 def submit_file(path: Path, message: str) -> str:
@@ -288,11 +326,16 @@ def submit_file(path: Path, message: str) -> str:
     check_submission(path)
     api = client()
     fix = f"accept the competition rules at {RULES_URL} (late submissions are scored)"
-    result = call(f"submitting {path} to {COMPETITION}",
-                  lambda: api.competition_submit(str(path), message, COMPETITION, quiet=True), fix=fix)
+    result = call(
+        f"submitting {path} to {COMPETITION}",
+        lambda: api.competition_submit(str(path), message, COMPETITION, quiet=True),
+        fix=fix,
+    )
     text = str(getattr(result, "message", "") or "")
     if text == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
         raise UserError(f"submitting {path} to {COMPETITION} failed: {text} (upload failed); retry")
-    log.info(f"submitted {path} to {COMPETITION} ({message!r}): {text or 'ok'}; the score appears at "
-          f"https://www.kaggle.com/competitions/{COMPETITION}/submissions")
+    log.info(
+        f"submitted {path} to {COMPETITION} ({message!r}): {text or 'ok'}; the score appears at "
+        f"https://www.kaggle.com/competitions/{COMPETITION}/submissions"
+    )
     return text

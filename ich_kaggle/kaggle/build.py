@@ -26,7 +26,7 @@ from .. import __version__
 from ..core import config as config_mod, freshness
 from ..core.config import Config
 from ..core.errors import UserError
-from ..core.io import atomic_open, atomic_path, write_csv
+from ..core.io import atomic_path, write_csv
 from . import metadata
 from .metadata import DATASET_META, KERNEL_FILE, KERNEL_META, LICENSE, MACHINE_SHAPE, title_for  # noqa: F401
 from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST, TRAIN_META, read_manifest, slugify
@@ -38,9 +38,15 @@ log = logging.getLogger(__name__)
 # What Kaggle's Python image lacks (or has too old: it ships pydicom 2.x) and the code needs. Kaggle has torch,
 # torchvision, timm, numpy, pandas, opencv, albumentations, scikit-learn, pyyaml, tqdm, huggingface_hub, safetensors.
 KERNEL_PACKAGES: tuple[str, ...] = (
-    "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
-    "pretrainedmodels", "munch", "segmentation-models-pytorch",
-    "blosc2", "ndindex",  # the cache codec (Kaggle's image may lack blosc2 or ship one older than 3.x)
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pretrainedmodels",
+    "munch",
+    "segmentation-models-pytorch",
+    "blosc2",
+    "ndindex",  # the cache codec (Kaggle's image may lack blosc2 or ship one older than 3.x)
 )
 # Installed if they can be: the kernel names one that does not install on its Python and goes on without it.
 OPTIONAL_PACKAGES: dict[str, str] = {
@@ -57,23 +63,30 @@ _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 # --- names and metadata checks ---------------------------------------------------------------------------------
-def check_slug(slug: str, what: str = "kernel slug", lo: int = 5, hi: int = 50,
-               fix: str = "pass --slug / make kernel SLUG=<name>") -> str:
+def check_slug(
+    slug: str, what: str = "kernel slug", lo: int = 5, hi: int = 50, fix: str = "pass --slug / make kernel SLUG=<name>"
+) -> str:
     if not lo <= len(slug) <= hi:
         raise UserError(f"{what} '{slug}' has {len(slug)} characters; Kaggle needs {lo} to {hi} ({fix})")
     if not _SLUG_RE.match(slug):
-        raise UserError(f"{what} '{slug}' may only hold lower-case letters, digits and single hyphens, e.g. "
-                        f"'{slugify(slug) or 'ich-kaggle-kernel'}' ({fix})")
+        raise UserError(
+            f"{what} '{slug}' may only hold lower-case letters, digits and single hyphens, e.g. "
+            f"'{slugify(slug) or 'ich-kaggle-kernel'}' ({fix})"
+        )
     return slug
 
 
 def check_username(username: str | None) -> str:
     if not username or not username.strip():
-        raise UserError("no Kaggle username: set KAGGLE_USERNAME or pass --username (make kernel KAGGLE_USERNAME=<you>)")
+        raise UserError(
+            "no Kaggle username: set KAGGLE_USERNAME or pass --username (make kernel KAGGLE_USERNAME=<you>)"
+        )
     username = username.strip()
     if not _USER_RE.match(username):
-        raise UserError(f"Kaggle username '{username}' has invalid characters; use your account name as shown in "
-                        f"your profile URL (KAGGLE_USERNAME=<you>)")
+        raise UserError(
+            f"Kaggle username '{username}' has invalid characters; use your account name as shown in "
+            f"your profile URL (KAGGLE_USERNAME=<you>)"
+        )
     return username
 
 
@@ -123,8 +136,12 @@ def names_for(cfg: Config, username: str | None, slug: str | None = None) -> Ker
     """Validated names: one-line UserErrors before anything is written or uploaded."""
     user = check_username(username)
     names = KernelNames(user, cfg.name, check_slug(slug or default_slug(cfg)))
-    check_slug(names.model_slug, "model dataset slug", lo=6,  # Kaggle's dataset slugs: 6..50 characters
-               fix=f"copy config '{cfg.name}' to a YAML file with a shorter name")
+    check_slug(
+        names.model_slug,
+        "model dataset slug",
+        lo=6,  # Kaggle's dataset slugs: 6..50 characters
+        fix=f"copy config '{cfg.name}' to a YAML file with a shorter name",
+    )
     return names
 
 
@@ -140,8 +157,7 @@ def is_stacked(cfg: Config, runs: str | Path) -> bool:
     return Run.of(runs, cfg.name).stack.test.is_file()
 
 
-def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, folds: list[int], why: str
-                         ) -> dict[str, Path]:
+def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, folds: list[int], why: str) -> dict[str, Path]:
     """`member`'s OOF files that the kernel cannot recompute (it has no train images) but its later stages read:
     the stacker is refit on them (with `stack.embedding_space=per_fold` on each fold model's own), an ensemble's
     first stage combines them."""
@@ -163,21 +179,26 @@ def _shipped_predictions(cfg: Config, member: Config, runs: str | Path, folds: l
     return {f"predictions_{path.name}": path for path in shipped}
 
 
-def _member_files(cfg: Config, member: Config, runs: str | Path, prefix: str, oof_why: str | None,
-                  folds: list[int]) -> dict[str, str]:
+def _member_files(
+    cfg: Config, member: Config, runs: str | Path, prefix: str, oof_why: str | None, folds: list[int]
+) -> dict[str, str]:
     """Flat name (with `prefix`) -> path inside runs/<member>/: each finished fold's best.pt and done.json, plus the
     OOF predictions when `oof_why` says a later stage needs them. Never local test predictions: the kernel
     recomputes them."""
     run = Run.of(runs, member.name)
     if not folds:
-        raise UserError(f"no finished fold in {run.dir} (fold<k>/best.pt + done.json); train first "
-                        f"(make train-all CONFIG={cfg.name})")
+        raise UserError(
+            f"no finished fold in {run.dir} (fold<k>/best.pt + done.json); train first "
+            f"(make train-all CONFIG={cfg.name})"
+        )
     unfinished = [k for k in selected_folds(member.cv) if k not in folds]
     if unfinished:
-        raise UserError(f"fold(s) {unfinished} of {member.name} are not trained to the end (no fold<k>/done.json in "
-                        f"{run.dir}): the kernel would ship folds {folds} of cv.k={member.cv.k}; finish them with "
-                        f"`make train-all CONFIG={cfg.name}` (it resumes), or choose the folds to ship with "
-                        f"--set cv.folds=[...] (then predict again)")
+        raise UserError(
+            f"fold(s) {unfinished} of {member.name} are not trained to the end (no fold<k>/done.json in "
+            f"{run.dir}): the kernel would ship folds {folds} of cv.k={member.cv.k}; finish them with "
+            f"`make train-all CONFIG={cfg.name}` (it resumes), or choose the folds to ship with "
+            f"--set cv.folds=[...] (then predict again)"
+        )
     files = {f"fold{k}_{path.name}": path for k in folds for path in (run.fold(k).best, run.fold(k).done)}
     if oof_why:
         files.update(_shipped_predictions(cfg, member, runs, folds, oof_why))
@@ -192,9 +213,18 @@ def model_files(cfg: Config, runs: str | Path) -> dict[str, str]:
     An ensemble ships only its own stack metrics here; its members' files are `member_files`."""
     run = Run.of(runs, cfg.name)
     stacked = is_stacked(cfg, runs)
-    files = {} if cfg.is_ensemble else _member_files(
-        cfg, cfg, runs, "", f"{run.stack.dir} exists: the kernel refits the stacker on it" if stacked else None,
-        trained_folds(cfg, runs))
+    files = (
+        {}
+        if cfg.is_ensemble
+        else _member_files(
+            cfg,
+            cfg,
+            runs,
+            "",
+            f"{run.stack.dir} exists: the kernel refits the stacker on it" if stacked else None,
+            trained_folds(cfg, runs),
+        )
+    )
     if stacked and run.stack.metrics.is_file():
         files[f"stack_{run.stack.metrics.name}"] = run.stack.metrics.relative_to(run.dir).as_posix()
     return files
@@ -207,8 +237,14 @@ def member_files(cfg: Config, members: list[Config], runs: str | Path) -> list[d
     out = []
     for member in members:
         prefix, folds = f"{member.name}__", trained_folds(member, runs)
-        files = _member_files(cfg, member, runs, prefix, f"{cfg.name} is an ensemble: the kernel combines its "
-                                                         f"members' OOF predictions", folds)
+        files = _member_files(
+            cfg,
+            member,
+            runs,
+            prefix,
+            f"{cfg.name} is an ensemble: the kernel combines its members' OOF predictions",
+            folds,
+        )
         out.append({"name": member.name, "folds": folds, "config": f"{prefix}config.yaml", "files": files})
     return out
 
@@ -232,18 +268,30 @@ def _half_checkpoint(src: Path, dst: Path) -> None:
     from ..models.checkpoint import read_checkpoint, save_checkpoint
 
     ckpt = read_checkpoint(src)
-    ckpt["model"] = {k: v.half() if v.dtype == torch.float32 and v.numel() and float(v.abs().max()) <= FP16_MAX else v
-                     for k, v in ckpt["model"].items()}
+    ckpt["model"] = {
+        k: v.half() if v.dtype == torch.float32 and v.numel() and float(v.abs().max()) <= FP16_MAX else v
+        for k, v in ckpt["model"].items()
+    }
     save_checkpoint(dst, ckpt)
 
 
-_write_json, _dataset_metadata, _fresh_tmp, _swap_in = (metadata.write_json, metadata.dataset_metadata,
-                                                       metadata.fresh_tmp, metadata.swap_in)
+_write_json, _dataset_metadata, _fresh_tmp, _swap_in = (
+    metadata.write_json,
+    metadata.dataset_metadata,
+    metadata.fresh_tmp,
+    metadata.swap_in,
+)
 
 
 def _wheel_entry(w) -> dict:
-    entry = {"file": w.path.name, "name": w.name, "version": w.version, "source": w.source, "pure": w.pure,
-             "optional": w.name in OPTIONAL_PACKAGES}
+    entry = {
+        "file": w.path.name,
+        "name": w.name,
+        "version": w.version,
+        "source": w.source,
+        "pure": w.pure,
+        "optional": w.name in OPTIONAL_PACKAGES,
+    }
     if entry["optional"]:
         entry["why"] = OPTIONAL_PACKAGES[w.name]
     return entry
@@ -257,11 +305,19 @@ def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str,
     tmp = _fresh_tmp(final)
     built = wheels.collect(packages, tmp)
     lines = "\n".join(f"- {w.path.name} ({w.source})" for w in built)
-    desc = (f"ich_kaggle {__version__} and the packages Kaggle's image lacks, for offline kernels of {COMPETITION}. "
-            f"Install: pip install --no-index --find-links <this folder> --no-deps *.whl\n\n{lines}\n")
+    desc = (
+        f"ich_kaggle {__version__} and the packages Kaggle's image lacks, for offline kernels of {COMPETITION}. "
+        f"Install: pip install --no-index --find-links <this folder> --no-deps *.whl\n\n{lines}\n"
+    )
     _write_json(tmp / DATASET_META, _dataset_metadata("ICH Kaggle code", names.code_id, desc))
-    _write_json(tmp / "wheels.json", {"ich_kaggle": __version__, "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-                                      "wheels": [_wheel_entry(w) for w in built]})
+    _write_json(
+        tmp / "wheels.json",
+        {
+            "ich_kaggle": __version__,
+            "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+            "wheels": [_wheel_entry(w) for w in built],
+        },
+    )
     _swap_in(tmp, final)
     return final
 
@@ -269,8 +325,10 @@ def build_code_dataset(names: KernelNames, out: str | Path, packages: tuple[str,
 def _check_data_inputs(cfg: Config, layout: Layout | None) -> Layout:
     if layout is None or not layout.meta_csv.is_file() or not layout.folds_csv.is_file():
         where = f" ({layout.meta_csv} / {layout.folds_csv} not found)" if layout is not None else ""
-        raise UserError(f"the kernel needs the folds.csv (and the stacker the meta.csv) of the training data{where}; "
-                        f"pass the data folder you trained on: make kernel-datasets CONFIG={cfg.name} DATA_DIR=<folder>")
+        raise UserError(
+            f"the kernel needs the folds.csv (and the stacker the meta.csv) of the training data{where}; "
+            f"pass the data folder you trained on: make kernel-datasets CONFIG={cfg.name} DATA_DIR=<folder>"
+        )
     return layout
 
 
@@ -290,9 +348,15 @@ def _write_data_inputs(layout: Layout, folder: Path, stacked: bool) -> None:
         write_csv(meta[meta["split"] == "train"], folder / TRAIN_META)
 
 
-def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: str | Path,
-                        layout: Layout | None = None, fp16_weights: bool = False,
-                        members: list[Config] | None = None) -> Path:
+def build_model_dataset(
+    cfg: Config,
+    names: KernelNames,
+    runs: str | Path,
+    out: str | Path,
+    layout: Layout | None = None,
+    fp16_weights: bool = False,
+    members: list[Config] | None = None,
+) -> Path:
     """kernels/ich-kaggle-model-<config>/: checkpoints, stacker inputs, folds, resolved config(s) and a manifest.
 
     `layout` is the data the runs were trained on (its folds.csv and meta.csv travel with the model).
@@ -328,32 +392,51 @@ def build_model_dataset(cfg: Config, names: KernelNames, runs: str | Path, out: 
         config_mod.dump(member, tmp / entry["config"])
     folds = trained_folds(cfg, runs) if not cfg.is_ensemble else sorted({k for m in listed for k in m["folds"]})
     manifest = {
-        "format": MANIFEST_FORMAT, "config": cfg.name, "ich_kaggle": __version__, "folds": folds,
-        "stack": stacked, "files": files, "weights": "fp16" if fp16_weights else "fp32",
+        "format": MANIFEST_FORMAT,
+        "config": cfg.name,
+        "ich_kaggle": __version__,
+        "folds": folds,
+        "stack": stacked,
+        "files": files,
+        "weights": "fp16" if fp16_weights else "fp32",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if cfg.is_ensemble:
         manifest["members"] = listed
     _write_json(tmp / MODEL_MANIFEST, manifest)
     title = f"ICH Kaggle model {cfg.name}"[:50]
-    what = ("ensemble of " + ", ".join(f"{m['name']} (folds {m['folds']})" for m in listed) if listed
-            else f"folds {folds}")
+    what = (
+        "ensemble of " + ", ".join(f"{m['name']} (folds {m['folds']})" for m in listed) if listed else f"folds {folds}"
+    )
     desc = f"Config {cfg.name}: {what}, stacker {'yes' if stacked else 'no'}. {cfg.description}"
     _write_json(tmp / DATASET_META, _dataset_metadata(title, names.model_id, desc))
     _swap_in(tmp, final)
     return final
 
 
-def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels",
-                   username: str | None = None, layout: Layout | None = None,
-                   fp16_weights: bool = False, members: list[Config] | None = None) -> dict[str, Path]:
+def build_datasets(
+    cfg: Config,
+    runs: str | Path = "runs",
+    out: str | Path = "kernels",
+    username: str | None = None,
+    layout: Layout | None = None,
+    fp16_weights: bool = False,
+    members: list[Config] | None = None,
+) -> dict[str, Path]:
     """`make kernel-datasets`: both dataset folders, ready for `kaggle datasets create/version -p`.
 
     `layout` is the data the runs were trained on: the stacker, refit inside the kernel, needs its meta and folds.
     """
     names = names_for(cfg, username)
-    model = build_model_dataset(cfg, names, runs, out, layout, fp16_weights,  # "no trained fold" before the wheels
-                                members=members)
+    model = build_model_dataset(
+        cfg,
+        names,
+        runs,
+        out,
+        layout,
+        fp16_weights,  # "no trained fold" before the wheels
+        members=members,
+    )
     code = build_code_dataset(names, out)
     log.info(f"wrote {code} ({names.code_id}) and {model} ({names.model_id})")
     return {"code": code, "model": model}
@@ -362,17 +445,23 @@ def build_datasets(cfg: Config, runs: str | Path = "runs", out: str | Path = "ke
 def _warn_if_stale(cfg: Config, runs: str | Path, model_dir: Path, manifest: dict) -> None:
     """The kernel may run on a model dataset older than the local runs: say so (it is not an error)."""
     runs_of = [("", cfg.name, manifest["files"], manifest["folds"])] + [
-        (f"{m['name']}/", m["name"], m["files"], m["folds"]) for m in manifest.get("members", [])]
+        (f"{m['name']}/", m["name"], m["files"], m["folds"]) for m in manifest.get("members", [])
+    ]
     newer, extra = [], []
     for prefix, name, files, folds in runs_of:
         run = Run.of(runs, name)
-        newer += [prefix + rel for flat, rel in files.items() if (run.dir / rel).is_file()
-                  and (run.dir / rel).stat().st_mtime > (model_dir / flat).stat().st_mtime + 1]
+        newer += [
+            prefix + rel
+            for flat, rel in files.items()
+            if (run.dir / rel).is_file() and (run.dir / rel).stat().st_mtime > (model_dir / flat).stat().st_mtime + 1
+        ]
         if not (prefix == "" and cfg.is_ensemble):  # an ensemble's own folder has no folds
             extra += [f"{prefix}fold{k}/best.pt" for k in run.finished(selected_folds(cfg.cv)) if k not in folds]
     if newer or extra:
-        log.info(f"warning: {Run.of(runs, cfg.name).dir} has newer files than {model_dir} ({', '.join(newer + extra)}); rerun "
-                 f"`make kernel-datasets` and `make datasets-version` to ship them")
+        log.info(
+            f"warning: {Run.of(runs, cfg.name).dir} has newer files than {model_dir} ({', '.join(newer + extra)}); rerun "
+            f"`make kernel-datasets` and `make datasets-version` to ship them"
+        )
 
 
 def _read_dataset_id(folder: Path, fix: str) -> str:
@@ -391,8 +480,9 @@ def embed_install(template: str, values: dict[str, str]) -> str:
     filled: the one install step of the inference, prepare and training kernels (run there without ich_kaggle)."""
     found = _INSTALL_LINE.findall(template)
     if len(found) != 1:
-        raise RuntimeError(f"a kernel template needs exactly one '# __INSTALL__' import of kernel_install, "
-                           f"not {len(found)}")
+        raise RuntimeError(
+            f"a kernel template needs exactly one '# __INSTALL__' import of kernel_install, not {len(found)}"
+        )
     block = INSTALL.read_text()
     for key, value in values.items():
         block = block.replace(f'"__{key}__"', json.dumps(value))
@@ -402,8 +492,13 @@ def embed_install(template: str, values: dict[str, str]) -> str:
     return template.replace(found[0], block.rstrip())
 
 
-def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kernels", username: str | None = None,
-                 slug: str | None = None) -> Path:
+def build_kernel(
+    cfg: Config,
+    runs: str | Path = "runs",
+    out: str | Path = "kernels",
+    username: str | None = None,
+    slug: str | None = None,
+) -> Path:
     """`make kernel`: kernels/<slug>/ with kernel-metadata.json and the script, after checking everything it needs."""
     names = names_for(cfg, username, slug)
     fix = f"run `make kernel-datasets CONFIG={cfg.name} KAGGLE_USERNAME={names.username}` first"
@@ -418,15 +513,22 @@ def build_kernel(cfg: Config, runs: str | Path = "runs", out: str | Path = "kern
         raise UserError(f"{names.model_dir(out) / MODEL_MANIFEST} lists no trained fold; train first, then {fix}")
     _warn_if_stale(cfg, runs, names.model_dir(out), manifest)
 
-    script = embed_install(TEMPLATE.read_text(), {
-        "CONFIG_NAME": cfg.name, "CODE_DATASET": names.code_id, "MODEL_DATASET": names.model_id,
-        "ICH_KAGGLE_VERSION": __version__})
+    script = embed_install(
+        TEMPLATE.read_text(),
+        {
+            "CONFIG_NAME": cfg.name,
+            "CODE_DATASET": names.code_id,
+            "MODEL_DATASET": names.model_id,
+            "ICH_KAGGLE_VERSION": __version__,
+        },
+    )
     compile(script, KERNEL_FILE, "exec")
     from . import weights_dataset
 
     # the inference kernel loads its checkpoints (no ImageNet weights): the weights dataset rides along when built
     weights = weights_dataset.attach([], names.username, out, required=False)
-    folder = metadata.write_kernel(names.kernel_dir(out), names.kernel_id, script, gpu=True,
-                                   datasets=[names.code_id, names.model_id, *weights])
+    folder = metadata.write_kernel(
+        names.kernel_dir(out), names.kernel_id, script, gpu=True, datasets=[names.code_id, names.model_id, *weights]
+    )
     log.info(f"wrote {folder} ({names.kernel_id}); push with: kaggle kernels push -p {folder}")
     return folder

@@ -36,15 +36,29 @@ def find_code_dir(root, max_depth=5):
         if any(f.startswith("ich_kaggle-") and f.endswith(".whl") for f in filenames):
             found.append((depth, dirpath))
     if not found:
-        sys.exit(f"error: no ich_kaggle-*.whl under {root}; attach the dataset {CODE_DATASET} to this kernel "
-                 f"(or set ICH_KAGGLE_INPUT to the folder that holds it)")
+        sys.exit(
+            f"error: no ich_kaggle-*.whl under {root}; attach the dataset {CODE_DATASET} to this kernel "
+            f"(or set ICH_KAGGLE_INPUT to the folder that holds it)"
+        )
     return Path(min(found)[1])
 
 
 def _pip(args):
     """pip, offline and quiet; (ok, its last output line)."""
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(args[0]), "--no-deps", "--quiet",
-           "--disable-pip-version-check", "--no-warn-script-location", *args[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--find-links",
+        str(args[0]),
+        "--no-deps",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-warn-script-location",
+        *args[1:],
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
     return result.returncode == 0, lines[-1] if lines else ""
@@ -79,17 +93,25 @@ def pip_install(code_dir):
                 continue
             have = _installed(name)
             if have is None:
-                sys.exit(f"error: pip could not install the required package {name} from {code_dir} on Python "
-                         f"{sys.version.split()[0]}: {last}")
-            log(f"keeping the image's {name} {have}: the code dataset has no wheel of it for Python "
-                f"{sys.version.split()[0]} ({last})")
+                sys.exit(
+                    f"error: pip could not install the required package {name} from {code_dir} on Python "
+                    f"{sys.version.split()[0]}: {last}"
+                )
+            log(
+                f"keeping the image's {name} {have}: the code dataset has no wheel of it for Python "
+                f"{sys.version.split()[0]} ({last})"
+            )
     missing = []
     for name, w in optional.items():
         ok, last = _pip([code_dir, name])
         if not ok:
             missing.append(w)
-            log(f"optional package {name} not installed on Python {sys.version.split()[0]} "
-                f"({w.get('why', 'optional')}): {last}")
-    log(f"installed {len(names) - len(missing)} of {len(names)} packages"
-        + (f"; going on without {', '.join(w['name'] for w in missing)}" if missing else ""))
+            log(
+                f"optional package {name} not installed on Python {sys.version.split()[0]} "
+                f"({w.get('why', 'optional')}): {last}"
+            )
+    log(
+        f"installed {len(names) - len(missing)} of {len(names)} packages"
+        + (f"; going on without {', '.join(w['name'] for w in missing)}" if missing else "")
+    )
     return missing

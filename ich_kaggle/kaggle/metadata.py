@@ -29,19 +29,36 @@ def title_for(slug: str) -> str:
     return title
 
 
-def write_kernel(folder: Path, kernel_id: str, script: str, gpu: bool, datasets: list[str],
-                 kernel_sources: list[str] = (), competition: bool = True) -> Path:
+def write_kernel(
+    folder: Path,
+    kernel_id: str,
+    script: str,
+    gpu: bool,
+    datasets: list[str],
+    kernel_sources: list[str] = (),
+    competition: bool = True,
+) -> Path:
     """kernels/<slug>/: the script and its metadata (sources as given, in order, duplicates dropped)."""
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_open(folder / KERNEL_FILE) as f:
         f.write(script)
     slug = kernel_id.split("/", 1)[1]
-    meta = {"id": kernel_id, "title": title_for(slug), "code_file": KERNEL_FILE, "language": "python",
-            "kernel_type": "script", "is_private": True, "enable_gpu": gpu, "enable_tpu": False,
-            "enable_internet": False, "dataset_sources": list(dict.fromkeys(datasets)),
-            "competition_sources": [COMPETITION] if competition else [],
-            "kernel_sources": list(dict.fromkeys(kernel_sources)), "model_sources": [],
-            "docker_image_pinning_type": IMAGE_PINNING}
+    meta = {
+        "id": kernel_id,
+        "title": title_for(slug),
+        "code_file": KERNEL_FILE,
+        "language": "python",
+        "kernel_type": "script",
+        "is_private": True,
+        "enable_gpu": gpu,
+        "enable_tpu": False,
+        "enable_internet": False,
+        "dataset_sources": list(dict.fromkeys(datasets)),
+        "competition_sources": [COMPETITION] if competition else [],
+        "kernel_sources": list(dict.fromkeys(kernel_sources)),
+        "model_sources": [],
+        "docker_image_pinning_type": IMAGE_PINNING,
+    }
     if gpu:
         meta["machine_shape"] = MACHINE_SHAPE
     with atomic_open(folder / KERNEL_META) as f:

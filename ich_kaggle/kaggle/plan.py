@@ -31,9 +31,11 @@ class FoldLine:
 
     def describe(self) -> str:
         e = self.estimate
-        return (f"train {self.member} fold {self.fold}: {e.epochs} epoch(s) x {e.train_images:,} images, "
-                f"{self.hours:.1f} h in {self.sessions} session(s) at {e.train_images_per_s:.0f} img/s on T4 x2"
-                + ("" if e.measured else " (estimate)"))
+        return (
+            f"train {self.member} fold {self.fold}: {e.epochs} epoch(s) x {e.train_images:,} images, "
+            f"{self.hours:.1f} h in {self.sessions} session(s) at {e.train_images_per_s:.0f} img/s on T4 x2"
+            + ("" if e.measured else " (estimate)")
+        )
 
 
 @dataclass
@@ -57,21 +59,29 @@ class KagglePlan:
         return self.training_hours + self.inference_hours
 
     def lines(self, quota_left_h: float | None = None, quota_note: str = "") -> list[str]:
-        out = [f"plan for {self.config} on Kaggle T4 x2 (a session ends at {sessions.SESSION_LIMIT_H:.0f} h, "
-               f"{sessions.SESSION_LIMIT_H - sessions.SESSION_MARGIN_H:.1f} h usable):"]
+        out = [
+            f"plan for {self.config} on Kaggle T4 x2 (a session ends at {sessions.SESSION_LIMIT_H:.0f} h, "
+            f"{sessions.SESSION_LIMIT_H - sessions.SESSION_MARGIN_H:.1f} h usable):"
+        ]
         out += [f"  rates: {r}" for r in self.rate_lines]
         out += [f"  {f.describe()}" for f in self.folds]
-        split = "" if len(self.inference) == 1 else f" (split into {len(self.inference)} kernels, each within a session)"
+        split = (
+            "" if len(self.inference) == 1 else f" (split into {len(self.inference)} kernels, each within a session)"
+        )
         out += [f"  inference{split}:"] + [f"    {k.describe()}" for k in self.inference]
-        out.append(f"  total: {self.training_hours:.1f} h training + {self.inference_hours:.1f} h inference = "
-                   f"{self.total_hours:.1f} GPU-hours = {self.total_hours / WEEKLY_GPU_HOURS:.1f} week(s) of "
-                   f"{WEEKLY_GPU_HOURS:.0f} h free quota" + ("" if self.measured else
-                                                                " [ESTIMATES: make kernel-gpu-check measures the rates]"))
+        out.append(
+            f"  total: {self.training_hours:.1f} h training + {self.inference_hours:.1f} h inference = "
+            f"{self.total_hours:.1f} GPU-hours = {self.total_hours / WEEKLY_GPU_HOURS:.1f} week(s) of "
+            f"{WEEKLY_GPU_HOURS:.0f} h free quota"
+            + ("" if self.measured else " [ESTIMATES: make kernel-gpu-check measures the rates]")
+        )
         if quota_left_h is not None:
             weeks = self.total_hours / WEEKLY_GPU_HOURS
             now = "fits" if self.total_hours <= quota_left_h else "does not fit"
-            out.append(f"  quota: {quota_left_h:.1f} h of GPU left this week: the plan {now} in it "
-                       f"({weeks:.1f} week(s) of quota in all)")
+            out.append(
+                f"  quota: {quota_left_h:.1f} h of GPU left this week: the plan {now} in it "
+                f"({weeks:.1f} week(s) of quota in all)"
+            )
         elif quota_note:
             out.append(f"  quota: {quota_note}")
         return out
@@ -95,7 +105,8 @@ def make_plan(cfg: Config, members: list[Config], folds_csv: Path | None = None)
             out.rate_lines.append(f"{m.model.backbone} at {m.data.image_size} px: {r.describe()}")
     out.inference = split_inference(members, folds)
     out.measured = all(f.estimate.measured for f in out.folds) and all(
-        rates.rate(m.model.backbone, m.data.image_size).measured for m in members)
+        rates.rate(m.model.backbone, m.data.image_size).measured for m in members
+    )
     return out
 
 

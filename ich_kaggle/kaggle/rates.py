@@ -27,8 +27,14 @@ from ..core.errors import UserError
 
 RATES_FILE = "kaggle_rates.yaml"
 RATES_ENV = "ICH_KAGGLE_RATES"
-T4_TRAIN_IMAGES_PER_S_512 = {"se_resnext50_32x4d": 29.0, "se_resnext101_32x4d": 17.0, "resnet50": 48.0,
-                             "resnet18": 140.0, "tu-tf_efficientnet_lite0": 110.0, "small_cnn": 2000.0}
+T4_TRAIN_IMAGES_PER_S_512 = {
+    "se_resnext50_32x4d": 29.0,
+    "se_resnext101_32x4d": 17.0,
+    "resnet50": 48.0,
+    "resnet18": 140.0,
+    "tu-tf_efficientnet_lite0": 110.0,
+    "small_cnn": 2000.0,
+}
 DEFAULT_BACKBONE = "se_resnext50_32x4d"
 INFERENCE_SPEEDUP = 3.0
 TWO_GPU_SCALING = 1.8
@@ -42,8 +48,10 @@ class Rate:
     source: str
 
     def describe(self) -> str:
-        return (f"{self.train:.0f} train / {self.infer:.0f} inference img/s per T4 "
-                f"[{'measured, ' if self.measured else 'ESTIMATE, '}{self.source}]")
+        return (
+            f"{self.train:.0f} train / {self.infer:.0f} inference img/s per T4 "
+            f"[{'measured, ' if self.measured else 'ESTIMATE, '}{self.source}]"
+        )
 
 
 def rates_path() -> Path:
@@ -70,15 +78,21 @@ def rate(backbone: str, size: int, path: Path | None = None) -> Rate:
     parts = backbone.split("+")
     if all(size in measured.get(p, {}) for p in parts):
         train = 1 / sum(1 / float(measured[p][size]["train"]) for p in parts)
-        infer = 1 / sum(1 / float(measured[p][size].get("infer", measured[p][size]["train"] * INFERENCE_SPEEDUP))
-                        for p in parts)
+        infer = 1 / sum(
+            1 / float(measured[p][size].get("infer", measured[p][size]["train"] * INFERENCE_SPEEDUP)) for p in parts
+        )
         return Rate(train, infer, True, f"{path or rates_path()}")
     scale = (512 / size) ** 2
-    train = scale / sum(1 / T4_TRAIN_IMAGES_PER_S_512.get(p, T4_TRAIN_IMAGES_PER_S_512[DEFAULT_BACKBONE])
-                        for p in parts)
-    return Rate(train, train * INFERENCE_SPEEDUP, False,
-                f"documented rate for {backbone} at {size} px in ich_kaggle/kaggle/rates.py; measure with "
-                f"make kernel-gpu-check")
+    train = scale / sum(
+        1 / T4_TRAIN_IMAGES_PER_S_512.get(p, T4_TRAIN_IMAGES_PER_S_512[DEFAULT_BACKBONE]) for p in parts
+    )
+    return Rate(
+        train,
+        train * INFERENCE_SPEEDUP,
+        False,
+        f"documented rate for {backbone} at {size} px in ich_kaggle/kaggle/rates.py; measure with "
+        f"make kernel-gpu-check",
+    )
 
 
 # --- inside the GPU-check kernel ------------------------------------------------------------------------------------
@@ -127,5 +141,11 @@ def measure(backbone: str, size: int, in_channels: int = 3, batch: int = 16, ste
             model(x)
 
     infer = timed(infer_step, steps)
-    return {"train": round(train, 1), "infer": round(infer, 1), "gpu": torch.cuda.get_device_name(device),
-            "precision": precision.amp, "batch": batch, "measured": time.strftime("%Y-%m-%d")}
+    return {
+        "train": round(train, 1),
+        "infer": round(infer, 1),
+        "gpu": torch.cuda.get_device_name(device),
+        "precision": precision.amp,
+        "batch": batch,
+        "measured": time.strftime("%Y-%m-%d"),
+    }

@@ -7,7 +7,6 @@ Imported by the kernel script after it installed ich_kaggle from the code datase
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -52,13 +51,16 @@ def find_inputs(root: str | Path, config_name: str | None = None) -> KernelInput
     root = Path(root)
     competition = find_test_competition(root)
     models = kaggle_input.find_all(root, kaggle_input.holding(MODEL_MANIFEST))
-    codes = kaggle_input.find_all(root, lambda p, files: any(f.startswith("ich_kaggle-") and f.endswith(".whl")
-                                                             for f in files))
+    codes = kaggle_input.find_all(
+        root, lambda p, files: any(f.startswith("ich_kaggle-") and f.endswith(".whl") for f in files)
+    )
     if config_name is not None:
         matching = [m for m in models if json.loads((m / MODEL_MANIFEST).read_text()).get("config") == config_name]
         if models and not matching:
-            raise UserError(f"model datasets under {root} hold other configs than '{config_name}'; attach "
-                            f"ich-kaggle-model-{slugify(config_name)}")
+            raise UserError(
+                f"model datasets under {root} hold other configs than '{config_name}'; attach "
+                f"ich-kaggle-model-{slugify(config_name)}"
+            )
         models = matching
     if not models:
         raise UserError(f"no {MODEL_MANIFEST} under {root}; attach the model dataset built by `make kernel-datasets`")
@@ -69,9 +71,12 @@ def find_test_competition(root: str | Path) -> Path:
     """The competition folder with the sample submission and the test images."""
     from ..core import kaggle_input
 
-    return kaggle_input.find(root, lambda p, files: SAMPLE_NAME in files and (p / "stage_2_test").is_dir(),
-                             f"no {SAMPLE_NAME} beside a stage_2_test/ folder under {root}; add the competition "
-                             f"'{COMPETITION}' as a data source of the kernel")
+    return kaggle_input.find(
+        root,
+        lambda p, files: SAMPLE_NAME in files and (p / "stage_2_test").is_dir(),
+        f"no {SAMPLE_NAME} beside a stage_2_test/ folder under {root}; add the competition "
+        f"'{COMPETITION}' as a data source of the kernel",
+    )
 
 
 def read_manifest(model_dir: str | Path) -> dict:
@@ -83,12 +88,16 @@ def read_manifest(model_dir: str | Path) -> dict:
     except ValueError:
         raise UserError(f"{path} is not valid JSON; rebuild the model dataset with `make kernel-datasets`") from None
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{path} has format {manifest.get('format')!r}, this ich_kaggle reads {MANIFEST_FORMAT}; "
-                        f"rebuild both datasets with the same ich_kaggle (make kernel-datasets) and upload them")
+        raise UserError(
+            f"{path} has format {manifest.get('format')!r}, this ich_kaggle reads {MANIFEST_FORMAT}; "
+            f"rebuild both datasets with the same ich_kaggle (make kernel-datasets) and upload them"
+        )
     listed = [*manifest.get("files", {})] + [f for m in manifest.get("members", []) for f in (*m["files"], m["config"])]
     missing = [flat for flat in listed if not (Path(model_dir) / flat).is_file()]
     if missing:
-        raise UserError(f"{path.parent} lacks {', '.join(missing)} listed in its manifest; upload the whole folder again")
+        raise UserError(
+            f"{path.parent} lacks {', '.join(missing)} listed in its manifest; upload the whole folder again"
+        )
     return manifest
 
 
@@ -126,8 +135,10 @@ def materialize(model_dir: Path, manifest: dict, runs: Path) -> Config:
 
 def materialize_members(model_dir: Path, manifest: dict, runs: Path) -> list[Config]:
     """An ensemble's members: runs/<member>/ of each (checkpoints, OOF predictions) and its resolved config."""
-    return [_materialize_run(model_dir, _read_config(model_dir / m["config"]), m["folds"], m["files"], runs)
-            for m in manifest.get("members", [])]
+    return [
+        _materialize_run(model_dir, _read_config(model_dir / m["config"]), m["folds"], m["files"], runs)
+        for m in manifest.get("members", [])
+    ]
 
 
 def data_view(competition: Path, folder: Path) -> Path:
@@ -177,8 +188,9 @@ def prepare_stack(layout: Layout, model_dir: Path, manifest: dict, run: Run) -> 
     manifest_mod.adopt(layout.meta_csv)  # the same scan of the test DICOMs, plus the shipped train rows
 
 
-def run_inference(model_dir: str | Path, competition: str | Path, working: str | Path,
-                  scratch: str | Path | None = None) -> Path:
+def run_inference(
+    model_dir: str | Path, competition: str | Path, working: str | Path, scratch: str | Path | None = None
+) -> Path:
     """Predict (TTA, every shipped fold) -> stack -> submission, exactly the library calls of `make submit`.
 
     Only `submission.csv` goes to `working` (Kaggle keeps it as the kernel's output, 20 GB at most); the image cache,

@@ -58,17 +58,23 @@ class Estimate:
         return self.setup_hours + epochs * self.epoch_hours + self.final_hours
 
     def describe(self) -> str:
-        setup = (f"{self.setup_hours:.1f} h caching the train images per session" if self.images == "cache" else
-                 "no caching (images read from their DICOMs)")
-        return (f"estimated wall time on T4 x2: {self.hours:.1f} h for {self.epochs} epoch(s) x {self.train_images:,} "
-                f"training images at {self.train_images_per_s:.0f} img/s, {self.epoch_hours:.1f} h per epoch with "
-                f"{self.val_images:,} validation images at {self.infer_images_per_s:.0f} img/s, "
-                f"{setup} [{self.source}]" + ("" if self.measured else "; rates are ESTIMATES until measured "
-                                              "(make kernel-gpu-check)"))
+        setup = (
+            f"{self.setup_hours:.1f} h caching the train images per session"
+            if self.images == "cache"
+            else "no caching (images read from their DICOMs)"
+        )
+        return (
+            f"estimated wall time on T4 x2: {self.hours:.1f} h for {self.epochs} epoch(s) x {self.train_images:,} "
+            f"training images at {self.train_images_per_s:.0f} img/s, {self.epoch_hours:.1f} h per epoch with "
+            f"{self.val_images:,} validation images at {self.infer_images_per_s:.0f} img/s, "
+            f"{setup} [{self.source}]"
+            + ("" if self.measured else "; rates are ESTIMATES until measured (make kernel-gpu-check)")
+        )
 
 
-def estimate(cfg: Config, epochs: int | None = None, folds_csv: Path | None = None,
-             t4_images_per_s: float | None = None) -> Estimate:
+def estimate(
+    cfg: Config, epochs: int | None = None, folds_csv: Path | None = None, t4_images_per_s: float | None = None
+) -> Estimate:
     """Wall time of one fold (or of `epochs` of it) on T4 x2 from the config's images per epoch and images/s."""
     if folds_csv is not None and folds_csv.is_file():
         with open(folds_csv) as f:
@@ -83,7 +89,11 @@ def estimate(cfg: Config, epochs: int | None = None, folds_csv: Path | None = No
         train = min(train, int(cfg.train.max_images_per_epoch))
     r = rates.rate(cfg.model.backbone, cfg.data.image_size)
     if t4_images_per_s:
-        per_t4, source, measured = float(t4_images_per_s), f"T4_IMAGES_PER_S={t4_images_per_s:g} as given; {where}", True
+        per_t4, source, measured = (
+            float(t4_images_per_s),
+            f"T4_IMAGES_PER_S={t4_images_per_s:g} as given; {where}",
+            True,
+        )
         per_t4_infer = per_t4 * INFERENCE_SPEEDUP
     else:
         per_t4, per_t4_infer, measured = r.train, r.infer, r.measured
@@ -95,8 +105,20 @@ def estimate(cfg: Config, epochs: int | None = None, folds_csv: Path | None = No
     final_s = val / infer_ips
     setup_s = n / CACHE_IMAGES_PER_S if images == "cache" else 0.0
     hours = (setup_s + epochs * epoch_s + final_s) / 3600
-    return Estimate(train, val, epochs, ips, hours, source, infer_ips, measured, epoch_s / 3600, setup_s / 3600,
-                    final_s / 3600, images)
+    return Estimate(
+        train,
+        val,
+        epochs,
+        ips,
+        hours,
+        source,
+        infer_ips,
+        measured,
+        epoch_s / 3600,
+        setup_s / 3600,
+        final_s / 3600,
+        images,
+    )
 
 
 @dataclass(frozen=True)
@@ -112,14 +134,16 @@ class Plan:
     def describe(self, fold: int) -> str:
         limit = SESSION_LIMIT_H - SESSION_MARGIN_H
         if self.versions == 1:
-            run = (f"EPOCHS_PER_RUN={self.epochs_per_run}: " if self.epochs_per_run else "")
+            run = f"EPOCHS_PER_RUN={self.epochs_per_run}: " if self.epochs_per_run else ""
             return f"{run}fits one {SESSION_LIMIT_H:.0f}-hour session ({limit:.1f} h usable)"
         k = self.epochs_per_run
         why = "as EPOCHS_PER_RUN asks" if self.given else f"more than one {SESSION_LIMIT_H:.0f}-hour session"
-        return (f"{why}: {self.versions} kernel versions of up to {k} "
-                f"epoch(s) each (EPOCHS_PER_RUN={k}, up to {self.estimate.session_hours(k):.1f} h of the "
-                f"{limit:.1f} h usable); push this one, then once each version is complete (make kernel-status) "
-                f"`make kernel-train fold={fold} RESUME=1` with the same settings, {self.versions - 1} more time(s)")
+        return (
+            f"{why}: {self.versions} kernel versions of up to {k} "
+            f"epoch(s) each (EPOCHS_PER_RUN={k}, up to {self.estimate.session_hours(k):.1f} h of the "
+            f"{limit:.1f} h usable); push this one, then once each version is complete (make kernel-status) "
+            f"`make kernel-train fold={fold} RESUME=1` with the same settings, {self.versions - 1} more time(s)"
+        )
 
 
 def plan(est: Estimate, cfg: Config, epochs_per_run: int | None = None) -> Plan:
@@ -131,19 +155,23 @@ def plan(est: Estimate, cfg: Config, epochs_per_run: int | None = None) -> Plan:
     if epochs_per_run:
         k = min(int(epochs_per_run), epochs)
         if est.session_hours(k) > limit:
-            raise UserError(f"fold of '{cfg.name}' cannot train EPOCHS_PER_RUN={epochs_per_run} epoch(s) within "
-                            f"Kaggle's {SESSION_LIMIT_H:.0f}-hour session ({est.session_hours(k):.1f} h; "
-                            f"{est.describe()}); leave {fix('--epochs-per-run', 'EPOCHS_PER_RUN')} unset to have the versions "
-                            f"planned, or lower it")
+            raise UserError(
+                f"fold of '{cfg.name}' cannot train EPOCHS_PER_RUN={epochs_per_run} epoch(s) within "
+                f"Kaggle's {SESSION_LIMIT_H:.0f}-hour session ({est.session_hours(k):.1f} h; "
+                f"{est.describe()}); leave {fix('--epochs-per-run', 'EPOCHS_PER_RUN')} unset to have the versions "
+                f"planned, or lower it"
+            )
         return Plan(est, k, -(-epochs // k), given=True)
     if est.session_hours(epochs) <= limit:
         return Plan(est, None, 1)
     k = int((limit - est.setup_hours - est.final_hours) // est.epoch_hours) if est.epoch_hours > 0 else epochs
     if k < 1:
         fit = int(est.train_images * (limit - est.setup_hours - est.final_hours) / max(est.epoch_hours, 1e-9))
-        raise UserError(f"fold of '{cfg.name}' cannot end even one epoch within Kaggle's {SESSION_LIMIT_H:.0f}-hour "
-                        f"session: {est.describe()}; lower train.max_images_per_epoch (about {max(fit, 0):,} "
-                        f"training images per epoch fit) or pass a measured {fix('--t4-images-per-s', 'T4_IMAGES_PER_S=')}")
+        raise UserError(
+            f"fold of '{cfg.name}' cannot end even one epoch within Kaggle's {SESSION_LIMIT_H:.0f}-hour "
+            f"session: {est.describe()}; lower train.max_images_per_epoch (about {max(fit, 0):,} "
+            f"training images per epoch fit) or pass a measured {fix('--t4-images-per-s', 'T4_IMAGES_PER_S=')}"
+        )
     k = min(k, epochs)
     return Plan(est, k, -(-epochs // k))
 
@@ -156,8 +184,10 @@ class InferKernel:
     views: int
 
     def describe(self) -> str:
-        return (f"infer {'+'.join(self.members)} folds {self.folds}: {TEST_SLICES:,} slices x {len(self.members)} "
-                f"member(s) x {len(self.folds)} fold(s) x {self.views} view(s) = {self.hours:.1f} h")
+        return (
+            f"infer {'+'.join(self.members)} folds {self.folds}: {TEST_SLICES:,} slices x {len(self.members)} "
+            f"member(s) x {len(self.folds)} fold(s) x {self.views} view(s) = {self.hours:.1f} h"
+        )
 
 
 def inference_hours(member: Config, folds: int) -> float:
@@ -184,14 +214,13 @@ def split_inference(members: list[Config], folds: list[int]) -> list[InferKernel
     for m in members:
         per_fold = inference_hours(m, 1)
         if per_fold + setup > limit:
-            raise UserError(f"one fold of '{m.name}' alone needs {per_fold + setup:.1f} h of inference, more than a "
-                            f"{SESSION_LIMIT_H:.0f}-hour session; use fewer tta.transforms or a smaller "
-                            f"data.image_size")
+            raise UserError(
+                f"one fold of '{m.name}' alone needs {per_fold + setup:.1f} h of inference, more than a "
+                f"{SESSION_LIMIT_H:.0f}-hour session; use fewer tta.transforms or a smaller "
+                f"data.image_size"
+            )
         chunk = max(1, int((limit - setup) // per_fold))
         for i in range(0, len(folds), chunk):
-            part = list(folds[i:i + chunk])
+            part = list(folds[i : i + chunk])
             kernels.append(InferKernel([m.name], part, setup + inference_hours(m, len(part)), len(m.tta.transforms)))
     return kernels
-
-
-

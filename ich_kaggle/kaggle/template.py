@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 
 from ich_kaggle.kaggle.kernel_install import (  # __INSTALL__: build.embed_install puts that file's text here
-    CONFIG_NAME, ICH_KAGGLE_VERSION, INPUT, SCRATCH, WORKING, find_code_dir, log, pip_install,
+    CONFIG_NAME,
+    ICH_KAGGLE_VERSION,
+    INPUT,
+    SCRATCH,
+    WORKING,
+    find_code_dir,
+    log,
+    pip_install,
 )
 
 

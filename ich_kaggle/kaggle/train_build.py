@@ -12,16 +12,15 @@ from __future__ import annotations
 import logging
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .. import __version__
 from ..core.config import Config, CVConfig
-from ..core.errors import UserError, fix
+from ..core.errors import UserError
 from ..core.io import atomic_open
-from ..core.layout import COMPETITION, Layout, Run
+from ..core.layout import Layout, Run
 from . import build
 from .run import slugify
 from .train_run import FOLD_MANIFEST, PREPARE_MANIFEST, PREPARED_FILES
@@ -32,8 +31,16 @@ TRAIN_TEMPLATE = Path(__file__).with_name("train_template.py")
 PREPARE_SLUG = "ich-kaggle-prepare"
 # The time on Kaggle of a fold (estimate, plan of versions) lives in sessions.py; named here for the callers.
 from .sessions import (  # noqa: E402,F401
-    CACHE_IMAGES_PER_S, COMPETITION_TRAIN_IMAGES, KAGGLE_SCRATCH_BYTES, SESSION_LIMIT_H, SESSION_MARGIN_H, Estimate,
-    Plan, estimate, expected_source, plan,
+    CACHE_IMAGES_PER_S,
+    COMPETITION_TRAIN_IMAGES,
+    KAGGLE_SCRATCH_BYTES,
+    SESSION_LIMIT_H,
+    SESSION_MARGIN_H,
+    Estimate,
+    Plan,
+    estimate,
+    expected_source,
+    plan,
 )
 
 
@@ -47,22 +54,35 @@ def train_slug(cfg_name: str, fold: int) -> str:
 
 
 def _script(values: dict) -> str:
-    script = build.embed_install(TRAIN_TEMPLATE.read_text(), {
-        "CODE_DATASET": f"{values['username']}/{build.CODE_SLUG}", "MODEL_DATASET": "",
-        "CONFIG_NAME": values["config_name"], "ICH_KAGGLE_VERSION": __version__})
+    script = build.embed_install(
+        TRAIN_TEMPLATE.read_text(),
+        {
+            "CODE_DATASET": f"{values['username']}/{build.CODE_SLUG}",
+            "MODEL_DATASET": "",
+            "CONFIG_NAME": values["config_name"],
+            "ICH_KAGGLE_VERSION": __version__,
+        },
+    )
     for key in ("MODE", "FOLD", "FOLDS", "K", "SEED", "CONFIG_YAML", "EPOCHS_PER_RUN"):
         script = script.replace(f'"__{key}__"', repr(values.get(key.lower())))
     compile(script, "kernel.py", "exec")
     return script
 
 
-def _write_kernel(folder: Path, kernel_id: str, script: str, gpu: bool, kernel_sources: list[str],
-                  datasets: list[str] = ()) -> Path:
+def _write_kernel(
+    folder: Path, kernel_id: str, script: str, gpu: bool, kernel_sources: list[str], datasets: list[str] = ()
+) -> Path:
     from . import metadata
 
     user = kernel_id.split("/")[0]
-    return metadata.write_kernel(folder, kernel_id, script, gpu=gpu, datasets=[f"{user}/{build.CODE_SLUG}", *datasets],
-                                 kernel_sources=kernel_sources)
+    return metadata.write_kernel(
+        folder,
+        kernel_id,
+        script,
+        gpu=gpu,
+        datasets=[f"{user}/{build.CODE_SLUG}", *datasets],
+        kernel_sources=kernel_sources,
+    )
 
 
 def members_of(cfg: Config) -> list[Config]:
@@ -72,8 +92,9 @@ def members_of(cfg: Config) -> list[Config]:
     return ensemble.load_members(cfg) if cfg.is_ensemble else [cfg]
 
 
-def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: int = CVConfig.k,
-                         seed: int = CVConfig.seed) -> Path:
+def build_prepare_kernel(
+    username: str | None, out: str | Path = "kernels", k: int = CVConfig.k, seed: int = CVConfig.seed
+) -> Path:
     """kernels/ich-kaggle-prepare/: scans the competition's headers on Kaggle (CPU only), writes meta + folds."""
     user = build.check_username(username)
     script = _script({"username": user, "config_name": "", "mode": "prepare", "k": int(k), "seed": int(seed)})
@@ -82,10 +103,17 @@ def build_prepare_kernel(username: str | None, out: str | Path = "kernels", k: i
     return folder
 
 
-def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | Path = "kernels",
-                       resume: bool = False, epochs_per_run: int | None = None,
-                       folds_csv: Path | None = None, t4_images_per_s: float | None = None,
-                       members: list[Config] | None = None) -> list[Path]:
+def build_train_kernel(
+    cfg: Config,
+    fold: int,
+    username: str | None,
+    out: str | Path = "kernels",
+    resume: bool = False,
+    epochs_per_run: int | None = None,
+    folds_csv: Path | None = None,
+    t4_images_per_s: float | None = None,
+    members: list[Config] | None = None,
+) -> list[Path]:
     """kernels/ich-kaggle-<config>-fold<N>/: trains one fold on T4 x2; an ensemble writes one such kernel per member
     (each its own config, estimate and plan). Prints each kernel's line of the plan: one version, or several of
     EPOCHS_PER_RUN epochs each where the fold is longer than a session (refused only where one version cannot end
@@ -109,13 +137,21 @@ def build_train_kernel(cfg: Config, fold: int, username: str | None, out: str | 
         slug = train_slug(member.name, fold)
         data = member.to_dict()
         data["augment"]["crop_scale"] = list(data["augment"]["crop_scale"])
-        values = {"username": user, "config_name": member.name, "mode": "train", "fold": int(fold),
-                  "k": member.cv.k, "seed": member.cv.seed, "config_yaml": yaml.safe_dump(data, sort_keys=False),
-                  "epochs_per_run": steps.epochs_per_run}
+        values = {
+            "username": user,
+            "config_name": member.name,
+            "mode": "train",
+            "fold": int(fold),
+            "k": member.cv.k,
+            "seed": member.cv.seed,
+            "config_yaml": yaml.safe_dump(data, sort_keys=False),
+            "epochs_per_run": steps.epochs_per_run,
+        }
         kernel_id = f"{user}/{slug}"
         sources = [prepare_id(user)] + ([kernel_id] if resume else [])
-        folder = _write_kernel(Path(out) / slug, kernel_id, _script(values), gpu=True, kernel_sources=sources,
-                               datasets=weights)
+        folder = _write_kernel(
+            Path(out) / slug, kernel_id, _script(values), gpu=True, kernel_sources=sources, datasets=weights
+        )
         log.info(f"wrote {folder} ({kernel_id}{', resuming from its previous output' if resume else ''})")
         folders.append(folder)
     return folders
@@ -125,8 +161,13 @@ def infer_slug(cfg_name: str) -> str:
     return build.check_slug(f"ich-kaggle-{slugify(cfg_name)}-from-folds", fix="use a config with a shorter name")
 
 
-def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "kernels",
-                       folds: list[int] | None = None, members: list[Config] | None = None) -> list[Path]:
+def build_infer_kernel(
+    cfg: Config,
+    username: str | None,
+    out: str | Path = "kernels",
+    folds: list[int] | None = None,
+    members: list[Config] | None = None,
+) -> list[Path]:
     """kernels/ich-kaggle-<config>-from-folds/: the inference kernel on the training kernels' outputs (attached as
     kernel sources, no model dataset; an ensemble's every member's): TTA over their folds, first stage only,
     submission.csv. Prints its line of the plan. An ensemble whose inference cannot end within one session gets one
@@ -147,12 +188,16 @@ def build_infer_kernel(cfg: Config, username: str | None, out: str | Path = "ker
     if split_folds or not cfg.is_ensemble:
         part = split_folds[0] if split_folds else kernels[0]
         whole = sum(k.hours for k in kernels)
-        raise UserError(f"the inference kernel of '{part.members[0]}' over folds {folds} needs about {whole:.1f} h, "
-                        f"more than one {SESSION_LIMIT_H:.0f}-hour session; push it in parts that fit (make kaggle-plan "
-                        f"CONFIG={cfg.name} shows them), e.g. make kernel-from-folds CONFIG={part.members[0]} "
-                        f"FOLDS=\"{' '.join(map(str, part.folds))}\"")
-    log.info(f"plan: the inference of '{cfg.name}' is longer than one session: one kernel per member; combine their "
-             f"submissions with make kernel-combine CONFIG={cfg.name} once they are complete")
+        raise UserError(
+            f"the inference kernel of '{part.members[0]}' over folds {folds} needs about {whole:.1f} h, "
+            f"more than one {SESSION_LIMIT_H:.0f}-hour session; push it in parts that fit (make kaggle-plan "
+            f"CONFIG={cfg.name} shows them), e.g. make kernel-from-folds CONFIG={part.members[0]} "
+            f'FOLDS="{" ".join(map(str, part.folds))}"'
+        )
+    log.info(
+        f"plan: the inference of '{cfg.name}' is longer than one session: one kernel per member; combine their "
+        f"submissions with make kernel-combine CONFIG={cfg.name} once they are complete"
+    )
     return [_infer_kernel(m, [m], user, out, folds) for m in members]
 
 
@@ -164,18 +209,33 @@ def _infer_kernel(cfg: Config, members: list[Config], user: str, out: str | Path
     data = cfg.to_dict()
     if "augment" in data:
         data["augment"]["crop_scale"] = list(data["augment"]["crop_scale"])
-    script = _script({"username": user, "config_name": cfg.name, "mode": "infer", "folds": folds,
-                      "config_yaml": yaml.safe_dump(data, sort_keys=False)})
+    script = _script(
+        {
+            "username": user,
+            "config_name": cfg.name,
+            "mode": "infer",
+            "folds": folds,
+            "config_yaml": yaml.safe_dump(data, sort_keys=False),
+        }
+    )
     weights = weights_dataset.attach([], user, out, required=False)
-    folder = _write_kernel(Path(out) / slug, f"{user}/{slug}", script, gpu=True, kernel_sources=sources,
-                           datasets=weights)
-    log.info(f"wrote {folder} ({user}/{slug}: folds {folds} of {', '.join(m.name for m in members)} from their "
-             f"training kernels)")
+    folder = _write_kernel(
+        Path(out) / slug, f"{user}/{slug}", script, gpu=True, kernel_sources=sources, datasets=weights
+    )
+    log.info(
+        f"wrote {folder} ({user}/{slug}: folds {folds} of {', '.join(m.name for m in members)} from their "
+        f"training kernels)"
+    )
     return folder
 
 
-def combine_outputs(cfg: Config, username: str | None, out: str | Path = "kernels", fetch: bool = True,
-                    members: list[Config] | None = None) -> Path:
+def combine_outputs(
+    cfg: Config,
+    username: str | None,
+    out: str | Path = "kernels",
+    fetch: bool = True,
+    members: list[Config] | None = None,
+) -> Path:
     """`make kernel-combine`: an ensemble's submission from its members' from-folds kernels (each fetched into
     kernels/output/<slug>/), combined as `ensemble.combine` says, into kernels/output/ich-kaggle-<ensemble>-from-folds/
     submission.csv (the members' 6-decimal probabilities combined: within 1e-6 of one kernel over all members)."""
@@ -198,8 +258,11 @@ def combine_outputs(cfg: Config, username: str | None, out: str | Path = "kernel
         api.check_submission(path)
         long = pd.read_csv(path, dtype={"ID": str})
         parts = long["ID"].str.rsplit("_", n=1)
-        wide = (long.assign(image_id=parts.str[0], label=parts.str[1])
-                .pivot(index="image_id", columns="label", values="Label")[list(LABELS)].reset_index())
+        wide = (
+            long.assign(image_id=parts.str[0], label=parts.str[1])
+            .pivot(index="image_id", columns="label", values="Label")[list(LABELS)]
+            .reset_index()
+        )
         frames.append(wide)
     combined = ensemble.combine(frames, cfg.ensemble)
     rows = combined.melt(id_vars="image_id", value_vars=list(LABELS), var_name="label", value_name="Label")
@@ -211,8 +274,10 @@ def combine_outputs(cfg: Config, username: str | None, out: str | Path = "kernel
     with atomic_open(dest) as f:
         f.write("ID,Label\n" + "".join(f"{i},{p:.6f}\n" for i, p in zip(rows["ID"], np.asarray(rows["Label"]))))
     api.check_submission(dest)
-    log.info(f"wrote {dest}: {len(frames)} members' submissions combined ({cfg.ensemble.combine}); send it with "
-             f"make kernel-submit CONFIG={cfg.name} SLUG={infer_slug(cfg.name)}")
+    log.info(
+        f"wrote {dest}: {len(frames)} members' submissions combined ({cfg.ensemble.combine}); send it with "
+        f"make kernel-submit CONFIG={cfg.name} SLUG={infer_slug(cfg.name)}"
+    )
     return dest
 
 
@@ -225,15 +290,18 @@ def build_code_only(username: str | None, out: str | Path = "kernels") -> Path:
 # --- after the run ------------------------------------------------------------------------------------------------
 def install_fold(downloaded: Path, cfg_name: str, fold: int, runs: str | Path) -> Path:
     """Move a fetched kernel output's runs/<config>/fold<N>/ into the local runs folder, manifest checked."""
-    found = [p.parent for p in downloaded.rglob(FOLD_MANIFEST)
-             if p.parent.parts[-2:] == (cfg_name, f"fold{int(fold)}")]
+    found = [p.parent for p in downloaded.rglob(FOLD_MANIFEST) if p.parent.parts[-2:] == (cfg_name, f"fold{int(fold)}")]
     if not found:
-        raise UserError(f"no runs/{cfg_name}/fold{fold}/{FOLD_MANIFEST} in the kernel's output ({downloaded}); did "
-                        f"its run finish? read its log there, or make kernel-status")
+        raise UserError(
+            f"no runs/{cfg_name}/fold{fold}/{FOLD_MANIFEST} in the kernel's output ({downloaded}); did "
+            f"its run finish? read its log there, or make kernel-status"
+        )
     manifest = json.loads((found[0] / FOLD_MANIFEST).read_text())
     missing = [n for n in manifest["files"] if not (found[0] / n).is_file()]
     if missing:
-        raise UserError(f"{found[0]} lacks {', '.join(missing)} listed in {FOLD_MANIFEST}; fetch again (make kernel-fetch)")
+        raise UserError(
+            f"{found[0]} lacks {', '.join(missing)} listed in {FOLD_MANIFEST}; fetch again (make kernel-fetch)"
+        )
     dest = Run.of(runs, cfg_name).fold(fold).dir
     dest.mkdir(parents=True, exist_ok=True)
     for name in manifest["files"] + [FOLD_MANIFEST]:
@@ -243,8 +311,9 @@ def install_fold(downloaded: Path, cfg_name: str, fold: int, runs: str | Path) -
     return dest
 
 
-def fetch_fold(cfg_name: str, fold: int, username: str | None, runs: str | Path = "runs",
-               out: str | Path = "kernels") -> Path:
+def fetch_fold(
+    cfg_name: str, fold: int, username: str | None, runs: str | Path = "runs", out: str | Path = "kernels"
+) -> Path:
     from . import api
 
     user = build.check_username(username)
@@ -254,8 +323,11 @@ def fetch_fold(cfg_name: str, fold: int, username: str | None, runs: str | Path 
         shutil.rmtree(dest)  # never mistake an earlier run's files for this one's
     dest.mkdir(parents=True)
     client = api.client()
-    api.call(f"output of kernel {user}/{slug}", lambda: client.kernels_output(f"{user}/{slug}", str(dest), force=True),
-             fix="check KAGGLE_USERNAME, CONFIG and fold, and that the run ended (make kernel-status)")
+    api.call(
+        f"output of kernel {user}/{slug}",
+        lambda: client.kernels_output(f"{user}/{slug}", str(dest), force=True),
+        fix="check KAGGLE_USERNAME, CONFIG and fold, and that the run ended (make kernel-status)",
+    )
     return install_fold(dest, cfg_name, fold, runs)
 
 
@@ -271,13 +343,18 @@ def fetch_prepared(username: str | None, layout: Layout, out: str | Path = "kern
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     client = api.client()
-    api.call(f"output of kernel {prepare_id(user)}", lambda: client.kernels_output(prepare_id(user), str(dest), force=True),
-             fix="push it first (make kernel-prepare) and wait until it is complete (make kernel-status)")
+    api.call(
+        f"output of kernel {prepare_id(user)}",
+        lambda: client.kernels_output(prepare_id(user), str(dest), force=True),
+        fix="push it first (make kernel-prepare) and wait until it is complete (make kernel-status)",
+    )
     found = [p.parent for p in dest.rglob(PREPARE_MANIFEST)]
     missing = [n for n in PREPARED_FILES if not found or not (found[0] / n).is_file()]
     if missing:
-        raise UserError(f"the output of {prepare_id(user)} in {dest} lacks {', '.join(missing)}; did its run finish "
-                        f"(make kernel-status)? read its log there")
+        raise UserError(
+            f"the output of {prepare_id(user)} in {dest} lacks {', '.join(missing)}; did its run finish "
+            f"(make kernel-status)? read its log there"
+        )
     work = layout.work
     work.mkdir(parents=True, exist_ok=True)
     for name in PREPARED_FILES + (PREPARE_MANIFEST,):
@@ -305,7 +382,9 @@ def kernel_states(out: str | Path, username: str | None) -> dict[str, str]:
     user = build.check_username(username)
     ids = pushed_kernels(out, user)
     if not ids:
-        raise UserError(f"no kernel folder of {user} under {out}/; write one first (make kernel-prepare, make kernel-train)")
+        raise UserError(
+            f"no kernel folder of {user} under {out}/; write one first (make kernel-prepare, make kernel-train)"
+        )
     client = api.client()
     states = {}
     for kid in ids:
@@ -318,7 +397,6 @@ def kernel_states(out: str | Path, username: str | None) -> dict[str, str]:
             states[kid] = "not pushed" if "404" in str(e) else f"unknown ({e})"
         log.info(f"{kid}: {states[kid]}")
     return states
-
 
 
 def upload_code(folder: Path, message: str) -> str:
@@ -358,10 +436,8 @@ def build_gpu_check_kernel(username: str | None, out: str | Path = "kernels") ->
     which `make kernel-gpu-check-fetch` turns into kaggle_rates.yaml for `make kaggle-plan`."""
     user = build.check_username(username)
     pairs = shipped_rate_pairs()
-    script = _script({"username": user, "config_name": "", "mode": "gpu-check",
-                      "folds": [list(p) for p in pairs]})
-    folder = _write_kernel(Path(out) / GPU_CHECK_SLUG, f"{user}/{GPU_CHECK_SLUG}", script, gpu=True,
-                           kernel_sources=[])
+    script = _script({"username": user, "config_name": "", "mode": "gpu-check", "folds": [list(p) for p in pairs]})
+    folder = _write_kernel(Path(out) / GPU_CHECK_SLUG, f"{user}/{GPU_CHECK_SLUG}", script, gpu=True, kernel_sources=[])
     log.info(f"wrote {folder} ({user}/{GPU_CHECK_SLUG}: {len(pairs)} backbone/size pairs, a few minutes on T4 x2)")
     return folder
 
@@ -398,8 +474,11 @@ def fetch_rates(username: str | None, out: str | Path = "kernels", rates_file: s
     dest.mkdir(parents=True)
     client = api.client()
     kid = f"{user}/{GPU_CHECK_SLUG}"
-    api.call(f"output of kernel {kid}", lambda: client.kernels_output(kid, str(dest), force=True),
-             fix="push it first (make kernel-gpu-check) and wait until it is complete (make kernel-status)")
+    api.call(
+        f"output of kernel {kid}",
+        lambda: client.kernels_output(kid, str(dest), force=True),
+        fix="push it first (make kernel-gpu-check) and wait until it is complete (make kernel-status)",
+    )
     found = sorted(dest.rglob(RATES_OUTPUT))
     if not found:
         raise UserError(f"the output of {kid} in {dest} holds no {RATES_OUTPUT}; read its log there")
@@ -408,7 +487,9 @@ def fetch_rates(username: str | None, out: str | Path = "kernels", rates_file: s
     for backbone, sizes in rates.measured_rates(found[0]).items():
         merged.setdefault(backbone, {}).update(sizes)
     with atomic_open(target) as f:
-        f.write(f"# Measured by make kernel-gpu-check ({kid}): images/s of one T4; make kaggle-plan reads it. Commit it.\n")
+        f.write(
+            f"# Measured by make kernel-gpu-check ({kid}): images/s of one T4; make kaggle-plan reads it. Commit it.\n"
+        )
         yaml.safe_dump(merged, f, sort_keys=True)
     log.info(f"wrote {target}: {sum(len(v) for v in merged.values())} measured backbone/size pair(s)")
     return target

@@ -49,13 +49,21 @@ def _write_json(path: Path, data: dict) -> None:
 # --- the prepare kernel --------------------------------------------------------------------------------------------
 def find_competition(root: str | Path) -> Path:
     """The competition folder with the train labels and images (mounts nest differently in old and new kernels)."""
-    return kaggle_input.find(root, lambda p, files: "stage_2_train.csv" in files and (p / "stage_2_train").is_dir(),
-                             f"no stage_2_train.csv beside a stage_2_train/ folder under {root}; add the competition "
-                             f"'{COMPETITION}' as a data source of the kernel")
+    return kaggle_input.find(
+        root,
+        lambda p, files: "stage_2_train.csv" in files and (p / "stage_2_train").is_dir(),
+        f"no stage_2_train.csv beside a stage_2_train/ folder under {root}; add the competition "
+        f"'{COMPETITION}' as a data source of the kernel",
+    )
 
 
-def run_prepare(competition: str | Path, working: str | Path, k: int = CVConfig.k, seed: int = CVConfig.seed,
-                workers: int | None = None) -> Path:
+def run_prepare(
+    competition: str | Path,
+    working: str | Path,
+    k: int = CVConfig.k,
+    seed: int = CVConfig.seed,
+    workers: int | None = None,
+) -> Path:
     """meta.csv (every train and test header) and folds.csv for (k, seed) into `working`, with a manifest:
     exactly `make meta` + `make folds` on the same files."""
     from ..data import folds, meta
@@ -66,9 +74,18 @@ def run_prepare(competition: str | Path, working: str | Path, k: int = CVConfig.
     working.mkdir(parents=True, exist_ok=True)
     table = meta.build_meta(layout, workers=workers or usable_cpus())
     built = folds.build_folds(layout, k=k, seed=seed)
-    _write_json(working / PREPARE_MANIFEST, {
-        "k": k, "seed": seed, "images": len(built), "slices": len(table), "ich_kaggle": __version__,
-        "files": list(PREPARED_FILES), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    _write_json(
+        working / PREPARE_MANIFEST,
+        {
+            "k": k,
+            "seed": seed,
+            "images": len(built),
+            "slices": len(table),
+            "ich_kaggle": __version__,
+            "files": list(PREPARED_FILES),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
     return working
 
 
@@ -86,10 +103,14 @@ def find_train_inputs(root: str | Path, config_name: str, fold: int) -> TrainInp
     tail = ("runs", config_name, f"fold{int(fold)}")
     prepared = kaggle_input.find_all(root, kaggle_input.holding(PREPARE_MANIFEST))
     # /kaggle/input/notebooks/<user>/<slug>/runs/<cfg>/fold<N>: this kernel's previous version
-    previous = kaggle_input.find_all(root, lambda p, files: p.parts[-3:] == tail and FoldRun(p, int(fold)).last.name in files)
+    previous = kaggle_input.find_all(
+        root, lambda p, files: p.parts[-3:] == tail and FoldRun(p, int(fold)).last.name in files
+    )
     if not prepared:
-        raise UserError(f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output (make kernel-prepare, "
-                        f"then make kernel-train) or a dataset holding your own meta.csv, folds.csv and that file")
+        raise UserError(
+            f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output (make kernel-prepare, "
+            f"then make kernel-train) or a dataset holding your own meta.csv, folds.csv and that file"
+        )
     return TrainInputs(competition, prepared[0], previous[0] if previous else None)
 
 
@@ -103,9 +124,11 @@ def install_prepared(prepared: Path, layout: Layout, cfg: Config) -> None:
         raise UserError(f"{prepared} lacks {', '.join(missing)}; rerun the prepare kernel (make kernel-prepare)")
     info = json.loads((prepared / "folds.csv.json").read_text())
     if (info.get("k"), info.get("seed")) != (cfg.cv.k, cfg.cv.seed):
-        raise UserError(f"{prepared / 'folds.csv'} has k={info.get('k')}, seed={info.get('seed')} but config "
-                        f"'{cfg.name}' wants cv.k={cfg.cv.k}, cv.seed={cfg.cv.seed}; rerun make kernel-prepare "
-                        f"K={cfg.cv.k} SEED={cfg.cv.seed}")
+        raise UserError(
+            f"{prepared / 'folds.csv'} has k={info.get('k')}, seed={info.get('seed')} but config "
+            f"'{cfg.name}' wants cv.k={cfg.cv.k}, cv.seed={cfg.cv.seed}; rerun make kernel-prepare "
+            f"K={cfg.cv.k} SEED={cfg.cv.seed}"
+        )
     layout.work.mkdir(parents=True, exist_ok=True)
     adopted = adopt_meta(prepared, layout)
     if not adopted:  # an older prepare output without the scan's manifest: its train rows (load_meta rescans)
@@ -123,11 +146,17 @@ def adopt_meta(prepared: Path, layout: Layout) -> bool:
     from ..core import manifest
 
     there = Layout.of(prepared, prepared)
-    pairs = [(there.meta_csv, layout.meta_csv), (manifest.path_of(there.meta_csv), manifest.path_of(layout.meta_csv)),
-             (there.skipped_csv, layout.skipped_csv), (there.meta_inputs, layout.meta_inputs)]
+    pairs = [
+        (there.meta_csv, layout.meta_csv),
+        (manifest.path_of(there.meta_csv), manifest.path_of(layout.meta_csv)),
+        (there.skipped_csv, layout.skipped_csv),
+        (there.meta_inputs, layout.meta_inputs),
+    ]
     if not all(src.is_file() for src, _ in pairs):
-        log.info(f"{prepared} has no manifest of its meta.csv (an older prepare kernel): the headers are rescanned; "
-                 f"rerun make kernel-prepare to skip that")
+        log.info(
+            f"{prepared} has no manifest of its meta.csv (an older prepare kernel): the headers are rescanned; "
+            f"rerun make kernel-prepare to skip that"
+        )
         return False
     for src, dst in pairs[2:] + pairs[:1] + pairs[1:2]:  # the manifest last: an interrupted copy reads as stale
         shutil.copyfile(src, dst)
@@ -160,7 +189,7 @@ SCRATCH_KEEP = 0.1  # of the scratch disk's free space left free when caching (t
 
 
 def choose_source(layout: Layout, cfg: Config) -> str:
-    """"cache" or "dicom": where the training kernel reads the train images from, said in its log with the figures.
+    """ "cache" or "dicom": where the training kernel reads the train images from, said in its log with the figures.
 
     The cache when it fits the scratch disk (leaving SCRATCH_KEEP of it free): it is the local path, and reads
     ~3.4x fewer bytes per epoch from the input mount. Otherwise every slice straight from its DICOM
@@ -178,12 +207,16 @@ def choose_source(layout: Layout, cfg: Config) -> str:
     layout.work.mkdir(parents=True, exist_ok=True)
     free = scratch_free_bytes(layout.work)
     if need > free * (1 - SCRATCH_KEEP):
-        log.info(f"images: caching {todo:,} train images would need about {need / 1e9:.1f} GB but {layout.work} has "
-                 f"{free / 1e9:.1f} GB free; reading every slice from its DICOM under {layout.data} instead "
-                 f"(data.source=dicom, the same HU; no cache)")
+        log.info(
+            f"images: caching {todo:,} train images would need about {need / 1e9:.1f} GB but {layout.work} has "
+            f"{free / 1e9:.1f} GB free; reading every slice from its DICOM under {layout.data} instead "
+            f"(data.source=dicom, the same HU; no cache)"
+        )
         return "dicom"
-    log.info(f"images: caching {todo:,} train images (about {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free "
-             f"in {layout.work}; data.source=cache)")
+    log.info(
+        f"images: caching {todo:,} train images (about {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free "
+        f"in {layout.work}; data.source=cache)"
+    )
     return "cache"
 
 
@@ -197,15 +230,35 @@ def epochs_done(fold_run: FoldRun) -> int:
 
 def launch_command(config_path: Path, layout: Layout, runs: Path, fold: int, gpus: int) -> list[str]:
     """`python -m ich_kaggle train ...`, under torchrun with one process per GPU when there are two or more."""
-    train = ["-m", "ich_kaggle", "train", "--config", str(config_path), "--data", str(layout.data),
-             "--work", str(layout.work), "--runs", str(runs), "--fold", str(fold)]
+    train = [
+        "-m",
+        "ich_kaggle",
+        "train",
+        "--config",
+        str(config_path),
+        "--data",
+        str(layout.data),
+        "--work",
+        str(layout.work),
+        "--runs",
+        str(runs),
+        "--fold",
+        str(fold),
+    ]
     if gpus >= 2:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *train]
     return [sys.executable, *train]
 
 
-def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Path, scratch: str | Path,
-                 gpus: int | None = None, epochs_per_run: int | None = None) -> FoldRun:
+def run_training(
+    cfg: Config,
+    fold: int,
+    inputs: TrainInputs,
+    working: str | Path,
+    scratch: str | Path,
+    gpus: int | None = None,
+    epochs_per_run: int | None = None,
+) -> FoldRun:
     """Preprocess into scratch where the cache fits (`choose_source`; else read the DICOMs), train the fold
     (resuming from the previous output), write its manifest.
 
@@ -223,7 +276,9 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
     fold_run = Run.of(runs, cfg.name).fold(fold)
     if inputs.previous is not None:
         copied = restore_previous(inputs.previous, fold_run)
-        log.info(f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})")
+        log.info(
+            f"resuming from the previous version's output {inputs.previous} ({', '.join(copied) or 'nothing new'})"
+        )
     source = choose_source(layout, cfg)
     if source == "cache":
         # here, once, with every CPU, before the training processes start (under torchrun no rank repeats it)
@@ -239,30 +294,47 @@ def run_training(cfg: Config, fold: int, inputs: TrainInputs, working: str | Pat
     config_path = scratch / f"{cfg.name}.yaml"
     config_mod.dump(cfg, config_path)
     cmd = launch_command(config_path, layout, runs, fold, gpus)
-    log.info(f"training fold {fold} of {cfg.name} on {max(gpus, 1)} {'GPU' if gpus else 'CPU'} process(es): "
-             f"{' '.join(cmd)}")
+    log.info(
+        f"training fold {fold} of {cfg.name} on {max(gpus, 1)} {'GPU' if gpus else 'CPU'} process(es): {' '.join(cmd)}"
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if epochs_per_run:
         env[STOP_ENV] = str(epochs_done(fold_run) + int(epochs_per_run))
     result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
-        raise UserError(f"training fold {fold} of {cfg.name} exited with status {result.returncode}; see the log "
-                        f"above (a rerun of the kernel with its output attached resumes from {fold_run.last.name})")
-    _write_json(fold_run.dir / FOLD_MANIFEST, {
-        "config": cfg.name, "fold": int(fold), "ich_kaggle": __version__, "done": fold_run.done.is_file(),
-        "images": source,
-        "files": sorted(p.name for p in fold_run.dir.iterdir() if p.is_file() and p.name != FOLD_MANIFEST),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        raise UserError(
+            f"training fold {fold} of {cfg.name} exited with status {result.returncode}; see the log "
+            f"above (a rerun of the kernel with its output attached resumes from {fold_run.last.name})"
+        )
+    _write_json(
+        fold_run.dir / FOLD_MANIFEST,
+        {
+            "config": cfg.name,
+            "fold": int(fold),
+            "ich_kaggle": __version__,
+            "done": fold_run.done.is_file(),
+            "images": source,
+            "files": sorted(p.name for p in fold_run.dir.iterdir() if p.is_file() and p.name != FOLD_MANIFEST),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
     return fold_run
 
 
 # --- the inference kernel on the training kernels' outputs (no model dataset) -------------------------------------
 def _finished_folds(root: Path, name: str) -> dict[int, Path]:
     """fold -> the nearest attached runs/<name>/fold<k>/ that holds best.pt and done.json."""
+
     def finished(path: Path, files: list[str]) -> bool:
         parts = path.parts
-        return (len(parts) >= 3 and parts[-3] == "runs" and parts[-2] == name and parts[-1].startswith("fold")
-                and parts[-1][4:].isdigit() and {FoldRun(path, 0).best.name, FoldRun(path, 0).done.name} <= set(files))
+        return (
+            len(parts) >= 3
+            and parts[-3] == "runs"
+            and parts[-2] == name
+            and parts[-1].startswith("fold")
+            and parts[-1][4:].isdigit()
+            and {FoldRun(path, 0).best.name, FoldRun(path, 0).done.name} <= set(files)
+        )
 
     found: dict[int, Path] = {}
     for path in kaggle_input.find_all(root, finished):
@@ -278,8 +350,10 @@ def _member_entry(root: Path, name: str, folds: list[int], dest: Path, prefix: s
     found = _finished_folds(root, name)
     missing = [k for k in folds if k not in found]
     if missing:
-        raise UserError(f"no finished runs/{name}/fold<k>/ (best.pt + done.json) under {root} for fold(s) "
-                        f"{missing}; attach their training kernels once they are complete (make kernel-status)")
+        raise UserError(
+            f"no finished runs/{name}/fold<k>/ (best.pt + done.json) under {root} for fold(s) "
+            f"{missing}; attach their training kernels once they are complete (make kernel-status)"
+        )
     files = {}
     for k in folds:
         fold_run = FoldRun(found[k], k)
@@ -295,15 +369,19 @@ def _oof_of_folds(root: Path, name: str, folds: list[int], path: Path) -> None:
     import pandas as pd
 
     found = _finished_folds(root, name)
-    frames = [pd.read_csv(FoldRun(found[k], k).oof, dtype={"image_id": str}) for k in folds
-              if FoldRun(found[k], k).oof.is_file()]
+    frames = [
+        pd.read_csv(FoldRun(found[k], k).oof, dtype={"image_id": str})
+        for k in folds
+        if FoldRun(found[k], k).oof.is_file()
+    ]
     if not frames:
         raise UserError(f"runs/{name}/fold{folds[0]}/ under {root} holds no oof.csv; retrain it with this ich_kaggle")
     write_csv(pd.concat(frames, ignore_index=True), path)
 
 
-def assemble_model(root: str | Path, config_name: str, folds: list[int], dest: str | Path,
-                   cfg: Config | None = None) -> Path:
+def assemble_model(
+    root: str | Path, config_name: str, folds: list[int], dest: str | Path, cfg: Config | None = None
+) -> Path:
     """A model-dataset folder (the layout `run.run_inference` reads) from the attached training kernels' finished
     folds and the prepare kernel's folds: first-stage predictions only (the stacker is refit on TTA OOF
     predictions, which only a local `make predict` over the train images makes). An ensemble (`cfg`) lists each
@@ -330,8 +408,9 @@ def assemble_model(root: str | Path, config_name: str, folds: list[int], dest: s
             shutil.copyfile(config, dest / f"{prefix}config.yaml")
             _oof_of_folds(root, name, folds, dest / f"{prefix}predictions_oof.csv")
             member_files[f"{prefix}predictions_oof.csv"] = "predictions/oof.csv"
-            members.append({"name": name, "folds": list(folds), "config": f"{prefix}config.yaml",
-                            "files": member_files})
+            members.append(
+                {"name": name, "folds": list(folds), "config": f"{prefix}config.yaml", "files": member_files}
+            )
     else:
         files, config = _member_entry(root, config_name, folds, dest, "")
         shutil.copyfile(config, dest / "config.yaml")
@@ -339,8 +418,16 @@ def assemble_model(root: str | Path, config_name: str, folds: list[int], dest: s
         with open(prep / "folds.csv", "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
             shutil.copyfileobj(src, dst)
     shutil.copyfile(prep / "folds.csv.json", dest / FOLDS_INFO)
-    manifest = {"format": MANIFEST_FORMAT, "config": config_name, "ich_kaggle": __version__, "folds": list(folds),
-                "stack": False, "files": files, "weights": "fp32", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "config": config_name,
+        "ich_kaggle": __version__,
+        "folds": list(folds),
+        "stack": False,
+        "files": files,
+        "weights": "fp32",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if members:
         manifest["members"] = members
     _write_json(dest / MODEL_MANIFEST, manifest)

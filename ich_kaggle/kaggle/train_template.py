@@ -23,7 +23,13 @@ import time
 from pathlib import Path
 
 from ich_kaggle.kaggle.kernel_install import (  # __INSTALL__: build.embed_install puts that file's text here
-    CONFIG_NAME, INPUT, SCRATCH, WORKING, find_code_dir, log, pip_install,
+    CONFIG_NAME,
+    INPUT,
+    SCRATCH,
+    WORKING,
+    find_code_dir,
+    log,
+    pip_install,
 )
 
 MODE = "__MODE__"
@@ -74,8 +80,7 @@ def main():
             cfg = config.from_dict(yaml.safe_load(CONFIG_YAML), source="kernel.py CONFIG_YAML")
             inputs = train_run.find_train_inputs(INPUT, cfg.name, FOLD)
             log(f"competition {inputs.competition}, folds {inputs.prepared}, previous output {inputs.previous}")
-            out = train_run.run_training(cfg, FOLD, inputs, WORKING, SCRATCH,
-                                         epochs_per_run=EPOCHS_PER_RUN).dir
+            out = train_run.run_training(cfg, FOLD, inputs, WORKING, SCRATCH, epochs_per_run=EPOCHS_PER_RUN).dir
     except UserError as e:
         sys.exit(f"error: {e}")
     log(f"wrote {out} in {time.time() - started:.0f} s")

@@ -58,8 +58,12 @@ def build(username: str, out: str | Path, cfgs: list[Config] | None = None) -> P
     """kernels/ich-kaggle-weights/: one file per backbone, flat, with its manifest. With `cfgs` (CONFIG=...) every
     file they need must be found here; without, the shipped configs' files that are found (the others named)."""
     from ..models.weights import find_weights
-    from .metadata import dataset_metadata as _dataset_metadata, fresh_tmp as _fresh_tmp, swap_in as _swap_in, \
-        write_json as _write_json
+    from .metadata import (
+        dataset_metadata as _dataset_metadata,
+        fresh_tmp as _fresh_tmp,
+        swap_in as _swap_in,
+        write_json as _write_json,
+    )
 
     wanted = needed(cfgs if cfgs is not None else shipped_configs())
     final = folder(out)
@@ -97,15 +101,20 @@ def build(username: str, out: str | Path, cfgs: list[Config] | None = None) -> P
             files[backbone] = name
     if not files:
         shutil.rmtree(tmp)
-        raise UserError(f"no ImageNet weights file found on this machine for {', '.join(wanted)}; copy them to "
-                        f"$TORCH_HOME/checkpoints (see docs/kaggle.md) or set model.weights, then rerun make kernel-weights")
+        raise UserError(
+            f"no ImageNet weights file found on this machine for {', '.join(wanted)}; copy them to "
+            f"$TORCH_HOME/checkpoints (see docs/kaggle.md) or set model.weights, then rerun make kernel-weights"
+        )
     desc = "ImageNet weights for ich_kaggle's offline kernels:\n\n" + "".join(
-        f"- {b}: {n}\n" for b, n in sorted(files.items()))
+        f"- {b}: {n}\n" for b, n in sorted(files.items())
+    )
     _write_json(tmp / "dataset-metadata.json", _dataset_metadata("ICH Kaggle weights", weights_id(username), desc))
     _write_json(tmp / WEIGHTS_MANIFEST, {"ich_kaggle": __version__, "backbones": dict(sorted(files.items()))})
     _swap_in(tmp, final)
-    log.info(f"wrote {final}: {', '.join(sorted(files))}"
-             + (f"; not found here (configs that need them are refused): {', '.join(missing)}" if missing else ""))
+    log.info(
+        f"wrote {final}: {', '.join(sorted(files))}"
+        + (f"; not found here (configs that need them are refused): {', '.join(missing)}" if missing else "")
+    )
     return final
 
 
@@ -128,7 +137,9 @@ def attach(cfgs: list[Config], username: str, out: str | Path, required: bool = 
     if lacking and required:
         backbone, cfg = next(iter(lacking.items()))
         where = f"{folder(out)} lacks it" if have else f"{folder(out)} is not built"
-        raise UserError(f"config '{cfg.name}' starts from ImageNet weights of '{backbone}' but no attached dataset "
-                        f"holds them ({where}); run `make kernel-weights CONFIG={cfg.name}` first, or set "
-                        f"model.pretrained=false")
+        raise UserError(
+            f"config '{cfg.name}' starts from ImageNet weights of '{backbone}' but no attached dataset "
+            f"holds them ({where}); run `make kernel-weights CONFIG={cfg.name}` first, or set "
+            f"model.pretrained=false"
+        )
     return [weights_id(username)] if have else []

@@ -70,16 +70,30 @@ def build_project_wheel(dest: Path, root: Path = PROJECT_ROOT) -> Wheel:
         src = Path(tmp) / "src"
         src.mkdir()
         shutil.copy2(root / "pyproject.toml", src / "pyproject.toml")
-        shutil.copytree(root / "ich_kaggle", src / "ich_kaggle",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+        shutil.copytree(
+            root / "ich_kaggle", src / "ich_kaggle", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+        )
         built = Path(tmp) / "out"
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-               "--quiet", "--wheel-dir", str(built), str(src)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--wheel-dir",
+            str(built),
+            str(src),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"building the ich_kaggle wheel from {root / 'pyproject.toml'} failed ({last}); "
-                            f"check that setuptools is installed in {sys.prefix}")
+            raise UserError(
+                f"building the ich_kaggle wheel from {root / 'pyproject.toml'} failed ({last}); "
+                f"check that setuptools is installed in {sys.prefix}"
+            )
         (whl,) = built.glob("*.whl")
         target = dest / whl.name
         shutil.move(str(whl), target)
@@ -109,8 +123,10 @@ def repack_installed(name: str, dest: Path) -> Wheel:
     try:
         dist = md.distribution(name)
     except md.PackageNotFoundError:
-        raise UserError(f"package '{name}' is not installed in {sys.prefix}; install it (pip install {name}) "
-                        f"so its wheel can be packed for the offline kernel") from None
+        raise UserError(
+            f"package '{name}' is not installed in {sys.prefix}; install it (pip install {name}) "
+            f"so its wheel can be packed for the offline kernel"
+        ) from None
     dist_name = dist.metadata["Name"]
     version = dist.version
     base = Path(str(dist.locate_file("")))
@@ -134,8 +150,10 @@ def repack_installed(name: str, dest: Path) -> Wheel:
             zf.writestr(rel, data)
             records.append(_record_line(rel, data))
         if dist_info is None:
-            raise UserError(f"{name} {version}: no RECORD in its dist-info, cannot re-pack it; "
-                            f"reinstall it with pip (pip install --force-reinstall {name}=={version})")
+            raise UserError(
+                f"{name} {version}: no RECORD in its dist-info, cannot re-pack it; "
+                f"reinstall it with pip (pip install --force-reinstall {name}=={version})"
+            )
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerows(records)
@@ -154,8 +172,10 @@ def collect(packages: list[str] | tuple[str, ...], dest: Path) -> list[Wheel]:
         try:
             version = md.version(name)
         except md.PackageNotFoundError:
-            raise UserError(f"package '{name}' is not installed in {sys.prefix}; install it or drop it from "
-                            f"ich_kaggle.kernel.KERNEL_PACKAGES") from None
+            raise UserError(
+                f"package '{name}' is not installed in {sys.prefix}; install it or drop it from "
+                f"ich_kaggle.kernel.KERNEL_PACKAGES"
+            ) from None
         cached = cached_wheel(name, version)
         if cached is not None:
             target = dest / cached.name
@@ -187,8 +207,9 @@ def download_for_kernel(name: str, version: str, dest: Path) -> list[Wheel]:
             if found is not None:
                 break
         if found is None:
-            log.warning(f"no {name} wheel for Python {py} ({last}); a kernel on Python {py} will report it as "
-                        f"not installed")
+            log.warning(
+                f"no {name} wheel for Python {py} ({last}); a kernel on Python {py} will report it as not installed"
+            )
             continue
         target = dest / found.name
         if not target.exists():
@@ -201,9 +222,21 @@ def download_for_kernel(name: str, version: str, dest: Path) -> list[Wheel]:
 def _download(spec: str, py: str) -> tuple[Path | None, str]:
     """One binary wheel of `spec` for Python `py` on Kaggle's platform into a temporary folder, or (None, why)."""
     tmp = Path(tempfile.mkdtemp(prefix="ich-wheel-"))
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--python-version", py, *[a for plat in KERNEL_PLATFORMS for a in ("--platform", plat)],
-           "-d", str(tmp), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        py,
+        *[a for plat in KERNEL_PLATFORMS for a in ("--platform", plat)],
+        "-d",
+        str(tmp),
+        spec,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(tmp.glob("*.whl"))
     if proc.returncode != 0 or not found:

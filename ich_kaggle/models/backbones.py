@@ -99,8 +99,14 @@ class SmpBackbone(Backbone):
             names = model.feature_info.module_name()
             last, prev = names[-1], names[-2] if len(names) > 1 else None
             m_last, m_prev = last.rsplit(".", 1), prev.rsplit(".", 1) if prev else None
-            if m_prev and len(m_last) == 2 and len(m_prev) == 2 and m_last[0] == m_prev[0] \
-                    and m_last[1].isdigit() and m_prev[1].isdigit():
+            if (
+                m_prev
+                and len(m_last) == 2
+                and len(m_prev) == 2
+                and m_last[0] == m_prev[0]
+                and m_last[1].isdigit()
+                and m_prev[1].isdigit()
+            ):
                 # e.g. EfficientNet: features at blocks.4 (stride 16) and blocks.6 -> blocks.5 and blocks.6
                 return [_submodule(model, f"{m_last[0]}.{i}") for i in range(int(m_prev[1]) + 1, int(m_last[1]) + 1)]
             return [_submodule(model, last)]
@@ -163,8 +169,17 @@ def _replace_first_conv(net: nn.Module, in_channels: int) -> None:
     """Swap the first 3-channel Conv2d for an `in_channels` one (fresh init; pretrained weights adapt on load)."""
     for name, module in net.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
-            conv = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                             module.dilation, module.groups, module.bias is not None, module.padding_mode)
+            conv = nn.Conv2d(
+                in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+                module.bias is not None,
+                module.padding_mode,
+            )
             parent_name, _, child = name.rpartition(".")
             setattr(net.get_submodule(parent_name) if parent_name else net, child, conv)
             return
@@ -203,10 +218,14 @@ class SmallCNN(Backbone):
         super().__init__()
         layers, prev = [], in_channels
         for width in widths:
-            layers.append(nn.Sequential(
-                nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ))
+            layers.append(
+                nn.Sequential(
+                    nn.Conv2d(prev, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2),
+                )
+            )
             prev = width
         self.layers = nn.Sequential(*layers)
         self.out_channels = prev
@@ -268,6 +287,7 @@ def list_backbones() -> list[str]:
 
 def _close_matches(name: str, pool: list[str], n: int = 5) -> list[str]:
     """Names containing the query once `-`/`_` are ignored (seresnext50 -> se_resnext50_32x4d), then difflib's."""
+
     def norm(s: str) -> str:
         return s.lower().replace("-", "").replace("_", "")
 
@@ -284,8 +304,10 @@ def _describe_unknown(name: str, key: str | None = None) -> str:
     pool = list_backbones() + (_timm_names() if name.startswith("tu-") else [])
     close = _close_matches(name, pool)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    return (f"unknown backbone '{name}' ({key or 'model.backbone'}); {hint}list them all with "
-            f"`python -c \"from ich_kaggle import models; print(models.list_backbones())\"` (any `tu-<timm model>` works too)")
+    return (
+        f"unknown backbone '{name}' ({key or 'model.backbone'}); {hint}list them all with "
+        f'`python -c "from ich_kaggle import models; print(models.list_backbones())"` (any `tu-<timm model>` works too)'
+    )
 
 
 BACKBONES.describe_unknown = _describe_unknown

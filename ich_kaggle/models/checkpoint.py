@@ -28,11 +28,9 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             changed = False
             for prefix in PREFIXES:
                 if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+                    key, changed = key[len(prefix) :], True
         out[key] = value
     return out
-
-
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -44,8 +42,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
             torch.save(payload, tmp)
     except (OSError, RuntimeError) as e:  # disk full shows up as torch's "unexpected pos" RuntimeError
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise UserError(f"cannot write the checkpoint {path} ({reason}); free disk space or make "
-                        f"{Path(path).parent} writable, then rerun the same command to resume") from None
+        raise UserError(
+            f"cannot write the checkpoint {path} ({reason}); free disk space or make "
+            f"{Path(path).parent} writable, then rerun the same command to resume"
+        ) from None
     return Path(path)
 
 
@@ -58,8 +58,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"delete it and retrain that fold with {fix('--force', 'FORCE=1')}") from None
+        raise UserError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"delete it and retrain that fold with {fix('--force', 'FORCE=1')}"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"checkpoint {path} has no 'model'/'config' entries; it was not written by ich_kaggle train")
     return ckpt
@@ -76,8 +78,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         model.load_state_dict(clean_state_dict(ckpt["model"]))
     except RuntimeError as e:
-        raise UserError(f"checkpoint {path} does not match model {cfg.model.backbone} "
-                        f"({str(e).splitlines()[0]}); it may come from another version of the code") from None
+        raise UserError(
+            f"checkpoint {path} does not match model {cfg.model.backbone} "
+            f"({str(e).splitlines()[0]}); it may come from another version of the code"
+        ) from None
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
     model.eval()
     return model, cfg

@@ -29,8 +29,10 @@ def member_names(backbone: str) -> list[str]:
     """`a+b+c` -> [a, b, c]; a plain backbone name -> [name]."""
     names = [n.strip() for n in backbone.split(SEP)]
     if any(not n for n in names):
-        raise UserError(f"model.backbone={backbone!r}: an ensemble lists backbones joined by '+', e.g. "
-                        f"resnext50_32x4d+se_resnet50 (an empty name is not allowed)")
+        raise UserError(
+            f"model.backbone={backbone!r}: an ensemble lists backbones joined by '+', e.g. "
+            f"resnext50_32x4d+se_resnet50 (an empty name is not allowed)"
+        )
     return names
 
 
@@ -91,8 +93,9 @@ class EnsembleNet(ICHNet):
     """An ICHNet whose backbone and head are M members'; `members()` gives each member as its own ICHNet view."""
 
     def __init__(self, backbones: list[nn.Module], heads: list[Head], backbone_name: str, in_channels: int):
-        super().__init__(EnsembleBackbone(backbones), EnsembleHead(heads), backbone_name=backbone_name,
-                         in_channels=in_channels)
+        super().__init__(
+            EnsembleBackbone(backbones), EnsembleHead(heads), backbone_name=backbone_name, in_channels=in_channels
+        )
 
     @property
     def num_members(self) -> int:
@@ -104,8 +107,10 @@ class EnsembleNet(ICHNet):
 
     def members(self) -> list[ICHNet]:
         """Each member as a stand-alone ICHNet sharing this ensemble's parameters (for checks and Grad-CAM)."""
-        return [ICHNet(b, h, backbone_name=n, in_channels=self.in_channels)
-                for b, h, n in zip(self.backbone.members, self.head.members, member_names(self.backbone_name))]
+        return [
+            ICHNet(b, h, backbone_name=n, in_channels=self.in_channels)
+            for b, h, n in zip(self.backbone.members, self.head.members, member_names(self.backbone_name))
+        ]
 
 
 def build_ensemble(cfg: ModelConfig, in_channels: int = 3, num_classes: int = 6) -> EnsembleNet:
@@ -115,10 +120,13 @@ def build_ensemble(cfg: ModelConfig, in_channels: int = 3, num_classes: int = 6)
     if len(names) < 2:
         raise UserError(f"model.backbone={cfg.backbone!r}: an ensemble needs at least two members")
     if cfg.pretrained and cfg.weights and Path(cfg.weights).expanduser().is_file() and len(set(names)) > 1:
-        raise UserError(f"model.weights={cfg.weights} is one file but the ensemble {cfg.backbone} has different "
-                        f"backbones; give the folder holding each member's ImageNet weights instead")
-    members = [build_single(dataclasses.replace(cfg, backbone=name, freeze="none"), in_channels, num_classes)
-               for name in names]
+        raise UserError(
+            f"model.weights={cfg.weights} is one file but the ensemble {cfg.backbone} has different "
+            f"backbones; give the folder holding each member's ImageNet weights instead"
+        )
+    members = [
+        build_single(dataclasses.replace(cfg, backbone=name, freeze="none"), in_channels, num_classes) for name in names
+    ]
     model = EnsembleNet([m.backbone for m in members], [m.head for m in members], cfg.backbone, in_channels)
     freeze(model, cfg.freeze)
     return model
@@ -139,10 +147,20 @@ class MemberSumLoss(nn.Module):
         if logits.shape[1] == self.num_classes:
             return self.base(logits, targets)
         if logits.shape[1] != self.members * self.num_classes:
-            raise ValueError(f"expected {self.members} x {self.num_classes} member logits, got shape {tuple(logits.shape)}")
+            raise ValueError(
+                f"expected {self.members} x {self.num_classes} member logits, got shape {tuple(logits.shape)}"
+            )
         z = logits.view(len(logits), self.members, self.num_classes)
         return sum(self.base(z[:, m], targets) for m in range(self.members))
 
 
-__all__ = ["EnsembleNet", "EnsembleBackbone", "EnsembleHead", "MemberSumLoss", "build_ensemble", "is_ensemble",
-           "member_names", "mean_probability_logit"]
+__all__ = [
+    "EnsembleNet",
+    "EnsembleBackbone",
+    "EnsembleHead",
+    "MemberSumLoss",
+    "build_ensemble",
+    "is_ensemble",
+    "member_names",
+    "mean_probability_logit",
+]

@@ -172,9 +172,11 @@ def _search(folder: Path, patterns: list[str], recursive: bool) -> Path | None:
         for root, dirs, files in os.walk(folder):
             depth = len(Path(root).relative_to(folder).parts)
             # never list the competition's image folders (hundreds of thousands of DICOMs)
-            dirs[:] = [] if depth >= MAX_SEARCH_DEPTH else [
-                d for d in dirs if not d.startswith(("stage_", COMPETITION)) and not d.startswith(".")
-            ]
+            dirs[:] = (
+                []
+                if depth >= MAX_SEARCH_DEPTH
+                else [d for d in dirs if not d.startswith(("stage_", COMPETITION)) and not d.startswith(".")]
+            )
             found += [Path(root) / f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)]
         found.sort()
         if found:
@@ -268,8 +270,9 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight[:, index] * (3.0 / in_channels)
 
 
-def map_by_order(source: dict[str, torch.Tensor], target: list[tuple[str, torch.Size]],
-                 path: Path | str = "weights") -> dict[str, torch.Tensor]:
+def map_by_order(
+    source: dict[str, torch.Tensor], target: list[tuple[str, torch.Size]], path: Path | str = "weights"
+) -> dict[str, torch.Tensor]:
     """Rename `source` tensors to `target` keys pairwise, in order, when both describe the same architecture.
 
     Used for EfficientNets published in lukemelas' naming (`_blocks.3._expand_conv.weight`) whose layer order
@@ -318,8 +321,12 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path | st
             continue
         value = state[key]
         if value.shape != current.shape:
-            if value.ndim == 4 and value.shape[1] == 3 and value.shape[0] == current.shape[0] \
-                    and value.shape[2:] == current.shape[2:]:
+            if (
+                value.ndim == 4
+                and value.shape[1] == 3
+                and value.shape[0] == current.shape[0]
+                and value.shape[2:] == current.shape[2:]
+            ):
                 value = adapt_input_conv(value, current.shape[1])
                 adapted.append(key)
             else:

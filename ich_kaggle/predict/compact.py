@@ -29,8 +29,8 @@ class Projection:
         """(N, D) -> (N, d) float16, in batches (the float32 copy of 120k x 2048 would be 1 GB)."""
         out = np.empty((len(emb), len(self.scale)), dtype=np.float16)
         for lo in range(0, len(emb), batch):
-            part = emb[lo: lo + batch].astype(np.float32) - self.mean
-            out[lo: lo + batch] = (part @ self.components.T / self.scale).astype(np.float16)
+            part = emb[lo : lo + batch].astype(np.float32) - self.mean
+            out[lo : lo + batch] = (part @ self.components.T / self.scale).astype(np.float16)
         return out
 
     def save(self, path: Path) -> None:
@@ -40,9 +40,11 @@ class Projection:
     @classmethod
     def load(cls, path: Path) -> "Projection":
         if not path.exists():
-            raise UserError(f"{path} not found: the test embeddings of this fold model are projected with the PCA "
-                            f"fitted on its OOF embeddings; rerun `make predict` where the training images are "
-                            f"(or ship the predictions folder with the model)")
+            raise UserError(
+                f"{path} not found: the test embeddings of this fold model are projected with the PCA "
+                f"fitted on its OOF embeddings; rerun `make predict` where the training images are "
+                f"(or ship the predictions folder with the model)"
+            )
         with np.load(path, allow_pickle=False) as z:
             return cls(z["mean"], z["components"], z["scale"])
 

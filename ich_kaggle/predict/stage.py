@@ -43,6 +43,7 @@ LABEL_COLS = list(LABELS)
 
 # --- folds, frames, files ---
 
+
 @dataclass
 class FoldModel:
     fold: int
@@ -137,8 +138,16 @@ def unreadable_test(meta: pd.DataFrame, cached: set[str], sample_csv: Path) -> p
     return pd.DataFrame(rows, columns=["image_id", "reason"])
 
 
-def _loader(frame: pd.DataFrame, layout: Layout | None, data_cfg: Config, meta: pd.DataFrame, batch: int,
-            workers: int, device: torch.device, read_hu=None):
+def _loader(
+    frame: pd.DataFrame,
+    layout: Layout | None,
+    data_cfg: Config,
+    meta: pd.DataFrame,
+    batch: int,
+    workers: int,
+    device: torch.device,
+    read_hu=None,
+):
     """Images read as the fold was trained (`data_cfg`: windows, size, 2.5D), with this machine's worker count, from
     the cache `predict` ensured and chose its images by, whatever source the fold trained from (same HU); or, for
     `infer`, through `read_hu` (image_id -> int16 HU of any DICOM, `data.source.slice_hu`: the cache's values)."""
@@ -146,10 +155,12 @@ def _loader(frame: pd.DataFrame, layout: Layout | None, data_cfg: Config, meta: 
     from ..data.transforms import build_eval_transforms
 
     data_cfg = _from_cache(data_cfg)
-    ds = SliceDataset(frame, layout, data_cfg, transform=build_eval_transforms(data_cfg), train=False, meta=meta,
-                      read_hu=read_hu)
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda")
+    ds = SliceDataset(
+        frame, layout, data_cfg, transform=build_eval_transforms(data_cfg), train=False, meta=meta, read_hu=read_hu
+    )
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda"
+    )
 
 
 def _from_cache(cfg: Config) -> Config:
@@ -165,9 +176,15 @@ def inference_precision(cfg: Config, device: torch.device):
 
 
 @torch.inference_mode()
-def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout | None, cfg: Config,
-                  meta: pd.DataFrame, desc: str = "predict", read_hu=None
-                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+def predict_frame(
+    models: list[FoldModel],
+    frame: pd.DataFrame,
+    layout: Layout | None,
+    cfg: Config,
+    meta: pd.DataFrame,
+    desc: str = "predict",
+    read_hu=None,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """Every model on every image of `frame` (loaded once): ([(probs (N, 6), embeddings (N, D) float32)] per model,
     bool (N,) of the images that could not be loaded: their rows are to be left out, not predicted blank).
 
@@ -175,8 +192,9 @@ def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout |
     models on different GPUs run at the same time (CUDA launches are asynchronous)."""
     data_cfg = models[0].cfg
     devices = list(dict.fromkeys(m.device for m in models))
-    loader = _loader(frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers),
-                     devices[0], read_hu)
+    loader = _loader(
+        frame, layout, data_cfg, meta, cfg.tta.batch_size, loader_workers(cfg.data.num_workers), devices[0], read_hu
+    )
     precision = {d: inference_precision(cfg, d) for d in devices}
     out: list[tuple[list, list]] = [([], []) for _ in models]
     failed = []
@@ -194,18 +212,25 @@ def predict_frame(models: list[FoldModel], frame: pd.DataFrame, layout: Layout |
     result = []
     for probs, embs in out:
         d = models[0].net.num_features if hasattr(models[0].net, "num_features") else 0
-        result.append((np.concatenate(probs) if probs else np.zeros((0, len(LABELS)), np.float32),
-                       np.concatenate(embs) if embs else np.zeros((0, d), np.float32)))
+        result.append(
+            (
+                np.concatenate(probs) if probs else np.zeros((0, len(LABELS)), np.float32),
+                np.concatenate(embs) if embs else np.zeros((0, d), np.float32),
+            )
+        )
     return result, (np.concatenate(failed) if failed else np.zeros(0, bool))
 
 
-def _kept(ids: pd.Series, results: list[tuple[np.ndarray, np.ndarray]], failed: np.ndarray, what: str
-          ) -> tuple[pd.Series, list[tuple[np.ndarray, np.ndarray]]]:
+def _kept(
+    ids: pd.Series, results: list[tuple[np.ndarray, np.ndarray]], failed: np.ndarray, what: str
+) -> tuple[pd.Series, list[tuple[np.ndarray, np.ndarray]]]:
     """The rows of the images that loaded; the others are named in the log (and, for test, in unreadable.csv)."""
     if not failed.any():
         return ids, results
-    log.warning(f"predict: {int(failed.sum())} {what} image(s) could not be loaded from the cache and are left out "
-                f"(e.g. {ids[failed].iloc[0]}); delete their cache files and rerun `python -m ich_kaggle preprocess`")
+    log.warning(
+        f"predict: {int(failed.sum())} {what} image(s) could not be loaded from the cache and are left out "
+        f"(e.g. {ids[failed].iloc[0]}); delete their cache files and rerun `python -m ich_kaggle preprocess`"
+    )
     keep = ~failed
     return ids[keep].reset_index(drop=True), [(p[keep], e[keep]) for p, e in results]
 
@@ -227,8 +252,10 @@ def _recache(layout: Layout, ids: pd.Series) -> bool:
         return False  # the cache alone (no DICOMs): nothing to make them from
     for image_id in ids.astype(str):
         cache.cache_path(layout, image_id).unlink(missing_ok=True)
-    log.info(f"predict: {len(ids)} cache entr{'y' if len(ids) == 1 else 'ies'} did not decode (e.g. {ids.iloc[0]}); "
-             f"making them again from their DICOMs")
+    log.info(
+        f"predict: {len(ids)} cache entr{'y' if len(ids) == 1 else 'ies'} did not decode (e.g. {ids.iloc[0]}); "
+        f"making them again from their DICOMs"
+    )
     done = preprocess.ensure(layout)
     return bool(done and done["cached"])
 
@@ -247,9 +274,15 @@ def load_fold_models(checkpoints: dict[int, Path], devices: list[torch.device]) 
     return models
 
 
-def predict_folds(models: list[FoldModel], frame: pd.DataFrame, cfg: Config, meta: pd.DataFrame,
-                  read_hu=None, layout: Layout | None = None, desc: str = "predict"
-                  ) -> tuple[dict[int, pd.DataFrame], dict[int, pd.DataFrame], pd.Series]:
+def predict_folds(
+    models: list[FoldModel],
+    frame: pd.DataFrame,
+    cfg: Config,
+    meta: pd.DataFrame,
+    read_hu=None,
+    layout: Layout | None = None,
+    desc: str = "predict",
+) -> tuple[dict[int, pd.DataFrame], dict[int, pd.DataFrame], pd.Series]:
     """Every fold model on the images of `frame`, each batch loaded once per group of folds that read images alike:
     ({fold: wide probabilities}, {fold: embeddings frame}, ids of the images that could not be loaded)."""
     probs, embs, lost = {}, {}, []
@@ -263,8 +296,9 @@ def predict_folds(models: list[FoldModel], frame: pd.DataFrame, cfg: Config, met
     return dict(sorted(probs.items())), dict(sorted(embs.items())), pd.concat(lost).drop_duplicates()
 
 
-def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | None = None,
-            reads: StackConfig | None = None) -> Path:
+def predict(
+    cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | None = None, reads: StackConfig | None = None
+) -> Path:
     """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`.
 
     `via`: the ensemble `cfg` is a member of (named in the commands of its messages); `reads`: the second stage that
@@ -278,12 +312,16 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
     run = Run.of(runs, cfg.name)
     have, unfinished, missing = trained_folds(cfg, runs)
     if unfinished:
-        raise UserError(f"fold(s) {unfinished} of {cfg.name} have a best.pt but their training did not finish (no "
-                        f"{run.fold(unfinished[0]).done.name} in {run.fold(unfinished[0]).dir}); finish them with "
-                        f"`make train fold={unfinished[0]}` (it resumes), or `make predict FINISH=1` to do that first")
+        raise UserError(
+            f"fold(s) {unfinished} of {cfg.name} have a best.pt but their training did not finish (no "
+            f"{run.fold(unfinished[0]).done.name} in {run.fold(unfinished[0]).dir}); finish them with "
+            f"`make train fold={unfinished[0]}` (it resumes), or `make predict FINISH=1` to do that first"
+        )
     if not have:
-        raise UserError(f"no trained fold under {run.dir} (no fold<k>/best.pt); "
-                        f"run `make train-all CONFIG={cfg.name}` (or `make train FOLD=k`) first")
+        raise UserError(
+            f"no trained fold under {run.dir} (no fold<k>/best.pt); "
+            f"run `make train-all CONFIG={cfg.name}` (or `make train FOLD=k`) first"
+        )
     if missing:
         log.info(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
     trained.check(cfg, layout, runs, via)  # stops where the folds were trained on another split or config
@@ -301,14 +339,19 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
     out = run.predictions
     mode = embedding_mode(reads or cfg.stack)
     dim = int(mode[3:]) if mode.startswith("pca") else 0
-    expected = {k: freshness.prediction_fold(run, k, cfg.tta, test["image_id"].tolist(), val[k]["image_id"].tolist(),
-                                             embeddings=mode)
-                for k in have}
+    expected = {
+        k: freshness.prediction_fold(
+            run, k, cfg.tta, test["image_id"].tolist(), val[k]["image_id"].tolist(), embeddings=mode
+        )
+        for k in have
+    }
     stale = {k: freshness.stale_reason(out.oof_fold(k), expected[k]) or _missing(out, k, mode) for k in have}
     todo = [k for k in have if stale[k]]
     if len(todo) < len(have):
-        log.info(f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (same checkpoint, TTA and "
-              f"images); reusing")
+        log.info(
+            f"predict: fold(s) {[k for k in have if k not in todo]} already predicted (same checkpoint, TTA and "
+            f"images); reusing"
+        )
     for k in todo:
         if manifest.read(out.oof_fold(k)) is not None:
             log.info(f"predict: fold {k} predicted again: {stale[k]}")
@@ -316,7 +359,9 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
     if todo:
         for device in devices:  # stops on an unusable GPU
             log.info(f"predict: {device}, {inference_precision(cfg, device).describe()}")
-        log.info(f"predict: {loader_workers(cfg.data.num_workers)} loader workers (data.num_workers={cfg.data.num_workers})")
+        log.info(
+            f"predict: {loader_workers(cfg.data.num_workers)} loader workers (data.num_workers={cfg.data.num_workers})"
+        )
     models = load_fold_models({k: run.fold(k).best for k in todo}, devices)
 
     empty = (np.zeros((0, len(LABELS))), np.zeros((0, 0)))
@@ -326,8 +371,11 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
         projections = {}
         for m in group:
             v = val[m.fold]
-            (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}") if len(v) else (
-                [empty], np.zeros(0, bool))
+            (result,), failed = (
+                predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}")
+                if len(v)
+                else ([empty], np.zeros(0, bool))
+            )
             if failed.any() and _recache(layout, v["image_id"][failed]):
                 (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}")
             ids, ((p, e),) = _kept(v["image_id"], [result], failed, f"fold {m.fold} OOF")
@@ -341,8 +389,11 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
             if mode != "none":
                 save_embeddings(out.oof_fold_embeddings(m.fold), ids, e)
             write_csv(wide(ids, p), out.oof_fold(m.fold))
-        results, failed = predict_frame(group, test, layout, cfg, meta, desc="test") if len(test) else (
-            [empty] * len(group), np.zeros(0, bool))
+        results, failed = (
+            predict_frame(group, test, layout, cfg, meta, desc="test")
+            if len(test)
+            else ([empty] * len(group), np.zeros(0, bool))
+        )
         if failed.any() and _recache(layout, test["image_id"][failed]):  # damaged entries made again: once more
             results, failed = predict_frame(group, test, layout, cfg, meta, desc="test")
         ids, results = _kept(test["image_id"], results, failed, "test")
@@ -364,8 +415,10 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
     common = test["image_id"][np.logical_and.reduce([test["image_id"].isin(f["image_id"]) for f in test_frames])]
     lost = sorted(set(test["image_id"]) - set(common))
     if lost:
-        bad = pd.concat([bad, pd.DataFrame({"image_id": lost, "reason": "cache file unreadable at predict time"})],
-                        ignore_index=True)
+        bad = pd.concat(
+            [bad, pd.DataFrame({"image_id": lost, "reason": "cache file unreadable at predict time"})],
+            ignore_index=True,
+        )
     full = mode == "full"  # the mixture design's fold-averaged / concatenated embeddings
     if len(common):
         test_frames = [f[f["image_id"].isin(common)] for f in test_frames]
@@ -384,18 +437,22 @@ def predict(cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | N
     parts = [load_embeddings(out.oof_fold_embeddings(k)) for k in have] if full else []
     parts = [p for p in parts if len(p[0])]
     if parts:
-        save_embeddings(out.oof_embeddings, np.concatenate([p[0] for p in parts]),
-                        np.concatenate([p[1] for p in parts]))
+        save_embeddings(
+            out.oof_embeddings, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        )
     write_csv(bad, out.unreadable)
     manifest.write(out.test, done, also=[out.test_embeddings, out.unreadable] if full else [out.unreadable])
     manifest.write(out.oof, done, also=[out.oof_embeddings] if full and out.oof_embeddings.exists() else [])
     n_oof = sum(len(f) for f in oof_frames)
-    log.info(f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
-          f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}")
+    log.info(
+        f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
+        f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}"
+    )
     return out.dir
 
 
 # --- ensembles: each member predicts in its own run folder; the ensemble's predictions/ holds their combination ---
+
 
 def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: str | Path = "runs") -> Path:
     """Write `runs/<ensemble>/predictions/{test,oof}.csv` (the members combined as `ensemble.combine` says) and
@@ -410,11 +467,14 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
     sources = ensemble.member_predictions(cfg, runs)
     for member, src in zip(members, sources):
         mrun = Run.of(runs, member.name)
-        stale = freshness.stale_reason(src.test, freshness.predictions(mrun, mrun.finished(selected_folds(member.cv)),
-                                                                       member.tta))
+        stale = freshness.stale_reason(
+            src.test, freshness.predictions(mrun, mrun.finished(selected_folds(member.cv)), member.tta)
+        )
         if stale:
-            raise UserError(f"{src.test} is stale or missing ({stale}); run `make predict CONFIG={cfg.name}` "
-                            f"(it predicts every member)")
+            raise UserError(
+                f"{src.test} is stale or missing ({stale}); run `make predict CONFIG={cfg.name}` "
+                f"(it predicts every member)"
+            )
     done = freshness.ensemble(sources, cfg.ensemble)
     if all(freshness.stale_reason(f, done) is None for f in (out.test, out.oof)) and out.ensemble.exists():
         log.info(f"predict: ensemble {out.test} is up to date (same member predictions and combination); reusing")
@@ -433,16 +493,23 @@ def combine_members(cfg: Config, members: list[Config], layout: Layout, runs: st
         for name, frame in [*zip(ensemble.member_names(cfg), oof), ("ensemble", combined)]:
             t = truth[truth["image_id"].isin(combined["image_id"])]
             scores[name] = score_frames(t, frame)["weighted_log_loss"] if len(t) else None
-    info = {"members": [{"name": n, "run": n, "config": str(m)} for n, m in zip(ensemble.member_names(cfg),
-                                                                               cfg.ensemble.members)],
-            "combine": cfg.ensemble.combine, "weights": ensemble.weights(cfg.ensemble, len(sources)).tolist(),
-            "cv": {"k": cfg.cv.k, "seed": cfg.cv.seed, "split": cfg.cv.split}, "oof_weighted_log_loss": scores}
+    info = {
+        "members": [
+            {"name": n, "run": n, "config": str(m)} for n, m in zip(ensemble.member_names(cfg), cfg.ensemble.members)
+        ],
+        "combine": cfg.ensemble.combine,
+        "weights": ensemble.weights(cfg.ensemble, len(sources)).tolist(),
+        "cv": {"k": cfg.cv.k, "seed": cfg.cv.seed, "split": cfg.cv.split},
+        "oof_weighted_log_loss": scores,
+    }
     with atomic_open(out.ensemble) as f:
         json.dump(info, f, indent=1)
     manifest.write(out.oof, done)
     manifest.write(out.test, done, also=[out.ensemble])
     if scores:
-        log.info("predict: OOF weighted log loss " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items() if v is not None))
+        log.info(
+            "predict: OOF weighted log loss " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items() if v is not None)
+        )
     log.info(f"predict: ensemble of {len(sources)} members ({cfg.ensemble.combine}) -> {out.dir}")
     return out.dir
 

@@ -33,7 +33,7 @@ def scale(x: torch.Tensor, factor: float = SCALE_FACTOR) -> torch.Tensor:
     h, w = x.shape[-2:]
     big = F.interpolate(x, size=(round(h * factor), round(w * factor)), mode="bilinear", align_corners=False)
     top, left = (big.shape[-2] - h) // 2, (big.shape[-1] - w) // 2
-    crop = big[..., top: top + h, left: left + w]
+    crop = big[..., top : top + h, left : left + w]
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return crop.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
@@ -48,8 +48,9 @@ TTA.register("transpose", transpose)
 TTA.register("hflip_transpose", lambda x: transpose(x.flip(-1)))  # a 90-degree rotation
 
 
-def tta_forward(net: torch.nn.Module, x: torch.Tensor, transforms: list[str], average: str = "prob",
-                want_features: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def tta_forward(
+    net: torch.nn.Module, x: torch.Tensor, transforms: list[str], average: str = "prob", want_features: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(probabilities (B, 6) averaged over the transforms in probability or logit space, mean pooled features)."""
     probs, logits, feats = [], [], []
     for name in transforms or ["identity"]:

@@ -30,8 +30,12 @@ from ..core.errors import UserError, fix
 EPS = 1e-12
 
 
-def mil_loss(slice_logits: torch.Tensor, scan_labels: torch.Tensor, weights: torch.Tensor | None = None,
-             per_label: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def mil_loss(
+    slice_logits: torch.Tensor,
+    scan_labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    per_label: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """CE(Y, max_i p_i): a scan is positive for a label iff its most suspicious slice is.
 
     slice_logits (N, K) for the N slices of one scan, scan_labels (K,). Since the sigmoid is monotone,
@@ -79,12 +83,19 @@ def smoothness(emb: torch.Tensor, margin: float = 0.0, reduction: str = "sum") -
 def series_bags(frame: pd.DataFrame, meta: pd.DataFrame) -> tuple[list[np.ndarray], np.ndarray]:
     """(row indices of `frame` per series in z order, series code per row). Needs series_id; z from meta."""
     if "series_id" not in frame.columns:
-        raise UserError(f"recipe.kind=mil needs a series_id column in folds.csv; "
-                        f"rebuild it with `{fix('python -m ich_kaggle folds', 'make folds')}`")
+        raise UserError(
+            f"recipe.kind=mil needs a series_id column in folds.csv; "
+            f"rebuild it with `{fix('python -m ich_kaggle folds', 'make folds')}`"
+        )
     rank = meta.drop_duplicates("image_id").set_index("image_id")["slice_rank"]
     ids = frame["image_id"].astype(str)
-    order = pd.DataFrame({"row": np.arange(len(frame)), "series": frame["series_id"].astype(str).to_numpy(),
-                          "rank": rank.reindex(ids).fillna(0).to_numpy()})
+    order = pd.DataFrame(
+        {
+            "row": np.arange(len(frame)),
+            "series": frame["series_id"].astype(str).to_numpy(),
+            "rank": rank.reindex(ids).fillna(0).to_numpy(),
+        }
+    )
     codes, _ = pd.factorize(order["series"])
     order["code"] = codes
     order = order.sort_values(["code", "rank", "row"], kind="stable")
@@ -119,8 +130,9 @@ class EpochBags(torch.utils.data.Dataset):
     The evenly spaced subsample of a long series depends on (seed, epoch, i) only: the same on resume.
     """
 
-    def __init__(self, ds: BagDataset, bags: list[np.ndarray], plan: np.ndarray, bag_size: int, seed: int,
-                 epoch: int) -> None:
+    def __init__(
+        self, ds: BagDataset, bags: list[np.ndarray], plan: np.ndarray, bag_size: int, seed: int, epoch: int
+    ) -> None:
         self.ds, self.bags, self.plan, self.bag_size, self.seed, self.epoch = ds, bags, plan, bag_size, seed, epoch
 
     def __len__(self) -> int:
@@ -142,27 +154,33 @@ class MILBatchLoss:
     `start_epoch(epoch, size)` fixes that epoch's bag order (a function of seed, epoch and rank: resumable).
     """
 
-    def __init__(self, cfg: Config, train_ds: SliceDataset, meta: pd.DataFrame, loss_fn: nn.Module, net: nn.Module,
-                 info: Any) -> None:
+    def __init__(
+        self, cfg: Config, train_ds: SliceDataset, meta: pd.DataFrame, loss_fn: nn.Module, net: nn.Module, info: Any
+    ) -> None:
         from ..engine.plan import repeat_factors
 
         if not hasattr(loss_fn, "per_label"):
-            raise UserError(f"config '{cfg.name}': recipe.kind=mil works with one backbone and loss bce|focal "
-                            f"(not an ensemble)")
+            raise UserError(
+                f"config '{cfg.name}': recipe.kind=mil works with one backbone and loss bce|focal (not an ensemble)"
+            )
         self.cfg, self.settings, self.loss_fn, self.net, self.info = cfg, cfg.recipe.mil, loss_fn, net, info
         self.bags, codes = series_bags(train_ds.frame, meta)
         labels = train_ds.labels
         self.scan_labels = np.stack([labels[b].max(axis=0) for b in self.bags]).astype(np.float32)
-        self.repeats = (repeat_factors(self.scan_labels) if cfg.train.balance == "oversample"
-                        else np.ones(len(self.bags), dtype=np.int64))
+        self.repeats = (
+            repeat_factors(self.scan_labels)
+            if cfg.train.balance == "oversample"
+            else np.ones(len(self.bags), dtype=np.int64)
+        )
         hidden = np.random.default_rng([cfg.train.seed, 17]).random(len(self.bags)) < self.settings.scan_only_fraction
         if hidden.all():
             hidden[0] = False
         self.scan_only_rows = np.zeros(len(train_ds), dtype=bool)
         for b in np.flatnonzero(hidden):
             self.scan_only_rows[self.bags[b]] = True
-        self.ds = BagDataset(train_ds.frame, train_ds.layout, cfg, transform=None, train=True, meta=meta,
-                             series_codes=codes)
+        self.ds = BagDataset(
+            train_ds.frame, train_ds.layout, cfg, transform=None, train=True, meta=meta, series_codes=codes
+        )
         self.plan = np.arange(len(self.bags))
         self.epoch = 0
         self.loader: torch.utils.data.DataLoader | None = None
@@ -181,16 +199,22 @@ class MILBatchLoss:
         bags = EpochBags(self.ds, self.bags, self.plan, self.settings.bag_size, self.cfg.train.seed, self.epoch)
         workers = loader_workers(self.cfg.data.num_workers, self.info.local_world_size)
         # bags are read and augmented in worker processes, like the slice batches (batch_size=None: one bag an item)
-        self.loader = torch.utils.data.DataLoader(bags, batch_size=None, shuffle=False, num_workers=workers,
-                                                  worker_init_fn=worker_init_fn,
-                                                  pin_memory=getattr(self.info, "device", torch.device("cpu")).type == "cuda",
-                                                  prefetch_factor=2 if workers > 0 else None)
+        self.loader = torch.utils.data.DataLoader(
+            bags,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            worker_init_fn=worker_init_fn,
+            pin_memory=getattr(self.info, "device", torch.device("cpu")).type == "cuda",
+            prefetch_factor=2 if workers > 0 else None,
+        )
         self._iter = None
 
     def bag_rows(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows of the epoch's `position`-th bag in z order, its scan label (K,))."""
-        return EpochBags(self.ds, self.bags, self.plan, self.settings.bag_size, self.cfg.train.seed,
-                         self.epoch).rows(position)
+        return EpochBags(self.ds, self.bags, self.plan, self.settings.bag_size, self.cfg.train.seed, self.epoch).rows(
+            position
+        )
 
     def next_bag(self) -> tuple[torch.Tensor, np.ndarray]:
         """(the next bag's images (N, C, H, W), its scan label); the epoch's plan repeats if the epoch is longer."""
@@ -231,8 +255,12 @@ class MILBatchLoss:
         target = torch.as_tensor(scan_label, device=logits.device)
         loss_mil = mil_loss(logits[n:], target, self.loss_fn.weights, self.loss_fn.per_label)
         loss_smooth = smoothness(captured[-1][n:], s.margin, reduction="mean")
-        self.last = {"slice": float(loss_slices.detach()), "mil": float(loss_mil.detach()),
-                     "smooth": float(loss_smooth.detach()), "bag": len(xb)}
+        self.last = {
+            "slice": float(loss_slices.detach()),
+            "mil": float(loss_mil.detach()),
+            "smooth": float(loss_smooth.detach()),
+            "bag": len(xb),
+        }
         return loss_slices + s.mil_weight * loss_mil + s.smooth_weight * loss_smooth
 
 

@@ -43,8 +43,13 @@ def experiment_row(run: Path, name: str) -> dict:
     folds = fold_dirs(run)
     logs = read_logs(run)
     done = {fold: d for fold, d in folds.items() if fold_done(d)}
-    row: dict = {"experiment": name, "folds_done": len(done), "folds_started": len(folds),
-                 "k": _fold_count(folds), "data": _data_of(done)}
+    row: dict = {
+        "experiment": name,
+        "folds_done": len(done),
+        "folds_started": len(folds),
+        "k": _fold_count(folds),
+        "data": _data_of(done),
+    }
     secs = [lg["seconds"].mean() for lg in logs.values() if "seconds" in lg]
     row["sec_per_epoch"] = float(np.mean(secs)) if secs else np.nan
     summary_path = Run(run).report / SUMMARY
@@ -95,11 +100,18 @@ def _ensemble_row(run: Path, name: str, info_path: Path) -> dict:
     for m in info.get("members", []):
         mdir = run.parent / str(m.get("run", m.get("name", "?")))
         member_done.update({(mdir, k): d for k, d in fold_dirs(mdir).items() if fold_done(d)})
-    row: dict = {"experiment": name, "folds_done": len(members), "folds_started": len(members), "k": np.nan,
-                 "data": _data_of(member_done),
-                 "oof_wll": (info.get("oof_weighted_log_loss") or {}).get("ensemble", np.nan),
-                 **{label: np.nan for label in LABELS}, "series_auc_any": np.nan, "sec_per_epoch": np.nan,
-                 "source": f"ensemble of {', '.join(members)} ({info.get('combine', '?')})"}
+    row: dict = {
+        "experiment": name,
+        "folds_done": len(members),
+        "folds_started": len(members),
+        "k": np.nan,
+        "data": _data_of(member_done),
+        "oof_wll": (info.get("oof_weighted_log_loss") or {}).get("ensemble", np.nan),
+        **{label: np.nan for label in LABELS},
+        "series_auc_any": np.nan,
+        "sec_per_epoch": np.nan,
+        "source": f"ensemble of {', '.join(members)} ({info.get('combine', '?')})",
+    }
     if row["oof_wll"] is None:
         row["oof_wll"] = np.nan
     summary = _summary(run)  # `make report` on the ensemble: its series-level AUC and 'any' loss
@@ -122,10 +134,19 @@ def _stack_row(run: Path, name: str) -> dict:
 
     found = manifest.read(Run(run).stack.test) or {}
     meta = ((found.get("inputs") or {}).get("meta") or {}).get("path")
-    return {"experiment": name, "folds_done": 0, "folds_started": 0, "k": np.nan,
-            "data": _strip_hash(Path(meta).parent.name) if meta else "?", "oof_wll": np.nan,
-            **{label: np.nan for label in LABELS}, "series_auc_any": np.nan, "sec_per_epoch": np.nan,
-            "source": "second stage only (stack/metrics.csv)", "stacked_wll": _stacked_loss(run)}
+    return {
+        "experiment": name,
+        "folds_done": 0,
+        "folds_started": 0,
+        "k": np.nan,
+        "data": _strip_hash(Path(meta).parent.name) if meta else "?",
+        "oof_wll": np.nan,
+        **{label: np.nan for label in LABELS},
+        "series_auc_any": np.nan,
+        "sec_per_epoch": np.nan,
+        "source": "second stage only (stack/metrics.csv)",
+        "stacked_wll": _stacked_loss(run),
+    }
 
 
 def _strip_hash(work_name: str) -> str:
@@ -159,24 +180,41 @@ NARROW = ["experiment", "data", "folds", "oof_wll", "stacked_wll", "series_auc_a
 def _text_table(table: pd.DataFrame, wide: bool) -> str:
     """The printed table: a 120-column summary (names shortened with '~'), or every column with `wide`."""
     shown = table.copy()
-    shown["folds"] = [("-" if not r.folds_started else f"{r.folds_done}/{'?' if pd.isna(r.k) else int(r.k)}")
-                      if r.source is None or not str(r.source).startswith("ensemble") else f"{r.folds_done} mem"
-                      for r in shown.itertuples()]
+    shown["folds"] = [
+        ("-" if not r.folds_started else f"{r.folds_done}/{'?' if pd.isna(r.k) else int(r.k)}")
+        if r.source is None or not str(r.source).startswith("ensemble")
+        else f"{r.folds_done} mem"
+        for r in shown.itertuples()
+    ]
     if wide:
-        cols = ["experiment", "data", "folds", "oof_wll", *LABELS, "series_auc_any", "stacked_wll", "sec_per_epoch",
-                "source"]
-        with pd.option_context("display.width", 1000, "display.max_columns", 50,
-                               "display.float_format", "{:.4f}".format):
+        cols = [
+            "experiment",
+            "data",
+            "folds",
+            "oof_wll",
+            *LABELS,
+            "series_auc_any",
+            "stacked_wll",
+            "sec_per_epoch",
+            "source",
+        ]
+        with pd.option_context(
+            "display.width", 1000, "display.max_columns", 50, "display.float_format", "{:.4f}".format
+        ):
             return shown[cols].to_string(index=False)
-    shown = shown[NARROW].rename(columns={"stacked_wll": "stacked", "series_auc_any": "auc_any", "any": "any_ll",
-                                          "sec_per_epoch": "s/epoch"})
+    shown = shown[NARROW].rename(
+        columns={"stacked_wll": "stacked", "series_auc_any": "auc_any", "any": "any_ll", "sec_per_epoch": "s/epoch"}
+    )
     for col, limit in (("experiment", 34), ("data", 22)):
-        shown[col] = [v if len(str(v)) <= limit else str(v)[:limit - 1] + "~" for v in shown[col].astype(str)]
+        shown[col] = [v if len(str(v)) <= limit else str(v)[: limit - 1] + "~" for v in shown[col].astype(str)]
     pads = {col: max([len(col), *map(len, shown[col])]) for col in ("experiment", "data")}
-    with pd.option_context("display.width", WIDTH, "display.max_columns", 20, "display.float_format",
-                           "{:.4f}".format):
-        return shown.to_string(index=False, na_rep="-", justify="left",
-                               formatters={col: (lambda v, n=n: f"{v:<{n}}") for col, n in pads.items()})
+    with pd.option_context("display.width", WIDTH, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+        return shown.to_string(
+            index=False,
+            na_rep="-",
+            justify="left",
+            formatters={col: (lambda v, n=n: f"{v:<{n}}") for col, n in pads.items()},
+        )
 
 
 def _stacked_loss(run: Path) -> float:
@@ -199,8 +237,9 @@ def compare(runs: str | Path = "runs", wide: bool = False) -> pd.DataFrame:
     stage's): 120 columns wide (`wide`: every column)."""
     runs = Path(runs)
     if not runs.is_dir():
-        raise UserError(f"runs folder {runs} not found; train something first "
-                        f"or pass {fix('--runs <folder>', 'RUNS=<folder>')}")
+        raise UserError(
+            f"runs folder {runs} not found; train something first or pass {fix('--runs <folder>', 'RUNS=<folder>')}"
+        )
     rows, unfinished = [], []
     for run in find_experiments(runs):
         name = run.relative_to(runs).as_posix()
@@ -209,8 +248,19 @@ def compare(runs: str | Path = "runs", wide: bool = False) -> pd.DataFrame:
             rows.append(row)
         else:
             unfinished.append(name)
-    columns = ["experiment", "data", "folds_done", "folds_started", "k", "oof_wll", *LABELS, "series_auc_any",
-               "stacked_wll", "sec_per_epoch", "source"]
+    columns = [
+        "experiment",
+        "data",
+        "folds_done",
+        "folds_started",
+        "k",
+        "oof_wll",
+        *LABELS,
+        "series_auc_any",
+        "stacked_wll",
+        "sec_per_epoch",
+        "source",
+    ]
     table = pd.DataFrame(rows, columns=columns)
     if len(table):
         best = table[["oof_wll", "stacked_wll"]].min(axis=1)
@@ -222,11 +272,15 @@ def compare(runs: str | Path = "runs", wide: bool = False) -> pd.DataFrame:
         except PermissionError:  # a read-only runs folder: the table is printed all the same
             where = "no compare.csv (read-only runs folder)"
         log.info(_text_table(table, wide))
-        log.info(f"(every column: {where}, or --wide; losses: out-of-fold weighted log loss, lower is better)\n"
-                 f"(folds: done/k, 'mem': an ensemble's members; `make report CONFIG=<name>` fills auc_any)")
+        log.info(
+            f"(every column: {where}, or --wide; losses: out-of-fold weighted log loss, lower is better)\n"
+            f"(folds: done/k, 'mem': an ensemble's members; `make report CONFIG=<name>` fills auc_any)"
+        )
     else:
         log.info(f"no finished experiment under {runs} (a fold counts once its training finished: done.json)")
     if unfinished:
-        log.info(f"not finished yet (no fold with done.json; a best.pt alone is a fold still training or stopped): "
-              f"{', '.join(unfinished)}")
+        log.info(
+            f"not finished yet (no fold with done.json; a best.pt alone is a fold still training or stopped): "
+            f"{', '.join(unfinished)}"
+        )
     return table

@@ -171,12 +171,21 @@ def threshold_table(frame: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame
         y, p = frame[label].to_numpy(), frame[pred_col(label)].to_numpy()
         cm = confusion(y, p, threshold)
         thr, f1 = best_f1(y, p)
-        rows.append({
-            "label": label, "POS": cm.tp + cm.fn, "NEG": cm.tn + cm.fp,
-            "AUC": roc_auc(y, p), "AP": average_precision(y, p), "LOG_LOSS": log_loss(y, p),
-            "PREC": cm.precision, "REC": cm.recall, "F1": cm.f1,
-            "BEST_THR": thr, "BEST_F1": f1,
-        })
+        rows.append(
+            {
+                "label": label,
+                "POS": cm.tp + cm.fn,
+                "NEG": cm.tn + cm.fp,
+                "AUC": roc_auc(y, p),
+                "AP": average_precision(y, p),
+                "LOG_LOSS": log_loss(y, p),
+                "PREC": cm.precision,
+                "REC": cm.recall,
+                "F1": cm.f1,
+                "BEST_THR": thr,
+                "BEST_F1": f1,
+            }
+        )
     return pd.DataFrame(rows).set_index("label")
 
 
@@ -202,12 +211,19 @@ def series_table(frame: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
         y, p = series[label].to_numpy(), series[pred_col(label)].to_numpy()
         cm = confusion(y, p, threshold)
         n = cm.tp + cm.fp + cm.tn + cm.fn
-        rows.append({
-            "Hemorrhage subtype": label, "POS": cm.tp + cm.fn, "NEG": cm.tn + cm.fp,
-            "POS_FRAC": (cm.tp + cm.fn) / n if n else float("nan"),
-            "ACC": cm.accuracy, "PREC": cm.precision, "REC": cm.recall,
-            "AUC": roc_auc(y, p), "LOG_LOSS": log_loss(y, p),
-        })
+        rows.append(
+            {
+                "Hemorrhage subtype": label,
+                "POS": cm.tp + cm.fn,
+                "NEG": cm.tn + cm.fp,
+                "POS_FRAC": (cm.tp + cm.fn) / n if n else float("nan"),
+                "ACC": cm.accuracy,
+                "PREC": cm.precision,
+                "REC": cm.recall,
+                "AUC": roc_auc(y, p),
+                "LOG_LOSS": log_loss(y, p),
+            }
+        )
     return pd.DataFrame(rows).set_index("Hemorrhage subtype")
 
 

@@ -71,11 +71,15 @@ class Page:
 
     def render(self) -> str:
         nav = " ".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in self.sections)
-        body = "\n".join(f'<h2 id="{s.anchor}">{html.escape(s.title)}</h2>\n' + "\n".join(s.parts) for s in self.sections)
+        body = "\n".join(
+            f'<h2 id="{s.anchor}">{html.escape(s.title)}</h2>\n' + "\n".join(s.parts) for s in self.sections
+        )
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}</title>"
-                f"<style>{CSS}</style></head><body>\n<h1>{html.escape(self.title)}</h1>\n"
-                f'<p class="muted">written {stamp} by ich_kaggle report</p>\n<nav>{nav}</nav>\n{body}\n</body></html>\n')
+        return (
+            f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
+            f"<style>{CSS}</style></head><body>\n<h1>{html.escape(self.title)}</h1>\n"
+            f'<p class="muted">written {stamp} by ich_kaggle report</p>\n<nav>{nav}</nav>\n{body}\n</body></html>\n'
+        )
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)

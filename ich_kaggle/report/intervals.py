@@ -32,8 +32,9 @@ def rank_auc(y_true, y_prob) -> float:
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def bootstrap_ci(y_true, y_prob, metric: Callable = rank_auc, n_boot: int = N_BOOT, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    y_true, y_prob, metric: Callable = rank_auc, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric` over resampled (truth, probability) pairs; resamples with a single
     class (no AUC) are left out; (NaN, NaN) when the metric is undefined on the data itself."""
     y, p = np.asarray(y_true, float), np.asarray(y_prob, float)
@@ -58,8 +59,16 @@ def series_auc_intervals(series: pd.DataFrame, n_boot: int = N_BOOT, seed: int =
     for label in LABELS:
         y, p = series[label].to_numpy(float), series[ev.pred_col(label)].to_numpy(float)
         lo, hi = bootstrap_ci(y, p, rank_auc, n_boot, seed)
-        rows.append({"label": label, "AUC": ev.roc_auc(y, p), "AUC_LO": lo, "AUC_HI": hi, "n": len(y),
-                     "positives": int(y.sum())})
+        rows.append(
+            {
+                "label": label,
+                "AUC": ev.roc_auc(y, p),
+                "AUC_LO": lo,
+                "AUC_HI": hi,
+                "n": len(y),
+                "positives": int(y.sum()),
+            }
+        )
     return pd.DataFrame(rows).set_index("label")
 
 
@@ -67,9 +76,15 @@ def with_intervals(formatted: pd.DataFrame, intervals: pd.DataFrame, digits: int
     """A formatted series table whose AUC column reads 'auc [lo, hi]' (the 95 % bootstrap interval)."""
     out = formatted.copy()
     out["AUC (95% CI)"] = [
-        "-" if pd.isna(r.AUC) else (f"{r.AUC:.{digits}f}" if pd.isna(r.AUC_LO) else
-                                    f"{r.AUC:.{digits}f} [{r.AUC_LO:.{digits}f}, {r.AUC_HI:.{digits}f}]")
-        for r in intervals.loc[out.index].itertuples()]
+        "-"
+        if pd.isna(r.AUC)
+        else (
+            f"{r.AUC:.{digits}f}"
+            if pd.isna(r.AUC_LO)
+            else f"{r.AUC:.{digits}f} [{r.AUC_LO:.{digits}f}, {r.AUC_HI:.{digits}f}]"
+        )
+        for r in intervals.loc[out.index].itertuples()
+    ]
     return out.drop(columns=["AUC"])
 
 

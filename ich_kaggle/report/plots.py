@@ -55,8 +55,15 @@ def training_curves(log: pd.DataFrame, fold: int, path: str | Path) -> Path:
         ax_loss.plot(epochs, val, "o-", label="validation weighted log loss", color="#d62728")
         if np.isfinite(val).any():
             best = int(np.nanargmin(val))
-            ax_loss.scatter([epochs[best]], [val[best]], s=140, facecolors="none", edgecolors="k", zorder=5,
-                            label=f"best: epoch {epochs[best]}, {val[best]:.4f}")
+            ax_loss.scatter(
+                [epochs[best]],
+                [val[best]],
+                s=140,
+                facecolors="none",
+                edgecolors="k",
+                zorder=5,
+                label=f"best: epoch {epochs[best]}, {val[best]:.4f}",
+            )
     ax_loss.set(title=f"Fold {fold}: loss per epoch", xlabel="epoch", ylabel="log loss")
     ax_loss.legend(fontsize=SMALL)
     for label in LABELS:
@@ -84,7 +91,7 @@ def stack_curve(curve: pd.DataFrame, path: str | Path) -> Path:
     fig = new_figure(6.4, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     for fold, part in curve.groupby("fold"):
-        line, = ax.plot(part["epoch"], part["val_loss"], marker=".", label=f"fold {fold}")
+        (line,) = ax.plot(part["epoch"], part["val_loss"], marker=".", label=f"fold {fold}")
         best = part.loc[part["val_loss"].idxmin()]
         ax.plot([best["epoch"]], [best["val_loss"]], marker="*", markersize=12, color=line.get_color())
     ax.set_xlabel("epoch")
@@ -114,11 +121,23 @@ def roc_grid(slices: pd.DataFrame, series: pd.DataFrame | None, path: str | Path
                 ax.plot([], [], style, color=COLORS[label], label=f"{name}: one class only, no ROC")
                 continue
             fpr, tpr = ev.roc_points(y, p)
-            ax.plot(fpr, tpr, style, color=COLORS[label], drawstyle="default",
-                    label=f"{name} (n={len(frame)}, pos={int((y > 0.5).sum())}): AUC {auc:.3f}")
+            ax.plot(
+                fpr,
+                tpr,
+                style,
+                color=COLORS[label],
+                drawstyle="default",
+                label=f"{name} (n={len(frame)}, pos={int((y > 0.5).sum())}): AUC {auc:.3f}",
+            )
         ax.plot([0, 1], [0, 1], ":", color="#aaaaaa", label="chance")
-        ax.set(title=label, xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (recall)",
-               xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
+        ax.set(
+            title=label,
+            xlabel="false positive rate (1 - specificity)",
+            ylabel="true positive rate (recall)",
+            xlim=(-0.01, 1.01),
+            ylim=(-0.01, 1.01),
+            aspect="equal",
+        )
         ax.legend(fontsize=SMALL, loc="lower right")
         ax.grid(alpha=0.3)
     return save(fig, path)
@@ -137,12 +156,26 @@ def pr_grid(slices: pd.DataFrame, series: pd.DataFrame | None, threshold: float,
                 ax.plot([], [], style, color=COLORS[label], label=f"{name}: no positives, no PR curve")
                 continue
             recall, precision = ev.pr_points(y, p)
-            line, = ax.step(recall, precision, style, where="post", color=COLORS[label],
-                            label=f"{name}: AP {ap:.3f}, prevalence {np.mean(y > 0.5):.3f}")
+            (line,) = ax.step(
+                recall,
+                precision,
+                style,
+                where="post",
+                color=COLORS[label],
+                label=f"{name}: AP {ap:.3f}, prevalence {np.mean(y > 0.5):.3f}",
+            )
             thr, f1 = ev.best_f1(y, p)
             best = ev.confusion(y, p, thr)
-            ax.plot(best.recall, best.precision, "o", color=line.get_color(), markersize=8, mfc="none", mew=2,
-                    label=f"{name} best F1 {f1:.3f} at p>={thr:.2f}")
+            ax.plot(
+                best.recall,
+                best.precision,
+                "o",
+                color=line.get_color(),
+                markersize=8,
+                mfc="none",
+                mew=2,
+                label=f"{name} best F1 {f1:.3f} at p>={thr:.2f}",
+            )
             fixed = ev.confusion(y, p, threshold)
             ax.plot(fixed.recall, fixed.precision, "x", color=line.get_color(), markersize=9, mew=2)
         ax.set(title=label, xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(-0.01, 1.01), ylim=(0, 1.03))
@@ -162,12 +195,20 @@ def confusion_matrices(panels: list[tuple[str, ev.Confusion]], label: str, thres
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         for i in range(2):
             for j in range(2):
-                ax.text(j, i, f"{m[i, j]}\n({share[i, j]:.1%} of row)", ha="center", va="center", fontsize=11,
-                        color="white" if share[i, j] > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{m[i, j]}\n({share[i, j]:.1%} of row)",
+                    ha="center",
+                    va="center",
+                    fontsize=11,
+                    color="white" if share[i, j] > 0.6 else "black",
+                )
         ax.set_xticks([0, 1], [f"predicted negative\n(p < {threshold:g})", f"predicted positive\n(p >= {threshold:g})"])
         ax.set_yticks([0, 1], ["truly negative", "truly positive"])
-        ax.set_title(f"'{label}' per {name}: acc {cm.accuracy:.3f}, prec {cm.precision:.3f}, rec {cm.recall:.3f}",
-                     fontsize=10)
+        ax.set_title(
+            f"'{label}' per {name}: acc {cm.accuracy:.3f}, prec {cm.precision:.3f}, rec {cm.recall:.3f}", fontsize=10
+        )
     return save(fig, path)
 
 
@@ -179,8 +220,11 @@ def f1_bars(table: pd.DataFrame, threshold: float, path: str | Path, level: str 
     fixed = ax.bar(x - 0.2, table["F1"], 0.4, label=f"F1 at threshold {threshold:g}", color="#1f77b4")
     best = ax.bar(x + 0.2, table["BEST_F1"], 0.4, label="best F1 (threshold chosen on these OOF)", color="#ff7f0e")
     ax.bar_label(fixed, fmt="%.2f", fontsize=SMALL)
-    ax.bar_label(best, labels=[f"{f:.2f}\n@{t:.2f}" if np.isfinite(t) else "-" for f, t in
-                                zip(table["BEST_F1"], table["BEST_THR"])], fontsize=SMALL)
+    ax.bar_label(
+        best,
+        labels=[f"{f:.2f}\n@{t:.2f}" if np.isfinite(t) else "-" for f, t in zip(table["BEST_F1"], table["BEST_THR"])],
+        fontsize=SMALL,
+    )
     ax.set_xticks(x, list(table.index))
     ax.set(ylim=(0, 1.18), ylabel="F1", title=f"Thresholded F1 per label ({level} level, out-of-fold)")
     ax.legend(fontsize=SMALL, loc="upper right")
@@ -203,8 +247,11 @@ def label_counts(labels: pd.DataFrame, path: str | Path) -> Path:
         counts = frame.sum().astype(int)
         bars = ax.bar(list(LABELS), counts, color=[COLORS[label] for label in LABELS])
         ax.bar_label(bars, labels=[f"{c}\n({c / max(len(frame), 1):.1%})" for c in counts], fontsize=SMALL)
-        ax.set(title=f"Positive {name} per label (of {len(frame)} labelled {name})", ylabel=f"positive {name}",
-               ylim=(0, max(counts.max(), 1) * 1.25))
+        ax.set(
+            title=f"Positive {name} per label (of {len(frame)} labelled {name})",
+            ylabel=f"positive {name}",
+            ylim=(0, max(counts.max(), 1) * 1.25),
+        )
         ax.tick_params(axis="x", rotation=20)
         ax.grid(axis="y", alpha=0.3)
     return save(fig, path)
@@ -219,8 +266,15 @@ def cooccurrence(labels: pd.DataFrame, path: str | Path) -> Path:
     im = ax.imshow(np.log1p(m), cmap="viridis")
     for i in range(len(LABELS)):
         for j in range(len(LABELS)):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=SMALL,
-                    color="black" if np.log1p(m[i, j]) > 0.6 * np.log1p(m.max()) else "white")
+            ax.text(
+                j,
+                i,
+                str(m[i, j]),
+                ha="center",
+                va="center",
+                fontsize=SMALL,
+                color="black" if np.log1p(m[i, j]) > 0.6 * np.log1p(m.max()) else "white",
+            )
     ax.set_xticks(range(len(LABELS)), LABELS, rotation=35, ha="right")
     ax.set_yticks(range(len(LABELS)), LABELS)
     ax.set_title("Label co-occurrence (images positive for both)")
@@ -255,15 +309,19 @@ def series_lengths(meta: pd.DataFrame, path: str | Path) -> Path:
     """Slices per CT series (train vs test): the sequence lengths the second stage sees."""
     per_series = meta.groupby("series_id").agg(
         length=("series_len", "first") if "series_len" in meta else ("image_id", "size"),
-        split=("split", "first") if "split" in meta else ("image_id", lambda s: "all"))
+        split=("split", "first") if "split" in meta else ("image_id", lambda s: "all"),
+    )
     fig = new_figure(8, 4.4)
     ax = fig.subplots()
     lo, hi = int(per_series["length"].min()), int(per_series["length"].max())
     bins = np.arange(lo, hi + 2) - 0.5 if hi - lo < 40 else 30
     groups = [(name, g["length"].to_numpy()) for name, g in per_series.groupby("split")]
     ax.hist([g for _, g in groups], bins=bins, stacked=True, label=[f"{n} ({len(g)} series)" for n, g in groups])
-    ax.set(title=f"Slices per series (median {per_series['length'].median():g}, range {lo}-{hi})",
-           xlabel="slices in the series", ylabel="series")
+    ax.set(
+        title=f"Slices per series (median {per_series['length'].median():g}, range {lo}-{hi})",
+        xlabel="slices in the series",
+        ylabel="series",
+    )
     ax.legend(fontsize=SMALL)
     ax.grid(axis="y", alpha=0.3)
     return save(fig, path)
@@ -328,8 +386,9 @@ def calibration(curves: dict[str, pd.DataFrame], path: str | Path, title: str) -
         size = 20 + 180 * np.sqrt(table["n"] / table["n"].max())
         line = ax.plot(table["predicted"], table["observed"], marker="", label=name)[0]
         ax.scatter(table["predicted"], table["observed"], s=size, color=line.get_color(), alpha=0.7)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability (bin)", ylabel="observed frequency",
-           title=title)
+    ax.set(
+        xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability (bin)", ylabel="observed frequency", title=title
+    )
     ax.legend(fontsize=SMALL, loc="upper left")
     ax.grid(alpha=0.3)
     return save(fig, path)
@@ -344,13 +403,17 @@ def stage_bars(metrics: pd.DataFrame, path: str | Path) -> Path:
     x = np.arange(len(cols))
     width = 0.8 / max(len(metrics), 1)
     for k, (_, row) in enumerate(metrics.iterrows()):
-        bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, row[cols].to_numpy(float), width,
-                      label=str(row[stage_col]))
+        bars = ax.bar(
+            x + (k - (len(metrics) - 1) / 2) * width, row[cols].to_numpy(float), width, label=str(row[stage_col])
+        )
         ax.bar_label(bars, fmt="%.3f", fontsize=SMALL, rotation=90, padding=2)
     ax.set_xticks(x, ["weighted\n(competition)", *cols[1:]])
     top = float(np.nanmax(metrics[cols].to_numpy(float))) if len(metrics) else 1.0
-    ax.set(ylabel="out-of-fold log loss (lower is better)", ylim=(0, top * 1.25),
-           title="First stage vs second stage (sequence model over each series), out-of-fold")
+    ax.set(
+        ylabel="out-of-fold log loss (lower is better)",
+        ylim=(0, top * 1.25),
+        title="First stage vs second stage (sequence model over each series), out-of-fold",
+    )
     ax.legend(fontsize=SMALL, title="stage")
     ax.grid(axis="y", alpha=0.3)
     return save(fig, path)

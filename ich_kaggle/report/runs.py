@@ -138,5 +138,6 @@ def oof_scores(joined: pd.DataFrame) -> dict:
     """Competition metric on the joined OOF frame through `metrics` (the one scorer everybody uses)."""
     truth = joined[["image_id", *LABELS]]
     pred = joined[["image_id", *(ev.pred_col(label) for label in LABELS)]].rename(
-        columns={ev.pred_col(label): label for label in LABELS})
+        columns={ev.pred_col(label): label for label in LABELS}
+    )
     return metrics.score_frames(truth, pred)

@@ -31,7 +31,19 @@ from ..core.layout import Layout, Run
 from . import plots
 from .compare import compare, experiment_row, find_experiments
 from .html import Page, Section
-from .runs import SUMMARY, _read_pred, fold_dirs, fold_done, oof_scores, read_labels, read_logs, read_meta, read_oof, trained_cv, weighted_bce
+from .runs import (
+    SUMMARY,
+    _read_pred,
+    fold_dirs,
+    fold_done,
+    oof_scores,
+    read_labels,
+    read_logs,
+    read_meta,
+    read_oof,
+    trained_cv,
+    weighted_bce,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +87,12 @@ def describe_trained(name: str, cfg: Config | None, run: Path) -> str:
     """One sentence from the config the folds recorded (what was trained, not the config file as it is now)."""
     if cfg is None:
         return f"'{name}': no fold config.yaml under {run} (nothing trained yet)."
-    return (f"'{name}' as trained ({run.name}/fold*/config.yaml): backbone {cfg.model.backbone}, image "
-            f"{cfg.data.image_size}px, windows {', '.join(cfg.data.windows)}, neighbours {cfg.data.neighbors}, "
-            f"{cfg.train.epochs} epoch(s), batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, {cfg.cv.k} folds "
-            f"(its config's description: \"{cfg.description or '-'}\").")
+    return (
+        f"'{name}' as trained ({run.name}/fold*/config.yaml): backbone {cfg.model.backbone}, image "
+        f"{cfg.data.image_size}px, windows {', '.join(cfg.data.windows)}, neighbours {cfg.data.neighbors}, "
+        f"{cfg.train.epochs} epoch(s), batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, {cfg.cv.k} folds "
+        f'(its config\'s description: "{cfg.description or "-"}").'
+    )
 
 
 def provenance_row(run: Path) -> dict:
@@ -92,9 +106,12 @@ def provenance_row(run: Path) -> dict:
     first = done[0]
     code = first.get("code")
     commits = {(d.get("code") or {}).get("commit") for d in done}
-    code_text = ("not in git" if code is None
-                 else f"{str(code.get('commit'))[:10]}{' (dirty)' if code.get('dirty') else ''}"
-                 + (" (folds differ)" if len(commits) > 1 else ""))
+    code_text = (
+        "not in git"
+        if code is None
+        else f"{str(code.get('commit'))[:10]}{' (dirty)' if code.get('dirty') else ''}"
+        + (" (folds differ)" if len(commits) > 1 else "")
+    )
     packages = ", ".join(f"{k} {v}" for k, v in (first.get("packages") or {}).items() if v)
     return {"data": (first.get("data") or {}).get("path", "-"), "code": code_text, "packages": packages or "-"}
 
@@ -103,8 +120,12 @@ def _fold_rows(ctx: Context, member: str, run: Path, logs: dict[int, pd.DataFram
     rows = []
     for fold, d in fold_dirs(run).items():
         lg = logs.get(fold)
-        row = {"fold": fold, "finished": fold_done(d), "best.pt": d.best.exists(),
-               "epochs logged": 0 if lg is None else len(lg)}
+        row = {
+            "fold": fold,
+            "finished": fold_done(d),
+            "best.pt": d.best.exists(),
+            "epochs logged": 0 if lg is None else len(lg),
+        }
         if ctx.is_ensemble:
             row = {"member": member, **row}
         if lg is not None:
@@ -125,31 +146,48 @@ def _summary_section(ctx: Context, sec: Section) -> None:
     if ctx.is_ensemble:
         info = _ensemble_info(ctx.run)
         weights = info.get("weights") or []
-        sec.text(f"Ensemble '{cfg.name}': {cfg.description or 'no description'}. Members "
-                 f"{', '.join(name for name, _ in ctx.members)}, combined by "
-                 f"{'the mean of logits' if cfg.ensemble.combine == 'logit' else 'the mean of probabilities'}"
-                 + (f" (weights {', '.join(f'{w:.2f}' for w in weights)})" if weights else "")
-                 + "; the second stage stacks every member's predictions.")
+        sec.text(
+            f"Ensemble '{cfg.name}': {cfg.description or 'no description'}. Members "
+            f"{', '.join(name for name, _ in ctx.members)}, combined by "
+            f"{'the mean of logits' if cfg.ensemble.combine == 'logit' else 'the mean of probabilities'}"
+            + (f" (weights {', '.join(f'{w:.2f}' for w in weights)})" if weights else "")
+            + "; the second stage stacks every member's predictions."
+        )
         scores = info.get("oof_weighted_log_loss") or {}
         rows = []
         for name, run in ctx.members:
             trained = ctx.trained.get(name)
             done = sum(1 for d in fold_dirs(run).values() if fold_done(d))
-            rows.append({"member": name, "backbone": "-" if trained is None else trained.model.backbone,
-                         "image px": "-" if trained is None else str(trained.data.image_size),
-                         "epochs": "-" if trained is None else str(trained.train.epochs),
-                         "folds done": f"{done}/{'?' if trained is None else trained.cv.k}",
-                         "OOF weighted log loss": scores.get(name, float("nan"))})
-        rows.append({"member": "ensemble", "backbone": f"combine={cfg.ensemble.combine}", "image px": "",
-                     "epochs": "", "folds done": "", "OOF weighted log loss": scores.get("ensemble", float("nan"))})
-        sec.table(pd.DataFrame(rows), "Members (from each member's recorded fold config) and the ensemble",
-                  index=False)
+            rows.append(
+                {
+                    "member": name,
+                    "backbone": "-" if trained is None else trained.model.backbone,
+                    "image px": "-" if trained is None else str(trained.data.image_size),
+                    "epochs": "-" if trained is None else str(trained.train.epochs),
+                    "folds done": f"{done}/{'?' if trained is None else trained.cv.k}",
+                    "OOF weighted log loss": scores.get(name, float("nan")),
+                }
+            )
+        rows.append(
+            {
+                "member": "ensemble",
+                "backbone": f"combine={cfg.ensemble.combine}",
+                "image px": "",
+                "epochs": "",
+                "folds done": "",
+                "OOF weighted log loss": scores.get("ensemble", float("nan")),
+            }
+        )
+        sec.table(pd.DataFrame(rows), "Members (from each member's recorded fold config) and the ensemble", index=False)
         for name, run in ctx.members:
             sec.text(describe_trained(name, ctx.trained.get(name), run))
     else:
         sec.text(describe_trained(cfg.name, ctx.trained.get(cfg.name), ctx.run))
-    sec.table(pd.DataFrame([{"run": name, **provenance_row(run)} for name, run in ctx.members]),
-              "What made the folds (done.json): data folder, code version, key packages", index=False)
+    sec.table(
+        pd.DataFrame([{"run": name, **provenance_row(run)} for name, run in ctx.members]),
+        "What made the folds (done.json): data folder, code version, key packages",
+        index=False,
+    )
     rows = [row for name, run in ctx.members for row in _fold_rows(ctx, name, run, ctx.member_logs(name, run))]
     if rows:
         sec.table(pd.DataFrame(rows), "Folds", index=False)
@@ -157,8 +195,11 @@ def _summary_section(ctx: Context, sec: Section) -> None:
         sec.note(f"No fold folders under {ctx.run}; train first (make train CONFIG={cfg.name}).")
     if ctx.summary.get("weighted_log_loss") is not None:
         table = pd.DataFrame([{"weighted log loss": ctx.summary["weighted_log_loss"], **ctx.summary["per_label"]}])
-        sec.table(table, f"Out-of-fold competition metric on {len(ctx.joined)} images ({ctx.summary['oof_source']})",
-                  index=False)
+        sec.table(
+            table,
+            f"Out-of-fold competition metric on {len(ctx.joined)} images ({ctx.summary['oof_source']})",
+            index=False,
+        )
     stack_metrics = Run(ctx.run).stack.metrics
     if stack_metrics.exists():
         metrics_frame = pd.read_csv(stack_metrics)
@@ -192,12 +233,20 @@ def _choice_section(ctx: Context, sec: Section) -> None:
     stage = choice.get("stage", "?")
     losses = choice.get("oof_log_loss") or {}
     ctx.summary["submitted"] = stage
-    sec.text(f"make submit chose the {'second (stacked)' if stage == 'stacked' else 'first'} stage"
-             + (" by its out-of-fold weighted log loss: " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items())
-                if losses else " (no OOF score to choose by)") + f". Submitted predictions: {choice.get('test')}.")
+    sec.text(
+        f"make submit chose the {'second (stacked)' if stage == 'stacked' else 'first'} stage"
+        + (
+            " by its out-of-fold weighted log loss: " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items())
+            if losses
+            else " (no OOF score to choose by)"
+        )
+        + f". Submitted predictions: {choice.get('test')}."
+    )
     if losses:
-        rows = [{"stage": k, "OOF weighted log loss": v, "submitted": "yes" if k == stage else ""}
-                for k, v in losses.items()]
+        rows = [
+            {"stage": k, "OOF weighted log loss": v, "submitted": "yes" if k == stage else ""}
+            for k, v in losses.items()
+        ]
         sec.table(pd.DataFrame(rows), f"The choice by OOF ({path})", index=False)
     stack_metrics = Run(ctx.run).stack.metrics
     if stack_metrics.exists():
@@ -218,8 +267,11 @@ def stack_design(stacked_test: Path) -> str | None:
         return None
     s = made.get("settings", {})
     cv = s.get("cv", {})
-    emb = (f"embeddings: {s.get('embedding_space', 'mixture')} ({s.get('embedding_dim')} components per model)"
-           if s.get("use_embeddings") else "embeddings: no")
+    emb = (
+        f"embeddings: {s.get('embedding_space', 'mixture')} ({s.get('embedding_dim')} components per model)"
+        if s.get("use_embeddings")
+        else "embeddings: no"
+    )
     folds = f"cv.split={cv.get('split')}, folds {cv.get('folds')}" if cv else "folds: not recorded (older stack)"
     return f"Second stage: {s.get('model')}, {emb}; fitted on the first stage's folds ({folds})."
 
@@ -252,9 +304,11 @@ def _need_oof(ctx: Context, sec: Section) -> bool:
 def _ranking_section(ctx: Context, sec: Section) -> None:
     if not _need_oof(ctx, sec):
         return
-    sec.text("One panel per label. Solid: each slice scored alone; dashed: each CT series, positive when any "
-             "slice is, scored by its most suspicious slice. Precision-recall is the honest view for rare subtypes "
-             "(epidural is under 1% of slices): ROC can look good while precision stays low.")
+    sec.text(
+        "One panel per label. Solid: each slice scored alone; dashed: each CT series, positive when any "
+        "slice is, scored by its most suspicious slice. Precision-recall is the honest view for rare subtypes "
+        "(epidural is under 1% of slices): ROC can look good while precision stays low."
+    )
     sec.image(plots.roc_grid(ctx.joined, ctx.series, ctx.out / "roc.png"), ctx.out, "ROC curves")
     sec.image(plots.pr_grid(ctx.joined, ctx.series, ctx.threshold, ctx.out / "pr.png"), ctx.out, "PR curves")
 
@@ -273,12 +327,18 @@ def _calibration_section(ctx: Context, sec: Section) -> None:
             curves["stacked"] = intervals.calibration_bins(stacked["any"], stacked[ev.pred_col("any")])
             ece["stacked"] = intervals.expected_calibration_error(stacked["any"], stacked[ev.pred_col("any")])
     ctx.summary["calibration_error_any"] = ece
-    sec.text("Out of fold, slices binned by their predicted 'any' probability: a calibrated model's points lie on "
-             "the diagonal (of the slices given p=0.3, 30 % bleed); the log loss rewards calibration as much as "
-             "ranking. Expected calibration error (count-weighted mean gap): "
-             + ", ".join(f"{k} {v:.3f}" for k, v in ece.items()) + ".")
-    sec.image(plots.calibration(curves, ctx.out / "calibration.png", "Calibration of 'any', out of fold"), ctx.out,
-              "calibration of any")
+    sec.text(
+        "Out of fold, slices binned by their predicted 'any' probability: a calibrated model's points lie on "
+        "the diagonal (of the slices given p=0.3, 30 % bleed); the log loss rewards calibration as much as "
+        "ranking. Expected calibration error (count-weighted mean gap): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in ece.items())
+        + "."
+    )
+    sec.image(
+        plots.calibration(curves, ctx.out / "calibration.png", "Calibration of 'any', out of fold"),
+        ctx.out,
+        "calibration of any",
+    )
 
 
 def _threshold_section(ctx: Context, sec: Section) -> None:
@@ -292,8 +352,11 @@ def _threshold_section(ctx: Context, sec: Section) -> None:
     table = ev.threshold_table(ctx.joined, t)
     write_csv(table.reset_index(), ctx.out / "thresholds.csv")
     sec.image(plots.f1_bars(table, t, ctx.out / "f1.png"), ctx.out, "F1 per label")
-    sec.table(table, f"Slice level, threshold {t:g} (BEST_THR/BEST_F1: the threshold maximising F1 on these OOF "
-                     f"predictions, optimistic because it is chosen on the same data)")
+    sec.table(
+        table,
+        f"Slice level, threshold {t:g} (BEST_THR/BEST_F1: the threshold maximising F1 on these OOF "
+        f"predictions, optimistic because it is chosen on the same data)",
+    )
 
 
 def _series_section(ctx: Context, sec: Section) -> None:
@@ -305,20 +368,26 @@ def _series_section(ctx: Context, sec: Section) -> None:
     table = ev.series_table(ctx.joined, ctx.threshold)
     write_csv(table.reset_index(), ctx.out / "series_table.csv")
     stacked_path = Run(ctx.run).stack.oof
-    sec.text(f"As Danilov, Kotik et al. present their clinical test: per CT series (n={len(ctx.series)}), a series is "
-             f"positive for a subtype when any of its slices is; its probability is the maximum over its slices and "
-             f"it is called positive at p >= {ctx.threshold:g}. POS/NEG: series counts (share).")
-    sec.table(_with_ci(ctx, table, ctx.series, "series_auc_any_ci"),
-              f"Series-level quality metrics, first stage ({ctx.summary['oof_source']}); AUC with its bootstrap 95 % "
-              f"interval over {len(ctx.series)} series")
+    sec.text(
+        f"As Danilov, Kotik et al. present their clinical test: per CT series (n={len(ctx.series)}), a series is "
+        f"positive for a subtype when any of its slices is; its probability is the maximum over its slices and "
+        f"it is called positive at p >= {ctx.threshold:g}. POS/NEG: series counts (share)."
+    )
+    sec.table(
+        _with_ci(ctx, table, ctx.series, "series_auc_any_ci"),
+        f"Series-level quality metrics, first stage ({ctx.summary['oof_source']}); AUC with its bootstrap 95 % "
+        f"interval over {len(ctx.series)} series",
+    )
     if stacked_path.exists():
         stacked = ev.join_truth_pred(ctx.labels, _read_pred(stacked_path))
         if len(stacked) and "series_id" in stacked:
             stacked_table = ev.series_table(stacked, ctx.threshold)
             write_csv(stacked_table.reset_index(), ctx.out / "series_table_stacked.csv")
             ctx.summary["series_auc_any_stacked"] = float(stacked_table.loc["any", "AUC"])
-            sec.table(_with_ci(ctx, stacked_table, ev.series_frame(stacked), "series_auc_any_stacked_ci"),
-                      f"Series-level quality metrics, stacked ({stacked_path})")
+            sec.table(
+                _with_ci(ctx, stacked_table, ev.series_frame(stacked), "series_auc_any_stacked_ci"),
+                f"Series-level quality metrics, stacked ({stacked_path})",
+            )
 
 
 def _with_ci(ctx: Context, table: pd.DataFrame, series: pd.DataFrame, key: str) -> pd.DataFrame:
@@ -376,9 +445,14 @@ def _cam_examples(ctx: Context, rows: pd.DataFrame) -> tuple[dict[str, list[plot
             title = f"{row['image_id']}, fold {int(fold)}\n{explained}"
             empty = not np.any(maps[i] > 0)  # every location argues against the label: Grad-CAM's ReLU leaves 0
             found[row_id] = plots.CamExample(
-                image=image, overlay=overlay(image, maps[i]), title=title,
-                cam_title=(f"Grad-CAM, model p {probs[i, j]:.2f}\n"
-                           + ("no positive evidence" if empty else "red raises the score")))
+                image=image,
+                overlay=overlay(image, maps[i]),
+                title=title,
+                cam_title=(
+                    f"Grad-CAM, model p {probs[i, j]:.2f}\n"
+                    + ("no positive evidence" if empty else "red raises the score")
+                ),
+            )
     out: dict[str, list[plots.CamExample]] = {}
     for row_id, gallery in rows["gallery"].items():
         if row_id in found:
@@ -398,8 +472,10 @@ def true_positives(joined: pd.DataFrame, threshold: float, n: int) -> pd.DataFra
     hit = joined[(joined["any"] > 0.5) & (joined[ev.pred_col("any")] >= threshold)]
     pos = hit.nlargest(n, ev.pred_col("any")).copy()
     subtypes = list(LABELS[1:])
-    pos["cam_label"] = [max((s for s in subtypes if r[s] > 0.5), key=lambda s: r[ev.pred_col(s)], default="any")
-                        for _, r in pos.iterrows()]
+    pos["cam_label"] = [
+        max((s for s in subtypes if r[s] > 0.5), key=lambda s: r[ev.pred_col(s)], default="any")
+        for _, r in pos.iterrows()
+    ]
     return pos
 
 
@@ -419,11 +495,13 @@ def _gradcam_section(ctx: Context, sec: Section) -> None:
     p = worst[[ev.pred_col(label) for label in LABELS]].to_numpy(float)
     worst["cam_label"] = [LABELS[k] for k in np.argmax(metrics.bce(y, p), axis=1)]
     whose = f" of member '{ctx.members[0][0]}'" if ctx.is_ensemble and ctx.members else ""
-    sec.text(f"Grad-CAM (Selvaraju et al.) on the backbone's last feature map of the fold model{whose} that did not "
-             f"train on the slice: red areas raise the explained label's score. Left of each pair the model's input "
-             f"(brain window, after the black-border crop) with the OOF probability the gallery was chosen by, right "
-             f"the overlay with that fold model's own probability. True positives: slices with any=1 predicted at "
-             f"p >= {ctx.threshold:g} ({len(pos)} shown).")
+    sec.text(
+        f"Grad-CAM (Selvaraju et al.) on the backbone's last feature map of the fold model{whose} that did not "
+        f"train on the slice: red areas raise the explained label's score. Left of each pair the model's input "
+        f"(brain window, after the black-border crop) with the OOF probability the gallery was chosen by, right "
+        f"the overlay with that fold model's own probability. True positives: slices with any=1 predicted at "
+        f"p >= {ctx.threshold:g} ({len(pos)} shown)."
+    )
     rows = pd.concat([pos.assign(gallery="positives"), worst.assign(gallery="errors")], ignore_index=True)
     examples, problems = _cam_examples(ctx, rows) if len(rows) else ({}, [])
     for problem in problems:
@@ -437,11 +515,15 @@ def _gradcam_section(ctx: Context, sec: Section) -> None:
 
 def _test_section(ctx: Context, sec: Section) -> None:
     """Held-out test scores when the data folder has test labels (the synthetic competition; never Kaggle's)."""
-    files = {"first stage (TTA, mean of folds)": Run(ctx.run).predictions.test,
-             "second stage (stacked)": Run(ctx.run).stack.test}
+    files = {
+        "first stage (TTA, mean of folds)": Run(ctx.run).predictions.test,
+        "second stage (stacked)": Run(ctx.run).stack.test,
+    }
     if not ctx.layout.test_labels_csv.exists():
-        sec.note(f"No {ctx.layout.test_labels_csv}: the real competition keeps test labels on Kaggle "
-                 f"(make submit scores there); out-of-fold sections above are the local estimate.")
+        sec.note(
+            f"No {ctx.layout.test_labels_csv}: the real competition keeps test labels on Kaggle "
+            f"(make submit scores there); out-of-fold sections above are the local estimate."
+        )
         return
     present = {name: path for name, path in files.items() if path.exists()}
     if not present:
@@ -460,8 +542,12 @@ def _test_section(ctx: Context, sec: Section) -> None:
             sec.note(f"{path}: no image in common with {ctx.layout.test_labels_csv}.")
             continue
         score = oof_scores(joined)
-        row = {"predictions": name, "images": len(joined), "weighted log loss": score["weighted_log_loss"],
-               **score["per_label"]}
+        row = {
+            "predictions": name,
+            "images": len(joined),
+            "weighted log loss": score["weighted_log_loss"],
+            **score["per_label"],
+        }
         if "series_id" in joined and joined["series_id"].notna().all():
             tables[name] = ev.series_table(joined, ctx.threshold)
             row["series AUC (any)"] = float(tables[name].loc["any", "AUC"])
@@ -483,9 +569,11 @@ def _data_section(ctx: Context, sec: Section) -> None:
     if meta is None or meta.empty:
         sec.note(f"DICOM overview skipped: {source}.")
         return
-    sec.text(f"From {source}: {len(meta)} images, {meta['series_id'].nunique() if 'series_id' in meta else '?'} "
-             f"series. Images with RescaleIntercept other than -1024 or BitsStored 12 are the odd ones the HU "
-             f"conversion has to handle.")
+    sec.text(
+        f"From {source}: {len(meta)} images, {meta['series_id'].nunique() if 'series_id' in meta else '?'} "
+        f"series. Images with RescaleIntercept other than -1024 or BitsStored 12 are the odd ones the HU "
+        f"conversion has to handle."
+    )
     sec.image(plots.dicom_values(meta, ctx.out / "dicom_values.png"), ctx.out, "BitsStored and RescaleIntercept")
     if "series_id" in meta:
         sec.image(plots.series_lengths(meta, ctx.out / "series_lengths.png"), ctx.out, "series lengths")
@@ -512,14 +600,17 @@ def _prepare(ctx: Context) -> None:
     ctx.trained = {name: recorded_config(run) for name, run in ctx.members}
     ctx.summary["folds_done"] = sum(1 for d in fold_dirs(ctx.run).values() if fold_done(d))
     if ctx.is_ensemble:
-        ctx.summary["members"] = {name: sum(1 for d in fold_dirs(run).values() if fold_done(d))
-                                  for name, run in ctx.members}
+        ctx.summary["members"] = {
+            name: sum(1 for d in fold_dirs(run).values() if fold_done(d)) for name, run in ctx.members
+        }
     secs = [lg["seconds"].mean() for lg in ctx.logs.values() if "seconds" in lg]
     ctx.summary["sec_per_epoch"] = float(np.mean(secs)) if secs else None
     cv = trained_cv(ctx.cam_run)
     if cv is not None and cv != (ctx.cfg.cv.k, ctx.cfg.cv.seed):
-        ctx.notes.append(f"The folds were trained with cv.k={cv[0]}, cv.seed={cv[1]} (fold config.yaml), not the "
-                         f"config's {ctx.cfg.cv.k}/{ctx.cfg.cv.seed}: labels and folds follow the trained split.")
+        ctx.notes.append(
+            f"The folds were trained with cv.k={cv[0]}, cv.seed={cv[1]} (fold config.yaml), not the "
+            f"config's {ctx.cfg.cv.k}/{ctx.cfg.cv.seed}: labels and folds follow the trained split."
+        )
     ctx.labels, ctx.summary["labels_source"] = read_labels(ctx.cfg, ctx.layout, cv)
     try:
         oof, ctx.summary["oof_source"] = read_oof(ctx.run, ctx.notes)
@@ -540,7 +631,8 @@ def _prepare(ctx: Context) -> None:
         score = oof_scores(joined)
         prior = joined[list(LABELS)].mean().to_dict()  # the constant every stage must beat
         ctx.summary["prior_weighted_log_loss"] = oof_scores(
-            joined.assign(**{ev.pred_col(label): prior[label] for label in LABELS}))["weighted_log_loss"]
+            joined.assign(**{ev.pred_col(label): prior[label] for label in LABELS})
+        )["weighted_log_loss"]
         ctx.summary["weighted_log_loss"] = score["weighted_log_loss"]
         ctx.summary["per_label"] = score["per_label"]
         if ctx.series is not None:
@@ -579,8 +671,14 @@ def recorded_layout(runs: list[Path], layout: Layout) -> tuple[Layout, str | Non
     return layout, None
 
 
-def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshold: float = 0.5,
-                gradcam: int = 8, sections: list[str] | None = None) -> Path:
+def make_report(
+    cfg: Config,
+    layout: Layout,
+    runs: str | Path = "runs",
+    threshold: float = 0.5,
+    gradcam: int = 8,
+    sections: list[str] | None = None,
+) -> Path:
     """Write runs/<name>/report/index.html and its figures; returns the page's path.
 
     An ensemble gets one page: its members (as each was trained), the ensemble, the second stage, what submit chose
@@ -595,8 +693,10 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
         raise UserError(f"unknown report section(s) {unknown}; choose from {', '.join(keys)}")
     run = Run.of(runs, cfg.name).dir
     if not run.is_dir():
-        raise UserError(f"{run} not found; train first (make train CONFIG={cfg.name}) "
-                        f"or pass {fix('--runs <folder>', 'RUNS=<folder>')}")
+        raise UserError(
+            f"{run} not found; train first (make train CONFIG={cfg.name}) "
+            f"or pass {fix('--runs <folder>', 'RUNS=<folder>')}"
+        )
     if cfg.is_ensemble:
         from ..core.ensemble import member_names
 
@@ -604,8 +704,9 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
     else:
         members = [(cfg.name, run)]
     layout, moved = recorded_layout([r for _, r in members], layout)
-    ctx = Context(cfg=cfg, layout=layout, run=run, out=Run(run).report, threshold=threshold, n_cam=gradcam,
-                  members=members)
+    ctx = Context(
+        cfg=cfg, layout=layout, run=run, out=Run(run).report, threshold=threshold, n_cam=gradcam, members=members
+    )
     if moved:
         ctx.notes.append(f"Reported on the {moved}.")
         log.info(f"report: {moved}")
@@ -644,8 +745,11 @@ def make_report(cfg: Config, layout: Layout, runs: str | Path = "runs", threshol
     index = page.write(ctx.out / "index.html")
     log.info(f"report: {index}")
     if skipped or stale:  # the page is written, but it is not the whole report of fresh inputs: not exit 0
-        what = (f"{len(skipped)} section(s) skipped ({', '.join(skipped)}; see the warnings above)" if skipped
-                else f"made from stale inputs ({stale[0]})")
+        what = (
+            f"{len(skipped)} section(s) skipped ({', '.join(skipped)}; see the warnings above)"
+            if skipped
+            else f"made from stale inputs ({stale[0]})"
+        )
         raise UserError(f"report {index} is incomplete: {what}; fix that and rerun `make report CONFIG={cfg.name}`")
     return index
 

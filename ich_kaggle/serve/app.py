@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 DOWNLOADS = ("studies.csv", "series.csv", "slices.csv", "report.html")
 HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 # a job's files are data: the report has no script, so none may run in it, whatever a DICOM header held
-FILE_HEADERS = {**HEADERS, "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; "
-                                                      "style-src 'unsafe-inline'; frame-ancestors 'self'"}
+FILE_HEADERS = {
+    **HEADERS,
+    "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; "
+    "style-src 'unsafe-inline'; frame-ancestors 'self'",
+}
 
 
 def page() -> str:
@@ -49,11 +52,22 @@ def table(out: Path) -> list[dict]:
         subtypes = []
         for label in LABELS:
             above = r.get(f"{label}_slices")
-            subtypes.append({"subtype": label, "probability": _plain(r[label]),
-                             "positive": bool(r.get(f"{label}_positive", 0)),
-                             "slices_above": 0 if pd.isna(above) or above == "" else len(str(above).split(";"))})
-        rows.append({"study": r["study_id"], "series": _plain(r.get("n_series")), "slices": _plain(r.get("n_slices")),
-                     "subtypes": subtypes})
+            subtypes.append(
+                {
+                    "subtype": label,
+                    "probability": _plain(r[label]),
+                    "positive": bool(r.get(f"{label}_positive", 0)),
+                    "slices_above": 0 if pd.isna(above) or above == "" else len(str(above).split(";")),
+                }
+            )
+        rows.append(
+            {
+                "study": r["study_id"],
+                "series": _plain(r.get("n_series")),
+                "slices": _plain(r.get("n_slices")),
+                "subtypes": subtypes,
+            }
+        )
     return rows
 
 
@@ -69,15 +83,21 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def create_app(jobs: Jobs, limits: uploads.Limits = uploads.Limits(), hosts: list[str] | None = None) -> Starlette:
     """The app. `hosts`: the Host headers answered (others get 400): on loopback, only loopback names, so a web page
     elsewhere cannot reach the server through a DNS name that resolves to 127.0.0.1 (DNS rebinding)."""
+
     async def index(request: Request) -> Response:
         return HTMLResponse(page(), headers=HEADERS)
 
     async def upload(request: Request) -> Response:
         size = request.headers.get("content-length")
         if size and size.isdigit() and int(size) > limits.max_upload_bytes + (1 << 16):
-            return _error(uploads.Rejected(f"the upload is larger than {limits.max_upload_bytes // uploads.MiB} MiB: "
-                                           "send fewer studies at a time (or start the server with a larger "
-                                           "--max-upload-mb)", status=413))
+            return _error(
+                uploads.Rejected(
+                    f"the upload is larger than {limits.max_upload_bytes // uploads.MiB} MiB: "
+                    "send fewer studies at a time (or start the server with a larger "
+                    "--max-upload-mb)",
+                    status=413,
+                )
+            )
         job = jobs.new()
         try:
             receiver = uploads.MultipartReceiver(request.headers.get("content-type", ""), job.upload, limits)
@@ -119,19 +139,26 @@ def create_app(jobs: Jobs, limits: uploads.Limits = uploads.Limits(), hosts: lis
         if out not in path.parents or not path.is_file():  # report assets below out/ only, never a path above it
             return _missing()
         download = path.suffix == ".csv"
-        return FileResponse(path, headers=FILE_HEADERS, filename=path.name if download else None,
-                            content_disposition_type="attachment" if download else "inline")
+        return FileResponse(
+            path,
+            headers=FILE_HEADERS,
+            filename=path.name if download else None,
+            content_disposition_type="attachment" if download else "inline",
+        )
 
     def _job(request: Request) -> Job | None:
         return jobs.get(request.path_params["job_id"])
 
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts)] if hosts else []
-    return Starlette(routes=[
-        Route("/", index),
-        Route("/jobs", upload, methods=["POST"]),
-        Route("/jobs/{job_id}", status),
-        Route("/jobs/{job_id}/files/{name:path}", file),
-    ], middleware=middleware)
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/jobs", upload, methods=["POST"]),
+            Route("/jobs/{job_id}", status),
+            Route("/jobs/{job_id}/files/{name:path}", file),
+        ],
+        middleware=middleware,
+    )
 
 
 def _error(e: uploads.Rejected) -> Response:
@@ -139,8 +166,9 @@ def _error(e: uploads.Rejected) -> Response:
 
 
 def _missing() -> Response:
-    return JSONResponse({"error": "no such job or file (jobs last as long as the server runs)"}, status_code=404,
-                        headers=HEADERS)
+    return JSONResponse(
+        {"error": "no such job or file (jobs last as long as the server runs)"}, status_code=404, headers=HEADERS
+    )
 
 
 def runner(model: str | Path) -> Runner:
@@ -158,8 +186,13 @@ def runner(model: str | Path) -> Runner:
     return run
 
 
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, jobs_dir: str | Path | None = None,
-          limits: uploads.Limits = uploads.Limits()) -> None:
+def serve(
+    model: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    jobs_dir: str | Path | None = None,
+    limits: uploads.Limits = uploads.Limits(),
+) -> None:
     """Load the model, then serve until interrupted. Jobs go to `jobs_dir`, kept; without it, to a temporary folder
     removed when the server stops (scans should not linger in /tmp)."""
     import shutil

@@ -133,8 +133,9 @@ class Jobs:
                 self._set(job, state="failed", message=message, finished=time.time())
             except Exception as e:  # one bad upload never stops the server; the log keeps the traceback
                 log.exception("job %s failed", job.id)
-                self._set(job, state="failed", message=f"internal error ({type(e).__name__}: {e})",
-                          finished=time.time())
+                self._set(
+                    job, state="failed", message=f"internal error ({type(e).__name__}: {e})", finished=time.time()
+                )
 
 
 def no_study(out: Path) -> str | None:
@@ -144,5 +145,7 @@ def no_study(out: Path) -> str | None:
     studies = out / "studies.csv"
     if studies.exists() and len(pd.read_csv(studies)):
         return None
-    return ("no axial CT series was found in the upload (other modalities, localizers, single slices and unreadable "
-            "files are skipped): send a head CT study")
+    return (
+        "no axial CT series was found in the upload (other modalities, localizers, single slices and unreadable "
+        "files are skipped): send a head CT study"
+    )

@@ -84,16 +84,27 @@ class MultipartReceiver:
         self._header_field = b""
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._part_begin, "on_header_field": self._field, "on_header_value": self._value,
-            "on_header_end": self._header_end, "on_headers_finished": self._headers_done,
-            "on_part_data": self._data, "on_part_end": self._part_end})
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._field,
+                "on_header_value": self._value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_done,
+                "on_part_data": self._data,
+                "on_part_end": self._part_end,
+            },
+        )
 
     def feed(self, chunk: bytes) -> None:
         self.received += len(chunk)
         if self.received > self.limits.max_upload_bytes:
-            raise Rejected(f"the upload is larger than {self.limits.max_upload_bytes // MiB} MiB: send fewer studies "
-                           "at a time (or start the server with a larger --max-upload-mb)", status=413)
+            raise Rejected(
+                f"the upload is larger than {self.limits.max_upload_bytes // MiB} MiB: send fewer studies "
+                "at a time (or start the server with a larger --max-upload-mb)",
+                status=413,
+            )
         try:
             self._parser.write(chunk)
         except Exception as e:  # python-multipart raises its own errors on a malformed body
@@ -153,8 +164,9 @@ def prepare(files: list[Path], folder: Path, limits: Limits) -> Received:
             except UserError as e:  # the rule it broke, named with the user's file name, not the job's path
                 raise Rejected(str(e).replace(str(path), shown)) from None
             except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError) as e:
-                raise Rejected(f"{shown}: not a zip that can be read here ({e}); zip the study folder again "
-                               "without a password") from None
+                raise Rejected(
+                    f"{shown}: not a zip that can be read here ({e}); zip the study folder again without a password"
+                ) from None
             path.unlink()
             for member in extracted:
                 if is_dicom(member):
@@ -168,8 +180,12 @@ def prepare(files: list[Path], folder: Path, limits: Limits) -> Received:
             got.dropped.append(f"{shown}: not a DICOM file (no DICM marker) nor a .zip")
             path.unlink()
     if not got.files:
-        raise Rejected("nothing in the upload is a DICOM file: " + "; ".join(got.dropped[:3]) +
-                       ("; ..." if len(got.dropped) > 3 else "") + ". Send a head CT study as a .zip or its .dcm files")
+        raise Rejected(
+            "nothing in the upload is a DICOM file: "
+            + "; ".join(got.dropped[:3])
+            + ("; ..." if len(got.dropped) > 3 else "")
+            + ". Send a head CT study as a .zip or its .dcm files"
+        )
     return got
 
 

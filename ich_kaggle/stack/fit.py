@@ -49,8 +49,12 @@ class TorchSeqs:
     @classmethod
     def of(cls, seqs: Sequences) -> "TorchSeqs":
         """`mask` is what losses count (`Sequences.scored`); the nets see every real slice through `lengths`."""
-        return cls(torch.from_numpy(seqs.x), torch.from_numpy(seqs.y), torch.from_numpy(np.ascontiguousarray(seqs.scored)),
-                   torch.from_numpy(seqs.lengths))
+        return cls(
+            torch.from_numpy(seqs.x),
+            torch.from_numpy(seqs.y),
+            torch.from_numpy(np.ascontiguousarray(seqs.scored)),
+            torch.from_numpy(seqs.lengths),
+        )
 
     def batch(self, lo: int, hi: int):
         lengths = self.lengths[lo:hi]
@@ -81,8 +85,15 @@ def validation_loss(net: SequenceNet, data: "TorchSeqs", batch_series: int = 256
     return total / max(weight, 1.0)
 
 
-def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind: str | None = None,
-              epochs: int | None = None, curve: list[dict] | None = None) -> SequenceNet:
+def train_net(
+    seqs: Sequences,
+    scfg: StackConfig,
+    n_models: int,
+    seed: int,
+    kind: str | None = None,
+    epochs: int | None = None,
+    curve: list[dict] | None = None,
+) -> SequenceNet:
     """Fit one sequence net on labelled series; stop on an inner validation split of those series.
 
     `stack.val_fraction` of the series are held out (never the outer held-out fold, which nothing here sees); the
@@ -95,8 +106,15 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
     started = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SequenceNet(seqs.n_features, n_models, kind=kind or scfg.model, hidden=scfg.hidden, layers=scfg.layers,
-                      dropout=scfg.dropout, skip_k=scfg.neighbors_k)
+    net = SequenceNet(
+        seqs.n_features,
+        n_models,
+        kind=kind or scfg.model,
+        hidden=scfg.hidden,
+        layers=scfg.layers,
+        dropout=scfg.dropout,
+        skip_k=scfg.neighbors_k,
+    )
     epochs = epochs or scfg.epochs
     held = inner_split(len(seqs), scfg.val_fraction, seed)
     val = TorchSeqs.of(seqs.subset(held)) if held.any() else None
@@ -110,7 +128,8 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
     opt = torch.optim.AdamW(net.parameters(), lr=scfg.lr, weight_decay=1e-4)
     warm = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
     best_loss, best_state, bad = math.inf, None, 0
     if val is not None:  # step 0: the identity start (the first stage itself) is a candidate too
         best_loss = validation_loss(net, val)
@@ -138,8 +157,15 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
             if val is not None and (step % every == 0 or step == total or out_of_time):
                 v = validation_loss(net, val)
                 if curve is not None:
-                    curve.append({"step": step, "epoch": step / len(bounds), "train_loss": running / seen,
-                                  "val_loss": v, "stop": ""})
+                    curve.append(
+                        {
+                            "step": step,
+                            "epoch": step / len(bounds),
+                            "train_loss": running / seen,
+                            "val_loss": v,
+                            "stop": "",
+                        }
+                    )
                 running, seen = 0.0, 0
                 if v < best_loss - 1e-6:
                     best_loss, bad = v, 0
@@ -161,8 +187,9 @@ def train_net(seqs: Sequences, scfg: StackConfig, n_models: int, seed: int, kind
 
 
 @torch.inference_mode()
-def predict_net(net: SequenceNet, seqs: Sequences, batch_series: int = 256, reverse_tta: bool = True,
-                mode: str = "tta") -> np.ndarray:
+def predict_net(
+    net: SequenceNet, seqs: Sequences, batch_series: int = 256, reverse_tta: bool = True, mode: str = "tta"
+) -> np.ndarray:
     """(S, L, 6) probabilities. mode: tta (mean of forward and reversed), forward, or reversed."""
     net.eval()
     data = TorchSeqs.of(seqs)
@@ -190,8 +217,9 @@ class SequenceStacker:
 
     kind: str
 
-    def fit(self, seqs: Sequences, scfg: StackConfig, n_models: int, fold: int,
-            curve: list[dict] | None = None) -> SequenceNet:
+    def fit(
+        self, seqs: Sequences, scfg: StackConfig, n_models: int, fold: int, curve: list[dict] | None = None
+    ) -> SequenceNet:
         return train_net(seqs, scfg, n_models, seed=scfg.seed + fold, kind=self.kind, curve=curve)
 
     def predict(self, net: SequenceNet, seqs: Sequences, scfg: StackConfig) -> np.ndarray:
@@ -214,8 +242,13 @@ class CrossFit:
     models: dict[int, object] = field(default_factory=dict)  # the fitted model of each fold (saved: stack.saved)
 
 
-def cross_fit(train: Sequences, test: Sequences | None, fit: FitFn, predict: PredictFn,
-              progress: Callable[[str], None] | None = None) -> CrossFit:
+def cross_fit(
+    train: Sequences,
+    test: Sequences | None,
+    fit: FitFn,
+    predict: PredictFn,
+    progress: Callable[[str], None] | None = None,
+) -> CrossFit:
     """For each fold k: fit on the other folds' slices, predict fold k's slices and the test series.
 
     The folds are the first stage's (`Sequences.slots`, one per slice): under a patient split a series lies in one

@@ -22,17 +22,16 @@ from ..core.registry import STACK_MODELS
 from .sequences import N_LABELS, N_POS, Sequences
 
 
-
 def neighbor_features(seqs: Sequences, k: int, n_models: int) -> np.ndarray:
     """(S, L, D) = logits at offsets -k..k of every model (0 beyond the series) + presence flags of the 2k neighbours."""
-    logits = seqs.x[:, :, N_POS: N_POS + n_models * N_LABELS]
+    logits = seqs.x[:, :, N_POS : N_POS + n_models * N_LABELS]
     s, length, c = logits.shape
     padded = np.zeros((s, length + 2 * k, c), dtype=np.float32)
-    padded[:, k: k + length] = logits
+    padded[:, k : k + length] = logits
     present = np.zeros((s, length + 2 * k), dtype=np.float32)
-    present[:, k: k + length] = seqs.mask
-    parts = [padded[:, k + o: k + o + length] for o in range(-k, k + 1)]
-    flags = [present[:, k + o: k + o + length, None] for o in range(-k, k + 1) if o != 0]
+    present[:, k : k + length] = seqs.mask
+    parts = [padded[:, k + o : k + o + length] for o in range(-k, k + 1)]
+    flags = [present[:, k + o : k + o + length, None] for o in range(-k, k + 1) if o != 0]
     return np.concatenate(parts + flags, axis=2)
 
 
@@ -123,8 +122,9 @@ def _fit(seqs: Sequences, k: int, n_models: int, l2: float, iters: int = 40) -> 
 class NeighborStacker:
     """The stack model `neighbors` (the interface of stack/fit.py's SequenceStacker): `fit_neighbors` per fold."""
 
-    def fit(self, seqs: Sequences, scfg: StackConfig, n_models: int, fold: int,
-            curve: list[dict] | None = None) -> NeighborModel:
+    def fit(
+        self, seqs: Sequences, scfg: StackConfig, n_models: int, fold: int, curve: list[dict] | None = None
+    ) -> NeighborModel:
         return fit_neighbors(seqs, scfg.neighbors_k, n_models)
 
     def predict(self, model: NeighborModel, seqs: Sequences, scfg: StackConfig) -> np.ndarray:

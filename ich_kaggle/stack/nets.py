@@ -40,8 +40,16 @@ class ConvBlock(nn.Module):
 class SequenceNet(nn.Module):
     """(B, L, F) slice features + lengths -> (B, L, 6) logits."""
 
-    def __init__(self, n_features: int, n_models: int, kind: str = "gru", hidden: int = 64, layers: int = 2,
-                 dropout: float = 0.1, skip_k: int = 2):
+    def __init__(
+        self,
+        n_features: int,
+        n_models: int,
+        kind: str = "gru",
+        hidden: int = 64,
+        layers: int = 2,
+        dropout: float = 0.1,
+        skip_k: int = 2,
+    ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown sequence net {kind!r}; choose from {', '.join(KINDS)}")

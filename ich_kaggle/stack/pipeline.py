@@ -76,25 +76,39 @@ def score_row(stage: str, y: np.ndarray, p: np.ndarray) -> dict:
     return {"stage": stage, "weighted_log_loss": metrics.weighted_log_loss(y, p), **metrics.per_label_log_loss(y, p)}
 
 
-def run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.DataFrame],
-                 test_frames: list[pd.DataFrame], scfg: StackConfig, oof_extra: pd.DataFrame | None = None,
-                 test_extra: pd.DataFrame | None = None, source_names: list[str] | None = None,
-                 progress: bool = True) -> StackResult:
+def run_stacking(
+    meta: pd.DataFrame,
+    folds: pd.DataFrame,
+    oof_frames: list[pd.DataFrame],
+    test_frames: list[pd.DataFrame],
+    scfg: StackConfig,
+    oof_extra: pd.DataFrame | None = None,
+    test_extra: pd.DataFrame | None = None,
+    source_names: list[str] | None = None,
+    progress: bool = True,
+) -> StackResult:
     """Fit the configured sequence model and the neighbours baseline fold by fold; score both against the first stage.
 
     Runs on `stack.threads` torch threads (restored after): one thread per process was the fastest per step."""
     threads = torch.get_num_threads()
     torch.set_num_threads(scfg.threads)
     try:
-        return _run_stacking(meta, folds, oof_frames, test_frames, scfg, oof_extra, test_extra, source_names,
-                             progress)
+        return _run_stacking(meta, folds, oof_frames, test_frames, scfg, oof_extra, test_extra, source_names, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.DataFrame],
-                  test_frames: list[pd.DataFrame], scfg: StackConfig, oof_extra: pd.DataFrame | None,
-                  test_extra: pd.DataFrame | None, source_names: list[str] | None, progress: bool) -> StackResult:
+def _run_stacking(
+    meta: pd.DataFrame,
+    folds: pd.DataFrame,
+    oof_frames: list[pd.DataFrame],
+    test_frames: list[pd.DataFrame],
+    scfg: StackConfig,
+    oof_extra: pd.DataFrame | None,
+    test_extra: pd.DataFrame | None,
+    source_names: list[str] | None,
+    progress: bool,
+) -> StackResult:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     series_cols = [c for c in ("image_id", "series_id", "slice_rank", "z", "series_len") if c in meta.columns]
@@ -117,16 +131,20 @@ def _run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.D
     seconds["build"] = time.perf_counter() - t0
 
     n_folds = len(np.unique(tr_seqs.slots[tr_seqs.mask])) if tr_seqs.slots is not None else 0
-    bar = tqdm(total=2 * n_folds, desc="stack", disable=not progress,
-               leave=False)
+    bar = tqdm(total=2 * n_folds, desc="stack", disable=not progress, leave=False)
 
     def tick(_msg: str) -> None:
         bar.update(1)
 
     def fold_by_fold(name: str, curves: dict[int, list[dict]]):
         stacker = STACK_MODELS.build(name, key="stack.model")
-        return cross_fit(tr_seqs, te_seqs, lambda s, f: stacker.fit(s, scfg, n_models, f, curves.setdefault(f, [])),
-                         lambda m, s: stacker.predict(m, s, scfg), progress=tick)
+        return cross_fit(
+            tr_seqs,
+            te_seqs,
+            lambda s, f: stacker.fit(s, scfg, n_models, f, curves.setdefault(f, [])),
+            lambda m, s: stacker.predict(m, s, scfg),
+            progress=tick,
+        )
 
     t0 = time.perf_counter()
     nb = fold_by_fold("neighbors", {})  # the baseline every stack model is compared with
@@ -174,10 +192,20 @@ def _run_stacking(meta: pd.DataFrame, folds: pd.DataFrame, oof_frames: list[pd.D
     table = pd.DataFrame(rows)
 
     ids = oof["image_id"].to_numpy()
-    curve = pd.DataFrame([{"fold": f, **row} for f, rows in sorted(curves.items()) for row in rows],
-                         columns=CURVE_COLUMNS)
-    return StackResult(_wide(ids, oof_mean), _wide(ids, stacked_oof), _wide(test_ids, stacked_test),
-                       _wide(ids, nb_oof), _wide(test_ids, nb_test), table, curve, seconds, main.models)
+    curve = pd.DataFrame(
+        [{"fold": f, **row} for f, rows in sorted(curves.items()) for row in rows], columns=CURVE_COLUMNS
+    )
+    return StackResult(
+        _wide(ids, oof_mean),
+        _wide(ids, stacked_oof),
+        _wide(test_ids, stacked_test),
+        _wide(ids, nb_oof),
+        _wide(test_ids, nb_test),
+        table,
+        curve,
+        seconds,
+        main.models,
+    )
 
 
 @dataclass
@@ -191,8 +219,14 @@ class FoldInputs:
     test_extra: pd.DataFrame | None = None
 
 
-def run_per_fold(meta: pd.DataFrame, folds: pd.DataFrame, per_fold: dict[int, FoldInputs], scfg: StackConfig,
-                 source_names: list[str] | None = None, progress: bool = True) -> StackResult:
+def run_per_fold(
+    meta: pd.DataFrame,
+    folds: pd.DataFrame,
+    per_fold: dict[int, FoldInputs],
+    scfg: StackConfig,
+    source_names: list[str] | None = None,
+    progress: bool = True,
+) -> StackResult:
     """`stack.embedding_space: per_fold`: one second stage per first-stage fold model, in that model's own feature space.
 
     Why: an embedding is a point in the space of the fold model that made it. Five separately fine-tuned models
@@ -248,7 +282,12 @@ def run_per_fold(meta: pd.DataFrame, folds: pd.DataFrame, per_fold: dict[int, Fo
     y = scored[LABEL_COLS].to_numpy(np.float64)
 
     def at(frame: pd.DataFrame) -> np.ndarray:
-        return frame.drop_duplicates("image_id").set_index("image_id").loc[scored["image_id"], LABEL_COLS].to_numpy(np.float64)
+        return (
+            frame.drop_duplicates("image_id")
+            .set_index("image_id")
+            .loc[scored["image_id"], LABEL_COLS]
+            .to_numpy(np.float64)
+        )
 
     rows = [score_row("first_stage", y, at(first))]
     n_models = len(per_fold[outer[0]].oof)
@@ -263,6 +302,5 @@ def run_per_fold(meta: pd.DataFrame, folds: pd.DataFrame, per_fold: dict[int, Fo
     for r in results.values():
         for key, v in r.seconds.items():
             seconds[key] = seconds.get(key, 0.0) + v
-    curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
-        columns=CURVE_COLUMNS)
+    curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
     return StackResult(first, stacked, mean("test"), nb, mean("neighbors_test"), pd.DataFrame(rows), curve, seconds)

@@ -43,8 +43,11 @@ def save(path: Path, models: dict[int, object], scfg: StackConfig, n_models: int
     folds = {}
     for k, m in models.items():
         if isinstance(m, SequenceNet):
-            folds[int(k)] = {"type": "net", "state": {n: t.detach().cpu() for n, t in m.state_dict().items()},
-                             "n_features": int(m.inp[0].in_features)}
+            folds[int(k)] = {
+                "type": "net",
+                "state": {n: t.detach().cpu() for n, t in m.state_dict().items()},
+                "n_features": int(m.inp[0].in_features),
+            }
         elif isinstance(m, NeighborModel):
             folds[int(k)] = {"type": "neighbors", **{f.name: getattr(m, f.name) for f in dataclasses.fields(m)}}
         else:
@@ -74,8 +77,15 @@ def load(path: Path) -> SavedStack:
     models: dict[int, object] = {}
     for k, entry in sorted(payload["folds"].items()):
         if entry["type"] == "net":
-            net = SequenceNet(entry["n_features"], n_models, kind=scfg.model, hidden=scfg.hidden, layers=scfg.layers,
-                              dropout=scfg.dropout, skip_k=scfg.neighbors_k)
+            net = SequenceNet(
+                entry["n_features"],
+                n_models,
+                kind=scfg.model,
+                hidden=scfg.hidden,
+                layers=scfg.layers,
+                dropout=scfg.dropout,
+                skip_k=scfg.neighbors_k,
+            )
             net.load_state_dict(entry["state"])
             models[int(k)] = net.eval()
         else:
@@ -102,8 +112,9 @@ def apply(saved: SavedStack, frames: list[pd.DataFrame], place: pd.DataFrame) ->
         total = None
         for k, model in saved.models.items():
             if isinstance(model, SequenceNet):
-                p = predict_net(model, seqs, batch_series=max(256, saved.scfg.batch_series),
-                                reverse_tta=saved.scfg.reverse_tta)
+                p = predict_net(
+                    model, seqs, batch_series=max(256, saved.scfg.batch_series), reverse_tta=saved.scfg.reverse_tta
+                )
             else:
                 p = model.predict(seqs)
             total = p if total is None else total + p

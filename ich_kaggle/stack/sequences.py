@@ -55,9 +55,17 @@ class Sequences:
     def subset(self, keep: np.ndarray) -> "Sequences":
         """Series selected by a boolean mask or index array (order kept, so still length-sorted)."""
         keep = np.asarray(keep)
-        return Sequences(self.x[keep], self.y[keep], self.mask[keep], self.lengths[keep], self.series_id[keep],
-                         self.group[keep], self.row[keep], None if self.slots is None else self.slots[keep],
-                         None if self.loss_mask is None else self.loss_mask[keep])
+        return Sequences(
+            self.x[keep],
+            self.y[keep],
+            self.mask[keep],
+            self.lengths[keep],
+            self.series_id[keep],
+            self.group[keep],
+            self.row[keep],
+            None if self.slots is None else self.slots[keep],
+            None if self.loss_mask is None else self.loss_mask[keep],
+        )
 
     def scatter(self, values: np.ndarray, n_rows: int) -> np.ndarray:
         """(S, L, C) per-slot values -> (n_rows, C) in source-frame row order (rows never seen stay NaN)."""
@@ -66,8 +74,9 @@ class Sequences:
         return out
 
 
-def position_features(series_code: np.ndarray, slice_rank: np.ndarray, series_len: np.ndarray,
-                      z: np.ndarray) -> np.ndarray:
+def position_features(
+    series_code: np.ndarray, slice_rank: np.ndarray, series_len: np.ndarray, z: np.ndarray
+) -> np.ndarray:
     """(N, N_POS) for rows already sorted by (series, slice_rank): where the slice sits and how far its neighbours are.
 
     z gaps are divided by the series' median gap, so a missing (unreadable) slice shows up as a gap of ~2.
@@ -93,8 +102,9 @@ def position_features(series_code: np.ndarray, slice_rank: np.ndarray, series_le
     return np.stack([rel, ratio, ratio_next, same_prev, same_next], axis=1).astype(np.float32)
 
 
-def build_sequences(frame: pd.DataFrame, values: np.ndarray, labels: np.ndarray | None = None,
-                    group: np.ndarray | None = None) -> Sequences:
+def build_sequences(
+    frame: pd.DataFrame, values: np.ndarray, labels: np.ndarray | None = None, group: np.ndarray | None = None
+) -> Sequences:
     """Pack rows of `frame` (series_id, slice_rank, z, series_len) into padded series.
 
     values: (N, V) per-row inputs (first-stage logits, embeddings) aligned with `frame`'s rows.
@@ -111,8 +121,13 @@ def build_sequences(frame: pd.DataFrame, values: np.ndarray, labels: np.ndarray 
     pos = np.arange(n) - starts[codes_o]
     z = pd.to_numeric(frame["z"], errors="coerce").to_numpy(np.float64) if "z" in frame else np.full(n, np.nan)
     series_len = frame["series_len"].to_numpy(np.float64) if "series_len" in frame else counts[codes].astype(np.float64)
-    feats = np.concatenate([position_features(codes_o, rank[order], series_len[order], z[order]),
-                            np.asarray(values, dtype=np.float32)[order]], axis=1)
+    feats = np.concatenate(
+        [
+            position_features(codes_o, rank[order], series_len[order], z[order]),
+            np.asarray(values, dtype=np.float32)[order],
+        ],
+        axis=1,
+    )
 
     by_len = np.argsort(counts, kind="stable")  # new series index -> old code
     new_of_old = np.empty_like(by_len)
@@ -139,11 +154,13 @@ def build_sequences(frame: pd.DataFrame, values: np.ndarray, labels: np.ndarray 
         g = np.where(lo == hi, lo, -2)
         slots = np.full((n_series, max_len), -1, dtype=np.int64)
         slots[s_idx, pos] = grp
-    return Sequences(x, y, mask, counts[by_len].astype(np.int64), np.asarray(uniques, dtype=object)[by_len], g, row,
-                     slots)
+    return Sequences(
+        x, y, mask, counts[by_len].astype(np.int64), np.asarray(uniques, dtype=object)[by_len], g, row, slots
+    )
 
 
 # --- torch helpers shared by the nets, training and TTA ---
+
 
 def reverse_index(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(B, L) gather index that reverses each series within its own length; padding maps to itself."""

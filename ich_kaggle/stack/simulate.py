@@ -16,8 +16,13 @@ import pandas as pd
 from ..core.labels import LABELS
 
 # chance that a series has each subtype (roughly the competition's per-image rates scaled to series)
-SUBTYPE_RATE = {"epidural": 0.02, "intraparenchymal": 0.18, "intraventricular": 0.12, "subarachnoid": 0.17,
-                "subdural": 0.20}
+SUBTYPE_RATE = {
+    "epidural": 0.02,
+    "intraparenchymal": 0.18,
+    "intraventricular": 0.12,
+    "subarachnoid": 0.17,
+    "subdural": 0.20,
+}
 
 
 def real_series_z(headers_csv: str | Path) -> list[np.ndarray]:
@@ -52,8 +57,16 @@ def smooth_noise(rank: np.ndarray, rho: float, rng: np.random.Generator, shape: 
     return out
 
 
-def simulate(n_series: int = 300, test_series: int = 0, k: int = 5, seed: int = 0, noise: float = 1.0,
-             structure: list[np.ndarray] | None = None, shared_noise: float = 1.5, rho: float = 0.8) -> SimulatedStack:
+def simulate(
+    n_series: int = 300,
+    test_series: int = 0,
+    k: int = 5,
+    seed: int = 0,
+    noise: float = 1.0,
+    structure: list[np.ndarray] | None = None,
+    shared_noise: float = 1.5,
+    rho: float = 0.8,
+) -> SimulatedStack:
     """Labels smooth over slices; first-stage logits = signal + N(0, noise) per slice + AR(1) noise shared with the
     neighbouring slices (sd `shared_noise`, correlation `rho`), which context cannot average away; folds by patient."""
     rng = np.random.default_rng(seed)
@@ -88,18 +101,33 @@ def simulate(n_series: int = 300, test_series: int = 0, k: int = 5, seed: int = 
     pid = np.array([f"ID_p{seed:02d}{i:07x}" for i in range(total)], dtype=object)[patient_of_series[series]]
     is_test = series >= n_series
     fold_of_patient = rng.integers(0, k, size=total)
-    meta = pd.DataFrame({"image_id": ids, "patient_id": pid, "series_id": sid,
-                         "split": np.where(is_test, "test", "train"), "z": z, "slice_rank": rank,
-                         "series_len": lens[series]})
+    meta = pd.DataFrame(
+        {
+            "image_id": ids,
+            "patient_id": pid,
+            "series_id": sid,
+            "split": np.where(is_test, "test", "train"),
+            "z": z,
+            "slice_rank": rank,
+            "series_len": lens[series],
+        }
+    )
     labels = pd.DataFrame(y, columns=list(LABELS))
     preds = pd.DataFrame(prob, columns=list(LABELS))
     tr = ~is_test
-    folds = pd.concat([meta.loc[tr, ["image_id", "patient_id", "series_id"]].reset_index(drop=True),
-                       pd.DataFrame({"fold": fold_of_patient[patient_of_series[series[tr]]]}),
-                       labels[tr].reset_index(drop=True)], axis=1)
+    folds = pd.concat(
+        [
+            meta.loc[tr, ["image_id", "patient_id", "series_id"]].reset_index(drop=True),
+            pd.DataFrame({"fold": fold_of_patient[patient_of_series[series[tr]]]}),
+            labels[tr].reset_index(drop=True),
+        ],
+        axis=1,
+    )
     oof = pd.concat([meta.loc[tr, ["image_id"]].reset_index(drop=True), preds[tr].reset_index(drop=True)], axis=1)
-    test = pd.concat([meta.loc[is_test, ["image_id"]].reset_index(drop=True), preds[is_test].reset_index(drop=True)],
-                     axis=1)
-    truth = pd.concat([meta.loc[is_test, ["image_id"]].reset_index(drop=True),
-                       labels[is_test].reset_index(drop=True)], axis=1)
+    test = pd.concat(
+        [meta.loc[is_test, ["image_id"]].reset_index(drop=True), preds[is_test].reset_index(drop=True)], axis=1
+    )
+    truth = pd.concat(
+        [meta.loc[is_test, ["image_id"]].reset_index(drop=True), labels[is_test].reset_index(drop=True)], axis=1
+    )
     return SimulatedStack(meta, folds, oof, test, truth)

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 LABEL_COLS = list(LABELS)
 
 
-def prediction_dirs(cfg: Config, runs: str | Path = "runs", sources: list[str | Path] | None = None) -> list[Predictions]:
+def prediction_dirs(
+    cfg: Config, runs: str | Path = "runs", sources: list[str | Path] | None = None
+) -> list[Predictions]:
     """The first-stage prediction folders to stack: given, `stack.sources`, an ensemble's members, or the config's own."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
@@ -42,7 +44,9 @@ def read_predictions(path: Path, config_name: str) -> pd.DataFrame:
     frame = pd.read_csv(path)
     missing = [c for c in ["image_id", *LABEL_COLS] if c not in frame.columns]
     if missing:
-        raise UserError(f"{path}: missing columns {missing}; expected image_id + {', '.join(LABEL_COLS)} (rerun predict)")
+        raise UserError(
+            f"{path}: missing columns {missing}; expected image_id + {', '.join(LABEL_COLS)} (rerun predict)"
+        )
     values = frame[LABEL_COLS].to_numpy(np.float64)
     if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
         raise UserError(f"{path}: probabilities must be finite and in [0, 1]; rerun predict")
@@ -58,8 +62,14 @@ def read_embeddings(path: Path, config_name: str) -> tuple[np.ndarray, np.ndarra
         return z["image_id"].astype(str), z["emb"].astype(np.float32)
 
 
-def reduce_embeddings(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], dim: int,
-                      prefix: str, seed: int = 0, fit_rows: int = 50_000) -> tuple[pd.DataFrame, pd.DataFrame]:
+def reduce_embeddings(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    dim: int,
+    prefix: str,
+    seed: int = 0,
+    fit_rows: int = 50_000,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Project embeddings on their first `dim` principal components (fitted without labels), scaled to unit variance.
 
     Full 1-2k-dimensional embeddings of 750k slices would not fit in memory as padded series; a few components carry
@@ -101,8 +111,10 @@ def _extras(dirs: list[Predictions], scfg: StackConfig, name: str) -> tuple[pd.D
         o, t = reduce_embeddings(oof_e, test_e, scfg.embedding_dim, prefix=f"m{m}", seed=scfg.seed)
         oof_parts.append(o.set_index("image_id"))
         test_parts.append(t.set_index("image_id"))
-    return (pd.concat(oof_parts, axis=1, join="outer").reset_index(),
-            pd.concat(test_parts, axis=1, join="outer").reset_index())
+    return (
+        pd.concat(oof_parts, axis=1, join="outer").reset_index(),
+        pd.concat(test_parts, axis=1, join="outer").reset_index(),
+    )
 
 
 def _per_fold_inputs(dirs: list[Predictions], scfg: StackConfig, name: str, folds: list[int]) -> dict:
@@ -116,18 +128,28 @@ def _per_fold_inputs(dirs: list[Predictions], scfg: StackConfig, name: str, fold
         for m, d in enumerate(dirs):
             for path in (d.oof_fold(k), d.test_fold(k), d.oof_fold_embeddings(k), d.test_fold_embeddings(k)):
                 if not path.exists():
-                    raise UserError(f"{path} not found: stack.embedding_space=per_fold reads each fold model's own "
-                                    f"predictions (`make predict CONFIG={name}` writes them; an ensemble's combined "
-                                    f"predictions have none, stack its members), or use stack.embedding_space=mixture")
+                    raise UserError(
+                        f"{path} not found: stack.embedding_space=per_fold reads each fold model's own "
+                        f"predictions (`make predict CONFIG={name}` writes them; an ensemble's combined "
+                        f"predictions have none, stack its members), or use stack.embedding_space=mixture"
+                    )
             oof.append(read_predictions(d.oof_fold(k), name))
             test.append(read_predictions(d.test_fold(k), name))
-            o, t = reduce_embeddings(read_embeddings(d.oof_fold_embeddings(k), name),
-                                     read_embeddings(d.test_fold_embeddings(k), name), scfg.embedding_dim,
-                                     prefix=f"m{m}", seed=scfg.seed)
+            o, t = reduce_embeddings(
+                read_embeddings(d.oof_fold_embeddings(k), name),
+                read_embeddings(d.test_fold_embeddings(k), name),
+                scfg.embedding_dim,
+                prefix=f"m{m}",
+                seed=scfg.seed,
+            )
             oof_x.append(o.set_index("image_id"))
             test_x.append(t.set_index("image_id"))
-        out[k] = FoldInputs(oof, test, pd.concat(oof_x, axis=1, join="outer").reset_index(),
-                            pd.concat(test_x, axis=1, join="outer").reset_index())
+        out[k] = FoldInputs(
+            oof,
+            test,
+            pd.concat(oof_x, axis=1, join="outer").reset_index(),
+            pd.concat(test_x, axis=1, join="outer").reset_index(),
+        )
     return out
 
 
@@ -158,8 +180,10 @@ def recommend_neighbors(losses: pd.Series, model: str, prior: float | None = Non
     floor = min(losses["first_stage"], losses["stacked"], prior if prior is not None else np.inf)
     if model == "neighbors" or nb is None or not nb < floor:
         return ""
-    return (f"; the neighbours baseline scored {nb:.5f} out of fold: try "
-            f"{fix('--set stack.model=neighbors', 'SET_EXTRA=stack.model=neighbors')}")
+    return (
+        f"; the neighbours baseline scored {nb:.5f} out of fold: try "
+        f"{fix('--set stack.model=neighbors', 'SET_EXTRA=stack.model=neighbors')}"
+    )
 
 
 def check_sources(dirs: list[Predictions], config_name: str) -> None:
@@ -178,8 +202,14 @@ def embedding_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, stack=cfg.stack.embedding_level())
 
 
-def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[str | Path] | None = None,
-          progress: bool = True, force: bool = False) -> Path:
+def stack(
+    cfg: Config,
+    layout: Layout,
+    runs: str | Path = "runs",
+    sources: list[str | Path] | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> Path:
     """Stack the first-stage predictions fold by fold; returns `runs/<cfg>/stack/`.
 
     With `stack.embedding_stage` (and not `stack.use_embeddings`) the embedding-level second stage is fitted too,
@@ -191,8 +221,15 @@ def stack(cfg: Config, layout: Layout, runs: str | Path = "runs", sources: list[
     return out
 
 
-def _stack_one(cfg: Config, layout: Layout, runs: str | Path, sources: list[str | Path] | None, progress: bool,
-               force: bool, out: Stacked) -> Path:
+def _stack_one(
+    cfg: Config,
+    layout: Layout,
+    runs: str | Path,
+    sources: list[str | Path] | None,
+    progress: bool,
+    force: bool,
+    out: Stacked,
+) -> Path:
     """One second stage (probability- or embedding-level, as cfg.stack says) into `out`."""
     from ..core.config import selected_folds
     from ..data.folds import fold_table
@@ -201,8 +238,10 @@ def _stack_one(cfg: Config, layout: Layout, runs: str | Path, sources: list[str 
 
     per_fold = cfg.stack.use_embeddings and cfg.stack.embedding_space == "per_fold"
     if per_fold and cfg.cv.split == "random":
-        raise UserError("stack.embedding_space=per_fold needs cv.split=patient (under a random split a fold model's "
-                        "held-out images are scattered slices, not whole series); use stack.embedding_space=mixture")
+        raise UserError(
+            "stack.embedding_space=per_fold needs cv.split=patient (under a random split a fold model's "
+            "held-out images are scattered slices, not whole series); use stack.embedding_space=mixture"
+        )
     dirs = prediction_dirs(cfg, runs, sources)
     if not sources and not cfg.is_ensemble:
         from ..data import trained
@@ -213,9 +252,12 @@ def _stack_one(cfg: Config, layout: Layout, runs: str | Path, sources: list[str 
     from . import saved
 
     keep = saved.savable(cfg.stack) is None and not per_fold  # the fitted models are saved for the bundle
-    if not force and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics)) \
-            and (not keep or freshness.stale_reason(out.models, expected) is None) \
-            and freshness.stale_reason(out.test, expected) is None:
+    if (
+        not force
+        and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics))
+        and (not keep or freshness.stale_reason(out.models, expected) is None)
+        and freshness.stale_reason(out.test, expected) is None
+    ):
         log.info(f"stack: {out.test} is up to date (same first-stage files, folds and settings); reusing")
         return out.dir
     oof = [read_predictions(d.oof, cfg.name) for d in dirs]
@@ -229,17 +271,22 @@ def _stack_one(cfg: Config, layout: Layout, runs: str | Path, sources: list[str 
     folds = folds[folds["fold"].isin(fold_ids)]
     known = set(folds["image_id"])
     if not any(f["image_id"].isin(known).any() for f in oof):
-        raise UserError(f"{dirs[0].oof}: no image is in {layout.folds_csv}; predictions and folds come from "
-                        f"different data folders (pass the same {fix('--data', 'DATA_DIR=')} to predict and stack)")
+        raise UserError(
+            f"{dirs[0].oof}: no image is in {layout.folds_csv}; predictions and folds come from "
+            f"different data folders (pass the same {fix('--data', 'DATA_DIR=')} to predict and stack)"
+        )
     names = [d.dir.parent.name if d.dir.name == "predictions" else d.dir.name for d in dirs]
     try:
         if per_fold:
             result = run_per_fold(meta, folds, inputs, cfg.stack, source_names=names, progress=progress)
         else:
-            result = run_stacking(meta, folds, oof, test, cfg.stack, oof_x, test_x, source_names=names,
-                                  progress=progress)
+            result = run_stacking(
+                meta, folds, oof, test, cfg.stack, oof_x, test_x, source_names=names, progress=progress
+            )
     except ValueError as e:  # only data problems reach here: fewer than 2 folds
-        raise UserError(f"{layout.folds_csv}: {e}; rebuild with `make folds` and train/predict at least 2 folds") from None
+        raise UserError(
+            f"{layout.folds_csv}: {e}; rebuild with `make folds` and train/predict at least 2 folds"
+        ) from None
     write_csv(result.oof, out.oof)
     write_csv(result.test, out.test)
     write_csv(result.neighbors_oof, out.neighbors_oof)
@@ -258,17 +305,23 @@ def _stack_one(cfg: Config, layout: Layout, runs: str | Path, sources: list[str 
     losses = result.metrics.set_index("stage")["weighted_log_loss"]
     prior = prior_loss(folds, result.first_oof)
     if losses["stacked"] >= losses["first_stage"]:
-        log.info(f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
-              f"`make submit` will choose the first stage by its OOF score"
-              + recommend_neighbors(losses, cfg.stack.model, prior))
+        log.info(
+            f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
+            f"`make submit` will choose the first stage by its OOF score"
+            + recommend_neighbors(losses, cfg.stack.model, prior)
+        )
     if "neighbors" in losses and prior is not None and losses["neighbors"] >= prior:
-        log.info(f"note: the neighbours baseline ({losses['neighbors']:.5f}) is no better than the constant label "
-                 f"prior ({prior:.5f}) out of fold: the first-stage logits carry little that transfers between folds")
+        log.info(
+            f"note: the neighbours baseline ({losses['neighbors']:.5f}) is no better than the constant label "
+            f"prior ({prior:.5f}) out of fold: the first-stage logits carry little that transfers between folds"
+        )
     if len(result.curve):
         last = result.curve.groupby("fold")["step"].max()
         best = result.curve.loc[result.curve.groupby("fold")["val_loss"].idxmin(), "step"]
         stops = result.curve["stop"][result.curve["stop"].astype(str) != ""].value_counts().to_dict()
-        log.info(f"stack: nets stopped by {stops} after {last.tolist()} steps per fold "
-                 f"(best at {best.tolist()}; curve in {out.curve})")
+        log.info(
+            f"stack: nets stopped by {stops} after {last.tolist()} steps per fold "
+            f"(best at {best.tolist()}; curve in {out.curve})"
+        )
     log.info(f"wrote {out.oof} ({len(result.oof)} rows), {out.test} ({len(result.test)} rows), {out.metrics}")
     return out.dir

@@ -56,8 +56,16 @@ def _second_stages(cfg, layout, run: Run) -> list[Stage]:
             log.info(f"submit: no {name} stage ({files.test} missing; `make stack` fits it)")
             continue
         expected = freshness.stacked(sources, layout, scfg, cfg.cv)
-        stale = next(filter(None, (freshness.stale_reason(f, expected) if f.exists() else f"{f.name} is missing"
-                                   for f in (files.test, files.oof))), None)
+        stale = next(
+            filter(
+                None,
+                (
+                    freshness.stale_reason(f, expected) if f.exists() else f"{f.name} is missing"
+                    for f in (files.test, files.oof)
+                ),
+            ),
+            None,
+        )
         if stale:
             log.info(f"submit: {files.test} is stale ({stale}); left out (`make stack` refreshes it)")
             continue
@@ -133,8 +141,9 @@ def choose(stages: list[Stage], truth: pd.DataFrame | None, blend_dir: Stacked) 
 def _describe(losses: dict[str, float], chosen: str) -> str:
     """Every candidate's loss, second stages first (in STAGES order, then the first stage)."""
     order = [k for k in (*STAGES[1:], STAGES[0]) if k in losses]
-    return "OOF weighted log loss: " + ", ".join(f"{k} {losses[k]:.5f}" + (" (chosen)" if k == chosen else "")
-                                                 for k in order)
+    return "OOF weighted log loss: " + ", ".join(
+        f"{k} {losses[k]:.5f}" + (" (chosen)" if k == chosen else "") for k in order
+    )
 
 
 def _why(losses: dict[str, float], chosen: str) -> str:
@@ -155,8 +164,9 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
     """
     first = run.predictions
     if not first.test.exists():
-        raise UserError(f"no test predictions in {first.dir}; run `make predict CONFIG={cfg.name}` (and `make stack`) "
-                        f"first")
+        raise UserError(
+            f"no test predictions in {first.dir}; run `make predict CONFIG={cfg.name}` (and `make stack`) first"
+        )
     expected = _first_stage_manifest(cfg, run)
     for path in (first.test, first.oof):  # the OOF file chooses the stage and gives the expected score
         stale = freshness.stale_reason(path, expected) if path.exists() else f"{path.name} is missing"
@@ -166,15 +176,24 @@ def choose_stage(cfg, layout, run: Run) -> tuple[Path, Path]:
     train = read_truth(Path(layout.train_csv)) if Path(layout.train_csv).exists() else None
     chosen, losses = choose(stages, train, run.blend)
     if losses:
-        log.info(f"submit: using the {chosen.name.replace('_', ' ')} ({chosen.test}): {_why(losses, chosen.name)}"
-                 f"{_describe(losses, chosen.name)}")
+        log.info(
+            f"submit: using the {chosen.name.replace('_', ' ')} ({chosen.test}): {_why(losses, chosen.name)}"
+            f"{_describe(losses, chosen.name)}"
+        )
     elif len(stages) > 1:
-        log.info(f"submit: using the {chosen.name} stage ({chosen.test}); no OOF score to choose by (no training "
-                 f"labels in {layout.train_csv} or no OOF image in common)")
+        log.info(
+            f"submit: using the {chosen.name} stage ({chosen.test}); no OOF score to choose by (no training "
+            f"labels in {layout.train_csv} or no OOF image in common)"
+        )
     else:
         log.info(f"submit: using the first stage ({first.test}); no fresh second stage")
-    choice = {"stage": chosen.name, "test": str(chosen.test), "oof": str(chosen.oof), "oof_log_loss": losses,
-              "candidates": [s.name for s in stages] + (["blend"] if "blend" in losses else [])}
+    choice = {
+        "stage": chosen.name,
+        "test": str(chosen.test),
+        "oof": str(chosen.oof),
+        "oof_log_loss": losses,
+        "candidates": [s.name for s in stages] + (["blend"] if "blend" in losses else []),
+    }
     try:
         with atomic_open(run.choice) as f:
             json.dump(choice, f, indent=1)

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import logging
 import gzip
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..core import ensemble, freshness
 from ..core.layout import Run
 from ..core.labels import LABELS
 from ..core.errors import UserError
-from ..core.io import atomic_open, atomic_path
+from ..core.io import atomic_path
 from ..core.metrics import read_long_or_wide, read_truth, score_frames, split_ids
 from .choose import choose_stage  # the stage choice by OOF lives in its own module
 
@@ -32,7 +30,9 @@ _LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
 def _read_sample(sample_csv: str | Path) -> pd.DataFrame:
     path = Path(sample_csv)
     if not path.exists():
-        raise UserError(f"sample submission {path} not found; it is stage_2_sample_submission.csv of the competition download")
+        raise UserError(
+            f"sample submission {path} not found; it is stage_2_sample_submission.csv of the competition download"
+        )
     try:
         sample = pd.read_csv(path, dtype={"ID": str}, usecols=["ID"])
     except (ValueError, pd.errors.EmptyDataError) as e:
@@ -49,17 +49,23 @@ def _to_long(pred_wide: pd.DataFrame, sample: pd.DataFrame, source: str) -> pd.D
     values = pred[list(LABELS)].to_numpy(np.float64)
     if not np.isfinite(values).all():
         bad = pred["image_id"].to_numpy()[~np.isfinite(values).all(axis=1)]
-        raise UserError(f"{source}: {len(bad)} images have NaN/infinite predictions (e.g. {bad[0]}); fix the predictions")
+        raise UserError(
+            f"{source}: {len(bad)} images have NaN/infinite predictions (e.g. {bad[0]}); fix the predictions"
+        )
     image_ids, subtypes = split_ids(sample["ID"])
     row = pd.Index(pred["image_id"].astype(str)).get_indexer(image_ids)
     col = pd.Series(subtypes).map(_LABEL_INDEX).to_numpy()
     if np.isnan(col.astype(np.float64)).any():
-        raise UserError(f"{source}: the sample submission has IDs without a known subtype suffix, e.g. "
-                        f"{sample['ID'].iloc[int(np.argmax(np.isnan(col.astype(np.float64))))]}")
+        raise UserError(
+            f"{source}: the sample submission has IDs without a known subtype suffix, e.g. "
+            f"{sample['ID'].iloc[int(np.argmax(np.isnan(col.astype(np.float64))))]}"
+        )
     if (row < 0).any():
         lacking = pd.unique(image_ids[row < 0])
-        raise UserError(f"{source}: no prediction for {len(lacking)} images of the sample submission (e.g. {lacking[0]}); "
-                        f"predict them or fill them (submit() uses the training prior)")
+        raise UserError(
+            f"{source}: no prediction for {len(lacking)} images of the sample submission (e.g. {lacking[0]}); "
+            f"predict them or fill them (submit() uses the training prior)"
+        )
     probs = np.clip(values[row, col.astype(np.int64)], CLIP, 1.0 - CLIP)
     return pd.DataFrame({"ID": sample["ID"].to_numpy(), "Label": probs})
 
@@ -83,8 +89,10 @@ def write_submission(pred_wide: pd.DataFrame, sample_csv: str | Path, out_path: 
     raw = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
     problems = validate(sample, raw)
     if problems:
-        raise UserError(f"{out_path}: not written, it would fail validation: {problems[0]} "
-                        f"({len(problems)} problem(s)); check {sample_csv}")
+        raise UserError(
+            f"{out_path}: not written, it would fail validation: {problems[0]} "
+            f"({len(problems)} problem(s)); check {sample_csv}"
+        )
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         return _write_both(out_path, data)
@@ -149,13 +157,16 @@ def validate(sample_df: pd.DataFrame, sub_df: pd.DataFrame) -> list[str]:
     if nan_mask.any():
         problems.append(f"{int(nan_mask.sum())} labels are NaN/empty: {_example(ids[nan_mask])}")
     if nonnum_mask.any():
-        problems.append(f"{int(nonnum_mask.sum())} labels are not numbers: "
-                        f"{_example(f'{i}={v!r}' for i, v in zip(ids[nonnum_mask], raw[nonnum_mask]))}")
+        problems.append(
+            f"{int(nonnum_mask.sum())} labels are not numbers: "
+            f"{_example(f'{i}={v!r}' for i, v in zip(ids[nonnum_mask], raw[nonnum_mask]))}"
+        )
     finite = values.notna()
     out = finite & ((values < 0) | (values > 1) | ~np.isfinite(values.fillna(0.5)))
     if out.any():
-        problems.append(f"{int(out.sum())} labels are outside [0, 1]: "
-                        f"{_example(f'{i}={v}' for i, v in zip(ids[out], values[out]))}")
+        problems.append(
+            f"{int(out.sum())} labels are outside [0, 1]: {_example(f'{i}={v}' for i, v in zip(ids[out], values[out]))}"
+        )
     return problems
 
 
@@ -195,18 +206,23 @@ def check_sample(sample_csv: Path, pred: pd.DataFrame, unreadable: set[str] = fr
         raise UserError(f"{sample_csv}: header only, no rows; use the competition's stage_2_sample_submission.csv")
     dup = sample["ID"][sample["ID"].duplicated()]
     if len(dup):
-        raise UserError(f"{sample_csv}: {len(dup)} duplicate IDs (e.g. {dup.iloc[0]}); use the competition's "
-                        f"stage_2_sample_submission.csv")
+        raise UserError(
+            f"{sample_csv}: {len(dup)} duplicate IDs (e.g. {dup.iloc[0]}); use the competition's "
+            f"stage_2_sample_submission.csv"
+        )
     images = pd.unique(split_ids(sample["ID"])[0])
     known = pd.Index(images).isin(pd.Index(pred["image_id"].astype(str)).union(pd.Index(sorted(unreadable)))).mean()
     if known < 0.99:
-        raise UserError(f"{sample_csv}: only {known:.0%} of its {len(images)} images were predicted (the sample of "
-                        f"another test set?); use the sample of the data predicted, or rerun `make predict`")
+        raise UserError(
+            f"{sample_csv}: only {known:.0%} of its {len(images)} images were predicted (the sample of "
+            f"another test set?); use the sample of the data predicted, or rerun `make predict`"
+        )
     return sample
 
 
-def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submissions",
-           members: list | None = None) -> Path:
+def submit(
+    cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submissions", members: list | None = None
+) -> Path:
     """Best predictions of an experiment -> validated `<out_dir>/<cfg.name>.csv` (+ .gz); `kaggle-submit` uploads it.
 
     Sample images without a prediction (unreadable DICOMs) get the training prior: the label means of
@@ -218,7 +234,7 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out-dir {out_dir} is a file, not a folder; pass a folder (default: submissions)")
     run = Run.of(runs, cfg.name)
-    for member in ([cfg] if not cfg.is_ensemble else members or []):  # the folds still the ones the config trains
+    for member in [cfg] if not cfg.is_ensemble else members or []:  # the folds still the ones the config trains
         trained.check(member, layout, runs, via=cfg.name)
     pred_path, oof_path = choose_stage(cfg, layout, run)
     pred = read_long_or_wide(pred_path)
@@ -231,14 +247,18 @@ def submit(cfg, layout, runs: str | Path = "runs", out_dir: str | Path = "submis
     sample_images = pd.unique(split_ids(sample["ID"])[0])
     lacking = pd.Index(sample_images).difference(pd.Index(pred["image_id"].astype(str)), sort=False)
     if len(lacking) and prior is None:
-        raise UserError(f"{len(lacking)} test images have no prediction (e.g. {lacking[0]}) and {layout.train_csv} is missing, "
-                        f"so there is no training prior to fill them with; add stage_2_train.csv to the data folder")
+        raise UserError(
+            f"{len(lacking)} test images have no prediction (e.g. {lacking[0]}) and {layout.train_csv} is missing, "
+            f"so there is no training prior to fill them with; add stage_2_train.csv to the data folder"
+        )
     if len(lacking):
         note = ""
         if unreadable_csv.exists():
             note = f" ({sum(i in unreadable for i in lacking)} listed in {unreadable_csv})"
-        log.info(f"{len(lacking)} of {len(sample_images)} test images have no prediction{note}; "
-              f"they get the training prior {np.round(prior, 4).tolist()}:")
+        log.info(
+            f"{len(lacking)} of {len(sample_images)} test images have no prediction{note}; "
+            f"they get the training prior {np.round(prior, 4).tolist()}:"
+        )
         log.info("  " + _example(lacking, n=20))
         fill = pd.DataFrame(np.broadcast_to(prior, (len(lacking), len(LABELS))), columns=list(LABELS))
         fill.insert(0, "image_id", np.asarray(lacking, dtype=object))
@@ -263,4 +283,6 @@ def _print_oof_score(run: Run, oof_path: Path, train: pd.DataFrame | None) -> No
         log.info(f"{oof_path} shares no image with {run.dir}'s training labels: no expected score")
         return
     result = score_frames(truth, oof)
-    log.info(f"expected score (OOF weighted_log_loss of {oof_path}, {len(truth)} images): {result['weighted_log_loss']:.5f}")
+    log.info(
+        f"expected score (OOF weighted_log_loss of {oof_path}, {len(truth)} images): {result['weighted_log_loss']:.5f}"
+    )

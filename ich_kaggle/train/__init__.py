@@ -17,11 +17,24 @@ from ..engine.lrfind import lr_find
 STOP_ENV = loop.STOP_ENV
 
 
-def train_fold(cfg: Config, layout: Layout, fold: int, runs: str | Path = "runs", force: bool = False,
-               stop_after_epochs: int | None = None) -> Path:
+def train_fold(
+    cfg: Config,
+    layout: Layout,
+    fold: int,
+    runs: str | Path = "runs",
+    force: bool = False,
+    stop_after_epochs: int | None = None,
+) -> Path:
     """Train (or resume, or skip if finished) one fold; returns runs/<cfg.name>/fold<k>/."""
-    return loop.train_fold(cfg, layout, fold, runs=runs, force=force, stop_after_epochs=stop_after_epochs,
-                           batch_loss=RECIPES.get(cfg.recipe.kind, "recipe.kind"))
+    return loop.train_fold(
+        cfg,
+        layout,
+        fold,
+        runs=runs,
+        force=force,
+        stop_after_epochs=stop_after_epochs,
+        batch_loss=RECIPES.get(cfg.recipe.kind, "recipe.kind"),
+    )
 
 
 __all__ = ["train_fold", "lr_find", "STOP_ENV"]

@@ -35,8 +35,22 @@ class Job:
     name: str = ""  # the run folder's name (passed as --run: a RUN-named ensemble's member trains where it is read)
 
     def command(self, data: str | Path, work: str | Path, runs: str | Path) -> list[str]:
-        cmd = [sys.executable, "-m", "ich_kaggle", "train", "--config", self.config, "--fold", str(self.fold),
-               "--data", str(data), "--work", str(work), "--runs", str(runs)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ich_kaggle",
+            "train",
+            "--config",
+            self.config,
+            "--fold",
+            str(self.fold),
+            "--data",
+            str(data),
+            "--work",
+            str(work),
+            "--runs",
+            str(runs),
+        ]
         cmd += ["--run", self.name] if self.name else []
         return cmd + (["--set", *self.overrides] if self.overrides else [])
 
@@ -49,19 +63,22 @@ def visible_gpus() -> list[str]:
         return []
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else []
-    return ids[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
+    return ids[: torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_jobs(jobs: list[Job], devices: list[str], data: str | Path, work: str | Path, runs: str | Path,
-             log_dir: Path) -> None:
+def run_jobs(
+    jobs: list[Job], devices: list[str], data: str | Path, work: str | Path, runs: str | Path, log_dir: Path
+) -> None:
     """Run `jobs` with at most one per device at a time; each job's output goes to `log_dir/<name>_fold<k>.log`.
     A failed job does not stop the others; at the end one line names every failure and its log."""
     if not devices:
         raise ValueError("run_jobs needs at least one device")
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, failed = deque(jobs), {}, []
-    log.info(f"training {len(jobs)} fold(s) side by side on {len(devices)} device(s) ({', '.join(devices)}); "
-             f"logs in {log_dir}")
+    log.info(
+        f"training {len(jobs)} fold(s) side by side on {len(devices)} device(s) ({', '.join(devices)}); "
+        f"logs in {log_dir}"
+    )
     bar = tqdm(total=len(jobs), desc="folds side by side", unit="fold")
     try:
         while pending or running:
@@ -71,8 +88,9 @@ def run_jobs(jobs: list[Job], devices: list[str], data: str | Path, work: str | 
                     path = log_dir / f"{job.name or Path(job.config).stem}_fold{job.fold}.log"
                     out = open(path, "w")
                     env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
-                    proc = subprocess.Popen(job.command(data, work, runs), stdout=out, stderr=subprocess.STDOUT,
-                                            env=env)
+                    proc = subprocess.Popen(
+                        job.command(data, work, runs), stdout=out, stderr=subprocess.STDOUT, env=env
+                    )
                     running[device] = (proc, job, out, path)
                     log.info(f"{job.name} fold {job.fold} started on device {device} (pid {proc.pid})")
             time.sleep(POLL_S if running else 0)
@@ -94,5 +112,7 @@ def run_jobs(jobs: list[Job], devices: list[str], data: str | Path, work: str | 
         bar.close()
     if failed:
         what = ", ".join(f"{job.name} fold {job.fold} ({path})" for job, path in failed)
-        raise UserError(f"{len(failed)} of {len(jobs)} fold(s) failed: {what}; read the log, fix, and rerun the same "
-                        f"command (finished folds are kept)")
+        raise UserError(
+            f"{len(failed)} of {len(jobs)} fold(s) failed: {what}; read the log, fix, and rerun the same "
+            f"command (finished folds are kept)"
+        )

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real mini set from ../shared (skipped with a reason when absent) and the synthetic competition."""
+"""Shared fixtures: the real mini set from ../shared (skipped with a reason when absent) and the synthetic
+competition."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 How the CLI is pointed here: `KAGGLE_API_ENVIRONMENT=LOCALHOST` makes kaggle 2.x call `http://localhost/api/v1/...`
 (plain http), and `HTTP_PROXY` sends those requests to this server, which sees absolute URLs in the request line.
 It answers the few endpoints that `kernels push/status/output`, `datasets create/version/status` and
-`competitions submit` use (each can be told to refuse, as Kaggle does, with an error field or an HTTP error), records every request,
-and shuts itself down after `max_seconds` so a hung client can never keep a test alive.
+`competitions submit` use (each can be told to refuse, as Kaggle does, with an error field or an HTTP error), records
+every request, and shuts itself down after `max_seconds` so a hung client can never keep a test alive.
 """
 
 from __future__ import annotations

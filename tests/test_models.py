@@ -1,4 +1,5 @@
-"""Models: registry, head, offline ImageNet weights (pretrainedmodels files, the packaged EfficientNet-Lite0), freezing."""
+"""Models: registry, head, offline ImageNet weights (pretrainedmodels files, the packaged EfficientNet-Lite0),
+freezing."""
 
 from __future__ import annotations
 

@@ -252,7 +252,10 @@ def test_per_fold_second_stages_each_see_only_their_fold_model(sim):
         out = {}
         for k in range(5):
             part = oof[oof["image_id"].map(fold_of) == k]
-            emb = lambda f: pd.DataFrame({"image_id": f["image_id"].to_numpy(), "m0e0": rng.normal(size=len(f))})
+
+            def emb(f):
+                return pd.DataFrame({"image_id": f["image_id"].to_numpy(), "m0e0": rng.normal(size=len(f))})
+
             test = sim.test.assign(**{c: np.clip(sim.test[c] * (1 + 0.02 * k), 0, 1) for c in L})
             out[k] = FoldInputs([part], [test], emb(part), emb(test))
         return out

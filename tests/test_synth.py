@@ -1,5 +1,6 @@
 """The synthetic competition: files read back through the toolkit's own DICOM reader with the intended HU, labels match
-the drawn lesions, series geometry is consistent, test labels stay out of training, it is deterministic and learnable."""
+the drawn lesions, series geometry is consistent, test labels stay out of training, it is deterministic and
+learnable."""
 
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ def bench_data(mini: str | Path | None = None) -> tuple[Path, str]:
     why = "--mini synthetic" if str(mini) == SYNTHETIC else f"{SHARED_MINI} not found"
     return out, (
         f"data: synthetic competition {out} ({why}; {BENCH_SYNTH['studies'] * BENCH_SYNTH['slices']} slices "
-        f"at {BENCH_SYNTH['size']} px: DICOM figures are for synthetic files; real ones: {fix('--mini <folder>', 'MINI=<folder>')})"
+        f"at {BENCH_SYNTH['size']} px: DICOM figures are for synthetic files; "
+        f"real ones: {fix('--mini <folder>', 'MINI=<folder>')})"
     )
 
 

@@ -37,7 +37,8 @@ def bench_meta(mini: Path | None) -> None:
 
 
 def _codecs() -> dict[str, tuple[Callable[[np.ndarray], bytes], Callable[[bytes], np.ndarray]]]:
-    """The candidates of issue 11: name -> (encode int16 HU, decode to an array); those whose library is missing are left out."""
+    """The candidates of issue 11: name -> (encode int16 HU, decode to an array); those whose library is missing are
+    left out."""
     out = {
         "handwritten_fast": (lambda h: handcodec.encode(h, handcodec.FAST), handcodec.decode),
         "handwritten_small": (lambda h: handcodec.encode(h, handcodec.SMALL), handcodec.decode),
@@ -135,7 +136,8 @@ def bench_cache(mini: Path | None) -> None:
         print(f"cache_decode_images_per_s_per_core: {dec:.0f}  (file read + decode; target >= 65, x3 for 2.5D)")
         print(f"cache_bytes_per_image: {np.mean([f.stat().st_size for f in files]):.0f}")
     print(
-        f"plain_file_read_images_per_s_per_core: {_rate(paths, lambda p: p.read_bytes()):.0f}  (reference for this machine's speed)"
+        f"plain_file_read_images_per_s_per_core: {_rate(paths, lambda p: p.read_bytes()):.0f}  "
+        f"(reference for this machine's speed)"
     )
 
 

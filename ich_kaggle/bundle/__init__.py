@@ -17,7 +17,6 @@ against the training labels: the threshold of best F1 (ties: the lowest). They a
 from __future__ import annotations
 
 import logging
-import dataclasses
 import hashlib
 import json
 import platform

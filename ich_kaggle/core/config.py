@@ -448,7 +448,8 @@ def _set(obj: Any, key: str, value: Any, source: str) -> None:
             hints = typing.get_type_hints(type(target))
             if dataclasses.is_dataclass(hints[part]):
                 raise UserError(
-                    f"{source}: '{key}' is a section; set one of its keys, e.g. '{key}.{next(iter(dataclasses.fields(hints[part]))).name}'"
+                    f"{source}: '{key}' is a section; set one of its keys, "
+                    f"e.g. '{key}.{next(iter(dataclasses.fields(hints[part]))).name}'"
                 )
             coerced = _coerce(value, hints[part], f"{source}: {key}")
             if part == "seed" and not 0 <= coerced < SEED_LIMIT:  # numpy and torch take seeds in [0, 2**32)

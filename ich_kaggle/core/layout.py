@@ -86,16 +86,19 @@ class Layout:
         if not self.data.is_dir():
             raise UserError(
                 f"data folder {self.data} not found; download it with `kaggle competitions download -c "
-                f"rsna-intracranial-hemorrhage-detection` and unzip, or pass DATA_DIR=<folder> (make demo makes a synthetic one)"
+                f"rsna-intracranial-hemorrhage-detection` and unzip, or pass DATA_DIR=<folder> "
+                f"(make demo makes a synthetic one)"
             )
         if not self.train_dir.is_dir() and not self.test_dir.is_dir():
             raise UserError(
-                f"{self.data} has neither stage_2_train/ nor stage_2_test/; point DATA_DIR at the unzipped competition folder"
+                f"{self.data} has neither stage_2_train/ nor stage_2_test/; "
+                f"point DATA_DIR at the unzipped competition folder"
             )
 
 
 def work_name(data: str | Path) -> str:
-    """A readable, collision-free work folder name for a data folder: its name plus a short hash of its resolved path."""
+    """A readable, collision-free work folder name for a data folder: its name plus a short hash of its resolved
+    path."""
     resolved = Path(data).resolve()
     return f"{resolved.name or 'root'}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
 

@@ -102,7 +102,8 @@ def reset_if_foreign(layout: Layout) -> None:
 
 
 def cached_ids(layout: Layout) -> set[str]:
-    """Image ids with a cache file (none if the folder holds another format); removes stale temp files of killed runs."""
+    """Image ids with a cache file (none if the folder holds another format); removes stale temp files of killed
+    runs."""
     ids: set[str] = set()
     if not layout.cache_dir.is_dir() or not format_ok(layout):
         return ids

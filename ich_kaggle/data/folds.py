@@ -165,7 +165,8 @@ def build_folds(
     out = write_folds(layout, folds, k, seed, out)
     unlabelled = int((meta["split"] == "train").sum()) - len(folds)
     log.info(
-        f"folds: {len(folds)} labelled train slices of {folds['patient_id'].nunique()} patients in {k} folds (seed {seed})"
+        f"folds: {len(folds)} labelled train slices of {folds['patient_id'].nunique()} patients "
+        f"in {k} folds (seed {seed})"
         + (f"; {unlabelled} train slice(s) without labels left out" if unlabelled else "")
         + f" -> {out}"
     )

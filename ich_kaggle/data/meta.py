@@ -475,7 +475,8 @@ def _write(df: pd.DataFrame, path: Path) -> None:
 def _report(meta: pd.DataFrame, skipped: pd.DataFrame, out: Path, skipped_path: Path, seconds: float) -> None:
     n_train = int((meta["split"] == "train").sum())
     log.info(
-        f"meta: {len(meta)} slices ({n_train} train, {len(meta) - n_train} test) in {meta['series_id'].nunique()} series "
+        f"meta: {len(meta)} slices ({n_train} train, {len(meta) - n_train} test) "
+        f"in {meta['series_id'].nunique()} series "
         f"of {meta['patient_id'].nunique()} patients, {seconds:.1f}s -> {out}"
     )
     if len(skipped):

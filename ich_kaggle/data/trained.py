@@ -34,7 +34,8 @@ def check(cfg: Config, layout: Layout, runs: str | Path, via: str | None = None)
     if reason and reason != "is missing":
         raise UserError(
             f"{layout.folds_csv} {reason}, but fold(s) {finished} of {cfg.name} were trained on it: their "
-            f"OOF images would leak; retrain them with `make train-all CONFIG={name} FORCE=1` (--force), or restore {layout.train_csv}"
+            f"OOF images would leak; retrain them with `make train-all CONFIG={name} FORCE=1` (--force), "
+            f"or restore {layout.train_csv}"
         )
     # no folds.csv and no labels to build it from (a kernel given the test set only): the config check alone
     buildable = layout.folds_csv.exists() or (layout.train_csv.exists() and layout.train_dir.is_dir())

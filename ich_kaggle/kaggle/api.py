@@ -312,10 +312,9 @@ def check_submission(path: Path) -> None:
         raise UserError(f"{path}: Label values must be probabilities in [0, 1]; {fix}")
     counts = parts.str[0].value_counts()
     if (counts != len(LABELS)).any() or sub["ID"].duplicated().any():
-        raise UserError(
-            f"{path}: every image needs its {len(LABELS)} subtypes exactly once "
-            f"({counts.index[(counts != len(LABELS)).to_numpy()][0] if (counts != len(LABELS)).any() else 'a duplicated ID'}); {fix}"
-        )
+        wrong = (counts != len(LABELS)).to_numpy()
+        culprit = counts.index[wrong][0] if wrong.any() else "a duplicated ID"
+        raise UserError(f"{path}: every image needs its {len(LABELS)} subtypes exactly once ({culprit}); {fix}")
 
 
 def submit_file(path: Path, message: str) -> str:

@@ -459,7 +459,8 @@ def _warn_if_stale(cfg: Config, runs: str | Path, model_dir: Path, manifest: dic
             extra += [f"{prefix}fold{k}/best.pt" for k in run.finished(selected_folds(cfg.cv)) if k not in folds]
     if newer or extra:
         log.info(
-            f"warning: {Run.of(runs, cfg.name).dir} has newer files than {model_dir} ({', '.join(newer + extra)}); rerun "
+            f"warning: {Run.of(runs, cfg.name).dir} has newer files than {model_dir} "
+            f"({', '.join(newer + extra)}); rerun "
             f"`make kernel-datasets` and `make datasets-version` to ship them"
         )
 

@@ -1,5 +1,6 @@
 """Training on Kaggle, on this side: the prepare and training kernel folders, the wall-time estimate and the plan
-that splits a fold too long for one session into resuming versions, fetching a trained fold into runs/, and the state of every pushed kernel.
+that splits a fold too long for one session into resuming versions, fetching a trained fold into runs/, and the state
+of every pushed kernel.
 
 The GPU-less path: `make kernel-code` (upload the code dataset) -> `make kernel-prepare` (meta.csv + folds.csv on
 Kaggle, once) -> `make kernel-train fold=N` per fold -> `make kernel-fetch fold=N` (local predict/stack/submit) or

@@ -10,8 +10,9 @@ root, and then
 - infer: predicts the test images (TTA) with the attached training kernels' folds (FOLDS), first stage only, and
   writes the validated submission.csv, as the inference kernel does from a model dataset;
 - train: caches the train images on the scratch disk where they fit, else reads them from their DICOMs (the log says
-  which), trains fold FOLD of CONFIG_NAME (torchrun on both GPUs of a T4 x2, one process otherwise) into working/runs/<config>/fold<N>/, resuming from the previous version's output
-  when it is attached. EPOCHS_PER_RUN (if set) ends each run resumably after that many more epochs.
+  which), trains fold FOLD of CONFIG_NAME (torchrun on both GPUs of a T4 x2, one process otherwise) into
+  working/runs/<config>/fold<N>/, resuming from the previous version's output when it is attached. EPOCHS_PER_RUN
+  (if set) ends each run resumably after that many more epochs.
 
 Outside Kaggle: ICH_KAGGLE_INPUT=<folder in the /kaggle/input layout> ICH_KAGGLE_WORKING=<out folder>
 [ICH_KAGGLE_SCRATCH=<folder for the image cache, default /tmp/ich_kaggle>] python kernel.py

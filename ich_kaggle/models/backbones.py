@@ -366,7 +366,8 @@ def load_pretrained(backbone: Backbone, name: str, weights: str | None = None) -
 
 
 def build_single(cfg: ModelConfig, in_channels: int = 3, num_classes: int = 6) -> ICHNet:
-    """One backbone (+ offline ImageNet weights when cfg.pretrained) + pooling/dropout/linear head; cfg.freeze applied."""
+    """One backbone (+ offline ImageNet weights when cfg.pretrained) + pooling/dropout/linear head; cfg.freeze
+    applied."""
     backbone = build_backbone(cfg.backbone, in_channels)
     if cfg.pretrained:
         load_pretrained(backbone, cfg.backbone, cfg.weights)

@@ -289,7 +289,8 @@ def map_by_order(
         if tuple(tensor.shape) != tuple(shape):
             raise UserError(
                 f"{path}: tensor #{i} {skey} has shape {tuple(tensor.shape)} but the model's {tkey} has "
-                f"{tuple(shape)}; the file does not hold this architecture (use the matching file or set model.pretrained=false)"
+                f"{tuple(shape)}; the file does not hold this architecture "
+                f"(use the matching file or set model.pretrained=false)"
             )
         out[tkey] = tensor
     return out

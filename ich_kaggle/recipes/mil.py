@@ -7,11 +7,12 @@ Every training step mixes, in ONE forward pass (so BatchNorm and DDP see one bat
   SC = sum_i max(d(e_{i+1}, e_i) - d(e_{i-1}, e_i) + margin, 0).
 Bags of scans positive for rare subtypes repeat more often when `train.balance: oversample` (minority oversampling).
 The smoothness term is averaged over the bag's triples (`reduction="mean"`) so smooth_weight does not depend on
-the bag size. The network is the usual per-slice ICHNet, so validation, oof.csv, predict, stack and submit are unchanged.
+the bag size. The network is the usual per-slice ICHNet, so validation, oof.csv, predict, stack and submit are
+unchanged.
 
-Knobs (config `recipe:`): kind: mil, and under `recipe.mil:` bag_size (0 = whole series; longer series are subsampled evenly, keeping
-z order), mil_weight, smooth_weight, margin, scan_only_fraction (share of training series whose slice labels
-are hidden: they teach only through their scan label, as in data sets labelled per scan).
+Knobs (config `recipe:`): kind: mil, and under `recipe.mil:` bag_size (0 = whole series; longer series are subsampled
+evenly, keeping z order), mil_weight, smooth_weight, margin, scan_only_fraction (share of training series whose slice
+labels are hidden: they teach only through their scan label, as in data sets labelled per scan).
 """
 
 from __future__ import annotations

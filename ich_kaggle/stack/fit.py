@@ -1,8 +1,9 @@
 """Training and prediction of a sequence net on padded series, and the fold loop shared by every second-stage model.
 
 Training stops on an inner validation split of the training series (`stack.val_fraction`, `stack.patience`)
-rather than after a fixed number of steps. Batches are contiguous runs of length-sorted series (bucketing: little padding), visited in a shuffled order; each
-series is reversed with probability 1/2 during training, so reverse test-time augmentation stays in distribution.
+rather than after a fixed number of steps. Batches are contiguous runs of length-sorted series (bucketing: little
+padding), visited in a shuffled order; each series is reversed with probability 1/2 during training, so reverse
+test-time augmentation stays in distribution.
 The loss is the competition metric as a masked weighted BCE (any = 2, subtypes = 1).
 """
 

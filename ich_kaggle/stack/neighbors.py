@@ -1,5 +1,6 @@
 """The `neighbors` baseline: per slice, the first-stage logits of the k previous and k next slices (and its own)
--> one logistic regression per label. Always computed, so every sequence net is compared with the simplest context model.
+-> one logistic regression per label. Always computed, so every sequence net is compared with the simplest context
+model.
 
 Its L2 penalty is chosen by cross-fitting over the folds it is given. Each fold's OOF logits come from a different
 fold model, and undertrained fold models differ in scale: with a fixed weak penalty (1e-4) the regression learned
@@ -23,7 +24,8 @@ from .sequences import N_LABELS, N_POS, Sequences
 
 
 def neighbor_features(seqs: Sequences, k: int, n_models: int) -> np.ndarray:
-    """(S, L, D) = logits at offsets -k..k of every model (0 beyond the series) + presence flags of the 2k neighbours."""
+    """(S, L, D) = logits at offsets -k..k of every model (0 beyond the series) + presence flags of the 2k
+    neighbours."""
     logits = seqs.x[:, :, N_POS : N_POS + n_models * N_LABELS]
     s, length, c = logits.shape
     padded = np.zeros((s, length + 2 * k, c), dtype=np.float32)

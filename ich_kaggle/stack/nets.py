@@ -1,7 +1,8 @@
 """Sequence nets over a series' slices: bidirectional GRU, dilated 1-D convolutions, or convolutions then GRU.
 
 All three start as the identity on the first-stage predictions (a linear skip over neighbouring slices initialised to
-the models' mean logit, the learned path initialised to zero), so training can only move away from the first stage where it helps.
+the models' mean logit, the learned path initialised to zero), so training can only move away from the first stage
+where it helps.
 Padding never changes a series' output: the backward GRU reads each series reversed within its own length, so for
 both directions the padding comes after the real slices (and packing, ~2x slower on CPU, is not needed); the
 convolutions zero every padded position after each layer (no batch norm). A series alone and the same series batched

@@ -227,7 +227,8 @@ def run_per_fold(
     source_names: list[str] | None = None,
     progress: bool = True,
 ) -> StackResult:
-    """`stack.embedding_space: per_fold`: one second stage per first-stage fold model, in that model's own feature space.
+    """`stack.embedding_space: per_fold`: one second stage per first-stage fold model, in that model's own feature
+    space.
 
     Why: an embedding is a point in the space of the fold model that made it. Five separately fine-tuned models
     have five spaces; the mixture design trains on OOF embeddings (each image from the one model that did not see
@@ -238,8 +239,9 @@ def run_per_fold(
       images to train on (the only images model k did not see), model k's own test predictions and embeddings to
       predict; the PCA of its embeddings is fitted on those two sets alone (no labels, as in the mixture);
     - fold k's series are split again, patient-grouped and balanced on the rare labels (`data.folds.assign_folds`,
-      as many inner folds as outer ones, fewer when a fold has fewer patients), and `run_stacking` cross-fits over that inner split exactly as the one
-      stacker does over the outer folds (inner validation split for stopping included). Every training image
+      as many inner folds as outer ones, fewer when a fold has fewer patients), and `run_stacking` cross-fits over
+      that inner split exactly as the one stacker does over the outer folds (inner validation split for stopping
+      included). Every training image
       thus gets an honest OOF prediction: from an inner model that saw neither its label nor, through the features,
       any model that trained on it. Those OOF predictions are what submit's choice-by-OOF compares;
     - the test prediction of second stage k is the mean of its inner models; the submitted test prediction is the

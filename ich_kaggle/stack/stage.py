@@ -2,9 +2,10 @@
 
 Reads `runs/<cfg>/predictions/{oof,test}.csv` (and `*_embeddings.npz` with stack.use_embeddings; each fold model's
 `{oof,test}_fold<k>*` with stack.embedding_space=per_fold) of one or several first-stage models, the meta table and
-the folds the first stage used (`data.folds.fold_table`: cv.split, cv.folds); writes `runs/<cfg>/stack/{oof,test,metrics}.csv` plus the
-neighbours baseline's `neighbors_{oof,test}.csv`. Extra first-stage models: `--set stack.sources=[dir,...]`
-(prediction folders or run folders). The array code lives in the other modules of `ich_kaggle.stack`.
+the folds the first stage used (`data.folds.fold_table`: cv.split, cv.folds); writes
+`runs/<cfg>/stack/{oof,test,metrics}.csv` plus the neighbours baseline's `neighbors_{oof,test}.csv`. Extra
+first-stage models: `--set stack.sources=[dir,...]` (prediction folders or run folders). The array code lives in the
+other modules of `ich_kaggle.stack`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ LABEL_COLS = list(LABELS)
 def prediction_dirs(
     cfg: Config, runs: str | Path = "runs", sources: list[str | Path] | None = None
 ) -> list[Predictions]:
-    """The first-stage prediction folders to stack: given, `stack.sources`, an ensemble's members, or the config's own."""
+    """The first-stage prediction folders to stack: given, `stack.sources`, an ensemble's members, or the config's
+    own."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if sources:

@@ -71,7 +71,8 @@ def _to_long(pred_wide: pd.DataFrame, sample: pd.DataFrame, source: str) -> pd.D
 
 
 def _format_csv(long: pd.DataFrame) -> bytes:
-    """Fast CSV text (an f-string per row beats np.char and to_csv); 6 decimals suit probabilities in [1e-6, 1 - 1e-6]."""
+    """Fast CSV text (an f-string per row beats np.char and to_csv); 6 decimals suit probabilities in
+    [1e-6, 1 - 1e-6]."""
     rows = [f"{i},{p:.6f}" for i, p in zip(long["ID"].tolist(), long["Label"].tolist())]
     return ("ID,Label\n" + "\n".join(rows) + "\n").encode()
 

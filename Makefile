@@ -43,7 +43,7 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(RUN),-
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
         kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv \
         install validate docs docs-check export infer evaluate serve \
-        kernel-weights kaggle-plan kernel-gpu-check kernel-gpu-check-fetch kernel-combine
+        kernel-weights kaggle-plan kernel-gpu-check kernel-gpu-check-fetch kernel-combine test-fast lint
 
 help: ## this list: the targets, then the variables (`make <target> VAR=value ...`)
 	@echo "make <target> [VAR=value ...]   (python -m ich_kaggle --help: the same commands with their flags)"
@@ -76,8 +76,15 @@ GPUS ?= -1
 recipe: $(PY) ## the whole recipe on the real data, resumable: ENSEMBLE=, GPUS=, DATA_DIR=, RUN=
 	$(PY) -m ich_kaggle recipe --config $(ENSEMBLE) --data "$(DATA_DIR)" --runs "$(RUNS)" --gpus $(GPUS) $(if $(RUN),--run "$(RUN)") $(if $(strip $(SET)),--set $(SET))
 
-test: $(PY) ## the test suite on CPU (CI runs exactly this)
+test: lint ## ruff, then the whole test suite on CPU (CI runs exactly this; ~10 min on 2 cores)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-fast: $(PY) ## the suite without the end-to-end tests marked slow (kernels, demo, install): for iterating
+	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
+
+lint: $(PY) ## ruff: lint and format check of the package and the tests (`ruff format ich_kaggle tests` fixes format)
+	$(PY) -m ruff check ich_kaggle tests
+	$(PY) -m ruff format --check ich_kaggle tests
 
 ## MINI=<folder>      bench, gpu-check: the extracted real mini set (default: from ../shared when present)
 bench: $(PY) ## speed and memory figures (docs/benchmarks.md); MINI= the real mini set

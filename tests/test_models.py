@@ -469,3 +469,22 @@ def test_kaggle_input_is_searched_but_competition_images_are_not(monkeypatch, tm
     (tmp_path / "th" / "checkpoints").mkdir(parents=True)
     (tmp_path / "th" / "checkpoints" / "se_resnext50_32x4d-0000.pth").touch()  # $TORCH_HOME is searched first
     assert models.find_weights("se_resnext50_32x4d").parent == tmp_path / "th" / "checkpoints"
+
+
+def test_finding_weights_leaves_the_random_generators_as_they_were():
+    """The lookup imports pretrainedmodels and torchvision, whose imports draw random numbers: the first model of a
+    fresh process must initialise its head as any later one does (the demo's first member once trained differently
+    from the same member trained second)."""
+    import subprocess
+    import sys
+
+    draws = (
+        "import random, numpy, torch; torch.manual_seed(0); numpy.random.seed(0); random.seed(0); {}"
+        "print(torch.rand(1).item(), numpy.random.rand(), random.random())"
+    )
+    lookup = "from ich_kaggle.models import weights; weights.find_weights('tu-tf_efficientnet_lite0'); "
+    run = [
+        subprocess.run([sys.executable, "-c", draws.format(code)], capture_output=True, text=True, check=True)
+        for code in ("", lookup)
+    ]
+    assert run[0].stdout == run[1].stdout

@@ -16,10 +16,12 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -196,7 +198,21 @@ def _in_input(patterns: list[str]) -> Path | None:
 
 
 def find_weights(backbone: str, weights: str | os.PathLike | None = None) -> Path:
-    """The weights file to use for `backbone`: `weights` if it is a file, else searched for by name."""
+    """The weights file to use for `backbone`: `weights` if it is a file, else searched for by name.
+
+    The search imports the libraries that publish the names (pretrainedmodels, torchvision), and an import may draw
+    from the global random generators: they are restored, so a fold initialises its head the same whether it is the
+    first model of the process or not."""
+    state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return _find_weights(backbone, weights)
+        finally:
+            np.random.set_state(state[0])
+            random.setstate(state[1])
+
+
+def _find_weights(backbone: str, weights: str | os.PathLike | None) -> Path:
     if weights is not None and Path(weights).expanduser().is_file():
         return Path(weights).expanduser()
     patterns = expected_files(backbone)

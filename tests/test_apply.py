@@ -83,7 +83,7 @@ def test_bundle_holds_the_chosen_pipeline_and_loads(trained):
     b = bundle.load(trained.bundle)
     info = b.info
     choice = json.loads((trained.runs / "pair" / "choice.json").read_text())
-    assert info["stage"] == choice["stage"] and info["format"] == bundle.FORMAT
+    assert info["stage"] == info["submit_stage"] == choice["stage"] and info["format"] == bundle.FORMAT
     assert [m["name"] for m in info["members"]] == ["tiny", "tiny_bone"]
     assert all(m["folds"] == [0, 1] for m in info["members"])
     assert set(info["thresholds"]["slice"]) == set(L) and set(info["thresholds"]["series"]) == set(L)
@@ -141,6 +141,37 @@ def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
     top = slices.groupby("series_id")[L].max()
     np.testing.assert_allclose(series.set_index("series_id").loc[top.index, L].to_numpy(), top.to_numpy())
     assert (tmp_path / "out" / "report.html").read_text().count("<img") >= 2
+
+
+def test_a_submitted_blend_is_bundled_as_the_better_saved_stage(trained, tmp_path, monkeypatch, capsys):
+    """submit may choose the blend (or the embedding-level stack), which a bundle cannot hold: the bundle then holds
+    the better of the first stage and the probability-level stack by OOF, says so, and infer runs exactly that."""
+    from ich_kaggle import bundle
+    from ich_kaggle.submit import choose
+
+    real = choose.choose
+
+    def blend_wins(stages, truth, blend_dir):
+        _, losses = real(stages, truth, blend_dir)  # writes the blend's files
+        return choose.Stage("blend", blend_dir.test, blend_dir.oof), {**losses, "blend": 0.0}
+
+    choice_json = trained.runs / "pair" / "choice.json"
+    kept = choice_json.read_bytes()  # the module's other tests read submit's real choice
+    monkeypatch.setattr(choose, "choose", blend_wins)
+    out = cli("export", *trained.exp, "--out", str(tmp_path / "b"))
+    choice_json.write_bytes(kept)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = bundle.load(tmp_path / "b").info
+    losses = info["oof_log_loss_by_stage"]
+    better = "stacked" if losses["stacked"] < losses["first_stage"] else "first_stage"
+    assert info["submit_stage"] == "blend" and info["stage"] == better
+    assert "submit chose the blend, which a bundle cannot hold" in out.stdout + capsys.readouterr().out
+    monkeypatch.undo()
+    res = cli("infer", "--model", str(tmp_path / "b"), "--out", str(tmp_path / "o"), str(trained.data / "stage_2_test"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    held = pd.read_csv(info["stage_files"]["test"]).set_index("image_id")
+    slices = pd.read_csv(tmp_path / "o" / "slices.csv").set_index("sop_instance_uid")
+    np.testing.assert_allclose(slices[L].to_numpy(), held.loc[slices.index, L].to_numpy(), atol=1e-6, rtol=0)
 
 
 def test_saved_second_stage_gives_the_stack_test_predictions_again(trained):

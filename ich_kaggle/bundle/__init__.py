@@ -144,6 +144,27 @@ def _write_checkpoint(src: Path, dst: Path, fp16: bool) -> None:
 # --- export ---
 
 
+BUNDLED_STAGES = ("first_stage", "stacked")  # the stages a bundle saves and `infer` runs
+BUNDLED_NAMES = {"first_stage": "first stage", "stacked": "probability-level stack"}
+
+
+def _unsavable_stack(cfg: Config, run: Run) -> str | None:
+    """Why the probability-level stack of `run` cannot go into a bundle, or None."""
+    from ..stack import saved
+
+    why = saved.savable(cfg.stack)
+    if (
+        why is None
+        and cfg.stack.use_embeddings is False
+        and freshness.stale_reason(run.stack.models, manifest.read(run.stack.test) or {}) is not None
+    ):
+        why = (
+            f"{run.stack.models} is missing or older than {run.stack.test} (run `make stack CONFIG={cfg.name} "
+            f"FORCE=1` to fit and save it)"
+        )
+    return why
+
+
 def export(
     cfg: Config,
     runs: str | Path,
@@ -190,20 +211,22 @@ def export(
         )
     test_path, oof_path = choose_stage(cfg, layout, run)  # refuses a stale first stage; a stale stack is not chosen
     choice = json.loads(run.choice.read_text())
-    stage = choice["stage"]
+    submitted = stage = choice["stage"]
+    if stage not in BUNDLED_STAGES:  # the embedding-level stack and the blend are not saved as models (yet)
+        losses = choice.get("oof_log_loss") or {}
+        stack_ok = "stacked" in losses and _unsavable_stack(cfg, run) is None
+        stage = "stacked" if stack_ok and losses["stacked"] < losses.get("first_stage", np.inf) else "first_stage"
+        test_path, oof_path = (
+            (run.stack.test, run.stack.oof) if stage == "stacked" else (run.predictions.test, run.predictions.oof)
+        )
+        scores = ", ".join(f"{k} {losses[k]:.5f}" for k in BUNDLED_STAGES if k in losses)
+        log.info(
+            f"export: submit chose the {submitted.replace('_', ' ')}, which a bundle cannot hold (it saves the first "
+            f"stage and the probability-level stack); the bundle holds the {BUNDLED_NAMES[stage]}, the better of "
+            f"those by OOF ({scores or 'no OOF score'})"
+        )
     if stage == "stacked":
-        from ..stack import saved
-
-        why = saved.savable(cfg.stack)
-        if (
-            why is None
-            and cfg.stack.use_embeddings is False
-            and freshness.stale_reason(run.stack.models, manifest.read(run.stack.test) or {}) is not None
-        ):
-            why = (
-                f"{run.stack.models} is missing or older than {run.stack.test} (run `make stack CONFIG={cfg.name} "
-                f"FORCE=1` to fit and save it)"
-            )
+        why = _unsavable_stack(cfg, run)
         if why is not None:
             raise UserError(f"submit chose the second stage of {cfg.name}, which cannot be exported: {why}")
         made_from["stack"] = manifest.digest([json.dumps(manifest.read(run.stack.test), sort_keys=True)])
@@ -263,6 +286,7 @@ def export(
         "kind": "ensemble" if cfg.is_ensemble else "config",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "stage": stage,
+        "submit_stage": submitted,  # what `make submit` sent (the blend or embedding stack is not bundled)
         "stage_files": {"test": str(test_path), "oof": str(oof_path)},
         "oof_log_loss_by_stage": choice.get("oof_log_loss", {}),
         "oof_scores": scores,

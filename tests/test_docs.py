@@ -52,3 +52,23 @@ def test_missing_lines_and_markers_and_other_demos_are_named(tmp_path):
         docs.check(_readme(tmp_path / "README.md", PRINTED), other)
     with pytest.raises(UserError, match="run `make demo` first"):
         docs.check(_readme(tmp_path / "README.md", PRINTED), tmp_path / "absent.txt")
+
+
+@pytest.mark.slow
+def test_the_readme_demo_block_is_what_make_demo_prints(tmp_path):
+    """The figures of the README's quick start come from the default `make demo` (~2.5 minutes on 2 CPUs): run it
+    as a user would, in a fresh folder, and check the block (a code change that moves a figure fails here until
+    `make demo docs` writes the new block)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    # as `make demo` runs: torch's own thread count (the suite pins one thread, which moves the figures)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(PYTHONPATH=str(root), ICH_KAGGLE_MAKE="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ich_kaggle", "demo"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert docs.check(docs.README, tmp_path / "runs" / "demo" / "demo.txt") is None

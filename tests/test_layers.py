@@ -185,3 +185,19 @@ def test_a_bad_fold_answers_before_torch_is_imported():
     assert errors == ["error: fold 'abc' is neither a fold number nor 'all'; use --fold 0..4 or all"]
     imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_every_command_answers_help():
+    """`--help` of the CLI and of each command in the table (argparse formats help with %: a bare % breaks it)."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from ich_kaggle import cli
+
+    for argv in (["--help"], *([name, "--help"] for name in cli.COMMANDS)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 0 and "usage:" in out.getvalue(), argv

@@ -83,7 +83,7 @@ def infer(args):
 
 @command(
     "evaluate",
-    "measure a model bundle on labelled external studies (paper 004's table with 95% CIs)",
+    "measure a model bundle on labelled external studies (paper 004's table with 95%% CIs)",
     MODEL,
     flag(
         "--labels",

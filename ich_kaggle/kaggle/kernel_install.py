@@ -84,7 +84,12 @@ def pip_install(code_dir):
     wheels = listing["wheels"]
     names = list(dict.fromkeys(w["name"] for w in wheels))
     optional = {w["name"]: w for w in wheels if w.get("optional")}
-    required = [n for n in names if n not in optional]
+    # our own wheel always goes into this interpreter's site-packages, even where another ich_kaggle is visible (an
+    # editable install of the project on a path this Python also reads), which pip would take as installed
+    ok, last = _pip([code_dir, "--ignore-installed", "ich_kaggle"])
+    if not ok:
+        sys.exit(f"error: pip could not install ich_kaggle from {code_dir} on Python {sys.version.split()[0]}: {last}")
+    required = [n for n in names if n not in optional and n != "ich_kaggle"]
     ok, last = _pip([code_dir] + required)
     if not ok:
         for name in required:

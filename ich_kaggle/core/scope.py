@@ -38,13 +38,6 @@ def resolved(key: tuple[Hashable, ...], make: Callable[[], Any]) -> Any:
     return copy.deepcopy(memo[key])
 
 
-def remember(key: tuple[Hashable, ...], value: Any) -> None:
-    """What a stage has just written and read back, so later stages of the command need not read it again."""
-    memo = _MEMO.get()
-    if memo is not None:
-        memo[key] = copy.deepcopy(value)
-
-
 def forget(*kinds: str) -> None:
     """Drop every value of these kinds (a stage rewrote the file behind them)."""
     memo = _MEMO.get()

@@ -305,4 +305,7 @@ def run_per_fold(
         for key, v in r.seconds.items():
             seconds[key] = seconds.get(key, 0.0) + v
     curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
-    return StackResult(first, stacked, mean("test"), nb, mean("neighbors_test"), pd.DataFrame(rows), curve, seconds)
+    models = {k: results[k].models for k in outer}  # per fold model: its inner nets (saved: `stack.saved`)
+    return StackResult(
+        first, stacked, mean("test"), nb, mean("neighbors_test"), pd.DataFrame(rows), curve, seconds, models
+    )

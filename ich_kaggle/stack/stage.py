@@ -71,46 +71,33 @@ def reduce_embeddings(
     prefix: str,
     seed: int = 0,
     fit_rows: int = 50_000,
+    fitted: list | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Project embeddings on their first `dim` principal components (fitted without labels), scaled to unit variance.
+    """Project embeddings on their first `dim` principal components (fitted without labels), scaled to unit variance
+    (`stack.reduction`); the fitted projection is appended to `fitted` when given (saved with the stack).
 
     Full 1-2k-dimensional embeddings of 750k slices would not fit in memory as padded series; a few components carry
     what the sequence model can use.
     """
-    from sklearn.utils.extmath import randomized_svd
+    from .reduction import fit_reduction
 
-    n_train, n_test = len(train[1]), len(test[1])
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(n_train + n_test, size=min(fit_rows, n_train + n_test), replace=False)
-    # the sample only (no concatenated copy of both sets: 120k x 2048 floats would be 1 GB at competition scale)
-    parts = [train[1][pick[pick < n_train]]] + ([test[1][pick[pick >= n_train] - n_train]] if n_test else [])
-    sample = np.concatenate(parts).astype(np.float64)
-    mean = sample.mean(0)
-    k = min(dim, *sample.shape)
-    if k >= min(sample.shape) - 1:  # compact embeddings (predict.compact): already as few columns as asked
-        _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
-    else:  # full embeddings: the leading components only (a full SVD of 50k x 2048 took ~2 minutes)
-        _, _, vt = randomized_svd(sample - mean, k, random_state=seed)
-    comps = vt[:k]
-    scale = ((sample - mean) @ comps.T).std(0) + 1e-6
-
-    def frame(ids: np.ndarray, emb: np.ndarray) -> pd.DataFrame:
-        proj = ((emb.astype(np.float64) - mean) @ comps.T / scale).astype(np.float32)
-        out = pd.DataFrame(proj, columns=[f"{prefix}e{i}" for i in range(proj.shape[1])])
-        out.insert(0, "image_id", ids)
-        return out
-
-    return frame(*train), frame(*test)
+    red = fit_reduction(train[1], test[1], dim, seed=seed, fit_rows=fit_rows)
+    if fitted is not None:
+        fitted.append(red)
+    return red.frame(*train, prefix), red.frame(*test, prefix)
 
 
-def _extras(dirs: list[Predictions], scfg: StackConfig, name: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+def _extras(
+    dirs: list[Predictions], scfg: StackConfig, name: str, fitted: list | None = None
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """stack.embedding_space=mixture: every source's embeddings, reduced (each reduction appended to `fitted`)."""
     if not scfg.use_embeddings:
         return None, None
     oof_parts, test_parts = [], []
     for m, d in enumerate(dirs):
         oof_e = read_embeddings(d.oof_embeddings, name)
         test_e = read_embeddings(d.test_embeddings, name)
-        o, t = reduce_embeddings(oof_e, test_e, scfg.embedding_dim, prefix=f"m{m}", seed=scfg.seed)
+        o, t = reduce_embeddings(oof_e, test_e, scfg.embedding_dim, prefix=f"m{m}", seed=scfg.seed, fitted=fitted)
         oof_parts.append(o.set_index("image_id"))
         test_parts.append(t.set_index("image_id"))
     return (
@@ -119,9 +106,12 @@ def _extras(dirs: list[Predictions], scfg: StackConfig, name: str) -> tuple[pd.D
     )
 
 
-def _per_fold_inputs(dirs: list[Predictions], scfg: StackConfig, name: str, folds: list[int]) -> dict:
+def _per_fold_inputs(
+    dirs: list[Predictions], scfg: StackConfig, name: str, folds: list[int], fitted: dict | None = None
+) -> dict:
     """stack.embedding_space=per_fold: per fold model k, every source's fold-k OOF and test predictions and its
-    embeddings, projected by a PCA fitted on fold model k's own embeddings (see `pipeline.run_per_fold`)."""
+    embeddings, projected by a PCA fitted on fold model k's own embeddings (see `pipeline.run_per_fold`); the
+    reductions, one per source, go to `fitted[k]` when given."""
     from .pipeline import FoldInputs
 
     out = {}
@@ -143,6 +133,7 @@ def _per_fold_inputs(dirs: list[Predictions], scfg: StackConfig, name: str, fold
                 scfg.embedding_dim,
                 prefix=f"m{m}",
                 seed=scfg.seed,
+                fitted=None if fitted is None else fitted.setdefault(k, []),
             )
             oof_x.append(o.set_index("image_id"))
             test_x.append(t.set_index("image_id"))
@@ -253,7 +244,7 @@ def _stack_one(
     expected = freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
     from . import saved
 
-    keep = saved.savable(cfg.stack) is None and not per_fold  # the fitted models are saved for the bundle
+    keep = saved.savable(cfg.stack) is None  # the fitted models are saved for the bundle (`stack.saved`)
     if (
         not force
         and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics))
@@ -265,8 +256,9 @@ def _stack_one(
     oof = [read_predictions(d.oof, cfg.name) for d in dirs]
     test = [read_predictions(d.test, cfg.name) for d in dirs]
     fold_ids = selected_folds(cfg.cv)
-    inputs = _per_fold_inputs(dirs, cfg.stack, cfg.name, fold_ids) if per_fold else None
-    oof_x, test_x = (None, None) if per_fold else _extras(dirs, cfg.stack, cfg.name)
+    fitted: dict | list = {} if per_fold else []  # the embeddings' reductions, saved with the models
+    inputs = _per_fold_inputs(dirs, cfg.stack, cfg.name, fold_ids, fitted) if per_fold else None
+    oof_x, test_x = (None, None) if per_fold else _extras(dirs, cfg.stack, cfg.name, fitted)
     meta = load_meta(layout)
     # the folds the first-stage OOF came from (cv.split, cv.folds): the stacker's folds are the same, image by image
     folds = fold_table(layout, cfg.cv)
@@ -296,7 +288,7 @@ def _stack_one(
     write_csv(result.metrics, out.metrics)
     write_csv(result.curve, out.curve)
     if keep and result.models:
-        saved.save(out.models, result.models, cfg.stack, len(dirs))
+        saved.save(out.models, result.models, cfg.stack, len(dirs), fitted or None)
         manifest.write(out.models, expected)
     else:
         out.models.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ SETTINGS = [
     "stack.epochs=2",
     "stack.hidden=8",
     "stack.batch_series=4",
+    "stack.embedding_stage=true",  # every stage submit chooses among: first stage, both stacks, their blend
 ]
 
 
@@ -143,35 +144,60 @@ def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
     assert (tmp_path / "out" / "report.html").read_text().count("<img") >= 2
 
 
-def test_a_submitted_blend_is_bundled_as_the_better_saved_stage(trained, tmp_path, monkeypatch, capsys):
-    """submit may choose the blend (or the embedding-level stack), which a bundle cannot hold: the bundle then holds
-    the better of the first stage and the probability-level stack by OOF, says so, and infer runs exactly that."""
+@pytest.mark.parametrize("stage", ["stacked_embeddings", "blend"])
+def test_bundle_runs_the_embedding_stack_and_the_blend_exactly(stage, trained, tmp_path, monkeypatch):
+    """The bundle holds exactly the stage submit chose, whichever it is: the embedding-level stack (forced with
+    `export --stage`) and the blend (chosen by submit, forced by its choice), and infer on the competition's test
+    folder gives that stage's test predictions, which `make submit` sends when it chooses it, to 1e-6."""
     from ich_kaggle import bundle
     from ich_kaggle.submit import choose
 
-    real = choose.choose
-
-    def blend_wins(stages, truth, blend_dir):
-        _, losses = real(stages, truth, blend_dir)  # writes the blend's files
-        return choose.Stage("blend", blend_dir.test, blend_dir.oof), {**losses, "blend": 0.0}
-
     choice_json = trained.runs / "pair" / "choice.json"
     kept = choice_json.read_bytes()  # the module's other tests read submit's real choice
-    monkeypatch.setattr(choose, "choose", blend_wins)
-    out = cli("export", *trained.exp, "--out", str(tmp_path / "b"))
+    if stage == "blend":
+        real = choose.choose
+
+        def blend_wins(stages, truth, blend_dir):
+            _, losses = real(stages, truth, blend_dir)  # writes the blend's files
+            return choose.Stage("blend", blend_dir.test, blend_dir.oof), {**losses, "blend": 0.0}
+
+        monkeypatch.setattr(choose, "choose", blend_wins)
+        out = cli("export", *trained.exp, "--out", str(tmp_path / "b"))
+    else:
+        out = cli("export", *trained.exp, "--stage", stage, "--out", str(tmp_path / "b"))
     choice_json.write_bytes(kept)
+    monkeypatch.undo()
     assert out.returncode == 0, out.stderr[-3000:]
     info = bundle.load(tmp_path / "b").info
-    losses = info["oof_log_loss_by_stage"]
-    better = "stacked" if losses["stacked"] < losses["first_stage"] else "first_stage"
-    assert info["submit_stage"] == "blend" and info["stage"] == better
-    assert "submit chose the blend, which a bundle cannot hold" in out.stdout + capsys.readouterr().out
-    monkeypatch.undo()
+    assert info["stage"] == stage and info["submit_stage"] == (
+        "blend" if stage == "blend" else json.loads(kept)["stage"]
+    )
+    if stage == "blend":
+        assert info["blend"]["parts"] == ["stacked", "stacked_embeddings"]
+    assert set(info["second_stages"]) == ({"stacked", "stacked_embeddings"} if stage == "blend" else {stage})
+    assert info["second_stages"]["stacked_embeddings"]["layout"] == "per_fold"
+    assert all(sorted(m["projections"]) == ["0", "1"] for m in info["members"])  # each fold model's own PCA
     res = cli("infer", "--model", str(tmp_path / "b"), "--out", str(tmp_path / "o"), str(trained.data / "stage_2_test"))
     assert res.returncode == 0, res.stderr[-3000:]
-    held = pd.read_csv(info["stage_files"]["test"]).set_index("image_id")
+    want = pd.read_csv(trained.runs / "pair" / ("blend" if stage == "blend" else "stack_embeddings") / "test.csv")
+    want = want.set_index("image_id")
     slices = pd.read_csv(tmp_path / "o" / "slices.csv").set_index("sop_instance_uid")
-    np.testing.assert_allclose(slices[L].to_numpy(), held.loc[slices.index, L].to_numpy(), atol=1e-6, rtol=0)
+    assert len(slices) == len(want)
+    np.testing.assert_allclose(slices[L].to_numpy(), want.loc[slices.index, L].to_numpy(), atol=1e-6, rtol=0)
+
+
+def test_export_refuses_an_unknown_stage_and_load_an_older_format(trained, tmp_path):
+    from ich_kaggle import bundle
+
+    out = cli("export", *trained.exp, "--stage", "mixture", "--out", str(tmp_path / "b"))
+    assert out.returncode == 2 and "--stage mixture: unknown stage" in out.stderr and not (tmp_path / "b").exists()
+    old = tmp_path / "old"
+    shutil.copytree(trained.bundle, old)
+    info = json.loads((old / "bundle.json").read_text())
+    (old / "bundle.json").write_text(json.dumps({**info, "format": bundle.FORMAT - 1}))
+    with pytest.raises(UserError, match=f"bundle format {bundle.FORMAT - 1}, this version reads format") as e:
+        bundle.load(old)
+    assert "\n" not in str(e.value)
 
 
 def test_saved_second_stage_gives_the_stack_test_predictions_again(trained):

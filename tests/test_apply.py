@@ -186,11 +186,19 @@ def test_bundle_runs_the_embedding_stack_and_the_blend_exactly(stage, trained, t
     np.testing.assert_allclose(slices[L].to_numpy(), want.loc[slices.index, L].to_numpy(), atol=1e-6, rtol=0)
 
 
-def test_export_refuses_an_unknown_stage_and_load_an_older_format(trained, tmp_path):
+def test_export_refuses_an_unknown_or_unsaved_stage_and_load_an_older_format(trained, tmp_path):
     from ich_kaggle import bundle
 
     out = cli("export", *trained.exp, "--stage", "mixture", "--out", str(tmp_path / "b"))
     assert out.returncode == 2 and "--stage mixture: unknown stage" in out.stderr and not (tmp_path / "b").exists()
+    models = trained.runs / "pair" / "stack_embeddings" / "models.pt"
+    models.rename(tmp_path / "models.pt")  # a stage fitted before its models were saved
+    try:
+        out = cli("export", *trained.exp, "--stage", "stacked_embeddings", "--out", str(tmp_path / "b"))
+    finally:
+        (tmp_path / "models.pt").rename(models)
+    assert out.returncode == 2 and "models were not saved" in out.stderr and "make stack" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
     old = tmp_path / "old"
     shutil.copytree(trained.bundle, old)
     info = json.loads((old / "bundle.json").read_text())

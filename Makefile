@@ -237,10 +237,11 @@ gpu-check: $(PY) ## a few minutes of real training + inference on the GPU(s) (MI
 ## MODEL=<bundle>     export, infer, evaluate, serve: the model bundle folder (default bundles/<config>)
 ## OUT=<folder> INPUTS="<paths>" LABELS=<csv>  infer, evaluate: output folder, DICOM inputs, external labels
 ## DICOMWEB=<url> STUDY=<uid>  infer: pull the study from a PACS instead of INPUTS; FP16=1 export: float16 weights
+## STAGE=<stage>      export: bundle this fresh stage (first_stage, stacked, stacked_embeddings, blend), not submit's
 ## HOST= PORT=          serve: where the page listens (default 127.0.0.1:8000)
 MODEL     ?= bundles/$(notdir $(basename $(CONFIG)))
 export: $(PY) ## the model bundle of CONFIG's finished folds into MODEL (FP16=1: float16 weights)
-	$(PY) -m ich_kaggle export $(EXP) --out "$(MODEL)" $(if $(FP16),--fp16)
+	$(PY) -m ich_kaggle export $(EXP) --out "$(MODEL)" $(if $(FP16),--fp16) $(if $(STAGE),--stage $(STAGE))
 
 infer: $(PY) ## run MODEL on INPUTS (DICOM files, folders, zips) or DICOMWEB= STUDY=; writes OUT
 	$(PY) -m ich_kaggle infer --model "$(MODEL)" --out "$(OUT)" $(INPUTS) \

@@ -247,6 +247,13 @@ def export(
         log.info(f"export: bundling the {stage.replace('_', ' ')} as asked (submit chose the {submitted})")
     parts = blend_parts(candidates) if stage == "blend" else [stage]
     fitted = {p: _saved_stage(cfg, run, p) for p in parts if p in SECOND_STAGES}
+    for p, saved_stage in fitted.items():
+        if saved_stage.n_models != len(members):  # stack.sources: first-stage models from outside this experiment
+            raise UserError(
+                f"{stage_files(run, p).models}: the {p.replace('_', ' ')} stage was fitted on "
+                f"{saved_stage.n_models} first-stage source(s), the bundle holds {len(members)} member(s) "
+                f"(stack.sources?); export a stage without it (--stage first_stage) or stack the members only"
+            )
     for p in fitted:
         made_from[p] = manifest.digest([json.dumps(manifest.read(stage_files(run, p).test), sort_keys=True)])
     test_path, oof_path = stage_files(run, stage).test, stage_files(run, stage).oof

@@ -17,7 +17,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -30,6 +30,7 @@ WORKER_DIED = "the worker process died reading this file (a crash or the out-of-
 # forkserver: safe even when the caller already runs threads (torch, tqdm monitor); a test may choose fork, whose
 # workers inherit what it patched
 START_METHOD = "forkserver"
+BUFFERED = 8  # chunks per worker in flight or finished and waiting for an earlier one
 
 
 def run(
@@ -86,23 +87,28 @@ def _pooled(work: Callable, chunks: list[list], workers: int, take: Take, crashe
 
 
 def _drain(ex, work: Callable, pending: deque, in_flight: deque, workers: int, take: Take) -> bool:
-    """Feed the pool and hand on the results in order until the chunks run out (False), `collect` stops the run
-    (True) or the pool breaks (False, the chunks in flight left in `in_flight`)."""
+    """Keep 2 chunks per worker running and hand on the results in chunk order (a finished chunk waits for those
+    before it, at most `BUFFERED` per worker) until the chunks run out (False), `collect` stops the run (True) or
+    the pool breaks (False, the chunks in flight left in `in_flight`)."""
     while pending or in_flight:
+        running = [f for f, _ in in_flight if not f.done()]
         try:
-            while pending and len(in_flight) < 2 * workers:
-                in_flight.append((ex.submit(work, pending[0]), pending[0]))
-                pending.popleft()
+            while pending and len(running) < 2 * workers and len(in_flight) < BUFFERED * workers:
+                future = ex.submit(work, pending[0])
+                in_flight.append((future, pending.popleft()))
+                running.append(future)
         except BrokenProcessPool:
             return False
-        future, chunk = in_flight[0]
-        try:
-            result = future.result()
-        except BrokenProcessPool:
-            return False
-        in_flight.popleft()
-        if take(result, len(chunk)):
-            return True
+        wait(running or [in_flight[0][0]], return_when=FIRST_COMPLETED)
+        while in_flight and in_flight[0][0].done():
+            future, chunk = in_flight[0]
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                return False
+            in_flight.popleft()
+            if take(result, len(chunk)):
+                return True
     return False
 
 

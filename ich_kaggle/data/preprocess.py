@@ -104,6 +104,37 @@ def _plan(layout: Layout, splits: tuple[str, ...] | None, retry_skipped: bool) -
     return todo, int(fresh.sum())
 
 
+class _Outcome:
+    """What one run cached and skipped so far, recorded in sources.csv / skipped.csv as it goes (every
+    RECORD_EVERY_S, so even a kill -9 loses little) and once more at the end, whatever stopped the run."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.done: list[Done] = []
+        self.skipped: list[tuple] = []
+        self.written = 0
+        self.failure: tuple | None = None  # the first failed write: (path, errno, strerror)
+        self._recorded = self._recorded_skipped = 0  # done[:_recorded], skipped[:_recorded_skipped] are recorded
+        self._last_record = time.perf_counter()
+
+    def collect(self, result: Result) -> bool:
+        """Keep a chunk's outcome; True (stop the run) at a failed write."""
+        done, skipped, written, self.failure = result
+        self.done += done
+        self.skipped += skipped
+        self.written += written
+        if self.failure is not None:
+            return True
+        if time.perf_counter() - self._last_record > RECORD_EVERY_S:
+            self.record()
+        return False
+
+    def record(self) -> None:
+        _record(self.layout, self.done[self._recorded :], self.skipped[self._recorded_skipped :])
+        self._recorded, self._recorded_skipped = len(self.done), len(self.skipped)
+        self._last_record = time.perf_counter()
+
+
 def preprocess(
     layout: Layout, workers: int | None = None, splits: tuple[str, ...] | None = None, retry_skipped: bool = True
 ) -> dict:
@@ -115,27 +146,8 @@ def preprocess(
     cache.reset_if_foreign(layout)
     todo, existing = _plan(layout, splits, retry_skipped)
     items: list[Item] = list(todo[_KEY].itertuples(index=False, name=None))
-    done: list[Done] = []
-    skipped: list[tuple] = []
-    written = recorded = 0  # done[:recorded] and skipped[:recorded_skipped] are in sources.csv / skipped.csv
-    recorded_skipped = 0
-    failure = None
-    t0 = last_record = time.perf_counter()
-
-    def collect(result: Result) -> bool:
-        """Keep a chunk's outcome; True (stop) at a failed write; sources.csv rewritten every RECORD_EVERY_S."""
-        nonlocal written, failure, recorded, recorded_skipped, last_record
-        d, s, b, failure = result
-        done.extend(d)
-        skipped.extend(s)
-        written += b
-        if failure is not None:
-            return True
-        if time.perf_counter() - last_record > RECORD_EVERY_S:
-            _record(layout, done[recorded:], skipped[recorded_skipped:])
-            recorded, recorded_skipped, last_record = len(done), len(skipped), time.perf_counter()
-        return False
-
+    t0 = time.perf_counter()
+    outcome = _Outcome(layout)
     try:
         pool.run(
             partial(_cache_items, str(layout.data), str(layout.work)),
@@ -143,16 +155,21 @@ def preprocess(
             chunk=CHUNK,
             workers=max(1, workers or os.cpu_count() or 1),
             in_process_below=IN_PROCESS_BELOW,
-            collect=collect,
+            collect=outcome.collect,
             crashed=lambda item: ([], [(item[1], pool.WORKER_DIED, item[2], item[3])], 0, None),
             desc="cache",
         )
     finally:
-        _record(layout, done[recorded:], skipped[recorded_skipped:])  # whatever stopped the run, its work stays known
-    if failure is not None:
-        path, code, reason = failure
+        outcome.record()  # whatever stopped the run, its work stays known
+    if outcome.failure is not None:
+        path, code, reason = outcome.failure
         raise cannot_write(path, OSError(code, reason), folder=layout.cache_dir)
-    seconds = time.perf_counter() - t0
+    return _summary(layout, outcome, existing, time.perf_counter() - t0)
+
+
+def _summary(layout: Layout, outcome: _Outcome, existing: int, seconds: float) -> dict:
+    """The run's figures, also logged with the first 50 skipped files and why."""
+    done, skipped, written = outcome.done, outcome.skipped, outcome.written
     result = {
         "cached": len(done),
         "existing": existing,

@@ -433,5 +433,3 @@ def test_bench_prints_the_scale_figure(capsys, monkeypatch):
     bench_stack.bench_stack(None, train_slices=2000, test_slices=200)
     out = capsys.readouterr().out
     assert "stack_competition_scale_seconds:" in out and "stack_oof_stacked_log_loss:" in out
-
-

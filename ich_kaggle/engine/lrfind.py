@@ -14,7 +14,7 @@ from ..core.config import Config
 from ..core.io import atomic_path, write_csv
 from ..core.layout import Layout, Run
 from . import dist as D
-from .plan import epoch_indices, label_matrix, train_loader
+from .plan import batches_per_epoch, epoch_indices, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +43,18 @@ def lr_find(
     Steps: `steps`, capped at four passes over the training fold so tiny data sets finish quickly.
     The fold's training state (last.pt/best.pt) is not touched.
     """
-    from ..data.dataset import SliceDataset
     from ..data.transforms import build_train_transforms
-    from .losses import build_loss
-    from .loop import autocast, build_network, init_head_bias, prepare_data, to_device
+    from .loop import autocast, build_trainable, fold_inputs, init_head_bias, to_device
 
     info = D.DistInfo(device=D.pick_device(0))  # single process: a sweep needs no DDP
     D.seed_everything(cfg.train.seed)
-    data = prepare_data(cfg, layout, fold, info)
-    labels = label_matrix(data.train)
-    ds = SliceDataset(data.train, layout, cfg, transform=build_train_transforms(cfg), train=True, meta=data.meta)
-    model, net = build_network(cfg, info)
-    init_head_bias(net, labels)
-    loss_fn = build_loss(cfg, labels).to(info.device)
-    from .optim import build_optimizer
-
-    optimizer = build_optimizer(cfg, net)
+    inputs = fold_inputs(cfg, layout, fold, info, train_transform=build_train_transforms(cfg))
+    ds, labels = inputs.train_ds, inputs.train_labels
+    parts = build_trainable(cfg, info, labels)
+    init_head_bias(parts.net, labels)
+    model, loss_fn, optimizer = parts.model, parts.loss_fn, parts.optimizer
     batch = cfg.train.batch_size
-    per_epoch = max(1, len(train_loader(ds, epoch_indices(cfg, labels, 0), cfg, info, batch, 0)))
+    per_epoch = max(1, batches_per_epoch(len(epoch_indices(cfg, labels, 0)), info, batch))
     steps = max(10, min(steps, 4 * per_epoch))
     gamma = (end_lr / start_lr) ** (1 / (steps - 1))
     for g in optimizer.param_groups:

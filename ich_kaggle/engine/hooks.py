@@ -1,6 +1,6 @@
 """Training hooks: behaviour the loop calls at fixed points (as Lightning's callbacks), each owning its own state.
 
-The loop knows no hook by name: it calls `after_step()` after every optimizer step, validates and keeps as best.pt
+The loop calls every hook at the same points, whatever it does: `after_step()` after every optimizer step, validates and keeps as best.pt
 the module `weights(net)` gives, and saves `state_dict()` in last.pt to hand back to `load_state_dict` on resume.
 A hook's state sits in last.pt under the hook's `key`, a top-level key: the weight average's has always been "ema",
 so checkpoints written before hooks existed resume unchanged.
@@ -13,7 +13,6 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..core.config import Config
 from ..core.errors import UserError, fix
 
 
@@ -70,10 +69,3 @@ class Hooks:
                     f"retrain the fold with {fix('--force', 'FORCE=1')}"
                 )
             hook.load_state_dict(checkpoint[hook.key])
-
-
-def build(cfg: Config, net: torch.nn.Module) -> Hooks:
-    """The hooks `cfg` asks for, bound to `net` (the plain network, already on its device)."""
-    from . import ema
-
-    return Hooks(hook for hook in (ema.build(cfg, net),) if hook is not None)

@@ -38,7 +38,8 @@ from ..data import folds as folds_mod
 from . import dist as D
 from .precision import choose as choose_precision
 from .figures import training_curves
-from .hooks import Hooks, build as build_hooks
+from . import ema
+from .hooks import Hooks
 from .logs import close_log, open_log, write_log_csv
 from .plan import batches_per_epoch, epoch_indices, eval_loader, image_size, label_matrix, train_loader
 
@@ -426,6 +427,11 @@ def build_trainable(cfg: Config, info: D.DistInfo, train_labels: np.ndarray) -> 
     model, net = build_network(cfg, info)
     loss_fn = build_loss(cfg, train_labels).to(info.device)
     return Trainable(model, net, loss_fn, build_optimizer(cfg, net))
+
+
+def build_hooks(cfg: Config, net: torch.nn.Module) -> Hooks:
+    """The hooks `cfg` asks for, bound to `net` (the plain network, on its device): train.ema > 0, the average."""
+    return Hooks(hook for hook in (ema.build(cfg, net),) if hook is not None)
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Training hooks: behaviour the loop calls at fixed points (as Lightning's callbacks), each owning its own state.
 
-The loop calls every hook at the same points, whatever it does: `after_step()` after every optimizer step, validates and keeps as best.pt
-the module `weights(net)` gives, and saves `state_dict()` in last.pt to hand back to `load_state_dict` on resume.
-A hook's state sits in last.pt under the hook's `key`, a top-level key: the weight average's has always been "ema",
-so checkpoints written before hooks existed resume unchanged.
+The loop calls every hook at the same points, whatever it does: `after_step()` after every optimizer step; it
+validates, keeps as best.pt and predicts with the module `weights(net)` gives; it saves `state_dict()` in last.pt and
+hands it back to `load_state_dict` on resume. A hook's state sits in last.pt under the hook's `key`, a top-level key:
+the weight average's has always been "ema", so checkpoints written before hooks existed resume unchanged.
 """
 
 from __future__ import annotations

@@ -474,7 +474,7 @@ def shared_fold_table(cfg: Config, layout: Layout, info: D.DistInfo) -> pd.DataF
     return table if info.is_main else folds_mod.fold_table(layout, cfg.cv)
 
 
-def resumable_checkpoint(cfg: Config, layout: Layout, files: FoldRun, table: pd.DataFrame, data_id) -> dict | None:
+def resumable_checkpoint(cfg: Config, layout: Layout, files: FoldRun, table: pd.DataFrame, data_id: Any) -> dict | None:
     """The fold's last.pt, if there is one, after checking it was trained with this config on these images."""
     if not files.last.exists():
         return None
@@ -486,6 +486,7 @@ def resumable_checkpoint(cfg: Config, layout: Layout, files: FoldRun, table: pd.
 
 
 def describe_inputs(cfg: Config, layout: Layout, fold: int, info: D.DistInfo) -> None:
+    """train.log says which precision trains the fold and where its images come from."""
     log.info(f"fold {fold}: {choose_precision(cfg.train.amp, info.device).describe()}")  # stops on an unusable GPU
     source = (
         f"the cache {layout.cache_dir}"

@@ -183,8 +183,12 @@ class SliceDataset(Dataset):
         train: bool = False,
         meta: pd.DataFrame | None = None,
         read_hu=None,
+        crop_margin: float = CROP_MARGIN,
     ) -> None:
         self.frame = frame.reset_index(drop=True)
+        # the head crop's margin: the module's CROP_MARGIN everywhere but `make bench --what tta-subtypes`, which
+        # measures others (a margin is not in the config: a fold's checkpoint does not record one)
+        self.crop_margin = float(crop_margin)
         self.layout, self.cfg, self.transform, self.train = layout, cfg, transform, train
         self.windows = named(cfg.data.windows)
         if cfg.data.source == "dicom" and meta is None and read_hu is None:
@@ -240,7 +244,7 @@ class SliceDataset(Dataset):
                 log.warning("neighbour %s of %s unreadable (%s); using the slice itself", nid, ids[center], e)
                 slices.append(current)
         if self.cfg.data.crop_black_border:
-            box = head_bbox(current)
+            box = head_bbox(current, margin=self.crop_margin)
             if self.cfg.data.crop_square:  # the resize to size x size then keeps the head's aspect ratio
                 box = square_box(box)
             cropped: dict[int, np.ndarray] = {}  # the current slice stands in for missing neighbours: crop it once

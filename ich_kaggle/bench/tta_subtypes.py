@@ -5,18 +5,21 @@ pixels above -500 HU plus `CROP_MARGIN` of the box on each side, then the square
 the image by 5 % of its size and `scale` zooms 10 % into its centre (`predict/tta.py`): where that is more than the
 margin, they cut the head's edge off. Two checks, printed as `name: value` lines:
 
-- pixels (no model; the robust part): over every train slice of the real mini set, the share of head pixels (above
-  -500 HU) and of skull pixels (at least 300 HU) each view leaves out of the image at each margin, and the share of
-  slices where it leaves out any skull pixel; at the shipped GPU configs' 512 px;
-- OOF: `tiny` (real pretrained Lite0 weights, CPU, 64 px, 5 patient folds, 2 epochs, as shipped) trained once with
-  the default margin, then each fold's held-out slices predicted with each view alone and each view list a shipped
-  config uses, at each margin: per-subtype log loss (epidural, subdural, any) and the weighted loss, with the count of
-  positive slices per subtype and a study-level bootstrap of each difference from [identity, hflip] at the default
-  margin. The mini set is 18 studies with 6 subdural slices and no epidural one: read the OOF figures as a check
+- pixels (no model; the robust part): over every train slice of the real mini set, at the shipped GPU configs'
+  512 px, the share of head pixels (above -500 HU: what the crop box is made from, headrest and table included), of
+  skull pixels (a closed ring at or above 300 HU) and of intracranial pixels (0-100 HU enclosed by it: where
+  epidural and subdural bleeds lie) that each view leaves out of the image at each margin, and the share
+  of slices where it leaves out any skull or intracranial pixel;
+- OOF: `tiny` (real pretrained Lite0 weights, CPU, 64 px, 5 patient folds, 2 epochs, as shipped) trained at each
+  margin, each fold's held-out slices predicted at that margin with each view alone and each view list a shipped
+  config uses: per-subtype log loss (epidural, subdural, any) and the weighted loss, with the count of positive
+  slices per subtype and a study-level bootstrap of each difference from [identity, hflip] at the default margin.
+  The mini set is 18 studies with 6 subdural slices (one study) and no epidural one: read the OOF figures as a check
   that nothing breaks, not as the size of an effect.
 
-The folds train into .cache/bench-tta-subtypes/ (a rerun reuses them; ~5-10 CPU-minutes the first time). Needs the
-real mini set: on the synthetic competition it says so and stops (its lesions are not where bleeds lie).
+The folds train into .cache/bench-tta-subtypes/runs_margin<m>/ (a rerun reuses them; the first run trains 15 folds,
+~7 CPU-minutes, ~15 minutes on a shared 2-core machine). Needs the real mini set: on a synthetic competition it says
+so and stops.
 """
 
 from __future__ import annotations
@@ -88,26 +91,28 @@ BLOOD_HU = (0.0, 100.0)  # brain and fresh blood: the intracranial tissue a rim 
 
 def rim_masks(img) -> dict[str, np.ndarray]:
     """Boolean masks of one slice in HU: `head` (above -500 HU: what the crop box is made from, with the headrest
-    and table where they are in the image), `skull` (the largest 8-connected component at or above 300 HU: not the
-    table), `intracranial` (0-100 HU inside the skull's convex hull: where epidural and subdural bleeds lie)."""
+    and table where they are in the image), `skull` (of the three largest 8-connected components at or above 300 HU,
+    the one that encloses the most 0-100 HU pixels: a closed skull ring, not the table's arc), `intracranial` (the
+    0-100 HU pixels it encloses: brain and blood, where epidural and subdural bleeds lie). Slices without a closed
+    ring (skull base, vertex) have neither."""
     import cv2
+    from scipy import ndimage
 
     from ..data.dataset import AIR_HU
 
-    bone = (img >= SKULL_HU).astype(np.uint8)
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(bone, connectivity=8)
-    skull = np.zeros(img.shape, bool)
-    inside = np.zeros(img.shape, np.uint8)
-    if n > 1:
-        skull = lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        points = np.argwhere(skull)[:, ::-1].astype(np.int32)  # (x, y)
-        cv2.fillConvexPoly(inside, cv2.convexHull(points), 1)
     lo, hi = BLOOD_HU
-    return {
-        "head": img > AIR_HU,
-        "skull": skull,
-        "intracranial": inside.astype(bool) & ~skull & (img >= lo) & (img <= hi),
-    }
+    soft = (img >= lo) & (img <= hi)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats((img >= SKULL_HU).astype(np.uint8), connectivity=8)
+    skull = np.zeros(img.shape, bool)
+    inside = np.zeros(img.shape, bool)
+    for c in 1 + np.argsort(stats[1:, cv2.CC_STAT_AREA])[::-1][:3]:
+        x, y, w, h = (int(v) for v in stats[c, :4])  # left, top, width, height
+        comp = lab[y : y + h, x : x + w] == c
+        enclosed = ndimage.binary_fill_holes(comp) & ~comp & soft[y : y + h, x : x + w]
+        if enclosed.sum() > inside.sum():
+            skull[:], inside[:] = False, False
+            skull[y : y + h, x : x + w], inside[y : y + h, x : x + w] = comp, enclosed
+    return {"head": img > AIR_HU, "skull": skull, "intracranial": inside}
 
 
 def pixel_check(layout, ids: list[str], margins=MARGINS, views=VIEWS, size: int = PIXEL_SIZE) -> dict[str, float]:
@@ -124,10 +129,14 @@ def pixel_check(layout, ids: list[str], margins=MARGINS, views=VIEWS, size: int 
     slices_cut = {(m, v, k): 0 for m in margins for v in views for k in KINDS}
     for image_id in ids:
         hu = cache.load_hu(layout, image_id)
+        full = {k: v.astype(np.float32) for k, v in rim_masks(hu.astype(np.float32)).items()}  # once per slice
         for m in margins:
-            # the production crop (`data.crop_square` default), filled below every threshold used here
-            sq = crop(hu, square_box(head_bbox(hu, margin=m)), fill=-2048)
-            masks = rim_masks(cv2.resize(sq.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR))
+            # the production crop (`data.crop_square` default) of each mask, resized as the model's input is
+            box = square_box(head_bbox(hu, margin=m))
+            masks = {
+                k: cv2.resize(crop(mask, box, fill=0.0), (size, size), interpolation=cv2.INTER_LINEAR) >= 0.5
+                for k, mask in full.items()
+            }
             for k, mask in masks.items():
                 total[m, k] += int(mask.sum())
                 for v in views:
@@ -144,21 +153,43 @@ def pixel_check(layout, ids: list[str], margins=MARGINS, views=VIEWS, size: int 
     return out
 
 
-def _train(layout, runs: Path):
-    from .. import train
+@contextlib.contextmanager
+def _margin(margin: float):
+    """Training at another head-crop margin: the training loop makes its datasets with `dataset.CROP_MARGIN`, which
+    no config key sets (a checkpoint records none), so the bench sets it while it trains, in this process only
+    (`data.num_workers=0`), and keeps each margin's folds in a folder of their own."""
+    from ..data import dataset
+
+    default = dataset.CROP_MARGIN
+    dataset.CROP_MARGIN = margin
+    try:
+        yield
+    finally:
+        dataset.CROP_MARGIN = default
+
+
+def _prepare(layout):
+    """`tiny` as the bench trains it, and the fold table, with the meta table and the HU cache made."""
     from ..data import folds, preprocess
 
     cfg = config.load("tiny", TRAIN)
     with contextlib.redirect_stdout(io.StringIO()):
         table = folds.fold_table(layout, cfg.cv)
         preprocess.ensure(layout)
+    return cfg, table.reset_index(drop=True)
+
+
+def _train(cfg, layout, runs: Path, margin: float) -> None:
+    from .. import train
+
+    with contextlib.redirect_stdout(io.StringIO()), _margin(margin):
         for fold in config.selected_folds(cfg.cv):
             train.train_fold(cfg, layout, fold, runs=runs)
-    return cfg, table
 
 
-def view_predictions(layout, runs: Path, cfg, table, margins=MARGINS, views=VIEWS) -> dict:
-    """{(margin, view): (N, 6) OOF probabilities in `table` order}: each fold's best.pt on its own held-out slices."""
+def view_predictions(layout, runs: Path, cfg, table, margin: float, views=VIEWS) -> dict[str, np.ndarray]:
+    """{view: (N, 6) OOF probabilities in `table` order}: each fold's best.pt on its own held-out slices, cropped with
+    `margin` (the margin it was trained with)."""
     import torch
 
     from ..core.layout import Run
@@ -170,21 +201,20 @@ def view_predictions(layout, runs: Path, cfg, table, margins=MARGINS, views=VIEW
 
     meta = load_meta(layout)
     run = Run.of(runs, cfg.name)
-    out = {(m, v): np.full((len(table), len(LABELS)), np.nan) for m in margins for v in views}
+    out = {v: np.full((len(table), len(LABELS)), np.nan) for v in views}
     for fold in config.selected_folds(cfg.cv):
         net, fcfg = load_checkpoint(run.fold(fold).best)
         rows = np.flatnonzero(table["fold"].to_numpy() == fold)
         frame = table.iloc[rows][["image_id"]]
-        for m in margins:
-            ds = SliceDataset(frame, layout, fcfg, transform=build_eval_transforms(fcfg), meta=meta, crop_margin=m)
-            loader = torch.utils.data.DataLoader(ds, batch_size=fcfg.tta.batch_size, shuffle=False)
-            got: dict[str, list[np.ndarray]] = {v: [] for v in views}
-            with torch.inference_mode():
-                for x, _, _ in loader:
-                    for v in views:
-                        got[v].append(tta_forward(net, x, [v], want_features=False)[0].numpy())
-            for v in views:
-                out[m, v][rows] = np.concatenate(got[v])
+        ds = SliceDataset(frame, layout, fcfg, transform=build_eval_transforms(fcfg), meta=meta, crop_margin=margin)
+        loader = torch.utils.data.DataLoader(ds, batch_size=fcfg.tta.batch_size, shuffle=False)
+        got: dict[str, list[np.ndarray]] = {v: [] for v in views}
+        with torch.inference_mode():
+            for x, _, _ in loader:
+                for v in views:
+                    got[v].append(tta_forward(net, x, [v], want_features=False)[0].numpy())
+        for v in views:
+            out[v][rows] = np.concatenate(got[v])
     return out
 
 
@@ -223,10 +253,10 @@ def bench_tta_subtypes(data: Path) -> None:
             f"the synthetic competition's lesions do not lie against a skull as epidural and subdural bleeds do"
         )
         return
+    from ..data.dataset import CROP_MARGIN
+
     layout = Layout.of(data, WORK / "work")
-    runs = WORK / "runs"
-    cfg, table = _train(layout, runs)
-    table = table.reset_index(drop=True)
+    cfg, table = _prepare(layout)
     meta = load_meta(layout).set_index("image_id")
     ids = table["image_id"].astype(str).tolist()
 
@@ -236,25 +266,28 @@ def bench_tta_subtypes(data: Path) -> None:
     labels = read_labels(layout.train_csv).set_index("image_id").loc[ids, list(LABELS)].to_numpy(np.float64)
     studies = meta.loc[ids, "study_id"].astype(str).to_numpy()
     for s in SUBTYPES:
-        col = list(LABELS).index(s)
-        pos = labels[:, col] > 0
+        pos = labels[:, list(LABELS).index(s)] > 0
         print(f"positives_{s}_slices: {int(pos.sum())}")
         print(f"positives_{s}_studies: {len(set(studies[pos]))}")
     print(f"oof_slices: {len(ids)}")
     print(f"oof_studies: {len(set(studies))}")
 
-    probs = view_predictions(layout, runs, cfg, table)
     lists = {f"view_{v}": [v] for v in VIEWS} | shipped_view_lists()
-    base = np.mean([probs[0.04, v] for v in BASELINE], axis=0)
-    for m in MARGINS:
+    base = ref = None
+    for m in sorted(MARGINS, key=lambda m: m != CROP_MARGIN):  # the default first: the baseline is made there
+        runs = WORK / f"runs_{_tag(m)}"
+        _train(cfg, layout, runs, m)
+        probs = view_predictions(layout, runs, cfg, table, m)
+        if base is None:
+            base = np.mean([probs[v] for v in BASELINE], axis=0)
+            ref = _losses(labels, base)
         for name, views in lists.items():
-            p = np.mean([probs[m, v] for v in views], axis=0)
+            p = np.mean([probs[v] for v in views], axis=0)
             losses = _losses(labels, p)
             for k, value in losses.items():
                 print(f"oof_{_tag(m)}_{name}_{k}_log_loss: {value:.5f}")
-            if m == 0.04 and tuple(views) == BASELINE:
+            if m == CROP_MARGIN and tuple(views) == BASELINE:
                 continue
-            ref = _losses(labels, base)
             sd = _bootstrap_sd(labels, p, base, studies)
             for k in ("epidural", "subdural", "weighted"):
                 print(f"oof_{_tag(m)}_{name}_{k}_minus_baseline: {losses[k] - ref[k]:+.5f} (bootstrap sd {sd[k]:.5f})")

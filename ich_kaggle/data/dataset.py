@@ -183,12 +183,12 @@ class SliceDataset(Dataset):
         train: bool = False,
         meta: pd.DataFrame | None = None,
         read_hu=None,
-        crop_margin: float = CROP_MARGIN,
+        crop_margin: float | None = None,
     ) -> None:
         self.frame = frame.reset_index(drop=True)
-        # the head crop's margin: the module's CROP_MARGIN everywhere but `make bench --what tta-subtypes`, which
-        # measures others (a margin is not in the config: a fold's checkpoint does not record one)
-        self.crop_margin = float(crop_margin)
+        # the head crop's margin: CROP_MARGIN (read when the dataset is made) everywhere but `make bench --what
+        # tta-subtypes`, which measures others; not a config key: no checkpoint records one, all use CROP_MARGIN
+        self.crop_margin = CROP_MARGIN if crop_margin is None else float(crop_margin)
         self.layout, self.cfg, self.transform, self.train = layout, cfg, transform, train
         self.windows = named(cfg.data.windows)
         if cfg.data.source == "dicom" and meta is None and read_hu is None:

@@ -27,3 +27,9 @@ def test_at_the_default_margin_no_view_cuts_intracranial_tissue(mini_dir, tmp_pa
         assert cut[f"rim_margin0_{view}_head_pixels_cut"] > cut[f"rim_{default}_{view}_head_pixels_cut"] > 0.0
         assert cut[f"rim_margin0_{view}_slices_with_skull_cut"] > 0.0
     assert cut["rim_margin0_shift_back_slices_with_intracranial_cut"] > 0.0
+
+
+def test_without_the_real_mini_set_the_bench_says_why_it_measures_nothing(synth_dir, capsys):
+    tta_subtypes.bench_tta_subtypes(synth_dir)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("tta-subtypes: skipped: needs the real mini set (")

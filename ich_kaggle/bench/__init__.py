@@ -5,7 +5,8 @@ real RSNA DICOMs read the real mini set (`--mini <folder>`, default: ../shared's
 without it (a fresh clone), or with `--mini synthetic`, they read a synthetic competition generated into .cache/
 at the real image size; the first line says which data was used. `make bench` runs the quick benchmarks (a few
 minutes on 2 cores); the long ones run only when named: `--what stack` (second stage at competition scale, ~15
-minutes) and `--what choices` (quality of TTA views and weight averaging, 5-8 minutes).
+minutes), `--what choices` (quality of TTA views and weight averaging, 5-8 minutes) and `--what tta-subtypes` (TTA
+views and head-crop margins against the rim subtypes, real mini set only, ~15 minutes the first time).
 """
 
 from __future__ import annotations

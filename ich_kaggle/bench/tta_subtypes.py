@@ -248,9 +248,10 @@ def bench_tta_subtypes(data: Path) -> None:
     from ..data import synth
 
     if (data / synth.MARKER).exists() or not (data / "stage_2_train").is_dir():
+        where = f"{data} is synthetic" if (data / synth.MARKER).exists() else f"{data} has no stage_2_train/"
         print(
-            f"tta-subtypes: skipped: needs the real mini set ({bench.SHARED_MINI} not found; or --mini <folder>): "
-            f"the synthetic competition's lesions do not lie against a skull as epidural and subdural bleeds do"
+            f"tta-subtypes: skipped: needs the real mini set ({where}; {bench.SHARED_MINI} or --mini <folder>): a "
+            f"synthetic competition's lesions do not lie against a skull as epidural and subdural bleeds do"
         )
         return
     from ..data.dataset import CROP_MARGIN

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 AIR_HU = -500.0  # pixels above this are head, headrest or tissue; below it air or scanner padding
 CROP_MARGIN = 0.04  # fraction of the bounding box size added on each side
+# ...enough that the shift / scale TTA views cut no intracranial pixel (`bench --what tta-subtypes`; design-choices.md)
 BRAIN_HU = (0.0, 80.0)
 MAX_REPLACEMENTS = 50  # consecutive unreadable draws before giving up: the cache itself is broken
 

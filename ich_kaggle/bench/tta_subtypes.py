@@ -38,6 +38,8 @@ VIEWS = ("identity", "hflip", "shift", "shift_back", "scale")  # every view a mo
 BASELINE = ("identity", "hflip")  # the CPU configs' views: what the others are compared with
 PIXEL_SIZE = 512  # the shipped configs that use shift / scale run at 480-512 px
 SKULL_HU = 300.0  # bone; the rim bleeds lie just inside it
+BLOOD_HU = (0.0, 100.0)  # brain and fresh blood: the intracranial tissue a rim bleed is part of
+KINDS = ("head", "skull", "intracranial")  # the masks of `rim_masks`
 SUBTYPES = ("epidural", "subdural", "any")
 BOOTSTRAP = 200
 WORK = Path(".cache") / "bench-tta-subtypes"
@@ -83,10 +85,6 @@ def _outside(mask: np.ndarray, box: tuple[float, float, float, float]) -> int:
     keep_r = (rows >= y0) & (rows <= y1)
     keep_c = (cols >= x0) & (cols <= x1)
     return int(mask.sum() - mask[np.ix_(keep_r, keep_c)].sum())
-
-
-KINDS = ("head", "skull", "intracranial")
-BLOOD_HU = (0.0, 100.0)  # brain and fresh blood: the intracranial tissue a rim bleed is part of
 
 
 def rim_masks(img) -> dict[str, np.ndarray]:

@@ -5,8 +5,8 @@ keeps what that test path needs (`runs/<cfg>/stack/models.pt`, `stack_embeddings
 it on any first-stage outputs, so on the competition's test set it gives `test.csv` again. Three layouts, as the
 stack was fitted (`stack.use_embeddings`, `stack.embedding_space`):
 
-- `probs`: one model per fold (a sequence net's shape and weights, or the neighbours baseline's arrays) over each
-  source's fold-averaged logits and the position features;
+- `probs`: one sequence net per fold (its shape and weights) over each source's fold-averaged logits and the
+  position features;
 - `mixture`: the same, plus each source's fold-averaged embeddings reduced by the principal components the stack
   fitted (`stack.reduction`; kept here, so new slices are projected into the space the nets were trained in);
 - `per_fold`: per first-stage fold model k, the inner models fitted on fold k's held-out series and, per source,
@@ -30,7 +30,6 @@ from ..core.io import atomic_path
 from ..core.labels import LABELS
 from .fit import predict_net
 from .nets import SequenceNet
-from .neighbors import NeighborModel
 from .pipeline import _values, merge_sources
 from .reduction import Reduction
 from .sequences import build_sequences
@@ -57,8 +56,6 @@ def _model_entry(m: object) -> dict:
             "state": {n: t.detach().cpu() for n, t in m.state_dict().items()},
             "n_features": int(m.inp[0].in_features),
         }
-    if isinstance(m, NeighborModel):
-        return {"type": "neighbors", **{f.name: getattr(m, f.name) for f in dataclasses.fields(m)}}
     raise TypeError(f"cannot save a second-stage model of type {type(m).__name__}")
 
 
@@ -121,20 +118,21 @@ class SavedStack:
         return sorted(self.per_fold) if self.per_fold else []
 
 
-def _load_model(entry: dict, scfg: StackConfig, n_models: int) -> object:
-    if entry["type"] == "net":
-        net = SequenceNet(
-            entry["n_features"],
-            n_models,
-            kind=scfg.model,
-            hidden=scfg.hidden,
-            layers=scfg.layers,
-            dropout=scfg.dropout,
-            skip_k=scfg.neighbors_k,
-        )
-        net.load_state_dict(entry["state"])
-        return net.eval()
-    return NeighborModel(**{f.name: entry[f.name] for f in dataclasses.fields(NeighborModel)})
+def _load_model(path: Path, k: int, entry: dict, scfg: StackConfig, n_models: int) -> SequenceNet:
+    if entry.get("type") != "net":
+        kind = entry.get("type")
+        raise UserError(f"{path}: fold {k} holds a second-stage model of type {kind!r}; rerun `make stack FORCE=1`")
+    net = SequenceNet(
+        entry["n_features"],
+        n_models,
+        kind=scfg.model,
+        hidden=scfg.hidden,
+        layers=scfg.layers,
+        dropout=scfg.dropout,
+        skip_k=scfg.neighbors_k,
+    )
+    net.load_state_dict(entry["state"])
+    return net.eval()
 
 
 def load(path: Path) -> SavedStack:
@@ -152,13 +150,13 @@ def load(path: Path) -> SavedStack:
     if layout == "per_fold":
         per_fold = {
             int(k): FoldStack(
-                {int(i): _load_model(e, scfg, n_models) for i, e in sorted(o["folds"].items())},
+                {int(i): _load_model(path, i, e, scfg, n_models) for i, e in sorted(o["folds"].items())},
                 [Reduction(**r) for r in o["reductions"]],
             )
             for k, o in sorted(payload["outer"].items())
         }
         return SavedStack(scfg, n_models, {}, layout, per_fold=per_fold)
-    models = {int(k): _load_model(e, scfg, n_models) for k, e in sorted(payload["folds"].items())}
+    models = {int(k): _load_model(path, k, e, scfg, n_models) for k, e in sorted(payload["folds"].items())}
     reductions = [Reduction(**r) for r in payload["reductions"]] if layout == "mixture" else None
     return SavedStack(scfg, n_models, models, layout, reductions)
 
@@ -182,11 +180,8 @@ def _fitted_stage(
         values, _ = _values(rows, n)
         seqs = build_sequences(rows, values)
         total = None
-        for k, model in models.items():
-            if isinstance(model, SequenceNet):
-                p = predict_net(model, seqs, batch_series=max(256, scfg.batch_series), reverse_tta=scfg.reverse_tta)
-            else:
-                p = model.predict(seqs)
+        for model in models.values():
+            p = predict_net(model, seqs, batch_series=max(256, scfg.batch_series), reverse_tta=scfg.reverse_tta)
             total = p if total is None else total + p
         pos = pd.Index(merged["image_id"]).get_indexer(rows["image_id"])
         out[pos] = seqs.scatter(total / len(models), len(rows))

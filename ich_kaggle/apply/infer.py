@@ -53,11 +53,40 @@ def _fold_models(bundle, entry: dict, devices) -> dict:
     return models
 
 
+FoldPredictions = Callable[[dict, int], tuple[pd.DataFrame, list]]
+
+
+def predict_fold(
+    bundle, entry: dict, fold: int, slices: pd.DataFrame, devices=None, cfg=None
+) -> tuple[pd.DataFrame, list]:
+    """One fold model of one member (`entry` of `bundle.info["members"]`) on `slices`: (wide probabilities, ids of
+    the images that could not be read). What `run_pipeline` averages, one fold at a time, so a caller can keep each
+    fold's result as it finishes (the Kaggle kernel, whose session may be cut). `cfg`: the member's config when
+    the caller changed it (e.g. its loader workers); default: the bundle's."""
+    from ..data.source import DicomSlices
+    from ..predict.stage import inference_devices, load_fold_models, predict_folds
+
+    devices = devices or inference_devices()
+    models = load_fold_models({fold: bundle.checkpoints(entry)[fold]}, devices)
+    probs, _, failed = predict_folds(
+        models,
+        slices,
+        cfg or bundle.member_config(entry),
+        meta=slices,
+        read_hu=DicomSlices("/", slices),
+        desc=entry["name"],
+    )
+    return probs[fold], failed.tolist()
+
+
 def run_pipeline(
-    bundle, slices: pd.DataFrame, progress: Progress | None = None
+    bundle, slices: pd.DataFrame, progress: Progress | None = None, fold_predictions: FoldPredictions | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """(chosen stage's wide probabilities, first stage's, images that could not be read) for the slices of a
-    collection (absolute paths), through the bundle's pipeline."""
+    collection (absolute paths), through the bundle's pipeline.
+
+    `fold_predictions(entry, fold)`, when given, supplies each member's fold predictions (as `predict_fold` makes
+    them) instead of running the fold models here: the Kaggle kernel passes the ones it saved or adopted."""
     import torch
 
     from ..core.ensemble import combine
@@ -66,13 +95,18 @@ def run_pipeline(
     from ..predict.stage import average_folds, inference_devices, predict_folds
 
     reader = DicomSlices("/", slices)
-    devices = inference_devices()
+    devices = inference_devices() if fold_predictions is None else None
     members = bundle.info["members"]
     frames, lost = [], []
     n_models = sum(len(m["folds"]) for m in members)
     done = 0
     for entry in members:
         mcfg = bundle.member_config(entry)
+        if fold_predictions is not None:
+            got = {k: fold_predictions(entry, k) for k in entry["folds"]}
+            lost += [i for _, failed in got.values() for i in failed]
+            frames.append(average_folds([p for p, _ in got.values()], mcfg.tta.average))
+            continue
         models = _fold_models(bundle, entry, devices)
         if progress:
             progress(

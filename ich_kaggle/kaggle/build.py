@@ -350,7 +350,7 @@ def build_kernel(
     from .. import bundle
 
     user = check_username(username)
-    names = names_for(cfg, user)
+    names = names_for(cfg, user, slug)  # a bad slug or user name: one line before anything is read
     fix = f"run `make kernel-datasets CONFIG={cfg.name} KAGGLE_USERNAME={names.username}` first"
     for folder, expected in ((names.code_dir(out), names.code_id), (names.model_dir(out), names.model_id)):
         found = _read_dataset_id(folder, fix)

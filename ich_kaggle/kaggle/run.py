@@ -383,6 +383,11 @@ def run_kernel(
             f"submission"
         )
         return None
+    log.info(
+        f"kernel: {b.name}: the bundle's {b.stage.replace('_', ' ')} over "
+        + ", ".join(f"{m['name']} folds {m['folds']}" for m in b.info["members"])
+        + (f", combined ({b.info['ensemble']['combine']})" if b.info.get("ensemble") else "")
+    )
     chosen, _, lost = run_pipeline(b, slices, fold_predictions=store.get)
     sample = Path(sample) if sample is not None else competition / SAMPLE_NAME
     labels = sample.with_name(TRAIN_LABELS)

@@ -756,7 +756,7 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     result, got = _run_kernel(python, folder / "kernel.py", root, tmp_path, "venv", stage=stage)
     from ich_kaggle.data.dataset import usable_cpus
 
-    assert f"predict: {usable_cpus()} loader workers (data.num_workers=-1)" in result.stdout  # sized from this machine
+    assert f"{usable_cpus()} loader workers (data.num_workers=-1)" in result.stdout  # sized from this machine
     assert submission.validate_file(comp / "stage_2_sample_submission.csv", got) == []
     a, b = pd.read_csv(expected), pd.read_csv(got)
     assert list(a["ID"]) == list(b["ID"])

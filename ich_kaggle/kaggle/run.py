@@ -356,6 +356,10 @@ def run_kernel(
     todo = _selected(b, members, folds) if competition is not None else []
     stop_after = int(os.environ.get(STOP_ENV) or 0)
     made = 0
+    if todo:
+        from ..data.dataset import loader_workers
+
+        log.info(f"kernel: {len(todo)} fold model(s) to run, {loader_workers(-1)} loader workers (data.num_workers=-1)")
     for entry, k in todo:
         if store.have(entry["name"], k):
             continue

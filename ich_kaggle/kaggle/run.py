@@ -24,6 +24,7 @@ fetched outputs) makes it.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -141,10 +142,6 @@ def listing(test_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _frame_digest(frame: pd.DataFrame) -> str:
-    return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
@@ -159,13 +156,14 @@ def _write_json(path: Path, data: dict) -> None:
         f.write("\n")
 
 
-def _read_slices(folder: Path, info: dict) -> pd.DataFrame | None:
-    """The slices file of `folder` when it is whole (its digest is the one its manifest names)."""
+def _read_slices(folder: Path, info: dict | None = None) -> pd.DataFrame | None:
+    """The slices file of `folder` when it is whole (the sha256 of its bytes is the digest its manifest names)."""
     try:
-        frame = pd.read_csv(folder / SLICES, dtype={"image_id": str, "study_id": str, "series_id": str})
+        if info is not None and _sha256(folder / SLICES) != info.get("digest"):
+            return None
+        return pd.read_csv(folder / SLICES, dtype={"image_id": str, "study_id": str, "series_id": str})
     except (OSError, ValueError, EOFError):
         return None
-    return frame if _frame_digest(frame) == info.get("digest") else None
 
 
 def test_slices(test_dir: Path | None, store: Path, previous: list[Path]) -> tuple[pd.DataFrame, str]:
@@ -204,10 +202,10 @@ def test_slices(test_dir: Path | None, store: Path, previous: list[Path]) -> tup
     frame["path"] = [Path(p).relative_to(test_dir.resolve()).as_posix() for p in frame["path"]]
     frame = frame.reset_index(drop=True)
     store.mkdir(parents=True, exist_ok=True)
-    with atomic_path(store / SLICES) as tmp:
-        frame.to_csv(tmp, index=False, compression="gzip")
-    frame = pd.read_csv(store / SLICES, dtype={"image_id": str, "study_id": str, "series_id": str})  # as re-read
-    digest = _frame_digest(frame)
+    with atomic_path(store / SLICES) as tmp:  # the same bytes from the same scan (no time or name in the header)
+        tmp.write_bytes(gzip.compress(frame.to_csv(index=False).encode(), mtime=0))
+    frame = _read_slices(store)  # as a later version will read it
+    digest = _sha256(store / SLICES)
     _write_json(store / SLICES_INFO, {"format": FORMAT, **want, "digest": digest, "skipped": len(col.skipped)})
     if len(col.skipped):
         log.info(

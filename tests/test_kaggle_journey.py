@@ -168,7 +168,7 @@ def test_the_gpu_less_journey_for_a_config_and_an_ensemble(tmp_path, kernel_pyth
     assert config.load("tiny", MEMBER_SET).to_dict() == tiny.to_dict()  # `tiny` alone trains the same kernels
     out, runs = tmp_path / "kernels", tmp_path / "runs"
     kaggle = Kaggle(tmp_path, kernel_python, comp)
-    with FakeKaggle(max_seconds=600) as fk:
+    with FakeKaggle(max_seconds=1800) as fk:
         for key, value in fk.env({}).items():
             monkeypatch.setenv(key, value)
         for key in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):

@@ -111,3 +111,13 @@ def test_cut_kernel_resumes_from_its_previous_output(tiny_bundle, tmp_path, monk
         tiny_bundle, [tmp_path / "w1", tmp_path / "w4"], comp / kernel_run.SAMPLE_NAME, tmp_path / "local"
     )
     assert local.read_bytes() == whole.read_bytes()
+    # the same through the command (make kernel-finish OUTPUTS="<folders>"), beside the model dataset it was made from
+    from ich_kaggle.cli import main
+
+    kernels = tmp_path / "kernels"
+    shutil.copytree(tiny_bundle, kernels / "ich-kaggle-model-tiny")
+    args = ["--config", "tiny", "--data", str(comp), "--out", str(kernels), "--username", USER]
+    assert main(["kernel-finish", *args, "--outputs", str(tmp_path / "w1"), str(tmp_path / "w4")]) == 0
+    assert (kernels / "output" / "ich-kaggle-tiny" / "submission.csv").read_bytes() == whole.read_bytes()
+    only_fold0 = ["--outputs", str(tmp_path / "w1"), "--slug", "ich-kaggle-tiny-again"]
+    assert main(["kernel-finish", *args, *only_fold0]) == 2  # fold 1 missing: one line

@@ -409,6 +409,8 @@ def fetch_outputs(username: str | None, slugs: list[str], out: str | Path = "ker
     submission.csv, which `make kernel-output` requires) into kernels/output/<slug>/."""
     from . import api
 
+    if not slugs:  # only local folders: no credentials needed
+        return []
     user = check_username(username)
     client = api.client()
     folders = []

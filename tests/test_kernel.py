@@ -250,7 +250,7 @@ def test_repacked_wheel_installs_and_imports(tmp_path):
     assert out.stdout.startswith(str(target))
 
 
-def test_code_dataset_and_kernel_folder(tmp_path, model_dataset):
+def test_code_dataset_and_kernel_folder(tmp_path, model_dataset, monkeypatch):
     cfg, runs = model_dataset.cfg, model_dataset.runs
     out = tmp_path / "kernels"
     names = kernel.names_for(cfg, "testuser")
@@ -292,6 +292,17 @@ def test_code_dataset_and_kernel_folder(tmp_path, model_dataset):
     assert json.loads((last / "kernel-metadata.json").read_text())["kernel_sources"] == ["testuser/ich-kaggle-tiny-f1"]
     with pytest.raises(UserError, match="FOLDS \\[4\\] are not all in"):
         kernel.build_kernel(cfg, runs=runs, out=out, username="testuser", folds=[4])
+    # an inference longer than a session (the plan's rule, sessions.split_inference): refused, naming the parts
+    from ich_kaggle.kaggle import sessions
+
+    monkeypatch.setattr(sessions, "inference_hours", lambda member, folds: 6.0 * folds)
+    monkeypatch.setattr(sessions, "inference_setup_hours", lambda: 0.1)
+    with pytest.raises(UserError, match="needs 12.2 h, more than one 12-hour session") as e:
+        kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
+    assert 'FOLDS="0" SLUG=ich-kaggle-tiny-m0-f0' in str(e.value) and "\n" not in str(e.value)
+    assert 'ATTACH="ich-kaggle-tiny-m0-f0 ich-kaggle-tiny-m0-f1"' in str(e.value)
+    assert kernel.build_kernel(cfg, runs=runs, out=out, username="testuser", members=["tiny"], folds=[0]).is_dir()
+    kernel.build_kernel(cfg, runs=runs, out=out, username="testuser", attach=["ich-kaggle-tiny-m0-f0"])  # the last
 
 
 def test_find_bundle_in_nested_kaggle_layout(tmp_path):

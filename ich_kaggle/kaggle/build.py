@@ -317,7 +317,8 @@ def _check_part(cfg: Config, b, members: list[str] | None, folds: list[int] | No
         return
     names = list(member_cfgs)
     steps = "; ".join(
-        f'make kernel CONFIG={cfg.name} MEMBERS="{" ".join(p.members)}" FOLDS="{" ".join(map(str, p.folds))}"'
+        f'make kernel-push CONFIG={cfg.name} MEMBERS="{" ".join(p.members)}" FOLDS="{" ".join(map(str, p.folds))}" '
+        f"SLUG={part_slug(cfg, names, p.members, p.folds)}"
         for p in parts
     )
     slugs = " ".join(part_slug(cfg, names, p.members, p.folds) for p in parts)
@@ -327,7 +328,7 @@ def _check_part(cfg: Config, b, members: list[str] | None, folds: list[int] | No
     raise UserError(
         f"the inference kernel of {cfg.name} needs {sum(p.hours for p in parts):.1f} h, more than one "
         f"{sessions.SESSION_LIMIT_H:.0f}-hour session; push it in parts ({steps}), then combine them: "
-        f'make kernel CONFIG={cfg.name} ATTACH="{slugs}" (or fetch them and make kernel-finish)'
+        f'make kernel-push CONFIG={cfg.name} ATTACH="{slugs}" (or make kernel-finish OUTPUTS="{slugs}")'
     )
 
 

@@ -184,6 +184,22 @@ def test_bundle_runs_the_embedding_stack_and_the_blend_exactly(stage, trained, t
     slices = pd.read_csv(tmp_path / "o" / "slices.csv").set_index("sop_instance_uid")
     assert len(slices) == len(want)
     np.testing.assert_allclose(slices[L].to_numpy(), want.loc[slices.index, L].to_numpy(), atol=1e-6, rtol=0)
+    # the Kaggle kernel's path: each fold model's output kept in its working folder (embeddings included where the
+    # stage reads them), read back after a cut session, gives the same stage
+    from ich_kaggle.apply.infer import predict_fold, run_pipeline
+    from ich_kaggle.data import studies
+    from ich_kaggle.kaggle.run import FoldStore
+
+    b = bundle.load(tmp_path / "b")
+    frame = studies.collect([trained.data / "stage_2_test"]).slices
+    store = FoldStore(tmp_path / "kept", "bundle", "slices")
+    for entry in b.info["members"]:
+        for k in entry["folds"]:
+            probs, embs, lost = predict_fold(b, entry, k, frame)
+            assert embs is not None and len(embs) == len(frame)  # the per_fold embedding stack reads them
+            store.put(entry["name"], k, probs, embs, lost)
+    kept_run = run_pipeline(b, frame, fold_predictions=store.get)[0].set_index("image_id")
+    np.testing.assert_allclose(kept_run.loc[slices.index, L].to_numpy(), slices[L].to_numpy(), atol=1e-6, rtol=0)
 
 
 def test_export_refuses_an_unknown_or_unsaved_stage_and_load_an_older_format(trained, tmp_path):

@@ -224,12 +224,47 @@ def compare(fs: FirstStage, scfg: StackConfig, seeds=SEEDS, designs=DESIGNS) -> 
     return out
 
 
-def bench_stack_layouts(_mini: Path | None, runs: str | Path = "runs") -> None:
+def simulate_layouts(ratio: float, scale: float, seeds=SEEDS) -> dict[float, dict[str, list[tuple[float, float]]]]:
+    """per_fold against second_place on the simulated first stage (`bench.layout_sim`) at `scale` of the
+    competition, with no in-sample gap (gamma 1) and with the gap whose in-sample / OOF loss ratio is `ratio`."""
+    import dataclasses
+
+    from . import layout_sim
+
+    gammas = sorted({1.0, layout_sim.gamma_for(ratio)}, reverse=True)
+    out: dict[float, dict[str, list[tuple[float, float]]]] = {}
+    for gamma in gammas:
+        sim, parts = layout_sim.simulated(scale, gamma)
+        print(
+            f"layouts_sim[gamma={gamma:.2f}]_data: {len(sim.oof)} train slices in {sim.folds['series_id'].nunique()} "
+            f"series, {len(sim.test)} test slices, in-sample/OOF first-stage loss "
+            f"{layout_sim.loss_ratio(sim, parts):.3f}"
+        )
+        for design in ("per_fold", "second_place"):
+            for s in seeds:
+                o, t = layout_sim.fit(design, sim, parts, dataclasses.replace(StackConfig(), seed=s))
+                out.setdefault(gamma, {}).setdefault(design, []).append((o, t))
+            arr = np.array(out[gamma][design])
+            print(
+                f"layouts_sim[gamma={gamma:.2f}]_{design}: oof {arr[:, 0].mean():.5f} (sd {arr[:, 0].std(ddof=1):.5f}) "
+                f"test {arr[:, 1].mean():.5f} (sd {arr[:, 1].std(ddof=1):.5f}), seeds {', '.join(map(str, seeds))}"
+            )
+    return out
+
+
+def bench_stack_layouts(_mini: Path | None, scale: float = 0.02, runs: str | Path = "runs") -> None:
+    """The demo's first stage (measured), then the simulation at `scale` with the in-sample gap measured here."""
     fs = demo_first_stage(runs)
     truth_prior = fs.folds[L].to_numpy(np.float64).mean(0, keepdims=True)
     y = fs.truth[L].to_numpy(np.float64)
     print(f"layouts_prior_test_log_loss: {metrics.weighted_log_loss(y, np.repeat(truth_prior, len(y), 0)):.5f}")
-    for key, value in first_stage_gap(fs).items():
+    gap = first_stage_gap(fs)
+    for key, value in gap.items():
         print(f"{key}: {value:.5f}")
+    ratio = float(
+        np.mean([gap[f"first_stage_in_sample_log_loss[{n}]"] / gap[f"first_stage_oof_log_loss[{n}]"] for n in fs.names])
+    )
+    print(f"layouts_first_stage_in_sample_over_oof: {ratio:.3f}")
     cfg: Config = config.load("demo")
     compare(fs, cfg.stack)
+    simulate_layouts(ratio, scale)

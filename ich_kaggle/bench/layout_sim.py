@@ -7,7 +7,9 @@ gap, a model that did not fit its training images better than unseen ones; 0: it
 logits and for the embedding latent alike. `gamma` is set by matching the ratio of in-sample to OOF first-stage loss
 measured on real fold models (`bench --what stack-layouts` prints it for the demo's). What this cannot express: a
 CNN memorises its training images, so its in-sample errors are not merely smaller but differently shaped (it also
-fits label noise); the shrink is the first-order effect only.
+fits label noise); the shrink is the first-order effect only. Measured (docs/stacking.md): at the demo's gap the
+simulation puts `second_place` far ahead of `per_fold`, while the demo's real in-sample features put it behind out
+of fold, so these figures measure the data-size effect of the layouts, not the in-sample mismatch.
 """
 
 from __future__ import annotations

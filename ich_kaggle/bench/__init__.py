@@ -27,9 +27,10 @@ BENCHES: dict[str, str] = {
     "stack-scale": "ich_kaggle.bench.stack_scale:bench_stack_scale",  # every second-stage design, full scale
     "choices": "ich_kaggle.bench.choices:bench_choices",  # quality, not speed: TTA views and weight averaging
     "tta-subtypes": "ich_kaggle.bench.tta_subtypes:bench_tta_subtypes",  # TTA views, crop margin: rim subtypes
+    "stack-layouts": "ich_kaggle.bench.layouts:bench_stack_layouts",  # quality: embedding layouts on the demo
 }
 # long (minutes each; stack-scale tens of CPU-minutes at full scale): only when named with --what
-EXPLICIT = {"stack", "choices", "stack-scale", "tta-subtypes"}
+EXPLICIT = {"stack", "choices", "stack-scale", "tta-subtypes", "stack-layouts"}
 
 SHARED_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsna-ich-mini.tar.xz"
 SYNTHETIC = "synthetic"  # --mini synthetic: the generated competition even where the real mini set is present

@@ -70,7 +70,8 @@ def demo(args):
         help="benchmarks to run: all (the quick ones), synth, meta, cache, loader, train, submission, and the "
         "long ones, run only when named: stack (competition scale, ~15 min), choices (5-8 min), "
         "stack-scale (every second-stage design at competition scale; --scale 0.25 for a quarter), "
-        "stack-layouts (the embedding layouts of the second stage on the demo's fold models; `make demo` first)",
+        "stack-layouts (the embedding layouts of the second stage on the demo's fold models; `make demo` first), "
+        "tta-subtypes (TTA views and head-crop margins against epidural/subdural on the real mini set)",
     ),
     flag(
         "--mini",

@@ -1,11 +1,12 @@
-"""Shared fixtures: the real mini set from ../shared (skipped with a reason when absent) and the synthetic
-competition."""
+"""Shared fixtures, built once per session and read by several files: the real mini set from ../shared (skipped
+with a reason when absent), the synthetic competition, a trained two-member ensemble and a model bundle."""
 
 from __future__ import annotations
 
 import os
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -94,40 +95,51 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory) -> Path:
-    """A model bundle as a user makes one, at test size: the `tiny` config trained 1 epoch on 2 folds of a small
-    synthetic competition, predicted, submitted, exported (~10 s of CPU, once per session)."""
-    import contextlib
-    import io
+def pair(tmp_path_factory) -> SimpleNamespace:
+    """The two-member ensemble that several files read (apply, ensemble, kernel, tiny_bundle), trained once per
+    session: tiny + tiny_bone, 1 epoch, 2 folds of a small synthetic competition, then predicted (each member's
+    test and out-of-fold predictions; ~30 s of CPU).
 
+    Readers share its folders, which no copy can stand in for (manifests name files by absolute path): a reader
+    runs its own ensemble YAML (`train_helpers.pair_yaml`, another stem) with `exp(...)`, whose members are these
+    folds, "already trained", and whose predictions are these unless stale (predict then redoes them); a reader
+    that changes a member's file puts it back."""
     import train_helpers
-    from ich_kaggle.cli import main
     from ich_kaggle.data import synth
 
+    tmp = tmp_path_factory.mktemp("pair")
+    data = synth.write_competition(tmp / "comp", seed=3, studies=10, slices=8, size=64)
+    work, runs = tmp / "work", tmp / "runs"
+
+    def exp(config: str | Path, *extra: str) -> list[str]:
+        """--config, the shared folders and the shared --set overrides (then `extra`) for a CLI command."""
+        sets = [*train_helpers.PAIR_SETTINGS, *extra]
+        return ["--config", str(config), "--data", str(data), "--work", str(work), "--runs", str(runs), "--set", *sets]
+
+    ens = train_helpers.pair_yaml(tmp / "pair.yaml")
+    for step in (["train", *exp(ens), "--fold", "all"], ["predict", *exp(ens)]):
+        out = train_helpers.cli(*step)
+        assert out.returncode == 0, (step[0], out.stderr[-3000:])
+    return SimpleNamespace(tmp=tmp, data=data, work=work, runs=runs, yaml=ens, exp=exp)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(pair, tmp_path_factory) -> Path:
+    """A model bundle as a user makes one, at test size: the session's trained `tiny` (the `pair` ensemble's
+    first member, 2 folds; its config as that member's), predicted, submitted, exported (~5 s once per session)."""
+    import train_helpers
+
     tmp = tmp_path_factory.mktemp("tiny_bundle")
-    data = synth.write_competition(tmp / "comp", seed=3, studies=6, slices=8, size=64)
-    exp = [
-        "--config",
-        "tiny",
-        "--data",
-        str(data),
-        "--work",
-        str(tmp / "work"),
-        "--runs",
-        str(tmp / "runs"),
-        "--set",
-        *train_helpers.FAST,
-        "cv.k=2",
-        "train.epochs=1",
-    ]
+    exp = pair.exp("tiny", *train_helpers.PAIR_MEMBER_SET)
+    printed = []
     for step in (
         ["train", *exp, "--fold", "all"],
         ["predict", *exp],
         ["submit", *exp, "--out-dir", str(tmp / "subs")],
         ["export", *exp, "--out", str(tmp / "bundle")],
     ):
-        err = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            code = main(step)
-        assert code == 0, (step[0], err.getvalue()[-2000:])
+        out = train_helpers.cli(*step)
+        assert out.returncode == 0, (step[0], out.stderr[-2000:])
+        printed.append(out.stdout)
+    assert printed[0].count("is already trained") == 2, printed[0]  # `pair` trained them: nothing trained again
     return tmp / "bundle"

@@ -1,13 +1,11 @@
 """Use the trained model on any head CT (issue 23): export a bundle from a two-member ensemble (tiny + tiny_bone,
-1 epoch, 2 folds, the synthetic competition, trained once for the module), load it, refuse a damaged one, run
+1 epoch, 2 folds, the synthetic competition, trained once per session), load it, refuse a damaged one, run
 `infer` on the real mini set's studies hidden in nested folders and a zip, match `make submit`'s predictions on the
 competition's test folder, report skipped inputs, and `evaluate` against slice-, series-, study-level labels and a
 CQ500-style reads.csv."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import zipfile
@@ -17,64 +15,33 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 import train_helpers
-from ich_kaggle.cli import main
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.labels import LABELS
 
 L = list(LABELS)
-SETTINGS = [
-    *train_helpers.FAST,
-    "cv.k=2",
-    "train.epochs=1",
-    "stack.model=conv",
-    "stack.epochs=2",
-    "stack.hidden=8",
-    "stack.batch_series=4",
-]
 
 
-def cli(*args: str) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+cli = train_helpers.cli
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> SimpleNamespace:
-    """The synthetic competition, a two-member ensemble trained, predicted, stacked and submitted, and its bundle."""
-    from ich_kaggle.data import synth
-
-    tmp = tmp_path_factory.mktemp("apply")
-    data = synth.write_competition(tmp / "comp", seed=3, studies=10, slices=8, size=64)
-    ens = tmp / "pair.yaml"
-    ens.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit"}, "cv": {"k": 2}}))
-    runs = tmp / "runs"
-    exp = [
-        "--config",
-        str(ens),
-        "--data",
-        str(data),
-        "--work",
-        str(tmp / "work"),
-        "--runs",
-        str(runs),
-        "--set",
-        *SETTINGS,
-    ]
+def trained(pair) -> SimpleNamespace:
+    """The session's two-member ensemble (conftest's `pair`: trained and predicted once), stacked and submitted, and
+    its bundle."""
+    tmp = pair.tmp / "apply"
+    tmp.mkdir()
+    exp = pair.exp(pair.yaml)
     for step in (
-        ["train", *exp, "--fold", "all"],
-        ["predict", *exp],
+        ["predict", *exp],  # fresh unless another file re-predicted a member: then this redoes it
         ["stack", *exp],
         ["submit", *exp, "--out-dir", str(tmp / "subs")],
         ["export", *exp, "--out", str(tmp / "bundle")],
     ):
         out = cli(*step)
         assert out.returncode == 0, (step[0], out.stderr[-3000:])
-    return SimpleNamespace(tmp=tmp, data=data, runs=runs, exp=exp, bundle=tmp / "bundle", name="pair")
+    return SimpleNamespace(tmp=tmp, data=pair.data, runs=pair.runs, exp=exp, bundle=tmp / "bundle", name="pair")
 
 
 def test_bundle_holds_the_chosen_pipeline_and_loads(trained):

@@ -62,6 +62,26 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def competition(tmp_path_factory):
+    """`competition(seed, studies, slices, size)`: a small synthetic competition of that shape, written once per
+    session and shared by every file that asks for the same shape (the train, runs, predict, state and DICOM-source
+    tests use seeds 0 and 1 at 12 studies x 8 slices x 64 px). Read only: each test keeps its own work and runs
+    folders; a test that changes a DICOM or a label writes its own competition."""
+    from ich_kaggle.data import synth
+
+    made: dict[tuple[int, int, int, int], Path] = {}
+
+    def get(seed: int = 0, studies: int = 12, slices: int = 8, size: int = 64) -> Path:
+        key = (seed, studies, slices, size)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"comp_{seed}_{studies}x{slices}x{size}")
+            made[key] = synth.write_competition(root / "comp", seed=seed, studies=studies, slices=slices, size=size)
+        return made[key]
+
+    return get
+
+
 @pytest.fixture
 def kaggle_home(tmp_path, monkeypatch) -> Path:
     """`import kaggle` authenticates at import time: give it fake credentials in a temporary HOME."""

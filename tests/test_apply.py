@@ -44,6 +44,7 @@ def trained(pair) -> SimpleNamespace:
     return SimpleNamespace(tmp=tmp, data=pair.data, runs=pair.runs, exp=exp, bundle=tmp / "bundle", name="pair")
 
 
+@pytest.mark.slow
 def test_bundle_holds_the_chosen_pipeline_and_loads(trained):
     from ich_kaggle import bundle
 
@@ -59,6 +60,7 @@ def test_bundle_holds_the_chosen_pipeline_and_loads(trained):
     assert all((trained.bundle / n).is_file() for n in info["files"])
 
 
+@pytest.mark.slow
 def test_damaged_bundle_is_refused_in_one_line(trained, tmp_path):
     from ich_kaggle import bundle
 
@@ -78,6 +80,7 @@ def test_damaged_bundle_is_refused_in_one_line(trained, tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_export_refuses_stale_predictions(trained, tmp_path):
     best = trained.runs / "tiny" / "fold0" / "best.pt"
     best.touch()  # a newer checkpoint than the predictions were made from
@@ -93,6 +96,7 @@ def test_export_refuses_stale_predictions(trained, tmp_path):
         os.utime(best, ns=(m["inputs"]["fold0"]["mtime_ns"], m["inputs"]["fold0"]["mtime_ns"]))
 
 
+@pytest.mark.slow
 def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
     """The slice probabilities of infer are those `make submit` wrote from (the chosen stage's test.csv)."""
     out = cli(
@@ -110,6 +114,7 @@ def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
     assert (tmp_path / "out" / "report.html").read_text().count("<img") >= 2
 
 
+@pytest.mark.slow
 def test_a_submitted_blend_is_bundled_as_the_better_saved_stage(trained, tmp_path, monkeypatch, capsys):
     """submit may choose the blend (or the embedding-level stack), which a bundle cannot hold: the bundle then holds
     the better of the first stage and the probability-level stack by OOF, says so, and infer runs exactly that."""
@@ -141,6 +146,7 @@ def test_a_submitted_blend_is_bundled_as_the_better_saved_stage(trained, tmp_pat
     np.testing.assert_allclose(slices[L].to_numpy(), held.loc[slices.index, L].to_numpy(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_saved_second_stage_gives_the_stack_test_predictions_again(trained):
     """Whatever submit chose, the saved stack applied to the members' test predictions is `stack/test.csv`."""
     from ich_kaggle.data import studies
@@ -163,6 +169,7 @@ def _mini_studies(mini_dir: Path, n: int) -> list[pd.DataFrame]:
     return [g for _, g in list(col.slices.groupby("study_id", sort=False))[:n]]
 
 
+@pytest.mark.slow
 def test_infer_on_mini_studies_in_nested_folders_and_a_zip(trained, mini_dir, tmp_path):
     from ich_kaggle.data import studies
     from ich_kaggle.apply.infer import infer
@@ -231,6 +238,7 @@ def test_zip_with_parent_names_is_refused(tmp_path):
     assert not (tmp_path / "evil.dcm").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_at_slice_series_study_level_and_cq500_reads(trained, tmp_path):
     from ich_kaggle.apply.evaluate import METRICS, evaluate
     from ich_kaggle.core.metrics import read_truth
@@ -302,6 +310,7 @@ def test_evaluate_at_slice_series_study_level_and_cq500_reads(trained, tmp_path)
     assert "per study (4 labelled)" in out.stdout and "LOG_LOSS" in out.stdout
 
 
+@pytest.mark.slow
 def test_fp16_bundle_halves_the_weights_and_still_loads(trained, tmp_path):
     import torch
 

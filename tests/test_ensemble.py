@@ -42,6 +42,7 @@ def test_ensemble_config_checks_its_members(tmp_path):
     assert winners.stack.embedding_stage
 
 
+@pytest.mark.slow
 def test_ensemble_round_trips_through_train_predict_stack_submit_compare(pair, tmp_path):
     # the session's trained members (conftest's `pair`), combined here by the mean of probabilities
     ens = train_helpers.pair_yaml(tmp_path / "mean_pair.yaml", combine="mean")

@@ -530,6 +530,7 @@ def test_datasets_create_wait_version(built, kaggle_home):
     assert notes == ["ich_kaggle tiny", "ich_kaggle tiny"]
 
 
+@pytest.mark.slow
 def test_kernel_wait_output_submit(built, kaggle_home):
     names, out = built
     from ich_kaggle.core.labels import LABELS

@@ -118,7 +118,7 @@ def one_torch_thread():
 def pair(tmp_path_factory) -> SimpleNamespace:
     """The two-member ensemble that several files read (apply, ensemble, kernel, tiny_bundle), trained once per
     session: tiny + tiny_bone, 1 epoch, 2 folds of a small synthetic competition, then predicted (each member's
-    test and out-of-fold predictions; ~30 s of CPU).
+    test and out-of-fold predictions; ~10 s of CPU, 8 of them training).
 
     Readers share its folders, which no copy can stand in for (manifests name files by absolute path): a reader
     runs its own ensemble YAML (`train_helpers.pair_yaml`, another stem) with `exp(...)`, whose members are these
@@ -146,7 +146,7 @@ def pair(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def tiny_bundle(pair, tmp_path_factory) -> Path:
     """A model bundle as a user makes one, at test size: the session's trained `tiny` (the `pair` ensemble's
-    first member, 2 folds; its config as that member's), predicted, submitted, exported (~5 s once per session)."""
+    first member, 2 folds; its config as that member's), submitted and exported (under 1 s of CPU on top of `pair`)."""
     import train_helpers
 
     tmp = tmp_path_factory.mktemp("tiny_bundle")

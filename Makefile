@@ -16,7 +16,7 @@ FORCE     ?=
 ## K=<k> SEED=<s>     folds, kernel-prepare: number of folds and their seed (default 5 and 42)
 K         ?=
 SEED      ?=
-## KAGGLE_USERNAME=<you>  Kaggle user name (default: $KAGGLE_USERNAME)
+## KAGGLE_USERNAME=<you>  Kaggle user name (default: $KAGGLE_USERNAME, else the one your token belongs to)
 KAGGLE_USERNAME ?=
 ## MESSAGE="..."      version notes / submission message
 MESSAGE   ?= ich_kaggle $(CONFIG)
@@ -43,7 +43,7 @@ EXP  := --config "$(CONFIG)" --data "$(DATA_DIR)" --runs "$(RUNS)" $(if $(RUN),-
         kernel-output kernel-submit kernel-score kernel-code kernel-prepare kernel-train kernel-fetch \
         kernel-fetch-prepare kernel-from-folds kernel-status gpu-check report compare clean-venv \
         install validate docs docs-check export infer evaluate serve \
-        kernel-weights kaggle-plan kernel-gpu-check kernel-gpu-check-fetch kernel-combine test-fast lint
+        kernel-weights kaggle-plan kernel-gpu-check kernel-gpu-check-fetch kernel-combine kernel-finish test-fast lint
 
 help: ## this list: the targets, then the variables (`make <target> VAR=value ...`)
 	@echo "make <target> [VAR=value ...]   (python -m ich_kaggle --help: the same commands with their flags)"
@@ -155,8 +155,18 @@ kernel-datasets: $(PY) ## build the code and model dataset folders under kernels
 	$(PY) -m ich_kaggle kernel-datasets $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) \
 	    $(if $(FP16_WEIGHTS),--fp16-weights)
 
-kernel: $(PY) ## write kernels/<slug>/, the offline inference kernel
-	$(PY) -m ich_kaggle kernel $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) --slug $(SLUG)
+## MEMBERS="a b" FOLDS="0 1" ATTACH="slug ..." RESUME=1  kernel: a part kernel (its slug says which); adopt the
+##                    attached kernels' fold predictions; attach its own previous output (a cut session resumes)
+kernel: $(PY) ## write kernels/<slug>/, the offline inference kernel on the model bundle
+	$(PY) -m ich_kaggle kernel $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) \
+	    $(if $(or $(MEMBERS),$(FOLDS)),$(if $(filter command line,$(origin SLUG)),--slug $(SLUG)),--slug $(SLUG)) \
+	    $(if $(MEMBERS),--members $(MEMBERS)) $(if $(FOLDS),--folds $(FOLDS)) \
+	    $(if $(ATTACH),--attach $(ATTACH)) $(if $(RESUME),--resume)
+
+## OUTPUTS="dir-or-slug ..."  kernel-finish: the fetched outputs of the inference kernel's parts
+kernel-finish: $(PY) ## the submission from the parts' fetched fold predictions, locally -> kernels/output/<slug>/
+	$(PY) -m ich_kaggle kernel-finish $(EXP) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) --slug $(SLUG) \
+	    --outputs $(OUTPUTS)
 
 # Each step checks Kaggle's answer (the kaggle CLI exits 0 when the server refuses) and exits non-zero with it.
 KAGGLE_ARGS = --config $(CONFIG) $(if $(KAGGLE_USERNAME),--username $(KAGGLE_USERNAME)) --slug $(SLUG)
@@ -237,10 +247,11 @@ gpu-check: $(PY) ## a few minutes of real training + inference on the GPU(s) (MI
 ## MODEL=<bundle>     export, infer, evaluate, serve: the model bundle folder (default bundles/<config>)
 ## OUT=<folder> INPUTS="<paths>" LABELS=<csv>  infer, evaluate: output folder, DICOM inputs, external labels
 ## DICOMWEB=<url> STUDY=<uid>  infer: pull the study from a PACS instead of INPUTS; FP16=1 export: float16 weights
+## STAGE=<stage>      export: bundle this fresh stage (first_stage, stacked, stacked_embeddings, blend), not submit's
 ## HOST= PORT=          serve: where the page listens (default 127.0.0.1:8000)
 MODEL     ?= bundles/$(notdir $(basename $(CONFIG)))
 export: $(PY) ## the model bundle of CONFIG's finished folds into MODEL (FP16=1: float16 weights)
-	$(PY) -m ich_kaggle export $(EXP) --out "$(MODEL)" $(if $(FP16),--fp16)
+	$(PY) -m ich_kaggle export $(EXP) --out "$(MODEL)" $(if $(FP16),--fp16) $(if $(STAGE),--stage $(STAGE))
 
 infer: $(PY) ## run MODEL on INPUTS (DICOM files, folders, zips) or DICOMWEB= STUDY=; writes OUT
 	$(PY) -m ich_kaggle infer --model "$(MODEL)" --out "$(OUT)" $(INPUTS) \

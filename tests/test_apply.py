@@ -32,7 +32,8 @@ def trained(pair) -> SimpleNamespace:
     its bundle."""
     tmp = pair.tmp / "apply"
     tmp.mkdir()
-    exp = pair.exp(pair.yaml)
+    # every stage submit chooses among: first stage, both stacks, their blend (stack.* never retrains a member)
+    exp = pair.exp(pair.yaml, "stack.embedding_stage=true")
     for step in (
         ["predict", *exp],  # fresh unless another file re-predicted a member: then this redoes it
         ["stack", *exp],
@@ -115,35 +116,85 @@ def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_submitted_blend_is_bundled_as_the_better_saved_stage(trained, tmp_path, monkeypatch, capsys):
-    """submit may choose the blend (or the embedding-level stack), which a bundle cannot hold: the bundle then holds
-    the better of the first stage and the probability-level stack by OOF, says so, and infer runs exactly that."""
+@pytest.mark.parametrize("stage", ["stacked_embeddings", "blend"])
+def test_bundle_runs_the_embedding_stack_and_the_blend_exactly(stage, trained, tmp_path, monkeypatch):
+    """The bundle holds exactly the stage submit chose, whichever it is: the embedding-level stack (forced with
+    `export --stage`) and the blend (chosen by submit, forced by its choice), and infer on the competition's test
+    folder gives that stage's test predictions, which `make submit` sends when it chooses it, to 1e-6."""
     from ich_kaggle import bundle
     from ich_kaggle.submit import choose
 
-    real = choose.choose
-
-    def blend_wins(stages, truth, blend_dir):
-        _, losses = real(stages, truth, blend_dir)  # writes the blend's files
-        return choose.Stage("blend", blend_dir.test, blend_dir.oof), {**losses, "blend": 0.0}
-
     choice_json = trained.runs / "pair" / "choice.json"
     kept = choice_json.read_bytes()  # the module's other tests read submit's real choice
-    monkeypatch.setattr(choose, "choose", blend_wins)
-    out = cli("export", *trained.exp, "--out", str(tmp_path / "b"))
+    if stage == "blend":
+        real = choose.choose
+
+        def blend_wins(stages, truth, blend_dir):
+            _, losses = real(stages, truth, blend_dir)  # writes the blend's files
+            return choose.Stage("blend", blend_dir.test, blend_dir.oof), {**losses, "blend": 0.0}
+
+        monkeypatch.setattr(choose, "choose", blend_wins)
+        out = cli("export", *trained.exp, "--out", str(tmp_path / "b"))
+    else:
+        out = cli("export", *trained.exp, "--stage", stage, "--out", str(tmp_path / "b"))
     choice_json.write_bytes(kept)
+    monkeypatch.undo()
     assert out.returncode == 0, out.stderr[-3000:]
     info = bundle.load(tmp_path / "b").info
-    losses = info["oof_log_loss_by_stage"]
-    better = "stacked" if losses["stacked"] < losses["first_stage"] else "first_stage"
-    assert info["submit_stage"] == "blend" and info["stage"] == better
-    assert "submit chose the blend, which a bundle cannot hold" in out.stdout + capsys.readouterr().out
-    monkeypatch.undo()
+    assert info["stage"] == stage and info["submit_stage"] == (
+        "blend" if stage == "blend" else json.loads(kept)["stage"]
+    )
+    if stage == "blend":
+        assert info["blend"]["parts"] == ["stacked", "stacked_embeddings"]
+    assert set(info["second_stages"]) == ({"stacked", "stacked_embeddings"} if stage == "blend" else {stage})
+    assert info["second_stages"]["stacked_embeddings"]["layout"] == "per_fold"
+    assert all(sorted(m["projections"]) == ["0", "1"] for m in info["members"])  # each fold model's own PCA
     res = cli("infer", "--model", str(tmp_path / "b"), "--out", str(tmp_path / "o"), str(trained.data / "stage_2_test"))
     assert res.returncode == 0, res.stderr[-3000:]
-    held = pd.read_csv(info["stage_files"]["test"]).set_index("image_id")
+    want = pd.read_csv(trained.runs / "pair" / ("blend" if stage == "blend" else "stack_embeddings") / "test.csv")
+    want = want.set_index("image_id")
     slices = pd.read_csv(tmp_path / "o" / "slices.csv").set_index("sop_instance_uid")
-    np.testing.assert_allclose(slices[L].to_numpy(), held.loc[slices.index, L].to_numpy(), atol=1e-6, rtol=0)
+    assert len(slices) == len(want)
+    np.testing.assert_allclose(slices[L].to_numpy(), want.loc[slices.index, L].to_numpy(), atol=1e-6, rtol=0)
+    # the Kaggle kernel's path: each fold model's output kept in its working folder (embeddings included where the
+    # stage reads them), read back after a cut session, gives the same stage
+    from ich_kaggle.apply.infer import predict_fold, run_pipeline
+    from ich_kaggle.data import studies
+    from ich_kaggle.kaggle.run import FoldStore
+
+    b = bundle.load(tmp_path / "b")
+    frame = studies.collect([trained.data / "stage_2_test"]).slices
+    store = FoldStore(tmp_path / "kept", "bundle", "slices")
+    for entry in b.info["members"]:
+        for k in entry["folds"]:
+            probs, embs, lost = predict_fold(b, entry, k, frame)
+            assert embs is not None and len(embs) == len(frame)  # the per_fold embedding stack reads them
+            store.put(entry["name"], k, probs, embs, lost)
+    kept_run = run_pipeline(b, frame, fold_predictions=store.get)[0].set_index("image_id")
+    np.testing.assert_allclose(kept_run.loc[slices.index, L].to_numpy(), slices[L].to_numpy(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_export_refuses_an_unknown_or_unsaved_stage_and_load_an_older_format(trained, tmp_path):
+    from ich_kaggle import bundle
+
+    out = cli("export", *trained.exp, "--stage", "mixture", "--out", str(tmp_path / "b"))
+    assert out.returncode == 2 and "--stage mixture: unknown stage" in out.stderr and not (tmp_path / "b").exists()
+    models = trained.runs / "pair" / "stack_embeddings" / "models.pt"
+    models.rename(tmp_path / "models.pt")  # a stage fitted before its models were saved
+    try:
+        out = cli("export", *trained.exp, "--stage", "stacked_embeddings", "--out", str(tmp_path / "b"))
+    finally:
+        (tmp_path / "models.pt").rename(models)
+    assert out.returncode == 2 and "models were not saved" in out.stderr and "make stack" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+    old = tmp_path / "old"
+    shutil.copytree(trained.bundle, old)
+    info = json.loads((old / "bundle.json").read_text())
+    (old / "bundle.json").write_text(json.dumps({**info, "format": bundle.FORMAT - 1}))
+    with pytest.raises(UserError, match=f"bundle format {bundle.FORMAT - 1}, this version reads format") as e:
+        bundle.load(old)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.slow

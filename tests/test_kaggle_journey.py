@@ -168,7 +168,7 @@ def test_the_gpu_less_journey_for_a_config_and_an_ensemble(tmp_path, kernel_pyth
     assert config.load("tiny", MEMBER_SET).to_dict() == tiny.to_dict()  # `tiny` alone trains the same kernels
     out, runs = tmp_path / "kernels", tmp_path / "runs"
     kaggle = Kaggle(tmp_path, kernel_python, comp)
-    with FakeKaggle(max_seconds=600) as fk:
+    with FakeKaggle(max_seconds=1800) as fk:
         for key, value in fk.env({}).items():
             monkeypatch.setenv(key, value)
         for key in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
@@ -238,14 +238,14 @@ def test_the_gpu_less_journey_for_a_config_and_an_ensemble(tmp_path, kernel_pyth
             fk.kernel_output.update({"submission.csv": produced.read_bytes()})
             got[cfg.name] = api.fetch_output(f"{USER}/{folder.name}", out / "output" / folder.name)
             api.submit_file(got[cfg.name], f"ich_kaggle {cfg.name}")
-        assert "predict: ensemble of 2 members (logit)" in log
+        assert "tiny_bone folds [0, 1], combined (logit)" in log  # the ensemble's first stage, as predict combines
         assert len(fk.submissions) == 2
         assert _pushed(fk)[-1]["kernelDataSources"] == [f"{USER}/ich-kaggle-prepare"] + [
             f"{USER}/ich-kaggle-{m}-fold{k}" for m in ("tiny", "tiny-bone") for k in (0, 1)
         ]
 
     # what a user with the data runs on the same fetched folds: make predict + make submit (first stage)
-    assert build.trained_folds(tiny, runs) == [0, 1] and build.trained_folds(bone, runs) == [0, 1]
+    assert Run.of(runs, "tiny").finished([0, 1]) == [0, 1] and Run.of(runs, "tiny_bone").finished([0, 1]) == [0, 1]
     predict.predict(tiny, layout, runs=runs)
     predict.predict_ensemble(duo, [tiny, bone], layout, runs=runs)
     for cfg in (tiny, duo):

@@ -19,11 +19,13 @@ import pytest
 from ich_kaggle.core.layout import COMPETITION
 from ich_kaggle.core import config
 from ich_kaggle.kaggle import build as kernel, run as kernel_run, wheels
+from types import SimpleNamespace
 from ich_kaggle.core.errors import UserError
-from ich_kaggle.core.layout import Layout, Run
+from ich_kaggle.core.layout import Layout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_kaggle import FakeKaggle  # noqa: E402
+import train_helpers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # the `kaggle` CLI installed beside the interpreter running the tests (whatever the environment is called)
@@ -35,30 +37,27 @@ def cfg():
     return config.load("tiny")
 
 
-def fake_run(runs: Path, cfg, folds=(0, 2), stack=True) -> Path:
-    """A finished experiment's files (contents do not matter for packaging). `cfg` is set to ship exactly `folds`
-    (cv.folds): a fold the config wants that is not finished is refused (issue 21)."""
-    from ich_kaggle.core import freshness, manifest
+TINY_SET = [*train_helpers.FAST, "cv.k=2", "train.epochs=1"]  # the experiment of conftest's `tiny_bundle`
 
-    if sorted(folds) != list(range(cfg.cv.k)):
-        cfg.cv.folds = list(folds)
-    root = runs / cfg.name
-    for k in folds:
-        (root / f"fold{k}").mkdir(parents=True)
-        (root / f"fold{k}" / "best.pt").write_bytes(f"checkpoint {k}".encode())
-        (root / f"fold{k}" / "last.pt").write_bytes(b"not shipped")
-        (root / f"fold{k}" / "done.json").write_text(f'{{"fold": {k}}}')
-    (root / "predictions").mkdir(parents=True)
-    (root / "predictions" / "oof.csv").write_text("image_id,any\n")
-    (root / "predictions" / "test.csv").write_text("stale local test predictions\n")
-    (root / "predictions" / "oof_embeddings.npz").write_bytes(b"big")
-    manifest.write(root / "predictions" / "oof.csv", freshness.predictions(Run(root), list(folds), cfg.tta))
-    if stack:
-        (root / "stack").mkdir()
-        (root / "stack" / "metrics.csv").write_text("stage\n")
-        (root / "stack" / "test.csv").write_text("stale\n")
-        (root / "stack" / "curves.png").write_bytes(b"png")
-    return runs
+
+@pytest.fixture(scope="module")
+def model_dataset(tiny_bundle, tmp_path_factory) -> SimpleNamespace:
+    """`make kernel-datasets`'s model dataset (the model bundle + dataset-metadata.json) of the session's tiny
+    experiment (trained, predicted, submitted by `tiny_bundle`), for user testuser."""
+    base = tiny_bundle.parent
+    cfg = config.load("tiny", TINY_SET)
+    layout = Layout.of(base / "comp", base / "work")
+    out = tmp_path_factory.mktemp("model") / "kernels"
+    names = kernel.names_for(cfg, "testuser")
+    folder = kernel.build_model_dataset(cfg, names, base / "runs", out, layout)
+    return SimpleNamespace(cfg=cfg, runs=base / "runs", layout=layout, folder=folder, names=names, base=base)
+
+
+def _with_model(model_dataset, out: Path) -> Path:
+    """A copy of the model dataset folder under `out` (where build_kernel looks for it)."""
+    dest = out / model_dataset.folder.name
+    shutil.copytree(model_dataset.folder, dest)
+    return dest
 
 
 def fake_layout(base: Path) -> Layout:
@@ -122,18 +121,20 @@ def test_names_and_default_slug(cfg):
 def test_no_trained_fold(tmp_path, cfg):
     (tmp_path / "runs" / cfg.name / "fold0").mkdir(parents=True)  # a fold folder without best.pt
     with pytest.raises(UserError, match="no finished fold") as e:
-        kernel.build_datasets(cfg, runs=tmp_path / "runs", out=tmp_path / "kernels", username="alice")
+        kernel.build_datasets(
+            cfg, runs=tmp_path / "runs", out=tmp_path / "kernels", username="alice", layout=fake_layout(tmp_path)
+        )
     assert "make train-all CONFIG=tiny" in str(e.value)
     assert not (tmp_path / "kernels").exists()  # nothing half-written
 
 
-def test_kernel_needs_the_dataset_folders(tmp_path, cfg, monkeypatch):
-    fake_run(tmp_path / "runs", cfg)
+def test_kernel_needs_the_dataset_folders(tmp_path, model_dataset, monkeypatch):
+    cfg, runs = model_dataset.cfg, model_dataset.runs
     out = tmp_path / "kernels"
     with pytest.raises(UserError, match="ich-kaggle-code is missing") as e:
-        kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="alice")
-    assert "make kernel-datasets CONFIG=tiny KAGGLE_USERNAME=alice" in str(e.value)
-    names = kernel.names_for(cfg, "alice")
+        kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
+    assert "make kernel-datasets CONFIG=tiny KAGGLE_USERNAME=testuser" in str(e.value)
+    names = kernel.names_for(cfg, "testuser")
 
     def empty_wheel(dest: Path) -> wheels.Wheel:  # the wheel's contents do not matter here; building it is slow
         (dest / "ich_kaggle-0.1.0-py3-none-any.whl").write_bytes(b"")
@@ -142,15 +143,15 @@ def test_kernel_needs_the_dataset_folders(tmp_path, cfg, monkeypatch):
     monkeypatch.setattr(wheels, "build_project_wheel", empty_wheel)
     kernel.build_code_dataset(names, out, packages=())
     with pytest.raises(UserError, match="ich-kaggle-model-tiny is missing"):
-        kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="alice")
-    with pytest.raises(UserError, match="needs the folds.csv .* DATA_DIR=<folder>"):
-        kernel.build_model_dataset(cfg, names, tmp_path / "runs", out)  # no layout: no meta/folds to ship
-    kernel.build_model_dataset(cfg, names, tmp_path / "runs", out, fake_layout(tmp_path))
-    with pytest.raises(UserError, match="has id 'alice/ich-kaggle-code', expected 'bob/ich-kaggle-code'"):
-        kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="bob")  # datasets built for another user
-    (names.model_dir(out) / "fold0_best.pt").unlink()
-    with pytest.raises(UserError, match="lacks fold0_best.pt"):
-        kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="alice")
+        kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
+    with pytest.raises(UserError, match="needs the data folder .* DATA_DIR=<folder>"):
+        kernel.build_model_dataset(cfg, names, runs, out)  # no layout: the bundle chooses its stage by the labels
+    model = _with_model(model_dataset, out)
+    with pytest.raises(UserError, match="has id 'testuser/ich-kaggle-code', expected 'bob/ich-kaggle-code'"):
+        kernel.build_kernel(cfg, runs=runs, out=out, username="bob")  # datasets built for another user
+    (model / "members" / "tiny" / "fold0.pt").unlink()
+    with pytest.raises(UserError, match="1 file\\(s\\) missing: members/tiny/fold0.pt"):
+        kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
     assert not (out / "ich-kaggle-tiny").exists()
 
 
@@ -182,67 +183,38 @@ def _env() -> dict[str, str]:
 
 
 # --- dataset and kernel folders -----------------------------------------------------------------------------------
-def test_model_dataset_contents(tmp_path, cfg):
-    runs = fake_run(tmp_path / "runs", cfg)
-    names = kernel.names_for(cfg, "alice")
-    folder = kernel.build_model_dataset(cfg, names, runs, tmp_path / "kernels", fake_layout(tmp_path))
-    files = sorted(p.name for p in folder.iterdir())
+def test_model_dataset_is_the_bundle(model_dataset, tmp_path):
+    from ich_kaggle import bundle
+
+    folder = model_dataset.folder
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert files == [
+        "bundle.json",
         "config.yaml",
         "dataset-metadata.json",
-        "fold0_best.pt",
-        "fold0_done.json",
-        "fold2_best.pt",
-        "fold2_done.json",
-        "folds.csv.gz",
-        "folds.csv.json",
-        "ich_kaggle_model.json",
-        "predictions_oof.csv",
-        "stack_metrics.csv",
-        "train_meta.csv.gz",
-    ]  # no stale test.csv/png/last.pt
-    assert list(pd.read_csv(folder / "train_meta.csv.gz")["image_id"]) == ["ID_a"]  # train rows only
-    assert pd.read_csv(folder / "folds.csv.gz").shape == (1, 6)
-    assert (folder / "fold2_best.pt").read_bytes() == b"checkpoint 2"
+        "members/tiny/config.yaml",
+        "members/tiny/fold0.pt",
+        "members/tiny/fold1.pt",
+    ]  # no OOF or test predictions, no optimizer state: what `make export` writes, and Kaggle's metadata
+    b = bundle.load(folder)  # the checksums hold: dataset-metadata.json is beside the bundle, not in it
+    assert [(m["name"], m["folds"]) for m in b.info["members"]] == [("tiny", [0, 1])]
     meta = json.loads((folder / "dataset-metadata.json").read_text())
-    assert meta["id"] == "alice/ich-kaggle-model-tiny" and meta["licenses"] == [{"name": "CC0-1.0"}]
+    assert meta["id"] == "testuser/ich-kaggle-model-tiny" and meta["licenses"] == [{"name": "CC0-1.0"}]
     assert 6 <= len(meta["title"]) <= 50
-    manifest = kernel_run.read_manifest(folder)
-    assert manifest["folds"] == [0, 2] and manifest["stack"] is True
-    assert manifest["files"]["fold2_best.pt"] == "fold2/best.pt"
-    (folder / "ich_kaggle_model.json").write_text(json.dumps({**manifest, "format": 1}))
-    with pytest.raises(UserError, match="format 1, this ich_kaggle reads 2"):
-        kernel_run.read_manifest(folder)
-    assert config.load(str(folder / "config.yaml")).to_dict() == cfg.to_dict()
-
-    cfg.stack.use_embeddings = True  # the stacker then also needs the OOF embeddings
-    cfg.stack.embedding_space = "mixture"
-    assert kernel.model_files(cfg, runs)["predictions_oof_embeddings.npz"] == "predictions/oof_embeddings.npz"
-    cfg.stack.embedding_space = "per_fold"  # ... and each fold model's own OOF predictions and embeddings
-    with pytest.raises(UserError, match="oof_fold0.csv not found"):
-        kernel.model_files(cfg, runs)
-    for k in (0, 2):
-        for name in (f"oof_fold{k}.csv", f"oof_fold{k}_embeddings.npz", f"oof_fold{k}_pca.npz"):
-            (runs / cfg.name / "predictions" / name).write_text("x")
-    shipped = kernel.model_files(cfg, runs)
-    assert shipped["predictions_oof_fold2_embeddings.npz"] == "predictions/oof_fold2_embeddings.npz"
-    assert "predictions_oof_embeddings.npz" not in shipped  # per_fold never reads the mixture's combined file
-    assert shipped["predictions_oof_fold2_pca.npz"] == "predictions/oof_fold2_pca.npz"
-    cfg.stack.embedding_space = "mixture"
-    (runs / cfg.name / "predictions" / "oof_embeddings.npz").unlink()
-    with pytest.raises(UserError, match="oof_embeddings.npz not found .* rerun `make predict CONFIG=tiny`"):
-        kernel.model_files(cfg, runs)
-    (runs / cfg.name / "stack" / "test.csv").unlink()  # not stacked: only the checkpoints travel
-    assert kernel.model_files(cfg, runs) == {
-        "fold0_best.pt": "fold0/best.pt",
-        "fold0_done.json": "fold0/done.json",
-        "fold2_best.pt": "fold2/best.pt",
-        "fold2_done.json": "fold2/done.json",
-    }
-    cfg.cv.folds = [2]
-    assert kernel.trained_folds(cfg, runs) == [2]
-    (runs / cfg.name / "fold2" / "done.json").unlink()  # an unfinished fold never travels
-    assert kernel.trained_folds(cfg, runs) == []
+    assert config.load(str(folder / "config.yaml")).to_dict() == model_dataset.cfg.to_dict()
+    # the same files as `make export` (one writer): the bundle of conftest's fixture
+    exported = model_dataset.base / "bundle"
+    assert all((folder / n).read_bytes() == (exported / n).read_bytes() for n in b.info["files"] if n.endswith(".yaml"))
+    assert set(b.info["files"]) == set(bundle.load(exported).info["files"])  # (torch.save's bytes vary by run)
+    # an old-format model dataset folder (ich_kaggle_model.json) is replaced, not mixed in
+    old = tmp_path / "kernels" / folder.name
+    old.mkdir(parents=True)
+    (old / "ich_kaggle_model.json").write_text("{}")
+    (old / "fold0_best.pt").write_bytes(b"old")
+    kernel.build_model_dataset(
+        model_dataset.cfg, model_dataset.names, model_dataset.runs, tmp_path / "kernels", model_dataset.layout
+    )
+    assert not (old / "fold0_best.pt").exists() and (old / "bundle.json").is_file()
 
 
 def test_repacked_wheel_installs_and_imports(tmp_path):
@@ -279,10 +251,10 @@ def test_repacked_wheel_installs_and_imports(tmp_path):
     assert out.stdout.startswith(str(target))
 
 
-def test_code_dataset_and_kernel_folder(tmp_path, cfg):
-    runs = fake_run(tmp_path / "runs", cfg)
+def test_code_dataset_and_kernel_folder(tmp_path, model_dataset, monkeypatch):
+    cfg, runs = model_dataset.cfg, model_dataset.runs
     out = tmp_path / "kernels"
-    names = kernel.names_for(cfg, "alice")
+    names = kernel.names_for(cfg, "testuser")
     (out / "ich-kaggle-code").mkdir(parents=True)
     (out / "ich-kaggle-code" / "ich_kaggle-0.0.1-py3-none-any.whl").write_bytes(b"stale")  # replaced, not mixed in
     code = kernel.build_code_dataset(names, out, packages=("munch",))
@@ -294,94 +266,66 @@ def test_code_dataset_and_kernel_folder(tmp_path, cfg):
         packed = zf.namelist()
     assert {"ich_kaggle/kaggle/run.py", "ich_kaggle/kaggle/template.py", "ich_kaggle/configs/tiny.yaml"} <= set(packed)
     assert not (ROOT / "build").exists() or not any((ROOT / "build").iterdir())  # built from a copy
-    kernel.build_model_dataset(cfg, names, runs, out, fake_layout(tmp_path))
+    _with_model(model_dataset, out)
 
-    folder = kernel.build_kernel(cfg, runs=runs, out=out, username="alice")
+    folder = kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
     assert folder == out / "ich-kaggle-tiny"
     meta = json.loads((folder / "kernel-metadata.json").read_text())
-    assert meta["id"] == "alice/ich-kaggle-tiny" and meta["code_file"] == "kernel.py"
+    assert meta["id"] == "testuser/ich-kaggle-tiny" and meta["code_file"] == "kernel.py"
     assert meta["language"] == "python" and meta["kernel_type"] == "script"
     assert meta["enable_internet"] is False and meta["enable_gpu"] is True and meta["is_private"] is True
     assert meta["machine_shape"] == "NvidiaTeslaT4"  # else a CLI push gets a P100, which Kaggle's torch cannot run
     assert meta["competition_sources"] == [COMPETITION]
-    assert meta["dataset_sources"] == ["alice/ich-kaggle-code", "alice/ich-kaggle-model-tiny"]
+    assert meta["dataset_sources"] == ["testuser/ich-kaggle-code", "testuser/ich-kaggle-model-tiny"]
+    assert meta["kernel_sources"] == []
     script = (folder / "kernel.py").read_text()
     compile(script, "kernel.py", "exec")
-    assert 'CONFIG_NAME = "tiny"' in script and 'MODEL_DATASET = "alice/ich-kaggle-model-tiny"' in script
+    assert 'CONFIG_NAME = "tiny"' in script and 'MODEL_DATASET = "testuser/ich-kaggle-model-tiny"' in script
     assert "__CONFIG_NAME__" not in script and "--no-index" in script
+    assert "PART = {'members': None, 'folds': None}" in script
+
+    # a part kernel (make kernel FOLDS=1): its own slug, its selection in the script; a resumed one attaches itself
+    part = kernel.build_kernel(cfg, runs=runs, out=out, username="testuser", folds=[1], resume=True)
+    assert part.name == "ich-kaggle-tiny-f1"
+    assert "PART = {'members': None, 'folds': [1]}" in (part / "kernel.py").read_text()
+    assert json.loads((part / "kernel-metadata.json").read_text())["kernel_sources"] == ["testuser/ich-kaggle-tiny-f1"]
+    last = kernel.build_kernel(cfg, runs=runs, out=out, username="testuser", attach=["ich-kaggle-tiny-f1"])
+    assert json.loads((last / "kernel-metadata.json").read_text())["kernel_sources"] == ["testuser/ich-kaggle-tiny-f1"]
+    with pytest.raises(UserError, match="FOLDS \\[4\\] are not all in"):
+        kernel.build_kernel(cfg, runs=runs, out=out, username="testuser", folds=[4])
+    # an inference longer than a session (the plan's rule, sessions.split_inference): refused, naming the parts
+    from ich_kaggle.kaggle import sessions
+
+    monkeypatch.setattr(sessions, "inference_hours", lambda member, folds: 6.0 * folds)
+    monkeypatch.setattr(sessions, "inference_setup_hours", lambda: 0.1)
+    with pytest.raises(UserError, match="needs 12.2 h, more than one 12-hour session") as e:
+        kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
+    assert 'FOLDS="0" SLUG=ich-kaggle-tiny-m0-f0' in str(e.value) and "\n" not in str(e.value)
+    assert 'ATTACH="ich-kaggle-tiny-m0-f0 ich-kaggle-tiny-m0-f1"' in str(e.value)
+    assert kernel.build_kernel(cfg, runs=runs, out=out, username="testuser", members=["tiny"], folds=[0]).is_dir()
+    kernel.build_kernel(cfg, runs=runs, out=out, username="testuser", attach=["ich-kaggle-tiny-m0-f0"])  # the last
 
 
-def test_find_inputs_in_nested_kaggle_layout(tmp_path):
+def test_find_bundle_in_nested_kaggle_layout(tmp_path):
     root = tmp_path / "input"
-    comp = root / COMPETITION / COMPETITION  # new kernels mount competitions one level deeper
+    comp = root / "competitions" / COMPETITION / COMPETITION  # today's kernels mount competitions two levels deeper
     (comp / "stage_2_test").mkdir(parents=True)
     (comp / "stage_2_train").mkdir()
     (comp / "stage_2_sample_submission.csv").write_text("ID,Label\n")
-    model = root / "ich-kaggle-model-tiny"
-    model.mkdir()
-    (model / "ich_kaggle_model.json").write_text(json.dumps({"config": "tiny", "folds": [0], "files": {}}))
-    other = root / "datasets" / "bob" / "ich-kaggle-model-big"
+    model = root / "datasets" / "alice" / "ich-kaggle-model-tiny"
+    model.mkdir(parents=True)
+    (model / "bundle.json").write_text(json.dumps({"name": "tiny"}))
+    other = root / "datasets" / "bob" / "ich-kaggle-model-big" / "sub"
     other.mkdir(parents=True)
-    (other / "ich_kaggle_model.json").write_text(json.dumps({"config": "big", "folds": [0], "files": {}}))
-    code = root / "datasets" / "alice" / "ich-kaggle-code"
-    code.mkdir(parents=True)
-    (code / "ich_kaggle-0.1.0-py3-none-any.whl").write_bytes(b"")
-    found = kernel_run.find_inputs(root, config_name="tiny")
-    assert found == kernel_run.KernelInputs(comp, model, code)
+    (other / "bundle.json").write_text(json.dumps({"name": "big"}))
+    assert kernel_run.find_bundle(root, "tiny") == model and kernel_run.find_bundle(root, "big") == other
+    assert kernel_run.find_test_competition(root) == comp
     with pytest.raises(UserError, match="attach ich-kaggle-model-other"):
-        kernel_run.find_inputs(root, config_name="other")
+        kernel_run.find_bundle(root, "other")
     (comp / "stage_2_sample_submission.csv").unlink()
     with pytest.raises(UserError, match="add the competition"):
-        kernel_run.find_inputs(root, config_name="tiny")
-
-
-def test_kernel_side_work_folder(tmp_path):
-    """Inside the kernel: runs/ from the flat dataset, a test-only data view, meta = shipped train rows + test scan,
-    folds as shipped and not considered stale (a rebuild would need the train DICOMs the kernel does not read)."""
-    from ich_kaggle.data import folds as folds_mod
-    from ich_kaggle.data import meta as meta_mod
-    from ich_kaggle.data import synth
-
-    comp = synth.write_competition(tmp_path / "comp", seed=1, studies=4, slices=3, size=32)
-    cfg = config.load("tiny", ["cv.k=2"])
-    layout = Layout.of(comp, tmp_path / "work")
-    local_folds = folds_mod.load_folds(layout, k=2, seed=cfg.cv.seed)
-    local_meta = meta_mod.load_meta(layout)
-    runs = fake_run(tmp_path / "runs", cfg, folds=(0, 1))
-    names = kernel.names_for(cfg, "alice")
-    model = kernel.build_model_dataset(cfg, names, runs, tmp_path / "kernels", layout)
-
-    working = tmp_path / "working"
-    manifest = kernel_run.read_manifest(model)
-    got = kernel_run.materialize(model, manifest, working / "runs")
-    assert got.cv.folds == [0, 1] and got.cv.k == 2
-    assert (working / "runs" / "tiny" / "fold1" / "best.pt").read_bytes() == b"checkpoint 1"
-    view = kernel_run.data_view(comp, working / "data")
-    assert sorted(p.name for p in view.iterdir()) == [
-        "stage_2_sample_submission.csv",
-        "stage_2_test",
-        "stage_2_train.csv",
-    ]
-    kernel_layout = Layout.of(view, working / "work")
-    kernel_run.prepare_work(kernel_layout, model)  # before predict: test rows only, so only test images get cached
-    key = ["image_id", "series_id", "split", "slice_rank", "series_len"]
-
-    def rows(frame):
-        return frame[key].sort_values("image_id").reset_index(drop=True)
-
-    assert set(meta_mod.load_meta(kernel_layout)["split"]) == {"test"}
-    pd.testing.assert_frame_equal(
-        rows(meta_mod.load_meta(kernel_layout)), rows(local_meta[local_meta["split"] == "test"])
-    )
-    assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
-    pd.testing.assert_frame_equal(folds_mod.load_folds(kernel_layout, k=2, seed=cfg.cv.seed), local_folds)
-    oof = working / "runs" / "tiny" / "predictions" / "oof.csv"
-    oof.unlink()
-    oof.write_text("image_id\n")  # what predict leaves in the kernel: no OOF images to predict there
-    kernel_run.prepare_stack(kernel_layout, model, manifest, Run(working / "runs" / "tiny"))  # before stacking:
-    pd.testing.assert_frame_equal(rows(meta_mod.load_meta(kernel_layout)), rows(local_meta))  # OOF images' series
-    assert not folds_mod._stale(kernel_layout, 2, cfg.cv.seed)
-    assert oof.read_text() == "image_id,any\n"  # the shipped OOF predictions are back
+        kernel_run.find_test_competition(root)
+    assert kernel_run.find_previous(root) == []
 
 
 # --- the real kaggle CLI against a fake API server ----------------------------------------------------------------
@@ -390,16 +334,16 @@ def _kaggle(fk: FakeKaggle, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Kernel + both datasets of a fake run, owned by the fake credentials' user (built once per module)."""
-    cfg = config.load("tiny")
+def built(tmp_path_factory, model_dataset):
+    """Kernel + both datasets of the tiny experiment, owned by the fake credentials' user (built once per module)."""
+    cfg = model_dataset.cfg
     tmp_path = tmp_path_factory.mktemp("built")
-    runs = fake_run(tmp_path / "runs", cfg)
+    shutil.copytree(model_dataset.runs, tmp_path / "runs")  # test_stale_model_dataset_warns retrains a fold
     out = tmp_path / "kernels"
     names = kernel.names_for(cfg, "testuser")
     kernel.build_code_dataset(names, out, packages=("munch",))
-    kernel.build_model_dataset(cfg, names, runs, out, fake_layout(tmp_path))
-    kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
+    _with_model(model_dataset, out)
+    kernel.build_kernel(cfg, runs=tmp_path / "runs", out=out, username="testuser")
     return names, out
 
 
@@ -453,7 +397,7 @@ def test_kaggle_datasets_create_and_version(built, kaggle_home):
     assert set(uploaded) == {p.name for p in code.iterdir() if p.name != "dataset-metadata.json"}
     assert uploaded["munch-4.0.0-py2.py3-none-any.whl"] == (code / "munch-4.0.0-py2.py3-none-any.whl").read_bytes()
     model_blobs = {fk.blob_names[c["token"]] for c in creates[1]["files"]}
-    assert {"fold0_best.pt", "fold2_best.pt", "config.yaml", "ich_kaggle_model.json"} <= model_blobs
+    assert {"bundle.json", "config.yaml", "members.zip"} <= model_blobs  # sub-folders go up zipped, Kaggle unpacks them
     (version,) = [c.json() for c in fk.calls("datasets.DatasetApiService/CreateDatasetVersion")]
     assert version["datasetSlug"] == "ich-kaggle-model-tiny" and version["body"]["versionNotes"] == "new folds"
 
@@ -601,17 +545,15 @@ def test_kaggle_steps_without_credentials(built, tmp_path):
 
 def test_stale_model_dataset_warns(built, capsys):
     names, out = built
-    cfg = config.load("tiny")
+    cfg = config.load("tiny", TINY_SET)
     runs = out.parent / "runs"
     checkpoint = runs / cfg.name / "fold0" / "best.pt"
-    later = (out / names.model_slug / "fold0_best.pt").stat().st_mtime + 60
-    fresh = checkpoint.with_name(".best.pt.tmp")  # retrained after the dataset was built (written atomically,
-    fresh.write_bytes(b"retrained")  # as training does: the dataset's hard link keeps the old file)
-    os.utime(fresh, (later, later))
-    os.replace(fresh, checkpoint)
+    later = (out / names.model_slug / "bundle.json").stat().st_mtime + 60
+    os.utime(checkpoint, (later, later))  # retrained after the dataset was built
     kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
     printed = capsys.readouterr().out
-    assert "newer files than" in printed and "(fold0/best.pt)" in printed and "make kernel-datasets" in printed
+    assert "newer or more folds than" in printed and "(tiny/fold0/best.pt)" in printed
+    assert "make kernel-datasets" in printed
 
 
 def test_kernel_predict_uses_every_visible_gpu(monkeypatch):
@@ -741,13 +683,13 @@ def _kaggle_input(root: Path, comp: Path, code: Path, model: Path) -> Path:
 
 
 def _run_kernel(
-    python: Path, script: Path, root: Path, tmp_path: Path, name: str, stacked: str = "tiny"
+    python: Path, script: Path, root: Path, tmp_path: Path, name: str, stage: str = "stacked"
 ) -> tuple[subprocess.CompletedProcess, Path]:
     """kernel.py offline in the venv `tmp_path/name`; (its result, the submission.csv it wrote)."""
     working = tmp_path / f"working_{name}"
     working.mkdir()
     dead = "http://127.0.0.1:9"  # any network access fails fast
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_PROXY", "no_proxy", kernel_run.STOP_ENV)}
     env.update(
         ICH_KAGGLE_INPUT=str(root),
         ICH_KAGGLE_WORKING=str(working),
@@ -765,8 +707,9 @@ def _run_kernel(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"from {tmp_path / name}" in result.stdout  # ich_kaggle came from the dataset's wheel, not the repo
     assert "urlopen error" not in result.stderr  # nothing tried the network (the proxy is a dead port)
-    assert f"scratch_{name}/runs/{stacked}/stack/test.csv" in result.stdout  # the stacker was refit in the kernel
-    assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]  # the cache etc. stayed in scratch
+    assert f"the bundle's {stage.replace('_', ' ')} over" in result.stdout  # the stage `make submit` chose
+    # the output: the submission and the per-fold predictions a cut session resumes from; the rest stayed in scratch
+    assert sorted(p.name for p in working.iterdir()) == [kernel_run.PREDICTIONS, "submission.csv"]
     return result, working / "submission.csv"
 
 
@@ -819,45 +762,43 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     kernel.build_datasets(cfg, runs=runs, out=out, username="testuser", layout=layout)
     folder = kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
     names = kernel.names_for(cfg, "testuser")
+    stage = json.loads((names.model_dir(out) / "bundle.json").read_text())["stage"]
+    assert stage == json.loads((runs / "tiny" / "choice.json").read_text())["stage"]
     root = _kaggle_input(tmp_path / "input", comp, names.code_dir(out), names.model_dir(out))
     python = _fresh_venv(tmp_path / "venv")
-    result, got = _run_kernel(python, folder / "kernel.py", root, tmp_path, "venv")
+    result, got = _run_kernel(python, folder / "kernel.py", root, tmp_path, "venv", stage=stage)
     from ich_kaggle.data.dataset import usable_cpus
 
-    assert f"predict: {usable_cpus()} loader workers (data.num_workers=-1)" in result.stdout  # sized from this machine
+    assert f"{usable_cpus()} loader workers (data.num_workers=-1)" in result.stdout  # sized from this machine
     assert submission.validate_file(comp / "stage_2_sample_submission.csv", got) == []
     a, b = pd.read_csv(expected), pd.read_csv(got)
     assert list(a["ID"]) == list(b["ID"])
-    np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), atol=1e-4)
-    assert got.read_bytes() == expected.read_bytes()  # same models, same images, same code path: identical file
+    np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), rtol=0, atol=1e-6)
 
     # Kaggle's numpy 2.0 and pandas 2.2: test_ensemble_kernel_equals_make_submit runs its kernel on them
 
-    # fp16 weights in the model dataset: half the upload. Measured here: the submission moves by up to 4.9e-4, more
-    # than the 1e-4 asked for, so they stay opt-in (--fp16-weights); this checks they load and predict close by.
+    # fp16 weights in the model dataset: half the upload. The submission moves by float16 rounding, more than 1e-4
+    # on this 1-epoch model, so they stay opt-in (--fp16-weights); this checks they load and predict close by.
     half = kernel.build_model_dataset(cfg, names, runs, tmp_path / "half", layout, fp16_weights=True)
-    assert kernel_run.read_manifest(half)["weights"] == "fp16"
-    ratios = [(half / f.name).stat().st_size / f.stat().st_size for f in names.model_dir(out).glob("fold*_best.pt")]
+    assert json.loads((half / "bundle.json").read_text())["float16"] is True
+    full = names.model_dir(out) / "members" / "tiny"
+    ratios = [(half / "members" / "tiny" / f.name).stat().st_size / f.stat().st_size for f in full.glob("fold*.pt")]
     assert len(ratios) == cfg.cv.k and max(ratios) < 0.6
-    got = kernel_run.run_inference(
-        half, root / COMPETITION / COMPETITION, tmp_path / "working_half", scratch=tmp_path / "scratch_half"
-    )
+    comp_in = root / COMPETITION / COMPETITION
+    got = kernel_run.run_kernel(half, comp_in, tmp_path / "working_half", scratch=tmp_path / "scratch_half")
     gap = np.abs(pd.read_csv(got)["Label"].to_numpy() - a["Label"].to_numpy()).max()
     print(f"fp16 weights: checkpoints x{max(ratios):.2f} the size, submission max |difference| {gap:.1e}")
-    # float16 rounding, nothing worse: a wrong tensor moves it by far more (measured 4.9e-4 with the old loader,
-    # 2.7e-3 with the HU-first one of issue 17, on this 1-epoch tiny model)
-    assert 0 < gap <= 5e-3
+    assert 0 < gap <= 5e-3  # float16 rounding, nothing worse: a wrong tensor moves it by far more
 
     # without a stacker (first-stage predictions only), in-process: the kernel side matches `make submit` too
     shutil.rmtree(runs / cfg.name / "stack")
     first = submission.submit(cfg, layout, runs=runs, out_dir=tmp_path / "first_stage")
     plain = kernel.build_model_dataset(cfg, names, runs, tmp_path / "plain", layout)
-    assert not kernel_run.read_manifest(plain)["stack"] and not (plain / "train_meta.csv.gz").exists()
-    got = kernel_run.run_inference(
-        plain, root / COMPETITION / COMPETITION, tmp_path / "working2", scratch=tmp_path / "scratch2"
-    )
-    assert got.read_bytes() == first.read_bytes()
-    assert not (tmp_path / "scratch2" / "runs" / "tiny" / "stack").exists()
+    assert json.loads((plain / "bundle.json").read_text())["stack"] is None and not (plain / "stack").exists()
+    got = kernel_run.run_kernel(plain, comp_in, tmp_path / "working2", scratch=tmp_path / "scratch2")
+    a, b = pd.read_csv(first), pd.read_csv(got)
+    assert list(a["ID"]) == list(b["ID"])
+    np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -918,33 +859,29 @@ def test_ensemble_kernel_equals_make_submit(pair, tmp_path):
     out = tmp_path / "kernels"
     kernel.build_datasets(cfg, runs=runs, out=out, username="testuser", layout=layout, members=members)
     names = kernel.names_for(cfg, "testuser")
-    manifest = kernel_run.read_manifest(names.model_dir(out))
-    assert [(m["name"], m["folds"]) for m in manifest["members"]] == [("tiny", [0, 1]), ("tiny_bone", [0, 1])]
-    shipped = sorted(p.name for p in names.model_dir(out).iterdir())
-    assert {
-        "tiny__fold1_best.pt",
-        "tiny_bone__fold0_best.pt",
-        "tiny__predictions_oof.csv",
-        "tiny_bone__predictions_oof.csv",
-        "tiny_bone__config.yaml",
-        "stack_metrics.csv",
-    } <= set(shipped)
-    assert not any("test" in name for name in shipped)  # test predictions are made in the kernel
-    bone = config.load(str(names.model_dir(out) / "tiny_bone__config.yaml"))
+    from ich_kaggle import bundle
+
+    info = bundle.load(names.model_dir(out)).info
+    assert [(m["name"], m["folds"]) for m in info["members"]] == [("tiny", [0, 1]), ("tiny_bone", [0, 1])]
+    shipped = {p.relative_to(names.model_dir(out)).as_posix() for p in names.model_dir(out).rglob("*")}
+    assert {"members/tiny/fold1.pt", "members/tiny_bone/fold0.pt", "members/tiny_bone/config.yaml"} <= shipped
+    assert not any("test" in name or "oof" in name for name in shipped)  # test predictions are made in the kernel
+    bone = config.load(str(names.model_dir(out) / "members" / "tiny_bone" / "config.yaml"))
     assert bone.to_dict() == members[1].to_dict() and "bone" in bone.data.windows  # each member's own config
     folder = kernel.build_kernel(cfg, runs=runs, out=out, username="testuser")
     root = _kaggle_input(tmp_path / "input", comp, names.code_dir(out), names.model_dir(out))
     # on Kaggle's numpy 2.0 and pandas 2.2 (the single-config kernel test runs on .venv's)
     kaggle_python = _fresh_venv(tmp_path / "kaggle_venv", first=[kaggle_packages()])
-    result, got = _run_kernel(kaggle_python, folder / "kernel.py", root, tmp_path, "kaggle_venv", stacked="duo")
+    result, got = _run_kernel(kaggle_python, folder / "kernel.py", root, tmp_path, "kaggle_venv", stage=info["stage"])
     check = "import numpy, pandas; print(numpy.__version__, pandas.__version__)"
     versions = subprocess.run(
         [str(kaggle_python), "-c", check], capture_output=True, text=True, check=True
     ).stdout.split()
     assert versions == ["2.0.2", "2.2.3"]
-    assert "predict: ensemble of 2 members (logit)" in result.stdout
-    assert "OOF weighted log loss: stacked" in result.stdout  # the same choice by OOF as `make submit`
+    assert "tiny_bone folds [0, 1], combined (logit)" in result.stdout
+    assert info["stage"] == info["submit_stage"] or info["submit_stage"] not in ("first_stage", "stacked")
     assert submission.validate_file(comp / "stage_2_sample_submission.csv", got) == []
     a, b = pd.read_csv(expected), pd.read_csv(got)
     assert list(a["ID"]) == list(b["ID"])
-    np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), rtol=0, atol=1e-6)
+    if info["stage"] == info["submit_stage"]:  # the bundle holds what `make submit` sent
+        np.testing.assert_allclose(a["Label"].to_numpy(), b["Label"].to_numpy(), rtol=0, atol=1e-6)

@@ -22,7 +22,7 @@ LAYERS = {
     "stack": 5,
     "submit": 5,
     "report": 5,
-    "kaggle": 6,
+    "kaggle": 7,  # Kaggle artefacts by kind: code, weights, model (= the bundle, run as `apply` runs it), kernels
     "bench": 6,
     "docs": 6,  # docs: the README block written from the demo's saved output
     "bundle": 6,

@@ -142,6 +142,58 @@ def test_weight_average_is_validated_saved_and_resumed(comp, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(a / "oof.csv"), pd.read_csv(b / "oof.csv"))
 
 
+def test_weight_average_hook_state_round_trip_mid_run(tmp_path):
+    """The EMA hook's state_dict, saved mid-run and loaded into a fresh hook on a fresh network (what a resumed fold
+    does with last.pt), ends at the same average as a run that never stopped; a last.pt without it is one line."""
+    from ich_kaggle.engine.ema import WeightAverage
+    from ich_kaggle.engine.hooks import Hooks
+
+    def steps(net, hooks, which):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)  # stateless: a fresh one per leg changes nothing
+        for i in which:
+            x = torch.randn(4, 3, generator=torch.Generator().manual_seed(i))
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+            hooks.after_step()
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        return net, Hooks([WeightAverage(net, 0.9)])
+
+    net_a, hooks_a = fresh(0)
+    steps(net_a, hooks_a, range(6))
+    net_b, hooks_b = fresh(0)
+    steps(net_b, hooks_b, range(3))
+    torch.save({"model": net_b.state_dict(), **hooks_b.state_dict()}, tmp_path / "last.pt")
+    ckpt = torch.load(tmp_path / "last.pt")
+    assert set(ckpt) == {"model", "ema"} and ckpt["ema"]["steps"] == 3  # the key checkpoints have always used
+    net_c, hooks_c = fresh(1)  # other initial weights: everything must come from the checkpoint
+    net_c.load_state_dict(ckpt["model"])
+    hooks_c.load_state_dict(ckpt, tmp_path / "last.pt")
+    steps(net_c, hooks_c, range(3, 6))
+    done, resumed = hooks_a.weights(net_a).state_dict(), hooks_c.weights(net_c).state_dict()
+    assert hooks_c.weights(net_c) is not net_c and list(hooks_c)[0].steps == 6
+    assert all(torch.equal(done[k], resumed[k]) for k in done)
+    with pytest.raises(UserError, match=r"last.pt holds no 'ema' state.*--force"):
+        hooks_c.load_state_dict({"model": ckpt["model"]}, tmp_path / "last.pt")
+
+
+def test_steps_per_epoch_are_the_loader_length():
+    """`batches_per_epoch` counts what `train_loader` yields without building it, on one rank and several."""
+    from ich_kaggle.engine.dist import DistInfo
+    from ich_kaggle.engine.plan import batches_per_epoch, train_loader
+
+    cfg = _cfg()
+    for rows in (1, 5, 8, 9, 31, 32, 33, 100):
+        for world in (1, 2, 3, 4):
+            for batch in (1, 3, 8, 40):
+                ranks = [DistInfo(rank=r, world_size=world) for r in range(world)]
+                counts = {len(train_loader(range(rows), np.arange(rows), cfg, info, batch, 0)) for info in ranks}
+                assert counts == {batches_per_epoch(rows, DistInfo(world_size=world), batch)}, (rows, world, batch)
+
+
 def test_resume_with_changed_config_is_a_user_error(comp, tmp_path):
     cfg = _cfg("train.epochs=2")
     train.train_fold(cfg, comp, 2, runs=tmp_path, stop_after_epochs=1)

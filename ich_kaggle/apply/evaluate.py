@@ -26,6 +26,7 @@ import pandas as pd
 from ..core.errors import UserError
 from ..core.io import write_csv
 from ..core.labels import LABELS
+from ..core.metrics import bce
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _scores(y: np.ndarray, p: np.ndarray, t: float) -> dict:
         "PREC": M.precision_score(y, pred, zero_division=0),
         "REC": M.recall_score(y, pred, zero_division=0),
         "AUC": M.roc_auc_score(y, p) if both else np.nan,
-        "LOG_LOSS": M.log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]),
+        "LOG_LOSS": float(bce(y, np.clip(p, 1e-7, 1 - 1e-7)).mean()),
     }
 
 
@@ -145,7 +146,7 @@ def _boot_scores(y: np.ndarray, p: np.ndarray, t: float, draws: np.ndarray) -> d
             "PREC": np.where(pred.sum(1) > 0, tp / pred.sum(1), 0.0),
             "REC": np.where(pos > 0, tp / pos, 0.0),
             "AUC": np.where((pos > 0) & (neg > 0), auc, np.nan),
-            "LOG_LOSS": -(yb * np.log(q) + ~yb * np.log(1 - q)).mean(1),
+            "LOG_LOSS": bce(yb, q).mean(1),
         }
 
 

@@ -5,7 +5,8 @@ real RSNA DICOMs read the real mini set (`--mini <folder>`, default: ../shared's
 without it (a fresh clone), or with `--mini synthetic`, they read a synthetic competition generated into .cache/
 at the real image size; the first line says which data was used. `make bench` runs the quick benchmarks (a few
 minutes on 2 cores); the long ones run only when named: `--what stack` (second stage at competition scale, ~15
-minutes) and `--what choices` (quality of TTA views and weight averaging, 5-8 minutes).
+minutes), `--what choices` (quality of TTA views and weight averaging, 5-8 minutes) and `--what tta-subtypes` (TTA
+views and head-crop margins against the rim subtypes, real mini set only, ~15 minutes the first time).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ BENCHES: dict[str, str] = {
     "stack": "ich_kaggle.bench.stack:bench_stack",
     "stack-scale": "ich_kaggle.bench.stack_scale:bench_stack_scale",  # every second-stage design, full scale
     "choices": "ich_kaggle.bench.choices:bench_choices",  # quality, not speed: TTA views and weight averaging
+    "tta-subtypes": "ich_kaggle.bench.tta_subtypes:bench_tta_subtypes",  # TTA views, crop margin: rim subtypes
 }
 # long (minutes each; stack-scale tens of CPU-minutes at full scale): only when named with --what
-EXPLICIT = {"stack", "choices", "stack-scale"}
+EXPLICIT = {"stack", "choices", "stack-scale", "tta-subtypes"}
 
 SHARED_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsna-ich-mini.tar.xz"
 SYNTHETIC = "synthetic"  # --mini synthetic: the generated competition even where the real mini set is present

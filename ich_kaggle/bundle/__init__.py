@@ -4,11 +4,17 @@
     <bundle>/config.yaml                       the resolved config (or ensemble) exported
     <bundle>/members/<member>/config.yaml      each first-stage model's resolved config
     <bundle>/members/<member>/fold<k>.pt       each finished fold's weights (model + config; float16 with --fp16)
-    <bundle>/stack/models.pt                   the fitted second stage per fold (only when submit chose it)
+    <bundle>/members/<member>/fold<k>_pca.npz  each fold model's embedding projection (per_fold embedding stack only)
+    <bundle>/stack/models.pt                   the fitted probability-level stack (when the stage runs it)
+    <bundle>/stack_embeddings/models.pt        the fitted embedding-level stack (when the stage runs it)
+
+The stage is the one `submit` chose by OOF (`submit.choose_stage`; `export --stage` picks another fresh one): the
+first stage, a second stage, or the blend, whose parts (the second stages, or the first stage and the one second
+stage) are all bundled and averaged by `infer` as submit averaged them.
 
 Why a folder and a JSON index: it copies, zips and uploads as is (the Kaggle model dataset is this folder), and
 `load` can say in one line what is missing or edited before any weight is read. Export refuses what `submit` would
-refuse: an unfinished fold, stale predictions or a stale stack (`submit.choose_stage` decides the stage, by OOF).
+refuse: an unfinished fold, stale predictions or a stale stack, and a second stage whose models were not saved.
 
 Thresholds (per subtype, at slice and at series level) are fixed here, from the chosen stage's OOF predictions
 against the training labels: the threshold of best F1 (ties: the lowest). They are never tuned on external data.
@@ -40,7 +46,7 @@ from ..core.layout import Layout, Run
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: every stage submit chooses (embedding stack, blend); 1 held first stage or stack
 INDEX = "bundle.json"
 PACKAGES = ("torch", "timm", "numpy", "pandas", "pydicom", "albumentations", "opencv-python-headless", "scikit-learn")
 
@@ -144,25 +150,37 @@ def _write_checkpoint(src: Path, dst: Path, fp16: bool) -> None:
 # --- export ---
 
 
-BUNDLED_STAGES = ("first_stage", "stacked")  # the stages a bundle saves and `infer` runs
-BUNDLED_NAMES = {"first_stage": "first stage", "stacked": "probability-level stack"}
+SECOND_STAGES = {"stacked": "stack", "stacked_embeddings": "stack_embeddings"}  # stage -> its folder in the bundle
 
 
-def _unsavable_stack(cfg: Config, run: Run) -> str | None:
-    """Why the probability-level stack of `run` cannot go into a bundle, or None."""
+def stage_files(run: Run, stage: str):
+    """The run's folder of a stage `submit` can choose (test.csv, oof.csv; a second stage's models.pt)."""
+    return {
+        "first_stage": run.predictions,
+        "stacked": run.stack,
+        "stacked_embeddings": run.embedding_stack,
+        "blend": run.blend,
+    }[stage]
+
+
+def blend_parts(candidates: list[str]) -> list[str]:
+    """The stages submit's blend averaged, from the candidates it compared (`submit.choose.blend_parts`)."""
+    from ..submit.choose import Stage, blend_parts as parts
+
+    return [s.name for s in parts([Stage(n, Path(), Path()) for n in candidates if n != "blend"])]
+
+
+def _saved_stage(cfg: Config, run: Run, stage: str):
+    """The saved second stage `stage` of `run`, loaded; one line when it is missing or older than its predictions."""
     from ..stack import saved
 
-    why = saved.savable(cfg.stack)
-    if (
-        why is None
-        and cfg.stack.use_embeddings is False
-        and freshness.stale_reason(run.stack.models, manifest.read(run.stack.test) or {}) is not None
-    ):
-        why = (
-            f"{run.stack.models} is missing or older than {run.stack.test} (run `make stack CONFIG={cfg.name} "
-            f"FORCE=1` to fit and save it)"
+    files = stage_files(run, stage)
+    if freshness.stale_reason(files.models, manifest.read(files.test) or {}) is not None:
+        raise UserError(
+            f"{files.models} is missing or older than {files.test}: the {stage.replace('_', ' ')} stage's fitted "
+            f"models were not saved; run `make stack CONFIG={cfg.name} FORCE=1` to fit and save them, then export"
         )
-    return why
+    return saved.load(files.models)
 
 
 def export(
@@ -172,12 +190,18 @@ def export(
     fp16: bool = False,
     layout: Layout | None = None,
     members: list[Config] | None = None,
+    stage: str | None = None,
 ) -> Path:
     """Write the bundle of `cfg` (a config or an ensemble) trained under `runs` into the folder `out`.
 
-    `layout`: the data folder the runs were trained on (its labels choose the stage and the thresholds)."""
+    `layout`: the data folder the runs were trained on (its labels choose the stage and the thresholds).
+    `stage`: bundle this stage instead of the one `submit` chooses (first_stage, stacked, stacked_embeddings or
+    blend); it must be one of the fresh stages submit compared."""
+    from ..submit.choose import STAGES
     from ..submit.stage import choose_stage
 
+    if stage is not None and stage not in STAGES:
+        raise UserError(f"--stage {stage}: unknown stage; one of {', '.join(STAGES)}")
     if layout is None:
         raise UserError("export needs the competition folder the runs were trained on (--data)")
     out = Path(out)
@@ -209,27 +233,40 @@ def export(
         made_from[f"{member.name}/predictions"] = manifest.digest(
             [json.dumps(manifest.read(mrun.predictions.test), sort_keys=True)]
         )
-    test_path, oof_path = choose_stage(cfg, layout, run)  # refuses a stale first stage; a stale stack is not chosen
+    choose_stage(cfg, layout, run)  # refuses a stale first stage; a stale stack is not a candidate
     choice = json.loads(run.choice.read_text())
-    submitted = stage = choice["stage"]
-    if stage not in BUNDLED_STAGES:  # the embedding-level stack and the blend are not saved as models (yet)
-        losses = choice.get("oof_log_loss") or {}
-        stack_ok = "stacked" in losses and _unsavable_stack(cfg, run) is None
-        stage = "stacked" if stack_ok and losses["stacked"] < losses.get("first_stage", np.inf) else "first_stage"
-        test_path, oof_path = (
-            (run.stack.test, run.stack.oof) if stage == "stacked" else (run.predictions.test, run.predictions.oof)
+    submitted = choice["stage"]
+    candidates = choice.get("candidates") or [submitted]
+    stage = stage or submitted
+    if stage not in candidates:
+        raise UserError(
+            f"--stage {stage}: not among the fresh stages submit compared ({', '.join(candidates)}); "
+            f"run `make stack CONFIG={cfg.name}` (then `make submit`) to fit it, or export another stage"
         )
-        scores = ", ".join(f"{k} {losses[k]:.5f}" for k in BUNDLED_STAGES if k in losses)
-        log.info(
-            f"export: submit chose the {submitted.replace('_', ' ')}, which a bundle cannot hold (it saves the first "
-            f"stage and the probability-level stack); the bundle holds the {BUNDLED_NAMES[stage]}, the better of "
-            f"those by OOF ({scores or 'no OOF score'})"
-        )
-    if stage == "stacked":
-        why = _unsavable_stack(cfg, run)
-        if why is not None:
-            raise UserError(f"submit chose the second stage of {cfg.name}, which cannot be exported: {why}")
-        made_from["stack"] = manifest.digest([json.dumps(manifest.read(run.stack.test), sort_keys=True)])
+    if stage != submitted:
+        log.info(f"export: bundling the {stage.replace('_', ' ')} as asked (submit chose the {submitted})")
+    parts = blend_parts(candidates) if stage == "blend" else [stage]
+    fitted = {p: _saved_stage(cfg, run, p) for p in parts if p in SECOND_STAGES}
+    for p, saved_stage in fitted.items():
+        if saved_stage.n_models != len(members):  # stack.sources: first-stage models from outside this experiment
+            raise UserError(
+                f"{stage_files(run, p).models}: the {p.replace('_', ' ')} stage was fitted on "
+                f"{saved_stage.n_models} first-stage source(s), the bundle holds {len(members)} member(s) "
+                f"(stack.sources?); export a stage without it (--stage first_stage) or stack the members only"
+            )
+    for p in fitted:
+        made_from[p] = manifest.digest([json.dumps(manifest.read(stage_files(run, p).test), sort_keys=True)])
+    test_path, oof_path = stage_files(run, stage).test, stage_files(run, stage).oof
+    # per_fold embedding stages read each fold model's compact embeddings: its projection goes beside its weights
+    projected = sorted({k for s in fitted.values() if s.layout == "per_fold" for k in s.fold_models})
+    for member, mrun, finished in info_members:
+        lacking = [k for k in projected if k not in finished or not mrun.predictions.fold_projection(k).exists()]
+        if lacking:
+            raise UserError(
+                f"{mrun.predictions.fold_projection(lacking[0])} not found (or fold {lacking[0]} of {member.name} "
+                f"not finished): the embedding stack reads it; run `make predict CONFIG={cfg.name}` then "
+                f"`make stack CONFIG={cfg.name}`"
+            )
 
     from ..core.metrics import read_truth, score_frames
     from ..core.metrics import read_long_or_wide
@@ -260,6 +297,8 @@ def export(
         _dump_yaml(member.to_dict(), d / "config.yaml")
         for k in finished:
             _write_checkpoint(mrun.fold(k).best, d / f"fold{k}.pt", fp16)
+        for k in projected:
+            shutil.copy2(mrun.predictions.fold_projection(k), d / f"fold{k}_pca.npz")
         entries.append(
             {
                 "name": member.name,
@@ -270,11 +309,14 @@ def export(
                 "image_size": member.data.image_size,
                 "neighbors": member.data.neighbors,
                 "tta": {"transforms": list(member.tta.transforms), "average": member.tta.average},
+                "projections": {str(k): f"members/{member.name}/fold{k}_pca.npz" for k in projected},
             }
         )
-    if stage == "stacked":
-        (tmp / "stack").mkdir()
-        shutil.copy2(run.stack.models, tmp / "stack" / "models.pt")
+    second = {}
+    for p, s in fitted.items():
+        (tmp / SECOND_STAGES[p]).mkdir()
+        shutil.copy2(stage_files(run, p).models, tmp / SECOND_STAGES[p] / "models.pt")
+        second[p] = {"file": f"{SECOND_STAGES[p]}/models.pt", "layout": s.layout, "model": s.scfg.model}
     files = {
         str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
         for p in sorted(tmp.rglob("*"))
@@ -286,7 +328,7 @@ def export(
         "kind": "ensemble" if cfg.is_ensemble else "config",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "stage": stage,
-        "submit_stage": submitted,  # what `make submit` sent (the blend or embedding stack is not bundled)
+        "submit_stage": submitted,  # what `make submit` sent (export --stage may bundle another fresh stage)
         "stage_files": {"test": str(test_path), "oof": str(oof_path)},
         "oof_log_loss_by_stage": choice.get("oof_log_loss", {}),
         "oof_scores": scores,
@@ -296,7 +338,12 @@ def export(
             if cfg.is_ensemble
             else None
         ),
-        "stack": "stack/models.pt" if stage == "stacked" else None,
+        "second_stages": second,  # the saved second stages the stage runs (the blend's parts: each of them)
+        "blend": (
+            {"parts": parts, "rule": "mean of the parts' probabilities (submit.choose: no weights fitted on OOF)"}
+            if stage == "blend"
+            else None
+        ),
         "labels": list(LABELS),
         "thresholds": thresholds,
         "series_probability": "max over the series' slices of the chosen stage's slice probabilities",
@@ -397,8 +444,8 @@ def load(path: str | Path, verify: bool = True) -> Bundle:
                 f"the bundle was edited or damaged; copy it again or re-export"
             )
     needed = {w for m in info.get("members", []) for w in (m["config"], *m["weights"])} | {"config.yaml"}
-    if info.get("stack"):
-        needed.add(info["stack"])
+    needed |= {p for m in info.get("members", []) for p in (m.get("projections") or {}).values()}
+    needed |= {v["file"] for v in (info.get("second_stages") or {}).values()}
     unlisted = sorted(needed - set(files))
     if unlisted:
         raise UserError(f"{index}: does not list {', '.join(unlisted[:3])}; the index was edited, re-export")

@@ -16,12 +16,26 @@ INPUTS = flag("inputs", nargs="+", metavar="PATH", help="DICOM files, folders (a
     EXPERIMENT,
     flag("--out", required=True, help="bundle folder to write"),
     flag("--fp16", action="store_true", help="store the weights in float16 (half the size)"),
+    flag(
+        "--stage",
+        metavar="STAGE",
+        help="bundle this stage (first_stage, stacked, stacked_embeddings, blend) instead of the one submit "
+        "chooses by OOF; it must be one submit compared (fresh)",
+    ),
 )
 def export(args):
     from .. import bundle
 
     cfg = config_of(args)
-    bundle.export(cfg, args.runs, args.out, fp16=args.fp16, layout=layout_of(args), members=members_of(args, cfg))
+    bundle.export(
+        cfg,
+        args.runs,
+        args.out,
+        fp16=args.fp16,
+        layout=layout_of(args),
+        members=members_of(args, cfg),
+        stage=args.stage,
+    )
 
 
 class _Progress:

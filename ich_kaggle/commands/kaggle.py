@@ -58,11 +58,51 @@ def kernel_datasets(args):
     )
 
 
-@command("kernel", "write kernels/<slug>/ ready for `kaggle kernels push`", EXPERIMENT, KAGGLE_OUT, SLUG)
+@command(
+    "kernel",
+    "write kernels/<slug>/ ready for `kaggle kernels push` (the inference kernel on the model bundle)",
+    EXPERIMENT,
+    KAGGLE_OUT,
+    SLUG,
+    flag("--members", nargs="*", default=None, help="a part kernel: predict only these members"),
+    flag("--folds", type=int, nargs="*", default=None, help="a part kernel: predict only these folds"),
+    flag("--attach", nargs="*", default=[], help="slugs of kernels whose outputs (fold predictions) it adopts"),
+    flag("--resume", action="store_true", help="attach this kernel's previous output and resume from it"),
+)
 def kernel(args):
     from ..kaggle import build as kernel
 
-    kernel.build_kernel(config_of(args), runs=args.runs, out=args.out, username=args.username, slug=args.slug)
+    kernel.build_kernel(
+        config_of(args),
+        runs=args.runs,
+        out=args.out,
+        username=args.username,
+        slug=args.slug,
+        members=args.members or None,
+        folds=args.folds if args.folds else None,
+        attach=args.attach or [],
+        resume=args.resume,
+    )
+
+
+@command(
+    "kernel-finish",
+    "the submission from fetched inference-kernel outputs (their per-fold predictions), locally: "
+    "kernels/output/<slug>/submission.csv",
+    EXPERIMENT,
+    KAGGLE_OUT,
+    SLUG,
+    flag("--outputs", nargs="+", required=True, help="the kernels' output folders, or their slugs (fetched now)"),
+)
+def kernel_finish(args):
+    from ..kaggle import build as kernel, run
+
+    cfg = config_of(args)
+    names = kernel.names_for(cfg, args.username, args.slug)
+    folders = [Path(o) for o in args.outputs if Path(o).is_dir()]
+    outputs = folders + kernel.fetch_outputs(args.username, [o for o in args.outputs if not Path(o).is_dir()], args.out)
+    dest = Path(args.out) / "output" / names.kernel_slug
+    run.combine_local(names.model_dir(args.out), outputs, layout_of(args).sample_csv, dest)
 
 
 @command("datasets-create", "upload both dataset folders as new private Kaggle datasets", KAGGLE)

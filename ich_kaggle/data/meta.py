@@ -11,25 +11,21 @@ header tables from elsewhere (see `frame_from_headers`).
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from ..core import manifest, scope
 from ..core.errors import UserError
 from ..core.io import cannot_write, write_csv
 from ..core.layout import Layout
-from . import dicom, inputs
+from . import dicom, inputs, pool
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +62,7 @@ REQUIRED = {"PatientID": "patient_id", "StudyInstanceUID": "study_id", "SeriesIn
 CHUNK = 256
 VERSION = 2  # of meta.csv's columns and header checks: a meta.csv of another version is rescanned in full
 IN_PROCESS_BELOW = 4096  # a process pool costs ~1-3 s to start: smaller scans run in-process
-WORKER_DIED = "the scan's worker process died reading this file (a crash or the out-of-memory killer); the rest went on"
+WORKER_DIED = pool.WORKER_DIED
 _IOP_ROW = ["iop0", "iop1", "iop2", "iop3", "iop4", "iop5"]
 
 
@@ -120,12 +116,11 @@ def header_row(rel_path: str, split: str, h: dict[str, Any]) -> tuple[dict[str, 
 
 
 Reader = Callable[[str], tuple[dicom.Parsed, str | None]]
-Chunk = tuple[str, list[tuple[str, str]], Reader]
 Result = tuple[list[dict[str, Any]], list[tuple[str, str]]]
 
 
-def _scan_chunk(args: Chunk) -> Result:
-    data_dir, items, reader = args
+def _scan_items(data_dir: str, reader: Reader, items: list[tuple[str, str]]) -> Result:
+    """(meta rows, skipped (path, reason)) of the (path, split) items: a chunk of the scan, in a pool worker."""
     rows, skipped = [], []
     for rel, split in items:
         try:
@@ -149,59 +144,6 @@ def _scan_chunk(args: Chunk) -> Result:
     return rows, skipped
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # forkserver: safe even when the caller already runs threads (torch, tqdm monitor)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
-
-
-def _pooled(chunks: list[Chunk], workers: int, collect: Callable[[Result], None]) -> None:
-    """Run chunks on a process pool. A worker that dies (a crash in a decoder, the OOM killer) breaks the pool:
-    the chunks then in flight (at most 2 per worker) are rerun file by file, the rest on a fresh pool, so only
-    the culprit is lost."""
-    pending = deque(chunks)
-    while pending:
-        in_flight: dict[Future, Chunk] = {}
-        broken = False
-        with _pool(workers) as ex:
-            while (pending or in_flight) and not broken:
-                try:
-                    while pending and len(in_flight) < 2 * workers:  # bounded: a break strands few chunks
-                        chunk = pending.popleft()
-                        in_flight[ex.submit(_scan_chunk, chunk)] = chunk
-                except BrokenProcessPool:
-                    pending.appendleft(chunk)
-                    break
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    try:
-                        collect(fut.result())
-                        del in_flight[fut]
-                    except BrokenProcessPool:
-                        broken = True
-        if in_flight:
-            collect(_isolated(list(in_flight.values())))
-
-
-def _isolated(chunks: list[Chunk]) -> Result:
-    """The files of the chunks stranded by a dead worker, one at a time on a one-worker pool: when it dies again,
-    the file in flight is the culprit, skipped; a fresh pool takes the rest."""
-    rows: list[dict[str, Any]] = []
-    skipped: list[tuple[str, str]] = []
-    todo = deque((data_dir, item, reader) for data_dir, items, reader in chunks for item in items)
-    while todo:
-        with _pool(1) as ex:
-            try:
-                while todo:
-                    data_dir, item, reader = todo[0]
-                    r, s = ex.submit(_scan_chunk, (data_dir, [item], reader)).result()
-                    todo.popleft()
-                    rows += r
-                    skipped += s
-            except BrokenProcessPool:
-                skipped.append((todo.popleft()[1][0], WORKER_DIED))
-    return rows, skipped
-
-
 def scan_files(
     data_dir: Path,
     items: list[tuple[str, str]],
@@ -212,23 +154,24 @@ def scan_files(
     """Scan headers in parallel -> (meta rows with z, not yet ranked; skipped frame with path, reason).
 
     `reader` (path -> (header, reason)) is the DICOM reader, a module-level function so workers can import it."""
-    workers = max(1, workers or os.cpu_count() or 1)
     reader = reader or dicom.scan  # looked up per call, not bound at import
-    chunks = [(str(data_dir), items[i : i + CHUNK], reader) for i in range(0, len(items), CHUNK)]
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
-    with tqdm(total=len(items), desc=desc, unit="img", mininterval=1.0) as bar:
 
-        def collect(result: Result) -> None:
-            rows.extend(result[0])
-            skipped.extend(result[1])
-            bar.update(len(result[0]) + len(result[1]))
+    def collect(result: Result) -> None:
+        rows.extend(result[0])
+        skipped.extend(result[1])
 
-        if workers == 1 or len(items) < IN_PROCESS_BELOW:
-            for chunk in chunks:
-                collect(_scan_chunk(chunk))
-        else:
-            _pooled(chunks, min(workers, len(chunks)), collect)
+    pool.run(
+        partial(_scan_items, str(data_dir), reader),
+        items,
+        chunk=CHUNK,
+        workers=max(1, workers or os.cpu_count() or 1),
+        in_process_below=IN_PROCESS_BELOW,
+        collect=collect,
+        crashed=lambda item: ([], [(item[0], WORKER_DIED)]),
+        desc=desc,
+    )
     skipped.sort()
     frame = pd.DataFrame(
         rows, columns=COLUMNS[:6] + [c for c in COLUMNS[6:] if c not in ("z", "slice_rank", "series_len")] + _IOP_ROW

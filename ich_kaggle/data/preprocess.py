@@ -3,27 +3,25 @@
 An entry is reused only while the DICOM it was made from keeps its path, size and mtime (`cache/sources.csv`).
 Only files that do not decode as images are skipped, with the reason; a skipped file is retried once it changes.
 A failed write (disk full, read-only folder) stops the stage at the first failure with one line, keeping what was
-cached so far and recording nothing as a bad DICOM; a killed pool worker says to rerun with fewer workers.
+cached so far and recording nothing as a bad DICOM. A worker process that dies costs only the file it was decoding,
+skipped as the meta scan skips it (`data.pool`, the crash policy of both).
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from ..core.errors import UserError
 from ..core.io import cannot_write
 from ..core.layout import Layout
-from . import cache, dicom, inputs
+from . import cache, dicom, inputs, pool
 from .source import slice_hu
 from . import meta as meta_mod
 from .codec import encode
@@ -47,9 +45,12 @@ def cache_one(src: str | Path, dst: Path) -> int:
     return len(data)
 
 
-def _cache_chunk(args: tuple[str, str, list[Item]]) -> tuple[list[Done], list[tuple], int, tuple | None]:
-    """-> (cached items, skipped (path, reason, size, mtime_ns), bytes written, the first write failure or None)."""
-    data_dir, work, items = args
+Result = tuple[list[Done], list[tuple], int, tuple | None]
+
+
+def _cache_items(data_dir: str, work: str, items: list[Item]) -> Result:
+    """A chunk of the cache, in a pool worker: (cached items, skipped (path, reason, size, mtime_ns), bytes written,
+    the first write failure or None)."""
     layout = Layout(data=Path(data_dir), work=Path(work))
     done: list[Done] = []
     skipped: list[tuple] = []
@@ -68,7 +69,7 @@ def _cache_chunk(args: tuple[str, str, list[Item]]) -> tuple[list[Done], list[tu
             continue
         except OSError as e:  # the write failed: the DICOM is fine, the disk or folder is not
             return done, skipped, written, (str(dst), e.errno, e.strerror)
-        except (ValueError, ArithmeticError, KeyError, IndexError) as e:  # one odd file never sinks the run
+        except Exception as e:  # a decoder bug costs one file, never the run (as in the meta scan): skipped, named
             skipped.append((rel, f"cannot decode ({type(e).__name__}: {e})", size, mtime))
             continue
         st = os.stat(dst)
@@ -103,6 +104,37 @@ def _plan(layout: Layout, splits: tuple[str, ...] | None, retry_skipped: bool) -
     return todo, int(fresh.sum())
 
 
+class _Outcome:
+    """What one run cached and skipped so far, recorded in sources.csv / skipped.csv as it goes (every
+    RECORD_EVERY_S, so even a kill -9 loses little) and once more at the end, whatever stopped the run."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.done: list[Done] = []
+        self.skipped: list[tuple] = []
+        self.written = 0
+        self.failure: tuple | None = None  # the first failed write: (path, errno, strerror)
+        self._recorded = self._recorded_skipped = 0  # done[:_recorded], skipped[:_recorded_skipped] are recorded
+        self._last_record = time.perf_counter()
+
+    def collect(self, result: Result) -> bool:
+        """Keep a chunk's outcome; True (stop the run) at a failed write."""
+        done, skipped, written, self.failure = result
+        self.done += done
+        self.skipped += skipped
+        self.written += written
+        if self.failure is not None:
+            return True
+        if time.perf_counter() - self._last_record > RECORD_EVERY_S:
+            self.record()
+        return False
+
+    def record(self) -> None:
+        _record(self.layout, self.done[self._recorded :], self.skipped[self._recorded_skipped :])
+        self._recorded, self._recorded_skipped = len(self.done), len(self.skipped)
+        self._last_record = time.perf_counter()
+
+
 def preprocess(
     layout: Layout, workers: int | None = None, splits: tuple[str, ...] | None = None, retry_skipped: bool = True
 ) -> dict:
@@ -114,45 +146,30 @@ def preprocess(
     cache.reset_if_foreign(layout)
     todo, existing = _plan(layout, splits, retry_skipped)
     items: list[Item] = list(todo[_KEY].itertuples(index=False, name=None))
-    workers = max(1, workers or os.cpu_count() or 1)
-    chunks = [(str(layout.data), str(layout.work), items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
-    done: list[Done] = []
-    skipped: list[tuple] = []
-    written = recorded = 0  # done[:recorded] and skipped[:recorded_skipped] are in sources.csv / skipped.csv
-    recorded_skipped = 0
-    failure = None
-    t0 = last_record = time.perf_counter()
-    pool = None
+    t0 = time.perf_counter()
+    outcome = _Outcome(layout)
     try:
-        with tqdm(total=len(items), desc="cache", unit="img", mininterval=1.0) as bar:
-            if workers == 1 or len(items) < IN_PROCESS_BELOW:
-                results = map(_cache_chunk, chunks)
-            else:
-                pool = _pool(workers)
-                results = pool.map(_cache_chunk, chunks)
-            for d, s, b, failure in results:
-                done += d
-                skipped += s
-                written += b
-                bar.update(len(d) + len(s))
-                if failure is not None:
-                    break
-                if time.perf_counter() - last_record > RECORD_EVERY_S:
-                    _record(layout, done[recorded:], skipped[recorded_skipped:])
-                    recorded, recorded_skipped, last_record = len(done), len(skipped), time.perf_counter()
-    except BrokenProcessPool:
-        raise UserError(
-            f"a preprocess worker process died (killed for memory?) after {len(done)} new slices; rerun "
-            f"with fewer workers (--workers {max(1, workers // 2)}); the slices cached so far are kept"
-        ) from None
+        pool.run(
+            partial(_cache_items, str(layout.data), str(layout.work)),
+            items,
+            chunk=CHUNK,
+            workers=max(1, workers or os.cpu_count() or 1),
+            in_process_below=IN_PROCESS_BELOW,
+            collect=outcome.collect,
+            crashed=lambda item: ([], [(item[1], pool.WORKER_DIED, item[2], item[3])], 0, None),
+            desc="cache",
+        )
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        _record(layout, done[recorded:], skipped[recorded_skipped:])  # whatever stopped the run, its work stays known
-    if failure is not None:
-        path, code, reason = failure
+        outcome.record()  # whatever stopped the run, its work stays known
+    if outcome.failure is not None:
+        path, code, reason = outcome.failure
         raise cannot_write(path, OSError(code, reason), folder=layout.cache_dir)
-    seconds = time.perf_counter() - t0
+    return _summary(layout, outcome, existing, time.perf_counter() - t0)
+
+
+def _summary(layout: Layout, outcome: _Outcome, existing: int, seconds: float) -> dict:
+    """The run's figures, also logged with the first 50 skipped files and why."""
+    done, skipped, written = outcome.done, outcome.skipped, outcome.written
     result = {
         "cached": len(done),
         "existing": existing,
@@ -168,11 +185,6 @@ def preprocess(
     for path, reason, _, _ in skipped[:50]:
         log.info(f"  skipped {path}: {reason}")
     return result
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # forkserver: safe even when the caller already runs threads (torch, tqdm monitor)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
 
 
 def _record(layout: Layout, done: list[Done], skipped: list[tuple]) -> None:

@@ -176,6 +176,47 @@ def _geometry(rng: np.random.Generator, an: Anatomy, slices: int, size: int) -> 
     )
 
 
+def _anatomies(rng: np.random.Generator, n_patients: int) -> list[Anatomy]:
+    """One head per patient: size, skull thickness, sulcal pattern, ventricle size."""
+    return [
+        Anatomy(
+            axes=(rng.uniform(66, 76), rng.uniform(84, 96), rng.uniform(80, 90)),
+            skull=rng.uniform(5.5, 8.0),
+            sulci=int(rng.integers(12, 17)),
+            sulcus_phase=rng.uniform(0, 6.28),
+            sulcus_twist=rng.uniform(0.3, 0.9),
+            vent_scale=rng.uniform(0.85, 1.25),
+        )
+        for _ in range(n_patients)
+    ]
+
+
+def _bleeds(rng: np.random.Generator, anatomies: list[Anatomy]) -> tuple[list[int], dict[int, list[Lesion]]]:
+    """(the patients with a hemorrhage, in the order the subtypes were dealt, {patient: lesions}): subtypes cycle so
+    that each appears in several studies; every other bleed has a second subtype."""
+    n_patients = len(anatomies)
+    bleeding = [int(p) for p in rng.permutation(n_patients)[: int(round(HEMORRHAGE_FRACTION * n_patients))]]
+    kinds: dict[int, list[str]] = {p: [] for p in bleeding}
+    order = list(rng.permutation(SUBTYPES))
+    for i, p in enumerate(bleeding):
+        kinds[p].append(order[i % len(order)])
+        if i % 2 == 1:
+            kinds[p].append(order[(i + 2) % len(order)])
+    return bleeding, {p: [_lesion(k, rng, anatomies[p]) for k in ks] for p, ks in kinds.items()}
+
+
+def _test_patients(
+    rng: np.random.Generator, n_patients: int, bleeding: list[int], test_fraction: float | None
+) -> set[int]:
+    """The test split, by patient, with its share of bleeds."""
+    n_test = max(1, int(round((TEST_FRACTION if test_fraction is None else test_fraction) * n_patients)))
+    clean = [p for p in rng.permutation(n_patients).tolist() if p not in bleeding]
+    n_test_hem = min(len(bleeding), int(round(n_test * HEMORRHAGE_FRACTION)))
+    # bleeds 1..k of the subtype cycle: with k >= 4 the test set holds every subtype (primaries 1-4, seconds 3 and 0)
+    test_hem = bleeding[1 : 1 + n_test_hem] if len(bleeding) > n_test_hem else bleeding[:n_test_hem]
+    return set(test_hem) | set(clean[: n_test - n_test_hem])
+
+
 def plan(
     seed: int = 0,
     studies: int | None = None,
@@ -192,47 +233,20 @@ def plan(
         raise UserError(
             f"synthetic competition needs studies >= 2, slices >= 1 and size >= 32 (got {n}, {slices}, {size})"
         )
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # every draw below in a fixed order: a seed gives the same competition
     n_follow = int(round(FOLLOW_UP_FRACTION * n)) if n >= 6 else 0
     n_patients = n - n_follow
     taken: set[str] = set()
     patient_ids = _hex_ids(rng, n_patients, 8, taken)
-    anatomies = [
-        Anatomy(
-            axes=(rng.uniform(66, 76), rng.uniform(84, 96), rng.uniform(80, 90)),
-            skull=rng.uniform(5.5, 8.0),
-            sulci=int(rng.integers(12, 17)),
-            sulcus_phase=rng.uniform(0, 6.28),
-            sulcus_twist=rng.uniform(0.3, 0.9),
-            vent_scale=rng.uniform(0.85, 1.25),
-        )
-        for _ in range(n_patients)
-    ]
-    # hemorrhage: subtypes cycle so that each appears in several studies; every other bleed has a second subtype
-    hem = rng.permutation(n_patients)[: int(round(HEMORRHAGE_FRACTION * n_patients))]
-    kinds: dict[int, list[str]] = {int(p): [] for p in hem}
-    order = list(rng.permutation(SUBTYPES))
-    for i, p in enumerate(hem):
-        kinds[int(p)].append(order[i % len(order)])
-        if i % 2 == 1:
-            kinds[int(p)].append(order[(i + 2) % len(order)])
-    lesions = {p: [_lesion(k, rng, anatomies[p]) for k in ks] for p, ks in kinds.items()}
-    # test split by patient, with its share of bleeds
-    n_test = max(1, int(round((TEST_FRACTION if test_fraction is None else test_fraction) * n_patients)))
-    hem_list = [int(p) for p in hem]
-    clean = [p for p in rng.permutation(n_patients).tolist() if p not in kinds]
-    n_test_hem = min(len(hem_list), int(round(n_test * HEMORRHAGE_FRACTION)))
-    # bleeds 1..k of the subtype cycle: with k >= 4 the test set holds every subtype (primaries 1-4, seconds 3 and 0)
-    test_hem = hem_list[1 : 1 + n_test_hem] if len(hem_list) > n_test_hem else hem_list[:n_test_hem]
-    test = set(test_hem) | set(clean[: n_test - n_test_hem])
-
+    anatomies = _anatomies(rng, n_patients)
+    bleeding, lesions = _bleeds(rng, anatomies)
+    test = _test_patients(rng, n_patients, bleeding, test_fraction)
     follow_of = rng.choice(n_patients, size=n_follow, replace=False) if n_follow else np.array([], int)
-    owners = list(range(n_patients)) + [int(p) for p in follow_of]
+    owners = list(range(n_patients)) + [int(p) for p in follow_of]  # follow-up scans last
     variants = [VARIANT_CYCLE[i] for i in rng.permutation(np.arange(n) % len(VARIANT_CYCLE))]
     explicit = rng.permutation(np.arange(n) % 2 == 0)
     out: list[Study] = []
     for i, p in enumerate(owners):
-        an = anatomies[p]
         les = lesions.get(p, [])
         if i >= n_patients:  # follow-up scan: same head and bleeds, a little resorbed
             les = [replace(l, radius=l.radius * 0.9, thickness=l.thickness * 0.85, hu=l.hu - 8.0) for l in les]
@@ -244,8 +258,8 @@ def plan(
                 series_id=series_id,
                 split="test" if p in test else "train",
                 image_ids=_hex_ids(rng, slices, 9, taken),
-                geometry=_geometry(rng, an, slices, size),
-                anatomy=an,
+                geometry=_geometry(rng, anatomies[p], slices, size),
+                anatomy=anatomies[p],
                 lesions=les,
                 variant=variants[i],
                 explicit_vr=bool(explicit[i]),
@@ -354,6 +368,66 @@ def _long(image_ids: list[str], labels: np.ndarray) -> pd.DataFrame:
 DEMO = {"seed": 0, "studies": 96, "slices": 16, "test_fraction": 0.37}
 
 
+def _params(seed: int, studies: int | None, slices: int | None, size: int | None, test_fraction: float | None) -> dict:
+    """What the marker file records: a folder with the same parameters is this competition already."""
+    params = {
+        "seed": seed,
+        "studies": int(studies or STUDIES),
+        "slices": int(slices or SLICES),
+        "size": int(size or SIZE),
+        "version": 1,
+    }
+    if test_fraction is not None:
+        if not 0.0 < test_fraction < 1.0:
+            raise UserError(f"synthetic competition needs 0 < test_fraction < 1 (got {test_fraction})")
+        params["test_fraction"] = float(test_fraction)
+    return params
+
+
+def _already_written(out: Path, params: dict) -> bool:
+    """True when `out` holds this competition; stops where it holds anything else (never overwritten)."""
+    marker = out / MARKER
+    if marker.exists():
+        return json.loads(marker.read_text()) == params  # ours: the same one, or another of ours to rewrite
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give `{fix('synth --out', 'make synth DATA_DIR=')}` a new or empty folder")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(
+            f"{out} exists and was not written by `synth`; choose an empty or new folder for the synthetic competition"
+        )
+    return False
+
+
+Labels = dict[str, list[tuple[list[str], np.ndarray]]]  # split -> (image ids, labels) per study
+
+
+def _write_studies(folder: Path, studies: list[Study], rng: np.random.Generator) -> Labels:
+    """Every study's DICOMs under `folder`/stage_2_{train,test}, files landing on disk in random order."""
+    labels: Labels = {"train": [], "test": []}
+    for study in tqdm(studies, desc="synth studies", unit="study", leave=False, disable=None):
+        r = render_study(study)
+        split_dir = folder / ("stage_2_train" if study.split == "train" else "stage_2_test")
+        write_slices(split_dir, study, r.hu, rng.permutation(len(study.image_ids)))
+        labels[study.split].append((study.image_ids, r.labels))
+    return labels
+
+
+def _write_label_files(folder: Path, labels: Labels, rng: np.random.Generator) -> None:
+    """stage_2_train.csv (rows shuffled, a few duplicated as in the real file), stage_2_test_labels.csv and
+    stage_2_sample_submission.csv (every label 0.5)."""
+    for split in ("train", "test"):
+        ids = [i for chunk, _ in labels[split] for i in chunk]
+        lab = np.concatenate([l for _, l in labels[split]]) if labels[split] else np.zeros((0, len(LABELS)), np.int8)
+        perm = rng.permutation(len(ids))
+        long = _long([ids[i] for i in perm], lab[perm])
+        if split == "train":
+            long = pd.concat([long, long.iloc[6:12]], ignore_index=True)  # the real stage_2_train.csv has duplicates
+            write_csv(long, folder / "stage_2_train.csv")
+        else:
+            write_csv(long, folder / "stage_2_test_labels.csv")
+            write_csv(long.assign(Label=0.5), folder / "stage_2_sample_submission.csv")
+
+
 def write_competition(
     out: str | Path,
     seed: int = 0,
@@ -367,53 +441,17 @@ def write_competition(
     Rerunning with the same parameters is instant; a folder that holds other data is never overwritten.
     """
     out = Path(out)
-    params = {
-        "seed": seed,
-        "studies": int(studies or STUDIES),
-        "slices": int(slices or SLICES),
-        "size": int(size or SIZE),
-        "version": 1,
-    }
-    if test_fraction is not None:
-        if not 0.0 < test_fraction < 1.0:
-            raise UserError(f"synthetic competition needs 0 < test_fraction < 1 (got {test_fraction})")
-        params["test_fraction"] = float(test_fraction)
-    marker = out / MARKER
-    if marker.exists():
-        if json.loads(marker.read_text()) == params:
-            return out
-    elif out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; give `{fix('synth --out', 'make synth DATA_DIR=')}` a new or empty folder")
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(
-            f"{out} exists and was not written by `synth`; choose an empty or new folder for the synthetic competition"
-        )
+    params = _params(seed, studies, slices, size, test_fraction)
+    if _already_written(out, params):
+        return out
     tmp = out.parent / f".{out.name}.synth-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "stage_2_train").mkdir(parents=True)
     (tmp / "stage_2_test").mkdir()
-    rng = np.random.default_rng([seed, 1])
-    labels: dict[str, list[tuple[list[str], np.ndarray]]] = {"train": [], "test": []}
-    studies_plan = plan(seed, studies, slices, size, test_fraction)
-    for study in tqdm(studies_plan, desc="synth studies", unit="study", leave=False, disable=None):
-        r = render_study(study)
-        folder = tmp / ("stage_2_train" if study.split == "train" else "stage_2_test")
-        write_slices(folder, study, r.hu, rng.permutation(len(study.image_ids)))  # files land on disk in random order
-        labels[study.split].append((study.image_ids, r.labels))
-    for split in ("train", "test"):
-        ids = [i for chunk, _ in labels[split] for i in chunk]
-        lab = np.concatenate([l for _, l in labels[split]]) if labels[split] else np.zeros((0, len(LABELS)), np.int8)
-        perm = rng.permutation(len(ids))
-        long = _long([ids[i] for i in perm], lab[perm])
-        if split == "train":
-            long = pd.concat(
-                [long, long.iloc[6:12]], ignore_index=True
-            )  # the real stage_2_train.csv has duplicated rows
-            write_csv(long, tmp / "stage_2_train.csv")
-        else:
-            write_csv(long, tmp / "stage_2_test_labels.csv")
-            write_csv(long.assign(Label=0.5), tmp / "stage_2_sample_submission.csv")
+    rng = np.random.default_rng([seed, 1])  # file order and label-row order: apart from the plan's draws
+    labels = _write_studies(tmp, plan(seed, studies, slices, size, test_fraction), rng)
+    _write_label_files(tmp, labels, rng)
     with atomic_open(tmp / MARKER) as f:
         json.dump(params, f)
     if out.exists():

@@ -1,4 +1,4 @@
-"""Weight averaging during training: an exponential moving average of the weights (timm's ModelEmaV3).
+"""Weight averaging during training: an exponential moving average of the weights (timm's ModelEmaV3), as a hook.
 
 Checkpoint averaging at the cost of one extra copy of the weights: the average is what is validated, kept as best.pt
 and predicted with, while the optimizer steps the raw weights (saved in last.pt beside it, so a resumed run goes on
@@ -12,12 +12,16 @@ import torch
 from timm.utils import ModelEmaV3
 
 from ..core.config import Config
+from .hooks import Hook
 
 
-class WeightAverage:
+class WeightAverage(Hook):
     """The EMA of `net`'s weights and buffers (BatchNorm statistics too), updated after every optimizer step."""
 
+    key = "ema"
+
     def __init__(self, net: torch.nn.Module, decay: float) -> None:
+        self.net = net
         self.average = ModelEmaV3(net, decay=decay, use_warmup=True)
         self.steps = 0
 
@@ -25,9 +29,12 @@ class WeightAverage:
     def module(self) -> torch.nn.Module:
         return self.average.module
 
-    def update(self, net: torch.nn.Module) -> None:
+    def after_step(self) -> None:
         self.steps += 1
-        self.average.update(net, step=self.steps)
+        self.average.update(self.net, step=self.steps)
+
+    def weights(self, net: torch.nn.Module) -> torch.nn.Module:
+        return self.module
 
     def state_dict(self) -> dict:
         return {"weights": self.module.state_dict(), "steps": self.steps}

@@ -1,4 +1,4 @@
-"""What a fold run shows and leaves behind: train.log (text), log.csv (one row per epoch), curves.png."""
+"""What a fold run leaves behind as text: train.log, log.csv (one row per epoch); curves.png is engine/figures.py's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..core.io import atomic_path, write_csv
+from ..core.io import write_csv
 from ..core.labels import LABELS
 from ..core.log import ROOT
 
@@ -61,33 +61,3 @@ def write_log_csv(rows: list[dict], path: Path) -> None:
     frame = pd.DataFrame(rows)
     cols = [c for c in LOG_COLUMNS if c in frame.columns] + [c for c in frame.columns if c not in LOG_COLUMNS]
     write_csv(frame[cols] if len(frame) else pd.DataFrame(columns=LOG_COLUMNS), path)
-
-
-def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
-    """Train loss and validation weighted log loss per epoch (matplotlib Agg, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frame = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].plot(frame["epoch"], frame["train_loss"], "o-", label="train loss")
-    axes[0].plot(frame["epoch"], frame["val_weighted_log_loss"], "s-", label="val weighted log loss")
-    axes[0].set_xlabel("epoch")
-    axes[0].set_title("loss")
-    axes[0].legend()
-    for c in LABELS:
-        axes[1].plot(frame["epoch"], frame[f"val_{c}"], ".-", label=c)
-    axes[1].set_xlabel("epoch")
-    axes[1].set_title("validation log loss per label")
-    axes[1].legend(fontsize=7)
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)

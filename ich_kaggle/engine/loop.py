@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,11 +37,13 @@ from ..core import provenance
 from ..data import folds as folds_mod
 from . import dist as D
 from .precision import choose as choose_precision
-from .logs import close_log, open_log, plot_curves, write_log_csv
+from .figures import training_curves
 from . import ema
-from .plan import epoch_indices, eval_loader, image_size, label_matrix, train_loader
+from .hooks import Hooks
+from .logs import close_log, open_log, write_log_csv
+from .plan import batches_per_epoch, epoch_indices, eval_loader, image_size, label_matrix, train_loader
 
-_LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 STOP_ENV = "ICH_STOP_AFTER_EPOCHS"  # stop (resumably) once this many epochs are done: for tests and time-boxed jobs
 # A recipe's per-batch loss: factory(cfg, train_ds=, meta=, loss_fn=, net=, info=) -> object with
 # start_epoch(epoch, size) and __call__(model, x, y, idx) -> loss (see `recipes.mil.MILBatchLoss`).
@@ -180,11 +182,12 @@ def train_epoch(
     info: D.DistInfo,
     desc: str,
     batch_loss=None,
-    after_step=None,
+    hooks: Hooks | None = None,
     probe=None,
 ) -> tuple[float, int, float]:
-    """(mean train loss over all ranks, images seen over all ranks, seconds); `after_step()` after each optimizer
-    step (the weights' moving average); `probe(images/s)` once, after the first PROBE_BATCHES batches."""
+    """(mean train loss over all ranks, images seen over all ranks, seconds); `hooks.after_step()` after each
+    optimizer step (e.g. the weights' moving average); `probe(images/s)` once, after the first PROBE_BATCHES
+    batches."""
     model.train()
     accum, n = cfg.train.accum_steps, len(loader)
     total, seen = torch.zeros(2, dtype=torch.float64), 0
@@ -212,8 +215,8 @@ def train_epoch(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            if after_step is not None:
-                after_step()
+            if hooks is not None:
+                hooks.after_step()
         total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
         seen += len(x)
         elapsed = time.perf_counter() - start
@@ -334,7 +337,7 @@ def train_fold(
             D.barrier(info)
             return out
     finally:
-        close_log(_LOG)
+        close_log(log)
         D.teardown(info)
 
 
@@ -346,7 +349,7 @@ def replace_fold(files: FoldRun, new: FoldRun) -> None:
     files.dir.rename(old)
     new.dir.rename(files.dir)
     shutil.rmtree(old)
-    _LOG.info(f"fold {files.fold}: the retrained fold replaced the old one in {files.dir}")
+    log.info(f"fold {files.fold}: the retrained fold replaced the old one in {files.dir}")
 
 
 def finished(cfg: Config, layout: Layout, files: FoldRun) -> bool:
@@ -361,7 +364,7 @@ def finished(cfg: Config, layout: Layout, files: FoldRun) -> bool:
     check_split(ckpt, table, files, layout)
     if not ckpt.get("done"):
         return False
-    _LOG.info(
+    log.info(
         f"fold {files.fold} of {cfg.name} is already trained ({files.dir}); "
         f"pass {fix('--force', 'FORCE=1')} to retrain it"
     )
@@ -380,6 +383,350 @@ def check_split(ckpt: dict, table: pd.DataFrame, files: FoldRun, layout: Layout)
     return split
 
 
+@dataclass
+class FoldInputs:
+    """A fold's rows and datasets (`fold_inputs`), shared by training and the LR finder."""
+
+    data: FoldData
+    train_ds: Any  # data.dataset.SliceDataset; its transform is set per epoch (progressive sizes)
+    val_ds: Any
+    train_labels: np.ndarray
+    val_labels: np.ndarray
+
+
+def fold_inputs(
+    cfg: Config, layout: Layout, fold: int, info: D.DistInfo, train_transform: Callable | None = None
+) -> FoldInputs:
+    """`prepare_data`, then the training and validation datasets of the fold."""
+    from ..data.dataset import SliceDataset
+    from ..data.transforms import build_eval_transforms
+
+    data = prepare_data(cfg, layout, fold, info)
+    train_ds = SliceDataset(data.train, layout, cfg, transform=train_transform, train=True, meta=data.meta)
+    val_ds = SliceDataset(data.val, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=data.meta)
+    return FoldInputs(data, train_ds, val_ds, label_matrix(data.train), label_matrix(data.val))
+
+
+@dataclass
+class Trainable:
+    """What the optimizer steps (`build_trainable`), shared by training and the LR finder."""
+
+    model: torch.nn.Module  # possibly compiled / DDP-wrapped: what the batches go through
+    net: torch.nn.Module  # the plain ICHNet inside: what is saved, averaged and predicted with
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def build_trainable(cfg: Config, info: D.DistInfo, train_labels: np.ndarray) -> Trainable:
+    """The network (`build_network`), the loss of `train.loss` (class weights from the fold's labels), the optimizer.
+
+    The head's bias is left as built: `init_head_bias` is for a fresh start only (a resumed run loads its weights)."""
+    from .losses import build_loss
+    from .optim import build_optimizer
+
+    model, net = build_network(cfg, info)
+    loss_fn = build_loss(cfg, train_labels).to(info.device)
+    return Trainable(model, net, loss_fn, build_optimizer(cfg, net))
+
+
+def build_hooks(cfg: Config, net: torch.nn.Module) -> Hooks:
+    """The hooks `cfg` asks for, bound to `net` (the plain network, on its device): train.ema > 0, the average."""
+    return Hooks(hook for hook in (ema.build(cfg, net),) if hook is not None)
+
+
+@dataclass
+class Progress:
+    """Where a fold stands: epochs done, their log rows, the best validation loss so far and its epoch."""
+
+    epoch: int = 0
+    rows: list[dict] = field(default_factory=list)
+    best: float = math.inf
+    best_epoch: int = -1
+
+    @classmethod
+    def of(cls, ckpt: dict) -> Progress:
+        return cls(int(ckpt["epoch"]), list(ckpt["log"]), float(ckpt["best_metric"]), int(ckpt["best_epoch"]))
+
+    def add(self, row: dict) -> bool:
+        """Record an epoch's row; whether its validation loss is the best so far."""
+        self.rows.append(row)
+        self.epoch = int(row["epoch"])
+        improved = row["val_weighted_log_loss"] < self.best
+        if improved:
+            self.best, self.best_epoch = row["val_weighted_log_loss"], self.epoch
+        return improved
+
+
+def clear_fold(files: FoldRun, force: bool, info: D.DistInfo) -> None:
+    """--force: remove everything but the lock this run holds; always: the debris of killed saves (rank 0)."""
+    if info.is_main and files.dir.exists():
+        for path in files.dir.iterdir():
+            if path != files.lock and (force or (path.name.startswith(".") and path.name.endswith(".tmp"))):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    D.barrier(info)
+
+
+def shared_fold_table(cfg: Config, layout: Layout, info: D.DistInfo) -> pd.DataFrame:
+    """folds.csv: rank 0 builds it if it is missing, the other ranks read it after."""
+    if info.is_main:
+        table = folds_mod.fold_table(layout, cfg.cv)
+    D.barrier(info)
+    return table if info.is_main else folds_mod.fold_table(layout, cfg.cv)
+
+
+def resumable_checkpoint(cfg: Config, layout: Layout, files: FoldRun, table: pd.DataFrame, data_id: Any) -> dict | None:
+    """The fold's last.pt, if there is one, after checking it was trained with this config on these images."""
+    if not files.last.exists():
+        return None
+    ckpt = read_checkpoint(files.last)
+    check_resumable(ckpt, cfg, files.last)
+    provenance.check_data(ckpt.get("data"), data_id, files.dir, cfg.name)
+    check_split(ckpt, table, files, layout)
+    return ckpt
+
+
+def describe_inputs(cfg: Config, layout: Layout, fold: int, info: D.DistInfo) -> None:
+    """train.log says which precision trains the fold and where its images come from."""
+    log.info(f"fold {fold}: {choose_precision(cfg.train.amp, info.device).describe()}")  # stops on an unusable GPU
+    source = (
+        f"the cache {layout.cache_dir}"
+        if cfg.data.source == "cache"
+        else f"their DICOMs under {layout.data} (data.source=dicom, no cache)"
+    )
+    log.info(f"fold {fold}: images from {source}")
+
+
+@dataclass
+class FoldTrainer:
+    """One fold's training on this rank, step by step: `build`, `restore`, `train`, `finish`."""
+
+    cfg: Config
+    layout: Layout
+    files: FoldRun
+    info: D.DistInfo
+    table: pd.DataFrame  # folds.csv
+    stamp: dict  # what the fold trained on, saved in last.pt: the split digest and the data's identity
+    inputs: FoldInputs
+    parts: Trainable
+    hooks: Hooks
+    batch_loss: Any  # a recipe's per-batch loss (BatchLossFactory's product) or None
+    batch: int  # per rank
+    steps_per_epoch: int
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def build(
+        cls,
+        cfg: Config,
+        layout: Layout,
+        files: FoldRun,
+        info: D.DistInfo,
+        table: pd.DataFrame,
+        stamp: dict,
+        batch_loss_factory: BatchLossFactory | None,
+    ) -> FoldTrainer:
+        """Data, network, hooks, loss, optimizer, schedule and gradient scaler, from the run's seed."""
+        from .optim import build_scheduler
+
+        D.seed_everything(cfg.train.seed)
+        D.set_deterministic()
+        inputs = fold_inputs(cfg, layout, files.fold, info)
+        if info.is_main:
+            dump(cfg, files.config)
+        describe_inputs(cfg, layout, files.fold, info)
+        parts = build_trainable(cfg, info, inputs.train_labels)
+        hooks = build_hooks(cfg, parts.net)  # e.g. train.ema > 0: the average is validated and kept as best.pt
+        batch_loss = None
+        if batch_loss_factory is not None:
+            kwargs = dict(train_ds=inputs.train_ds, meta=inputs.data.meta, loss_fn=parts.loss_fn, net=parts.net)
+            batch_loss = batch_loss_factory(cfg, info=info, **kwargs)
+        batch = D.per_rank_batch(cfg.train.batch_size, info)
+        rows = len(epoch_indices(cfg, inputs.train_labels, 0))
+        steps_per_epoch = math.ceil(batches_per_epoch(rows, info, batch) / cfg.train.accum_steps)
+        scheduler = build_scheduler(cfg, parts.optimizer, max(1, steps_per_epoch))
+        scaler = torch.amp.GradScaler(info.device.type, enabled=choose_precision(cfg.train.amp, info.device).scaler)
+        return cls(
+            cfg, layout, files, info, table, stamp, inputs, parts, hooks, batch_loss, batch, steps_per_epoch,
+            scheduler, scaler,
+        )  # fmt: skip
+
+    def restore(self, ckpt: dict | None) -> Progress:
+        """Resume from last.pt (weights, optimizer, schedule, scaler, hooks, RNG); a fresh start sets the head's
+        bias to the label prior; a finished fold whose OOF files are missing only redoes those."""
+        cfg, info, parts, fold = self.cfg, self.info, self.parts, self.files.fold
+        if ckpt is None:
+            init_head_bias(parts.net, self.inputs.train_labels)
+            data = self.inputs.data
+            log.info(
+                f"fold {fold} of {cfg.name}: {len(data.train)} training / {len(data.val)} validation images, "
+                f"{info.world_size} process(es) on {info.device}, global batch {cfg.train.batch_size} "
+                f"x {cfg.train.accum_steps} accumulation, {self.steps_per_epoch} steps/epoch"
+            )
+            return Progress()
+        progress = Progress.of(ckpt)
+        if ckpt.get("done"):
+            progress.epoch = cfg.train.epochs
+            return progress
+        parts.net.load_state_dict(clean_state_dict(ckpt["model"]))
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.hooks.load_state_dict(ckpt, self.files.last)
+        if info.world_size == int(ckpt.get("world_size", 1)) and "rng" in ckpt:
+            D.set_rng_state(ckpt["rng"])  # per-epoch streams are re-derived from the seed; this covers the rest
+        done, last = progress.epoch, self.files.last
+        log.info(f"resuming fold {fold} of {cfg.name} from epoch {done}/{cfg.train.epochs} ({last})")
+        return progress
+
+    def train(self, progress: Progress, stop_after: int | None) -> bool:
+        """The epochs left, each saved to last.pt (best.pt when it improved); False when `stop_after` stopped the
+        fold early (resumable), True when every epoch is done."""
+        cfg, info = self.cfg, self.info
+        probe = self.cpu_probe(progress.epoch)
+        for epoch in range(progress.epoch, cfg.train.epochs):
+            interrupt.check()  # a Ctrl-C swallowed as the fold started (a finaliser) stops it here
+            row = self.epoch(epoch, probe)
+            probe = None
+            improved = progress.add(row)
+            if info.is_main:
+                self.save(progress, improved)
+                self.report(progress, improved)
+            D.barrier(info)
+            if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.train.epochs:
+                log.info(
+                    f"stopping after epoch {epoch + 1} as requested ({STOP_ENV}); rerun the same command to resume"
+                )
+                return False
+        return True
+
+    def cpu_probe(self, start_epoch: int) -> Callable[[float], None] | None:
+        """For a GPU config on the CPU (rank 0): warn once, with the measured speed, how long the fold would take."""
+        cfg, info = self.cfg, self.info
+        if info.device.type != "cpu" or cfg.train.amp == "none" or not info.is_main or start_epoch >= cfg.train.epochs:
+            return None
+        steps_left = self.steps_per_epoch * (cfg.train.epochs - start_epoch)
+        images_left = steps_left * cfg.train.batch_size * cfg.train.accum_steps
+
+        def probe(rate: float) -> None:
+            log.warning(cpu_warning(cfg, rate, images_left))
+
+        return probe
+
+    def epoch(self, epoch: int, probe: Callable[[float], None] | None) -> dict:
+        """Train one epoch (its seed, image size, augmentation and rows), then validate: the epoch's log row."""
+        from ..data.transforms import build_eval_transforms, build_train_transforms
+
+        cfg, info, inputs, parts = self.cfg, self.info, self.inputs, self.parts
+        t0 = time.perf_counter()
+        D.seed_everything(D.epoch_seed(cfg.train.seed, epoch, info.rank))  # dropout etc.: same on resume
+        size = image_size(cfg, epoch)
+        inputs.train_ds.transform = build_train_transforms(cfg, size)
+        if self.batch_loss is not None:
+            self.batch_loss.start_epoch(epoch, size)
+        inputs.train_ds.set_epoch(epoch)
+        inputs.val_ds.transform = build_eval_transforms(cfg, size)
+        loader = train_loader(
+            inputs.train_ds, epoch_indices(cfg, inputs.train_labels, epoch), cfg, info, self.batch, epoch
+        )
+        desc = f"fold {self.files.fold} epoch {epoch + 1}/{cfg.train.epochs} ({size}px)"
+        train_loss, seen, train_s = train_epoch(
+            parts.model,
+            loader,
+            parts.loss_fn,
+            parts.optimizer,
+            self.scheduler,
+            self.scaler,
+            cfg,
+            info,
+            desc,
+            self.batch_loss,
+            self.hooks,
+            probe,
+        )
+        row = {"epoch": epoch + 1, "lr": parts.optimizer.param_groups[0]["lr"], "train_loss": train_loss}
+        row.update(validate(self.hooks.weights(parts.net), inputs.val_ds, inputs.val_labels, cfg, info))
+        row.update({"seconds": time.perf_counter() - t0, "train_images_per_s": seen / max(train_s, 1e-9)})
+        return row
+
+    def save(self, progress: Progress, improved: bool) -> None:
+        """last.pt after every epoch (everything to resume from); best.pt when the epoch improved, with the weights
+        that were validated; log.csv and curves.png beside them."""
+        cfg, net, epoch = self.cfg, self.parts.net, progress.epoch
+        state = clean_state_dict(net.state_dict())
+        if improved:
+            validated = self.hooks.weights(net)
+            kept = state if validated is net else clean_state_dict(validated.state_dict())
+            best = {"model": kept, "config": cfg.to_dict(), "epoch": epoch, "val_weighted_log_loss": progress.best}
+            save_checkpoint(self.files.best, {**best, "num_classes": len(LABELS)})
+        save_checkpoint(
+            self.files.last,
+            {
+                **self.hooks.state_dict(),
+                "model": state,
+                "config": cfg.to_dict(),
+                "optimizer": self.parts.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": epoch,
+                "rng": D.rng_state(),
+                "log": progress.rows,
+                "best_metric": progress.best,
+                "best_epoch": progress.best_epoch,
+                **self.stamp,
+                "done": epoch == cfg.train.epochs,
+                "num_classes": len(LABELS),
+                "world_size": self.info.world_size,
+            },
+        )
+        write_log_csv(progress.rows, self.files.log_csv)
+        training_curves(pd.DataFrame(progress.rows), self.files.fold, self.files.curves, title=cfg.name)
+
+    def report(self, progress: Progress, improved: bool) -> None:
+        row = progress.rows[-1]
+        log.info(
+            f"epoch {progress.epoch}/{self.cfg.train.epochs}: train_loss {row['train_loss']:.4f}  val weighted log "
+            f"loss {row['val_weighted_log_loss']:.4f}{' (best)' if improved else ''}  "
+            + "  ".join(f"{c} {row[f'val_{c}']:.3f}" for c in LABELS)
+            + f"  {row['train_images_per_s']:.1f} img/s  {row['seconds']:.0f}s"
+        )
+
+    def finish(self, progress: Progress, started: float) -> None:
+        """Out-of-fold predictions of best.pt at the final image size (oof.csv, oof_embeddings.npz), then done.json."""
+        from ..core import metrics
+        from ..data.transforms import build_eval_transforms
+
+        cfg, info, files, inputs, net = self.cfg, self.info, self.files, self.inputs, self.parts.net
+        best_ckpt = read_checkpoint(files.best, map_location=info.device)
+        net.load_state_dict(clean_state_dict(best_ckpt["model"]))
+        inputs.val_ds.transform = build_eval_transforms(cfg)
+        probs, emb = predict_frame(net, inputs.val_ds, cfg, info, embeddings=True, desc="oof")
+        if info.is_main:
+            data = inputs.data
+            write_oof(files, data.val, probs, emb)
+            summary = {
+                "fold": files.fold,
+                "config": cfg.name,
+                "split": self.stamp["split"],
+                "best_epoch": progress.best_epoch,
+                "best_val_weighted_log_loss": progress.best,
+                "oof_weighted_log_loss": metrics.weighted_log_loss(inputs.val_labels, probs),
+                "epochs": cfg.train.epochs,
+                "n_train": len(data.train),
+                "n_val": len(data.val),
+                "world_size": info.world_size,
+                "seconds_this_run": round(time.time() - started, 1),
+                **provenance.record(self.layout.data, self.table),
+            }
+            with atomic_open(files.done) as f:
+                json.dump(summary, f, indent=2)
+            log.info(
+                f"fold {files.fold} done: best epoch {progress.best_epoch}, val weighted log loss "
+                f"{progress.best:.4f}; wrote {files.oof} ({len(data.val)} images)"
+            )
+        D.barrier(info)
+
+
 def _train_fold(
     cfg: Config,
     layout: Layout,
@@ -389,208 +736,16 @@ def _train_fold(
     info: D.DistInfo,
     batch_loss_factory: BatchLossFactory | None,
 ) -> Path:
-    from ..data.dataset import SliceDataset
-    from ..data.transforms import build_eval_transforms, build_train_transforms
-    from .losses import build_loss
-    from .optim import build_optimizer, build_scheduler
-
-    fold = files.fold
-    fdir, last_path, best_path = files.dir, files.last, files.best
-    if info.is_main and fdir.exists():
-        for path in fdir.iterdir():  # --force: everything but the lock this run holds; always: debris of killed saves
-            if path != files.lock and (force or (path.name.startswith(".") and path.name.endswith(".tmp"))):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-    D.barrier(info)
-    log = open_log(files.train_log, info.is_main, _LOG)
-    if info.is_main:  # rank 0 builds folds.csv if it is missing; the others read it after
-        table = folds_mod.fold_table(layout, cfg.cv)
-    D.barrier(info)
-    table = table if info.is_main else folds_mod.fold_table(layout, cfg.cv)
-    ckpt = read_checkpoint(last_path) if last_path.exists() else None
-    split = fold_split_digest(table, fold)
-    data_id = provenance.data_identity(layout.data, table)
-    if ckpt is not None:
-        check_resumable(ckpt, cfg, last_path)
-        provenance.check_data(ckpt.get("data"), data_id, fdir, cfg.name)
-        check_split(ckpt, table, files, layout)
-
-    D.seed_everything(cfg.train.seed)
-    D.set_deterministic()
-    data = prepare_data(cfg, layout, fold, info)
-    if info.is_main:
-        dump(cfg, files.config)
-    train_labels, val_labels = label_matrix(data.train), label_matrix(data.val)
-    train_ds = SliceDataset(data.train, layout, cfg, transform=None, train=True, meta=data.meta)
-    val_ds = SliceDataset(data.val, layout, cfg, transform=build_eval_transforms(cfg), train=False, meta=data.meta)
-
-    log.info(f"fold {fold}: {choose_precision(cfg.train.amp, info.device).describe()}")  # stops on an unusable GPU
-    log.info(
-        f"fold {fold}: images from "
-        + (
-            f"the cache {layout.cache_dir}"
-            if cfg.data.source == "cache"
-            else f"their DICOMs under {layout.data} (data.source=dicom, no cache)"
-        )
-    )
-    model, net = build_network(cfg, info)
-    average = ema.build(cfg, net)  # train.ema > 0: validated, saved as best.pt and predicted with instead of net
-    loss_fn = build_loss(cfg, train_labels).to(info.device)
-    batch_loss = (
-        None
-        if batch_loss_factory is None
-        else batch_loss_factory(cfg, train_ds=train_ds, meta=data.meta, loss_fn=loss_fn, net=net, info=info)
-    )
-    optimizer = build_optimizer(cfg, net)
-    batch = D.per_rank_batch(cfg.train.batch_size, info)
-    steps_per_epoch = math.ceil(
-        len(train_loader(train_ds, epoch_indices(cfg, train_labels, 0), cfg, info, batch, 0)) / cfg.train.accum_steps
-    )
-    scheduler = build_scheduler(cfg, optimizer, max(1, steps_per_epoch))
-    precision = choose_precision(cfg.train.amp, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=precision.scaler)
-
-    start_epoch, rows, best, best_epoch = 0, [], math.inf, -1
-    if ckpt is not None and not ckpt.get("done"):
-        net.load_state_dict(clean_state_dict(ckpt["model"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if average is not None:
-            average.load_state_dict(ckpt["ema"])
-        start_epoch, rows = int(ckpt["epoch"]), list(ckpt["log"])
-        best, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
-        if info.world_size == int(ckpt.get("world_size", 1)) and "rng" in ckpt:
-            D.set_rng_state(ckpt["rng"])  # per-epoch streams are re-derived from the seed; this covers the rest
-        log.info(f"resuming fold {fold} of {cfg.name} from epoch {start_epoch}/{cfg.train.epochs} ({last_path})")
-    elif ckpt is not None:  # finished but its OOF files are missing: only redo those
-        start_epoch, rows = cfg.train.epochs, list(ckpt["log"])
-        best, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
-    else:
-        init_head_bias(net, train_labels)
-        log.info(
-            f"fold {fold} of {cfg.name}: {len(data.train)} training / {len(data.val)} validation images, "
-            f"{info.world_size} process(es) on {info.device}, global batch {cfg.train.batch_size} "
-            f"x {cfg.train.accum_steps} accumulation, {steps_per_epoch} steps/epoch"
-        )
+    """Train one fold on this rank (the caller holds its lock): set up, resume, the epochs left, OOF files."""
+    clear_fold(files, force, info)
+    open_log(files.train_log, info.is_main, log)
+    table = shared_fold_table(cfg, layout, info)
+    stamp = {"split": fold_split_digest(table, files.fold), "data": provenance.data_identity(layout.data, table)}
+    ckpt = resumable_checkpoint(cfg, layout, files, table, stamp["data"])
+    trainer = FoldTrainer.build(cfg, layout, files, info, table, stamp, batch_loss_factory)
+    progress = trainer.restore(ckpt)
     del ckpt  # optimizer state of a big model: do not keep a second copy for the whole run
     started = time.time()
-    probe = None
-    if info.device.type == "cpu" and cfg.train.amp != "none" and info.is_main and start_epoch < cfg.train.epochs:
-        images_left = steps_per_epoch * cfg.train.batch_size * cfg.train.accum_steps * (cfg.train.epochs - start_epoch)
-
-        def probe(rate: float) -> None:
-            log.warning(cpu_warning(cfg, rate, images_left))
-
-    for epoch in range(start_epoch, cfg.train.epochs):
-        interrupt.check()  # a Ctrl-C swallowed as the fold started (a finaliser) stops it here
-        t0 = time.perf_counter()
-        D.seed_everything(D.epoch_seed(cfg.train.seed, epoch, info.rank))  # dropout etc.: same on resume
-        size = image_size(cfg, epoch)
-        train_ds.transform = build_train_transforms(cfg, size)
-        if batch_loss is not None:
-            batch_loss.start_epoch(epoch, size)
-        train_ds.set_epoch(epoch)
-        val_ds.transform = build_eval_transforms(cfg, size)
-        loader = train_loader(train_ds, epoch_indices(cfg, train_labels, epoch), cfg, info, batch, epoch)
-        desc = f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} ({size}px)"
-        train_loss, seen, train_s = train_epoch(
-            model,
-            loader,
-            loss_fn,
-            optimizer,
-            scheduler,
-            scaler,
-            cfg,
-            info,
-            desc,
-            batch_loss,
-            None if average is None else lambda: average.update(net),
-            probe if epoch == start_epoch else None,
-        )
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
-        row.update(validate(net if average is None else average.module, val_ds, val_labels, cfg, info))
-        row.update({"seconds": time.perf_counter() - t0, "train_images_per_s": seen / max(train_s, 1e-9)})
-        rows.append(row)
-        improved = row["val_weighted_log_loss"] < best
-        if improved:
-            best, best_epoch = row["val_weighted_log_loss"], epoch + 1
-        if info.is_main:
-            state = clean_state_dict(net.state_dict())
-            if improved:  # the weights that were validated: the moving average when there is one
-                kept = state if average is None else clean_state_dict(average.module.state_dict())
-                save_checkpoint(
-                    best_path,
-                    {
-                        "model": kept,
-                        "config": cfg.to_dict(),
-                        "epoch": epoch + 1,
-                        "val_weighted_log_loss": best,
-                        "num_classes": len(LABELS),
-                    },
-                )
-            extra = {} if average is None else {"ema": average.state_dict()}
-            save_checkpoint(
-                last_path,
-                {
-                    **extra,
-                    "model": state,
-                    "config": cfg.to_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1,
-                    "rng": D.rng_state(),
-                    "log": rows,
-                    "best_metric": best,
-                    "best_epoch": best_epoch,
-                    "split": split,
-                    "data": data_id,
-                    "done": epoch + 1 == cfg.train.epochs,
-                    "num_classes": len(LABELS),
-                    "world_size": info.world_size,
-                },
-            )
-            write_log_csv(rows, files.log_csv)
-            plot_curves(rows, files.curves, title=f"{cfg.name} fold {fold}")
-            log.info(
-                f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {train_loss:.4f}  val weighted log loss "
-                f"{row['val_weighted_log_loss']:.4f}{' (best)' if improved else ''}  "
-                + "  ".join(f"{c} {row[f'val_{c}']:.3f}" for c in LABELS)
-                + f"  {row['train_images_per_s']:.1f} img/s  {row['seconds']:.0f}s"
-            )
-        D.barrier(info)
-        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.train.epochs:
-            log.info(f"stopping after epoch {epoch + 1} as requested ({STOP_ENV}); rerun the same command to resume")
-            return fdir
-
-    # out-of-fold predictions of the best checkpoint, at the final image size
-    best_ckpt = read_checkpoint(best_path, map_location=info.device)
-    net.load_state_dict(clean_state_dict(best_ckpt["model"]))
-    val_ds.transform = build_eval_transforms(cfg)
-    probs, emb = predict_frame(net, val_ds, cfg, info, embeddings=True, desc="oof")
-    if info.is_main:
-        write_oof(files, data.val, probs, emb)
-        from ..core import metrics
-
-        summary = {
-            "fold": fold,
-            "config": cfg.name,
-            "split": split,
-            "best_epoch": best_epoch,
-            "best_val_weighted_log_loss": best,
-            "oof_weighted_log_loss": metrics.weighted_log_loss(val_labels, probs),
-            "epochs": cfg.train.epochs,
-            "n_train": len(data.train),
-            "n_val": len(data.val),
-            "world_size": info.world_size,
-            "seconds_this_run": round(time.time() - started, 1),
-            **provenance.record(layout.data, table),
-        }
-        with atomic_open(files.done) as f:
-            json.dump(summary, f, indent=2)
-        log.info(
-            f"fold {fold} done: best epoch {best_epoch}, val weighted log loss {best:.4f}; "
-            f"wrote {files.oof} ({len(data.val)} images)"
-        )
-    D.barrier(info)
-    return fdir
+    if trainer.train(progress, stop_after):
+        trainer.finish(progress, started)
+    return files.dir

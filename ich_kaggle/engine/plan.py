@@ -6,6 +6,8 @@ The plan depends only on (seed, epoch), so every rank and every resumed run sees
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -73,15 +75,26 @@ def _loader(ds: Dataset, sampler, batch: int, cfg: Config, info: DistInfo, seed:
     )
 
 
+def _drops_last(per_rank: int, batch: int) -> bool:
+    """Drop a ragged last batch (BatchNorm fails on a batch of one) unless that would leave nothing."""
+    return per_rank > batch
+
+
 def train_loader(ds: Dataset, indices: np.ndarray, cfg: Config, info: DistInfo, batch: int, epoch: int) -> DataLoader:
     subset = Subset(ds, indices.tolist())
     sampler = DistributedSampler(
         subset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.train.seed, drop_last=False
     )
     sampler.set_epoch(epoch)
-    per_rank = len(sampler)
-    # drop a ragged last batch (BatchNorm fails on a batch of one) unless that would leave nothing
-    return _loader(subset, sampler, batch, cfg, info, seed=cfg.train.seed * 1000 + epoch, drop_last=per_rank > batch)
+    drop_last = _drops_last(len(sampler), batch)
+    return _loader(subset, sampler, batch, cfg, info, seed=cfg.train.seed * 1000 + epoch, drop_last=drop_last)
+
+
+def batches_per_epoch(rows: int, info: DistInfo, batch: int) -> int:
+    """len(train_loader(...)) for an epoch of `rows` rows, without building a loader: `DistributedSampler` pads every
+    rank to ceil(rows / world_size) rows, which `train_loader` cuts into batches of `batch`."""
+    per_rank = math.ceil(rows / info.world_size)
+    return per_rank // batch if _drops_last(per_rank, batch) else math.ceil(per_rank / batch)
 
 
 def eval_loader(ds: Dataset, cfg: Config, info: DistInfo, batch: int) -> DataLoader:

@@ -1,9 +1,10 @@
 """Offline Kaggle kernel for the RSNA Intracranial Hemorrhage Detection competition, written by `make kernel`.
 
 It runs without internet: installs ich_kaggle and the few packages Kaggle's image lacks from the attached code
-dataset (`pip install --no-index --find-links`), finds the competition files and the model dataset by searching the
-input root (mount paths differ between old and new kernels), runs TTA inference over the trained folds and the
-second-stage stacker, and writes `submission.csv` (checked by the validator) into the working folder.
+dataset (`pip install --no-index --find-links`), finds the competition files and the model dataset (the model
+bundle) by searching the input root (mount paths differ between old and new kernels), runs the bundle's chosen
+pipeline on the test images, keeping each fold's predictions in the working folder as it finishes (a new version
+attaching this output resumes from them), and writes `submission.csv` (checked by the validator).
 
 Outside Kaggle: ICH_KAGGLE_INPUT=<folder in the /kaggle/input layout> ICH_KAGGLE_WORKING=<out folder>
 [ICH_KAGGLE_SCRATCH=<folder for the image cache, default /tmp/ich_kaggle>] python kernel.py
@@ -24,6 +25,9 @@ from ich_kaggle.kaggle.kernel_install import (  # __INSTALL__: build.embed_insta
     log,
     pip_install,
 )
+
+# Which members and folds this kernel predicts (None: all); build.build_kernel writes `make kernel MEMBERS= FOLDS=`.
+PART = {"members": None, "folds": None}  # __PART__: written by build.build_kernel
 
 
 def main():
@@ -47,12 +51,22 @@ def main():
     if ich_kaggle.__version__ != ICH_KAGGLE_VERSION:
         log(f"warning: installed ich_kaggle {ich_kaggle.__version__}, kernel written by {ICH_KAGGLE_VERSION}")
     try:
-        inputs = kernel_run.find_inputs(INPUT, config_name=CONFIG_NAME)
-        log(f"competition {inputs.competition}, model {inputs.model}")
-        out = kernel_run.run_inference(inputs.model, inputs.competition, WORKING, scratch=SCRATCH)
+        model = kernel_run.find_bundle(INPUT, config_name=CONFIG_NAME)
+        competition = kernel_run.find_test_competition(INPUT)
+        previous = kernel_run.find_previous(INPUT)
+        log(f"competition {competition}, model {model}, previous outputs {[str(p) for p in previous]}, part {PART}")
+        out = kernel_run.run_kernel(
+            model,
+            competition,
+            WORKING,
+            previous=previous,
+            members=PART["members"],
+            folds=PART["folds"],
+            scratch=SCRATCH,
+        )
     except UserError as e:
         sys.exit(f"error: {e}")
-    log(f"wrote {out} in {time.time() - started:.0f} s")
+    log(f"wrote {out} in {time.time() - started:.0f} s" if out else f"stopped after {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

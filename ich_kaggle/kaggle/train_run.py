@@ -27,7 +27,7 @@ from .. import __version__
 from ..core import config as config_mod
 from ..core.config import Config, CVConfig
 from ..core.errors import UserError
-from ..core.io import atomic_open, atomic_path, write_csv
+from ..core.io import atomic_open, write_csv
 from ..core.layout import COMPETITION, FoldRun, Layout, Run
 from ..engine.loop import STOP_ENV
 from ..core import kaggle_input
@@ -342,93 +342,43 @@ def _finished_folds(root: Path, name: str) -> dict[int, Path]:
     return found
 
 
-def _member_entry(root: Path, name: str, folds: list[int], dest: Path, prefix: str) -> tuple[dict[str, str], Path]:
-    """Link one config's finished folds into the flat model folder; (flat name -> path inside runs/<name>/, the
-    config.yaml of its first fold)."""
-    from .run import _link
+def assemble_model(root: str | Path, config_name: str, folds: list[int], cfg: Config | None = None):
+    """The first-stage model bundle of the attached training kernels' finished folds, held in memory: each member's
+    fold checkpoints and resolved config where the training kernels' outputs are mounted, an ensemble's combination
+    from `cfg`. Nothing is written (`bundle.export` is the one writer of the bundle format, and these folds have no
+    OOF choice or second stage to export); `run.run_kernel` runs it as it runs the model dataset's bundle."""
+    from .. import bundle
+    from ..core import ensemble
 
-    found = _finished_folds(root, name)
-    missing = [k for k in folds if k not in found]
-    if missing:
-        raise UserError(
-            f"no finished runs/{name}/fold<k>/ (best.pt + done.json) under {root} for fold(s) "
-            f"{missing}; attach their training kernels once they are complete (make kernel-status)"
-        )
-    files = {}
-    for k in folds:
-        fold_run = FoldRun(found[k], k)
-        for path in (fold_run.best, fold_run.done):
-            _link(path, dest / f"{prefix}fold{k}_{path.name}")
-            files[f"{prefix}fold{k}_{path.name}"] = f"fold{k}/{path.name}"
-    return files, FoldRun(found[folds[0]], folds[0]).config
-
-
-def _oof_of_folds(root: Path, name: str, folds: list[int], path: Path) -> None:
-    """A member's OOF predictions from its folds' own oof.csv (best.pt on each fold's validation images, no TTA):
-    what the kernel's ensemble step reads for its OOF scores (its test predictions do not depend on them)."""
-    import pandas as pd
-
-    found = _finished_folds(root, name)
-    frames = [
-        pd.read_csv(FoldRun(found[k], k).oof, dtype={"image_id": str})
-        for k in folds
-        if FoldRun(found[k], k).oof.is_file()
-    ]
-    if not frames:
-        raise UserError(f"runs/{name}/fold{folds[0]}/ under {root} holds no oof.csv; retrain it with this ich_kaggle")
-    write_csv(pd.concat(frames, ignore_index=True), path)
-
-
-def assemble_model(
-    root: str | Path, config_name: str, folds: list[int], dest: str | Path, cfg: Config | None = None
-) -> Path:
-    """A model-dataset folder (the layout `run.run_inference` reads) from the attached training kernels' finished
-    folds and the prepare kernel's folds: first-stage predictions only (the stacker is refit on TTA OOF
-    predictions, which only a local `make predict` over the train images makes). An ensemble (`cfg`) lists each
-    member with the folds of its own training kernels."""
-    import gzip
-
-    from .run import FOLDS, FOLDS_INFO, MANIFEST_FORMAT, MODEL_MANIFEST
-
-    root, dest = Path(root), Path(dest)
-    prepared = kaggle_input.find_all(root, kaggle_input.holding(PREPARE_MANIFEST))
-    if not prepared:
-        raise UserError(f"no {PREPARE_MANIFEST} under {root}; attach the prepare kernel's output")
-    prep = prepared[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
-    members = []
-    if cfg is not None and cfg.is_ensemble:
-        from ..core import ensemble
-
-        config_mod.dump(cfg, dest / "config.yaml")
-        for name in ensemble.member_names(cfg):
-            prefix = f"{name}__"
-            member_files, config = _member_entry(root, name, folds, dest, prefix)
-            shutil.copyfile(config, dest / f"{prefix}config.yaml")
-            _oof_of_folds(root, name, folds, dest / f"{prefix}predictions_oof.csv")
-            member_files[f"{prefix}predictions_oof.csv"] = "predictions/oof.csv"
-            members.append(
-                {"name": name, "folds": list(folds), "config": f"{prefix}config.yaml", "files": member_files}
+    root = Path(root)
+    names = ensemble.member_names(cfg) if cfg is not None and cfg.is_ensemble else [config_name]
+    entries, files = [], {}
+    for name in names:
+        found = _finished_folds(root, name)
+        missing = [k for k in folds if k not in found]
+        if missing:
+            raise UserError(
+                f"no finished runs/{name}/fold<k>/ (best.pt + done.json) under {root} for fold(s) "
+                f"{missing}; attach their training kernels once they are complete (make kernel-status)"
             )
-    else:
-        files, config = _member_entry(root, config_name, folds, dest, "")
-        shutil.copyfile(config, dest / "config.yaml")
-    with atomic_path(dest / FOLDS) as tmp:
-        with open(prep / "folds.csv", "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
-            shutil.copyfileobj(src, dst)
-    shutil.copyfile(prep / "folds.csv.json", dest / FOLDS_INFO)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "config": config_name,
-        "ich_kaggle": __version__,
-        "folds": list(folds),
-        "stack": False,
+        weights = [str(FoldRun(found[k], k).best) for k in folds]
+        for w in weights:
+            files[w] = {"sha256": bundle.sha256(Path(w)), "bytes": Path(w).stat().st_size}
+        config = str(FoldRun(found[folds[0]], folds[0]).config)
+        entries.append({"name": name, "folds": list(folds), "config": config, "weights": weights})
+    info = {
+        "format": bundle.FORMAT,
+        "name": config_name,
+        "kind": "ensemble" if len(names) > 1 or (cfg is not None and cfg.is_ensemble) else "config",
+        "stage": "first_stage",
+        "members": entries,
+        "ensemble": (
+            {"combine": cfg.ensemble.combine, "weights": ensemble.weights(cfg.ensemble, len(names)).tolist()}
+            if cfg is not None and cfg.is_ensemble
+            else None
+        ),
+        "second_stages": {},
+        "blend": None,
         "files": files,
-        "weights": "fp32",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if members:
-        manifest["members"] = members
-    _write_json(dest / MODEL_MANIFEST, manifest)
-    return dest
+    return bundle.Bundle(Path("/"), info)

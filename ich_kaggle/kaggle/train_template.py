@@ -72,8 +72,10 @@ def main():
             from ich_kaggle.core import config
 
             cfg = config.from_dict(yaml.safe_load(CONFIG_YAML), source="kernel.py CONFIG_YAML") if CONFIG_YAML else None
-            model = train_run.assemble_model(INPUT, CONFIG_NAME, FOLDS, SCRATCH / "model", cfg=cfg)
-            out = kernel_run.run_inference(model, train_run.find_test_competition(INPUT), WORKING, scratch=SCRATCH)
+            model = train_run.assemble_model(INPUT, CONFIG_NAME, FOLDS, cfg=cfg)
+            competition = train_run.find_test_competition(INPUT)
+            previous = kernel_run.find_previous(INPUT)  # its own earlier version's fold predictions, if attached
+            out = kernel_run.run_kernel(model, competition, WORKING, previous=previous, scratch=SCRATCH)
         else:
             import yaml
             from ich_kaggle.core import config

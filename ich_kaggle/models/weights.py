@@ -41,7 +41,7 @@ LUKEMELAS_FILES = {
     "efficientnet-b7": "efficientnet-b7-dcc49843.pth",
 }
 LUKEMELAS_URL = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/"
-_LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 OFFLINE_ENV = "ICH_KAGGLE_OFFLINE"  # 1: never download (tests set it; Kaggle kernels and CI are offline anyway)
 MAX_SEARCH_DEPTH = 3  # folders below a model.weights folder: <dataset>/<version or subfolder>/<file>
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -134,7 +134,7 @@ def fetch(backbone: str) -> tuple[Path | None, str]:
         return None, f"no library publishes ImageNet weights for '{backbone}'"
     url = urls[0]
     dest = default_dirs()[0] / _url_name(url)
-    _LOG.info(f"downloading the ImageNet weights of {backbone}: {url} -> {dest}")
+    log.info(f"downloading the ImageNet weights of {backbone}: {url} -> {dest}")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(dest), progress=True)  # a temporary file, renamed when complete

@@ -296,19 +296,33 @@ def predict_folds(
     return dict(sorted(probs.items())), dict(sorted(embs.items())), pd.concat(lost).drop_duplicates()
 
 
-def predict(
-    cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | None = None, reads: StackConfig | None = None
-) -> Path:
-    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`.
+@dataclass
+class _Plan:
+    """What one `predict` resolved before any model runs: the folds, the images (from one listing of the cache) and
+    which folds' files are stale; every later step reads from it."""
 
-    `via`: the ensemble `cfg` is a member of (named in the commands of its messages); `reads`: the second stage that
-    will read them (the ensemble's, for its members; default: cfg.stack), which decides the embedding files written
-    (`embedding_mode`)."""
-    from ..data import cache, preprocess, trained
-    from ..data.folds import fold_table
-    from ..data.meta import load_meta
+    run: Run
+    have: list[int]  # the finished folds: the averaged files cover every one
+    meta: pd.DataFrame  # image_id as str
+    test: pd.DataFrame  # the cached test images
+    val: dict[int, pd.DataFrame]  # each fold's cached validation images
+    bad: pd.DataFrame  # test images that cannot be read (image_id, reason)
+    mode: str  # embedding files written (`embedding_mode`)
+    expected: dict[int, dict]  # each fold's manifest as it would be written now
+    todo: list[int]  # folds whose files are stale or missing
 
-    start = time.perf_counter()
+    @property
+    def out(self) -> Predictions:
+        return self.run.predictions
+
+    @property
+    def dim(self) -> int:
+        """Principal components kept per fold model (pca<d>), else 0."""
+        return int(self.mode[3:]) if self.mode.startswith("pca") else 0
+
+
+def _finished_folds(cfg: Config, runs: str | Path) -> list[int]:
+    """The folds to predict with; stops on a fold whose training did not finish, or when no fold is trained."""
     run = Run.of(runs, cfg.name)
     have, unfinished, missing = trained_folds(cfg, runs)
     if unfinished:
@@ -324,6 +338,19 @@ def predict(
         )
     if missing:
         log.info(f"predict: fold(s) {missing} not trained (no best.pt); predicting with fold(s) {have}")
+    return have
+
+
+def _images(
+    cfg: Config, layout: Layout, runs: str | Path, have: list[int], via: str | None
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[int, pd.DataFrame], pd.DataFrame]:
+    """(meta, cached test images, each fold's cached validation images, unreadable test images), after checking
+    that every fold was trained on this data, split and config, and ensuring the cache."""
+    from ..data import cache, preprocess, trained
+    from ..data.folds import fold_table
+    from ..data.meta import load_meta
+
+    run = Run.of(runs, cfg.name)
     trained.check(cfg, layout, runs, via)  # stops where the folds were trained on another split or config
     meta = load_meta(layout)
     folds = fold_table(layout, cfg.cv)  # the folds training used (cv.split)
@@ -336,9 +363,15 @@ def predict(
     bad = unreadable_test(meta, cached, layout.sample_csv)
     test = meta[(meta["split"] == "test") & meta["image_id"].isin(cached)].reset_index(drop=True)
     val = {k: folds[(folds["fold"] == k) & folds["image_id"].isin(cached)].reset_index(drop=True) for k in have}
+    return meta, test, val, bad
+
+
+def _stale_folds(
+    cfg: Config, run: Run, have: list[int], test: pd.DataFrame, val: dict[int, pd.DataFrame], mode: str
+) -> tuple[dict[int, dict], list[int]]:
+    """(each fold's manifest as it would be written now, the folds whose files do not match it), each reuse and
+    each recomputation named in the log."""
     out = run.predictions
-    mode = embedding_mode(reads or cfg.stack)
-    dim = int(mode[3:]) if mode.startswith("pca") else 0
     expected = {
         k: freshness.prediction_fold(
             run, k, cfg.tta, test["image_id"].tolist(), val[k]["image_id"].tolist(), embeddings=mode
@@ -355,71 +388,95 @@ def predict(
     for k in todo:
         if manifest.read(out.oof_fold(k)) is not None:
             log.info(f"predict: fold {k} predicted again: {stale[k]}")
+    return expected, todo
+
+
+def _resolve(cfg: Config, layout: Layout, runs: str | Path, via: str | None, reads: StackConfig | None) -> _Plan:
+    run = Run.of(runs, cfg.name)
+    have = _finished_folds(cfg, runs)
+    meta, test, val, bad = _images(cfg, layout, runs, have, via)
+    mode = embedding_mode(reads or cfg.stack)
+    expected, todo = _stale_folds(cfg, run, have, test, val, mode)
+    return _Plan(run, have, meta, test, val, bad, mode, expected, todo)
+
+
+def _load_todo(cfg: Config, plan: _Plan) -> list[FoldModel]:
+    """The models of the folds to predict, dealt out over this machine's devices (named in the log)."""
     devices = inference_devices()
-    if todo:
+    if plan.todo:
         for device in devices:  # stops on an unusable GPU
             log.info(f"predict: {device}, {inference_precision(cfg, device).describe()}")
         log.info(
             f"predict: {loader_workers(cfg.data.num_workers)} loader workers (data.num_workers={cfg.data.num_workers})"
         )
-    models = load_fold_models({k: run.fold(k).best for k in todo}, devices)
+    return load_fold_models({k: plan.run.fold(k).best for k in plan.todo}, devices)
 
+
+def _predict_loaded(
+    models: list[FoldModel], frame: pd.DataFrame, layout: Layout, cfg: Config, meta: pd.DataFrame, desc: str, what: str
+) -> tuple[pd.Series, list[tuple[np.ndarray, np.ndarray]]]:
+    """`predict_frame` on the images of `frame` (none: empty results); cache entries that did not decode are made
+    again from their DICOMs and predicted once more, images that still fail are left out: (ids, results)."""
     empty = (np.zeros((0, len(LABELS))), np.zeros((0, 0)))
-    for group in _groups(models):
-        # OOF first: with pca<d> each fold model's projection is fitted on its own OOF embeddings, then applied to
-        # its test embeddings (a kernel without training images loads the shipped projection instead)
-        projections = {}
-        for m in group:
-            v = val[m.fold]
-            (result,), failed = (
-                predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}")
-                if len(v)
-                else ([empty], np.zeros(0, bool))
-            )
-            if failed.any() and _recache(layout, v["image_id"][failed]):
-                (result,), failed = predict_frame([m], v, layout, cfg, meta, desc=f"oof fold {m.fold}")
-            ids, ((p, e),) = _kept(v["image_id"], [result], failed, f"fold {m.fold} OOF")
-            if dim:
-                if len(ids):
-                    projections[m.fold] = fit_projection(e, dim, seed=m.fold)
-                    projections[m.fold].save(out.fold_projection(m.fold))
-                else:
-                    projections[m.fold] = Projection.load(out.fold_projection(m.fold))
-                e = projections[m.fold].apply(e) if len(e) else np.zeros((0, dim), np.float16)
-            if mode != "none":
-                save_embeddings(out.oof_fold_embeddings(m.fold), ids, e)
-            write_csv(wide(ids, p), out.oof_fold(m.fold))
-        results, failed = (
-            predict_frame(group, test, layout, cfg, meta, desc="test")
-            if len(test)
-            else ([empty] * len(group), np.zeros(0, bool))
-        )
-        if failed.any() and _recache(layout, test["image_id"][failed]):  # damaged entries made again: once more
-            results, failed = predict_frame(group, test, layout, cfg, meta, desc="test")
-        ids, results = _kept(test["image_id"], results, failed, "test")
-        for m, (p, e) in zip(group, results):
-            if mode != "none":
-                save_embeddings(out.test_fold_embeddings(m.fold), ids, projections[m.fold].apply(e) if dim else e)
-            write_csv(wide(ids, p), out.test_fold(m.fold))
-            # last: marks the fold's files done
-            manifest.write(out.oof_fold(m.fold), expected[m.fold], also=_fold_files(out, m.fold, mode))
+    results, failed = (
+        predict_frame(models, frame, layout, cfg, meta, desc=desc)
+        if len(frame)
+        else ([empty] * len(models), np.zeros(0, bool))
+    )
+    if failed.any() and _recache(layout, frame["image_id"][failed]):  # damaged entries made again: once more
+        results, failed = predict_frame(models, frame, layout, cfg, meta, desc=desc)
+    return _kept(frame["image_id"], results, failed, what)
 
-    done = freshness.predictions(run, have, cfg.tta)
-    if not todo and all(freshness.stale_reason(f, done) is None for f in (out.test, out.oof)):
-        log.info(f"predict: {out.test} and {out.oof} are up to date; left as they are")  # later stages stay fresh
-        return out.dir
-    # fold average / concatenation over every trained fold, from the per-fold files
+
+def _predict_oof(m: FoldModel, plan: _Plan, layout: Layout, cfg: Config) -> Projection | None:
+    """One fold model on its own validation images: writes its OOF files; returns its projection (pca<d>), fitted
+    on these OOF embeddings (a kernel without training images loads the shipped projection instead)."""
+    out, dim = plan.out, plan.dim
+    ids, ((p, e),) = _predict_loaded(
+        [m], plan.val[m.fold], layout, cfg, plan.meta, f"oof fold {m.fold}", f"fold {m.fold} OOF"
+    )
+    projection = None
+    if dim:
+        if len(ids):
+            projection = fit_projection(e, dim, seed=m.fold)
+            projection.save(out.fold_projection(m.fold))
+        else:
+            projection = Projection.load(out.fold_projection(m.fold))
+        e = projection.apply(e) if len(e) else np.zeros((0, dim), np.float16)
+    if plan.mode != "none":
+        save_embeddings(out.oof_fold_embeddings(m.fold), ids, e)
+    write_csv(wide(ids, p), out.oof_fold(m.fold))
+    return projection
+
+
+def _predict_group(group: list[FoldModel], plan: _Plan, layout: Layout, cfg: Config) -> None:
+    """Folds that read images alike: each on its OOF images first (its projection is fitted there), then all on the
+    test images in one pass; each fold's manifest is written last, marking its files done."""
+    out = plan.out
+    projections = {m.fold: _predict_oof(m, plan, layout, cfg) for m in group}
+    ids, results = _predict_loaded(group, plan.test, layout, cfg, plan.meta, "test", "test")
+    for m, (p, e) in zip(group, results):
+        if plan.mode != "none":
+            save_embeddings(out.test_fold_embeddings(m.fold), ids, projections[m.fold].apply(e) if plan.dim else e)
+        write_csv(wide(ids, p), out.test_fold(m.fold))
+        manifest.write(out.oof_fold(m.fold), plan.expected[m.fold], also=_fold_files(out, m.fold, plan.mode))
+
+
+def _write_test(plan: _Plan, cfg: Config) -> pd.DataFrame:
+    """test.csv: the fold average over the test images every fold predicted (and, for the mixture design, their
+    fold-averaged embeddings); returns the unreadable test images, those a fold could not load added (the
+    submission gives them the prior)."""
+    out, have, test = plan.out, plan.have, plan.test
     test_frames = [pd.read_csv(out.test_fold(k), dtype={"image_id": str}) for k in have]
-    oof_frames = [pd.read_csv(out.oof_fold(k), dtype={"image_id": str}) for k in have]
-    # the test images every fold predicted; one that a fold could not load gets the prior in the submission
     common = test["image_id"][np.logical_and.reduce([test["image_id"].isin(f["image_id"]) for f in test_frames])]
     lost = sorted(set(test["image_id"]) - set(common))
+    bad = plan.bad
     if lost:
         bad = pd.concat(
             [bad, pd.DataFrame({"image_id": lost, "reason": "cache file unreadable at predict time"})],
             ignore_index=True,
         )
-    full = mode == "full"  # the mixture design's fold-averaged / concatenated embeddings
+    full = plan.mode == "full"  # the mixture design's fold-averaged embeddings
     if len(common):
         test_frames = [f[f["image_id"].isin(common)] for f in test_frames]
         write_csv(average_folds(test_frames, cfg.tta.average), out.test)
@@ -433,19 +490,50 @@ def predict(
         save_embeddings(out.test_embeddings, [], np.zeros((0, 0)))
     if not len(common):
         write_csv(wide([], np.zeros((0, len(LABELS)))), out.test)
+    return bad
+
+
+def _write_oof(plan: _Plan) -> int:
+    """oof.csv: every fold's OOF predictions one after the other (and, for the mixture design, their embeddings);
+    returns its number of rows."""
+    out, have = plan.out, plan.have
+    oof_frames = [pd.read_csv(out.oof_fold(k), dtype={"image_id": str}) for k in have]
     write_csv(pd.concat(oof_frames, ignore_index=True), out.oof)
-    parts = [load_embeddings(out.oof_fold_embeddings(k)) for k in have] if full else []
+    parts = [load_embeddings(out.oof_fold_embeddings(k)) for k in have] if plan.mode == "full" else []
     parts = [p for p in parts if len(p[0])]
     if parts:
         save_embeddings(
             out.oof_embeddings, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         )
+    return sum(len(f) for f in oof_frames)
+
+
+def predict(
+    cfg: Config, layout: Layout, runs: str | Path = "runs", via: str | None = None, reads: StackConfig | None = None
+) -> Path:
+    """TTA predictions of every trained fold; returns `runs/<cfg>/predictions/`.
+
+    `via`: the ensemble `cfg` is a member of (named in the commands of its messages); `reads`: the second stage that
+    will read them (the ensemble's, for its members; default: cfg.stack), which decides the embedding files written
+    (`embedding_mode`)."""
+    start = time.perf_counter()
+    plan = _resolve(cfg, layout, runs, via, reads)
+    for group in _groups(_load_todo(cfg, plan)):
+        _predict_group(group, plan, layout, cfg)
+    out = plan.out
+    done = freshness.predictions(plan.run, plan.have, cfg.tta)
+    if not plan.todo and all(freshness.stale_reason(f, done) is None for f in (out.test, out.oof)):
+        log.info(f"predict: {out.test} and {out.oof} are up to date; left as they are")  # later stages stay fresh
+        return out.dir
+    # fold average / concatenation over every trained fold, from the per-fold files
+    bad = _write_test(plan, cfg)
+    n_oof = _write_oof(plan)
     write_csv(bad, out.unreadable)
+    full = plan.mode == "full"
     manifest.write(out.test, done, also=[out.test_embeddings, out.unreadable] if full else [out.unreadable])
     manifest.write(out.oof, done, also=[out.oof_embeddings] if full and out.oof_embeddings.exists() else [])
-    n_oof = sum(len(f) for f in oof_frames)
     log.info(
-        f"predict: {len(test)} test images x {len(have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
+        f"predict: {len(plan.test)} test images x {len(plan.have)} fold(s) x {len(cfg.tta.transforms)} TTA, "
         f"{n_oof} OOF images, {len(bad)} unreadable test image(s), {time.perf_counter() - start:.0f}s -> {out.dir}"
     )
     return out.dir

@@ -3,9 +3,8 @@
 Reads `runs/<cfg>/predictions/{oof,test}.csv` (and `*_embeddings.npz` with stack.use_embeddings; each fold model's
 `{oof,test}_fold<k>*` with stack.embedding_space=per_fold) of one or several first-stage models, the meta table and
 the folds the first stage used (`data.folds.fold_table`: cv.split, cv.folds); writes
-`runs/<cfg>/stack/{oof,test,metrics}.csv` plus the neighbours baseline's `neighbors_{oof,test}.csv`. Extra
-first-stage models: `--set stack.sources=[dir,...]` (prediction folders or run folders). The array code lives in the
-other modules of `ich_kaggle.stack`.
+`runs/<cfg>/stack/{oof,test,metrics}.csv`. Extra first-stage models: `--set stack.sources=[dir,...]` (prediction
+folders or run folders). The array code lives in the other modules of `ich_kaggle.stack`.
 """
 
 from __future__ import annotations
@@ -71,46 +70,33 @@ def reduce_embeddings(
     prefix: str,
     seed: int = 0,
     fit_rows: int = 50_000,
+    fitted: list | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Project embeddings on their first `dim` principal components (fitted without labels), scaled to unit variance.
+    """Project embeddings on their first `dim` principal components (fitted without labels), scaled to unit variance
+    (`stack.reduction`); the fitted projection is appended to `fitted` when given (saved with the stack).
 
     Full 1-2k-dimensional embeddings of 750k slices would not fit in memory as padded series; a few components carry
     what the sequence model can use.
     """
-    from sklearn.utils.extmath import randomized_svd
+    from .reduction import fit_reduction
 
-    n_train, n_test = len(train[1]), len(test[1])
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(n_train + n_test, size=min(fit_rows, n_train + n_test), replace=False)
-    # the sample only (no concatenated copy of both sets: 120k x 2048 floats would be 1 GB at competition scale)
-    parts = [train[1][pick[pick < n_train]]] + ([test[1][pick[pick >= n_train] - n_train]] if n_test else [])
-    sample = np.concatenate(parts).astype(np.float64)
-    mean = sample.mean(0)
-    k = min(dim, *sample.shape)
-    if k >= min(sample.shape) - 1:  # compact embeddings (predict.compact): already as few columns as asked
-        _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
-    else:  # full embeddings: the leading components only (a full SVD of 50k x 2048 took ~2 minutes)
-        _, _, vt = randomized_svd(sample - mean, k, random_state=seed)
-    comps = vt[:k]
-    scale = ((sample - mean) @ comps.T).std(0) + 1e-6
-
-    def frame(ids: np.ndarray, emb: np.ndarray) -> pd.DataFrame:
-        proj = ((emb.astype(np.float64) - mean) @ comps.T / scale).astype(np.float32)
-        out = pd.DataFrame(proj, columns=[f"{prefix}e{i}" for i in range(proj.shape[1])])
-        out.insert(0, "image_id", ids)
-        return out
-
-    return frame(*train), frame(*test)
+    red = fit_reduction(train[1], test[1], dim, seed=seed, fit_rows=fit_rows)
+    if fitted is not None:
+        fitted.append(red)
+    return red.frame(*train, prefix), red.frame(*test, prefix)
 
 
-def _extras(dirs: list[Predictions], scfg: StackConfig, name: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+def _extras(
+    dirs: list[Predictions], scfg: StackConfig, name: str, fitted: list | None = None
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """stack.embedding_space=mixture: every source's embeddings, reduced (each reduction appended to `fitted`)."""
     if not scfg.use_embeddings:
         return None, None
     oof_parts, test_parts = [], []
     for m, d in enumerate(dirs):
         oof_e = read_embeddings(d.oof_embeddings, name)
         test_e = read_embeddings(d.test_embeddings, name)
-        o, t = reduce_embeddings(oof_e, test_e, scfg.embedding_dim, prefix=f"m{m}", seed=scfg.seed)
+        o, t = reduce_embeddings(oof_e, test_e, scfg.embedding_dim, prefix=f"m{m}", seed=scfg.seed, fitted=fitted)
         oof_parts.append(o.set_index("image_id"))
         test_parts.append(t.set_index("image_id"))
     return (
@@ -119,9 +105,12 @@ def _extras(dirs: list[Predictions], scfg: StackConfig, name: str) -> tuple[pd.D
     )
 
 
-def _per_fold_inputs(dirs: list[Predictions], scfg: StackConfig, name: str, folds: list[int]) -> dict:
+def _per_fold_inputs(
+    dirs: list[Predictions], scfg: StackConfig, name: str, folds: list[int], fitted: dict | None = None
+) -> dict:
     """stack.embedding_space=per_fold: per fold model k, every source's fold-k OOF and test predictions and its
-    embeddings, projected by a PCA fitted on fold model k's own embeddings (see `pipeline.run_per_fold`)."""
+    embeddings, projected by a PCA fitted on fold model k's own embeddings (see `pipeline.run_per_fold`); the
+    reductions, one per source, go to `fitted[k]` when given."""
     from .pipeline import FoldInputs
 
     out = {}
@@ -143,6 +132,7 @@ def _per_fold_inputs(dirs: list[Predictions], scfg: StackConfig, name: str, fold
                 scfg.embedding_dim,
                 prefix=f"m{m}",
                 seed=scfg.seed,
+                fitted=None if fitted is None else fitted.setdefault(k, []),
             )
             oof_x.append(o.set_index("image_id"))
             test_x.append(t.set_index("image_id"))
@@ -173,19 +163,6 @@ def prior_loss(folds: pd.DataFrame, first_oof: pd.DataFrame) -> float | None:
         return None
     y = rows[list(LABELS)].to_numpy(np.float64)
     return metrics.weighted_log_loss(y, np.repeat(y.mean(0, keepdims=True), len(y), axis=0))
-
-
-def recommend_neighbors(losses: pd.Series, model: str, prior: float | None = None) -> str:
-    """The neighbours baseline is suggested only where it scored best out of fold (below the first stage, the
-    configured stacker and the constant prior); never when it is worse."""
-    nb = losses.get("neighbors")
-    floor = min(losses["first_stage"], losses["stacked"], prior if prior is not None else np.inf)
-    if model == "neighbors" or nb is None or not nb < floor:
-        return ""
-    return (
-        f"; the neighbours baseline scored {nb:.5f} out of fold: try "
-        f"{fix('--set stack.model=neighbors', 'SET_EXTRA=stack.model=neighbors')}"
-    )
 
 
 def check_sources(dirs: list[Predictions], config_name: str) -> None:
@@ -253,10 +230,10 @@ def _stack_one(
     expected = freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
     from . import saved
 
-    keep = saved.savable(cfg.stack) is None and not per_fold  # the fitted models are saved for the bundle
+    keep = saved.savable(cfg.stack) is None  # the fitted models are saved for the bundle (`stack.saved`)
     if (
         not force
-        and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics))
+        and all(p.exists() for p in (out.oof, out.metrics))
         and (not keep or freshness.stale_reason(out.models, expected) is None)
         and freshness.stale_reason(out.test, expected) is None
     ):
@@ -265,8 +242,9 @@ def _stack_one(
     oof = [read_predictions(d.oof, cfg.name) for d in dirs]
     test = [read_predictions(d.test, cfg.name) for d in dirs]
     fold_ids = selected_folds(cfg.cv)
-    inputs = _per_fold_inputs(dirs, cfg.stack, cfg.name, fold_ids) if per_fold else None
-    oof_x, test_x = (None, None) if per_fold else _extras(dirs, cfg.stack, cfg.name)
+    fitted: dict | list = {} if per_fold else []  # the embeddings' reductions, saved with the models
+    inputs = _per_fold_inputs(dirs, cfg.stack, cfg.name, fold_ids, fitted) if per_fold else None
+    oof_x, test_x = (None, None) if per_fold else _extras(dirs, cfg.stack, cfg.name, fitted)
     meta = load_meta(layout)
     # the folds the first-stage OOF came from (cv.split, cv.folds): the stacker's folds are the same, image by image
     folds = fold_table(layout, cfg.cv)
@@ -291,12 +269,10 @@ def _stack_one(
         ) from None
     write_csv(result.oof, out.oof)
     write_csv(result.test, out.test)
-    write_csv(result.neighbors_oof, out.neighbors_oof)
-    write_csv(result.neighbors_test, out.neighbors_test)
     write_csv(result.metrics, out.metrics)
     write_csv(result.curve, out.curve)
     if keep and result.models:
-        saved.save(out.models, result.models, cfg.stack, len(dirs))
+        saved.save(out.models, result.models, cfg.stack, len(dirs), fitted or None)
         manifest.write(out.models, expected)
     else:
         out.models.unlink(missing_ok=True)
@@ -310,12 +286,11 @@ def _stack_one(
         log.info(
             f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
             f"`make submit` will choose the first stage by its OOF score"
-            + recommend_neighbors(losses, cfg.stack.model, prior)
         )
-    if "neighbors" in losses and prior is not None and losses["neighbors"] >= prior:
+    if prior is not None and losses["stacked"] >= prior:
         log.info(
-            f"note: the neighbours baseline ({losses['neighbors']:.5f}) is no better than the constant label "
-            f"prior ({prior:.5f}) out of fold: the first-stage logits carry little that transfers between folds"
+            f"note: the stack ({losses['stacked']:.5f}) is no better than the constant label prior ({prior:.5f}) "
+            f"out of fold: the first-stage outputs carry little that transfers between folds"
         )
     if len(result.curve):
         last = result.curve.groupby("fold")["step"].max()

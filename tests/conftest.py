@@ -1,11 +1,12 @@
-"""Shared fixtures: the real mini set from ../shared (skipped with a reason when absent) and the synthetic
-competition."""
+"""Shared fixtures, built once per session and read by several files: the real mini set from ../shared (skipped
+with a reason when absent), the synthetic competition, a trained two-member ensemble and a model bundle."""
 
 from __future__ import annotations
 
 import os
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -61,6 +62,26 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def competition(tmp_path_factory):
+    """`competition(seed, studies, slices, size)`: a small synthetic competition of that shape, written once per
+    session and shared by every file that asks for the same shape (the train, runs, predict, state and DICOM-source
+    tests use seeds 0 and 1 at 12 studies x 8 slices x 64 px). Read only: each test keeps its own work and runs
+    folders; a test that changes a DICOM or a label writes its own competition."""
+    from ich_kaggle.data import synth
+
+    made: dict[tuple[int, int, int, int], Path] = {}
+
+    def get(seed: int = 0, studies: int = 12, slices: int = 8, size: int = 64) -> Path:
+        key = (seed, studies, slices, size)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"comp_{seed}_{studies}x{slices}x{size}")
+            made[key] = synth.write_competition(root / "comp", seed=seed, studies=studies, slices=slices, size=size)
+        return made[key]
+
+    return get
+
+
 @pytest.fixture
 def kaggle_home(tmp_path, monkeypatch) -> Path:
     """`import kaggle` authenticates at import time: give it fake credentials in a temporary HOME."""
@@ -94,40 +115,51 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory) -> Path:
-    """A model bundle as a user makes one, at test size: the `tiny` config trained 1 epoch on 2 folds of a small
-    synthetic competition, predicted, submitted, exported (~10 s of CPU, once per session)."""
-    import contextlib
-    import io
+def pair(tmp_path_factory) -> SimpleNamespace:
+    """The two-member ensemble that several files read (apply, ensemble, kernel, tiny_bundle), trained once per
+    session: tiny + tiny_bone, 1 epoch, 2 folds of a small synthetic competition, then predicted (each member's
+    test and out-of-fold predictions; ~10 s of CPU, 8 of them training).
 
+    Readers share its folders, which no copy can stand in for (manifests name files by absolute path): a reader
+    runs its own ensemble YAML (`train_helpers.pair_yaml`, another stem) with `exp(...)`, whose members are these
+    folds, "already trained", and whose predictions are these unless stale (predict then redoes them); a reader
+    that changes a member's file puts it back."""
     import train_helpers
-    from ich_kaggle.cli import main
     from ich_kaggle.data import synth
 
+    tmp = tmp_path_factory.mktemp("pair")
+    data = synth.write_competition(tmp / "comp", seed=3, studies=10, slices=8, size=64)
+    work, runs = tmp / "work", tmp / "runs"
+
+    def exp(config: str | Path, *extra: str) -> list[str]:
+        """--config, the shared folders and the shared --set overrides (then `extra`) for a CLI command."""
+        sets = [*train_helpers.PAIR_SETTINGS, *extra]
+        return ["--config", str(config), "--data", str(data), "--work", str(work), "--runs", str(runs), "--set", *sets]
+
+    ens = train_helpers.pair_yaml(tmp / "pair.yaml")
+    for step in (["train", *exp(ens), "--fold", "all"], ["predict", *exp(ens)]):
+        out = train_helpers.cli(*step)
+        assert out.returncode == 0, (step[0], out.stderr[-3000:])
+    return SimpleNamespace(tmp=tmp, data=data, work=work, runs=runs, yaml=ens, exp=exp)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(pair, tmp_path_factory) -> Path:
+    """A model bundle as a user makes one, at test size: the session's trained `tiny` (the `pair` ensemble's
+    first member, 2 folds; its config as that member's), submitted and exported (under 1 s of CPU on top of `pair`)."""
+    import train_helpers
+
     tmp = tmp_path_factory.mktemp("tiny_bundle")
-    data = synth.write_competition(tmp / "comp", seed=3, studies=6, slices=8, size=64)
-    exp = [
-        "--config",
-        "tiny",
-        "--data",
-        str(data),
-        "--work",
-        str(tmp / "work"),
-        "--runs",
-        str(tmp / "runs"),
-        "--set",
-        *train_helpers.FAST,
-        "cv.k=2",
-        "train.epochs=1",
-    ]
+    exp = pair.exp("tiny", *train_helpers.PAIR_MEMBER_SET)
+    printed = []
     for step in (
         ["train", *exp, "--fold", "all"],
         ["predict", *exp],
         ["submit", *exp, "--out-dir", str(tmp / "subs")],
         ["export", *exp, "--out", str(tmp / "bundle")],
     ):
-        err = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            code = main(step)
-        assert code == 0, (step[0], err.getvalue()[-2000:])
+        out = train_helpers.cli(*step)
+        assert out.returncode == 0, (step[0], out.stderr[-2000:])
+        printed.append(out.stdout)
+    assert printed[0].count("is already trained") == 2, printed[0]  # `pair` trained them: nothing trained again
     return tmp / "bundle"

@@ -1,13 +1,11 @@
 """Use the trained model on any head CT (issue 23): export a bundle from a two-member ensemble (tiny + tiny_bone,
-1 epoch, 2 folds, the synthetic competition, trained once for the module), load it, refuse a damaged one, run
+1 epoch, 2 folds, the synthetic competition, trained once per session), load it, refuse a damaged one, run
 `infer` on the real mini set's studies hidden in nested folders and a zip, match `make submit`'s predictions on the
 competition's test folder, report skipped inputs, and `evaluate` against slice-, series-, study-level labels and a
 CQ500-style reads.csv."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import zipfile
@@ -17,67 +15,37 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 import train_helpers
-from ich_kaggle.cli import main
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.labels import LABELS
 
 L = list(LABELS)
-SETTINGS = [
-    *train_helpers.FAST,
-    "cv.k=2",
-    "train.epochs=1",
-    "stack.model=conv",
-    "stack.epochs=2",
-    "stack.hidden=8",
-    "stack.batch_series=4",
-    "stack.embedding_stage=true",  # every stage submit chooses among: first stage, both stacks, their blend
-]
 
 
-def cli(*args: str) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+cli = train_helpers.cli
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> SimpleNamespace:
-    """The synthetic competition, a two-member ensemble trained, predicted, stacked and submitted, and its bundle."""
-    from ich_kaggle.data import synth
-
-    tmp = tmp_path_factory.mktemp("apply")
-    data = synth.write_competition(tmp / "comp", seed=3, studies=10, slices=8, size=64)
-    ens = tmp / "pair.yaml"
-    ens.write_text(yaml.safe_dump({"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit"}, "cv": {"k": 2}}))
-    runs = tmp / "runs"
-    exp = [
-        "--config",
-        str(ens),
-        "--data",
-        str(data),
-        "--work",
-        str(tmp / "work"),
-        "--runs",
-        str(runs),
-        "--set",
-        *SETTINGS,
-    ]
+def trained(pair) -> SimpleNamespace:
+    """The session's two-member ensemble (conftest's `pair`: trained and predicted once), stacked and submitted, and
+    its bundle."""
+    tmp = pair.tmp / "apply"
+    tmp.mkdir()
+    # every stage submit chooses among: first stage, both stacks, their blend (stack.* never retrains a member)
+    exp = pair.exp(pair.yaml, "stack.embedding_stage=true")
     for step in (
-        ["train", *exp, "--fold", "all"],
-        ["predict", *exp],
+        ["predict", *exp],  # fresh unless another file re-predicted a member: then this redoes it
         ["stack", *exp],
         ["submit", *exp, "--out-dir", str(tmp / "subs")],
         ["export", *exp, "--out", str(tmp / "bundle")],
     ):
         out = cli(*step)
         assert out.returncode == 0, (step[0], out.stderr[-3000:])
-    return SimpleNamespace(tmp=tmp, data=data, runs=runs, exp=exp, bundle=tmp / "bundle", name="pair")
+    return SimpleNamespace(tmp=tmp, data=pair.data, runs=pair.runs, exp=exp, bundle=tmp / "bundle", name="pair")
 
 
+@pytest.mark.slow
 def test_bundle_holds_the_chosen_pipeline_and_loads(trained):
     from ich_kaggle import bundle
 
@@ -93,6 +61,7 @@ def test_bundle_holds_the_chosen_pipeline_and_loads(trained):
     assert all((trained.bundle / n).is_file() for n in info["files"])
 
 
+@pytest.mark.slow
 def test_damaged_bundle_is_refused_in_one_line(trained, tmp_path):
     from ich_kaggle import bundle
 
@@ -112,6 +81,7 @@ def test_damaged_bundle_is_refused_in_one_line(trained, tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_export_refuses_stale_predictions(trained, tmp_path):
     best = trained.runs / "tiny" / "fold0" / "best.pt"
     best.touch()  # a newer checkpoint than the predictions were made from
@@ -127,6 +97,7 @@ def test_export_refuses_stale_predictions(trained, tmp_path):
         os.utime(best, ns=(m["inputs"]["fold0"]["mtime_ns"], m["inputs"]["fold0"]["mtime_ns"]))
 
 
+@pytest.mark.slow
 def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
     """The slice probabilities of infer are those `make submit` wrote from (the chosen stage's test.csv)."""
     out = cli(
@@ -144,6 +115,7 @@ def test_infer_equals_submit_on_the_competition_test_folder(trained, tmp_path):
     assert (tmp_path / "out" / "report.html").read_text().count("<img") >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stacked_embeddings", "blend"])
 def test_bundle_runs_the_embedding_stack_and_the_blend_exactly(stage, trained, tmp_path, monkeypatch):
     """The bundle holds exactly the stage submit chose, whichever it is: the embedding-level stack (forced with
@@ -202,6 +174,7 @@ def test_bundle_runs_the_embedding_stack_and_the_blend_exactly(stage, trained, t
     np.testing.assert_allclose(kept_run.loc[slices.index, L].to_numpy(), slices[L].to_numpy(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_refuses_an_unknown_or_unsaved_stage_and_load_an_older_format(trained, tmp_path):
     from ich_kaggle import bundle
 
@@ -224,6 +197,7 @@ def test_export_refuses_an_unknown_or_unsaved_stage_and_load_an_older_format(tra
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_saved_second_stage_gives_the_stack_test_predictions_again(trained):
     """Whatever submit chose, the saved stack applied to the members' test predictions is `stack/test.csv`."""
     from ich_kaggle.data import studies
@@ -246,6 +220,7 @@ def _mini_studies(mini_dir: Path, n: int) -> list[pd.DataFrame]:
     return [g for _, g in list(col.slices.groupby("study_id", sort=False))[:n]]
 
 
+@pytest.mark.slow
 def test_infer_on_mini_studies_in_nested_folders_and_a_zip(trained, mini_dir, tmp_path):
     from ich_kaggle.data import studies
     from ich_kaggle.apply.infer import infer
@@ -314,6 +289,7 @@ def test_zip_with_parent_names_is_refused(tmp_path):
     assert not (tmp_path / "evil.dcm").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_at_slice_series_study_level_and_cq500_reads(trained, tmp_path):
     from ich_kaggle.apply.evaluate import METRICS, evaluate
     from ich_kaggle.core.metrics import read_truth
@@ -385,6 +361,7 @@ def test_evaluate_at_slice_series_study_level_and_cq500_reads(trained, tmp_path)
     assert "per study (4 labelled)" in out.stdout and "LOG_LOSS" in out.stdout
 
 
+@pytest.mark.slow
 def test_fp16_bundle_halves_the_weights_and_still_loads(trained, tmp_path):
     import torch
 

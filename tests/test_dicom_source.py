@@ -24,11 +24,9 @@ from train_helpers import FAST
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from ich_kaggle.data import synth
-
-    root = tmp_path_factory.mktemp("dicom_source")
-    return synth.write_competition(root / "comp", seed=0, studies=12, slices=8, size=64)
+def data(competition):
+    """The session's synthetic competition (shared, read only)."""
+    return competition(seed=0)
 
 
 # 2.5D, the brain-fraction filter and window jitter: every path that reads HU
@@ -62,6 +60,7 @@ def test_every_slice_from_its_dicom_equals_its_cache_entry(data, tmp_path):
         read("ID_nope")
 
 
+@pytest.mark.slow
 def test_a_fold_from_the_dicoms_is_the_fold_from_the_cache(data, tmp_path):
     from_cache = Layout.of(data, tmp_path / "work_cache")
     from_dicom = Layout.of(data, tmp_path / "work_dicom")

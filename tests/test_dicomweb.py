@@ -150,6 +150,7 @@ def test_pull_failures_are_one_line(orthanc, tmp_path, url, study, says):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_infer_pulls_the_study_from_the_pacs(orthanc, pacs_study, tiny_bundle, tmp_path):
     """`infer --dicomweb <url> --study <uid>`: the study's every slice scored, as from its files on disk."""
     import pandas as pd

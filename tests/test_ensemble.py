@@ -3,19 +3,14 @@ compare accept it, through the real CLI on the synthetic competition."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 import train_helpers
-from ich_kaggle.cli import main
 from ich_kaggle.core import config, ensemble
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.labels import LABELS
@@ -23,24 +18,7 @@ from ich_kaggle.submit import stage as submission
 
 ROOT = Path(__file__).resolve().parents[1]
 L = list(LABELS)
-SETTINGS = [
-    *train_helpers.FAST,
-    "model.backbone=small_cnn",
-    "train.epochs=1",
-    "stack.model=conv",
-    "stack.epochs=2",
-    "stack.hidden=8",
-    "stack.batch_series=4",
-]
-
-
-def cli(*args: str) -> SimpleNamespace:
-    """The CLI's `main` in this process (each `python -m ich_kaggle` would spend most of its time importing torch
-    and timm again): its exit code and what it printed."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+cli = train_helpers.cli
 
 
 def test_ensemble_config_checks_its_members(tmp_path):
@@ -64,38 +42,20 @@ def test_ensemble_config_checks_its_members(tmp_path):
     assert winners.stack.embedding_stage
 
 
-def test_ensemble_round_trips_through_train_predict_stack_submit_compare(tmp_path):
-    from ich_kaggle.data import synth
-
-    data = synth.write_competition(tmp_path / "comp", seed=2, studies=12, slices=8, size=64)
-    ens = tmp_path / "pair.yaml"
-    ens.write_text(
-        yaml.safe_dump(
-            {
-                "ensemble": {"members": ["tiny", "tiny_bone"], "combine": "mean", "member_set": ["train.seed=1"]},
-                "cv": {"k": 3},
-            }
-        )
-    )
-    runs = tmp_path / "runs"
-    exp = [
-        "--config",
-        str(ens),
-        "--data",
-        str(data),
-        "--work",
-        str(tmp_path / "work"),
-        "--runs",
-        str(runs),
-        "--set",
-        *SETTINGS,
-    ]
+@pytest.mark.slow
+def test_ensemble_round_trips_through_train_predict_stack_submit_compare(pair, tmp_path):
+    # the session's trained members (conftest's `pair`), combined here by the mean of probabilities
+    ens = train_helpers.pair_yaml(tmp_path / "mean_pair.yaml", combine="mean")
+    data, runs = pair.data, pair.runs
+    exp = pair.exp(ens)
     for step in (["train", *exp, "--fold", "all"], ["predict", *exp], ["stack", *exp]):
         out = cli(*step)
         assert out.returncode == 0, out.stderr[-3000:]
+        if step[0] == "train":
+            assert out.stdout.count("is already trained") == 4, out.stdout  # the members' 2 folds: none retrained
     for member in ("tiny", "tiny_bone"):
-        assert all((runs / member / f"fold{k}" / "done.json").exists() for k in range(3))
-    pred = runs / "pair" / "predictions"
+        assert all((runs / member / f"fold{k}" / "done.json").exists() for k in range(2))
+    pred = runs / "mean_pair" / "predictions"
     info = json.loads((pred / "ensemble.json").read_text())
     assert [m["run"] for m in info["members"]] == ["tiny", "tiny_bone"] and info["combine"] == "mean"
     assert set(info["oof_weighted_log_loss"]) == {"tiny", "tiny_bone", "ensemble"}
@@ -105,28 +65,30 @@ def test_ensemble_round_trips_through_train_predict_stack_submit_compare(tmp_pat
     np.testing.assert_allclose(
         combined.loc[members[0].index, L], (members[0][L] + members[1].loc[members[0].index, L]) / 2, rtol=1e-6
     )
-    metrics = pd.read_csv(runs / "pair" / "stack" / "metrics.csv")
+    metrics = pd.read_csv(runs / "mean_pair" / "stack" / "metrics.csv")
     assert {"first_stage:tiny", "first_stage:tiny_bone", "stacked"} <= set(metrics["stage"])
 
     out = cli("submit", *exp, "--out-dir", str(tmp_path / "subs"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OOF weighted log loss: stacked" in out.stdout
-    choice = json.loads((runs / "pair" / "choice.json").read_text())
+    choice = json.loads((runs / "mean_pair" / "choice.json").read_text())
     losses = choice["oof_log_loss"]
     assert choice["stage"] == min(losses, key=losses.get)
     sample = data / "stage_2_sample_submission.csv"
-    assert submission.validate_file(sample, tmp_path / "subs" / "pair.csv") == []
+    assert submission.validate_file(sample, tmp_path / "subs" / "mean_pair.csv") == []
 
     out = cli("compare", "--runs", str(runs))
     assert out.returncode == 0, out.stderr
-    row = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("pair"))
+    row = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("mean_pair"))
     assert "2 mem" in row  # its members (120 columns; --wide names them)
     out = cli("compare", "--runs", str(runs), "--wide")
-    row = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("pair"))
+    row = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("mean_pair"))
     assert "ensemble of tiny, tiny_bone" in row
 
     # a member predicted again with another TTA: the ensemble's first stage is stale until predict recombines it
     out = cli("predict", "--config", "tiny", *exp[2:], "tta.transforms=identity", "train.seed=1")
     assert out.returncode == 0, out.stderr[-3000:]
     out = cli("submit", *exp, "--out-dir", str(tmp_path / "subs"))
-    assert out.returncode == 2 and "pair/predictions/test.csv is stale" in out.stderr
+    assert out.returncode == 2 and "mean_pair/predictions/test.csv is stale" in out.stderr
+    out = cli("predict", *exp)  # the session's member as the other readers of `pair` expect it
+    assert out.returncode == 0, out.stderr[-3000:]

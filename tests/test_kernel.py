@@ -28,7 +28,8 @@ from fake_kaggle import FakeKaggle  # noqa: E402
 import train_helpers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KAGGLE = ROOT / ".venv" / "bin" / "kaggle"
+# the `kaggle` CLI installed beside the interpreter running the tests (whatever the environment is called)
+KAGGLE = Path(sys.executable).parent / "kaggle"
 
 
 @pytest.fixture
@@ -473,6 +474,7 @@ def test_datasets_create_wait_version(built, kaggle_home):
     assert notes == ["ich_kaggle tiny", "ich_kaggle tiny"]
 
 
+@pytest.mark.slow
 def test_kernel_wait_output_submit(built, kaggle_home):
     names, out = built
     from ich_kaggle.core.labels import LABELS
@@ -800,37 +802,32 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
 
 
 @pytest.mark.slow
-def test_ensemble_kernel_equals_make_submit(tmp_path):
+def test_ensemble_kernel_equals_make_submit(pair, tmp_path):
     """An ensemble YAML through the kernel (issue 15): its model dataset carries every member's folds, resolved
     config and OOF predictions; the kernel script, on Kaggle's numpy and pandas, predicts each member, combines
     them, refits the stacker over both, chooses by OOF as `make submit` does, and writes the same submission (to
-    1e-6: other numpy and pandas)."""
-    import yaml
+    1e-6: other numpy and pandas). The members are the session's (conftest's `pair`), trained once."""
+    import train_helpers
 
     from ich_kaggle.core import ensemble
-    from ich_kaggle.data import folds, preprocess, synth
+    from ich_kaggle.data import folds, preprocess
     from ich_kaggle.predict import stage as predict
     from ich_kaggle.stack import stage as stack
     from ich_kaggle.submit import stage as submission
     from ich_kaggle import train
 
-    comp = synth.write_competition(tmp_path / "comp", seed=3, studies=6, slices=5, size=32)
-    ens = tmp_path / "duo.yaml"
-    ens.write_text(
-        yaml.safe_dump(
-            {"ensemble": {"members": ["tiny", "tiny_bone"], "combine": "logit"}, "cv": {"k": 2}, "stack": {"epochs": 3}}
-        )
-    )
-    overrides = ["cv.k=2", "train.epochs=1", "data.image_size=32", "data.num_workers=0", "stack.epochs=3"]
+    comp = pair.data
+    ens = train_helpers.pair_yaml(tmp_path / "duo.yaml")
+    overrides = train_helpers.PAIR_SETTINGS
     cfg = config.load(str(ens), overrides)
     members = ensemble.load_members(cfg, overrides)
-    layout = Layout.of(comp, tmp_path / "work")
-    runs = tmp_path / "runs"
+    layout = Layout.of(comp, pair.work)
+    runs = pair.runs
     folds.load_folds(layout, k=2, seed=cfg.cv.seed)
     preprocess.ensure(layout)
     for member in members:
         for fold in range(2):
-            train.train_fold(member, layout, fold, runs=runs)
+            train.train_fold(member, layout, fold, runs=runs)  # finished: returns at once
     predict.predict_ensemble(cfg, members, layout, runs=runs)
     stack.stack(cfg, layout, runs=runs)
     result = subprocess.run(

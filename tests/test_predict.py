@@ -113,13 +113,11 @@ def test_fold_averaging_beats_single_folds():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(competition, tmp_path_factory):
     from ich_kaggle import train
-    from ich_kaggle.data import synth
 
     root = tmp_path_factory.mktemp("predict")
-    data = synth.write_competition(root / "comp", seed=0, studies=12, slices=8, size=64)
-    layout = Layout.of(data, root / "work")
+    layout = Layout.of(competition(seed=0), root / "work")
     cfg = config.load(
         "tiny",
         [

@@ -16,11 +16,9 @@ from train_helpers import FAST  # tiny and fast: random init, 32 px, few images 
 
 
 @pytest.fixture(scope="module")
-def comp(tmp_path_factory) -> Layout:
-    from ich_kaggle.data import synth
-
-    root = tmp_path_factory.mktemp("runs")
-    return Layout.of(synth.write_competition(root / "comp", seed=0, studies=12, slices=8, size=64), root / "work")
+def comp(competition, tmp_path_factory) -> Layout:
+    """The session's synthetic competition (shared, read only) with this module's own work folder."""
+    return Layout.of(competition(seed=0), tmp_path_factory.mktemp("runs") / "work")
 
 
 def _cfg(*extra: str, run: str | None = None) -> config.Config:
@@ -44,6 +42,7 @@ def exploding_loss(cfg, **_):
     return Loss()
 
 
+@pytest.mark.slow
 def test_new_run_trains_beside_the_old_and_force_keeps_the_old_fold_until_the_new_is_done(comp, tmp_path):
     runs = tmp_path / "runs"
     old = train.train_fold(_cfg(), comp, 0, runs=runs)
@@ -86,13 +85,9 @@ def test_ensemble_run_names_its_members(tmp_path):
         config.load("tiny", run="a/b")
 
 
-def test_runs_of_different_data_are_not_mixed(comp, tmp_path):
-    from ich_kaggle.data import synth
-
+def test_runs_of_different_data_are_not_mixed(comp, competition, tmp_path):
     runs = tmp_path / "runs"
     train.train_fold(_cfg(), comp, 1, runs=runs)
-    other = Layout.of(
-        synth.write_competition(tmp_path / "other", seed=1, studies=12, slices=8, size=64), tmp_path / "work_other"
-    )
+    other = Layout.of(competition(seed=1), tmp_path / "work_other")
     with pytest.raises(UserError, match="trained on the data folder .*comp.*--run <new name>"):
         train.train_fold(_cfg(), other, 1, runs=runs)

@@ -29,7 +29,9 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-STUDY = "ID_1f6d1e8aeb"  # the mini set's whole test study (32 slices)
+STUDY = "ID_1f6d1e8aeb"
+# end to end (a browser, a server, a trained bundle): `make test-fast` leaves them out
+pytestmark = pytest.mark.slow  # the mini set's whole test study (32 slices)
 
 
 def free_port() -> int:

@@ -35,13 +35,10 @@ SETTINGS = [
 
 
 @pytest.fixture(scope="module")
-def exp(tmp_path_factory):
+def exp(competition, tmp_path_factory):
     """Folds 0 and 1 trained to the end; fold 2 stopped after its first of two epochs."""
-    from ich_kaggle.data import synth
-
     root = tmp_path_factory.mktemp("state")
-    data = synth.write_competition(root / "comp", seed=1, studies=12, slices=8, size=64)
-    layout = Layout.of(data, root / "work")
+    layout = Layout.of(competition(seed=1), root / "work")
     cfg = config.load("tiny", SETTINGS)
     runs = root / "runs"
     for fold in (0, 1):
@@ -120,6 +117,7 @@ def _predicted_and_stacked(exp) -> Run:
     return run
 
 
+@pytest.mark.slow
 def test_stack_is_reused_when_fresh_and_redone_after_new_predictions(exp, capsys):
     from ich_kaggle.stack.stage import stack
 
@@ -169,6 +167,7 @@ def test_submit_chooses_by_oof_and_takes_the_first_stage_when_the_stack_is_worse
     stack(cfg, layout, runs=runs, progress=False, force=True)  # leave a real stack for the other tests
 
 
+@pytest.mark.slow
 def test_a_fold_in_training_is_locked(exp):
     cfg, layout, runs = exp
     lock = Run.of(runs, cfg.name).fold(0).lock
@@ -187,6 +186,7 @@ def test_a_fold_in_training_is_locked(exp):
     assert Run.of(runs, cfg.name).fold(0).done.exists() and not lock.exists()
 
 
+@pytest.mark.slow
 def test_folds_of_another_k_stop_train_and_rebuilt_folds_stop_resume(exp, tmp_path):
     cfg, layout, runs = exp
     out = cli("train", *experiment_args(cfg, layout, runs), "cv.k=4", "--fold", "0")
@@ -211,6 +211,7 @@ def test_folds_of_another_k_stop_train_and_rebuilt_folds_stop_resume(exp, tmp_pa
 PER_FOLD = ["stack.use_embeddings=true", "stack.embedding_space=per_fold", "stack.embedding_dim=4"]
 
 
+@pytest.mark.slow
 def test_per_fold_embedding_stack_end_to_end_reused_and_redone_when_the_knob_changes(exp, capsys):
     """stack.embedding_space=per_fold (issue 15, item 3): predict -> stack -> submit on the tiny competition, each
     fold model's own files (test_fold<k>_embeddings.npz ...) read and named in the stack's manifest; a second run

@@ -25,12 +25,9 @@ from train_helpers import FAST  # tiny and fast: random init, 32 px, few images 
 
 
 @pytest.fixture(scope="module")
-def comp(tmp_path_factory) -> Layout:
-    from ich_kaggle.data import synth
-
-    root = tmp_path_factory.mktemp("train")
-    data = synth.write_competition(root / "comp", seed=0, studies=12, slices=8, size=64)
-    return Layout.of(data, root / "work")
+def comp(competition, tmp_path_factory) -> Layout:
+    """The session's synthetic competition (shared, read only) with this module's own work folder."""
+    return Layout.of(competition(seed=0), tmp_path_factory.mktemp("train") / "work")
 
 
 def _cfg(*extra: str) -> config.Config:
@@ -99,6 +96,7 @@ def test_one_epoch_writes_every_output(comp, tmp_path, caplog):
     assert (fdir / "best.pt").stat().st_mtime_ns != mtime
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(comp, tmp_path):
     cfg = _cfg("train.epochs=2", "augment.window_jitter=0.5", "train.scheduler=onecycle")
     a = train.train_fold(cfg, comp, 1, runs=tmp_path / "a")
@@ -117,6 +115,7 @@ def test_resume_after_interruption_matches_uninterrupted(comp, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(a / "oof.csv"), pd.read_csv(b / "oof.csv"))
 
 
+@pytest.mark.slow
 def test_weight_average_is_validated_saved_and_resumed(comp, tmp_path):
     """train.ema: the moving average of the weights is what is validated and kept as best.pt; last.pt holds the
     raw weights and the average, and a resumed run ends at the same average as an uninterrupted one."""
@@ -283,6 +282,7 @@ def test_checkpoint_prefixes_are_stripped():
         read_checkpoint("/nonexistent/best.pt")
 
 
+@pytest.mark.slow
 def test_real_mini_fold_oof_covers_the_fold(mini_dir, tmp_path):
     """Real RSNA slices: patient-grouped folds, one short epoch, OOF for every labelled slice of fold 0."""
     layout = Layout.of(mini_dir, tmp_path / "work")

@@ -1,7 +1,14 @@
-"""A BatchNorm-free test backbone: split batches (accumulation, DDP) then give exactly the full batch's gradients."""
+"""Test helpers: a BatchNorm-free test backbone (split batches, as accumulation and DDP make them, then give exactly
+the full batch's gradients), the tiny training overrides, and the settings of the session's trained ensemble."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
 from torch import nn
 
 from ich_kaggle import models
@@ -44,3 +51,37 @@ class NoNormCNN(models.Backbone):
 
 
 models.register(NAME)(NoNormCNN)
+
+
+# --- the two-member ensemble that several files read (conftest's session fixture `pair`) -------------------------
+# tiny + tiny_bone, 1 epoch, 2 folds: every reader passes exactly these --set overrides and member_set, so the
+# members' four folds, trained once per session, are "already trained" for each of them
+PAIR_SETTINGS = [
+    *FAST,
+    "cv.k=2",
+    "train.epochs=1",
+    "stack.model=conv",
+    "stack.epochs=2",
+    "stack.hidden=8",
+    "stack.batch_series=4",
+]
+PAIR_MEMBER_SET = ["train.seed=1"]
+
+
+def pair_yaml(path: Path, combine: str = "logit", **extra) -> Path:
+    """An ensemble YAML over the session's trained members: a reader writes its own (its stem names the ensemble's
+    run folder), so its predictions, stack and choice stay apart from those of the other readers."""
+    ensemble = {"members": ["tiny", "tiny_bone"], "combine": combine, "member_set": PAIR_MEMBER_SET}
+    path.write_text(yaml.safe_dump({"ensemble": ensemble, "cv": {"k": 2}, **extra}))
+    return path
+
+
+def cli(*args: str) -> SimpleNamespace:
+    """The CLI's `main` in this process (a `python -m ich_kaggle` would spend most of its time importing torch and
+    timm again): its exit code and what it printed."""
+    from ich_kaggle.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

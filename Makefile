@@ -16,7 +16,7 @@ FORCE     ?=
 ## K=<k> SEED=<s>     folds, kernel-prepare: number of folds and their seed (default 5 and 42)
 K         ?=
 SEED      ?=
-## KAGGLE_USERNAME=<you>  Kaggle user name (default: $KAGGLE_USERNAME)
+## KAGGLE_USERNAME=<you>  Kaggle user name (default: $KAGGLE_USERNAME, else the one your token belongs to)
 KAGGLE_USERNAME ?=
 ## MESSAGE="..."      version notes / submission message
 MESSAGE   ?= ich_kaggle $(CONFIG)

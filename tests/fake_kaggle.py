@@ -51,6 +51,8 @@ class FakeKaggle:
     kernel_log: str = ""
     submit_error: str | None = None  # answer CreateSubmission with HTTP 403 and this message
     submissions: list[dict[str, Any]] = field(default_factory=list)  # CreateSubmission bodies
+    tokens: dict[str, str] = field(default_factory=dict)  # access token -> user name (IntrospectToken)
+    gpu_quota: tuple[float, float] | None = None  # (hours used, allowed) this week: GetAcceleratorQuotaStatistics
     max_seconds: float = 60.0
     requests: list[Recorded] = field(default_factory=list)
     uploads: dict[str, bytes] = field(default_factory=dict)  # blob token -> uploaded bytes
@@ -127,6 +129,14 @@ class FakeKaggle:
                 "versionNumber": 1,
                 "kernelId": 7,
             }
+        if endpoint == "security.OAuthService/IntrospectToken":
+            user = self.tokens.get(str(data.get("token")))
+            return 200, {"active": True, "username": user} if user else {"active": False}
+        if endpoint == "kernels.KernelsApiService/GetAcceleratorQuotaStatistics":
+            if self.gpu_quota is None:
+                return 200, {}
+            used, allowed = self.gpu_quota
+            return 200, {"gpuQuota": {"timeUsed": f"{used * 3600:.0f}s", "totalTimeAllowed": f"{allowed * 3600:.0f}s"}}
         if endpoint == "datasets.DatasetApiService/GetDatasetStatus":
             ref = f"{data.get('ownerSlug')}/{data.get('datasetSlug')}"
             if ref in self.existing_datasets:

@@ -78,7 +78,7 @@ def test_bad_overrides_name_the_key(override, message):
             "tta.transforms=identity,vflip",
             r"tta.transforms='vflip' is not one of identity, hflip, shift, shift_back, scale, transpose",
         ),
-        ("stack.model=lstm", r"stack.model='lstm' is not one of gru, conv, gru_conv, neighbors"),
+        ("stack.model=lstm", r"stack.model='lstm' is not one of gru, conv, gru_conv"),
         ("model.backbone=seresnext50", r"unknown backbone 'seresnext50' \(model.backbone\); did you mean"),
     ],
 )

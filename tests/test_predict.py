@@ -192,7 +192,7 @@ def test_predict_then_stack(trained):
     out = stack(cfg, layout, runs=runs, progress=False)
     test = pd.read_csv(runs / cfg.name / "predictions" / "test.csv")
     assert sorted(pd.read_csv(out / "test.csv")["image_id"]) == sorted(test["image_id"])
-    assert list(pd.read_csv(out / "metrics.csv")["stage"]) == ["first_stage", "stacked", "neighbors"]
+    assert list(pd.read_csv(out / "metrics.csv")["stage"]) == ["first_stage", "stacked"]
 
 
 def test_unreadable_test_images_are_listed(trained, tmp_path):

@@ -173,7 +173,7 @@ def fake_stack(run: Path, folds: pd.DataFrame) -> pd.DataFrame:
                 **{label: 0.2 + 0.01 * i for i, label in enumerate(LABELS)},
             },
             {
-                "stage": "neighbors",
+                "stage": "stacked_embeddings",
                 "weighted_log_loss": 0.27,
                 **{label: 0.25 + 0.01 * i for i, label in enumerate(LABELS)},
             },

@@ -1,4 +1,4 @@
-"""Second stage: sequences, nets, neighbours baseline, fold-wise stacking and the `stack` stage's files."""
+"""Second stage: sequences, nets, fold-wise stacking and the `stack` stage's files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from ich_kaggle.core.errors import UserError
 from ich_kaggle.core.layout import Layout
 from ich_kaggle.stack.fit import TorchSeqs, cross_fit, inner_split, predict_net, train_net, validation_loss
 from ich_kaggle.stack.nets import KINDS, SequenceNet
-from ich_kaggle.stack.neighbors import fit_neighbors
 from ich_kaggle.stack.pipeline import run_stacking
 from ich_kaggle.stack.sequences import N_POS, build_sequences, logit, reverse_inputs
 from ich_kaggle.stack.simulate import real_series_z, simulate, synthetic_series_z
@@ -232,12 +231,12 @@ def test_random_split_stacker_folds_are_the_image_folds_and_never_seen(sim):
     assert held.any() and np.array_equal(clean.oof[held], noisy.oof[held])
     assert not np.allclose(clean.oof[~held & seqs.mask], noisy.oof[~held & seqs.mask], atol=1e-4)
     assert clean.folds == [0, 1, 2, 3, 4] and np.isfinite(clean.oof[seqs.mask]).all()
-    # the whole stacker (net and neighbours baseline) runs on such folds
+    # the whole stacker runs on such folds
     result = run_stacking(
         sim.meta, folds, [sim.oof], [sim.test], StackConfig(model="conv", **{**FAST, "epochs": 2}), progress=False
     )
     table = result.metrics.set_index("stage")["weighted_log_loss"]
-    assert table["neighbors"] < table["first_stage"] and sorted(result.oof["image_id"]) == sorted(sim.oof["image_id"])
+    assert table["stacked"] < table["first_stage"] and sorted(result.oof["image_id"]) == sorted(sim.oof["image_id"])
 
 
 def test_per_fold_second_stages_each_see_only_their_fold_model(sim):
@@ -264,7 +263,7 @@ def test_per_fold_second_stages_each_see_only_their_fold_model(sim):
     clean = run_per_fold(sim.meta, sim.folds, inputs(sim.oof), scfg, progress=False)
     assert sorted(clean.oof["image_id"]) == sorted(sim.oof["image_id"])
     assert sorted(clean.test["image_id"]) == sorted(sim.test["image_id"])
-    assert list(clean.metrics["stage"]) == ["first_stage", "stacked", "neighbors"]
+    assert list(clean.metrics["stage"]) == ["first_stage", "stacked"]
     assert set(clean.curve["fold"].str.split("/").str[0]) == {"0", "1", "2", "3", "4"}
     table = clean.metrics.set_index("stage")["weighted_log_loss"]
     assert table["stacked"] < table["first_stage"]
@@ -281,35 +280,18 @@ def test_per_fold_second_stages_each_see_only_their_fold_model(sim):
 
 
 def test_stacking_beats_the_single_slice_first_stage(sim):
-    """Labels span neighbouring slices, first-stage noise is per slice: both context models must win clearly."""
+    """Labels span neighbouring slices, first-stage noise is per slice: the context model must win clearly."""
     result = run_stacking(sim.meta, sim.folds, [sim.oof], [sim.test], StackConfig(model="gru", **FAST), progress=False)
     table = result.metrics.set_index("stage")["weighted_log_loss"]
-    assert list(table.index) == ["first_stage", "stacked", "neighbors"]
+    assert list(table.index) == ["first_stage", "stacked"]
     assert table["stacked"] < 0.8 * table["first_stage"]
-    assert table["neighbors"] < 0.8 * table["first_stage"]
     assert set(result.metrics.columns) == {"stage", "weighted_log_loss", *L}
     # every input image comes back exactly once, probabilities in (0, 1)
     assert sorted(result.oof["image_id"]) == sorted(sim.oof["image_id"])
     assert sorted(result.test["image_id"]) == sorted(sim.test["image_id"])
-    for frame in (result.oof, result.test, result.neighbors_oof, result.neighbors_test):
+    for frame in (result.oof, result.test):
         values = frame[L].to_numpy()
         assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
-
-
-def test_neighbors_model_uses_context():
-    """On slices whose label is their neighbours' signal, the baseline learns non-zero weights on the neighbours."""
-    sim = simulate(n_series=60, seed=3, noise=2.5, structure=synthetic_series_z(50, np.random.default_rng(1)))
-    frame = sim.folds.merge(sim.meta[["image_id", "slice_rank", "z", "series_len"]], on="image_id")
-    frame = frame.merge(sim.oof, on="image_id", suffixes=("", "_p"))
-    seqs = build_sequences(frame, logit(frame[[f"{c}_p" for c in L]].to_numpy()), frame[L].to_numpy(np.float32))
-    model = fit_neighbors(seqs, k=2, n_models=1)
-    w = model.weight.numpy()  # rows: offsets -2..2 x 6 labels, then 4 presence flags
-    own = w[2 * 6 : 3 * 6].diagonal()
-    prev = w[1 * 6 : 2 * 6].diagonal()
-    seen = seqs.y[seqs.mask].max(0) > 0  # a label without positives gets no weights at all
-    assert seen.sum() >= 4 and (own[seen] > 0).all() and (prev[seen] > 0).all()
-    probs = model.predict(seqs)
-    assert probs.shape == seqs.y.shape and np.all(probs[~seqs.mask] == 0)
 
 
 def test_pass_through_for_images_without_series(sim):
@@ -320,7 +302,7 @@ def test_pass_through_for_images_without_series(sim):
         sim.folds,
         [pd.concat([sim.oof, extra])],
         [pd.concat([sim.test, extra])],
-        StackConfig(model="neighbors"),
+        StackConfig(model="conv", **{**FAST, "epochs": 1}),
         progress=False,
     )
     for frame in (result.oof, result.test):
@@ -341,7 +323,7 @@ def test_two_first_stage_models_are_stacked_together(sim):
         source_names=["a", "b"],
         progress=False,
     )
-    assert list(result.metrics["stage"]) == ["first_stage", "first_stage:a", "first_stage:b", "stacked", "neighbors"]
+    assert list(result.metrics["stage"]) == ["first_stage", "first_stage:a", "first_stage:b", "stacked"]
 
 
 # --- the stage: files in, files out ---
@@ -383,12 +365,12 @@ def test_stack_stage_writes_its_files(tmp_path, sim, capsys):
     assert out == tmp_path / "runs" / "exp" / "stack"
     oof, test, metrics = (pd.read_csv(out / f) for f in ("oof.csv", "test.csv", "metrics.csv"))
     assert list(oof.columns) == ["image_id", *L] and len(oof) == len(sim.oof)
-    assert len(test) == len(sim.test) and (out / "neighbors_test.csv").exists()
-    assert list(metrics["stage"]) == ["first_stage", "stacked", "neighbors"]
+    assert len(test) == len(sim.test) and not (out / "neighbors_test.csv").exists()
+    assert list(metrics["stage"]) == ["first_stage", "stacked"]
     curve = pd.read_csv(out / "curve.csv")
     assert sorted(curve["fold"].unique()) == [0, 1, 2, 3, 4] and curve["val_loss"].notna().all()
     printed = capsys.readouterr().out
-    assert "first_stage" in printed and "neighbors" in printed
+    assert "first_stage" in printed and "stacked" in printed
     assert not list(out.glob(".*.tmp"))
 
 
@@ -404,7 +386,7 @@ def test_stack_stage_uses_the_first_stage_folds(tmp_path, sim, monkeypatch):
     layout = _write_layout(tmp_path, sim)
     cfg = Config(name="exp")
     cfg.cv.split = "random"
-    cfg.stack.model = "neighbors"
+    cfg.stack.model, cfg.stack.epochs = "conv", 1
     pred = tmp_path / "runs" / "exp" / "predictions"
     pred.mkdir(parents=True)
     sim.oof.to_csv(pred / "oof.csv", index=False)
@@ -453,36 +435,3 @@ def test_bench_prints_the_scale_figure(capsys, monkeypatch):
     assert "stack_competition_scale_seconds:" in out and "stack_oof_stacked_log_loss:" in out
 
 
-def test_neighbors_is_recommended_only_when_it_scores_best():
-    from ich_kaggle.stack.stage import recommend_neighbors
-
-    losses = pd.Series({"first_stage": 0.21, "stacked": 0.22, "neighbors": 0.20})
-    assert "stack.model=neighbors" in recommend_neighbors(losses, "gru", prior=0.23)
-    assert recommend_neighbors(losses, "gru", prior=0.19) == ""  # worse than the constant prior
-    assert recommend_neighbors(losses.replace(0.20, 0.393), "gru", prior=0.237) == ""  # the demo's old row
-    assert recommend_neighbors(losses, "neighbors", prior=0.23) == ""
-
-
-def test_neighbors_baseline_falls_back_towards_the_prior_where_logits_do_not_transfer():
-    """Fold models of different scale (each fold's OOF logits scaled differently, as undertrained fold models are)
-    and a label with no positive in some folds: the penalty chosen by cross-fitting keeps the baseline near the
-    prior instead of far above it (the fixed weak penalty scored 0.393 against a prior of 0.226 on the demo)."""
-    from ich_kaggle.core import metrics
-    from ich_kaggle.stack.fit import cross_fit
-
-    rng = np.random.default_rng(0)
-    sim = simulate(n_series=45, seed=5, noise=6.0, k=3, structure=synthetic_series_z(45, np.random.default_rng(2)))
-    frame = sim.folds.merge(sim.meta[["image_id", "slice_rank", "z", "series_len"]], on="image_id")
-    frame = frame.merge(sim.oof, on="image_id", suffixes=("", "_p"))
-    scale = np.array([0.3, 3.0, -1.0])[frame["fold"].to_numpy()][:, None]  # fold 2's model even ranks backwards
-    values = logit(frame[[f"{c}_p" for c in L]].to_numpy()) * scale + rng.normal(0, 1, (len(frame), len(L)))
-    seqs = build_sequences(frame, values.astype(np.float32), frame[L].to_numpy(np.float32), frame["fold"].to_numpy())
-    y = frame[L].to_numpy(np.float64)
-    prior = metrics.weighted_log_loss(y, np.repeat(y.mean(0, keepdims=True), len(y), 0))
-
-    def oof_loss(l2):
-        cf = cross_fit(seqs, None, lambda s, f: fit_neighbors(s, 2, 1, l2=l2), lambda m, s: m.predict(s))
-        return metrics.weighted_log_loss(y, seqs.scatter(cf.oof, len(frame)))
-
-    weak, chosen = oof_loss(1e-4), oof_loss(None)
-    assert chosen < weak / 2 and chosen < prior * 1.1, (chosen, weak, prior)  # in-sample prior: a hair below

@@ -235,7 +235,7 @@ class TTAConfig:
 
 @dataclass
 class StackConfig:
-    model: str = "gru"  # see stack/nets.py and stack/neighbors.py
+    model: str = "gru"  # see stack/nets.py
     hidden: int = 64
     layers: int = 2
     dropout: float = 0.1

@@ -185,8 +185,6 @@ class Stacked:
 
     oof = property(lambda self: self.dir / "oof.csv")
     test = property(lambda self: self.dir / "test.csv")
-    neighbors_oof = property(lambda self: self.dir / "neighbors_oof.csv")
-    neighbors_test = property(lambda self: self.dir / "neighbors_test.csv")
     metrics = property(lambda self: self.dir / "metrics.csv")
     curve = property(lambda self: self.dir / "curve.csv")  # per fold: the inner validation loss the stacker stopped on
     models = property(lambda self: self.dir / "models.pt")  # the fitted second stage per fold (`stack.saved`)

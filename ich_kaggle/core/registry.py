@@ -156,13 +156,7 @@ LOSSES = Registry("loss", provided_by("ich_kaggle.engine.losses", "bce", "focal"
 OPTIMIZERS = Registry("optimizer", provided_by("ich_kaggle.engine.optim", "adamw", "adam", "sgd"))
 SCHEDULERS = Registry("scheduler", provided_by("ich_kaggle.engine.optim", "onecycle", "cosine", "constant"))
 POOLS = Registry("pooling", provided_by("ich_kaggle.models.heads", "avg", "gem", "avgmax"))
-STACK_MODELS = Registry(
-    "stack model",
-    {
-        **provided_by("ich_kaggle.stack.fit", "gru", "conv", "gru_conv"),
-        **provided_by("ich_kaggle.stack.neighbors", "neighbors"),
-    },
-)
+STACK_MODELS = Registry("stack model", provided_by("ich_kaggle.stack.fit", "gru", "conv", "gru_conv"))
 TTA = Registry(
     "TTA transform",
     provided_by(

@@ -51,7 +51,23 @@ def client():
             api.authenticate()
         except SystemExit:
             raise UserError(f"no Kaggle credentials: {CREDENTIALS_FIX}") from None
+        except Exception as e:  # an access token is checked on Kaggle's server: offline, that request fails
+            raise UserError(f"could not check the Kaggle credentials with kaggle.com ({_message(e)})") from None
     return api
+
+
+def account_name() -> str | None:
+    """The Kaggle user name of the credentials on this machine, or None where there are none.
+
+    The kaggle package reads it from whatever authenticated: an access token (`KAGGLE_API_TOKEN`,
+    ~/.kaggle/access_token) is introspected on Kaggle's server, `kaggle auth login` caches it, a legacy kaggle.json
+    holds it. So a user who only pasted a token never has to type their name again."""
+    try:
+        api = client()
+    except UserError:
+        return None
+    name = str((getattr(api, "config_values", None) or {}).get("username") or "").strip()
+    return name or None
 
 
 def _message(error: BaseException) -> str:

@@ -77,9 +77,16 @@ def check_slug(
 
 
 def check_username(username: str | None) -> str:
+    """The owner of the datasets and kernels: given (--username, KAGGLE_USERNAME), else the credentials' own."""
     if not username or not username.strip():
+        from . import api
+
+        username = api.account_name()
+    if not username:
         raise UserError(
-            "no Kaggle username: set KAGGLE_USERNAME or pass --username (make kernel KAGGLE_USERNAME=<you>)"
+            "no Kaggle username: none given and no Kaggle credentials to read it from; create an API token "
+            "(kaggle.com > Settings > API > Generate New Token) and set KAGGLE_API_TOKEN, or pass "
+            "KAGGLE_USERNAME=<you> (--username)"
         )
     username = username.strip()
     if not _USER_RE.match(username):

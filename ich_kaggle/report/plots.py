@@ -395,7 +395,7 @@ def calibration(curves: dict[str, pd.DataFrame], path: str | Path, title: str) -
 
 
 def stage_bars(metrics: pd.DataFrame, path: str | Path) -> Path:
-    """Log loss per label for each stage of stack/metrics.csv (first stage, stacked, neighbours baseline)."""
+    """Log loss per label for each stage of stack/metrics.csv (first stage, its members, stacked)."""
     stage_col = "stage" if "stage" in metrics else metrics.columns[0]
     cols = ["weighted_log_loss", *[label for label in LABELS if label in metrics]]
     fig = new_figure(12, 4.6)

@@ -30,8 +30,6 @@ class StackResult:
     first_oof: pd.DataFrame  # mean of the first-stage sources
     oof: pd.DataFrame  # the configured model (StackConfig.model)
     test: pd.DataFrame
-    neighbors_oof: pd.DataFrame
-    neighbors_test: pd.DataFrame
     metrics: pd.DataFrame  # stage, weighted_log_loss, one column per label
     curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # fold, step, epoch, train_loss, val_loss (inner split)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -147,11 +145,8 @@ def _run_stacking(
         )
 
     t0 = time.perf_counter()
-    nb = fold_by_fold("neighbors", {})  # the baseline every stack model is compared with
-    seconds["neighbors"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     curves: dict[int, list[dict]] = {}
-    main = nb if scfg.model == "neighbors" else fold_by_fold(scfg.model, curves)  # the baseline is not fitted twice
+    main = fold_by_fold(scfg.model, curves)
     seconds["sequence"] = time.perf_counter() - t0
     bar.close()
 
@@ -164,17 +159,16 @@ def _run_stacking(
         out[pos] = tr_seqs.scatter(cf.oof, len(train))
         return out
 
-    stacked_oof, nb_oof = to_oof(main), to_oof(nb)
+    stacked_oof = to_oof(main)
     if test is not None:
         _, test_mean = _values(test, n_models)
-        stacked_test, nb_test = test_mean.copy(), test_mean.copy()
+        stacked_test = test_mean.copy()
         if te_seqs is not None:
             tpos = pd.Index(test["image_id"]).get_indexer(test_rows["image_id"])
             stacked_test[tpos] = te_seqs.scatter(main.test, len(test_rows))
-            nb_test[tpos] = te_seqs.scatter(nb.test, len(test_rows))
         test_ids = test["image_id"].to_numpy()
     else:
-        stacked_test = nb_test = np.zeros((0, N_LABELS))
+        stacked_test = np.zeros((0, N_LABELS))
         test_ids = np.array([], dtype=object)
 
     # scores on every labelled OOF image (those without a series count with their first-stage value)
@@ -188,7 +182,6 @@ def _run_stacking(
             p = oof[[f"p{m}_{c}" for c in LABEL_COLS]].to_numpy(np.float64)[spos]
             rows.append(score_row(f"first_stage:{names[m]}", y, p))
     rows.append(score_row("stacked", y, stacked_oof[spos]))
-    rows.append(score_row("neighbors", y, nb_oof[spos]))
     table = pd.DataFrame(rows)
 
     ids = oof["image_id"].to_numpy()
@@ -199,8 +192,6 @@ def _run_stacking(
         _wide(ids, oof_mean),
         _wide(ids, stacked_oof),
         _wide(test_ids, stacked_test),
-        _wide(ids, nb_oof),
-        _wide(test_ids, nb_test),
         table,
         curve,
         seconds,
@@ -278,7 +269,7 @@ def run_per_fold(
         values = np.mean([fr.set_index("image_id").loc[ids, LABEL_COLS].to_numpy(np.float64) for fr in frames], axis=0)
         return _wide(ids.to_numpy(), values)
 
-    first, stacked, nb = cat("first_oof"), cat("oof"), cat("neighbors_oof")
+    first, stacked = cat("first_oof"), cat("oof")
     lab = folds[["image_id", *LABEL_COLS]].drop_duplicates("image_id")
     scored = first[["image_id"]].merge(lab, on="image_id", how="inner")
     y = scored[LABEL_COLS].to_numpy(np.float64)
@@ -299,10 +290,9 @@ def run_per_fold(
             src = pd.concat([per_fold[k].oof[m] for k in outer], ignore_index=True)
             rows.append(score_row(f"first_stage:{names[m]}", y, at(src)))
     rows.append(score_row("stacked", y, at(stacked)))
-    rows.append(score_row("neighbors", y, at(nb)))
     seconds: dict[str, float] = {}
     for r in results.values():
         for key, v in r.seconds.items():
             seconds[key] = seconds.get(key, 0.0) + v
     curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
-    return StackResult(first, stacked, mean("test"), nb, mean("neighbors_test"), pd.DataFrame(rows), curve, seconds)
+    return StackResult(first, stacked, mean("test"), pd.DataFrame(rows), curve, seconds)

@@ -25,7 +25,6 @@ from ..core.errors import UserError
 from ..core.io import atomic_path
 from .fit import predict_net
 from .nets import SequenceNet
-from .neighbors import NeighborModel
 from .pipeline import _values, merge_sources
 from .sequences import build_sequences
 
@@ -48,8 +47,6 @@ def save(path: Path, models: dict[int, object], scfg: StackConfig, n_models: int
                 "state": {n: t.detach().cpu() for n, t in m.state_dict().items()},
                 "n_features": int(m.inp[0].in_features),
             }
-        elif isinstance(m, NeighborModel):
-            folds[int(k)] = {"type": "neighbors", **{f.name: getattr(m, f.name) for f in dataclasses.fields(m)}}
         else:
             raise TypeError(f"cannot save a second-stage model of type {type(m).__name__}")
     payload = {"format": FORMAT, "stack": dataclasses.asdict(scfg), "n_models": int(n_models), "folds": folds}
@@ -76,20 +73,20 @@ def load(path: Path) -> SavedStack:
     n_models = payload["n_models"]
     models: dict[int, object] = {}
     for k, entry in sorted(payload["folds"].items()):
-        if entry["type"] == "net":
-            net = SequenceNet(
-                entry["n_features"],
-                n_models,
-                kind=scfg.model,
-                hidden=scfg.hidden,
-                layers=scfg.layers,
-                dropout=scfg.dropout,
-                skip_k=scfg.neighbors_k,
-            )
-            net.load_state_dict(entry["state"])
-            models[int(k)] = net.eval()
-        else:
-            models[int(k)] = NeighborModel(**{f.name: entry[f.name] for f in dataclasses.fields(NeighborModel)})
+        if entry.get("type") != "net":
+            kind = entry.get("type")
+            raise UserError(f"{path}: fold {k} holds a second-stage model of type {kind!r}; rerun `make stack`")
+        net = SequenceNet(
+            entry["n_features"],
+            n_models,
+            kind=scfg.model,
+            hidden=scfg.hidden,
+            layers=scfg.layers,
+            dropout=scfg.dropout,
+            skip_k=scfg.neighbors_k,
+        )
+        net.load_state_dict(entry["state"])
+        models[int(k)] = net.eval()
     return SavedStack(scfg, n_models, models)
 
 

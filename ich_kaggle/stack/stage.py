@@ -3,9 +3,8 @@
 Reads `runs/<cfg>/predictions/{oof,test}.csv` (and `*_embeddings.npz` with stack.use_embeddings; each fold model's
 `{oof,test}_fold<k>*` with stack.embedding_space=per_fold) of one or several first-stage models, the meta table and
 the folds the first stage used (`data.folds.fold_table`: cv.split, cv.folds); writes
-`runs/<cfg>/stack/{oof,test,metrics}.csv` plus the neighbours baseline's `neighbors_{oof,test}.csv`. Extra
-first-stage models: `--set stack.sources=[dir,...]` (prediction folders or run folders). The array code lives in the
-other modules of `ich_kaggle.stack`.
+`runs/<cfg>/stack/{oof,test,metrics}.csv`. Extra first-stage models: `--set stack.sources=[dir,...]` (prediction
+folders or run folders). The array code lives in the other modules of `ich_kaggle.stack`.
 """
 
 from __future__ import annotations
@@ -175,19 +174,6 @@ def prior_loss(folds: pd.DataFrame, first_oof: pd.DataFrame) -> float | None:
     return metrics.weighted_log_loss(y, np.repeat(y.mean(0, keepdims=True), len(y), axis=0))
 
 
-def recommend_neighbors(losses: pd.Series, model: str, prior: float | None = None) -> str:
-    """The neighbours baseline is suggested only where it scored best out of fold (below the first stage, the
-    configured stacker and the constant prior); never when it is worse."""
-    nb = losses.get("neighbors")
-    floor = min(losses["first_stage"], losses["stacked"], prior if prior is not None else np.inf)
-    if model == "neighbors" or nb is None or not nb < floor:
-        return ""
-    return (
-        f"; the neighbours baseline scored {nb:.5f} out of fold: try "
-        f"{fix('--set stack.model=neighbors', 'SET_EXTRA=stack.model=neighbors')}"
-    )
-
-
 def check_sources(dirs: list[Predictions], config_name: str) -> None:
     """One line when a first-stage file was cut short or edited, or what made it changed (a fold retrained, a member
     predicted again): the stack is never fitted on, nor reused over, predictions that `submit` would refuse."""
@@ -256,7 +242,7 @@ def _stack_one(
     keep = saved.savable(cfg.stack) is None and not per_fold  # the fitted models are saved for the bundle
     if (
         not force
-        and all(p.exists() for p in (out.oof, out.neighbors_oof, out.neighbors_test, out.metrics))
+        and all(p.exists() for p in (out.oof, out.metrics))
         and (not keep or freshness.stale_reason(out.models, expected) is None)
         and freshness.stale_reason(out.test, expected) is None
     ):
@@ -291,8 +277,6 @@ def _stack_one(
         ) from None
     write_csv(result.oof, out.oof)
     write_csv(result.test, out.test)
-    write_csv(result.neighbors_oof, out.neighbors_oof)
-    write_csv(result.neighbors_test, out.neighbors_test)
     write_csv(result.metrics, out.metrics)
     write_csv(result.curve, out.curve)
     if keep and result.models:
@@ -310,12 +294,11 @@ def _stack_one(
         log.info(
             f"note: stacking did not improve the OOF loss ({losses['stacked']:.5f} >= {losses['first_stage']:.5f}); "
             f"`make submit` will choose the first stage by its OOF score"
-            + recommend_neighbors(losses, cfg.stack.model, prior)
         )
-    if "neighbors" in losses and prior is not None and losses["neighbors"] >= prior:
+    if prior is not None and losses["stacked"] >= prior:
         log.info(
-            f"note: the neighbours baseline ({losses['neighbors']:.5f}) is no better than the constant label "
-            f"prior ({prior:.5f}) out of fold: the first-stage logits carry little that transfers between folds"
+            f"note: the stack ({losses['stacked']:.5f}) is no better than the constant label prior ({prior:.5f}) "
+            f"out of fold: the first-stage outputs carry little that transfers between folds"
         )
     if len(result.curve):
         last = result.curve.groupby("fold")["step"].max()

@@ -239,7 +239,8 @@ class StackConfig:
     # one bidirectional GRU layer of 32 units at lr 4e-3 (below), at most 30 epochs: 3.4x less CPU per series-step
     # than the former 2 x 64 at 2e-3, 20 epochs, which made the second stage miss its CPU budget at competition
     # scale (issue 26). Stack-scale simulation at scale 0.25, OOF: per_fold 0.01308 -> 0.01139, probs 0.01485 ->
-    # 0.01604 (the best stage improves); CPU 878 -> 329 s (docs/benchmarks.md)
+    # 0.01604 (the best stage improves); CPU 878 -> 329 s. Full scale: 993 CPU s, 2.26 GB, every net stopped by its
+    # validation (docs/benchmarks.md)
     hidden: int = 32
     layers: int = 1
     dropout: float = 0.1

@@ -86,6 +86,65 @@ def validation_loss(net: SequenceNet, data: "TorchSeqs", batch_series: int = 256
     return total / max(weight, 1.0)
 
 
+def _new_net(seqs: Sequences, scfg: StackConfig, n_models: int, kind: str | None) -> SequenceNet:
+    return SequenceNet(
+        seqs.n_features,
+        n_models,
+        kind=kind or scfg.model,
+        hidden=scfg.hidden,
+        layers=scfg.layers,
+        dropout=scfg.dropout,
+        skip_k=scfg.neighbors_k,
+    )
+
+
+def _optimizer(net: SequenceNet, scfg: StackConfig, total: int):
+    """AdamW with a linear warm-up over the first 5% of `total` steps, then a cosine decay to zero at `total`."""
+    opt = torch.optim.AdamW(net.parameters(), lr=scfg.lr, weight_decay=1e-4)
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    return opt, sched
+
+
+def _flipped(data: TorchSeqs, bound: tuple[int, int], rng: np.random.Generator):
+    """One training batch, each series reversed with probability 1/2 (only the drawn ones are reversed)."""
+    x, y, mask, lengths = data.batch(*bound)
+    flip = torch.from_numpy(rng.random(len(lengths)) < 0.5)
+    if bool(flip.any()):
+        x, y, mask = x.clone(), y.clone(), mask.clone()
+        lf = lengths[flip]
+        x[flip] = reverse_inputs(x[flip], lf)
+        y[flip] = reverse_values(y[flip], lf)
+        mask[flip] = reverse_values(mask[flip].unsqueeze(-1), lf).squeeze(-1)
+    return x, y, mask, lengths
+
+
+@dataclass
+class _EarlyStop:
+    """The best inner-validation loss so far, its weights, and how many validations since it improved."""
+
+    net: SequenceNet
+    val: TorchSeqs
+    curve: list[dict] | None
+    best_loss: float = math.inf
+    best_state: dict | None = None
+    bad: int = 0
+
+    def check(self, step: int, epoch: float, train_loss: float) -> float:
+        """Validate, record a curve row, keep the weights if best; returns the validation loss."""
+        v = validation_loss(self.net, self.val)
+        if self.curve is not None:
+            self.curve.append({"step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": v, "stop": ""})
+        if v < self.best_loss - 1e-6:
+            self.best_loss, self.bad = v, 0
+            self.best_state = {k: t.detach().clone() for k, t in self.net.state_dict().items()}
+        else:
+            self.bad += 1
+        return v
+
+
 def train_net(
     seqs: Sequences,
     scfg: StackConfig,
@@ -107,46 +166,25 @@ def train_net(
     started = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SequenceNet(
-        seqs.n_features,
-        n_models,
-        kind=kind or scfg.model,
-        hidden=scfg.hidden,
-        layers=scfg.layers,
-        dropout=scfg.dropout,
-        skip_k=scfg.neighbors_k,
-    )
-    epochs = epochs or scfg.epochs
+    net = _new_net(seqs, scfg, n_models, kind)
     held = inner_split(len(seqs), scfg.val_fraction, seed)
-    val = TorchSeqs.of(seqs.subset(held)) if held.any() else None
     data = TorchSeqs.of(seqs.subset(~held) if held.any() else seqs)
     bounds = batch_bounds(len(data.lengths), scfg.batch_series)
-    total = max(1, epochs * len(bounds))
+    total = max(1, (epochs or scfg.epochs) * len(bounds))
     stop = "epochs"
     if 0 < scfg.max_steps < total:
         total, stop = scfg.max_steps, "max_steps"
     every = scfg.val_every or len(bounds)
-    opt = torch.optim.AdamW(net.parameters(), lr=scfg.lr, weight_decay=1e-4)
-    warm = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
-    best_loss, best_state, bad = math.inf, None, 0
-    if val is not None:  # step 0: the identity start (the first stage itself) is a candidate too
-        best_loss = validation_loss(net, val)
-        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        if curve is not None:
-            curve.append({"step": 0, "epoch": 0.0, "train_loss": math.nan, "val_loss": best_loss, "stop": ""})
+    opt, sched = _optimizer(net, scfg, total)
+    early = _EarlyStop(net, TorchSeqs.of(seqs.subset(held)), curve) if held.any() else None
+    if early is not None:  # step 0: the identity start (the first stage itself) is a candidate too
+        early.check(0, 0.0, math.nan)
     net.train()
     step, running, seen = 0, 0.0, 0
     while step < total:
         for b in rng.permutation(len(bounds))[: total - step]:
             step += 1
-            x, y, mask, lengths = data.batch(*bounds[b])
-            flip = torch.from_numpy(rng.random(len(lengths)) < 0.5)
-            x = torch.where(flip[:, None, None], reverse_inputs(x, lengths), x)
-            y = torch.where(flip[:, None, None], reverse_values(y, lengths), y)
-            mask = torch.where(flip[:, None], reverse_values(mask.unsqueeze(-1), lengths).squeeze(-1), mask)
+            x, y, mask, lengths = _flipped(data, bounds[b], rng)
             loss = metric_bce(net(x, lengths), y, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,25 +193,10 @@ def train_net(
             sched.step()
             running, seen = running + float(loss.detach()), seen + 1
             out_of_time = scfg.max_seconds > 0 and time.perf_counter() - started > scfg.max_seconds
-            if val is not None and (step % every == 0 or step == total or out_of_time):
-                v = validation_loss(net, val)
-                if curve is not None:
-                    curve.append(
-                        {
-                            "step": step,
-                            "epoch": step / len(bounds),
-                            "train_loss": running / seen,
-                            "val_loss": v,
-                            "stop": "",
-                        }
-                    )
+            if early is not None and (step % every == 0 or step == total or out_of_time):
+                early.check(step, step / len(bounds), running / seen)
                 running, seen = 0.0, 0
-                if v < best_loss - 1e-6:
-                    best_loss, bad = v, 0
-                    best_state = {k: t.detach().clone() for k, t in net.state_dict().items()}
-                else:
-                    bad += 1
-                if bad >= scfg.patience:
+                if early.bad >= scfg.patience:
                     total, stop = step, "validation"  # the validation loss stopped improving
                     break
             if out_of_time:
@@ -181,8 +204,8 @@ def train_net(
                 break
     if curve:
         curve[-1]["stop"] = stop
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    if early is not None and early.best_state is not None:
+        net.load_state_dict(early.best_state)
     net.eval()
     return net
 

@@ -18,7 +18,7 @@ from ..core.labels import LABELS
 from ..core import metrics
 from ..core.config import StackConfig
 from ..core.registry import STACK_MODELS
-from .fit import cross_fit
+from .fit import CrossFit, cross_fit
 from .sequences import N_LABELS, Sequences, build_sequences, logit
 
 LABEL_COLS = list(LABELS)
@@ -85,7 +85,7 @@ def run_stacking(
     source_names: list[str] | None = None,
     progress: bool = True,
 ) -> StackResult:
-    """Fit the configured sequence model and the neighbours baseline fold by fold; score both against the first stage.
+    """Fit the configured sequence model fold by fold; score it against the first stage.
 
     Runs on `stack.threads` torch threads (restored after): one thread per process was the fastest per step."""
     threads = torch.get_num_threads()
@@ -94,6 +94,96 @@ def run_stacking(
         return _run_stacking(meta, folds, oof_frames, test_frames, scfg, oof_extra, test_extra, source_names, progress)
     finally:
         torch.set_num_threads(threads)
+
+
+@dataclass
+class _Inputs:
+    """The merged first-stage frames and their padded series: what one stacking run fits and predicts."""
+
+    oof: pd.DataFrame  # every OOF image: image_id, p{m}_{label}..., [x_...]
+    n_models: int
+    lab: pd.DataFrame  # image_id, fold, labels
+    train: pd.DataFrame  # the OOF images with a label and a place in a series
+    tr_seqs: Sequences
+    test: pd.DataFrame | None  # every test image (None without test frames)
+    test_rows: pd.DataFrame  # the test images with a place in a series
+    te_seqs: Sequences | None
+
+
+def _inputs(
+    meta: pd.DataFrame,
+    folds: pd.DataFrame,
+    oof_frames: list[pd.DataFrame],
+    test_frames: list[pd.DataFrame],
+    oof_extra: pd.DataFrame | None,
+    test_extra: pd.DataFrame | None,
+) -> _Inputs:
+    series_cols = [c for c in ("image_id", "series_id", "slice_rank", "z", "series_len") if c in meta.columns]
+    place = meta[series_cols].drop_duplicates("image_id")
+    oof, n_models = merge_sources(oof_frames, oof_extra)
+    lab = folds[["image_id", "fold", *LABEL_COLS]].drop_duplicates("image_id")
+    train = oof.merge(lab, on="image_id", how="inner").merge(place, on="image_id", how="inner")
+    values, _ = _values(train, n_models)
+    tr_seqs = build_sequences(train, values, train[LABEL_COLS].to_numpy(np.float32), train["fold"].to_numpy())
+    test, _ = merge_sources(test_frames, test_extra) if test_frames else (None, 0)
+    te_seqs: Sequences | None = None
+    test_rows = pd.DataFrame()
+    if test is not None and len(test):
+        test_rows = test.merge(place, on="image_id", how="inner")
+        if len(test_rows):
+            te_seqs = build_sequences(test_rows, _values(test_rows, n_models)[0])
+    return _Inputs(oof, n_models, lab, train, tr_seqs, test, test_rows, te_seqs)
+
+
+def _fit_folds(inp: _Inputs, scfg: StackConfig, progress: bool) -> tuple[CrossFit, dict[int, list[dict]]]:
+    """The configured stack model cross-fitted over the folds; each fold's validation curve."""
+    n_folds = len(np.unique(inp.tr_seqs.slots[inp.tr_seqs.mask])) if inp.tr_seqs.slots is not None else 0
+    stacker = STACK_MODELS.build(scfg.model, key="stack.model")
+    curves: dict[int, list[dict]] = {}
+    with tqdm(total=n_folds, desc="stack", disable=not progress, leave=False) as bar:
+        fitted = cross_fit(
+            inp.tr_seqs,
+            inp.te_seqs,
+            lambda s, f: stacker.fit(s, scfg, inp.n_models, f, curves.setdefault(f, [])),
+            lambda m, s: stacker.predict(m, s, scfg),
+            progress=lambda _msg: bar.update(1),
+        )
+    return fitted, curves
+
+
+def _to_rows(inp: _Inputs, fitted: CrossFit) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(OOF first-stage mean, stacked OOF, stacked test, test ids) row by row; images without a series keep the
+    first stage."""
+    _, oof_mean = _values(inp.oof, inp.n_models)
+    stacked_oof = oof_mean.copy()
+    stacked_oof[pd.Index(inp.oof["image_id"]).get_indexer(inp.train["image_id"])] = inp.tr_seqs.scatter(
+        fitted.oof, len(inp.train)
+    )
+    if inp.test is None:
+        return oof_mean, stacked_oof, np.zeros((0, N_LABELS)), np.array([], dtype=object)
+    _, stacked_test = _values(inp.test, inp.n_models)
+    if inp.te_seqs is not None:
+        tpos = pd.Index(inp.test["image_id"]).get_indexer(inp.test_rows["image_id"])
+        stacked_test[tpos] = inp.te_seqs.scatter(fitted.test, len(inp.test_rows))
+    return oof_mean, stacked_oof, stacked_test, inp.test["image_id"].to_numpy()
+
+
+def _scores(
+    inp: _Inputs, oof_mean: np.ndarray, stacked_oof: np.ndarray, source_names: list[str] | None
+) -> pd.DataFrame:
+    """The first stage, each source and the stack, on every labelled OOF image (those without a series count with
+    their first-stage value)."""
+    scored = inp.oof.merge(inp.lab, on="image_id", how="inner")
+    spos = pd.Index(inp.oof["image_id"]).get_indexer(scored["image_id"])
+    y = scored[LABEL_COLS].to_numpy(np.float64)
+    rows = [score_row("first_stage", y, oof_mean[spos])]
+    if inp.n_models > 1:
+        names = source_names or [f"source{m}" for m in range(inp.n_models)]
+        for m in range(inp.n_models):
+            p = inp.oof[[f"p{m}_{c}" for c in LABEL_COLS]].to_numpy(np.float64)[spos]
+            rows.append(score_row(f"first_stage:{names[m]}", y, p))
+    rows.append(score_row("stacked", y, stacked_oof[spos]))
+    return pd.DataFrame(rows)
 
 
 def _run_stacking(
@@ -109,82 +199,13 @@ def _run_stacking(
 ) -> StackResult:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    series_cols = [c for c in ("image_id", "series_id", "slice_rank", "z", "series_len") if c in meta.columns]
-    place = meta[series_cols].drop_duplicates("image_id")
-
-    oof, n_models = merge_sources(oof_frames, oof_extra)
-    lab = folds[["image_id", "fold", *LABEL_COLS]].drop_duplicates("image_id")
-    train = oof.merge(lab, on="image_id", how="inner").merge(place, on="image_id", how="inner")
-    values, _ = _values(train, n_models)
-    tr_seqs = build_sequences(train, values, train[LABEL_COLS].to_numpy(np.float32), train["fold"].to_numpy())
-
-    test, _ = merge_sources(test_frames, test_extra) if test_frames else (None, 0)
-    te_seqs: Sequences | None = None
-    test_rows = pd.DataFrame()
-    if test is not None and len(test):
-        test_rows = test.merge(place, on="image_id", how="inner")
-        if len(test_rows):
-            te_values, _ = _values(test_rows, n_models)
-            te_seqs = build_sequences(test_rows, te_values)
+    inp = _inputs(meta, folds, oof_frames, test_frames, oof_extra, test_extra)
     seconds["build"] = time.perf_counter() - t0
-
-    n_folds = len(np.unique(tr_seqs.slots[tr_seqs.mask])) if tr_seqs.slots is not None else 0
-    bar = tqdm(total=2 * n_folds, desc="stack", disable=not progress, leave=False)
-
-    def tick(_msg: str) -> None:
-        bar.update(1)
-
-    def fold_by_fold(name: str, curves: dict[int, list[dict]]):
-        stacker = STACK_MODELS.build(name, key="stack.model")
-        return cross_fit(
-            tr_seqs,
-            te_seqs,
-            lambda s, f: stacker.fit(s, scfg, n_models, f, curves.setdefault(f, [])),
-            lambda m, s: stacker.predict(m, s, scfg),
-            progress=tick,
-        )
-
     t0 = time.perf_counter()
-    curves: dict[int, list[dict]] = {}
-    main = fold_by_fold(scfg.model, curves)
+    fitted, curves = _fit_folds(inp, scfg, progress)
     seconds["sequence"] = time.perf_counter() - t0
-    bar.close()
-
-    # back to rows; images without a series keep the first stage
-    _, oof_mean = _values(oof, n_models)
-    pos = pd.Index(oof["image_id"]).get_indexer(train["image_id"])
-
-    def to_oof(cf) -> np.ndarray:
-        out = oof_mean.copy()
-        out[pos] = tr_seqs.scatter(cf.oof, len(train))
-        return out
-
-    stacked_oof = to_oof(main)
-    if test is not None:
-        _, test_mean = _values(test, n_models)
-        stacked_test = test_mean.copy()
-        if te_seqs is not None:
-            tpos = pd.Index(test["image_id"]).get_indexer(test_rows["image_id"])
-            stacked_test[tpos] = te_seqs.scatter(main.test, len(test_rows))
-        test_ids = test["image_id"].to_numpy()
-    else:
-        stacked_test = np.zeros((0, N_LABELS))
-        test_ids = np.array([], dtype=object)
-
-    # scores on every labelled OOF image (those without a series count with their first-stage value)
-    scored = oof.merge(lab, on="image_id", how="inner")
-    spos = pd.Index(oof["image_id"]).get_indexer(scored["image_id"])
-    y = scored[LABEL_COLS].to_numpy(np.float64)
-    rows = [score_row("first_stage", y, oof_mean[spos])]
-    if n_models > 1:
-        names = source_names or [f"source{m}" for m in range(n_models)]
-        for m in range(n_models):
-            p = oof[[f"p{m}_{c}" for c in LABEL_COLS]].to_numpy(np.float64)[spos]
-            rows.append(score_row(f"first_stage:{names[m]}", y, p))
-    rows.append(score_row("stacked", y, stacked_oof[spos]))
-    table = pd.DataFrame(rows)
-
-    ids = oof["image_id"].to_numpy()
+    oof_mean, stacked_oof, stacked_test, test_ids = _to_rows(inp, fitted)
+    ids = inp.oof["image_id"].to_numpy()
     curve = pd.DataFrame(
         [{"fold": f, **row} for f, rows in sorted(curves.items()) for row in rows], columns=CURVE_COLUMNS
     )
@@ -192,10 +213,10 @@ def _run_stacking(
         _wide(ids, oof_mean),
         _wide(ids, stacked_oof),
         _wide(test_ids, stacked_test),
-        table,
+        _scores(inp, oof_mean, stacked_oof, source_names),
         curve,
         seconds,
-        main.models,
+        fitted.models,
     )
 
 
@@ -241,35 +262,57 @@ def run_per_fold(
     The price: each second stage trains on 1/k of the training series (x (k-1)/k for the inner fit), and the
     whole costs about as many optimizer steps as the mixture (k x k nets on 1/k^2-sized data each).
     """
-    from ..data.folds import assign_folds
-
     outer = sorted(per_fold)
     if len(outer) < 2:
         raise ValueError(f"stacking needs out-of-fold predictions from at least 2 folds, got {outer}")
     results: dict[int, StackResult] = {}
-    curves = []
     for k in outer:
-        rows = folds[folds["fold"] == k]
-        n_inner = min(len(outer), rows["patient_id"].nunique())  # small data: fewer inner folds, at least 2
-        if n_inner < 2:
-            raise ValueError(f"fold {k} holds {n_inner} patient(s); per_fold stacking splits each fold in at least 2")
-        inner = rows.assign(fold=assign_folds(rows, k=n_inner, seed=scfg.seed + k).to_numpy())
         f = per_fold[k]
-        res = run_stacking(meta, inner, f.oof, f.test, scfg, f.oof_extra, f.test_extra, source_names, progress)
-        results[k] = res
-        if len(res.curve):
-            curves.append(res.curve.assign(fold=[f"{k}/{i}" for i in res.curve["fold"]]))
+        inner = _inner_folds(folds, k, len(outer), scfg.seed)
+        results[k] = run_stacking(meta, inner, f.oof, f.test, scfg, f.oof_extra, f.test_extra, source_names, progress)
+    first = pd.concat([results[k].first_oof for k in outer], ignore_index=True)
+    stacked = pd.concat([results[k].oof for k in outer], ignore_index=True)
+    sources = [
+        pd.concat([per_fold[k].oof[m] for k in outer], ignore_index=True) for m in range(len(per_fold[outer[0]].oof))
+    ]
+    return StackResult(
+        first,
+        stacked,
+        _mean_of([results[k].test for k in outer]),
+        _per_fold_scores(folds, first, stacked, sources, source_names),
+        _per_fold_curve(results),
+        _summed_seconds(results),
+        {k: results[k].models for k in outer},  # per fold model: its inner nets (saved: `stack.saved`)
+    )
 
-    def cat(attr: str) -> pd.DataFrame:
-        return pd.concat([getattr(results[k], attr) for k in outer], ignore_index=True)
 
-    def mean(attr: str) -> pd.DataFrame:
-        frames = [getattr(results[k], attr) for k in outer]
-        ids = frames[0]["image_id"]
-        values = np.mean([fr.set_index("image_id").loc[ids, LABEL_COLS].to_numpy(np.float64) for fr in frames], axis=0)
-        return _wide(ids.to_numpy(), values)
+def _inner_folds(folds: pd.DataFrame, k: int, n_outer: int, seed: int) -> pd.DataFrame:
+    """Fold k's rows with their inner fold: patient-grouped, balanced on the rare labels (`data.folds.assign_folds`),
+    as many inner folds as outer ones, fewer when the fold has fewer patients (at least 2)."""
+    from ..data.folds import assign_folds
 
-    first, stacked = cat("first_oof"), cat("oof")
+    rows = folds[folds["fold"] == k]
+    n_inner = min(n_outer, rows["patient_id"].nunique())
+    if n_inner < 2:
+        raise ValueError(f"fold {k} holds {n_inner} patient(s); per_fold stacking splits each fold in at least 2")
+    return rows.assign(fold=assign_folds(rows, k=n_inner, seed=seed + k).to_numpy())
+
+
+def _mean_of(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The element-wise mean of wide prediction frames, in the first frame's image order."""
+    ids = frames[0]["image_id"]
+    values = np.mean([fr.set_index("image_id").loc[ids, LABEL_COLS].to_numpy(np.float64) for fr in frames], axis=0)
+    return _wide(ids.to_numpy(), values)
+
+
+def _per_fold_scores(
+    folds: pd.DataFrame,
+    first: pd.DataFrame,
+    stacked: pd.DataFrame,
+    sources: list[pd.DataFrame],
+    source_names: list[str] | None,
+) -> pd.DataFrame:
+    """The first stage, each source (its fold models' OOF predictions) and the stack on the labelled OOF images."""
     lab = folds[["image_id", *LABEL_COLS]].drop_duplicates("image_id")
     scored = first[["image_id"]].merge(lab, on="image_id", how="inner")
     y = scored[LABEL_COLS].to_numpy(np.float64)
@@ -283,17 +326,24 @@ def run_per_fold(
         )
 
     rows = [score_row("first_stage", y, at(first))]
-    n_models = len(per_fold[outer[0]].oof)
-    if n_models > 1:
-        names = source_names or [f"source{m}" for m in range(n_models)]
-        for m in range(n_models):
-            src = pd.concat([per_fold[k].oof[m] for k in outer], ignore_index=True)
-            rows.append(score_row(f"first_stage:{names[m]}", y, at(src)))
+    if len(sources) > 1:
+        names = source_names or [f"source{m}" for m in range(len(sources))]
+        rows += [score_row(f"first_stage:{names[m]}", y, at(src)) for m, src in enumerate(sources)]
     rows.append(score_row("stacked", y, at(stacked)))
+    return pd.DataFrame(rows)
+
+
+def _per_fold_curve(results: dict[int, StackResult]) -> pd.DataFrame:
+    """Every inner net's curve, its fold named `<outer>/<inner>`."""
+    curves = [
+        r.curve.assign(fold=[f"{k}/{i}" for i in r.curve["fold"]]) for k, r in sorted(results.items()) if len(r.curve)
+    ]
+    return pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
+
+
+def _summed_seconds(results: dict[int, StackResult]) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for r in results.values():
         for key, v in r.seconds.items():
             seconds[key] = seconds.get(key, 0.0) + v
-    curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
-    models = {k: results[k].models for k in outer}  # per fold model: its inner nets (saved: `stack.saved`)
-    return StackResult(first, stacked, mean("test"), pd.DataFrame(rows), curve, seconds, models)
+    return seconds

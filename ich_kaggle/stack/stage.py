@@ -210,10 +210,7 @@ def _stack_one(
     out: Stacked,
 ) -> Path:
     """One second stage (probability- or embedding-level, as cfg.stack says) into `out`."""
-    from ..core.config import selected_folds
-    from ..data.folds import fold_table
-    from ..data.meta import load_meta
-    from .pipeline import run_per_fold, run_stacking
+    from . import saved
 
     per_fold = cfg.stack.use_embeddings and cfg.stack.embedding_space == "per_fold"
     if per_fold and cfg.cv.split == "random":
@@ -228,17 +225,33 @@ def _stack_one(
         trained.check(cfg, layout, runs)
     check_sources(dirs, cfg.name)
     expected = freshness.stacked(dirs, layout, cfg.stack, cfg.cv)
-    from . import saved
-
     keep = saved.savable(cfg.stack) is None  # the fitted models are saved for the bundle (`stack.saved`)
-    if (
-        not force
-        and all(p.exists() for p in (out.oof, out.metrics))
-        and (not keep or freshness.stale_reason(out.models, expected) is None)
-        and freshness.stale_reason(out.test, expected) is None
-    ):
+    if not force and _up_to_date(out, expected, keep):
         log.info(f"stack: {out.test} is up to date (same first-stage files, folds and settings); reusing")
         return out.dir
+    result, folds, fitted = _fit(cfg, layout, dirs, per_fold, progress)
+    _write(result, out, expected, cfg.stack if keep else None, len(dirs), fitted)
+    _report(result, folds, cfg.stack, out)
+    return out.dir
+
+
+def _up_to_date(out: Stacked, expected: dict, keep: bool) -> bool:
+    """Every output exists and was made from the expected inputs (the saved models too where they are kept)."""
+    return (
+        all(p.exists() for p in (out.oof, out.metrics))
+        and (not keep or freshness.stale_reason(out.models, expected) is None)
+        and freshness.stale_reason(out.test, expected) is None
+    )
+
+
+def _fit(cfg: Config, layout: Layout, dirs: list[Predictions], per_fold: bool, progress: bool):
+    """Read the first-stage files, the meta table and the first stage's folds; fit. Returns (StackResult, folds, the
+    embeddings' fitted reductions: a list per source, or per fold model with per_fold)."""
+    from ..core.config import selected_folds
+    from ..data.folds import fold_table
+    from ..data.meta import load_meta
+    from .pipeline import run_per_fold, run_stacking
+
     oof = [read_predictions(d.oof, cfg.name) for d in dirs]
     test = [read_predictions(d.test, cfg.name) for d in dirs]
     fold_ids = selected_folds(cfg.cv)
@@ -267,19 +280,31 @@ def _stack_one(
         raise UserError(
             f"{layout.folds_csv}: {e}; rebuild with `make folds` and train/predict at least 2 folds"
         ) from None
+    return result, folds, fitted
+
+
+def _write(result, out: Stacked, expected: dict, keep: StackConfig | None, n_sources: int, fitted: dict | list) -> None:
+    """The stage's files, the manifests last (out.test's is what submit checks); the fitted models (with the
+    embeddings' reductions) when `keep` (the stack settings they were fitted with) is given."""
+    from . import saved
+
     write_csv(result.oof, out.oof)
     write_csv(result.test, out.test)
     write_csv(result.metrics, out.metrics)
     write_csv(result.curve, out.curve)
-    if keep and result.models:
-        saved.save(out.models, result.models, cfg.stack, len(dirs), fitted or None)
+    if keep is not None and result.models:
+        saved.save(out.models, result.models, keep, n_sources, fitted or None)
         manifest.write(out.models, expected)
     else:
         out.models.unlink(missing_ok=True)
     manifest.write(out.oof, expected)
     manifest.write(out.test, expected)  # last: what submit checks
-    space = f", embeddings {cfg.stack.embedding_space}" if cfg.stack.use_embeddings else ""
-    log.info(format_table(result.metrics, cfg.stack.model + space))
+
+
+def _report(result, folds: pd.DataFrame, scfg: StackConfig, out: Stacked) -> None:
+    """Log the score table, what the stack did not beat, and what stopped the nets."""
+    space = f", embeddings {scfg.embedding_space}" if scfg.use_embeddings else ""
+    log.info(format_table(result.metrics, scfg.model + space))
     losses = result.metrics.set_index("stage")["weighted_log_loss"]
     prior = prior_loss(folds, result.first_oof)
     if losses["stacked"] >= losses["first_stage"]:
@@ -301,4 +326,3 @@ def _stack_one(
             f"(best at {best.tolist()}; curve in {out.curve})"
         )
     log.info(f"wrote {out.oof} ({len(result.oof)} rows), {out.test} ({len(result.test)} rows), {out.metrics}")
-    return out.dir

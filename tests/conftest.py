@@ -144,9 +144,10 @@ def pair(tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(pair, tmp_path_factory) -> Path:
-    """A model bundle as a user makes one, at test size: the session's trained `tiny` (the `pair` ensemble's
-    first member, 2 folds; its config as that member's), submitted and exported (under 1 s of CPU on top of `pair`)."""
+def tiny_exp(pair, tmp_path_factory) -> SimpleNamespace:
+    """The session's trained `tiny` (the `pair` ensemble's first member, 2 folds; its config as that member's) as a
+    user takes it on: submitted (`subs/tiny.csv`) and exported (`bundle`), under 1 s of CPU on top of `pair`. Its
+    competition, work and runs folders are `pair`'s; `settings` are the --set overrides that name the experiment."""
     import train_helpers
 
     tmp = tmp_path_factory.mktemp("tiny_bundle")
@@ -162,4 +163,13 @@ def tiny_bundle(pair, tmp_path_factory) -> Path:
         assert out.returncode == 0, (step[0], out.stderr[-2000:])
         printed.append(out.stdout)
     assert printed[0].count("is already trained") == 2, printed[0]  # `pair` trained them: nothing trained again
-    return tmp / "bundle"
+    settings = [*train_helpers.PAIR_SETTINGS, *train_helpers.PAIR_MEMBER_SET]
+    return SimpleNamespace(
+        bundle=tmp / "bundle", subs=tmp / "subs", comp=pair.data, work=pair.work, runs=pair.runs, settings=settings
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_exp) -> Path:
+    """A model bundle as a user makes one, at test size (`tiny_exp`'s)."""
+    return tiny_exp.bundle

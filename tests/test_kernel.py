@@ -37,20 +37,19 @@ def cfg():
     return config.load("tiny")
 
 
-TINY_SET = [*train_helpers.FAST, "cv.k=2", "train.epochs=1"]  # the experiment of conftest's `tiny_bundle`
+TINY_SET = [*train_helpers.PAIR_SETTINGS, *train_helpers.PAIR_MEMBER_SET]  # the experiment of conftest's `tiny_exp`
 
 
 @pytest.fixture(scope="module")
-def model_dataset(tiny_bundle, tmp_path_factory) -> SimpleNamespace:
+def model_dataset(tiny_exp, tmp_path_factory) -> SimpleNamespace:
     """`make kernel-datasets`'s model dataset (the model bundle + dataset-metadata.json) of the session's tiny
-    experiment (trained, predicted, submitted by `tiny_bundle`), for user testuser."""
-    base = tiny_bundle.parent
-    cfg = config.load("tiny", TINY_SET)
-    layout = Layout.of(base / "comp", base / "work")
+    experiment (trained, predicted, submitted and exported by `tiny_exp`), for user testuser."""
+    cfg = config.load("tiny", tiny_exp.settings)
+    layout = Layout.of(tiny_exp.comp, tiny_exp.work)
     out = tmp_path_factory.mktemp("model") / "kernels"
     names = kernel.names_for(cfg, "testuser")
-    folder = kernel.build_model_dataset(cfg, names, base / "runs", out, layout)
-    return SimpleNamespace(cfg=cfg, runs=base / "runs", layout=layout, folder=folder, names=names, base=base)
+    folder = kernel.build_model_dataset(cfg, names, tiny_exp.runs, out, layout)
+    return SimpleNamespace(cfg=cfg, runs=tiny_exp.runs, layout=layout, folder=folder, names=names, exp=tiny_exp)
 
 
 def _with_model(model_dataset, out: Path) -> Path:
@@ -203,7 +202,7 @@ def test_model_dataset_is_the_bundle(model_dataset, tmp_path):
     assert 6 <= len(meta["title"]) <= 50
     assert config.load(str(folder / "config.yaml")).to_dict() == model_dataset.cfg.to_dict()
     # the same files as `make export` (one writer): the bundle of conftest's fixture
-    exported = model_dataset.base / "bundle"
+    exported = model_dataset.exp.bundle
     assert all((folder / n).read_bytes() == (exported / n).read_bytes() for n in b.info["files"] if n.endswith(".yaml"))
     assert set(b.info["files"]) == set(bundle.load(exported).info["files"])  # (torch.save's bytes vary by run)
     # an old-format model dataset folder (ich_kaggle_model.json) is replaced, not mixed in
@@ -794,7 +793,8 @@ def test_kernel_script_offline_equals_make_submit(tmp_path):
     shutil.rmtree(runs / cfg.name / "stack")
     first = submission.submit(cfg, layout, runs=runs, out_dir=tmp_path / "first_stage")
     plain = kernel.build_model_dataset(cfg, names, runs, tmp_path / "plain", layout)
-    assert json.loads((plain / "bundle.json").read_text())["stack"] is None and not (plain / "stack").exists()
+    info = json.loads((plain / "bundle.json").read_text())
+    assert info["stage"] == "first_stage" and info["second_stages"] == {} and not (plain / "stack").exists()
     got = kernel_run.run_kernel(plain, comp_in, tmp_path / "working2", scratch=tmp_path / "scratch2")
     a, b = pd.read_csv(first), pd.read_csv(got)
     assert list(a["ID"]) == list(b["ID"])

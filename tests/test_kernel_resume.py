@@ -49,10 +49,10 @@ def _messages(caplog) -> str:
     return text
 
 
-def test_cut_kernel_resumes_from_its_previous_output(tiny_bundle, tmp_path, monkeypatch, caplog):
+def test_cut_kernel_resumes_from_its_previous_output(tiny_exp, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="ich_kaggle")
-    base = tiny_bundle.parent  # the fixture's competition, runs and `make submit` output
-    comp, expected = base / "comp", base / "subs" / "tiny.csv"
+    tiny_bundle = tiny_exp.bundle
+    comp, expected = tiny_exp.comp, tiny_exp.subs / "tiny.csv"  # the fixture's competition and `make submit` output
 
     # the uncut kernel: equals `make submit` to 1e-6
     whole = _kernel(_mount(tmp_path / "in0", comp, tiny_bundle), tmp_path / "w0")
@@ -78,7 +78,7 @@ def test_cut_kernel_resumes_from_its_previous_output(tiny_bundle, tmp_path, monk
     assert (cut / "tiny__fold0.npz").is_file() and not (cut / "tiny__fold1.npz").exists()
     assert not (tmp_path / "w1" / "submission.csv").exists()
     manifest = json.loads((cut / "tiny__fold0.json").read_text())
-    assert manifest["bundle"] == kernel_run._sha256(tiny_bundle / "bundle.json") and manifest["fold"] == 0
+    assert manifest["bundle"] == kernel_run.sha256(tiny_bundle / "bundle.json") and manifest["fold"] == 0
     _messages(caplog)
 
     # the next version attaches that output: fold 0 adopted (not recomputed), fold 1 predicted, same submission

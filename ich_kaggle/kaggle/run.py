@@ -40,6 +40,7 @@ from .. import __version__
 from ..core.errors import UserError
 from ..core.io import atomic_open, atomic_path
 from ..core.labels import LABELS
+from ..bundle import sha256  # the one file digest (the bundle checks its files with it too)
 from ..core.layout import COMPETITION
 
 log = logging.getLogger(__name__)
@@ -111,14 +112,6 @@ def find_previous(root: str | Path) -> list[Path]:
 
 
 # --- identities: the bundle and the test slices -------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bundle_id(b) -> str:
     """The bundle's identity: the sha256 of its bundle.json, which holds the sha256 of every file it lists; for a
     bundle assembled in memory (the from-folds kernel), of its index as JSON."""
@@ -126,7 +119,7 @@ def bundle_id(b) -> str:
 
     index = b.dir / INDEX
     if index.is_file():
-        return _sha256(index)
+        return sha256(index)
     return hashlib.sha256(json.dumps(b.info, sort_keys=True).encode()).hexdigest()
 
 
@@ -159,7 +152,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _read_slices(folder: Path, info: dict | None = None) -> pd.DataFrame | None:
     """The slices file of `folder` when it is whole (the sha256 of its bytes is the digest its manifest names)."""
     try:
-        if info is not None and _sha256(folder / SLICES) != info.get("digest"):
+        if info is not None and sha256(folder / SLICES) != info.get("digest"):
             return None
         return pd.read_csv(folder / SLICES, dtype={"image_id": str, "study_id": str, "series_id": str})
     except (OSError, ValueError, EOFError):
@@ -205,7 +198,7 @@ def test_slices(test_dir: Path | None, store: Path, previous: list[Path]) -> tup
     with atomic_path(store / SLICES) as tmp:  # the same bytes from the same scan (no time or name in the header)
         tmp.write_bytes(gzip.compress(frame.to_csv(index=False).encode(), mtime=0))
     frame = _read_slices(store)  # as a later version will read it
-    digest = _sha256(store / SLICES)
+    digest = sha256(store / SLICES)
     _write_json(store / SLICES_INFO, {"format": FORMAT, **want, "digest": digest, "skipped": len(col.skipped)})
     if len(col.skipped):
         log.info(
@@ -249,7 +242,7 @@ class FoldStore:
         if not info or {k: info.get(k) for k in self.key} != self.key:
             return False
         data = folder / f"{stem}.npz"
-        return data.is_file() and data.stat().st_size == info.get("bytes") and _sha256(data) == info.get("sha256")
+        return data.is_file() and data.stat().st_size == info.get("bytes") and sha256(data) == info.get("sha256")
 
     def have(self, member: str, fold: int) -> bool:
         """Whether this fold's predictions are here, adopting them from a previous output first if needed."""
@@ -298,7 +291,7 @@ class FoldStore:
                 "member": member,
                 "fold": fold,
                 "images": int(len(probs)),
-                "sha256": _sha256(data),
+                "sha256": sha256(data),
                 "bytes": data.stat().st_size,
                 "ich_kaggle": __version__,
             },

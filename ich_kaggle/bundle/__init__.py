@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: every stage submit chooses (embedding stack, blend); 1 held first stage or stack
 INDEX = "bundle.json"
+BLEND_RULE = "mean of the parts' probabilities (submit.choose: no weights fitted on OOF)"
 PACKAGES = ("torch", "timm", "numpy", "pandas", "pydicom", "albumentations", "opencv-python-headless", "scikit-learn")
 
 
@@ -196,20 +197,76 @@ def export(
 
     `layout`: the data folder the runs were trained on (its labels choose the stage and the thresholds).
     `stage`: bundle this stage instead of the one `submit` chooses (first_stage, stacked, stacked_embeddings or
-    blend); it must be one of the fresh stages submit compared."""
+    blend); it must be one of the fresh stages submit compared. Everything is checked before anything is written;
+    the folder is built beside `out` and renamed into place."""
     from ..submit.choose import STAGES
-    from ..submit.stage import choose_stage
 
     if stage is not None and stage not in STAGES:
         raise UserError(f"--stage {stage}: unknown stage; one of {', '.join(STAGES)}")
     if layout is None:
         raise UserError("export needs the competition folder the runs were trained on (--data)")
-    out = Path(out)
-    runs = Path(runs)
+    out, runs = Path(out), Path(runs)
     members = members if members is not None else (E.load_members(cfg) if cfg.is_ensemble else [cfg])
     run = Run.of(runs, cfg.name)
-    info_members = []
     made_from: dict = {}
+    finished = _finished_members(cfg, members, runs, made_from)
+    chosen = _chosen_stage(cfg, layout, run, stage, len(members), made_from)
+    projected = _projections_needed(cfg, chosen.fitted, finished)
+    thresholds, scores = _oof_scores(layout, chosen.files(run).oof)
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _dump_yaml(cfg.to_dict(), tmp / "config.yaml")
+    entries = _write_members(tmp, finished, projected, fp16)
+    second = _write_second_stages(tmp, run, chosen.fitted)
+    files = {
+        str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
+    index = {
+        "format": FORMAT,
+        "name": cfg.name,
+        "kind": "ensemble" if cfg.is_ensemble else "config",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "stage": chosen.stage,
+        "submit_stage": chosen.submitted,  # what `make submit` sent (export --stage may bundle another fresh stage)
+        "stage_files": {"test": str(chosen.files(run).test), "oof": str(chosen.files(run).oof)},
+        "oof_log_loss_by_stage": chosen.losses,
+        "oof_scores": scores,
+        "members": entries,
+        "ensemble": (
+            {"combine": cfg.ensemble.combine, "weights": E.weights(cfg.ensemble, len(members)).tolist()}
+            if cfg.is_ensemble
+            else None
+        ),
+        "second_stages": second,  # the saved second stages the stage runs (the blend's parts: each of them)
+        "blend": ({"parts": chosen.parts, "rule": BLEND_RULE} if chosen.stage == "blend" else None),
+        "labels": list(LABELS),
+        "thresholds": thresholds,
+        "series_probability": "max over the series' slices of the chosen stage's slice probabilities",
+        "float16": bool(fp16),
+        "made_from": made_from,
+        "code": _code_version(),
+        "packages": _packages(),
+        "files": files,
+    }
+    with atomic_open(tmp / INDEX) as f:
+        json.dump(index, f, indent=1)
+    _publish(tmp, out)
+    size = sum(v["bytes"] for v in files.values())
+    log.info(
+        f"export: {cfg.name} ({chosen.stage}, {sum(len(e['folds']) for e in entries)} fold model(s), "
+        f"{size / 2**20:.1f} MB) -> {out}"
+    )
+    return out
+
+
+def _finished_members(cfg: Config, members: list[Config], runs: Path, made_from: dict) -> list[tuple]:
+    """(member, its run, its finished folds) per member; refuses an unfinished fold or stale predictions. Records
+    each member's prediction manifest digest in `made_from`."""
+    out = []
     for member in members:
         mrun = Run.of(runs, member.name)
         wanted = selected_folds(member.cv)
@@ -229,10 +286,31 @@ def export(
                 f"{mrun.predictions.test} is stale or missing ({stale}); run `make predict "
                 f"CONFIG={cfg.name}` (then `make submit`) before exporting"
             )
-        info_members.append((member, mrun, finished))
+        out.append((member, mrun, finished))
         made_from[f"{member.name}/predictions"] = manifest.digest(
             [json.dumps(manifest.read(mrun.predictions.test), sort_keys=True)]
         )
+    return out
+
+
+@dataclass
+class _Chosen:
+    """The stage a bundle holds: what submit sent, what it compared, and the saved second stages the stage runs."""
+
+    stage: str
+    submitted: str
+    losses: dict
+    parts: list[str]
+    fitted: dict = field(default_factory=dict)  # second stage name -> its saved models (`stack.saved`)
+
+    def files(self, run: Run):
+        return stage_files(run, self.stage)
+
+
+def _chosen_stage(cfg: Config, layout: Layout, run: Run, stage: str | None, n_members: int, made_from: dict):
+    """Submit's choice (or the asked fresh stage) and its saved second stages, checked against the members."""
+    from ..submit.stage import choose_stage
+
     choose_stage(cfg, layout, run)  # refuses a stale first stage; a stale stack is not a candidate
     choice = json.loads(run.choice.read_text())
     submitted = choice["stage"]
@@ -248,63 +326,67 @@ def export(
     parts = blend_parts(candidates) if stage == "blend" else [stage]
     fitted = {p: _saved_stage(cfg, run, p) for p in parts if p in SECOND_STAGES}
     for p, saved_stage in fitted.items():
-        if saved_stage.n_models != len(members):  # stack.sources: first-stage models from outside this experiment
+        if saved_stage.n_models != n_members:  # stack.sources: first-stage models from outside this experiment
             raise UserError(
                 f"{stage_files(run, p).models}: the {p.replace('_', ' ')} stage was fitted on "
-                f"{saved_stage.n_models} first-stage source(s), the bundle holds {len(members)} member(s) "
+                f"{saved_stage.n_models} first-stage source(s), the bundle holds {n_members} member(s) "
                 f"(stack.sources?); export a stage without it (--stage first_stage) or stack the members only"
             )
-    for p in fitted:
         made_from[p] = manifest.digest([json.dumps(manifest.read(stage_files(run, p).test), sort_keys=True)])
-    test_path, oof_path = stage_files(run, stage).test, stage_files(run, stage).oof
-    # per_fold embedding stages read each fold model's compact embeddings: its projection goes beside its weights
+    return _Chosen(stage, submitted, choice.get("oof_log_loss", {}), parts, fitted)
+
+
+def _projections_needed(cfg: Config, fitted: dict, finished: list[tuple]) -> list[int]:
+    """The fold models whose compact-embedding projection goes beside their weights (per_fold embedding stages read
+    each fold model's own); refuses a member that lacks one."""
     projected = sorted({k for s in fitted.values() if s.layout == "per_fold" for k in s.fold_models})
-    for member, mrun, finished in info_members:
-        lacking = [k for k in projected if k not in finished or not mrun.predictions.fold_projection(k).exists()]
+    for member, mrun, folds in finished:
+        lacking = [k for k in projected if k not in folds or not mrun.predictions.fold_projection(k).exists()]
         if lacking:
             raise UserError(
                 f"{mrun.predictions.fold_projection(lacking[0])} not found (or fold {lacking[0]} of {member.name} "
                 f"not finished): the embedding stack reads it; run `make predict CONFIG={cfg.name}` then "
                 f"`make stack CONFIG={cfg.name}`"
             )
+    return projected
 
-    from ..core.metrics import read_truth, score_frames
-    from ..core.metrics import read_long_or_wide
+
+def _oof_scores(layout: Layout, oof_path: Path) -> tuple[dict | None, dict | None]:
+    """(thresholds, OOF scores) of the chosen stage against the training labels; (None, None) without labels."""
+    from ..core.metrics import read_long_or_wide, read_truth, score_frames
     from ..data.meta import load_meta
 
-    truth = read_truth(layout.train_csv) if layout.train_csv.exists() else None
+    if not layout.train_csv.exists():
+        return None, None
+    truth = read_truth(layout.train_csv)
     oof = read_long_or_wide(oof_path)
-    meta = load_meta(layout)
-    thresholds = oof_thresholds(oof, truth, meta) if truth is not None else None
-    scores = None
-    if truth is not None:
-        t = truth[truth["image_id"].isin(oof["image_id"])]
-        scores = score_frames(t, oof[oof["image_id"].isin(t["image_id"])])
-        scores = {
-            "weighted_log_loss": float(scores["weighted_log_loss"]),
-            "per_label": {k: float(v) for k, v in scores["per_label"].items()},
-            "n_images": int(len(t)),
-        }
+    thresholds = oof_thresholds(oof, truth, load_meta(layout))
+    t = truth[truth["image_id"].isin(oof["image_id"])]
+    scores = score_frames(t, oof[oof["image_id"].isin(t["image_id"])])
+    return thresholds, {
+        "weighted_log_loss": float(scores["weighted_log_loss"]),
+        "per_label": {k: float(v) for k, v in scores["per_label"].items()},
+        "n_images": int(len(t)),
+    }
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _dump_yaml(cfg.to_dict(), tmp / "config.yaml")
+
+def _write_members(tmp: Path, finished: list[tuple], projected: list[int], fp16: bool) -> list[dict]:
+    """Each member's config, fold weights and projections under members/<name>/; their bundle.json entries."""
     entries = []
-    for member, mrun, finished in info_members:
+    for member, mrun, folds in finished:
         d = tmp / "members" / member.name
         d.mkdir(parents=True)
         _dump_yaml(member.to_dict(), d / "config.yaml")
-        for k in finished:
+        for k in folds:
             _write_checkpoint(mrun.fold(k).best, d / f"fold{k}.pt", fp16)
         for k in projected:
             shutil.copy2(mrun.predictions.fold_projection(k), d / f"fold{k}_pca.npz")
         entries.append(
             {
                 "name": member.name,
-                "folds": finished,
+                "folds": folds,
                 "config": f"members/{member.name}/config.yaml",
-                "weights": [f"members/{member.name}/fold{k}.pt" for k in finished],
+                "weights": [f"members/{member.name}/fold{k}.pt" for k in folds],
                 "windows": list(member.data.windows),
                 "image_size": member.data.image_size,
                 "neighbors": member.data.neighbors,
@@ -312,61 +394,27 @@ def export(
                 "projections": {str(k): f"members/{member.name}/fold{k}_pca.npz" for k in projected},
             }
         )
+    return entries
+
+
+def _write_second_stages(tmp: Path, run: Run, fitted: dict) -> dict:
+    """Each saved second stage the chosen stage runs, copied in; their bundle.json entries."""
     second = {}
     for p, s in fitted.items():
         (tmp / SECOND_STAGES[p]).mkdir()
         shutil.copy2(stage_files(run, p).models, tmp / SECOND_STAGES[p] / "models.pt")
         second[p] = {"file": f"{SECOND_STAGES[p]}/models.pt", "layout": s.layout, "model": s.scfg.model}
-    files = {
-        str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-        for p in sorted(tmp.rglob("*"))
-        if p.is_file()
-    }
-    index = {
-        "format": FORMAT,
-        "name": cfg.name,
-        "kind": "ensemble" if cfg.is_ensemble else "config",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "stage": stage,
-        "submit_stage": submitted,  # what `make submit` sent (export --stage may bundle another fresh stage)
-        "stage_files": {"test": str(test_path), "oof": str(oof_path)},
-        "oof_log_loss_by_stage": choice.get("oof_log_loss", {}),
-        "oof_scores": scores,
-        "members": entries,
-        "ensemble": (
-            {"combine": cfg.ensemble.combine, "weights": E.weights(cfg.ensemble, len(members)).tolist()}
-            if cfg.is_ensemble
-            else None
-        ),
-        "second_stages": second,  # the saved second stages the stage runs (the blend's parts: each of them)
-        "blend": (
-            {"parts": parts, "rule": "mean of the parts' probabilities (submit.choose: no weights fitted on OOF)"}
-            if stage == "blend"
-            else None
-        ),
-        "labels": list(LABELS),
-        "thresholds": thresholds,
-        "series_probability": "max over the series' slices of the chosen stage's slice probabilities",
-        "float16": bool(fp16),
-        "made_from": made_from,
-        "code": _code_version(),
-        "packages": _packages(),
-        "files": files,
-    }
-    with atomic_open(tmp / INDEX) as f:
-        json.dump(index, f, indent=1)
+    return second
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """The finished folder replaces `out` (only a bundle or an empty folder is replaced)."""
     if out.exists():
         if not (out / INDEX).exists() and any(out.iterdir()):
             shutil.rmtree(tmp)
             raise UserError(f"{out} exists and is not a bundle; give an empty or new folder to --out")
         shutil.rmtree(out)
     tmp.rename(out)
-    size = sum(v["bytes"] for v in files.values())
-    log.info(
-        f"export: {cfg.name} ({stage}, {sum(len(e['folds']) for e in entries)} fold model(s), "
-        f"{size / 2**20:.1f} MB) -> {out}"
-    )
-    return out
 
 
 # --- load ---

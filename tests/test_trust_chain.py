@@ -240,7 +240,7 @@ def test_predict_never_gives_a_damaged_cache_entry_the_prior(exp, capsys):
 def test_kernel_datasets_refuses_an_unfinished_fold(exp, capsys):
     exp.fold("tiny_bone", 1).done.unlink()
     err = refused(exp, capsys, "kernel-datasets", None, "--out", str(exp.root / "kernels"), "--username", "someone")
-    assert "fold(s) [1] of tiny_bone are not trained to the end" in err and "make train-all" in err
+    assert "fold(s) [1] of tiny_bone did not finish training" in err and "make train FOLD=1 CONFIG=tiny_bone" in err
     assert not (exp.root / "kernels").exists() or not any((exp.root / "kernels").glob("*model*"))
 
 

@@ -63,8 +63,6 @@ def window_planes(
             np.clip(ch, np.float32(lo), np.float32(hi), out=ch)
     return out
 
-    return out
-
 
 def jitter(windows: Sequence[tuple[float, float]], rng: np.random.Generator, hu: float) -> list[tuple[float, float]]:
     """Shift each window's center and width by up to +-hu (uniform); widths stay >= 1 HU (augmentation)."""

@@ -159,10 +159,7 @@ def prior_loss(folds: pd.DataFrame, first_oof: pd.DataFrame) -> float | None:
     from ..core import metrics
 
     rows = folds[folds["image_id"].isin(set(first_oof["image_id"]))]
-    if not len(rows):
-        return None
-    y = rows[list(LABELS)].to_numpy(np.float64)
-    return metrics.weighted_log_loss(y, np.repeat(y.mean(0, keepdims=True), len(y), axis=0))
+    return metrics.prior_log_loss(rows, rows) if len(rows) else None
 
 
 def check_sources(dirs: list[Predictions], config_name: str) -> None:

@@ -227,9 +227,11 @@ kernel-fetch: $(PY) ## download a training kernel's fold into RUNS/<config>/fold
 	$(PY) -m ich_kaggle kernel-fetch --config $(CONFIG) --runs $(RUNS) --fold $(FOLD) $(KUSER)
 
 # the inference kernel on the training kernels' outputs (kernel sources; no model dataset, first stage only)
-## FOLDS="0 1 ..."    kernel-from-folds: which folds (default: every fold of the config)
+## FOLDS="0 1 ..."    kernel-from-folds: which folds (default: every fold of the config); RESUME=1: attach its
+##                    own previous output and adopt the fold predictions a cut session kept
 kernel-from-folds: $(PY) ## push the inference kernel on the training kernels' outputs
-	$(PY) -m ich_kaggle kernel-from-folds $(EXP) $(KUSER) $(if $(FOLDS),--folds $(FOLDS)) --push
+	$(PY) -m ich_kaggle kernel-from-folds $(EXP) $(KUSER) $(if $(FOLDS),--folds $(FOLDS)) $(if $(RESUME),--resume) \
+	    --push
 
 kernel-combine: $(PY) ## an ensemble split into one from-folds kernel per member: fetch and combine their submissions
 	$(PY) -m ich_kaggle kernel-combine $(EXP) $(KUSER)

@@ -47,7 +47,7 @@ def test_head_bbox_crops_air_with_margin():
     y0, y1, x0, x1 = D.head_bbox(hu, margin=0.1)
     assert (y0, y1, x0, x1) == (16, 64, 24, 96)
     # nothing above -500 HU: keep the whole image
-    assert D.head_bbox(np.full((50, 40), -2000.0)) == (0, 50, 0, 40)
+    assert D.head_bbox(np.full((50, 40), -2000.0), 0.04) == (0, 50, 0, 40)
     # margin clamps at the image edges
     hu2 = np.full((30, 30), -1000.0)
     hu2[0:30, 0:10] = 100

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -230,9 +231,17 @@ def test_the_gpu_less_journey_for_a_config_and_an_ensemble(tmp_path, kernel_pyth
         # make kernel-from-folds for tiny and for duo, make kernel-output, make kernel-submit
         got = {}
         for cfg in (tiny, duo):
-            [folder] = train_build.build_infer_kernel(cfg, USER, out)
+            [folder] = train_build.build_infer_kernel(cfg, USER, out, resume=cfg is tiny)
             api.push_kernel(folder)
-            log = kaggle.run(folder)
+            if cfg is tiny:  # its session cut after one fold's predictions; the next version (RESUME=1) adopts them
+                log = kaggle.run(folder, ICH_STOP_AFTER_FOLDS="1")
+                assert "stopping after 1 fold(s)" in log
+                assert not (kaggle.sources[f"{USER}/{folder.name}"] / "submission.csv").exists()
+                log = kaggle.run(folder)
+                assert "tiny fold 0: adopted from" in log and re.search(r"tiny fold 1: \d+ slices predicted", log)
+                assert _pushed(fk)[-1]["kernelDataSources"][-1] == f"{USER}/{folder.name}"  # it attaches itself
+            else:
+                log = kaggle.run(folder)
             produced = kaggle.sources[f"{USER}/{folder.name}"] / "submission.csv"
             fk.kernel_output.clear()
             fk.kernel_output.update({"submission.csv": produced.read_bytes()})

@@ -196,11 +196,20 @@ def test_steps_per_epoch_are_the_loader_length():
 
 def test_resume_with_changed_config_is_a_user_error(comp, tmp_path):
     cfg = _cfg("train.epochs=2")
-    train.train_fold(cfg, comp, 2, runs=tmp_path, stop_after_epochs=1)
+    cut = train.train_fold(cfg, comp, 2, runs=tmp_path, stop_after_epochs=1)
     with pytest.raises(UserError, match="different config.*train.lr.*--force"):
         train.train_fold(_cfg("train.epochs=2", "train.lr=0.5"), comp, 2, runs=tmp_path)
+    with pytest.raises(UserError, match="different config.*data.crop_margin"):
+        train.train_fold(_cfg("train.epochs=2", "data.crop_margin=0.08"), comp, 2, runs=tmp_path)
     with pytest.raises(UserError, match="fold 7 does not exist"):
         train.train_fold(cfg, comp, 7, runs=tmp_path)
+    # a fold cut before `data.crop_margin` was a key (its checkpoint lacks it) trained at its default: it resumes
+    last = cut / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    del ckpt["config"]["data"]["crop_margin"]
+    torch.save(ckpt, last)
+    fdir = train.train_fold(cfg, comp, 2, runs=tmp_path)
+    assert list(pd.read_csv(fdir / "log.csv")["epoch"]) == [1, 2]
 
 
 def test_corrupt_cache_file_is_skipped_not_fatal(comp, tmp_path):

@@ -7,17 +7,18 @@ from __future__ import annotations
 import pandas as pd
 
 from ich_kaggle.bench import tta_subtypes
+from ich_kaggle.core.config import DataConfig
 from ich_kaggle.core.layout import Layout
 from ich_kaggle.data import preprocess
-from ich_kaggle.data.dataset import CROP_MARGIN
 
 
 def test_at_the_default_margin_no_view_cuts_intracranial_tissue(mini_dir, tmp_path):
     layout = Layout.of(mini_dir, tmp_path / "work")
     preprocess.ensure(layout)
     ids = pd.read_csv(layout.meta_csv).query("split == 'train'")["image_id"].astype(str).tolist()[::4]
-    cut = tta_subtypes.pixel_check(layout, ids, margins=(0.0, CROP_MARGIN))
-    default = f"margin{round(CROP_MARGIN * 100)}"
+    margin = DataConfig().crop_margin
+    cut = tta_subtypes.pixel_check(layout, ids, margins=(0.0, margin))
+    default = f"margin{round(margin * 100)}"
     for view in tta_subtypes.VIEWS:
         assert cut[f"rim_{default}_{view}_slices_with_intracranial_cut"] == 0.0, view
     for view in ("identity", "hflip"):  # they move no pixel out, at any margin

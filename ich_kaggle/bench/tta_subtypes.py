@@ -1,7 +1,7 @@
 """`make bench --what tta-subtypes`: do the TTA views and the head crop's margin cost the rim subtypes (issue 26)?
 
 Epidural and subdural bleeds lie against the skull, at the edge of the head crop (`data.dataset.head_bbox`: the
-pixels above -500 HU plus `CROP_MARGIN` of the box on each side, then the square around it). The `shift` views move
+pixels above -500 HU plus `data.crop_margin` of the box on each side, then the square around it). The `shift` views move
 the image by 5 % of its size and `scale` zooms 10 % into its centre (`predict/tta.py`): where that is more than the
 margin, they cut the head's edge off. Two checks, printed as `name: value` lines:
 
@@ -25,6 +25,7 @@ so and stops.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import numpy as np
 from ..core import config
 from ..core.labels import LABELS
 
-MARGINS = (0.0, 0.04, 0.08)  # the default 4 % and one step either side
+MARGINS = (0.0, 0.04, 0.08)  # the default `data.crop_margin` (4 %) and one step either side
 VIEWS = ("identity", "hflip", "shift", "shift_back", "scale")  # every view a model trained without transpose may use
 BASELINE = ("identity", "hflip")  # the CPU configs' views: what the others are compared with
 PIXEL_SIZE = 512  # the shipped configs that use shift / scale run at 480-512 px
@@ -151,21 +152,6 @@ def pixel_check(layout, ids: list[str], margins=MARGINS, views=VIEWS, size: int 
     return out
 
 
-@contextlib.contextmanager
-def _margin(margin: float):
-    """Training at another head-crop margin: the training loop makes its datasets with `dataset.CROP_MARGIN`, which
-    no config key sets (a checkpoint records none), so the bench sets it while it trains, in this process only
-    (`data.num_workers=0`), and keeps each margin's folds in a folder of their own."""
-    from ..data import dataset
-
-    default = dataset.CROP_MARGIN
-    dataset.CROP_MARGIN = margin
-    try:
-        yield
-    finally:
-        dataset.CROP_MARGIN = default
-
-
 def _prepare(layout):
     """`tiny` as the bench trains it, and the fold table, with the meta table and the HU cache made."""
     from ..data import folds, preprocess
@@ -178,16 +164,20 @@ def _prepare(layout):
 
 
 def _train(cfg, layout, runs: Path, margin: float) -> None:
+    """`cfg`'s folds trained at head-crop margin `margin` (`data.crop_margin`, which each checkpoint records), into a
+    folder of that margin's own."""
     from .. import train
 
-    with contextlib.redirect_stdout(io.StringIO()), _margin(margin):
+    cfg = copy.deepcopy(cfg)
+    cfg.data.crop_margin = margin
+    with contextlib.redirect_stdout(io.StringIO()):
         for fold in config.selected_folds(cfg.cv):
             train.train_fold(cfg, layout, fold, runs=runs)
 
 
-def view_predictions(layout, runs: Path, cfg, table, margin: float, views=VIEWS) -> dict[str, np.ndarray]:
-    """{view: (N, 6) OOF probabilities in `table` order}: each fold's best.pt on its own held-out slices, cropped with
-    `margin` (the margin it was trained with)."""
+def view_predictions(layout, runs: Path, cfg, table, views=VIEWS) -> dict[str, np.ndarray]:
+    """{view: (N, 6) OOF probabilities in `table` order}: each fold's best.pt on its own held-out slices, cropped at
+    the margin it was trained with (its recorded `data.crop_margin`)."""
     import torch
 
     from ..core.layout import Run
@@ -204,7 +194,7 @@ def view_predictions(layout, runs: Path, cfg, table, margin: float, views=VIEWS)
         net, fcfg = load_checkpoint(run.fold(fold).best)
         rows = np.flatnonzero(table["fold"].to_numpy() == fold)
         frame = table.iloc[rows][["image_id"]]
-        ds = SliceDataset(frame, layout, fcfg, transform=build_eval_transforms(fcfg), meta=meta, crop_margin=margin)
+        ds = SliceDataset(frame, layout, fcfg, transform=build_eval_transforms(fcfg), meta=meta)
         loader = torch.utils.data.DataLoader(ds, batch_size=fcfg.tta.batch_size, shuffle=False)
         got: dict[str, list[np.ndarray]] = {v: [] for v in views}
         with torch.inference_mode():
@@ -252,10 +242,9 @@ def bench_tta_subtypes(data: Path) -> None:
             f"synthetic competition's lesions do not lie against a skull as epidural and subdural bleeds do"
         )
         return
-    from ..data.dataset import CROP_MARGIN
-
     layout = Layout.of(data, WORK / "work")
     cfg, table = _prepare(layout)
+    default = cfg.data.crop_margin
     meta = load_meta(layout).set_index("image_id")
     ids = table["image_id"].astype(str).tolist()
 
@@ -273,10 +262,10 @@ def bench_tta_subtypes(data: Path) -> None:
 
     lists = {f"view_{v}": [v] for v in VIEWS} | shipped_view_lists()
     base = ref = None
-    for m in sorted(MARGINS, key=lambda m: m != CROP_MARGIN):  # the default first: the baseline is made there
+    for m in sorted(MARGINS, key=lambda m: m != default):  # the default first: the baseline is made there
         runs = WORK / f"runs_{_tag(m)}"
         _train(cfg, layout, runs, m)
-        probs = view_predictions(layout, runs, cfg, table, m)
+        probs = view_predictions(layout, runs, cfg, table)
         if base is None:
             base = np.mean([probs[v] for v in BASELINE], axis=0)
             ref = _losses(labels, base)
@@ -285,7 +274,7 @@ def bench_tta_subtypes(data: Path) -> None:
             losses = _losses(labels, p)
             for k, value in losses.items():
                 print(f"oof_{_tag(m)}_{name}_{k}_log_loss: {value:.5f}")
-            if m == CROP_MARGIN and tuple(views) == BASELINE:
+            if m == default and tuple(views) == BASELINE:
                 continue
             sd = _bootstrap_sd(labels, p, base, studies)
             for k in ("epidural", "subdural", "weighted"):

@@ -98,6 +98,7 @@ KAGGLE_OUT = group(KERNELS_OUT, USERNAME)
 SLUG = flag("--slug", default=None, help="kernel slug (default ich-kaggle-<config>)")
 KAGGLE = group(CONFIG, KAGGLE_OUT, SLUG, defaults(set=[]))  # what names the datasets and the kernel
 PUSH = flag("--push", action="store_true", help="push the kernel to Kaggle once written")
+RESUME = flag("--resume", action="store_true", help="attach this kernel's previous output and resume from it")
 MINI = flag("--mini", default=None, help="extracted real mini set (default: from ../shared)")
 WORKERS = flag("--workers", type=int, default=os.cpu_count())
 

@@ -16,6 +16,7 @@ from . import (
     KAGGLE,
     KAGGLE_OUT,
     PUSH,
+    RESUME,
     SLUG,
     command,
     config_of,
@@ -67,7 +68,7 @@ def kernel_datasets(args):
     flag("--members", nargs="*", default=None, help="a part kernel: predict only these members"),
     flag("--folds", type=int, nargs="*", default=None, help="a part kernel: predict only these folds"),
     flag("--attach", nargs="*", default=[], help="slugs of kernels whose outputs (fold predictions) it adopts"),
-    flag("--resume", action="store_true", help="attach this kernel's previous output and resume from it"),
+    RESUME,
 )
 def kernel(args):
     from ..kaggle import build as kernel
@@ -282,7 +283,7 @@ def kernel_prepare(args):
     EXPERIMENT,
     flag("--fold", type=int, default=0),
     KAGGLE_OUT,
-    flag("--resume", action="store_true", help="attach this kernel's previous output and resume from it"),
+    RESUME,
     flag("--epochs-per-run", type=int, default=None, help="stop resumably after this many more epochs"),
     flag("--t4-images-per-s", type=float, default=None, help="measured training img/s of one T4 (estimate)"),
     PUSH,
@@ -327,6 +328,7 @@ def kernel_fetch(args):
     EXPERIMENT,
     flag("--folds", type=int, nargs="*", default=None, help="default: every fold of the config"),
     KAGGLE_OUT,
+    RESUME,
     PUSH,
 )
 def kernel_from_folds(args):
@@ -334,7 +336,7 @@ def kernel_from_folds(args):
 
     cfg = config_of(args)
     folders = train_build.build_infer_kernel(
-        cfg, args.username, args.out, folds=args.folds, members=members_of(args, cfg)
+        cfg, args.username, args.out, folds=args.folds, members=members_of(args, cfg), resume=args.resume
     )
     if args.push:
         for folder in folders:

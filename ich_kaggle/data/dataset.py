@@ -42,7 +42,6 @@ from .windows import jitter, named, window_planes
 log = logging.getLogger(__name__)
 
 AIR_HU = -500.0  # pixels above this are head, headrest or tissue; below it air or scanner padding
-CROP_MARGIN = 0.04  # fraction of the bounding box size added on each side
 # ...enough that the shift / scale TTA views cut no intracranial pixel (`bench --what tta-subtypes`; design-choices.md)
 BRAIN_HU = (0.0, 80.0)
 MAX_REPLACEMENTS = 50  # consecutive unreadable draws before giving up: the cache itself is broken
@@ -61,7 +60,7 @@ def loader_workers(requested: int, processes: int = 1) -> int:
     return requested if requested >= 0 else max(1, usable_cpus() // max(1, processes))
 
 
-def head_bbox(hu: np.ndarray, threshold: float = AIR_HU, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+def head_bbox(hu: np.ndarray, margin: float, threshold: float = AIR_HU) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of the pixels above `threshold`, widened by `margin`; the whole image if nothing is there."""
     h, w = hu.shape[:2]
     # a row (column) holds a pixel above the threshold iff its maximum is above it: no boolean image to build
@@ -184,12 +183,8 @@ class SliceDataset(Dataset):
         train: bool = False,
         meta: pd.DataFrame | None = None,
         read_hu=None,
-        crop_margin: float | None = None,
     ) -> None:
         self.frame = frame.reset_index(drop=True)
-        # the head crop's margin: CROP_MARGIN (read when the dataset is made) everywhere but `make bench --what
-        # tta-subtypes`, which measures others; not a config key: no checkpoint records one, all use CROP_MARGIN
-        self.crop_margin = CROP_MARGIN if crop_margin is None else float(crop_margin)
         self.layout, self.cfg, self.transform, self.train = layout, cfg, transform, train
         self.windows = named(cfg.data.windows)
         if cfg.data.source == "dicom" and meta is None and read_hu is None:
@@ -245,7 +240,7 @@ class SliceDataset(Dataset):
                 log.warning("neighbour %s of %s unreadable (%s); using the slice itself", nid, ids[center], e)
                 slices.append(current)
         if self.cfg.data.crop_black_border:
-            box = head_bbox(current, margin=self.crop_margin)
+            box = head_bbox(current, self.cfg.data.crop_margin)
             if self.cfg.data.crop_square:  # the resize to size x size then keeps the head's aspect ratio
                 box = square_box(box)
             cropped: dict[int, np.ndarray] = {}  # the current slice stands in for missing neighbours: crop it once

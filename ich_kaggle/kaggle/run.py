@@ -114,13 +114,20 @@ def find_previous(root: str | Path) -> list[Path]:
 # --- identities: the bundle and the test slices -------------------------------------------------------------------
 def bundle_id(b) -> str:
     """The bundle's identity: the sha256 of its bundle.json, which holds the sha256 of every file it lists; for a
-    bundle assembled in memory (the from-folds kernel), of its index as JSON."""
+    bundle assembled in memory (the from-folds kernel), of its index as JSON with each file named by its sha256
+    instead of its mount path, so that the kernel's next version, whose inputs may be mounted elsewhere, knows it."""
     from ..bundle import INDEX
 
     index = b.dir / INDEX
     if index.is_file():
         return sha256(index)
-    return hashlib.sha256(json.dumps(b.info, sort_keys=True).encode()).hexdigest()
+    files = b.info["files"]
+    members = [
+        dict(m, weights=[files[w]["sha256"] for w in m["weights"]], config=sha256(Path(m["config"])))
+        for m in b.info["members"]
+    ]
+    content = dict(b.info, members=members, files=sorted(f["sha256"] for f in files.values()))
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def listing(test_dir: Path) -> str:

@@ -168,12 +168,14 @@ def build_infer_kernel(
     out: str | Path = "kernels",
     folds: list[int] | None = None,
     members: list[Config] | None = None,
+    resume: bool = False,
 ) -> list[Path]:
     """kernels/ich-kaggle-<config>-from-folds/: the inference kernel on the training kernels' outputs (attached as
     kernel sources, no model dataset; an ensemble's every member's): TTA over their folds, first stage only,
     submission.csv. Prints its line of the plan. An ensemble whose inference cannot end within one session gets one
     such kernel per member (their submissions are combined here: make kernel-combine); a member whose folds alone
-    take longer than a session is refused, naming the FOLDS that fit."""
+    take longer than a session is refused, naming the FOLDS that fit. `resume`: each kernel attaches its own
+    previous output and adopts the fold predictions a cut session kept."""
     from ..core.config import selected_folds
     from . import sessions
 
@@ -184,7 +186,7 @@ def build_infer_kernel(
     for k in kernels:
         log.info(f"plan: {k.describe()}")
     if len(kernels) == 1:
-        return [_infer_kernel(cfg, members, user, out, folds)]
+        return [_infer_kernel(cfg, members, user, out, folds, resume)]
     split_folds = [k for k in kernels if k.folds != folds]
     if split_folds or not cfg.is_ensemble:
         part = split_folds[0] if split_folds else kernels[0]
@@ -199,14 +201,17 @@ def build_infer_kernel(
         f"plan: the inference of '{cfg.name}' is longer than one session: one kernel per member; combine their "
         f"submissions with make kernel-combine CONFIG={cfg.name} once they are complete"
     )
-    return [_infer_kernel(m, [m], user, out, folds) for m in members]
+    return [_infer_kernel(m, [m], user, out, folds, resume) for m in members]
 
 
-def _infer_kernel(cfg: Config, members: list[Config], user: str, out: str | Path, folds: list[int]) -> Path:
+def _infer_kernel(
+    cfg: Config, members: list[Config], user: str, out: str | Path, folds: list[int], resume: bool = False
+) -> Path:
     from . import weights_dataset
 
     slug = infer_slug(cfg.name)
     sources = [prepare_id(user)] + [f"{user}/{train_slug(m.name, k)}" for m in members for k in folds]
+    sources += [f"{user}/{slug}"] if resume else []
     data = cfg.to_dict()
     if "augment" in data:
         data["augment"]["crop_scale"] = list(data["augment"]["crop_scale"])
@@ -225,7 +230,7 @@ def _infer_kernel(cfg: Config, members: list[Config], user: str, out: str | Path
     )
     log.info(
         f"wrote {folder} ({user}/{slug}: folds {folds} of {', '.join(m.name for m in members)} from their "
-        f"training kernels)"
+        f"training kernels{'; resuming from its previous output' if resume else ''})"
     )
     return folder
 

@@ -86,7 +86,7 @@ def main():
             out = train_run.run_training(cfg, FOLD, inputs, WORKING, SCRATCH, epochs_per_run=EPOCHS_PER_RUN).dir
     except UserError as e:
         sys.exit(f"error: {e}")
-    log(f"wrote {out} in {time.time() - started:.0f} s")
+    log(f"wrote {out} in {time.time() - started:.0f} s" if out else f"stopped after {time.time() - started:.0f} s")
 
 
 def train_run_gpu_check(pairs):

@@ -133,8 +133,7 @@ def pair(tmp_path_factory) -> SimpleNamespace:
 
     def exp(config: str | Path, *extra: str) -> list[str]:
         """--config, the shared folders and the shared --set overrides (then `extra`) for a CLI command."""
-        sets = [*train_helpers.PAIR_SETTINGS, *extra]
-        return ["--config", str(config), "--data", str(data), "--work", str(work), "--runs", str(runs), "--set", *sets]
+        return train_helpers.experiment_args(config, data, work, runs, *train_helpers.PAIR_SETTINGS, *extra)
 
     ens = train_helpers.pair_yaml(tmp / "pair.yaml")
     for step in (["train", *exp(ens), "--fold", "all"], ["predict", *exp(ens)]):

@@ -56,20 +56,8 @@ def comp(tmp_path_factory):
 
 
 def args_for(layout: Layout, runs: Path) -> list[str]:
-    return [
-        "--config",
-        "tiny",
-        "--data",
-        str(layout.data),
-        "--work",
-        str(layout.work),
-        "--runs",
-        str(runs),
-        "--set",
-        *train_helpers.FAST,
-        "model.backbone=small_cnn",
-        "train.epochs=1",
-    ]
+    sets = [*train_helpers.FAST, "model.backbone=small_cnn", "train.epochs=1"]
+    return train_helpers.experiment_args("tiny", layout.data, layout.work, runs, *sets)
 
 
 def test_fold_words_and_numbers(comp, tmp_path):

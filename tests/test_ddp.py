@@ -24,7 +24,7 @@ from ich_kaggle.core import config
 from ich_kaggle import models, train
 from ich_kaggle.models.checkpoint import read_checkpoint
 from ich_kaggle.core.layout import Layout
-from train_helpers import NAME as NONORM
+from train_helpers import NAME as NONORM, experiment_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
@@ -122,24 +122,21 @@ def test_torchrun_cli_trains_tiny_config(comp, tmp_path):
         "-m",
         "ich_kaggle",
         "train",
-        "--config",
-        "tiny",
-        "--data",
-        str(comp.data),
-        "--work",
-        str(comp.work),
-        "--runs",
-        str(tmp_path),
         "--fold",
         "1",
-        "--set",
-        "model.pretrained=false",
-        "data.image_size=32",
-        "train.epochs=1",
-        "train.batch_size=8",
-        "train.max_images_per_epoch=32",
-        "cv.k=3",
-        "cv.seed=0",
+        *experiment_args(
+            "tiny",
+            comp.data,
+            comp.work,
+            tmp_path,
+            "model.pretrained=false",
+            "data.image_size=32",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.max_images_per_epoch=32",
+            "cv.k=3",
+            "cv.seed=0",
+        ),
     ]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import FAST
+from train_helpers import FAST, experiment_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,21 +22,11 @@ def _recipe(data: Path, tmp: Path, name: str) -> list[str]:
         "-m",
         "ich_kaggle",
         "recipe",
-        "--config",
-        "tiny",
-        "--data",
-        str(data),
-        "--work",
-        str(tmp / f"work_{name}"),
-        "--runs",
-        str(tmp / f"runs_{name}"),
+        *experiment_args("tiny", data, tmp / f"work_{name}", tmp / f"runs_{name}", *FAST, "train.epochs=1"),
         "--out-dir",
         str(tmp / f"subs_{name}"),
         "--gpus",
         "0",
-        "--set",
-        *FAST,
-        "train.epochs=1",
     ]
 
 

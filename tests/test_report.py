@@ -20,6 +20,7 @@ from ich_kaggle.report import stage as report
 from ich_kaggle.core.errors import UserError
 from ich_kaggle.report.gradcam import GradCAM, overlay
 from ich_kaggle.core.layout import Layout
+from train_helpers import experiment_args
 
 SUBTYPES = LABELS[1:]
 
@@ -575,16 +576,7 @@ def test_cli_report_and_compare(tmp_path, capsys):
     runs = tmp_path / "runs"
     folds = fake_data(tmp_path / "unused")
     fake_run(runs / cfg.name, folds[folds["fold"] == 0])
-    common = [
-        "--config",
-        "tiny",
-        "--data",
-        str(tmp_path / "nodata"),
-        "--work",
-        str(tmp_path / "nowork"),
-        "--runs",
-        str(runs),
-    ]
+    common = experiment_args("tiny", tmp_path / "nodata", tmp_path / "nowork", runs)
     assert cli.main(["report", *common, "--threshold", "0.3", "--gradcam", "0"]) == 0
     summary = json.loads((runs / cfg.name / "report" / "summary.json").read_text())
     assert summary["threshold"] == 0.3 and summary["folds_done"] == 1

@@ -59,18 +59,7 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def experiment_args(cfg, layout, runs) -> list[str]:
-    return [
-        "--config",
-        "tiny",
-        "--data",
-        str(layout.data),
-        "--work",
-        str(layout.work),
-        "--runs",
-        str(runs),
-        "--set",
-        *SETTINGS,
-    ]
+    return train_helpers.experiment_args("tiny", layout.data, layout.work, runs, *SETTINGS)
 
 
 def test_unfinished_fold_is_never_used_for_prediction(exp):

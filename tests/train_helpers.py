@@ -1,5 +1,6 @@
 """Test helpers: a BatchNorm-free test backbone (split batches, as accumulation and DDP make them, then give exactly
-the full batch's gradients), the tiny training overrides, and the settings of the session's trained ensemble."""
+the full batch's gradients), the tiny training overrides, the settings of the session's trained ensemble, and the
+CLI run in-process."""
 
 from __future__ import annotations
 
@@ -74,6 +75,12 @@ def pair_yaml(path: Path, combine: str = "logit", **extra) -> Path:
     ensemble = {"members": ["tiny", "tiny_bone"], "combine": combine, "member_set": PAIR_MEMBER_SET}
     path.write_text(yaml.safe_dump({"ensemble": ensemble, "cv": {"k": 2}, **extra}))
     return path
+
+
+def experiment_args(config: str | Path, data: Path, work: Path, runs: Path, *sets: str) -> list[str]:
+    """The flags that name an experiment for a CLI command: config, data, work and runs folders, `--set` overrides."""
+    args = ["--config", str(config), "--data", str(data), "--work", str(work), "--runs", str(runs)]
+    return args + (["--set", *sets] if sets else [])
 
 
 def cli(*args: str) -> SimpleNamespace:

@@ -691,6 +691,31 @@ def make_report(
     unknown = [key for key in sections or [] if key not in keys]
     if unknown:
         raise UserError(f"unknown report section(s) {unknown}; choose from {', '.join(keys)}")
+    ctx = _context(cfg, layout, runs, threshold, gradcam)
+    stale = _stale_inputs(cfg, ctx.layout, runs)
+    ctx.notes += [f"Warning: {why}" for why in stale]
+    for why in stale:
+        log.warning(f"report: {why}")
+    page = Page(f"ich_kaggle report: {cfg.name}")
+    skipped = _build_sections(ctx, page, [s for s in SECTIONS if sections is None or s[0] in sections])
+    ctx.summary["written"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with atomic_open(ctx.out / SUMMARY) as f:
+        json.dump(ctx.summary, f, indent=2, default=float)
+    index = page.write(ctx.out / "index.html")
+    log.info(f"report: {index}")
+    if skipped or stale:  # the page is written, but it is not the whole report of fresh inputs: not exit 0
+        what = (
+            f"{len(skipped)} section(s) skipped ({', '.join(skipped)}; see the warnings above)"
+            if skipped
+            else f"made from stale inputs ({stale[0]})"
+        )
+        raise UserError(f"report {index} is incomplete: {what}; fix that and rerun `make report CONFIG={cfg.name}`")
+    return index
+
+
+def _context(cfg: Config, layout: Layout, runs: str | Path, threshold: float, n_cam: int) -> Context:
+    """The report's inputs, resolved once: the run (each member's, for an ensemble), the data folder its folds
+    recorded, and what every section reads (`_prepare`)."""
     run = Run.of(runs, cfg.name).dir
     if not run.is_dir():
         raise UserError(
@@ -705,7 +730,7 @@ def make_report(
         members = [(cfg.name, run)]
     layout, moved = recorded_layout([r for _, r in members], layout)
     ctx = Context(
-        cfg=cfg, layout=layout, run=run, out=Run(run).report, threshold=threshold, n_cam=gradcam, members=members
+        cfg=cfg, layout=layout, run=run, out=Run(run).report, threshold=threshold, n_cam=n_cam, members=members
     )
     if moved:
         ctx.notes.append(f"Reported on the {moved}.")
@@ -716,42 +741,32 @@ def make_report(
         _prepare(ctx)
     except UserError as e:  # e.g. an OOF file without the label columns: the page says which file
         ctx.notes.append(str(e))
-    stale = _stale_inputs(cfg, layout, runs)
-    ctx.notes += [f"Warning: {why}" for why in stale]
-    for why in stale:
-        log.warning(f"report: {why}")
-    page = Page(f"ich_kaggle report: {cfg.name}")
-    chosen = [(key, title, build) for key, title, build in SECTIONS if sections is None or key in sections]
+    return ctx
+
+
+def _build_sections(ctx: Context, page: Page, chosen: list) -> list[str]:
+    """Each chosen section into `page`; the titles of those that failed. One broken input costs only its section
+    (the page says why), except a full or read-only disk, which every later section would hit too."""
     skipped: list[str] = []
     for key, title, build in tqdm(chosen, desc="report", unit="section", leave=False):
         sec = page.section(title)
         start = time.time()
         try:
             build(ctx, sec)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-                raise cannot_write(e.filename or ctx.out, e) from None  # every later section would fail the same
-            skipped.append(title)
-            log.warning(f"report section '{title}' skipped: {type(e).__name__}: {e}")
-            sec.note(f"Section failed: {type(e).__name__}: {e}")
-        except Exception as e:  # one broken input must not cost the other sections
+        except Exception as e:
+            if isinstance(e, OSError) and e.errno in (
+                errno.ENOSPC,
+                errno.EDQUOT,
+                errno.EACCES,
+                errno.EPERM,
+                errno.EROFS,
+            ):
+                raise cannot_write(e.filename or ctx.out, e) from None
             skipped.append(title)
             log.warning(f"report section '{title}' skipped: {type(e).__name__}: {e}")
             sec.note(f"Section failed: {type(e).__name__}: {e}")
         log.debug("section %s: %.1f s", title, time.time() - start)
-    ctx.summary["written"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    with atomic_open(ctx.out / SUMMARY) as f:
-        json.dump(ctx.summary, f, indent=2, default=float)
-    index = page.write(ctx.out / "index.html")
-    log.info(f"report: {index}")
-    if skipped or stale:  # the page is written, but it is not the whole report of fresh inputs: not exit 0
-        what = (
-            f"{len(skipped)} section(s) skipped ({', '.join(skipped)}; see the warnings above)"
-            if skipped
-            else f"made from stale inputs ({stale[0]})"
-        )
-        raise UserError(f"report {index} is incomplete: {what}; fix that and rerun `make report CONFIG={cfg.name}`")
-    return index
+    return skipped
 
 
 def _stale_inputs(cfg: Config, layout: Layout, runs: str | Path) -> list[str]:

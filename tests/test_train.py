@@ -203,10 +203,16 @@ def test_resume_with_changed_config_is_a_user_error(comp, tmp_path):
         train.train_fold(_cfg("train.epochs=2", "data.crop_margin=0.08"), comp, 2, runs=tmp_path)
     with pytest.raises(UserError, match="fold 7 does not exist"):
         train.train_fold(cfg, comp, 7, runs=tmp_path)
-    # a fold cut before `data.crop_margin` was a key (its checkpoint lacks it) trained at its default: it resumes
+    # a fold cut before a key existed: trained as that key's behaviour was then. Before `data.crop_square`, crops
+    # were stretched (not today's default): refused; before `data.crop_margin`, the margin was its default: resumes
     last = cut / "last.pt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     del ckpt["config"]["data"]["crop_margin"]
+    square = ckpt["config"]["data"].pop("crop_square")
+    torch.save(ckpt, last)
+    with pytest.raises(UserError, match=r"different config.*data.crop_square\b"):
+        train.train_fold(cfg, comp, 2, runs=tmp_path)
+    ckpt["config"]["data"]["crop_square"] = square
     torch.save(ckpt, last)
     fdir = train.train_fold(cfg, comp, 2, runs=tmp_path)
     assert list(pd.read_csv(fdir / "log.csv")["epoch"]) == [1, 2]

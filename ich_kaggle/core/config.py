@@ -624,12 +624,19 @@ def dump(cfg: Config, path: str | Path) -> None:
         yaml.safe_dump(data, f, sort_keys=False)
 
 
-def from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
-    """Rebuild a Config from `Config.to_dict()` (as stored in checkpoints and kernels)."""
-    data = dict(data)
-    cfg = Config(name=str(data.pop("name", "unnamed")))
+def recorded_defaults(data: dict[str, Any]) -> Config:
+    """What the keys absent from a recorded config (`Config.to_dict()` of an older version) stand for: today's
+    defaults, except for a knob whose behaviour before it existed was not its default."""
+    cfg = Config(name=str(data.get("name", "unnamed")))
     if "crop_square" not in data.get("data", {"crop_square": None}):
         cfg.data.crop_square = False  # stored before the knob existed: trained on stretched crops, predict the same
+    return cfg
+
+
+def from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
+    """Rebuild a Config from `Config.to_dict()` (as stored in checkpoints and kernels)."""
+    cfg = recorded_defaults(data)
+    data = {k: v for k, v in data.items() if k != "name"}
     for key, value in _flatten(data).items():
         _set(cfg, key, value, source)
     validate(cfg)

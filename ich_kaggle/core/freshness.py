@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import manifest as M
-from .config import selected_folds, Config, CVConfig, EnsembleConfig, StackConfig, TTAConfig
+from .config import recorded_defaults, selected_folds, CVConfig, EnsembleConfig, StackConfig, TTAConfig
 from .layout import Layout, Predictions, Run
 
 IGNORED_FOR_RESUME = ("description", "data.num_workers", "data.source", "tta", "stack")  # never change a fold's weights
@@ -113,9 +113,10 @@ def _comparable(cfg_dict: dict) -> dict:
 
 def config_differences(trained: dict, now: dict) -> list[str]:
     """The settings (dotted keys) that differ between the config a fold was trained with and the current one. A key
-    that one of them lacks (added since the fold was trained) counts as its default, which is what the fold used."""
-    old, new, default = _comparable(trained), _comparable(now), _comparable(Config().to_dict())
-    return sorted(k for k in set(old) | set(new) if str(old.get(k, default.get(k))) != str(new.get(k, default.get(k))))
+    the trained config lacks (added since the fold was trained) counts as what the fold used: its default, or its
+    behaviour before it existed (`config.recorded_defaults`)."""
+    old, new, before = _comparable(trained), _comparable(now), _comparable(recorded_defaults(trained).to_dict())
+    return sorted(k for k in set(old) | set(new) if str(old.get(k, before.get(k))) != str(new.get(k)))
 
 
 def fold_split_digest(table: pd.DataFrame, fold: int) -> str:

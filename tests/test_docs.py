@@ -1,8 +1,10 @@
-"""The README's demo block is checked against the demo's saved output (the mechanism, on a fixture: no demo run
-here; tests/test_demo.py checks it on a real demo's output)."""
+"""The README's figures are checked against the commands that print them: the demo block against the demo's saved
+output (the mechanism, on a fixture: no demo run here; tests/test_demo.py checks it on a real demo's output), the
+Kaggle plan tables against `make kaggle-plan`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from ich_kaggle import cli, docs
 from ich_kaggle.core.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 PRINTED = ["prior_log_loss: 0.23740", "ensemble_log_loss: 0.20610", "submit_chose: stacked"]
 
 
@@ -72,3 +75,38 @@ def test_the_readme_demo_block_is_what_make_demo_prints(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert docs.check(docs.README, tmp_path / "runs" / "demo" / "demo.txt") is None
+
+
+def _row(text: str, name: str) -> str:
+    [row] = [line for line in text.splitlines() if line.startswith(f"| `{name}` |")]
+    return row
+
+
+def _figures(text: str) -> set[str]:
+    return set(re.findall(r"\d+\.\d", text))
+
+
+@pytest.mark.parametrize("name", ["seresnext50_512", "seresnext_pair", "kaggle_week"])
+def test_the_kaggle_plans_in_the_readme_and_docs_are_what_kaggle_plan_prints(name, tmp_path, monkeypatch):
+    """The Kaggle plan tables (README, docs/kaggle.md) hold `make kaggle-plan`'s figures at the estimated rates."""
+    from ich_kaggle.core import config, ensemble
+    from ich_kaggle.kaggle import plan, rates
+
+    monkeypatch.setenv(rates.RATES_ENV, str(tmp_path / "no_measured_rates.yaml"))
+    cfg = config.load(name)
+    members = ensemble.load_members(cfg) if cfg.is_ensemble else [cfg]
+    made = plan.make_plan(cfg, members)
+    assert not made.measured
+    totals = [made.training_hours, *(k.hours for k in made.inference), made.total_hours]
+    totals.append(made.total_hours / plan.WEEKLY_GPU_HOURS)
+    printed = {f"{h:.1f}" for h in totals}
+    readme = _row((ROOT / "README.md").read_text(), name)
+    assert _figures(readme) == printed, readme
+    # docs/kaggle.md also breaks training down per member: hours per fold, each member's subtotal, the rates
+    per_member = {m.name: [f.hours for f in made.folds if f.member == m.name] for m in members}
+    detail = {f"{h:.1f}" for hours in per_member.values() for h in (hours[0], sum(hours))}
+    table = _row((ROOT / "docs" / "kaggle.md").read_text(), name)
+    assert printed <= _figures(table) <= printed | detail, table
+    for m in members:
+        r = rates.rate(m.model.backbone, m.data.image_size)
+        assert f"{r.train:.0f} / {r.infer:.0f}" in table

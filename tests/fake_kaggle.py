@@ -9,12 +9,15 @@ every request, and shuts itself down after `max_seconds` so a hung client can ne
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -103,6 +106,28 @@ class FakeKaggle:
     def calls(self, endpoint: str) -> list[Recorded]:
         with self._lock:
             return [r for r in self.requests if r.endpoint == endpoint]
+
+    def dataset_files(self, ref: str, dest: Path) -> Path:
+        """The last uploaded version of dataset `ref` as a kernel mounts it, in `dest`: each file as uploaded, each
+        sub-folder's archive (`--dir-mode zip` sends `<folder>.zip`, its entries relative to the folder) unpacked
+        into a folder of that name, as Kaggle's backend does (kaggle-cli pull request #111)."""
+        owner, slug = ref.split("/")
+        bodies = [
+            c.json()
+            for c in self.calls("datasets.DatasetApiService/CreateDataset")
+            + self.calls("datasets.DatasetApiService/CreateDatasetVersion")
+        ]
+        matching = [b for b in bodies if b.get("ownerSlug") == owner and slug in (b.get("slug"), b.get("datasetSlug"))]
+        assert matching, f"dataset {ref} was never uploaded"
+        files = matching[-1].get("files") or matching[-1].get("body", {}).get("files") or []
+        dest.mkdir(parents=True)
+        for entry in files:
+            name, data = self.blob_names[entry["token"]], self.uploads[entry["token"]]
+            if name.endswith(".zip"):
+                zipfile.ZipFile(io.BytesIO(data)).extractall(dest / name[: -len(".zip")])
+            else:
+                (dest / name).write_bytes(data)
+        return dest
 
     # --- answers ---
     def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any] | bytes]:

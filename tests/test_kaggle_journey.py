@@ -182,7 +182,8 @@ def test_the_gpu_less_journey_for_a_config_and_an_ensemble(tmp_path, kernel_pyth
         assert weights_dataset.read_manifest(weights) == {"tu-tf_efficientnet_lite0": "efficientnet-lite0-57934424.pth"}
         train_build.upload_code(weights, "ich_kaggle weights")
         assert fk.existing_datasets == {f"{USER}/ich-kaggle-code", f"{USER}/ich-kaggle-weights"}
-        kaggle.sources.update({f"{USER}/ich-kaggle-code": code, f"{USER}/ich-kaggle-weights": weights})
+        for ref in (f"{USER}/ich-kaggle-code", f"{USER}/ich-kaggle-weights"):  # mounted as uploaded, unpacked
+            kaggle.sources[ref] = fk.dataset_files(ref, tmp_path / "uploaded" / ref)
 
         # make kernel-prepare: meta.csv with its manifest, folds.csv
         prep = train_build.build_prepare_kernel(USER, out, k=2, seed=0)

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from ich_kaggle.core.layout import COMPETITION
+from ich_kaggle import bundle
 from ich_kaggle.core import config
 from ich_kaggle.kaggle import build as kernel, run as kernel_run, wheels
 from types import SimpleNamespace
@@ -183,8 +184,6 @@ def _env() -> dict[str, str]:
 
 # --- dataset and kernel folders -----------------------------------------------------------------------------------
 def test_model_dataset_is_the_bundle(model_dataset, tmp_path):
-    from ich_kaggle import bundle
-
     folder = model_dataset.folder
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert files == [
@@ -374,7 +373,7 @@ def test_kaggle_kernels_push_error_is_printed(built, kaggle_home):
     assert len(fk.calls("kernels.KernelsApiService/SaveKernel")) == 1
 
 
-def test_kaggle_datasets_create_and_version(built, kaggle_home):
+def test_kaggle_datasets_create_and_version(built, kaggle_home, tmp_path):
     names, out = built
     code, model = names.code_dir(out), names.model_dir(out)
     with FakeKaggle(max_seconds=60) as fk:
@@ -399,6 +398,15 @@ def test_kaggle_datasets_create_and_version(built, kaggle_home):
     assert {"bundle.json", "config.yaml", "members.zip"} <= model_blobs  # sub-folders go up zipped, Kaggle unpacks them
     (version,) = [c.json() for c in fk.calls("datasets.DatasetApiService/CreateDatasetVersion")]
     assert version["datasetSlug"] == "ich-kaggle-model-tiny" and version["body"]["versionNotes"] == "new folds"
+    # what a kernel mounts: the uploaded files, each sub-folder's archive unpacked as Kaggle does: the bundle whole
+    mounted = fk.dataset_files(names.model_id, tmp_path / "mounted")
+
+    def tree(folder: Path) -> list[str]:
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+    assert tree(mounted) == [n for n in tree(model) if n != "dataset-metadata.json"]
+    assert any("/" in n for n in tree(mounted))  # the members' sub-folders came through the archives
+    assert bundle.load(mounted).info == bundle.load(model).info  # every file present, every checksum right
 
 
 # --- `python -m ich_kaggle <step>`: every Kaggle call checks the answer (the CLI exits 0 on a refusal) -----------

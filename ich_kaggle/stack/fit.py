@@ -9,6 +9,7 @@ The loss is the competition metric as a masked weighted BCE (any = 2, subtypes =
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -24,6 +25,18 @@ from ..core.config import StackConfig
 from ..core.registry import STACK_MODELS
 from .nets import KINDS, SequenceNet
 from .sequences import N_LABELS, Sequences, reverse_inputs, reverse_values
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block on `n` torch threads (`stack.threads`), restoring the caller's count after: the second stage's
+    small nets were fastest on one thread per process (2 threads: 2.2x slower per step at load 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def metric_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from ..core.config import StackConfig
 from ..core.registry import STACK_MODELS
 from .pipeline import CURVE_COLUMNS, LABEL_COLS, StackResult, _values, _wide, merge_sources, score_row
+from .fit import torch_threads
 from .sequences import build_sequences
 from .stage import reduce_embeddings
 
@@ -74,12 +74,8 @@ def run_second_place(
     Fold model k's training rows are restricted to images of the other folds, so second stage k never trains on a
     label of fold k whatever the caller passes. Images without a series keep their first-stage prediction. Runs on
     `stack.threads` torch threads, like `run_stacking`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(scfg.threads)
-    try:
+    with torch_threads(scfg.threads):
         return _run(meta, folds, inputs, scfg, source_names, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _rows(frames: list[pd.DataFrame], extra: pd.DataFrame | None, columns: list[str] | None, keep: set | None):

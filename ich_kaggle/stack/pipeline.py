@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from ..core.labels import LABELS
 from ..core import metrics
 from ..core.config import StackConfig
 from ..core.registry import STACK_MODELS
-from .fit import CrossFit, cross_fit
+from .fit import CrossFit, cross_fit, torch_threads
 from .sequences import N_LABELS, Sequences, build_sequences, logit
 
 LABEL_COLS = list(LABELS)
@@ -87,13 +86,29 @@ def run_stacking(
 ) -> StackResult:
     """Fit the configured sequence model fold by fold; score it against the first stage.
 
-    Runs on `stack.threads` torch threads (restored after): one thread per process was the fastest per step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(scfg.threads)
-    try:
-        return _run_stacking(meta, folds, oof_frames, test_frames, scfg, oof_extra, test_extra, source_names, progress)
-    finally:
-        torch.set_num_threads(threads)
+    Runs on `stack.threads` torch threads (`fit.torch_threads`)."""
+    with torch_threads(scfg.threads):
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        inp = _inputs(meta, folds, oof_frames, test_frames, oof_extra, test_extra)
+        seconds["build"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fitted, curves = _fit_folds(inp, scfg, progress)
+        seconds["sequence"] = time.perf_counter() - t0
+        oof_mean, stacked_oof, stacked_test, test_ids = _to_rows(inp, fitted)
+        ids = inp.oof["image_id"].to_numpy()
+        curve = pd.DataFrame(
+            [{"fold": f, **row} for f, rows in sorted(curves.items()) for row in rows], columns=CURVE_COLUMNS
+        )
+        return StackResult(
+            _wide(ids, oof_mean),
+            _wide(ids, stacked_oof),
+            _wide(test_ids, stacked_test),
+            _scores(inp, oof_mean, stacked_oof, source_names),
+            curve,
+            seconds,
+            fitted.models,
+        )
 
 
 @dataclass
@@ -184,40 +199,6 @@ def _scores(
             rows.append(score_row(f"first_stage:{names[m]}", y, p))
     rows.append(score_row("stacked", y, stacked_oof[spos]))
     return pd.DataFrame(rows)
-
-
-def _run_stacking(
-    meta: pd.DataFrame,
-    folds: pd.DataFrame,
-    oof_frames: list[pd.DataFrame],
-    test_frames: list[pd.DataFrame],
-    scfg: StackConfig,
-    oof_extra: pd.DataFrame | None,
-    test_extra: pd.DataFrame | None,
-    source_names: list[str] | None,
-    progress: bool,
-) -> StackResult:
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    inp = _inputs(meta, folds, oof_frames, test_frames, oof_extra, test_extra)
-    seconds["build"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fitted, curves = _fit_folds(inp, scfg, progress)
-    seconds["sequence"] = time.perf_counter() - t0
-    oof_mean, stacked_oof, stacked_test, test_ids = _to_rows(inp, fitted)
-    ids = inp.oof["image_id"].to_numpy()
-    curve = pd.DataFrame(
-        [{"fold": f, **row} for f, rows in sorted(curves.items()) for row in rows], columns=CURVE_COLUMNS
-    )
-    return StackResult(
-        _wide(ids, oof_mean),
-        _wide(ids, stacked_oof),
-        _wide(test_ids, stacked_test),
-        _scores(inp, oof_mean, stacked_oof, source_names),
-        curve,
-        seconds,
-        fitted.models,
-    )
 
 
 @dataclass
